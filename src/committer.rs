@@ -1,0 +1,594 @@
+//! Committer actor: learns every dispatched offset (from the router) and every finished one
+//! (from workers and the router), and decides what may be committed: per partition, only the
+//! contiguous finished prefix, as the next offset to read (see [`crate::offsets`]).
+//!
+//! It never talks to librdkafka itself. On the commit interval it publishes a [`CommitPlan`] on
+//! a `watch` channel, which the consumer thread (the owner of the Kafka client) commits
+//! asynchronously; `watch` keeps only the newest plan, so commit requests never outnumber
+//! intervals however fast records flow. On revoke and at shutdown the consumer asks for the
+//! positions directly and commits them synchronously before it lets the partitions go.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::offsets::PartitionOffsets;
+use crate::record::{PartitionKey, ProcessAck};
+
+/// What flows into the committer's data channel. Dispatches and acks share one channel so that a
+/// record's dispatch is always seen before its ack: the router sends the dispatch before the
+/// worker can even receive the record.
+#[derive(Debug)]
+pub enum CommitterMsg {
+    /// The router handed this record on; it must finish before the commit may pass it.
+    Dispatched {
+        /// Source partition.
+        source: PartitionKey,
+        /// Source offset.
+        offset: i64,
+        /// Assignment generation it was read under.
+        generation: u64,
+    },
+    /// A record finished.
+    Ack(ProcessAck),
+}
+
+/// A position that may be committed for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitEntry {
+    /// Source partition.
+    pub source: PartitionKey,
+    /// Generation whose records produced this position; the consumer commits it only while it
+    /// still holds the partition under that generation.
+    pub generation: u64,
+    /// Next offset to read.
+    pub offset: i64,
+}
+
+/// The positions of every tracked partition, published on each interval where one advanced.
+pub type CommitPlan = Arc<Vec<CommitEntry>>;
+
+/// Requests from the consumer thread, which waits for the answer.
+#[derive(Debug)]
+enum Control {
+    /// These partitions are being taken away: wait (up to the drain timeout) for their
+    /// dispatched records, answer with their positions, then forget them.
+    Revoke {
+        partitions: Vec<(PartitionKey, u64)>,
+        respond_to: oneshot::Sender<Vec<CommitEntry>>,
+    },
+    /// Shutdown: answer with every position once all input has ended or at `deadline`.
+    Finish {
+        deadline: Instant,
+        respond_to: oneshot::Sender<Vec<CommitEntry>>,
+    },
+}
+
+/// Sends dispatches and acks to the committer. Held by the router and by every worker; the
+/// committer's input ends when the last one is dropped.
+#[derive(Clone)]
+pub struct AckSender {
+    sender: mpsc::Sender<CommitterMsg>,
+}
+
+impl AckSender {
+    /// Sends a dispatch or an ack. When the channel is full the caller waits: the committer
+    /// does nothing but bookkeeping, so it catches up quickly, and a waiting worker or router
+    /// is ordinary backpressure. Fails only if the committer is gone.
+    pub async fn send(&self, msg: CommitterMsg) -> Result<(), CommitterGone> {
+        self.sender.send(msg).await.map_err(|_| CommitterGone)
+    }
+
+    /// Weak reference for the depth sampler, which must not keep the channel open.
+    pub(crate) fn downgrade(&self) -> mpsc::WeakSender<CommitterMsg> {
+        self.sender.downgrade()
+    }
+}
+
+/// The committer task has ended; no further offsets can be committed.
+#[derive(Debug, thiserror::Error)]
+#[error("committer has stopped")]
+pub struct CommitterGone;
+
+/// Blocking-side handle for the consumer thread (rebalance callbacks and shutdown run there).
+#[derive(Clone)]
+pub struct CommitterControl {
+    sender: mpsc::Sender<Control>,
+}
+
+impl CommitterControl {
+    /// Hands over revoked partitions and waits for their final positions. Called from the
+    /// consumer thread (never from an async task: it blocks).
+    pub fn revoke_blocking(
+        &self,
+        partitions: Vec<(PartitionKey, u64)>,
+    ) -> Result<Vec<CommitEntry>, CommitterGone> {
+        let (respond_to, response) = oneshot::channel();
+        self.sender
+            .blocking_send(Control::Revoke {
+                partitions,
+                respond_to,
+            })
+            .map_err(|_| CommitterGone)?;
+        response.blocking_recv().map_err(|_| CommitterGone)
+    }
+
+    /// Asks for the final positions at shutdown; the answer arrives on the returned receiver
+    /// once every record has finished or `deadline` has passed. Non-blocking, so the consumer
+    /// thread can keep polling (and so stay in its group) while the pipeline drains.
+    pub fn finish(
+        &self,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Vec<CommitEntry>>, CommitterGone> {
+        let (respond_to, response) = oneshot::channel();
+        self.sender
+            .try_send(Control::Finish {
+                deadline,
+                respond_to,
+            })
+            .map_err(|_| CommitterGone)?;
+        Ok(response)
+    }
+}
+
+/// Settings of the committer.
+pub struct CommitterSettings {
+    /// Capacity of the data channel.
+    pub capacity: usize,
+    /// How often to publish a plan (if something advanced).
+    pub interval: Duration,
+    /// Longest wait for revoked partitions' in-flight records.
+    pub drain_timeout: Duration,
+}
+
+/// Starts the committer task. Returns the senders for acks and control, the receiver of commit
+/// plans, and the task itself.
+pub fn spawn(
+    settings: CommitterSettings,
+    metrics: Arc<Metrics>,
+) -> (
+    AckSender,
+    CommitterControl,
+    watch::Receiver<CommitPlan>,
+    tokio::task::JoinHandle<()>,
+) {
+    // Full: the router and workers wait (see AckSender::send).
+    let (data_tx, data_rx) = mpsc::channel(settings.capacity);
+    // At most one revoke or finish is outstanding (the consumer thread waits for each), so a
+    // small channel is never full in practice; `finish` uses try_send regardless.
+    let (control_tx, control_rx) = mpsc::channel(4);
+    let (plan_tx, plan_rx) = watch::channel(CommitPlan::default());
+    let actor = CommitterActor {
+        data: data_rx,
+        control: control_rx,
+        plans: plan_tx,
+        partitions: HashMap::new(),
+        fences: HashMap::new(),
+        revokes: Vec::new(),
+        finish: None,
+        interval: settings.interval,
+        drain_timeout: settings.drain_timeout,
+        metrics,
+    };
+    let task = tokio::spawn(actor.run());
+    (
+        AckSender { sender: data_tx },
+        CommitterControl { sender: control_tx },
+        plan_rx,
+        task,
+    )
+}
+
+struct Tracked {
+    generation: u64,
+    offsets: PartitionOffsets,
+    last_dispatched: Option<i64>,
+}
+
+struct PendingRevoke {
+    partitions: Vec<(PartitionKey, u64)>,
+    deadline: Instant,
+    respond_to: oneshot::Sender<Vec<CommitEntry>>,
+}
+
+struct PendingFinish {
+    deadline: Instant,
+    respond_to: oneshot::Sender<Vec<CommitEntry>>,
+}
+
+struct CommitterActor {
+    data: mpsc::Receiver<CommitterMsg>,
+    control: mpsc::Receiver<Control>,
+    plans: watch::Sender<CommitPlan>,
+    partitions: HashMap<PartitionKey, Tracked>,
+    /// Highest revoked generation per partition: anything read under it or earlier is stale.
+    fences: HashMap<PartitionKey, u64>,
+    revokes: Vec<PendingRevoke>,
+    finish: Option<PendingFinish>,
+    interval: Duration,
+    drain_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl CommitterActor {
+    #[tracing::instrument(name = "committer", skip_all)]
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut input_open = true;
+        loop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                // Control first: a rebalance callback is blocked waiting for us.
+                biased;
+                control = self.control.recv() => match control {
+                    Some(control) => self.handle_control(control),
+                    // The consumer is gone; with it every way to commit.
+                    None => break,
+                },
+                msg = self.data.recv(), if input_open => match msg {
+                    Some(msg) => {
+                        self.handle(msg);
+                        // Drain whatever else is queued before looking at timers, so a burst
+                        // of acks costs one wake-up.
+                        while let Ok(msg) = self.data.try_recv() {
+                            self.handle(msg);
+                        }
+                    }
+                    None => {
+                        debug!("all acks received");
+                        input_open = false;
+                    }
+                },
+                _ = tick.tick() => self.publish_if_advanced(),
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
+            }
+            self.settle(input_open);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let revoke = self.revokes.iter().map(|r| r.deadline).min();
+        let finish = self.finish.as_ref().map(|f| f.deadline);
+        match (revoke, finish) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn handle(&mut self, msg: CommitterMsg) {
+        match msg {
+            CommitterMsg::Dispatched {
+                source,
+                offset,
+                generation,
+            } => self.dispatched(source, offset, generation),
+            CommitterMsg::Ack(ack) => self.finished(ack),
+        }
+    }
+
+    fn is_fenced(&self, source: &PartitionKey, generation: u64) -> bool {
+        self.fences
+            .get(source)
+            .is_some_and(|fence| generation <= *fence)
+    }
+
+    fn dispatched(&mut self, source: PartitionKey, offset: i64, generation: u64) {
+        if self.is_fenced(&source, generation) {
+            return;
+        }
+        let tracked = self
+            .partitions
+            .entry(source.clone())
+            .or_insert_with(|| Tracked {
+                generation,
+                offsets: PartitionOffsets::new(),
+                last_dispatched: None,
+            });
+        if tracked.generation < generation {
+            // A newer assignment of the same partition: its reading restarted from the
+            // committed position, so the old bookkeeping no longer applies.
+            *tracked = Tracked {
+                generation,
+                offsets: PartitionOffsets::new(),
+                last_dispatched: None,
+            };
+        } else if tracked.generation > generation {
+            return;
+        }
+        match tracked.offsets.dispatched(offset) {
+            Ok(()) => tracked.last_dispatched = Some(offset),
+            Err(err) => {
+                warn!(topic = %source.topic, partition = source.partition, offset, error = %err, "dispatch not tracked")
+            }
+        }
+    }
+
+    fn finished(&mut self, ack: ProcessAck) {
+        self.metrics.in_flight.dec();
+        let current = self
+            .partitions
+            .get_mut(&ack.source)
+            .filter(|tracked| tracked.generation == ack.generation);
+        let Some(tracked) = current else {
+            // Revoked (or reassigned) since the record was read: the next owner may already be
+            // ahead, so this ack must never move a commit.
+            self.metrics.stale_acks.inc();
+            debug!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, "stale ack dropped");
+            return;
+        };
+        if let Err(err) = tracked.offsets.finished(ack.offset) {
+            warn!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, error = %err, "ack not tracked");
+        }
+    }
+
+    fn handle_control(&mut self, control: Control) {
+        match control {
+            Control::Revoke {
+                partitions,
+                respond_to,
+            } => {
+                // Stop accepting anything for these partitions beyond what is already
+                // dispatched: fencing happens when the revoke is answered.
+                self.revokes.push(PendingRevoke {
+                    partitions,
+                    deadline: Instant::now() + self.drain_timeout,
+                    respond_to,
+                });
+            }
+            Control::Finish {
+                deadline,
+                respond_to,
+            } => {
+                self.finish = Some(PendingFinish {
+                    deadline,
+                    respond_to,
+                });
+            }
+        }
+    }
+
+    /// Answers the revokes and the finish whose records are all done or whose deadline passed.
+    fn settle(&mut self, input_open: bool) {
+        let now = Instant::now();
+        let mut index = 0;
+        while index < self.revokes.len() {
+            let pending = &self.revokes[index];
+            let drained = pending
+                .partitions
+                .iter()
+                .all(|(source, generation)| self.in_flight_of(source, *generation) == 0);
+            if drained || !input_open || now >= pending.deadline {
+                let pending = self.revokes.swap_remove(index);
+                self.answer_revoke(pending);
+            } else {
+                index += 1;
+            }
+        }
+        let finish_due = self
+            .finish
+            .as_ref()
+            .is_some_and(|finish| !input_open || now >= finish.deadline);
+        if finish_due {
+            if let Some(finish) = self.finish.take() {
+                let entries = self.positions();
+                let unfinished: usize = self.partitions.values().map(|t| t.offsets.in_flight()).sum();
+                if unfinished > 0 {
+                    warn!(unfinished, "drain timeout reached; unfinished records will be read again after restart");
+                }
+                // The consumer may have given up waiting; then there is nobody to tell.
+                let _ = finish.respond_to.send(entries);
+            }
+        }
+    }
+
+    fn in_flight_of(&self, source: &PartitionKey, generation: u64) -> usize {
+        self.partitions
+            .get(source)
+            .filter(|tracked| tracked.generation == generation)
+            .map_or(0, |tracked| tracked.offsets.in_flight())
+    }
+
+    fn answer_revoke(&mut self, pending: PendingRevoke) {
+        let mut entries = Vec::new();
+        for (source, generation) in pending.partitions {
+            let fence = self.fences.entry(source.clone()).or_insert(generation);
+            *fence = (*fence).max(generation);
+            let Some(tracked) = self.partitions.remove(&source) else {
+                continue;
+            };
+            if tracked.generation != generation {
+                continue;
+            }
+            if let Some(offset) = tracked.offsets.position() {
+                entries.push(CommitEntry {
+                    source: source.clone(),
+                    generation,
+                    offset,
+                });
+            }
+            let unfinished = tracked.offsets.in_flight();
+            if unfinished > 0 {
+                // The next owner starts at the committed position, so it reads these again.
+                warn!(
+                    topic = %source.topic,
+                    partition = source.partition,
+                    replay_from = tracked.offsets.position().or(tracked.offsets.oldest_unfinished()),
+                    replay_to = tracked.last_dispatched,
+                    unfinished,
+                    "revoked with unfinished records; the next owner replays them"
+                );
+            } else {
+                info!(topic = %source.topic, partition = source.partition, "partition drained for revoke");
+            }
+        }
+        // The consumer thread may have timed out and moved on; nothing to do then.
+        let _ = pending.respond_to.send(entries);
+    }
+
+    fn positions(&self) -> Vec<CommitEntry> {
+        self.partitions
+            .iter()
+            .filter_map(|(source, tracked)| {
+                tracked.offsets.position().map(|offset| CommitEntry {
+                    source: source.clone(),
+                    generation: tracked.generation,
+                    offset,
+                })
+            })
+            .collect()
+    }
+
+    fn publish_if_advanced(&mut self) {
+        let mut advanced = false;
+        for tracked in self.partitions.values_mut() {
+            advanced |= tracked.offsets.take_advanced().is_some();
+        }
+        if advanced {
+            // Every receiver gone means the consumer has stopped; nothing left to commit.
+            let _ = self.plans.send(Arc::new(self.positions()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(partition: i32) -> PartitionKey {
+        PartitionKey {
+            topic: Arc::from("logs"),
+            partition,
+        }
+    }
+
+    fn ack(partition: i32, offset: i64, generation: u64) -> CommitterMsg {
+        CommitterMsg::Ack(ProcessAck {
+            source: key(partition),
+            offset,
+            generation,
+            status: crate::record::AckStatus::Processed,
+        })
+    }
+
+    fn dispatched(partition: i32, offset: i64, generation: u64) -> CommitterMsg {
+        CommitterMsg::Dispatched {
+            source: key(partition),
+            offset,
+            generation,
+        }
+    }
+
+    /// Runs a blocking call on a plain thread, as the consumer does. (spawn_blocking would stop
+    /// the paused test clock from advancing while it runs.)
+    fn on_thread<T: Send + 'static>(
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> oneshot::Receiver<T> {
+        let (tx, rx) = oneshot::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx
+    }
+
+    fn settings() -> CommitterSettings {
+        CommitterSettings {
+            capacity: 64,
+            interval: Duration::from_millis(100),
+            drain_timeout: Duration::from_millis(500),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn publishes_only_the_finished_prefix_and_only_when_it_advanced() {
+        let (acks, _control, mut plans, _task) = spawn(settings(), Arc::new(Metrics::new()));
+        for offset in [10, 11, 13] {
+            acks.send(dispatched(0, offset, 1)).await.expect("committer alive");
+        }
+        acks.send(ack(0, 11, 1)).await.expect("alive");
+        acks.send(ack(0, 13, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Nothing finished at the head (10 is still running): no plan at all.
+        assert!(!plans.has_changed().expect("open"));
+
+        acks.send(ack(0, 10, 1)).await.expect("alive");
+        plans.changed().await.expect("a plan");
+        let plan = plans.borrow_and_update().clone();
+        assert_eq!(
+            *plan,
+            vec![CommitEntry {
+                source: key(0),
+                generation: 1,
+                offset: 14
+            }]
+        );
+        // No further progress: no further plan, however many intervals pass.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!plans.has_changed().expect("open"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_of_a_revoked_generation_are_never_committed() {
+        let metrics = Arc::new(Metrics::new());
+        let (acks, control, plans, _task) = spawn(settings(), metrics.clone());
+        acks.send(dispatched(0, 5, 1)).await.expect("alive");
+        acks.send(dispatched(0, 6, 1)).await.expect("alive");
+        acks.send(ack(0, 5, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+
+        // Revoke from a blocking thread, as the consumer does; offset 6 never finishes, so the
+        // answer comes at the drain timeout with position 6.
+        // Keep a handle: the committer ends when the consumer's control handles are all gone.
+        let revoking = control.clone();
+        let answer = on_thread(move || revoking.revoke_blocking(vec![(key(0), 1)]))
+            .await
+            .expect("thread")
+            .expect("committer alive");
+        assert_eq!(
+            answer,
+            vec![CommitEntry {
+                source: key(0),
+                generation: 1,
+                offset: 6
+            }]
+        );
+        // The late ack of the old generation is discarded, and a late dispatch too.
+        acks.send(ack(0, 6, 1)).await.expect("alive");
+        acks.send(dispatched(0, 7, 1)).await.expect("alive");
+        acks.send(ack(0, 7, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metrics.stale_acks.get(), 2);
+        assert!(plans.borrow().iter().all(|entry| entry.source != key(0)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revoke_waits_for_in_flight_records_then_answers() {
+        let (acks, control, _plans, _task) = spawn(settings(), Arc::new(Metrics::new()));
+        acks.send(dispatched(1, 0, 3)).await.expect("alive");
+        let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        acks.send(ack(1, 0, 3)).await.expect("alive");
+        let answer = answer.await.expect("thread").expect("alive");
+        assert_eq!(answer[0].offset, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finish_answers_when_input_ends() {
+        let (acks, control, _plans, task) = spawn(settings(), Arc::new(Metrics::new()));
+        acks.send(dispatched(2, 40, 1)).await.expect("alive");
+        let response = control
+            .finish(Instant::now() + Duration::from_secs(60))
+            .expect("alive");
+        acks.send(ack(2, 40, 1)).await.expect("alive");
+        drop(acks);
+        let entries = response.await.expect("answered");
+        assert_eq!(entries[0].offset, 41);
+        drop(control);
+        task.await.expect("committer ends when the consumer is gone");
+    }
+}

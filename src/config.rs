@@ -1,0 +1,486 @@
+//! Configuration: a TOML file layered with `LOGBRIDGE_` environment overrides, validated once at
+//! start-up so that every later stage can trust it.
+//!
+//! Env overrides use `__` between levels: `LOGBRIDGE_KAFKA__BROKERS=host:9092`,
+//! `LOGBRIDGE_PIPELINE__ROUTER_CAPACITY=4096`. Every error names the key it is about.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Level, DEFAULT_MAX_PAYLOAD_BYTES};
+
+/// Where the shipped configuration lives, relative to the working directory.
+pub const DEFAULT_CONFIG_PATH: &str = "config/logbridge.toml";
+
+/// librdkafka properties that logbridge owns: setting them in `[kafka.options]` would break the
+/// commit rule or duplicate a first-class key.
+const OWNED_OPTIONS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set `kafka.brokers` instead"),
+    ("group.id", "set `kafka.group_id` instead"),
+    (
+        "enable.auto.commit",
+        "logbridge commits only finished records; remove it",
+    ),
+    (
+        "enable.auto.offset.store",
+        "logbridge commits only finished records; remove it",
+    ),
+];
+
+/// A configuration that could not be loaded or is not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing, is not TOML, or a value has the wrong type (figment names the key).
+    #[error("cannot load configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// The values parsed but do not make sense together.
+    #[error("invalid configuration: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration of one logbridge process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The source cluster, group and topics.
+    pub kafka: KafkaConfig,
+    /// Channel capacities, commit cadence and shutdown budget.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// The HTTP endpoint for metrics and health.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Where events go, matched by level in the order given. Events no route matches are
+    /// acked `ignored` and counted.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// The source cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list of bootstrap brokers.
+    pub brokers: String,
+    /// Consumer group; instances with the same group share the partitions.
+    pub group_id: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Any librdkafka consumer property, passed through as is
+    /// (<https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>).
+    #[serde(default)]
+    pub options: BTreeMap<String, OptionValue>,
+}
+
+/// A librdkafka property value: TOML strings, integers and booleans are all accepted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum OptionValue {
+    /// `"earliest"`
+    Text(String),
+    /// `6000`
+    Integer(i64),
+    /// `true`
+    Bool(bool),
+}
+
+impl std::fmt::Display for OptionValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OptionValue::Text(text) => f.write_str(text),
+            OptionValue::Integer(number) => write!(f, "{number}"),
+            OptionValue::Bool(flag) => write!(f, "{flag}"),
+        }
+    }
+}
+
+/// Capacities and timings of the pipeline.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Records the consumer → router channel holds; when it is full the consumer pauses the
+    /// partitions it cannot deliver and resumes them once the channel is half empty.
+    pub router_capacity: usize,
+    /// Records each worker's channel holds; when it is full the router waits.
+    pub worker_capacity: usize,
+    /// How often finished offsets are committed (only when something advanced).
+    pub commit_interval_ms: u64,
+    /// How long shutdown waits for in-flight records before the final commit.
+    pub drain_timeout_ms: u64,
+    /// Payloads larger than this are not decoded and fail with reason `too_large`.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            router_capacity: 1024,
+            worker_capacity: 256,
+            commit_interval_ms: 1000,
+            drain_timeout_ms: 5000,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+/// The HTTP endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address for `/metrics` and `/healthz`; port 0 picks a free port.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9898".to_string(),
+        }
+    }
+}
+
+/// One route: which levels it takes, how many workers, and where records go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name used in metrics and output lines: lowercase letters, digits, `_` and `-`.
+    pub name: String,
+    /// Levels this route takes (normalised like event levels: `warn` means `warning`).
+    pub levels: Vec<String>,
+    /// Worker actors; records with the same key always go to the same worker.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Destination of the route's records.
+    pub sink: SinkConfig,
+}
+
+fn default_workers() -> usize {
+    1
+}
+
+/// Destination of a route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SinkConfig {
+    /// JSON lines appended to a file, written to the OS before the record is acked.
+    File {
+        /// Output file; parent directories are created.
+        path: PathBuf,
+    },
+    /// JSON lines on standard output.
+    Stdout,
+    /// Discard (for benchmarks).
+    Null,
+}
+
+impl Config {
+    /// Loads `path`, applies `LOGBRIDGE_*` environment overrides and validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        if !path.exists() {
+            return Err(invalid(
+                "config",
+                format!("file {} does not exist", path.display()),
+            ));
+        }
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)).merge(env()))
+    }
+
+    /// Parses TOML text (with environment overrides) and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        Self::from_figment(Figment::new().merge(Toml::string(text)).merge(env()))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: non-empty lists, sane numbers, route names and levels,
+    /// properties that logbridge owns, and the drain budget against the session timeout.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let kafka = &self.kafka;
+        if kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must name at least one broker"));
+        }
+        if kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        if kafka.topics.is_empty() {
+            return Err(invalid("kafka.topics", "must list at least one topic"));
+        }
+        for (index, topic) in kafka.topics.iter().enumerate() {
+            if topic.trim().is_empty() {
+                return Err(invalid(format!("kafka.topics[{index}]"), "empty topic name"));
+            }
+        }
+        for (name, why) in OWNED_OPTIONS {
+            if kafka.options.contains_key(*name) {
+                return Err(invalid(format!("kafka.options.\"{name}\""), *why));
+            }
+        }
+
+        let pipeline = &self.pipeline;
+        check_range("pipeline.router_capacity", pipeline.router_capacity, 1, 1 << 20)?;
+        check_range("pipeline.worker_capacity", pipeline.worker_capacity, 1, 1 << 20)?;
+        check_range(
+            "pipeline.commit_interval_ms",
+            pipeline.commit_interval_ms,
+            10,
+            600_000,
+        )?;
+        check_range(
+            "pipeline.max_payload_bytes",
+            pipeline.max_payload_bytes,
+            16,
+            64 << 20,
+        )?;
+        let session_timeout_ms = match kafka.options.get("session.timeout.ms") {
+            None => 45_000,
+            Some(value) => value.to_string().parse::<u64>().map_err(|_| {
+                invalid(
+                    "kafka.options.\"session.timeout.ms\"",
+                    format!("`{value}` is not a number of milliseconds"),
+                )
+            })?,
+        };
+        if pipeline.drain_timeout_ms >= session_timeout_ms {
+            return Err(invalid(
+                "pipeline.drain_timeout_ms",
+                format!(
+                    "{} must be below session.timeout.ms ({session_timeout_ms}), or the group \
+                     expels this member while it drains",
+                    pipeline.drain_timeout_ms
+                ),
+            ));
+        }
+
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.listen",
+                format!("`{}` is not an ip:port address", self.http.listen),
+            ));
+        }
+
+        if self.routes.is_empty() {
+            return Err(invalid("routes", "define at least one [[routes]] entry"));
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut levels: HashMap<String, &str> = HashMap::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes[{index}].{field}");
+            let valid_name = !route.name.is_empty()
+                && route.name.len() <= 64
+                && route
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            if !valid_name {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "`{}`: use 1-64 lowercase letters, digits, `_` or `-`",
+                        route.name
+                    ),
+                ));
+            }
+            if let Some(first) = names.insert(&route.name, index) {
+                return Err(invalid(
+                    key("name"),
+                    format!("`{}` is also the name of routes[{first}]", route.name),
+                ));
+            }
+            check_range(&key("workers"), route.workers, 1, 256)?;
+            if route.levels.is_empty() {
+                return Err(invalid(key("levels"), "must list at least one level"));
+            }
+            for raw in &route.levels {
+                if raw.trim().is_empty() {
+                    return Err(invalid(key("levels"), "empty level"));
+                }
+                let level = Level::new(raw).as_str().to_string();
+                if let Some(other) = levels.insert(level.clone(), &route.name) {
+                    return Err(invalid(
+                        key("levels"),
+                        format!("level `{level}` is already taken by route `{other}`"),
+                    ));
+                }
+            }
+            if let SinkConfig::File { path } = &route.sink {
+                if path.as_os_str().is_empty() {
+                    return Err(invalid(key("sink.path"), "empty path"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, for `check-config` and `/status`.
+    pub fn to_toml(&self) -> String {
+        toml_string(self)
+    }
+}
+
+fn toml_string(config: &Config) -> String {
+    // Config holds only strings, numbers, booleans, lists and tables, which TOML can all
+    // express; should that ever change, show the Debug form rather than fail.
+    toml::to_string_pretty(config).unwrap_or_else(|err| format!("# not TOML: {err}\n{config:?}"))
+}
+
+fn env() -> Env {
+    Env::prefixed("LOGBRIDGE_").split("__")
+}
+
+fn check_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!("{value} is out of range: use {min} to {max}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [kafka]
+        brokers = "localhost:9092"
+        group_id = "g"
+        topics = ["logs"]
+        [[routes]]
+        name = "errors"
+        levels = ["error"]
+        sink = { type = "null" }
+    "#;
+
+    fn error_of(text: &str) -> String {
+        match Config::from_toml_str(text) {
+            Ok(_) => panic!("config unexpectedly valid:\n{text}"),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    #[test]
+    fn shipped_configs_load_and_validate() {
+        for path in ["config/logbridge.toml", "config/demo.toml"] {
+            let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let config = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // Round trip: what we would print can be read back to the same thing.
+            let again: Config = Figment::new()
+                .merge(figment::providers::Serialized::defaults(&config))
+                .extract()
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(format!("{config:?}"), format!("{again:?}"));
+        }
+    }
+
+    #[test]
+    fn defaults_fill_the_pipeline_and_http_sections() {
+        let config = Config::from_toml_str(MINIMAL).expect("minimal config is valid");
+        assert_eq!(config.pipeline.router_capacity, 1024);
+        assert_eq!(config.pipeline.worker_capacity, 256);
+        assert_eq!(config.http.listen, "127.0.0.1:9898");
+        assert_eq!(config.routes[0].workers, 1);
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = format!("{MINIMAL}\n[pipeline]\nrouter_capacity = \"big\"\n");
+        let err = error_of(&text);
+        assert!(err.contains("router_capacity"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let text = MINIMAL.replace("group_id = \"g\"", "group_id = \"g\"\ngroup = \"x\"");
+        let err = error_of(&text);
+        assert!(err.contains("group"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_their_key() {
+        let cases = [
+            (MINIMAL.replace("topics = [\"logs\"]", "topics = []"), "kafka.topics"),
+            (MINIMAL.replace("name = \"errors\"", "name = \"Errors!\""), "routes[0].name"),
+            (MINIMAL.replace("levels = [\"error\"]", "levels = []"), "routes[0].levels"),
+            (
+                format!("{MINIMAL}\n[pipeline]\nrouter_capacity = 0\n"),
+                "pipeline.router_capacity",
+            ),
+            (
+                format!("{MINIMAL}\n[pipeline]\ndrain_timeout_ms = 60000\n"),
+                "pipeline.drain_timeout_ms",
+            ),
+            (format!("{MINIMAL}\n[http]\nlisten = \"nowhere\"\n"), "http.listen"),
+            (
+                MINIMAL.replace(
+                    "topics = [\"logs\"]",
+                    "topics = [\"logs\"]\n[kafka.options]\n\"enable.auto.commit\" = true",
+                ),
+                "kafka.options.\"enable.auto.commit\"",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[[routes]]\nname = \"errors\"\nlevels = [\"info\"]\nsink = {{ type = \"null\" }}\n"
+                ),
+                "routes[1].name",
+            ),
+            (
+                format!(
+                    "{MINIMAL}\n[[routes]]\nname = \"other\"\nlevels = [\"ERROR\"]\nsink = {{ type = \"null\" }}\n"
+                ),
+                "routes[1].levels",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(key), "expected `{key}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_sink_type_is_rejected() {
+        let err = error_of(&MINIMAL.replace("type = \"null\"", "type = \"carrier-pigeon\""));
+        assert!(err.contains("carrier-pigeon") || err.contains("variant"), "{err}");
+    }
+
+    #[test]
+    fn librdkafka_options_accept_strings_numbers_and_booleans() {
+        let text = MINIMAL.replace(
+            "topics = [\"logs\"]",
+            "topics = [\"logs\"]\n[kafka.options]\n\"auto.offset.reset\" = \"earliest\"\n\"session.timeout.ms\" = 6000\n\"check.crcs\" = true",
+        );
+        let config = Config::from_toml_str(&text).expect("valid");
+        let options: Vec<String> = config
+            .kafka
+            .options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(
+            options,
+            [
+                "auto.offset.reset=earliest",
+                "check.crcs=true",
+                "session.timeout.ms=6000"
+            ]
+        );
+    }
+}

@@ -1,0 +1,612 @@
+//! Consumer actor: the only owner of the librdkafka client. It polls Kafka on a dedicated
+//! thread, decodes each record once, and offers it to the router without ever waiting.
+//!
+//! Why a thread and not a task: librdkafka runs rebalance callbacks inside `poll`, and a revoke
+//! must drain and commit *before* the callback returns. That wait would block a runtime worker;
+//! on its own thread it blocks nothing but Kafka polling, which is exactly what should wait.
+//!
+//! Backpressure: when the router channel is full the record in hand is kept, its partition is
+//! paused, and polling goes on (the group and rebalance callbacks stay served: rust-rdkafka
+//! #738). Paused partitions resume, oldest held record first, once the channel has drained to
+//! half its capacity. librdkafka restarts a resumed partition's fetch at the position after the
+//! last record it returned, which is right after what we hold, so nothing is skipped.
+//!
+//! Commits: interval commits come from the committer's [`CommitPlan`]s and are sent
+//! asynchronously; revoke and shutdown commits are synchronous, from this thread.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::committer::{CommitEntry, CommitPlan, CommitterControl};
+use crate::config::Config;
+use crate::event::decode;
+use crate::health::Liveness;
+use crate::metrics::Metrics;
+use crate::record::{PartitionKey, Record};
+use crate::router::RouterSender;
+
+/// librdkafka prefetch bound unless the config sets it: with the pipeline's own channels this
+/// caps memory whatever the backlog (the librdkafka default is 64 MiB and grows with lag
+/// otherwise: vector #20939).
+const DEFAULT_QUEUED_MAX_KBYTES: &str = "16384";
+
+/// How long one poll waits when nothing is held back.
+const POLL_IDLE: Duration = Duration::from_millis(100);
+/// How long one poll waits while records are held for a full router: short, so the held
+/// records move as soon as there is room.
+const POLL_HELD: Duration = Duration::from_millis(5);
+/// Extra wait for the committer's final answer beyond the drain timeout.
+const FINISH_GRACE: Duration = Duration::from_secs(2);
+
+/// Builds the librdkafka consumer configuration: logbridge's fixed properties, its defaults,
+/// then the user's `[kafka.options]` (which win over defaults but cannot set fixed ones:
+/// config validation refuses them).
+pub fn client_config(config: &Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &config.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("queued.max.messages.kbytes", DEFAULT_QUEUED_MAX_KBYTES)
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (key, value) in &config.kafka.options {
+        client.set(key, value.to_string());
+    }
+    client
+}
+
+/// Whether a partition's records flow or are held back for a full router.
+enum Flow {
+    /// Records go straight to the router.
+    Flowing,
+    /// Paused in librdkafka; these records were read and wait, oldest first, for room.
+    Paused { held: VecDeque<Record> },
+}
+
+struct PartitionState {
+    generation: u64,
+    flow: Flow,
+}
+
+/// What the consumer thread and its rebalance callbacks share (same thread, but librdkafka's
+/// callback API only gives `&self`).
+#[derive(Default)]
+struct Assignment {
+    partitions: HashMap<PartitionKey, PartitionState>,
+    topics: HashMap<String, Arc<str>>,
+}
+
+impl Assignment {
+    fn key(&mut self, topic: &str, partition: i32) -> PartitionKey {
+        let topic = match self.topics.get(topic) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(topic);
+                self.topics.insert(topic.to_string(), name.clone());
+                name
+            }
+        };
+        PartitionKey { topic, partition }
+    }
+
+    fn held_count(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|state| match &state.flow {
+                Flow::Flowing => 0,
+                Flow::Paused { held } => held.len(),
+            })
+            .sum()
+    }
+}
+
+/// librdkafka callbacks: rebalances and commit results.
+pub struct Callbacks {
+    assignment: Mutex<Assignment>,
+    committer: CommitterControl,
+    metrics: Arc<Metrics>,
+    generations: AtomicU64,
+    /// Set once the final commit is done: a revoke during close has nothing left to commit.
+    closing: AtomicBool,
+}
+
+impl Callbacks {
+    fn lock(&self) -> MutexGuard<'_, Assignment> {
+        // Only this thread locks it and nothing panics while holding it; recover regardless.
+        self.assignment.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn on_assign(&self, tpl: &TopicPartitionList) {
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        let mut assignment = self.lock();
+        for element in tpl.elements() {
+            let key = assignment.key(element.topic(), element.partition());
+            let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            info!(topic = %key.topic, partition = key.partition, generation, "partition assigned");
+            // A new assignment starts flowing: librdkafka does not keep pause state across
+            // assignments (librdkafka #1802), and we pause again on the first full send.
+            assignment.partitions.insert(
+                key,
+                PartitionState {
+                    generation,
+                    flow: Flow::Flowing,
+                },
+            );
+        }
+        self.metrics
+            .assigned_partitions
+            .set(assignment.partitions.len() as i64);
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
+        self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+        let mut revoked = Vec::new();
+        {
+            let mut assignment = self.lock();
+            for element in tpl.elements() {
+                let key = assignment.key(element.topic(), element.partition());
+                if let Some(state) = assignment.partitions.remove(&key) {
+                    if let Flow::Paused { held } = state.flow {
+                        // Held records were never dispatched: the committed position is at or
+                        // below them, so the next owner reads them again.
+                        self.metrics.paused_partitions.dec();
+                        debug!(topic = %key.topic, partition = key.partition, held = held.len(), "dropping held records of revoked partition");
+                    }
+                    revoked.push((key, state.generation));
+                }
+            }
+            self.metrics
+                .assigned_partitions
+                .set(assignment.partitions.len() as i64);
+        }
+        if revoked.is_empty() {
+            // librdkafka may call with an empty list (rust-rdkafka #681).
+            return;
+        }
+        for (key, _) in &revoked {
+            self.metrics.forget_partition(key);
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        info!(partitions = revoked.len(), "partitions revoked, draining");
+        match self.committer.revoke_blocking(revoked) {
+            Ok(entries) => commit_sync(consumer, &self.metrics, &entries, "revoke"),
+            Err(err) => warn!(error = %err, "cannot commit revoked partitions"),
+        }
+    }
+}
+
+impl ClientContext for Callbacks {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for Callbacks {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.on_revoke(consumer, tpl),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(err) => {
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                warn!(error = %err, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.on_assign(tpl);
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                self.metrics.commits.with_label_values(&["ok"]).inc();
+                let mut assignment = self.lock();
+                for element in offsets.elements() {
+                    let key = assignment.key(element.topic(), element.partition());
+                    // A commit may complete after its partition was revoked; its series is gone
+                    // and must stay gone.
+                    if !assignment.partitions.contains_key(&key) {
+                        continue;
+                    }
+                    if let Offset::Offset(offset) = element.offset() {
+                        self.metrics.set_committed(&key, offset);
+                    }
+                }
+            }
+            Err(err) if is_stale_commit(&err) => {
+                self.metrics.commits.with_label_values(&["stale"]).inc();
+                debug!(error = %err, "commit for a partition no longer assigned");
+            }
+            Err(err) => {
+                self.metrics.commits.with_label_values(&["error"]).inc();
+                warn!(error = %err, "commit failed");
+            }
+        }
+    }
+}
+
+/// `Local: Erroneous state` (and the broker's generation errors) after a revoke are expected:
+/// the partition has a new owner (confluent-kafka-dotnet #1861).
+fn is_stale_commit(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::State
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::RebalanceInProgress
+        )
+    )
+}
+
+fn commit_list(entries: &[CommitEntry]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(entries.len());
+    for entry in entries {
+        // Offsets come from Kafka and are never negative; a failure only drops this entry.
+        if let Err(err) = tpl.add_partition_offset(
+            &entry.source.topic,
+            entry.source.partition,
+            Offset::Offset(entry.offset),
+        ) {
+            warn!(error = %err, partition = %entry.source, "cannot add commit entry");
+        }
+    }
+    tpl
+}
+
+fn commit_sync(
+    consumer: &BaseConsumer<Callbacks>,
+    metrics: &Metrics,
+    entries: &[CommitEntry],
+    why: &'static str,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    match consumer.commit(&commit_list(entries), CommitMode::Sync) {
+        Ok(()) => {
+            metrics.commits.with_label_values(&["ok"]).inc();
+            for entry in entries {
+                info!(topic = %entry.source.topic, partition = entry.source.partition, offset = entry.offset, why, "committed");
+            }
+        }
+        Err(err) if is_stale_commit(&err) => {
+            metrics.commits.with_label_values(&["stale"]).inc();
+            info!(error = %err, why, "commit refused: partitions already moved on");
+        }
+        Err(err) => {
+            metrics.commits.with_label_values(&["error"]).inc();
+            error!(error = %err, why, "synchronous commit failed");
+        }
+    }
+}
+
+/// Lifecycle of the consumer thread.
+enum Phase {
+    /// Reading and dispatching.
+    Consuming,
+    /// Shutdown asked: nothing new is dispatched; waiting for the committer's final positions.
+    Draining {
+        answer: oneshot::Receiver<Vec<CommitEntry>>,
+        give_up_at: std::time::Instant,
+    },
+}
+
+/// The consumer actor. Built on the async side (so config errors surface before anything
+/// starts), then moved to its own thread with [`ConsumerActor::run`].
+pub struct ConsumerActor {
+    consumer: BaseConsumer<Callbacks>,
+    router: Option<RouterSender>,
+    plans: watch::Receiver<CommitPlan>,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    liveness: Liveness,
+    max_payload_bytes: usize,
+    drain_timeout: Duration,
+}
+
+impl ConsumerActor {
+    /// Creates the Kafka client and subscribes to the configured topics.
+    pub fn new(
+        config: &Config,
+        router: RouterSender,
+        committer: CommitterControl,
+        plans: watch::Receiver<CommitPlan>,
+        metrics: Arc<Metrics>,
+        liveness: Liveness,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<ConsumerActor> {
+        let callbacks = Callbacks {
+            assignment: Mutex::new(Assignment::default()),
+            committer,
+            metrics: metrics.clone(),
+            generations: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<Callbacks> = client_config(config)
+            .create_with_context(callbacks)
+            .context("failed to create the Kafka consumer")?;
+        let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .context("failed to subscribe to the configured topics")?;
+        liveness.expect("consumer", 1);
+        Ok(ConsumerActor {
+            consumer,
+            router: Some(router),
+            plans,
+            shutdown,
+            metrics,
+            liveness,
+            max_payload_bytes: config.pipeline.max_payload_bytes,
+            drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
+        })
+    }
+
+    /// Runs until shutdown has drained and committed. Blocks: call it on its own thread.
+    pub fn run(mut self) -> anyhow::Result<()> {
+        let _alive = self.liveness.enter("consumer");
+        let mut phase = Phase::Consuming;
+        let result = loop {
+            match &mut phase {
+                Phase::Consuming if self.shutdown.is_cancelled() => {
+                    match self.begin_drain() {
+                        Some(next) => phase = next,
+                        None => break Ok(()),
+                    }
+                    continue;
+                }
+                Phase::Consuming => {}
+                Phase::Draining { answer, give_up_at } => match answer.try_recv() {
+                    Ok(entries) => {
+                        commit_sync(&self.consumer, &self.metrics, &entries, "shutdown");
+                        break Ok(());
+                    }
+                    Err(oneshot::error::TryRecvError::Empty)
+                        if std::time::Instant::now() < *give_up_at => {}
+                    Err(_) => {
+                        warn!("no final positions from the committer; nothing committed at shutdown");
+                        break Ok(());
+                    }
+                },
+            }
+            self.apply_plan();
+            let held = match phase {
+                Phase::Consuming => self.flush_held()?,
+                Phase::Draining { .. } => 0,
+            };
+            let timeout = if held > 0 { POLL_HELD } else { POLL_IDLE };
+            match self.consumer.poll(timeout) {
+                None => {}
+                Some(Err(err)) => {
+                    if matches!(err, KafkaError::MessageConsumptionFatal(_)) {
+                        break Err(anyhow::Error::new(err).context("fatal Kafka consumer error"));
+                    }
+                    warn!(error = %err, "kafka consume error");
+                }
+                Some(Ok(message)) => {
+                    if matches!(phase, Phase::Consuming) {
+                        self.accept(&message)?;
+                    }
+                    // While draining a record may still arrive from before the pause: it was
+                    // never dispatched, so the final commit stays below it and it is read again.
+                }
+            }
+        };
+        self.callbacks().closing.store(true, Ordering::Release);
+        info!("leaving the consumer group");
+        // Dropping the consumer closes it: it leaves the group so partitions move at once.
+        drop(self.consumer);
+        result
+    }
+
+    fn callbacks(&self) -> &Callbacks {
+        self.consumer.context()
+    }
+
+    /// Stops fetching, releases the router (so the pipeline drains) and asks the committer for
+    /// the final positions. `None` when there is nothing to wait for.
+    fn begin_drain(&mut self) -> Option<Phase> {
+        info!("shutdown: stop fetching and drain in-flight records");
+        {
+            let mut assignment = self.callbacks().lock();
+            let mut tpl = TopicPartitionList::new();
+            for (key, state) in assignment.partitions.iter_mut() {
+                if let Flow::Paused { .. } = state.flow {
+                    self.metrics.paused_partitions.dec();
+                }
+                state.flow = Flow::Paused {
+                    held: VecDeque::new(),
+                };
+                tpl.add_partition(&key.topic, key.partition);
+            }
+            if tpl.count() > 0 {
+                if let Err(err) = self.consumer.pause(&tpl) {
+                    warn!(error = %err, "cannot pause partitions for shutdown");
+                }
+            }
+        }
+        // Closing the router's input lets router, workers and committer finish in order.
+        self.router = None;
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        match self.callbacks().committer.finish(deadline) {
+            Ok(answer) => Some(Phase::Draining {
+                answer,
+                give_up_at: std::time::Instant::now() + self.drain_timeout + FINISH_GRACE,
+            }),
+            Err(err) => {
+                warn!(error = %err, "committer gone before shutdown");
+                None
+            }
+        }
+    }
+
+    /// Commits the newest plan from the committer, if there is a new one, for the partitions
+    /// still held under the plan's generation.
+    fn apply_plan(&mut self) {
+        if !self.plans.has_changed().unwrap_or(false) {
+            return;
+        }
+        let plan = self.plans.borrow_and_update().clone();
+        let entries: Vec<CommitEntry> = {
+            let assignment = self.callbacks().lock();
+            plan.iter()
+                .filter(|entry| {
+                    assignment
+                        .partitions
+                        .get(&entry.source)
+                        .is_some_and(|state| state.generation == entry.generation)
+                })
+                .cloned()
+                .collect()
+        };
+        if entries.is_empty() {
+            return;
+        }
+        // The result arrives in Callbacks::commit_callback on a later poll.
+        if let Err(err) = self.consumer.commit(&commit_list(&entries), CommitMode::Async) {
+            self.metrics.commits.with_label_values(&["error"]).inc();
+            warn!(error = %err, "cannot send commit");
+        }
+    }
+
+    /// Decodes a record and offers it to the router; on a full channel keeps it and pauses its
+    /// partition.
+    fn accept(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
+        let payload = message.payload();
+        let event = decode(payload, self.max_payload_bytes);
+        let callbacks = self.consumer.context();
+        let mut assignment = callbacks.lock();
+        let key = assignment.key(message.topic(), message.partition());
+        self.metrics
+            .consumed
+            .with_label_values(&[&key.topic])
+            .inc();
+        let Some(state) = assignment.partitions.get_mut(&key) else {
+            // Not ours any more (revoked between fetch and poll): the next owner reads it.
+            debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
+            return Ok(());
+        };
+        let record = Record {
+            source: key,
+            offset: message.offset(),
+            generation: state.generation,
+            key: message.key().map(Box::from),
+            payload: payload.map(Box::from),
+            event,
+        };
+        match &mut state.flow {
+            // Fetched before the pause took effect: keep order behind what is already held.
+            Flow::Paused { held } => held.push_back(record),
+            Flow::Flowing => {
+                let Some(router) = &self.router else {
+                    return Ok(());
+                };
+                match router.try_send(record) {
+                    Ok(()) => self.metrics.in_flight.inc(),
+                    Err(mpsc::error::TrySendError::Full(record)) => {
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(&record.source.topic, record.source.partition);
+                        self.consumer
+                            .pause(&tpl)
+                            .context("failed to pause a partition")?;
+                        self.metrics.pauses.inc();
+                        self.metrics.paused_partitions.inc();
+                        info!(
+                            topic = %record.source.topic,
+                            partition = record.source.partition,
+                            offset = record.offset,
+                            "router channel full, partition paused"
+                        );
+                        let mut held = VecDeque::with_capacity(1);
+                        held.push_back(record);
+                        state.flow = Flow::Paused { held };
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        anyhow::bail!("router stopped while the consumer was running");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves held records to the router once it has drained to half its capacity, resuming each
+    /// partition whose held records are all sent. Returns how many records are still held.
+    fn flush_held(&self) -> anyhow::Result<usize> {
+        let Some(router) = &self.router else {
+            return Ok(0);
+        };
+        let callbacks = self.consumer.context();
+        let mut assignment = callbacks.lock();
+        let held_total = assignment.held_count();
+        let paused_any = assignment
+            .partitions
+            .values()
+            .any(|state| matches!(state.flow, Flow::Paused { .. }));
+        if !paused_any {
+            return Ok(0);
+        }
+        // Low-water mark: resume only with room for at least half the channel, so a partition
+        // is not paused and resumed for every single free slot.
+        if router.capacity() * 2 < router.max_capacity() {
+            return Ok(held_total);
+        }
+        let mut resume = TopicPartitionList::new();
+        let mut router_full = false;
+        for (key, state) in assignment.partitions.iter_mut() {
+            let Flow::Paused { held } = &mut state.flow else {
+                continue;
+            };
+            while let Some(record) = held.pop_front() {
+                match router.try_send(record) {
+                    Ok(()) => self.metrics.in_flight.inc(),
+                    Err(mpsc::error::TrySendError::Full(record)) => {
+                        held.push_front(record);
+                        router_full = true;
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        anyhow::bail!("router stopped while the consumer was running");
+                    }
+                }
+            }
+            if held.is_empty() {
+                state.flow = Flow::Flowing;
+                resume.add_partition(&key.topic, key.partition);
+            }
+            if router_full {
+                break;
+            }
+        }
+        if resume.count() > 0 {
+            self.consumer
+                .resume(&resume)
+                .context("failed to resume partitions")?;
+            let resumed = resume.count() as i64;
+            self.metrics.paused_partitions.sub(resumed);
+            self.metrics.resumes.inc_by(resumed as u64);
+            debug!(partitions = resumed, "partitions resumed");
+        }
+        Ok(assignment.held_count())
+    }
+}

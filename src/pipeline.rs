@@ -1,0 +1,320 @@
+//! Wiring: builds the actors back to front (committer, workers, router, consumer), serves HTTP,
+//! and runs until shutdown has drained and made its final commit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::committer::{self, AckSender, CommitterSettings};
+use crate::config::Config;
+use crate::consumer::ConsumerActor;
+use crate::event::Level;
+use crate::health::Liveness;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::router::{self, RouteLane, RouterSender};
+use crate::sink::{config_sink_factory, SinkFactory};
+use crate::worker::{WorkerHandle, MAX_BATCH};
+
+/// How often channel depth gauges are sampled.
+const DEPTH_SAMPLE_EVERY: Duration = Duration::from_millis(200);
+/// After the final commit, how long tasks get to wind down before they are aborted.
+const WIND_DOWN: Duration = Duration::from_secs(2);
+
+/// Where the HTTP endpoint listens.
+pub enum HttpBind {
+    /// `http.listen` from the configuration.
+    FromConfig,
+    /// An already bound listener (tests bind port 0 and read the address).
+    Listener(TcpListener),
+    /// No endpoint.
+    Disabled,
+}
+
+/// Everything about a run that is not configuration.
+pub struct RunOptions {
+    /// Builds each worker's sink; defaults to the sinks named in the configuration.
+    pub sink_factory: SinkFactory,
+    /// Metrics to record into; tests keep a clone to read them.
+    pub metrics: Arc<Metrics>,
+    /// Where `/metrics` and `/healthz` are served.
+    pub http: HttpBind,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            sink_factory: config_sink_factory(),
+            metrics: Arc::new(Metrics::new()),
+            http: HttpBind::FromConfig,
+        }
+    }
+}
+
+/// The most records the pipeline holds between Kafka and the committer, from its capacities:
+/// the router channel, one record in the router's hands, each worker's channel and batch, the
+/// committer channel. librdkafka's prefetch (`queued.max.messages.kbytes`) comes on top.
+pub fn in_flight_bound(config: &Config) -> usize {
+    let pipeline = &config.pipeline;
+    let workers: usize = config.routes.iter().map(|route| route.workers).sum();
+    pipeline.router_capacity
+        + 1
+        + workers * (pipeline.worker_capacity + MAX_BATCH)
+        + committer_capacity(config)
+}
+
+fn committer_capacity(config: &Config) -> usize {
+    config.pipeline.router_capacity
+}
+
+/// Runs the pipeline until `shutdown` is cancelled, then drains (within `drain_timeout_ms`),
+/// commits synchronously and returns. An error means the pipeline could not start or the Kafka
+/// client failed fatally.
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = options.metrics;
+    let liveness = Liveness::default();
+    let mut tasks = JoinSet::new();
+
+    let (acks, control, plans, committer_task) = committer::spawn(
+        CommitterSettings {
+            capacity: committer_capacity(&config),
+            interval: Duration::from_millis(config.pipeline.commit_interval_ms),
+            drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
+        },
+        metrics.clone(),
+    );
+    liveness.expect("committer", 1);
+    let committer_alive = liveness.enter("committer");
+    tasks.spawn(async move {
+        // The committer's liveness is its task's: held here until the task ends.
+        let _alive = committer_alive;
+        if let Err(err) = committer_task.await {
+            warn!(error = %err, "committer task failed");
+        }
+    });
+
+    let (lanes, levels, worker_tasks) = spawn_workers(
+        &config,
+        &options.sink_factory,
+        &acks,
+        &metrics,
+        &liveness,
+    )?;
+    for task in worker_tasks {
+        tasks.spawn(join_quietly(task, "worker"));
+    }
+
+    let depth_probe = DepthProbe {
+        committer: acks.downgrade(),
+        workers: lanes
+            .iter()
+            .map(|lane| {
+                (
+                    format!("worker:{}", lane.name),
+                    lane.workers.iter().map(WorkerHandle::downgrade).collect(),
+                )
+            })
+            .collect(),
+        router: None,
+    };
+
+    liveness.expect("router", 1);
+    let (router, router_task) = router::spawn(
+        config.pipeline.router_capacity,
+        lanes,
+        levels,
+        acks,
+        metrics.clone(),
+        liveness.clone(),
+    );
+    tasks.spawn(join_quietly(router_task, "router"));
+    let depth_probe = DepthProbe {
+        router: Some(router.downgrade()),
+        ..depth_probe
+    };
+
+    let consumer = ConsumerActor::new(
+        &config,
+        router,
+        control,
+        plans,
+        metrics.clone(),
+        liveness.clone(),
+        shutdown.clone(),
+    )?;
+
+    let http_stop = CancellationToken::new();
+    let http_task = start_http(options.http, &config, &metrics, &liveness, &http_stop).await?;
+    let sampler_stop = http_stop.clone();
+    let sampler_metrics = metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(DEPTH_SAMPLE_EVERY);
+        loop {
+            tokio::select! {
+                _ = sampler_stop.cancelled() => return,
+                _ = tick.tick() => depth_probe.sample(&sampler_metrics),
+            }
+        }
+    });
+
+    info!(
+        brokers = %config.kafka.brokers,
+        group = %config.kafka.group_id,
+        topics = ?config.kafka.topics,
+        routes = config.routes.len(),
+        "logbridge started"
+    );
+    let consumer_thread = std::thread::Builder::new()
+        .name("logbridge-consumer".to_string())
+        .spawn(move || consumer.run())
+        .context("failed to start the consumer thread")?;
+    let drain_started = std::time::Instant::now();
+    let consumer_result = tokio::task::spawn_blocking(move || consumer_thread.join())
+        .await
+        .context("consumer thread could not be joined")?;
+    let consumer_result = match consumer_result {
+        Ok(result) => result,
+        Err(_) => Err(anyhow::anyhow!("consumer thread panicked")),
+    };
+    if consumer_result.is_err() {
+        // The consumer stopped on its own (fatal error): stop everything else too.
+        shutdown.cancel();
+    }
+
+    // Router, workers and committer end on their own once their input closes; give stragglers
+    // (a sink stuck past the drain timeout) a moment, then abort them: their records were not
+    // committed and will be read again.
+    let wind_down = tokio::time::timeout(WIND_DOWN, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if wind_down.is_err() {
+        warn!(tasks = tasks.len(), "tasks still busy after the final commit; aborting them");
+        tasks.shutdown().await;
+    }
+    metrics
+        .drain_seconds
+        .observe(drain_started.elapsed().as_secs_f64());
+    http_stop.cancel();
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
+    info!("logbridge stopped");
+    consumer_result
+}
+
+async fn join_quietly(task: tokio::task::JoinHandle<()>, kind: &'static str) {
+    if let Err(err) = task.await {
+        warn!(error = %err, kind, "actor task failed");
+    }
+}
+
+type Spawned = (
+    Vec<RouteLane>,
+    HashMap<String, usize>,
+    Vec<tokio::task::JoinHandle<()>>,
+);
+
+fn spawn_workers(
+    config: &Config,
+    factory: &SinkFactory,
+    acks: &AckSender,
+    metrics: &Arc<Metrics>,
+    liveness: &Liveness,
+) -> anyhow::Result<Spawned> {
+    let mut lanes = Vec::with_capacity(config.routes.len());
+    let mut levels = HashMap::new();
+    let mut tasks = Vec::new();
+    for (index, route) in config.routes.iter().enumerate() {
+        let name: Arc<str> = Arc::from(route.name.as_str());
+        for level in &route.levels {
+            levels.insert(Level::new(level).as_str().to_string(), index);
+        }
+        liveness.expect("worker", route.workers);
+        let mut workers = Vec::with_capacity(route.workers);
+        for worker in 0..route.workers {
+            let sink = factory(route, worker)
+                .with_context(|| format!("failed to create the sink of route `{}`", route.name))?;
+            let (handle, task) = WorkerHandle::spawn(
+                name.clone(),
+                config.pipeline.worker_capacity,
+                sink,
+                acks.clone(),
+                metrics.clone(),
+                liveness.clone(),
+            );
+            workers.push(handle);
+            tasks.push(task);
+        }
+        lanes.push(RouteLane { name, workers });
+    }
+    Ok((lanes, levels, tasks))
+}
+
+async fn start_http(
+    bind: HttpBind,
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    liveness: &Liveness,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let listener = match bind {
+        HttpBind::Disabled => return Ok(None),
+        HttpBind::Listener(listener) => listener,
+        HttpBind::FromConfig => TcpListener::bind(&config.http.listen)
+            .await
+            .with_context(|| format!("failed to listen on http.listen = {}", config.http.listen))?,
+    };
+    if let Ok(address) = listener.local_addr() {
+        info!(%address, "serving /metrics and /healthz");
+    }
+    let state = HttpState {
+        metrics: metrics.clone(),
+        liveness: liveness.clone(),
+    };
+    Ok(Some(tokio::spawn(http::serve(listener, state, stop.clone()))))
+}
+
+/// Samples channel depths through weak senders, which never keep a channel open.
+struct DepthProbe {
+    router: Option<tokio::sync::mpsc::WeakSender<crate::record::Record>>,
+    committer: tokio::sync::mpsc::WeakSender<crate::committer::CommitterMsg>,
+    workers: Vec<(String, Vec<tokio::sync::mpsc::WeakSender<crate::record::Record>>)>,
+}
+
+impl DepthProbe {
+    fn sample(&self, metrics: &Metrics) {
+        fn depth<T>(sender: &tokio::sync::mpsc::WeakSender<T>) -> i64 {
+            sender
+                .upgrade()
+                .map_or(0, |s| (s.max_capacity() - s.capacity()) as i64)
+        }
+        if let Some(router) = &self.router {
+            metrics
+                .channel_depth
+                .with_label_values(&["router"])
+                .set(depth(router));
+        }
+        metrics
+            .channel_depth
+            .with_label_values(&["committer"])
+            .set(depth(&self.committer));
+        for (stage, senders) in &self.workers {
+            let total: i64 = senders.iter().map(depth).sum();
+            metrics.channel_depth.with_label_values(&[stage]).set(total);
+        }
+    }
+}
+
+/// Used by the demo and tests: the router sender type, re-exported for completeness.
+pub type Router = RouterSender;

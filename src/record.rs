@@ -1,0 +1,89 @@
+//! The messages that travel the pipeline: a [`Record`] flows forward from the consumer through
+//! the router to a worker, and a [`ProcessAck`] travels from whoever finished it to the committer.
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::event::{DecodeError, LogEvent};
+
+/// Which partition a record came from, and under which assignment.
+///
+/// `generation` is bumped by the consumer every time it is assigned a partition; acks carrying
+/// an older generation belong to an assignment that was revoked and are never committed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PartitionKey {
+    /// Source topic (shared, not copied per record).
+    pub topic: Arc<str>,
+    /// Source partition.
+    pub partition: i32,
+}
+
+impl fmt::Display for PartitionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// One Kafka record inside logbridge, decoded once by the consumer.
+#[derive(Debug)]
+pub struct Record {
+    /// Source topic and partition.
+    pub source: PartitionKey,
+    /// Source offset.
+    pub offset: i64,
+    /// Assignment generation the record was read under.
+    pub generation: u64,
+    /// Record key, if any: it picks the worker, so equal keys stay in order.
+    pub key: Option<Box<[u8]>>,
+    /// The original payload, forwarded unchanged (`None` for a tombstone).
+    pub payload: Option<Box<[u8]>>,
+    /// The decoded event, or why it could not be decoded.
+    pub event: Result<LogEvent, DecodeError>,
+}
+
+/// How a record finished. Every record that enters the pipeline ends in exactly one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AckStatus {
+    /// Delivered to its route's sink.
+    Processed,
+    /// No route takes its level.
+    Ignored,
+    /// Could not be decoded or delivered; logged and counted.
+    Failed,
+}
+
+impl AckStatus {
+    /// Metric label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckStatus::Processed => "processed",
+            AckStatus::Ignored => "ignored",
+            AckStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A record is finished: the committer may count its offset as done.
+#[derive(Debug, Clone)]
+pub struct ProcessAck {
+    /// Source topic and partition.
+    pub source: PartitionKey,
+    /// Source offset.
+    pub offset: i64,
+    /// Assignment generation the record was read under.
+    pub generation: u64,
+    /// Outcome.
+    pub status: AckStatus,
+}
+
+impl Record {
+    /// The ack that says this record is finished with `status`.
+    pub fn ack(&self, status: AckStatus) -> ProcessAck {
+        ProcessAck {
+            source: self.source.clone(),
+            offset: self.offset,
+            generation: self.generation,
+            status,
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Router actor: takes decoded records from the consumer, registers each with the committer as
+//! dispatched, and hands it to a worker of the route its level matches.
+//!
+//! Within a route the worker is picked by a hash of the record key (no key: the partition), so
+//! records with the same key are processed in order while different keys run in parallel.
+//! Records that failed to decode, and records no route takes, are finished right here.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::committer::{AckSender, CommitterMsg};
+use crate::health::Liveness;
+use crate::metrics::{Metrics, NO_ROUTE};
+use crate::record::{AckStatus, Record};
+use crate::worker::WorkerHandle;
+
+/// The workers of one route.
+pub struct RouteLane {
+    /// Route name (metric label, output field).
+    pub name: Arc<str>,
+    /// Its workers; never empty (config validation guarantees `workers >= 1`).
+    pub workers: Vec<WorkerHandle>,
+}
+
+/// Sends records to the router.
+///
+/// The consumer uses `try_send` only: when the channel is full it pauses the partition instead
+/// of waiting, so it can keep polling Kafka.
+pub type RouterSender = mpsc::Sender<Record>;
+
+/// Starts the router. `levels` maps each normalised level to the index of its lane.
+pub fn spawn(
+    capacity: usize,
+    lanes: Vec<RouteLane>,
+    levels: HashMap<String, usize>,
+    acks: AckSender,
+    metrics: Arc<Metrics>,
+    liveness: Liveness,
+) -> (RouterSender, tokio::task::JoinHandle<()>) {
+    // Full: the consumer's try_send fails and it pauses the record's partition.
+    let (sender, receiver) = mpsc::channel(capacity);
+    let actor = RouterActor {
+        receiver,
+        lanes,
+        levels,
+        acks,
+        metrics,
+        liveness,
+    };
+    (sender, tokio::spawn(actor.run()))
+}
+
+struct RouterActor {
+    receiver: mpsc::Receiver<Record>,
+    lanes: Vec<RouteLane>,
+    levels: HashMap<String, usize>,
+    acks: AckSender,
+    metrics: Arc<Metrics>,
+    liveness: Liveness,
+}
+
+/// What the router decided for a record.
+enum Decision {
+    Lane(usize),
+    Finish(AckStatus),
+}
+
+impl RouterActor {
+    #[tracing::instrument(name = "router", skip_all)]
+    async fn run(mut self) {
+        let _alive = self.liveness.enter("router");
+        while let Some(record) = self.receiver.recv().await {
+            if self.route(record).await.is_err() {
+                // Without a committer nothing can finish; stop taking records so the consumer
+                // sees the channel close and shuts down.
+                warn!("committer gone, router stops");
+                return;
+            }
+        }
+    }
+
+    async fn route(&mut self, record: Record) -> Result<(), crate::committer::CommitterGone> {
+        // The dispatch goes first on the committer's channel, so it is there before any ack of
+        // this record can be.
+        self.acks
+            .send(CommitterMsg::Dispatched {
+                source: record.source.clone(),
+                offset: record.offset,
+                generation: record.generation,
+            })
+            .await?;
+        let decision = match &record.event {
+            Err(err) => {
+                self.metrics
+                    .decode_errors
+                    .with_label_values(&[err.reason()])
+                    .inc();
+                warn!(
+                    topic = %record.source.topic,
+                    partition = record.source.partition,
+                    offset = record.offset,
+                    reason = err.reason(),
+                    error = %err,
+                    "record could not be decoded"
+                );
+                Decision::Finish(AckStatus::Failed)
+            }
+            Ok(event) => match self.levels.get(event.level.as_str()) {
+                Some(&lane) => Decision::Lane(lane),
+                None => Decision::Finish(AckStatus::Ignored),
+            },
+        };
+        match decision {
+            Decision::Finish(status) => {
+                self.metrics
+                    .finished
+                    .with_label_values(&[NO_ROUTE, status.as_str()])
+                    .inc();
+                self.acks.send(CommitterMsg::Ack(record.ack(status))).await
+            }
+            Decision::Lane(index) => {
+                let lane = &self.lanes[index];
+                let worker = &lane.workers[worker_index(&record, lane.workers.len())];
+                let started = Instant::now();
+                let result = worker.send(record).await;
+                let waited = started.elapsed().as_secs_f64();
+                if waited > 0.000_1 {
+                    self.metrics
+                        .backpressure_seconds
+                        .with_label_values(&[&lane.name])
+                        .inc_by(waited);
+                }
+                if let Err(record) = result {
+                    // A worker only stops at shutdown; finish the record as failed so its
+                    // offset is accounted for (it will not be committed past: failed is logged).
+                    warn!(
+                        route = %lane.name,
+                        topic = %record.source.topic,
+                        partition = record.source.partition,
+                        offset = record.offset,
+                        "worker gone, record not delivered"
+                    );
+                    return Err(crate::committer::CommitterGone);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Which of `workers` takes a record: a stable hash of its key, or its partition if it has none.
+pub fn worker_index(record: &Record, workers: usize) -> usize {
+    if workers <= 1 {
+        return 0;
+    }
+    let hash = match record.key.as_deref() {
+        Some(key) => fnv1a(key),
+        None => record.source.partition as u32 as u64,
+    };
+    (hash % workers as u64) as usize
+}
+
+/// FNV-1a: stable across builds and platforms, so a key keeps its worker after a restart.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+    use crate::record::PartitionKey;
+
+    fn record(key: Option<&str>, partition: i32) -> Record {
+        let payload = br#"{"level":"info","message":"m"}"#;
+        Record {
+            source: PartitionKey {
+                topic: Arc::from("t"),
+                partition,
+            },
+            offset: 0,
+            generation: 1,
+            key: key.map(|k| k.as_bytes().to_vec().into_boxed_slice()),
+            payload: Some(payload.to_vec().into_boxed_slice()),
+            event: decode(Some(payload), 1024),
+        }
+    }
+
+    #[test]
+    fn same_key_same_worker_whatever_the_partition() {
+        for key in ["a", "user-17", "checkout", ""] {
+            let first = worker_index(&record(Some(key), 0), 4);
+            for partition in 1..8 {
+                assert_eq!(worker_index(&record(Some(key), partition), 4), first);
+            }
+        }
+    }
+
+    #[test]
+    fn keyless_records_follow_their_partition_and_keys_spread() {
+        assert_eq!(worker_index(&record(None, 5), 4), 1);
+        assert_eq!(worker_index(&record(None, 5), 1), 0);
+        let used: std::collections::HashSet<usize> = (0..64)
+            .map(|i| worker_index(&record(Some(&format!("key-{i}")), 0), 4))
+            .collect();
+        assert_eq!(used.len(), 4, "64 keys should reach all 4 workers");
+    }
+}

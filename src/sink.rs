@@ -1,0 +1,290 @@
+//! Sinks: where a route's workers deliver records. A worker hands its sink a batch and acks each
+//! record only after the sink has said how that record fared.
+//!
+//! Output lines (file and stdout) are JSON, one per record:
+//! `{"topic":"logs","partition":0,"offset":42,"key":"k1","route":"errors","event":{...}}`
+//! where `event` is the original payload, byte for byte except that a leading BOM and any
+//! whitespace outside strings (which would break JSON lines) are left out.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::future::Future;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{RouteConfig, SinkConfig};
+use crate::event::json_body;
+use crate::record::Record;
+
+/// Why a sink could not deliver a record.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// Writing to the destination failed; trying again may help.
+    #[error("write failed: {0}")]
+    Io(String),
+    /// This record can never be delivered by this sink.
+    #[error("record rejected: {0}")]
+    Rejected(String),
+}
+
+/// A future returned by a sink: one outcome per record of the batch, in batch order.
+pub type DeliveryFuture<'a> = Pin<Box<dyn Future<Output = Vec<Result<(), SinkError>>> + Send + 'a>>;
+
+/// A destination for records. Each worker owns one sink value.
+pub trait Sink: Send {
+    /// Delivers a batch; the result has exactly one outcome per record.
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a>;
+}
+
+/// Builds the sink of worker `index` of a route. Tests and embedders can supply their own.
+pub type SinkFactory =
+    Arc<dyn Fn(&RouteConfig, usize) -> anyhow::Result<Box<dyn Sink>> + Send + Sync>;
+
+/// The factory for the sinks named in the configuration. Workers of one route that write to the
+/// same file share one append-mode handle.
+pub fn config_sink_factory() -> SinkFactory {
+    let files: Mutex<HashMap<PathBuf, Arc<File>>> = Mutex::new(HashMap::new());
+    Arc::new(move |route: &RouteConfig, _index: usize| {
+        let sink: Box<dyn Sink> = match &route.sink {
+            SinkConfig::Null => Box::new(NullSink),
+            SinkConfig::Stdout => Box::new(StdoutSink { buffer: Vec::new() }),
+            SinkConfig::File { path } => {
+                let mut files = files
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
+                let file = match files.get(path) {
+                    Some(file) => file.clone(),
+                    None => {
+                        let file = Arc::new(open_append(path)?);
+                        files.insert(path.clone(), file.clone());
+                        file
+                    }
+                };
+                Box::new(FileSink {
+                    file,
+                    buffer: Vec::new(),
+                })
+            }
+        };
+        Ok(sink)
+    })
+}
+
+fn open_append(path: &Path) -> anyhow::Result<File> {
+    use anyhow::Context;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("failed to create directory {}", parent.display()))?;
+    }
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("failed to open sink file {}", path.display()))
+}
+
+/// Discards records (for benchmarks).
+pub struct NullSink;
+
+impl Sink for NullSink {
+    fn deliver<'a>(&'a mut self, _route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        Box::pin(std::future::ready(vec![Ok(()); batch.len()]))
+    }
+}
+
+/// Appends JSON lines to a file. A batch is one `write` on an `O_APPEND` handle, so workers of a
+/// route sharing the file never interleave within a line; when it returns the lines are with the
+/// OS (not necessarily on disk: there is no fsync per batch).
+pub struct FileSink {
+    file: Arc<File>,
+    buffer: Vec<u8>,
+}
+
+impl Sink for FileSink {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        Box::pin(async move {
+            self.buffer.clear();
+            for record in batch {
+                write_line(&mut self.buffer, route, record);
+            }
+            let file = self.file.clone();
+            let lines = std::mem::take(&mut self.buffer);
+            // The write may block on a slow disk: keep it off the async workers.
+            let written = tokio::task::spawn_blocking(move || {
+                let result = (&*file).write_all(&lines);
+                (result, lines)
+            })
+            .await;
+            let outcome = match written {
+                Ok((result, lines)) => {
+                    self.buffer = lines;
+                    result.map_err(|err| SinkError::Io(err.to_string()))
+                }
+                Err(join) => Err(SinkError::Io(format!("writer task failed: {join}"))),
+            };
+            vec![outcome; batch.len()]
+        })
+    }
+}
+
+/// Writes JSON lines to standard output (one lock per batch, so lines never interleave).
+pub struct StdoutSink {
+    buffer: Vec<u8>,
+}
+
+impl Sink for StdoutSink {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        Box::pin(async move {
+            self.buffer.clear();
+            for record in batch {
+                write_line(&mut self.buffer, route, record);
+            }
+            let lines = std::mem::take(&mut self.buffer);
+            let written = tokio::task::spawn_blocking(move || {
+                let mut out = std::io::stdout().lock();
+                let result = out.write_all(&lines).and_then(|()| out.flush());
+                (result, lines)
+            })
+            .await;
+            let outcome = match written {
+                Ok((result, lines)) => {
+                    self.buffer = lines;
+                    result.map_err(|err| SinkError::Io(err.to_string()))
+                }
+                Err(join) => Err(SinkError::Io(format!("writer task failed: {join}"))),
+            };
+            vec![outcome; batch.len()]
+        })
+    }
+}
+
+/// Appends one output line for `record` to `out`.
+pub fn write_line(out: &mut Vec<u8>, route: &str, record: &Record) {
+    out.extend_from_slice(b"{\"topic\":");
+    write_json_string(out, &record.source.topic);
+    out.extend_from_slice(b",\"partition\":");
+    out.extend_from_slice(record.source.partition.to_string().as_bytes());
+    out.extend_from_slice(b",\"offset\":");
+    out.extend_from_slice(record.offset.to_string().as_bytes());
+    match record.key.as_deref() {
+        None => out.extend_from_slice(b",\"key\":null"),
+        Some(key) => match std::str::from_utf8(key) {
+            Ok(text) => {
+                out.extend_from_slice(b",\"key\":");
+                write_json_string(out, text);
+            }
+            // A binary key cannot be a JSON string without loss: give it as hex instead.
+            Err(_) => {
+                out.extend_from_slice(b",\"key\":null,\"key_hex\":\"");
+                for byte in key {
+                    out.extend_from_slice(format!("{byte:02x}").as_bytes());
+                }
+                out.push(b'"');
+            }
+        },
+    }
+    out.extend_from_slice(b",\"route\":");
+    write_json_string(out, route);
+    out.extend_from_slice(b",\"event\":");
+    match (&record.payload, &record.event) {
+        // Only decoded payloads reach a sink, so the body is valid JSON.
+        (Some(payload), Ok(_)) => write_compact_json(out, json_body(payload)),
+        _ => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // Serialising a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
+/// Copies valid JSON, leaving out whitespace between tokens (a newline there would split the
+/// output line); string contents are copied untouched.
+fn write_compact_json(out: &mut Vec<u8>, json: &[u8]) {
+    if !json.iter().any(|b| matches!(b, b'\n' | b'\r')) {
+        out.extend_from_slice(json.trim_ascii());
+        return;
+    }
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            out.push(byte);
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else if byte == b'"' {
+            in_string = true;
+            out.push(byte);
+        } else if !matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            out.push(byte);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+    use crate::record::PartitionKey;
+
+    fn record(payload: &[u8], key: Option<&[u8]>) -> Record {
+        Record {
+            source: PartitionKey {
+                topic: Arc::from("logs"),
+                partition: 2,
+            },
+            offset: 7,
+            generation: 1,
+            key: key.map(|k| k.to_vec().into_boxed_slice()),
+            payload: Some(payload.to_vec().into_boxed_slice()),
+            event: decode(Some(payload), 1 << 20),
+        }
+    }
+
+    #[test]
+    fn line_carries_source_key_route_and_original_event() {
+        let payload = br#"{"level":"error","message":"boom","extra":{"a":[1,2]}}"#;
+        let mut out = Vec::new();
+        write_line(&mut out, "errors", &record(payload, Some(b"k\"1")));
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON line");
+        assert_eq!(line["topic"], "logs");
+        assert_eq!(line["partition"], 2);
+        assert_eq!(line["offset"], 7);
+        assert_eq!(line["key"], "k\"1");
+        assert_eq!(line["route"], "errors");
+        assert_eq!(line["event"]["extra"]["a"][1], 2);
+        assert!(out.ends_with(b"}\n"));
+        assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+    }
+
+    #[test]
+    fn multi_line_payload_stays_on_one_line_with_strings_intact() {
+        let payload = b"{\n  \"level\": \"warn\",\n  \"message\": \"a \\\" b\\n c  d\"\n}\n";
+        let mut out = Vec::new();
+        write_line(&mut out, "w", &record(payload, None));
+        assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON line");
+        assert_eq!(line["event"]["message"], "a \" b\n c  d");
+        assert_eq!(line["key"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn binary_key_is_given_as_hex() {
+        let mut out = Vec::new();
+        write_line(
+            &mut out,
+            "w",
+            &record(br#"{"level":"info","message":"m"}"#, Some(&[0xff, 0x00])),
+        );
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON line");
+        assert_eq!(line["key_hex"], "ff00");
+    }
+}
