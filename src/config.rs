@@ -339,7 +339,8 @@ fn toml_string(config: &Config) -> String {
 }
 
 fn env() -> Env {
-    Env::prefixed("LOGBRIDGE_").split("__")
+    // LOGBRIDGE_LOG is the log filter, not a config key.
+    Env::prefixed("LOGBRIDGE_").ignore(&["log"]).split("__")
 }
 
 fn check_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>

@@ -11,8 +11,12 @@
 //! half its capacity. librdkafka restarts a resumed partition's fetch at the position after the
 //! last record it returned, which is right after what we hold, so nothing is skipped.
 //!
-//! Commits: interval commits come from the committer's [`CommitPlan`]s and are sent
-//! asynchronously; revoke and shutdown commits are synchronous, from this thread.
+//! Commits: the committer publishes a [`CommitPlan`] per interval (only when something
+//! advanced); this thread commits it, and the final positions on revoke and at shutdown.
+//! Every commit is synchronous: librdkafka reports the result of a manual *asynchronous*
+//! commit only to an `offset_commit_cb`, which rust-rdkafka does not install (its event API
+//! covers automatic commits only), so an async commit's failure would go unseen. The cost is
+//! one broker round trip per interval on this thread; librdkafka keeps fetching meanwhile.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +26,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -103,6 +107,13 @@ impl Assignment {
         PartitionKey { topic, partition }
     }
 
+    fn paused_count(&self) -> i64 {
+        self.partitions
+            .values()
+            .filter(|state| matches!(state.flow, Flow::Paused { .. }))
+            .count() as i64
+    }
+
     fn held_count(&self) -> usize {
         self.partitions
             .values()
@@ -163,7 +174,6 @@ impl Callbacks {
                     if let Flow::Paused { held } = state.flow {
                         // Held records were never dispatched: the committed position is at or
                         // below them, so the next owner reads them again.
-                        self.metrics.paused_partitions.dec();
                         debug!(topic = %key.topic, partition = key.partition, held = held.len(), "dropping held records of revoked partition");
                     }
                     revoked.push((key, state.generation));
@@ -172,6 +182,9 @@ impl Callbacks {
             self.metrics
                 .assigned_partitions
                 .set(assignment.partitions.len() as i64);
+            self.metrics
+                .paused_partitions
+                .set(assignment.paused_count());
         }
         if revoked.is_empty() {
             // librdkafka may call with an empty list (rust-rdkafka #681).
@@ -212,34 +225,6 @@ impl ConsumerContext for Callbacks {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             self.on_assign(tpl);
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                self.metrics.commits.with_label_values(&["ok"]).inc();
-                let mut assignment = self.lock();
-                for element in offsets.elements() {
-                    let key = assignment.key(element.topic(), element.partition());
-                    // A commit may complete after its partition was revoked; its series is gone
-                    // and must stay gone.
-                    if !assignment.partitions.contains_key(&key) {
-                        continue;
-                    }
-                    if let Offset::Offset(offset) = element.offset() {
-                        self.metrics.set_committed(&key, offset);
-                    }
-                }
-            }
-            Err(err) if is_stale_commit(&err) => {
-                self.metrics.commits.with_label_values(&["stale"]).inc();
-                debug!(error = %err, "commit for a partition no longer assigned");
-            }
-            Err(err) => {
-                self.metrics.commits.with_label_values(&["error"]).inc();
-                warn!(error = %err, "commit failed");
-            }
         }
     }
 }
@@ -285,8 +270,13 @@ fn commit_sync(
     match consumer.commit(&commit_list(entries), CommitMode::Sync) {
         Ok(()) => {
             metrics.commits.with_label_values(&["ok"]).inc();
+            let assignment = consumer.context().lock();
             for entry in entries {
-                info!(topic = %entry.source.topic, partition = entry.source.partition, offset = entry.offset, why, "committed");
+                debug!(topic = %entry.source.topic, partition = entry.source.partition, offset = entry.offset, why, "committed");
+                // A revoked partition's series is gone and must stay gone.
+                if assignment.partitions.contains_key(&entry.source) {
+                    metrics.set_committed(&entry.source, entry.offset);
+                }
             }
         }
         Err(err) if is_stale_commit(&err) => {
@@ -431,9 +421,6 @@ impl ConsumerActor {
             let mut assignment = self.callbacks().lock();
             let mut tpl = TopicPartitionList::new();
             for (key, state) in assignment.partitions.iter_mut() {
-                if let Flow::Paused { .. } = state.flow {
-                    self.metrics.paused_partitions.dec();
-                }
                 state.flow = Flow::Paused {
                     held: VecDeque::new(),
                 };
@@ -482,11 +469,7 @@ impl ConsumerActor {
         if entries.is_empty() {
             return;
         }
-        // The result arrives in Callbacks::commit_callback on a later poll.
-        if let Err(err) = self.consumer.commit(&commit_list(&entries), CommitMode::Async) {
-            self.metrics.commits.with_label_values(&["error"]).inc();
-            warn!(error = %err, "cannot send commit");
-        }
+        commit_sync(&self.consumer, &self.metrics, &entries, "interval");
     }
 
     /// Decodes a record and offers it to the router; on a full channel keeps it and pauses its
@@ -530,7 +513,6 @@ impl ConsumerActor {
                             .pause(&tpl)
                             .context("failed to pause a partition")?;
                         self.metrics.pauses.inc();
-                        self.metrics.paused_partitions.inc();
                         info!(
                             topic = %record.source.topic,
                             partition = record.source.partition,
@@ -540,6 +522,9 @@ impl ConsumerActor {
                         let mut held = VecDeque::with_capacity(1);
                         held.push_back(record);
                         state.flow = Flow::Paused { held };
+                        self.metrics
+                            .paused_partitions
+                            .set(assignment.paused_count());
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         anyhow::bail!("router stopped while the consumer was running");
@@ -603,7 +588,9 @@ impl ConsumerActor {
                 .resume(&resume)
                 .context("failed to resume partitions")?;
             let resumed = resume.count() as i64;
-            self.metrics.paused_partitions.sub(resumed);
+            self.metrics
+                .paused_partitions
+                .set(assignment.paused_count());
             self.metrics.resumes.inc_by(resumed as u64);
             debug!(partitions = resumed, "partitions resumed");
         }

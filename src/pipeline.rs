@@ -18,7 +18,7 @@ use crate::event::Level;
 use crate::health::Liveness;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
-use crate::router::{self, RouteLane, RouterSender};
+use crate::router::{self, RouteLane};
 use crate::sink::{config_sink_factory, SinkFactory};
 use crate::worker::{WorkerHandle, MAX_BATCH};
 
@@ -316,5 +316,29 @@ impl DepthProbe {
     }
 }
 
-/// Used by the demo and tests: the router sender type, re-exported for completeness.
-pub type Router = RouterSender;
+
+/// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn cancel_on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut terminate = match signal(SignalKind::terminate()) {
+            Ok(stream) => stream,
+            Err(err) => {
+                warn!(error = %err, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+                shutdown.cancel();
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+            _ = terminate.recv() => info!("SIGTERM received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    shutdown.cancel();
+}
