@@ -1,0 +1,250 @@
+//! Shared helpers of the pipeline tests: an in-process Kafka (librdkafka's mock cluster, a real
+//! Kafka-protocol broker on loopback TCP), a producer, and a *separate* client that reads back
+//! what the pipeline committed.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{Offset, TopicPartitionList};
+
+use logbridge::Config;
+
+/// A mock Kafka cluster with one topic.
+pub struct Kafka {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub brokers: String,
+    pub topic: String,
+    pub partitions: i32,
+}
+
+impl Kafka {
+    pub fn start(topic: &str, partitions: i32) -> Kafka {
+        let cluster = MockCluster::new(1).expect("mock cluster starts");
+        cluster
+            .create_topic(topic, partitions, 1)
+            .expect("topic created");
+        let brokers = cluster.bootstrap_servers();
+        Kafka {
+            cluster,
+            brokers,
+            topic: topic.to_string(),
+            partitions,
+        }
+    }
+
+    /// Produces every `(key, payload)` and waits for all delivery reports.
+    pub async fn produce(&self, records: &[(Option<String>, Vec<u8>)]) {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
+            .create()
+            .expect("producer");
+        let mut pending = Vec::with_capacity(1024);
+        for (key, payload) in records {
+            let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(payload.as_slice());
+            if let Some(key) = key {
+                record = record.key(key.as_str());
+            }
+            pending.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(err, _)| err)
+                    .expect("enqueued"),
+            );
+            if pending.len() >= 1024 {
+                for delivery in pending.drain(..) {
+                    delivery.await.expect("delivered").expect("acked");
+                }
+            }
+        }
+        for delivery in pending {
+            delivery.await.expect("delivered").expect("acked");
+        }
+        producer.flush(Duration::from_secs(10)).expect("flushed");
+    }
+
+    /// End offset (high watermark) of every partition, read by a separate client.
+    pub fn end_offsets(&self) -> Vec<i64> {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .expect("client");
+        (0..self.partitions)
+            .map(|p| {
+                client
+                    .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+                    .expect("watermarks")
+                    .1
+            })
+            .collect()
+    }
+
+    /// Offsets committed by `group`, read by a separate client (-1 where nothing is committed).
+    pub fn committed(&self, group: &str) -> Vec<i64> {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", group)
+            .create()
+            .expect("client");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        let committed = client
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        (0..self.partitions)
+            .map(|p| match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(offset)) => offset,
+                _ => -1,
+            })
+            .collect()
+    }
+
+    /// A configuration for this cluster; `routes` is the TOML of the [[routes]] entries.
+    pub fn config(&self, group: &str, pipeline: &str, routes: &str) -> Config {
+        let text = format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{topic}"]
+[kafka.options]
+"auto.offset.reset" = "earliest"
+"session.timeout.ms" = 6000
+[pipeline]
+commit_interval_ms = 200
+drain_timeout_ms = 3000
+{pipeline}
+{routes}
+"#,
+            brokers = self.brokers,
+            topic = self.topic,
+        );
+        Config::from_toml_str(&text).unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
+    }
+}
+
+/// Waits for `condition` with a deadline; returns whether it became true.
+pub async fn wait_for<F, Fut>(deadline: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Every JSON line of the given files (missing files count as empty).
+pub fn read_lines(paths: &[PathBuf]) -> Vec<serde_json::Value> {
+    let mut lines = Vec::new();
+    for path in paths {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        for line in text.lines() {
+            lines.push(
+                serde_json::from_str(line)
+                    .unwrap_or_else(|err| panic!("{}: bad line {line:?}: {err}", path.display())),
+            );
+        }
+    }
+    lines
+}
+
+/// Counts each event `id` found in output lines.
+pub fn id_counts(lines: &[serde_json::Value]) -> HashMap<u64, usize> {
+    let mut counts = HashMap::new();
+    for line in lines {
+        let id = line["event"]["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("line without event id: {line}"));
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A valid event with a unique id.
+pub fn event(id: u64, level: &str) -> Vec<u8> {
+    serde_json::json!({
+        "id": id,
+        "level": level,
+        "message": format!("event {id}"),
+        "service": "test",
+        "code": 500,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// File sink TOML for a route.
+pub fn file_route(name: &str, levels: &str, workers: usize, dir: &Path) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\nlevels = {levels}\nworkers = {workers}\nsink = {{ type = \"file\", path = \"{}\" }}\n",
+        dir.join(format!("{name}.jsonl")).display()
+    )
+}
+
+/// Sum of the committed offset gauges of the pipeline (cheap progress check).
+pub fn committed_total(metrics: &logbridge::metrics::Metrics) -> i64 {
+    prometheus::core::Collector::collect(&metrics.committed_offset)
+        .iter()
+        .flat_map(|family| family.get_metric().iter().map(|m| m.get_gauge().get_value() as i64))
+        .sum()
+}
+
+/// A unique name per test run so nothing is shared between tests.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+/// GET a path from the HTTP endpoint; returns (status, body).
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    http_request(address, &format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")).await
+}
+
+/// Sends a raw request and returns (status, body).
+pub async fn http_request(address: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to http endpoint");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("read response");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
