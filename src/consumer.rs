@@ -46,6 +46,11 @@ use crate::router::RouterSender;
 /// otherwise: vector #20939).
 const DEFAULT_QUEUED_MAX_KBYTES: &str = "16384";
 
+/// librdkafka keeps one fetch per broker in flight; a long poll for caught-up partitions (the
+/// default waits 500 ms) delays the restart of every partition resumed meanwhile. 100 ms keeps
+/// resumed partitions flowing at the cost of more idle fetches.
+const DEFAULT_FETCH_WAIT_MAX_MS: &str = "100";
+
 /// How long one poll waits when nothing is held back.
 const POLL_IDLE: Duration = Duration::from_millis(100);
 /// How long one poll waits while records are held for a full router: short, so the held
@@ -66,9 +71,14 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("queued.max.messages.kbytes", DEFAULT_QUEUED_MAX_KBYTES)
+        .set("fetch.wait.max.ms", DEFAULT_FETCH_WAIT_MAX_MS)
         .set_log_level(RDKafkaLogLevel::Warning);
     for (key, value) in &config.kafka.options {
         client.set(key, value.to_string());
+    }
+    if config.kafka.options.contains_key("debug") {
+        // librdkafka's debug contexts log at debug level; let them through.
+        client.set_log_level(RDKafkaLogLevel::Debug);
     }
     client
 }
@@ -84,6 +94,9 @@ enum Flow {
 struct PartitionState {
     generation: u64,
     flow: Flow,
+    /// Offset of the last record librdkafka returned for this partition: its fetch position is
+    /// right after it (librdkafka sets it so on pause, and we re-state it on resume).
+    last_polled: Option<i64>,
 }
 
 /// What the consumer thread and its rebalance callbacks share (same thread, but librdkafka's
@@ -155,6 +168,7 @@ impl Callbacks {
                 PartitionState {
                     generation,
                     flow: Flow::Flowing,
+                    last_polled: None,
                 },
             );
         }
@@ -489,6 +503,7 @@ impl ConsumerActor {
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
             return Ok(());
         };
+        state.last_polled = Some(message.offset());
         let record = Record {
             source: key,
             offset: message.offset(),
@@ -557,6 +572,7 @@ impl ConsumerActor {
             return Ok(held_total);
         }
         let mut resume = TopicPartitionList::new();
+        let mut restart_at = Vec::new();
         let mut router_full = false;
         for (key, state) in assignment.partitions.iter_mut() {
             let Flow::Paused { held } = &mut state.flow else {
@@ -578,6 +594,9 @@ impl ConsumerActor {
             if held.is_empty() {
                 state.flow = Flow::Flowing;
                 resume.add_partition(&key.topic, key.partition);
+                if let Some(last) = state.last_polled {
+                    restart_at.push((key.clone(), last + 1));
+                }
             }
             if router_full {
                 break;
@@ -587,6 +606,20 @@ impl ConsumerActor {
             self.consumer
                 .resume(&resume)
                 .context("failed to resume partitions")?;
+            // librdkafka does not wake its fetcher on resume: the partition would wait for the
+            // broker thread's next timer (up to a second, confluent-kafka-go #630), starving a
+            // pipeline that drains faster than that. A seek to the position librdkafka resumes
+            // from anyway (right after the last record it returned) starts the fetch at once.
+            for (key, offset) in restart_at {
+                if let Err(err) = self.consumer.seek(
+                    &key.topic,
+                    key.partition,
+                    Offset::Offset(offset),
+                    Duration::ZERO,
+                ) {
+                    debug!(topic = %key.topic, partition = key.partition, offset, error = %err, "seek after resume failed; fetch restarts on librdkafka's timer");
+                }
+            }
             let resumed = resume.count() as i64;
             self.metrics
                 .paused_partitions

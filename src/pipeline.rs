@@ -58,14 +58,16 @@ impl Default for RunOptions {
 }
 
 /// The most records the pipeline holds between Kafka and the committer, from its capacities:
-/// the router channel, one record in the router's hands, each worker's channel and batch, the
-/// committer channel. librdkafka's prefetch (`queued.max.messages.kbytes`) comes on top.
+/// the router channel, one record in the router's hands, each worker's channel and the batch it
+/// works on (at most what its channel held), the committer channel. Records the consumer holds
+/// for paused partitions and librdkafka's prefetch (`queued.max.messages.kbytes`) come on top.
 pub fn in_flight_bound(config: &Config) -> usize {
     let pipeline = &config.pipeline;
     let workers: usize = config.routes.iter().map(|route| route.workers).sum();
+    let batch = pipeline.worker_capacity.min(MAX_BATCH);
     pipeline.router_capacity
         + 1
-        + workers * (pipeline.worker_capacity + MAX_BATCH)
+        + workers * (pipeline.worker_capacity + batch)
         + committer_capacity(config)
 }
 

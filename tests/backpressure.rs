@@ -1,0 +1,144 @@
+//! b) A deliberately slow sink: partitions get paused (seen in /metrics and in the logs), the
+//! records the pipeline holds never exceed its configured capacities, and it resumes and
+//! finishes with every record delivered and committed.
+//!
+//! Alone in its test binary because it installs a global log subscriber to read the logs.
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use logbridge::metrics::Metrics;
+use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
+use logbridge::record::Record;
+use logbridge::sink::{config_sink_factory, DeliveryFuture, Sink};
+use tokio_util::sync::CancellationToken;
+
+struct Slow {
+    inner: Box<dyn Sink>,
+    per_record: Duration,
+}
+
+impl Sink for Slow {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        Box::pin(async move {
+            tokio::time::sleep(self.per_record * batch.len() as u32).await;
+            self.inner.deliver(route, batch).await
+        })
+    }
+}
+
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("TEST_LOG").unwrap_or_else(|_| "logbridge=debug".into()))
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .init();
+
+    let kafka = Kafka::start("logs", 4);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..4_000u64)
+        .map(|id| (Some(format!("key-{}", id % 100)), event(id, "error")))
+        .collect();
+    kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let group = unique("slow");
+    let config = kafka.config(
+        &group,
+        "router_capacity = 32\nworker_capacity = 8",
+        &file_route("slow", "[\"error\"]", 2, dir.path()),
+    );
+    let bound = in_flight_bound(&config) as i64;
+
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let files = config_sink_factory();
+    let options = RunOptions {
+        sink_factory: Arc::new(move |route, index| {
+            Ok(Box::new(Slow {
+                inner: files(route, index)?,
+                per_record: Duration::from_micros(800),
+            }) as Box<dyn Sink>)
+        }),
+        metrics: metrics.clone(),
+        http: HttpBind::Listener(listener),
+    };
+    let shutdown = CancellationToken::new();
+    let pipeline = tokio::spawn(logbridge::run(config, options, shutdown.clone()));
+
+    let total: i64 = end.iter().sum();
+    let mut max_in_flight = 0;
+    let mut max_router_depth = 0;
+    let mut max_worker_depth = 0;
+    let mut paused_in_scrape = false;
+    let mut scrapes = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while committed_total(&metrics) < total && std::time::Instant::now() < deadline {
+        max_in_flight = max_in_flight.max(metrics.in_flight.get());
+        max_router_depth = max_router_depth.max(metrics.channel_depth.with_label_values(&["router"]).get());
+        max_worker_depth = max_worker_depth.max(metrics.channel_depth.with_label_values(&["worker:slow"]).get());
+        if !paused_in_scrape && scrapes < 5_000 {
+            scrapes += 1;
+            let (status, body) = http_get(address, "/metrics").await;
+            assert_eq!(status, 200);
+            paused_in_scrape = body
+                .lines()
+                .filter_map(|line| line.strip_prefix("logbridge_paused_partitions "))
+                .any(|value| value.trim() != "0");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let reached = committed_total(&metrics);
+    shutdown.cancel();
+    pipeline.await.expect("joined").expect("pipeline ran");
+
+    assert_eq!(reached, total, "finished after the pauses");
+    assert_eq!(kafka.committed(&group), end);
+    let counts = id_counts(&read_lines(&[dir.path().join("slow.jsonl")]));
+    assert_eq!(counts.len(), 4_000, "every record delivered");
+    assert!(counts.values().all(|n| *n == 1), "no record delivered twice");
+
+    let pauses = metrics.pauses.get();
+    let resumes = metrics.resumes.get();
+    let log_text = String::from_utf8_lossy(&logs.0.lock().expect("logs")).to_string();
+    if let Some(path) = std::env::var_os("DUMP_LOGS") {
+        std::fs::write(path, &log_text).expect("dump logs");
+    }
+    if std::env::var_os("SHOW_LOGS").is_some() {
+        for line in log_text.lines().filter(|l| l.contains("paused") || l.contains("resumed")).take(40) {
+            println!("{line}");
+        }
+    }
+    let paused_logs = log_text.matches("router channel full, partition paused").count();
+    println!(
+        "b) 4000 records through a slow sink: pauses {pauses}, resumes {resumes}, paused in /metrics: {paused_in_scrape}, \
+         'partition paused' log lines {paused_logs}; max in flight {max_in_flight} (bound {bound}), \
+         max router depth {max_router_depth} (cap 32), max worker depth {max_worker_depth} (cap 2x8)"
+    );
+    assert!(pauses > 0 && resumes > 0, "pauses {pauses}, resumes {resumes}");
+    assert!(paused_in_scrape, "a scrape of /metrics showed paused partitions");
+    assert!(paused_logs > 0, "the pause was logged");
+    assert!(max_in_flight <= bound, "in flight {max_in_flight} > bound {bound}");
+    assert!(max_router_depth <= 32);
+    assert!(max_worker_depth <= 16);
+}
