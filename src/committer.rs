@@ -377,7 +377,11 @@ impl CommitterActor {
         if finish_due {
             if let Some(finish) = self.finish.take() {
                 let entries = self.positions();
-                let unfinished: usize = self.partitions.values().map(|t| t.offsets.in_flight()).sum();
+                let unfinished: usize = self
+                    .partitions
+                    .values()
+                    .map(|t| t.offsets.in_flight())
+                    .sum();
                 if unfinished > 0 {
                     warn!(unfinished, "drain timeout reached; unfinished records will be read again after restart");
                 }
@@ -449,7 +453,11 @@ impl CommitterActor {
         for tracked in self.partitions.values_mut() {
             advanced |= tracked.offsets.take_advanced().is_some();
         }
-        debug!(advanced, partitions = self.partitions.len(), "commit interval");
+        debug!(
+            advanced,
+            partitions = self.partitions.len(),
+            "commit interval"
+        );
         if advanced {
             // Every receiver gone means the consumer has stopped; nothing left to commit.
             let _ = self.plans.send(Arc::new(self.positions()));
@@ -509,7 +517,9 @@ mod tests {
     async fn publishes_only_the_finished_prefix_and_only_when_it_advanced() {
         let (acks, _control, mut plans, _task) = spawn(settings(), Arc::new(Metrics::new()));
         for offset in [10, 11, 13] {
-            acks.send(dispatched(0, offset, 1)).await.expect("committer alive");
+            acks.send(dispatched(0, offset, 1))
+                .await
+                .expect("committer alive");
         }
         acks.send(ack(0, 11, 1)).await.expect("alive");
         acks.send(ack(0, 13, 1)).await.expect("alive");
@@ -595,6 +605,7 @@ mod tests {
         let entries = response.await.expect("answered");
         assert_eq!(entries[0].offset, 41);
         drop(control);
-        task.await.expect("committer ends when the consumer is gone");
+        task.await
+            .expect("committer ends when the consumer is gone");
     }
 }

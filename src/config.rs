@@ -222,7 +222,10 @@ impl Config {
         }
         for (index, topic) in kafka.topics.iter().enumerate() {
             if topic.trim().is_empty() {
-                return Err(invalid(format!("kafka.topics[{index}]"), "empty topic name"));
+                return Err(invalid(
+                    format!("kafka.topics[{index}]"),
+                    "empty topic name",
+                ));
             }
         }
         for (name, why) in OWNED_OPTIONS {
@@ -232,8 +235,18 @@ impl Config {
         }
 
         let pipeline = &self.pipeline;
-        check_range("pipeline.router_capacity", pipeline.router_capacity, 1, 1 << 20)?;
-        check_range("pipeline.worker_capacity", pipeline.worker_capacity, 1, 1 << 20)?;
+        check_range(
+            "pipeline.router_capacity",
+            pipeline.router_capacity,
+            1,
+            1 << 20,
+        )?;
+        check_range(
+            "pipeline.worker_capacity",
+            pipeline.worker_capacity,
+            1,
+            1 << 20,
+        )?;
         check_range(
             "pipeline.commit_interval_ms",
             pipeline.commit_interval_ms,
@@ -282,10 +295,9 @@ impl Config {
             let key = |field: &str| format!("routes[{index}].{field}");
             let valid_name = !route.name.is_empty()
                 && route.name.len() <= 64
-                && route
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+                && route.name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                });
             if !valid_name {
                 return Err(invalid(
                     key("name"),
@@ -459,7 +471,10 @@ mod tests {
     #[test]
     fn unknown_sink_type_is_rejected() {
         let err = error_of(&MINIMAL.replace("type = \"null\"", "type = \"carrier-pigeon\""));
-        assert!(err.contains("carrier-pigeon") || err.contains("variant"), "{err}");
+        assert!(
+            err.contains("carrier-pigeon") || err.contains("variant"),
+            "{err}"
+        );
     }
 
     #[test]

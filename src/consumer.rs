@@ -151,7 +151,9 @@ pub struct Callbacks {
 impl Callbacks {
     fn lock(&self) -> MutexGuard<'_, Assignment> {
         // Only this thread locks it and nothing panics while holding it; recover regardless.
-        self.assignment.lock().unwrap_or_else(PoisonError::into_inner)
+        self.assignment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn on_assign(&self, tpl: &TopicPartitionList) {
@@ -380,18 +382,20 @@ impl ConsumerActor {
                     continue;
                 }
                 Phase::Consuming => {}
-                Phase::Draining { answer, give_up_at } => match answer.try_recv() {
-                    Ok(entries) => {
-                        commit_sync(&self.consumer, &self.metrics, &entries, "shutdown");
-                        break Ok(());
+                Phase::Draining { answer, give_up_at } => {
+                    match answer.try_recv() {
+                        Ok(entries) => {
+                            commit_sync(&self.consumer, &self.metrics, &entries, "shutdown");
+                            break Ok(());
+                        }
+                        Err(oneshot::error::TryRecvError::Empty)
+                            if std::time::Instant::now() < *give_up_at => {}
+                        Err(_) => {
+                            warn!("no final positions from the committer; nothing committed at shutdown");
+                            break Ok(());
+                        }
                     }
-                    Err(oneshot::error::TryRecvError::Empty)
-                        if std::time::Instant::now() < *give_up_at => {}
-                    Err(_) => {
-                        warn!("no final positions from the committer; nothing committed at shutdown");
-                        break Ok(());
-                    }
-                },
+                }
             }
             self.apply_plan();
             let held = match phase {
@@ -494,10 +498,7 @@ impl ConsumerActor {
         let callbacks = self.consumer.context();
         let mut assignment = callbacks.lock();
         let key = assignment.key(message.topic(), message.partition());
-        self.metrics
-            .consumed
-            .with_label_values(&[&key.topic])
-            .inc();
+        self.metrics.consumed.with_label_values(&[&key.topic]).inc();
         let Some(state) = assignment.partitions.get_mut(&key) else {
             // Not ours any more (revoked between fetch and poll): the next owner reads it.
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");

@@ -177,7 +177,11 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     }
     println!(
         "{} (final)",
-        summary_line(started.elapsed(), produced.load(Ordering::Relaxed), &metrics)
+        summary_line(
+            started.elapsed(),
+            produced.load(Ordering::Relaxed),
+            &metrics
+        )
     );
     drop(cluster);
     result

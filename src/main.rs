@@ -10,7 +10,11 @@ use logbridge::demo::{self, DemoOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "logbridge", version, about = "Routes JSON log events from Kafka to their destinations and commits only finished work")]
+#[command(
+    name = "logbridge",
+    version,
+    about = "Routes JSON log events from Kafka to their destinations and commits only finished work"
+)]
 struct Cli {
     /// Log output: `human` for terminals, `json` for production log pipelines.
     #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]

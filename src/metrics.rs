@@ -287,9 +287,12 @@ mod tests {
         metrics.set_committed(&source, 42);
         let text = metrics.render();
         assert!(text.contains("logbridge_events_consumed_total{topic=\"logs\"} 1"));
-        assert!(text.contains("logbridge_partition_committed_offset{partition=\"3\",topic=\"logs\"} 42"));
+        assert!(text
+            .contains("logbridge_partition_committed_offset{partition=\"3\",topic=\"logs\"} 42"));
         assert!(text.contains("# HELP logbridge_build_info"));
         metrics.forget_partition(&source);
-        assert!(!metrics.render().contains("logbridge_partition_committed_offset{"));
+        assert!(!metrics
+            .render()
+            .contains("logbridge_partition_committed_offset{"));
     }
 }

@@ -105,13 +105,8 @@ pub async fn run(
         }
     });
 
-    let (lanes, levels, worker_tasks) = spawn_workers(
-        &config,
-        &options.sink_factory,
-        &acks,
-        &metrics,
-        &liveness,
-    )?;
+    let (lanes, levels, worker_tasks) =
+        spawn_workers(&config, &options.sink_factory, &acks, &metrics, &liveness)?;
     for task in worker_tasks {
         tasks.spawn(join_quietly(task, "worker"));
     }
@@ -201,7 +196,10 @@ pub async fn run(
     })
     .await;
     if wind_down.is_err() {
-        warn!(tasks = tasks.len(), "tasks still busy after the final commit; aborting them");
+        warn!(
+            tasks = tasks.len(),
+            "tasks still busy after the final commit; aborting them"
+        );
         tasks.shutdown().await;
     }
     metrics
@@ -284,14 +282,21 @@ async fn start_http(
         metrics: metrics.clone(),
         liveness: liveness.clone(),
     };
-    Ok(Some(tokio::spawn(http::serve(listener, state, stop.clone()))))
+    Ok(Some(tokio::spawn(http::serve(
+        listener,
+        state,
+        stop.clone(),
+    ))))
 }
 
 /// Samples channel depths through weak senders, which never keep a channel open.
 struct DepthProbe {
     router: Option<tokio::sync::mpsc::WeakSender<crate::record::Record>>,
     committer: tokio::sync::mpsc::WeakSender<crate::committer::CommitterMsg>,
-    workers: Vec<(String, Vec<tokio::sync::mpsc::WeakSender<crate::record::Record>>)>,
+    workers: Vec<(
+        String,
+        Vec<tokio::sync::mpsc::WeakSender<crate::record::Record>>,
+    )>,
 }
 
 impl DepthProbe {
@@ -317,7 +322,6 @@ impl DepthProbe {
         }
     }
 }
-
 
 /// Cancels `shutdown` on SIGINT (Ctrl-C) or SIGTERM.
 pub async fn cancel_on_signal(shutdown: CancellationToken) {

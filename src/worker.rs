@@ -89,7 +89,11 @@ impl WorkerActor {
             }
             batch.clear();
         }
-        tracing::debug!(delivered = self.delivered, failed = self.failed, "worker finished");
+        tracing::debug!(
+            delivered = self.delivered,
+            failed = self.failed,
+            "worker finished"
+        );
     }
 
     async fn process(&mut self, batch: &[Record]) -> Result<(), crate::committer::CommitterGone> {
@@ -107,7 +111,10 @@ impl WorkerActor {
                 }
                 Some(Err(err)) => {
                     self.failed += 1;
-                    self.metrics.sink_errors.with_label_values(&[&self.route]).inc();
+                    self.metrics
+                        .sink_errors
+                        .with_label_values(&[&self.route])
+                        .inc();
                     warn!(
                         route = %self.route,
                         topic = %record.source.topic,
@@ -128,7 +135,9 @@ impl WorkerActor {
                 .finished
                 .with_label_values(&[&self.route, status.as_str()])
                 .inc();
-            self.acks.send(CommitterMsg::Ack(record.ack(status))).await?;
+            self.acks
+                .send(CommitterMsg::Ack(record.ack(status)))
+                .await?;
         }
         Ok(())
     }

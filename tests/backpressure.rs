@@ -70,7 +70,9 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
     let bound = in_flight_bound(&config) as i64;
 
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = listener.local_addr().expect("address");
     let files = config_sink_factory();
     let options = RunOptions {
@@ -95,8 +97,14 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while committed_total(&metrics) < total && std::time::Instant::now() < deadline {
         max_in_flight = max_in_flight.max(metrics.in_flight.get());
-        max_router_depth = max_router_depth.max(metrics.channel_depth.with_label_values(&["router"]).get());
-        max_worker_depth = max_worker_depth.max(metrics.channel_depth.with_label_values(&["worker:slow"]).get());
+        max_router_depth =
+            max_router_depth.max(metrics.channel_depth.with_label_values(&["router"]).get());
+        max_worker_depth = max_worker_depth.max(
+            metrics
+                .channel_depth
+                .with_label_values(&["worker:slow"])
+                .get(),
+        );
         if !paused_in_scrape && scrapes < 5_000 {
             scrapes += 1;
             let (status, body) = http_get(address, "/metrics").await;
@@ -116,7 +124,10 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
     assert_eq!(kafka.committed(&group), end);
     let counts = id_counts(&read_lines(&[dir.path().join("slow.jsonl")]));
     assert_eq!(counts.len(), 4_000, "every record delivered");
-    assert!(counts.values().all(|n| *n == 1), "no record delivered twice");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "no record delivered twice"
+    );
 
     let pauses = metrics.pauses.get();
     let resumes = metrics.resumes.get();
@@ -125,20 +136,35 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         std::fs::write(path, &log_text).expect("dump logs");
     }
     if std::env::var_os("SHOW_LOGS").is_some() {
-        for line in log_text.lines().filter(|l| l.contains("paused") || l.contains("resumed")).take(40) {
+        for line in log_text
+            .lines()
+            .filter(|l| l.contains("paused") || l.contains("resumed"))
+            .take(40)
+        {
             println!("{line}");
         }
     }
-    let paused_logs = log_text.matches("router channel full, partition paused").count();
+    let paused_logs = log_text
+        .matches("router channel full, partition paused")
+        .count();
     println!(
         "b) 4000 records through a slow sink: pauses {pauses}, resumes {resumes}, paused in /metrics: {paused_in_scrape}, \
          'partition paused' log lines {paused_logs}; max in flight {max_in_flight} (bound {bound}), \
          max router depth {max_router_depth} (cap 32), max worker depth {max_worker_depth} (cap 2x8)"
     );
-    assert!(pauses > 0 && resumes > 0, "pauses {pauses}, resumes {resumes}");
-    assert!(paused_in_scrape, "a scrape of /metrics showed paused partitions");
+    assert!(
+        pauses > 0 && resumes > 0,
+        "pauses {pauses}, resumes {resumes}"
+    );
+    assert!(
+        paused_in_scrape,
+        "a scrape of /metrics showed paused partitions"
+    );
     assert!(paused_logs > 0, "the pause was logged");
-    assert!(max_in_flight <= bound, "in flight {max_in_flight} > bound {bound}");
+    assert!(
+        max_in_flight <= bound,
+        "in flight {max_in_flight} > bound {bound}"
+    );
     assert!(max_router_depth <= 32);
     assert!(max_worker_depth <= 16);
 }

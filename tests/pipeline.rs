@@ -100,12 +100,23 @@ async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
     .await;
     shutdown.cancel();
     pipeline.await.expect("joined").expect("pipeline ran");
-    assert!(done, "commits did not reach the end: {}", committed_total(&metrics));
-    assert_eq!(kafka.committed(&group), end, "committed offsets read back by a separate client");
+    assert!(
+        done,
+        "commits did not reach the end: {}",
+        committed_total(&metrics)
+    );
+    assert_eq!(
+        kafka.committed(&group),
+        end,
+        "committed offsets read back by a separate client"
+    );
 
     let errors = read_lines(&[dir.path().join("errors.jsonl")]);
     let warnings = read_lines(&[dir.path().join("warnings.jsonl")]);
-    for (lines, level, route) in [(&errors, "error", "errors"), (&warnings, "warning", "warnings")] {
+    for (lines, level, route) in [
+        (&errors, "error", "errors"),
+        (&warnings, "warning", "warnings"),
+    ] {
         let counts = id_counts(lines);
         let expected: Vec<u64> = (0..20_000u64)
             .filter(|id| LEVELS[(id % 3) as usize] == level)
@@ -123,7 +134,10 @@ async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
             let partition = line["partition"].as_i64().expect("partition");
             let offset = line["offset"].as_i64().expect("offset");
             if let Some(previous) = last.insert((key.clone(), partition), offset) {
-                assert!(previous < offset, "key {key} out of order: {previous} then {offset}");
+                assert!(
+                    previous < offset,
+                    "key {key} out of order: {previous} then {offset}"
+                );
             }
         }
     }
@@ -131,7 +145,10 @@ async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
         .finished
         .with_label_values(&[NO_ROUTE, "ignored"])
         .get();
-    assert_eq!(ignored, (0..20_000u64).filter(|id| id % 3 == 2).count() as u64);
+    assert_eq!(
+        ignored,
+        (0..20_000u64).filter(|id| id % 3 == 2).count() as u64
+    );
     println!(
         "a) 20000 events: errors {} lines, warnings {} lines, ignored {ignored}, committed {:?}",
         errors.len(),
@@ -146,7 +163,12 @@ async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
 async fn shutdown_mid_stream_then_restart_loses_nothing() {
     let kafka = Kafka::start("logs", 4);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..20_000u64)
-        .map(|id| (Some(format!("key-{}", id % 300)), event(id, if id % 2 == 0 { "error" } else { "warning" })))
+        .map(|id| {
+            (
+                Some(format!("key-{}", id % 300)),
+                event(id, if id % 2 == 0 { "error" } else { "warning" }),
+            )
+        })
         .collect();
     kafka.produce(&records).await;
     let end = kafka.end_offsets();
@@ -172,8 +194,14 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
         shutdown.clone(),
     ));
     let processed = |metrics: &Metrics| {
-        metrics.finished.with_label_values(&["errors", "processed"]).get()
-            + metrics.finished.with_label_values(&["warnings", "processed"]).get()
+        metrics
+            .finished
+            .with_label_values(&["errors", "processed"])
+            .get()
+            + metrics
+                .finished
+                .with_label_values(&["warnings", "processed"])
+                .get()
     };
     let started = wait_for(Duration::from_secs(60), || {
         let metrics = metrics.clone();
@@ -211,17 +239,33 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
     .await;
     shutdown.cancel();
     second.await.expect("joined").expect("second run");
-    assert!(done, "second run did not commit to the end: {:?} vs {end:?}", kafka.committed(&group));
+    assert!(
+        done,
+        "second run did not commit to the end: {:?} vs {end:?}",
+        kafka.committed(&group)
+    );
 
-    let lines = read_lines(&[dir.path().join("errors.jsonl"), dir.path().join("warnings.jsonl")]);
+    let lines = read_lines(&[
+        dir.path().join("errors.jsonl"),
+        dir.path().join("warnings.jsonl"),
+    ]);
     let counts = id_counts(&lines);
-    let missing: Vec<u64> = (0..20_000u64).filter(|id| !counts.contains_key(id)).collect();
-    assert!(missing.is_empty(), "lost events: {:?}", &missing[..missing.len().min(20)]);
+    let missing: Vec<u64> = (0..20_000u64)
+        .filter(|id| !counts.contains_key(id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "lost events: {:?}",
+        &missing[..missing.len().min(20)]
+    );
     let duplicates: usize = counts.values().map(|n| n - 1).sum();
     println!(
         "c) 20000 events, stopped after {first_total} committed in {stop_took:?}; duplicates after restart: {duplicates} (bound {bound})"
     );
-    assert!(duplicates <= bound, "{duplicates} duplicates exceed the in-flight bound {bound}");
+    assert!(
+        duplicates <= bound,
+        "{duplicates} duplicates exceed the in-flight bound {bound}"
+    );
 }
 
 /// d) Malformed records among valid ones: each counted under its reason, logged, acked as
@@ -236,9 +280,15 @@ async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
         (b"\"a string\"", "not_object"),
         (b"{\"message\":\"no level\"}", "missing_field"),
         (b"{\"level\":\"error\"}", "missing_field"),
-        (b"{\"level\":\"error\",\"message\":\"m\",\"code\":4294967296}", "wrong_type"),
+        (
+            b"{\"level\":\"error\",\"message\":\"m\",\"code\":4294967296}",
+            "wrong_type",
+        ),
         (b"{\"level\":7,\"message\":\"m\"}", "wrong_type"),
-        (b"{\"level\":\"error\",\"level\":\"info\",\"message\":\"m\"}", "duplicate_field"),
+        (
+            b"{\"level\":\"error\",\"level\":\"info\",\"message\":\"m\"}",
+            "duplicate_field",
+        ),
         (b"\xff\xfe{}", "not_utf8"),
         (b"", "empty"),
     ];
@@ -251,7 +301,10 @@ async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
             records.push((Some(format!("bad-{round}")), payload.to_vec()));
             *expected.entry(reason).or_default() += 1;
             for _ in 0..6 {
-                records.push((Some(format!("key-{}", id % 50)), event(id, if id % 2 == 0 { "error" } else { "warning" })));
+                records.push((
+                    Some(format!("key-{}", id % 50)),
+                    event(id, if id % 2 == 0 { "error" } else { "warning" }),
+                ));
                 id += 1;
             }
         }
@@ -275,7 +328,11 @@ async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
     );
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
-    let pipeline = tokio::spawn(logbridge::run(config, options(&metrics, config_sink_factory()), shutdown.clone()));
+    let pipeline = tokio::spawn(logbridge::run(
+        config,
+        options(&metrics, config_sink_factory()),
+        shutdown.clone(),
+    ));
     let total: i64 = end.iter().sum();
     let done = wait_for(Duration::from_secs(60), || {
         let metrics = metrics.clone();
@@ -295,8 +352,17 @@ async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
         );
     }
     let bad: u64 = expected.values().sum();
-    assert_eq!(metrics.finished.with_label_values(&[NO_ROUTE, "failed"]).get(), bad);
-    let lines = read_lines(&[dir.path().join("errors.jsonl"), dir.path().join("warnings.jsonl")]);
+    assert_eq!(
+        metrics
+            .finished
+            .with_label_values(&[NO_ROUTE, "failed"])
+            .get(),
+        bad
+    );
+    let lines = read_lines(&[
+        dir.path().join("errors.jsonl"),
+        dir.path().join("warnings.jsonl"),
+    ]);
     let counts = id_counts(&lines);
     assert_eq!(counts.len() as u64, valid, "every valid event delivered");
     assert!(counts.values().all(|n| *n == 1));

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use logbridge::Config;
@@ -103,10 +103,12 @@ impl Kafka {
             .committed_offsets(tpl, Duration::from_secs(10))
             .expect("committed offsets");
         (0..self.partitions)
-            .map(|p| match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(offset)) => offset,
-                _ => -1,
-            })
+            .map(
+                |p| match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(offset)) => offset,
+                    _ => -1,
+                },
+            )
             .collect()
     }
 
@@ -204,7 +206,12 @@ pub fn file_route(name: &str, levels: &str, workers: usize, dir: &Path) -> Strin
 pub fn committed_total(metrics: &logbridge::metrics::Metrics) -> i64 {
     prometheus::core::Collector::collect(&metrics.committed_offset)
         .iter()
-        .flat_map(|family| family.get_metric().iter().map(|m| m.get_gauge().get_value() as i64))
+        .flat_map(|family| {
+            family
+                .get_metric()
+                .iter()
+                .map(|m| m.get_gauge().get_value() as i64)
+        })
         .sum()
 }
 
@@ -222,7 +229,11 @@ pub fn unique(prefix: &str) -> String {
 
 /// GET a path from the HTTP endpoint; returns (status, body).
 pub async fn http_get(address: std::net::SocketAddr, path: &str) -> (u16, String) {
-    http_request(address, &format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")).await
+    http_request(
+        address,
+        &format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n"),
+    )
+    .await
 }
 
 /// Sends a raw request and returns (status, body).

@@ -1,0 +1,224 @@
+//! The `logbridge` binary as a user runs it: `check-config`, and `demo` (in-process Kafka,
+//! sample traffic, metrics served) checked with Prometheus's own `promtool`.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{http_get, http_request};
+
+const BIN: &str = env!("CARGO_BIN_EXE_logbridge");
+
+#[test]
+fn check_config_accepts_the_shipped_files() {
+    for file in ["config/logbridge.toml", "config/demo.toml"] {
+        let output = Command::new(BIN)
+            .args(["check-config", file])
+            .output()
+            .expect("run logbridge");
+        assert!(
+            output.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let printed = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            printed.contains("router_capacity"),
+            "prints the effective config"
+        );
+    }
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_exits_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n[pipeline]\nworker_capacity = -3\n[[routes]]\nname = \"r\"\nlevels = [\"error\"]\nsink = { type = \"null\" }\n",
+            "worker_capacity",
+        ),
+        (
+            "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n[[routes]]\nname = \"r\"\nlevels = [\"error\"]\nworkers = 0\nsink = { type = \"null\" }\n",
+            "routes[0].workers",
+        ),
+        ("[kafka\nbrokers = ", "TOML"),
+    ];
+    for (index, (text, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{index}.toml"));
+        std::fs::write(&path, text).expect("write");
+        let output = Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run logbridge");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.to_lowercase().contains(&key.to_lowercase()),
+            "expected `{key}` in: {stderr}"
+        );
+    }
+    let missing = Command::new(BIN)
+        .args(["check-config", "no/such/file.toml"])
+        .output()
+        .expect("run logbridge");
+    assert_eq!(missing.status.code(), Some(2));
+}
+
+/// Sends SIGKILL to a process when dropped (harmless if it already exited and was reaped
+/// moments ago: pids are not reused that fast).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("free port")
+}
+
+fn promtool_check(metrics: &str) -> (bool, String) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (the test script installs Debian's prometheus package)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(metrics.as_bytes())
+        .expect("write to promtool");
+    let output = child.wait_with_output().expect("promtool ran");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success() && report.trim().is_empty(), report)
+}
+
+/// `logbridge demo` runs the pipeline on an in-process Kafka with metrics served; its
+/// /metrics passes `promtool check metrics`; the endpoint answers 404/405/400 properly; SIGTERM
+/// stops it cleanly with exit code 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let workdir = tempfile::tempdir().expect("tempdir");
+    let child = Command::new(BIN)
+        .args([
+            "demo",
+            "--listen",
+            &listen,
+            "--rate",
+            "2000",
+            "--duration",
+            "120s",
+        ])
+        .current_dir(workdir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start demo");
+    let pid = child.id();
+    // Whatever happens below, the demo does not outlive the test.
+    let _reaper = KillOnDrop(pid);
+    let address: std::net::SocketAddr = listen.parse().expect("address");
+
+    // Wait until events flow and a commit happened.
+    let mut metrics = String::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            let (status, body) = http_get(address, "/metrics").await;
+            assert_eq!(status, 200);
+            let committed = body.lines().any(|l| {
+                l.starts_with("logbridge_commits_total{result=\"ok\"}") && !l.ends_with(" 0")
+            });
+            let consumed = body
+                .lines()
+                .any(|l| l.starts_with("logbridge_events_consumed_total") && !l.ends_with(" 0"));
+            if committed && consumed {
+                metrics = body;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        !metrics.is_empty(),
+        "demo never consumed and committed within 60 s"
+    );
+    for family in [
+        "logbridge_events_finished_total",
+        "logbridge_decode_errors_total",
+        "logbridge_paused_partitions",
+        "logbridge_channel_depth_records",
+        "logbridge_in_flight_records",
+        "logbridge_partition_committed_offset",
+        "logbridge_build_info",
+        "logbridge_process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(family), "{family} missing from /metrics");
+    }
+    let (clean, report) = promtool_check(&metrics);
+    assert!(clean, "promtool check metrics reported:\n{report}");
+
+    assert_eq!(http_get(address, "/healthz").await.0, 200);
+    assert_eq!(http_get(address, "/nope").await.0, 404);
+    assert_eq!(
+        http_request(
+            address,
+            "POST /metrics HTTP/1.0\r\nContent-Length: 0\r\n\r\n"
+        )
+        .await
+        .0,
+        405
+    );
+    assert_eq!(http_request(address, "GARBAGE\r\n\r\n").await.0, 400);
+
+    let stop_asked = Instant::now();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("demo output");
+    let stop_took = stop_asked.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "exit status; stderr:\n{stderr}"
+    );
+    assert!(
+        stop_took < Duration::from_secs(7),
+        "SIGTERM to exit took {stop_took:?}"
+    );
+    assert!(
+        stdout.contains("(final)"),
+        "final summary line missing:\n{stdout}"
+    );
+    assert!(stderr.contains("SIGTERM received"), "{stderr}");
+    println!(
+        "demo stopped {stop_took:?} after SIGTERM; last summary: {}",
+        stdout.lines().last().unwrap_or("")
+    );
+}
