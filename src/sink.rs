@@ -49,7 +49,7 @@ pub fn config_sink_factory() -> SinkFactory {
     Arc::new(move |route: &RouteConfig, _index: usize| {
         let sink: Box<dyn Sink> = match &route.sink {
             SinkConfig::Null => Box::new(NullSink),
-            SinkConfig::Stdout => Box::new(StdoutSink { buffer: Vec::new() }),
+            SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::Stdout)),
             SinkConfig::File { path } => {
                 let mut files = files
                     .lock()
@@ -62,10 +62,7 @@ pub fn config_sink_factory() -> SinkFactory {
                         file
                     }
                 };
-                Box::new(FileSink {
-                    file,
-                    buffer: Vec::new(),
-                })
+                Box::new(LineSink::new(LineTarget::File(file)))
             }
         };
         Ok(sink)
@@ -94,62 +91,63 @@ impl Sink for NullSink {
     }
 }
 
-/// Appends JSON lines to a file. A batch is one `write` on an `O_APPEND` handle, so workers of a
-/// route sharing the file never interleave within a line; when it returns the lines are with the
-/// OS (not necessarily on disk: there is no fsync per batch).
-pub struct FileSink {
-    file: Arc<File>,
-    buffer: Vec<u8>,
+/// Where a [`LineSink`] writes.
+#[derive(Clone)]
+pub enum LineTarget {
+    /// An append-mode file shared by a route's workers. A batch is one `write` on an `O_APPEND`
+    /// handle, so workers never interleave within a line; when it returns the lines are with the
+    /// OS (not necessarily on disk: there is no fsync per batch).
+    File(Arc<File>),
+    /// Standard output, locked for the whole batch so lines never interleave.
+    Stdout,
 }
 
-impl Sink for FileSink {
-    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
-        Box::pin(async move {
-            self.buffer.clear();
-            for record in batch {
-                write_line(&mut self.buffer, route, record);
+impl LineTarget {
+    fn write_all(&self, lines: &[u8]) -> std::io::Result<()> {
+        match self {
+            LineTarget::File(file) => (&**file).write_all(lines),
+            LineTarget::Stdout => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(lines).and_then(|()| out.flush())
             }
-            let file = self.file.clone();
-            let lines = std::mem::take(&mut self.buffer);
-            // The write may block on a slow disk: keep it off the async workers.
-            let written = tokio::task::spawn_blocking(move || {
-                let result = (&*file).write_all(&lines);
-                (result, lines)
-            })
-            .await;
-            let outcome = match written {
-                Ok((result, lines)) => {
-                    self.buffer = lines;
-                    result.map_err(|err| SinkError::Io(err.to_string()))
-                }
-                Err(join) => Err(SinkError::Io(format!("writer task failed: {join}"))),
-            };
-            vec![outcome; batch.len()]
-        })
+        }
     }
 }
 
-/// Writes JSON lines to standard output (one lock per batch, so lines never interleave).
-pub struct StdoutSink {
+/// Writes one JSON line per record (see the module docs) to a file or standard output.
+pub struct LineSink {
+    target: LineTarget,
     buffer: Vec<u8>,
 }
 
-impl Sink for StdoutSink {
+impl LineSink {
+    /// A sink writing to `target`.
+    pub fn new(target: LineTarget) -> LineSink {
+        LineSink {
+            target,
+            buffer: Vec::new(),
+        }
+    }
+}
+
+impl Sink for LineSink {
     fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
         Box::pin(async move {
-            self.buffer.clear();
+            let mut lines = std::mem::take(&mut self.buffer);
+            lines.clear();
             for record in batch {
-                write_line(&mut self.buffer, route, record);
+                write_line(&mut lines, route, record);
             }
-            let lines = std::mem::take(&mut self.buffer);
+            let target = self.target.clone();
+            // The write may block (slow disk, full pipe): keep it off the async workers.
             let written = tokio::task::spawn_blocking(move || {
-                let mut out = std::io::stdout().lock();
-                let result = out.write_all(&lines).and_then(|()| out.flush());
+                let result = target.write_all(&lines);
                 (result, lines)
             })
             .await;
             let outcome = match written {
                 Ok((result, lines)) => {
+                    // Keep the allocation for the next batch.
                     self.buffer = lines;
                     result.map_err(|err| SinkError::Io(err.to_string()))
                 }

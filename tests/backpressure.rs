@@ -15,7 +15,6 @@ use logbridge::metrics::Metrics;
 use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
 use logbridge::record::Record;
 use logbridge::sink::{config_sink_factory, DeliveryFuture, Sink};
-use tokio_util::sync::CancellationToken;
 
 struct Slow {
     inner: Box<dyn Sink>,
@@ -85,8 +84,7 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         metrics: metrics.clone(),
         http: HttpBind::Listener(listener),
     };
-    let shutdown = CancellationToken::new();
-    let pipeline = tokio::spawn(logbridge::run(config, options, shutdown.clone()));
+    let pipeline = Running::start(config, options);
 
     let total: i64 = end.iter().sum();
     let mut max_in_flight = 0;
@@ -117,8 +115,7 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let reached = committed_total(&metrics);
-    shutdown.cancel();
-    pipeline.await.expect("joined").expect("pipeline ran");
+    pipeline.stop().await;
 
     assert_eq!(reached, total, "finished after the pauses");
     assert_eq!(kafka.committed(&group), end);

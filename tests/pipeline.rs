@@ -13,7 +13,6 @@ use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
 use logbridge::record::Record;
 use logbridge::sink::{config_sink_factory, DeliveryFuture, Sink, SinkFactory};
 use rand::Rng;
-use tokio_util::sync::CancellationToken;
 
 /// Wraps the configured sink with a random work time per record.
 struct Delayed {
@@ -79,27 +78,13 @@ async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
     let config = kafka.config(
         &group,
         "router_capacity = 256\nworker_capacity = 64",
-        &format!(
-            "{}{}",
-            file_route("errors", "[\"error\", \"fatal\"]", 4, dir.path()),
-            file_route("warnings", "[\"warn\"]", 2, dir.path())
-        ),
+        &two_file_routes(dir.path(), ("[\"error\", \"fatal\"]", 4), ("[\"warn\"]", 2)),
     );
     let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let pipeline = tokio::spawn(logbridge::run(
-        config,
-        options(&metrics, delayed_factory(0..=300)),
-        shutdown.clone(),
-    ));
+    let pipeline = Running::start(config, options(&metrics, delayed_factory(0..=300)));
     let total: i64 = end.iter().sum();
-    let done = wait_for(Duration::from_secs(120), || {
-        let metrics = metrics.clone();
-        async move { committed_total(&metrics) == total }
-    })
-    .await;
-    shutdown.cancel();
-    pipeline.await.expect("joined").expect("pipeline ran");
+    let done = wait_committed(&metrics, total, Duration::from_secs(120)).await;
+    pipeline.stop().await;
     assert!(
         done,
         "commits did not reach the end: {}",
@@ -177,22 +162,16 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
     let config = kafka.config(
         &group,
         "router_capacity = 512\nworker_capacity = 64",
-        &format!(
-            "{}{}",
-            file_route("errors", "[\"error\"]", 3, dir.path()),
-            file_route("warnings", "[\"warning\"]", 2, dir.path())
-        ),
+        &two_file_routes(dir.path(), ("[\"error\"]", 3), ("[\"warning\"]", 2)),
     );
     let bound = in_flight_bound(&config);
 
     // First run: slow enough that shutdown lands mid-stream.
     let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let first = tokio::spawn(logbridge::run(
+    let first = Running::start(
         config.clone(),
         options(&metrics, delayed_factory(100..=400)),
-        shutdown.clone(),
-    ));
+    );
     let processed = |metrics: &Metrics| {
         metrics
             .finished
@@ -210,8 +189,7 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
     .await;
     assert!(started, "first run made no progress");
     let stop_asked = Instant::now();
-    shutdown.cancel();
-    first.await.expect("joined").expect("first run");
+    first.stop().await;
     let stop_took = stop_asked.elapsed();
     let committed_after_first = kafka.committed(&group);
     let first_total: i64 = committed_after_first.iter().map(|o| o.max(&0)).sum();
@@ -226,19 +204,13 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
 
     // Second run with the same group finishes the topic.
     let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let second = tokio::spawn(logbridge::run(
-        config,
-        options(&metrics, config_sink_factory()),
-        shutdown.clone(),
-    ));
+    let second = Running::start(config, options(&metrics, config_sink_factory()));
     let (kafka_ref, end_ref, group_ref) = (&kafka, &end, &group);
     let done = wait_for(Duration::from_secs(120), || async move {
         kafka_ref.committed(group_ref) == *end_ref
     })
     .await;
-    shutdown.cancel();
-    second.await.expect("joined").expect("second run");
+    second.stop().await;
     assert!(
         done,
         "second run did not commit to the end: {:?} vs {end:?}",
@@ -320,27 +292,13 @@ async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
     let config = kafka.config(
         &group,
         "",
-        &format!(
-            "{}{}",
-            file_route("errors", "[\"error\"]", 2, dir.path()),
-            file_route("warnings", "[\"warning\"]", 2, dir.path())
-        ),
+        &two_file_routes(dir.path(), ("[\"error\"]", 2), ("[\"warning\"]", 2)),
     );
     let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let pipeline = tokio::spawn(logbridge::run(
-        config,
-        options(&metrics, config_sink_factory()),
-        shutdown.clone(),
-    ));
+    let pipeline = Running::start(config, options(&metrics, config_sink_factory()));
     let total: i64 = end.iter().sum();
-    let done = wait_for(Duration::from_secs(60), || {
-        let metrics = metrics.clone();
-        async move { committed_total(&metrics) == total }
-    })
-    .await;
-    shutdown.cancel();
-    pipeline.await.expect("joined").expect("pipeline ran");
+    let done = wait_committed(&metrics, total, Duration::from_secs(60)).await;
+    pipeline.stop().await;
     assert!(done, "commits did not reach the end");
     assert_eq!(kafka.committed(&group), end);
 

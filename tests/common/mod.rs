@@ -259,3 +259,48 @@ pub async fn http_request(address: std::net::SocketAddr, request: &str) -> (u16,
         .unwrap_or_default();
     (status, body)
 }
+
+/// A pipeline running in this process.
+pub struct Running {
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub fn start(config: Config, options: logbridge::RunOptions) -> Running {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(logbridge::run(config, options, shutdown.clone()));
+        Running { shutdown, task }
+    }
+
+    /// The equivalent of SIGTERM: stop, drain, final commit. Panics if the pipeline failed.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("pipeline task joined")
+            .expect("pipeline ran without error");
+    }
+}
+
+/// Waits until the committed offset gauges of `metrics` add up to `total`.
+pub async fn wait_committed(
+    metrics: &std::sync::Arc<logbridge::metrics::Metrics>,
+    total: i64,
+    deadline: Duration,
+) -> bool {
+    wait_for(deadline, || {
+        let metrics = metrics.clone();
+        async move { committed_total(&metrics) == total }
+    })
+    .await
+}
+
+/// Routes `errors` (levels `errors`) and `warnings` (levels `warnings`) writing files in `dir`.
+pub fn two_file_routes(dir: &Path, errors: (&str, usize), warnings: (&str, usize)) -> String {
+    format!(
+        "{}{}",
+        file_route("errors", errors.0, errors.1, dir),
+        file_route("warnings", warnings.0, warnings.1, dir)
+    )
+}
