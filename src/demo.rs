@@ -7,17 +7,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use rdkafka::config::ClientConfig;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, RunOptions};
+use crate::produce::{produce_blocking, ProduceOptions};
 
 /// The demo's configuration, shipped as `config/demo.toml`.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
@@ -48,67 +45,6 @@ impl Default for DemoOptions {
     }
 }
 
-const LEVELS: &[(&str, u32)] = &[
-    ("error", 15),
-    ("fatal", 1),
-    ("warning", 20),
-    ("warn", 5),
-    ("info", 45),
-    ("debug", 14),
-];
-const SERVICES: &[&str] = &["checkout", "payments", "search", "db", "auth", "frontend"];
-const MESSAGES: &[&str] = &[
-    "upstream timeout",
-    "disk 91% full",
-    "connection reset by peer",
-    "request served",
-    "cache miss",
-    "retrying after backoff",
-];
-const MALFORMED: &[&[u8]] = &[
-    b"{\"level\":\"error\",\"message\":",
-    b"not json at all",
-    b"[1,2,3]",
-    b"{\"message\":\"no level\"}",
-    b"{\"level\":\"error\",\"message\":\"x\",\"code\":-1}",
-    b"\xff\xfe\x00garbage",
-    b"",
-];
-
-/// One sample event: `(key, payload)`. `bad_ratio` of them are malformed.
-pub fn sample_event(rng: &mut impl Rng, id: u64, keys: u64, bad_ratio: f64) -> (String, Vec<u8>) {
-    let key = format!("key-{}", rng.random_range(0..keys.max(1)));
-    if rng.random_bool(bad_ratio.clamp(0.0, 1.0)) {
-        let bad = MALFORMED[rng.random_range(0..MALFORMED.len())];
-        return (key, bad.to_vec());
-    }
-    let total: u32 = LEVELS.iter().map(|(_, weight)| weight).sum();
-    let mut pick = rng.random_range(0..total);
-    let mut level = LEVELS[0].0;
-    for (name, weight) in LEVELS {
-        if pick < *weight {
-            level = name;
-            break;
-        }
-        pick -= weight;
-    }
-    let service = SERVICES[rng.random_range(0..SERVICES.len())];
-    let message = MESSAGES[rng.random_range(0..MESSAGES.len())];
-    let event = if level == "error" || level == "fatal" {
-        let code = [500, 502, 503, 504][rng.random_range(0..4)];
-        serde_json::json!({
-            "id": id, "level": level, "code": code,
-            "message": message, "service": service, "ts": "2026-11-27T10:00:00Z",
-        })
-    } else {
-        serde_json::json!({
-            "id": id, "level": level, "message": message, "service": service,
-            "ts": "2026-11-27T10:00:00Z",
-        })
-    };
-    (key, event.to_string().into_bytes())
-}
-
 /// Runs the demo until `shutdown` is cancelled or the duration passes.
 pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cluster = MockCluster::new(1).context("failed to start the in-process Kafka")?;
@@ -129,10 +65,22 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     let producer = {
         let produced = produced.clone();
         let stop = stop_producer.clone();
-        let rate = options.rate;
+        let traffic = ProduceOptions {
+            brokers: brokers.clone(),
+            topic: "logs".to_string(),
+            count: None,
+            rate: u64::from(options.rate),
+            keys: 1_000,
+            bad_ratio: 0.03,
+            ..ProduceOptions::default()
+        };
         std::thread::Builder::new()
             .name("demo-producer".into())
-            .spawn(move || produce_steadily(&brokers, rate, &produced, &stop))
+            .spawn(move || {
+                produce_blocking(&traffic, &stop, |done, _| {
+                    produced.store(done, Ordering::Relaxed)
+                })
+            })
             .context("failed to start the demo producer")?
     };
 
@@ -171,7 +119,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     stop_producer.store(true, Ordering::Relaxed);
     summary.abort();
     match producer.join() {
-        Ok(Ok(())) => {}
+        Ok(Ok(summary)) => produced.store(summary.delivered, Ordering::Relaxed),
         Ok(Err(err)) => warn!(error = %err, "demo producer failed"),
         Err(_) => warn!("demo producer panicked"),
     }
@@ -185,47 +133,6 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
     );
     drop(cluster);
     result
-}
-
-fn produce_steadily(
-    brokers: &str,
-    rate: u32,
-    produced: &AtomicU64,
-    stop: &AtomicBool,
-) -> anyhow::Result<()> {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("linger.ms", "5")
-        .create()
-        .context("failed to create the demo producer")?;
-    let mut rng = StdRng::from_os_rng();
-    let tick = Duration::from_millis(50);
-    let per_tick = (u64::from(rate) * tick.as_millis() as u64 / 1000).max(1);
-    let mut id = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        let tick_started = Instant::now();
-        for _ in 0..per_tick {
-            let (key, payload) = sample_event(&mut rng, id, 1000, 0.03);
-            let record = BaseRecord::to("logs").key(&key).payload(&payload);
-            match producer.send(record) {
-                Ok(()) => {
-                    id += 1;
-                    produced.fetch_add(1, Ordering::Relaxed);
-                }
-                // Queue full: let delivery reports drain and try in the next tick.
-                Err((err, _)) => {
-                    warn!(error = %err, "demo produce failed");
-                    break;
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-        if let Some(rest) = tick.checked_sub(tick_started.elapsed()) {
-            std::thread::sleep(rest);
-        }
-    }
-    let _ = producer.flush(Duration::from_secs(5));
-    Ok(())
 }
 
 fn summary_line(elapsed: Duration, produced: u64, metrics: &Metrics) -> String {

@@ -14,7 +14,8 @@
 //! - [`committer`]: tracks dispatched and finished offsets ([`offsets`]) and decides what may
 //!   be committed: the contiguous finished prefix of each partition.
 //! - [`pipeline`] wires them; [`config`], [`metrics`], [`http`] and [`health`] serve them all.
-//! - [`demo`] runs everything against an in-process Kafka with sample traffic.
+//! - [`demo`] runs everything against an in-process Kafka with sample traffic;
+//!   [`produce`] generates load for a real one.
 
 pub mod committer;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod http;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
+pub mod produce;
 pub mod record;
 pub mod router;
 pub mod sink;

@@ -1,0 +1,358 @@
+//! `logbridge produce`: a load generator for users and tests. Realistic events (levels,
+//! services, error codes, keys from a configurable key space), each with a unique `id`, a
+//! fraction of them malformed on request, produced at a fixed rate or as fast as possible.
+//! A progress bar on a terminal, one plain summary line otherwise.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
+use tracing::info;
+
+/// What to produce.
+#[derive(Debug, Clone)]
+pub struct ProduceOptions {
+    /// Bootstrap brokers.
+    pub brokers: String,
+    /// Target topic.
+    pub topic: String,
+    /// Events to produce; `None` runs until `stop` is set.
+    pub count: Option<u64>,
+    /// Events per second; 0 means as fast as possible.
+    pub rate: u64,
+    /// Create the topic with this many partitions if it does not exist.
+    pub partitions: Option<i32>,
+    /// Size of the key space (`key-0` .. `key-{keys-1}`).
+    pub keys: u64,
+    /// Fraction of malformed records, 0.0 to 1.0.
+    pub bad_ratio: f64,
+    /// First event id (ids are consecutive).
+    pub first_id: u64,
+    /// Seed for repeatable traffic; random if `None`.
+    pub seed: Option<u64>,
+    /// Extra librdkafka producer properties.
+    pub options: Vec<(String, String)>,
+}
+
+impl Default for ProduceOptions {
+    fn default() -> Self {
+        ProduceOptions {
+            brokers: "localhost:9092".to_string(),
+            topic: "logs".to_string(),
+            count: Some(100_000),
+            rate: 0,
+            partitions: None,
+            keys: 10_000,
+            bad_ratio: 0.0,
+            first_id: 0,
+            seed: None,
+            options: Vec::new(),
+        }
+    }
+}
+
+/// What was produced.
+#[derive(Debug, Clone, Default)]
+pub struct ProduceSummary {
+    /// Records the broker acknowledged.
+    pub delivered: u64,
+    /// Of those, malformed on purpose.
+    pub malformed: u64,
+    /// Records the broker did not acknowledge.
+    pub errors: u64,
+    /// Payload bytes acknowledged.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for ProduceSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = self.elapsed.as_secs_f64().max(1e-9);
+        write!(
+            f,
+            "produced {} events ({} malformed) in {:.1} s: {:.0} events/s, {} bytes, {} errors",
+            self.delivered,
+            self.malformed,
+            seconds,
+            self.delivered as f64 / seconds,
+            self.bytes,
+            self.errors
+        )
+    }
+}
+
+const LEVELS: &[(&str, u32)] = &[
+    ("error", 15),
+    ("fatal", 1),
+    ("warning", 20),
+    ("warn", 5),
+    ("info", 45),
+    ("debug", 14),
+];
+const SERVICES: &[&str] = &["checkout", "payments", "search", "db", "auth", "frontend"];
+const MESSAGES: &[&str] = &[
+    "upstream timeout",
+    "disk 91% full",
+    "connection reset by peer",
+    "request served",
+    "cache miss",
+    "retrying after backoff",
+];
+/// Malformed payloads, one per decoding failure a real topic sees.
+const MALFORMED: &[&[u8]] = &[
+    b"{\"level\":\"error\",\"message\":",
+    b"not json at all",
+    b"[1,2,3]",
+    b"{\"message\":\"no level\"}",
+    b"{\"level\":\"error\",\"message\":\"x\",\"code\":-1}",
+    b"\xff\xfe\x00garbage",
+    b"",
+];
+
+/// One sample event: `(key, payload, malformed)`. About `bad_ratio` of them are malformed.
+pub fn sample_event(
+    rng: &mut impl Rng,
+    id: u64,
+    keys: u64,
+    bad_ratio: f64,
+) -> (String, Vec<u8>, bool) {
+    let key = format!("key-{}", rng.random_range(0..keys.max(1)));
+    if bad_ratio > 0.0 && rng.random_bool(bad_ratio.clamp(0.0, 1.0)) {
+        let bad = MALFORMED[rng.random_range(0..MALFORMED.len())];
+        return (key, bad.to_vec(), true);
+    }
+    let total: u32 = LEVELS.iter().map(|(_, weight)| weight).sum();
+    let mut pick = rng.random_range(0..total);
+    let mut level = LEVELS[0].0;
+    for (name, weight) in LEVELS {
+        if pick < *weight {
+            level = name;
+            break;
+        }
+        pick -= weight;
+    }
+    let service = SERVICES[rng.random_range(0..SERVICES.len())];
+    let message = MESSAGES[rng.random_range(0..MESSAGES.len())];
+    let event = if level == "error" || level == "fatal" {
+        let code = [500, 502, 503, 504][rng.random_range(0..4)];
+        serde_json::json!({
+            "id": id, "level": level, "code": code, "message": message,
+            "service": service, "ts": "2026-11-27T10:00:00Z",
+        })
+    } else {
+        serde_json::json!({
+            "id": id, "level": level, "message": message, "service": service,
+            "ts": "2026-11-27T10:00:00Z",
+        })
+    };
+    (key, event.to_string().into_bytes(), false)
+}
+
+/// Counts delivery reports (librdkafka calls it from `poll`).
+#[derive(Default)]
+struct Deliveries {
+    delivered: AtomicU64,
+    errors: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _opaque: ()) {
+        match result {
+            Ok(message) => {
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                let size = message.payload_len() as u64;
+                self.bytes.fetch_add(size, Ordering::Relaxed);
+            }
+            Err((err, _)) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "record not delivered");
+            }
+        }
+    }
+}
+
+/// Creates `topic` with `partitions` unless it exists.
+pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .context("failed to create the admin client")?;
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&new_topic], &options)
+        .await
+        .context("failed to create the topic")?;
+    for result in results {
+        match result {
+            Ok(name) => info!(topic = %name, partitions, "topic created"),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                info!(topic = %name, "topic exists")
+            }
+            Err((name, code)) => anyhow::bail!("cannot create topic {name}: {code}"),
+        }
+    }
+    Ok(())
+}
+
+/// Produces as `options` say until the count is reached or `stop` is set. Blocking: run it on
+/// its own thread. `progress` is called about ten times a second with (acknowledged, target).
+pub fn produce_blocking(
+    options: &ProduceOptions,
+    stop: &AtomicBool,
+    mut progress: impl FnMut(u64, Option<u64>),
+) -> anyhow::Result<ProduceSummary> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &options.brokers)
+        .set("linger.ms", "10")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "200000");
+    for (key, value) in &options.options {
+        config.set(key, value);
+    }
+    let producer: BaseProducer<Deliveries> = config
+        .create_with_context(Deliveries::default())
+        .context("failed to create the producer")?;
+    let mut rng = match options.seed {
+        Some(seed) => StdRng::seed_from_u64(seed),
+        None => StdRng::from_os_rng(),
+    };
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut malformed = 0u64;
+    let mut sent = 0u64;
+    let target = options.count;
+    while target.is_none_or(|count| sent < count) && !stop.load(Ordering::Relaxed) {
+        if options.rate > 0 {
+            // Stay on schedule: event n is due at n / rate seconds.
+            let due = Duration::from_secs_f64(sent as f64 / options.rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                producer.poll(wait.min(Duration::from_millis(50)));
+                continue;
+            }
+        }
+        let (key, payload, bad) = sample_event(
+            &mut rng,
+            options.first_id + sent,
+            options.keys,
+            options.bad_ratio,
+        );
+        let record = BaseRecord::to(&options.topic).key(&key).payload(&payload);
+        match producer.send(record) {
+            Ok(()) => {
+                sent += 1;
+                malformed += u64::from(bad);
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                // librdkafka's queue is full: serve delivery reports, then retry this event.
+                producer.poll(Duration::from_millis(10));
+            }
+            Err((err, _)) => return Err(anyhow::Error::new(err).context("produce failed")),
+        }
+        producer.poll(Duration::ZERO);
+        if last_progress.elapsed() >= Duration::from_millis(100) {
+            progress(producer.context().delivered.load(Ordering::Relaxed), target);
+            last_progress = Instant::now();
+        }
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .context("not every record was acknowledged within 60 s")?;
+    let context = producer.context();
+    let summary = ProduceSummary {
+        delivered: context.delivered.load(Ordering::Relaxed),
+        malformed,
+        errors: context.errors.load(Ordering::Relaxed),
+        bytes: context.bytes.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+    };
+    progress(summary.delivered, target);
+    Ok(summary)
+}
+
+/// The `produce` command: optional topic creation, then production with a progress bar on a
+/// terminal (stderr) or a plain summary line (stdout). Fails if any record was not delivered.
+pub async fn run(options: ProduceOptions, stop: Arc<AtomicBool>) -> anyhow::Result<ProduceSummary> {
+    if let Some(partitions) = options.partitions {
+        ensure_topic(&options.brokers, &options.topic, partitions).await?;
+    }
+    let interactive = std::io::stderr().is_terminal();
+    let summary = tokio::task::spawn_blocking(move || {
+        let bar = interactive.then(|| {
+            let bar = match options.count {
+                Some(count) => indicatif::ProgressBar::new(count),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        let result = produce_blocking(&options, &stop, |done, _| {
+            if let Some(bar) = &bar {
+                bar.set_position(done);
+            }
+        });
+        if let Some(bar) = bar {
+            bar.finish();
+        }
+        result
+    })
+    .await
+    .context("producer thread failed")??;
+    println!("{summary}");
+    if summary.errors > 0 {
+        anyhow::bail!("{} records were not delivered", summary.errors);
+    }
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::decode;
+
+    #[test]
+    fn sample_events_decode_unless_malformed_and_ids_are_unique() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut bad = 0;
+        for id in 0..5_000 {
+            let (key, payload, malformed) = sample_event(&mut rng, id, 100, 0.1);
+            assert!(key.starts_with("key-"));
+            let decoded = decode(Some(&payload), 1 << 20);
+            assert_eq!(
+                decoded.is_err(),
+                malformed,
+                "{}",
+                String::from_utf8_lossy(&payload)
+            );
+            if malformed {
+                bad += 1;
+            } else {
+                let value: serde_json::Value = serde_json::from_slice(&payload).expect("json");
+                assert_eq!(value["id"], id);
+            }
+        }
+        assert!((300..700).contains(&bad), "about 10% malformed, got {bad}");
+    }
+}
