@@ -17,9 +17,12 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use logbridge::Config;
 
-/// A mock Kafka cluster with one topic.
+pub mod process;
+
+/// A Kafka cluster with one topic: librdkafka's mock cluster in this process, or an external
+/// broker (a tansu process).
 pub struct Kafka {
-    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub cluster: Option<MockCluster<'static, DefaultProducerContext>>,
     pub brokers: String,
     pub topic: String,
     pub partitions: i32,
@@ -33,15 +36,54 @@ impl Kafka {
             .expect("topic created");
         let brokers = cluster.bootstrap_servers();
         Kafka {
-            cluster,
+            cluster: Some(cluster),
             brokers,
             topic: topic.to_string(),
             partitions,
         }
     }
 
-    /// Produces every `(key, payload)` and waits for all delivery reports.
-    pub async fn produce(&self, records: &[(Option<String>, Vec<u8>)]) {
+    /// A topic on an external broker, created if missing.
+    pub async fn external(brokers: &str, topic: &str, partitions: i32) -> Kafka {
+        logbridge::produce::ensure_topic(brokers, topic, partitions)
+            .await
+            .expect("topic created on the broker");
+        Kafka {
+            cluster: None,
+            brokers: brokers.to_string(),
+            topic: topic.to_string(),
+            partitions,
+        }
+    }
+
+    /// Produces `count` sample events (about `bad_ratio` malformed) with ids from 0, and says
+    /// which ids are valid and where each malformed record landed.
+    pub async fn produce_samples(&self, count: u64, bad_ratio: f64, seed: u64) -> Produced {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut records = Vec::with_capacity(count as usize);
+        let mut malformed_flags = Vec::with_capacity(count as usize);
+        for id in 0..count {
+            let (key, payload, bad) =
+                logbridge::produce::sample_event(&mut rng, id, 10_000, bad_ratio);
+            records.push((Some(key), payload));
+            malformed_flags.push(bad);
+        }
+        let placed = self.produce(&records).await;
+        let mut produced = Produced::default();
+        for (id, (bad, place)) in malformed_flags.iter().zip(placed).enumerate() {
+            if *bad {
+                produced.malformed.insert(place);
+            } else {
+                produced.valid_ids.insert(id as u64);
+            }
+        }
+        produced
+    }
+
+    /// Produces every `(key, payload)`, waits for all delivery reports, and returns where each
+    /// record landed as `(partition, offset)`.
+    pub async fn produce(&self, records: &[(Option<String>, Vec<u8>)]) -> Vec<(i32, i64)> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "5")
@@ -49,6 +91,7 @@ impl Kafka {
             .create()
             .expect("producer");
         let mut pending = Vec::with_capacity(1024);
+        let mut placed = Vec::with_capacity(records.len());
         for (key, payload) in records {
             let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(payload.as_slice());
             if let Some(key) = key {
@@ -62,14 +105,17 @@ impl Kafka {
             );
             if pending.len() >= 1024 {
                 for delivery in pending.drain(..) {
-                    delivery.await.expect("delivered").expect("acked");
+                    let delivery = delivery.await.expect("delivered").expect("acked");
+                    placed.push((delivery.partition, delivery.offset));
                 }
             }
         }
         for delivery in pending {
-            delivery.await.expect("delivered").expect("acked");
+            let delivery = delivery.await.expect("delivered").expect("acked");
+            placed.push((delivery.partition, delivery.offset));
         }
         producer.flush(Duration::from_secs(10)).expect("flushed");
+        placed
     }
 
     /// End offset (high watermark) of every partition, read by a separate client.
@@ -134,6 +180,13 @@ drain_timeout_ms = 3000
         );
         Config::from_toml_str(&text).unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
     }
+}
+
+/// What `produce_samples` produced.
+#[derive(Default)]
+pub struct Produced {
+    pub valid_ids: std::collections::HashSet<u64>,
+    pub malformed: std::collections::HashSet<(i32, i64)>,
 }
 
 /// Waits for `condition` with a deadline; returns whether it became true.

@@ -1,0 +1,291 @@
+//! Processes the broker-tier tests start: a tansu broker (a Kafka-compatible broker process) and
+//! the `logbridge` binary itself. Every process is killed when its handle is dropped, so a
+//! failing test leaves nothing running.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The tansu binary: `LOGBRIDGE_TANSU`, else where `scripts/test.sh` installs it.
+pub fn tansu_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("LOGBRIDGE_TANSU") {
+        return PathBuf::from(path);
+    }
+    let cache = std::env::var_os("LOGBRIDGE_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/logbridge"))
+        })
+        .unwrap_or_else(|| PathBuf::from("/tmp/logbridge-cache"));
+    cache.join("tansu-0.6.0/bin/tansu")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("free port")
+}
+
+fn wait_for_port(port: u16, deadline: Duration) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// A tansu broker on a free loopback port, storing in SQLite in its own directory (correct end
+/// offsets; data and committed offsets survive a restart).
+pub struct Tansu {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Tansu {
+    pub fn start() -> Tansu {
+        let dir = tempfile::tempdir().expect("tansu dir");
+        let mut tansu = Tansu {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        tansu.launch();
+        tansu
+    }
+
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) {
+        let binary = tansu_binary();
+        assert!(
+            binary.exists(),
+            "tansu not found at {}: run scripts/test.sh, which installs it",
+            binary.display()
+        );
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("tansu.log"))
+            .expect("tansu log");
+        let child = Command::new(binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://broker.db"])
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        self.child = Some(child);
+        assert!(
+            wait_for_port(self.port, Duration::from_secs(20)),
+            "tansu did not listen on {}",
+            self.port
+        );
+    }
+
+    /// Stops the broker (SIGTERM, then SIGKILL after 5 s).
+    pub fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            terminate(child, Duration::from_secs(5));
+        }
+    }
+
+    /// Starts it again on the same port with the same storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status.
+fn terminate(mut child: Child, grace: Duration) -> Option<ExitStatus> {
+    signal(child.id(), "TERM");
+    let started = Instant::now();
+    while started.elapsed() < grace {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// The `logbridge run` binary as a child process with its own config, logging JSON to a file.
+pub struct Logbridge {
+    child: Option<Child>,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+impl Logbridge {
+    /// Starts `logbridge run --config <config> --log-format json`; `config` must serve HTTP on
+    /// `http_port`.
+    pub fn start(config: &Path, http_port: u16, log: PathBuf) -> Logbridge {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("logbridge log");
+        let child = Command::new(env!("CARGO_BIN_EXE_logbridge"))
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(config)
+            .env("LOGBRIDGE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start logbridge");
+        Logbridge {
+            child: Some(child),
+            http_port,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// The value of one unlabelled sample (or the sum over labels) of a metric, if it answers.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let address: std::net::SocketAddr = ([127, 0, 0, 1], self.http_port).into();
+        tokio::net::TcpStream::connect(address).await.ok()?;
+        let (status, body) = super::http_get(address, "/metrics").await;
+        if status != 200 {
+            return None;
+        }
+        let values: Vec<f64> = body
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (!values.is_empty()).then(|| values.iter().sum())
+    }
+
+    /// SIGKILL: no drain, no commit, no goodbye to the group.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait (up to `deadline`); returns the exit status and how long it took.
+    pub fn terminate(&mut self, deadline: Duration) -> (Option<ExitStatus>, Duration) {
+        let started = Instant::now();
+        let status = self
+            .child
+            .take()
+            .and_then(|child| terminate(child, deadline));
+        (status, started.elapsed())
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Logbridge {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A config file for a logbridge child: all sample levels routed to files in `out`.
+pub fn write_child_config(
+    path: &Path,
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    out: &Path,
+    http_port: u16,
+    extra_options: &str,
+) {
+    let text = format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{topic}"]
+[kafka.options]
+"auto.offset.reset" = "earliest"
+"session.timeout.ms" = 6000
+"heartbeat.interval.ms" = 1000
+{extra_options}
+[pipeline]
+router_capacity = 1024
+worker_capacity = 256
+commit_interval_ms = 200
+drain_timeout_ms = 3000
+[http]
+listen = "127.0.0.1:{http_port}"
+[[routes]]
+name = "errors"
+levels = ["error", "fatal"]
+workers = 4
+sink = {{ type = "file", path = "{out}/errors.jsonl" }}
+[[routes]]
+name = "warnings"
+levels = ["warning"]
+workers = 2
+sink = {{ type = "file", path = "{out}/warnings.jsonl" }}
+[[routes]]
+name = "rest"
+levels = ["info", "debug"]
+workers = 2
+sink = {{ type = "file", path = "{out}/rest.jsonl" }}
+"#,
+        out = out.display()
+    );
+    std::fs::write(path, text).expect("write child config");
+}
+
+/// `(partition, offset)` of every record the child logged as undecodable.
+pub fn logged_decode_failures(log: &Path) -> std::collections::HashSet<(i32, i64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|entry| entry["message"] == "record could not be decoded")
+        .filter_map(|entry| {
+            Some((
+                entry["partition"].as_i64()? as i32,
+                entry["offset"].as_i64()?,
+            ))
+        })
+        .collect()
+}
