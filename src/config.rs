@@ -351,8 +351,11 @@ fn toml_string(config: &Config) -> String {
 }
 
 fn env() -> Env {
-    // LOGBRIDGE_LOG is the log filter, not a config key.
-    Env::prefixed("LOGBRIDGE_").ignore(&["log"]).split("__")
+    // Every key lives in a section, so an override always has a `__`; other LOGBRIDGE_
+    // variables (the log filter LOGBRIDGE_LOG, test settings) are not configuration.
+    Env::prefixed("LOGBRIDGE_")
+        .filter(|key| key.as_str().contains("__"))
+        .split("__")
 }
 
 fn check_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>
@@ -369,6 +372,8 @@ where
 }
 
 #[cfg(test)]
+// figment's Jail closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -383,18 +388,34 @@ mod tests {
         sink = { type = "null" }
     "#;
 
+    /// Loads with no LOGBRIDGE_ variables in the environment, under figment's jail lock so that
+    /// the test that sets some cannot leak them into this one.
+    fn load(text: &str) -> Result<Config, String> {
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            result = Some(Config::from_toml_str(text).map_err(|err| err.to_string()));
+            Ok(())
+        });
+        result.unwrap_or_else(|| Err("jail did not run".to_string()))
+    }
+
     fn error_of(text: &str) -> String {
-        match Config::from_toml_str(text) {
+        match load(text) {
             Ok(_) => panic!("config unexpectedly valid:\n{text}"),
-            Err(err) => err.to_string(),
+            Err(err) => err,
         }
     }
 
     #[test]
     fn shipped_configs_load_and_validate() {
-        for path in ["config/logbridge.toml", "config/demo.toml"] {
+        for path in [
+            "config/logbridge.toml",
+            "config/demo.toml",
+            "config/docker.toml",
+        ] {
             let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-            let config = Config::from_toml_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let config = load(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
             // Round trip: what we would print can be read back to the same thing.
             let again: Config = Figment::new()
                 .merge(figment::providers::Serialized::defaults(&config))
@@ -406,7 +427,7 @@ mod tests {
 
     #[test]
     fn defaults_fill_the_pipeline_and_http_sections() {
-        let config = Config::from_toml_str(MINIMAL).expect("minimal config is valid");
+        let config = load(MINIMAL).expect("minimal config is valid");
         assert_eq!(config.pipeline.router_capacity, 1024);
         assert_eq!(config.pipeline.worker_capacity, 256);
         assert_eq!(config.http.listen, "127.0.0.1:9898");
@@ -469,6 +490,27 @@ mod tests {
     }
 
     #[test]
+    fn environment_overrides_nested_keys_and_ignores_other_variables() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("LOGBRIDGE_KAFKA__BROKERS", "kafka-1:9092,kafka-2:9092");
+            jail.set_env("LOGBRIDGE_PIPELINE__ROUTER_CAPACITY", "4096");
+            jail.set_env("LOGBRIDGE_LOG", "debug");
+            jail.set_env("LOGBRIDGE_SOMETHING_ELSE", "x");
+            let config = Config::from_toml_str(MINIMAL).map_err(|e| e.to_string())?;
+            assert_eq!(config.kafka.brokers, "kafka-1:9092,kafka-2:9092");
+            assert_eq!(config.pipeline.router_capacity, 4096);
+            jail.set_env("LOGBRIDGE_PIPELINE__WORKER_CAPACITY", "lots");
+            let err = Config::from_toml_str(MINIMAL).expect_err("not a number");
+            assert!(
+                err.to_string().to_lowercase().contains("worker_capacity"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_sink_type_is_rejected() {
         let err = error_of(&MINIMAL.replace("type = \"null\"", "type = \"carrier-pigeon\""));
         assert!(
@@ -483,7 +525,7 @@ mod tests {
             "topics = [\"logs\"]",
             "topics = [\"logs\"]\n[kafka.options]\n\"auto.offset.reset\" = \"earliest\"\n\"session.timeout.ms\" = 6000\n\"check.crcs\" = true",
         );
-        let config = Config::from_toml_str(&text).expect("valid");
+        let config = load(&text).expect("valid");
         let options: Vec<String> = config
             .kafka
             .options
