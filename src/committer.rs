@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::breaker::{Breaker, BreakerState};
+use crate::config::BreakerConfig;
 use crate::metrics::Metrics;
 use crate::offsets::PartitionOffsets;
 use crate::record::{PartitionKey, ProcessAck};
@@ -136,6 +138,48 @@ impl CommitterControl {
     }
 }
 
+/// Reads the dead-letter breaker's state and asks for a reset (`POST /resume`).
+#[derive(Clone)]
+pub struct BreakerHandle {
+    state: watch::Receiver<BreakerState>,
+    reset: mpsc::Sender<()>,
+}
+
+impl BreakerHandle {
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every change (for the consumer thread).
+    pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.state.clone()
+    }
+
+    /// Asks the committer to close the breaker; `false` if logbridge is shutting down.
+    pub fn reset(&self) -> bool {
+        match self.reset.try_send(()) {
+            // A reset already queued does the same.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(())) => true,
+            Err(mpsc::error::TrySendError::Closed(())) => false,
+        }
+    }
+}
+
+/// The committer's handles.
+pub struct Spawned {
+    /// For the router, workers and dead-letter actor.
+    pub acks: AckSender,
+    /// For the consumer thread.
+    pub control: CommitterControl,
+    /// Commit plans for the consumer thread.
+    pub plans: watch::Receiver<CommitPlan>,
+    /// The dead-letter breaker.
+    pub breaker: BreakerHandle,
+    /// The committer task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
 /// Settings of the committer.
 pub struct CommitterSettings {
     /// Capacity of the data channel.
@@ -144,26 +188,26 @@ pub struct CommitterSettings {
     pub interval: Duration,
     /// Longest wait for revoked partitions' in-flight records.
     pub drain_timeout: Duration,
+    /// The dead-letter breaker's limits.
+    pub breaker: BreakerConfig,
 }
 
 /// Starts the committer task. Returns the senders for acks and control, the receiver of commit
 /// plans, and the task itself.
-pub fn spawn(
-    settings: CommitterSettings,
-    metrics: Arc<Metrics>,
-) -> (
-    AckSender,
-    CommitterControl,
-    watch::Receiver<CommitPlan>,
-    tokio::task::JoinHandle<()>,
-) {
+pub fn spawn(settings: CommitterSettings, metrics: Arc<Metrics>) -> Spawned {
     // Full: the router and workers wait (see AckSender::send).
     let (data_tx, data_rx) = mpsc::channel(settings.capacity);
     // At most one revoke or finish is outstanding (the consumer thread waits for each), so a
     // small channel is never full in practice; `finish` uses try_send regardless.
     let (control_tx, control_rx) = mpsc::channel(4);
     let (plan_tx, plan_rx) = watch::channel(CommitPlan::default());
+    let (breaker_tx, breaker_rx) = watch::channel(BreakerState::Closed);
+    // One pending reset is as good as many.
+    let (reset_tx, reset_rx) = mpsc::channel(1);
     let actor = CommitterActor {
+        breaker: Breaker::new(settings.breaker),
+        breaker_state: breaker_tx,
+        resets: reset_rx,
         data: data_rx,
         control: control_rx,
         plans: plan_tx,
@@ -176,12 +220,16 @@ pub fn spawn(
         metrics,
     };
     let task = tokio::spawn(actor.run());
-    (
-        AckSender { sender: data_tx },
-        CommitterControl { sender: control_tx },
-        plan_rx,
+    Spawned {
+        acks: AckSender { sender: data_tx },
+        control: CommitterControl { sender: control_tx },
+        plans: plan_rx,
+        breaker: BreakerHandle {
+            state: breaker_rx,
+            reset: reset_tx,
+        },
         task,
-    )
+    }
 }
 
 struct Tracked {
@@ -202,6 +250,9 @@ struct PendingFinish {
 }
 
 struct CommitterActor {
+    breaker: Breaker,
+    breaker_state: watch::Sender<BreakerState>,
+    resets: mpsc::Receiver<()>,
     data: mpsc::Receiver<CommitterMsg>,
     control: mpsc::Receiver<Control>,
     plans: watch::Sender<CommitPlan>,
@@ -221,6 +272,7 @@ impl CommitterActor {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut input_open = true;
+        let mut resets_open = true;
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -244,6 +296,10 @@ impl CommitterActor {
                         debug!("all acks received");
                         input_open = false;
                     }
+                },
+                reset = self.resets.recv(), if resets_open => match reset {
+                    Some(()) => self.reset_breaker(),
+                    None => resets_open = false,
                 },
                 _ = tick.tick() => self.publish_if_advanced(),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
@@ -311,6 +367,16 @@ impl CommitterActor {
 
     fn finished(&mut self, ack: ProcessAck) {
         self.metrics.in_flight.dec();
+        let (route, reason) = match &ack.cause {
+            Some(cause) => (&*cause.route, cause.reason),
+            None => ("none", ""),
+        };
+        if let Some(trip) = self.breaker.record(ack.status.is_failure(), route, reason) {
+            error!(route = %trip.route, reason = %trip.reason, limit = %trip.limit, "{trip}; all partitions paused until restart or POST /resume");
+            self.metrics.breaker_tripped.set(1);
+            // Receivers (consumer, HTTP) gone means shutdown: nothing to stop.
+            let _ = self.breaker_state.send(BreakerState::Tripped(trip));
+        }
         let current = self
             .partitions
             .get_mut(&ack.source)
@@ -325,6 +391,15 @@ impl CommitterActor {
         if let Err(err) = tracked.offsets.finished(ack.offset) {
             warn!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, error = %err, "ack not tracked");
         }
+    }
+
+    fn reset_breaker(&mut self) {
+        if self.breaker.is_tripped() {
+            info!("dead-letter breaker reset by operator; resuming consumption");
+        }
+        self.breaker.reset();
+        self.metrics.breaker_tripped.set(0);
+        let _ = self.breaker_state.send(BreakerState::Closed);
     }
 
     fn handle_control(&mut self, control: Control) {
@@ -482,6 +557,7 @@ mod tests {
             offset,
             generation,
             status: crate::record::AckStatus::Processed,
+            cause: None,
         })
     }
 
@@ -510,12 +586,19 @@ mod tests {
             capacity: 64,
             interval: Duration::from_millis(100),
             drain_timeout: Duration::from_millis(500),
+            breaker: BreakerConfig::default(),
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn publishes_only_the_finished_prefix_and_only_when_it_advanced() {
-        let (acks, _control, mut plans, _task) = spawn(settings(), Arc::new(Metrics::new()));
+        // The control handle stays alive: the committer ends when the consumer's are all gone.
+        let Spawned {
+            acks,
+            mut plans,
+            control: _control,
+            ..
+        } = spawn(settings(), Arc::new(Metrics::new()));
         for offset in [10, 11, 13] {
             acks.send(dispatched(0, offset, 1))
                 .await
@@ -546,7 +629,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acks_of_a_revoked_generation_are_never_committed() {
         let metrics = Arc::new(Metrics::new());
-        let (acks, control, plans, _task) = spawn(settings(), metrics.clone());
+        let Spawned {
+            acks,
+            control,
+            plans,
+            ..
+        } = spawn(settings(), metrics.clone());
         acks.send(dispatched(0, 5, 1)).await.expect("alive");
         acks.send(dispatched(0, 6, 1)).await.expect("alive");
         acks.send(ack(0, 5, 1)).await.expect("alive");
@@ -584,7 +672,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn revoke_waits_for_in_flight_records_then_answers() {
-        let (acks, control, _plans, _task) = spawn(settings(), Arc::new(Metrics::new()));
+        let Spawned { acks, control, .. } = spawn(settings(), Arc::new(Metrics::new()));
         acks.send(dispatched(1, 0, 3)).await.expect("alive");
         let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)]));
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -595,7 +683,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn finish_answers_when_input_ends() {
-        let (acks, control, _plans, task) = spawn(settings(), Arc::new(Metrics::new()));
+        let Spawned {
+            acks,
+            control,
+            task,
+            ..
+        } = spawn(settings(), Arc::new(Metrics::new()));
         acks.send(dispatched(2, 40, 1)).await.expect("alive");
         let response = control
             .finish(Instant::now() + Duration::from_secs(60))

@@ -65,6 +65,55 @@ pub struct Config {
     /// Where events go, matched by level in the order given. Events no route matches are
     /// acked `ignored` and counted.
     pub routes: Vec<RouteConfig>,
+    /// Where undecodable and undeliverable records are parked. Without it they are logged,
+    /// counted and skipped.
+    #[serde(default)]
+    pub dead_letter: Option<DeadLetterConfig>,
+    /// Stops taking records when too many fail (a bad deployment upstream).
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+}
+
+/// The dead-letter topic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Topic for dead letters.
+    pub topic: String,
+    /// Brokers of the dead-letter topic; the source cluster if absent.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// librdkafka producer properties for the dead-letter producer.
+    #[serde(default)]
+    pub options: BTreeMap<String, OptionValue>,
+}
+
+/// The dead-letter breaker: trips when more than `max_invalid_ratio` of the last `window`
+/// finished records, or more than `max_consecutive` in a row, failed (dead-lettered, or skipped
+/// without a dead-letter topic). Tripped, logbridge pauses every partition until restarted or
+/// `POST /resume`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Whether the breaker is armed.
+    pub enabled: bool,
+    /// Largest tolerated fraction of failed records in the window (0 < ratio <= 1).
+    pub max_invalid_ratio: f64,
+    /// Records the ratio is measured over.
+    pub window: usize,
+    /// Longest tolerated run of failed records.
+    pub max_consecutive: usize,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 0.5,
+            window: 1000,
+            max_consecutive: 200,
+        }
+    }
 }
 
 /// The source cluster.
@@ -163,6 +212,27 @@ pub struct RouteConfig {
     pub workers: usize,
     /// Destination of the route's records.
     pub sink: SinkConfig,
+    /// Retries of a failed delivery before the record is dead-lettered.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First retry delay; doubles with each attempt (with jitter).
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Largest retry delay.
+    #[serde(default = "default_retry_backoff_max_ms")]
+    pub retry_backoff_max_ms: u64,
+}
+
+fn default_max_retries() -> u32 {
+    5
+}
+
+fn default_retry_backoff_ms() -> u64 {
+    100
+}
+
+fn default_retry_backoff_max_ms() -> u64 {
+    10_000
 }
 
 fn default_workers() -> usize {
@@ -182,6 +252,18 @@ pub enum SinkConfig {
     Stdout,
     /// Discard (for benchmarks).
     Null,
+    /// Produce to a Kafka topic: original payload, key and headers, plus
+    /// `logbridge.source.topic`, `.partition`, `.offset` and `logbridge.route` headers.
+    Kafka {
+        /// Destination topic.
+        topic: String,
+        /// Destination brokers; the source cluster if absent.
+        #[serde(default)]
+        brokers: Option<String>,
+        /// librdkafka producer properties.
+        #[serde(default)]
+        options: BTreeMap<String, OptionValue>,
+    },
 }
 
 impl Config {
@@ -329,11 +411,71 @@ impl Config {
                     ));
                 }
             }
-            if let SinkConfig::File { path } = &route.sink {
-                if path.as_os_str().is_empty() {
+            match &route.sink {
+                SinkConfig::File { path } if path.as_os_str().is_empty() => {
                     return Err(invalid(key("sink.path"), "empty path"));
                 }
+                SinkConfig::Kafka { topic, brokers, .. } => {
+                    self.check_output_topic(&key("sink.topic"), topic, brokers.as_deref())?;
+                }
+                _ => {}
             }
+            check_range(
+                &key("retry_backoff_ms"),
+                route.retry_backoff_ms,
+                1,
+                3_600_000,
+            )?;
+            check_range(
+                &key("retry_backoff_max_ms"),
+                route.retry_backoff_max_ms,
+                route.retry_backoff_ms,
+                3_600_000,
+            )?;
+        }
+        if let Some(dead_letter) = &self.dead_letter {
+            self.check_output_topic(
+                "dead_letter.topic",
+                &dead_letter.topic,
+                dead_letter.brokers.as_deref(),
+            )?;
+        }
+        let breaker = &self.breaker;
+        if !(breaker.max_invalid_ratio > 0.0 && breaker.max_invalid_ratio <= 1.0) {
+            return Err(invalid(
+                "breaker.max_invalid_ratio",
+                format!(
+                    "{} is out of range: use more than 0 up to 1",
+                    breaker.max_invalid_ratio
+                ),
+            ));
+        }
+        check_range("breaker.window", breaker.window, 1, 1_000_000)?;
+        check_range(
+            "breaker.max_consecutive",
+            breaker.max_consecutive,
+            1,
+            1_000_000,
+        )?;
+        Ok(())
+    }
+
+    /// An output topic must exist by name and must not feed logbridge its own output.
+    fn check_output_topic(
+        &self,
+        key: &str,
+        topic: &str,
+        brokers: Option<&str>,
+    ) -> Result<(), ConfigError> {
+        if topic.trim().is_empty() {
+            return Err(invalid(key, "empty topic name"));
+        }
+        let same_cluster = brokers.is_none_or(|b| b == self.kafka.brokers);
+        if same_cluster && self.kafka.topics.iter().any(|source| source == topic) {
+            return Err(invalid(
+                key,
+                format!("`{topic}` is also a source topic: logbridge would consume its own output"),
+            ));
         }
         Ok(())
     }
@@ -414,7 +556,9 @@ mod tests {
             "config/demo.toml",
             "config/docker.toml",
         ] {
-            let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // Absolute: figment's jail (used by the other tests) changes the working directory.
+            let full = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+            let text = std::fs::read_to_string(full).unwrap_or_else(|e| panic!("{path}: {e}"));
             let config = load(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
             // Round trip: what we would print can be read back to the same thing.
             let again: Config = Figment::new()
@@ -508,6 +652,47 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn kafka_sink_dead_letter_and_breaker_are_validated() {
+        let with_kafka_sink = MINIMAL.replace(
+            "sink = { type = \"null\" }",
+            "sink = { type = \"kafka\", topic = \"logs.errors\" }\nmax_retries = 3",
+        );
+        let config = load(&format!(
+            "{with_kafka_sink}\n[dead_letter]\ntopic = \"logs.dlq\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(config.routes[0].max_retries, 3);
+        assert_eq!(config.routes[0].retry_backoff_ms, 100);
+        assert!(config.breaker.enabled);
+        let cases = [
+            (
+                MINIMAL.replace(
+                    "sink = { type = \"null\" }",
+                    "sink = { type = \"kafka\", topic = \"logs\" }",
+                ),
+                "routes[0].sink.topic",
+            ),
+            (format!("{MINIMAL}\n[dead_letter]\ntopic = \"logs\"\n"), "dead_letter.topic"),
+            (format!("{MINIMAL}\n[breaker]\nmax_invalid_ratio = 0\n"), "breaker.max_invalid_ratio"),
+            (format!("{MINIMAL}\n[breaker]\nwindow = 0\n"), "breaker.window"),
+            (
+                MINIMAL.replace("sink = { type = \"null\" }", "sink = { type = \"null\" }\nretry_backoff_ms = 500\nretry_backoff_max_ms = 100"),
+                "routes[0].retry_backoff_max_ms",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(key), "expected `{key}` in: {err}");
+        }
+        // A source-named sink topic is fine on another cluster.
+        let other_cluster = MINIMAL.replace(
+            "sink = { type = \"null\" }",
+            "sink = { type = \"kafka\", topic = \"logs\", brokers = \"other:9092\" }",
+        );
+        assert!(load(&other_cluster).is_ok());
     }
 
     #[test]

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::breaker::BreakerState;
 use crate::committer::{CommitEntry, CommitPlan, CommitterControl};
 use crate::config::Config;
 use crate::event::decode;
@@ -146,6 +147,9 @@ pub struct Callbacks {
     generations: AtomicU64,
     /// Set once the final commit is done: a revoke during close has nothing left to commit.
     closing: AtomicBool,
+    /// Set while the dead-letter breaker is tripped: every partition stays paused, including
+    /// ones assigned meanwhile.
+    halted: AtomicBool,
 }
 
 impl Callbacks {
@@ -156,27 +160,44 @@ impl Callbacks {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn on_assign(&self, tpl: &TopicPartitionList) {
+    fn on_assign(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        let halted = self.halted.load(Ordering::Acquire);
         let mut assignment = self.lock();
         for element in tpl.elements() {
             let key = assignment.key(element.topic(), element.partition());
             let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
             info!(topic = %key.topic, partition = key.partition, generation, "partition assigned");
-            // A new assignment starts flowing: librdkafka does not keep pause state across
-            // assignments (librdkafka #1802), and we pause again on the first full send.
+            // librdkafka does not keep pause state across assignments (librdkafka #1802): a new
+            // assignment flows unless the breaker holds everything; a full router pauses it
+            // again on the first send that does not fit.
+            let flow = if halted {
+                Flow::Paused {
+                    held: VecDeque::new(),
+                }
+            } else {
+                Flow::Flowing
+            };
             assignment.partitions.insert(
                 key,
                 PartitionState {
                     generation,
-                    flow: Flow::Flowing,
+                    flow,
                     last_polled: None,
                 },
             );
         }
+        if halted && tpl.count() > 0 {
+            if let Err(err) = consumer.pause(tpl) {
+                warn!(error = %err, "cannot pause newly assigned partitions while the breaker is tripped");
+            }
+        }
         self.metrics
             .assigned_partitions
             .set(assignment.partitions.len() as i64);
+        self.metrics
+            .paused_partitions
+            .set(assignment.paused_count());
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
@@ -238,9 +259,9 @@ impl ConsumerContext for Callbacks {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            self.on_assign(tpl);
+            self.on_assign(consumer, tpl);
         }
     }
 }
@@ -317,10 +338,23 @@ enum Phase {
     },
 }
 
+/// What the consumer talks to.
+pub struct ConsumerLinks {
+    /// Where records go.
+    pub router: RouterSender,
+    /// Revoke and shutdown requests to the committer.
+    pub committer: CommitterControl,
+    /// Commit plans from the committer.
+    pub plans: watch::Receiver<CommitPlan>,
+    /// The dead-letter breaker's state.
+    pub breaker: watch::Receiver<BreakerState>,
+}
+
 /// The consumer actor. Built on the async side (so config errors surface before anything
 /// starts), then moved to its own thread with [`ConsumerActor::run`].
 pub struct ConsumerActor {
     consumer: BaseConsumer<Callbacks>,
+    breaker: watch::Receiver<BreakerState>,
     router: Option<RouterSender>,
     plans: watch::Receiver<CommitPlan>,
     shutdown: CancellationToken,
@@ -334,19 +368,24 @@ impl ConsumerActor {
     /// Creates the Kafka client and subscribes to the configured topics.
     pub fn new(
         config: &Config,
-        router: RouterSender,
-        committer: CommitterControl,
-        plans: watch::Receiver<CommitPlan>,
+        links: ConsumerLinks,
         metrics: Arc<Metrics>,
         liveness: Liveness,
         shutdown: CancellationToken,
     ) -> anyhow::Result<ConsumerActor> {
+        let ConsumerLinks {
+            router,
+            committer,
+            plans,
+            breaker,
+        } = links;
         let callbacks = Callbacks {
             assignment: Mutex::new(Assignment::default()),
             committer,
             metrics: metrics.clone(),
             generations: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            halted: AtomicBool::new(false),
         };
         let consumer: BaseConsumer<Callbacks> = client_config(config)
             .create_with_context(callbacks)
@@ -358,6 +397,7 @@ impl ConsumerActor {
         liveness.expect("consumer", 1);
         Ok(ConsumerActor {
             consumer,
+            breaker,
             router: Some(router),
             plans,
             shutdown,
@@ -398,6 +438,9 @@ impl ConsumerActor {
                 }
             }
             self.apply_plan();
+            if matches!(phase, Phase::Consuming) {
+                self.follow_breaker()?;
+            }
             let held = match phase {
                 Phase::Consuming => self.flush_held()?,
                 Phase::Draining { .. } => 0,
@@ -465,6 +508,44 @@ impl ConsumerActor {
         }
     }
 
+    /// Pauses every partition when the dead-letter breaker trips; lets them resume (through
+    /// `flush_held`) when it is reset.
+    fn follow_breaker(&mut self) -> anyhow::Result<()> {
+        if !self.breaker.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let tripped = matches!(*self.breaker.borrow_and_update(), BreakerState::Tripped(_));
+        let callbacks = self.consumer.context();
+        callbacks.halted.store(tripped, Ordering::Release);
+        if !tripped {
+            info!("breaker reset: partitions resume");
+            return Ok(());
+        }
+        let mut assignment = callbacks.lock();
+        let mut tpl = TopicPartitionList::new();
+        for (key, state) in assignment.partitions.iter_mut() {
+            if let Flow::Flowing = state.flow {
+                state.flow = Flow::Paused {
+                    held: VecDeque::new(),
+                };
+                tpl.add_partition(&key.topic, key.partition);
+            }
+        }
+        if tpl.count() > 0 {
+            self.consumer
+                .pause(&tpl)
+                .context("failed to pause partitions for the breaker")?;
+        }
+        self.metrics
+            .paused_partitions
+            .set(assignment.paused_count());
+        warn!(
+            partitions = assignment.partitions.len(),
+            "breaker tripped: every partition paused"
+        );
+        Ok(())
+    }
+
     /// Commits the newest plan from the committer, if there is a new one, for the partitions
     /// still held under the plan's generation.
     fn apply_plan(&mut self) {
@@ -511,6 +592,7 @@ impl ConsumerActor {
             generation: state.generation,
             key: message.key().map(Box::from),
             payload: payload.map(Box::from),
+            headers: message.headers().map(|headers| headers.detach()),
             event,
         };
         match &mut state.flow {
@@ -560,6 +642,10 @@ impl ConsumerActor {
         let callbacks = self.consumer.context();
         let mut assignment = callbacks.lock();
         let held_total = assignment.held_count();
+        if callbacks.halted.load(Ordering::Acquire) {
+            // The breaker holds everything; nothing moves until it is reset.
+            return Ok(0);
+        }
         let paused_any = assignment
             .partitions
             .values()

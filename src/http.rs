@@ -1,4 +1,6 @@
-//! HTTP endpoint (hyper 1, HTTP/1.1): `/metrics` in the Prometheus text format and `/healthz`.
+//! HTTP endpoint (hyper 1, HTTP/1.1): `/metrics` in the Prometheus text format, `/healthz`
+//! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped, saying why)
+//! and `POST /resume` (resets the breaker).
 //! Unknown paths answer 404, known paths with another method 405. Header reading is bounded in
 //! time and concurrent connections are capped, so a slow or abusive client cannot take the
 //! endpoint (or the pipeline) down.
@@ -20,6 +22,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::breaker::BreakerState;
+use crate::committer::BreakerHandle;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 
@@ -35,6 +39,8 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Checked on `/healthz`.
     pub liveness: Liveness,
+    /// Checked on `/readyz`, reset by `POST /resume`.
+    pub breaker: BreakerHandle,
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -91,7 +97,21 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
     let path = request.uri().path();
     let readable = matches!(*request.method(), Method::GET | Method::HEAD);
     match path {
-        "/metrics" | "/healthz" if !readable => {
+        "/resume" if *request.method() != Method::POST => {
+            let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("POST"));
+            response
+        }
+        "/resume" => match state.breaker.state() {
+            BreakerState::Closed => text(StatusCode::OK, "not tripped; nothing to resume\n"),
+            BreakerState::Tripped(_) if state.breaker.reset() => {
+                text(StatusCode::ACCEPTED, "breaker reset; consumption resumes\n")
+            }
+            BreakerState::Tripped(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+        },
+        "/metrics" | "/healthz" | "/readyz" if !readable => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             response
                 .headers_mut()
@@ -112,6 +132,19 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("actors not running: {}\n", down.join(", ")),
             ),
+        },
+        "/readyz" => match state.breaker.state() {
+            BreakerState::Tripped(trip) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {trip}; POST /resume to continue\n"),
+            ),
+            BreakerState::Closed => match state.liveness.check() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(down) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: actors not running: {}\n", down.join(", ")),
+                ),
+            },
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }

@@ -51,6 +51,14 @@ pub struct Metrics {
     pub sink_latency: prometheus::HistogramVec,
     /// Duration of the final drain at shutdown.
     pub drain_seconds: Histogram,
+    /// Records parked in the dead-letter topic, by stage and reason.
+    pub dead_letters: IntCounterVec,
+    /// Failed attempts to produce to the dead-letter topic (they are retried).
+    pub dead_letter_errors: IntCounter,
+    /// Delivery retries, by route.
+    pub retries: IntCounterVec,
+    /// 1 while the dead-letter breaker has stopped consumption.
+    pub breaker_tripped: IntGauge,
 }
 
 impl Metrics {
@@ -69,7 +77,7 @@ impl Metrics {
             finished: IntCounterVec::new(
                 Opts::new(
                     "logbridge_events_finished_total",
-                    "Records finished, by route and status (processed, ignored, failed).",
+                    "Records finished, by route and status (processed, ignored, failed, dead_lettered).",
                 ),
                 &["route", "status"],
             )
@@ -179,6 +187,32 @@ impl Metrics {
                 .buckets(vec![0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             )
             .expect(METRIC_OK),
+            dead_letters: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_dead_letters_total",
+                    "Records parked in the dead-letter topic, by stage (decode, route, sink) and reason.",
+                ),
+                &["stage", "reason"],
+            )
+            .expect(METRIC_OK),
+            dead_letter_errors: IntCounter::new(
+                "logbridge_dead_letter_errors_total",
+                "Failed attempts to produce a dead letter (retried until they succeed).",
+            )
+            .expect(METRIC_OK),
+            retries: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_delivery_retries_total",
+                    "Records whose delivery was retried, by route.",
+                ),
+                &["route"],
+            )
+            .expect(METRIC_OK),
+            breaker_tripped: IntGauge::new(
+                "logbridge_breaker_tripped",
+                "1 while the dead-letter breaker has stopped consumption, else 0.",
+            )
+            .expect(METRIC_OK),
             registry,
         };
         metrics.register_all();
@@ -204,6 +238,10 @@ impl Metrics {
             Box::new(self.backpressure_seconds.clone()),
             Box::new(self.sink_latency.clone()),
             Box::new(self.drain_seconds.clone()),
+            Box::new(self.dead_letters.clone()),
+            Box::new(self.dead_letter_errors.clone()),
+            Box::new(self.retries.clone()),
+            Box::new(self.breaker_tripped.clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

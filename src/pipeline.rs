@@ -12,15 +12,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::committer::{self, AckSender, CommitterSettings};
-use crate::config::Config;
-use crate::consumer::ConsumerActor;
+use crate::config::{Config, SinkConfig};
+use crate::consumer::{ConsumerActor, ConsumerLinks};
+use crate::dead_letter::{self, DeadLetterTopic, Failures};
 use crate::event::Level;
 use crate::health::Liveness;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::router::{self, RouteLane};
 use crate::sink::{config_sink_factory, SinkFactory};
-use crate::worker::{WorkerHandle, MAX_BATCH};
+use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 
 /// How often channel depth gauges are sampled.
 const DEPTH_SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -83,15 +84,23 @@ pub async fn run(
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let config = resolve(config);
     let metrics = options.metrics;
     let liveness = Liveness::default();
     let mut tasks = JoinSet::new();
 
-    let (acks, control, plans, committer_task) = committer::spawn(
+    let committer::Spawned {
+        acks,
+        control,
+        plans,
+        breaker,
+        task: committer_task,
+    } = committer::spawn(
         CommitterSettings {
             capacity: committer_capacity(&config),
             interval: Duration::from_millis(config.pipeline.commit_interval_ms),
             drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
+            breaker: config.breaker.clone(),
         },
         metrics.clone(),
     );
@@ -105,8 +114,39 @@ pub async fn run(
         }
     });
 
-    let (lanes, levels, worker_tasks) =
-        spawn_workers(&config, &options.sink_factory, &acks, &metrics, &liveness)?;
+    let dead_letter_topic = match &config.dead_letter {
+        None => None,
+        Some(dead_letter) => Some(DeadLetterTopic {
+            producer: crate::producer::create(
+                dead_letter
+                    .brokers
+                    .as_deref()
+                    .unwrap_or(&config.kafka.brokers),
+                &dead_letter.options,
+            )
+            .context("failed to create the dead-letter producer")?,
+            topic: dead_letter.topic.clone(),
+            capacity: config.pipeline.worker_capacity,
+        }),
+    };
+    let (failures, dead_letter_task) = dead_letter::spawn(
+        dead_letter_topic,
+        acks.clone(),
+        metrics.clone(),
+        liveness.clone(),
+    );
+    if let Some(task) = dead_letter_task {
+        tasks.spawn(join_quietly(task, "dead_letter"));
+    }
+
+    let (lanes, levels, worker_tasks) = spawn_workers(
+        &config,
+        &options.sink_factory,
+        &acks,
+        &failures,
+        &metrics,
+        &liveness,
+    )?;
     for task in worker_tasks {
         tasks.spawn(join_quietly(task, "worker"));
     }
@@ -131,6 +171,7 @@ pub async fn run(
         lanes,
         levels,
         acks,
+        failures,
         metrics.clone(),
         liveness.clone(),
     );
@@ -142,16 +183,29 @@ pub async fn run(
 
     let consumer = ConsumerActor::new(
         &config,
-        router,
-        control,
-        plans,
+        ConsumerLinks {
+            router,
+            committer: control,
+            plans,
+            breaker: breaker.subscribe(),
+        },
         metrics.clone(),
         liveness.clone(),
         shutdown.clone(),
     )?;
 
     let http_stop = CancellationToken::new();
-    let http_task = start_http(options.http, &config, &metrics, &liveness, &http_stop).await?;
+    let http_task = start_http(
+        options.http,
+        &config,
+        HttpState {
+            metrics: metrics.clone(),
+            liveness: liveness.clone(),
+            breaker,
+        },
+        &http_stop,
+    )
+    .await?;
     let sampler_stop = http_stop.clone();
     let sampler_metrics = metrics.clone();
     tokio::spawn(async move {
@@ -219,7 +273,7 @@ async fn join_quietly(task: tokio::task::JoinHandle<()>, kind: &'static str) {
     }
 }
 
-type Spawned = (
+type Workers = (
     Vec<RouteLane>,
     HashMap<String, usize>,
     Vec<tokio::task::JoinHandle<()>>,
@@ -229,9 +283,10 @@ fn spawn_workers(
     config: &Config,
     factory: &SinkFactory,
     acks: &AckSender,
+    failures: &Failures,
     metrics: &Arc<Metrics>,
     liveness: &Liveness,
-) -> anyhow::Result<Spawned> {
+) -> anyhow::Result<Workers> {
     let mut lanes = Vec::with_capacity(config.routes.len());
     let mut levels = HashMap::new();
     let mut tasks = Vec::new();
@@ -245,11 +300,20 @@ fn spawn_workers(
         for worker in 0..route.workers {
             let sink = factory(route, worker)
                 .with_context(|| format!("failed to create the sink of route `{}`", route.name))?;
+            let settings = WorkerSettings {
+                route: name.clone(),
+                capacity: config.pipeline.worker_capacity,
+                retry: RetryPolicy {
+                    max_retries: route.max_retries,
+                    backoff: Duration::from_millis(route.retry_backoff_ms),
+                    backoff_max: Duration::from_millis(route.retry_backoff_max_ms),
+                },
+            };
             let (handle, task) = WorkerHandle::spawn(
-                name.clone(),
-                config.pipeline.worker_capacity,
+                settings,
                 sink,
                 acks.clone(),
+                failures.clone(),
                 metrics.clone(),
                 liveness.clone(),
             );
@@ -261,11 +325,25 @@ fn spawn_workers(
     Ok((lanes, levels, tasks))
 }
 
+/// Fills in what the configuration leaves to defaults that depend on other keys: output
+/// brokers default to the source cluster.
+fn resolve(mut config: Config) -> Config {
+    let source = config.kafka.brokers.clone();
+    for route in &mut config.routes {
+        if let SinkConfig::Kafka { brokers, .. } = &mut route.sink {
+            brokers.get_or_insert_with(|| source.clone());
+        }
+    }
+    if let Some(dead_letter) = &mut config.dead_letter {
+        dead_letter.brokers.get_or_insert_with(|| source.clone());
+    }
+    config
+}
+
 async fn start_http(
     bind: HttpBind,
     config: &Config,
-    metrics: &Arc<Metrics>,
-    liveness: &Liveness,
+    state: HttpState,
     stop: &CancellationToken,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     let listener = match bind {
@@ -276,12 +354,8 @@ async fn start_http(
             .with_context(|| format!("failed to listen on http.listen = {}", config.http.listen))?,
     };
     if let Ok(address) = listener.local_addr() {
-        info!(%address, "serving /metrics and /healthz");
+        info!(%address, "serving /metrics, /healthz, /readyz and POST /resume");
     }
-    let state = HttpState {
-        metrics: metrics.clone(),
-        liveness: liveness.clone(),
-    };
     Ok(Some(tokio::spawn(http::serve(
         listener,
         state,

@@ -37,6 +37,8 @@ pub struct Record {
     pub key: Option<Box<[u8]>>,
     /// The original payload, forwarded unchanged (`None` for a tombstone).
     pub payload: Option<Box<[u8]>>,
+    /// The original headers, forwarded with the record.
+    pub headers: Option<rdkafka::message::OwnedHeaders>,
     /// The decoded event, or why it could not be decoded.
     pub event: Result<LogEvent, DecodeError>,
 }
@@ -48,8 +50,12 @@ pub enum AckStatus {
     Processed,
     /// No route takes its level.
     Ignored,
-    /// Could not be decoded or delivered; logged and counted.
+    /// Could not be decoded or delivered, and there is no dead-letter topic: logged, counted,
+    /// skipped.
     Failed,
+    /// Could not be decoded or delivered; parked in the dead-letter topic (acked only after the
+    /// dead-letter producer's delivery report).
+    DeadLettered,
 }
 
 impl AckStatus {
@@ -59,8 +65,23 @@ impl AckStatus {
             AckStatus::Processed => "processed",
             AckStatus::Ignored => "ignored",
             AckStatus::Failed => "failed",
+            AckStatus::DeadLettered => "dead_lettered",
         }
     }
+
+    /// Whether the record failed (counts against the dead-letter breaker).
+    pub fn is_failure(self) -> bool {
+        matches!(self, AckStatus::Failed | AckStatus::DeadLettered)
+    }
+}
+
+/// Where and why a record failed, for the breaker's log line.
+#[derive(Debug, Clone)]
+pub struct Cause {
+    /// Route that handled it (`none` before routing).
+    pub route: Arc<str>,
+    /// Short reason.
+    pub reason: &'static str,
 }
 
 /// A record is finished: the committer may count its offset as done.
@@ -74,6 +95,8 @@ pub struct ProcessAck {
     pub generation: u64,
     /// Outcome.
     pub status: AckStatus,
+    /// For failures: where and why.
+    pub cause: Option<Cause>,
 }
 
 impl Record {
@@ -84,6 +107,15 @@ impl Record {
             offset: self.offset,
             generation: self.generation,
             status,
+            cause: None,
+        }
+    }
+
+    /// The ack of a failed record.
+    pub fn failed(&self, status: AckStatus, route: Arc<str>, reason: &'static str) -> ProcessAck {
+        ProcessAck {
+            cause: Some(Cause { route, reason }),
+            ..self.ack(status)
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::committer::{AckSender, CommitterMsg};
+use crate::dead_letter::{DeadLetter, Failures, Stage};
 use crate::health::Liveness;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::record::{AckStatus, Record};
@@ -38,6 +39,7 @@ pub fn spawn(
     lanes: Vec<RouteLane>,
     levels: HashMap<String, usize>,
     acks: AckSender,
+    failures: Failures,
     metrics: Arc<Metrics>,
     liveness: Liveness,
 ) -> (RouterSender, tokio::task::JoinHandle<()>) {
@@ -48,8 +50,10 @@ pub fn spawn(
         lanes,
         levels,
         acks,
+        failures,
         metrics,
         liveness,
+        no_route: Arc::from(NO_ROUTE),
     };
     (sender, tokio::spawn(actor.run()))
 }
@@ -59,14 +63,22 @@ struct RouterActor {
     lanes: Vec<RouteLane>,
     levels: HashMap<String, usize>,
     acks: AckSender,
+    failures: Failures,
     metrics: Arc<Metrics>,
     liveness: Liveness,
+    no_route: Arc<str>,
 }
 
 /// What the router decided for a record.
 enum Decision {
     Lane(usize),
-    Finish(AckStatus),
+    Ignore,
+    Fail(DeadLetterCause),
+}
+
+struct DeadLetterCause {
+    reason: &'static str,
+    message: String,
 }
 
 impl RouterActor {
@@ -99,28 +111,38 @@ impl RouterActor {
                     .decode_errors
                     .with_label_values(&[err.reason()])
                     .inc();
-                warn!(
-                    topic = %record.source.topic,
-                    partition = record.source.partition,
-                    offset = record.offset,
-                    reason = err.reason(),
-                    error = %err,
-                    "record could not be decoded"
-                );
-                Decision::Finish(AckStatus::Failed)
+                // Logged once, with its outcome, by `Failures::fail`.
+                Decision::Fail(DeadLetterCause {
+                    reason: err.reason(),
+                    message: err.to_string(),
+                })
             }
             Ok(event) => match self.levels.get(event.level.as_str()) {
                 Some(&lane) => Decision::Lane(lane),
-                None => Decision::Finish(AckStatus::Ignored),
+                None => Decision::Ignore,
             },
         };
         match decision {
-            Decision::Finish(status) => {
+            Decision::Ignore => {
                 self.metrics
                     .finished
-                    .with_label_values(&[NO_ROUTE, status.as_str()])
+                    .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
                     .inc();
-                self.acks.send(CommitterMsg::Ack(record.ack(status))).await
+                self.acks
+                    .send(CommitterMsg::Ack(record.ack(AckStatus::Ignored)))
+                    .await
+            }
+            Decision::Fail(cause) => {
+                self.failures
+                    .fail(DeadLetter {
+                        record,
+                        stage: Stage::Decode,
+                        reason: cause.reason,
+                        message: cause.message,
+                        route: self.no_route.clone(),
+                        attempts: 0,
+                    })
+                    .await
             }
             Decision::Lane(index) => {
                 let lane = &self.lanes[index];
@@ -191,6 +213,7 @@ mod tests {
             generation: 1,
             key: key.map(|k| k.as_bytes().to_vec().into_boxed_slice()),
             payload: Some(payload.to_vec().into_boxed_slice()),
+            headers: None,
             event: decode(Some(payload), 1024),
         }
     }

@@ -14,20 +14,15 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use rdkafka::producer::FutureProducer;
+
 use crate::config::{RouteConfig, SinkConfig};
 use crate::event::json_body;
+use crate::producer::{headers, headers_for};
 use crate::record::Record;
 
-/// Why a sink could not deliver a record.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SinkError {
-    /// Writing to the destination failed; trying again may help.
-    #[error("write failed: {0}")]
-    Io(String),
-    /// This record can never be delivered by this sink.
-    #[error("record rejected: {0}")]
-    Rejected(String),
-}
+/// Why a sink could not deliver a record: retryable or permanent, with a short reason.
+pub type SinkError = crate::producer::DeliveryError;
 
 /// A future returned by a sink: one outcome per record of the batch, in batch order.
 pub type DeliveryFuture<'a> = Pin<Box<dyn Future<Output = Vec<Result<(), SinkError>>> + Send + 'a>>;
@@ -46,9 +41,36 @@ pub type SinkFactory =
 /// same file share one append-mode handle.
 pub fn config_sink_factory() -> SinkFactory {
     let files: Mutex<HashMap<PathBuf, Arc<File>>> = Mutex::new(HashMap::new());
+    // One producer per route, shared by its workers (a producer is thread-safe and batches
+    // better when shared).
+    let producers: Mutex<HashMap<String, FutureProducer>> = Mutex::new(HashMap::new());
     Arc::new(move |route: &RouteConfig, _index: usize| {
         let sink: Box<dyn Sink> = match &route.sink {
             SinkConfig::Null => Box::new(NullSink),
+            SinkConfig::Kafka {
+                topic,
+                brokers,
+                options,
+            } => {
+                let brokers = brokers.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!("route `{}`: kafka sink brokers not resolved", route.name)
+                })?;
+                let mut producers = producers
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
+                let producer = match producers.get(&route.name) {
+                    Some(producer) => producer.clone(),
+                    None => {
+                        let producer = crate::producer::create(brokers, options)?;
+                        producers.insert(route.name.clone(), producer.clone());
+                        producer
+                    }
+                };
+                Box::new(KafkaSink {
+                    producer,
+                    topic: topic.clone(),
+                })
+            }
             SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::Stdout)),
             SinkConfig::File { path } => {
                 let mut files = files
@@ -80,6 +102,26 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         .append(true)
         .open(path)
         .with_context(|| format!("failed to open sink file {}", path.display()))
+}
+
+/// Produces each record to a Kafka topic: original key, payload and headers, plus
+/// `logbridge.source.*` and `logbridge.route` headers. A record's outcome is its delivery report
+/// from the (idempotent) producer.
+pub struct KafkaSink {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl Sink for KafkaSink {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        Box::pin(async move {
+            let with_headers = batch.iter().map(|record| {
+                let headers = headers_for(record, &[(headers::ROUTE, route.as_bytes())]);
+                (record, headers)
+            });
+            crate::producer::send_all(&self.producer, &self.topic, with_headers).await
+        })
+    }
 }
 
 /// Discards records (for benchmarks).
@@ -149,9 +191,12 @@ impl Sink for LineSink {
                 Ok((result, lines)) => {
                     // Keep the allocation for the next batch.
                     self.buffer = lines;
-                    result.map_err(|err| SinkError::Io(err.to_string()))
+                    result.map_err(|err| SinkError::retryable("io_error", err.to_string()))
                 }
-                Err(join) => Err(SinkError::Io(format!("writer task failed: {join}"))),
+                Err(join) => Err(SinkError::retryable(
+                    "io_error",
+                    format!("writer task failed: {join}"),
+                )),
             };
             vec![outcome; batch.len()]
         })
@@ -243,6 +288,7 @@ mod tests {
             generation: 1,
             key: key.map(|k| k.to_vec().into_boxed_slice()),
             payload: Some(payload.to_vec().into_boxed_slice()),
+            headers: None,
             event: decode(Some(payload), 1 << 20),
         }
     }

@@ -1,24 +1,57 @@
 //! Worker actors: each owns its sink and its own counters, takes records from its channel in
 //! batches, delivers them, and acks every record to the committer with how it fared.
 //!
-//! A record the sink cannot deliver is logged and acked `failed`; the worker carries on with
-//! the next one. Dead letters and retries come later; nothing here can stop a worker but the
+//! A delivery that fails with a retryable error is retried with exponential backoff and jitter
+//! (`max_retries`, `retry_backoff_ms`, `retry_backoff_max_ms`). While a worker retries it takes
+//! nothing new: its channel fills, the router waits, the consumer pauses, and no commit passes
+//! the failing record. A record that still fails, or fails permanently, goes to the dead-letter
+//! topic (or, without one, is logged, counted and skipped). Nothing here stops a worker but the
 //! end of its input.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use rand::Rng;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::committer::{AckSender, CommitterMsg};
+use crate::committer::{AckSender, CommitterGone, CommitterMsg};
+use crate::dead_letter::{DeadLetter, Failures, Stage};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::producer::{DeliveryError, FailureKind};
 use crate::record::{AckStatus, Record};
 use crate::sink::Sink;
 
 /// Most records a worker takes from its channel for one sink call.
 pub const MAX_BATCH: usize = 64;
+
+/// How a route retries failed deliveries.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// First delay.
+    pub backoff: Duration,
+    /// Largest delay.
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    /// Delay before retry number `retry` (1-based): exponential, capped, with full jitter
+    /// between half and all of it so that workers do not retry in lockstep.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let exponent = retry.saturating_sub(1).min(20);
+        let full = self
+            .backoff
+            .saturating_mul(1u32 << exponent)
+            .min(self.backoff_max);
+        let half = full / 2;
+        half + full
+            .saturating_sub(half)
+            .mul_f64(rand::rng().random::<f64>())
+    }
+}
 
 /// Sends records to one worker.
 #[derive(Clone)]
@@ -26,24 +59,36 @@ pub struct WorkerHandle {
     sender: mpsc::Sender<Record>,
 }
 
+/// Everything a worker needs besides its sink.
+pub struct WorkerSettings {
+    /// Route name.
+    pub route: Arc<str>,
+    /// Channel capacity.
+    pub capacity: usize,
+    /// Retry policy of the route.
+    pub retry: RetryPolicy,
+}
+
 impl WorkerHandle {
     /// Starts a worker of `route` that delivers to `sink`.
     pub fn spawn(
-        route: Arc<str>,
-        capacity: usize,
+        settings: WorkerSettings,
         sink: Box<dyn Sink>,
         acks: AckSender,
+        failures: Failures,
         metrics: Arc<Metrics>,
         liveness: Liveness,
     ) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
         // Full: the router waits (and counts the wait as backpressure of this route), its own
         // channel fills, and the consumer pauses partitions.
-        let (sender, receiver) = mpsc::channel(capacity);
+        let (sender, receiver) = mpsc::channel(settings.capacity);
         let actor = WorkerActor {
-            route,
+            route: settings.route,
+            retry: settings.retry,
             receiver,
             sink,
             acks,
+            failures,
             metrics,
             liveness,
             delivered: 0,
@@ -66,14 +111,16 @@ impl WorkerHandle {
 
 struct WorkerActor {
     route: Arc<str>,
+    retry: RetryPolicy,
     receiver: mpsc::Receiver<Record>,
     sink: Box<dyn Sink>,
     acks: AckSender,
+    failures: Failures,
     metrics: Arc<Metrics>,
     liveness: Liveness,
     /// Records this worker delivered (its own state; shown in logs at exit).
     delivered: u64,
-    /// Records this worker failed to deliver.
+    /// Records this worker could not deliver.
     failed: u64,
 }
 
@@ -83,11 +130,10 @@ impl WorkerActor {
         let _alive = self.liveness.enter("worker");
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while self.receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            if self.process(&batch).await.is_err() {
+            if self.process(std::mem::take(&mut batch)).await.is_err() {
                 warn!("committer gone, worker stops");
                 return;
             }
-            batch.clear();
         }
         tracing::debug!(
             delivered = self.delivered,
@@ -96,49 +142,123 @@ impl WorkerActor {
         );
     }
 
-    async fn process(&mut self, batch: &[Record]) -> Result<(), crate::committer::CommitterGone> {
-        let started = Instant::now();
-        let outcomes = self.sink.deliver(&self.route, batch).await;
-        self.metrics
-            .sink_latency
-            .with_label_values(&[&self.route])
-            .observe(started.elapsed().as_secs_f64());
-        for (index, record) in batch.iter().enumerate() {
-            let status = match outcomes.get(index) {
-                Some(Ok(())) => {
-                    self.delivered += 1;
-                    AckStatus::Processed
-                }
-                Some(Err(err)) => {
-                    self.failed += 1;
-                    self.metrics
-                        .sink_errors
-                        .with_label_values(&[&self.route])
-                        .inc();
-                    warn!(
-                        route = %self.route,
-                        topic = %record.source.topic,
-                        partition = record.source.partition,
-                        offset = record.offset,
-                        error = %err,
-                        "record not delivered"
-                    );
-                    AckStatus::Failed
-                }
-                None => {
-                    self.failed += 1;
-                    warn!(route = %self.route, offset = record.offset, "sink returned no outcome for record");
-                    AckStatus::Failed
-                }
-            };
+    /// Delivers a batch, retrying what failed transiently, and finishes every record.
+    async fn process(&mut self, mut pending: Vec<Record>) -> Result<(), CommitterGone> {
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let started = Instant::now();
+            let outcomes = self.sink.deliver(&self.route, &pending).await;
             self.metrics
-                .finished
-                .with_label_values(&[&self.route, status.as_str()])
-                .inc();
-            self.acks
-                .send(CommitterMsg::Ack(record.ack(status)))
-                .await?;
+                .sink_latency
+                .with_label_values(&[&self.route])
+                .observe(started.elapsed().as_secs_f64());
+            let mut retry = Vec::new();
+            let mut outcomes = outcomes.into_iter();
+            for record in pending {
+                let outcome = outcomes.next().unwrap_or_else(|| {
+                    Err(DeliveryError::retryable(
+                        "no_outcome",
+                        "sink returned no outcome for the record",
+                    ))
+                });
+                match outcome {
+                    Ok(()) => self.finish(&record).await?,
+                    Err(err)
+                        if err.kind == FailureKind::Retryable
+                            && attempts <= self.retry.max_retries =>
+                    {
+                        retry.push((record, err));
+                    }
+                    Err(err) => {
+                        let reason = if err.kind == FailureKind::Retryable {
+                            "retries_exhausted"
+                        } else {
+                            err.reason
+                        };
+                        self.give_up(record, reason, err, attempts).await?;
+                    }
+                }
+            }
+            if retry.is_empty() {
+                return Ok(());
+            }
+            let delay = self.retry.delay(attempts);
+            self.metrics
+                .retries
+                .with_label_values(&[&self.route])
+                .inc_by(retry.len() as u64);
+            let (first, err) = &retry[0];
+            warn!(
+                route = %self.route,
+                topic = %first.source.topic,
+                partition = first.source.partition,
+                offset = first.offset,
+                records = retry.len(),
+                attempt = attempts,
+                retry_in_ms = delay.as_millis() as u64,
+                error = %err,
+                "delivery failed, retrying"
+            );
+            tokio::time::sleep(delay).await;
+            pending = retry.into_iter().map(|(record, _)| record).collect();
         }
-        Ok(())
+    }
+
+    async fn finish(&mut self, record: &Record) -> Result<(), CommitterGone> {
+        self.delivered += 1;
+        self.metrics
+            .finished
+            .with_label_values(&[&self.route, AckStatus::Processed.as_str()])
+            .inc();
+        self.acks
+            .send(CommitterMsg::Ack(record.ack(AckStatus::Processed)))
+            .await
+    }
+
+    async fn give_up(
+        &mut self,
+        record: Record,
+        reason: &'static str,
+        err: DeliveryError,
+        attempts: u32,
+    ) -> Result<(), CommitterGone> {
+        self.failed += 1;
+        self.metrics
+            .sink_errors
+            .with_label_values(&[&self.route])
+            .inc();
+        self.failures
+            .fail(DeadLetter {
+                record,
+                stage: Stage::Sink,
+                reason,
+                message: err.message,
+                route: self.route.clone(),
+                attempts,
+            })
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let policy = RetryPolicy {
+            max_retries: 10,
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(1_000),
+        };
+        for _ in 0..200 {
+            let first = policy.delay(1);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            let third = policy.delay(3);
+            assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
+            let late = policy.delay(30);
+            assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1_000));
+        }
     }
 }

@@ -118,6 +118,9 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let workdir = tempfile::tempdir().expect("tempdir");
+    // Logs go to a file: a pipe nobody reads until the end would fill and block the demo.
+    let log_path = workdir.path().join("demo.log");
+    let log_file = std::fs::File::create(&log_path).expect("log file");
     let child = Command::new(BIN)
         .args([
             "demo",
@@ -130,7 +133,7 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
         ])
         .current_dir(workdir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(log_file)
         .spawn()
         .expect("start demo");
     let pid = child.id();
@@ -202,7 +205,7 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
         .expect("demo output");
     let stop_took = stop_asked.elapsed();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert_eq!(
         output.status.code(),
         Some(0),

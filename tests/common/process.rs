@@ -280,7 +280,7 @@ pub fn logged_decode_failures(log: &Path) -> std::collections::HashSet<(i32, i64
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|entry| entry["message"] == "record could not be decoded")
+        .filter(|entry| entry["message"] == "record failed" && entry["stage"] == "decode")
         .filter_map(|entry| {
             Some((
                 entry["partition"].as_i64()? as i32,

@@ -1,0 +1,243 @@
+//! Dead-letter actor: parks records that could not be decoded or delivered in the dead-letter
+//! topic, with the original key, value and headers plus context headers (stage, reason, message,
+//! source topic/partition/offset, route, attempts), and acks them only after the dead-letter
+//! producer's delivery report. Without a dead-letter topic, failures are logged, counted and
+//! acked `failed` (skipped).
+//!
+//! A dead letter that cannot be produced is retried with backoff for as long as it takes: its
+//! offset must not be committed before it is parked, and the actor's full channel pushes back on
+//! the workers and the router until the dead-letter topic is reachable again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::FutureProducer;
+use tokio::sync::mpsc;
+use tracing::{error, warn};
+
+use crate::committer::{AckSender, CommitterGone, CommitterMsg};
+use crate::health::Liveness;
+use crate::metrics::Metrics;
+use crate::producer::{self, headers, headers_for};
+use crate::record::{AckStatus, Record};
+
+/// Most dead letters produced in one go.
+const BATCH: usize = 64;
+/// Backoff between attempts to park a dead letter, doubled up to the maximum.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Where in the pipeline a record failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The payload is not a log event.
+    Decode,
+    /// No route could take it.
+    Route,
+    /// The route's sink could not deliver it.
+    Sink,
+}
+
+impl Stage {
+    /// Header and label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Route => "route",
+            Stage::Sink => "sink",
+        }
+    }
+}
+
+/// A record that failed, with why.
+#[derive(Debug)]
+pub struct DeadLetter {
+    /// The record, with its original key, value and headers.
+    pub record: Record,
+    /// Where it failed.
+    pub stage: Stage,
+    /// Short, low-cardinality reason (`not_json`, `record_too_large`, `retries_exhausted`...).
+    pub reason: &'static str,
+    /// The full error message.
+    pub message: String,
+    /// Route that handled it (`none` before routing).
+    pub route: Arc<str>,
+    /// Delivery attempts made (0 for decode failures).
+    pub attempts: u32,
+}
+
+/// Where failures go: the dead-letter actor, or straight to the committer as `failed`.
+#[derive(Clone)]
+pub struct Failures {
+    dead_letters: Option<mpsc::Sender<DeadLetter>>,
+    acks: AckSender,
+    metrics: Arc<Metrics>,
+}
+
+impl Failures {
+    /// Hands over a failed record. With a dead-letter topic this waits while the dead-letter
+    /// channel is full (backpressure); without one the record is logged, counted and skipped.
+    pub async fn fail(&self, dead: DeadLetter) -> Result<(), CommitterGone> {
+        warn!(
+            topic = %dead.record.source.topic,
+            partition = dead.record.source.partition,
+            offset = dead.record.offset,
+            route = %dead.route,
+            stage = dead.stage.as_str(),
+            reason = dead.reason,
+            error = %dead.message,
+            "record failed"
+        );
+        match &self.dead_letters {
+            Some(sender) => sender.send(dead).await.map_err(|_| CommitterGone),
+            None => {
+                self.metrics
+                    .finished
+                    .with_label_values(&[&dead.route, AckStatus::Failed.as_str()])
+                    .inc();
+                let ack = dead
+                    .record
+                    .failed(AckStatus::Failed, dead.route.clone(), dead.reason);
+                self.acks.send(CommitterMsg::Ack(ack)).await
+            }
+        }
+    }
+}
+
+/// Settings of the dead-letter topic.
+pub struct DeadLetterTopic {
+    /// Producer for the dead-letter cluster.
+    pub producer: FutureProducer,
+    /// Topic name.
+    pub topic: String,
+    /// Channel capacity.
+    pub capacity: usize,
+}
+
+/// Starts the dead-letter actor (if a topic is configured) and returns the failure handle.
+pub fn spawn(
+    topic: Option<DeadLetterTopic>,
+    acks: AckSender,
+    metrics: Arc<Metrics>,
+    liveness: Liveness,
+) -> (Failures, Option<tokio::task::JoinHandle<()>>) {
+    let Some(topic) = topic else {
+        return (
+            Failures {
+                dead_letters: None,
+                acks,
+                metrics,
+            },
+            None,
+        );
+    };
+    // Full: workers and the router wait, their channels fill, the consumer pauses.
+    let (sender, receiver) = mpsc::channel(topic.capacity);
+    liveness.expect("dead_letter", 1);
+    let actor = DeadLetterActor {
+        receiver,
+        producer: topic.producer,
+        topic: topic.topic,
+        acks: acks.clone(),
+        metrics: metrics.clone(),
+        liveness,
+    };
+    let task = tokio::spawn(actor.run());
+    (
+        Failures {
+            dead_letters: Some(sender),
+            acks,
+            metrics,
+        },
+        Some(task),
+    )
+}
+
+struct DeadLetterActor {
+    receiver: mpsc::Receiver<DeadLetter>,
+    producer: FutureProducer,
+    topic: String,
+    acks: AckSender,
+    metrics: Arc<Metrics>,
+    liveness: Liveness,
+}
+
+impl DeadLetterActor {
+    #[tracing::instrument(name = "dead_letter", skip_all, fields(topic = %self.topic))]
+    async fn run(mut self) {
+        let _alive = self.liveness.enter("dead_letter");
+        let mut batch = Vec::with_capacity(BATCH);
+        while self.receiver.recv_many(&mut batch, BATCH).await > 0 {
+            if self.park(std::mem::take(&mut batch)).await.is_err() {
+                warn!("committer gone, dead-letter actor stops");
+                return;
+            }
+        }
+    }
+
+    /// Produces the batch until every dead letter is acknowledged by the broker, then acks them.
+    async fn park(&mut self, mut pending: Vec<DeadLetter>) -> Result<(), CommitterGone> {
+        let mut backoff = RETRY_FIRST;
+        loop {
+            let with_headers = pending
+                .iter()
+                .map(|dead| (&dead.record, dead_letter_headers(dead)));
+            let outcomes = producer::send_all(&self.producer, &self.topic, with_headers).await;
+            let mut failed = Vec::new();
+            let mut last_error = None;
+            for (dead, outcome) in pending.into_iter().zip(outcomes) {
+                match outcome {
+                    Ok(()) => {
+                        self.metrics
+                            .dead_letters
+                            .with_label_values(&[dead.stage.as_str(), dead.reason])
+                            .inc();
+                        self.metrics
+                            .finished
+                            .with_label_values(&[&dead.route, AckStatus::DeadLettered.as_str()])
+                            .inc();
+                        let ack = dead.record.failed(
+                            AckStatus::DeadLettered,
+                            dead.route.clone(),
+                            dead.reason,
+                        );
+                        self.acks.send(CommitterMsg::Ack(ack)).await?;
+                    }
+                    Err(err) => {
+                        last_error = Some(err);
+                        failed.push(dead);
+                    }
+                }
+            }
+            if failed.is_empty() {
+                return Ok(());
+            }
+            self.metrics.dead_letter_errors.inc_by(failed.len() as u64);
+            error!(
+                records = failed.len(),
+                error = ?last_error.map(|e| e.to_string()),
+                retry_in_ms = backoff.as_millis() as u64,
+                "cannot produce to the dead-letter topic; their offsets stay uncommitted"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RETRY_MAX);
+            pending = failed;
+        }
+    }
+}
+
+fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
+    let attempts = dead.attempts.to_string();
+    // Kafka header values are bytes; keep the message to a sane size.
+    let message: String = dead.message.chars().take(1024).collect();
+    headers_for(
+        &dead.record,
+        &[
+            (headers::ERROR_STAGE, dead.stage.as_str().as_bytes()),
+            (headers::ERROR_REASON, dead.reason.as_bytes()),
+            (headers::ERROR_MESSAGE, message.as_bytes()),
+            (headers::ROUTE, dead.route.as_bytes()),
+            (headers::ATTEMPTS, attempts.as_bytes()),
+        ],
+    )
+}
