@@ -18,7 +18,7 @@ use tracing::{error, warn};
 use crate::committer::{AckSender, CommitterGone, CommitterMsg};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::producer::{self, headers, headers_for};
+use crate::producer::{self, headers, headers_for, FailureKind};
 use crate::record::{AckStatus, Record};
 
 /// Most dead letters produced in one go.
@@ -64,6 +64,9 @@ pub struct DeadLetter {
     pub route: Arc<str>,
     /// Delivery attempts made (0 for decode failures).
     pub attempts: u32,
+    /// Set when the dead-letter topic refused the record permanently (e.g. too large): it is
+    /// parked without its value, with `logbridge.error.value_dropped` giving the value's size.
+    pub value_dropped: bool,
 }
 
 /// Where failures go: the dead-letter actor, or straight to the committer as `failed`.
@@ -179,9 +182,14 @@ impl DeadLetterActor {
     async fn park(&mut self, mut pending: Vec<DeadLetter>) -> Result<(), CommitterGone> {
         let mut backoff = RETRY_FIRST;
         loop {
-            let with_headers = pending
-                .iter()
-                .map(|dead| (&dead.record, dead_letter_headers(dead)));
+            let with_headers = pending.iter().map(|dead| {
+                let value = if dead.value_dropped {
+                    None
+                } else {
+                    dead.record.payload.as_deref()
+                };
+                (&dead.record, value, dead_letter_headers(dead))
+            });
             let outcomes = producer::send_all(&self.producer, &self.topic, with_headers).await;
             let mut failed = Vec::new();
             let mut last_error = None;
@@ -203,6 +211,22 @@ impl DeadLetterActor {
                         );
                         self.acks.send(CommitterMsg::Ack(ack)).await?;
                     }
+                    Err(err) if err.kind == FailureKind::Permanent && !dead.value_dropped => {
+                        // The dead-letter topic will never take this value (too large, say):
+                        // park the record's coordinates and headers without it rather than
+                        // block every partition behind it forever.
+                        warn!(
+                            topic = %dead.record.source.topic,
+                            partition = dead.record.source.partition,
+                            offset = dead.record.offset,
+                            error = %err,
+                            "dead-letter topic refused the value; parking the record without it"
+                        );
+                        failed.push(DeadLetter {
+                            value_dropped: true,
+                            ..dead
+                        });
+                    }
                     Err(err) => {
                         last_error = Some(err);
                         failed.push(dead);
@@ -211,6 +235,11 @@ impl DeadLetterActor {
             }
             if failed.is_empty() {
                 return Ok(());
+            }
+            if last_error.is_none() {
+                // Only values to drop: try again at once.
+                pending = failed;
+                continue;
             }
             self.metrics.dead_letter_errors.inc_by(failed.len() as u64);
             error!(
@@ -230,14 +259,21 @@ fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
     let attempts = dead.attempts.to_string();
     // Kafka header values are bytes; keep the message to a sane size.
     let message: String = dead.message.chars().take(1024).collect();
-    headers_for(
-        &dead.record,
-        &[
-            (headers::ERROR_STAGE, dead.stage.as_str().as_bytes()),
-            (headers::ERROR_REASON, dead.reason.as_bytes()),
-            (headers::ERROR_MESSAGE, message.as_bytes()),
-            (headers::ROUTE, dead.route.as_bytes()),
-            (headers::ATTEMPTS, attempts.as_bytes()),
-        ],
-    )
+    let dropped = dead
+        .record
+        .payload
+        .as_ref()
+        .map_or(0, |payload| payload.len())
+        .to_string();
+    let mut extra: Vec<(&str, &[u8])> = vec![
+        (headers::ERROR_STAGE, dead.stage.as_str().as_bytes()),
+        (headers::ERROR_REASON, dead.reason.as_bytes()),
+        (headers::ERROR_MESSAGE, message.as_bytes()),
+        (headers::ROUTE, dead.route.as_bytes()),
+        (headers::ATTEMPTS, attempts.as_bytes()),
+    ];
+    if dead.value_dropped {
+        extra.push((headers::VALUE_DROPPED, dropped.as_bytes()));
+    }
+    headers_for(&dead.record, &extra)
 }

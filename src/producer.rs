@@ -118,6 +118,8 @@ pub mod headers {
     pub const ERROR_MESSAGE: &str = "logbridge.error.message";
     /// Dead letters: delivery attempts made.
     pub const ATTEMPTS: &str = "logbridge.attempts";
+    /// Dead letters parked without their value (refused by the dead-letter topic): its size.
+    pub const VALUE_DROPPED: &str = "logbridge.error.value_dropped";
 }
 
 /// The record's own headers followed by logbridge's: `extra` pairs.
@@ -139,22 +141,21 @@ pub fn headers_for(record: &Record, extra: &[(&str, &[u8])]) -> OwnedHeaders {
     headers
 }
 
-/// Sends `records` to `topic` with the headers `headers_of` gives each, and returns one outcome
-/// per record once its delivery report is in. The original key and payload are forwarded byte
-/// for byte.
+/// Sends each record's original key with the given value and headers to `topic`, and returns
+/// one outcome per record once its delivery report is in.
 pub async fn send_all<'a>(
     producer: &FutureProducer,
     topic: &str,
-    records: impl Iterator<Item = (&'a Record, OwnedHeaders)>,
+    records: impl Iterator<Item = (&'a Record, Option<&'a [u8]>, OwnedHeaders)>,
 ) -> Vec<Result<(), DeliveryError>> {
     let mut pending: Vec<Result<DeliveryFuture, DeliveryError>> = Vec::new();
-    for (record, headers) in records {
+    for (record, value, headers) in records {
         let mut future_record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
         if let Some(key) = record.key.as_deref() {
             future_record = future_record.key(key);
         }
-        if let Some(payload) = record.payload.as_deref() {
-            future_record = future_record.payload(payload);
+        if let Some(value) = value {
+            future_record = future_record.payload(value);
         }
         // Enqueue without waiting; a full local queue is waited out here (bounded by the
         // queue's own delivery timeout), which is backpressure, not failure.

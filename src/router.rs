@@ -141,6 +141,7 @@ impl RouterActor {
                         message: cause.message,
                         route: self.no_route.clone(),
                         attempts: 0,
+                        value_dropped: false,
                     })
                     .await
             }

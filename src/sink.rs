@@ -117,7 +117,8 @@ impl Sink for KafkaSink {
         Box::pin(async move {
             let with_headers = batch.iter().map(|record| {
                 let headers = headers_for(record, &[(headers::ROUTE, route.as_bytes())]);
-                (record, headers)
+                // The original payload, byte for byte.
+                (record, record.payload.as_deref(), headers)
             });
             crate::producer::send_all(&self.producer, &self.topic, with_headers).await
         })

@@ -236,6 +236,7 @@ impl WorkerActor {
                 message: err.message,
                 route: self.route.clone(),
                 attempts,
+                value_dropped: false,
             })
             .await
     }

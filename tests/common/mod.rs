@@ -84,9 +84,38 @@ impl Kafka {
     /// Produces every `(key, payload)`, waits for all delivery reports, and returns where each
     /// record landed as `(partition, offset)`.
     pub async fn produce(&self, records: &[(Option<String>, Vec<u8>)]) -> Vec<(i32, i64)> {
+        self.produce_with(records, "1000000").await
+    }
+
+    /// Like `produce`, for records of up to 4 MB.
+    pub async fn produce_large(&self, records: &[(Option<String>, Vec<u8>)]) -> Vec<(i32, i64)> {
+        self.produce_with(records, "4000000").await
+    }
+
+    /// Produces a tombstone (null value) with `key`; returns where it landed.
+    pub async fn produce_tombstone(&self, key: &str) -> (i32, i64) {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .expect("producer");
+        let record = FutureRecord::<str, [u8]>::to(&self.topic).key(key);
+        let delivery = producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(err, _)| err)
+            .expect("tombstone delivered");
+        (delivery.partition, delivery.offset)
+    }
+
+    async fn produce_with(
+        &self,
+        records: &[(Option<String>, Vec<u8>)],
+        max_bytes: &str,
+    ) -> Vec<(i32, i64)> {
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("linger.ms", "5")
+            .set("message.max.bytes", max_bytes)
             .set("queue.buffering.max.messages", "1000000")
             .create()
             .expect("producer");
@@ -356,4 +385,89 @@ pub fn two_file_routes(dir: &Path, errors: (&str, usize), warnings: (&str, usize
         file_route("errors", errors.0, errors.1, dir),
         file_route("warnings", warnings.0, warnings.1, dir)
     )
+}
+
+/// A record read back by a separate client.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, Vec<u8>>,
+}
+
+impl ReadRecord {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|value| String::from_utf8_lossy(value).into_owned())
+    }
+}
+
+impl Kafka {
+    /// Creates another topic on the mock cluster.
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        self.cluster
+            .as_ref()
+            .expect("create_topic needs the mock cluster")
+            .create_topic(name, partitions, 1)
+            .expect("topic created");
+    }
+
+    /// Every record of `topic` from the beginning up to its current end, read by a separate
+    /// client without a group.
+    pub fn read_all(&self, topic: &str) -> Vec<ReadRecord> {
+        use rdkafka::message::{Headers, Message};
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", unique("reader"))
+            .set("enable.auto.commit", "false")
+            .set("fetch.message.max.bytes", "8000000")
+            .create()
+            .expect("reader");
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = metadata.topics()[0].partitions().len() as i32;
+        let mut tpl = TopicPartitionList::new();
+        let mut remaining = 0i64;
+        for p in 0..partitions {
+            let (low, high) = client
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            remaining += high - low;
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("tpl");
+        }
+        client.assign(&tpl).expect("assign");
+        let mut records = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (records.len() as i64) < remaining && Instant::now() < deadline {
+            match client.poll(Duration::from_millis(200)) {
+                Some(Ok(message)) => {
+                    let mut headers = HashMap::new();
+                    if let Some(list) = message.headers() {
+                        for header in list.iter() {
+                            headers.insert(
+                                header.key.to_string(),
+                                header.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            );
+                        }
+                    }
+                    records.push(ReadRecord {
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        key: message.key().map(<[u8]>::to_vec),
+                        payload: message.payload().map(<[u8]>::to_vec),
+                        headers,
+                    });
+                }
+                Some(Err(err)) => panic!("reading {topic}: {err}"),
+                None => {}
+            }
+        }
+        assert_eq!(records.len() as i64, remaining, "read all of {topic}");
+        records
+    }
 }
