@@ -1,0 +1,229 @@
+//! Delivery under trouble, against in-process Kafka clusters:
+//! - the output cluster refuses everything for a while: retries and pauses show in /metrics,
+//!   nothing is committed past the first failing record, and after recovery every record
+//!   arrives;
+//! - a burst of invalid records trips the dead-letter breaker: consumption stops, /readyz says
+//!   why, no more than the breaker's bound went to the dead-letter topic, POST /resume resumes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use logbridge::metrics::Metrics;
+use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
+
+fn scrape_value(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sink_outage_retries_pauses_commits_nothing_then_delivers_everything() {
+    let source = Kafka::start("logs", 4);
+    let output = Kafka::start("out", 2);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..3_000u64)
+        .map(|id| (Some(format!("key-{}", id % 97)), event(id, "error")))
+        .collect();
+    source.produce(&records).await;
+    let end = source.end_offsets();
+
+    // The output cluster's only broker goes down before logbridge starts.
+    output
+        .cluster
+        .as_ref()
+        .expect("mock")
+        .broker_down(1)
+        .expect("broker down");
+
+    let group = unique("outage");
+    let routes = format!(
+        "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\nmax_retries = 1000\nretry_backoff_ms = 100\nretry_backoff_max_ms = 400\n\
+         sink = {{ type = \"kafka\", topic = \"out\", brokers = \"{}\", options = {{ \"message.timeout.ms\" = 500 }} }}\n",
+        output.brokers
+    );
+    let config = source.config(
+        &group,
+        "router_capacity = 64\nworker_capacity = 16",
+        &routes,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let pipeline = Running::start(
+        config,
+        RunOptions {
+            metrics: metrics.clone(),
+            http: HttpBind::Listener(listener),
+            ..RunOptions::default()
+        },
+    );
+
+    // During the outage: retries climb, partitions pause, and no offset is committed (the very
+    // first records fail, so the commit may not pass them).
+    let outage_started = Instant::now();
+    let mut saw_paused = false;
+    let mut retries = 0.0;
+    let mut max_committed = -1;
+    while outage_started.elapsed() < Duration::from_secs(12) {
+        let (_, body) = http_get(address, "/metrics").await;
+        retries = scrape_value(&body, "logbridge_delivery_retries_total");
+        saw_paused |= scrape_value(&body, "logbridge_paused_partitions") > 0.0;
+        max_committed = max_committed.max(*source.committed(&group).iter().max().unwrap_or(&-1));
+        if saw_paused && retries >= 20.0 && outage_started.elapsed() > Duration::from_secs(8) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let consumed_during = metrics.consumed.with_label_values(&["logs"]).get();
+    println!(
+        "outage: {:?} with retries {retries}, paused seen {saw_paused}, highest committed offset {max_committed}, consumed {consumed_during} of 3000",
+        outage_started.elapsed()
+    );
+    assert!(retries > 0.0, "retries visible in /metrics");
+    assert!(saw_paused, "paused partitions visible in /metrics");
+    assert!(
+        max_committed <= 0,
+        "nothing committed past the first failing record: {max_committed}"
+    );
+    assert!(
+        consumed_during < 3_000,
+        "backpressure kept the consumer from reading everything"
+    );
+
+    output
+        .cluster
+        .as_ref()
+        .expect("mock")
+        .broker_up(1)
+        .expect("broker up");
+    let recovered = wait_for(Duration::from_secs(120), || {
+        let (source, group, end) = (&source, &group, &end);
+        async move { source.committed(group) == *end }
+    })
+    .await;
+    pipeline.stop().await;
+    assert!(
+        recovered,
+        "commits did not reach the end after recovery: {:?}",
+        source.committed(&group)
+    );
+    let delivered = output.read_all("out");
+    let mut ids: Vec<u64> = delivered
+        .iter()
+        .map(|record| {
+            let value: serde_json::Value =
+                serde_json::from_slice(record.payload.as_deref().expect("payload")).expect("json");
+            value["id"].as_u64().expect("id")
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    println!(
+        "after recovery: {} records in the output topic, {} distinct ids, sink latency observations {}",
+        delivered.len(),
+        ids.len(),
+        metrics.sink_latency.with_label_values(&["errors"]).get_sample_count()
+    );
+    assert_eq!(ids.len(), 3_000, "every record arrived after the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
+    let kafka = Kafka::start("logs", 2);
+    kafka.create_topic("logs.dlq", 1);
+    let mut records: Vec<(Option<String>, Vec<u8>)> = (0..500u64)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect();
+    records.extend((0..3_000u64).map(|n| (Some(format!("bad-{n}")), b"{not json".to_vec())));
+    kafka.produce(&records).await;
+
+    let group = unique("breaker");
+    let config = kafka.config(
+        &group,
+        "router_capacity = 64\nworker_capacity = 16",
+        "[[routes]]\nname = \"info\"\nlevels = [\"info\"]\nsink = { type = \"null\" }\n\
+         [dead_letter]\ntopic = \"logs.dlq\"\n\
+         [breaker]\nmax_consecutive = 50\nwindow = 1000\nmax_invalid_ratio = 0.5\n",
+    );
+    let bound = 50 + 1 + in_flight_bound(&config);
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let pipeline = Running::start(
+        config,
+        RunOptions {
+            metrics: metrics.clone(),
+            http: HttpBind::Listener(listener),
+            ..RunOptions::default()
+        },
+    );
+    let tripped = wait_for(Duration::from_secs(60), || {
+        let metrics = metrics.clone();
+        async move { metrics.breaker_tripped.get() == 1 }
+    })
+    .await;
+    assert!(tripped, "the breaker did not trip");
+
+    // Stopped: consumption does not move any more, every partition is paused.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let consumed = metrics.consumed.with_label_values(&["logs"]).get();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metrics.consumed.with_label_values(&["logs"]).get(),
+        consumed,
+        "consumption stopped"
+    );
+    assert_eq!(
+        metrics.paused_partitions.get(),
+        metrics.assigned_partitions.get()
+    );
+    let (ready_status, ready_body) = http_get(address, "/readyz").await;
+    let (health_status, _) = http_get(address, "/healthz").await;
+    let dead_lettered = kafka.read_all("logs.dlq").len();
+    println!(
+        "breaker: tripped after {consumed} consumed; /readyz {ready_status}: {}; /healthz {health_status}; {dead_lettered} dead letters (bound {bound})",
+        ready_body.trim()
+    );
+    assert_eq!(ready_status, 503);
+    assert!(
+        ready_body.contains("breaker")
+            && ready_body.contains("not_json")
+            && ready_body.contains("none"),
+        "{ready_body}"
+    );
+    assert_eq!(health_status, 200, "liveness is not readiness");
+    assert!(
+        dead_lettered <= bound,
+        "{dead_lettered} dead letters exceed the bound {bound}"
+    );
+    assert!(
+        consumed < records.len() as u64,
+        "the breaker stopped before the topic was emptied"
+    );
+
+    // An operator resumes: consumption moves again.
+    let (resume_status, _) = http_request(
+        address,
+        "POST /resume HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(resume_status, 202);
+    let moved = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move { metrics.consumed.with_label_values(&["logs"]).get() > consumed }
+    })
+    .await;
+    assert!(moved, "consumption did not resume after POST /resume");
+    pipeline.stop().await;
+}
