@@ -25,6 +25,7 @@ command -v cc >/dev/null || missing+=(gcc g++)
 command -v make >/dev/null || missing+=(make)
 command -v perl >/dev/null || missing+=(perl)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v script >/dev/null || missing+=(bsdutils)   # a pty for the progress-bar test
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq

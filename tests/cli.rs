@@ -225,3 +225,56 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
         stdout.lines().last().unwrap_or("")
     );
 }
+
+/// `logbridge produce`: piped, one summary line; on a terminal (a pty from `script`), a
+/// progress bar. Against an in-process Kafka hosted by this test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_prints_a_summary_when_piped_and_progress_on_a_terminal() {
+    let kafka = common::Kafka::start("produced", 2);
+    let output = Command::new(BIN)
+        .args([
+            "produce",
+            "--brokers",
+            &kafka.brokers,
+            "--topic",
+            "produced",
+        ])
+        .args(["--count", "20000", "--bad-ratio", "0.05", "--seed", "1"])
+        .output()
+        .expect("run produce");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: Vec<&str> = stdout.lines().collect();
+    assert_eq!(summary.len(), 1, "one plain line when piped: {stdout}");
+    assert!(
+        summary[0].starts_with("produced 20000 events ("),
+        "{stdout}"
+    );
+    assert!(
+        summary[0].contains("events/s") && summary[0].ends_with("0 errors"),
+        "{stdout}"
+    );
+    assert_eq!(kafka.end_offsets().iter().sum::<i64>(), 20_000);
+
+    // On a terminal: a progress bar on stderr (util-linux `script` provides the pty).
+    let command = format!(
+        "{BIN} produce --brokers {} --topic produced --count 20000 --rate 10000",
+        kafka.brokers
+    );
+    let output = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script (util-linux) runs");
+    let screen = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{screen}");
+    assert!(
+        screen.contains("20000/20000 events"),
+        "progress bar reached the end:\n{screen}"
+    );
+    assert!(screen.contains("produced 20000 events"), "{screen}");
+    assert_eq!(kafka.end_offsets().iter().sum::<i64>(), 40_000);
+}
