@@ -62,6 +62,8 @@ enum Control {
     /// dispatched records, answer with their positions, then forget them.
     Revoke {
         partitions: Vec<(PartitionKey, u64)>,
+        /// Lost (session expired) rather than revoked: nothing may be committed, so do not wait.
+        lost: bool,
         respond_to: oneshot::Sender<Vec<CommitEntry>>,
     },
     /// Shutdown: answer with every position once all input has ended or at `deadline`.
@@ -109,11 +111,13 @@ impl CommitterControl {
     pub fn revoke_blocking(
         &self,
         partitions: Vec<(PartitionKey, u64)>,
+        lost: bool,
     ) -> Result<Vec<CommitEntry>, CommitterGone> {
         let (respond_to, response) = oneshot::channel();
         self.sender
             .blocking_send(Control::Revoke {
                 partitions,
+                lost,
                 respond_to,
             })
             .map_err(|_| CommitterGone)?;
@@ -406,13 +410,19 @@ impl CommitterActor {
         match control {
             Control::Revoke {
                 partitions,
+                lost,
                 respond_to,
             } => {
-                // Stop accepting anything for these partitions beyond what is already
-                // dispatched: fencing happens when the revoke is answered.
+                // Let the dispatched records finish (fencing happens when the revoke is
+                // answered); lost partitions are answered at once, their work is void.
+                let drain = if lost {
+                    Duration::ZERO
+                } else {
+                    self.drain_timeout
+                };
                 self.revokes.push(PendingRevoke {
                     partitions,
-                    deadline: Instant::now() + self.drain_timeout,
+                    deadline: Instant::now() + drain,
                     respond_to,
                 });
             }
@@ -492,6 +502,7 @@ impl CommitterActor {
                 });
             }
             let unfinished = tracked.offsets.in_flight();
+            self.metrics.abandoned.inc_by(unfinished as u64);
             if unfinished > 0 {
                 // The next owner starts at the committed position, so it reads these again.
                 warn!(
@@ -644,7 +655,7 @@ mod tests {
         // answer comes at the drain timeout with position 6.
         // Keep a handle: the committer ends when the consumer's control handles are all gone.
         let revoking = control.clone();
-        let answer = on_thread(move || revoking.revoke_blocking(vec![(key(0), 1)]))
+        let answer = on_thread(move || revoking.revoke_blocking(vec![(key(0), 1)], false))
             .await
             .expect("thread")
             .expect("committer alive");
@@ -674,7 +685,7 @@ mod tests {
     async fn revoke_waits_for_in_flight_records_then_answers() {
         let Spawned { acks, control, .. } = spawn(settings(), Arc::new(Metrics::new()));
         acks.send(dispatched(1, 0, 3)).await.expect("alive");
-        let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)]));
+        let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)], false));
         tokio::time::sleep(Duration::from_millis(100)).await;
         acks.send(ack(1, 0, 3)).await.expect("alive");
         let answer = answer.await.expect("thread").expect("alive");

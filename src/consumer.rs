@@ -39,7 +39,7 @@ use crate::config::Config;
 use crate::event::decode;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::record::{PartitionKey, Record};
+use crate::record::{Fences, PartitionKey, Record};
 use crate::router::RouterSender;
 
 /// librdkafka prefetch bound unless the config sets it: with the pipeline's own channels this
@@ -150,6 +150,8 @@ pub struct Callbacks {
     /// Set while the dead-letter breaker is tripped: every partition stays paused, including
     /// ones assigned meanwhile.
     halted: AtomicBool,
+    /// Revoked generations, shared with the router.
+    fences: Fences,
 }
 
 impl Callbacks {
@@ -201,13 +203,19 @@ impl Callbacks {
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
-        self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+        // Lost (session expired, another member may own them already): nothing may be
+        // committed for them.
+        let lost = consumer.assignment_lost();
+        let kind = if lost { "lost" } else { "revoke" };
+        self.metrics.rebalances.with_label_values(&[kind]).inc();
         let mut revoked = Vec::new();
         {
             let mut assignment = self.lock();
             for element in tpl.elements() {
                 let key = assignment.key(element.topic(), element.partition());
                 if let Some(state) = assignment.partitions.remove(&key) {
+                    // From now on the router drops what it still has of this assignment.
+                    self.fences.revoke(&key, state.generation);
                     if let Flow::Paused { held } = state.flow {
                         // Held records were never dispatched: the committed position is at or
                         // below them, so the next owner reads them again.
@@ -233,8 +241,21 @@ impl Callbacks {
         if self.closing.load(Ordering::Acquire) {
             return;
         }
-        info!(partitions = revoked.len(), "partitions revoked, draining");
-        match self.committer.revoke_blocking(revoked) {
+        if lost {
+            warn!(
+                partitions = revoked.len(),
+                "partitions lost (session expired): their state is dropped, nothing committed"
+            );
+        } else {
+            info!(partitions = revoked.len(), "partitions revoked, draining");
+        }
+        let started = std::time::Instant::now();
+        let answer = self.committer.revoke_blocking(revoked, lost);
+        self.metrics
+            .revoke_drain_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(_) if lost => {}
             Ok(entries) => commit_sync(consumer, &self.metrics, &entries, "revoke"),
             Err(err) => warn!(error = %err, "cannot commit revoked partitions"),
         }
@@ -348,6 +369,8 @@ pub struct ConsumerLinks {
     pub plans: watch::Receiver<CommitPlan>,
     /// The dead-letter breaker's state.
     pub breaker: watch::Receiver<BreakerState>,
+    /// Revoked generations, shared with the router.
+    pub fences: Fences,
 }
 
 /// The consumer actor. Built on the async side (so config errors surface before anything
@@ -378,6 +401,7 @@ impl ConsumerActor {
             committer,
             plans,
             breaker,
+            ..
         } = links;
         let callbacks = Callbacks {
             assignment: Mutex::new(Assignment::default()),
@@ -386,6 +410,7 @@ impl ConsumerActor {
             generations: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             halted: AtomicBool::new(false),
+            fences: links.fences,
         };
         let consumer: BaseConsumer<Callbacks> = client_config(config)
             .create_with_context(callbacks)

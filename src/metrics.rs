@@ -59,6 +59,10 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// 1 while the dead-letter breaker has stopped consumption.
     pub breaker_tripped: IntGauge,
+    /// Records of revoked partitions left unfinished (or undispatched) for the next owner.
+    pub abandoned: IntCounter,
+    /// Time a revoke waited for the revoked partitions' in-flight records.
+    pub revoke_drain_seconds: Histogram,
 }
 
 impl Metrics {
@@ -142,7 +146,7 @@ impl Metrics {
             rebalances: IntCounterVec::new(
                 Opts::new(
                     "logbridge_rebalances_total",
-                    "Rebalance events, by kind (assign, revoke, error).",
+                    "Rebalance events, by kind (assign, revoke, lost, error).",
                 ),
                 &["kind"],
             )
@@ -213,6 +217,19 @@ impl Metrics {
                 "1 while the dead-letter breaker has stopped consumption, else 0.",
             )
             .expect(METRIC_OK),
+            abandoned: IntCounter::new(
+                "logbridge_revoke_abandoned_records_total",
+                "Records of revoked partitions not finished by the revoke; the next owner reads them again.",
+            )
+            .expect(METRIC_OK),
+            revoke_drain_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "logbridge_revoke_drain_duration_seconds",
+                    "Time a revoke waited for the revoked partitions' in-flight records.",
+                )
+                .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            )
+            .expect(METRIC_OK),
             registry,
         };
         metrics.register_all();
@@ -242,6 +259,8 @@ impl Metrics {
             Box::new(self.dead_letter_errors.clone()),
             Box::new(self.retries.clone()),
             Box::new(self.breaker_tripped.clone()),
+            Box::new(self.abandoned.clone()),
+            Box::new(self.revoke_drain_seconds.clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

@@ -19,7 +19,8 @@ use crate::event::Level;
 use crate::health::Liveness;
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
-use crate::router::{self, RouteLane};
+use crate::record::Fences;
+use crate::router::{self, RouteLane, RouteTable};
 use crate::sink::{config_sink_factory, SinkFactory};
 use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 
@@ -166,12 +167,13 @@ pub async fn run(
     };
 
     liveness.expect("router", 1);
+    let fences = Fences::default();
     let (router, router_task) = router::spawn(
         config.pipeline.router_capacity,
-        lanes,
-        levels,
+        RouteTable { lanes, levels },
         acks,
         failures,
+        fences.clone(),
         metrics.clone(),
         liveness.clone(),
     );
@@ -188,6 +190,7 @@ pub async fn run(
             committer: control,
             plans,
             breaker: breaker.subscribe(),
+            fences,
         },
         metrics.clone(),
         liveness.clone(),

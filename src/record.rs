@@ -119,3 +119,33 @@ impl Record {
         }
     }
 }
+
+/// Assignment generations that were revoked, shared by the consumer (which fences at revoke)
+/// and the router (which stops dispatching fenced records: their partition has a new owner).
+#[derive(Clone, Default)]
+pub struct Fences {
+    revoked: Arc<std::sync::RwLock<std::collections::HashMap<PartitionKey, u64>>>,
+}
+
+impl Fences {
+    /// Every generation of `source` up to `generation` is revoked.
+    pub fn revoke(&self, source: &PartitionKey, generation: u64) {
+        let mut revoked = self
+            .revoked
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fence = revoked.entry(source.clone()).or_insert(generation);
+        *fence = (*fence).max(generation);
+    }
+
+    /// Whether `record` was read under a revoked assignment.
+    pub fn is_revoked(&self, record: &Record) -> bool {
+        let revoked = self
+            .revoked
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        revoked
+            .get(&record.source)
+            .is_some_and(|fence| record.generation <= *fence)
+    }
+}

@@ -16,7 +16,7 @@ use crate::committer::{AckSender, CommitterMsg};
 use crate::dead_letter::{DeadLetter, Failures, Stage};
 use crate::health::Liveness;
 use crate::metrics::{Metrics, NO_ROUTE};
-use crate::record::{AckStatus, Record};
+use crate::record::{AckStatus, Fences, Record};
 use crate::worker::WorkerHandle;
 
 /// The workers of one route.
@@ -33,24 +33,34 @@ pub struct RouteLane {
 /// of waiting, so it can keep polling Kafka.
 pub type RouterSender = mpsc::Sender<Record>;
 
-/// Starts the router. `levels` maps each normalised level to the index of its lane.
+/// The routes: their lanes and which lane takes each normalised level.
+pub struct RouteTable {
+    /// One lane per route, in configuration order.
+    pub lanes: Vec<RouteLane>,
+    /// Normalised level → index into `lanes`.
+    pub levels: HashMap<String, usize>,
+}
+
+/// Starts the router.
 pub fn spawn(
     capacity: usize,
-    lanes: Vec<RouteLane>,
-    levels: HashMap<String, usize>,
+    table: RouteTable,
     acks: AckSender,
     failures: Failures,
+    fences: Fences,
     metrics: Arc<Metrics>,
     liveness: Liveness,
 ) -> (RouterSender, tokio::task::JoinHandle<()>) {
     // Full: the consumer's try_send fails and it pauses the record's partition.
     let (sender, receiver) = mpsc::channel(capacity);
+    let RouteTable { lanes, levels } = table;
     let actor = RouterActor {
         receiver,
         lanes,
         levels,
         acks,
         failures,
+        fences,
         metrics,
         liveness,
         no_route: Arc::from(NO_ROUTE),
@@ -64,6 +74,7 @@ struct RouterActor {
     levels: HashMap<String, usize>,
     acks: AckSender,
     failures: Failures,
+    fences: Fences,
     metrics: Arc<Metrics>,
     liveness: Liveness,
     no_route: Arc<str>,
@@ -86,6 +97,13 @@ impl RouterActor {
     async fn run(mut self) {
         let _alive = self.liveness.enter("router");
         while let Some(record) = self.receiver.recv().await {
+            if self.fences.is_revoked(&record) {
+                // Its partition went to another owner, which reads it again: dispatching it
+                // would only make a duplicate.
+                self.metrics.in_flight.dec();
+                self.metrics.abandoned.inc();
+                continue;
+            }
             if self.route(record).await.is_err() {
                 // Without a committer nothing can finish; stop taking records so the consumer
                 // sees the channel close and shuts down.
