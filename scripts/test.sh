@@ -59,7 +59,7 @@ log "cargo test (all tiers)"
 cargo test --all-targets -- --nocapture 2>&1 | tee target/test-output.log
 
 # The tests stop every process they start; prove it.
-leftover=$(pgrep -f "$LOGBRIDGE_TANSU broker|target/debug/logbridge" || true)
+leftover=$(pgrep -f "$LOGBRIDGE_TANSU broker|$PWD/target/debug/logbridge" || true)
 if [ -n "$leftover" ]; then
     echo "processes left behind by the tests:" >&2
     ps -o pid,args -p $leftover >&2 || true

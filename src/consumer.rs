@@ -433,16 +433,31 @@ impl ConsumerActor {
         })
     }
 
-    /// Runs until shutdown has drained and committed. Blocks: call it on its own thread.
-    pub fn run(mut self) -> anyhow::Result<()> {
+    /// Runs until shutdown has drained and committed, reports the outcome on `committed`, then
+    /// leaves the group. Blocks: call it on its own thread. Leaving can take long while the group
+    /// is rebalancing (a JoinGroup in flight waits for every member, even a dead one, up to its
+    /// session timeout), so the caller need not wait for it once the outcome is in.
+    pub fn run(mut self, committed: std::sync::mpsc::Sender<anyhow::Result<()>>) {
         let _alive = self.liveness.enter("consumer");
+        let result = self.consume();
+        self.callbacks().closing.store(true, Ordering::Release);
+        // Nobody listening means the pipeline is gone already; leave the group regardless.
+        let _ = committed.send(result);
+        info!("leaving the consumer group");
+        // Dropping the consumer closes it: it leaves the group so partitions move at once.
+        drop(self.consumer);
+        info!("left the consumer group");
+    }
+
+    /// The poll loop: consume until shutdown, then drain and make the final commit.
+    fn consume(&mut self) -> anyhow::Result<()> {
         let mut phase = Phase::Consuming;
-        let result = loop {
+        loop {
             match &mut phase {
                 Phase::Consuming if self.shutdown.is_cancelled() => {
                     match self.begin_drain() {
                         Some(next) => phase = next,
-                        None => break Ok(()),
+                        None => return Ok(()),
                     }
                     continue;
                 }
@@ -475,7 +490,7 @@ impl ConsumerActor {
                 None => {}
                 Some(Err(err)) => {
                     if matches!(err, KafkaError::MessageConsumptionFatal(_)) {
-                        break Err(anyhow::Error::new(err).context("fatal Kafka consumer error"));
+                        return Err(anyhow::Error::new(err).context("fatal Kafka consumer error"));
                     }
                     warn!(error = %err, "kafka consume error");
                 }
@@ -487,12 +502,7 @@ impl ConsumerActor {
                     // never dispatched, so the final commit stays below it and it is read again.
                 }
             }
-        };
-        self.callbacks().closing.store(true, Ordering::Release);
-        info!("leaving the consumer group");
-        // Dropping the consumer closes it: it leaves the group so partitions move at once.
-        drop(self.consumer);
-        result
+        }
     }
 
     fn callbacks(&self) -> &Callbacks {

@@ -26,6 +26,9 @@ use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 
 /// How often channel depth gauges are sampled.
 const DEPTH_SAMPLE_EVERY: Duration = Duration::from_millis(200);
+/// After the final commit, how long leaving the consumer group may take before shutdown goes on
+/// without waiting for it.
+const LEAVE_GROUP_WAIT: Duration = Duration::from_millis(1_500);
 /// After the final commit, how long tasks get to wind down before they are aborted.
 const WIND_DOWN: Duration = Duration::from_secs(2);
 
@@ -228,18 +231,35 @@ pub async fn run(
         routes = config.routes.len(),
         "logbridge started"
     );
+    let (committed_tx, committed_rx) = std::sync::mpsc::channel();
     let consumer_thread = std::thread::Builder::new()
         .name("logbridge-consumer".to_string())
-        .spawn(move || consumer.run())
+        .spawn(move || consumer.run(committed_tx))
         .context("failed to start the consumer thread")?;
     let drain_started = std::time::Instant::now();
-    let consumer_result = tokio::task::spawn_blocking(move || consumer_thread.join())
+    // The outcome arrives after the final commit; a closed channel means the thread died.
+    let consumer_result = tokio::task::spawn_blocking(move || committed_rx.recv())
         .await
-        .context("consumer thread could not be joined")?;
-    let consumer_result = match consumer_result {
-        Ok(result) => result,
-        Err(_) => Err(anyhow::anyhow!("consumer thread panicked")),
-    };
+        .context("consumer outcome could not be received")?
+        .unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "consumer thread stopped without an outcome"
+            ))
+        });
+    // Then it leaves the group: usually at once, but a rebalance in flight can hold it up to
+    // a session timeout. Give it a moment; past that the process exits without waiting and the
+    // group notices through the session timeout instead.
+    let left = tokio::time::timeout(
+        LEAVE_GROUP_WAIT,
+        tokio::task::spawn_blocking(move || consumer_thread.join()),
+    )
+    .await;
+    if left.is_err() {
+        warn!(
+            waited_ms = LEAVE_GROUP_WAIT.as_millis() as u64,
+            "leaving the group is taking long (a rebalance is in flight); not waiting for it"
+        );
+    }
     if consumer_result.is_err() {
         // The consumer stopped on its own (fatal error): stop everything else too.
         shutdown.cancel();

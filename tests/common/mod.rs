@@ -112,41 +112,54 @@ impl Kafka {
         records: &[(Option<String>, Vec<u8>)],
         max_bytes: &str,
     ) -> Vec<(i32, i64)> {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("linger.ms", "5")
-            .set("message.max.bytes", max_bytes)
-            .set("queue.buffering.max.messages", "1000000")
-            .create()
-            .expect("producer");
-        let mut pending = Vec::with_capacity(1024);
-        let mut placed = Vec::with_capacity(records.len());
-        for (key, payload) in records {
-            let mut record = FutureRecord::<str, [u8]>::to(&self.topic).payload(payload.as_slice());
-            if let Some(key) = key {
-                record = record.key(key.as_str());
-            }
-            pending.push(
-                producer
-                    .send_result(record)
-                    .map_err(|(err, _)| err)
-                    .expect("enqueued"),
-            );
-            if pending.len() >= 1024 {
-                for delivery in pending.drain(..) {
-                    let delivery = delivery.await.expect("delivered").expect("acked");
-                    placed.push((delivery.partition, delivery.offset));
-                }
-            }
-        }
-        for delivery in pending {
-            let delivery = delivery.await.expect("delivered").expect("acked");
-            placed.push((delivery.partition, delivery.offset));
-        }
-        producer.flush(Duration::from_secs(10)).expect("flushed");
-        placed
+        produce_records(&self.brokers, &self.topic, records, max_bytes).await
     }
+}
 
+/// Produces every `(key, payload)` to `topic`, waits for all delivery reports, and returns
+/// where each record landed as `(partition, offset)`.
+pub async fn produce_records(
+    brokers: &str,
+    topic: &str,
+    records: &[(Option<String>, Vec<u8>)],
+    max_bytes: &str,
+) -> Vec<(i32, i64)> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "5")
+        .set("message.max.bytes", max_bytes)
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let mut pending = Vec::with_capacity(1024);
+    let mut placed = Vec::with_capacity(records.len());
+    for (key, payload) in records {
+        let mut record = FutureRecord::<str, [u8]>::to(topic).payload(payload.as_slice());
+        if let Some(key) = key {
+            record = record.key(key.as_str());
+        }
+        pending.push(
+            producer
+                .send_result(record)
+                .map_err(|(err, _)| err)
+                .expect("enqueued"),
+        );
+        if pending.len() >= 1024 {
+            for delivery in pending.drain(..) {
+                let delivery = delivery.await.expect("delivered").expect("acked");
+                placed.push((delivery.partition, delivery.offset));
+            }
+        }
+    }
+    for delivery in pending {
+        let delivery = delivery.await.expect("delivered").expect("acked");
+        placed.push((delivery.partition, delivery.offset));
+    }
+    producer.flush(Duration::from_secs(10)).expect("flushed");
+    placed
+}
+
+impl Kafka {
     /// End offset (high watermark) of every partition, read by a separate client.
     pub fn end_offsets(&self) -> Vec<i64> {
         let client: BaseConsumer = ClientConfig::new()

@@ -1,0 +1,266 @@
+//! Rebalance safety and scale-out with real `logbridge` processes in one group, on a mock
+//! cluster hosted by this test and served over loopback TCP (tansu never expires a member
+//! killed with SIGKILL, see shared/TEST-BROKER.md).
+//!
+//! - Churn: 200 000 events produced while three instances are killed (SIGKILL and SIGTERM
+//!   mixed) and restarted over ten rounds, for the eager (`range`) and the incremental
+//!   (`cooperative-sticky`) protocol: zero loss, committed offset = end offset, duplicates per
+//!   rebalance printed.
+//! - Scale-out: three instances share a 12-partition topic (each owns some, seen in their
+//!   metrics); the time one and three instances take for the same backlog is printed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::process::{free_port, write_child_config, Logbridge};
+use common::*;
+use rand::Rng;
+
+const EVENTS: u64 = 200_000;
+const ROUNDS: usize = 10;
+
+struct Instance {
+    child: Logbridge,
+    out: PathBuf,
+}
+
+fn start(
+    kafka: &Kafka,
+    work: &std::path::Path,
+    group: &str,
+    strategy: &str,
+    name: &str,
+) -> Instance {
+    let out = work.join(name);
+    let config = work.join(format!("{name}.toml"));
+    let port = free_port();
+    write_child_config(
+        &config,
+        &kafka.brokers,
+        group,
+        &kafka.topic,
+        &out,
+        port,
+        &format!("\"partition.assignment.strategy\" = \"{strategy}\""),
+    );
+    let child = Logbridge::start(&config, port, work.join(format!("{name}.log")));
+    Instance { child, out }
+}
+
+async fn assigned(instances: &[Instance]) -> Vec<f64> {
+    let mut counts = Vec::new();
+    for instance in instances {
+        counts.push(
+            instance
+                .child
+                .metric("logbridge_assigned_partitions")
+                .await
+                .unwrap_or(-1.0),
+        );
+    }
+    counts
+}
+
+async fn churn(strategy: &str) {
+    let kafka = Kafka::start("churn", 12);
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique(&format!("churn-{strategy}"));
+
+    // Records flow during the whole churn: a producer adds 200 000 events over about 40 s.
+    let (brokers, topic) = (kafka.brokers.clone(), kafka.topic.clone());
+    let producer = tokio::spawn(async move {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut valid = std::collections::HashSet::new();
+        for chunk in 0..100u64 {
+            let records: Vec<(Option<String>, Vec<u8>)> = (0..EVENTS / 100)
+                .map(|n| {
+                    let id = chunk * (EVENTS / 100) + n;
+                    let (key, payload, bad) =
+                        logbridge::produce::sample_event(&mut rng, id, 5_000, 0.0);
+                    if !bad {
+                        valid.insert(id);
+                    }
+                    (Some(key), payload)
+                })
+                .collect();
+            produce_records(&brokers, &topic, &records, "1000000").await;
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        valid
+    });
+
+    let mut slots: Vec<Instance> = (0..3)
+        .map(|slot| {
+            start(
+                &kafka,
+                work.path(),
+                &group,
+                strategy,
+                &format!("slot{slot}-0"),
+            )
+        })
+        .collect();
+    let mut finished: Vec<Instance> = Vec::new();
+    let shared = wait_for(Duration::from_secs(60), || {
+        let slots = &slots;
+        async move {
+            let counts = assigned(slots).await;
+            counts.iter().all(|c| *c > 0.0) && counts.iter().sum::<f64>() == 12.0
+        }
+    })
+    .await;
+    println!(
+        "{strategy}: three instances share 12 partitions: {:?}",
+        assigned(&slots).await
+    );
+    assert!(
+        shared,
+        "three instances did not each get some of the 12 partitions"
+    );
+
+    let mut rng = rand::rng();
+    let mut kills = Vec::new();
+    for round in 0..ROUNDS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_000))).await;
+        let slot = rng.random_range(0..3);
+        let signal = if round % 2 == 0 { "SIGKILL" } else { "SIGTERM" };
+        let mut old = std::mem::replace(
+            &mut slots[slot],
+            // Placeholder replaced right below; started only after the old one is gone.
+            start(
+                &kafka,
+                work.path(),
+                &group,
+                strategy,
+                &format!("slot{slot}-{}", round + 1),
+            ),
+        );
+        // (The new instance was started above; stop the old one now: the group sees a leave
+        // or, for SIGKILL, an expiry after session.timeout.ms.)
+        if signal == "SIGKILL" {
+            old.child.kill();
+        } else {
+            let (status, took) = old.child.terminate(Duration::from_secs(10));
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(0),
+                "{strategy} round {round}: SIGTERM exit"
+            );
+            assert!(
+                took < Duration::from_secs(6),
+                "{strategy} round {round}: SIGTERM took {took:?}"
+            );
+        }
+        kills.push(signal);
+        finished.push(old);
+    }
+    let valid = producer.await.expect("producer");
+    let end = kafka.end_offsets();
+    let done = wait_for(Duration::from_secs(240), || {
+        let (kafka, group, end) = (&kafka, &group, &end);
+        async move { kafka.committed(group) == *end }
+    })
+    .await;
+    let final_counts = assigned(&slots).await;
+    for mut instance in slots.into_iter() {
+        let (status, _) = instance.child.terminate(Duration::from_secs(10));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{strategy}: final SIGTERM exit"
+        );
+        finished.push(instance);
+    }
+    assert!(
+        done,
+        "{strategy}: commits did not reach the end: {:?} vs {end:?}",
+        kafka.committed(&group)
+    );
+
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for instance in &finished {
+        let lines = read_lines(&[
+            instance.out.join("errors.jsonl"),
+            instance.out.join("warnings.jsonl"),
+            instance.out.join("rest.jsonl"),
+        ]);
+        for (id, count) in id_counts(&lines) {
+            *seen.entry(id).or_insert(0) += count;
+        }
+    }
+    let missing = valid.iter().filter(|id| !seen.contains_key(id)).count();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    println!(
+        "{strategy}: {EVENTS} events, {ROUNDS} rounds {kills:?}, final assignment {final_counts:?}; lost {missing}, \
+         duplicates {duplicates} ({:.0} per rebalance round)",
+        duplicates as f64 / ROUNDS as f64
+    );
+    assert_eq!(missing, 0, "{strategy}: events lost");
+    assert_eq!(kafka.committed(&group), end, "{strategy}: committed = end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churn_loses_nothing_with_eager_and_cooperative_rebalancing() {
+    churn("range").await;
+    churn("cooperative-sticky").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_versus_three_instances_on_twelve_partitions() {
+    let kafka = Kafka::start("scale", 12);
+    let produced = kafka.produce_samples(EVENTS, 0.0, 3).await;
+    let end = kafka.end_offsets();
+    let work = tempfile::tempdir().expect("workdir");
+    let mut figures = Vec::new();
+    for count in [1usize, 3] {
+        let group = unique(&format!("scale-{count}"));
+        let started = Instant::now();
+        let instances: Vec<Instance> = (0..count)
+            .map(|n| {
+                start(
+                    &kafka,
+                    work.path(),
+                    &group,
+                    "range",
+                    &format!("scale{count}-{n}"),
+                )
+            })
+            .collect();
+        let done = wait_for(Duration::from_secs(180), || {
+            let (kafka, group, end) = (&kafka, &group, &end);
+            async move { kafka.committed(group) == *end }
+        })
+        .await;
+        let took = started.elapsed();
+        let counts = assigned(&instances).await;
+        let mut written = 0;
+        for mut instance in instances {
+            instance.child.terminate(Duration::from_secs(10));
+            written += id_counts(&read_lines(&[
+                instance.out.join("errors.jsonl"),
+                instance.out.join("warnings.jsonl"),
+                instance.out.join("rest.jsonl"),
+            ]))
+            .len();
+        }
+        assert!(done, "{count} instance(s) did not finish");
+        if count == 3 {
+            assert!(
+                counts.iter().all(|c| *c > 0.0),
+                "each instance owns some partitions: {counts:?}"
+            );
+        }
+        assert!(written >= produced.valid_ids.len());
+        figures.push((count, took, counts));
+    }
+    for (count, took, counts) in &figures {
+        println!(
+            "scale-out: {count} instance(s) took {took:?} for {EVENTS} events ({:.0} events/s including the group join), partitions {counts:?}",
+            EVENTS as f64 / took.as_secs_f64()
+        );
+    }
+}
