@@ -212,13 +212,16 @@ topics = ["{topic}"]
 "auto.offset.reset" = "earliest"
 "session.timeout.ms" = 6000
 [pipeline]
-commit_interval_ms = 200
-drain_timeout_ms = 3000
-{pipeline}
+{defaults}{pipeline}
 {routes}
 "#,
             brokers = self.brokers,
             topic = self.topic,
+            defaults = [("commit_interval_ms", "200"), ("drain_timeout_ms", "3000")]
+                .iter()
+                .filter(|(key, _)| !pipeline.contains(key))
+                .map(|(key, value)| format!("{key} = {value}\n"))
+                .collect::<String>(),
         );
         Config::from_toml_str(&text).unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
     }
