@@ -62,8 +62,9 @@ enum Control {
     /// dispatched records, answer with their positions, then forget them.
     Revoke {
         partitions: Vec<(PartitionKey, u64)>,
-        /// Lost (session expired) rather than revoked: nothing may be committed, so do not wait.
-        lost: bool,
+        /// Whether to wait (up to the drain timeout) for the dispatched records to finish; not for
+        /// lost partitions (their work is void) nor during shutdown (which has its own deadline).
+        wait: bool,
         respond_to: oneshot::Sender<Vec<CommitEntry>>,
     },
     /// Shutdown: answer with every position once all input has ended or at `deadline`.
@@ -111,13 +112,13 @@ impl CommitterControl {
     pub fn revoke_blocking(
         &self,
         partitions: Vec<(PartitionKey, u64)>,
-        lost: bool,
+        wait: bool,
     ) -> Result<Vec<CommitEntry>, CommitterGone> {
         let (respond_to, response) = oneshot::channel();
         self.sender
             .blocking_send(Control::Revoke {
                 partitions,
-                lost,
+                wait,
                 respond_to,
             })
             .map_err(|_| CommitterGone)?;
@@ -410,15 +411,15 @@ impl CommitterActor {
         match control {
             Control::Revoke {
                 partitions,
-                lost,
+                wait,
                 respond_to,
             } => {
                 // Let the dispatched records finish (fencing happens when the revoke is
-                // answered); lost partitions are answered at once, their work is void.
-                let drain = if lost {
-                    Duration::ZERO
-                } else {
+                // answered), or answer at once.
+                let drain = if wait {
                     self.drain_timeout
+                } else {
+                    Duration::ZERO
                 };
                 self.revokes.push(PendingRevoke {
                     partitions,
@@ -655,7 +656,7 @@ mod tests {
         // answer comes at the drain timeout with position 6.
         // Keep a handle: the committer ends when the consumer's control handles are all gone.
         let revoking = control.clone();
-        let answer = on_thread(move || revoking.revoke_blocking(vec![(key(0), 1)], false))
+        let answer = on_thread(move || revoking.revoke_blocking(vec![(key(0), 1)], true))
             .await
             .expect("thread")
             .expect("committer alive");
@@ -685,7 +686,7 @@ mod tests {
     async fn revoke_waits_for_in_flight_records_then_answers() {
         let Spawned { acks, control, .. } = spawn(settings(), Arc::new(Metrics::new()));
         acks.send(dispatched(1, 0, 3)).await.expect("alive");
-        let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)], false));
+        let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)], true));
         tokio::time::sleep(Duration::from_millis(100)).await;
         acks.send(ack(1, 0, 3)).await.expect("alive");
         let answer = answer.await.expect("thread").expect("alive");

@@ -152,6 +152,8 @@ pub struct Callbacks {
     halted: AtomicBool,
     /// Revoked generations, shared with the router.
     fences: Fences,
+    /// Set when shutdown starts draining.
+    shutting_down: AtomicBool,
 }
 
 impl Callbacks {
@@ -249,8 +251,10 @@ impl Callbacks {
         } else {
             info!(partitions = revoked.len(), "partitions revoked, draining");
         }
+        // During shutdown the drain has its own deadline: commit what finished, do not wait.
+        let wait = !lost && !self.shutting_down.load(Ordering::Acquire);
         let started = std::time::Instant::now();
-        let answer = self.committer.revoke_blocking(revoked, lost);
+        let answer = self.committer.revoke_blocking(revoked, wait);
         self.metrics
             .revoke_drain_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -411,6 +415,7 @@ impl ConsumerActor {
             closing: AtomicBool::new(false),
             halted: AtomicBool::new(false),
             fences: links.fences,
+            shutting_down: AtomicBool::new(false),
         };
         let consumer: BaseConsumer<Callbacks> = client_config(config)
             .create_with_context(callbacks)
@@ -513,6 +518,9 @@ impl ConsumerActor {
     /// the final positions. `None` when there is nothing to wait for.
     fn begin_drain(&mut self) -> Option<Phase> {
         info!("shutdown: stop fetching and drain in-flight records");
+        self.callbacks()
+            .shutting_down
+            .store(true, Ordering::Release);
         {
             let mut assignment = self.callbacks().lock();
             let mut tpl = TopicPartitionList::new();
