@@ -57,6 +57,8 @@ const POLL_IDLE: Duration = Duration::from_millis(100);
 /// How long one poll waits while records are held for a full router: short, so the held
 /// records move as soon as there is room.
 const POLL_HELD: Duration = Duration::from_millis(5);
+/// Longest wait for the final commit at shutdown.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(1_000);
 /// Extra wait for the committer's final answer beyond the drain timeout.
 const FINISH_GRACE: Duration = Duration::from_secs(2);
 
@@ -380,7 +382,8 @@ pub struct ConsumerLinks {
 /// The consumer actor. Built on the async side (so config errors surface before anything
 /// starts), then moved to its own thread with [`ConsumerActor::run`].
 pub struct ConsumerActor {
-    consumer: BaseConsumer<Callbacks>,
+    /// Shared only with the thread of the final commit (see `final_commit`).
+    consumer: Arc<BaseConsumer<Callbacks>>,
     breaker: watch::Receiver<BreakerState>,
     router: Option<RouterSender>,
     plans: watch::Receiver<CommitPlan>,
@@ -426,7 +429,7 @@ impl ConsumerActor {
             .context("failed to subscribe to the configured topics")?;
         liveness.expect("consumer", 1);
         Ok(ConsumerActor {
-            consumer,
+            consumer: Arc::new(consumer),
             breaker,
             router: Some(router),
             plans,
@@ -450,6 +453,7 @@ impl ConsumerActor {
         let _ = committed.send(result);
         info!("leaving the consumer group");
         // Dropping the consumer closes it: it leaves the group so partitions move at once.
+        // (If the final commit's thread still holds it, that thread closes it when done.)
         drop(self.consumer);
         info!("left the consumer group");
     }
@@ -470,7 +474,7 @@ impl ConsumerActor {
                 Phase::Draining { answer, give_up_at } => {
                     match answer.try_recv() {
                         Ok(entries) => {
-                            commit_sync(&self.consumer, &self.metrics, &entries, "shutdown");
+                            self.final_commit(entries);
                             break Ok(());
                         }
                         Err(oneshot::error::TryRecvError::Empty)
@@ -507,6 +511,32 @@ impl ConsumerActor {
                     // never dispatched, so the final commit stays below it and it is read again.
                 }
             }
+        }
+    }
+
+    /// Commits the final positions, waiting at most `FINAL_COMMIT_WAIT`. A synchronous commit
+    /// waits for a rebalance in flight, which can take a session timeout when a member died;
+    /// shutdown must stay within `drain_timeout_ms` + 2 s, so past the wait it goes on (the
+    /// commit may still land; if not, the records after the previous commit are read again).
+    fn final_commit(&self, entries: Vec<CommitEntry>) {
+        let consumer = self.consumer.clone();
+        let metrics = self.metrics.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("logbridge-final-commit".to_string())
+            .spawn(move || {
+                commit_sync(&consumer, &metrics, &entries, "shutdown");
+                let _ = done_tx.send(());
+            });
+        if let Err(err) = spawned {
+            warn!(error = %err, "cannot start the final commit");
+            return;
+        }
+        if done_rx.recv_timeout(FINAL_COMMIT_WAIT).is_err() {
+            warn!(
+                waited_ms = FINAL_COMMIT_WAIT.as_millis() as u64,
+                "final commit is taking long (a rebalance is in flight); not waiting for it"
+            );
         }
     }
 

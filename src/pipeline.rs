@@ -28,7 +28,7 @@ use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 const DEPTH_SAMPLE_EVERY: Duration = Duration::from_millis(200);
 /// After the final commit, how long leaving the consumer group may take before shutdown goes on
 /// without waiting for it.
-const LEAVE_GROUP_WAIT: Duration = Duration::from_millis(1_500);
+const LEAVE_GROUP_WAIT: Duration = Duration::from_millis(800);
 /// After the final commit, how long tasks get to wind down before they are aborted.
 const WIND_DOWN: Duration = Duration::from_secs(2);
 
