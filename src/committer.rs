@@ -220,6 +220,7 @@ pub fn spawn(settings: CommitterSettings, metrics: Arc<Metrics>) -> Spawned {
         fences: HashMap::new(),
         revokes: Vec::new(),
         finish: None,
+        finished_shutdown: false,
         interval: settings.interval,
         drain_timeout: settings.drain_timeout,
         metrics,
@@ -266,6 +267,8 @@ struct CommitterActor {
     fences: HashMap<PartitionKey, u64>,
     revokes: Vec<PendingRevoke>,
     finish: Option<PendingFinish>,
+    /// The shutdown's final positions were handed over.
+    finished_shutdown: bool,
     interval: Duration,
     drain_timeout: Duration,
     metrics: Arc<Metrics>,
@@ -310,6 +313,11 @@ impl CommitterActor {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
             }
             self.settle(input_open);
+            if !input_open && self.finished_shutdown {
+                // Shutdown is answered and nothing more can arrive: done. (A revoke now, while
+                // the consumer closes, has nothing left to commit.)
+                break;
+            }
         }
     }
 
@@ -473,6 +481,7 @@ impl CommitterActor {
                 }
                 // The consumer may have given up waiting; then there is nobody to tell.
                 let _ = finish.respond_to.send(entries);
+                self.finished_shutdown = true;
             }
         }
     }

@@ -12,7 +12,8 @@
 //! last record it returned, which is right after what we hold, so nothing is skipped.
 //!
 //! Commits: the committer publishes a [`CommitPlan`] per interval (only when something
-//! advanced); this thread commits it, and the final positions on revoke and at shutdown.
+//! advanced); a commit thread commits it, and this thread commits the final positions on revoke
+//! and at shutdown.
 //! Every commit is synchronous: librdkafka reports the result of a manual *asynchronous*
 //! commit only to an `offset_commit_cb`, which rust-rdkafka does not install (its event API
 //! covers automatic commits only), so an async commit's failure would go unseen. The cost is
@@ -385,6 +386,8 @@ pub struct ConsumerActor {
     /// Shared only with the thread of the final commit (see `final_commit`).
     consumer: Arc<BaseConsumer<Callbacks>>,
     breaker: watch::Receiver<BreakerState>,
+    /// For the commit thread, which waits on the committer's `watch`.
+    runtime: tokio::runtime::Handle,
     router: Option<RouterSender>,
     plans: watch::Receiver<CommitPlan>,
     shutdown: CancellationToken,
@@ -431,6 +434,8 @@ impl ConsumerActor {
         Ok(ConsumerActor {
             consumer: Arc::new(consumer),
             breaker,
+            runtime: tokio::runtime::Handle::try_current()
+                .context("the consumer must be created inside the tokio runtime")?,
             router: Some(router),
             plans,
             shutdown,
@@ -447,6 +452,7 @@ impl ConsumerActor {
     /// session timeout), so the caller need not wait for it once the outcome is in.
     pub fn run(mut self, committed: std::sync::mpsc::Sender<anyhow::Result<()>>) {
         let _alive = self.liveness.enter("consumer");
+        self.start_interval_commits();
         let result = self.consume();
         self.callbacks().closing.store(true, Ordering::Release);
         // Nobody listening means the pipeline is gone already; leave the group regardless.
@@ -486,7 +492,6 @@ impl ConsumerActor {
                     }
                 }
             }
-            self.apply_plan();
             if matches!(phase, Phase::Consuming) {
                 self.follow_breaker()?;
             }
@@ -511,6 +516,46 @@ impl ConsumerActor {
                     // never dispatched, so the final commit stays below it and it is read again.
                 }
             }
+        }
+    }
+
+    /// Interval commits run on their own thread: a synchronous commit waits for a rebalance in
+    /// flight (seen: 5 s while a dead member's session expired), and the poll loop must not
+    /// wait with it (shutdown, held records and rebalance callbacks are served there).
+    ///
+    /// Each plan is filtered, at commit time, to the partitions still held under the plan's
+    /// generation. A plan filtered just before a revoke may land just after the revoke's final
+    /// commit: it carries an older position of the same generation (plans only grow), so the
+    /// next owner at worst reads a few records again; it cannot land after the next owner's
+    /// commits, which belong to a later group generation the broker holds us to.
+    fn start_interval_commits(&mut self) {
+        let consumer = self.consumer.clone();
+        let metrics = self.metrics.clone();
+        let mut plans = self.plans.clone();
+        let runtime = self.runtime.clone();
+        let spawned = std::thread::Builder::new()
+            .name("logbridge-commits".to_string())
+            .spawn(move || {
+                // Ends when the committer (the plans' sender) is gone.
+                while runtime.block_on(plans.changed()).is_ok() {
+                    let plan = plans.borrow_and_update().clone();
+                    let entries: Vec<CommitEntry> = {
+                        let assignment = consumer.context().lock();
+                        plan.iter()
+                            .filter(|entry| {
+                                assignment
+                                    .partitions
+                                    .get(&entry.source)
+                                    .is_some_and(|state| state.generation == entry.generation)
+                            })
+                            .cloned()
+                            .collect()
+                    };
+                    commit_sync(&consumer, &metrics, &entries, "interval");
+                }
+            });
+        if let Err(err) = spawned {
+            error!(error = %err, "cannot start the commit thread; only revoke and shutdown commit");
         }
     }
 
@@ -617,31 +662,6 @@ impl ConsumerActor {
             "breaker tripped: every partition paused"
         );
         Ok(())
-    }
-
-    /// Commits the newest plan from the committer, if there is a new one, for the partitions
-    /// still held under the plan's generation.
-    fn apply_plan(&mut self) {
-        if !self.plans.has_changed().unwrap_or(false) {
-            return;
-        }
-        let plan = self.plans.borrow_and_update().clone();
-        let entries: Vec<CommitEntry> = {
-            let assignment = self.callbacks().lock();
-            plan.iter()
-                .filter(|entry| {
-                    assignment
-                        .partitions
-                        .get(&entry.source)
-                        .is_some_and(|state| state.generation == entry.generation)
-                })
-                .cloned()
-                .collect()
-        };
-        if entries.is_empty() {
-            return;
-        }
-        commit_sync(&self.consumer, &self.metrics, &entries, "interval");
     }
 
     /// Decodes a record and offers it to the router; on a full channel keeps it and pauses its

@@ -145,6 +145,15 @@ async fn churn(strategy: &str) {
             old.child.kill();
         } else {
             let (status, took) = old.child.terminate(Duration::from_secs(10));
+            if status.and_then(|s| s.code()) != Some(0) || took >= Duration::from_secs(6) {
+                let log = std::fs::read_to_string(&old.child.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(25)..];
+                println!(
+                    "{strategy} round {round}: log tail of the stopped instance:\n{}",
+                    tail.join("\n")
+                );
+            }
             assert_eq!(
                 status.and_then(|s| s.code()),
                 Some(0),
