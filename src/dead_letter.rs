@@ -75,22 +75,72 @@ pub struct Failures {
     dead_letters: Option<mpsc::Sender<DeadLetter>>,
     acks: AckSender,
     metrics: Arc<Metrics>,
+    log_budget: Arc<LogBudget>,
+}
+
+/// At most `LOG_PER_SECOND` log lines a second, shared by every holder; says how many it held
+/// back when the next second opens.
+struct LogBudget {
+    window: std::sync::Mutex<(std::time::Instant, u32, u64)>,
+}
+
+const LOG_PER_SECOND: u32 = 20;
+
+impl LogBudget {
+    fn new() -> LogBudget {
+        LogBudget {
+            window: std::sync::Mutex::new((std::time::Instant::now(), 0, 0)),
+        }
+    }
+
+    fn allow(&self) -> bool {
+        let mut window = self
+            .window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (started, used, held_back) = &mut *window;
+        if started.elapsed() >= Duration::from_secs(1) {
+            if *held_back > 0 {
+                warn!(
+                    held_back = *held_back,
+                    "failed-record log lines held back in the last second (all are in the dead-letter topic and logbridge_dead_letters_total)"
+                );
+            }
+            *started = std::time::Instant::now();
+            *used = 0;
+            *held_back = 0;
+        }
+        if *used < LOG_PER_SECOND {
+            *used += 1;
+            true
+        } else {
+            *held_back += 1;
+            false
+        }
+    }
 }
 
 impl Failures {
     /// Hands over a failed record. With a dead-letter topic this waits while the dead-letter
     /// channel is full (backpressure); without one the record is logged, counted and skipped.
     pub async fn fail(&self, dead: DeadLetter) -> Result<(), CommitterGone> {
-        warn!(
-            topic = %dead.record.source.topic,
-            partition = dead.record.source.partition,
-            offset = dead.record.offset,
-            route = %dead.route,
-            stage = dead.stage.as_str(),
-            reason = dead.reason,
-            error = %dead.message,
-            "record failed"
-        );
+        // A record that is skipped is logged every time: the log line is all that is left of
+        // it. A dead-lettered one keeps its full context in the dead-letter topic, so a burst
+        // of them is logged at a bounded rate (a log flood can block a process on a slow
+        // stderr); the counters count every one.
+        let log_it = self.dead_letters.is_none() || self.log_budget.allow();
+        if log_it {
+            warn!(
+                topic = %dead.record.source.topic,
+                partition = dead.record.source.partition,
+                offset = dead.record.offset,
+                route = %dead.route,
+                stage = dead.stage.as_str(),
+                reason = dead.reason,
+                error = %dead.message,
+                "record failed"
+            );
+        }
         match &self.dead_letters {
             Some(sender) => sender.send(dead).await.map_err(|_| CommitterGone),
             None => {
@@ -130,6 +180,7 @@ pub fn spawn(
                 dead_letters: None,
                 acks,
                 metrics,
+                log_budget: Arc::new(LogBudget::new()),
             },
             None,
         );
@@ -151,6 +202,7 @@ pub fn spawn(
             dead_letters: Some(sender),
             acks,
             metrics,
+            log_budget: Arc::new(LogBudget::new()),
         },
         Some(task),
     )
@@ -276,4 +328,18 @@ fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
         extra.push((headers::VALUE_DROPPED, dropped.as_bytes()));
     }
     headers_for(&dead.record, &extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_budget_allows_a_bounded_number_per_second() {
+        let budget = LogBudget::new();
+        let allowed = (0..1_000).filter(|_| budget.allow()).count();
+        assert_eq!(allowed, LOG_PER_SECOND as usize);
+        let held_back = budget.window.lock().map(|w| w.2).unwrap_or(0);
+        assert_eq!(held_back, 1_000 - u64::from(LOG_PER_SECOND));
+    }
 }
