@@ -13,22 +13,6 @@ use std::time::Duration;
 use common::*;
 use logbridge::metrics::Metrics;
 use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
-use logbridge::record::Record;
-use logbridge::sink::{config_sink_factory, DeliveryFuture, Sink};
-
-struct Slow {
-    inner: Box<dyn Sink>,
-    per_record: Duration,
-}
-
-impl Sink for Slow {
-    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
-        Box::pin(async move {
-            tokio::time::sleep(self.per_record * batch.len() as u32).await;
-            self.inner.deliver(route, batch).await
-        })
-    }
-}
 
 #[derive(Clone, Default)]
 struct LogBuffer(Arc<Mutex<Vec<u8>>>);
@@ -73,14 +57,8 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address");
-    let files = config_sink_factory();
     let options = RunOptions {
-        sink_factory: Arc::new(move |route, index| {
-            Ok(Box::new(Slow {
-                inner: files(route, index)?,
-                per_record: Duration::from_micros(800),
-            }) as Box<dyn Sink>)
-        }),
+        sink_factory: delayed_sinks(Duration::ZERO, 800..=800),
         metrics: metrics.clone(),
         http: HttpBind::Listener(listener),
     };

@@ -149,11 +149,9 @@ async fn broker_restart_mid_run_recovers_without_restarting_logbridge() {
         restart_started.elapsed()
     );
 
-    let done = wait_for(Duration::from_secs(180), || {
-        let (kafka, group, end) = (&kafka, &group, &end);
-        async move { kafka.committed(group) == *end }
-    })
-    .await;
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(180))
+        .await;
     assert!(
         child.running(),
         "logbridge must survive the broker restart on its own"

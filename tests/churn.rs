@@ -169,11 +169,9 @@ async fn churn(strategy: &str) {
     }
     let valid = producer.await.expect("producer");
     let end = kafka.end_offsets();
-    let done = wait_for(Duration::from_secs(240), || {
-        let (kafka, group, end) = (&kafka, &group, &end);
-        async move { kafka.committed(group) == *end }
-    })
-    .await;
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(240))
+        .await;
     let final_counts = assigned(&slots).await;
     for mut instance in slots.into_iter() {
         let (status, _) = instance.child.terminate(Duration::from_secs(10));
@@ -239,11 +237,9 @@ async fn one_versus_three_instances_on_twelve_partitions() {
                 )
             })
             .collect();
-        let done = wait_for(Duration::from_secs(180), || {
-            let (kafka, group, end) = (&kafka, &group, &end);
-            async move { kafka.committed(group) == *end }
-        })
-        .await;
+        let done = kafka
+            .wait_committed_to(&group, &end, Duration::from_secs(180))
+            .await;
         let took = started.elapsed();
         let counts = assigned(&instances).await;
         let mut written = 0;

@@ -95,13 +95,9 @@ async fn sigkill_at_random_moments_loses_nothing() {
                 started.elapsed()
             );
         } else {
-            let finished = wait_for(Duration::from_secs(300), || {
-                let kafka = &kafka;
-                let group = &group;
-                let end = &end;
-                async move { kafka.committed(group) == *end }
-            })
-            .await;
+            let finished = kafka
+                .wait_committed_to(&group, &end, Duration::from_secs(300))
+                .await;
             let (status, took) = child.terminate(Duration::from_secs(10));
             assert!(
                 finished,

@@ -105,11 +105,9 @@ async fn sink_outage_retries_pauses_commits_nothing_then_delivers_everything() {
         .expect("mock")
         .broker_up(1)
         .expect("broker up");
-    let recovered = wait_for(Duration::from_secs(120), || {
-        let (source, group, end) = (&source, &group, &end);
-        async move { source.committed(group) == *end }
-    })
-    .await;
+    let recovered = source
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
     pipeline.stop().await;
     assert!(
         recovered,

@@ -10,41 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use logbridge::metrics::{Metrics, NO_ROUTE};
 use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
-use logbridge::record::Record;
-use logbridge::sink::{config_sink_factory, DeliveryFuture, Sink, SinkFactory};
-use rand::Rng;
-
-/// Wraps the configured sink with a random work time per record.
-struct Delayed {
-    inner: Box<dyn Sink>,
-    micros: std::ops::RangeInclusive<u64>,
-}
-
-impl Sink for Delayed {
-    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
-        Box::pin(async move {
-            let total: u64 = {
-                let mut rng = rand::rng();
-                batch
-                    .iter()
-                    .map(|_| rng.random_range(self.micros.clone()))
-                    .sum()
-            };
-            tokio::time::sleep(Duration::from_micros(total)).await;
-            self.inner.deliver(route, batch).await
-        })
-    }
-}
-
-fn delayed_factory(micros: std::ops::RangeInclusive<u64>) -> SinkFactory {
-    let files = config_sink_factory();
-    Arc::new(move |route, index| {
-        Ok(Box::new(Delayed {
-            inner: files(route, index)?,
-            micros: micros.clone(),
-        }) as Box<dyn Sink>)
-    })
-}
+use logbridge::sink::{config_sink_factory, SinkFactory};
 
 fn options(metrics: &Arc<Metrics>, sinks: SinkFactory) -> RunOptions {
     RunOptions {
@@ -81,7 +47,10 @@ async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
         &two_file_routes(dir.path(), ("[\"error\", \"fatal\"]", 4), ("[\"warn\"]", 2)),
     );
     let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::start(config, options(&metrics, delayed_factory(0..=300)));
+    let pipeline = Running::start(
+        config,
+        options(&metrics, delayed_sinks(Duration::ZERO, 0..=300)),
+    );
     let total: i64 = end.iter().sum();
     let done = wait_committed(&metrics, total, Duration::from_secs(120)).await;
     pipeline.stop().await;
@@ -170,7 +139,7 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
     let metrics = Arc::new(Metrics::new());
     let first = Running::start(
         config.clone(),
-        options(&metrics, delayed_factory(100..=400)),
+        options(&metrics, delayed_sinks(Duration::ZERO, 100..=400)),
     );
     let processed = |metrics: &Metrics| {
         metrics
@@ -205,11 +174,9 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
     // Second run with the same group finishes the topic.
     let metrics = Arc::new(Metrics::new());
     let second = Running::start(config, options(&metrics, config_sink_factory()));
-    let (kafka_ref, end_ref, group_ref) = (&kafka, &end, &group);
-    let done = wait_for(Duration::from_secs(120), || async move {
-        kafka_ref.committed(group_ref) == *end_ref
-    })
-    .await;
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
     second.stop().await;
     assert!(
         done,

@@ -12,22 +12,6 @@ use std::time::Duration;
 use common::*;
 use logbridge::metrics::Metrics;
 use logbridge::pipeline::{HttpBind, RunOptions};
-use logbridge::record::Record;
-use logbridge::sink::{config_sink_factory, DeliveryFuture, Sink};
-
-struct Slow {
-    inner: Box<dyn Sink>,
-    per_batch: Duration,
-}
-
-impl Sink for Slow {
-    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
-        Box::pin(async move {
-            tokio::time::sleep(self.per_batch).await;
-            self.inner.deliver(route, batch).await
-        })
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_acks_of_revoked_partitions_are_never_committed() {
@@ -47,16 +31,10 @@ async fn late_acks_of_revoked_partitions_are_never_committed() {
 
     // A: a sink that takes 1.5 s per batch.
     let metrics_a = Arc::new(Metrics::new());
-    let files = config_sink_factory();
     let a = Running::start(
         config.clone(),
         RunOptions {
-            sink_factory: Arc::new(move |route, index| {
-                Ok(Box::new(Slow {
-                    inner: files(route, index)?,
-                    per_batch: Duration::from_millis(1_500),
-                }) as Box<dyn Sink>)
-            }),
+            sink_factory: delayed_sinks(Duration::from_millis(1_500), 0..=0),
             metrics: metrics_a.clone(),
             http: HttpBind::Disabled,
         },
@@ -119,11 +97,9 @@ async fn late_acks_of_revoked_partitions_are_never_committed() {
     .await;
     // Then A leaves; B takes everything and finishes.
     a.stop().await;
-    let done = wait_for(Duration::from_secs(120), || {
-        let (kafka, group, end) = (&kafka, &group, &end);
-        async move { kafka.committed(group) == *end }
-    })
-    .await;
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
     sampler_stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let samples = sampler.join().expect("sampler");
     b.stop().await;

@@ -487,3 +487,54 @@ impl Kafka {
         records
     }
 }
+
+/// Wraps the sinks of the configuration with work time: per batch, plus a random amount per
+/// record drawn from `per_record_micros`.
+pub fn delayed_sinks(
+    per_batch: Duration,
+    per_record_micros: std::ops::RangeInclusive<u64>,
+) -> logbridge::sink::SinkFactory {
+    use logbridge::sink::Sink;
+    let files = logbridge::sink::config_sink_factory();
+    std::sync::Arc::new(move |route, index| {
+        Ok(Box::new(DelayedSink {
+            inner: files(route, index)?,
+            per_batch,
+            per_record_micros: per_record_micros.clone(),
+        }) as Box<dyn Sink>)
+    })
+}
+
+struct DelayedSink {
+    inner: Box<dyn logbridge::sink::Sink>,
+    per_batch: Duration,
+    per_record_micros: std::ops::RangeInclusive<u64>,
+}
+
+impl logbridge::sink::Sink for DelayedSink {
+    fn deliver<'a>(
+        &'a mut self,
+        route: &'a str,
+        batch: &'a [logbridge::record::Record],
+    ) -> logbridge::sink::DeliveryFuture<'a> {
+        Box::pin(async move {
+            let micros: u64 = {
+                use rand::Rng;
+                let mut rng = rand::rng();
+                batch
+                    .iter()
+                    .map(|_| rng.random_range(self.per_record_micros.clone()))
+                    .sum()
+            };
+            tokio::time::sleep(self.per_batch + Duration::from_micros(micros)).await;
+            self.inner.deliver(route, batch).await
+        })
+    }
+}
+
+impl Kafka {
+    /// Waits until `group`'s committed offsets, read by a separate client, equal `end`.
+    pub async fn wait_committed_to(&self, group: &str, end: &[i64], deadline: Duration) -> bool {
+        wait_for(deadline, || async move { self.committed(group) == end }).await
+    }
+}
