@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use logbridge::metrics::Metrics;
-use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
+use logbridge::pipeline::{in_flight_bound, RunOptions};
 
 #[derive(Clone, Default)]
 struct LogBuffer(Arc<Mutex<Vec<u8>>>);
@@ -53,16 +53,12 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
     let bound = in_flight_bound(&config) as i64;
 
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
     let options = RunOptions {
         sink_factory: delayed_sinks(Duration::ZERO, 800..=800),
         metrics: metrics.clone(),
-        http: HttpBind::Listener(listener),
+        ..RunOptions::default()
     };
-    let pipeline = Running::start(config, options);
+    let (pipeline, address) = Running::start_serving(config, options).await;
 
     let total: i64 = end.iter().sum();
     let mut max_in_flight = 0;

@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, write_child_config, Logbridge, Tansu};
+use common::process::{Instance, Logbridge, Tansu};
 use common::*;
 
 fn outputs(out: &std::path::Path) -> Vec<serde_json::Value> {
@@ -45,19 +45,16 @@ async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
     let mut seen: HashMap<u64, usize> = HashMap::new();
     let mut stops = Vec::new();
     for run in 0..4 {
-        let out = work.path().join(format!("run-{run}"));
-        let config = work.path().join(format!("run-{run}.toml"));
-        let port = free_port();
-        write_child_config(
-            &config,
+        let instance = Instance::start(
             &kafka.brokers,
-            &group,
             &kafka.topic,
-            &out,
-            port,
+            &group,
+            work.path(),
+            &format!("run-{run}"),
             "",
         );
-        let mut child = Logbridge::start(&config, port, work.path().join(format!("run-{run}.log")));
+        let out = instance.out;
+        let mut child = instance.child;
         let last = run == 3;
         let progressed = wait_for(Duration::from_secs(120), || {
             let child = &child;
@@ -111,20 +108,17 @@ async fn broker_restart_mid_run_recovers_without_restarting_logbridge() {
 
     let work = tempfile::tempdir().expect("workdir");
     let group = unique("broker-restart");
-    let out = work.path().join("out");
-    let config = work.path().join("logbridge.toml");
-    let port = free_port();
     // tansu's SQLite engine reads about 13 000 records/s, so the restart lands mid-run.
-    write_child_config(
-        &config,
+    let instance = Instance::start(
         &kafka.brokers,
-        &group,
         &kafka.topic,
-        &out,
-        port,
+        &group,
+        work.path(),
+        "logbridge",
         "\"reconnect.backoff.max.ms\" = 1000",
     );
-    let mut child = Logbridge::start(&config, port, work.path().join("logbridge.log"));
+    let out = instance.out;
+    let mut child = instance.child;
     let started = wait_for(Duration::from_secs(60), || {
         let child = &child;
         async move { finished(child).await > 1_000.0 }

@@ -12,20 +12,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, write_child_config, Logbridge};
+use common::process::Instance;
 use common::*;
 use rand::Rng;
 
 const EVENTS: u64 = 200_000;
 const ROUNDS: usize = 10;
-
-struct Instance {
-    child: Logbridge,
-    out: PathBuf,
-}
 
 fn start(
     kafka: &Kafka,
@@ -34,20 +28,14 @@ fn start(
     strategy: &str,
     name: &str,
 ) -> Instance {
-    let out = work.join(name);
-    let config = work.join(format!("{name}.toml"));
-    let port = free_port();
-    write_child_config(
-        &config,
+    Instance::start(
         &kafka.brokers,
-        group,
         &kafka.topic,
-        &out,
-        port,
+        group,
+        work,
+        name,
         &format!("\"partition.assignment.strategy\" = \"{strategy}\""),
-    );
-    let child = Logbridge::start(&config, port, work.join(format!("{name}.log")));
-    Instance { child, out }
+    )
 }
 
 async fn assigned(instances: &[Instance]) -> Vec<f64> {
@@ -190,11 +178,7 @@ async fn churn(strategy: &str) {
 
     let mut seen: HashMap<u64, usize> = HashMap::new();
     for instance in &finished {
-        let lines = read_lines(&[
-            instance.out.join("errors.jsonl"),
-            instance.out.join("warnings.jsonl"),
-            instance.out.join("rest.jsonl"),
-        ]);
+        let lines = instance.lines();
         for (id, count) in id_counts(&lines) {
             *seen.entry(id).or_insert(0) += count;
         }
@@ -245,12 +229,7 @@ async fn one_versus_three_instances_on_twelve_partitions() {
         let mut written = 0;
         for mut instance in instances {
             instance.child.terminate(Duration::from_secs(10));
-            written += id_counts(&read_lines(&[
-                instance.out.join("errors.jsonl"),
-                instance.out.join("warnings.jsonl"),
-                instance.out.join("rest.jsonl"),
-            ]))
-            .len();
+            written += id_counts(&instance.lines()).len();
         }
         assert!(done, "{count} instance(s) did not finish");
         if count == 3 {

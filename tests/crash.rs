@@ -18,7 +18,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, logged_decode_failures, write_child_config, Logbridge};
+use common::process::{logged_decode_failures, Instance};
 use common::*;
 use rand::Rng;
 
@@ -42,22 +42,17 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let mut killed_mid_stream = 0;
     let started = Instant::now();
     for run in 0..=KILLS {
-        let out = work.path().join(format!("run-{run}"));
-        let config = work.path().join(format!("run-{run}.toml"));
-        let port = free_port();
-        write_child_config(
-            &config,
+        let instance = Instance::start(
             &kafka.brokers,
-            &group,
             &kafka.topic,
-            &out,
-            port,
+            &group,
+            work.path(),
+            &format!("run-{run}"),
             "",
         );
-        let log = work.path().join(format!("run-{run}.log"));
-        let mut child = Logbridge::start(&config, port, log.clone());
-        runs.push(out);
-        logs.push(log);
+        let mut child = instance.child;
+        runs.push(instance.out);
+        logs.push(child.log.clone());
         if run < KILLS {
             // Wait until this instance is consuming, then kill it at a random moment.
             let consuming = wait_for(Duration::from_secs(60), || {

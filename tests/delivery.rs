@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use logbridge::metrics::Metrics;
-use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
+use logbridge::pipeline::{in_flight_bound, RunOptions};
 
 fn scrape_value(body: &str, name: &str) -> f64 {
     body.lines()
@@ -54,18 +54,14 @@ async fn sink_outage_retries_pauses_commits_nothing_then_delivers_everything() {
         &routes,
     );
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    let pipeline = Running::start(
+    let (pipeline, address) = Running::start_serving(
         config,
         RunOptions {
             metrics: metrics.clone(),
-            http: HttpBind::Listener(listener),
             ..RunOptions::default()
         },
-    );
+    )
+    .await;
 
     // During the outage: retries climb, partitions pause, and no offset is committed (the very
     // first records fail, so the commit may not pass them).
@@ -154,18 +150,14 @@ async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
     );
     let bound = 50 + 1 + in_flight_bound(&config);
     let metrics = Arc::new(Metrics::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    let pipeline = Running::start(
+    let (pipeline, address) = Running::start_serving(
         config,
         RunOptions {
             metrics: metrics.clone(),
-            http: HttpBind::Listener(listener),
             ..RunOptions::default()
         },
-    );
+    )
+    .await;
     let tripped = wait_for(Duration::from_secs(60), || {
         let metrics = metrics.clone();
         async move { metrics.breaker_tripped.get() == 1 }

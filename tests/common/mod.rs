@@ -371,6 +371,22 @@ impl Running {
         Running { shutdown, task }
     }
 
+    /// Starts with the HTTP endpoint on a free loopback port; returns its address too.
+    pub async fn start_serving(
+        config: Config,
+        options: logbridge::RunOptions,
+    ) -> (Running, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let address = listener.local_addr().expect("listener address");
+        let options = logbridge::RunOptions {
+            http: logbridge::HttpBind::Listener(listener),
+            ..options
+        };
+        (Running::start(config, options), address)
+    }
+
     /// The equivalent of SIGTERM: stop, drain, final commit. Panics if the pipeline failed.
     pub async fn stop(self) {
         self.shutdown.cancel();

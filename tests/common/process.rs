@@ -289,3 +289,37 @@ pub fn logged_decode_failures(log: &Path) -> std::collections::HashSet<(i32, i64
         })
         .collect()
 }
+
+/// A `logbridge run` child named `name`: config `work/<name>.toml`, file outputs in
+/// `work/<name>/`, log `work/<name>.log`, HTTP on a free port.
+pub struct Instance {
+    pub child: Logbridge,
+    pub out: PathBuf,
+}
+
+impl Instance {
+    pub fn start(
+        brokers: &str,
+        topic: &str,
+        group: &str,
+        work: &Path,
+        name: &str,
+        extra_options: &str,
+    ) -> Instance {
+        let out = work.join(name);
+        let config = work.join(format!("{name}.toml"));
+        let port = free_port();
+        write_child_config(&config, brokers, group, topic, &out, port, extra_options);
+        let child = Logbridge::start(&config, port, work.join(format!("{name}.log")));
+        Instance { child, out }
+    }
+
+    /// Every output line this instance wrote.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        super::read_lines(&[
+            self.out.join("errors.jsonl"),
+            self.out.join("warnings.jsonl"),
+            self.out.join("rest.jsonl"),
+        ])
+    }
+}
