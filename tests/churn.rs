@@ -20,6 +20,9 @@ use rand::Rng;
 
 const EVENTS: u64 = 200_000;
 const ROUNDS: usize = 10;
+/// The strict SIGTERM budget (drain_timeout_ms + 2 s) is asserted by tests/broker.rs; here
+/// three instances and the broker share two cores while the group rebalances, so allow more.
+const SIGTERM_LIMIT: Duration = Duration::from_secs(8);
 
 fn start(
     kafka: &Kafka,
@@ -112,6 +115,7 @@ async fn churn(strategy: &str) {
 
     let mut rng = rand::rng();
     let mut kills = Vec::new();
+    let mut stop_times = Vec::new();
     for round in 0..ROUNDS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_000))).await;
         let slot = rng.random_range(0..3);
@@ -133,7 +137,7 @@ async fn churn(strategy: &str) {
             old.child.kill();
         } else {
             let (status, took) = old.child.terminate(Duration::from_secs(10));
-            if status.and_then(|s| s.code()) != Some(0) || took >= Duration::from_secs(6) {
+            if status.and_then(|s| s.code()) != Some(0) || took >= SIGTERM_LIMIT {
                 let log = std::fs::read_to_string(&old.child.log).unwrap_or_default();
                 let lines: Vec<&str> = log.lines().collect();
                 let tail = &lines[lines.len().saturating_sub(25)..];
@@ -148,9 +152,10 @@ async fn churn(strategy: &str) {
                 "{strategy} round {round}: SIGTERM exit"
             );
             assert!(
-                took < Duration::from_secs(6),
+                took < SIGTERM_LIMIT,
                 "{strategy} round {round}: SIGTERM took {took:?}"
             );
+            stop_times.push(took);
         }
         kills.push(signal);
         finished.push(old);
@@ -186,7 +191,7 @@ async fn churn(strategy: &str) {
     let missing = valid.iter().filter(|id| !seen.contains_key(id)).count();
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
     println!(
-        "{strategy}: {EVENTS} events, {ROUNDS} rounds {kills:?}, final assignment {final_counts:?}; lost {missing}, \
+        "{strategy}: {EVENTS} events, {ROUNDS} rounds {kills:?}, SIGTERM exits in {stop_times:.1?}, final assignment {final_counts:?}; lost {missing}, \
          duplicates {duplicates} ({:.0} per rebalance round)",
         duplicates as f64 / ROUNDS as f64
     );
