@@ -181,6 +181,8 @@ pub struct Spawned {
     pub plans: watch::Receiver<CommitPlan>,
     /// The dead-letter breaker.
     pub breaker: BreakerHandle,
+    /// Stalled partitions (for `/readyz`).
+    pub stalls: watch::Receiver<Vec<Stall>>,
     /// The committer task.
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -195,6 +197,9 @@ pub struct CommitterSettings {
     pub drain_timeout: Duration,
     /// The dead-letter breaker's limits.
     pub breaker: BreakerConfig,
+    /// How long records may wait on a partition whose commit does not move before it counts as
+    /// stalled.
+    pub stall_timeout: Duration,
 }
 
 /// Starts the committer task. Returns the senders for acks and control, the receiver of commit
@@ -207,10 +212,13 @@ pub fn spawn(settings: CommitterSettings, metrics: Arc<Metrics>) -> Spawned {
     let (control_tx, control_rx) = mpsc::channel(4);
     let (plan_tx, plan_rx) = watch::channel(CommitPlan::default());
     let (breaker_tx, breaker_rx) = watch::channel(BreakerState::Closed);
+    let (stalls_tx, stalls_rx) = watch::channel(Vec::new());
     // One pending reset is as good as many.
     let (reset_tx, reset_rx) = mpsc::channel(1);
     let actor = CommitterActor {
         breaker: Breaker::new(settings.breaker),
+        stalls: stalls_tx,
+        stall_timeout: settings.stall_timeout,
         breaker_state: breaker_tx,
         resets: reset_rx,
         data: data_rx,
@@ -234,6 +242,7 @@ pub fn spawn(settings: CommitterSettings, metrics: Arc<Metrics>) -> Spawned {
             state: breaker_rx,
             reset: reset_tx,
         },
+        stalls: stalls_rx,
         task,
     }
 }
@@ -242,6 +251,69 @@ struct Tracked {
     generation: u64,
     offsets: PartitionOffsets,
     last_dispatched: Option<i64>,
+    /// When each still-unfinished record (and some finished ones behind it) was dispatched,
+    /// oldest first: gives the age of the oldest unfinished record.
+    dispatched_at: std::collections::VecDeque<(i64, Instant)>,
+    /// Commit position at the last check, and since when it has not moved.
+    last_position: Option<i64>,
+    unmoved_since: Instant,
+}
+
+impl Tracked {
+    fn new(generation: u64) -> Tracked {
+        Tracked {
+            generation,
+            offsets: PartitionOffsets::new(),
+            last_dispatched: None,
+            dispatched_at: std::collections::VecDeque::new(),
+            last_position: None,
+            unmoved_since: Instant::now(),
+        }
+    }
+
+    /// Age of the oldest dispatched record that has not finished.
+    fn oldest_unfinished_age(&mut self, now: Instant) -> Option<Duration> {
+        let oldest = self.offsets.oldest_unfinished()?;
+        while self
+            .dispatched_at
+            .front()
+            .is_some_and(|(offset, _)| *offset < oldest)
+        {
+            self.dispatched_at.pop_front();
+        }
+        self.dispatched_at
+            .front()
+            .map(|(_, at)| now.saturating_duration_since(*at))
+    }
+}
+
+/// A partition whose records wait while its commit does not move (shown by `/readyz`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stall {
+    /// The partition.
+    pub source: PartitionKey,
+    /// Records dispatched and not finished.
+    pub waiting: usize,
+    /// Seconds since its commit position last moved.
+    pub unmoved_for: Duration,
+    /// Oldest unfinished offset.
+    pub oldest_offset: Option<i64>,
+}
+
+impl std::fmt::Display for Stall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "partition {} stalled: {} records waiting, commit not moved for {:.0} s",
+            self.source,
+            self.waiting,
+            self.unmoved_for.as_secs_f64()
+        )?;
+        if let Some(offset) = self.oldest_offset {
+            write!(f, " (oldest unfinished offset {offset})")?;
+        }
+        Ok(())
+    }
 }
 
 struct PendingRevoke {
@@ -257,6 +329,8 @@ struct PendingFinish {
 
 struct CommitterActor {
     breaker: Breaker,
+    stalls: watch::Sender<Vec<Stall>>,
+    stall_timeout: Duration,
     breaker_state: watch::Sender<BreakerState>,
     resets: mpsc::Receiver<()>,
     data: mpsc::Receiver<CommitterMsg>,
@@ -354,24 +428,19 @@ impl CommitterActor {
         let tracked = self
             .partitions
             .entry(source.clone())
-            .or_insert_with(|| Tracked {
-                generation,
-                offsets: PartitionOffsets::new(),
-                last_dispatched: None,
-            });
+            .or_insert_with(|| Tracked::new(generation));
         if tracked.generation < generation {
             // A newer assignment of the same partition: its reading restarted from the
             // committed position, so the old bookkeeping no longer applies.
-            *tracked = Tracked {
-                generation,
-                offsets: PartitionOffsets::new(),
-                last_dispatched: None,
-            };
+            *tracked = Tracked::new(generation);
         } else if tracked.generation > generation {
             return;
         }
         match tracked.offsets.dispatched(offset) {
-            Ok(()) => tracked.last_dispatched = Some(offset),
+            Ok(()) => {
+                tracked.last_dispatched = Some(offset);
+                tracked.dispatched_at.push_back((offset, Instant::now()));
+            }
             Err(err) => {
                 warn!(topic = %source.topic, partition = source.partition, offset, error = %err, "dispatch not tracked")
             }
@@ -501,6 +570,7 @@ impl CommitterActor {
             let Some(tracked) = self.partitions.remove(&source) else {
                 continue;
             };
+            self.metrics.forget_partition(&source);
             if tracked.generation != generation {
                 continue;
             }
@@ -531,6 +601,48 @@ impl CommitterActor {
         let _ = pending.respond_to.send(entries);
     }
 
+    /// Per-partition gauges and the stall check, once per commit interval.
+    fn observe_partitions(&mut self) {
+        let now = Instant::now();
+        let mut stalls = Vec::new();
+        for (source, tracked) in self.partitions.iter_mut() {
+            let position = tracked.offsets.position();
+            if position != tracked.last_position {
+                tracked.last_position = position;
+                tracked.unmoved_since = now;
+            }
+            let waiting = tracked.offsets.in_flight();
+            if waiting == 0 {
+                // Nothing waits: an idle partition is not stalled.
+                tracked.unmoved_since = now;
+            }
+            let age = tracked.oldest_unfinished_age(now);
+            self.metrics.set_partition(
+                source,
+                waiting,
+                tracked.offsets.finished_waiting(),
+                tracked.offsets.highest_finished(),
+                age,
+            );
+            let unmoved_for = now.saturating_duration_since(tracked.unmoved_since);
+            if waiting > 0 && unmoved_for >= self.stall_timeout {
+                stalls.push(Stall {
+                    source: source.clone(),
+                    waiting,
+                    unmoved_for,
+                    oldest_offset: tracked.offsets.oldest_unfinished(),
+                });
+            }
+        }
+        stalls.sort_by_key(|stall| std::cmp::Reverse(stall.unmoved_for));
+        if *self.stalls.borrow() != stalls {
+            for stall in &stalls {
+                warn!(topic = %stall.source.topic, partition = stall.source.partition, waiting = stall.waiting, "{stall}");
+            }
+            let _ = self.stalls.send(stalls);
+        }
+    }
+
     fn positions(&self) -> Vec<CommitEntry> {
         self.partitions
             .iter()
@@ -549,6 +661,7 @@ impl CommitterActor {
         for tracked in self.partitions.values_mut() {
             advanced |= tracked.offsets.take_advanced().is_some();
         }
+        self.observe_partitions();
         debug!(
             advanced,
             partitions = self.partitions.len(),
@@ -608,6 +721,7 @@ mod tests {
             interval: Duration::from_millis(100),
             drain_timeout: Duration::from_millis(500),
             breaker: BreakerConfig::default(),
+            stall_timeout: Duration::from_secs(60),
         }
     }
 

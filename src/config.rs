@@ -169,6 +169,9 @@ pub struct PipelineConfig {
     pub drain_timeout_ms: u64,
     /// Payloads larger than this are not decoded and fail with reason `too_large`.
     pub max_payload_bytes: usize,
+    /// A partition with records waiting whose commit has not moved for this long is stalled:
+    /// `/readyz` fails naming it.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -179,6 +182,7 @@ impl Default for PipelineConfig {
             commit_interval_ms: 1000,
             drain_timeout_ms: 5000,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            stall_timeout_ms: 60_000,
         }
     }
 }
@@ -340,6 +344,12 @@ impl Config {
             pipeline.max_payload_bytes,
             16,
             64 << 20,
+        )?;
+        check_range(
+            "pipeline.stall_timeout_ms",
+            pipeline.stall_timeout_ms,
+            pipeline.commit_interval_ms,
+            86_400_000,
         )?;
         let session_timeout_ms = match kafka.options.get("session.timeout.ms") {
             None => 45_000,

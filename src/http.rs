@@ -1,5 +1,6 @@
 //! HTTP endpoint (hyper 1, HTTP/1.1): `/metrics` in the Prometheus text format, `/healthz`
-//! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped, saying why)
+//! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped or a
+//! partition is stalled, saying which and why)
 //! and `POST /resume` (resets the breaker).
 //! Unknown paths answer 404, known paths with another method 405. Header reading is bounded in
 //! time and concurrent connections are capped, so a slow or abusive client cannot take the
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::breaker::BreakerState;
-use crate::committer::BreakerHandle;
+use crate::committer::{BreakerHandle, Stall};
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 
@@ -41,6 +42,8 @@ pub struct HttpState {
     pub liveness: Liveness,
     /// Checked on `/readyz`, reset by `POST /resume`.
     pub breaker: BreakerHandle,
+    /// Stalled partitions, checked on `/readyz`.
+    pub stalls: tokio::sync::watch::Receiver<Vec<Stall>>,
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -139,6 +142,18 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
                 format!("not ready: {trip}; POST /resume to continue\n"),
             ),
             BreakerState::Closed => match state.liveness.check() {
+                Ok(()) if !state.stalls.borrow().is_empty() => {
+                    let stalls: Vec<String> = state
+                        .stalls
+                        .borrow()
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {}\n", stalls.join("; ")),
+                    )
+                }
                 Ok(()) => text(StatusCode::OK, "ready\n"),
                 Err(down) => text(
                     StatusCode::SERVICE_UNAVAILABLE,

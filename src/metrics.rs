@@ -45,6 +45,14 @@ pub struct Metrics {
     pub stale_acks: IntCounter,
     /// Last committed offset (next offset to read), by topic and partition.
     pub committed_offset: IntGaugeVec,
+    /// Records dispatched and not finished, by topic and partition.
+    pub partition_in_flight: IntGaugeVec,
+    /// Finished records waiting behind an unfinished one (not committable yet).
+    pub partition_uncommitted_gap: IntGaugeVec,
+    /// Highest finished offset, by topic and partition.
+    pub partition_finished_offset: IntGaugeVec,
+    /// Age of the oldest unfinished record, by topic and partition.
+    pub partition_oldest_unfinished: prometheus::GaugeVec,
     /// Seconds the router spent waiting on a full worker channel, by route.
     pub backpressure_seconds: prometheus::CounterVec,
     /// Time from a worker taking a batch to its sink confirming it.
@@ -164,6 +172,38 @@ impl Metrics {
                 &["topic", "partition"],
             )
             .expect(METRIC_OK),
+            partition_in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "logbridge_partition_in_flight_records",
+                    "Records dispatched and not finished, by topic and partition.",
+                ),
+                &["topic", "partition"],
+            )
+            .expect(METRIC_OK),
+            partition_uncommitted_gap: IntGaugeVec::new(
+                Opts::new(
+                    "logbridge_partition_finished_uncommitted_records",
+                    "Finished records that wait behind an unfinished one before they can be committed.",
+                ),
+                &["topic", "partition"],
+            )
+            .expect(METRIC_OK),
+            partition_finished_offset: IntGaugeVec::new(
+                Opts::new(
+                    "logbridge_partition_finished_offset",
+                    "Highest finished offset, by topic and partition.",
+                ),
+                &["topic", "partition"],
+            )
+            .expect(METRIC_OK),
+            partition_oldest_unfinished: prometheus::GaugeVec::new(
+                Opts::new(
+                    "logbridge_partition_oldest_unfinished_age_seconds",
+                    "Age of the oldest dispatched record that has not finished, by topic and partition (0 when none).",
+                ),
+                &["topic", "partition"],
+            )
+            .expect(METRIC_OK),
             backpressure_seconds: prometheus::CounterVec::new(
                 Opts::new(
                     "logbridge_backpressure_seconds_total",
@@ -252,6 +292,10 @@ impl Metrics {
             Box::new(self.rebalances.clone()),
             Box::new(self.stale_acks.clone()),
             Box::new(self.committed_offset.clone()),
+            Box::new(self.partition_in_flight.clone()),
+            Box::new(self.partition_uncommitted_gap.clone()),
+            Box::new(self.partition_finished_offset.clone()),
+            Box::new(self.partition_oldest_unfinished.clone()),
             Box::new(self.backpressure_seconds.clone()),
             Box::new(self.sink_latency.clone()),
             Box::new(self.drain_seconds.clone()),
@@ -299,14 +343,46 @@ impl Metrics {
             .set(offset);
     }
 
+    /// Sets a partition's progress gauges.
+    pub fn set_partition(
+        &self,
+        source: &PartitionKey,
+        in_flight: usize,
+        uncommitted_gap: usize,
+        finished: Option<i64>,
+        oldest_unfinished_age: Option<std::time::Duration>,
+    ) {
+        let partition = source.partition.to_string();
+        let labels = [&*source.topic, partition.as_str()];
+        self.partition_in_flight
+            .with_label_values(&labels)
+            .set(in_flight as i64);
+        self.partition_uncommitted_gap
+            .with_label_values(&labels)
+            .set(uncommitted_gap as i64);
+        if let Some(offset) = finished {
+            self.partition_finished_offset
+                .with_label_values(&labels)
+                .set(offset);
+        }
+        self.partition_oldest_unfinished
+            .with_label_values(&labels)
+            .set(oldest_unfinished_age.map_or(0.0, |age| age.as_secs_f64()));
+    }
+
     /// Removes every series of a partition this instance no longer owns, so dashboards never
     /// show a stale owner.
     pub fn forget_partition(&self, source: &PartitionKey) {
         let partition = source.partition.to_string();
+        let labels = [&*source.topic, partition.as_str()];
         // An error only means the series was never created.
+        let _ = self.committed_offset.remove_label_values(&labels);
+        let _ = self.partition_in_flight.remove_label_values(&labels);
+        let _ = self.partition_uncommitted_gap.remove_label_values(&labels);
+        let _ = self.partition_finished_offset.remove_label_values(&labels);
         let _ = self
-            .committed_offset
-            .remove_label_values(&[&*source.topic, &partition]);
+            .partition_oldest_unfinished
+            .remove_label_values(&labels);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -98,6 +98,7 @@ pub async fn run(
         control,
         plans,
         breaker,
+        stalls,
         task: committer_task,
     } = committer::spawn(
         CommitterSettings {
@@ -105,6 +106,7 @@ pub async fn run(
             interval: Duration::from_millis(config.pipeline.commit_interval_ms),
             drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
             breaker: config.breaker.clone(),
+            stall_timeout: Duration::from_millis(config.pipeline.stall_timeout_ms),
         },
         metrics.clone(),
     );
@@ -208,6 +210,7 @@ pub async fn run(
             metrics: metrics.clone(),
             liveness: liveness.clone(),
             breaker,
+            stalls,
         },
         &http_stop,
     )

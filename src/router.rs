@@ -17,7 +17,10 @@ use crate::dead_letter::{DeadLetter, Failures, Stage};
 use crate::health::Liveness;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::record::{AckStatus, Fences, Record};
-use crate::worker::WorkerHandle;
+use crate::worker::{Offer, WorkerHandle};
+
+/// How often an ongoing wait on a full worker channel is added to the backpressure counter.
+const BACKPRESSURE_SLICE: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// The workers of one route.
 pub struct RouteLane {
@@ -166,14 +169,33 @@ impl RouterActor {
             Decision::Lane(index) => {
                 let lane = &self.lanes[index];
                 let worker = &lane.workers[worker_index(&record, lane.workers.len())];
-                let started = Instant::now();
-                let result = worker.send(record).await;
-                let waited = started.elapsed().as_secs_f64();
+                // The wait on a full worker channel is backpressure caused by this route. It is
+                // counted while it lasts (in slices), so that a route stuck for good shows up
+                // in the metric too, not only once it moves again.
+                let record = match worker.offer(record) {
+                    // Room in the channel: no wait, no timer (the common case).
+                    Offer::Taken => return Ok(()),
+                    Offer::Full(record) | Offer::Stopped(record) => record,
+                };
+                let backpressure = self
+                    .metrics
+                    .backpressure_seconds
+                    .with_label_values(&[&lane.name]);
+                let send = worker.send(record);
+                tokio::pin!(send);
+                let mut counted_until = Instant::now();
+                let result = loop {
+                    tokio::select! {
+                        result = &mut send => break result,
+                        _ = tokio::time::sleep(BACKPRESSURE_SLICE) => {
+                            backpressure.inc_by(counted_until.elapsed().as_secs_f64());
+                            counted_until = Instant::now();
+                        }
+                    }
+                };
+                let waited = counted_until.elapsed().as_secs_f64();
                 if waited > 0.000_1 {
-                    self.metrics
-                        .backpressure_seconds
-                        .with_label_values(&[&lane.name])
-                        .inc_by(waited);
+                    backpressure.inc_by(waited);
                 }
                 if let Err(record) = result {
                     // A worker only stops at shutdown; finish the record as failed so its

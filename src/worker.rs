@@ -53,6 +53,16 @@ impl RetryPolicy {
     }
 }
 
+/// What became of a record offered to a worker without waiting.
+pub enum Offer {
+    /// In the worker's channel.
+    Taken,
+    /// The channel is full: the record is given back.
+    Full(Record),
+    /// The worker has stopped: the record is given back.
+    Stopped(Record),
+}
+
 /// Sends records to one worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
@@ -101,6 +111,15 @@ impl WorkerHandle {
     /// the worker has stopped.
     pub async fn send(&self, record: Record) -> Result<(), Record> {
         self.sender.send(record).await.map_err(|err| err.0)
+    }
+
+    /// Hands a record over if the channel has room, else gives it back.
+    pub fn offer(&self, record: Record) -> Offer {
+        match self.sender.try_send(record) {
+            Ok(()) => Offer::Taken,
+            Err(mpsc::error::TrySendError::Full(record)) => Offer::Full(record),
+            Err(mpsc::error::TrySendError::Closed(record)) => Offer::Stopped(record),
+        }
     }
 
     /// Weak reference for the depth sampler, which must not keep the channel open.

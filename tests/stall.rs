@@ -1,0 +1,118 @@
+//! A sink that blocks forever on one route: within `stall_timeout_ms` `/readyz` answers 503
+//! naming the stalled partition, the oldest-unfinished age grows, the backpressure is attributed
+//! to that route; unblocked, readiness comes back and everything is committed.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use logbridge::metrics::Metrics;
+use logbridge::pipeline::RunOptions;
+use logbridge::record::Record;
+use logbridge::sink::{config_sink_factory, DeliveryFuture, Sink};
+
+struct Gate {
+    inner: Box<dyn Sink>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Sink for Gate {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        Box::pin(async move {
+            while self.closed.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            self.inner.deliver(route, batch).await
+        })
+    }
+}
+
+fn gauge(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_sink_makes_readiness_fail_naming_the_partition_until_unblocked() {
+    let kafka = Kafka::start("logs", 2);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..600u64)
+        .map(|id| (Some(format!("key-{}", id % 20)), event(id, "error")))
+        .collect();
+    kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let group = unique("stall");
+    let config = kafka.config(
+        &group,
+        "router_capacity = 32\nworker_capacity = 8\nstall_timeout_ms = 2000",
+        &file_route("blocked", "[\"error\"]", 1, dir.path()),
+    );
+    let closed = Arc::new(AtomicBool::new(true));
+    let gate = closed.clone();
+    let files = config_sink_factory();
+    let metrics = Arc::new(Metrics::new());
+    let (pipeline, address) = Running::start_serving(
+        config,
+        RunOptions {
+            sink_factory: Arc::new(move |route, index| {
+                Ok(Box::new(Gate {
+                    inner: files(route, index)?,
+                    closed: gate.clone(),
+                }) as Box<dyn Sink>)
+            }),
+            metrics: metrics.clone(),
+            ..RunOptions::default()
+        },
+    )
+    .await;
+
+    let stalled = wait_for(Duration::from_secs(30), || async move {
+        let (status, text) = http_get(address, "/readyz").await;
+        status == 503 && text.contains("stalled")
+    })
+    .await;
+    let (_, stalled_body) = http_get(address, "/readyz").await;
+    assert!(stalled, "/readyz never reported the stall: {stalled_body}");
+    assert!(stalled_body.contains("partition logs/"), "{stalled_body}");
+    let (_, first) = http_get(address, "/metrics").await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (_, second) = http_get(address, "/metrics").await;
+    let age_before = gauge(&first, "logbridge_partition_oldest_unfinished_age_seconds");
+    let age_after = gauge(&second, "logbridge_partition_oldest_unfinished_age_seconds");
+    let backpressure = gauge(
+        &second,
+        "logbridge_backpressure_seconds_total{route=\"blocked\"}",
+    );
+    let paused = gauge(&second, "logbridge_paused_partitions");
+    println!(
+        "stall: /readyz said `{}`; oldest unfinished age {age_before:.1} s then {age_after:.1} s; backpressure on route blocked {backpressure:.1} s; paused partitions {paused}",
+        stalled_body.trim()
+    );
+    assert!(age_after > age_before && age_after >= 2.0, "the age grows");
+    assert!(
+        backpressure > 0.0,
+        "the wait is attributed to the blocked route"
+    );
+    assert_eq!(
+        http_get(address, "/healthz").await.0,
+        200,
+        "liveness is not readiness"
+    );
+
+    closed.store(false, Ordering::Relaxed);
+    let ready = wait_for(Duration::from_secs(30), || async move {
+        http_get(address, "/readyz").await.0 == 200
+    })
+    .await;
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    pipeline.stop().await;
+    assert!(ready, "readiness did not come back after unblocking");
+    assert!(done, "not everything was committed after unblocking");
+}
