@@ -490,9 +490,43 @@ impl Config {
         Ok(())
     }
 
+    /// The configuration as JSON for `/status`, with secrets replaced by `"<redacted>"`: any
+    /// librdkafka option whose name contains `password`, `secret` or `token`, or a `key` of
+    /// SASL/SSL (`ssl.key.*`, `sasl.*key*`).
+    pub fn redacted_json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
+        redact(&mut value);
+        value
+    }
+
     /// The configuration as TOML, for `check-config` and `/status`.
     pub fn to_toml(&self) -> String {
         toml_string(self)
+    }
+}
+
+/// Whether a librdkafka property holds a secret.
+pub fn is_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("password")
+        || name.contains("secret")
+        || name.contains("token")
+        || ((name.starts_with("ssl.") || name.starts_with("sasl.")) && name.contains("key"))
+}
+
+fn redact(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, inner) in map.iter_mut() {
+                if is_secret(key) && !inner.is_object() {
+                    *inner = serde_json::Value::String("<redacted>".to_string());
+                } else {
+                    redact(inner);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
     }
 }
 
@@ -703,6 +737,24 @@ mod tests {
             "sink = { type = \"kafka\", topic = \"logs\", brokers = \"other:9092\" }",
         );
         assert!(load(&other_cluster).is_ok());
+    }
+
+    #[test]
+    fn status_json_redacts_secrets_only() {
+        let text = MINIMAL.replace(
+            "topics = [\"logs\"]",
+            "topics = [\"logs\"]\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.password\" = \"k\"\n\"sasl.oauthbearer.client.secret\" = \"s\"\n\"ssl.key.pem\" = \"PEM\"\n\"sasl.username\" = \"alice\"\n\"auto.offset.reset\" = \"earliest\"",
+        );
+        let config = load(&text).expect("valid");
+        let json = config.redacted_json().to_string();
+        for secret in ["hunter2", "\"k\"", "\"s\"", "PEM"] {
+            assert!(!json.contains(secret), "{secret} leaked: {json}");
+        }
+        assert!(
+            json.contains("alice") && json.contains("earliest"),
+            "{json}"
+        );
+        assert_eq!(json.matches("<redacted>").count(), 4, "{json}");
     }
 
     #[test]

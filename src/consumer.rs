@@ -53,6 +53,9 @@ const DEFAULT_QUEUED_MAX_KBYTES: &str = "16384";
 /// resumed partitions flowing at the cost of more idle fetches.
 const DEFAULT_FETCH_WAIT_MAX_MS: &str = "100";
 
+/// How often librdkafka reports statistics (lag, round trips) unless the config says otherwise.
+const DEFAULT_STATISTICS_INTERVAL_MS: &str = "5000";
+
 /// How long one poll waits when nothing is held back.
 const POLL_IDLE: Duration = Duration::from_millis(100);
 /// How long one poll waits while records are held for a full router: short, so the held
@@ -76,6 +79,7 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("enable.partition.eof", "false")
         .set("queued.max.messages.kbytes", DEFAULT_QUEUED_MAX_KBYTES)
         .set("fetch.wait.max.ms", DEFAULT_FETCH_WAIT_MAX_MS)
+        .set("statistics.interval.ms", DEFAULT_STATISTICS_INTERVAL_MS)
         .set_log_level(RDKafkaLogLevel::Warning);
     for (key, value) in &config.kafka.options {
         client.set(key, value.to_string());
@@ -142,9 +146,56 @@ impl Assignment {
     }
 }
 
+/// The consumer's view of its partitions, for `/status`.
+#[derive(Clone)]
+pub struct PartitionView {
+    assignment: Arc<Mutex<Assignment>>,
+}
+
+/// One owned partition as the consumer sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionFlow {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Assignment generation.
+    pub generation: u64,
+    /// Paused in librdkafka (router full, breaker, or shutdown).
+    pub paused: bool,
+    /// Records read and held back while paused.
+    pub held: usize,
+}
+
+impl PartitionView {
+    /// Every owned partition, sorted.
+    pub fn snapshot(&self) -> Vec<PartitionFlow> {
+        let assignment = self
+            .assignment
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut flows: Vec<PartitionFlow> = assignment
+            .partitions
+            .iter()
+            .map(|(key, state)| PartitionFlow {
+                topic: key.topic.to_string(),
+                partition: key.partition,
+                generation: state.generation,
+                paused: matches!(state.flow, Flow::Paused { .. }),
+                held: match &state.flow {
+                    Flow::Flowing => 0,
+                    Flow::Paused { held } => held.len(),
+                },
+            })
+            .collect();
+        flows.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        flows
+    }
+}
+
 /// librdkafka callbacks: rebalances and commit results.
 pub struct Callbacks {
-    assignment: Mutex<Assignment>,
+    assignment: Arc<Mutex<Assignment>>,
     committer: CommitterControl,
     metrics: Arc<Metrics>,
     generations: AtomicU64,
@@ -272,6 +323,48 @@ impl Callbacks {
 impl ClientContext for Callbacks {
     fn error(&self, error: KafkaError, reason: &str) {
         warn!(error = %error, reason, "kafka client error");
+    }
+
+    /// librdkafka's statistics (every `statistics.interval.ms`) give the lag and broker round
+    /// trips without a second client.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut assignment = self.lock();
+        for topic in statistics.topics.values() {
+            for stats in topic.partitions.values() {
+                if stats.partition < 0 {
+                    continue;
+                }
+                let key = assignment.key(&topic.topic, stats.partition);
+                // Only owned partitions: a revoked one's series must stay gone.
+                if !assignment.partitions.contains_key(&key) {
+                    continue;
+                }
+                // librdkafka's lag is against the committed offset; before the first commit
+                // of the group it is unknown (-1), and everything in the log is behind.
+                let lag = if stats.consumer_lag >= 0 {
+                    stats.consumer_lag
+                } else if stats.hi_offset >= 0 && stats.lo_offset >= 0 {
+                    stats.hi_offset - stats.lo_offset
+                } else {
+                    continue;
+                };
+                let partition = key.partition.to_string();
+                self.metrics
+                    .partition_lag
+                    .with_label_values(&[&*key.topic, &partition])
+                    .set(lag);
+            }
+        }
+        for broker in statistics.brokers.values() {
+            if let Some(rtt) = &broker.rtt {
+                if rtt.cnt > 0 {
+                    self.metrics
+                        .broker_rtt
+                        .with_label_values(&[&broker.nodename])
+                        .set(rtt.avg as f64 / 1_000_000.0);
+                }
+            }
+        }
     }
 }
 
@@ -414,7 +507,7 @@ impl ConsumerActor {
             ..
         } = links;
         let callbacks = Callbacks {
-            assignment: Mutex::new(Assignment::default()),
+            assignment: Arc::new(Mutex::new(Assignment::default())),
             committer,
             metrics: metrics.clone(),
             generations: AtomicU64::new(0),
@@ -582,6 +675,13 @@ impl ConsumerActor {
                 waited_ms = FINAL_COMMIT_WAIT.as_millis() as u64,
                 "final commit is taking long (a rebalance is in flight); not waiting for it"
             );
+        }
+    }
+
+    /// A view of the owned partitions for the HTTP endpoint.
+    pub fn partition_view(&self) -> PartitionView {
+        PartitionView {
+            assignment: self.callbacks().assignment.clone(),
         }
     }
 

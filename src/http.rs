@@ -25,6 +25,7 @@ use tracing::{debug, warn};
 
 use crate::breaker::BreakerState;
 use crate::committer::{BreakerHandle, Stall};
+use crate::consumer::PartitionView;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 
@@ -44,6 +45,86 @@ pub struct HttpState {
     pub breaker: BreakerHandle,
     /// Stalled partitions, checked on `/readyz`.
     pub stalls: tokio::sync::watch::Receiver<Vec<Stall>>,
+    /// What `/status` shows besides metrics.
+    pub status: Arc<StatusSource>,
+}
+
+/// Sources of the `/status` page.
+pub struct StatusSource {
+    /// The consumer's partitions.
+    pub partitions: PartitionView,
+    /// The effective configuration, secrets redacted.
+    pub config: serde_json::Value,
+    /// Route names and worker counts.
+    pub routes: Vec<(String, usize)>,
+}
+
+fn status_json(state: &HttpState) -> serde_json::Value {
+    let metrics = &state.metrics;
+    let partitions: Vec<serde_json::Value> = state
+        .status
+        .partitions
+        .snapshot()
+        .into_iter()
+        .map(|flow| {
+            let key = crate::record::PartitionKey {
+                topic: Arc::from(flow.topic.as_str()),
+                partition: flow.partition,
+            };
+            let value = |gauge: &dyn prometheus::core::Collector| {
+                metrics.partition_value(gauge, &key)
+            };
+            let whole = |gauge: &dyn prometheus::core::Collector| value(gauge).map(|v| v as i64);
+            serde_json::json!({
+                "topic": flow.topic,
+                "partition": flow.partition,
+                "generation": flow.generation,
+                "paused": flow.paused,
+                "paused_why": if !flow.paused { None }
+                    else if matches!(state.breaker.state(), BreakerState::Tripped(_)) { Some("dead-letter breaker tripped") }
+                    else { Some("router channel full (see logbridge_backpressure_seconds_total by route)") },
+                "held": flow.held,
+                "committed": whole(&metrics.committed_offset),
+                "finished": whole(&metrics.partition_finished_offset),
+                "in_flight": whole(&metrics.partition_in_flight),
+                "finished_uncommitted": whole(&metrics.partition_uncommitted_gap),
+                "oldest_unfinished_age_seconds": value(&metrics.partition_oldest_unfinished),
+                "lag": whole(&metrics.partition_lag),
+            })
+        })
+        .collect();
+    let routes: Vec<serde_json::Value> = state
+        .status
+        .routes
+        .iter()
+        .map(|(name, workers)| {
+            // The sampler creates this series at start-up, so the lookup creates nothing new.
+            let queued = metrics
+                .channel_depth
+                .get_metric_with_label_values(&[&format!("worker:{name}")])
+                .map(|g| g.get())
+                .unwrap_or(0);
+            serde_json::json!({"name": name, "workers": workers, "queued": queued})
+        })
+        .collect();
+    let breaker = match state.breaker.state() {
+        BreakerState::Closed => serde_json::json!("closed"),
+        BreakerState::Tripped(trip) => serde_json::json!({"tripped": trip.to_string()}),
+    };
+    let stalls: Vec<String> = state
+        .stalls
+        .borrow()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    serde_json::json!({
+        "partitions": partitions,
+        "routes": routes,
+        "breaker": breaker,
+        "stalls": stalls,
+        "in_flight": metrics.in_flight.get(),
+        "config": state.status.config,
+    })
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -114,7 +195,7 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
             }
             BreakerState::Tripped(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         },
-        "/metrics" | "/healthz" | "/readyz" if !readable => {
+        "/metrics" | "/healthz" | "/readyz" | "/status" if !readable => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             response
                 .headers_mut()
@@ -161,6 +242,14 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
                 ),
             },
         },
+        "/status" => {
+            let body = serde_json::to_vec_pretty(&status_json(state)).unwrap_or_default();
+            let mut response = text(StatusCode::OK, body);
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub partition_finished_offset: IntGaugeVec,
     /// Age of the oldest unfinished record, by topic and partition.
     pub partition_oldest_unfinished: prometheus::GaugeVec,
+    /// Records between the committed offset and the high watermark (librdkafka statistics).
+    pub partition_lag: IntGaugeVec,
+    /// Broker round-trip time (librdkafka statistics, average of the last window).
+    pub broker_rtt: prometheus::GaugeVec,
     /// Seconds the router spent waiting on a full worker channel, by route.
     pub backpressure_seconds: prometheus::CounterVec,
     /// Time from a worker taking a batch to its sink confirming it.
@@ -204,6 +208,22 @@ impl Metrics {
                 &["topic", "partition"],
             )
             .expect(METRIC_OK),
+            partition_lag: IntGaugeVec::new(
+                Opts::new(
+                    "logbridge_partition_lag_records",
+                    "Records between the committed offset and the high watermark, by topic and partition (from librdkafka statistics).",
+                ),
+                &["topic", "partition"],
+            )
+            .expect(METRIC_OK),
+            broker_rtt: prometheus::GaugeVec::new(
+                Opts::new(
+                    "logbridge_broker_rtt_seconds",
+                    "Average broker round-trip time over librdkafka's last statistics window, by broker.",
+                ),
+                &["broker"],
+            )
+            .expect(METRIC_OK),
             backpressure_seconds: prometheus::CounterVec::new(
                 Opts::new(
                     "logbridge_backpressure_seconds_total",
@@ -296,6 +316,8 @@ impl Metrics {
             Box::new(self.partition_uncommitted_gap.clone()),
             Box::new(self.partition_finished_offset.clone()),
             Box::new(self.partition_oldest_unfinished.clone()),
+            Box::new(self.partition_lag.clone()),
+            Box::new(self.broker_rtt.clone()),
             Box::new(self.backpressure_seconds.clone()),
             Box::new(self.sink_latency.clone()),
             Box::new(self.drain_seconds.clone()),
@@ -383,6 +405,31 @@ impl Metrics {
         let _ = self
             .partition_oldest_unfinished
             .remove_label_values(&labels);
+        let _ = self.partition_lag.remove_label_values(&labels);
+    }
+
+    /// The current value of one of a partition's gauges, if that series exists. (Looking it
+    /// up by label values would create it.)
+    pub fn partition_value(
+        &self,
+        gauge: &dyn prometheus::core::Collector,
+        source: &PartitionKey,
+    ) -> Option<f64> {
+        let partition = source.partition.to_string();
+        gauge
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric().iter())
+            .find(|metric| {
+                let labels = metric.get_label();
+                labels
+                    .iter()
+                    .any(|l| l.name() == "topic" && l.value() == &*source.topic)
+                    && labels
+                        .iter()
+                        .any(|l| l.name() == "partition" && l.value() == partition)
+            })
+            .map(|metric| metric.get_gauge().get_value())
     }
 
     /// The Prometheus text exposition of every metric.

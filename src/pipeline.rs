@@ -17,7 +17,7 @@ use crate::consumer::{ConsumerActor, ConsumerLinks};
 use crate::dead_letter::{self, DeadLetterTopic, Failures};
 use crate::event::Level;
 use crate::health::Liveness;
-use crate::http::{self, HttpState};
+use crate::http::{self, HttpState, StatusSource};
 use crate::metrics::Metrics;
 use crate::record::Fences;
 use crate::router::{self, RouteLane, RouteTable};
@@ -202,6 +202,7 @@ pub async fn run(
         shutdown.clone(),
     )?;
 
+    let partition_view = consumer.partition_view();
     let http_stop = CancellationToken::new();
     let http_task = start_http(
         options.http,
@@ -211,6 +212,15 @@ pub async fn run(
             liveness: liveness.clone(),
             breaker,
             stalls,
+            status: Arc::new(StatusSource {
+                partitions: partition_view,
+                config: config.redacted_json(),
+                routes: config
+                    .routes
+                    .iter()
+                    .map(|route| (route.name.clone(), route.workers))
+                    .collect(),
+            }),
         },
         &http_stop,
     )

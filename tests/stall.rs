@@ -104,6 +104,39 @@ async fn blocked_sink_makes_readiness_fail_naming_the_partition_until_unblocked(
         "liveness is not readiness"
     );
 
+    // The live status page shows the stuck partition, the route's queue and the config.
+    let (status, body) = http_get(address, "/status").await;
+    assert_eq!(status, 200);
+    let page: serde_json::Value = serde_json::from_str(&body).expect("/status is JSON");
+    let stuck = page["partitions"]
+        .as_array()
+        .expect("partitions")
+        .iter()
+        .find(|p| p["in_flight"].as_i64().unwrap_or(0) > 0)
+        .cloned()
+        .expect("a partition with records in flight");
+    assert!(
+        stuck["oldest_unfinished_age_seconds"]
+            .as_f64()
+            .unwrap_or(0.0)
+            >= 2.0,
+        "{stuck}"
+    );
+    assert_eq!(page["routes"][0]["name"], "blocked");
+    assert!(
+        page["stalls"].as_array().is_some_and(|s| !s.is_empty()),
+        "{page}"
+    );
+    assert_eq!(page["config"]["kafka"]["topics"][0], "logs");
+    // librdkafka's statistics give the lag of the stuck partitions without a second client.
+    let lag_seen = wait_for(Duration::from_secs(10), || async move {
+        let (_, metrics_text) = http_get(address, "/metrics").await;
+        gauge(&metrics_text, "logbridge_partition_lag_records") > 0.0
+    })
+    .await;
+    println!("stall: /status partition {stuck}");
+    assert!(lag_seen, "partition lag from librdkafka statistics");
+
     closed.store(false, Ordering::Relaxed);
     let ready = wait_for(Duration::from_secs(30), || async move {
         http_get(address, "/readyz").await.0 == 200

@@ -211,6 +211,7 @@ topics = ["{topic}"]
 [kafka.options]
 "auto.offset.reset" = "earliest"
 "session.timeout.ms" = 6000
+"statistics.interval.ms" = 1000
 [pipeline]
 {defaults}{pipeline}
 {routes}
