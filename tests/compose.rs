@@ -155,3 +155,53 @@ fn dockerfile_copies_only_what_exists() {
         }
     }
 }
+
+/// Every logbridge metric the Grafana dashboard and the alerting rules use exists, and the
+/// dashboard is provisioned by the compose file.
+#[test]
+fn dashboard_and_alerts_use_only_metrics_that_exist() {
+    let compose = load("docker-compose.yml");
+    let grafana_volumes = strings(&compose["services"]["grafana"]["volumes"]);
+    assert!(
+        grafana_volumes
+            .iter()
+            .any(|v| v.starts_with("./config/grafana/dashboards")),
+        "{grafana_volumes:?}"
+    );
+    let dashboard =
+        std::fs::read_to_string("config/grafana/dashboards/logbridge.json").expect("dashboard");
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 6));
+    let alerts = std::fs::read_to_string("config/alerts.yml").expect("alerts");
+    let defined = std::fs::read_to_string("src/metrics.rs").expect("metrics source");
+    let mut used = std::collections::BTreeSet::new();
+    for text in [&dashboard, &alerts] {
+        let mut rest = text.as_str();
+        while let Some(start) = rest.find("logbridge_") {
+            let name: String = rest[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[start + name.len()..];
+            used.insert(name);
+        }
+    }
+    let mut missing = Vec::new();
+    for name in &used {
+        if name.starts_with("logbridge_process_") {
+            continue; // from the process collector (prefix `logbridge`)
+        }
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        if !defined.contains(&format!("\"{base}\"")) {
+            missing.push(name.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "metrics used but not defined: {missing:?}"
+    );
+    assert!(used.len() >= 15, "{used:?}");
+}

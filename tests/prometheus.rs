@@ -1,0 +1,113 @@
+//! Prometheus in the loop: a real Prometheus server (Debian's `prometheus` package) on loopback
+//! scrapes a running `logbridge` process; its HTTP API shows `up` = 1 and the consumed events
+//! equal to what was produced. Also: the shipped alerting rules pass `promtool check rules`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::process::{free_port, Instance};
+use common::*;
+
+fn encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The single value of an instant query, if there is one.
+async fn query(address: std::net::SocketAddr, promql: &str) -> Option<f64> {
+    // Not listening yet: no answer.
+    tokio::net::TcpStream::connect(address).await.ok()?;
+    let (status, body) =
+        http_get(address, &format!("/api/v1/query?query={}", encode(promql))).await;
+    if status != 200 {
+        return None;
+    }
+    let answer: serde_json::Value = serde_json::from_str(&body).ok()?;
+    answer["data"]["result"][0]["value"][1]
+        .as_str()?
+        .parse()
+        .ok()
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn shipped_alerting_rules_pass_promtool() {
+    let output = Command::new("promtool")
+        .args(["check", "rules", "config/alerts.yml"])
+        .output()
+        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_logbridge() {
+    let kafka = Kafka::start("logs", 4);
+    let produced = kafka.produce_samples(5_000, 0.02, 9).await;
+    let total = (produced.valid_ids.len() + produced.malformed.len()) as f64;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("prometheus");
+    let instance = Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), "lb", "");
+
+    let prometheus_port = free_port();
+    let config = work.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: logbridge\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
+            instance.child.http_port
+        ),
+    )
+    .expect("prometheus config");
+    let server = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                work.path().join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus is installed (Debian's prometheus package)"),
+    );
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], prometheus_port).into();
+    let up = wait_for(Duration::from_secs(60), || async move {
+        query(address, "up{job=\"logbridge\"}").await == Some(1.0)
+    })
+    .await;
+    assert!(up, "Prometheus never saw logbridge up");
+    let counted = wait_for(Duration::from_secs(60), || async move {
+        query(address, "sum(logbridge_events_consumed_total)").await == Some(total)
+    })
+    .await;
+    let seen = query(address, "sum(logbridge_events_consumed_total)").await;
+    let finished = query(address, "sum(logbridge_events_finished_total)").await;
+    println!("prometheus: up = 1; consumed per Prometheus {seen:?} of {total} produced; finished {finished:?}");
+    drop(server);
+    drop(instance);
+    assert!(
+        counted,
+        "consumed per Prometheus {seen:?} != produced {total}"
+    );
+}
