@@ -150,6 +150,7 @@ impl Assignment {
 #[derive(Clone)]
 pub struct PartitionView {
     assignment: Arc<Mutex<Assignment>>,
+    in_group: Arc<AtomicBool>,
 }
 
 /// One owned partition as the consumer sees it.
@@ -168,6 +169,11 @@ pub struct PartitionFlow {
 }
 
 impl PartitionView {
+    /// Whether the consumer has received an assignment (possibly empty) and not lost it since.
+    pub fn in_group(&self) -> bool {
+        self.in_group.load(Ordering::Acquire)
+    }
+
     /// Every owned partition, sorted.
     pub fn snapshot(&self) -> Vec<PartitionFlow> {
         let assignment = self
@@ -196,6 +202,8 @@ impl PartitionView {
 /// librdkafka callbacks: rebalances and commit results.
 pub struct Callbacks {
     assignment: Arc<Mutex<Assignment>>,
+    /// Set by the first assignment, cleared when partitions are lost (session expired).
+    in_group: Arc<AtomicBool>,
     committer: CommitterControl,
     metrics: Arc<Metrics>,
     generations: AtomicU64,
@@ -220,6 +228,7 @@ impl Callbacks {
 
     fn on_assign(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        self.in_group.store(true, Ordering::Release);
         let halted = self.halted.load(Ordering::Acquire);
         let mut assignment = self.lock();
         for element in tpl.elements() {
@@ -263,6 +272,9 @@ impl Callbacks {
         // committed for them.
         let lost = consumer.assignment_lost();
         let kind = if lost { "lost" } else { "revoke" };
+        if lost {
+            self.in_group.store(false, Ordering::Release);
+        }
         self.metrics.rebalances.with_label_values(&[kind]).inc();
         let mut revoked = Vec::new();
         {
@@ -508,6 +520,7 @@ impl ConsumerActor {
         } = links;
         let callbacks = Callbacks {
             assignment: Arc::new(Mutex::new(Assignment::default())),
+            in_group: Arc::new(AtomicBool::new(false)),
             committer,
             metrics: metrics.clone(),
             generations: AtomicU64::new(0),
@@ -682,6 +695,7 @@ impl ConsumerActor {
     pub fn partition_view(&self) -> PartitionView {
         PartitionView {
             assignment: self.callbacks().assignment.clone(),
+            in_group: self.callbacks().in_group.clone(),
         }
     }
 

@@ -29,8 +29,9 @@ use crate::consumer::PartitionView;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 
-/// Connections served at once; more wait in the kernel's accept backlog.
-const MAX_CONNECTIONS: usize = 512;
+/// Connections served at once; more wait in the kernel's accept backlog. Idle or slow ones
+/// hold a slot for at most `HEADER_TIMEOUT`.
+const MAX_CONNECTIONS: usize = 4096;
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -217,6 +218,10 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
                 format!("actors not running: {}\n", down.join(", ")),
             ),
         },
+        "/readyz" if !state.status.partitions.in_group() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not in a consumer group yet (no assignment received)\n",
+        ),
         "/readyz" => match state.breaker.state() {
             BreakerState::Tripped(trip) => text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -108,6 +108,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
+    // Many concurrent HTTP clients (or a scrape storm) must not run the process out of file
+    // descriptors: take the hard limit the system allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(err) => tracing::debug!(error = %err, "cannot raise the open file limit"),
+    }
     let command = cli.command.unwrap_or(Command::Run {
         config: PathBuf::from(DEFAULT_CONFIG_PATH),
     });

@@ -1,0 +1,128 @@
+//! The HTTP endpoint under abuse, against a `logbridge run` process: 1 000 concurrent
+//! connections (slow clients that never finish their headers, and garbage request lines) while
+//! a well-behaved client keeps scraping. The endpoint keeps answering it, and the pipeline's
+//! throughput during the abuse is printed beside a quiet run of the same size (measured, not
+//! asserted: these machines are shared). Also: `/readyz` fails until the group assigns.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::process::Instance;
+use common::*;
+use tokio::io::AsyncWriteExt;
+
+const BATCH: u64 = 150_000;
+
+async fn finished(instance: &Instance) -> f64 {
+    instance
+        .child
+        .metric("logbridge_events_finished_total")
+        .await
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
+    let kafka = Kafka::start("logs", 4);
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("abuse");
+    let instance = Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), "lb", "");
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], instance.child.http_port).into();
+
+    // Before the group assigns anything, the instance is alive but not ready.
+    let listening = wait_for(Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(address).await.is_ok()
+    })
+    .await;
+    assert!(listening);
+    let (early_status, early_body) = http_get(address, "/readyz").await;
+    assert_eq!(early_status, 503, "{early_body}");
+    assert!(
+        early_body.contains("not in a consumer group"),
+        "{early_body}"
+    );
+
+    let ready = wait_for(Duration::from_secs(60), || async move {
+        http_get(address, "/readyz").await.0 == 200
+    })
+    .await;
+    assert!(ready, "ready once assigned");
+
+    // Quiet run: one batch, timed until it is finished.
+    kafka.produce_samples(BATCH, 0.0, 1).await;
+    let started = Instant::now();
+    let quiet = wait_for(Duration::from_secs(120), || {
+        let instance = &instance;
+        async move { finished(instance).await >= BATCH as f64 }
+    })
+    .await;
+    assert!(quiet, "the quiet batch did not finish");
+    let quiet_rate = BATCH as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(
+        http_get(address, "/readyz").await.0,
+        200,
+        "ready once assigned"
+    );
+
+    // Abuse: 1 000 connections, most of them slow clients that never finish their headers,
+    // some sending garbage request lines.
+    let mut abusers = Vec::new();
+    for n in 0..1_000 {
+        abusers.push(tokio::spawn(async move {
+            let Ok(mut stream) = tokio::net::TcpStream::connect(address).await else {
+                return;
+            };
+            if n % 10 == 0 {
+                let _ = stream.write_all(b"\x16\x03\x01 garbage \r\n\r\n").await;
+            } else {
+                let _ = stream
+                    .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    .await;
+            }
+            // Hold the connection open, trickling a byte now and then, for up to 8 s.
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if stream.write_all(b"X").await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    kafka.produce_samples(BATCH, 0.0, 2).await;
+    let started = Instant::now();
+    let mut answered = 0;
+    let mut asked = 0;
+    let mut slowest = Duration::ZERO;
+    while finished(&instance).await < 2.0 * BATCH as f64
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        asked += 1;
+        let asked_at = Instant::now();
+        if let Ok((200, body)) =
+            tokio::time::timeout(Duration::from_secs(2), http_get(address, "/metrics")).await
+        {
+            if body.contains("logbridge_events_consumed_total") {
+                answered += 1;
+            }
+        }
+        slowest = slowest.max(asked_at.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let abused_rate = BATCH as f64 / started.elapsed().as_secs_f64();
+    for abuser in abusers {
+        abuser.abort();
+    }
+    println!(
+        "abuse: 1000 abusive connections; the good client got {answered}/{asked} scrapes, slowest {slowest:?}; \
+         pipeline {quiet_rate:.0} events/s quiet, {abused_rate:.0} events/s under abuse"
+    );
+    assert!(
+        asked > 0 && answered * 10 >= asked * 9,
+        "the endpoint stopped answering: {answered}/{asked}"
+    );
+    assert!(
+        finished(&instance).await >= 2.0 * BATCH as f64,
+        "the pipeline did not finish under abuse"
+    );
+}
