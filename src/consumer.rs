@@ -135,6 +135,18 @@ impl Assignment {
             .count() as i64
     }
 
+    /// Sets the paused gauges: the total, and 0/1 per owned partition.
+    fn publish_paused(&self, metrics: &Metrics) {
+        metrics.paused_partitions.set(self.paused_count());
+        for (key, state) in &self.partitions {
+            let partition = key.partition.to_string();
+            metrics
+                .partition_paused
+                .with_label_values(&[&*key.topic, &partition])
+                .set(i64::from(matches!(state.flow, Flow::Paused { .. })));
+        }
+    }
+
     fn held_count(&self) -> usize {
         self.partitions
             .values()
@@ -262,9 +274,7 @@ impl Callbacks {
         self.metrics
             .assigned_partitions
             .set(assignment.partitions.len() as i64);
-        self.metrics
-            .paused_partitions
-            .set(assignment.paused_count());
+        assignment.publish_paused(&self.metrics);
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
@@ -295,9 +305,7 @@ impl Callbacks {
             self.metrics
                 .assigned_partitions
                 .set(assignment.partitions.len() as i64);
-            self.metrics
-                .paused_partitions
-                .set(assignment.paused_count());
+            assignment.publish_paused(&self.metrics);
         }
         if revoked.is_empty() {
             // librdkafka may call with an empty list (rust-rdkafka #681).
@@ -768,9 +776,7 @@ impl ConsumerActor {
                 .pause(&tpl)
                 .context("failed to pause partitions for the breaker")?;
         }
-        self.metrics
-            .paused_partitions
-            .set(assignment.paused_count());
+        assignment.publish_paused(&self.metrics);
         warn!(
             partitions = assignment.partitions.len(),
             "breaker tripped: every partition paused"
@@ -794,6 +800,7 @@ impl ConsumerActor {
         };
         state.last_polled = Some(message.offset());
         let record = Record {
+            read_at: std::time::Instant::now(),
             source: key,
             offset: message.offset(),
             generation: state.generation,
@@ -827,9 +834,7 @@ impl ConsumerActor {
                         let mut held = VecDeque::with_capacity(1);
                         held.push_back(record);
                         state.flow = Flow::Paused { held };
-                        self.metrics
-                            .paused_partitions
-                            .set(assignment.paused_count());
+                        assignment.publish_paused(&self.metrics);
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => {
                         anyhow::bail!("router stopped while the consumer was running");
@@ -915,9 +920,7 @@ impl ConsumerActor {
                 }
             }
             let resumed = resume.count() as i64;
-            self.metrics
-                .paused_partitions
-                .set(assignment.paused_count());
+            assignment.publish_paused(&self.metrics);
             self.metrics.resumes.inc_by(resumed as u64);
             debug!(partitions = resumed, "partitions resumed");
         }

@@ -53,6 +53,10 @@ pub struct Metrics {
     pub partition_finished_offset: IntGaugeVec,
     /// Age of the oldest unfinished record, by topic and partition.
     pub partition_oldest_unfinished: prometheus::GaugeVec,
+    /// 1 while a partition is paused, by topic and partition.
+    pub partition_paused: IntGaugeVec,
+    /// Time from reading a record to its delivery by the route's sink.
+    pub processing_latency: prometheus::HistogramVec,
     /// Records between the committed offset and the high watermark (librdkafka statistics).
     pub partition_lag: IntGaugeVec,
     /// Broker round-trip time (librdkafka statistics, average of the last window).
@@ -208,6 +212,25 @@ impl Metrics {
                 &["topic", "partition"],
             )
             .expect(METRIC_OK),
+            partition_paused: IntGaugeVec::new(
+                Opts::new(
+                    "logbridge_partition_paused",
+                    "1 while the partition is paused (router full, breaker or shutdown), else 0.",
+                ),
+                &["topic", "partition"],
+            )
+            .expect(METRIC_OK),
+            processing_latency: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "logbridge_processing_latency_seconds",
+                    "Time from reading a record from Kafka to its delivery by the route's sink, by route.",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
+                ]),
+                &["route"],
+            )
+            .expect(METRIC_OK),
             partition_lag: IntGaugeVec::new(
                 Opts::new(
                     "logbridge_partition_lag_records",
@@ -317,6 +340,8 @@ impl Metrics {
             Box::new(self.partition_finished_offset.clone()),
             Box::new(self.partition_oldest_unfinished.clone()),
             Box::new(self.partition_lag.clone()),
+            Box::new(self.partition_paused.clone()),
+            Box::new(self.processing_latency.clone()),
             Box::new(self.broker_rtt.clone()),
             Box::new(self.backpressure_seconds.clone()),
             Box::new(self.sink_latency.clone()),
@@ -406,6 +431,7 @@ impl Metrics {
             .partition_oldest_unfinished
             .remove_label_values(&labels);
         let _ = self.partition_lag.remove_label_values(&labels);
+        let _ = self.partition_paused.remove_label_values(&labels);
     }
 
     /// The current value of one of a partition's gauges, if that series exists. (Looking it

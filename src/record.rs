@@ -41,6 +41,8 @@ pub struct Record {
     pub headers: Option<rdkafka::message::OwnedHeaders>,
     /// The decoded event, or why it could not be decoded.
     pub event: Result<LogEvent, DecodeError>,
+    /// When the consumer took it from librdkafka (for the processing latency).
+    pub read_at: std::time::Instant,
 }
 
 /// How a record finished. Every record that enters the pipeline ends in exactly one of these.

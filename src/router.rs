@@ -256,6 +256,7 @@ mod tests {
             payload: Some(payload.to_vec().into_boxed_slice()),
             headers: None,
             event: decode(Some(payload), 1024),
+            read_at: std::time::Instant::now(),
         }
     }
 

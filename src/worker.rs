@@ -227,6 +227,10 @@ impl WorkerActor {
     async fn finish(&mut self, record: &Record) -> Result<(), CommitterGone> {
         self.delivered += 1;
         self.metrics
+            .processing_latency
+            .with_label_values(&[&self.route])
+            .observe(record.read_at.elapsed().as_secs_f64());
+        self.metrics
             .finished
             .with_label_values(&[&self.route, AckStatus::Processed.as_str()])
             .inc();

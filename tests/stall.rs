@@ -89,6 +89,8 @@ async fn blocked_sink_makes_readiness_fail_naming_the_partition_until_unblocked(
         "logbridge_backpressure_seconds_total{route=\"blocked\"}",
     );
     let paused = gauge(&second, "logbridge_paused_partitions");
+    let paused_one = gauge(&second, "logbridge_partition_paused{");
+    assert_eq!(paused_one, 1.0, "a per-partition paused gauge is 1");
     println!(
         "stall: /readyz said `{}`; oldest unfinished age {age_before:.1} s then {age_after:.1} s; backpressure on route blocked {backpressure:.1} s; paused partitions {paused}",
         stalled_body.trim()
@@ -145,7 +147,16 @@ async fn blocked_sink_makes_readiness_fail_naming_the_partition_until_unblocked(
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(60))
         .await;
+    let (_, after) = http_get(address, "/metrics").await;
+    let latency_samples = gauge(
+        &after,
+        "logbridge_processing_latency_seconds_count{route=\"blocked\"}",
+    );
     pipeline.stop().await;
     assert!(ready, "readiness did not come back after unblocking");
+    assert!(
+        latency_samples >= 600.0,
+        "processing latency observed for every record: {latency_samples}"
+    );
     assert!(done, "not everything was committed after unblocking");
 }
