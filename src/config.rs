@@ -490,18 +490,38 @@ impl Config {
         Ok(())
     }
 
-    /// The configuration as JSON for `/status`, with secrets replaced by `"<redacted>"`: any
-    /// librdkafka option whose name contains `password`, `secret` or `token`, or a `key` of
-    /// SASL/SSL (`ssl.key.*`, `sasl.*key*`).
-    pub fn redacted_json(&self) -> serde_json::Value {
-        let mut value = serde_json::to_value(self).unwrap_or(serde_json::Value::Null);
-        redact(&mut value);
-        value
+    /// A copy with every secret librdkafka option replaced by `"<redacted>"`: any option whose
+    /// name contains `password`, `secret` or `token`, or a `key` of SASL/SSL (`ssl.key.*`,
+    /// `sasl.*key*`). Used wherever the configuration is shown (`/status`, `check-config`).
+    pub fn redacted(&self) -> Config {
+        let mut config = self.clone();
+        let hide = |options: &mut BTreeMap<String, OptionValue>| {
+            for (name, value) in options.iter_mut() {
+                if is_secret(name) {
+                    *value = OptionValue::Text("<redacted>".to_string());
+                }
+            }
+        };
+        hide(&mut config.kafka.options);
+        if let Some(dead_letter) = &mut config.dead_letter {
+            hide(&mut dead_letter.options);
+        }
+        for route in &mut config.routes {
+            if let SinkConfig::Kafka { options, .. } = &mut route.sink {
+                hide(options);
+            }
+        }
+        config
     }
 
-    /// The configuration as TOML, for `check-config` and `/status`.
+    /// The configuration as JSON for `/status`, secrets redacted.
+    pub fn redacted_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.redacted()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The configuration as TOML, secrets redacted, for `check-config`.
     pub fn to_toml(&self) -> String {
-        toml_string(self)
+        toml_string(&self.redacted())
     }
 }
 
@@ -512,22 +532,6 @@ pub fn is_secret(name: &str) -> bool {
         || name.contains("secret")
         || name.contains("token")
         || ((name.starts_with("ssl.") || name.starts_with("sasl.")) && name.contains("key"))
-}
-
-fn redact(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::Object(map) => {
-            for (key, inner) in map.iter_mut() {
-                if is_secret(key) && !inner.is_object() {
-                    *inner = serde_json::Value::String("<redacted>".to_string());
-                } else {
-                    redact(inner);
-                }
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
-        _ => {}
-    }
 }
 
 fn toml_string(config: &Config) -> String {
@@ -747,6 +751,11 @@ mod tests {
         );
         let config = load(&text).expect("valid");
         let json = config.redacted_json().to_string();
+        let toml = config.to_toml();
+        assert!(
+            !toml.contains("hunter2") && toml.contains("<redacted>"),
+            "{toml}"
+        );
         for secret in ["hunter2", "\"k\"", "\"s\"", "PEM"] {
             assert!(!json.contains(secret), "{secret} leaked: {json}");
         }

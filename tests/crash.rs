@@ -72,11 +72,17 @@ async fn sigkill_at_random_moments_loses_nothing() {
                 .await
                 .unwrap_or(0.0);
             let measured_from = Instant::now();
-            tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
-            let finished_after = child
-                .metric("logbridge_events_finished_total")
-                .await
-                .unwrap_or(0.0);
+            // A random moment, chosen as a random amount of progress (so that five kills stay
+            // mid-stream however fast this machine consumes): 4 000 to 24 000 more records.
+            let target = finished_before + rng.random_range(4_000.0..24_000.0);
+            let mut finished_after = finished_before;
+            while finished_after < target && measured_from.elapsed() < Duration::from_secs(30) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                finished_after = child
+                    .metric("logbridge_events_finished_total")
+                    .await
+                    .unwrap_or(finished_after);
+            }
             // Records per second this instance finished just before the kill.
             rates.push((finished_after - finished_before) / measured_from.elapsed().as_secs_f64());
             let committed: i64 = kafka.committed(&group).iter().map(|o| o.max(&0)).sum();
