@@ -50,6 +50,17 @@ pub struct HttpState {
     pub status: Arc<StatusSource>,
 }
 
+impl HttpState {
+    /// One line per stalled partition (shown by `/readyz` and `/status`).
+    fn stall_descriptions(&self) -> Vec<String> {
+        self.stalls
+            .borrow()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+}
+
 /// Sources of the `/status` page.
 pub struct StatusSource {
     /// The consumer's partitions.
@@ -112,12 +123,7 @@ fn status_json(state: &HttpState) -> serde_json::Value {
         BreakerState::Closed => serde_json::json!("closed"),
         BreakerState::Tripped(trip) => serde_json::json!({"tripped": trip.to_string()}),
     };
-    let stalls: Vec<String> = state
-        .stalls
-        .borrow()
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let stalls = state.stall_descriptions();
     serde_json::json!({
         "partitions": partitions,
         "routes": routes,
@@ -228,19 +234,17 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
                 format!("not ready: {trip}; POST /resume to continue\n"),
             ),
             BreakerState::Closed => match state.liveness.check() {
-                Ok(()) if !state.stalls.borrow().is_empty() => {
-                    let stalls: Vec<String> = state
-                        .stalls
-                        .borrow()
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect();
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: {}\n", stalls.join("; ")),
-                    )
+                Ok(()) => {
+                    let stalls = state.stall_descriptions();
+                    if stalls.is_empty() {
+                        text(StatusCode::OK, "ready\n")
+                    } else {
+                        text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {}\n", stalls.join("; ")),
+                        )
+                    }
                 }
-                Ok(()) => text(StatusCode::OK, "ready\n"),
                 Err(down) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("not ready: actors not running: {}\n", down.join(", ")),

@@ -204,20 +204,17 @@ impl Kafka {
     pub fn config(&self, group: &str, pipeline: &str, routes: &str) -> Config {
         let text = format!(
             r#"
-[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-topics = ["{topic}"]
-[kafka.options]
-"auto.offset.reset" = "earliest"
-"session.timeout.ms" = 6000
-"statistics.interval.ms" = 1000
+{kafka}
 [pipeline]
 {defaults}{pipeline}
 {routes}
 "#,
-            brokers = self.brokers,
-            topic = self.topic,
+            kafka = kafka_section(
+                &self.brokers,
+                group,
+                &self.topic,
+                "\"statistics.interval.ms\" = 1000"
+            ),
             defaults = [("commit_interval_ms", "200"), ("drain_timeout_ms", "3000")]
                 .iter()
                 .filter(|(key, _)| !pipeline.contains(key))
@@ -226,6 +223,21 @@ topics = ["{topic}"]
         );
         Config::from_toml_str(&text).unwrap_or_else(|err| panic!("test config: {err}\n{text}"))
     }
+}
+
+/// The `[kafka]` section of a test configuration: the cluster, group and topic, reading from
+/// the earliest offset with a short session timeout, plus `extra_options` lines.
+pub fn kafka_section(brokers: &str, group: &str, topic: &str, extra_options: &str) -> String {
+    format!(
+        r#"[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{topic}"]
+[kafka.options]
+"auto.offset.reset" = "earliest"
+"session.timeout.ms" = 6000
+{extra_options}"#
+    )
 }
 
 /// What `produce_samples` produced.

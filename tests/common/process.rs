@@ -237,16 +237,14 @@ pub fn write_child_config(
     http_port: u16,
     extra_options: &str,
 ) {
+    let kafka = super::kafka_section(
+        brokers,
+        group,
+        topic,
+        &format!("\"heartbeat.interval.ms\" = 1000\n{extra_options}"),
+    );
     let text = format!(
-        r#"[kafka]
-brokers = "{brokers}"
-group_id = "{group}"
-topics = ["{topic}"]
-[kafka.options]
-"auto.offset.reset" = "earliest"
-"session.timeout.ms" = 6000
-"heartbeat.interval.ms" = 1000
-{extra_options}
+        r#"{kafka}
 [pipeline]
 router_capacity = 1024
 worker_capacity = 256
