@@ -19,6 +19,7 @@
 //! - [`demo`] runs everything against an in-process Kafka with sample traffic;
 //!   [`produce`] generates load for a real one.
 
+pub mod bench;
 pub mod breaker;
 pub mod committer;
 pub mod config;

@@ -71,7 +71,63 @@ enum Command {
         /// Seed for repeatable traffic.
         #[arg(long)]
         seed: Option<u64>,
+        /// Pad well-formed events to this many bytes with a `detail` field (0: no padding).
+        #[arg(long, default_value_t = 0)]
+        payload_bytes: usize,
     },
+    /// Measure throughput, CPU, memory and commits against raw librdkafka (see the README).
+    Bench {
+        /// Brokers to measure against (default: librdkafka's mock cluster in a helper process).
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Events preloaded and read by every measurement.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Rounds of raw, null-sink and kafka-sink measurements (medians are printed).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Partitions of the benchmark topics.
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+        /// Size of the key space.
+        #[arg(long, default_value_t = 10_000)]
+        keys: u64,
+        /// Size of each event in bytes.
+        #[arg(long, default_value_t = 200)]
+        payload_bytes: usize,
+        /// Backlogs of the memory ceiling runs, comma separated (`none`: skip them).
+        #[arg(long, value_parser = parse_counts, default_value = "1000000,5000000")]
+        memory_backlogs: Counts,
+        /// Longest window of a memory ceiling run, in seconds.
+        #[arg(long, default_value_t = 20)]
+        memory_seconds: u64,
+        /// `pipeline.commit_interval_ms` of the measured pipeline.
+        #[arg(long, default_value_t = 1_000)]
+        commit_interval_ms: u64,
+    },
+    /// One benchmark measurement (run by `bench` in a child process).
+    #[command(hide = true)]
+    BenchChild {
+        #[arg(long)]
+        mode: logbridge::bench::Mode,
+        #[arg(long)]
+        brokers: String,
+        #[arg(long)]
+        topic: String,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        out_topic: String,
+        #[arg(long, default_value_t = 0)]
+        sink_rate: u64,
+        #[arg(long, default_value_t = 0.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1_000)]
+        commit_interval_ms: u64,
+    },
+    /// Hosts librdkafka's mock cluster until standard input closes (used by `bench`).
+    #[command(hide = true)]
+    BenchBroker,
     /// Run everything against an in-process Kafka with sample traffic.
     Demo {
         /// Stop after this long, e.g. `30s`, `5m` (default: until Ctrl-C).
@@ -84,6 +140,25 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         rate: u32,
     },
+}
+
+/// A comma-separated list of counts; empty or `none` for no counts.
+#[derive(Clone)]
+struct Counts(Vec<u64>);
+
+fn parse_counts(text: &str) -> Result<Counts, String> {
+    if text.trim().is_empty() || text.trim() == "none" {
+        return Ok(Counts(Vec::new()));
+    }
+    text.split(',')
+        .map(|part| {
+            part.trim()
+                .replace('_', "")
+                .parse::<u64>()
+                .map_err(|_| format!("`{part}` is not a count"))
+        })
+        .collect::<Result<_, _>>()
+        .map(Counts)
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -117,6 +192,15 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run {
         config: PathBuf::from(DEFAULT_CONFIG_PATH),
     });
+    if let Command::BenchBroker = &command {
+        return match logbridge::bench::serve_broker() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("{err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Command::CheckConfig { file } = &command {
         return match Config::load(file) {
             Ok(config) => {
@@ -168,6 +252,7 @@ fn main() -> ExitCode {
                 bad_ratio,
                 first_id,
                 seed,
+                payload_bytes,
             } => {
                 if !(0.0..=1.0).contains(&bad_ratio) {
                     anyhow::bail!("--bad-ratio must be between 0.0 and 1.0");
@@ -189,11 +274,58 @@ fn main() -> ExitCode {
                     bad_ratio,
                     first_id,
                     seed,
+                    payload_bytes,
                     options: Vec::new(),
                 };
                 logbridge::produce::run(options, stop).await.map(|_| ())
             }
-            Command::CheckConfig { .. } => Ok(()),
+            Command::Bench {
+                brokers,
+                events,
+                runs,
+                partitions,
+                keys,
+                payload_bytes,
+                memory_backlogs,
+                memory_seconds,
+                commit_interval_ms,
+            } => {
+                let options = logbridge::bench::BenchOptions {
+                    brokers,
+                    events,
+                    runs,
+                    partitions,
+                    keys,
+                    payload_bytes,
+                    memory_backlogs: memory_backlogs.0,
+                    memory_seconds,
+                    commit_interval_ms,
+                };
+                logbridge::bench::run(options).await
+            }
+            Command::BenchChild {
+                mode,
+                brokers,
+                topic,
+                group,
+                out_topic,
+                sink_rate,
+                seconds,
+                commit_interval_ms,
+            } => {
+                let options = logbridge::bench::ChildOptions {
+                    mode,
+                    brokers,
+                    topic,
+                    group,
+                    out_topic,
+                    sink_rate,
+                    seconds,
+                    commit_interval_ms,
+                };
+                logbridge::bench::run_child(options).await
+            }
+            Command::CheckConfig { .. } | Command::BenchBroker => Ok(()),
         }
     });
     match result {

@@ -40,6 +40,8 @@ pub struct ProduceOptions {
     pub first_id: u64,
     /// Seed for repeatable traffic; random if `None`.
     pub seed: Option<u64>,
+    /// Pad well-formed events with a `detail` field up to this many bytes (0: no padding).
+    pub payload_bytes: usize,
     /// Extra librdkafka producer properties.
     pub options: Vec<(String, String)>,
 }
@@ -56,6 +58,7 @@ impl Default for ProduceOptions {
             bad_ratio: 0.0,
             first_id: 0,
             seed: None,
+            payload_bytes: 0,
             options: Vec::new(),
         }
     }
@@ -159,6 +162,20 @@ pub fn sample_event(
     (key, event.to_string().into_bytes(), false)
 }
 
+/// Pads a JSON object payload with a `detail` string field so that it is `target` bytes long
+/// (payloads already that long, and anything not ending in `}`, are left alone).
+pub fn pad_event(payload: &mut Vec<u8>, target: usize) {
+    const FIELD: &[u8] = b",\"detail\":\"\"";
+    if payload.last() != Some(&b'}') || payload.len() + FIELD.len() > target {
+        return;
+    }
+    let fill = target - payload.len() - FIELD.len();
+    payload.pop();
+    payload.extend_from_slice(&FIELD[..FIELD.len() - 1]);
+    payload.extend(std::iter::repeat_n(b'x', fill));
+    payload.extend_from_slice(b"\"}");
+}
+
 /// Counts delivery reports (librdkafka calls it from `poll`).
 #[derive(Default)]
 struct Deliveries {
@@ -248,12 +265,15 @@ pub fn produce_blocking(
                 continue;
             }
         }
-        let (key, payload, bad) = sample_event(
+        let (key, mut payload, bad) = sample_event(
             &mut rng,
             options.first_id + sent,
             options.keys,
             options.bad_ratio,
         );
+        if !bad {
+            pad_event(&mut payload, options.payload_bytes);
+        }
         let record = BaseRecord::to(&options.topic).key(&key).payload(&payload);
         match producer.send(record) {
             Ok(()) => {
@@ -354,5 +374,24 @@ mod tests {
             }
         }
         assert!((300..700).contains(&bad), "about 10% malformed, got {bad}");
+    }
+
+    #[test]
+    fn padded_events_have_the_asked_size_and_still_decode() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for id in 0..200 {
+            let (_, mut payload, _) = sample_event(&mut rng, id, 100, 0.0);
+            pad_event(&mut payload, 200);
+            assert_eq!(payload.len(), 200, "{}", String::from_utf8_lossy(&payload));
+            decode(Some(&payload), 1 << 20).expect("padded event decodes");
+            let value: serde_json::Value = serde_json::from_slice(&payload).expect("json");
+            assert_eq!(value["id"], id);
+        }
+        let mut short = b"not json".to_vec();
+        pad_event(&mut short, 200);
+        assert_eq!(short, b"not json");
+        let mut long = br#"{"level":"info","message":"long enough"}"#.to_vec();
+        pad_event(&mut long, 10);
+        assert_eq!(long, br#"{"level":"info","message":"long enough"}"#);
     }
 }
