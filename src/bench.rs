@@ -46,6 +46,10 @@ const BROKER_PREFIX: &str = "BENCH-BROKER ";
 const CHILD_LIMIT: Duration = Duration::from_secs(600);
 /// How often a pipeline child looks at its progress.
 const CHECK_EVERY: Duration = Duration::from_millis(5);
+/// Compression of the preloaded records.
+const PRELOAD_COMPRESSION: &str = "lz4";
+/// How often a pipeline child logs its progress at debug level.
+const TRACE_EVERY: Duration = Duration::from_millis(250);
 /// Pace of the slowed sink in the memory ceiling runs, as a share of the raw consumption rate.
 const PACED_SHARE: f64 = 0.10;
 
@@ -66,10 +70,15 @@ pub struct BenchOptions {
     pub payload_bytes: usize,
     /// Backlogs for the memory ceiling runs (empty: skip them).
     pub memory_backlogs: Vec<u64>,
+    /// Partitions of the memory ceiling topics (more than `partitions`: the mock cluster keeps
+    /// only 5 MiB per partition, and a deep backlog needs room).
+    pub memory_partitions: i32,
     /// Longest measurement window of a memory ceiling run.
     pub memory_seconds: u64,
     /// `pipeline.commit_interval_ms` of the measured pipeline.
     pub commit_interval_ms: u64,
+    /// Which of raw, null and kafka to measure (raw is always measured: it is the reference).
+    pub modes: Vec<Mode>,
 }
 
 impl Default for BenchOptions {
@@ -82,8 +91,10 @@ impl Default for BenchOptions {
             keys: 10_000,
             payload_bytes: 200,
             memory_backlogs: vec![1_000_000, 5_000_000],
+            memory_partitions: 64,
             memory_seconds: 20,
             commit_interval_ms: 1_000,
+            modes: vec![Mode::Raw, Mode::Null, Mode::Kafka],
         }
     }
 }
@@ -388,7 +399,23 @@ async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement>
     };
     let deadline = Instant::now() + CHILD_LIMIT;
     let mut window: Option<Window> = None;
+    let mut traced = Instant::now();
     let measurement = loop {
+        if tracing::enabled!(tracing::Level::DEBUG) && traced.elapsed() >= TRACE_EVERY {
+            traced = Instant::now();
+            let depth = |stage: &str| metrics.channel_depth.with_label_values(&[stage]).get();
+            tracing::debug!(
+                consumed = consumed(),
+                in_flight = metrics.in_flight.get(),
+                pauses = metrics.pauses.get(),
+                router = depth("router"),
+                committer = depth("committer"),
+                errors = depth("errors"),
+                warnings = depth("warnings"),
+                info = depth("info"),
+                "progress"
+            );
+        }
         tokio::select! {
             result = &mut pipeline => {
                 result.context("pipeline task failed")??;
@@ -487,7 +514,12 @@ fn peak_rss_bytes() -> u64 {
 fn proc_status_kib(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|line| line.starts_with(field))?;
-    line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    line[field.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Hosts librdkafka's mock cluster (the hidden `bench-broker` command): prints its address,
@@ -606,8 +638,25 @@ impl Broker {
 }
 
 /// Runs one measurement in a child process.
+///
+/// `LOGBRIDGE_BENCH_WRAP_<MODE>` (e.g. `LOGBRIDGE_BENCH_WRAP_NULL="perf record -g --"`) runs
+/// that mode's child under a profiler: the variable's words go in front of the command.
 async fn measure(exe: &Path, options: &ChildOptions) -> anyhow::Result<Measurement> {
-    let child = Command::new(exe)
+    let wrap_var = format!(
+        "LOGBRIDGE_BENCH_WRAP_{}",
+        options.mode.as_str().to_ascii_uppercase()
+    );
+    let wrapper = std::env::var(&wrap_var).unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    };
+    let child = command
         .args(options.args())
         .env(
             "LOGBRIDGE_LOG",
@@ -619,9 +668,12 @@ async fn measure(exe: &Path, options: &ChildOptions) -> anyhow::Result<Measureme
         .kill_on_drop(true)
         .spawn()
         .context("failed to start a benchmark child")?;
-    let output = tokio::time::timeout(CHILD_LIMIT + Duration::from_secs(60), child.wait_with_output())
-        .await
-        .with_context(|| format!("{} measurement did not finish", options.mode.as_str()))??;
+    let output = tokio::time::timeout(
+        CHILD_LIMIT + Duration::from_secs(60),
+        child.wait_with_output(),
+    )
+    .await
+    .with_context(|| format!("{} measurement did not finish", options.mode.as_str()))??;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout
         .lines()
@@ -641,9 +693,10 @@ async fn preload(
     broker: &mut Broker,
     topic: &str,
     count: u64,
+    partitions: i32,
     options: &BenchOptions,
 ) -> anyhow::Result<()> {
-    broker.create_topic(topic, options.partitions).await?;
+    broker.create_topic(topic, partitions).await?;
     let produce = ProduceOptions {
         brokers: broker.brokers().to_string(),
         topic: topic.to_string(),
@@ -651,16 +704,18 @@ async fn preload(
         keys: options.keys,
         payload_bytes: options.payload_bytes,
         seed: Some(count),
-        options: std::env::var("BENCH_PRODUCE")
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        // The mock cluster keeps only the newest 5 MiB of each partition; compressed, a million
+        // sample events fit in 8 partitions. Kafka producers commonly compress, and the
+        // consumer pays for decompression in every mode alike.
+        options: vec![("compression.type".into(), PRELOAD_COMPRESSION.into())],
         ..ProduceOptions::default()
     };
     let summary = tokio::task::spawn_blocking(move || {
-        produce_blocking(&produce, &std::sync::atomic::AtomicBool::new(false), |_, _| {})
+        produce_blocking(
+            &produce,
+            &std::sync::atomic::AtomicBool::new(false),
+            |_, _| {},
+        )
     })
     .await
     .context("producer thread failed")??;
@@ -670,7 +725,20 @@ async fn preload(
         summary.delivered,
         summary.errors
     );
-    println!("preloaded {topic}: {summary}");
+    let brokers = broker.brokers().to_string();
+    let name = topic.to_string();
+    let kept: u64 = tokio::task::spawn_blocking(move || topic_ends(&brokers, &name))
+        .await
+        .context("metadata thread failed")??
+        .iter()
+        .map(|(_, _, count)| count)
+        .sum();
+    anyhow::ensure!(
+        kept == count,
+        "the broker kept {kept} of the {count} records produced to {topic} (the mock cluster \
+         keeps the newest 5 MiB of each partition): use more partitions or --brokers"
+    );
+    println!("preloaded {topic} ({partitions} partitions, lz4): {summary}");
     Ok(())
 }
 
@@ -694,7 +762,13 @@ fn machine() -> String {
     let memory_gib = meminfo
         .lines()
         .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
@@ -761,7 +835,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         .map_or(0, |since| since.as_secs());
     let topic = format!("logbridge-bench-{stamp}-{}", std::process::id());
     let out_topic = format!("{topic}-out");
-    preload(broker, &topic, options.events, options).await?;
+    preload(broker, &topic, options.events, options.partitions, options).await?;
     broker.create_topic(&out_topic, options.partitions).await?;
     let child = |mode: Mode, topic: &str, group: String| ChildOptions {
         mode,
@@ -779,6 +853,9 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     let mut results: BTreeMap<Mode, Vec<Measurement>> = BTreeMap::new();
     for round in 1..=options.runs {
         for mode in [Mode::Raw, Mode::Null, Mode::Kafka] {
+            if mode != Mode::Raw && !options.modes.contains(&mode) {
+                continue;
+            }
             let group = format!("{topic}-{}-{round}", mode.as_str());
             let measurement = measure(exe, &child(mode, &topic, group)).await?;
             println!(
@@ -800,6 +877,9 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         ("(c) pipeline, kafka sinks", Mode::Kafka),
     ] {
         let runs = figures(mode);
+        if runs.is_empty() {
+            continue;
+        }
         println!(
             "{label:<27} {:>10.0} events/s  {:>6.2} cpu s/M ev  {:>6.1} MiB peak RSS  {:>5.2} commits/s",
             median_of(runs, Measurement::rate),
@@ -833,18 +913,15 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     let seconds = (options.memory_seconds as f64).min(smallest as f64 / sink_rate as f64 / 2.0);
     println!();
     println!(
-        "memory ceiling: sink paced to {sink_rate} events/s ({:.0} % of raw), {seconds:.1} s per backlog",
+        "memory ceiling: {} partitions, sink paced to {sink_rate} events/s ({:.0} % of raw), {seconds:.1} s per backlog",
+        options.memory_partitions,
         PACED_SHARE * 100.0
     );
     let mut ceiling: Vec<(u64, Measurement)> = Vec::new();
     for &backlog in &options.memory_backlogs {
-        let backlog_topic = if backlog == options.events {
-            topic.clone()
-        } else {
-            let name = format!("{topic}-backlog-{backlog}");
-            preload(broker, &name, backlog, options).await?;
-            name
-        };
+        let backlog_topic = format!("{topic}-backlog-{backlog}");
+        let partitions = options.memory_partitions;
+        preload(broker, &backlog_topic, backlog, partitions, options).await?;
         let group = format!("{topic}-paced-{backlog}");
         let mut paced = child(Mode::Paced, &backlog_topic, group);
         paced.sink_rate = sink_rate;

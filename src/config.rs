@@ -169,6 +169,11 @@ pub struct PipelineConfig {
     pub drain_timeout_ms: u64,
     /// Payloads larger than this are not decoded and fail with reason `too_large`.
     pub max_payload_bytes: usize,
+    /// How long the consumer waits for room in a full router channel before it pauses the
+    /// partition (0: pause at once). A pause makes librdkafka drop what it prefetched for the
+    /// partition and fetch it again on resume, so a short wait is cheaper for a pipeline that is
+    /// merely busy; a stuck one is paused after this long and polling goes on.
+    pub pause_after_ms: u64,
     /// A partition with records waiting whose commit has not moved for this long is stalled:
     /// `/readyz` fails naming it.
     pub stall_timeout_ms: u64,
@@ -183,6 +188,7 @@ impl Default for PipelineConfig {
             drain_timeout_ms: 5000,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             stall_timeout_ms: 60_000,
+            pause_after_ms: 100,
         }
     }
 }
@@ -345,6 +351,7 @@ impl Config {
             16,
             64 << 20,
         )?;
+        check_range("pipeline.pause_after_ms", pipeline.pause_after_ms, 0, 5_000)?;
         check_range(
             "pipeline.stall_timeout_ms",
             pipeline.stall_timeout_ms,

@@ -98,12 +98,18 @@ enum Command {
         /// Backlogs of the memory ceiling runs, comma separated (`none`: skip them).
         #[arg(long, value_parser = parse_counts, default_value = "1000000,5000000")]
         memory_backlogs: Counts,
+        /// Partitions of the memory ceiling topics.
+        #[arg(long, default_value_t = 64)]
+        memory_partitions: i32,
         /// Longest window of a memory ceiling run, in seconds.
         #[arg(long, default_value_t = 20)]
         memory_seconds: u64,
         /// `pipeline.commit_interval_ms` of the measured pipeline.
         #[arg(long, default_value_t = 1_000)]
         commit_interval_ms: u64,
+        /// Pipeline modes to measure besides raw librdkafka: null, kafka.
+        #[arg(long, value_delimiter = ',', default_value = "null,kafka")]
+        modes: Vec<logbridge::bench::Mode>,
     },
     /// One benchmark measurement (run by `bench` in a child process).
     #[command(hide = true)]
@@ -287,8 +293,10 @@ fn main() -> ExitCode {
                 keys,
                 payload_bytes,
                 memory_backlogs,
+                memory_partitions,
                 memory_seconds,
                 commit_interval_ms,
+                modes,
             } => {
                 let options = logbridge::bench::BenchOptions {
                     brokers,
@@ -298,8 +306,10 @@ fn main() -> ExitCode {
                     keys,
                     payload_bytes,
                     memory_backlogs: memory_backlogs.0,
+                    memory_partitions,
                     memory_seconds,
                     commit_interval_ms,
+                    modes,
                 };
                 logbridge::bench::run(options).await
             }
