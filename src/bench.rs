@@ -185,6 +185,10 @@ pub struct Measurement {
     pub peak_rss_bytes: u64,
     /// Commit requests sent within the window.
     pub commits: u64,
+    /// Pipeline only: wall time from the first record until every record was finished (the
+    /// rest of `seconds` is the wait for the next commit interval).
+    #[serde(default)]
+    pub finished_seconds: Option<f64>,
 }
 
 impl Measurement {
@@ -201,6 +205,13 @@ impl Measurement {
     /// Commit requests per second.
     pub fn commits_per_second(&self) -> f64 {
         self.commits as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Events per second until the last record finished (pipeline only), before the wait for
+    /// the commit interval.
+    pub fn finished_rate(&self) -> Option<f64> {
+        self.finished_seconds
+            .map(|seconds| self.events as f64 / seconds.max(1e-9))
     }
 
     /// Peak RSS in MiB.
@@ -294,6 +305,7 @@ impl Window {
             cpu_seconds: cpu_seconds() - self.cpu,
             peak_rss_bytes: peak_rss_bytes(),
             commits,
+            finished_seconds: None,
         }
     }
 }
@@ -399,6 +411,7 @@ async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement>
     };
     let deadline = Instant::now() + CHILD_LIMIT;
     let mut window: Option<Window> = None;
+    let mut finished_at: Option<f64> = None;
     let mut traced = Instant::now();
     let measurement = loop {
         if tracing::enabled!(tracing::Level::DEBUG) && traced.elapsed() >= TRACE_EVERY {
@@ -437,14 +450,23 @@ async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement>
         match &window {
             None if consumed() > 0 => window = Some(Window::start()),
             None => {}
-            Some(open) => match options.mode {
-                Mode::Paced if open.started.elapsed().as_secs_f64() >= options.seconds => {
-                    break open.finish(consumed(), commits());
+            Some(open) => {
+                if finished_at.is_none() && consumed() >= expected && metrics.in_flight.get() == 0 {
+                    finished_at = Some(open.started.elapsed().as_secs_f64());
                 }
-                Mode::Paced => {}
-                _ if committed_to_end() => break open.finish(expected, commits()),
-                _ => {}
-            },
+                match options.mode {
+                    Mode::Paced if open.started.elapsed().as_secs_f64() >= options.seconds => {
+                        break open.finish(consumed(), commits());
+                    }
+                    Mode::Paced => {}
+                    _ if committed_to_end() => {
+                        let mut measurement = open.finish(expected, commits());
+                        measurement.finished_seconds = finished_at;
+                        break measurement;
+                    }
+                    _ => {}
+                }
+            }
         }
     };
     shutdown.cancel();
@@ -780,10 +802,15 @@ fn machine() -> String {
 }
 
 fn row(label: &str, measurement: &Measurement) -> String {
+    let finished = match measurement.finished_rate() {
+        Some(rate) => format!("{rate:.0}"),
+        None => "-".to_string(),
+    };
     format!(
-        "{label:<10} {:>10} {:>12.0} {:>10.2} {:>10.2} {:>10.1} {:>9.2}",
+        "{label:<10} {:>10} {:>12.0} {:>12} {:>8.2} {:>10.2} {:>10.1} {:>9.2}",
         measurement.events,
         measurement.rate(),
+        finished,
         measurement.seconds,
         measurement.cpu_per_million(),
         measurement.peak_rss_mib(),
@@ -792,7 +819,7 @@ fn row(label: &str, measurement: &Measurement) -> String {
 }
 
 const HEADER: &str =
-    "run        events       events/s    seconds  cpu s/M ev  peak RSS MiB  commits/s";
+    "run        events     events/s   finished/s  seconds cpu s/M ev  RSS MiB  commits/s";
 
 /// The `bench` command.
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {

@@ -27,17 +27,38 @@ use crate::record::{PartitionKey, ProcessAck};
 /// worker can even receive the record.
 #[derive(Debug)]
 pub enum CommitterMsg {
-    /// The router handed this record on; it must finish before the commit may pass it.
-    Dispatched {
-        /// Source partition.
-        source: PartitionKey,
-        /// Source offset.
-        offset: i64,
-        /// Assignment generation it was read under.
-        generation: u64,
-    },
+    /// The router handed these records on; each must finish before the commit may pass it.
+    /// (One message per batch the router took, not per record: fewer wakeups.)
+    Dispatched(Vec<Dispatch>),
     /// A record finished.
     Ack(ProcessAck),
+    /// Records finished together (a worker's delivered batch).
+    Acks(Vec<ProcessAck>),
+}
+
+/// A record the router handed on.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// Source partition.
+    pub source: PartitionKey,
+    /// Source offset.
+    pub offset: i64,
+    /// Assignment generation it was read under.
+    pub generation: u64,
+    /// When the consumer read it (the age of the oldest unfinished record counts from here).
+    pub read_at: std::time::Instant,
+}
+
+impl Dispatch {
+    /// The dispatch of `record`.
+    pub fn of(record: &crate::record::Record) -> Dispatch {
+        Dispatch {
+            source: record.source.clone(),
+            offset: record.offset,
+            generation: record.generation,
+            read_at: record.read_at,
+        }
+    }
 }
 
 /// A position that may be committed for one partition.
@@ -406,12 +427,17 @@ impl CommitterActor {
 
     fn handle(&mut self, msg: CommitterMsg) {
         match msg {
-            CommitterMsg::Dispatched {
-                source,
-                offset,
-                generation,
-            } => self.dispatched(source, offset, generation),
+            CommitterMsg::Dispatched(dispatches) => {
+                for dispatch in dispatches {
+                    self.dispatched(dispatch);
+                }
+            }
             CommitterMsg::Ack(ack) => self.finished(ack),
+            CommitterMsg::Acks(acks) => {
+                for ack in acks {
+                    self.finished(ack);
+                }
+            }
         }
     }
 
@@ -421,14 +447,23 @@ impl CommitterActor {
             .is_some_and(|fence| generation <= *fence)
     }
 
-    fn dispatched(&mut self, source: PartitionKey, offset: i64, generation: u64) {
+    fn dispatched(&mut self, dispatch: Dispatch) {
+        let Dispatch {
+            source,
+            offset,
+            generation,
+            read_at,
+        } = dispatch;
         if self.is_fenced(&source, generation) {
             return;
         }
-        let tracked = self
-            .partitions
-            .entry(source.clone())
-            .or_insert_with(|| Tracked::new(generation));
+        let tracked = match self.partitions.get_mut(&source) {
+            Some(tracked) => tracked,
+            None => self
+                .partitions
+                .entry(source.clone())
+                .or_insert_with(|| Tracked::new(generation)),
+        };
         if tracked.generation < generation {
             // A newer assignment of the same partition: its reading restarted from the
             // committed position, so the old bookkeeping no longer applies.
@@ -439,7 +474,7 @@ impl CommitterActor {
         match tracked.offsets.dispatched(offset) {
             Ok(()) => {
                 tracked.last_dispatched = Some(offset);
-                tracked.dispatched_at.push_back((offset, Instant::now()));
+                tracked.dispatched_at.push_back((offset, read_at.into()));
             }
             Err(err) => {
                 warn!(topic = %source.topic, partition = source.partition, offset, error = %err, "dispatch not tracked")
@@ -696,11 +731,12 @@ mod tests {
     }
 
     fn dispatched(partition: i32, offset: i64, generation: u64) -> CommitterMsg {
-        CommitterMsg::Dispatched {
+        CommitterMsg::Dispatched(vec![Dispatch {
             source: key(partition),
             offset,
             generation,
-        }
+            read_at: Instant::now().into_std(),
+        }])
     }
 
     /// Runs a blocking call on a plain thread, as the consumer does. (spawn_blocking would stop

@@ -120,6 +120,8 @@ struct PartitionState {
 struct Assignment {
     partitions: HashMap<PartitionKey, PartitionState>,
     topics: HashMap<String, Arc<str>>,
+    /// `events_consumed_total` of each topic, looked up once rather than per record.
+    consumed: HashMap<Arc<str>, prometheus::IntCounter>,
 }
 
 impl Assignment {
@@ -133,6 +135,18 @@ impl Assignment {
             }
         };
         PartitionKey { topic, partition }
+    }
+
+    /// Counts a record read from `topic`.
+    fn count_consumed(&mut self, topic: &Arc<str>, metrics: &Metrics) {
+        match self.consumed.get(topic) {
+            Some(counter) => counter.inc(),
+            None => {
+                let counter = metrics.consumed.with_label_values(&[&**topic]);
+                counter.inc();
+                self.consumed.insert(topic.clone(), counter);
+            }
+        }
     }
 
     fn paused_count(&self) -> i64 {
@@ -801,7 +815,7 @@ impl ConsumerActor {
         let callbacks = self.consumer.context();
         let mut assignment = callbacks.lock();
         let key = assignment.key(message.topic(), message.partition());
-        self.metrics.consumed.with_label_values(&[&key.topic]).inc();
+        assignment.count_consumed(&key.topic, &self.metrics);
         let Some(state) = assignment.partitions.get_mut(&key) else {
             // Not ours any more (revoked between fetch and poll): the next owner reads it.
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");

@@ -20,7 +20,7 @@ use crate::health::Liveness;
 use crate::http::{self, HttpState, StatusSource};
 use crate::metrics::Metrics;
 use crate::record::Fences;
-use crate::router::{self, RouteLane, RouteTable};
+use crate::router::{self, RouteLane, RouteTable, DISPATCH_BATCH};
 use crate::sink::{config_sink_factory, SinkFactory};
 use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 
@@ -63,21 +63,29 @@ impl Default for RunOptions {
 }
 
 /// The most records the pipeline holds between Kafka and the committer, from its capacities:
-/// the router channel, one record in the router's hands, each worker's channel and the batch it
-/// works on (at most what its channel held), the committer channel. Records the consumer holds
-/// for paused partitions and librdkafka's prefetch (`queued.max.messages.kbytes`) come on top.
+/// the router channel, the batch in the router's hands, each worker's channel and the batch it
+/// works on (at most what its channel held), and the committer channel (messages of at most one
+/// batch each). Records the consumer holds for paused partitions and librdkafka's prefetch
+/// (`queued.max.messages.kbytes`) come on top.
 pub fn in_flight_bound(config: &Config) -> usize {
     let pipeline = &config.pipeline;
     let workers: usize = config.routes.iter().map(|route| route.workers).sum();
     let batch = pipeline.worker_capacity.min(MAX_BATCH);
     pipeline.router_capacity
-        + 1
+        + DISPATCH_BATCH
         + workers * (pipeline.worker_capacity + batch)
-        + committer_capacity(config)
+        + committer_capacity(config) * MAX_BATCH.max(DISPATCH_BATCH)
 }
 
+/// Messages the committer channel holds. Dispatches and acks travel in batches (up to
+/// `DISPATCH_BATCH` or `MAX_BATCH` records per message), so about `router_capacity` records'
+/// worth of messages.
 fn committer_capacity(config: &Config) -> usize {
-    config.pipeline.router_capacity
+    config
+        .pipeline
+        .router_capacity
+        .div_ceil(MAX_BATCH.max(DISPATCH_BATCH))
+        .max(2)
 }
 
 /// Runs the pipeline until `shutdown` is cancelled, then drains (within `drain_timeout_ms`),

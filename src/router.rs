@@ -12,12 +12,16 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::committer::{AckSender, CommitterMsg};
+use crate::committer::{AckSender, CommitterMsg, Dispatch};
 use crate::dead_letter::{DeadLetter, Failures, Stage};
 use crate::health::Liveness;
 use crate::metrics::{Metrics, NO_ROUTE};
 use crate::record::{AckStatus, Fences, Record};
 use crate::worker::{Offer, WorkerHandle};
+
+/// Records the router takes from its channel at once (one dispatch message to the committer
+/// for all of them).
+pub const DISPATCH_BATCH: usize = 64;
 
 /// How often an ongoing wait on a full worker channel is added to the backpressure counter.
 const BACKPRESSURE_SLICE: std::time::Duration = std::time::Duration::from_millis(250);
@@ -99,33 +103,45 @@ impl RouterActor {
     #[tracing::instrument(name = "router", skip_all)]
     async fn run(mut self) {
         let _alive = self.liveness.enter("router");
-        while let Some(record) = self.receiver.recv().await {
-            if self.fences.is_revoked(&record) {
-                // Its partition went to another owner, which reads it again: dispatching it
-                // would only make a duplicate.
-                self.metrics.in_flight.dec();
-                self.metrics.abandoned.inc();
+        let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+        while self.receiver.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+            batch.retain(|record| {
+                if self.fences.is_revoked(record) {
+                    // Its partition went to another owner, which reads it again: dispatching
+                    // it would only make a duplicate.
+                    self.metrics.in_flight.dec();
+                    self.metrics.abandoned.inc();
+                    return false;
+                }
+                true
+            });
+            if batch.is_empty() {
                 continue;
             }
-            if self.route(record).await.is_err() {
-                // Without a committer nothing can finish; stop taking records so the consumer
-                // sees the channel close and shuts down.
+            // The dispatches go first on the committer's channel, one message for the batch, so
+            // they are there before any ack of these records can be.
+            let dispatches = batch.iter().map(Dispatch::of).collect();
+            if self
+                .acks
+                .send(CommitterMsg::Dispatched(dispatches))
+                .await
+                .is_err()
+            {
                 warn!("committer gone, router stops");
                 return;
+            }
+            for record in batch.drain(..) {
+                if self.route(record).await.is_err() {
+                    // Without a committer nothing can finish; stop taking records so the
+                    // consumer sees the channel close and shuts down.
+                    warn!("committer gone, router stops");
+                    return;
+                }
             }
         }
     }
 
     async fn route(&mut self, record: Record) -> Result<(), crate::committer::CommitterGone> {
-        // The dispatch goes first on the committer's channel, so it is there before any ack of
-        // this record can be.
-        self.acks
-            .send(CommitterMsg::Dispatched {
-                source: record.source.clone(),
-                offset: record.offset,
-                generation: record.generation,
-            })
-            .await?;
         let decision = match &record.event {
             Err(err) => {
                 self.metrics

@@ -92,7 +92,15 @@ impl WorkerHandle {
         // Full: the router waits (and counts the wait as backpressure of this route), its own
         // channel fills, and the consumer pauses partitions.
         let (sender, receiver) = mpsc::channel(settings.capacity);
+        let processed = metrics
+            .finished
+            .with_label_values(&[&*settings.route, AckStatus::Processed.as_str()]);
+        let latency = metrics
+            .processing_latency
+            .with_label_values(&[&*settings.route]);
         let actor = WorkerActor {
+            processed,
+            latency,
             route: settings.route,
             retry: settings.retry,
             receiver,
@@ -137,6 +145,10 @@ struct WorkerActor {
     failures: Failures,
     metrics: Arc<Metrics>,
     liveness: Liveness,
+    /// This route's `finished{status="processed"}` counter (looked up once, not per record).
+    processed: prometheus::IntCounter,
+    /// This route's processing latency histogram.
+    latency: prometheus::Histogram,
     /// Records this worker delivered (its own state; shown in logs at exit).
     delivered: u64,
     /// Records this worker could not deliver.
@@ -173,6 +185,8 @@ impl WorkerActor {
                 .with_label_values(&[&self.route])
                 .observe(started.elapsed().as_secs_f64());
             let mut retry = Vec::new();
+            let mut delivered = Vec::with_capacity(pending.len());
+            let finished_at = std::time::Instant::now();
             let mut outcomes = outcomes.into_iter();
             for record in pending {
                 let outcome = outcomes.next().unwrap_or_else(|| {
@@ -182,7 +196,12 @@ impl WorkerActor {
                     ))
                 });
                 match outcome {
-                    Ok(()) => self.finish(&record).await?,
+                    Ok(()) => {
+                        self.delivered += 1;
+                        let latency = finished_at.saturating_duration_since(record.read_at);
+                        self.latency.observe(latency.as_secs_f64());
+                        delivered.push(record.ack(AckStatus::Processed));
+                    }
                     Err(err)
                         if err.kind == FailureKind::Retryable
                             && attempts <= self.retry.max_retries =>
@@ -198,6 +217,11 @@ impl WorkerActor {
                         self.give_up(record, reason, err, attempts).await?;
                     }
                 }
+            }
+            if !delivered.is_empty() {
+                // One message for the batch's acks: one wakeup of the committer, not one each.
+                self.processed.inc_by(delivered.len() as u64);
+                self.acks.send(CommitterMsg::Acks(delivered)).await?;
             }
             if retry.is_empty() {
                 return Ok(());
@@ -222,21 +246,6 @@ impl WorkerActor {
             tokio::time::sleep(delay).await;
             pending = retry.into_iter().map(|(record, _)| record).collect();
         }
-    }
-
-    async fn finish(&mut self, record: &Record) -> Result<(), CommitterGone> {
-        self.delivered += 1;
-        self.metrics
-            .processing_latency
-            .with_label_values(&[&self.route])
-            .observe(record.read_at.elapsed().as_secs_f64());
-        self.metrics
-            .finished
-            .with_label_values(&[&self.route, AckStatus::Processed.as_str()])
-            .inc();
-        self.acks
-            .send(CommitterMsg::Ack(record.ack(AckStatus::Processed)))
-            .await
     }
 
     async fn give_up(
