@@ -79,6 +79,8 @@ pub struct BenchOptions {
     pub commit_interval_ms: u64,
     /// Which of raw, null and kafka to measure (raw is always measured: it is the reference).
     pub modes: Vec<Mode>,
+    /// librdkafka consumer properties for every mode (`[kafka.options]`), as `key=value`.
+    pub consumer_options: Vec<String>,
 }
 
 impl Default for BenchOptions {
@@ -95,6 +97,7 @@ impl Default for BenchOptions {
             memory_seconds: 20,
             commit_interval_ms: 1_000,
             modes: vec![Mode::Raw, Mode::Null, Mode::Kafka],
+            consumer_options: Vec::new(),
         }
     }
 }
@@ -154,6 +157,8 @@ pub struct ChildOptions {
     pub seconds: f64,
     /// `pipeline.commit_interval_ms`.
     pub commit_interval_ms: u64,
+    /// librdkafka consumer properties, `key=value`.
+    pub consumer_options: Vec<String>,
 }
 
 impl ChildOptions {
@@ -169,6 +174,13 @@ impl ChildOptions {
             format!("--seconds={}", self.seconds),
             format!("--commit-interval-ms={}", self.commit_interval_ms),
         ]
+        .into_iter()
+        .chain(
+            self.consumer_options
+                .iter()
+                .map(|option| format!("--consumer-option={option}")),
+        )
+        .collect()
     }
 }
 
@@ -266,7 +278,20 @@ sink = {sink}
         topic = options.topic,
         interval = options.commit_interval_ms,
     );
-    Config::from_toml_str(&text).context("benchmark configuration is invalid")
+    let mut config = Config::from_toml_str(&text).context("benchmark configuration is invalid")?;
+    for option in &options.consumer_options {
+        let (key, value) = option
+            .split_once('=')
+            .with_context(|| format!("consumer option `{option}` is not key=value"))?;
+        config.kafka.options.insert(
+            key.trim().to_string(),
+            crate::config::OptionValue::Text(value.trim().to_string()),
+        );
+    }
+    config
+        .validate()
+        .context("benchmark configuration is invalid")?;
+    Ok(config)
 }
 
 /// Runs one measurement (the hidden `bench-child` command) and prints its result line.
@@ -873,6 +898,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         sink_rate: 0,
         seconds: 0.0,
         commit_interval_ms: options.commit_interval_ms,
+        consumer_options: options.consumer_options.clone(),
     };
 
     println!();
@@ -934,13 +960,19 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     if options.memory_backlogs.is_empty() {
         return Ok(());
     }
-    let sink_rate = ((raw * PACED_SHARE) as u64).max(1);
+    // The input rate the sink is slowed against: what the pipeline moves to null sinks (raw
+    // librdkafka's rate if that mode was not measured).
+    let input = match rate(Mode::Null) {
+        rate if rate.is_finite() && rate > 0.0 => rate,
+        _ => raw,
+    };
+    let sink_rate = ((input * PACED_SHARE) as u64).max(1);
     let smallest = options.memory_backlogs.iter().copied().min().unwrap_or(0);
     // The window must end well before the smallest backlog drains, or it is no backlog.
     let seconds = (options.memory_seconds as f64).min(smallest as f64 / sink_rate as f64 / 2.0);
     println!();
     println!(
-        "memory ceiling: {} partitions, sink paced to {sink_rate} events/s ({:.0} % of raw), {seconds:.1} s per backlog",
+        "memory ceiling: {} partitions, sink paced to {sink_rate} events/s ({:.0} % of the pipeline's rate), {seconds:.1} s per backlog",
         options.memory_partitions,
         PACED_SHARE * 100.0
     );
@@ -1005,9 +1037,13 @@ mod tests {
             sink_rate: 0,
             seconds: 0.0,
             commit_interval_ms: 1000,
+            consumer_options: vec!["fetch.max.bytes=4194304".into()],
         };
         let config = bench_config(&options).expect("valid");
-        config.validate().expect("valid");
+        assert_eq!(
+            config.kafka.options["fetch.max.bytes"].to_string(),
+            "4194304"
+        );
         for level in ["error", "fatal", "warning", "info", "debug"] {
             assert!(
                 config

@@ -110,6 +110,9 @@ enum Command {
         /// Pipeline modes to measure besides raw librdkafka: null, kafka.
         #[arg(long, value_delimiter = ',', default_value = "null,kafka")]
         modes: Vec<logbridge::bench::Mode>,
+        /// librdkafka consumer property for every mode, `key=value` (repeatable).
+        #[arg(long = "consumer-option")]
+        consumer_options: Vec<String>,
     },
     /// One benchmark measurement (run by `bench` in a child process).
     #[command(hide = true)]
@@ -130,6 +133,8 @@ enum Command {
         seconds: f64,
         #[arg(long, default_value_t = 1_000)]
         commit_interval_ms: u64,
+        #[arg(long = "consumer-option")]
+        consumer_options: Vec<String>,
     },
     /// Hosts librdkafka's mock cluster until standard input closes (used by `bench`).
     #[command(hide = true)]
@@ -297,6 +302,7 @@ fn main() -> ExitCode {
                 memory_seconds,
                 commit_interval_ms,
                 modes,
+                consumer_options,
             } => {
                 let options = logbridge::bench::BenchOptions {
                     brokers,
@@ -310,6 +316,7 @@ fn main() -> ExitCode {
                     memory_seconds,
                     commit_interval_ms,
                     modes,
+                    consumer_options,
                 };
                 logbridge::bench::run(options).await
             }
@@ -322,6 +329,7 @@ fn main() -> ExitCode {
                 sink_rate,
                 seconds,
                 commit_interval_ms,
+                consumer_options,
             } => {
                 let options = logbridge::bench::ChildOptions {
                     mode,
@@ -332,6 +340,7 @@ fn main() -> ExitCode {
                     sink_rate,
                     seconds,
                     commit_interval_ms,
+                    consumer_options,
                 };
                 logbridge::bench::run_child(options).await
             }

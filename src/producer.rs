@@ -91,7 +91,7 @@ pub fn create(
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT_MS)
-        .set("linger.ms", "5");
+        .set("linger.ms", "1");
     for (key, value) in options {
         config.set(key, value.to_string());
     }

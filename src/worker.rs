@@ -24,7 +24,7 @@ use crate::record::{AckStatus, Record};
 use crate::sink::Sink;
 
 /// Most records a worker takes from its channel for one sink call.
-pub const MAX_BATCH: usize = 64;
+pub const MAX_BATCH: usize = 256;
 
 /// How a route retries failed deliveries.
 #[derive(Debug, Clone, Copy)]

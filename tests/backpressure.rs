@@ -45,9 +45,11 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
     let end = kafka.end_offsets();
     let dir = tempfile::tempdir().expect("tempdir");
     let group = unique("slow");
+    // `pause_after_ms = 0`: this sink frees a slot every few milliseconds, which the default
+    // wait would absorb without pausing; the test is about the pause itself.
     let config = kafka.config(
         &group,
-        "router_capacity = 32\nworker_capacity = 8",
+        "router_capacity = 32\nworker_capacity = 8\npause_after_ms = 0",
         &file_route("slow", "[\"error\"]", 2, dir.path()),
     );
     let bound = in_flight_bound(&config) as i64;
