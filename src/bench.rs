@@ -604,12 +604,15 @@ enum Broker {
     /// Brokers given on the command line.
     External(String),
     /// The mock cluster in a helper process; dropping it ends the process.
-    Helper {
-        child: Child,
-        stdin: tokio::process::ChildStdin,
-        replies: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-        brokers: String,
-    },
+    Helper(Box<HelperBroker>),
+}
+
+/// The helper process hosting the mock cluster, and its command pipes.
+struct HelperBroker {
+    child: Child,
+    stdin: tokio::process::ChildStdin,
+    replies: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    brokers: String,
 }
 
 impl Broker {
@@ -625,12 +628,12 @@ impl Broker {
         let stdin = child.stdin.take().context("helper broker has no stdin")?;
         let mut replies = BufReader::new(stdout).lines();
         let brokers = Self::reply(&mut replies).await?;
-        Ok(Broker::Helper {
+        Ok(Broker::Helper(Box::new(HelperBroker {
             child,
             stdin,
             replies,
             brokers,
-        })
+        })))
     }
 
     async fn reply(
@@ -647,20 +650,22 @@ impl Broker {
 
     fn brokers(&self) -> &str {
         match self {
-            Broker::External(brokers) | Broker::Helper { brokers, .. } => brokers,
+            Broker::External(brokers) => brokers,
+            Broker::Helper(helper) => &helper.brokers,
         }
     }
 
     async fn create_topic(&mut self, topic: &str, partitions: i32) -> anyhow::Result<()> {
         match self {
             Broker::External(brokers) => ensure_topic(brokers, topic, partitions).await,
-            Broker::Helper { stdin, replies, .. } => {
+            Broker::Helper(helper) => {
                 use tokio::io::AsyncWriteExt as _;
-                stdin
+                helper
+                    .stdin
                     .write_all(format!("create {topic} {partitions}\n").as_bytes())
                     .await
                     .context("the helper broker is gone")?;
-                match Self::reply(replies).await? {
+                match Self::reply(&mut helper.replies).await? {
                     reply if reply == "ok" => Ok(()),
                     reply => anyhow::bail!("helper broker: {reply}"),
                 }
@@ -669,10 +674,10 @@ impl Broker {
     }
 
     async fn stop(self) {
-        if let Broker::Helper {
-            mut child, stdin, ..
-        } = self
-        {
+        if let Broker::Helper(helper) = self {
+            let HelperBroker {
+                mut child, stdin, ..
+            } = *helper;
             drop(stdin);
             if tokio::time::timeout(Duration::from_secs(10), child.wait())
                 .await
@@ -862,7 +867,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
 
 async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyhow::Result<()> {
     let brokers = broker.brokers().to_string();
-    let embedded = matches!(broker, Broker::Helper { .. });
+    let embedded = matches!(broker, Broker::Helper(_));
     println!("logbridge bench");
     println!("machine: {}", machine());
     println!(

@@ -1,0 +1,130 @@
+//! `logbridge bench` keeps working: a small run against the default broker (the mock cluster in
+//! a helper process) and one against a broker process (tansu) through `--brokers`. The figures
+//! themselves are measured by the benchmark, never asserted here; these tests check that every
+//! mode ran to the end of its topic and that every figure was printed.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::process::Tansu;
+
+const BIN: &str = env!("CARGO_BIN_EXE_logbridge");
+
+/// Runs the benchmark with `args`, killing it if it outlives `limit`; returns its stdout.
+fn bench(args: &[&str], limit: Duration) -> String {
+    let mut child = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start logbridge bench");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut stdout = String::new();
+            use std::io::Read as _;
+            child
+                .stdout
+                .take()
+                .expect("stdout")
+                .read_to_string(&mut stdout)
+                .expect("read stdout");
+            println!("{stdout}");
+            assert!(status.success(), "bench failed ({status}):\n{stdout}");
+            return stdout;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("bench did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The number after `label` on the line that starts with `line_start`.
+fn figure(output: &str, line_start: &str, label: &str) -> f64 {
+    let line = output
+        .lines()
+        .find(|line| line.starts_with(line_start))
+        .unwrap_or_else(|| panic!("no line starting with `{line_start}` in:\n{output}"));
+    let rest = &line[line
+        .find(label)
+        .unwrap_or_else(|| panic!("no `{label}` in {line}"))
+        + label.len()..];
+    rest.split_whitespace()
+        .next()
+        .and_then(|word| word.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no number after `{label}` in {line}"))
+}
+
+/// Each measured row read all `events`, with a positive rate and peak RSS.
+fn check_rows(output: &str, runs: usize, modes: &[&str], events: u64) {
+    for run in 1..=runs {
+        for mode in modes {
+            let start = format!("{run} {mode} ");
+            let line = output
+                .lines()
+                .find(|line| line.starts_with(&start))
+                .unwrap_or_else(|| panic!("no `{start}` row in:\n{output}"));
+            let words: Vec<&str> = line.split_whitespace().collect();
+            assert_eq!(words[2], events.to_string(), "{line}");
+            let rate: f64 = words[3].parse().expect("rate");
+            let rss: f64 = words[7].parse().expect("rss");
+            assert!(rate > 0.0 && rss > 1.0, "{line}");
+        }
+    }
+}
+
+#[test]
+fn bench_runs_every_mode_against_the_embedded_broker() {
+    let output = bench(
+        &[
+            "--events=20000",
+            "--runs=1",
+            "--memory-backlogs=20000,40000",
+            "--memory-partitions=8",
+            "--memory-seconds=1",
+        ],
+        Duration::from_secs(300),
+    );
+    check_rows(&output, 1, &["raw", "null", "kafka"], 20_000);
+    assert!(figure(&output, "b/a", "b/a =") > 0.0, "{output}");
+    assert!(figure(&output, "b/a", "c/a =") > 0.0, "{output}");
+    let per_interval = figure(&output, "commit requests", "at most");
+    assert!(
+        per_interval > 0.0 && per_interval <= 1.0,
+        "commits per interval {per_interval}"
+    );
+    for backlog in ["20000", "40000"] {
+        let rss = figure(&output, &format!("backlog {backlog:>9}:"), "peak RSS");
+        assert!(rss > 1.0, "memory ceiling at {backlog}: {rss} MiB");
+    }
+    assert!(
+        output.contains("peak RSS at 40000 vs 20000"),
+        "compares the backlogs:\n{output}"
+    );
+}
+
+#[test]
+fn bench_runs_against_a_broker_process() {
+    let broker = Tansu::start();
+    let brokers = broker.brokers();
+    let output = bench(
+        &[
+            &format!("--brokers={brokers}"),
+            "--events=5000",
+            "--runs=1",
+            "--modes=null",
+            "--memory-backlogs=none",
+            "--partitions=4",
+        ],
+        Duration::from_secs(300),
+    );
+    check_rows(&output, 1, &["raw", "null"], 5_000);
+    assert!(output.contains(&format!("broker: {brokers}")), "{output}");
+}
