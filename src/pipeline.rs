@@ -63,28 +63,28 @@ impl Default for RunOptions {
 }
 
 /// The most records the pipeline holds between Kafka and the committer, from its capacities:
-/// the router channel, the batch in the router's hands, each worker's channel and the batch it
-/// works on (at most what its channel held), and the committer channel (messages of at most one
-/// batch each). Records the consumer holds for paused partitions and librdkafka's prefetch
-/// (`queued.max.messages.kbytes`) come on top.
+/// the router channel, the batch in the router's hands (at most what its channel held), each
+/// worker's channel and the batch it works on (at most what its channel held), and the acks
+/// waiting in the committer channel (messages of at most one worker batch each; dispatch
+/// messages there hold no record). Records the consumer holds for paused partitions and
+/// librdkafka's prefetch (`queued.max.messages.kbytes`) come on top.
 pub fn in_flight_bound(config: &Config) -> usize {
     let pipeline = &config.pipeline;
     let workers: usize = config.routes.iter().map(|route| route.workers).sum();
     let batch = pipeline.worker_capacity.min(MAX_BATCH);
     pipeline.router_capacity
-        + DISPATCH_BATCH
+        + pipeline.router_capacity.min(DISPATCH_BATCH)
         + workers * (pipeline.worker_capacity + batch)
-        + committer_capacity(config) * MAX_BATCH.max(DISPATCH_BATCH)
+        + committer_capacity(config) * batch
 }
 
-/// Messages the committer channel holds. Dispatches and acks travel in batches (up to
-/// `DISPATCH_BATCH` or `MAX_BATCH` records per message), so about `router_capacity` records'
-/// worth of messages.
+/// Messages the committer channel holds. The router's dispatches travel up to
+/// `DISPATCH_BATCH` records per message, so this is about `router_capacity` records' worth.
 fn committer_capacity(config: &Config) -> usize {
     config
         .pipeline
         .router_capacity
-        .div_ceil(MAX_BATCH.max(DISPATCH_BATCH))
+        .div_ceil(DISPATCH_BATCH)
         .max(2)
 }
 
