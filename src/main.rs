@@ -9,6 +9,12 @@ use logbridge::config::{Config, DEFAULT_CONFIG_PATH};
 use logbridge::demo::{self, DemoOptions};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc's allocator: records are allocated on the consumer thread and freed
+/// on the runtime's threads, and glibc's per-arena locks made those frees contend (the
+/// benchmark's CPU per event dropped with it; see the README's performance section).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "logbridge",
