@@ -37,7 +37,7 @@ use tracing::{debug, error, info, warn};
 use crate::breaker::BreakerState;
 use crate::committer::{CommitEntry, CommitPlan, CommitterControl};
 use crate::config::Config;
-use crate::event::decode;
+use crate::event::decode_level;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::record::{Fences, PartitionKey, Record};
@@ -819,7 +819,7 @@ impl ConsumerActor {
     /// partition.
     fn accept(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
         let payload = message.payload();
-        let event = decode(payload, self.max_payload_bytes);
+        let decoded = decode_level(payload, self.max_payload_bytes);
         let callbacks = self.consumer.context();
         let mut assignment = callbacks.lock();
         let key = assignment.key(message.topic(), message.partition());
@@ -838,7 +838,7 @@ impl ConsumerActor {
             key: message.key().map(Box::from),
             payload: payload.map(Box::from),
             headers: message.headers().map(|headers| headers.detach()),
-            event,
+            decoded,
         };
         let record = match &mut state.flow {
             // Fetched before the pause took effect: keep order behind what is already held.

@@ -173,6 +173,18 @@ impl DecodeError {
 /// bytes, UTF-8, JSON syntax and depth over the whole payload, and only then the shape of the
 /// event. `max_bytes` is compared with the full payload length, BOM included.
 pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<LogEvent, DecodeError> {
+    decode_as::<WholeEvent>(payload, max_bytes)
+}
+
+/// Decodes a payload exactly as [`decode`] does (same checks, same errors) but keeps only the
+/// level: what the pipeline routes by. The other fields are validated in place, borrowed from
+/// the payload, and never copied, which saves the hot path an allocation per string field (the
+/// sinks forward the original payload, not a re-encoded event).
+pub fn decode_level(payload: Option<&[u8]>, max_bytes: usize) -> Result<Level, DecodeError> {
+    decode_as::<LevelOnly>(payload, max_bytes)
+}
+
+fn decode_as<B: Build>(payload: Option<&[u8]>, max_bytes: usize) -> Result<B::Out, DecodeError> {
     let payload = payload.ok_or(DecodeError::Empty)?;
     if payload.len() > max_bytes {
         return Err(DecodeError::TooLarge {
@@ -194,7 +206,9 @@ pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<LogEvent, Deco
     })?;
 
     let mut de = serde_json::Deserializer::from_str(text);
-    let outcome = de.deserialize_any(TopVisitor).map_err(from_json_error)?;
+    let outcome = de
+        .deserialize_any(TopVisitor::<B>(std::marker::PhantomData))
+        .map_err(from_json_error)?;
     // Trailing garbage is a syntax problem, so it must outrank whatever the visitor found.
     de.end().map_err(from_json_error)?;
     outcome
@@ -233,20 +247,48 @@ fn truncate_chars(mut text: String, max_chars: usize) -> String {
     text
 }
 
-/// What a top-level value turned into: the event or, for a well-formed payload, why it is not one.
-type Outcome = Result<LogEvent, DecodeError>;
+/// What a top-level value turned into: what was built or, for a well-formed payload, why it is
+/// not an event.
+type Outcome<T> = Result<T, DecodeError>;
+
+/// What decoding builds from a well-formed event.
+trait Build {
+    type Out;
+    fn build(body: Body<'_>, level: Level) -> Outcome<Self::Out>;
+}
+
+/// The whole [`LogEvent`].
+struct WholeEvent;
+
+impl Build for WholeEvent {
+    type Out = LogEvent;
+    fn build(body: Body<'_>, level: Level) -> Outcome<LogEvent> {
+        body.into_event(level)
+    }
+}
+
+/// Only the level, once the body is known to be valid.
+struct LevelOnly;
+
+impl Build for LevelOnly {
+    type Out = Level;
+    fn build(body: Body<'_>, level: Level) -> Outcome<Level> {
+        body.check()?;
+        Ok(level)
+    }
+}
 
 /// Visits the top-level JSON value.
-struct TopVisitor;
+struct TopVisitor<B>(std::marker::PhantomData<B>);
 
-impl<'de> Visitor<'de> for TopVisitor {
-    type Value = Outcome;
+impl<'de, B: Build> Visitor<'de> for TopVisitor<B> {
+    type Value = Outcome<B::Out>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Outcome, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut level: Slot<Cow<'de, str>> = Slot::default();
         let mut body = Body::default();
         let mut entries = 0usize;
@@ -285,47 +327,47 @@ impl<'de> Visitor<'de> for TopVisitor {
             let Some(raw) = level.value else {
                 return Ok(Err(DecodeError::MissingField { field: "level" }));
             };
-            return Ok(body.into_event(Level::new(&raw)));
+            return Ok(B::build(body, Level::new(&raw)));
         }
         match wrapped {
-            Some((name, Some(inner))) if entries == 1 => Ok(inner.into_event(Level::new(&name))),
+            Some((name, Some(inner))) if entries == 1 => Ok(B::build(inner, Level::new(&name))),
             _ => Ok(Err(DecodeError::MissingField { field: "level" })),
         }
     }
 
     // Non-objects are still walked to the end so that broken or too-deep JSON inside them is
     // reported as such rather than as "not an object".
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Outcome, A::Error> {
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
         SkipVisitor.visit_seq(seq)?;
         Ok(not_object("array"))
     }
 
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Outcome, E> {
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
         Ok(not_object("string"))
     }
 
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Outcome, E> {
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
         Ok(not_object("boolean"))
     }
 
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Outcome, E> {
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
         Ok(not_object("number"))
     }
 
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Outcome, E> {
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
         Ok(not_object("number"))
     }
 
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Outcome, E> {
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
         Ok(not_object("number"))
     }
 
-    fn visit_unit<E: de::Error>(self) -> Result<Outcome, E> {
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
         Ok(not_object("null"))
     }
 }
 
-fn not_object(found: &'static str) -> Outcome {
+fn not_object<T>(found: &'static str) -> Outcome<T> {
     Err(DecodeError::NotObject { found })
 }
 
@@ -400,10 +442,19 @@ impl<'de> Body<'de> {
         }
     }
 
-    fn into_event(self, level: Level) -> Outcome {
-        if let Some(problem) = self.problem {
-            return Err(problem);
+    /// The first problem with the fields, if any.
+    fn check(&self) -> Outcome<()> {
+        if let Some(problem) = &self.problem {
+            return Err(problem.clone());
         }
+        if self.message.value.is_none() {
+            return Err(DecodeError::MissingField { field: "message" });
+        }
+        Ok(())
+    }
+
+    fn into_event(self, level: Level) -> Outcome<LogEvent> {
+        self.check()?;
         let message = self
             .message
             .value
@@ -1370,6 +1421,29 @@ mod tests {
         out
     }
 
+    /// Every payload of the bad-input corpus gets the same verdict from both decoders.
+    #[test]
+    fn decode_level_agrees_with_decode_on_the_corpus() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/corpus");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+            let path = entry.expect("corpus entry").path();
+            if path.extension().is_none_or(|ext| ext != "bin") {
+                continue;
+            }
+            let payload = std::fs::read(&path).expect("corpus file");
+            let whole = decode(Some(&payload), 64 * 1024).map(|event| event.level);
+            assert_eq!(
+                decode_level(Some(&payload), 64 * 1024),
+                whole,
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+        assert!(seen > 100, "read {seen} corpus cases");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -1387,6 +1461,21 @@ mod tests {
         #[test]
         fn never_panics_on_json_like_strings(text in "[{}\\[\\]\":,0-9a-zA-Z .eE+\\-\\\\nul]{0,64}") {
             let _ = dec(&text);
+        }
+
+        /// The level-only decoder accepts and rejects exactly what the full one does.
+        #[test]
+        fn decode_level_agrees_with_decode(
+            text in prop_oneof![
+                "[{}\\[\\]\":,0-9a-zA-Z .eE+\\-\\\\nul]{0,64}",
+                generated().prop_map(|g| render(&entries(&g), false)),
+            ],
+            limit in 0usize..200,
+        ) {
+            for limit in [limit, DEFAULT_MAX_PAYLOAD_BYTES] {
+                let whole = decode(Some(text.as_bytes()), limit).map(|event| event.level);
+                prop_assert_eq!(decode_level(Some(text.as_bytes()), limit), whole);
+            }
         }
 
         #[test]

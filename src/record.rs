@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::event::{DecodeError, LogEvent};
+use crate::event::{DecodeError, Level};
 
 /// Which partition a record came from, and under which assignment.
 ///
@@ -39,8 +39,9 @@ pub struct Record {
     pub payload: Option<Box<[u8]>>,
     /// The original headers, forwarded with the record.
     pub headers: Option<rdkafka::message::OwnedHeaders>,
-    /// The decoded event, or why it could not be decoded.
-    pub event: Result<LogEvent, DecodeError>,
+    /// The decoded event's level (what routing needs; the whole event was validated and the
+    /// payload itself is what sinks forward), or why it could not be decoded.
+    pub decoded: Result<Level, DecodeError>,
     /// When the consumer took it from librdkafka (for the processing latency).
     pub read_at: std::time::Instant,
 }

@@ -142,7 +142,7 @@ impl RouterActor {
     }
 
     async fn route(&mut self, record: Record) -> Result<(), crate::committer::CommitterGone> {
-        let decision = match &record.event {
+        let decision = match &record.decoded {
             Err(err) => {
                 self.metrics
                     .decode_errors
@@ -154,7 +154,7 @@ impl RouterActor {
                     message: err.to_string(),
                 })
             }
-            Ok(event) => match self.levels.get(event.level.as_str()) {
+            Ok(level) => match self.levels.get(level.as_str()) {
                 Some(&lane) => Decision::Lane(lane),
                 None => Decision::Ignore,
             },
@@ -256,7 +256,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::decode;
+    use crate::event::decode_level;
     use crate::record::PartitionKey;
 
     fn record(key: Option<&str>, partition: i32) -> Record {
@@ -271,7 +271,7 @@ mod tests {
             key: key.map(|k| k.as_bytes().to_vec().into_boxed_slice()),
             payload: Some(payload.to_vec().into_boxed_slice()),
             headers: None,
-            event: decode(Some(payload), 1024),
+            decoded: decode_level(Some(payload), 1024),
             read_at: std::time::Instant::now(),
         }
     }

@@ -232,7 +232,7 @@ pub fn write_line(out: &mut Vec<u8>, route: &str, record: &Record) {
     out.extend_from_slice(b",\"route\":");
     write_json_string(out, route);
     out.extend_from_slice(b",\"event\":");
-    match (&record.payload, &record.event) {
+    match (&record.payload, &record.decoded) {
         // Only decoded payloads reach a sink, so the body is valid JSON.
         (Some(payload), Ok(_)) => write_compact_json(out, json_body(payload)),
         _ => out.extend_from_slice(b"null"),
@@ -276,7 +276,7 @@ fn write_compact_json(out: &mut Vec<u8>, json: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::decode;
+    use crate::event::decode_level;
     use crate::record::PartitionKey;
 
     fn record(payload: &[u8], key: Option<&[u8]>) -> Record {
@@ -290,7 +290,7 @@ mod tests {
             key: key.map(|k| k.to_vec().into_boxed_slice()),
             payload: Some(payload.to_vec().into_boxed_slice()),
             headers: None,
-            event: decode(Some(payload), 1 << 20),
+            decoded: decode_level(Some(payload), 1 << 20),
             read_at: std::time::Instant::now(),
         }
     }
