@@ -138,26 +138,35 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// One measurement, done in a child process.
-#[derive(Debug, Clone)]
+/// One measurement, done in a child process (the arguments of the hidden `bench-child`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ChildOptions {
     /// What to measure.
+    #[arg(long)]
     pub mode: Mode,
     /// Bootstrap brokers.
+    #[arg(long)]
     pub brokers: String,
     /// Topic to read.
+    #[arg(long)]
     pub topic: String,
     /// Consumer group (fresh for every measurement).
+    #[arg(long)]
     pub group: String,
     /// Destination topic of the `kafka` mode.
+    #[arg(long)]
     pub out_topic: String,
     /// Events per second the `paced` sink lets through.
+    #[arg(long, default_value_t = 0)]
     pub sink_rate: u64,
     /// How long a `paced` measurement lasts.
+    #[arg(long, default_value_t = 0.0)]
     pub seconds: f64,
     /// `pipeline.commit_interval_ms`.
+    #[arg(long, default_value_t = 1_000)]
     pub commit_interval_ms: u64,
     /// librdkafka consumer properties, `key=value`.
+    #[arg(long = "consumer-option")]
     pub consumer_options: Vec<String>,
 }
 

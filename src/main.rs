@@ -122,26 +122,7 @@ enum Command {
     },
     /// One benchmark measurement (run by `bench` in a child process).
     #[command(hide = true)]
-    BenchChild {
-        #[arg(long)]
-        mode: logbridge::bench::Mode,
-        #[arg(long)]
-        brokers: String,
-        #[arg(long)]
-        topic: String,
-        #[arg(long)]
-        group: String,
-        #[arg(long)]
-        out_topic: String,
-        #[arg(long, default_value_t = 0)]
-        sink_rate: u64,
-        #[arg(long, default_value_t = 0.0)]
-        seconds: f64,
-        #[arg(long, default_value_t = 1_000)]
-        commit_interval_ms: u64,
-        #[arg(long = "consumer-option")]
-        consumer_options: Vec<String>,
-    },
+    BenchChild(logbridge::bench::ChildOptions),
     /// Hosts librdkafka's mock cluster until standard input closes (used by `bench`).
     #[command(hide = true)]
     BenchBroker,
@@ -326,30 +307,7 @@ fn main() -> ExitCode {
                 };
                 logbridge::bench::run(options).await
             }
-            Command::BenchChild {
-                mode,
-                brokers,
-                topic,
-                group,
-                out_topic,
-                sink_rate,
-                seconds,
-                commit_interval_ms,
-                consumer_options,
-            } => {
-                let options = logbridge::bench::ChildOptions {
-                    mode,
-                    brokers,
-                    topic,
-                    group,
-                    out_topic,
-                    sink_rate,
-                    seconds,
-                    commit_interval_ms,
-                    consumer_options,
-                };
-                logbridge::bench::run_child(options).await
-            }
+            Command::BenchChild(options) => logbridge::bench::run_child(options).await,
             Command::CheckConfig { .. } | Command::BenchBroker => Ok(()),
         }
     });
