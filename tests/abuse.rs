@@ -49,9 +49,11 @@ async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
     .await;
     assert!(ready, "ready once assigned");
 
-    // Quiet run: one batch, timed until it is finished.
-    kafka.produce_samples(BATCH, 0.0, 1).await;
+    // Quiet run: one batch, timed from the start of producing it until it is finished (the
+    // pipeline keeps up with the producer, so timing from the end of production measures
+    // nothing).
     let started = Instant::now();
+    kafka.produce_samples(BATCH, 0.0, 1).await;
     let quiet = wait_for(Duration::from_secs(120), || {
         let instance = &instance;
         async move { finished(instance).await >= BATCH as f64 }
@@ -89,14 +91,20 @@ async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
             }
         }));
     }
-    kafka.produce_samples(BATCH, 0.0, 2).await;
     let started = Instant::now();
+    kafka.produce_samples(BATCH, 0.0, 2).await;
     let mut answered = 0;
     let mut asked = 0;
     let mut slowest = Duration::ZERO;
-    while finished(&instance).await < 2.0 * BATCH as f64
+    // The good client asks at least 12 times while the abusers hold their connections (they
+    // stay 8 s), and on until the batch is finished.
+    let mut abused_rate = None;
+    while (finished(&instance).await < 2.0 * BATCH as f64 || asked < 12)
         && started.elapsed() < Duration::from_secs(120)
     {
+        if abused_rate.is_none() && finished(&instance).await >= 2.0 * BATCH as f64 {
+            abused_rate = Some(BATCH as f64 / started.elapsed().as_secs_f64());
+        }
         asked += 1;
         let asked_at = Instant::now();
         if let Ok((200, body)) =
@@ -109,7 +117,7 @@ async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
         slowest = slowest.max(asked_at.elapsed());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let abused_rate = BATCH as f64 / started.elapsed().as_secs_f64();
+    let abused_rate = abused_rate.unwrap_or_else(|| BATCH as f64 / started.elapsed().as_secs_f64());
     for abuser in abusers {
         abuser.abort();
     }
