@@ -125,12 +125,19 @@ pub mod headers {
 /// The record's own headers followed by logbridge's: `extra` pairs.
 pub fn headers_for(record: &Record, extra: &[(&str, &[u8])]) -> OwnedHeaders {
     let mut headers = record.headers.clone().unwrap_or_default();
-    let partition = record.source.partition.to_string();
-    let offset = record.offset.to_string();
+    // Formatted on the stack: this runs for every record a Kafka sink or the dead-letter
+    // topic sends.
+    let (mut partition, mut offset) = (itoa::Buffer::new(), itoa::Buffer::new());
     let source: [(&str, &[u8]); 3] = [
         (headers::SOURCE_TOPIC, record.source.topic.as_bytes()),
-        (headers::SOURCE_PARTITION, partition.as_bytes()),
-        (headers::SOURCE_OFFSET, offset.as_bytes()),
+        (
+            headers::SOURCE_PARTITION,
+            partition.format(record.source.partition).as_bytes(),
+        ),
+        (
+            headers::SOURCE_OFFSET,
+            offset.format(record.offset).as_bytes(),
+        ),
     ];
     for (key, value) in source.iter().chain(extra) {
         headers = headers.insert(Header {
