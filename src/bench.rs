@@ -947,8 +947,14 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         if runs.is_empty() {
             continue;
         }
+        let finished = median_of(runs, |m| m.finished_rate().unwrap_or(f64::NAN));
+        let finished = if finished.is_nan() {
+            String::new()
+        } else {
+            format!(" ({finished:.0} until finished)")
+        };
         println!(
-            "{label:<27} {:>10.0} events/s  {:>6.2} cpu s/M ev  {:>6.1} MiB peak RSS  {:>5.2} commits/s",
+            "{label:<27} {:>10.0} events/s{finished}  {:>6.2} cpu s/M ev  {:>6.1} MiB peak RSS  {:>5.2} commits/s",
             median_of(runs, Measurement::rate),
             median_of(runs, Measurement::cpu_per_million),
             median_of(runs, Measurement::peak_rss_mib),
@@ -959,6 +965,13 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.45)",
         rate(Mode::Null) / raw,
         rate(Mode::Kafka) / raw
+    );
+    let finished =
+        |mode: Mode| median_of(figures(mode), |m| m.finished_rate().unwrap_or(f64::NAN)) / raw;
+    println!(
+        "until the last record finished (before the wait for the next commit interval): b/a = {:.2}   c/a = {:.2}",
+        finished(Mode::Null),
+        finished(Mode::Kafka)
     );
     let interval = options.commit_interval_ms as f64 / 1000.0;
     let per_interval = [Mode::Null, Mode::Kafka]
