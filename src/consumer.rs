@@ -5,8 +5,10 @@
 //! must drain and commit *before* the callback returns. That wait would block a runtime worker;
 //! on its own thread it blocks nothing but Kafka polling, which is exactly what should wait.
 //!
-//! Backpressure: when the router channel is full the record in hand is kept, its partition is
-//! paused, and polling goes on (the group and rebalance callbacks stay served: rust-rdkafka
+//! Backpressure: when the router channel is full the consumer first waits, up to
+//! `pause_after_ms`, for half of it to be free (a busy pipeline makes room quickly, and a pause
+//! would throw away librdkafka's prefetch for the partition). If it stays full, the record in
+//! hand is kept, its partition is paused, and polling goes on (the group and rebalance callbacks stay served: rust-rdkafka
 //! #738). Paused partitions resume, oldest held record first, once the channel has drained to
 //! half its capacity. librdkafka restarts a resumed partition's fetch at the position after the
 //! last record it returned, which is right after what we hold, so nothing is skipped.
@@ -815,8 +817,8 @@ impl ConsumerActor {
         Ok(())
     }
 
-    /// Decodes a record and offers it to the router; on a full channel keeps it and pauses its
-    /// partition.
+    /// Decodes a record and offers it to the router; on a channel that stays full for
+    /// `pause_after` keeps it and pauses its partition.
     fn accept(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
         let payload = message.payload();
         let decoded = decode_level(payload, self.max_payload_bytes);
