@@ -1,5 +1,6 @@
 //! Consumer actor: the only owner of the librdkafka client. It polls Kafka on a dedicated
-//! thread, decodes each record once, and offers it to the router without ever waiting.
+//! thread, decodes each record once, and offers it to the router, waiting at most
+//! `pause_after_ms` for room.
 //!
 //! Why a thread and not a task: librdkafka runs rebalance callbacks inside `poll`, and a revoke
 //! must drain and commit *before* the callback returns. That wait would block a runtime worker;
@@ -8,8 +9,8 @@
 //! Backpressure: when the router channel is full the consumer first waits, up to
 //! `pause_after_ms`, for half of it to be free (a busy pipeline makes room quickly, and a pause
 //! would throw away librdkafka's prefetch for the partition). If it stays full, the record in
-//! hand is kept, its partition is paused, and polling goes on (the group and rebalance callbacks stay served: rust-rdkafka
-//! #738). Paused partitions resume, oldest held record first, once the channel has drained to
+//! hand is kept, its partition is paused, and polling goes on (the group and rebalance
+//! callbacks stay served: rust-rdkafka #738). Paused partitions resume, oldest held record first, once the channel has drained to
 //! half its capacity. librdkafka restarts a resumed partition's fetch at the position after the
 //! last record it returned, which is right after what we hold, so nothing is skipped.
 //!
