@@ -53,52 +53,69 @@ const TRACE_EVERY: Duration = Duration::from_millis(250);
 /// Pace of the slowed sink in the memory ceiling runs, as a share of the raw consumption rate.
 const PACED_SHARE: f64 = 0.10;
 
-/// What `logbridge bench` measures.
-#[derive(Debug, Clone)]
+/// What `logbridge bench` measures (its command line).
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchOptions {
-    /// Brokers to use; `None` starts the mock cluster in a helper process.
+    /// Brokers to measure against (default: librdkafka's mock cluster in a helper process).
+    #[arg(long)]
     pub brokers: Option<String>,
     /// Events preloaded and read by every measurement.
+    #[arg(long, default_value_t = 1_000_000)]
     pub events: u64,
-    /// Rounds of (raw, null, kafka); medians are taken over them.
+    /// Rounds of raw, null-sink and kafka-sink measurements (medians are printed).
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Partitions of the benchmark topics.
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 8)]
     pub partitions: i32,
     /// Size of the key space.
+    #[arg(long, default_value_t = 10_000)]
     pub keys: u64,
     /// Size of each event in bytes.
+    #[arg(long, default_value_t = 200)]
     pub payload_bytes: usize,
-    /// Backlogs for the memory ceiling runs (empty: skip them).
-    pub memory_backlogs: Vec<u64>,
+    /// Backlogs of the memory ceiling runs, comma separated (`none`: skip them).
+    #[arg(long, default_value = "1000000,5000000")]
+    pub memory_backlogs: Counts,
     /// Partitions of the memory ceiling topics (more than `partitions`: the mock cluster keeps
     /// only 5 MiB per partition, and a deep backlog needs room).
+    #[arg(long, default_value_t = 64)]
     pub memory_partitions: i32,
-    /// Longest measurement window of a memory ceiling run.
+    /// Longest window of a memory ceiling run, in seconds.
+    #[arg(long, default_value_t = 20)]
     pub memory_seconds: u64,
     /// `pipeline.commit_interval_ms` of the measured pipeline.
+    #[arg(long, default_value_t = 1_000)]
     pub commit_interval_ms: u64,
-    /// Which of raw, null and kafka to measure (raw is always measured: it is the reference).
+    /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka.
+    #[arg(long, value_delimiter = ',', default_value = "null,kafka")]
     pub modes: Vec<Mode>,
-    /// librdkafka consumer properties for every mode (`[kafka.options]`), as `key=value`.
+    /// librdkafka consumer property for every mode, `key=value` (repeatable).
+    #[arg(long = "consumer-option")]
     pub consumer_options: Vec<String>,
 }
 
-impl Default for BenchOptions {
-    fn default() -> Self {
-        BenchOptions {
-            brokers: None,
-            events: 1_000_000,
-            runs: 3,
-            partitions: 8,
-            keys: 10_000,
-            payload_bytes: 200,
-            memory_backlogs: vec![1_000_000, 5_000_000],
-            memory_partitions: 64,
-            memory_seconds: 20,
-            commit_interval_ms: 1_000,
-            modes: vec![Mode::Raw, Mode::Null, Mode::Kafka],
-            consumer_options: Vec::new(),
+/// A comma-separated list of counts; empty or `none` for none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts(pub Vec<u64>);
+
+impl std::str::FromStr for Counts {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Counts, String> {
+        let text = text.trim();
+        if text.is_empty() || text == "none" {
+            return Ok(Counts(Vec::new()));
         }
+        text.split(',')
+            .map(|part| {
+                part.trim()
+                    .replace('_', "")
+                    .parse::<u64>()
+                    .map_err(|_| format!("`{part}` is not a count"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Counts)
     }
 }
 
@@ -984,7 +1001,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         options.commit_interval_ms
     );
 
-    if options.memory_backlogs.is_empty() {
+    if options.memory_backlogs.0.is_empty() {
         return Ok(());
     }
     // The input rate the sink is slowed against: what the pipeline moves to null sinks (raw
@@ -994,7 +1011,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         _ => raw,
     };
     let sink_rate = ((input * PACED_SHARE) as u64).max(1);
-    let smallest = options.memory_backlogs.iter().copied().min().unwrap_or(0);
+    let smallest = options.memory_backlogs.0.iter().copied().min().unwrap_or(0);
     // The window must end well before the smallest backlog drains, or it is no backlog.
     let seconds = (options.memory_seconds as f64).min(smallest as f64 / sink_rate as f64 / 2.0);
     println!();
@@ -1004,7 +1021,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         PACED_SHARE * 100.0
     );
     let mut ceiling: Vec<(u64, Measurement)> = Vec::new();
-    for &backlog in &options.memory_backlogs {
+    for &backlog in &options.memory_backlogs.0 {
         let backlog_topic = format!("{topic}-backlog-{backlog}");
         let partitions = options.memory_partitions;
         preload(broker, &backlog_topic, backlog, partitions, options).await?;
@@ -1037,6 +1054,17 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_parse_lists_and_none() {
+        assert_eq!(
+            "1000000,5_000_000".parse(),
+            Ok(Counts(vec![1_000_000, 5_000_000]))
+        );
+        assert_eq!("none".parse(), Ok(Counts(Vec::new())));
+        assert_eq!("".parse(), Ok(Counts(Vec::new())));
+        assert!("1M".parse::<Counts>().is_err());
+    }
 
     #[test]
     fn medians_of_odd_and_even_counts() {

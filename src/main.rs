@@ -82,44 +82,7 @@ enum Command {
         payload_bytes: usize,
     },
     /// Measure throughput, CPU, memory and commits against raw librdkafka (see the README).
-    Bench {
-        /// Brokers to measure against (default: librdkafka's mock cluster in a helper process).
-        #[arg(long)]
-        brokers: Option<String>,
-        /// Events preloaded and read by every measurement.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: u64,
-        /// Rounds of raw, null-sink and kafka-sink measurements (medians are printed).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Partitions of the benchmark topics.
-        #[arg(long, default_value_t = 8)]
-        partitions: i32,
-        /// Size of the key space.
-        #[arg(long, default_value_t = 10_000)]
-        keys: u64,
-        /// Size of each event in bytes.
-        #[arg(long, default_value_t = 200)]
-        payload_bytes: usize,
-        /// Backlogs of the memory ceiling runs, comma separated (`none`: skip them).
-        #[arg(long, value_parser = parse_counts, default_value = "1000000,5000000")]
-        memory_backlogs: Counts,
-        /// Partitions of the memory ceiling topics.
-        #[arg(long, default_value_t = 64)]
-        memory_partitions: i32,
-        /// Longest window of a memory ceiling run, in seconds.
-        #[arg(long, default_value_t = 20)]
-        memory_seconds: u64,
-        /// `pipeline.commit_interval_ms` of the measured pipeline.
-        #[arg(long, default_value_t = 1_000)]
-        commit_interval_ms: u64,
-        /// Pipeline modes to measure besides raw librdkafka: null, kafka.
-        #[arg(long, value_delimiter = ',', default_value = "null,kafka")]
-        modes: Vec<logbridge::bench::Mode>,
-        /// librdkafka consumer property for every mode, `key=value` (repeatable).
-        #[arg(long = "consumer-option")]
-        consumer_options: Vec<String>,
-    },
+    Bench(logbridge::bench::BenchOptions),
     /// One benchmark measurement (run by `bench` in a child process).
     #[command(hide = true)]
     BenchChild(logbridge::bench::ChildOptions),
@@ -138,25 +101,6 @@ enum Command {
         #[arg(long, default_value_t = 500)]
         rate: u32,
     },
-}
-
-/// A comma-separated list of counts; empty or `none` for no counts.
-#[derive(Clone)]
-struct Counts(Vec<u64>);
-
-fn parse_counts(text: &str) -> Result<Counts, String> {
-    if text.trim().is_empty() || text.trim() == "none" {
-        return Ok(Counts(Vec::new()));
-    }
-    text.split(',')
-        .map(|part| {
-            part.trim()
-                .replace('_', "")
-                .parse::<u64>()
-                .map_err(|_| format!("`{part}` is not a count"))
-        })
-        .collect::<Result<_, _>>()
-        .map(Counts)
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -277,36 +221,7 @@ fn main() -> ExitCode {
                 };
                 logbridge::produce::run(options, stop).await.map(|_| ())
             }
-            Command::Bench {
-                brokers,
-                events,
-                runs,
-                partitions,
-                keys,
-                payload_bytes,
-                memory_backlogs,
-                memory_partitions,
-                memory_seconds,
-                commit_interval_ms,
-                modes,
-                consumer_options,
-            } => {
-                let options = logbridge::bench::BenchOptions {
-                    brokers,
-                    events,
-                    runs,
-                    partitions,
-                    keys,
-                    payload_bytes,
-                    memory_backlogs: memory_backlogs.0,
-                    memory_partitions,
-                    memory_seconds,
-                    commit_interval_ms,
-                    modes,
-                    consumer_options,
-                };
-                logbridge::bench::run(options).await
-            }
+            Command::Bench(options) => logbridge::bench::run(options).await,
             Command::BenchChild(options) => logbridge::bench::run_child(options).await,
             Command::CheckConfig { .. } | Command::BenchBroker => Ok(()),
         }
