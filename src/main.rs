@@ -221,8 +221,16 @@ fn main() -> ExitCode {
                 };
                 logbridge::produce::run(options, stop).await.map(|_| ())
             }
-            Command::Bench(options) => logbridge::bench::run(options).await,
-            Command::BenchChild(options) => logbridge::bench::run_child(options).await,
+            // Ctrl-C ends a benchmark at once: dropping it kills its children and the helper
+            // broker (they are spawned with kill_on_drop).
+            Command::Bench(options) => tokio::select! {
+                result = logbridge::bench::run(options) => result,
+                _ = shutdown.cancelled() => Err(anyhow::anyhow!("benchmark interrupted")),
+            },
+            Command::BenchChild(options) => tokio::select! {
+                result = logbridge::bench::run_child(options) => result,
+                _ = shutdown.cancelled() => Err(anyhow::anyhow!("measurement interrupted")),
+            },
             Command::CheckConfig { .. } | Command::BenchBroker => Ok(()),
         }
     });
