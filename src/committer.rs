@@ -8,7 +8,7 @@
 //! intervals however fast records flow. On revoke and at shutdown the consumer asks for the
 //! positions directly and commits them synchronously before it lets the partitions go.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -245,8 +245,8 @@ pub fn spawn(settings: CommitterSettings, metrics: Arc<Metrics>) -> Spawned {
         data: data_rx,
         control: control_rx,
         plans: plan_tx,
-        partitions: HashMap::new(),
-        fences: HashMap::new(),
+        partitions: FxHashMap::default(),
+        fences: FxHashMap::default(),
         revokes: Vec::new(),
         finish: None,
         finished_shutdown: false,
@@ -357,9 +357,9 @@ struct CommitterActor {
     data: mpsc::Receiver<CommitterMsg>,
     control: mpsc::Receiver<Control>,
     plans: watch::Sender<CommitPlan>,
-    partitions: HashMap<PartitionKey, Tracked>,
+    partitions: FxHashMap<PartitionKey, Tracked>,
     /// Highest revoked generation per partition: anything read under it or earlier is stale.
-    fences: HashMap<PartitionKey, u64>,
+    fences: FxHashMap<PartitionKey, u64>,
     revokes: Vec<PendingRevoke>,
     finish: Option<PendingFinish>,
     /// The shutdown's final positions were handed over.

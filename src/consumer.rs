@@ -22,7 +22,8 @@
 //! covers automatic commits only), so an async commit's failure would go unseen. The cost is
 //! one broker round trip per interval on this thread; librdkafka keeps fetching meanwhile.
 
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -129,10 +130,10 @@ struct PartitionState {
 /// callback API only gives `&self`).
 #[derive(Default)]
 struct Assignment {
-    partitions: HashMap<PartitionKey, PartitionState>,
-    topics: HashMap<String, Arc<str>>,
+    partitions: FxHashMap<PartitionKey, PartitionState>,
+    topics: FxHashMap<String, Arc<str>>,
     /// `events_consumed_total` of each topic, looked up once rather than per record.
-    consumed: HashMap<Arc<str>, prometheus::IntCounter>,
+    consumed: FxHashMap<Arc<str>, prometheus::IntCounter>,
 }
 
 impl Assignment {

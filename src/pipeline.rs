@@ -1,7 +1,6 @@
 //! Wiring: builds the actors back to front (committer, workers, router, consumer), serves HTTP,
 //! and runs until shutdown has drained and made its final commit.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -319,7 +318,7 @@ async fn join_quietly(task: tokio::task::JoinHandle<()>, kind: &'static str) {
 
 type Workers = (
     Vec<RouteLane>,
-    HashMap<String, usize>,
+    rustc_hash::FxHashMap<String, usize>,
     Vec<tokio::task::JoinHandle<()>>,
 );
 
@@ -332,7 +331,7 @@ fn spawn_workers(
     liveness: &Liveness,
 ) -> anyhow::Result<Workers> {
     let mut lanes = Vec::with_capacity(config.routes.len());
-    let mut levels = HashMap::new();
+    let mut levels = rustc_hash::FxHashMap::default();
     let mut tasks = Vec::new();
     for (index, route) in config.routes.iter().enumerate() {
         let name: Arc<str> = Arc::from(route.name.as_str());

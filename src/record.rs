@@ -127,7 +127,7 @@ impl Record {
 /// and the router (which stops dispatching fenced records: their partition has a new owner).
 #[derive(Clone, Default)]
 pub struct Fences {
-    revoked: Arc<std::sync::RwLock<std::collections::HashMap<PartitionKey, u64>>>,
+    revoked: Arc<std::sync::RwLock<rustc_hash::FxHashMap<PartitionKey, u64>>>,
 }
 
 impl Fences {

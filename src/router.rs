@@ -5,7 +5,7 @@
 //! records with the same key are processed in order while different keys run in parallel.
 //! Records that failed to decode, and records no route takes, are finished right here.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -45,7 +45,7 @@ pub struct RouteTable {
     /// One lane per route, in configuration order.
     pub lanes: Vec<RouteLane>,
     /// Normalised level → index into `lanes`.
-    pub levels: HashMap<String, usize>,
+    pub levels: FxHashMap<String, usize>,
 }
 
 /// Starts the router.
@@ -78,7 +78,7 @@ pub fn spawn(
 struct RouterActor {
     receiver: mpsc::Receiver<Record>,
     lanes: Vec<RouteLane>,
-    levels: HashMap<String, usize>,
+    levels: FxHashMap<String, usize>,
     acks: AckSender,
     failures: Failures,
     fences: Fences,
