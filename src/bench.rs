@@ -460,6 +460,12 @@ async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement>
                 >= *end
         })
     };
+    let commits = || {
+        ["ok", "error", "stale"]
+            .iter()
+            .map(|result| metrics.commits.with_label_values(&[result]).get())
+            .sum::<u64>()
+    };
     let deadline = Instant::now() + CHILD_LIMIT;
     let mut window: Option<Window> = None;
     let mut finished_at: Option<f64> = None;
@@ -492,12 +498,6 @@ async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement>
             "consumed {} of {expected} records in {CHILD_LIMIT:?}",
             consumed()
         );
-        let commits = || {
-            ["ok", "error", "stale"]
-                .iter()
-                .map(|result| metrics.commits.with_label_values(&[result]).get())
-                .sum::<u64>()
-        };
         match &window {
             None if consumed() > 0 => window = Some(Window::start()),
             None => {}
@@ -581,18 +581,14 @@ fn cpu_seconds() -> f64 {
 
 /// Peak resident set size of this process (`VmHWM`), 0 where /proc does not tell.
 fn peak_rss_bytes() -> u64 {
-    proc_status_kib("VmHWM:").map_or(0, |kib| kib * 1024)
+    proc_kib("/proc/self/status", "VmHWM:").map_or(0, |kib| kib * 1024)
 }
 
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|line| line.starts_with(field))?;
-    line[field.len()..]
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
+/// A `Name:   1234 kB` field of a /proc file, in KiB.
+fn proc_kib(path: &str, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let rest = text.lines().find_map(|line| line.strip_prefix(field))?;
+    rest.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// Hosts librdkafka's mock cluster (the hidden `bench-broker` command): prints its address,
@@ -836,18 +832,8 @@ fn median_of(runs: &[Measurement], figure: impl Fn(&Measurement) -> f64) -> f64 
 
 fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let memory_gib = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kib| kib / (1024.0 * 1024.0));
+    let memory_gib =
+        proc_kib("/proc/meminfo", "MemTotal:").map_or(0.0, |kib| kib as f64 / (1024.0 * 1024.0));
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()

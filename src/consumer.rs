@@ -10,9 +10,10 @@
 //! `pause_after_ms`, for half of it to be free (a busy pipeline makes room quickly, and a pause
 //! would throw away librdkafka's prefetch for the partition). If it stays full, the record in
 //! hand is kept, its partition is paused, and polling goes on (the group and rebalance
-//! callbacks stay served: rust-rdkafka #738). Paused partitions resume, oldest held record first, once the channel has drained to
-//! half its capacity. librdkafka restarts a resumed partition's fetch at the position after the
-//! last record it returned, which is right after what we hold, so nothing is skipped.
+//! callbacks stay served: rust-rdkafka #738). Paused partitions resume, oldest held record
+//! first, once the channel has drained to half its capacity. librdkafka restarts a resumed
+//! partition's fetch at the position after the last record it returned, which is right after
+//! what we hold, so nothing is skipped.
 //!
 //! Commits: the committer publishes a [`CommitPlan`] per interval (only when something
 //! advanced); a commit thread commits it, and this thread commits the final positions on revoke
@@ -906,7 +907,9 @@ impl ConsumerActor {
     /// would trade one record per wakeup between this thread and the router (the benchmark saw
     /// the CPU per record double in that mode).
     fn wait_for_room(&self, record: Record) -> Option<Record> {
-        let router = self.router.as_ref()?;
+        let Some(router) = self.router.as_ref() else {
+            return Some(record);
+        };
         if self.pause_after.is_zero() {
             return Some(record);
         }

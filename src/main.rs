@@ -49,38 +49,7 @@ enum Command {
         file: PathBuf,
     },
     /// Produce realistic sample events (a load generator).
-    Produce {
-        /// Bootstrap brokers.
-        #[arg(long, default_value = "localhost:9092")]
-        brokers: String,
-        /// Target topic.
-        #[arg(long, default_value = "logs")]
-        topic: String,
-        /// Events to produce.
-        #[arg(long, default_value_t = 100_000)]
-        count: u64,
-        /// Events per second (0: as fast as possible).
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        /// Create the topic with this many partitions if it does not exist.
-        #[arg(long)]
-        partitions: Option<i32>,
-        /// Size of the key space.
-        #[arg(long, default_value_t = 10_000)]
-        keys: u64,
-        /// Fraction of malformed records (0.0 to 1.0).
-        #[arg(long, default_value_t = 0.0)]
-        bad_ratio: f64,
-        /// Id of the first event (ids are consecutive).
-        #[arg(long, default_value_t = 0)]
-        first_id: u64,
-        /// Seed for repeatable traffic.
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Pad well-formed events to this many bytes with a `detail` field (0: no padding).
-        #[arg(long, default_value_t = 0)]
-        payload_bytes: usize,
-    },
+    Produce(logbridge::produce::ProduceOptions),
     /// Measure throughput, CPU, memory and commits against raw librdkafka (see the README).
     Bench(logbridge::bench::BenchOptions),
     /// One benchmark measurement (run by `bench` in a child process).
@@ -184,19 +153,8 @@ fn main() -> ExitCode {
                 };
                 demo::run(options, shutdown).await
             }
-            Command::Produce {
-                brokers,
-                topic,
-                count,
-                rate,
-                partitions,
-                keys,
-                bad_ratio,
-                first_id,
-                seed,
-                payload_bytes,
-            } => {
-                if !(0.0..=1.0).contains(&bad_ratio) {
+            Command::Produce(options) => {
+                if !(0.0..=1.0).contains(&options.bad_ratio) {
                     anyhow::bail!("--bad-ratio must be between 0.0 and 1.0");
                 }
                 let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -206,19 +164,6 @@ fn main() -> ExitCode {
                     token.cancelled().await;
                     on_signal.store(true, std::sync::atomic::Ordering::Relaxed);
                 });
-                let options = logbridge::produce::ProduceOptions {
-                    brokers,
-                    topic,
-                    count: Some(count),
-                    rate,
-                    partitions,
-                    keys,
-                    bad_ratio,
-                    first_id,
-                    seed,
-                    payload_bytes,
-                    options: Vec::new(),
-                };
                 logbridge::produce::run(options, stop).await.map(|_| ())
             }
             // Ctrl-C ends a benchmark at once: dropping it kills its children and the helper

@@ -19,30 +19,41 @@ use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, Prod
 use rdkafka::ClientContext;
 use tracing::info;
 
-/// What to produce.
-#[derive(Debug, Clone)]
+/// What to produce (also the `produce` command's arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ProduceOptions {
     /// Bootstrap brokers.
+    #[arg(long, default_value = "localhost:9092")]
     pub brokers: String,
     /// Target topic.
+    #[arg(long, default_value = "logs")]
     pub topic: String,
     /// Events to produce; `None` runs until `stop` is set.
+    #[arg(long, default_value = "100000", help = "Events to produce")]
     pub count: Option<u64>,
     /// Events per second; 0 means as fast as possible.
+    #[arg(long, default_value_t = 0)]
     pub rate: u64,
     /// Create the topic with this many partitions if it does not exist.
+    #[arg(long)]
     pub partitions: Option<i32>,
     /// Size of the key space (`key-0` .. `key-{keys-1}`).
+    #[arg(long, default_value_t = 10_000)]
     pub keys: u64,
     /// Fraction of malformed records, 0.0 to 1.0.
+    #[arg(long, default_value_t = 0.0)]
     pub bad_ratio: f64,
     /// First event id (ids are consecutive).
+    #[arg(long, default_value_t = 0)]
     pub first_id: u64,
     /// Seed for repeatable traffic; random if `None`.
+    #[arg(long, help = "Seed for repeatable traffic (default: random)")]
     pub seed: Option<u64>,
     /// Pad well-formed events with a `detail` field up to this many bytes (0: no padding).
+    #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
     /// Extra librdkafka producer properties.
+    #[arg(skip)]
     pub options: Vec<(String, String)>,
 }
 
