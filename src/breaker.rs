@@ -1,11 +1,21 @@
-//! The dead-letter breaker (pure logic, owned by the committer): it watches how records finish
-//! and trips when too many fail, so that a bad deployment upstream does not empty a topic into
-//! the dead-letter queue (the getsentry/arroyo lesson). Tripped, the consumer pauses every
-//! partition until an operator restarts logbridge or calls `POST /resume`.
+//! The dead-letter breaker: it watches how records finish and trips when too many fail, so
+//! that a bad deployment upstream does not empty a topic into the dead-letter queue (the
+//! getsentry/arroyo lesson). Tripped, the consumer pauses every partition until an operator
+//! restarts logbridge or calls `POST /resume`.
+//!
+//! Three parts: [`Breaker`], the sliding window (pure logic); [`BreakerSwitch`], the window with
+//! the state it publishes, owned by the committer (which sees every finished record); and
+//! [`BreakerHandle`], what the consumer and the HTTP endpoint hold to read the state and ask
+//! for a reset.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info};
 
 use crate::config::BreakerConfig;
+use crate::metrics::Metrics;
 
 /// Why the breaker tripped.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +127,95 @@ impl Breaker {
     }
 }
 
+/// The breaker with the state it publishes and the resets it receives; owned by the committer.
+pub struct BreakerSwitch {
+    breaker: Breaker,
+    state: watch::Sender<BreakerState>,
+    resets: mpsc::Receiver<()>,
+    resets_open: bool,
+    metrics: Arc<Metrics>,
+}
+
+/// Reads the dead-letter breaker's state and asks for a reset (`POST /resume`).
+#[derive(Clone)]
+pub struct BreakerHandle {
+    state: watch::Receiver<BreakerState>,
+    reset: mpsc::Sender<()>,
+}
+
+impl BreakerSwitch {
+    /// A closed breaker and the handle to read and reset it.
+    pub fn new(config: BreakerConfig, metrics: Arc<Metrics>) -> (BreakerSwitch, BreakerHandle) {
+        let (state_tx, state_rx) = watch::channel(BreakerState::Closed);
+        // One pending reset is as good as many (see BreakerHandle::reset).
+        let (reset_tx, reset_rx) = mpsc::channel(1);
+        (
+            BreakerSwitch {
+                breaker: Breaker::new(config),
+                state: state_tx,
+                resets: reset_rx,
+                resets_open: true,
+                metrics,
+            },
+            BreakerHandle {
+                state: state_rx,
+                reset: reset_tx,
+            },
+        )
+    }
+
+    /// Records one finished record; trips (and says so) when a limit is passed.
+    pub fn record(&mut self, failed: bool, route: &str, reason: &str) {
+        if let Some(trip) = self.breaker.record(failed, route, reason) {
+            error!(route = %trip.route, reason = %trip.reason, limit = %trip.limit, "{trip}; all partitions paused until restart or POST /resume");
+            self.metrics.breaker_tripped.set(1);
+            // Receivers (consumer, HTTP) gone means shutdown: nothing to stop.
+            let _ = self.state.send(BreakerState::Tripped(trip));
+        }
+    }
+
+    /// Waits for an operator's reset and applies it; pending forever once every handle is gone.
+    pub async fn serve_reset(&mut self) {
+        if !self.resets_open {
+            return std::future::pending().await;
+        }
+        match self.resets.recv().await {
+            Some(()) => self.reset(),
+            None => self.resets_open = false,
+        }
+    }
+
+    fn reset(&mut self) {
+        if self.breaker.is_tripped() {
+            info!("dead-letter breaker reset by operator; resuming consumption");
+        }
+        self.breaker.reset();
+        self.metrics.breaker_tripped.set(0);
+        let _ = self.state.send(BreakerState::Closed);
+    }
+}
+
+impl BreakerHandle {
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every change (for the consumer thread).
+    pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
+        self.state.clone()
+    }
+
+    /// Asks for the breaker to close; `false` if logbridge is shutting down.
+    pub fn reset(&self) -> bool {
+        match self.reset.try_send(()) {
+            // A reset already queued does the same.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(())) => true,
+            Err(mpsc::error::TrySendError::Closed(())) => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +284,33 @@ mod tests {
         for _ in 0..10_000 {
             assert_eq!(b.record(true, "r", "x"), None);
         }
+    }
+
+    #[tokio::test]
+    async fn a_trip_is_published_and_a_reset_through_the_handle_closes_it() {
+        let metrics = Arc::new(Metrics::new());
+        let config = BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 1.0,
+            window: 10,
+            max_consecutive: 1,
+        };
+        let (mut switch, handle) = BreakerSwitch::new(config, metrics.clone());
+        let seen = handle.subscribe();
+        switch.record(true, "errors", "not_json");
+        assert_eq!(handle.state(), BreakerState::Closed);
+        switch.record(true, "errors", "not_json");
+        assert!(seen.has_changed().expect("open"));
+        match handle.state() {
+            BreakerState::Tripped(trip) => assert_eq!(trip.reason, "not_json"),
+            BreakerState::Closed => panic!("the second failure in a row trips it"),
+        }
+        assert_eq!(metrics.breaker_tripped.get(), 1);
+        assert!(handle.reset());
+        switch.serve_reset().await;
+        assert_eq!(handle.state(), BreakerState::Closed);
+        assert_eq!(metrics.breaker_tripped.get(), 0);
+        drop(switch);
+        assert!(!handle.reset(), "no reset once the owner is gone");
     }
 }

@@ -3,10 +3,14 @@
 //! contiguous finished prefix, as the next offset to read (see [`crate::offsets`]).
 //!
 //! It never talks to librdkafka itself. On the commit interval it publishes a [`CommitPlan`] on
-//! a `watch` channel, which the consumer thread (the owner of the Kafka client) commits
-//! asynchronously; `watch` keeps only the newest plan, so commit requests never outnumber
+//! a `watch` channel, which the consumer's commit thread commits (synchronously, see
+//! `consumer::commits`); `watch` keeps only the newest plan, so commit requests never outnumber
 //! intervals however fast records flow. On revoke and at shutdown the consumer asks for the
-//! positions directly and commits them synchronously before it lets the partitions go.
+//! positions directly ([`CommitterControl`]) and commits them before it lets the partitions go.
+//!
+//! Two faces: [`CommitterHandle`] for the stages that dispatch and finish records (router,
+//! workers, dead-letter actor), and [`CommitterControl`] for the consumer. The committer also
+//! owns the dead-letter breaker's switch, since it sees every finished record.
 
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
@@ -14,19 +18,18 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::breaker::{Breaker, BreakerState};
-use crate::config::BreakerConfig;
+use crate::breaker::BreakerSwitch;
 use crate::metrics::Metrics;
 use crate::offsets::PartitionOffsets;
-use crate::record::{PartitionKey, ProcessAck};
+use crate::record::{PartitionKey, ProcessAck, StageGone};
 
 /// What flows into the committer's data channel. Dispatches and acks share one channel so that a
 /// record's dispatch is always seen before its ack: the router sends the dispatch before the
 /// worker can even receive the record.
 #[derive(Debug)]
-pub enum CommitterMsg {
+enum CommitterMsg {
     /// The router handed these records on; each must finish before the commit may pass it.
     /// (One message per batch the router took, not per record: fewer wakeups.)
     Dispatched(Vec<Dispatch>),
@@ -95,36 +98,100 @@ enum Control {
     },
 }
 
-/// Sends dispatches and acks to the committer. Held by the router and by every worker; the
-/// committer's input ends when the last one is dropped.
+/// Sends dispatches and acks to the committer. Held by the router, every worker and the
+/// dead-letter actor; the committer's input ends when the last one is dropped.
+///
+/// When the channel is full the sender waits: the committer does nothing but bookkeeping, so it
+/// catches up quickly, and a waiting worker or router is ordinary backpressure. A send fails
+/// only if the committer is gone.
 #[derive(Clone)]
-pub struct AckSender {
+pub struct CommitterHandle {
     sender: mpsc::Sender<CommitterMsg>,
 }
 
-impl AckSender {
-    /// Sends a dispatch or an ack. When the channel is full the caller waits: the committer
-    /// does nothing but bookkeeping, so it catches up quickly, and a waiting worker or router
-    /// is ordinary backpressure. Fails only if the committer is gone.
-    pub async fn send(&self, msg: CommitterMsg) -> Result<(), CommitterGone> {
-        self.sender.send(msg).await.map_err(|_| CommitterGone)
+impl CommitterHandle {
+    /// Starts the committer task. Returns the handle for the stages that dispatch and finish
+    /// records, the control for the consumer, and the task.
+    pub fn spawn(
+        settings: CommitterSettings,
+        breaker: BreakerSwitch,
+        metrics: Arc<Metrics>,
+    ) -> (
+        CommitterHandle,
+        CommitterControl,
+        tokio::task::JoinHandle<()>,
+    ) {
+        // Full: the router and workers wait (see above).
+        let (data_tx, data_rx) = mpsc::channel(settings.capacity);
+        // At most one revoke or finish is outstanding (the consumer thread waits for each), so a
+        // small channel is never full in practice; `finish` uses try_send regardless.
+        let (control_tx, control_rx) = mpsc::channel(4);
+        let (plan_tx, plan_rx) = watch::channel(CommitPlan::default());
+        let (stalls_tx, stalls_rx) = watch::channel(Vec::new());
+        let actor = CommitterActor {
+            breaker,
+            stalls: stalls_tx,
+            stall_timeout: settings.stall_timeout,
+            data: data_rx,
+            control: control_rx,
+            plans: plan_tx,
+            partitions: FxHashMap::default(),
+            fences: FxHashMap::default(),
+            revokes: Vec::new(),
+            finish: None,
+            finished_shutdown: false,
+            interval: settings.interval,
+            drain_timeout: settings.drain_timeout,
+            metrics,
+        };
+        let task = tokio::spawn(actor.run());
+        (
+            CommitterHandle { sender: data_tx },
+            CommitterControl {
+                sender: control_tx,
+                plans: plan_rx,
+                stalls: stalls_rx,
+            },
+            task,
+        )
     }
 
-    /// Weak reference for the depth sampler, which must not keep the channel open.
-    pub(crate) fn downgrade(&self) -> mpsc::WeakSender<CommitterMsg> {
-        self.sender.downgrade()
+    /// The router handed these records on (one message per batch it took).
+    pub async fn dispatched(&self, dispatches: Vec<Dispatch>) -> Result<(), StageGone> {
+        self.send(CommitterMsg::Dispatched(dispatches)).await
+    }
+
+    /// A record finished.
+    pub async fn ack(&self, ack: ProcessAck) -> Result<(), StageGone> {
+        self.send(CommitterMsg::Ack(ack)).await
+    }
+
+    /// Records finished together (a worker's delivered batch).
+    pub async fn acks(&self, acks: Vec<ProcessAck>) -> Result<(), StageGone> {
+        self.send(CommitterMsg::Acks(acks)).await
+    }
+
+    async fn send(&self, msg: CommitterMsg) -> Result<(), StageGone> {
+        self.sender
+            .send(msg)
+            .await
+            .map_err(|_| StageGone("committer"))
+    }
+
+    /// Messages waiting in the channel (for the depth gauge), through a weak reference that
+    /// does not keep the channel open.
+    pub(crate) fn depth_probe(&self) -> crate::metrics::DepthProbe {
+        crate::metrics::DepthProbe::of(&self.sender)
     }
 }
 
-/// The committer task has ended; no further offsets can be committed.
-#[derive(Debug, thiserror::Error)]
-#[error("committer has stopped")]
-pub struct CommitterGone;
-
-/// Blocking-side handle for the consumer thread (rebalance callbacks and shutdown run there).
+/// The consumer's face of the committer: revoke and shutdown requests (blocking, from the
+/// consumer thread), the commit plans, and the stalled partitions.
 #[derive(Clone)]
 pub struct CommitterControl {
     sender: mpsc::Sender<Control>,
+    plans: watch::Receiver<CommitPlan>,
+    stalls: watch::Receiver<Vec<Stall>>,
 }
 
 impl CommitterControl {
@@ -134,7 +201,7 @@ impl CommitterControl {
         &self,
         partitions: Vec<(PartitionKey, u64)>,
         wait: bool,
-    ) -> Result<Vec<CommitEntry>, CommitterGone> {
+    ) -> Result<Vec<CommitEntry>, StageGone> {
         let (respond_to, response) = oneshot::channel();
         self.sender
             .blocking_send(Control::Revoke {
@@ -142,8 +209,8 @@ impl CommitterControl {
                 wait,
                 respond_to,
             })
-            .map_err(|_| CommitterGone)?;
-        response.blocking_recv().map_err(|_| CommitterGone)
+            .map_err(|_| StageGone("committer"))?;
+        response.blocking_recv().map_err(|_| StageGone("committer"))
     }
 
     /// Asks for the final positions at shutdown; the answer arrives on the returned receiver
@@ -152,60 +219,26 @@ impl CommitterControl {
     pub fn finish(
         &self,
         deadline: Instant,
-    ) -> Result<oneshot::Receiver<Vec<CommitEntry>>, CommitterGone> {
+    ) -> Result<oneshot::Receiver<Vec<CommitEntry>>, StageGone> {
         let (respond_to, response) = oneshot::channel();
         self.sender
             .try_send(Control::Finish {
                 deadline,
                 respond_to,
             })
-            .map_err(|_| CommitterGone)?;
+            .map_err(|_| StageGone("committer"))?;
         Ok(response)
     }
-}
 
-/// Reads the dead-letter breaker's state and asks for a reset (`POST /resume`).
-#[derive(Clone)]
-pub struct BreakerHandle {
-    state: watch::Receiver<BreakerState>,
-    reset: mpsc::Sender<()>,
-}
-
-impl BreakerHandle {
-    /// The current state.
-    pub fn state(&self) -> BreakerState {
-        self.state.borrow().clone()
+    /// The commit plans, newest only.
+    pub fn plans(&self) -> watch::Receiver<CommitPlan> {
+        self.plans.clone()
     }
 
-    /// A receiver that sees every change (for the consumer thread).
-    pub fn subscribe(&self) -> watch::Receiver<BreakerState> {
-        self.state.clone()
+    /// Stalled partitions (for `/readyz` and `/status`).
+    pub fn stalls(&self) -> watch::Receiver<Vec<Stall>> {
+        self.stalls.clone()
     }
-
-    /// Asks the committer to close the breaker; `false` if logbridge is shutting down.
-    pub fn reset(&self) -> bool {
-        match self.reset.try_send(()) {
-            // A reset already queued does the same.
-            Ok(()) | Err(mpsc::error::TrySendError::Full(())) => true,
-            Err(mpsc::error::TrySendError::Closed(())) => false,
-        }
-    }
-}
-
-/// The committer's handles.
-pub struct Spawned {
-    /// For the router, workers and dead-letter actor.
-    pub acks: AckSender,
-    /// For the consumer thread.
-    pub control: CommitterControl,
-    /// Commit plans for the consumer thread.
-    pub plans: watch::Receiver<CommitPlan>,
-    /// The dead-letter breaker.
-    pub breaker: BreakerHandle,
-    /// Stalled partitions (for `/readyz`).
-    pub stalls: watch::Receiver<Vec<Stall>>,
-    /// The committer task.
-    pub task: tokio::task::JoinHandle<()>,
 }
 
 /// Settings of the committer.
@@ -216,56 +249,9 @@ pub struct CommitterSettings {
     pub interval: Duration,
     /// Longest wait for revoked partitions' in-flight records.
     pub drain_timeout: Duration,
-    /// The dead-letter breaker's limits.
-    pub breaker: BreakerConfig,
     /// How long records may wait on a partition whose commit does not move before it counts as
     /// stalled.
     pub stall_timeout: Duration,
-}
-
-/// Starts the committer task. Returns the senders for acks and control, the receiver of commit
-/// plans, and the task itself.
-pub fn spawn(settings: CommitterSettings, metrics: Arc<Metrics>) -> Spawned {
-    // Full: the router and workers wait (see AckSender::send).
-    let (data_tx, data_rx) = mpsc::channel(settings.capacity);
-    // At most one revoke or finish is outstanding (the consumer thread waits for each), so a
-    // small channel is never full in practice; `finish` uses try_send regardless.
-    let (control_tx, control_rx) = mpsc::channel(4);
-    let (plan_tx, plan_rx) = watch::channel(CommitPlan::default());
-    let (breaker_tx, breaker_rx) = watch::channel(BreakerState::Closed);
-    let (stalls_tx, stalls_rx) = watch::channel(Vec::new());
-    // One pending reset is as good as many.
-    let (reset_tx, reset_rx) = mpsc::channel(1);
-    let actor = CommitterActor {
-        breaker: Breaker::new(settings.breaker),
-        stalls: stalls_tx,
-        stall_timeout: settings.stall_timeout,
-        breaker_state: breaker_tx,
-        resets: reset_rx,
-        data: data_rx,
-        control: control_rx,
-        plans: plan_tx,
-        partitions: FxHashMap::default(),
-        fences: FxHashMap::default(),
-        revokes: Vec::new(),
-        finish: None,
-        finished_shutdown: false,
-        interval: settings.interval,
-        drain_timeout: settings.drain_timeout,
-        metrics,
-    };
-    let task = tokio::spawn(actor.run());
-    Spawned {
-        acks: AckSender { sender: data_tx },
-        control: CommitterControl { sender: control_tx },
-        plans: plan_rx,
-        breaker: BreakerHandle {
-            state: breaker_rx,
-            reset: reset_tx,
-        },
-        stalls: stalls_rx,
-        task,
-    }
 }
 
 struct Tracked {
@@ -349,11 +335,9 @@ struct PendingFinish {
 }
 
 struct CommitterActor {
-    breaker: Breaker,
+    breaker: BreakerSwitch,
     stalls: watch::Sender<Vec<Stall>>,
     stall_timeout: Duration,
-    breaker_state: watch::Sender<BreakerState>,
-    resets: mpsc::Receiver<()>,
     data: mpsc::Receiver<CommitterMsg>,
     control: mpsc::Receiver<Control>,
     plans: watch::Sender<CommitPlan>,
@@ -375,7 +359,6 @@ impl CommitterActor {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut input_open = true;
-        let mut resets_open = true;
         loop {
             let deadline = self.next_deadline();
             tokio::select! {
@@ -400,10 +383,7 @@ impl CommitterActor {
                         input_open = false;
                     }
                 },
-                reset = self.resets.recv(), if resets_open => match reset {
-                    Some(()) => self.reset_breaker(),
-                    None => resets_open = false,
-                },
+                _ = self.breaker.serve_reset() => {}
                 _ = tick.tick() => self.publish_if_advanced(),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
             }
@@ -488,12 +468,7 @@ impl CommitterActor {
             Some(cause) => (&*cause.route, cause.reason),
             None => ("none", ""),
         };
-        if let Some(trip) = self.breaker.record(ack.status.is_failure(), route, reason) {
-            error!(route = %trip.route, reason = %trip.reason, limit = %trip.limit, "{trip}; all partitions paused until restart or POST /resume");
-            self.metrics.breaker_tripped.set(1);
-            // Receivers (consumer, HTTP) gone means shutdown: nothing to stop.
-            let _ = self.breaker_state.send(BreakerState::Tripped(trip));
-        }
+        self.breaker.record(ack.status.is_failure(), route, reason);
         let current = self
             .partitions
             .get_mut(&ack.source)
@@ -508,15 +483,6 @@ impl CommitterActor {
         if let Err(err) = tracked.offsets.finished(ack.offset) {
             warn!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, error = %err, "ack not tracked");
         }
-    }
-
-    fn reset_breaker(&mut self) {
-        if self.breaker.is_tripped() {
-            info!("dead-letter breaker reset by operator; resuming consumption");
-        }
-        self.breaker.reset();
-        self.metrics.breaker_tripped.set(0);
-        let _ = self.breaker_state.send(BreakerState::Closed);
     }
 
     fn handle_control(&mut self, control: Control) {
@@ -720,23 +686,23 @@ mod tests {
         }
     }
 
-    fn ack(partition: i32, offset: i64, generation: u64) -> CommitterMsg {
-        CommitterMsg::Ack(ProcessAck {
+    fn ack(partition: i32, offset: i64, generation: u64) -> ProcessAck {
+        ProcessAck {
             source: key(partition),
             offset,
             generation,
             status: crate::record::AckStatus::Processed,
             cause: None,
-        })
+        }
     }
 
-    fn dispatched(partition: i32, offset: i64, generation: u64) -> CommitterMsg {
-        CommitterMsg::Dispatched(vec![Dispatch {
+    fn dispatched(partition: i32, offset: i64, generation: u64) -> Vec<Dispatch> {
+        vec![Dispatch {
             source: key(partition),
             offset,
             generation,
             read_at: Instant::now().into_std(),
-        }])
+        }]
     }
 
     /// Runs a blocking call on a plain thread, as the consumer does. (spawn_blocking would stop
@@ -751,37 +717,40 @@ mod tests {
         rx
     }
 
-    fn settings() -> CommitterSettings {
-        CommitterSettings {
+    fn start(
+        metrics: Arc<Metrics>,
+    ) -> (
+        CommitterHandle,
+        CommitterControl,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let settings = CommitterSettings {
             capacity: 64,
             interval: Duration::from_millis(100),
             drain_timeout: Duration::from_millis(500),
-            breaker: BreakerConfig::default(),
             stall_timeout: Duration::from_secs(60),
-        }
+        };
+        let (breaker, _) = BreakerSwitch::new(Default::default(), metrics.clone());
+        CommitterHandle::spawn(settings, breaker, metrics)
     }
 
     #[tokio::test(start_paused = true)]
     async fn publishes_only_the_finished_prefix_and_only_when_it_advanced() {
         // The control handle stays alive: the committer ends when the consumer's are all gone.
-        let Spawned {
-            acks,
-            mut plans,
-            control: _control,
-            ..
-        } = spawn(settings(), Arc::new(Metrics::new()));
+        let (acks, control, _task) = start(Arc::new(Metrics::new()));
+        let mut plans = control.plans();
         for offset in [10, 11, 13] {
-            acks.send(dispatched(0, offset, 1))
+            acks.dispatched(dispatched(0, offset, 1))
                 .await
                 .expect("committer alive");
         }
-        acks.send(ack(0, 11, 1)).await.expect("alive");
-        acks.send(ack(0, 13, 1)).await.expect("alive");
+        acks.ack(ack(0, 11, 1)).await.expect("alive");
+        acks.ack(ack(0, 13, 1)).await.expect("alive");
         tokio::time::sleep(Duration::from_millis(250)).await;
         // Nothing finished at the head (10 is still running): no plan at all.
         assert!(!plans.has_changed().expect("open"));
 
-        acks.send(ack(0, 10, 1)).await.expect("alive");
+        acks.ack(ack(0, 10, 1)).await.expect("alive");
         plans.changed().await.expect("a plan");
         let plan = plans.borrow_and_update().clone();
         assert_eq!(
@@ -800,15 +769,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acks_of_a_revoked_generation_are_never_committed() {
         let metrics = Arc::new(Metrics::new());
-        let Spawned {
-            acks,
-            control,
-            plans,
-            ..
-        } = spawn(settings(), metrics.clone());
-        acks.send(dispatched(0, 5, 1)).await.expect("alive");
-        acks.send(dispatched(0, 6, 1)).await.expect("alive");
-        acks.send(ack(0, 5, 1)).await.expect("alive");
+        let (acks, control, _task) = start(metrics.clone());
+        let plans = control.plans();
+        acks.dispatched(dispatched(0, 5, 1)).await.expect("alive");
+        acks.dispatched(dispatched(0, 6, 1)).await.expect("alive");
+        acks.ack(ack(0, 5, 1)).await.expect("alive");
         tokio::time::sleep(Duration::from_millis(10)).await;
 
         // Revoke from a blocking thread, as the consumer does; offset 6 never finishes, so the
@@ -828,9 +793,9 @@ mod tests {
             }]
         );
         // The late ack of the old generation is discarded, and a late dispatch too.
-        acks.send(ack(0, 6, 1)).await.expect("alive");
-        acks.send(dispatched(0, 7, 1)).await.expect("alive");
-        acks.send(ack(0, 7, 1)).await.expect("alive");
+        acks.ack(ack(0, 6, 1)).await.expect("alive");
+        acks.dispatched(dispatched(0, 7, 1)).await.expect("alive");
+        acks.ack(ack(0, 7, 1)).await.expect("alive");
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(metrics.stale_acks.get(), 2);
         // Whatever plan was published before the revoke, nothing after it moved partition 0.
@@ -843,28 +808,23 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn revoke_waits_for_in_flight_records_then_answers() {
-        let Spawned { acks, control, .. } = spawn(settings(), Arc::new(Metrics::new()));
-        acks.send(dispatched(1, 0, 3)).await.expect("alive");
+        let (acks, control, _task) = start(Arc::new(Metrics::new()));
+        acks.dispatched(dispatched(1, 0, 3)).await.expect("alive");
         let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)], true));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        acks.send(ack(1, 0, 3)).await.expect("alive");
+        acks.ack(ack(1, 0, 3)).await.expect("alive");
         let answer = answer.await.expect("thread").expect("alive");
         assert_eq!(answer[0].offset, 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn finish_answers_when_input_ends() {
-        let Spawned {
-            acks,
-            control,
-            task,
-            ..
-        } = spawn(settings(), Arc::new(Metrics::new()));
-        acks.send(dispatched(2, 40, 1)).await.expect("alive");
+        let (acks, control, task) = start(Arc::new(Metrics::new()));
+        acks.dispatched(dispatched(2, 40, 1)).await.expect("alive");
         let response = control
             .finish(Instant::now() + Duration::from_secs(60))
             .expect("alive");
-        acks.send(ack(2, 40, 1)).await.expect("alive");
+        acks.ack(ack(2, 40, 1)).await.expect("alive");
         drop(acks);
         let entries = response.await.expect("answered");
         assert_eq!(entries[0].offset, 41);

@@ -15,11 +15,11 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use crate::committer::{AckSender, CommitterGone, CommitterMsg};
+use crate::committer::CommitterHandle;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::producer::{self, headers, headers_for, FailureKind};
-use crate::record::{AckStatus, Record};
+use crate::record::{AckStatus, Record, StageGone};
 
 /// Most dead letters produced in one go.
 const BATCH: usize = 64;
@@ -69,11 +69,12 @@ pub struct DeadLetter {
     pub value_dropped: bool,
 }
 
-/// Where failures go: the dead-letter actor, or straight to the committer as `failed`.
+/// Where failed records go (held by the router and every worker): the dead-letter actor, or,
+/// without a dead-letter topic, straight to the committer as `failed`.
 #[derive(Clone)]
-pub struct Failures {
+pub struct DeadLetterHandle {
     dead_letters: Option<mpsc::Sender<DeadLetter>>,
-    acks: AckSender,
+    committer: CommitterHandle,
     metrics: Arc<Metrics>,
     log_budget: Arc<LogBudget>,
 }
@@ -120,10 +121,42 @@ impl LogBudget {
     }
 }
 
-impl Failures {
+impl DeadLetterHandle {
+    /// Starts the dead-letter actor if a topic is configured (else there is no task: failures
+    /// are finished by the handle itself).
+    pub fn spawn(
+        topic: Option<DeadLetterTopic>,
+        committer: CommitterHandle,
+        metrics: Arc<Metrics>,
+        liveness: Liveness,
+    ) -> (DeadLetterHandle, Option<tokio::task::JoinHandle<()>>) {
+        let handle = |dead_letters| DeadLetterHandle {
+            dead_letters,
+            committer: committer.clone(),
+            metrics: metrics.clone(),
+            log_budget: Arc::new(LogBudget::new()),
+        };
+        let Some(topic) = topic else {
+            return (handle(None), None);
+        };
+        // Full: workers and the router wait, their channels fill, the consumer pauses.
+        let (sender, receiver) = mpsc::channel(topic.capacity);
+        liveness.expect("dead_letter", 1);
+        let actor = DeadLetterActor {
+            receiver,
+            producer: topic.producer,
+            topic: topic.topic,
+            committer: committer.clone(),
+            metrics: metrics.clone(),
+            liveness,
+        };
+        let task = tokio::spawn(actor.run());
+        (handle(Some(sender)), Some(task))
+    }
+
     /// Hands over a failed record. With a dead-letter topic this waits while the dead-letter
     /// channel is full (backpressure); without one the record is logged, counted and skipped.
-    pub async fn fail(&self, dead: DeadLetter) -> Result<(), CommitterGone> {
+    pub async fn fail(&self, dead: DeadLetter) -> Result<(), StageGone> {
         // A record that is skipped is logged every time: the log line is all that is left of
         // it. A dead-lettered one keeps its full context in the dead-letter topic, so a burst
         // of them is logged at a bounded rate (a log flood can block a process on a slow
@@ -142,7 +175,10 @@ impl Failures {
             );
         }
         match &self.dead_letters {
-            Some(sender) => sender.send(dead).await.map_err(|_| CommitterGone),
+            Some(sender) => sender
+                .send(dead)
+                .await
+                .map_err(|_| StageGone("dead-letter actor")),
             None => {
                 self.metrics
                     .finished
@@ -151,7 +187,7 @@ impl Failures {
                 let ack = dead
                     .record
                     .failed(AckStatus::Failed, dead.route.clone(), dead.reason);
-                self.acks.send(CommitterMsg::Ack(ack)).await
+                self.committer.ack(ack).await
             }
         }
     }
@@ -167,52 +203,11 @@ pub struct DeadLetterTopic {
     pub capacity: usize,
 }
 
-/// Starts the dead-letter actor (if a topic is configured) and returns the failure handle.
-pub fn spawn(
-    topic: Option<DeadLetterTopic>,
-    acks: AckSender,
-    metrics: Arc<Metrics>,
-    liveness: Liveness,
-) -> (Failures, Option<tokio::task::JoinHandle<()>>) {
-    let Some(topic) = topic else {
-        return (
-            Failures {
-                dead_letters: None,
-                acks,
-                metrics,
-                log_budget: Arc::new(LogBudget::new()),
-            },
-            None,
-        );
-    };
-    // Full: workers and the router wait, their channels fill, the consumer pauses.
-    let (sender, receiver) = mpsc::channel(topic.capacity);
-    liveness.expect("dead_letter", 1);
-    let actor = DeadLetterActor {
-        receiver,
-        producer: topic.producer,
-        topic: topic.topic,
-        acks: acks.clone(),
-        metrics: metrics.clone(),
-        liveness,
-    };
-    let task = tokio::spawn(actor.run());
-    (
-        Failures {
-            dead_letters: Some(sender),
-            acks,
-            metrics,
-            log_budget: Arc::new(LogBudget::new()),
-        },
-        Some(task),
-    )
-}
-
 struct DeadLetterActor {
     receiver: mpsc::Receiver<DeadLetter>,
     producer: FutureProducer,
     topic: String,
-    acks: AckSender,
+    committer: CommitterHandle,
     metrics: Arc<Metrics>,
     liveness: Liveness,
 }
@@ -223,15 +218,15 @@ impl DeadLetterActor {
         let _alive = self.liveness.enter("dead_letter");
         let mut batch = Vec::with_capacity(BATCH);
         while self.receiver.recv_many(&mut batch, BATCH).await > 0 {
-            if self.park(std::mem::take(&mut batch)).await.is_err() {
-                warn!("committer gone, dead-letter actor stops");
+            if let Err(gone) = self.park(std::mem::take(&mut batch)).await {
+                warn!(error = %gone, "dead-letter actor stops");
                 return;
             }
         }
     }
 
     /// Produces the batch until every dead letter is acknowledged by the broker, then acks them.
-    async fn park(&mut self, mut pending: Vec<DeadLetter>) -> Result<(), CommitterGone> {
+    async fn park(&mut self, mut pending: Vec<DeadLetter>) -> Result<(), StageGone> {
         let mut backoff = RETRY_FIRST;
         loop {
             let with_headers = pending.iter().map(|dead| {
@@ -261,7 +256,7 @@ impl DeadLetterActor {
                             dead.route.clone(),
                             dead.reason,
                         );
-                        self.acks.send(CommitterMsg::Ack(ack)).await?;
+                        self.committer.ack(ack).await?;
                     }
                     Err(err) if err.kind == FailureKind::Permanent && !dead.value_dropped => {
                         // The dead-letter topic will never take this value (too large, say):

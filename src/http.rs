@@ -23,8 +23,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::breaker::BreakerState;
-use crate::committer::{BreakerHandle, Stall};
+use crate::breaker::{BreakerHandle, BreakerState};
+use crate::committer::Stall;
 use crate::consumer::PartitionView;
 use crate::health::Liveness;
 use crate::metrics::Metrics;

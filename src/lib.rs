@@ -2,41 +2,56 @@
 //! their destinations, and commits Kafka offsets only for work that is really finished.
 //!
 //! ```text
-//! Kafka ─▶ consumer ─(bounded)─▶ router ─(bounded, per worker)─▶ workers ─▶ sinks
-//!  ▲ commit   │ pause/resume when the router channel is full          │ ack
-//!  └───────── consumer ◀── plan (watch) ── committer ◀── acks ────────┘
+//!            ┌──────────── commit (interval plan, revoke, final) ◀──────────────┐
+//!            ▼                                                                   │
+//! Kafka ─▶ consumer ─(router_capacity)─▶ router ─(worker_capacity)─▶ workers ─▶ sinks
+//!  ▲  pause/resume │ revoke, finish        │ dispatched        acks │  │ failed
+//!  │               ▼ (blocking request)    ▼                        ▼  ▼
+//!  │           committer ◀───────────────────────────────────────── dead_letter ─▶ DLQ topic
+//!  │               │ plan (watch), stalls (watch), breaker state (watch)
+//!  └── consumer ◀──┘                                     http: /metrics /healthz /readyz /status
 //! ```
 //!
+//! Records flow forward through bounded channels (consumer → router → workers → committer,
+//! failed records through the dead-letter actor to the committer); the way back to the consumer
+//! is only `watch` channels (commit plans, breaker state) and the blocking revoke and finish
+//! requests the consumer thread makes itself. Every actor has a handle that owns its input
+//! ([`router::RouterHandle`], [`worker::WorkerHandle`], [`committer::CommitterHandle`],
+//! [`dead_letter::DeadLetterHandle`], [`consumer::ConsumerHandle`]); a stage whose next stage
+//! is gone gets [`record::StageGone`] and stops.
+//!
+//! Stages:
 //! - [`consumer`]: polls librdkafka on its own thread, decodes each record once ([`event`]),
 //!   pauses partitions instead of buffering, serves rebalances, and performs the commits.
-//! - [`router`]: picks the route by level and the worker by key hash (per-key order).
-//! - [`worker`]: delivers batches to the route's [`sink`], retries with backoff, and acks each
-//!   record; what cannot be decoded or delivered goes to [`dead_letter`].
-//! - [`committer`]: tracks dispatched and finished offsets ([`offsets`]) and decides what may
-//!   be committed: the contiguous finished prefix of each partition; its [`breaker`] stops
-//!   consumption when too many records fail.
-//! - [`pipeline`] wires them; [`config`], [`metrics`], [`http`] and [`health`] serve them all.
-//! - [`demo`] runs everything against an in-process Kafka with sample traffic;
-//!   [`produce`] generates load for a real one.
+//! - [`router`]: registers each record with the committer as dispatched, picks the route by
+//!   level and the worker by key hash (per-key order).
+//! - [`worker`]: delivers batches to the route's [`sink`] (the Kafka sink through
+//!   [`producer`]), retries with backoff, and acks each record.
+//! - [`dead_letter`]: parks what cannot be decoded or delivered in the dead-letter topic.
+//! - [`committer`]: tracks dispatched and finished offsets ([`offsets`]) and decides what may be
+//!   committed: the contiguous finished prefix of each partition; it owns the [`breaker`]'s
+//!   switch, which stops consumption when too many records fail.
+//!
+//! Around them: [`record`] (the messages between stages), [`pipeline`] (wiring, start and
+//! shutdown), [`config`], [`metrics`], [`http`] and [`health`]. The commands beside the
+//! pipeline (demo, load generator, benchmark) are in [`tools`].
 
-pub mod bench;
 pub mod breaker;
 pub mod committer;
 pub mod config;
 pub mod consumer;
 pub mod dead_letter;
-pub mod demo;
 pub mod event;
 pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
-pub mod produce;
 pub mod producer;
 pub mod record;
 pub mod router;
 pub mod sink;
+pub mod tools;
 pub mod worker;
 
 pub use config::Config;

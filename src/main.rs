@@ -2,11 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use logbridge::config::{Config, DEFAULT_CONFIG_PATH};
-use logbridge::demo::{self, DemoOptions};
+use logbridge::tools::{bench, demo, produce};
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of glibc's allocator: records are allocated on the consumer thread and freed
@@ -49,46 +48,17 @@ enum Command {
         file: PathBuf,
     },
     /// Produce realistic sample events (a load generator).
-    Produce(logbridge::produce::ProduceOptions),
+    Produce(produce::ProduceOptions),
     /// Measure throughput, CPU, memory and commits against raw librdkafka (see the README).
-    Bench(logbridge::bench::BenchOptions),
+    Bench(bench::BenchOptions),
     /// One benchmark measurement (run by `bench` in a child process).
     #[command(hide = true)]
-    BenchChild(logbridge::bench::ChildOptions),
+    BenchChild(bench::ChildOptions),
     /// Hosts librdkafka's mock cluster until standard input closes (used by `bench`).
     #[command(hide = true)]
     BenchBroker,
     /// Run everything against an in-process Kafka with sample traffic.
-    Demo {
-        /// Stop after this long, e.g. `30s`, `5m` (default: until Ctrl-C).
-        #[arg(long, value_parser = parse_duration)]
-        duration: Option<Duration>,
-        /// Address for /metrics and /healthz (default: from config/demo.toml).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Sample events per second.
-        #[arg(long, default_value_t = 500)]
-        rate: u32,
-    },
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(split) => text.split_at(split),
-        None => (text, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 30s, 500ms or 5m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit `{unit}`: use ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string())
+    Demo(demo::DemoOptions),
 }
 
 fn main() -> ExitCode {
@@ -103,27 +73,22 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run {
         config: PathBuf::from(DEFAULT_CONFIG_PATH),
     });
-    if let Command::BenchBroker = &command {
-        return match logbridge::bench::serve_broker() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
+    // Commands without a runtime.
+    match &command {
+        Command::CheckConfig { file } => {
+            return match logbridge::tools::check_config(file) {
+                true => ExitCode::SUCCESS,
+                false => ExitCode::from(2),
+            };
+        }
+        Command::BenchBroker => {
+            if let Err(err) = bench::serve_broker() {
                 eprintln!("{err:#}");
-                ExitCode::FAILURE
+                return ExitCode::FAILURE;
             }
-        };
-    }
-    if let Command::CheckConfig { file } = &command {
-        return match Config::load(file) {
-            Ok(config) => {
-                println!("{}", config.to_toml());
-                eprintln!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(err) => {
-                eprintln!("{}: {err}", file.display());
-                ExitCode::from(2)
-            }
-        };
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -140,40 +105,16 @@ fn main() -> ExitCode {
                 let config = Config::load(&config)?;
                 logbridge::run(config, Default::default(), shutdown).await
             }
-            Command::Demo {
-                duration,
-                listen,
-                rate,
-            } => {
-                let options = DemoOptions {
-                    duration,
-                    listen,
-                    rate,
-                    ..DemoOptions::default()
-                };
-                demo::run(options, shutdown).await
-            }
-            Command::Produce(options) => {
-                if !(0.0..=1.0).contains(&options.bad_ratio) {
-                    anyhow::bail!("--bad-ratio must be between 0.0 and 1.0");
-                }
-                let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let on_signal = stop.clone();
-                let token = shutdown.clone();
-                tokio::spawn(async move {
-                    token.cancelled().await;
-                    on_signal.store(true, std::sync::atomic::Ordering::Relaxed);
-                });
-                logbridge::produce::run(options, stop).await.map(|_| ())
-            }
+            Command::Demo(options) => demo::run(options, shutdown).await,
+            Command::Produce(options) => produce::run(options, shutdown).await.map(|_| ()),
             // Ctrl-C ends a benchmark at once: dropping it kills its children and the helper
             // broker (they are spawned with kill_on_drop).
             Command::Bench(options) => tokio::select! {
-                result = logbridge::bench::run(options) => result,
+                result = bench::run(options) => result,
                 _ = shutdown.cancelled() => Err(anyhow::anyhow!("benchmark interrupted")),
             },
             Command::BenchChild(options) => tokio::select! {
-                result = logbridge::bench::run_child(options) => result,
+                result = bench::run_child(options) => result,
                 _ = shutdown.cancelled() => Err(anyhow::anyhow!("measurement interrupted")),
             },
             Command::CheckConfig { .. } | Command::BenchBroker => Ok(()),

@@ -14,6 +14,26 @@ use crate::record::PartitionKey;
 /// Label value used for records that never reached a route (undecodable or unrouted).
 pub const NO_ROUTE: &str = "none";
 
+/// How many messages wait in one channel, read through a weak sender (which never keeps the
+/// channel open) for the `logbridge_channel_depth_records` gauge.
+pub(crate) struct DepthProbe(Box<dyn Fn() -> i64 + Send + Sync>);
+
+impl DepthProbe {
+    /// The probe of `sender`'s channel.
+    pub(crate) fn of<T: Send + 'static>(sender: &tokio::sync::mpsc::Sender<T>) -> DepthProbe {
+        let weak = sender.downgrade();
+        DepthProbe(Box::new(move || {
+            weak.upgrade()
+                .map_or(0, |open| (open.max_capacity() - open.capacity()) as i64)
+        }))
+    }
+
+    /// Messages in the channel now (0 once it is closed).
+    pub(crate) fn depth(&self) -> i64 {
+        (self.0)()
+    }
+}
+
 /// The metrics of one pipeline.
 pub struct Metrics {
     registry: Registry,

@@ -10,16 +10,17 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::committer::{self, AckSender, CommitterSettings};
+use crate::breaker::BreakerSwitch;
+use crate::committer::{CommitterHandle, CommitterSettings};
 use crate::config::{Config, SinkConfig};
-use crate::consumer::{ConsumerActor, ConsumerLinks};
-use crate::dead_letter::{self, DeadLetterTopic, Failures};
+use crate::consumer::{ConsumerHandle, ConsumerLinks};
+use crate::dead_letter::{DeadLetterHandle, DeadLetterTopic};
 use crate::event::Level;
 use crate::health::Liveness;
 use crate::http::{self, HttpState, StatusSource};
-use crate::metrics::Metrics;
+use crate::metrics::{DepthProbe, Metrics};
 use crate::record::Fences;
-use crate::router::{self, RouteLane, RouteTable, DISPATCH_BATCH};
+use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, DISPATCH_BATCH};
 use crate::sink::{config_sink_factory, SinkFactory};
 use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 
@@ -100,21 +101,16 @@ pub async fn run(
     let liveness = Liveness::default();
     let mut tasks = JoinSet::new();
 
-    let committer::Spawned {
-        acks,
-        control,
-        plans,
-        breaker,
-        stalls,
-        task: committer_task,
-    } = committer::spawn(
+    // Back to front, so each stage can be handed the next one.
+    let (breaker_switch, breaker) = BreakerSwitch::new(config.breaker.clone(), metrics.clone());
+    let (committer, control, committer_task) = CommitterHandle::spawn(
         CommitterSettings {
             capacity: committer_capacity(&config),
             interval: Duration::from_millis(config.pipeline.commit_interval_ms),
             drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
-            breaker: config.breaker.clone(),
             stall_timeout: Duration::from_millis(config.pipeline.stall_timeout_ms),
         },
+        breaker_switch,
         metrics.clone(),
     );
     liveness.expect("committer", 1);
@@ -122,9 +118,7 @@ pub async fn run(
     tasks.spawn(async move {
         // The committer's liveness is its task's: held here until the task ends.
         let _alive = committer_alive;
-        if let Err(err) = committer_task.await {
-            warn!(error = %err, "committer task failed");
-        }
+        join_quietly(committer_task, "committer").await;
     });
 
     let dead_letter_topic = match &config.dead_letter {
@@ -142,9 +136,9 @@ pub async fn run(
             capacity: config.pipeline.worker_capacity,
         }),
     };
-    let (failures, dead_letter_task) = dead_letter::spawn(
+    let (dead_letters, dead_letter_task) = DeadLetterHandle::spawn(
         dead_letter_topic,
-        acks.clone(),
+        committer.clone(),
         metrics.clone(),
         liveness.clone(),
     );
@@ -152,55 +146,57 @@ pub async fn run(
         tasks.spawn(join_quietly(task, "dead_letter"));
     }
 
-    let (lanes, levels, worker_tasks) = spawn_workers(
+    let (table, worker_tasks) = spawn_workers(
         &config,
         &options.sink_factory,
-        &acks,
-        &failures,
+        &committer,
+        &dead_letters,
         &metrics,
         &liveness,
     )?;
     for task in worker_tasks {
         tasks.spawn(join_quietly(task, "worker"));
     }
-
-    let depth_probe = DepthProbe {
-        committer: acks.downgrade(),
-        workers: lanes
+    let mut depths = DepthSampler {
+        probes: table
+            .lanes
             .iter()
             .map(|lane| {
                 (
                     format!("worker:{}", lane.name),
-                    lane.workers.iter().map(WorkerHandle::downgrade).collect(),
+                    lane.workers.iter().map(WorkerHandle::depth_probe).collect(),
                 )
             })
             .collect(),
-        router: None,
     };
+    depths
+        .probes
+        .push(("committer".to_string(), vec![committer.depth_probe()]));
 
     liveness.expect("router", 1);
     let fences = Fences::default();
-    let (router, router_task) = router::spawn(
+    let (router, router_task) = RouterHandle::spawn(
         config.pipeline.router_capacity,
-        RouteTable { lanes, levels },
-        acks,
-        failures,
-        fences.clone(),
-        metrics.clone(),
-        liveness.clone(),
+        table,
+        RouterLinks {
+            committer,
+            dead_letters,
+            fences: fences.clone(),
+            metrics: metrics.clone(),
+            liveness: liveness.clone(),
+        },
     );
     tasks.spawn(join_quietly(router_task, "router"));
-    let depth_probe = DepthProbe {
-        router: Some(router.downgrade()),
-        ..depth_probe
-    };
+    depths
+        .probes
+        .push(("router".to_string(), vec![router.depth_probe()]));
 
-    let consumer = ConsumerActor::new(
+    let stalls = control.stalls();
+    let (consumer, consumer_thread) = ConsumerHandle::spawn(
         &config,
         ConsumerLinks {
             router,
             committer: control,
-            plans,
             breaker: breaker.subscribe(),
             fences,
         },
@@ -209,7 +205,6 @@ pub async fn run(
         shutdown.clone(),
     )?;
 
-    let partition_view = consumer.partition_view();
     let http_stop = CancellationToken::new();
     let http_task = start_http(
         options.http,
@@ -220,7 +215,7 @@ pub async fn run(
             breaker,
             stalls,
             status: Arc::new(StatusSource {
-                partitions: partition_view,
+                partitions: consumer.partitions(),
                 config: config.redacted_json(),
                 routes: config
                     .routes
@@ -239,7 +234,7 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = sampler_stop.cancelled() => return,
-                _ = tick.tick() => depth_probe.sample(&sampler_metrics),
+                _ = tick.tick() => depths.sample(&sampler_metrics),
             }
         }
     });
@@ -251,21 +246,16 @@ pub async fn run(
         routes = config.routes.len(),
         "logbridge started"
     );
-    let (committed_tx, committed_rx) = std::sync::mpsc::channel();
-    let consumer_thread = std::thread::Builder::new()
-        .name("logbridge-consumer".to_string())
-        .spawn(move || consumer.run(committed_tx))
-        .context("failed to start the consumer thread")?;
-    let drain_started = std::time::Instant::now();
-    // The outcome arrives after the final commit; a closed channel means the thread died.
-    let consumer_result = tokio::task::spawn_blocking(move || committed_rx.recv())
-        .await
-        .context("consumer outcome could not be received")?
-        .unwrap_or_else(|_| {
-            Err(anyhow::anyhow!(
-                "consumer thread stopped without an outcome"
-            ))
-        });
+    // The outcome arrives after the final commit; the drain is timed from the shutdown signal.
+    let outcome = consumer.outcome();
+    tokio::pin!(outcome);
+    let (consumer_result, drain_started) = tokio::select! {
+        result = &mut outcome => (result, std::time::Instant::now()),
+        _ = shutdown.cancelled() => {
+            let started = std::time::Instant::now();
+            (outcome.await, started)
+        }
+    };
     // Then it leaves the group: usually at once, but a rebalance in flight can hold it up to
     // a session timeout. Give it a moment; past that the process exits without waiting and the
     // group notices through the session timeout instead.
@@ -316,20 +306,14 @@ async fn join_quietly(task: tokio::task::JoinHandle<()>, kind: &'static str) {
     }
 }
 
-type Workers = (
-    Vec<RouteLane>,
-    rustc_hash::FxHashMap<String, usize>,
-    Vec<tokio::task::JoinHandle<()>>,
-);
-
 fn spawn_workers(
     config: &Config,
     factory: &SinkFactory,
-    acks: &AckSender,
-    failures: &Failures,
+    committer: &CommitterHandle,
+    dead_letters: &DeadLetterHandle,
     metrics: &Arc<Metrics>,
     liveness: &Liveness,
-) -> anyhow::Result<Workers> {
+) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>)> {
     let mut lanes = Vec::with_capacity(config.routes.len());
     let mut levels = rustc_hash::FxHashMap::default();
     let mut tasks = Vec::new();
@@ -355,8 +339,8 @@ fn spawn_workers(
             let (handle, task) = WorkerHandle::spawn(
                 settings,
                 sink,
-                acks.clone(),
-                failures.clone(),
+                committer.clone(),
+                dead_letters.clone(),
                 metrics.clone(),
                 liveness.clone(),
             );
@@ -365,7 +349,7 @@ fn spawn_workers(
         }
         lanes.push(RouteLane { name, workers });
     }
-    Ok((lanes, levels, tasks))
+    Ok((RouteTable { lanes, levels }, tasks))
 }
 
 /// Fills in what the configuration leaves to defaults that depend on other keys: output
@@ -406,35 +390,15 @@ async fn start_http(
     ))))
 }
 
-/// Samples channel depths through weak senders, which never keep a channel open.
-struct DepthProbe {
-    router: Option<tokio::sync::mpsc::WeakSender<crate::record::Record>>,
-    committer: tokio::sync::mpsc::WeakSender<crate::committer::CommitterMsg>,
-    workers: Vec<(
-        String,
-        Vec<tokio::sync::mpsc::WeakSender<crate::record::Record>>,
-    )>,
+/// Samples the channel depth gauges: per stage, the messages waiting in its channels.
+struct DepthSampler {
+    probes: Vec<(String, Vec<DepthProbe>)>,
 }
 
-impl DepthProbe {
+impl DepthSampler {
     fn sample(&self, metrics: &Metrics) {
-        fn depth<T>(sender: &tokio::sync::mpsc::WeakSender<T>) -> i64 {
-            sender
-                .upgrade()
-                .map_or(0, |s| (s.max_capacity() - s.capacity()) as i64)
-        }
-        if let Some(router) = &self.router {
-            metrics
-                .channel_depth
-                .with_label_values(&["router"])
-                .set(depth(router));
-        }
-        metrics
-            .channel_depth
-            .with_label_values(&["committer"])
-            .set(depth(&self.committer));
-        for (stage, senders) in &self.workers {
-            let total: i64 = senders.iter().map(depth).sum();
+        for (stage, probes) in &self.probes {
+            let total: i64 = probes.iter().map(DepthProbe::depth).sum();
             metrics.channel_depth.with_label_values(&[stage]).set(total);
         }
     }

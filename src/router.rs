@@ -4,20 +4,25 @@
 //! Within a route the worker is picked by a hash of the record key (no key: the partition), so
 //! records with the same key are processed in order while different keys run in parallel.
 //! Records that failed to decode, and records no route takes, are finished right here.
+//!
+//! Its input is bounded (`pipeline.router_capacity`). The consumer never waits on it for long:
+//! it offers a record ([`RouterHandle::offer`]), and when the channel is full it waits at most
+//! `pause_after_ms` for half of it to be free ([`RouterHandle::wait_for_room`]), then pauses
+//! the record's partition and keeps polling Kafka.
 
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::committer::{AckSender, CommitterMsg, Dispatch};
-use crate::dead_letter::{DeadLetter, Failures, Stage};
+use crate::committer::{CommitterHandle, Dispatch};
+use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::health::Liveness;
-use crate::metrics::{Metrics, NO_ROUTE};
-use crate::record::{AckStatus, Fences, Record};
-use crate::worker::{Offer, WorkerHandle};
+use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
+use crate::record::{AckStatus, Fences, Offer, Record, StageGone};
+use crate::worker::WorkerHandle;
 
 /// Records the router takes from its channel at once (one dispatch message to the committer
 /// for all of them).
@@ -34,12 +39,6 @@ pub struct RouteLane {
     pub workers: Vec<WorkerHandle>,
 }
 
-/// Sends records to the router.
-///
-/// The consumer uses `try_send` only: when the channel is full it pauses the partition instead
-/// of waiting, so it can keep polling Kafka.
-pub type RouterSender = mpsc::Sender<Record>;
-
 /// The routes: their lanes and which lane takes each normalised level.
 pub struct RouteTable {
     /// One lane per route, in configuration order.
@@ -48,39 +47,113 @@ pub struct RouteTable {
     pub levels: FxHashMap<String, usize>,
 }
 
-/// Starts the router.
-pub fn spawn(
-    capacity: usize,
-    table: RouteTable,
-    acks: AckSender,
-    failures: Failures,
-    fences: Fences,
-    metrics: Arc<Metrics>,
-    liveness: Liveness,
-) -> (RouterSender, tokio::task::JoinHandle<()>) {
-    // Full: the consumer's try_send fails and it pauses the record's partition.
-    let (sender, receiver) = mpsc::channel(capacity);
-    let RouteTable { lanes, levels } = table;
-    let actor = RouterActor {
-        receiver,
-        lanes,
-        levels,
-        acks,
-        failures,
-        fences,
-        metrics,
-        liveness,
-        no_route: Arc::from(NO_ROUTE),
-    };
-    (sender, tokio::spawn(actor.run()))
+/// What the router links to.
+pub struct RouterLinks {
+    /// Dispatches and the acks of records finished here.
+    pub committer: CommitterHandle,
+    /// Records that cannot be decoded.
+    pub dead_letters: DeadLetterHandle,
+    /// Revoked generations (records read under them are dropped, not dispatched).
+    pub fences: Fences,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Liveness table.
+    pub liveness: Liveness,
+}
+
+/// Sends records to the router (held by the consumer).
+#[derive(Clone)]
+pub struct RouterHandle {
+    sender: mpsc::Sender<Record>,
+}
+
+impl RouterHandle {
+    /// Starts the router with an input channel of `capacity` records.
+    pub fn spawn(
+        capacity: usize,
+        table: RouteTable,
+        links: RouterLinks,
+    ) -> (RouterHandle, tokio::task::JoinHandle<()>) {
+        // Full: the consumer waits up to `pause_after_ms`, then pauses the record's partition.
+        let (sender, receiver) = mpsc::channel(capacity);
+        let RouteTable { lanes, levels } = table;
+        let RouterLinks {
+            committer,
+            dead_letters,
+            fences,
+            metrics,
+            liveness,
+        } = links;
+        let actor = RouterActor {
+            receiver,
+            lanes,
+            levels,
+            committer,
+            dead_letters,
+            fences,
+            metrics,
+            liveness,
+            no_route: Arc::from(NO_ROUTE),
+        };
+        (RouterHandle { sender }, tokio::spawn(actor.run()))
+    }
+
+    /// Hands a record over if the channel has room; never waits.
+    pub fn offer(&self, record: Record) -> Offer {
+        Offer::of(self.sender.try_send(record))
+    }
+
+    /// Waits up to `wait` for half the channel to be free, then hands the record over; gives
+    /// it back if there was no room by then or the router is gone. Blocks the calling thread
+    /// (the consumer's), using `runtime` for the wait.
+    ///
+    /// It waits for half the channel, not one slot: waking for every slot freed would trade one
+    /// record per wakeup between the consumer and the router (the benchmark saw the CPU per
+    /// record double in that mode).
+    pub fn wait_for_room(
+        &self,
+        record: Record,
+        wait: Duration,
+        runtime: &tokio::runtime::Handle,
+    ) -> Offer {
+        if wait.is_zero() {
+            return Offer::Full(record);
+        }
+        let room = (self.sender.max_capacity() / 2).max(1);
+        let waited = runtime
+            .block_on(async { tokio::time::timeout(wait, self.sender.reserve_many(room)).await });
+        match waited {
+            Ok(Ok(mut permits)) => match permits.next() {
+                Some(permit) => {
+                    // The other permits go back to the channel when `permits` is dropped; the
+                    // records polled next take them.
+                    permit.send(record);
+                    Offer::Taken
+                }
+                None => Offer::Full(record),
+            },
+            Ok(Err(_)) => Offer::Stopped(record),
+            Err(_) => Offer::Full(record),
+        }
+    }
+
+    /// Whether at least half the channel is free: the low-water mark for resuming paused
+    /// partitions, so a partition is not paused and resumed for every single free slot.
+    pub fn half_empty(&self) -> bool {
+        self.sender.capacity() * 2 >= self.sender.max_capacity()
+    }
+
+    pub(crate) fn depth_probe(&self) -> DepthProbe {
+        DepthProbe::of(&self.sender)
+    }
 }
 
 struct RouterActor {
     receiver: mpsc::Receiver<Record>,
     lanes: Vec<RouteLane>,
     levels: FxHashMap<String, usize>,
-    acks: AckSender,
-    failures: Failures,
+    committer: CommitterHandle,
+    dead_letters: DeadLetterHandle,
     fences: Fences,
     metrics: Arc<Metrics>,
     liveness: Liveness,
@@ -121,27 +194,22 @@ impl RouterActor {
             // The dispatches go first on the committer's channel, one message for the batch, so
             // they are there before any ack of these records can be.
             let dispatches = batch.iter().map(Dispatch::of).collect();
-            if self
-                .acks
-                .send(CommitterMsg::Dispatched(dispatches))
-                .await
-                .is_err()
-            {
-                warn!("committer gone, router stops");
+            if let Err(gone) = self.committer.dispatched(dispatches).await {
+                warn!(error = %gone, "router stops");
                 return;
             }
             for record in batch.drain(..) {
-                if self.route(record).await.is_err() {
-                    // Without a committer nothing can finish; stop taking records so the
+                if let Err(gone) = self.route(record).await {
+                    // Nothing can finish without the next stage; stop taking records so the
                     // consumer sees the channel close and shuts down.
-                    warn!("committer gone, router stops");
+                    warn!(error = %gone, "router stops");
                     return;
                 }
             }
         }
     }
 
-    async fn route(&mut self, record: Record) -> Result<(), crate::committer::CommitterGone> {
+    async fn route(&mut self, record: Record) -> Result<(), StageGone> {
         let decision = match &record.decoded {
             Err(err) => {
                 self.metrics
@@ -165,12 +233,10 @@ impl RouterActor {
                     .finished
                     .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
                     .inc();
-                self.acks
-                    .send(CommitterMsg::Ack(record.ack(AckStatus::Ignored)))
-                    .await
+                self.committer.ack(record.ack(AckStatus::Ignored)).await
             }
             Decision::Fail(cause) => {
-                self.failures
+                self.dead_letters
                     .fail(DeadLetter {
                         record,
                         stage: Stage::Decode,
@@ -214,8 +280,8 @@ impl RouterActor {
                     backpressure.inc_by(waited);
                 }
                 if let Err(record) = result {
-                    // A worker only stops at shutdown; finish the record as failed so its
-                    // offset is accounted for (it will not be committed past: failed is logged).
+                    // A worker only stops at shutdown or when it failed: this record is not
+                    // finished, so nothing is committed past it, and the router stops.
                     warn!(
                         route = %lane.name,
                         topic = %record.source.topic,
@@ -223,7 +289,7 @@ impl RouterActor {
                         offset = record.offset,
                         "worker gone, record not delivered"
                     );
-                    return Err(crate::committer::CommitterGone);
+                    return Err(StageGone("worker"));
                 }
                 Ok(())
             }

@@ -15,12 +15,12 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::committer::{AckSender, CommitterGone, CommitterMsg};
-use crate::dead_letter::{DeadLetter, Failures, Stage};
+use crate::committer::CommitterHandle;
+use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::health::Liveness;
-use crate::metrics::Metrics;
+use crate::metrics::{DepthProbe, Metrics};
 use crate::producer::{DeliveryError, FailureKind};
-use crate::record::{AckStatus, Record};
+use crate::record::{AckStatus, Offer, Record, StageGone};
 use crate::sink::Sink;
 
 /// Most records a worker takes from its channel for one sink call.
@@ -53,16 +53,6 @@ impl RetryPolicy {
     }
 }
 
-/// What became of a record offered to a worker without waiting.
-pub enum Offer {
-    /// In the worker's channel.
-    Taken,
-    /// The channel is full: the record is given back.
-    Full(Record),
-    /// The worker has stopped: the record is given back.
-    Stopped(Record),
-}
-
 /// Sends records to one worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
@@ -84,8 +74,8 @@ impl WorkerHandle {
     pub fn spawn(
         settings: WorkerSettings,
         sink: Box<dyn Sink>,
-        acks: AckSender,
-        failures: Failures,
+        committer: CommitterHandle,
+        dead_letters: DeadLetterHandle,
         metrics: Arc<Metrics>,
         liveness: Liveness,
     ) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
@@ -105,8 +95,8 @@ impl WorkerHandle {
             retry: settings.retry,
             receiver,
             sink,
-            acks,
-            failures,
+            committer,
+            dead_letters,
             metrics,
             liveness,
             delivered: 0,
@@ -123,16 +113,11 @@ impl WorkerHandle {
 
     /// Hands a record over if the channel has room, else gives it back.
     pub fn offer(&self, record: Record) -> Offer {
-        match self.sender.try_send(record) {
-            Ok(()) => Offer::Taken,
-            Err(mpsc::error::TrySendError::Full(record)) => Offer::Full(record),
-            Err(mpsc::error::TrySendError::Closed(record)) => Offer::Stopped(record),
-        }
+        Offer::of(self.sender.try_send(record))
     }
 
-    /// Weak reference for the depth sampler, which must not keep the channel open.
-    pub(crate) fn downgrade(&self) -> mpsc::WeakSender<Record> {
-        self.sender.downgrade()
+    pub(crate) fn depth_probe(&self) -> DepthProbe {
+        DepthProbe::of(&self.sender)
     }
 }
 
@@ -141,8 +126,8 @@ struct WorkerActor {
     retry: RetryPolicy,
     receiver: mpsc::Receiver<Record>,
     sink: Box<dyn Sink>,
-    acks: AckSender,
-    failures: Failures,
+    committer: CommitterHandle,
+    dead_letters: DeadLetterHandle,
     metrics: Arc<Metrics>,
     liveness: Liveness,
     /// This route's `finished{status="processed"}` counter (looked up once, not per record).
@@ -161,8 +146,8 @@ impl WorkerActor {
         let _alive = self.liveness.enter("worker");
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while self.receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            if self.process(std::mem::take(&mut batch)).await.is_err() {
-                warn!("committer gone, worker stops");
+            if let Err(gone) = self.process(std::mem::take(&mut batch)).await {
+                warn!(error = %gone, "worker stops");
                 return;
             }
         }
@@ -174,7 +159,7 @@ impl WorkerActor {
     }
 
     /// Delivers a batch, retrying what failed transiently, and finishes every record.
-    async fn process(&mut self, mut pending: Vec<Record>) -> Result<(), CommitterGone> {
+    async fn process(&mut self, mut pending: Vec<Record>) -> Result<(), StageGone> {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -221,7 +206,7 @@ impl WorkerActor {
             if !delivered.is_empty() {
                 // One message for the batch's acks: one wakeup of the committer, not one each.
                 self.processed.inc_by(delivered.len() as u64);
-                self.acks.send(CommitterMsg::Acks(delivered)).await?;
+                self.committer.acks(delivered).await?;
             }
             if retry.is_empty() {
                 return Ok(());
@@ -254,13 +239,13 @@ impl WorkerActor {
         reason: &'static str,
         err: DeliveryError,
         attempts: u32,
-    ) -> Result<(), CommitterGone> {
+    ) -> Result<(), StageGone> {
         self.failed += 1;
         self.metrics
             .sink_errors
             .with_label_values(&[&self.route])
             .inc();
-        self.failures
+        self.dead_letters
             .fail(DeadLetter {
                 record,
                 stage: Stage::Sink,

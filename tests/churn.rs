@@ -71,7 +71,7 @@ async fn churn(strategy: &str) {
                 .map(|n| {
                     let id = chunk * (EVENTS / 100) + n;
                     let (key, payload, bad) =
-                        logbridge::produce::sample_event(&mut rng, id, 5_000, 0.0);
+                        logbridge::tools::produce::sample_event(&mut rng, id, 5_000, 0.0);
                     if !bad {
                         valid.insert(id);
                     }

@@ -45,7 +45,7 @@ impl Kafka {
 
     /// A topic on an external broker, created if missing.
     pub async fn external(brokers: &str, topic: &str, partitions: i32) -> Kafka {
-        logbridge::produce::ensure_topic(brokers, topic, partitions)
+        logbridge::tools::produce::ensure_topic(brokers, topic, partitions)
             .await
             .expect("topic created on the broker");
         Kafka {
@@ -65,7 +65,7 @@ impl Kafka {
         let mut malformed_flags = Vec::with_capacity(count as usize);
         for id in 0..count {
             let (key, payload, bad) =
-                logbridge::produce::sample_event(&mut rng, id, 10_000, bad_ratio);
+                logbridge::tools::produce::sample_event(&mut rng, id, 10_000, bad_ratio);
             records.push((Some(key), payload));
             malformed_flags.push(bad);
         }

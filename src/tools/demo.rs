@@ -11,26 +11,52 @@ use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::produce::{produce_blocking, ProduceOptions};
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NO_ROUTE};
 use crate::pipeline::{self, RunOptions};
-use crate::produce::{produce_blocking, ProduceOptions};
 
 /// The demo's configuration, shipped as `config/demo.toml`.
-pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 
-/// How the demo runs.
+/// How the demo runs (also the `demo` command's arguments).
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
-    /// Stop after this long (otherwise on Ctrl-C or SIGTERM).
+    /// Stop after this long, e.g. `30s`, `5m` (default: until Ctrl-C).
+    #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
-    /// Override of `http.listen`.
+    /// Address for /metrics and /healthz (default: from config/demo.toml).
+    #[arg(long)]
     pub listen: Option<String>,
-    /// Sample events produced per second.
+    /// Sample events per second.
+    #[arg(long, default_value_t = 500)]
     pub rate: u32,
     /// Partitions of the demo topic.
+    #[arg(skip = 4)]
     pub partitions: i32,
-    /// Seconds between summary lines.
+    /// Time between summary lines.
+    #[arg(skip = Duration::from_secs(5))]
     pub summary_every: Duration,
+}
+
+/// A duration like `30s`, `500ms`, `5m` or `1h` (a bare number is seconds).
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(split) => text.split_at(split),
+        None => (text, "s"),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30s, 500ms or 5m"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit `{unit}`: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string())
 }
 
 impl Default for DemoOptions {
@@ -137,7 +163,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
 
 fn summary_line(elapsed: Duration, produced: u64, metrics: &Metrics) -> String {
     let finished = |status: &str| -> u64 {
-        ["errors", "warnings", "info", crate::metrics::NO_ROUTE]
+        ["errors", "warnings", "info", NO_ROUTE]
             .iter()
             .map(|route| metrics.finished.with_label_values(&[route, status]).get())
             .sum()
@@ -158,4 +184,20 @@ fn summary_line(elapsed: Duration, produced: u64, metrics: &Metrics) -> String {
         metrics.in_flight.get(),
         metrics.paused_partitions.get(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("5d").is_err_and(|err| err.contains("unknown unit `d`")));
+        assert!(parse_duration("soon").is_err_and(|err| err.contains("not a duration")));
+    }
 }

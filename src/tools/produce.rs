@@ -41,7 +41,7 @@ pub struct ProduceOptions {
     #[arg(long, default_value_t = 10_000)]
     pub keys: u64,
     /// Fraction of malformed records, 0.0 to 1.0.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = ratio)]
     pub bad_ratio: f64,
     /// First event id (ids are consecutive).
     #[arg(long, default_value_t = 0)]
@@ -318,9 +318,28 @@ pub fn produce_blocking(
     Ok(summary)
 }
 
+/// A fraction between 0.0 and 1.0 (`--bad-ratio`).
+fn ratio(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("`{text}` is not a fraction between 0.0 and 1.0")),
+    }
+}
+
 /// The `produce` command: optional topic creation, then production with a progress bar on a
-/// terminal (stderr) or a plain summary line (stdout). Fails if any record was not delivered.
-pub async fn run(options: ProduceOptions, stop: Arc<AtomicBool>) -> anyhow::Result<ProduceSummary> {
+/// terminal (stderr) or a plain summary line (stdout), until the count is reached or `shutdown`
+/// is cancelled. Fails if any record was not delivered.
+pub async fn run(
+    options: ProduceOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<ProduceSummary> {
+    // The producer runs on a blocking thread, which looks at a flag between records.
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_shutdown = stop.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        on_shutdown.store(true, Ordering::Relaxed);
+    });
     if let Some(partitions) = options.partitions {
         ensure_topic(&options.brokers, &options.topic, partitions).await?;
     }

@@ -1,0 +1,296 @@
+//! The partitions this instance owns, as the consumer thread sees them: each one's assignment
+//! generation and whether its records flow or are held back. Rebalance callbacks change it, the
+//! poll loop reads and writes it, the interval commits filter plans through it, and `/status`
+//! shows it through a [`PartitionView`].
+
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::metrics::Metrics;
+use crate::record::{PartitionKey, Record};
+
+/// Whether a partition's records flow or are held back.
+pub(crate) enum Flow {
+    /// Records go straight to the router.
+    Flowing,
+    /// Paused in librdkafka; these records were read and wait, oldest first, for room.
+    Paused { held: VecDeque<Record> },
+}
+
+impl Flow {
+    /// Paused with nothing held yet.
+    pub(crate) fn paused() -> Flow {
+        Flow::Paused {
+            held: VecDeque::new(),
+        }
+    }
+
+    /// Paused, holding the record that did not fit.
+    pub(crate) fn holding(record: Record) -> Flow {
+        Flow::Paused {
+            held: VecDeque::from([record]),
+        }
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        matches!(self, Flow::Paused { .. })
+    }
+
+    /// Records read and held back.
+    pub(crate) fn held(&self) -> usize {
+        match self {
+            Flow::Flowing => 0,
+            Flow::Paused { held } => held.len(),
+        }
+    }
+}
+
+/// One owned partition.
+pub(crate) struct PartitionState {
+    pub(crate) generation: u64,
+    pub(crate) flow: Flow,
+    /// Offset of the last record librdkafka returned for this partition: its fetch position is
+    /// right after it (librdkafka sets it so on pause, and we re-state it on resume).
+    pub(crate) last_polled: Option<i64>,
+}
+
+/// What the consumer thread and its rebalance callbacks share (same thread, but librdkafka's
+/// callback API only gives `&self`); the commit thread and `/status` read it.
+#[derive(Default)]
+pub(crate) struct Assignment {
+    pub(crate) partitions: FxHashMap<PartitionKey, PartitionState>,
+    /// Topic names, interned: every record and key shares one `Arc<str>` per topic.
+    topics: FxHashMap<String, Arc<str>>,
+    /// `events_consumed_total` of each topic, looked up once rather than per record.
+    consumed: FxHashMap<Arc<str>, prometheus::IntCounter>,
+}
+
+impl Assignment {
+    pub(crate) fn key(&mut self, topic: &str, partition: i32) -> PartitionKey {
+        let topic = match self.topics.get(topic) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(topic);
+                self.topics.insert(topic.to_string(), name.clone());
+                name
+            }
+        };
+        PartitionKey { topic, partition }
+    }
+
+    /// Counts a record read from `topic`.
+    pub(crate) fn count_consumed(&mut self, topic: &Arc<str>, metrics: &Metrics) {
+        match self.consumed.get(topic) {
+            Some(counter) => counter.inc(),
+            None => {
+                let counter = metrics.consumed.with_label_values(&[&**topic]);
+                counter.inc();
+                self.consumed.insert(topic.clone(), counter);
+            }
+        }
+    }
+
+    pub(crate) fn paused_count(&self) -> usize {
+        self.partitions
+            .values()
+            .filter(|state| state.flow.is_paused())
+            .count()
+    }
+
+    pub(crate) fn held_count(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|state| state.flow.held())
+            .sum()
+    }
+
+    /// Sets the assigned and paused gauges: the totals, and 0/1 per owned partition.
+    pub(crate) fn publish(&self, metrics: &Metrics) {
+        metrics
+            .assigned_partitions
+            .set(self.partitions.len() as i64);
+        metrics.paused_partitions.set(self.paused_count() as i64);
+        for (key, state) in &self.partitions {
+            let partition = key.partition.to_string();
+            metrics
+                .partition_paused
+                .with_label_values(&[&*key.topic, &partition])
+                .set(i64::from(state.flow.is_paused()));
+        }
+    }
+
+    /// Every owned partition, sorted.
+    fn snapshot(&self) -> Vec<PartitionFlow> {
+        let mut flows: Vec<PartitionFlow> = self
+            .partitions
+            .iter()
+            .map(|(key, state)| PartitionFlow {
+                topic: key.topic.to_string(),
+                partition: key.partition,
+                generation: state.generation,
+                paused: state.flow.is_paused(),
+                held: state.flow.held(),
+            })
+            .collect();
+        flows.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        flows
+    }
+}
+
+/// The assignment, shared between the consumer thread (which writes it), the commit thread and
+/// the HTTP endpoint (which read it).
+#[derive(Clone, Default)]
+pub(crate) struct SharedAssignment {
+    inner: Arc<Mutex<Assignment>>,
+    /// Set by the first assignment, cleared when partitions are lost (session expired).
+    in_group: Arc<AtomicBool>,
+}
+
+impl SharedAssignment {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Assignment> {
+        // Nothing panics while holding it (plain map updates); recover regardless.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn set_in_group(&self, in_group: bool) {
+        self.in_group.store(in_group, Ordering::Release);
+    }
+
+    pub(crate) fn view(&self) -> PartitionView {
+        PartitionView {
+            shared: self.clone(),
+        }
+    }
+}
+
+/// The consumer's view of its partitions, for `/readyz` and `/status`.
+#[derive(Clone)]
+pub struct PartitionView {
+    shared: SharedAssignment,
+}
+
+/// One owned partition as the consumer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionFlow {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Assignment generation.
+    pub generation: u64,
+    /// Paused in librdkafka (router full, breaker, or shutdown).
+    pub paused: bool,
+    /// Records read and held back while paused.
+    pub held: usize,
+}
+
+impl PartitionView {
+    /// Whether the consumer has received an assignment (possibly empty) and not lost it since.
+    pub fn in_group(&self) -> bool {
+        self.shared.in_group.load(Ordering::Acquire)
+    }
+
+    /// Every owned partition, sorted.
+    pub fn snapshot(&self) -> Vec<PartitionFlow> {
+        self.shared.lock().snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(generation: u64, flow: Flow) -> PartitionState {
+        PartitionState {
+            generation,
+            flow,
+            last_polled: None,
+        }
+    }
+
+    fn held_record(source: &PartitionKey, offset: i64) -> Record {
+        Record {
+            source: source.clone(),
+            offset,
+            generation: 1,
+            key: None,
+            payload: None,
+            headers: None,
+            decoded: crate::event::decode_level(None, 1024),
+            read_at: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn topic_names_are_interned() {
+        let mut assignment = Assignment::default();
+        let first = assignment.key("logs", 0);
+        let second = assignment.key("logs", 3);
+        assert!(Arc::ptr_eq(&first.topic, &second.topic));
+        assert_eq!(second.partition, 3);
+        assert!(!Arc::ptr_eq(
+            &first.topic,
+            &assignment.key("other", 0).topic
+        ));
+    }
+
+    #[test]
+    fn counts_paused_partitions_and_held_records_and_shows_them_sorted() {
+        let shared = SharedAssignment::default();
+        {
+            let mut assignment = shared.lock();
+            let b1 = assignment.key("b", 1);
+            let a2 = assignment.key("a", 2);
+            let a0 = assignment.key("a", 0);
+            let mut held = VecDeque::new();
+            held.push_back(held_record(&a2, 7));
+            held.push_back(held_record(&a2, 8));
+            assignment.partitions.insert(b1, state(3, Flow::Flowing));
+            assignment
+                .partitions
+                .insert(a2, state(2, Flow::Paused { held }));
+            assignment.partitions.insert(a0, state(1, Flow::paused()));
+            assert_eq!(assignment.paused_count(), 2);
+            assert_eq!(assignment.held_count(), 2);
+        }
+        let view = shared.view();
+        assert!(!view.in_group());
+        shared.set_in_group(true);
+        assert!(view.in_group());
+        let shown: Vec<(String, i32, bool, usize)> = view
+            .snapshot()
+            .into_iter()
+            .map(|flow| (flow.topic, flow.partition, flow.paused, flow.held))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("a".to_string(), 0, true, 0),
+                ("a".to_string(), 2, true, 2),
+                ("b".to_string(), 1, false, 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn publishes_assigned_and_paused_gauges() {
+        let metrics = Metrics::new();
+        let mut assignment = Assignment::default();
+        let k0 = assignment.key("logs", 0);
+        let k1 = assignment.key("logs", 1);
+        assignment.partitions.insert(k0, state(1, Flow::paused()));
+        assignment.partitions.insert(k1, state(1, Flow::Flowing));
+        assignment.publish(&metrics);
+        assert_eq!(metrics.assigned_partitions.get(), 2);
+        assert_eq!(metrics.paused_partitions.get(), 1);
+        let paused = |p: &str| {
+            metrics
+                .partition_paused
+                .with_label_values(&["logs", p])
+                .get()
+        };
+        assert_eq!((paused("0"), paused("1")), (1, 0));
+    }
+}

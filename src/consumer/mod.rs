@@ -1,0 +1,499 @@
+//! Consumer actor: the only owner of the librdkafka client. It polls Kafka on a dedicated
+//! thread, decodes each record once, and offers it to the router, waiting at most
+//! `pause_after_ms` for room.
+//!
+//! - `mod.rs` (here): the poll loop, backpressure (pause, hold, resume) and shutdown.
+//! - [`client`]: the librdkafka configuration and logbridge's defaults.
+//! - [`assignment`]: the owned partitions and their flow, and the view `/status` reads.
+//! - [`rebalance`]: librdkafka's callbacks (assign, revoke, lost, statistics).
+//! - [`commits`]: commit I/O (interval, revoke, final); the committer decides what.
+//!
+//! Why a thread and not a task: librdkafka runs rebalance callbacks inside `poll`, and a revoke
+//! must drain and commit *before* the callback returns. That wait would block a runtime worker;
+//! on its own thread it blocks nothing but Kafka polling, which is exactly what should wait.
+//!
+//! Backpressure: when the router channel is full the consumer first waits, up to
+//! `pause_after_ms`, for half of it to be free (a busy pipeline makes room quickly, and a pause
+//! would throw away librdkafka's prefetch for the partition). If it stays full, the record in
+//! hand is kept, its partition is paused, and polling goes on (the group and rebalance
+//! callbacks stay served: rust-rdkafka #738). Paused partitions resume, oldest held record
+//! first, once the channel has drained to half its capacity. librdkafka restarts a resumed
+//! partition's fetch at the position after the last record it returned, which is right after
+//! what we hold, so nothing is skipped.
+
+mod assignment;
+mod client;
+mod commits;
+mod rebalance;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use assignment::{PartitionFlow, PartitionView};
+pub use client::client_config;
+
+use crate::breaker::BreakerState;
+use crate::committer::{CommitEntry, CommitterControl};
+use crate::config::Config;
+use crate::event::decode_level;
+use crate::health::Liveness;
+use crate::metrics::Metrics;
+use crate::record::{Fences, Offer, Record};
+use crate::router::RouterHandle;
+use assignment::Flow;
+use rebalance::Callbacks;
+
+/// How long one poll waits when nothing is held back.
+const POLL_IDLE: Duration = Duration::from_millis(100);
+/// How long one poll waits while records are held for a full router: short, so the held
+/// records move as soon as there is room.
+const POLL_HELD: Duration = Duration::from_millis(5);
+/// Extra wait for the committer's final answer beyond the drain timeout.
+const FINISH_GRACE: Duration = Duration::from_secs(2);
+
+/// What the consumer talks to.
+pub struct ConsumerLinks {
+    /// Where records go.
+    pub router: RouterHandle,
+    /// Revoke and shutdown requests to the committer, and its commit plans.
+    pub committer: CommitterControl,
+    /// The dead-letter breaker's state.
+    pub breaker: watch::Receiver<BreakerState>,
+    /// Revoked generations, shared with the router.
+    pub fences: Fences,
+}
+
+/// The consumer as the rest of the pipeline sees it: its partitions, and its outcome.
+pub struct ConsumerHandle {
+    partitions: PartitionView,
+    outcome: oneshot::Receiver<anyhow::Result<()>>,
+}
+
+impl ConsumerHandle {
+    /// Creates the Kafka client, subscribes to the configured topics (so configuration errors
+    /// surface here) and starts the consumer on its own thread. The thread ends after the final
+    /// commit and leaving the group; see [`ConsumerHandle::outcome`].
+    pub fn spawn(
+        config: &Config,
+        links: ConsumerLinks,
+        metrics: Arc<Metrics>,
+        liveness: Liveness,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<(ConsumerHandle, std::thread::JoinHandle<()>)> {
+        let actor = ConsumerActor::new(config, links, metrics, liveness, shutdown)?;
+        let partitions = actor.consumer.context().assignment.view();
+        let (outcome_tx, outcome) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("logbridge-consumer".to_string())
+            .spawn(move || actor.run(outcome_tx))
+            .context("failed to start the consumer thread")?;
+        Ok((
+            ConsumerHandle {
+                partitions,
+                outcome,
+            },
+            thread,
+        ))
+    }
+
+    /// A view of the owned partitions for the HTTP endpoint.
+    pub fn partitions(&self) -> PartitionView {
+        self.partitions.clone()
+    }
+
+    /// Waits until shutdown has drained and made its final commit (or the consumer failed).
+    /// Leaving the group comes after; the caller need not wait for that.
+    pub async fn outcome(self) -> anyhow::Result<()> {
+        self.outcome.await.unwrap_or_else(|_| {
+            Err(anyhow::anyhow!(
+                "consumer thread stopped without an outcome"
+            ))
+        })
+    }
+}
+
+/// Lifecycle of the consumer thread.
+enum Phase {
+    /// Reading and dispatching.
+    Consuming,
+    /// Shutdown asked: nothing new is dispatched; waiting for the committer's final positions.
+    Draining {
+        answer: oneshot::Receiver<Vec<CommitEntry>>,
+        give_up_at: std::time::Instant,
+    },
+}
+
+/// Why every partition is paused at once.
+#[derive(Debug, Clone, Copy)]
+enum PauseAll {
+    Breaker,
+    Shutdown,
+}
+
+struct ConsumerActor {
+    /// Shared only with the commit threads (see `commits`).
+    consumer: Arc<BaseConsumer<Callbacks>>,
+    breaker: watch::Receiver<BreakerState>,
+    /// For the commit thread and the wait for router room, which wait on tokio primitives.
+    runtime: tokio::runtime::Handle,
+    /// `None` once shutdown has released it.
+    router: Option<RouterHandle>,
+    committer: CommitterControl,
+    shutdown: CancellationToken,
+    metrics: Arc<Metrics>,
+    liveness: Liveness,
+    max_payload_bytes: usize,
+    pause_after: Duration,
+    drain_timeout: Duration,
+}
+
+impl ConsumerActor {
+    fn new(
+        config: &Config,
+        links: ConsumerLinks,
+        metrics: Arc<Metrics>,
+        liveness: Liveness,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<ConsumerActor> {
+        let ConsumerLinks {
+            router,
+            committer,
+            breaker,
+            fences,
+        } = links;
+        let callbacks = Callbacks::new(committer.clone(), fences, metrics.clone());
+        let consumer: BaseConsumer<Callbacks> = client_config(config)
+            .create_with_context(callbacks)
+            .context("failed to create the Kafka consumer")?;
+        let topics: Vec<&str> = config.kafka.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .context("failed to subscribe to the configured topics")?;
+        liveness.expect("consumer", 1);
+        Ok(ConsumerActor {
+            consumer: Arc::new(consumer),
+            breaker,
+            runtime: tokio::runtime::Handle::try_current()
+                .context("the consumer must be created inside the tokio runtime")?,
+            router: Some(router),
+            committer,
+            shutdown,
+            metrics,
+            liveness,
+            max_payload_bytes: config.pipeline.max_payload_bytes,
+            pause_after: Duration::from_millis(config.pipeline.pause_after_ms),
+            drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
+        })
+    }
+
+    /// Runs until shutdown has drained and committed, reports the outcome, then leaves the
+    /// group. Leaving can take long while the group is rebalancing (a JoinGroup in flight waits
+    /// for every member, even a dead one, up to its session timeout), so the caller need not
+    /// wait for it once the outcome is in.
+    fn run(mut self, outcome: oneshot::Sender<anyhow::Result<()>>) {
+        let _alive = self.liveness.enter("consumer");
+        commits::start_interval_commits(
+            self.consumer.clone(),
+            self.committer.plans(),
+            self.runtime.clone(),
+        );
+        let result = self.consume();
+        self.callbacks().closing.store(true, Ordering::Release);
+        // Nobody listening means the pipeline is gone already; leave the group regardless.
+        let _ = outcome.send(result);
+        info!("leaving the consumer group");
+        // Dropping the consumer closes it: it leaves the group so partitions move at once.
+        // (If the final commit's thread still holds it, that thread closes it when done.)
+        drop(self.consumer);
+        info!("left the consumer group");
+    }
+
+    fn callbacks(&self) -> &Callbacks {
+        self.consumer.context()
+    }
+
+    /// The poll loop: consume until shutdown, then drain and make the final commit.
+    fn consume(&mut self) -> anyhow::Result<()> {
+        let mut phase = Phase::Consuming;
+        loop {
+            match &mut phase {
+                Phase::Consuming if self.shutdown.is_cancelled() => {
+                    match self.begin_drain() {
+                        Some(next) => phase = next,
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
+                Phase::Consuming => {}
+                Phase::Draining { answer, give_up_at } => {
+                    match answer.try_recv() {
+                        Ok(entries) => {
+                            commits::final_commit(&self.consumer, entries);
+                            break Ok(());
+                        }
+                        Err(oneshot::error::TryRecvError::Empty)
+                            if std::time::Instant::now() < *give_up_at => {}
+                        Err(_) => {
+                            warn!("no final positions from the committer; nothing committed at shutdown");
+                            break Ok(());
+                        }
+                    }
+                }
+            }
+            let held = match phase {
+                Phase::Consuming => {
+                    self.follow_breaker()?;
+                    self.flush_held()?
+                }
+                Phase::Draining { .. } => 0,
+            };
+            let timeout = if held > 0 { POLL_HELD } else { POLL_IDLE };
+            match self.consumer.poll(timeout) {
+                None => {}
+                Some(Err(err)) => {
+                    if matches!(err, KafkaError::MessageConsumptionFatal(_)) {
+                        return Err(anyhow::Error::new(err).context("fatal Kafka consumer error"));
+                    }
+                    warn!(error = %err, "kafka consume error");
+                }
+                Some(Ok(message)) => {
+                    if matches!(phase, Phase::Consuming) {
+                        self.accept(&message)?;
+                    }
+                    // While draining a record may still arrive from before the pause: it was
+                    // never dispatched, so the final commit stays below it and it is read again.
+                }
+            }
+        }
+    }
+
+    /// Pauses every flowing partition in librdkafka (held records stay held); returns how many
+    /// partitions are owned.
+    fn pause_all(&self, why: PauseAll) -> anyhow::Result<usize> {
+        let mut assignment = self.callbacks().assignment.lock();
+        let mut tpl = TopicPartitionList::new();
+        for (key, state) in assignment.partitions.iter_mut() {
+            if !state.flow.is_paused() {
+                state.flow = Flow::paused();
+                tpl.add_partition(&key.topic, key.partition);
+            }
+        }
+        if tpl.count() > 0 {
+            self.consumer
+                .pause(&tpl)
+                .with_context(|| format!("failed to pause partitions ({why:?})"))?;
+        }
+        assignment.publish(&self.metrics);
+        Ok(assignment.partitions.len())
+    }
+
+    /// Stops fetching, releases the router (so the pipeline drains) and asks the committer for
+    /// the final positions. `None` when there is nothing to wait for.
+    fn begin_drain(&mut self) -> Option<Phase> {
+        info!("shutdown: stop fetching and drain in-flight records");
+        self.callbacks()
+            .shutting_down
+            .store(true, Ordering::Release);
+        if let Err(err) = self.pause_all(PauseAll::Shutdown) {
+            warn!(error = %format!("{err:#}"), "cannot pause partitions for shutdown");
+        }
+        // Closing the router's input lets router, workers and committer finish in order.
+        self.router = None;
+        let deadline = tokio::time::Instant::now() + self.drain_timeout;
+        match self.committer.finish(deadline) {
+            Ok(answer) => Some(Phase::Draining {
+                answer,
+                give_up_at: std::time::Instant::now() + self.drain_timeout + FINISH_GRACE,
+            }),
+            Err(err) => {
+                warn!(error = %err, "committer gone before shutdown");
+                None
+            }
+        }
+    }
+
+    /// Pauses every partition when the dead-letter breaker trips; lets them resume (through
+    /// `flush_held`) when it is reset.
+    fn follow_breaker(&mut self) -> anyhow::Result<()> {
+        if !self.breaker.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let tripped = matches!(*self.breaker.borrow_and_update(), BreakerState::Tripped(_));
+        self.callbacks().halted.store(tripped, Ordering::Release);
+        if !tripped {
+            info!("breaker reset: partitions resume");
+            return Ok(());
+        }
+        let partitions = self.pause_all(PauseAll::Breaker)?;
+        warn!(partitions, "breaker tripped: every partition paused");
+        Ok(())
+    }
+
+    /// Decodes a record and offers it to the router; on a channel that stays full for
+    /// `pause_after` keeps it and pauses its partition.
+    fn accept(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
+        let payload = message.payload();
+        let decoded = decode_level(payload, self.max_payload_bytes);
+        let callbacks = self.callbacks();
+        let mut assignment = callbacks.assignment.lock();
+        let key = assignment.key(message.topic(), message.partition());
+        assignment.count_consumed(&key.topic, &self.metrics);
+        let Some(state) = assignment.partitions.get_mut(&key) else {
+            // Not ours any more (revoked between fetch and poll): the next owner reads it.
+            debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
+            return Ok(());
+        };
+        state.last_polled = Some(message.offset());
+        let record = Record {
+            read_at: std::time::Instant::now(),
+            source: key,
+            offset: message.offset(),
+            generation: state.generation,
+            key: message.key().map(Box::from),
+            payload: payload.map(Box::from),
+            headers: message.headers().map(|headers| headers.detach()),
+            decoded,
+        };
+        let Some(router) = &self.router else {
+            return Ok(());
+        };
+        let record = match &mut state.flow {
+            // Fetched before the pause took effect: keep order behind what is already held.
+            Flow::Paused { held } => {
+                held.push_back(record);
+                return Ok(());
+            }
+            Flow::Flowing => match router.offer(record) {
+                Offer::Taken => {
+                    self.metrics.in_flight.inc();
+                    return Ok(());
+                }
+                Offer::Full(record) => record,
+                Offer::Stopped(_) => {
+                    anyhow::bail!("router stopped while the consumer was running");
+                }
+            },
+        };
+        // The router is full. A busy pipeline makes room within `pause_after`: waiting for it
+        // keeps librdkafka's prefetch, which a pause would throw away. The lock is not held
+        // meanwhile (interval commits and /status take it); rebalances run on this thread, so
+        // the partition stays ours.
+        drop(assignment);
+        let record = match router.wait_for_room(record, self.pause_after, &self.runtime) {
+            Offer::Taken => {
+                self.metrics.in_flight.inc();
+                return Ok(());
+            }
+            // Gone: hold it; shutdown follows.
+            Offer::Full(record) | Offer::Stopped(record) => record,
+        };
+        let mut assignment = callbacks.assignment.lock();
+        let Some(state) = assignment.partitions.get_mut(&record.source) else {
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&record.source.topic, record.source.partition);
+        self.consumer
+            .pause(&tpl)
+            .context("failed to pause a partition")?;
+        self.metrics.pauses.inc();
+        info!(
+            topic = %record.source.topic,
+            partition = record.source.partition,
+            offset = record.offset,
+            waited_ms = self.pause_after.as_millis() as u64,
+            "router channel full, partition paused"
+        );
+        state.flow = Flow::holding(record);
+        assignment.publish(&self.metrics);
+        Ok(())
+    }
+
+    /// Moves held records to the router once it has drained to half its capacity, resuming each
+    /// partition whose held records are all sent. Returns how many records are still held.
+    fn flush_held(&self) -> anyhow::Result<usize> {
+        let Some(router) = &self.router else {
+            return Ok(0);
+        };
+        let callbacks = self.callbacks();
+        let mut assignment = callbacks.assignment.lock();
+        let held_total = assignment.held_count();
+        if callbacks.halted.load(Ordering::Acquire) {
+            // The breaker holds everything; nothing moves until it is reset.
+            return Ok(0);
+        }
+        if assignment.paused_count() == 0 {
+            return Ok(0);
+        }
+        // Low-water mark: resume only with room for at least half the channel, so a partition
+        // is not paused and resumed for every single free slot.
+        if !router.half_empty() {
+            return Ok(held_total);
+        }
+        let mut resume = TopicPartitionList::new();
+        let mut restart_at = Vec::new();
+        let mut router_full = false;
+        for (key, state) in assignment.partitions.iter_mut() {
+            let Flow::Paused { held } = &mut state.flow else {
+                continue;
+            };
+            while let Some(record) = held.pop_front() {
+                match router.offer(record) {
+                    Offer::Taken => self.metrics.in_flight.inc(),
+                    Offer::Full(record) => {
+                        held.push_front(record);
+                        router_full = true;
+                        break;
+                    }
+                    Offer::Stopped(_) => {
+                        anyhow::bail!("router stopped while the consumer was running");
+                    }
+                }
+            }
+            if held.is_empty() {
+                state.flow = Flow::Flowing;
+                resume.add_partition(&key.topic, key.partition);
+                if let Some(last) = state.last_polled {
+                    restart_at.push((key.clone(), last + 1));
+                }
+            }
+            if router_full {
+                break;
+            }
+        }
+        if resume.count() > 0 {
+            self.consumer
+                .resume(&resume)
+                .context("failed to resume partitions")?;
+            // librdkafka does not wake its fetcher on resume: the partition would wait for the
+            // broker thread's next timer (up to a second, confluent-kafka-go #630), starving a
+            // pipeline that drains faster than that. A seek to the position librdkafka resumes
+            // from anyway (right after the last record it returned) starts the fetch at once.
+            for (key, offset) in restart_at {
+                if let Err(err) = self.consumer.seek(
+                    &key.topic,
+                    key.partition,
+                    Offset::Offset(offset),
+                    Duration::ZERO,
+                ) {
+                    debug!(topic = %key.topic, partition = key.partition, offset, error = %err, "seek after resume failed; fetch restarts on librdkafka's timer");
+                }
+            }
+            let resumed = resume.count() as u64;
+            assignment.publish(&self.metrics);
+            self.metrics.resumes.inc_by(resumed);
+            debug!(partitions = resumed, "partitions resumed");
+        }
+        Ok(assignment.held_count())
+    }
+}

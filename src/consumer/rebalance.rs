@@ -1,0 +1,217 @@
+//! librdkafka's callbacks into the consumer: rebalances (assign, revoke, lost), client errors
+//! and statistics. They run inside `poll`, on the consumer thread, so a revoke can drain and
+//! commit before the partitions are let go.
+//!
+//! - **Assign**: each partition gets a new generation and starts flowing, unless the breaker
+//!   holds consumption (then it is paused at once).
+//! - **Revoke**: the router is fenced off the revoked generations, the committer waits (up to
+//!   `drain_timeout_ms`) for their in-flight records and answers with their positions, which
+//!   are committed before the callback returns. In the cooperative protocol only the revoked
+//!   partitions are touched.
+//! - **Lost** (session expired): nothing is committed; their state is dropped.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientContext, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use super::assignment::{Flow, PartitionState, SharedAssignment};
+use super::commits::{commit_sync, CommitWhy};
+use crate::committer::CommitterControl;
+use crate::metrics::Metrics;
+use crate::record::Fences;
+
+/// The consumer's librdkafka context: what its callbacks need.
+pub(crate) struct Callbacks {
+    pub(crate) assignment: SharedAssignment,
+    pub(crate) metrics: Arc<Metrics>,
+    committer: CommitterControl,
+    generations: AtomicU64,
+    /// Set once the final commit is done: a revoke during close has nothing left to commit.
+    pub(crate) closing: AtomicBool,
+    /// Set while the dead-letter breaker is tripped: every partition stays paused, including
+    /// ones assigned meanwhile.
+    pub(crate) halted: AtomicBool,
+    /// Revoked generations, shared with the router.
+    fences: Fences,
+    /// Set when shutdown starts draining.
+    pub(crate) shutting_down: AtomicBool,
+}
+
+impl Callbacks {
+    pub(crate) fn new(committer: CommitterControl, fences: Fences, metrics: Arc<Metrics>) -> Self {
+        Callbacks {
+            assignment: SharedAssignment::default(),
+            metrics,
+            committer,
+            generations: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            halted: AtomicBool::new(false),
+            fences,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    fn on_assign(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        self.assignment.set_in_group(true);
+        let halted = self.halted.load(Ordering::Acquire);
+        let mut assignment = self.assignment.lock();
+        for element in tpl.elements() {
+            let key = assignment.key(element.topic(), element.partition());
+            let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            info!(topic = %key.topic, partition = key.partition, generation, "partition assigned");
+            // librdkafka does not keep pause state across assignments (librdkafka #1802): a new
+            // assignment flows unless the breaker holds everything; a full router pauses it
+            // again on the first send that does not fit.
+            let flow = if halted {
+                Flow::paused()
+            } else {
+                Flow::Flowing
+            };
+            assignment.partitions.insert(
+                key,
+                PartitionState {
+                    generation,
+                    flow,
+                    last_polled: None,
+                },
+            );
+        }
+        if halted && tpl.count() > 0 {
+            if let Err(err) = consumer.pause(tpl) {
+                warn!(error = %err, "cannot pause newly assigned partitions while the breaker is tripped");
+            }
+        }
+        assignment.publish(&self.metrics);
+    }
+
+    fn on_revoke(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
+        // Lost (session expired, another member may own them already): nothing may be
+        // committed for them.
+        let lost = consumer.assignment_lost();
+        let kind = if lost { "lost" } else { "revoke" };
+        if lost {
+            self.assignment.set_in_group(false);
+        }
+        self.metrics.rebalances.with_label_values(&[kind]).inc();
+        let mut revoked = Vec::new();
+        {
+            let mut assignment = self.assignment.lock();
+            for element in tpl.elements() {
+                let key = assignment.key(element.topic(), element.partition());
+                if let Some(state) = assignment.partitions.remove(&key) {
+                    // From now on the router drops what it still has of this assignment.
+                    self.fences.revoke(&key, state.generation);
+                    if let Flow::Paused { held } = state.flow {
+                        // Held records were never dispatched: the committed position is at or
+                        // below them, so the next owner reads them again.
+                        debug!(topic = %key.topic, partition = key.partition, held = held.len(), "dropping held records of revoked partition");
+                    }
+                    revoked.push((key, state.generation));
+                }
+            }
+            assignment.publish(&self.metrics);
+        }
+        if revoked.is_empty() {
+            // librdkafka may call with an empty list (rust-rdkafka #681).
+            return;
+        }
+        for (key, _) in &revoked {
+            self.metrics.forget_partition(key);
+        }
+        if self.closing.load(Ordering::Acquire) {
+            return;
+        }
+        if lost {
+            warn!(
+                partitions = revoked.len(),
+                "partitions lost (session expired): their state is dropped, nothing committed"
+            );
+        } else {
+            info!(partitions = revoked.len(), "partitions revoked, draining");
+        }
+        // During shutdown the drain has its own deadline: commit what finished, do not wait.
+        let wait = !lost && !self.shutting_down.load(Ordering::Acquire);
+        let started = std::time::Instant::now();
+        let answer = self.committer.revoke_blocking(revoked, wait);
+        self.metrics
+            .revoke_drain_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match answer {
+            Ok(_) if lost => {}
+            Ok(entries) => commit_sync(consumer, &self.metrics, &entries, CommitWhy::Revoke),
+            Err(err) => warn!(error = %err, "cannot commit revoked partitions"),
+        }
+    }
+}
+
+impl ClientContext for Callbacks {
+    fn error(&self, error: KafkaError, reason: &str) {
+        warn!(error = %error, reason, "kafka client error");
+    }
+
+    /// librdkafka's statistics (every `statistics.interval.ms`) give the lag and broker round
+    /// trips without a second client.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let mut assignment = self.assignment.lock();
+        for topic in statistics.topics.values() {
+            for stats in topic.partitions.values() {
+                if stats.partition < 0 {
+                    continue;
+                }
+                let key = assignment.key(&topic.topic, stats.partition);
+                // Only owned partitions: a revoked one's series must stay gone.
+                if !assignment.partitions.contains_key(&key) {
+                    continue;
+                }
+                // librdkafka's lag is against the committed offset; before the first commit
+                // of the group it is unknown (-1), and everything in the log is behind.
+                let lag = if stats.consumer_lag >= 0 {
+                    stats.consumer_lag
+                } else if stats.hi_offset >= 0 && stats.lo_offset >= 0 {
+                    stats.hi_offset - stats.lo_offset
+                } else {
+                    continue;
+                };
+                let partition = key.partition.to_string();
+                self.metrics
+                    .partition_lag
+                    .with_label_values(&[&*key.topic, &partition])
+                    .set(lag);
+            }
+        }
+        for broker in statistics.brokers.values() {
+            if let Some(rtt) = &broker.rtt {
+                if rtt.cnt > 0 {
+                    self.metrics
+                        .broker_rtt
+                        .with_label_values(&[&broker.nodename])
+                        .set(rtt.avg as f64 / 1_000_000.0);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Callbacks {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => self.on_revoke(consumer, tpl),
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(err) => {
+                self.metrics.rebalances.with_label_values(&["error"]).inc();
+                warn!(error = %err, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            self.on_assign(consumer, tpl);
+        }
+    }
+}

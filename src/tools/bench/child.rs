@@ -1,0 +1,328 @@
+//! One measurement, in a child process of its own (the hidden `bench-child` command): a bare
+//! librdkafka consumer (`raw`), or the whole pipeline to null, Kafka or paced sinks, timed from
+//! the first record read until the committed offsets reach the end of the topic.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use super::broker::topic_ends;
+use super::measurement::{Measurement, Window};
+use super::options::{ChildOptions, Mode};
+use super::{CHILD_LIMIT, RESULT_PREFIX};
+use crate::config::{Config, OptionValue, RouteConfig};
+use crate::consumer::client_config;
+use crate::metrics::Metrics;
+use crate::pipeline::{self, HttpBind, RunOptions};
+use crate::record::Record;
+use crate::sink::{config_sink_factory, DeliveryFuture, NullSink, Sink, SinkFactory};
+
+/// How often a pipeline child looks at its progress.
+const CHECK_EVERY: Duration = Duration::from_millis(5);
+/// How often a pipeline child logs its progress at debug level.
+const TRACE_EVERY: Duration = Duration::from_millis(250);
+
+/// The configuration every pipeline measurement runs: three routes by level that together take
+/// every level the sample traffic has, to null sinks or to `out_topic`.
+pub fn bench_config(options: &ChildOptions) -> anyhow::Result<Config> {
+    let sink = match options.mode {
+        Mode::Kafka => format!("{{ type = \"kafka\", topic = \"{}\" }}", options.out_topic),
+        _ => "{ type = \"null\" }".to_string(),
+    };
+    let text = format!(
+        r#"
+[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+topics = ["{topic}"]
+
+[kafka.options]
+"auto.offset.reset" = "earliest"
+
+[pipeline]
+commit_interval_ms = {interval}
+
+[http]
+listen = "127.0.0.1:0"
+
+[[routes]]
+name = "errors"
+levels = ["error", "fatal"]
+workers = 2
+sink = {sink}
+
+[[routes]]
+name = "warnings"
+levels = ["warning"]
+workers = 1
+sink = {sink}
+
+[[routes]]
+name = "info"
+levels = ["info", "debug"]
+workers = 2
+sink = {sink}
+"#,
+        brokers = options.brokers,
+        group = options.group,
+        topic = options.topic,
+        interval = options.commit_interval_ms,
+    );
+    let mut config = Config::from_toml_str(&text).context("benchmark configuration is invalid")?;
+    for option in &options.consumer_options {
+        let (key, value) = option
+            .split_once('=')
+            .with_context(|| format!("consumer option `{option}` is not key=value"))?;
+        config.kafka.options.insert(
+            key.trim().to_string(),
+            OptionValue::Text(value.trim().to_string()),
+        );
+    }
+    config
+        .validate()
+        .context("benchmark configuration is invalid")?;
+    Ok(config)
+}
+
+/// Runs one measurement (the hidden `bench-child` command) and prints its result line.
+pub async fn run_child(options: ChildOptions) -> anyhow::Result<()> {
+    let measurement = match options.mode {
+        Mode::Raw => tokio::task::spawn_blocking(move || measure_raw(&options))
+            .await
+            .context("raw consumer thread failed")??,
+        _ => measure_pipeline(&options).await?,
+    };
+    println!(
+        "{RESULT_PREFIX}{}",
+        serde_json::to_string(&measurement).context("cannot encode the result")?
+    );
+    Ok(())
+}
+
+/// Reads the whole topic with a bare consumer (logbridge's client settings, no decoding).
+fn measure_raw(options: &ChildOptions) -> anyhow::Result<Measurement> {
+    let expected: u64 = topic_ends(&options.brokers, &options.topic)?
+        .iter()
+        .map(|(_, _, count)| count)
+        .sum();
+    let config = bench_config(options)?;
+    let consumer: BaseConsumer = client_config(&config)
+        .create()
+        .context("failed to create the consumer")?;
+    consumer
+        .subscribe(&[&options.topic])
+        .context("failed to subscribe")?;
+    let deadline = Instant::now() + CHILD_LIMIT;
+    let mut window = None;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    while count < expected {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "read {count} of {expected} records in {CHILD_LIMIT:?}"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) => {
+                window.get_or_insert_with(Window::start);
+                count += 1;
+                bytes += message.payload_len() as u64;
+            }
+            Some(Err(err)) => tracing::warn!(error = %err, "consume error"),
+            None => {}
+        }
+    }
+    let window = window.unwrap_or_else(Window::start);
+    let measurement = window.finish(count, 0);
+    tracing::debug!(bytes, "raw consumer done");
+    Ok(measurement)
+}
+
+/// Runs the pipeline until the committed offsets reach the end of the topic (or, paced, for a
+/// fixed time).
+async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement> {
+    let ends = {
+        let (brokers, topic) = (options.brokers.clone(), options.topic.clone());
+        tokio::task::spawn_blocking(move || topic_ends(&brokers, &topic))
+            .await
+            .context("metadata thread failed")??
+    };
+    let expected: u64 = ends.iter().map(|(_, _, count)| count).sum();
+    let config = bench_config(options)?;
+    let metrics = Arc::new(Metrics::new());
+    let sink_factory = match options.mode {
+        Mode::Paced => paced_sink_factory(options.sink_rate),
+        _ => config_sink_factory(),
+    };
+    let run_options = RunOptions {
+        sink_factory,
+        metrics: metrics.clone(),
+        http: HttpBind::Disabled,
+    };
+    let shutdown = CancellationToken::new();
+    let mut pipeline = tokio::spawn(pipeline::run(config, run_options, shutdown.clone()));
+    let topic = options.topic.as_str();
+    let consumed = || metrics.consumed.with_label_values(&[topic]).get();
+    let committed_to_end = || {
+        ends.iter().all(|(partition, end, _)| {
+            let partition = partition.to_string();
+            metrics
+                .committed_offset
+                .with_label_values(&[topic, &partition])
+                .get()
+                >= *end
+        })
+    };
+    let commits = || {
+        ["ok", "error", "stale"]
+            .iter()
+            .map(|result| metrics.commits.with_label_values(&[result]).get())
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + CHILD_LIMIT;
+    let mut window: Option<Window> = None;
+    let mut finished_at: Option<f64> = None;
+    let mut traced = Instant::now();
+    let measurement = loop {
+        if tracing::enabled!(tracing::Level::DEBUG) && traced.elapsed() >= TRACE_EVERY {
+            traced = Instant::now();
+            let depth = |stage: &str| metrics.channel_depth.with_label_values(&[stage]).get();
+            tracing::debug!(
+                consumed = consumed(),
+                in_flight = metrics.in_flight.get(),
+                pauses = metrics.pauses.get(),
+                router = depth("router"),
+                committer = depth("committer"),
+                errors = depth("errors"),
+                warnings = depth("warnings"),
+                info = depth("info"),
+                "progress"
+            );
+        }
+        tokio::select! {
+            result = &mut pipeline => {
+                result.context("pipeline task failed")??;
+                anyhow::bail!("the pipeline stopped before the measurement ended");
+            }
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "consumed {} of {expected} records in {CHILD_LIMIT:?}",
+            consumed()
+        );
+        match &window {
+            None if consumed() > 0 => window = Some(Window::start()),
+            None => {}
+            Some(open) => {
+                if finished_at.is_none() && consumed() >= expected && metrics.in_flight.get() == 0 {
+                    finished_at = Some(open.started.elapsed().as_secs_f64());
+                }
+                match options.mode {
+                    Mode::Paced if open.started.elapsed().as_secs_f64() >= options.seconds => {
+                        break open.finish(consumed(), commits());
+                    }
+                    Mode::Paced => {}
+                    _ if committed_to_end() => {
+                        let mut measurement = open.finish(expected, commits());
+                        measurement.finished_seconds = finished_at;
+                        break measurement;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
+    shutdown.cancel();
+    pipeline.await.context("pipeline task failed")??;
+    Ok(measurement)
+}
+
+/// Sinks that discard records but let only `rate` of them through per second, all workers
+/// together.
+fn paced_sink_factory(rate: u64) -> SinkFactory {
+    let pace = Arc::new(Pace {
+        per_record: Duration::from_secs_f64(1.0 / rate.max(1) as f64),
+        next: Mutex::new(Instant::now()),
+    });
+    Arc::new(move |_route: &RouteConfig, _index: usize| {
+        let sink: Box<dyn Sink> = Box::new(PacedSink { pace: pace.clone() });
+        Ok(sink)
+    })
+}
+
+/// A shared schedule: each batch takes its share of time after the previous one.
+struct Pace {
+    per_record: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pace {
+    /// Books `records` and returns when they are due.
+    fn book(&self, records: usize) -> Instant {
+        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = (*next).max(Instant::now());
+        *next = start + self.per_record * records as u32;
+        *next
+    }
+}
+
+struct PacedSink {
+    pace: Arc<Pace>,
+}
+
+impl Sink for PacedSink {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        let due = self.pace.book(batch.len());
+        Box::pin(async move {
+            tokio::time::sleep_until(due.into()).await;
+            NullSink.deliver(route, batch).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_benchmark_configuration_routes_every_sample_level() {
+        let options = ChildOptions {
+            mode: Mode::Kafka,
+            brokers: "localhost:9092".into(),
+            topic: "in".into(),
+            group: "g".into(),
+            out_topic: "out".into(),
+            sink_rate: 0,
+            seconds: 0.0,
+            commit_interval_ms: 1000,
+            consumer_options: vec!["fetch.max.bytes=4194304".into()],
+        };
+        let config = bench_config(&options).expect("valid");
+        assert_eq!(
+            config.kafka.options["fetch.max.bytes"].to_string(),
+            "4194304"
+        );
+        for level in ["error", "fatal", "warning", "info", "debug"] {
+            assert!(
+                config
+                    .routes
+                    .iter()
+                    .any(|route| route.levels.iter().any(|l| l == level)),
+                "{level} is routed"
+            );
+        }
+    }
+
+    #[test]
+    fn the_paced_sink_lets_through_its_rate() {
+        let pace = Pace {
+            per_record: Duration::from_millis(1),
+            next: Mutex::new(Instant::now()),
+        };
+        let first = pace.book(100);
+        let second = pace.book(100);
+        assert!(second.duration_since(first) >= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,183 @@
+//! The benchmark's command lines: `logbridge bench` ([`BenchOptions`]) and the hidden
+//! `bench-child` that runs one measurement ([`ChildOptions`]).
+
+/// What `logbridge bench` measures (its command line).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchOptions {
+    /// Brokers to measure against (default: librdkafka's mock cluster in a helper process).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Events preloaded and read by every measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Rounds of raw, null-sink and kafka-sink measurements (medians are printed).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 8)]
+    pub partitions: i32,
+    /// Size of the key space.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Size of each event in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
+    /// Backlogs of the memory ceiling runs, comma separated (`none`: skip them).
+    #[arg(long, default_value = "1000000,5000000")]
+    pub memory_backlogs: Counts,
+    /// Partitions of the memory ceiling topics (more than `partitions`: the mock cluster keeps
+    /// only 5 MiB per partition, and a deep backlog needs room).
+    #[arg(long, default_value_t = 64)]
+    pub memory_partitions: i32,
+    /// Longest window of a memory ceiling run, in seconds.
+    #[arg(long, default_value_t = 20)]
+    pub memory_seconds: u64,
+    /// `pipeline.commit_interval_ms` of the measured pipeline.
+    #[arg(long, default_value_t = 1_000)]
+    pub commit_interval_ms: u64,
+    /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka.
+    #[arg(long, value_delimiter = ',', default_value = "null,kafka")]
+    pub modes: Vec<Mode>,
+    /// librdkafka consumer property for every mode, `key=value` (repeatable).
+    #[arg(long = "consumer-option")]
+    pub consumer_options: Vec<String>,
+}
+
+/// A comma-separated list of counts; empty or `none` for none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counts(pub Vec<u64>);
+
+impl std::str::FromStr for Counts {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Counts, String> {
+        let text = text.trim();
+        if text.is_empty() || text == "none" {
+            return Ok(Counts(Vec::new()));
+        }
+        text.split(',')
+            .map(|part| {
+                part.trim()
+                    .replace('_', "")
+                    .parse::<u64>()
+                    .map_err(|_| format!("`{part}` is not a count"))
+            })
+            .collect::<Result<_, _>>()
+            .map(Counts)
+    }
+}
+
+/// What a child measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Mode {
+    /// librdkafka alone, no decoding, no commits.
+    Raw,
+    /// The pipeline to null sinks.
+    Null,
+    /// The pipeline to Kafka sinks.
+    Kafka,
+    /// The pipeline to null sinks paced to a fixed rate (memory ceiling).
+    Paced,
+}
+
+impl Mode {
+    /// Name on the command line and in the output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Raw => "raw",
+            Mode::Null => "null",
+            Mode::Kafka => "kafka",
+            Mode::Paced => "paced",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Mode, String> {
+        [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced]
+            .into_iter()
+            .find(|mode| mode.as_str() == text)
+            .ok_or_else(|| format!("unknown mode `{text}`: raw, null, kafka or paced"))
+    }
+}
+
+/// One measurement, done in a child process (the arguments of the hidden `bench-child`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ChildOptions {
+    /// What to measure.
+    #[arg(long)]
+    pub mode: Mode,
+    /// Bootstrap brokers.
+    #[arg(long)]
+    pub brokers: String,
+    /// Topic to read.
+    #[arg(long)]
+    pub topic: String,
+    /// Consumer group (fresh for every measurement).
+    #[arg(long)]
+    pub group: String,
+    /// Destination topic of the `kafka` mode.
+    #[arg(long)]
+    pub out_topic: String,
+    /// Events per second the `paced` sink lets through.
+    #[arg(long, default_value_t = 0)]
+    pub sink_rate: u64,
+    /// How long a `paced` measurement lasts.
+    #[arg(long, default_value_t = 0.0)]
+    pub seconds: f64,
+    /// `pipeline.commit_interval_ms`.
+    #[arg(long, default_value_t = 1_000)]
+    pub commit_interval_ms: u64,
+    /// librdkafka consumer properties, `key=value`.
+    #[arg(long = "consumer-option")]
+    pub consumer_options: Vec<String>,
+}
+
+impl ChildOptions {
+    pub(super) fn args(&self) -> Vec<String> {
+        vec![
+            "bench-child".into(),
+            format!("--mode={}", self.mode.as_str()),
+            format!("--brokers={}", self.brokers),
+            format!("--topic={}", self.topic),
+            format!("--group={}", self.group),
+            format!("--out-topic={}", self.out_topic),
+            format!("--sink-rate={}", self.sink_rate),
+            format!("--seconds={}", self.seconds),
+            format!("--commit-interval-ms={}", self.commit_interval_ms),
+        ]
+        .into_iter()
+        .chain(
+            self.consumer_options
+                .iter()
+                .map(|option| format!("--consumer-option={option}")),
+        )
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_parse_lists_and_none() {
+        assert_eq!(
+            "1000000,5_000_000".parse(),
+            Ok(Counts(vec![1_000_000, 5_000_000]))
+        );
+        assert_eq!("none".parse(), Ok(Counts(Vec::new())));
+        assert_eq!("".parse(), Ok(Counts(Vec::new())));
+        assert!("1M".parse::<Counts>().is_err());
+    }
+
+    #[test]
+    fn modes_round_trip_through_their_names() {
+        for mode in [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced] {
+            assert_eq!(mode.as_str().parse::<Mode>(), Ok(mode));
+        }
+        assert!("fast".parse::<Mode>().is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! What the benchmark prints: the machine, one row per measurement, the medians and ratios,
+//! and the memory ceiling.
+
+use std::collections::BTreeMap;
+
+use super::measurement::{median_of, proc_kib, Measurement};
+use super::options::{BenchOptions, Mode};
+
+pub(super) fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib =
+        proc_kib("/proc/meminfo", "MemTotal:").map_or(0.0, |kib| kib as f64 / (1024.0 * 1024.0));
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cores} cores, {memory_gib:.1} GiB, {model}")
+}
+
+pub(super) fn row(label: &str, measurement: &Measurement) -> String {
+    let finished = match measurement.finished_rate() {
+        Some(rate) => format!("{rate:.0}"),
+        None => "-".to_string(),
+    };
+    format!(
+        "{label:<10} {:>10} {:>12.0} {:>12} {:>8.2} {:>10.2} {:>10.1} {:>9.2}",
+        measurement.events,
+        measurement.rate(),
+        finished,
+        measurement.seconds,
+        measurement.cpu_per_million(),
+        measurement.peak_rss_mib(),
+        measurement.commits_per_second(),
+    )
+}
+
+pub(super) const HEADER: &str =
+    "run        events     events/s   finished/s  seconds cpu s/M ev  RSS MiB  commits/s";
+
+/// Prints the medians of every mode, the ratios b/a and c/a, and the most commit requests any
+/// run sent per interval; returns the raw rate (events/s).
+pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &BenchOptions) -> f64 {
+    let figures = |mode: Mode| results.get(&mode).map(Vec::as_slice).unwrap_or_default();
+    let rate = |mode: Mode| median_of(figures(mode), Measurement::rate);
+    let raw = rate(Mode::Raw);
+    println!();
+    println!("medians of {} runs:", options.runs);
+    for (label, mode) in [
+        ("(a) raw librdkafka", Mode::Raw),
+        ("(b) pipeline, null sinks", Mode::Null),
+        ("(c) pipeline, kafka sinks", Mode::Kafka),
+    ] {
+        let runs = figures(mode);
+        if runs.is_empty() {
+            continue;
+        }
+        let finished = median_of(runs, |m| m.finished_rate().unwrap_or(f64::NAN));
+        let finished = if finished.is_nan() {
+            String::new()
+        } else {
+            format!(" ({finished:.0} until finished)")
+        };
+        println!(
+            "{label:<27} {:>10.0} events/s{finished}  {:>6.2} cpu s/M ev  {:>6.1} MiB peak RSS  {:>5.2} commits/s",
+            median_of(runs, Measurement::rate),
+            median_of(runs, Measurement::cpu_per_million),
+            median_of(runs, Measurement::peak_rss_mib),
+            median_of(runs, Measurement::commits_per_second),
+        );
+    }
+    println!(
+        "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.45)",
+        rate(Mode::Null) / raw,
+        rate(Mode::Kafka) / raw
+    );
+    let finished =
+        |mode: Mode| median_of(figures(mode), |m| m.finished_rate().unwrap_or(f64::NAN)) / raw;
+    println!(
+        "until the last record finished (before the wait for the next commit interval): b/a = {:.2}   c/a = {:.2}",
+        finished(Mode::Null),
+        finished(Mode::Kafka)
+    );
+    let interval = options.commit_interval_ms as f64 / 1000.0;
+    let per_interval = [Mode::Null, Mode::Kafka]
+        .iter()
+        .flat_map(|mode| figures(*mode))
+        .map(|m| m.commits as f64 / (m.seconds / interval).ceil().max(1.0))
+        .fold(0.0, f64::max);
+    println!(
+        "commit requests per {} ms interval: at most {per_interval:.2} in any run (target <= 1)",
+        options.commit_interval_ms
+    );
+
+    raw
+}
+
+/// Prints how peak RSS changed from the smallest backlog to the largest.
+pub(super) fn ceiling_change(ceiling: &[(u64, Measurement)]) {
+    if let (Some((first, base)), Some((last, top))) = (ceiling.first(), ceiling.last()) {
+        if first != last {
+            println!(
+                "peak RSS at {last} vs {first}: {:+.1} % (target within ±10 %; <= 96 MiB at 1M)",
+                (top.peak_rss_mib() / base.peak_rss_mib() - 1.0) * 100.0
+            );
+        }
+    }
+}
