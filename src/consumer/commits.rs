@@ -12,14 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use super::assignment::Assignment;
-use super::rebalance::Callbacks;
+use super::assignment::{Assignment, SharedAssignment};
 use crate::committer::{CommitEntry, CommitPlan};
 use crate::metrics::Metrics;
 
@@ -87,9 +86,11 @@ fn still_held(plan: &[CommitEntry], assignment: &Assignment) -> Vec<CommitEntry>
         .collect()
 }
 
-/// Commits `entries` and waits for the broker's answer; counts the outcome.
-pub(crate) fn commit_sync(
-    consumer: &BaseConsumer<Callbacks>,
+/// Commits `entries` and waits for the broker's answer; counts the outcome, and shows the
+/// committed offsets of the partitions still owned.
+pub(crate) fn commit_sync<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    assignment: &SharedAssignment,
     metrics: &Metrics,
     entries: &[CommitEntry],
     why: CommitWhy,
@@ -101,7 +102,7 @@ pub(crate) fn commit_sync(
     match consumer.commit(&commit_list(entries), CommitMode::Sync) {
         Ok(()) => {
             metrics.commits.with_label_values(&["ok"]).inc();
-            let assignment = consumer.context().assignment.lock();
+            let assignment = assignment.lock();
             for entry in entries {
                 debug!(topic = %entry.source.topic, partition = entry.source.partition, offset = entry.offset, why, "committed");
                 // A revoked partition's series is gone and must stay gone.
@@ -131,19 +132,26 @@ pub(crate) fn commit_sync(
 /// commit: it carries an older position of the same generation (plans only grow), so the next
 /// owner at worst reads a few records again; it cannot land after the next owner's commits,
 /// which belong to a later group generation the broker holds us to.
-pub(crate) fn start_interval_commits(
-    consumer: Arc<BaseConsumer<Callbacks>>,
+pub(crate) fn start_interval_commits<C: ConsumerContext + 'static>(
+    consumer: Arc<BaseConsumer<C>>,
+    assignment: SharedAssignment,
+    metrics: Arc<Metrics>,
     mut plans: watch::Receiver<CommitPlan>,
     runtime: tokio::runtime::Handle,
 ) {
     let spawned = std::thread::Builder::new()
         .name("logbridge-commits".to_string())
         .spawn(move || {
-            let metrics = consumer.context().metrics.clone();
             while runtime.block_on(plans.changed()).is_ok() {
                 let plan = plans.borrow_and_update().clone();
-                let entries = still_held(&plan, &consumer.context().assignment.lock());
-                commit_sync(&consumer, &metrics, &entries, CommitWhy::Interval);
+                let entries = still_held(&plan, &assignment.lock());
+                commit_sync(
+                    &consumer,
+                    &assignment,
+                    &metrics,
+                    &entries,
+                    CommitWhy::Interval,
+                );
             }
         });
     if let Err(err) = spawned {
@@ -155,14 +163,24 @@ pub(crate) fn start_interval_commits(
 /// waits for a rebalance in flight, which can take a session timeout when a member died;
 /// shutdown must stay within `drain_timeout_ms` + 2 s, so past the wait it goes on (the commit
 /// may still land; if not, the records after the previous commit are read again).
-pub(crate) fn final_commit(consumer: &Arc<BaseConsumer<Callbacks>>, entries: Vec<CommitEntry>) {
-    let consumer = consumer.clone();
+pub(crate) fn final_commit<C: ConsumerContext + 'static>(
+    consumer: &Arc<BaseConsumer<C>>,
+    assignment: &SharedAssignment,
+    metrics: &Arc<Metrics>,
+    entries: Vec<CommitEntry>,
+) {
+    let (consumer, assignment, metrics) = (consumer.clone(), assignment.clone(), metrics.clone());
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("logbridge-final-commit".to_string())
         .spawn(move || {
-            let metrics = consumer.context().metrics.clone();
-            commit_sync(&consumer, &metrics, &entries, CommitWhy::Shutdown);
+            commit_sync(
+                &consumer,
+                &assignment,
+                &metrics,
+                &entries,
+                CommitWhy::Shutdown,
+            );
             // The poll loop may have stopped waiting; nothing to tell then.
             let _ = done_tx.send(());
         });

@@ -204,6 +204,8 @@ impl ConsumerActor {
         let _alive = self.liveness.enter("consumer");
         commits::start_interval_commits(
             self.consumer.clone(),
+            self.callbacks().assignment.clone(),
+            self.metrics.clone(),
             self.committer.plans(),
             self.runtime.clone(),
         );
@@ -235,20 +237,21 @@ impl ConsumerActor {
                     continue;
                 }
                 Phase::Consuming => {}
-                Phase::Draining { answer, give_up_at } => {
-                    match answer.try_recv() {
-                        Ok(entries) => {
-                            commits::final_commit(&self.consumer, entries);
-                            break Ok(());
-                        }
-                        Err(oneshot::error::TryRecvError::Empty)
-                            if std::time::Instant::now() < *give_up_at => {}
-                        Err(_) => {
-                            warn!("no final positions from the committer; nothing committed at shutdown");
-                            break Ok(());
-                        }
+                Phase::Draining { answer, give_up_at } => match answer.try_recv() {
+                    Ok(entries) => {
+                        let assignment = &self.callbacks().assignment;
+                        commits::final_commit(&self.consumer, assignment, &self.metrics, entries);
+                        break Ok(());
                     }
-                }
+                    Err(oneshot::error::TryRecvError::Empty)
+                        if std::time::Instant::now() < *give_up_at => {}
+                    Err(_) => {
+                        warn!(
+                            "no final positions from the committer; nothing committed at shutdown"
+                        );
+                        break Ok(());
+                    }
+                },
             }
             let held = match phase {
                 Phase::Consuming => {

@@ -143,7 +143,13 @@ impl Callbacks {
             .observe(started.elapsed().as_secs_f64());
         match answer {
             Ok(_) if lost => {}
-            Ok(entries) => commit_sync(consumer, &self.metrics, &entries, CommitWhy::Revoke),
+            Ok(entries) => commit_sync(
+                consumer,
+                &self.assignment,
+                &self.metrics,
+                &entries,
+                CommitWhy::Revoke,
+            ),
             Err(err) => warn!(error = %err, "cannot commit revoked partitions"),
         }
     }
