@@ -48,7 +48,7 @@ use crate::config::Config;
 use crate::event::decode_level;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::record::{Fences, Offer, Record};
+use crate::record::{Fences, Offer, PartitionKey, Record};
 use crate::router::RouterHandle;
 use assignment::Flow;
 use rebalance::Callbacks;
@@ -155,6 +155,8 @@ struct ConsumerActor {
     max_payload_bytes: usize,
     pause_after: Duration,
     drain_timeout: Duration,
+    /// The paused partition whose held records were sent last (round robin of `flush_held`).
+    served_last: Option<PartitionKey>,
 }
 
 impl ConsumerActor {
@@ -193,6 +195,7 @@ impl ConsumerActor {
             max_payload_bytes: config.pipeline.max_payload_bytes,
             pause_after: Duration::from_millis(config.pipeline.pause_after_ms),
             drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
+            served_last: None,
         })
     }
 
@@ -424,11 +427,12 @@ impl ConsumerActor {
 
     /// Moves held records to the router once it has drained to half its capacity, resuming each
     /// partition whose held records are all sent. Returns how many records are still held.
-    fn flush_held(&self) -> anyhow::Result<usize> {
+    fn flush_held(&mut self) -> anyhow::Result<usize> {
+        // Fields, not methods: `served_last` is written while these are borrowed.
         let Some(router) = &self.router else {
             return Ok(0);
         };
-        let callbacks = self.callbacks();
+        let callbacks = self.consumer.context();
         let mut assignment = callbacks.assignment.lock();
         let held_total = assignment.held_count();
         if callbacks.halted.load(Ordering::Acquire) {
@@ -446,7 +450,25 @@ impl ConsumerActor {
         let mut resume = TopicPartitionList::new();
         let mut restart_at = Vec::new();
         let mut router_full = false;
-        for (key, state) in assignment.partitions.iter_mut() {
+        // Round robin from after the partition served last, so that no paused partition waits
+        // behind the same others every time the channel has room.
+        let mut order: Vec<PartitionKey> = assignment
+            .partitions
+            .iter()
+            .filter(|(_, state)| state.flow.is_paused())
+            .map(|(key, _)| key.clone())
+            .collect();
+        order.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        if let Some(last) = &self.served_last {
+            let next = order.partition_point(|key| {
+                (&key.topic, key.partition) <= (&last.topic, last.partition)
+            });
+            order.rotate_left(next);
+        }
+        for key in order {
+            let Some(state) = assignment.partitions.get_mut(&key) else {
+                continue;
+            };
             let Flow::Paused { held } = &mut state.flow else {
                 continue;
             };
@@ -470,6 +492,7 @@ impl ConsumerActor {
                     restart_at.push((key.clone(), last + 1));
                 }
             }
+            self.served_last = Some(key);
             if router_full {
                 break;
             }

@@ -22,7 +22,7 @@ use super::assignment::{Flow, PartitionState, SharedAssignment};
 use super::commits::{commit_sync, CommitWhy};
 use crate::committer::CommitterControl;
 use crate::metrics::Metrics;
-use crate::record::Fences;
+use crate::record::{Fences, PartitionKey};
 
 /// The consumer's librdkafka context: what its callbacks need.
 pub(crate) struct Callbacks {
@@ -64,9 +64,8 @@ impl Callbacks {
             let key = assignment.key(element.topic(), element.partition());
             let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
             info!(topic = %key.topic, partition = key.partition, generation, "partition assigned");
-            // librdkafka does not keep pause state across assignments (librdkafka #1802): a new
-            // assignment flows unless the breaker holds everything; a full router pauses it
-            // again on the first send that does not fit.
+            // A new assignment flows unless the breaker holds everything; a full router pauses
+            // it again on the first send that does not fit.
             let flow = if halted {
                 Flow::paused()
             } else {
@@ -81,12 +80,47 @@ impl Callbacks {
                 },
             );
         }
-        if halted && tpl.count() > 0 {
-            if let Err(err) = consumer.pause(tpl) {
-                warn!(error = %err, "cannot pause newly assigned partitions while the breaker is tripped");
+        // librdkafka keeps an application pause across revoke and re-assignment (librdkafka
+        // #1849, confluent-kafka-go #193: unassign clears only the library's own pause flag),
+        // so a partition given back could arrive paused and never be fetched. Its pause state
+        // is set here on purpose, whatever it was: paused while the breaker holds, else
+        // resumed.
+        if tpl.count() > 0 {
+            let (set, what) = if halted {
+                (consumer.pause(tpl), "pause")
+            } else {
+                (consumer.resume(tpl), "resume")
+            };
+            if let Err(err) = set {
+                warn!(error = %err, what, "cannot set the pause state of newly assigned partitions");
             }
         }
         assignment.publish(&self.metrics);
+    }
+
+    /// Forgets every owned partition without committing (after a rebalance error).
+    fn drop_assignment(&self) {
+        self.assignment.set_in_group(false);
+        let dropped: Vec<(PartitionKey, u64)> = {
+            let mut assignment = self.assignment.lock();
+            let dropped = assignment
+                .partitions
+                .drain()
+                .map(|(key, state)| (key, state.generation))
+                .collect();
+            assignment.publish(&self.metrics);
+            dropped
+        };
+        for (key, generation) in &dropped {
+            self.fences.revoke(key, *generation);
+            self.metrics.forget_partition(key);
+        }
+        if !dropped.is_empty() {
+            // Only to make the committer forget them: nothing is committed.
+            if let Err(err) = self.committer.revoke_blocking(dropped, false) {
+                warn!(error = %err, "cannot drop the committer's state of the partitions");
+            }
+        }
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
@@ -119,6 +153,11 @@ impl Callbacks {
         if revoked.is_empty() {
             // librdkafka may call with an empty list (rust-rdkafka #681).
             return;
+        }
+        // What we paused is resumed before librdkafka takes it away, so that nothing of ours
+        // is left on a partition that may come back (see on_assign, which also resumes).
+        if let Err(err) = consumer.resume(tpl) {
+            warn!(error = %err, "cannot resume revoked partitions");
         }
         for (key, _) in &revoked {
             self.metrics.forget_partition(key);
@@ -209,8 +248,11 @@ impl ConsumerContext for Callbacks {
             Rebalance::Revoke(tpl) => self.on_revoke(consumer, tpl),
             Rebalance::Assign(_) => {}
             Rebalance::Error(err) => {
+                // rust-rdkafka unassigns everything after a rebalance error: our partitions
+                // are gone as if lost (nothing may be committed for them).
                 self.metrics.rebalances.with_label_values(&["error"]).inc();
-                warn!(error = %err, "rebalance error");
+                warn!(error = %err, "rebalance error; the assignment is dropped");
+                self.drop_assignment();
             }
         }
     }

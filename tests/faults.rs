@@ -1,0 +1,246 @@
+//! The fault matrix: conditions a deployment meets together, each combination asserted on what a
+//! separate client reads back (committed offsets) and on what the sinks wrote (every event id).
+//!
+//! Rebalances while partitions are paused, for both protocols: partitions paused by
+//! backpressure (a slow sink) or by the dead-letter breaker are revoked, moved to another
+//! process, and given back to the same process. librdkafka keeps an application pause across
+//! revoke and re-assignment (librdkafka #1849), so a partition given back must be made fetchable
+//! again; every partition must be read again and committed to the end, and nothing lost.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use logbridge::metrics::Metrics;
+use logbridge::pipeline::{HttpBind, RunOptions};
+
+const PARTITIONS: i32 = 6;
+
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    Eager,
+    Cooperative,
+}
+
+impl Protocol {
+    fn option(self) -> &'static str {
+        match self {
+            Protocol::Eager => "\"partition.assignment.strategy\" = \"range\"",
+            Protocol::Cooperative => "\"partition.assignment.strategy\" = \"cooperative-sticky\"",
+        }
+    }
+}
+
+/// Why instance A's partitions are paused when the rebalances come.
+#[derive(Clone, Copy, Debug)]
+enum PausedBy {
+    /// A slow sink: the router channel is full.
+    Backpressure,
+    /// The dead-letter breaker tripped on a run of malformed records.
+    Breaker,
+}
+
+fn config(
+    kafka: &Kafka,
+    group: &str,
+    protocol: Protocol,
+    paused_by: PausedBy,
+    out: &Path,
+) -> logbridge::Config {
+    let breaker = match paused_by {
+        PausedBy::Backpressure => "[breaker]\nenabled = false\n",
+        PausedBy::Breaker => {
+            "[breaker]\nmax_consecutive = 20\nwindow = 100000\nmax_invalid_ratio = 1.0\n"
+        }
+    };
+    let text = format!(
+        r#"{kafka}
+[pipeline]
+router_capacity = 16
+worker_capacity = 8
+pause_after_ms = 0
+commit_interval_ms = 200
+drain_timeout_ms = 2000
+
+{breaker}
+{routes}"#,
+        kafka = kafka_section(
+            &kafka.brokers,
+            group,
+            &kafka.topic,
+            &format!("{}\n\"statistics.interval.ms\" = 1000", protocol.option())
+        ),
+        routes = file_route("all", "[\"info\", \"error\"]", 2, out),
+    );
+    logbridge::Config::from_toml_str(&text).unwrap_or_else(|err| panic!("{err}\n{text}"))
+}
+
+/// Produces `count` valid events (ids 0..count) spread over every partition by key.
+async fn produce_valid(kafka: &Kafka, count: u64) {
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..count)
+        .map(|id| (Some(format!("key-{}", id % 97)), event(id, "info")))
+        .collect();
+    kafka.produce(&records).await;
+}
+
+/// The breaker's `max_consecutive` in these tests.
+const BREAKER_RUN: usize = 20;
+
+/// Malformed records before any valid one: enough to trip the breaker, too few to trip it again
+/// once it is reset.
+async fn produce_malformed(kafka: &Kafka) {
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..BREAKER_RUN + 5)
+        .map(|n| (Some(format!("bad-{n}")), b"not json".to_vec()))
+        .collect();
+    kafka.produce(&records).await;
+}
+
+/// Every event id the sink files under `dirs` hold.
+fn ids_written(dirs: &[&Path]) -> HashSet<u64> {
+    let files: Vec<_> = dirs.iter().map(|dir| dir.join("all.jsonl")).collect();
+    id_counts(&read_lines(&files)).into_keys().collect()
+}
+
+async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: PausedBy) {
+    let kafka = Kafka::start("logs", PARTITIONS);
+    let count = 3_000u64;
+    match paused_by {
+        PausedBy::Backpressure => produce_valid(&kafka, count).await,
+        // The valid events come once the breaker has tripped (below).
+        PausedBy::Breaker => produce_malformed(&kafka).await,
+    }
+    let group = unique("paused-rebalance");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+
+    // A: a slow sink (backpressure pauses partitions at once), or the breaker tripping.
+    let metrics_a = Arc::new(Metrics::new());
+    let sink_delay = match paused_by {
+        PausedBy::Backpressure => Duration::from_millis(100),
+        PausedBy::Breaker => Duration::ZERO,
+    };
+    let (a, address_a) = Running::start_serving(
+        config(&kafka, &group, protocol, paused_by, dir_a.path()),
+        RunOptions {
+            sink_factory: delayed_sinks(sink_delay, 0..=0),
+            metrics: metrics_a.clone(),
+            http: HttpBind::Disabled,
+        },
+    )
+    .await;
+    let paused = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics_a.clone();
+        async move {
+            metrics.assigned_partitions.get() == i64::from(PARTITIONS)
+                && metrics.paused_partitions.get() > 0
+        }
+    })
+    .await;
+    assert!(paused, "A never paused a partition ({paused_by:?})");
+    if let PausedBy::Breaker = paused_by {
+        assert_eq!(metrics_a.breaker_tripped.get(), 1, "the breaker tripped");
+        produce_valid(&kafka, count).await;
+    }
+    let end = kafka.end_offsets();
+
+    // B joins (partitions move to another process), then leaves (they come back to A).
+    let metrics_b = Arc::new(Metrics::new());
+    let b = Running::start(
+        config(
+            &kafka,
+            &group,
+            protocol,
+            PausedBy::Backpressure,
+            dir_b.path(),
+        ),
+        RunOptions {
+            metrics: metrics_b.clone(),
+            http: HttpBind::Disabled,
+            ..RunOptions::default()
+        },
+    );
+    let moved = wait_for(Duration::from_secs(60), || {
+        let metrics = metrics_b.clone();
+        async move { metrics.assigned_partitions.get() > 0 }
+    })
+    .await;
+    assert!(moved, "B never got partitions ({protocol:?})");
+    // Let B read a little of what it got.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.stop().await;
+    let back = wait_for(Duration::from_secs(60), || {
+        let metrics = metrics_a.clone();
+        async move { metrics.assigned_partitions.get() == i64::from(PARTITIONS) }
+    })
+    .await;
+    assert!(back, "A never got every partition back ({protocol:?})");
+
+    if let PausedBy::Breaker = paused_by {
+        // The breaker holds every partition, including the ones given back, until reset.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            metrics_a.paused_partitions.get(),
+            i64::from(PARTITIONS),
+            "the breaker holds every partition across the rebalances"
+        );
+        let (status, _) = http_request(address_a, "POST /resume HTTP/1.0\r\nHost: t\r\n\r\n").await;
+        assert_eq!(status, 202, "resume accepted");
+    }
+
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(90))
+        .await;
+    let committed = kafka.committed(&group);
+    let (paused_a, tripped_a) = (
+        metrics_a.paused_partitions.get(),
+        metrics_a.breaker_tripped.get(),
+    );
+    a.stop().await;
+    assert!(
+        done,
+        "{protocol:?}, paused by {paused_by:?}: partitions not read to the end after the \
+         rebalances: committed {committed:?}, end {end:?}, A paused {paused_a}, breaker \
+         tripped {tripped_a}"
+    );
+    let written = ids_written(&[dir_a.path(), dir_b.path()]);
+    let lost: Vec<u64> = (0..count).filter(|id| !written.contains(id)).collect();
+    println!(
+        "{protocol:?}/{paused_by:?}: {} of {count} ids written, A pauses {}, resumes {}, rebalances assign {}",
+        written.len(),
+        metrics_a.pauses.get(),
+        metrics_a.resumes.get(),
+        metrics_a.rebalances.with_label_values(&["assign"]).get()
+    );
+    assert!(
+        lost.is_empty(),
+        "lost {} ids, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_rebalance_while_paused_by_backpressure() {
+    paused_partitions_survive_rebalances(Protocol::Eager, PausedBy::Backpressure).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooperative_rebalance_while_paused_by_backpressure() {
+    paused_partitions_survive_rebalances(Protocol::Cooperative, PausedBy::Backpressure).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eager_rebalance_while_paused_by_the_breaker() {
+    paused_partitions_survive_rebalances(Protocol::Eager, PausedBy::Breaker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooperative_rebalance_while_paused_by_the_breaker() {
+    paused_partitions_survive_rebalances(Protocol::Cooperative, PausedBy::Breaker).await;
+}
