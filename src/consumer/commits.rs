@@ -1,35 +1,41 @@
 //! Commit I/O: the committer decides *what* may be committed (see [`crate::committer`]); this
-//! module sends it to Kafka. Three callers, one function ([`commit_sync`]):
-//! - interval commits, on a thread of their own that waits for the committer's plans;
-//! - revoke commits, inside the rebalance callback (before the partitions are let go);
-//! - the final commit at shutdown, on a thread the poll loop waits for a bounded time.
+//! module sends it to Kafka, on one thread, under one rule.
 //!
-//! Every commit is synchronous: librdkafka reports the result of a manual *asynchronous*
-//! commit only to an `offset_commit_cb`, which rust-rdkafka does not install (its event API
-//! covers automatic commits only), so an async commit's failure would go unseen. The cost is
-//! one broker round trip per interval on the commit thread; librdkafka keeps fetching meanwhile.
+//! Every commit goes through the commit thread ([`Commits`]): interval plans from the
+//! committer, the revoke commit of a rebalance callback, and the final commit at shutdown.
+//! One thread means one order: a commit is sent only after the previous one was answered, and
+//! the [`CommitLedger`] admits an entry only if it moves its partition forward within the
+//! entry's assignment generation. So no commit moves backwards, whatever the timing of an
+//! interval plan against a revoke.
+//!
+//! Commits are synchronous, so each one's result is known (and counted) before the next is
+//! sent. The cost is one broker round trip per interval on the commit thread; the poll loop
+//! keeps polling meanwhile (a synchronous commit can wait for a rebalance in flight: seen, 5 s
+//! while a dead member's session expired).
 
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::assignment::{Assignment, SharedAssignment};
 use crate::committer::{CommitEntry, CommitPlan};
 use crate::metrics::Metrics;
+use crate::record::PartitionKey;
 
-/// Longest wait for the final commit at shutdown.
-const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(1_000);
-
-/// Why a commit is made (log field).
+/// Why a commit is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CommitWhy {
+    /// A plan of the committer: only partitions still held under the plan's generation.
     Interval,
+    /// Positions of partitions being revoked, inside the rebalance callback.
     Revoke,
+    /// The final positions at shutdown.
     Shutdown,
 }
 
@@ -39,6 +45,53 @@ impl CommitWhy {
             CommitWhy::Interval => "interval",
             CommitWhy::Revoke => "revoke",
             CommitWhy::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The highest position committed for each partition, with its generation: the one rule every
+/// commit passes.
+#[derive(Default)]
+pub(crate) struct CommitLedger {
+    committed: FxHashMap<PartitionKey, (u64, i64)>,
+}
+
+impl CommitLedger {
+    /// The entries that may be committed now: each must move its partition forward (a later
+    /// generation starts afresh; an earlier one is never committed again), and an interval
+    /// plan's entry only while its partition is held under the entry's generation (a plan
+    /// made before a revoke must not be committed for a partition that moved on).
+    fn admit(
+        &self,
+        entries: &[CommitEntry],
+        why: CommitWhy,
+        assignment: &Assignment,
+    ) -> Vec<CommitEntry> {
+        entries
+            .iter()
+            .filter(|entry| match self.committed.get(&entry.source) {
+                Some(&(generation, offset)) => {
+                    entry.generation > generation
+                        || (entry.generation == generation && entry.offset > offset)
+                }
+                None => true,
+            })
+            .filter(|entry| {
+                why != CommitWhy::Interval
+                    || assignment
+                        .partitions
+                        .get(&entry.source)
+                        .is_some_and(|state| state.generation == entry.generation)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Notes what the broker accepted.
+    fn record(&mut self, entries: &[CommitEntry]) {
+        for entry in entries {
+            self.committed
+                .insert(entry.source.clone(), (entry.generation, entry.offset));
         }
     }
 }
@@ -72,32 +125,15 @@ fn commit_list(entries: &[CommitEntry]) -> TopicPartitionList {
     tpl
 }
 
-/// The entries of `plan` whose partition is still held under the plan's generation: a plan
-/// made before a revoke must not be committed for a partition that moved on.
-fn still_held(plan: &[CommitEntry], assignment: &Assignment) -> Vec<CommitEntry> {
-    plan.iter()
-        .filter(|entry| {
-            assignment
-                .partitions
-                .get(&entry.source)
-                .is_some_and(|state| state.generation == entry.generation)
-        })
-        .cloned()
-        .collect()
-}
-
 /// Commits `entries` and waits for the broker's answer; counts the outcome, and shows the
-/// committed offsets of the partitions still owned.
-pub(crate) fn commit_sync<C: ConsumerContext>(
+/// committed offsets of the partitions still owned. Returns whether the broker accepted them.
+fn commit_sync<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     assignment: &SharedAssignment,
     metrics: &Metrics,
     entries: &[CommitEntry],
     why: CommitWhy,
-) {
-    if entries.is_empty() {
-        return;
-    }
+) -> bool {
     let why = why.as_str();
     match consumer.commit(&commit_list(entries), CommitMode::Sync) {
         Ok(()) => {
@@ -110,90 +146,145 @@ pub(crate) fn commit_sync<C: ConsumerContext>(
                     metrics.set_committed(&entry.source, entry.offset);
                 }
             }
+            true
         }
         Err(err) if is_stale_commit(&err) => {
             metrics.commits.with_label_values(&["stale"]).inc();
             info!(error = %err, why, "commit refused: partitions already moved on");
+            false
         }
         Err(err) => {
             metrics.commits.with_label_values(&["error"]).inc();
             error!(error = %err, why, "synchronous commit failed");
+            false
         }
     }
 }
 
-/// Starts the interval commits on their own thread: a synchronous commit waits for a rebalance
-/// in flight (seen: 5 s while a dead member's session expired), and the poll loop must not wait
-/// with it (shutdown, held records and rebalance callbacks are served there). The thread ends
-/// when the committer (the plans' sender) is gone.
-///
-/// Each plan is filtered, at commit time, to the partitions still held under the plan's
-/// generation. A plan filtered just before a revoke may land just after the revoke's final
-/// commit: it carries an older position of the same generation (plans only grow), so the next
-/// owner at worst reads a few records again; it cannot land after the next owner's commits,
-/// which belong to a later group generation the broker holds us to.
-pub(crate) fn start_interval_commits<C: ConsumerContext + 'static>(
-    consumer: Arc<BaseConsumer<C>>,
-    assignment: SharedAssignment,
-    metrics: Arc<Metrics>,
-    mut plans: watch::Receiver<CommitPlan>,
-    runtime: tokio::runtime::Handle,
-) {
-    let spawned = std::thread::Builder::new()
-        .name("logbridge-commits".to_string())
-        .spawn(move || {
-            while runtime.block_on(plans.changed()).is_ok() {
-                let plan = plans.borrow_and_update().clone();
-                let entries = still_held(&plan, &assignment.lock());
-                commit_sync(
-                    &consumer,
-                    &assignment,
-                    &metrics,
-                    &entries,
-                    CommitWhy::Interval,
-                );
-            }
-        });
-    if let Err(err) = spawned {
-        error!(error = %err, "cannot start the commit thread; only revoke and shutdown commit");
+/// A commit asked of the commit thread by the consumer thread.
+struct CommitRequest {
+    entries: Vec<CommitEntry>,
+    why: CommitWhy,
+    /// Told when the commit was answered (or skipped); the asker may have stopped waiting.
+    done: std::sync::mpsc::Sender<()>,
+}
+
+/// What the consumer thread asks of the commit thread.
+enum Request {
+    Commit(CommitRequest),
+    /// The consumer is done: end the thread. (Its `Commits` cannot simply be dropped: one
+    /// lives in the Kafka client's context, which the thread itself keeps alive.)
+    Stop,
+}
+
+/// The consumer thread's way to the commit thread (revoke and final commits).
+#[derive(Clone)]
+pub(crate) struct Commits {
+    requests: mpsc::UnboundedSender<Request>,
+}
+
+/// The commit thread's end of [`Commits`], until the thread starts.
+pub(crate) struct CommitRequests(mpsc::UnboundedReceiver<Request>);
+
+/// A way to the commit thread and its receiving end (the thread starts once the Kafka client
+/// exists: see [`start`]).
+pub(crate) fn channel() -> (Commits, CommitRequests) {
+    // Unbounded: requests come one at a time from the consumer thread, which waits for each.
+    let (sender, receiver) = mpsc::unbounded_channel();
+    (Commits { requests: sender }, CommitRequests(receiver))
+}
+
+impl Commits {
+    /// Commits `entries` on the commit thread, waiting at most `wait` for the answer. Past the
+    /// wait the caller goes on (the commit may still land; if not, the records after the
+    /// previous commit are read again). Returns whether the answer came in time.
+    pub(crate) fn commit(&self, entries: Vec<CommitEntry>, why: CommitWhy, wait: Duration) -> bool {
+        if entries.is_empty() {
+            return true;
+        }
+        let (done, answered) = std::sync::mpsc::channel();
+        let request = CommitRequest { entries, why, done };
+        if self.requests.send(Request::Commit(request)).is_err() {
+            warn!(why = why.as_str(), "commit thread gone; nothing committed");
+            return false;
+        }
+        let in_time = answered.recv_timeout(wait).is_ok();
+        if !in_time {
+            warn!(
+                why = why.as_str(),
+                waited_ms = wait.as_millis() as u64,
+                "commit is taking long (a rebalance is in flight); not waiting for it"
+            );
+        }
+        in_time
+    }
+
+    /// Ends the commit thread once what was asked before is done.
+    pub(crate) fn stop(&self) {
+        // Gone already: nothing to stop.
+        let _ = self.requests.send(Request::Stop);
     }
 }
 
-/// Commits the final positions, waiting at most `FINAL_COMMIT_WAIT`. A synchronous commit
-/// waits for a rebalance in flight, which can take a session timeout when a member died;
-/// shutdown must stay within `drain_timeout_ms` + 2 s, so past the wait it goes on (the commit
-/// may still land; if not, the records after the previous commit are read again).
-pub(crate) fn final_commit<C: ConsumerContext + 'static>(
-    consumer: &Arc<BaseConsumer<C>>,
-    assignment: &SharedAssignment,
-    metrics: &Arc<Metrics>,
-    entries: Vec<CommitEntry>,
-) {
-    let (consumer, assignment, metrics) = (consumer.clone(), assignment.clone(), metrics.clone());
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("logbridge-final-commit".to_string())
+/// Starts the commit thread. It commits each plan of the committer (newest only), and every
+/// request of the consumer thread (first, when both wait), all under the [`CommitLedger`]. It
+/// ends on [`Commits::stop`].
+pub(crate) fn start<C: ConsumerContext + 'static>(
+    consumer: Arc<BaseConsumer<C>>,
+    assignment: SharedAssignment,
+    metrics: Arc<Metrics>,
+    CommitRequests(mut requests): CommitRequests,
+    mut plans: watch::Receiver<CommitPlan>,
+    runtime: tokio::runtime::Handle,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("logbridge-commits".to_string())
         .spawn(move || {
-            commit_sync(
-                &consumer,
-                &assignment,
-                &metrics,
-                &entries,
-                CommitWhy::Shutdown,
-            );
-            // The poll loop may have stopped waiting; nothing to tell then.
-            let _ = done_tx.send(());
-        });
-    if let Err(err) = spawned {
-        warn!(error = %err, "cannot start the final commit");
-        return;
-    }
-    if done_rx.recv_timeout(FINAL_COMMIT_WAIT).is_err() {
-        warn!(
-            waited_ms = FINAL_COMMIT_WAIT.as_millis() as u64,
-            "final commit is taking long (a rebalance is in flight); not waiting for it"
-        );
-    }
+            let mut ledger = CommitLedger::default();
+            let mut plans_open = true;
+            loop {
+                let next = runtime.block_on(async {
+                    tokio::select! {
+                        biased;
+                        request = requests.recv() => match request {
+                            Some(Request::Commit(request)) => Next::Request(request),
+                            Some(Request::Stop) | None => Next::Stop,
+                        },
+                        changed = plans.changed(), if plans_open => match changed {
+                            Ok(()) => Next::Plan(plans.borrow_and_update().clone()),
+                            Err(_) => Next::PlansClosed,
+                        },
+                    }
+                });
+                let mut commit = |entries: &[CommitEntry], why: CommitWhy| {
+                    let admitted = ledger.admit(entries, why, &assignment.lock());
+                    if !admitted.is_empty()
+                        && commit_sync(&consumer, &assignment, &metrics, &admitted, why)
+                    {
+                        ledger.record(&admitted);
+                    }
+                };
+                match next {
+                    Next::Stop => break,
+                    // The committer is gone; the consumer's requests may still come.
+                    Next::PlansClosed => plans_open = false,
+                    Next::Plan(plan) => commit(&plan, CommitWhy::Interval),
+                    Next::Request(request) => {
+                        commit(&request.entries, request.why);
+                        // The asker may have stopped waiting; nothing to tell then.
+                        let _ = request.done.send(());
+                    }
+                }
+            }
+        })
+}
+
+/// What the commit thread does next.
+enum Next {
+    Request(CommitRequest),
+    Plan(CommitPlan),
+    PlansClosed,
+    Stop,
 }
 
 #[cfg(test)]
@@ -214,20 +305,23 @@ mod tests {
         }
     }
 
+    fn held(assignment: &mut Assignment, partition: i32, generation: u64) {
+        let key = assignment.key("logs", partition);
+        assignment.partitions.insert(
+            key,
+            PartitionState {
+                generation,
+                flow: Flow::Flowing,
+                last_polled: None,
+            },
+        );
+    }
+
     #[test]
     fn plans_are_committed_only_for_partitions_held_under_their_generation() {
         let mut assignment = Assignment::default();
-        for (partition, generation) in [(0, 1), (1, 4)] {
-            let key = assignment.key("logs", partition);
-            assignment.partitions.insert(
-                key,
-                PartitionState {
-                    generation,
-                    flow: Flow::Flowing,
-                    last_polled: None,
-                },
-            );
-        }
+        held(&mut assignment, 0, 1);
+        held(&mut assignment, 1, 4);
         let plan = vec![
             entry(&mut assignment, 0, 1, 10),
             // Partition 1 was revoked and assigned again since: generation 3 is over.
@@ -235,8 +329,53 @@ mod tests {
             // Partition 2 is not ours at all.
             entry(&mut assignment, 2, 1, 30),
         ];
-        let kept = still_held(&plan, &assignment);
+        let ledger = CommitLedger::default();
+        let kept = ledger.admit(&plan, CommitWhy::Interval, &assignment);
         assert_eq!(kept, vec![plan[0].clone()]);
+        // A revoke's entries are of partitions already let go: the ledger alone decides.
+        let kept = ledger.admit(&plan, CommitWhy::Revoke, &assignment);
+        assert_eq!(kept, plan);
+    }
+
+    #[test]
+    fn no_commit_moves_a_partition_backwards() {
+        let mut assignment = Assignment::default();
+        held(&mut assignment, 0, 2);
+        let mut ledger = CommitLedger::default();
+        // The revoke committed 150; an interval plan made before it (100) comes after.
+        let revoke = [entry(&mut assignment, 0, 2, 150)];
+        assert_eq!(
+            ledger.admit(&revoke, CommitWhy::Revoke, &assignment),
+            revoke
+        );
+        ledger.record(&revoke);
+        let late_plan = [entry(&mut assignment, 0, 2, 100)];
+        assert!(ledger
+            .admit(&late_plan, CommitWhy::Interval, &assignment)
+            .is_empty());
+        let same = [entry(&mut assignment, 0, 2, 150)];
+        assert!(ledger
+            .admit(&same, CommitWhy::Shutdown, &assignment)
+            .is_empty());
+        let forward = [entry(&mut assignment, 0, 2, 151)];
+        assert_eq!(
+            ledger.admit(&forward, CommitWhy::Shutdown, &assignment),
+            forward
+        );
+        // A later assignment of the partition starts afresh (it reads from the group's
+        // committed offset, so its positions are at or beyond it); an earlier one never
+        // commits again.
+        held(&mut assignment, 0, 3);
+        let next_generation = [entry(&mut assignment, 0, 3, 160)];
+        assert_eq!(
+            ledger.admit(&next_generation, CommitWhy::Interval, &assignment),
+            next_generation
+        );
+        ledger.record(&next_generation);
+        let old_generation = [entry(&mut assignment, 0, 2, 500)];
+        assert!(ledger
+            .admit(&old_generation, CommitWhy::Revoke, &assignment)
+            .is_empty());
     }
 
     #[test]

@@ -51,6 +51,7 @@ use crate::metrics::Metrics;
 use crate::record::{Fences, Offer, PartitionKey, Record};
 use crate::router::RouterHandle;
 use assignment::Flow;
+use commits::{CommitWhy, Commits};
 use rebalance::Callbacks;
 
 /// How long one poll waits when nothing is held back.
@@ -58,6 +59,12 @@ const POLL_IDLE: Duration = Duration::from_millis(100);
 /// How long one poll waits while records are held for a full router: short, so the held
 /// records move as soon as there is room.
 const POLL_HELD: Duration = Duration::from_millis(5);
+/// Longest wait for the final commit at shutdown: a synchronous commit waits for a rebalance in
+/// flight, which can take a session timeout when a member died, and shutdown must stay within
+/// `drain_timeout_ms` + a few seconds.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(1_000);
+/// How long the consumer waits for the commit thread to end before it leaves the group.
+const COMMIT_THREAD_WAIT: Duration = Duration::from_millis(500);
 /// Extra wait for the committer's final answer beyond the drain timeout.
 const FINISH_GRACE: Duration = Duration::from_secs(2);
 
@@ -141,8 +148,11 @@ enum PauseAll {
 }
 
 struct ConsumerActor {
-    /// Shared only with the commit threads (see `commits`).
+    /// Shared only with the commit thread (see `commits`).
     consumer: Arc<BaseConsumer<Callbacks>>,
+    /// The commit thread, for the final commit.
+    commits: Commits,
+    commit_thread: Option<std::thread::JoinHandle<()>>,
     breaker: watch::Receiver<BreakerState>,
     /// For the commit thread and the wait for router room, which wait on tokio primitives.
     runtime: tokio::runtime::Handle,
@@ -173,7 +183,8 @@ impl ConsumerActor {
             breaker,
             fences,
         } = links;
-        let callbacks = Callbacks::new(committer.clone(), fences, metrics.clone());
+        let (commits, commit_requests) = commits::channel();
+        let callbacks = Callbacks::new(committer.clone(), commits.clone(), fences, metrics.clone());
         let consumer: BaseConsumer<Callbacks> = client_config(config)
             .create_with_context(callbacks)
             .context("failed to create the Kafka consumer")?;
@@ -182,11 +193,24 @@ impl ConsumerActor {
             .subscribe(&topics)
             .context("failed to subscribe to the configured topics")?;
         liveness.expect("consumer", 1);
+        let consumer = Arc::new(consumer);
+        let runtime = tokio::runtime::Handle::try_current()
+            .context("the consumer must be created inside the tokio runtime")?;
+        let commit_thread = commits::start(
+            consumer.clone(),
+            consumer.context().assignment.clone(),
+            metrics.clone(),
+            commit_requests,
+            committer.plans(),
+            runtime.clone(),
+        )
+        .context("failed to start the commit thread")?;
         Ok(ConsumerActor {
-            consumer: Arc::new(consumer),
+            consumer,
+            commits,
+            commit_thread: Some(commit_thread),
             breaker,
-            runtime: tokio::runtime::Handle::try_current()
-                .context("the consumer must be created inside the tokio runtime")?,
+            runtime,
             router: Some(router),
             committer,
             shutdown,
@@ -205,20 +229,21 @@ impl ConsumerActor {
     /// wait for it once the outcome is in.
     fn run(mut self, outcome: oneshot::Sender<anyhow::Result<()>>) {
         let _alive = self.liveness.enter("consumer");
-        commits::start_interval_commits(
-            self.consumer.clone(),
-            self.callbacks().assignment.clone(),
-            self.metrics.clone(),
-            self.committer.plans(),
-            self.runtime.clone(),
-        );
         let result = self.consume();
         self.callbacks().closing.store(true, Ordering::Release);
         // Nobody listening means the pipeline is gone already; leave the group regardless.
         let _ = outcome.send(result);
+        // The commit thread ends after what it was asked; a commit stuck on a rebalance is not
+        // waited for (that thread then closes the client when it is done).
+        self.commits.stop();
+        if let Some(thread) = self.commit_thread.take() {
+            let deadline = std::time::Instant::now() + COMMIT_THREAD_WAIT;
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         info!("leaving the consumer group");
         // Dropping the consumer closes it: it leaves the group so partitions move at once.
-        // (If the final commit's thread still holds it, that thread closes it when done.)
         drop(self.consumer);
         info!("left the consumer group");
     }
@@ -242,8 +267,8 @@ impl ConsumerActor {
                 Phase::Consuming => {}
                 Phase::Draining { answer, give_up_at } => match answer.try_recv() {
                     Ok(entries) => {
-                        let assignment = &self.callbacks().assignment;
-                        commits::final_commit(&self.consumer, assignment, &self.metrics, entries);
+                        self.commits
+                            .commit(entries, CommitWhy::Shutdown, FINAL_COMMIT_WAIT);
                         break Ok(());
                     }
                     Err(oneshot::error::TryRecvError::Empty)

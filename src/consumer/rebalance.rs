@@ -12,6 +12,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -19,16 +20,23 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use super::assignment::{Flow, PartitionState, SharedAssignment};
-use super::commits::{commit_sync, CommitWhy};
+use super::commits::{CommitWhy, Commits};
 use crate::committer::CommitterControl;
 use crate::metrics::Metrics;
 use crate::record::{Fences, PartitionKey};
+
+/// Longest wait for the revoke commit before the callback lets the partitions go (a commit
+/// that has not landed by then may still land; else the next owner replays from the previous
+/// commit).
+const REVOKE_COMMIT_WAIT: Duration = Duration::from_secs(5);
 
 /// The consumer's librdkafka context: what its callbacks need.
 pub(crate) struct Callbacks {
     pub(crate) assignment: SharedAssignment,
     pub(crate) metrics: Arc<Metrics>,
     committer: CommitterControl,
+    /// The commit thread (revoke commits go through it like every other).
+    commits: Commits,
     generations: AtomicU64,
     /// Set once the final commit is done: a revoke during close has nothing left to commit.
     pub(crate) closing: AtomicBool,
@@ -42,11 +50,17 @@ pub(crate) struct Callbacks {
 }
 
 impl Callbacks {
-    pub(crate) fn new(committer: CommitterControl, fences: Fences, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        committer: CommitterControl,
+        commits: Commits,
+        fences: Fences,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Callbacks {
             assignment: SharedAssignment::default(),
             metrics,
             committer,
+            commits,
             generations: AtomicU64::new(0),
             closing: AtomicBool::new(false),
             halted: AtomicBool::new(false),
@@ -182,13 +196,10 @@ impl Callbacks {
             .observe(started.elapsed().as_secs_f64());
         match answer {
             Ok(_) if lost => {}
-            Ok(entries) => commit_sync(
-                consumer,
-                &self.assignment,
-                &self.metrics,
-                &entries,
-                CommitWhy::Revoke,
-            ),
+            Ok(entries) => {
+                self.commits
+                    .commit(entries, CommitWhy::Revoke, REVOKE_COMMIT_WAIT);
+            }
             Err(err) => warn!(error = %err, "cannot commit revoked partitions"),
         }
     }
