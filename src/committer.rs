@@ -636,6 +636,10 @@ impl CommitterActor {
             }
         }
         stalls.sort_by_key(|stall| std::cmp::Reverse(stall.unmoved_for));
+        self.metrics
+            .stalled_partitions
+            .with_label_values(&["unfinished"])
+            .set(stalls.len() as i64);
         if *self.stalls.borrow() != stalls {
             for stall in &stalls {
                 warn!(topic = %stall.source.topic, partition = stall.source.partition, waiting = stall.waiting, "{stall}");

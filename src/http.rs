@@ -52,11 +52,19 @@ pub struct HttpState {
 
 impl HttpState {
     /// One line per stalled partition (shown by `/readyz` and `/status`).
+    /// Two kinds: records in flight whose commit does not move (the committer sees them), and
+    /// partitions behind that are not read at all (the consumer sees them).
     fn stall_descriptions(&self) -> Vec<String> {
-        self.stalls
+        let unfinished: Vec<String> = self
+            .stalls
             .borrow()
             .iter()
             .map(ToString::to_string)
+            .collect();
+        let unread = self.status.partitions.unread();
+        unfinished
+            .into_iter()
+            .chain(unread.iter().map(ToString::to_string))
             .collect()
     }
 }

@@ -75,6 +75,15 @@ pub struct Metrics {
     pub partition_oldest_unfinished: prometheus::GaugeVec,
     /// 1 while a partition is paused, by topic and partition.
     pub partition_paused: IntGaugeVec,
+    /// Stalled partitions, by reason (`unfinished`: records waiting and the commit not moving;
+    /// `unread`: records waiting to be read and nothing read).
+    pub stalled_partitions: IntGaugeVec,
+    /// Payload and key bytes held between the consumer and the committer.
+    pub in_flight_bytes: IntGauge,
+    /// Records with a null value, by what was done with them.
+    pub tombstones: IntCounterVec,
+    /// 1 while the dead-letter topic refuses writes.
+    pub dead_letter_failing: IntGauge,
     /// Time from reading a record to its delivery by the route's sink.
     pub processing_latency: prometheus::HistogramVec,
     /// Records between the committed offset and the high watermark (librdkafka statistics).
@@ -240,6 +249,32 @@ impl Metrics {
                 &["topic", "partition"],
             )
             .expect(METRIC_OK),
+            stalled_partitions: IntGaugeVec::new(
+                Opts::new(
+                    "logbridge_stalled_partitions",
+                    "Partitions stalled for stall_timeout_ms, by reason: unfinished (records in flight, commit not moving) or unread (records waiting to be read, nothing read).",
+                ),
+                &["reason"],
+            )
+            .expect(METRIC_OK),
+            in_flight_bytes: IntGauge::new(
+                "logbridge_in_flight_bytes",
+                "Payload and key bytes of the records held between the consumer and the committer (bounded by pipeline.max_in_flight_bytes).",
+            )
+            .expect(METRIC_OK),
+            tombstones: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_tombstones_total",
+                    "Records with a null value (tombstones), by action: skipped or dead_lettered.",
+                ),
+                &["action"],
+            )
+            .expect(METRIC_OK),
+            dead_letter_failing: IntGauge::new(
+                "logbridge_dead_letter_failing",
+                "1 while the dead-letter topic refuses writes (the records wait and their offsets stay uncommitted), else 0.",
+            )
+            .expect(METRIC_OK),
             processing_latency: prometheus::HistogramVec::new(
                 HistogramOpts::new(
                     "logbridge_processing_latency_seconds",
@@ -361,6 +396,10 @@ impl Metrics {
             Box::new(self.partition_oldest_unfinished.clone()),
             Box::new(self.partition_lag.clone()),
             Box::new(self.partition_paused.clone()),
+            Box::new(self.stalled_partitions.clone()),
+            Box::new(self.in_flight_bytes.clone()),
+            Box::new(self.tombstones.clone()),
+            Box::new(self.dead_letter_failing.clone()),
             Box::new(self.processing_latency.clone()),
             Box::new(self.broker_rtt.clone()),
             Box::new(self.backpressure_seconds.clone()),
@@ -377,6 +416,13 @@ impl Metrics {
             // Names are unique literals above; a clash is a programming error caught by the
             // unit test below, never by input.
             self.registry.register(collector).expect(METRIC_OK);
+        }
+        // Series that alerts look for exist from the start, at 0.
+        for reason in ["unfinished", "unread"] {
+            self.stalled_partitions.with_label_values(&[reason]).set(0);
+        }
+        for action in ["skipped", "dead_lettered"] {
+            self.tombstones.with_label_values(&[action]);
         }
         let build_info = IntGaugeVec::new(
             Opts::new(

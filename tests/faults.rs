@@ -244,3 +244,102 @@ async fn eager_rebalance_while_paused_by_the_breaker() {
 async fn cooperative_rebalance_while_paused_by_the_breaker() {
     paused_partitions_survive_rebalances(Protocol::Cooperative, PausedBy::Breaker).await;
 }
+
+/// A partition whose leader is down cannot be fetched: nothing of it is in flight, so no commit
+/// is waiting, yet it is behind. Readiness must say so (naming the partition) until it is read
+/// again, and then everything is committed to the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_partition_without_records_in_flight_fails_readiness() {
+    // Partition 1 is led by broker 2, the group coordinated by broker 1.
+    let kafka = Kafka::start_brokers("logs", 2, 2);
+    let cluster = kafka.cluster.as_ref().expect("mock cluster");
+    cluster
+        .partition_leader("logs", 0, Some(1))
+        .expect("leader of 0");
+    cluster
+        .partition_leader("logs", 1, Some(2))
+        .expect("leader of 1");
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..2_000u64)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect();
+    kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+    let group = unique("unread");
+    cluster
+        .coordinator(rdkafka::mocking::MockCoordinator::Group(group.clone()), 1)
+        .expect("coordinator");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = kafka.config(
+        &group,
+        "router_capacity = 4\nworker_capacity = 4\npause_after_ms = 0\nstall_timeout_ms = 2000",
+        &file_route("all", "[\"info\"]", 1, dir.path()),
+    );
+    let metrics = Arc::new(Metrics::new());
+    let (running, address) = Running::start_serving(
+        config,
+        RunOptions {
+            sink_factory: delayed_sinks(Duration::from_millis(20), 0..=0),
+            metrics: metrics.clone(),
+            http: HttpBind::Disabled,
+        },
+    )
+    .await;
+    let reading = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move { metrics.consumed.with_label_values(&["logs"]).get() > 100 }
+    })
+    .await;
+    assert!(reading, "the pipeline never read");
+    cluster
+        .broker_down(2)
+        .expect("partition 1's leader goes down");
+
+    let stalled = wait_for(Duration::from_secs(30), || async move {
+        let (status, body) = http_get(address, "/readyz").await;
+        status == 503 && body.contains("partition logs/1 stalled: not read for")
+    })
+    .await;
+    let (_, body) = http_get(address, "/readyz").await;
+    let (_, status_page) = http_get(address, "/status").await;
+    assert!(
+        stalled,
+        "readiness never named the unread partition: {body}"
+    );
+    assert!(
+        !body.contains("records waiting"),
+        "nothing of the partition is in flight, yet: {body}"
+    );
+    assert!(
+        status_page.contains("not read for"),
+        "/status: {status_page}"
+    );
+    assert_eq!(
+        metrics
+            .stalled_partitions
+            .with_label_values(&["unread"])
+            .get(),
+        1
+    );
+    assert!(
+        kafka.committed(&group)[1] < end[1],
+        "partition 1 is really behind"
+    );
+
+    cluster
+        .broker_up(2)
+        .expect("partition 1's leader comes back");
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    let ready = wait_for(Duration::from_secs(10), || async move {
+        http_get(address, "/readyz").await.0 == 200
+    })
+    .await;
+    running.stop().await;
+    assert!(
+        done,
+        "not committed to the end: {:?}",
+        kafka.committed(&group)
+    );
+    assert!(ready, "readiness did not recover");
+}

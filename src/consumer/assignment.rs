@@ -7,6 +7,9 @@ use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tracing::warn;
 
 use crate::metrics::Metrics;
 use crate::record::{PartitionKey, Record};
@@ -54,6 +57,71 @@ pub(crate) struct PartitionState {
     /// Offset of the last record librdkafka returned for this partition: its fetch position is
     /// right after it (librdkafka sets it so on pause, and we re-state it on resume).
     pub(crate) last_polled: Option<i64>,
+    /// When a record of it was last read from librdkafka (or when it was assigned).
+    pub(crate) last_read: Instant,
+    /// The end of its log (high watermark, or last stable offset), from librdkafka's
+    /// statistics.
+    pub(crate) log_end: Option<i64>,
+    /// Where reading stands before the first record is read, from librdkafka's statistics
+    /// (the application or committed offset).
+    pub(crate) start: Option<i64>,
+}
+
+impl PartitionState {
+    /// A partition just assigned under `generation`.
+    pub(crate) fn new(generation: u64, flow: Flow) -> PartitionState {
+        PartitionState {
+            generation,
+            flow,
+            last_polled: None,
+            last_read: Instant::now(),
+            log_end: None,
+            start: None,
+        }
+    }
+
+    /// Records known to wait for reading: held back, or in the log past the next offset to
+    /// read. 0 where the position or the log end is unknown.
+    pub(crate) fn behind(&self) -> i64 {
+        let next = self.last_polled.map(|offset| offset + 1).or(self.start);
+        let in_log = match (self.log_end, next) {
+            (Some(end), Some(next)) => (end - next).max(0),
+            _ => 0,
+        };
+        self.flow.held() as i64 + in_log
+    }
+}
+
+/// A partition that has records waiting to be read but has not been read for a while: paused
+/// and never resumed, or not fetched at all. Nothing may be in flight for it, so only the
+/// consumer can see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadStall {
+    /// The partition.
+    pub source: PartitionKey,
+    /// Records known to wait (held, or in the log past the next offset to read).
+    pub behind: i64,
+    /// Since when nothing of it was read.
+    pub unread_for: Duration,
+    /// Paused in librdkafka.
+    pub paused: bool,
+}
+
+impl std::fmt::Display for UnreadStall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "partition {} stalled: not read for {:.0} s with {} records behind ({})",
+            self.source,
+            self.unread_for.as_secs_f64(),
+            self.behind,
+            if self.paused {
+                "paused"
+            } else {
+                "not paused, yet not fetched"
+            }
+        )
+    }
 }
 
 /// What the consumer thread and its rebalance callbacks share (same thread, but librdkafka's
@@ -65,6 +133,8 @@ pub(crate) struct Assignment {
     topics: FxHashMap<String, Arc<str>>,
     /// `events_consumed_total` of each topic, looked up once rather than per record.
     consumed: FxHashMap<Arc<str>, prometheus::IntCounter>,
+    /// Partitions behind and not read for `stall_timeout_ms`, as last observed.
+    unread: Vec<UnreadStall>,
 }
 
 impl Assignment {
@@ -119,6 +189,42 @@ impl Assignment {
                 .with_label_values(&[&*key.topic, &partition])
                 .set(i64::from(state.flow.is_paused()));
         }
+    }
+
+    /// Finds the partitions behind and not read for `timeout` (none while the breaker holds
+    /// consumption on purpose), keeps them for the view, sets the gauge, and logs each new one.
+    pub(crate) fn observe_unread(&mut self, timeout: Duration, halted: bool, metrics: &Metrics) {
+        let now = Instant::now();
+        let mut unread: Vec<UnreadStall> = if halted {
+            Vec::new()
+        } else {
+            self.partitions
+                .iter()
+                .filter_map(|(source, state)| {
+                    let unread_for = now.saturating_duration_since(state.last_read);
+                    let behind = state.behind();
+                    (behind > 0 && unread_for >= timeout).then(|| UnreadStall {
+                        source: source.clone(),
+                        behind,
+                        unread_for,
+                        paused: state.flow.is_paused(),
+                    })
+                })
+                .collect()
+        };
+        unread.sort_by(|a, b| {
+            (&a.source.topic, a.source.partition).cmp(&(&b.source.topic, b.source.partition))
+        });
+        for stall in &unread {
+            if !self.unread.iter().any(|known| known.source == stall.source) {
+                warn!(topic = %stall.source.topic, partition = stall.source.partition, behind = stall.behind, "{stall}");
+            }
+        }
+        metrics
+            .stalled_partitions
+            .with_label_values(&["unread"])
+            .set(unread.len() as i64);
+        self.unread = unread;
     }
 
     /// Every owned partition, sorted.
@@ -196,6 +302,11 @@ impl PartitionView {
     pub fn snapshot(&self) -> Vec<PartitionFlow> {
         self.shared.lock().snapshot()
     }
+
+    /// Partitions behind and not read for `stall_timeout_ms`, as last observed.
+    pub fn unread(&self) -> Vec<UnreadStall> {
+        self.shared.lock().unread.clone()
+    }
 }
 
 #[cfg(test)]
@@ -203,11 +314,7 @@ mod tests {
     use super::*;
 
     fn state(generation: u64, flow: Flow) -> PartitionState {
-        PartitionState {
-            generation,
-            flow,
-            last_polled: None,
-        }
+        PartitionState::new(generation, flow)
     }
 
     fn held_record(source: &PartitionKey, offset: i64) -> Record {
@@ -292,5 +399,61 @@ mod tests {
                 .get()
         };
         assert_eq!((paused("0"), paused("1")), (1, 0));
+    }
+
+    #[test]
+    fn a_partition_behind_and_not_read_is_a_stall_unless_the_breaker_holds_it() {
+        let metrics = Metrics::new();
+        let mut assignment = Assignment::default();
+        let long_ago = Instant::now() - Duration::from_secs(120);
+        let mut add =
+            |partition: i32, last_polled: Option<i64>, start: Option<i64>, log_end: Option<i64>| {
+                let key = assignment.key("logs", partition);
+                let mut state = PartitionState::new(1, Flow::paused());
+                state.last_polled = last_polled;
+                state.start = start;
+                state.log_end = log_end;
+                state.last_read = long_ago;
+                assignment.partitions.insert(key, state);
+            };
+        // Read up to 99, the log ends at 150: 50 behind.
+        add(0, Some(99), None, Some(150));
+        // Caught up: nothing behind, however long it was not read.
+        add(1, Some(149), None, Some(150));
+        // Never read since assigned: the statistics' position tells (the bug this catches: a
+        // partition given back still paused by librdkafka).
+        add(2, None, Some(10), Some(40));
+        // Position unknown: not judged.
+        add(3, None, None, Some(40));
+        assignment.observe_unread(Duration::from_secs(60), false, &metrics);
+        let found: Vec<(i32, i64)> = assignment
+            .unread
+            .iter()
+            .map(|stall| (stall.source.partition, stall.behind))
+            .collect();
+        assert_eq!(found, vec![(0, 50), (2, 30)]);
+        assert_eq!(
+            metrics
+                .stalled_partitions
+                .with_label_values(&["unread"])
+                .get(),
+            2
+        );
+        assert!(assignment.unread[0].to_string().contains(
+            "partition logs/0 stalled: not read for 120 s with 50 records behind (paused)"
+        ));
+        // Not yet for as long as the timeout.
+        assignment.observe_unread(Duration::from_secs(600), false, &metrics);
+        assert!(assignment.unread.is_empty());
+        // The breaker pauses everything on purpose (and says so itself).
+        assignment.observe_unread(Duration::from_secs(60), true, &metrics);
+        assert!(assignment.unread.is_empty());
+        assert_eq!(
+            metrics
+                .stalled_partitions
+                .with_label_values(&["unread"])
+                .get(),
+            0
+        );
     }
 }

@@ -307,14 +307,9 @@ mod tests {
 
     fn held(assignment: &mut Assignment, partition: i32, generation: u64) {
         let key = assignment.key("logs", partition);
-        assignment.partitions.insert(
-            key,
-            PartitionState {
-                generation,
-                flow: Flow::Flowing,
-                last_polled: None,
-            },
-        );
+        assignment
+            .partitions
+            .insert(key, PartitionState::new(generation, Flow::Flowing));
     }
 
     #[test]

@@ -63,6 +63,8 @@ const POLL_HELD: Duration = Duration::from_millis(5);
 /// flight, which can take a session timeout when a member died, and shutdown must stay within
 /// `drain_timeout_ms` + a few seconds.
 const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(1_000);
+/// How often the consumer looks for partitions that are behind and not read.
+const UNREAD_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long the consumer waits for the commit thread to end before it leaves the group.
 const COMMIT_THREAD_WAIT: Duration = Duration::from_millis(500);
 /// Extra wait for the committer's final answer beyond the drain timeout.
@@ -167,6 +169,10 @@ struct ConsumerActor {
     drain_timeout: Duration,
     /// The paused partition whose held records were sent last (round robin of `flush_held`).
     served_last: Option<PartitionKey>,
+    /// How long a partition may be behind and unread before it counts as stalled.
+    stall_timeout: Duration,
+    /// When `observe_unread` looks next.
+    next_unread_check: std::time::Instant,
 }
 
 impl ConsumerActor {
@@ -220,6 +226,8 @@ impl ConsumerActor {
             pause_after: Duration::from_millis(config.pipeline.pause_after_ms),
             drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
             served_last: None,
+            stall_timeout: Duration::from_millis(config.pipeline.stall_timeout_ms),
+            next_unread_check: std::time::Instant::now(),
         })
     }
 
@@ -284,6 +292,7 @@ impl ConsumerActor {
             let held = match phase {
                 Phase::Consuming => {
                     self.follow_breaker()?;
+                    self.observe_unread();
                     self.flush_held()?
                 }
                 Phase::Draining { .. } => 0,
@@ -306,6 +315,21 @@ impl ConsumerActor {
                 }
             }
         }
+    }
+
+    /// Once a second: which partitions are behind and not read for `stall_timeout_ms`.
+    fn observe_unread(&mut self) {
+        let now = std::time::Instant::now();
+        if now < self.next_unread_check {
+            return;
+        }
+        self.next_unread_check = now + UNREAD_CHECK_EVERY;
+        let callbacks = self.consumer.context();
+        let halted = callbacks.halted.load(Ordering::Acquire);
+        callbacks
+            .assignment
+            .lock()
+            .observe_unread(self.stall_timeout, halted, &self.metrics);
     }
 
     /// Pauses every flowing partition in librdkafka (held records stay held); returns how many
@@ -384,9 +408,11 @@ impl ConsumerActor {
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
             return Ok(());
         };
+        let read_at = std::time::Instant::now();
         state.last_polled = Some(message.offset());
+        state.last_read = read_at;
         let record = Record {
-            read_at: std::time::Instant::now(),
+            read_at,
             source: key,
             offset: message.offset(),
             generation: state.generation,

@@ -85,14 +85,9 @@ impl Callbacks {
             } else {
                 Flow::Flowing
             };
-            assignment.partitions.insert(
-                key,
-                PartitionState {
-                    generation,
-                    flow,
-                    last_polled: None,
-                },
-            );
+            assignment
+                .partitions
+                .insert(key, PartitionState::new(generation, flow));
         }
         // librdkafka keeps an application pause across revoke and re-assignment (librdkafka
         // #1849, confluent-kafka-go #193: unassign clears only the library's own pause flag),
@@ -221,8 +216,25 @@ impl ClientContext for Callbacks {
                 }
                 let key = assignment.key(&topic.topic, stats.partition);
                 // Only owned partitions: a revoked one's series must stay gone.
-                if !assignment.partitions.contains_key(&key) {
+                let Some(state) = assignment.partitions.get_mut(&key) else {
                     continue;
+                };
+                // What the unread-partition check needs: the end of the log, and where
+                // reading stands before the first record of this assignment is read.
+                let end = if stats.ls_offset >= 0 {
+                    stats.ls_offset
+                } else {
+                    stats.hi_offset
+                };
+                // Unknown (-1) while the partition has no leader, say: keep what was known.
+                if end >= 0 {
+                    state.log_end = Some(end);
+                }
+                if let Some(start) = [stats.app_offset, stats.committed_offset]
+                    .into_iter()
+                    .find(|offset| *offset >= 0)
+                {
+                    state.start = Some(start);
                 }
                 // librdkafka's lag is against the committed offset; before the first commit
                 // of the group it is unknown (-1), and everything in the log is behind.

@@ -30,7 +30,12 @@ pub struct Kafka {
 
 impl Kafka {
     pub fn start(topic: &str, partitions: i32) -> Kafka {
-        let cluster = MockCluster::new(1).expect("mock cluster starts");
+        Kafka::start_brokers(topic, partitions, 1)
+    }
+
+    /// A mock cluster of `brokers` brokers (ids 1..=brokers) with one topic.
+    pub fn start_brokers(topic: &str, partitions: i32, brokers: i32) -> Kafka {
+        let cluster = MockCluster::new(brokers).expect("mock cluster starts");
         cluster
             .create_topic(topic, partitions, 1)
             .expect("topic created");
