@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::breaker::BreakerSwitch;
 use crate::metrics::Metrics;
 use crate::offsets::PartitionOffsets;
-use crate::record::{PartitionKey, ProcessAck, StageGone};
+use crate::record::{PartitionKey, ProcessAck, StageGone, TOMBSTONE};
 
 /// What flows into the committer's data channel. Dispatches and acks share one channel so that a
 /// record's dispatch is always seen before its ack: the router sends the dispatch before the
@@ -79,6 +79,11 @@ pub struct CommitEntry {
 /// The positions of every tracked partition, published on each interval where one advanced.
 pub type CommitPlan = Arc<Vec<CommitEntry>>;
 
+/// Partitions (with their assignment generation) whose finished records waiting behind an
+/// unfinished one reached `max_uncommitted_records`: the consumer keeps them paused until they
+/// leave this list (at half the bound).
+pub type Holds = Arc<Vec<(PartitionKey, u64)>>;
+
 /// Requests from the consumer thread, which waits for the answer.
 #[derive(Debug)]
 enum Control {
@@ -128,10 +133,14 @@ impl CommitterHandle {
         let (control_tx, control_rx) = mpsc::channel(4);
         let (plan_tx, plan_rx) = watch::channel(CommitPlan::default());
         let (stalls_tx, stalls_rx) = watch::channel(Vec::new());
+        let (holds_tx, holds_rx) = watch::channel(Holds::default());
         let actor = CommitterActor {
             breaker,
             stalls: stalls_tx,
             stall_timeout: settings.stall_timeout,
+            holds: holds_tx,
+            holds_changed: false,
+            max_uncommitted: settings.max_uncommitted,
             data: data_rx,
             control: control_rx,
             plans: plan_tx,
@@ -151,6 +160,7 @@ impl CommitterHandle {
                 sender: control_tx,
                 plans: plan_rx,
                 stalls: stalls_rx,
+                holds: holds_rx,
             },
             task,
         )
@@ -192,6 +202,7 @@ pub struct CommitterControl {
     sender: mpsc::Sender<Control>,
     plans: watch::Receiver<CommitPlan>,
     stalls: watch::Receiver<Vec<Stall>>,
+    holds: watch::Receiver<Holds>,
 }
 
 impl CommitterControl {
@@ -239,6 +250,11 @@ impl CommitterControl {
     pub fn stalls(&self) -> watch::Receiver<Vec<Stall>> {
         self.stalls.clone()
     }
+
+    /// Partitions to keep paused for their uncommitted records.
+    pub fn holds(&self) -> watch::Receiver<Holds> {
+        self.holds.clone()
+    }
 }
 
 /// Settings of the committer.
@@ -252,6 +268,9 @@ pub struct CommitterSettings {
     /// How long records may wait on a partition whose commit does not move before it counts as
     /// stalled.
     pub stall_timeout: Duration,
+    /// Finished records a partition may have waiting behind an unfinished one before the
+    /// consumer holds it paused.
+    pub max_uncommitted: usize,
 }
 
 struct Tracked {
@@ -264,6 +283,8 @@ struct Tracked {
     /// Commit position at the last check, and since when it has not moved.
     last_position: Option<i64>,
     unmoved_since: Instant,
+    /// Held paused for its uncommitted records (see `Holds`).
+    holding: bool,
 }
 
 impl Tracked {
@@ -275,6 +296,7 @@ impl Tracked {
             dispatched_at: std::collections::VecDeque::new(),
             last_position: None,
             unmoved_since: Instant::now(),
+            holding: false,
         }
     }
 
@@ -338,6 +360,10 @@ struct CommitterActor {
     breaker: BreakerSwitch,
     stalls: watch::Sender<Vec<Stall>>,
     stall_timeout: Duration,
+    holds: watch::Sender<Holds>,
+    /// Whether a partition started or stopped being held since the last publication.
+    holds_changed: bool,
+    max_uncommitted: usize,
     data: mpsc::Receiver<CommitterMsg>,
     control: mpsc::Receiver<Control>,
     plans: watch::Sender<CommitPlan>,
@@ -388,6 +414,7 @@ impl CommitterActor {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {}
             }
             self.settle(input_open);
+            self.publish_holds();
             if !input_open && self.finished_shutdown {
                 // Shutdown is answered and nothing more can arrive: done. (A revoke now, while
                 // the consumer closes, has nothing left to commit.)
@@ -447,6 +474,7 @@ impl CommitterActor {
         if tracked.generation < generation {
             // A newer assignment of the same partition: its reading restarted from the
             // committed position, so the old bookkeeping no longer applies.
+            self.holds_changed |= tracked.holding;
             *tracked = Tracked::new(generation);
         } else if tracked.generation > generation {
             return;
@@ -468,7 +496,9 @@ impl CommitterActor {
             Some(cause) => (&*cause.route, cause.reason),
             None => ("none", ""),
         };
-        self.breaker.record(ack.status.is_failure(), route, reason);
+        // A tombstone parked on purpose is not a sign of bad input.
+        let failed = ack.status.is_failure() && reason != TOMBSTONE;
+        self.breaker.record(failed, route, reason);
         let current = self
             .partitions
             .get_mut(&ack.source)
@@ -482,6 +512,26 @@ impl CommitterActor {
         };
         if let Err(err) = tracked.offsets.finished(ack.offset) {
             warn!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, error = %err, "ack not tracked");
+        }
+        // Hysteresis: held at the bound, released at half of it.
+        let waiting = tracked.offsets.finished_waiting();
+        let hold = if tracked.holding {
+            waiting > self.max_uncommitted / 2
+        } else {
+            waiting >= self.max_uncommitted
+        };
+        if hold != tracked.holding {
+            tracked.holding = hold;
+            self.holds_changed = true;
+            if hold {
+                warn!(
+                    topic = %ack.source.topic,
+                    partition = ack.source.partition,
+                    waiting,
+                    oldest_unfinished = tracked.offsets.oldest_unfinished(),
+                    "finished records wait behind an unfinished one at max_uncommitted_records; partition held paused"
+                );
+            }
         }
     }
 
@@ -571,6 +621,7 @@ impl CommitterActor {
             let Some(tracked) = self.partitions.remove(&source) else {
                 continue;
             };
+            self.holds_changed |= tracked.holding;
             self.metrics.forget_partition(&source);
             if tracked.generation != generation {
                 continue;
@@ -661,6 +712,22 @@ impl CommitterActor {
             .collect()
     }
 
+    /// Publishes the held partitions if one started or stopped being held.
+    fn publish_holds(&mut self) {
+        if !self.holds_changed {
+            return;
+        }
+        self.holds_changed = false;
+        let holds: Vec<(PartitionKey, u64)> = self
+            .partitions
+            .iter()
+            .filter(|(_, tracked)| tracked.holding)
+            .map(|(source, tracked)| (source.clone(), tracked.generation))
+            .collect();
+        // The consumer gone means shutdown: nothing to hold.
+        let _ = self.holds.send(Arc::new(holds));
+    }
+
     fn publish_if_advanced(&mut self) {
         let mut advanced = false;
         for tracked in self.partitions.values_mut() {
@@ -733,6 +800,7 @@ mod tests {
             interval: Duration::from_millis(100),
             drain_timeout: Duration::from_millis(500),
             stall_timeout: Duration::from_secs(60),
+            max_uncommitted: 1_000,
         };
         let (breaker, _) = BreakerSwitch::new(Default::default(), metrics.clone());
         CommitterHandle::spawn(settings, breaker, metrics)

@@ -14,6 +14,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{Level, DEFAULT_MAX_PAYLOAD_BYTES};
 
+/// Default of `pipeline.max_in_flight_bytes`: 64 MiB. With the default capacities a pipeline
+/// holds about 4 000 records, so events under about 16 KiB never reach it (the record bound
+/// applies first, and throughput is unchanged); for large events it is what bounds memory: 64
+/// records of 1 MiB, 160 of 400 KiB. The Kafka sink's producer copies what it sends, and
+/// librdkafka prefetches on top (`queued.max.messages.kbytes`, `fetch.max.bytes`), so the
+/// process needs about twice this plus the prefetch.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
+
 /// Where the shipped configuration lives, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/logbridge.toml";
 
@@ -72,6 +80,30 @@ pub struct Config {
     /// Stops taking records when too many fail (a bad deployment upstream).
     #[serde(default)]
     pub breaker: BreakerConfig,
+    /// How input records that are not log events are treated.
+    #[serde(default)]
+    pub input: InputConfig,
+}
+
+/// How input records that are not log events are treated.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// Records with a null value (Kafka tombstones, which compacted topics use to delete a
+    /// key): `skip` (finished as ignored and counted in `logbridge_tombstones_total`) or
+    /// `dead-letter` (parked with reason `tombstone`). Neither counts against the breaker.
+    pub tombstones: TombstonePolicy,
+}
+
+/// What becomes of a tombstone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TombstonePolicy {
+    /// Finished as ignored and counted.
+    #[default]
+    Skip,
+    /// Parked in the dead-letter topic (or, without one, logged and counted as failed).
+    DeadLetter,
 }
 
 /// The dead-letter topic.
@@ -174,9 +206,18 @@ pub struct PipelineConfig {
     /// partition and fetch it again on resume, so a short wait is cheaper for a pipeline that is
     /// merely busy; a stuck one is paused after this long and polling goes on.
     pub pause_after_ms: u64,
-    /// A partition with records waiting whose commit has not moved for this long is stalled:
-    /// `/readyz` fails naming it.
+    /// A partition with records in flight whose commit has not moved for this long, or with
+    /// records waiting to be read and nothing read for this long, is stalled: `/readyz` fails
+    /// naming it.
     pub stall_timeout_ms: u64,
+    /// Payload and key bytes the pipeline may hold between the consumer and the committer;
+    /// at the bound the consumer pauses partitions until half of it is free. A single record
+    /// larger than the bound is still taken when nothing else is held.
+    pub max_in_flight_bytes: usize,
+    /// Finished records a partition may have waiting behind an unfinished one (a record stuck
+    /// in retries holds the commit back); at the bound the partition is paused until half of
+    /// it is committed. It bounds the offset tracker and what a crash replays.
+    pub max_uncommitted_records: usize,
 }
 
 impl Default for PipelineConfig {
@@ -189,6 +230,8 @@ impl Default for PipelineConfig {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             stall_timeout_ms: 60_000,
             pause_after_ms: 100,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+            max_uncommitted_records: 10_000,
         }
     }
 }
@@ -353,6 +396,25 @@ impl Config {
         )?;
         check_range("pipeline.pause_after_ms", pipeline.pause_after_ms, 0, 5_000)?;
         check_range(
+            "pipeline.max_in_flight_bytes",
+            pipeline.max_in_flight_bytes,
+            64 << 10,
+            16 << 30,
+        )?;
+        check_range(
+            "pipeline.max_uncommitted_records",
+            pipeline.max_uncommitted_records,
+            16,
+            10_000_000,
+        )?;
+        if pipeline.drain_timeout_ms == 0 {
+            return Err(invalid(
+                "pipeline.drain_timeout_ms",
+                "0 would abandon every in-flight record at shutdown and revoke: give it at \
+                 least 1 (a few seconds is usual)",
+            ));
+        }
+        check_range(
             "pipeline.stall_timeout_ms",
             pipeline.stall_timeout_ms,
             pipeline.commit_interval_ms,
@@ -419,6 +481,15 @@ impl Config {
             for raw in &route.levels {
                 if raw.trim().is_empty() {
                     return Err(invalid(key("levels"), "empty level"));
+                }
+                if raw.trim() != raw {
+                    return Err(invalid(
+                        key("levels"),
+                        format!(
+                            "`{raw}` has spaces around it and would match no event: write `{}`",
+                            raw.trim()
+                        ),
+                    ));
                 }
                 let level = Level::new(raw).as_str().to_string();
                 if let Some(other) = levels.insert(level.clone(), &route.name) {
@@ -532,13 +603,15 @@ impl Config {
     }
 }
 
-/// Whether a librdkafka property holds a secret.
+/// Whether a librdkafka property may hold a secret: its name contains `password`, `secret`,
+/// `token` or `key` (`sasl.oauthbearer.config` holds client secrets too). Redacting a harmless
+/// one (`ssl.key.location`) costs nothing; showing a secret does.
 pub fn is_secret(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    name.contains("password")
-        || name.contains("secret")
-        || name.contains("token")
-        || ((name.starts_with("ssl.") || name.starts_with("sasl.")) && name.contains("key"))
+    ["password", "secret", "token", "key"]
+        .iter()
+        .any(|word| name.contains(word))
+        || name == "sasl.oauthbearer.config"
 }
 
 fn toml_string(config: &Config) -> String {
@@ -754,7 +827,7 @@ mod tests {
     fn status_json_redacts_secrets_only() {
         let text = MINIMAL.replace(
             "topics = [\"logs\"]",
-            "topics = [\"logs\"]\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.password\" = \"k\"\n\"sasl.oauthbearer.client.secret\" = \"s\"\n\"ssl.key.pem\" = \"PEM\"\n\"sasl.username\" = \"alice\"\n\"auto.offset.reset\" = \"earliest\"",
+            "topics = [\"logs\"]\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.password\" = \"k\"\n\"sasl.oauthbearer.client.secret\" = \"s\"\n\"ssl.key.pem\" = \"PEM\"\n\"sasl.username\" = \"alice\"\n\"auto.offset.reset\" = \"earliest\"\n\"sasl.oauthbearer.config\" = \"clientSecret=oc\"\n\"sasl.kerberos.keytab\" = \"/etc/kt\"",
         );
         let config = load(&text).expect("valid");
         let json = config.redacted_json().to_string();
@@ -763,14 +836,21 @@ mod tests {
             !toml.contains("hunter2") && toml.contains("<redacted>"),
             "{toml}"
         );
-        for secret in ["hunter2", "\"k\"", "\"s\"", "PEM"] {
+        for secret in [
+            "hunter2",
+            "\"k\"",
+            "\"s\"",
+            "PEM",
+            "clientSecret=oc",
+            "/etc/kt",
+        ] {
             assert!(!json.contains(secret), "{secret} leaked: {json}");
         }
         assert!(
             json.contains("alice") && json.contains("earliest"),
             "{json}"
         );
-        assert_eq!(json.matches("<redacted>").count(), 4, "{json}");
+        assert_eq!(json.matches("<redacted>").count(), 6, "{json}");
     }
 
     #[test]
@@ -802,6 +882,55 @@ mod tests {
                 "check.crcs=true",
                 "session.timeout.ms=6000"
             ]
+        );
+    }
+
+    #[test]
+    fn pipeline_limits_levels_and_input_are_checked_naming_the_key() {
+        let with_pipeline = |lines: &str| {
+            MINIMAL.replace("[[routes]]", &format!("[pipeline]\n{lines}\n[[routes]]"))
+        };
+        let cases = [
+            (
+                with_pipeline("drain_timeout_ms = 0"),
+                "`pipeline.drain_timeout_ms`: 0 would abandon every in-flight record",
+            ),
+            (
+                with_pipeline("max_in_flight_bytes = 1000"),
+                "`pipeline.max_in_flight_bytes`",
+            ),
+            (
+                with_pipeline("max_uncommitted_records = 1"),
+                "`pipeline.max_uncommitted_records`",
+            ),
+            (
+                MINIMAL.replace("levels = [\"error\"]", "levels = [\" error\"]"),
+                "`routes[0].levels`: ` error` has spaces around it and would match no event: write `error`",
+            ),
+            (
+                format!("{MINIMAL}\n[input]\ntombstones = \"drop\"\n"),
+                "found `drop`, expected ``skip` or `dead-letter`` for key \"default.input.tombstones\"",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+        let config = load(&format!(
+            "{MINIMAL}\n[input]\ntombstones = \"dead-letter\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(config.input.tombstones, TombstonePolicy::DeadLetter);
+        let defaults = load(MINIMAL).expect("valid");
+        assert_eq!(defaults.input.tombstones, TombstonePolicy::Skip);
+        assert_eq!(defaults.pipeline.max_in_flight_bytes, 64 << 20);
+        assert_eq!(defaults.pipeline.max_uncommitted_records, 10_000);
+        // Levels are matched without regard to case.
+        let upper =
+            load(&MINIMAL.replace("levels = [\"error\"]", "levels = [\"ERROR\"]")).expect("valid");
+        assert_eq!(
+            crate::event::Level::new(&upper.routes[0].levels[0]).as_str(),
+            "error"
         );
     }
 }

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::producer::FutureProducer;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, warn};
 
 use crate::committer::CommitterHandle;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::producer::{self, headers, headers_for, FailureKind};
+use crate::producer::{self, headers, headers_for};
 use crate::record::{AckStatus, Record, StageGone};
 
 /// Most dead letters produced in one go.
@@ -64,9 +64,36 @@ pub struct DeadLetter {
     pub route: Arc<str>,
     /// Delivery attempts made (0 for decode failures).
     pub attempts: u32,
-    /// Set when the dead-letter topic refused the record permanently (e.g. too large): it is
-    /// parked without its value, with `logbridge.error.value_dropped` giving the value's size.
-    pub value_dropped: bool,
+    /// Set (to the value's size) when the record is parked without its value: the value was
+    /// over `max_payload_bytes` and never copied, or the dead-letter topic refused it as too
+    /// large. `logbridge.error.value_dropped` then gives the size. Nothing else drops a value.
+    pub dropped_value: Option<usize>,
+}
+
+/// Why the dead-letter topic holds the pipeline back (shown by `/readyz` and `/status`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterTrouble {
+    /// The dead-letter topic.
+    pub topic: String,
+    /// The last error.
+    pub error: String,
+    /// Since when writes fail.
+    pub since: std::time::Instant,
+    /// Dead letters waiting (their offsets stay uncommitted).
+    pub waiting: usize,
+}
+
+impl std::fmt::Display for DeadLetterTrouble {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dead-letter topic {} refuses writes for {:.0} s ({}): {} records wait, their offsets stay uncommitted",
+            self.topic,
+            self.since.elapsed().as_secs_f64(),
+            self.error,
+            self.waiting
+        )
+    }
 }
 
 /// Where failed records go (held by the router and every worker): the dead-letter actor, or,
@@ -74,6 +101,7 @@ pub struct DeadLetter {
 #[derive(Clone)]
 pub struct DeadLetterHandle {
     dead_letters: Option<mpsc::Sender<DeadLetter>>,
+    trouble: watch::Receiver<Option<DeadLetterTrouble>>,
     committer: CommitterHandle,
     metrics: Arc<Metrics>,
     log_budget: Arc<LogBudget>,
@@ -130,8 +158,10 @@ impl DeadLetterHandle {
         metrics: Arc<Metrics>,
         liveness: Liveness,
     ) -> (DeadLetterHandle, Option<tokio::task::JoinHandle<()>>) {
+        let (trouble_tx, trouble) = watch::channel(None);
         let handle = |dead_letters| DeadLetterHandle {
             dead_letters,
+            trouble: trouble.clone(),
             committer: committer.clone(),
             metrics: metrics.clone(),
             log_budget: Arc::new(LogBudget::new()),
@@ -149,9 +179,15 @@ impl DeadLetterHandle {
             committer: committer.clone(),
             metrics: metrics.clone(),
             liveness,
+            trouble: trouble_tx,
         };
         let task = tokio::spawn(actor.run());
         (handle(Some(sender)), Some(task))
+    }
+
+    /// Whether the dead-letter topic refuses writes, and why.
+    pub fn trouble(&self) -> watch::Receiver<Option<DeadLetterTrouble>> {
+        self.trouble.clone()
     }
 
     /// Hands over a failed record. With a dead-letter topic this waits while the dead-letter
@@ -210,6 +246,7 @@ struct DeadLetterActor {
     committer: CommitterHandle,
     metrics: Arc<Metrics>,
     liveness: Liveness,
+    trouble: watch::Sender<Option<DeadLetterTrouble>>,
 }
 
 impl DeadLetterActor {
@@ -230,10 +267,9 @@ impl DeadLetterActor {
         let mut backoff = RETRY_FIRST;
         loop {
             let with_headers = pending.iter().map(|dead| {
-                let value = if dead.value_dropped {
-                    None
-                } else {
-                    dead.record.payload.as_deref()
+                let value = match dead.dropped_value {
+                    Some(_) => None,
+                    None => dead.record.payload.as_deref(),
                 };
                 (&dead.record, value, dead_letter_headers(dead))
             });
@@ -258,10 +294,14 @@ impl DeadLetterActor {
                         );
                         self.committer.ack(ack).await?;
                     }
-                    Err(err) if err.kind == FailureKind::Permanent && !dead.value_dropped => {
-                        // The dead-letter topic will never take this value (too large, say):
-                        // park the record's coordinates and headers without it rather than
-                        // block every partition behind it forever.
+                    Err(err)
+                        if err.reason == producer::RECORD_TOO_LARGE
+                            && dead.dropped_value.is_none() =>
+                    {
+                        // The dead-letter topic will never take a value this large: park the
+                        // record's key, headers and coordinates without it rather than block
+                        // every partition behind it forever. Only a size refusal drops a value;
+                        // any other error keeps the record whole and retries.
                         warn!(
                             topic = %dead.record.source.topic,
                             partition = dead.record.source.partition,
@@ -269,8 +309,9 @@ impl DeadLetterActor {
                             error = %err,
                             "dead-letter topic refused the value; parking the record without it"
                         );
+                        let size = dead.record.payload.as_ref().map_or(0, |value| value.len());
                         failed.push(DeadLetter {
-                            value_dropped: true,
+                            dropped_value: Some(size),
                             ..dead
                         });
                     }
@@ -281,14 +322,28 @@ impl DeadLetterActor {
                 }
             }
             if failed.is_empty() {
+                self.set_trouble(None);
                 return Ok(());
             }
-            if last_error.is_none() {
-                // Only values to drop: try again at once.
+            let Some(error) = last_error else {
+                // Only values to drop: try again at once (without them; a second refusal of
+                // the same letter is an ordinary error, retried with backoff).
                 pending = failed;
                 continue;
-            }
+            };
             self.metrics.dead_letter_errors.inc_by(failed.len() as u64);
+            let since = self
+                .trouble
+                .borrow()
+                .as_ref()
+                .map_or_else(std::time::Instant::now, |trouble| trouble.since);
+            self.set_trouble(Some(DeadLetterTrouble {
+                topic: self.topic.clone(),
+                error: error.to_string(),
+                since,
+                waiting: failed.len() + self.receiver.len(),
+            }));
+            let last_error = Some(error);
             error!(
                 records = failed.len(),
                 error = ?last_error.map(|e| e.to_string()),
@@ -302,16 +357,24 @@ impl DeadLetterActor {
     }
 }
 
+impl DeadLetterActor {
+    fn set_trouble(&self, trouble: Option<DeadLetterTrouble>) {
+        self.metrics
+            .dead_letter_failing
+            .set(i64::from(trouble.is_some()));
+        self.trouble.send_if_modified(|current| {
+            let changed = *current != trouble;
+            *current = trouble;
+            changed
+        });
+    }
+}
+
 fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
     let attempts = dead.attempts.to_string();
     // Kafka header values are bytes; keep the message to a sane size.
     let message: String = dead.message.chars().take(1024).collect();
-    let dropped = dead
-        .record
-        .payload
-        .as_ref()
-        .map_or(0, |payload| payload.len())
-        .to_string();
+    let dropped = dead.dropped_value.unwrap_or(0).to_string();
     let mut extra: Vec<(&str, &[u8])> = vec![
         (headers::ERROR_STAGE, dead.stage.as_str().as_bytes()),
         (headers::ERROR_REASON, dead.reason.as_bytes()),
@@ -319,7 +382,7 @@ fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
         (headers::ROUTE, dead.route.as_bytes()),
         (headers::ATTEMPTS, attempts.as_bytes()),
     ];
-    if dead.value_dropped {
+    if dead.dropped_value.is_some() {
         extra.push((headers::VALUE_DROPPED, dropped.as_bytes()));
     }
     headers_for(&dead.record, &extra)

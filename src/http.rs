@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use crate::breaker::{BreakerHandle, BreakerState};
 use crate::committer::Stall;
 use crate::consumer::PartitionView;
+use crate::dead_letter::DeadLetterTrouble;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 
@@ -46,15 +47,19 @@ pub struct HttpState {
     pub breaker: BreakerHandle,
     /// Stalled partitions, checked on `/readyz`.
     pub stalls: tokio::sync::watch::Receiver<Vec<Stall>>,
+    /// Whether the dead-letter topic refuses writes, checked on `/readyz`.
+    pub dead_letters: tokio::sync::watch::Receiver<Option<DeadLetterTrouble>>,
     /// What `/status` shows besides metrics.
     pub status: Arc<StatusSource>,
 }
 
 impl HttpState {
-    /// One line per stalled partition (shown by `/readyz` and `/status`).
-    /// Two kinds: records in flight whose commit does not move (the committer sees them), and
-    /// partitions behind that are not read at all (the consumer sees them).
+    /// What holds the pipeline back, one line each (shown by `/readyz` and `/status`): the
+    /// dead-letter topic refusing writes, records in flight whose commit does not move (the
+    /// committer sees them), and partitions behind that are not read at all (the consumer sees
+    /// them).
     fn stall_descriptions(&self) -> Vec<String> {
+        let dead_letters = self.dead_letters.borrow().as_ref().map(ToString::to_string);
         let unfinished: Vec<String> = self
             .stalls
             .borrow()
@@ -62,8 +67,9 @@ impl HttpState {
             .map(ToString::to_string)
             .collect();
         let unread = self.status.partitions.unread();
-        unfinished
+        dead_letters
             .into_iter()
+            .chain(unfinished)
             .chain(unread.iter().map(ToString::to_string))
             .collect()
     }
@@ -91,18 +97,15 @@ fn status_json(state: &HttpState) -> serde_json::Value {
                 topic: Arc::from(flow.topic.as_str()),
                 partition: flow.partition,
             };
-            let value = |gauge: &dyn prometheus::core::Collector| {
-                metrics.partition_value(gauge, &key)
-            };
+            let value =
+                |gauge: &dyn prometheus::core::Collector| metrics.partition_value(gauge, &key);
             let whole = |gauge: &dyn prometheus::core::Collector| value(gauge).map(|v| v as i64);
             serde_json::json!({
                 "topic": flow.topic,
                 "partition": flow.partition,
                 "generation": flow.generation,
                 "paused": flow.paused,
-                "paused_why": if !flow.paused { None }
-                    else if matches!(state.breaker.state(), BreakerState::Tripped(_)) { Some("dead-letter breaker tripped") }
-                    else { Some("router channel full (see logbridge_backpressure_seconds_total by route)") },
+                "paused_why": flow.paused_why,
                 "held": flow.held,
                 "committed": whole(&metrics.committed_offset),
                 "finished": whole(&metrics.partition_finished_offset),

@@ -109,6 +109,7 @@ pub async fn run(
             interval: Duration::from_millis(config.pipeline.commit_interval_ms),
             drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
             stall_timeout: Duration::from_millis(config.pipeline.stall_timeout_ms),
+            max_uncommitted: config.pipeline.max_uncommitted_records,
         },
         breaker_switch,
         metrics.clone(),
@@ -142,6 +143,7 @@ pub async fn run(
         metrics.clone(),
         liveness.clone(),
     );
+    let dead_letter_trouble = dead_letters.trouble();
     if let Some(task) = dead_letter_task {
         tasks.spawn(join_quietly(task, "dead_letter"));
     }
@@ -184,6 +186,7 @@ pub async fn run(
             fences: fences.clone(),
             metrics: metrics.clone(),
             liveness: liveness.clone(),
+            tombstones: config.input.tombstones,
         },
     );
     tasks.spawn(join_quietly(router_task, "router"));
@@ -214,6 +217,7 @@ pub async fn run(
             liveness: liveness.clone(),
             breaker,
             stalls,
+            dead_letters: dead_letter_trouble,
             status: Arc::new(StatusSource {
                 partitions: consumer.partitions(),
                 config: config.redacted_json(),

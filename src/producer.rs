@@ -60,13 +60,17 @@ impl DeliveryError {
     }
 }
 
+/// The reason of a record the destination refuses for its size (the only refusal that may
+/// drop a dead letter's value).
+pub const RECORD_TOO_LARGE: &str = "record_too_large";
+
 /// Sorts a librdkafka error into retryable or permanent, where librdkafka tells.
 pub fn classify(err: &KafkaError) -> DeliveryError {
     use RDKafkaErrorCode as Code;
     let message = err.to_string();
     match err.rdkafka_error_code() {
         Some(Code::MessageSizeTooLarge | Code::MessageBatchTooLarge) => {
-            DeliveryError::permanent("record_too_large", message)
+            DeliveryError::permanent(RECORD_TOO_LARGE, message)
         }
         Some(Code::InvalidMessage | Code::InvalidMessageSize | Code::InvalidRecord) => {
             DeliveryError::permanent("record_invalid", message)

@@ -44,7 +44,95 @@ pub struct Record {
     pub decoded: Result<Level, DecodeError>,
     /// When the consumer took it from librdkafka (for the processing latency).
     pub read_at: std::time::Instant,
+    /// Its bytes, counted against `pipeline.max_in_flight_bytes` until it is dropped.
+    pub charge: Charge,
 }
+
+/// Bytes held by records between the consumer and the committer, against
+/// `pipeline.max_in_flight_bytes`. Every record carries a [`Charge`] that gives its bytes back
+/// when the record is dropped, wherever that happens (delivered, parked, fenced, revoked), so
+/// the count cannot drift from what is really held.
+pub struct ByteBudget {
+    used: std::sync::atomic::AtomicUsize,
+    limit: usize,
+    gauge: prometheus::IntGauge,
+}
+
+impl ByteBudget {
+    /// A budget of `limit` bytes, shown on `gauge`.
+    pub fn new(limit: usize, gauge: prometheus::IntGauge) -> Arc<ByteBudget> {
+        gauge.set(0);
+        Arc::new(ByteBudget {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            limit,
+            gauge,
+        })
+    }
+
+    /// Counts `bytes` until the returned charge is dropped.
+    pub fn charge(self: &Arc<Self>, bytes: usize) -> Charge {
+        self.used
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        self.gauge.add(bytes as i64);
+        Charge {
+            budget: Some(self.clone()),
+            bytes,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `bytes` more fit. A record larger than the whole bound still fits when nothing
+    /// is held, or it could never move.
+    pub fn has_room(&self, bytes: usize) -> bool {
+        let used = self.used();
+        used == 0 || used.saturating_add(bytes) <= self.limit
+    }
+
+    /// Whether at most half the bound is held, not counting `held` bytes (records held back
+    /// for paused partitions, which only resuming can move): the low-water mark for resuming.
+    pub fn half_free(&self, held: usize) -> bool {
+        self.used().saturating_sub(held) * 2 <= self.limit
+    }
+}
+
+/// The bytes one record holds against the [`ByteBudget`]; given back on drop.
+#[derive(Default)]
+pub struct Charge {
+    budget: Option<Arc<ByteBudget>>,
+    bytes: usize,
+}
+
+impl Charge {
+    /// The bytes charged.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl fmt::Debug for Charge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Charge({} bytes)", self.bytes)
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget
+                .used
+                .fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+            budget.gauge.sub(self.bytes as i64);
+        }
+    }
+}
+
+/// The failure reason of a tombstone sent to the dead-letter topic (`input.tombstones =
+/// "dead-letter"`); such failures do not count against the breaker.
+pub const TOMBSTONE: &str = "tombstone";
 
 /// How a record finished. Every record that enters the pipeline ends in exactly one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -181,3 +269,59 @@ impl Offer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the {0} has stopped")]
 pub struct StageGone(pub &'static str);
+
+/// A record as the consumer would make it, for unit tests (no byte charge).
+#[cfg(test)]
+pub(crate) fn test_record(
+    partition: i32,
+    offset: i64,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Record {
+    Record {
+        source: PartitionKey {
+            topic: Arc::from("logs"),
+            partition,
+        },
+        offset,
+        generation: 1,
+        key: key.map(Box::from),
+        payload: payload.map(Box::from),
+        headers: None,
+        decoded: crate::event::decode_level(payload, crate::event::DEFAULT_MAX_PAYLOAD_BYTES),
+        read_at: std::time::Instant::now(),
+        charge: Charge::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_are_given_back_when_records_are_dropped() {
+        let gauge = prometheus::IntGauge::new("bytes", "bytes").expect("gauge");
+        let budget = ByteBudget::new(1_000, gauge.clone());
+        assert!(
+            budget.has_room(5_000),
+            "an oversized record fits an empty budget"
+        );
+        let first = budget.charge(600);
+        assert!(budget.has_room(400));
+        assert!(!budget.has_room(401));
+        assert!(!budget.half_free(0));
+        assert!(
+            budget.half_free(100),
+            "held bytes do not hold resuming back"
+        );
+        let second = budget.charge(400);
+        assert_eq!((budget.used(), gauge.get()), (1_000, 1_000));
+        drop(first);
+        assert_eq!((budget.used(), gauge.get()), (400, 400));
+        assert!(budget.half_free(0));
+        drop(second);
+        assert_eq!((budget.used(), gauge.get()), (0, 0));
+        drop(Charge::default());
+        assert_eq!(budget.used(), 0);
+    }
+}

@@ -18,10 +18,12 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::committer::{CommitterHandle, Dispatch};
+use crate::config::TombstonePolicy;
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
+use crate::event::DecodeError;
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
-use crate::record::{AckStatus, Fences, Offer, Record, StageGone};
+use crate::record::{AckStatus, Fences, Offer, Record, StageGone, TOMBSTONE};
 use crate::worker::WorkerHandle;
 
 /// Records the router takes from its channel at once (one dispatch message to the committer
@@ -59,6 +61,8 @@ pub struct RouterLinks {
     pub metrics: Arc<Metrics>,
     /// Liveness table.
     pub liveness: Liveness,
+    /// What becomes of tombstones.
+    pub tombstones: TombstonePolicy,
 }
 
 /// Sends records to the router (held by the consumer).
@@ -83,6 +87,7 @@ impl RouterHandle {
             fences,
             metrics,
             liveness,
+            tombstones,
         } = links;
         let actor = RouterActor {
             receiver,
@@ -93,6 +98,7 @@ impl RouterHandle {
             fences,
             metrics,
             liveness,
+            tombstones,
             no_route: Arc::from(NO_ROUTE),
         };
         (RouterHandle { sender }, tokio::spawn(actor.run()))
@@ -157,6 +163,7 @@ struct RouterActor {
     fences: Fences,
     metrics: Arc<Metrics>,
     liveness: Liveness,
+    tombstones: TombstonePolicy,
     no_route: Arc<str>,
 }
 
@@ -164,12 +171,14 @@ struct RouterActor {
 enum Decision {
     Lane(usize),
     Ignore,
+    SkipTombstone,
     Fail(DeadLetterCause),
 }
 
 struct DeadLetterCause {
     reason: &'static str,
     message: String,
+    dropped_value: Option<usize>,
 }
 
 impl RouterActor {
@@ -211,6 +220,16 @@ impl RouterActor {
 
     async fn route(&mut self, record: Record) -> Result<(), StageGone> {
         let decision = match &record.decoded {
+            // A null value: a tombstone (compacted topics delete keys with them), not a
+            // malformed event.
+            Err(DecodeError::Empty) if record.payload.is_none() => match self.tombstones {
+                TombstonePolicy::Skip => Decision::SkipTombstone,
+                TombstonePolicy::DeadLetter => Decision::Fail(DeadLetterCause {
+                    reason: TOMBSTONE,
+                    message: "the record has no value (a tombstone)".to_string(),
+                    dropped_value: None,
+                }),
+            },
             Err(err) => {
                 self.metrics
                     .decode_errors
@@ -220,6 +239,11 @@ impl RouterActor {
                 Decision::Fail(DeadLetterCause {
                     reason: err.reason(),
                     message: err.to_string(),
+                    // Its value was never copied (see the consumer).
+                    dropped_value: match err {
+                        DecodeError::TooLarge { size, .. } => Some(*size),
+                        _ => None,
+                    },
                 })
             }
             Ok(level) => match self.levels.get(level.as_str()) {
@@ -228,6 +252,17 @@ impl RouterActor {
             },
         };
         match decision {
+            Decision::SkipTombstone => {
+                self.metrics
+                    .tombstones
+                    .with_label_values(&["skipped"])
+                    .inc();
+                self.metrics
+                    .finished
+                    .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
+                    .inc();
+                self.committer.ack(record.ack(AckStatus::Ignored)).await
+            }
             Decision::Ignore => {
                 self.metrics
                     .finished
@@ -236,6 +271,12 @@ impl RouterActor {
                 self.committer.ack(record.ack(AckStatus::Ignored)).await
             }
             Decision::Fail(cause) => {
+                if cause.reason == TOMBSTONE {
+                    self.metrics
+                        .tombstones
+                        .with_label_values(&["dead_lettered"])
+                        .inc();
+                }
                 self.dead_letters
                     .fail(DeadLetter {
                         record,
@@ -244,7 +285,7 @@ impl RouterActor {
                         message: cause.message,
                         route: self.no_route.clone(),
                         attempts: 0,
-                        value_dropped: false,
+                        dropped_value: cause.dropped_value,
                     })
                     .await
             }
@@ -322,24 +363,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::decode_level;
-    use crate::record::PartitionKey;
 
     fn record(key: Option<&str>, partition: i32) -> Record {
         let payload = br#"{"level":"info","message":"m"}"#;
-        Record {
-            source: PartitionKey {
-                topic: Arc::from("t"),
-                partition,
-            },
-            offset: 0,
-            generation: 1,
-            key: key.map(|k| k.as_bytes().to_vec().into_boxed_slice()),
-            payload: Some(payload.to_vec().into_boxed_slice()),
-            headers: None,
-            decoded: decode_level(Some(payload), 1024),
-            read_at: std::time::Instant::now(),
-        }
+        crate::record::test_record(partition, 0, key.map(str::as_bytes), Some(payload))
     }
 
     #[test]

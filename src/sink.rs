@@ -276,23 +276,9 @@ fn write_compact_json(out: &mut Vec<u8>, json: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::decode_level;
-    use crate::record::PartitionKey;
 
     fn record(payload: &[u8], key: Option<&[u8]>) -> Record {
-        Record {
-            source: PartitionKey {
-                topic: Arc::from("logs"),
-                partition: 2,
-            },
-            offset: 7,
-            generation: 1,
-            key: key.map(|k| k.to_vec().into_boxed_slice()),
-            payload: Some(payload.to_vec().into_boxed_slice()),
-            headers: None,
-            decoded: decode_level(Some(payload), 1 << 20),
-            read_at: std::time::Instant::now(),
-        }
+        crate::record::test_record(2, 7, key, Some(payload))
     }
 
     #[test]

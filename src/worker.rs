@@ -253,7 +253,7 @@ impl WorkerActor {
                 message: err.message,
                 route: self.route.clone(),
                 attempts,
-                value_dropped: false,
+                dropped_value: None,
             })
             .await
     }

@@ -14,25 +14,60 @@ use tracing::warn;
 use crate::metrics::Metrics;
 use crate::record::{PartitionKey, Record};
 
+/// Why a partition is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PauseWhy {
+    /// The router channel stayed full for `pause_after_ms`.
+    RouterFull,
+    /// The pipeline holds `max_in_flight_bytes`.
+    Bytes,
+    /// The partition's finished-but-uncommitted records reached `max_uncommitted_records`:
+    /// it stays paused until the committer releases it.
+    Uncommitted,
+    /// The dead-letter breaker tripped.
+    Breaker,
+    /// Shutdown is draining.
+    Shutdown,
+}
+
+impl PauseWhy {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            PauseWhy::RouterFull => "router channel full",
+            PauseWhy::Bytes => "in-flight bytes at pipeline.max_in_flight_bytes",
+            PauseWhy::Uncommitted => {
+                "finished records waiting behind an unfinished one at pipeline.max_uncommitted_records"
+            }
+            PauseWhy::Breaker => "dead-letter breaker tripped",
+            PauseWhy::Shutdown => "shutting down",
+        }
+    }
+}
+
 /// Whether a partition's records flow or are held back.
 pub(crate) enum Flow {
     /// Records go straight to the router.
     Flowing,
     /// Paused in librdkafka; these records were read and wait, oldest first, for room.
-    Paused { held: VecDeque<Record> },
+    Paused {
+        why: PauseWhy,
+        held: VecDeque<Record>,
+    },
 }
 
 impl Flow {
     /// Paused with nothing held yet.
-    pub(crate) fn paused() -> Flow {
+    pub(crate) fn paused(why: PauseWhy) -> Flow {
         Flow::Paused {
+            why,
             held: VecDeque::new(),
         }
     }
 
     /// Paused, holding the record that did not fit.
-    pub(crate) fn holding(record: Record) -> Flow {
+    pub(crate) fn holding(why: PauseWhy, record: Record) -> Flow {
         Flow::Paused {
+            why,
             held: VecDeque::from([record]),
         }
     }
@@ -41,11 +76,27 @@ impl Flow {
         matches!(self, Flow::Paused { .. })
     }
 
+    /// Why it is paused, if it is.
+    pub(crate) fn why(&self) -> Option<PauseWhy> {
+        match self {
+            Flow::Flowing => None,
+            Flow::Paused { why, .. } => Some(*why),
+        }
+    }
+
     /// Records read and held back.
     pub(crate) fn held(&self) -> usize {
         match self {
             Flow::Flowing => 0,
-            Flow::Paused { held } => held.len(),
+            Flow::Paused { held, .. } => held.len(),
+        }
+    }
+
+    /// Bytes of the records held back.
+    pub(crate) fn held_bytes(&self) -> usize {
+        match self {
+            Flow::Flowing => 0,
+            Flow::Paused { held, .. } => held.iter().map(|record| record.charge.bytes()).sum(),
         }
     }
 }
@@ -176,6 +227,13 @@ impl Assignment {
             .sum()
     }
 
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|state| state.flow.held_bytes())
+            .sum()
+    }
+
     /// Sets the assigned and paused gauges: the totals, and 0/1 per owned partition.
     pub(crate) fn publish(&self, metrics: &Metrics) {
         metrics
@@ -237,6 +295,7 @@ impl Assignment {
                 partition: key.partition,
                 generation: state.generation,
                 paused: state.flow.is_paused(),
+                paused_why: state.flow.why().map(PauseWhy::as_str),
                 held: state.flow.held(),
             })
             .collect();
@@ -286,8 +345,10 @@ pub struct PartitionFlow {
     pub partition: i32,
     /// Assignment generation.
     pub generation: u64,
-    /// Paused in librdkafka (router full, breaker, or shutdown).
+    /// Paused in librdkafka.
     pub paused: bool,
+    /// Why it is paused.
+    pub paused_why: Option<&'static str>,
     /// Records read and held back while paused.
     pub held: usize,
 }
@@ -318,16 +379,7 @@ mod tests {
     }
 
     fn held_record(source: &PartitionKey, offset: i64) -> Record {
-        Record {
-            source: source.clone(),
-            offset,
-            generation: 1,
-            key: None,
-            payload: None,
-            headers: None,
-            decoded: crate::event::decode_level(None, 1024),
-            read_at: std::time::Instant::now(),
-        }
+        crate::record::test_record(source.partition, offset, None, None)
     }
 
     #[test]
@@ -355,10 +407,19 @@ mod tests {
             held.push_back(held_record(&a2, 7));
             held.push_back(held_record(&a2, 8));
             assignment.partitions.insert(b1, state(3, Flow::Flowing));
+            assignment.partitions.insert(
+                a2,
+                state(
+                    2,
+                    Flow::Paused {
+                        why: PauseWhy::Bytes,
+                        held,
+                    },
+                ),
+            );
             assignment
                 .partitions
-                .insert(a2, state(2, Flow::Paused { held }));
-            assignment.partitions.insert(a0, state(1, Flow::paused()));
+                .insert(a0, state(1, Flow::paused(PauseWhy::RouterFull)));
             assert_eq!(assignment.paused_count(), 2);
             assert_eq!(assignment.held_count(), 2);
         }
@@ -366,17 +427,22 @@ mod tests {
         assert!(!view.in_group());
         shared.set_in_group(true);
         assert!(view.in_group());
-        let shown: Vec<(String, i32, bool, usize)> = view
+        let shown: Vec<(String, i32, Option<&str>, usize)> = view
             .snapshot()
             .into_iter()
-            .map(|flow| (flow.topic, flow.partition, flow.paused, flow.held))
+            .map(|flow| (flow.topic, flow.partition, flow.paused_why, flow.held))
             .collect();
         assert_eq!(
             shown,
             vec![
-                ("a".to_string(), 0, true, 0),
-                ("a".to_string(), 2, true, 2),
-                ("b".to_string(), 1, false, 0),
+                ("a".to_string(), 0, Some("router channel full"), 0),
+                (
+                    "a".to_string(),
+                    2,
+                    Some("in-flight bytes at pipeline.max_in_flight_bytes"),
+                    2
+                ),
+                ("b".to_string(), 1, None, 0),
             ]
         );
     }
@@ -387,7 +453,9 @@ mod tests {
         let mut assignment = Assignment::default();
         let k0 = assignment.key("logs", 0);
         let k1 = assignment.key("logs", 1);
-        assignment.partitions.insert(k0, state(1, Flow::paused()));
+        assignment
+            .partitions
+            .insert(k0, state(1, Flow::paused(PauseWhy::RouterFull)));
         assignment.partitions.insert(k1, state(1, Flow::Flowing));
         assignment.publish(&metrics);
         assert_eq!(metrics.assigned_partitions.get(), 2);
@@ -409,7 +477,7 @@ mod tests {
         let mut add =
             |partition: i32, last_polled: Option<i64>, start: Option<i64>, log_end: Option<i64>| {
                 let key = assignment.key("logs", partition);
-                let mut state = PartitionState::new(1, Flow::paused());
+                let mut state = PartitionState::new(1, Flow::paused(PauseWhy::RouterFull));
                 state.last_polled = last_polled;
                 state.start = start;
                 state.log_end = log_end;

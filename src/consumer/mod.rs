@@ -43,14 +43,14 @@ pub use assignment::{PartitionFlow, PartitionView};
 pub use client::client_config;
 
 use crate::breaker::BreakerState;
-use crate::committer::{CommitEntry, CommitterControl};
+use crate::committer::{CommitEntry, CommitterControl, Holds};
 use crate::config::Config;
 use crate::event::decode_level;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::record::{Fences, Offer, PartitionKey, Record};
+use crate::record::{ByteBudget, Fences, Offer, PartitionKey, Record};
 use crate::router::RouterHandle;
-use assignment::Flow;
+use assignment::{Assignment, Flow, PauseWhy};
 use commits::{CommitWhy, Commits};
 use rebalance::Callbacks;
 
@@ -142,13 +142,6 @@ enum Phase {
     },
 }
 
-/// Why every partition is paused at once.
-#[derive(Debug, Clone, Copy)]
-enum PauseAll {
-    Breaker,
-    Shutdown,
-}
-
 struct ConsumerActor {
     /// Shared only with the commit thread (see `commits`).
     consumer: Arc<BaseConsumer<Callbacks>>,
@@ -156,6 +149,10 @@ struct ConsumerActor {
     commits: Commits,
     commit_thread: Option<std::thread::JoinHandle<()>>,
     breaker: watch::Receiver<BreakerState>,
+    /// Partitions the committer holds for their uncommitted records.
+    holds: watch::Receiver<Holds>,
+    /// Bytes in flight against `max_in_flight_bytes`.
+    budget: Arc<ByteBudget>,
     /// For the commit thread and the wait for router room, which wait on tokio primitives.
     runtime: tokio::runtime::Handle,
     /// `None` once shutdown has released it.
@@ -212,6 +209,11 @@ impl ConsumerActor {
         )
         .context("failed to start the commit thread")?;
         Ok(ConsumerActor {
+            holds: committer.holds(),
+            budget: ByteBudget::new(
+                config.pipeline.max_in_flight_bytes,
+                metrics.in_flight_bytes.clone(),
+            ),
             consumer,
             commits,
             commit_thread: Some(commit_thread),
@@ -292,6 +294,7 @@ impl ConsumerActor {
             let held = match phase {
                 Phase::Consuming => {
                     self.follow_breaker()?;
+                    self.follow_holds()?;
                     self.observe_unread();
                     self.flush_held()?
                 }
@@ -332,24 +335,61 @@ impl ConsumerActor {
             .observe_unread(self.stall_timeout, halted, &self.metrics);
     }
 
-    /// Pauses every flowing partition in librdkafka (held records stay held); returns how many
-    /// partitions are owned.
-    fn pause_all(&self, why: PauseAll) -> anyhow::Result<usize> {
+    /// Pauses every partition in librdkafka (held records stay held) for `why`; returns how
+    /// many partitions are owned. A partition held for its uncommitted records keeps that
+    /// reason (it must not resume before the committer releases it).
+    fn pause_all(&self, why: PauseWhy) -> anyhow::Result<usize> {
         let mut assignment = self.callbacks().assignment.lock();
         let mut tpl = TopicPartitionList::new();
         for (key, state) in assignment.partitions.iter_mut() {
-            if !state.flow.is_paused() {
-                state.flow = Flow::paused();
-                tpl.add_partition(&key.topic, key.partition);
+            match &mut state.flow {
+                Flow::Flowing => {
+                    state.flow = Flow::paused(why);
+                    tpl.add_partition(&key.topic, key.partition);
+                }
+                Flow::Paused { why: current, .. } => {
+                    if *current != PauseWhy::Uncommitted {
+                        *current = why;
+                    }
+                }
             }
         }
         if tpl.count() > 0 {
             self.consumer
                 .pause(&tpl)
-                .with_context(|| format!("failed to pause partitions ({why:?})"))?;
+                .with_context(|| format!("failed to pause partitions ({})", why.as_str()))?;
         }
         assignment.publish(&self.metrics);
         Ok(assignment.partitions.len())
+    }
+
+    /// Pauses one partition for `why`, holding `record` (the first that did not fit).
+    fn pause_holding(
+        &self,
+        assignment: &mut Assignment,
+        why: PauseWhy,
+        record: Record,
+    ) -> anyhow::Result<()> {
+        let Some(state) = assignment.partitions.get_mut(&record.source) else {
+            // Revoked meanwhile: the next owner reads it.
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&record.source.topic, record.source.partition);
+        self.consumer
+            .pause(&tpl)
+            .context("failed to pause a partition")?;
+        self.metrics.pauses.inc();
+        info!(
+            topic = %record.source.topic,
+            partition = record.source.partition,
+            offset = record.offset,
+            "{}, partition paused",
+            why.as_str()
+        );
+        state.flow = Flow::holding(why, record);
+        assignment.publish(&self.metrics);
+        Ok(())
     }
 
     /// Stops fetching, releases the router (so the pipeline drains) and asks the committer for
@@ -359,7 +399,7 @@ impl ConsumerActor {
         self.callbacks()
             .shutting_down
             .store(true, Ordering::Release);
-        if let Err(err) = self.pause_all(PauseAll::Shutdown) {
+        if let Err(err) = self.pause_all(PauseWhy::Shutdown) {
             warn!(error = %format!("{err:#}"), "cannot pause partitions for shutdown");
         }
         // Closing the router's input lets router, workers and committer finish in order.
@@ -389,13 +429,52 @@ impl ConsumerActor {
             info!("breaker reset: partitions resume");
             return Ok(());
         }
-        let partitions = self.pause_all(PauseAll::Breaker)?;
+        let partitions = self.pause_all(PauseWhy::Breaker)?;
         warn!(partitions, "breaker tripped: every partition paused");
         Ok(())
     }
 
+    /// Pauses the partitions the committer holds for their uncommitted records, and lets the
+    /// released ones resume (through `flush_held`).
+    fn follow_holds(&mut self) -> anyhow::Result<()> {
+        if !self.holds.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let holds = self.holds.borrow_and_update().clone();
+        let callbacks = self.consumer.context();
+        let mut assignment = callbacks.assignment.lock();
+        let mut pause = TopicPartitionList::new();
+        for (key, state) in assignment.partitions.iter_mut() {
+            let held = holds
+                .iter()
+                .any(|(source, generation)| source == key && *generation == state.generation);
+            match &mut state.flow {
+                Flow::Flowing if held => {
+                    state.flow = Flow::paused(PauseWhy::Uncommitted);
+                    pause.add_partition(&key.topic, key.partition);
+                    warn!(topic = %key.topic, partition = key.partition, "partition paused: {}", PauseWhy::Uncommitted.as_str());
+                }
+                Flow::Paused { why, .. } if held => *why = PauseWhy::Uncommitted,
+                // Released: resumable like any paused partition.
+                Flow::Paused { why, .. } if *why == PauseWhy::Uncommitted => {
+                    *why = PauseWhy::RouterFull;
+                    info!(topic = %key.topic, partition = key.partition, "uncommitted records committed: partition may resume");
+                }
+                _ => {}
+            }
+        }
+        if pause.count() > 0 {
+            self.consumer
+                .pause(&pause)
+                .context("failed to pause partitions held for their uncommitted records")?;
+            self.metrics.pauses.inc_by(pause.count() as u64);
+        }
+        assignment.publish(&self.metrics);
+        Ok(())
+    }
+
     /// Decodes a record and offers it to the router; on a channel that stays full for
-    /// `pause_after` keeps it and pauses its partition.
+    /// `pause_after`, or with `max_in_flight_bytes` held, keeps it and pauses its partition.
     fn accept(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
         let payload = message.payload();
         let decoded = decode_level(payload, self.max_payload_bytes);
@@ -411,24 +490,35 @@ impl ConsumerActor {
         let read_at = std::time::Instant::now();
         state.last_polled = Some(message.offset());
         state.last_read = read_at;
+        // A payload over `max_payload_bytes` fails decoding (too_large) and is never delivered:
+        // it is not copied, so an oversized record costs no memory here (the dead letter says
+        // how large the value was).
+        let payload = payload.filter(|payload| payload.len() <= self.max_payload_bytes);
+        let key_bytes = message.key();
+        let bytes = payload.map_or(0, <[u8]>::len) + key_bytes.map_or(0, <[u8]>::len);
+        let fits = self.budget.has_room(bytes);
         let record = Record {
             read_at,
             source: key,
             offset: message.offset(),
             generation: state.generation,
-            key: message.key().map(Box::from),
+            key: key_bytes.map(Box::from),
             payload: payload.map(Box::from),
             headers: message.headers().map(|headers| headers.detach()),
             decoded,
+            charge: self.budget.charge(bytes),
         };
         let Some(router) = &self.router else {
             return Ok(());
         };
         let record = match &mut state.flow {
             // Fetched before the pause took effect: keep order behind what is already held.
-            Flow::Paused { held } => {
+            Flow::Paused { held, .. } => {
                 held.push_back(record);
                 return Ok(());
+            }
+            Flow::Flowing if !fits => {
+                return self.pause_holding(&mut assignment, PauseWhy::Bytes, record);
             }
             Flow::Flowing => match router.offer(record) {
                 Offer::Taken => {
@@ -455,29 +545,13 @@ impl ConsumerActor {
             Offer::Full(record) | Offer::Stopped(record) => record,
         };
         let mut assignment = callbacks.assignment.lock();
-        let Some(state) = assignment.partitions.get_mut(&record.source) else {
-            return Ok(());
-        };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&record.source.topic, record.source.partition);
-        self.consumer
-            .pause(&tpl)
-            .context("failed to pause a partition")?;
-        self.metrics.pauses.inc();
-        info!(
-            topic = %record.source.topic,
-            partition = record.source.partition,
-            offset = record.offset,
-            waited_ms = self.pause_after.as_millis() as u64,
-            "router channel full, partition paused"
-        );
-        state.flow = Flow::holding(record);
-        assignment.publish(&self.metrics);
-        Ok(())
+        self.pause_holding(&mut assignment, PauseWhy::RouterFull, record)
     }
 
-    /// Moves held records to the router once it has drained to half its capacity, resuming each
-    /// partition whose held records are all sent. Returns how many records are still held.
+    /// Moves held records to the router once it has drained to half its capacity and at most
+    /// half of `max_in_flight_bytes` is in flight, resuming each partition whose held records
+    /// are all sent. Partitions held for their uncommitted records wait for the committer.
+    /// Returns how many records are still held.
     fn flush_held(&mut self) -> anyhow::Result<usize> {
         // Fields, not methods: `served_last` is written while these are borrowed.
         let Some(router) = &self.router else {
@@ -493,9 +567,10 @@ impl ConsumerActor {
         if assignment.paused_count() == 0 {
             return Ok(0);
         }
-        // Low-water mark: resume only with room for at least half the channel, so a partition
-        // is not paused and resumed for every single free slot.
-        if !router.half_empty() {
+        // Low-water marks: resume only with room for at least half the channel and half the
+        // bytes (held records are in flight already and do not count), so a partition is not
+        // paused and resumed for every single free slot.
+        if !router.half_empty() || !self.budget.half_free(assignment.held_bytes()) {
             return Ok(held_total);
         }
         let mut resume = TopicPartitionList::new();
@@ -506,7 +581,12 @@ impl ConsumerActor {
         let mut order: Vec<PartitionKey> = assignment
             .partitions
             .iter()
-            .filter(|(_, state)| state.flow.is_paused())
+            .filter(|(_, state)| {
+                state
+                    .flow
+                    .why()
+                    .is_some_and(|why| why != PauseWhy::Uncommitted)
+            })
             .map(|(key, _)| key.clone())
             .collect();
         order.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
@@ -520,7 +600,7 @@ impl ConsumerActor {
             let Some(state) = assignment.partitions.get_mut(&key) else {
                 continue;
             };
-            let Flow::Paused { held } = &mut state.flow else {
+            let Flow::Paused { held, .. } = &mut state.flow else {
                 continue;
             };
             while let Some(record) = held.pop_front() {

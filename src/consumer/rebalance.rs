@@ -19,7 +19,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{debug, info, warn};
 
-use super::assignment::{Flow, PartitionState, SharedAssignment};
+use super::assignment::{Flow, PartitionState, PauseWhy, SharedAssignment};
 use super::commits::{CommitWhy, Commits};
 use crate::committer::CommitterControl;
 use crate::metrics::Metrics;
@@ -81,7 +81,7 @@ impl Callbacks {
             // A new assignment flows unless the breaker holds everything; a full router pauses
             // it again on the first send that does not fit.
             let flow = if halted {
-                Flow::paused()
+                Flow::paused(PauseWhy::Breaker)
             } else {
                 Flow::Flowing
             };
@@ -149,7 +149,7 @@ impl Callbacks {
                 if let Some(state) = assignment.partitions.remove(&key) {
                     // From now on the router drops what it still has of this assignment.
                     self.fences.revoke(&key, state.generation);
-                    if let Flow::Paused { held } = state.flow {
+                    if let Flow::Paused { held, .. } = state.flow {
                         // Held records were never dispatched: the committed position is at or
                         // below them, so the next owner reads them again.
                         debug!(topic = %key.topic, partition = key.partition, held = held.len(), "dropping held records of revoked partition");

@@ -5,6 +5,7 @@
   route:<route>   decoded and delivered by that route (routes of tests/corpus.rs)
   ignored         decoded, but no route takes its level
   dlq:<reason>    dead-lettered with that logbridge.error.reason
+  skipped:tombstone  a null value: skipped (input.tombstones = "skip", the default)
 
 Run it from anywhere; it rewrites the corpus. The files are committed, so tests need no Python.
 """
@@ -67,7 +68,7 @@ add("seed-not-object", b'{"Error":"boom"}', "dlq:missing_field")
 
 # Empty, tombstone, whitespace, size.
 add("empty", b"", "dlq:empty")
-add("tombstone", None, "dlq:empty")
+add("tombstone", None, "skipped:tombstone")
 add("whitespace-only", b"   \n\t ", "dlq:not_json")
 add("bom-only", b"\xef\xbb\xbf", "dlq:not_json")
 add("over-decode-limit", event(level="error", message="x" * (1024 * 1024 + 16)), "dlq:too_large")
