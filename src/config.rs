@@ -300,6 +300,9 @@ pub enum SinkConfig {
     File {
         /// Output file; parent directories are created.
         path: PathBuf,
+        /// Ack a batch only once its lines are on disk (`fdatasync`), not merely with the OS.
+        #[serde(default)]
+        fsync: bool,
     },
     /// JSON lines on standard output.
     Stdout,
@@ -500,7 +503,7 @@ impl Config {
                 }
             }
             match &route.sink {
-                SinkConfig::File { path } if path.as_os_str().is_empty() => {
+                SinkConfig::File { path, .. } if path.as_os_str().is_empty() => {
                     return Err(invalid(key("sink.path"), "empty path"));
                 }
                 SinkConfig::Kafka { topic, brokers, .. } => {

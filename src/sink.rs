@@ -40,7 +40,7 @@ pub type SinkFactory =
 /// The factory for the sinks named in the configuration. Workers of one route that write to the
 /// same file share one append-mode handle.
 pub fn config_sink_factory() -> SinkFactory {
-    let files: Mutex<HashMap<PathBuf, Arc<File>>> = Mutex::new(HashMap::new());
+    let files: Mutex<HashMap<PathBuf, Arc<SharedFile>>> = Mutex::new(HashMap::new());
     // One producer per route, shared by its workers (a producer is thread-safe and batches
     // better when shared).
     let producers: Mutex<HashMap<String, FutureProducer>> = Mutex::new(HashMap::new());
@@ -71,15 +71,15 @@ pub fn config_sink_factory() -> SinkFactory {
                     topic: topic.clone(),
                 })
             }
-            SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::Stdout)),
-            SinkConfig::File { path } => {
+            SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
+            SinkConfig::File { path, fsync } => {
                 let mut files = files
                     .lock()
                     .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
                 let file = match files.get(path) {
                     Some(file) => file.clone(),
                     None => {
-                        let file = Arc::new(open_append(path)?);
+                        let file = Arc::new(SharedFile::open(path, *fsync)?);
                         files.insert(path.clone(), file.clone());
                         file
                     }
@@ -137,23 +137,159 @@ impl Sink for NullSink {
 /// Where a [`LineSink`] writes.
 #[derive(Clone)]
 pub enum LineTarget {
-    /// An append-mode file shared by a route's workers. A batch is one `write` on an `O_APPEND`
-    /// handle, so workers never interleave within a line; when it returns the lines are with the
-    /// OS (not necessarily on disk: there is no fsync per batch).
-    File(Arc<File>),
-    /// Standard output, locked for the whole batch so lines never interleave.
-    Stdout,
+    /// An append-mode file shared by a route's workers.
+    File(Arc<SharedFile>),
+    /// Standard output.
+    Stdout(Arc<Mutex<WholeLines<std::io::Stdout>>>),
 }
 
 impl LineTarget {
-    fn write_all(&self, lines: &[u8]) -> std::io::Result<()> {
+    /// Standard output, shared by every stdout sink of the process.
+    pub fn stdout() -> LineTarget {
+        static STDOUT: std::sync::OnceLock<Arc<Mutex<WholeLines<std::io::Stdout>>>> =
+            std::sync::OnceLock::new();
+        LineTarget::Stdout(
+            STDOUT
+                .get_or_init(|| Arc::new(Mutex::new(WholeLines::new(std::io::stdout()))))
+                .clone(),
+        )
+    }
+
+    fn write_lines(&self, lines: &[u8]) -> std::io::Result<()> {
         match self {
-            LineTarget::File(file) => (&**file).write_all(lines),
-            LineTarget::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(lines).and_then(|()| out.flush())
+            LineTarget::File(file) => file.append(lines),
+            LineTarget::Stdout(out) => lock(out).write_lines(lines),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The writers keep their state consistent between calls (a failed write is accounted for
+    // before it returns); a panic elsewhere cannot break it.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Something lines are written to: standard output, or a file that can also be cut back and
+/// synced.
+pub trait LineOutput: Write {
+    /// Length of what was written so far, where it can be cut back to it.
+    fn position(&mut self) -> Option<u64> {
+        None
+    }
+    /// Cuts what was written back to `position`.
+    fn cut_back(&mut self, _position: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("cannot cut back"))
+    }
+}
+
+impl LineOutput for std::io::Stdout {}
+
+impl LineOutput for File {
+    fn position(&mut self) -> Option<u64> {
+        self.metadata().ok().map(|metadata| metadata.len())
+    }
+
+    fn cut_back(&mut self, position: u64) -> std::io::Result<()> {
+        self.set_len(position)
+    }
+}
+
+/// Writes batches of whole lines so that a failed or partial write never leaves a fragment
+/// that the next write glues onto: a file is cut back to where the batch began; where that is
+/// not possible (standard output, or the cut failed), the rest of the broken line is written
+/// first next time, so it ends where it should. Either way the batch is reported failed and
+/// its records are not acked (they are delivered again: at least once).
+pub struct WholeLines<W> {
+    out: W,
+    /// The rest of a line a failed write left unfinished.
+    unfinished: Vec<u8>,
+}
+
+impl<W: LineOutput> WholeLines<W> {
+    /// Lines written to `out`.
+    pub fn new(out: W) -> WholeLines<W> {
+        WholeLines {
+            out,
+            unfinished: Vec::new(),
+        }
+    }
+
+    /// Writes `lines` (each ending in a newline) whole, or reports why not.
+    pub fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
+        if !self.unfinished.is_empty() {
+            let rest = std::mem::take(&mut self.unfinished);
+            let (written, result) = write_counting(&mut self.out, &rest);
+            if let Err(err) = result {
+                self.unfinished = rest[written..].to_vec();
+                return Err(err);
             }
         }
+        let start = self.out.position();
+        let (written, result) = write_counting(&mut self.out, lines);
+        let Err(err) = result.and_then(|()| self.out.flush()) else {
+            return Ok(());
+        };
+        if written > 0 && written < lines.len() {
+            let cut = start.map(|start| self.out.cut_back(start));
+            if !matches!(cut, Some(Ok(()))) {
+                // End the broken line with the rest of it, next time.
+                let end = lines[written..]
+                    .iter()
+                    .position(|byte| *byte == b'\n')
+                    .map_or(lines.len(), |newline| written + newline + 1);
+                self.unfinished = lines[written..end].to_vec();
+            }
+        }
+        Err(err)
+    }
+
+    /// The output itself.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.out
+    }
+}
+
+/// Writes `buf`, returning how much was written before any error.
+fn write_counting(out: &mut impl Write, buf: &[u8]) -> (usize, std::io::Result<()>) {
+    let mut written = 0;
+    while written < buf.len() {
+        match out.write(&buf[written..]) {
+            Ok(0) => return (written, Err(std::io::ErrorKind::WriteZero.into())),
+            Ok(n) => written += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return (written, Err(err)),
+        }
+    }
+    (written, Ok(()))
+}
+
+/// A file shared by the workers of a route: one batch at a time, appended whole.
+pub struct SharedFile {
+    lines: Mutex<WholeLines<File>>,
+    /// Sync each batch to disk before it counts as written.
+    fsync: bool,
+}
+
+impl SharedFile {
+    /// Opens `path` for appending (creating it and its directories).
+    pub fn open(path: &Path, fsync: bool) -> anyhow::Result<SharedFile> {
+        Ok(SharedFile {
+            lines: Mutex::new(WholeLines::new(open_append(path)?)),
+            fsync,
+        })
+    }
+
+    fn append(&self, lines: &[u8]) -> std::io::Result<()> {
+        let mut file = lock(&self.lines);
+        file.write_lines(lines)?;
+        if self.fsync {
+            // The lines are whole in the file; if they cannot be synced the batch is not
+            // acked and is written again (whole lines, at least once).
+            file.get_mut().sync_data()?;
+        }
+        Ok(())
     }
 }
 
@@ -184,7 +320,7 @@ impl Sink for LineSink {
             let target = self.target.clone();
             // The write may block (slow disk, full pipe): keep it off the async workers.
             let written = tokio::task::spawn_blocking(move || {
-                let result = target.write_all(&lines);
+                let result = target.write_lines(&lines);
                 (result, lines)
             })
             .await;
@@ -318,5 +454,109 @@ mod tests {
         );
         let line: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON line");
         assert_eq!(line["key_hex"], "ff00");
+    }
+
+    /// Accepts `room` bytes, then fails every write; can be cut back when `cuttable`.
+    struct Flaky {
+        data: Vec<u8>,
+        room: usize,
+        cuttable: bool,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::Error::other("disk full"));
+            }
+            let n = buf.len().min(self.room).min(7);
+            self.data.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl LineOutput for Flaky {
+        fn position(&mut self) -> Option<u64> {
+            self.cuttable.then_some(self.data.len() as u64)
+        }
+
+        fn cut_back(&mut self, position: u64) -> std::io::Result<()> {
+            self.data.truncate(position as usize);
+            Ok(())
+        }
+    }
+
+    fn lines_of(data: &[u8]) -> Vec<&str> {
+        std::str::from_utf8(data)
+            .expect("utf-8")
+            .split_inclusive('\n')
+            .collect()
+    }
+
+    #[test]
+    fn a_partial_write_is_cut_back_where_the_output_allows() {
+        let mut out = WholeLines::new(Flaky {
+            data: b"old line\n".to_vec(),
+            room: 20,
+            cuttable: true,
+        });
+        let err = out.write_lines(b"first record line\nsecond record line\n");
+        assert!(err.is_err(), "the batch failed");
+        assert_eq!(
+            out.get_mut().data,
+            b"old line\n",
+            "cut back to before the batch"
+        );
+        out.get_mut().room = 1_000;
+        out.write_lines(b"first record line\nsecond record line\n")
+            .expect("written");
+        assert_eq!(
+            lines_of(&out.get_mut().data),
+            ["old line\n", "first record line\n", "second record line\n"]
+        );
+    }
+
+    #[test]
+    fn a_partial_write_that_cannot_be_cut_back_is_finished_first_next_time() {
+        let mut out = WholeLines::new(Flaky {
+            data: Vec::new(),
+            room: 24,
+            cuttable: false,
+        });
+        assert!(out
+            .write_lines(b"first record line\nsecond record line\n")
+            .is_err());
+        // 24 bytes: the first line and 6 of the second.
+        assert_eq!(out.get_mut().data, b"first record line\nsecond");
+        // Still failing: nothing more, and nothing forgotten.
+        assert!(out.write_lines(b"other\n").is_err());
+        out.get_mut().room = 1_000;
+        out.write_lines(b"first record line\nsecond record line\n")
+            .expect("written");
+        // The broken line was ended before the batch was written again: every line whole
+        // (the first one twice: at least once).
+        assert_eq!(
+            lines_of(&out.get_mut().data),
+            [
+                "first record line\n",
+                "second record line\n",
+                "first record line\n",
+                "second record line\n"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_sink_with_fsync_appends_whole_lines() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("out/route.jsonl");
+        let file = SharedFile::open(&path, true).expect("opened");
+        file.append(b"a\n").expect("a");
+        file.append(b"b\n").expect("b");
+        assert_eq!(std::fs::read(&path).expect("read"), b"a\nb\n");
     }
 }
