@@ -29,7 +29,7 @@ use crate::record::{PartitionKey, ProcessAck, StageGone, TOMBSTONE};
 /// record's dispatch is always seen before its ack: the router sends the dispatch before the
 /// worker can even receive the record.
 #[derive(Debug)]
-enum CommitterMsg {
+pub(crate) enum CommitterMsg {
     /// The router handed these records on; each must finish before the commit may pass it.
     /// (One message per batch the router took, not per record: fewer wakeups.)
     Dispatched(Vec<Dispatch>),
@@ -186,6 +186,14 @@ impl CommitterHandle {
             .send(msg)
             .await
             .map_err(|_| StageGone("committer"))
+    }
+
+    /// A handle whose messages land in the returned receiver, for unit tests of the stages
+    /// that send to the committer.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> (CommitterHandle, mpsc::Receiver<CommitterMsg>) {
+        let (sender, receiver) = mpsc::channel(1024);
+        (CommitterHandle { sender }, receiver)
     }
 
     /// Messages waiting in the channel (for the depth gauge), through a weak reference that

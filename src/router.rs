@@ -343,11 +343,16 @@ pub fn worker_index(record: &Record, workers: usize) -> usize {
     if workers <= 1 {
         return 0;
     }
-    let hash = match record.key.as_deref() {
+    (order_key(record) % workers as u64) as usize
+}
+
+/// What a record keeps its order with: its key (hashed), or its partition if it has none.
+/// Records with equal order keys are delivered in offset order.
+pub fn order_key(record: &Record) -> u64 {
+    match record.key.as_deref() {
         Some(key) => fnv1a(key),
         None => record.source.partition as u32 as u64,
-    };
-    (hash % workers as u64) as usize
+    }
 }
 
 /// FNV-1a: stable across builds and platforms, so a key keeps its worker after a restart.

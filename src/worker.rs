@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use rustc_hash::FxHashSet;
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -21,6 +22,7 @@ use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics};
 use crate::producer::{DeliveryError, FailureKind};
 use crate::record::{AckStatus, Offer, Record, StageGone};
+use crate::router::order_key;
 use crate::sink::Sink;
 
 /// Most records a worker takes from its channel for one sink call.
@@ -173,13 +175,27 @@ impl WorkerActor {
             let mut delivered = Vec::with_capacity(pending.len());
             let finished_at = std::time::Instant::now();
             let mut outcomes = outcomes.into_iter();
+            // Keys (by hash) with an earlier record of this batch to retry: a later record of
+            // the same key must not count as delivered before it (per-key order).
+            let mut behind: FxHashSet<u64> = FxHashSet::default();
             for record in pending {
-                let outcome = outcomes.next().unwrap_or_else(|| {
+                let mut outcome = outcomes.next().unwrap_or_else(|| {
                     Err(DeliveryError::retryable(
                         "no_outcome",
                         "sink returned no outcome for the record",
                     ))
                 });
+                let order = order_key(&record);
+                if outcome.is_ok() && behind.contains(&order) {
+                    // The sink delivered it while an earlier record of its key failed (the
+                    // idempotent Kafka producer fails them together; other sinks may not). It
+                    // is delivered again after that one, so the last copy of each key is in
+                    // order, and acked only then.
+                    outcome = Err(DeliveryError::retryable(
+                        "key_order",
+                        "an earlier record of the same key is being retried",
+                    ));
+                }
                 match outcome {
                     Ok(()) => {
                         self.delivered += 1;
@@ -191,6 +207,7 @@ impl WorkerActor {
                         if err.kind == FailureKind::Retryable
                             && attempts <= self.retry.max_retries =>
                     {
+                        behind.insert(order);
                         retry.push((record, err));
                     }
                     Err(err) => {
@@ -262,6 +279,10 @@ impl WorkerActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::committer::CommitterMsg;
+    use crate::record::test_record;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
 
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {
@@ -270,13 +291,202 @@ mod tests {
             backoff: Duration::from_millis(100),
             backoff_max: Duration::from_millis(1_000),
         };
+        let mut firsts = std::collections::BTreeSet::new();
         for _ in 0..200 {
             let first = policy.delay(1);
             assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+            firsts.insert(first);
             let third = policy.delay(3);
             assert!(third >= Duration::from_millis(200) && third <= Duration::from_millis(400));
             let late = policy.delay(30);
             assert!(late >= Duration::from_millis(500) && late <= Duration::from_millis(1_000));
         }
+        // Jitter: the delays spread over their range rather than all being equal.
+        assert!(
+            firsts.len() > 100,
+            "{} distinct delays of 200",
+            firsts.len()
+        );
+        let spread = *firsts.last().expect("some") - *firsts.first().expect("some");
+        assert!(spread > Duration::from_millis(30), "spread {spread:?}");
+    }
+
+    /// A sink that answers each delivery from a script and remembers what it was given.
+    struct Scripted {
+        answers: VecDeque<Vec<Result<(), DeliveryError>>>,
+        seen: Arc<Mutex<Vec<Vec<(Option<String>, i64)>>>>,
+    }
+
+    impl Sink for Scripted {
+        fn deliver<'a>(
+            &'a mut self,
+            _route: &'a str,
+            batch: &'a [Record],
+        ) -> crate::sink::DeliveryFuture<'a> {
+            let seen = batch
+                .iter()
+                .map(|record| {
+                    let key = record
+                        .key
+                        .as_deref()
+                        .map(|key| String::from_utf8_lossy(key).into_owned());
+                    (key, record.offset)
+                })
+                .collect();
+            self.seen.lock().expect("seen").push(seen);
+            let answers = self
+                .answers
+                .pop_front()
+                .unwrap_or_else(|| vec![Ok(()); batch.len()]);
+            Box::pin(std::future::ready(answers))
+        }
+    }
+
+    struct Run {
+        /// Offsets acked, in ack order, with their status.
+        acks: Vec<(i64, AckStatus, Option<&'static str>)>,
+        /// What each delivery was given.
+        seen: Vec<Vec<(Option<String>, i64)>>,
+        metrics: Arc<Metrics>,
+    }
+
+    /// Runs one worker over `records` with a scripted sink and no dead-letter topic.
+    async fn run(
+        records: Vec<Record>,
+        answers: Vec<Vec<Result<(), DeliveryError>>>,
+        max_retries: u32,
+    ) -> Run {
+        let metrics = Arc::new(Metrics::new());
+        let (committer, mut messages) = CommitterHandle::for_test();
+        let (dead_letters, _) = DeadLetterHandle::spawn(
+            None,
+            committer.clone(),
+            metrics.clone(),
+            Liveness::default(),
+        );
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Scripted {
+            answers: answers.into(),
+            seen: seen.clone(),
+        };
+        let settings = WorkerSettings {
+            route: Arc::from("r"),
+            capacity: 16,
+            retry: RetryPolicy {
+                max_retries,
+                backoff: Duration::from_millis(10),
+                backoff_max: Duration::from_millis(100),
+            },
+        };
+        let (worker, task) = WorkerHandle::spawn(
+            settings,
+            Box::new(sink),
+            committer,
+            dead_letters,
+            metrics.clone(),
+            Liveness::default(),
+        );
+        // One batch: every record is in the channel before the worker takes any.
+        for record in records {
+            assert!(matches!(worker.offer(record), Offer::Taken));
+        }
+        drop(worker);
+        task.await.expect("worker ran");
+        let mut acks = Vec::new();
+        while let Ok(message) = messages.try_recv() {
+            let list = match message {
+                CommitterMsg::Ack(ack) => vec![ack],
+                CommitterMsg::Acks(acks) => acks,
+                CommitterMsg::Dispatched(_) => continue,
+            };
+            acks.extend(
+                list.into_iter()
+                    .map(|ack| (ack.offset, ack.status, ack.cause.map(|cause| cause.reason))),
+            );
+        }
+        let seen = seen.lock().expect("seen").clone();
+        Run {
+            acks,
+            seen,
+            metrics,
+        }
+    }
+
+    fn keyed(key: &str, offset: i64) -> Record {
+        test_record(
+            0,
+            offset,
+            Some(key.as_bytes()),
+            Some(br#"{"level":"info","message":"m"}"#),
+        )
+    }
+
+    fn retryable() -> Result<(), DeliveryError> {
+        Err(DeliveryError::retryable("timed_out", "no answer"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_later_record_of_a_failed_key_is_delivered_again_after_it_and_acked_only_then() {
+        let run = run(
+            vec![keyed("a", 1), keyed("b", 2), keyed("a", 3)],
+            // a@1 fails, yet the sink says a@3 went through.
+            vec![vec![retryable(), Ok(()), Ok(())]],
+            3,
+        )
+        .await;
+        let key = |k: &str, offset| (Some(k.to_string()), offset);
+        assert_eq!(
+            run.seen,
+            vec![
+                vec![key("a", 1), key("b", 2), key("a", 3)],
+                vec![key("a", 1), key("a", 3)],
+            ],
+            "a@3 is delivered again after a@1"
+        );
+        let acked: Vec<i64> = run.acks.iter().map(|(offset, _, _)| *offset).collect();
+        assert_eq!(acked, vec![2, 1, 3], "nothing of key a acked before a@1");
+        assert!(run
+            .acks
+            .iter()
+            .all(|(_, status, _)| *status == AckStatus::Processed));
+        assert_eq!(run.metrics.retries.with_label_values(&["r"]).get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_end_in_retries_exhausted_after_max_retries() {
+        let run = run(
+            vec![keyed("a", 7)],
+            vec![vec![retryable()], vec![retryable()], vec![retryable()]],
+            2,
+        )
+        .await;
+        assert_eq!(run.seen.len(), 3, "the first attempt and 2 retries");
+        assert_eq!(
+            run.acks,
+            vec![(7, AckStatus::Failed, Some("retries_exhausted"))]
+        );
+        assert_eq!(run.metrics.sink_errors.with_label_values(&["r"]).get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_failure_is_not_retried() {
+        let run = run(
+            vec![keyed("a", 4), keyed("b", 5)],
+            vec![vec![
+                Err(DeliveryError::permanent("record_too_large", "too big")),
+                Ok(()),
+            ]],
+            5,
+        )
+        .await;
+        assert_eq!(run.seen.len(), 1, "one attempt only");
+        assert_eq!(
+            run.acks,
+            vec![
+                (4, AckStatus::Failed, Some("record_too_large")),
+                (5, AckStatus::Processed, None)
+            ]
+        );
+        assert_eq!(run.metrics.retries.with_label_values(&["r"]).get(), 0);
     }
 }
