@@ -311,10 +311,13 @@ mod tests {
         assert!(spread > Duration::from_millis(30), "spread {spread:?}");
     }
 
+    /// What one delivery was given: each record's key and offset.
+    type Delivery = Vec<(Option<String>, i64)>;
+
     /// A sink that answers each delivery from a script and remembers what it was given.
     struct Scripted {
         answers: VecDeque<Vec<Result<(), DeliveryError>>>,
-        seen: Arc<Mutex<Vec<Vec<(Option<String>, i64)>>>>,
+        seen: Arc<Mutex<Vec<Delivery>>>,
     }
 
     impl Sink for Scripted {
@@ -346,7 +349,7 @@ mod tests {
         /// Offsets acked, in ack order, with their status.
         acks: Vec<(i64, AckStatus, Option<&'static str>)>,
         /// What each delivery was given.
-        seen: Vec<Vec<(Option<String>, i64)>>,
+        seen: Vec<Delivery>,
         metrics: Arc<Metrics>,
     }
 
