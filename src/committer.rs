@@ -99,7 +99,7 @@ enum Control {
     /// Shutdown: answer with every position once all input has ended or at `deadline`.
     Finish {
         deadline: Instant,
-        respond_to: oneshot::Sender<Vec<CommitEntry>>,
+        respond_to: oneshot::Sender<FinalPositions>,
     },
 }
 
@@ -238,7 +238,7 @@ impl CommitterControl {
     pub fn finish(
         &self,
         deadline: Instant,
-    ) -> Result<oneshot::Receiver<Vec<CommitEntry>>, StageGone> {
+    ) -> Result<oneshot::Receiver<FinalPositions>, StageGone> {
         let (respond_to, response) = oneshot::channel();
         self.sender
             .try_send(Control::Finish {
@@ -361,7 +361,16 @@ struct PendingRevoke {
 
 struct PendingFinish {
     deadline: Instant,
-    respond_to: oneshot::Sender<Vec<CommitEntry>>,
+    respond_to: oneshot::Sender<FinalPositions>,
+}
+
+/// The committer's answer at shutdown.
+#[derive(Debug)]
+pub struct FinalPositions {
+    /// What may be committed.
+    pub entries: Vec<CommitEntry>,
+    /// Records dispatched and not finished when the drain ended (read again after restart).
+    pub unfinished: usize,
 }
 
 struct CommitterActor {
@@ -608,7 +617,10 @@ impl CommitterActor {
                     warn!(unfinished, "drain timeout reached; unfinished records will be read again after restart");
                 }
                 // The consumer may have given up waiting; then there is nobody to tell.
-                let _ = finish.respond_to.send(entries);
+                let _ = finish.respond_to.send(FinalPositions {
+                    entries,
+                    unfinished,
+                });
                 self.finished_shutdown = true;
             }
         }
@@ -906,8 +918,9 @@ mod tests {
             .expect("alive");
         acks.ack(ack(2, 40, 1)).await.expect("alive");
         drop(acks);
-        let entries = response.await.expect("answered");
-        assert_eq!(entries[0].offset, 41);
+        let answer = response.await.expect("answered");
+        assert_eq!(answer.entries[0].offset, 41);
+        assert_eq!(answer.unfinished, 0);
         drop(control);
         task.await
             .expect("committer ends when the consumer is gone");

@@ -120,6 +120,9 @@ fn main() -> ExitCode {
             Command::CheckConfig { .. } | Command::BenchBroker => Ok(()),
         }
     });
+    // A sink write blocked for good (stdout on a full pipe, say) must not keep the process
+    // alive: blocking threads get a moment, then the process exits regardless.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::breaker::BreakerSwitch;
 use crate::committer::{CommitterHandle, CommitterSettings};
@@ -119,7 +119,7 @@ pub async fn run(
     tasks.spawn(async move {
         // The committer's liveness is its task's: held here until the task ends.
         let _alive = committer_alive;
-        join_quietly(committer_task, "committer").await;
+        watch_actor(committer_task, "committer").await
     });
 
     let dead_letter_topic = match &config.dead_letter {
@@ -145,7 +145,7 @@ pub async fn run(
     );
     let dead_letter_trouble = dead_letters.trouble();
     if let Some(task) = dead_letter_task {
-        tasks.spawn(join_quietly(task, "dead_letter"));
+        tasks.spawn(watch_actor(task, "dead_letter"));
     }
 
     let (table, worker_tasks) = spawn_workers(
@@ -157,7 +157,7 @@ pub async fn run(
         &liveness,
     )?;
     for task in worker_tasks {
-        tasks.spawn(join_quietly(task, "worker"));
+        tasks.spawn(watch_actor(task, "worker"));
     }
     let mut depths = DepthSampler {
         probes: table
@@ -189,7 +189,7 @@ pub async fn run(
             tombstones: config.input.tombstones,
         },
     );
-    tasks.spawn(join_quietly(router_task, "router"));
+    tasks.spawn(watch_actor(router_task, "router"));
     depths
         .probes
         .push(("router".to_string(), vec![router.depth_probe()]));
@@ -250,16 +250,32 @@ pub async fn run(
         routes = config.routes.len(),
         "logbridge started"
     );
-    // The outcome arrives after the final commit; the drain is timed from the shutdown signal.
+    // The consumer's outcome arrives after the final commit. Meanwhile the actors are watched:
+    // one that ends before shutdown was asked (a panic, or a stage it needs is gone) stops the
+    // pipeline the way SIGTERM does (stop fetching, drain, commit what finished), and the run
+    // ends in an error so that the process exits non-zero and the orchestrator restarts it.
+    let mut failures: Vec<String> = Vec::new();
+    let mut drain_started = None;
     let outcome = consumer.outcome();
     tokio::pin!(outcome);
-    let (consumer_result, drain_started) = tokio::select! {
-        result = &mut outcome => (result, std::time::Instant::now()),
-        _ = shutdown.cancelled() => {
-            let started = std::time::Instant::now();
-            (outcome.await, started)
+    let consumer_result = loop {
+        tokio::select! {
+            result = &mut outcome => break result,
+            _ = shutdown.cancelled(), if drain_started.is_none() => {
+                drain_started = Some(std::time::Instant::now());
+            }
+            Some(joined) = tasks.join_next(), if !shutdown.is_cancelled() => {
+                let exit = joined.unwrap_or_else(|err| ActorExit {
+                    kind: "actor",
+                    panic: Some(err.to_string()),
+                });
+                error!(actor = exit.kind, panic = exit.panic.as_deref(), "an actor stopped while the pipeline was running; stopping (the orchestrator should restart logbridge)");
+                failures.push(exit.to_string());
+                shutdown.cancel();
+            }
         }
     };
+    let drain_started = drain_started.unwrap_or_else(std::time::Instant::now);
     // Then it leaves the group: usually at once, but a rebalance in flight can hold it up to
     // a session timeout. Give it a moment; past that the process exits without waiting and the
     // group notices through the session timeout instead.
@@ -283,14 +299,26 @@ pub async fn run(
     // (a sink stuck past the drain timeout) a moment, then abort them: their records were not
     // committed and will be read again.
     let wind_down = tokio::time::timeout(WIND_DOWN, async {
-        while tasks.join_next().await.is_some() {}
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(ActorExit {
+                kind,
+                panic: Some(panic),
+            }) = joined
+            {
+                failures.push(format!("{kind} panicked: {panic}"));
+            }
+        }
     })
     .await;
     if wind_down.is_err() {
+        let busy = tasks.len();
         warn!(
-            tasks = tasks.len(),
+            tasks = busy,
             "tasks still busy after the final commit; aborting them"
         );
+        failures.push(format!(
+            "{busy} actors were still busy after the final commit and were aborted"
+        ));
         tasks.shutdown().await;
     }
     metrics
@@ -301,13 +329,47 @@ pub async fn run(
         let _ = task.await;
     }
     info!("logbridge stopped");
-    consumer_result
+    match (consumer_result, failures.is_empty()) {
+        (result, true) => result,
+        (Ok(()), false) => Err(anyhow::anyhow!("{}", failures.join("; "))),
+        (Err(err), false) => Err(err.context(failures.join("; "))),
+    }
 }
 
-async fn join_quietly(task: tokio::task::JoinHandle<()>, kind: &'static str) {
-    if let Err(err) = task.await {
-        warn!(error = %err, kind, "actor task failed");
+/// How an actor task ended.
+struct ActorExit {
+    kind: &'static str,
+    /// The panic message, if it panicked.
+    panic: Option<String>,
+}
+
+impl std::fmt::Display for ActorExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.panic {
+            Some(panic) => write!(f, "{} panicked: {panic}", self.kind),
+            None => write!(f, "{} stopped", self.kind),
+        }
     }
+}
+
+/// Waits for an actor task and says how it ended.
+async fn watch_actor(task: tokio::task::JoinHandle<()>, kind: &'static str) -> ActorExit {
+    let panic = match task.await {
+        Ok(()) => None,
+        Err(err) => {
+            let message = match err.try_into_panic() {
+                Ok(payload) => payload
+                    .downcast_ref::<&str>()
+                    .map(|text| text.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_string()),
+                Err(err) => err.to_string(),
+            };
+            warn!(error = %message, kind, "actor task failed");
+            Some(message)
+        }
+    };
+    ActorExit { kind, panic }
 }
 
 fn spawn_workers(

@@ -343,3 +343,176 @@ async fn an_unread_partition_without_records_in_flight_fails_readiness() {
     );
     assert!(ready, "readiness did not recover");
 }
+
+/// A sink that panics on the record whose payload contains `boom`, and delivers the rest to
+/// the configured sink.
+fn panicking_sinks() -> logbridge::sink::SinkFactory {
+    let inner = logbridge::sink::config_sink_factory();
+    Arc::new(move |route, index| {
+        Ok(Box::new(Panicking {
+            inner: inner(route, index)?,
+        }) as Box<dyn logbridge::sink::Sink>)
+    })
+}
+
+struct Panicking {
+    inner: Box<dyn logbridge::sink::Sink>,
+}
+
+impl logbridge::sink::Sink for Panicking {
+    fn deliver<'a>(
+        &'a mut self,
+        route: &'a str,
+        batch: &'a [logbridge::record::Record],
+    ) -> logbridge::sink::DeliveryFuture<'a> {
+        let poisoned = batch.iter().any(|record| {
+            record
+                .payload
+                .as_deref()
+                .is_some_and(|payload| String::from_utf8_lossy(payload).contains("boom"))
+        });
+        if poisoned {
+            panic!("the sink hit a poisoned record");
+        }
+        self.inner.deliver(route, batch)
+    }
+}
+
+/// A worker that panics stops the pipeline: it stops fetching, commits exactly what finished
+/// (nothing past the record the dead worker held), and `run` ends in an error naming the panic,
+/// so that the process exits non-zero and is restarted. It never keeps consuming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_worker_stops_the_pipeline_and_commits_what_finished() {
+    let kafka = Kafka::start("logs", 1);
+    // One partition, one worker: records 0..300 fine, 300 poisoned, then 300 more.
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..601u64)
+        .map(|id| {
+            let mut payload = event(id, "info");
+            if id == 300 {
+                payload = serde_json::json!({"id": id, "level": "info", "message": "boom"})
+                    .to_string()
+                    .into_bytes();
+            }
+            (Some("same-key".to_string()), payload)
+        })
+        .collect();
+    kafka.produce(&records).await;
+    let group = unique("panic");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = kafka.config(
+        &group,
+        "router_capacity = 8\nworker_capacity = 4\ndrain_timeout_ms = 1000",
+        &file_route("all", "[\"info\"]", 1, dir.path()),
+    );
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(logbridge::run(
+        config,
+        RunOptions {
+            sink_factory: panicking_sinks(),
+            metrics: metrics.clone(),
+            http: HttpBind::Disabled,
+        },
+        shutdown.clone(),
+    ));
+    // Nobody cancels `shutdown`: the pipeline must stop by itself.
+    let outcome = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the pipeline stopped by itself")
+        .expect("joined");
+    let err = outcome.expect_err("a panicked worker ends the run in an error");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("worker panicked: the sink hit a poisoned record"),
+        "{text}"
+    );
+    // Every record before the poisoned one was delivered (the worker takes batches of up to
+    // 4 records, so the poisoned batch may have begun a little before it) and committed;
+    // nothing at or past it.
+    let committed = kafka.committed(&group)[0];
+    let written = ids_written(&[dir.path()]);
+    println!(
+        "panicking worker: committed {committed}, {} ids written, consumed {}",
+        written.len(),
+        metrics.consumed.with_label_values(&["logs"]).get()
+    );
+    assert!(
+        committed <= 300,
+        "committed past the poisoned record: {committed}"
+    );
+    assert!(
+        committed >= 296,
+        "what finished before the poisoned batch is committed: {committed}"
+    );
+    assert!((0..committed as u64).all(|id| written.contains(&id)));
+    assert!(
+        written.iter().all(|id| *id < 300),
+        "nothing after the poisoned record delivered"
+    );
+}
+
+fn ids_written_file(path: &Path) -> HashSet<u64> {
+    id_counts(&read_lines(&[path.to_path_buf()]))
+        .into_keys()
+        .collect()
+}
+
+/// A stdout sink blocked on a full pipe (nobody reads it) must not hang shutdown: on SIGTERM
+/// the process exits within the drain timeout plus a few seconds, non-zero because it had to
+/// abandon work, and says so in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
+    use common::process::{free_port, Logbridge};
+    let kafka = Kafka::start("logs", 2);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..5_000u64)
+        .map(|id| {
+            let mut payload =
+                serde_json::json!({"id": id, "level": "info", "message": "x".repeat(900)});
+            payload["service"] = "stdout".into();
+            (Some(format!("key-{id}")), payload.to_string().into_bytes())
+        })
+        .collect();
+    kafka.produce(&records).await;
+    let work = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let config = work.path().join("stdout.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[pipeline]\ndrain_timeout_ms = 2000\ncommit_interval_ms = 200\n[http]\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\nname = \"all\"\nlevels = [\"info\"]\nsink = {{ type = \"stdout\" }}\n",
+            kafka_section(&kafka.brokers, &unique("stdout"), &kafka.topic, "")
+        ),
+    )
+    .expect("config");
+    let log = work.path().join("stdout.log");
+    // A pipe whose reading end is kept open and never read: the first 64 KiB fit, then every
+    // write blocks.
+    let mut child =
+        Logbridge::start_with_stdout(&config, port, log.clone(), std::process::Stdio::piped());
+    let blocked = wait_for(Duration::from_secs(60), || {
+        let child = &child;
+        async move {
+            child
+                .metric("logbridge_events_consumed_total")
+                .await
+                .is_some_and(|consumed| consumed > 500.0)
+        }
+    })
+    .await;
+    assert!(blocked, "logbridge never consumed");
+    // Let the writers block on the full pipe.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, took) = child.terminate(Duration::from_secs(30));
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("stdout blocked: SIGTERM to exit {took:?}, status {status:?}");
+    let status = status
+        .unwrap_or_else(|| panic!("logbridge did not exit within 30 s of SIGTERM:\n{log_text}"));
+    assert!(
+        !status.success(),
+        "abandoned work must exit non-zero: {status}"
+    );
+    assert!(
+        log_text.contains("abandoned") || log_text.contains("aborted"),
+        "the log says what was abandoned:\n{log_text}"
+    );
+}

@@ -165,8 +165,9 @@ fn commit_sync<C: ConsumerContext>(
 struct CommitRequest {
     entries: Vec<CommitEntry>,
     why: CommitWhy,
-    /// Told when the commit was answered (or skipped); the asker may have stopped waiting.
-    done: std::sync::mpsc::Sender<()>,
+    /// Told whether the broker took the commit (or there was nothing left to commit); the asker
+    /// may have stopped waiting.
+    done: std::sync::mpsc::Sender<bool>,
 }
 
 /// What the consumer thread asks of the commit thread.
@@ -197,7 +198,7 @@ pub(crate) fn channel() -> (Commits, CommitRequests) {
 impl Commits {
     /// Commits `entries` on the commit thread, waiting at most `wait` for the answer. Past the
     /// wait the caller goes on (the commit may still land; if not, the records after the
-    /// previous commit are read again). Returns whether the answer came in time.
+    /// previous commit are read again). Returns whether the broker took it in time.
     pub(crate) fn commit(&self, entries: Vec<CommitEntry>, why: CommitWhy, wait: Duration) -> bool {
         if entries.is_empty() {
             return true;
@@ -208,15 +209,17 @@ impl Commits {
             warn!(why = why.as_str(), "commit thread gone; nothing committed");
             return false;
         }
-        let in_time = answered.recv_timeout(wait).is_ok();
-        if !in_time {
-            warn!(
-                why = why.as_str(),
-                waited_ms = wait.as_millis() as u64,
-                "commit is taking long (a rebalance is in flight); not waiting for it"
-            );
+        match answered.recv_timeout(wait) {
+            Ok(taken) => taken,
+            Err(_) => {
+                warn!(
+                    why = why.as_str(),
+                    waited_ms = wait.as_millis() as u64,
+                    "commit is taking long (a rebalance is in flight); not waiting for it"
+                );
+                false
+            }
         }
-        in_time
     }
 
     /// Ends the commit thread once what was asked before is done.
@@ -256,23 +259,29 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
                         },
                     }
                 });
+                // Whether everything admitted was taken by the broker.
                 let mut commit = |entries: &[CommitEntry], why: CommitWhy| {
                     let admitted = ledger.admit(entries, why, &assignment.lock());
-                    if !admitted.is_empty()
-                        && commit_sync(&consumer, &assignment, &metrics, &admitted, why)
-                    {
+                    if admitted.is_empty() {
+                        return true;
+                    }
+                    let taken = commit_sync(&consumer, &assignment, &metrics, &admitted, why);
+                    if taken {
                         ledger.record(&admitted);
                     }
+                    taken
                 };
                 match next {
                     Next::Stop => break,
                     // The committer is gone; the consumer's requests may still come.
                     Next::PlansClosed => plans_open = false,
-                    Next::Plan(plan) => commit(&plan, CommitWhy::Interval),
+                    Next::Plan(plan) => {
+                        commit(&plan, CommitWhy::Interval);
+                    }
                     Next::Request(request) => {
-                        commit(&request.entries, request.why);
+                        let taken = commit(&request.entries, request.why);
                         // The asker may have stopped waiting; nothing to tell then.
-                        let _ = request.done.send(());
+                        let _ = request.done.send(taken);
                     }
                 }
             }

@@ -43,7 +43,7 @@ pub use assignment::{PartitionFlow, PartitionView};
 pub use client::client_config;
 
 use crate::breaker::BreakerState;
-use crate::committer::{CommitEntry, CommitterControl, Holds};
+use crate::committer::{CommitterControl, FinalPositions, Holds};
 use crate::config::Config;
 use crate::event::decode_level;
 use crate::health::Liveness;
@@ -131,13 +131,28 @@ impl ConsumerHandle {
     }
 }
 
+/// What a shutdown had to leave undone: the process then exits non-zero, and the records after
+/// the last commit are read again after a restart.
+#[derive(Debug, thiserror::Error)]
+pub enum Abandoned {
+    /// The drain timeout passed with records still in flight.
+    #[error("shutdown abandoned {0} unfinished records (drain_timeout_ms passed); they are read again after a restart")]
+    Unfinished(usize),
+    /// The final commit was not answered in time.
+    #[error("the broker did not take the final commit in time; records since the previous commit are read again after a restart")]
+    FinalCommit,
+    /// The committer did not answer.
+    #[error("no final positions from the committer; records since the last commit are read again after a restart")]
+    NoFinalPositions,
+}
+
 /// Lifecycle of the consumer thread.
 enum Phase {
     /// Reading and dispatching.
     Consuming,
     /// Shutdown asked: nothing new is dispatched; waiting for the committer's final positions.
     Draining {
-        answer: oneshot::Receiver<Vec<CommitEntry>>,
+        answer: oneshot::Receiver<FinalPositions>,
         give_up_at: std::time::Instant,
     },
 }
@@ -276,9 +291,19 @@ impl ConsumerActor {
                 }
                 Phase::Consuming => {}
                 Phase::Draining { answer, give_up_at } => match answer.try_recv() {
-                    Ok(entries) => {
-                        self.commits
-                            .commit(entries, CommitWhy::Shutdown, FINAL_COMMIT_WAIT);
+                    Ok(FinalPositions {
+                        entries,
+                        unfinished,
+                    }) => {
+                        let committed =
+                            self.commits
+                                .commit(entries, CommitWhy::Shutdown, FINAL_COMMIT_WAIT);
+                        if unfinished > 0 {
+                            break Err(Abandoned::Unfinished(unfinished).into());
+                        }
+                        if !committed {
+                            break Err(Abandoned::FinalCommit.into());
+                        }
                         break Ok(());
                     }
                     Err(oneshot::error::TryRecvError::Empty)
@@ -287,7 +312,7 @@ impl ConsumerActor {
                         warn!(
                             "no final positions from the committer; nothing committed at shutdown"
                         );
-                        break Ok(());
+                        break Err(Abandoned::NoFinalPositions.into());
                     }
                 },
             }

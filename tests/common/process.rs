@@ -152,6 +152,16 @@ impl Logbridge {
     /// Starts `logbridge run --config <config> --log-format json`; `config` must serve HTTP on
     /// `http_port`.
     pub fn start(config: &Path, http_port: u16, log: PathBuf) -> Logbridge {
+        Logbridge::start_with_stdout(config, http_port, log, Stdio::null())
+    }
+
+    /// Like `start`, with its standard output going to `stdout`.
+    pub fn start_with_stdout(
+        config: &Path,
+        http_port: u16,
+        log: PathBuf,
+        stdout: Stdio,
+    ) -> Logbridge {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -161,7 +171,7 @@ impl Logbridge {
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .env("LOGBRIDGE_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(log_file)
             .spawn()
             .expect("start logbridge");
