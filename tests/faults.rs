@@ -451,12 +451,6 @@ async fn a_panicking_worker_stops_the_pipeline_and_commits_what_finished() {
     );
 }
 
-fn ids_written_file(path: &Path) -> HashSet<u64> {
-    id_counts(&read_lines(&[path.to_path_buf()]))
-        .into_keys()
-        .collect()
-}
-
 /// A stdout sink blocked on a full pipe (nobody reads it) must not hang shutdown: on SIGTERM
 /// the process exits within the drain timeout plus a few seconds, non-zero because it had to
 /// abandon work, and says so in its log.
