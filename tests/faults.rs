@@ -510,3 +510,473 @@ async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
         "the log says what was abandoned:\n{log_text}"
     );
 }
+
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+/// The dead-letter topic refuses writes (authorization error injected on its cluster): the
+/// failed records are kept and retried with backoff, nothing is committed past them, readiness
+/// names the topic and the reason, memory stays within the pipeline's bound; when the fault
+/// clears every dead letter arrives whole (value kept) and every valid event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_topic_refusing_writes_holds_commits_says_why_and_recovers() {
+    let source = Kafka::start("logs", 2);
+    let dlq = Kafka::start("logs.dlq", 1);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..1_000u64)
+        .map(|id| {
+            let payload = if id % 20 == 7 {
+                format!("not json {id}").into_bytes()
+            } else {
+                event(id, "info")
+            };
+            (Some(format!("key-{id}")), payload)
+        })
+        .collect();
+    source.produce(&records).await;
+    let end = source.end_offsets();
+    let dlq_cluster = dlq.cluster.as_ref().expect("mock");
+    dlq_cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 100_000],
+    );
+    let group = unique("dlq-refuses");
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = format!(
+        "{}\n[dead_letter]\ntopic = \"logs.dlq\"\nbrokers = \"{}\"\n[breaker]\nenabled = false\n",
+        file_route("all", "[\"info\"]", 2, dir.path()),
+        dlq.brokers
+    );
+    let config = source.config(&group, "router_capacity = 32\nworker_capacity = 8", &routes);
+    let bound = logbridge::pipeline::in_flight_bound(&config) as i64;
+    let metrics = Arc::new(Metrics::new());
+    let (running, address) = Running::start_serving(
+        config,
+        RunOptions {
+            metrics: metrics.clone(),
+            ..RunOptions::default()
+        },
+    )
+    .await;
+    let says_why = wait_for(Duration::from_secs(30), || async move {
+        let (status, body) = http_get(address, "/readyz").await;
+        status == 503 && body.contains("dead-letter topic logs.dlq refuses writes")
+    })
+    .await;
+    let (_, readyz) = http_get(address, "/readyz").await;
+    assert!(
+        says_why,
+        "readiness does not name the dead-letter topic: {readyz}"
+    );
+    assert!(
+        readyz.contains("uthorization"),
+        "the reason is given: {readyz}"
+    );
+    assert_eq!(metrics.dead_letter_failing.get(), 1);
+    // Held back: the first malformed record of each partition blocks its commit, and the
+    // pipeline holds no more than its bound however long the fault lasts.
+    let mut max_in_flight = 0;
+    for _ in 0..20 {
+        max_in_flight = max_in_flight.max(metrics.in_flight.get());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let committed = source.committed(&group);
+    assert!(
+        committed.iter().zip(&end).all(|(done, end)| done < end),
+        "nothing is committed past a dead letter that is not parked: {committed:?} of {end:?}"
+    );
+    assert!(
+        max_in_flight <= bound,
+        "in flight {max_in_flight} > bound {bound}"
+    );
+    assert!(metrics.dead_letter_errors.get() > 0);
+
+    dlq_cluster.clear_request_errors(RDKafkaApiKey::Produce);
+    let done = source
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    let ready = wait_for(Duration::from_secs(10), || async move {
+        http_get(address, "/readyz").await.0 == 200
+    })
+    .await;
+    running.stop().await;
+    assert!(
+        done,
+        "not committed to the end: {:?}",
+        source.committed(&group)
+    );
+    assert!(ready, "readiness did not recover");
+    assert_eq!(metrics.dead_letter_failing.get(), 0);
+    let parked = dlq.read_all("logs.dlq");
+    let parked_keys: HashSet<String> = parked
+        .iter()
+        .map(|record| {
+            let payload = record.payload.as_deref().expect("the value is kept");
+            assert!(payload.starts_with(b"not json"), "the original value");
+            assert_eq!(record.header("logbridge.error.value_dropped"), None);
+            String::from_utf8(record.key.clone().expect("key")).expect("utf-8")
+        })
+        .collect();
+    let expected: HashSet<String> = (0..1_000u64)
+        .filter(|id| id % 20 == 7)
+        .map(|id| format!("key-{id}"))
+        .collect();
+    assert!(expected.is_subset(&parked_keys), "every dead letter parked");
+    let written = ids_written(&[dir.path()]);
+    let missing = (0..1_000u64)
+        .filter(|id| id % 20 != 7 && !written.contains(id))
+        .count();
+    assert_eq!(missing, 0, "every valid event delivered");
+}
+
+/// Produce errors on the output cluster and commit errors on the source cluster at once, with
+/// a Kafka sink: nothing is lost, the records of each key reach the output topic in order (the
+/// first copy of each record comes after the first copy of every earlier record of its key),
+/// and once the faults clear everything is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_and_commit_errors_lose_nothing_and_keep_per_key_order() {
+    let source = Kafka::start("logs", 4);
+    let output = Kafka::start("out", 4);
+    let count = 4_000u64;
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..count)
+        .map(|id| (Some(format!("key-{}", id % 50)), event(id, "info")))
+        .collect();
+    let placed = source.produce(&records).await;
+    let end = source.end_offsets();
+    let output_cluster = output.cluster.as_ref().expect("mock");
+    let source_cluster = source.cluster.as_ref().expect("mock");
+    // Retriable produce errors: librdkafka retries them itself, and those outlasting the sink's
+    // 300 ms message timeout come back to logbridge as retryable failures.
+    output_cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 400],
+    );
+    source_cluster.request_errors(
+        RDKafkaApiKey::OffsetCommit,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10],
+    );
+    let group = unique("produce-commit-errors");
+    let routes = format!(
+        "[[routes]]\nname = \"all\"\nlevels = [\"info\"]\nworkers = 3\nmax_retries = 1000\nretry_backoff_ms = 20\nretry_backoff_max_ms = 200\n\
+         sink = {{ type = \"kafka\", topic = \"out\", brokers = \"{}\", options = {{ \"message.timeout.ms\" = 300 }} }}\n",
+        output.brokers
+    );
+    let config = source.config(
+        &group,
+        "router_capacity = 64\nworker_capacity = 16",
+        &routes,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let running = Running::start(
+        config,
+        RunOptions {
+            metrics: metrics.clone(),
+            ..RunOptions::default()
+        },
+    );
+    let done = source
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
+    running.stop().await;
+    assert!(
+        done,
+        "not committed to the end: {:?}",
+        source.committed(&group)
+    );
+    let retries = metrics.retries.with_label_values(&["all"]).get();
+    let commit_errors = metrics.commits.with_label_values(&["error"]).get();
+    // Source offset of every event id, to order the output by.
+    let offset_of: std::collections::HashMap<(i32, i64), u64> = placed
+        .iter()
+        .enumerate()
+        .map(|(id, place)| (*place, id as u64))
+        .collect();
+    let delivered = output.read_all("out");
+    let mut first_seen: std::collections::HashMap<String, Vec<i64>> = Default::default();
+    let mut seen_ids = HashSet::new();
+    for record in &delivered {
+        let partition: i32 = record
+            .header("logbridge.source.partition")
+            .expect("header")
+            .parse()
+            .expect("number");
+        let offset: i64 = record
+            .header("logbridge.source.offset")
+            .expect("header")
+            .parse()
+            .expect("number");
+        let id = offset_of[&(partition, offset)];
+        if seen_ids.insert(id) {
+            let key = String::from_utf8(record.key.clone().expect("key")).expect("utf-8");
+            first_seen.entry(key).or_default().push(offset);
+        }
+    }
+    println!(
+        "produce and commit errors: {} records out ({} distinct), {retries} delivery retries, {commit_errors} failed commits",
+        delivered.len(),
+        seen_ids.len()
+    );
+    assert_eq!(seen_ids.len() as u64, count, "every event delivered");
+    assert!(
+        retries > 0,
+        "the produce errors reached logbridge's own retries"
+    );
+    assert!(commit_errors > 0, "the commit errors were met");
+    for (key, offsets) in &first_seen {
+        assert!(
+            offsets.windows(2).all(|pair| pair[0] < pair[1]),
+            "key {key} out of order: {offsets:?}"
+        );
+    }
+}
+
+/// One record stuck in retries holds its partition's commit back while later records finish:
+/// at `max_uncommitted_records` the partition is paused (the reason shown in /status), so the
+/// finished-but-uncommitted gap stays bounded; once the record is delivered, everything is
+/// committed and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_record_pauses_its_partition_at_the_uncommitted_bound() {
+    let kafka = Kafka::start("logs", 1);
+    let mut records: Vec<(Option<String>, Vec<u8>)> =
+        vec![(Some("stuck".into()), event(0, "info"))];
+    records.extend((1..3_000u64).map(|id| (Some(format!("key-{id}")), event(id, "info"))));
+    kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+    let group = unique("uncommitted");
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = file_route("all", "[\"info\"]", 4, dir.path()).replace(
+        "workers = 4",
+        "workers = 4\nmax_retries = 100000\nretry_backoff_ms = 20\nretry_backoff_max_ms = 50",
+    );
+    let config = kafka.config(
+        &group,
+        "router_capacity = 32\nworker_capacity = 8\nmax_uncommitted_records = 200",
+        &routes,
+    );
+    let bound = logbridge::pipeline::in_flight_bound(&config) as i64 + 200;
+    let gate = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let metrics = Arc::new(Metrics::new());
+    let (running, address) = Running::start_serving(
+        config,
+        RunOptions {
+            sink_factory: gated_sinks(gate.clone()),
+            metrics: metrics.clone(),
+            http: HttpBind::Disabled,
+        },
+    )
+    .await;
+    let held = wait_for(Duration::from_secs(30), || async move {
+        http_get(address, "/status")
+            .await
+            .1
+            .contains("at pipeline.max_uncommitted_records")
+    })
+    .await;
+    let gap = || {
+        metrics
+            .partition_uncommitted_gap
+            .with_label_values(&["logs", "0"])
+            .get()
+    };
+    let mut max_gap = gap();
+    for _ in 0..20 {
+        max_gap = max_gap.max(gap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let consumed_while_held = metrics.consumed.with_label_values(&["logs"]).get();
+    assert!(
+        held,
+        "the partition was never held for its uncommitted records"
+    );
+    assert!(max_gap >= 200, "the gap reached the bound: {max_gap}");
+    assert!(
+        max_gap <= bound,
+        "gap {max_gap} beyond the bound plus what was in flight ({bound})"
+    );
+    assert!(
+        consumed_while_held < 3_000,
+        "held partitions are not read on"
+    );
+    assert!(
+        kafka.committed(&group)[0] <= 0,
+        "nothing committed past the stuck record"
+    );
+
+    gate.store(false, std::sync::atomic::Ordering::Relaxed);
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    assert!(
+        done,
+        "not committed to the end: {:?}",
+        kafka.committed(&group)
+    );
+    let written = ids_written(&[dir.path()]);
+    assert!(
+        (0..3_000u64).all(|id| written.contains(&id)),
+        "nothing lost"
+    );
+    println!(
+        "uncommitted bound 200: gap peaked at {max_gap}, consumed {consumed_while_held} while held"
+    );
+}
+
+/// Sinks that fail the record keyed `stuck` (retryably) while `gate` is set.
+fn gated_sinks(gate: Arc<std::sync::atomic::AtomicBool>) -> logbridge::sink::SinkFactory {
+    let inner = logbridge::sink::config_sink_factory();
+    Arc::new(move |route, index| {
+        Ok(Box::new(Gated {
+            inner: inner(route, index)?,
+            gate: gate.clone(),
+        }) as Box<dyn logbridge::sink::Sink>)
+    })
+}
+
+struct Gated {
+    inner: Box<dyn logbridge::sink::Sink>,
+    gate: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl logbridge::sink::Sink for Gated {
+    fn deliver<'a>(
+        &'a mut self,
+        route: &'a str,
+        batch: &'a [logbridge::record::Record],
+    ) -> logbridge::sink::DeliveryFuture<'a> {
+        let stuck = self.gate.load(std::sync::atomic::Ordering::Relaxed)
+            && batch
+                .iter()
+                .any(|record| record.key.as_deref() == Some(b"stuck"));
+        if stuck {
+            let failures = batch
+                .iter()
+                .map(|_| {
+                    Err(logbridge::sink::SinkError::retryable(
+                        "gated",
+                        "the gate is closed",
+                    ))
+                })
+                .collect();
+            return Box::pin(std::future::ready(failures));
+        }
+        self.inner.deliver(route, batch)
+    }
+}
+
+/// Large events through a slow sink: the bytes held between the consumer and the committer stay
+/// within `max_in_flight_bytes` plus the records held for paused partitions, where the record
+/// bound alone would let over a hundred times as much in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_stay_within_the_in_flight_byte_bound() {
+    let kafka = Kafka::start("logs", 4);
+    let record_bytes = 100 * 1024;
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..300u64)
+        .map(|id| {
+            let payload =
+                serde_json::json!({"id": id, "level": "info", "message": "x".repeat(record_bytes)});
+            (Some(format!("key-{id}")), payload.to_string().into_bytes())
+        })
+        .collect();
+    kafka.produce_large(&records).await;
+    let end = kafka.end_offsets();
+    let group = unique("bytes");
+    let dir = tempfile::tempdir().expect("dir");
+    let limit: i64 = 1 << 20;
+    let config = kafka.config(
+        &group,
+        &format!("router_capacity = 1024\nworker_capacity = 256\nmax_in_flight_bytes = {limit}"),
+        &file_route("all", "[\"info\"]", 2, dir.path()),
+    );
+    let record_bound = logbridge::pipeline::in_flight_bound(&config) as i64 * record_bytes as i64;
+    let metrics = Arc::new(Metrics::new());
+    let (running, address) = Running::start_serving(
+        config,
+        RunOptions {
+            sink_factory: delayed_sinks(Duration::from_millis(50), 0..=0),
+            metrics: metrics.clone(),
+            http: HttpBind::Disabled,
+        },
+    )
+    .await;
+    let mut max_bytes = 0;
+    let mut max_over = i64::MIN;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while kafka.committed(&group) != end && std::time::Instant::now() < deadline {
+        let bytes = metrics.in_flight_bytes.get();
+        let (_, status) = http_get(address, "/status").await;
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        let held: i64 = status["partitions"]
+            .as_array()
+            .map(|partitions| partitions.iter().filter_map(|p| p["held"].as_i64()).sum())
+            .unwrap_or(0);
+        max_bytes = max_bytes.max(bytes);
+        // What is over the bound must be records held for paused partitions.
+        max_over = max_over.max(bytes - limit - held * (record_bytes as i64 + 200));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done = kafka.committed(&group) == end;
+    let paused_for_bytes = metrics.pauses.get();
+    running.stop().await;
+    println!(
+        "large events: peak in-flight bytes {max_bytes} (bound {limit}, record bound alone {record_bound}), pauses {paused_for_bytes}"
+    );
+    assert!(done, "not committed to the end");
+    assert!(max_bytes > 0);
+    assert!(
+        max_over <= 0,
+        "bytes beyond the bound and the held records: {max_over}"
+    );
+    assert!(record_bound > 100 * limit);
+    assert_eq!(metrics.in_flight_bytes.get(), 0, "every charge given back");
+    let written = ids_written(&[dir.path()]);
+    assert_eq!(written.len(), 300);
+}
+
+/// With `input.tombstones = "dead-letter"`, tombstones go to the dead-letter topic with reason
+/// `tombstone`, keyed as they were, and a run of them does not trip the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
+    let kafka = Kafka::start("logs", 1);
+    kafka.create_topic("logs.dlq", 1);
+    for n in 0..30 {
+        kafka.produce_tombstone(&format!("deleted-{n}")).await;
+    }
+    kafka.produce(&[(Some("k".into()), event(1, "info"))]).await;
+    let end = kafka.end_offsets();
+    let group = unique("tombstones");
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = format!(
+        "{}\n[dead_letter]\ntopic = \"logs.dlq\"\n[breaker]\nmax_consecutive = 5\n[input]\ntombstones = \"dead-letter\"\n",
+        file_route("all", "[\"info\"]", 1, dir.path())
+    );
+    let config = kafka.config(&group, "", &routes);
+    let metrics = Arc::new(Metrics::new());
+    let running = Running::start(
+        config,
+        RunOptions {
+            metrics: metrics.clone(),
+            ..RunOptions::default()
+        },
+    );
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    assert!(done, "not committed to the end");
+    assert_eq!(
+        metrics.breaker_tripped.get(),
+        0,
+        "tombstones do not trip the breaker"
+    );
+    assert_eq!(
+        metrics
+            .tombstones
+            .with_label_values(&["dead_lettered"])
+            .get(),
+        30
+    );
+    let parked = kafka.read_all("logs.dlq");
+    assert_eq!(parked.len(), 30);
+    assert!(parked.iter().all(|record| record.payload.is_none()
+        && record.header("logbridge.error.reason").as_deref() == Some("tombstone")));
+    assert_eq!(ids_written(&[dir.path()]).len(), 1);
+}
