@@ -135,12 +135,15 @@ fn status_json(state: &HttpState) -> serde_json::Value {
         BreakerState::Tripped(trip) => serde_json::json!({"tripped": trip.to_string()}),
     };
     let stalls = state.stall_descriptions();
+    let (in_flight_bytes, held_bytes) = state.status.partitions.bytes();
     serde_json::json!({
         "partitions": partitions,
         "routes": routes,
         "breaker": breaker,
         "stalls": stalls,
         "in_flight": metrics.in_flight.get(),
+        "in_flight_bytes": in_flight_bytes,
+        "held_bytes": held_bytes,
         "config": state.status.config,
     })
 }

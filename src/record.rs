@@ -80,6 +80,11 @@ impl ByteBudget {
         }
     }
 
+    /// The bound.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.used.load(std::sync::atomic::Ordering::Relaxed)

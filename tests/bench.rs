@@ -89,6 +89,9 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
             "--memory-backlogs=20000,40000",
             "--memory-partitions=8",
             "--memory-seconds=1",
+            "--large-events=262144",
+            "--large-count=60",
+            "--large-rate=20",
         ],
         Duration::from_secs(300),
     );
@@ -108,6 +111,11 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
         output.contains("peak RSS at 40000 vs 20000"),
         "compares the backlogs:\n{output}"
     );
+    let large = figure(&output, "events of   262144 bytes:", "peak RSS");
+    assert!(
+        large > 1.0 && large <= 256.0,
+        "large events: {large} MiB, goal <= 256 MiB"
+    );
 }
 
 #[test]
@@ -121,6 +129,7 @@ fn bench_runs_against_a_broker_process() {
             "--runs=1",
             "--modes=null",
             "--memory-backlogs=none",
+            "--large-events=none",
             "--partitions=4",
         ],
         Duration::from_secs(300),

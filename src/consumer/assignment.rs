@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::metrics::Metrics;
-use crate::record::{PartitionKey, Record};
+use crate::record::{ByteBudget, PartitionKey, Record};
 
 /// Why a partition is paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -306,14 +306,25 @@ impl Assignment {
 
 /// The assignment, shared between the consumer thread (which writes it), the commit thread and
 /// the HTTP endpoint (which read it).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct SharedAssignment {
     inner: Arc<Mutex<Assignment>>,
     /// Set by the first assignment, cleared when partitions are lost (session expired).
     in_group: Arc<AtomicBool>,
+    /// Bytes in flight: records are charged under the lock, so a view taken under it sees
+    /// held and flowing bytes consistently.
+    pub(crate) budget: Arc<ByteBudget>,
 }
 
 impl SharedAssignment {
+    pub(crate) fn new(budget: Arc<ByteBudget>) -> SharedAssignment {
+        SharedAssignment {
+            inner: Arc::default(),
+            in_group: Arc::default(),
+            budget,
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Assignment> {
         // Nothing panics while holding it (plain map updates); recover regardless.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
@@ -368,6 +379,12 @@ impl PartitionView {
     pub fn unread(&self) -> Vec<UnreadStall> {
         self.shared.lock().unread.clone()
     }
+
+    /// Bytes in flight, and how many of them are held for paused partitions, read together.
+    pub fn bytes(&self) -> (usize, usize) {
+        let assignment = self.shared.lock();
+        (self.shared.budget.used(), assignment.held_bytes())
+    }
 }
 
 #[cfg(test)]
@@ -397,7 +414,8 @@ mod tests {
 
     #[test]
     fn counts_paused_partitions_and_held_records_and_shows_them_sorted() {
-        let shared = SharedAssignment::default();
+        let gauge = prometheus::IntGauge::new("b", "b").expect("gauge");
+        let shared = SharedAssignment::new(ByteBudget::new(1 << 20, gauge));
         {
             let mut assignment = shared.lock();
             let b1 = assignment.key("b", 1);

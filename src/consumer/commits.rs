@@ -230,14 +230,17 @@ impl Commits {
 }
 
 /// Starts the commit thread. It commits each plan of the committer (newest only), and every
-/// request of the consumer thread (first, when both wait), all under the [`CommitLedger`]. It
-/// ends on [`Commits::stop`].
+/// request of the consumer thread (first, when both wait), all under the [`CommitLedger`]. A
+/// plan the broker did not take is tried again after `retry_every` (the committer publishes a
+/// plan only when a position advanced, so a last plan that failed would otherwise wait for
+/// shutdown). It ends on [`Commits::stop`].
 pub(crate) fn start<C: ConsumerContext + 'static>(
     consumer: Arc<BaseConsumer<C>>,
     assignment: SharedAssignment,
     metrics: Arc<Metrics>,
     CommitRequests(mut requests): CommitRequests,
     mut plans: watch::Receiver<CommitPlan>,
+    retry_every: Duration,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -245,7 +248,10 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
         .spawn(move || {
             let mut ledger = CommitLedger::default();
             let mut plans_open = true;
+            // The last plan, while the broker has not taken it.
+            let mut untaken: Option<CommitPlan> = None;
             loop {
+                let retrying = untaken.is_some();
                 let next = runtime.block_on(async {
                     tokio::select! {
                         biased;
@@ -257,6 +263,7 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
                             Ok(()) => Next::Plan(plans.borrow_and_update().clone()),
                             Err(_) => Next::PlansClosed,
                         },
+                        _ = tokio::time::sleep(retry_every), if retrying => Next::Retry,
                     }
                 });
                 // Whether everything admitted was taken by the broker.
@@ -276,7 +283,14 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
                     // The committer is gone; the consumer's requests may still come.
                     Next::PlansClosed => plans_open = false,
                     Next::Plan(plan) => {
-                        commit(&plan, CommitWhy::Interval);
+                        let taken = commit(&plan, CommitWhy::Interval);
+                        untaken = (!taken).then_some(plan);
+                    }
+                    Next::Retry => {
+                        if let Some(plan) = untaken.take() {
+                            let taken = commit(&plan, CommitWhy::Interval);
+                            untaken = (!taken).then_some(plan);
+                        }
                     }
                     Next::Request(request) => {
                         let taken = commit(&request.entries, request.why);
@@ -292,6 +306,8 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
 enum Next {
     Request(CommitRequest),
     Plan(CommitPlan),
+    /// Time to try the untaken plan again.
+    Retry,
     PlansClosed,
     Stop,
 }

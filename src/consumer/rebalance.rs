@@ -23,7 +23,7 @@ use super::assignment::{Flow, PartitionState, PauseWhy, SharedAssignment};
 use super::commits::{CommitWhy, Commits};
 use crate::committer::CommitterControl;
 use crate::metrics::Metrics;
-use crate::record::{Fences, PartitionKey};
+use crate::record::{ByteBudget, Fences, PartitionKey};
 
 /// Longest wait for the revoke commit before the callback lets the partitions go (a commit
 /// that has not landed by then may still land; else the next owner replays from the previous
@@ -54,10 +54,11 @@ impl Callbacks {
         committer: CommitterControl,
         commits: Commits,
         fences: Fences,
+        budget: Arc<ByteBudget>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Callbacks {
-            assignment: SharedAssignment::default(),
+            assignment: SharedAssignment::new(budget),
             metrics,
             committer,
             commits,

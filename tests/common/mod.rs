@@ -413,6 +413,20 @@ impl Running {
             .expect("pipeline task joined")
             .expect("pipeline ran without error");
     }
+
+    /// Like `stop`, for a pipeline whose drain may be cut short (a sink slower than the drain
+    /// timeout): the run may end in the error that says how many records were abandoned, and
+    /// in no other. Returns that count.
+    pub async fn stop_abandoning(self) -> usize {
+        self.shutdown.cancel();
+        match self.task.await.expect("pipeline task joined") {
+            Ok(()) => 0,
+            Err(err) => match err.downcast_ref::<logbridge::consumer::Abandoned>() {
+                Some(logbridge::consumer::Abandoned::Unfinished(records)) => *records,
+                _ => panic!("pipeline failed: {err:#}"),
+            },
+        }
+    }
 }
 
 /// Waits until the committed offset gauges of `metrics` add up to `total`.

@@ -181,6 +181,7 @@ pub(super) async fn preload(
     topic: &str,
     count: u64,
     partitions: i32,
+    payload_bytes: usize,
     options: &BenchOptions,
 ) -> anyhow::Result<()> {
     broker.create_topic(topic, partitions).await?;
@@ -189,12 +190,19 @@ pub(super) async fn preload(
         topic: topic.to_string(),
         count: Some(count),
         keys: options.keys,
-        payload_bytes: options.payload_bytes,
+        payload_bytes,
         seed: Some(count),
         // The mock cluster keeps only the newest 5 MiB of each partition; compressed, a million
         // sample events fit in 8 partitions. Kafka producers commonly compress, and the
         // consumer pays for decompression in every mode alike.
-        options: vec![("compression.type".into(), PRELOAD_COMPRESSION.into())],
+        options: vec![
+            ("compression.type".into(), PRELOAD_COMPRESSION.into()),
+            // Room for the large-event runs' records (librdkafka's default is 1 000 000).
+            (
+                "message.max.bytes".into(),
+                (payload_bytes + (64 << 10)).max(1_000_000).to_string(),
+            ),
+        ],
         ..ProduceOptions::default()
     };
     let summary = tokio::task::spawn_blocking(move || {

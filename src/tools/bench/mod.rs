@@ -144,7 +144,15 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         .map_or(0, |since| since.as_secs());
     let topic = format!("logbridge-bench-{stamp}-{}", std::process::id());
     let out_topic = format!("{topic}-out");
-    preload(broker, &topic, options.events, options.partitions, options).await?;
+    preload(
+        broker,
+        &topic,
+        options.events,
+        options.partitions,
+        options.payload_bytes,
+        options,
+    )
+    .await?;
     broker.create_topic(&out_topic, options.partitions).await?;
     let child = |mode: Mode, topic: &str, group: String| ChildOptions {
         mode,
@@ -184,6 +192,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         )
     };
 
+    large_events(exe, broker, &child, &topic, options).await?;
     if options.memory_backlogs.0.is_empty() {
         return Ok(());
     }
@@ -207,7 +216,15 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     for &backlog in &options.memory_backlogs.0 {
         let backlog_topic = format!("{topic}-backlog-{backlog}");
         let partitions = options.memory_partitions;
-        preload(broker, &backlog_topic, backlog, partitions, options).await?;
+        preload(
+            broker,
+            &backlog_topic,
+            backlog,
+            partitions,
+            options.payload_bytes,
+            options,
+        )
+        .await?;
         let group = format!("{topic}-paced-{backlog}");
         let mut paced = child(Mode::Paced, &backlog_topic, group);
         paced.sink_rate = sink_rate;
@@ -224,5 +241,52 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         ceiling.push((backlog, measurement));
     }
     report::ceiling_change(&ceiling);
+    Ok(())
+}
+
+/// Large events through a slow sink: peak RSS for each size, where `max_in_flight_bytes` (not
+/// the record capacities) bounds what the pipeline holds.
+async fn large_events(
+    exe: &Path,
+    broker: &mut Broker,
+    child: &impl Fn(Mode, &str, String) -> ChildOptions,
+    topic: &str,
+    options: &BenchOptions,
+) -> anyhow::Result<()> {
+    if options.large_events.0.is_empty() {
+        return Ok(());
+    }
+    let rate = options.large_rate.max(1);
+    // The window ends well before the backlog drains.
+    let seconds =
+        (options.memory_seconds as f64).min(options.large_count as f64 / rate as f64 / 2.0);
+    println!();
+    println!(
+        "large events: {} events of each size, {} partitions, sink paced to {rate} events/s, {seconds:.1} s each",
+        options.large_count, options.partitions
+    );
+    for &size in &options.large_events.0 {
+        let large_topic = format!("{topic}-large-{size}");
+        preload(
+            broker,
+            &large_topic,
+            options.large_count,
+            options.partitions,
+            size as usize,
+            options,
+        )
+        .await?;
+        let mut paced = child(Mode::Paced, &large_topic, format!("{large_topic}-paced"));
+        paced.sink_rate = rate;
+        paced.seconds = seconds;
+        let measurement = measure(exe, &paced).await?;
+        println!(
+            "events of {size:>8} bytes: peak RSS {:>6.1} MiB, {} events through in {:.1} s ({:.1} MiB/s), goal for 400 KiB events <= 256 MiB",
+            measurement.peak_rss_mib(),
+            measurement.events,
+            measurement.seconds,
+            measurement.events as f64 * size as f64 / measurement.seconds.max(1e-9) / (1024.0 * 1024.0),
+        );
+    }
     Ok(())
 }

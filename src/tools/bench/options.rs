@@ -29,6 +29,15 @@ pub struct BenchOptions {
     /// only 5 MiB per partition, and a deep backlog needs room).
     #[arg(long, default_value_t = 64)]
     pub memory_partitions: i32,
+    /// Event sizes of the large-event runs, in bytes, comma separated (`none`: skip them).
+    #[arg(long, default_value = "409600,1048576")]
+    pub large_events: Counts,
+    /// Events preloaded for each large-event run.
+    #[arg(long, default_value_t = 1_000)]
+    pub large_count: u64,
+    /// Events per second the sink of the large-event runs lets through (a slow sink).
+    #[arg(long, default_value_t = 20)]
+    pub large_rate: u64,
     /// Longest window of a memory ceiling run, in seconds.
     #[arg(long, default_value_t = 20)]
     pub memory_seconds: u64,
