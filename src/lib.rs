@@ -8,14 +8,15 @@
 //!  ▲  pause/resume │ revoke, finish        │ dispatched        acks │  │ failed
 //!  │               ▼ (blocking request)    ▼                        ▼  ▼
 //!  │           committer ◀───────────────────────────────────────── dead_letter ─▶ DLQ topic
-//!  │               │ plan (watch), stalls (watch), breaker state (watch)
+//!  │               │ plan, holds, stalls, breaker state (all `watch`)
 //!  └── consumer ◀──┘                                     http: /metrics /healthz /readyz /status
 //! ```
 //!
 //! Records flow forward through bounded channels (consumer → router → workers → committer,
 //! failed records through the dead-letter actor to the committer); the way back to the consumer
-//! is only `watch` channels (commit plans, breaker state) and the blocking revoke and finish
-//! requests the consumer thread makes itself. Every actor has a handle that owns its input
+//! is only `watch` channels (commit plans, partitions held for their uncommitted records,
+//! breaker state) and the blocking revoke and finish requests the consumer thread makes itself.
+//! Each record carries a charge against `max_in_flight_bytes` that it gives back when dropped. Every actor has a handle that owns its input
 //! ([`router::RouterHandle`], [`worker::WorkerHandle`], [`committer::CommitterHandle`],
 //! [`dead_letter::DeadLetterHandle`], [`consumer::ConsumerHandle`]); a stage whose next stage
 //! is gone gets [`record::StageGone`] and stops.

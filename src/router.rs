@@ -81,24 +81,11 @@ impl RouterHandle {
         // Full: the consumer waits up to `pause_after_ms`, then pauses the record's partition.
         let (sender, receiver) = mpsc::channel(capacity);
         let RouteTable { lanes, levels } = table;
-        let RouterLinks {
-            committer,
-            dead_letters,
-            fences,
-            metrics,
-            liveness,
-            tombstones,
-        } = links;
         let actor = RouterActor {
             receiver,
             lanes,
             levels,
-            committer,
-            dead_letters,
-            fences,
-            metrics,
-            liveness,
-            tombstones,
+            links,
             no_route: Arc::from(NO_ROUTE),
         };
         (RouterHandle { sender }, tokio::spawn(actor.run()))
@@ -158,12 +145,7 @@ struct RouterActor {
     receiver: mpsc::Receiver<Record>,
     lanes: Vec<RouteLane>,
     levels: FxHashMap<String, usize>,
-    committer: CommitterHandle,
-    dead_letters: DeadLetterHandle,
-    fences: Fences,
-    metrics: Arc<Metrics>,
-    liveness: Liveness,
-    tombstones: TombstonePolicy,
+    links: RouterLinks,
     no_route: Arc<str>,
 }
 
@@ -184,15 +166,15 @@ struct DeadLetterCause {
 impl RouterActor {
     #[tracing::instrument(name = "router", skip_all)]
     async fn run(mut self) {
-        let _alive = self.liveness.enter("router");
+        let _alive = self.links.liveness.enter("router");
         let mut batch = Vec::with_capacity(DISPATCH_BATCH);
         while self.receiver.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
             batch.retain(|record| {
-                if self.fences.is_revoked(record) {
+                if self.links.fences.is_revoked(record) {
                     // Its partition went to another owner, which reads it again: dispatching
                     // it would only make a duplicate.
-                    self.metrics.in_flight.dec();
-                    self.metrics.abandoned.inc();
+                    self.links.metrics.in_flight.dec();
+                    self.links.metrics.abandoned.inc();
                     return false;
                 }
                 true
@@ -203,7 +185,7 @@ impl RouterActor {
             // The dispatches go first on the committer's channel, one message for the batch, so
             // they are there before any ack of these records can be.
             let dispatches = batch.iter().map(Dispatch::of).collect();
-            if let Err(gone) = self.committer.dispatched(dispatches).await {
+            if let Err(gone) = self.links.committer.dispatched(dispatches).await {
                 warn!(error = %gone, "router stops");
                 return;
             }
@@ -222,7 +204,7 @@ impl RouterActor {
         let decision = match &record.decoded {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
-            Err(DecodeError::Empty) if record.payload.is_none() => match self.tombstones {
+            Err(DecodeError::Empty) if record.payload.is_none() => match self.links.tombstones {
                 TombstonePolicy::Skip => Decision::SkipTombstone,
                 TombstonePolicy::DeadLetter => Decision::Fail(DeadLetterCause {
                     reason: TOMBSTONE,
@@ -231,7 +213,8 @@ impl RouterActor {
                 }),
             },
             Err(err) => {
-                self.metrics
+                self.links
+                    .metrics
                     .decode_errors
                     .with_label_values(&[err.reason()])
                     .inc();
@@ -253,31 +236,42 @@ impl RouterActor {
         };
         match decision {
             Decision::SkipTombstone => {
-                self.metrics
+                self.links
+                    .metrics
                     .tombstones
                     .with_label_values(&["skipped"])
                     .inc();
-                self.metrics
+                self.links
+                    .metrics
                     .finished
                     .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
                     .inc();
-                self.committer.ack(record.ack(AckStatus::Ignored)).await
+                self.links
+                    .committer
+                    .ack(record.ack(AckStatus::Ignored))
+                    .await
             }
             Decision::Ignore => {
-                self.metrics
+                self.links
+                    .metrics
                     .finished
                     .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
                     .inc();
-                self.committer.ack(record.ack(AckStatus::Ignored)).await
+                self.links
+                    .committer
+                    .ack(record.ack(AckStatus::Ignored))
+                    .await
             }
             Decision::Fail(cause) => {
                 if cause.reason == TOMBSTONE {
-                    self.metrics
+                    self.links
+                        .metrics
                         .tombstones
                         .with_label_values(&["dead_lettered"])
                         .inc();
                 }
-                self.dead_letters
+                self.links
+                    .dead_letters
                     .fail(DeadLetter {
                         record,
                         stage: Stage::Decode,
@@ -301,6 +295,7 @@ impl RouterActor {
                     Offer::Full(record) | Offer::Stopped(record) => record,
                 };
                 let backpressure = self
+                    .links
                     .metrics
                     .backpressure_seconds
                     .with_label_values(&[&lane.name]);

@@ -252,6 +252,17 @@ pub struct Produced {
     pub malformed: std::collections::HashSet<(i32, i64)>,
 }
 
+/// Runs the heavy tests of one test binary one at a time: they run processes and brokers and
+/// watch timings, and two of them side by side on two shared cores only measure each other.
+/// Hold the guard for the whole test.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it poisoned nothing the others need.
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Waits for `condition` with a deadline; returns whether it became true.
 pub async fn wait_for<F, Fut>(deadline: Duration, mut condition: F) -> bool
 where
