@@ -255,12 +255,10 @@ pub struct Produced {
 /// Runs the heavy tests of one test binary one at a time: they run processes and brokers and
 /// watch timings, and two of them side by side on two shared cores only measure each other.
 /// Hold the guard for the whole test.
-pub fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    // A test that failed while holding it poisoned nothing the others need.
-    SERIAL
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    // Not poisoned by a test that fails while holding it.
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
 }
 
 /// Waits for `condition` with a deadline; returns whether it became true.
