@@ -232,6 +232,22 @@ impl CommitterControl {
         response.blocking_recv().map_err(|_| StageGone("committer"))
     }
 
+    /// Asks for a revoke without waiting (tests: the request is queued before what follows).
+    #[cfg(test)]
+    fn revoke_later(
+        &self,
+        partitions: Vec<(PartitionKey, u64)>,
+    ) -> oneshot::Receiver<Vec<CommitEntry>> {
+        let (respond_to, response) = oneshot::channel();
+        let queued = self.sender.try_send(Control::Revoke {
+            partitions,
+            wait: true,
+            respond_to,
+        });
+        assert!(queued.is_ok(), "the control channel has room");
+        response
+    }
+
     /// Asks for the final positions at shutdown; the answer arrives on the returned receiver
     /// once every record has finished or `deadline` has passed. Non-blocking, so the consumer
     /// thread can keep polling (and so stay in its group) while the pipeline drains.
@@ -408,7 +424,15 @@ impl CommitterActor {
                 // Control first: a rebalance callback is blocked waiting for us.
                 biased;
                 control = self.control.recv() => match control {
-                    Some(control) => self.handle_control(control),
+                    Some(control) => {
+                        // What is queued already came first: a revoke must see the dispatches
+                        // and acks sent before it, or it would answer without waiting for
+                        // records it does not know are in flight.
+                        while let Ok(msg) = self.data.try_recv() {
+                            self.handle(msg);
+                        }
+                        self.handle_control(control);
+                    }
                     // The consumer is gone; with it every way to commit.
                     None => break,
                 },
@@ -902,11 +926,24 @@ mod tests {
     async fn revoke_waits_for_in_flight_records_then_answers() {
         let (acks, control, _task) = start(Arc::new(Metrics::new()));
         acks.dispatched(dispatched(1, 0, 3)).await.expect("alive");
-        let answer = on_thread(move || control.revoke_blocking(vec![(key(1), 3)], true));
+        // The revoke is queued before the ack is sent: the order under test is explicit.
+        let mut answer = control.revoke_later(vec![(key(1), 3)]);
+        // Well within the drain timeout (500 ms) and with offset 0 unfinished: no answer yet.
         tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+            "the revoke waits for the in-flight record"
+        );
         acks.ack(ack(1, 0, 3)).await.expect("alive");
-        let answer = answer.await.expect("thread").expect("alive");
-        assert_eq!(answer[0].offset, 1);
+        let answer = answer.await.expect("answered");
+        assert_eq!(
+            answer,
+            vec![CommitEntry {
+                source: key(1),
+                generation: 3,
+                offset: 1
+            }]
+        );
     }
 
     #[tokio::test(start_paused = true)]

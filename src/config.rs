@@ -720,7 +720,10 @@ mod tests {
     fn unknown_key_is_rejected_by_name() {
         let text = MINIMAL.replace("group_id = \"g\"", "group_id = \"g\"\ngroup = \"x\"");
         let err = error_of(&text);
-        assert!(err.contains("group"), "{err}");
+        assert!(
+            err.contains("unknown field: found `group`") && err.contains("kafka.group\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -231,10 +231,16 @@ async fn one_versus_three_instances_on_twelve_partitions() {
             .await;
         let took = started.elapsed();
         let counts = assigned(&instances).await;
-        let mut written = 0;
+        // Over the union of the instances' outputs: a duplicate on one must not hide a loss.
+        let mut written = std::collections::HashSet::new();
         for mut instance in instances {
-            instance.child.terminate(Duration::from_secs(10));
-            written += id_counts(&instance.lines()).len();
+            let (status, _) = instance.child.terminate(Duration::from_secs(10));
+            assert_eq!(
+                status.and_then(|s| s.code()),
+                Some(0),
+                "scale-out with {count}: SIGTERM exit"
+            );
+            written.extend(id_counts(&instance.lines()).into_keys());
         }
         assert!(done, "{count} instance(s) did not finish");
         if count == 3 {
@@ -243,7 +249,12 @@ async fn one_versus_three_instances_on_twelve_partitions() {
                 "each instance owns some partitions: {counts:?}"
             );
         }
-        assert!(written >= produced.valid_ids.len());
+        let lost = produced
+            .valid_ids
+            .iter()
+            .filter(|id| !written.contains(id))
+            .count();
+        assert_eq!(lost, 0, "scale-out with {count}: events lost");
         figures.push((count, took, counts));
     }
     for (count, took, counts) in &figures {

@@ -71,22 +71,34 @@ async fn moved_partitions_leave_no_series_behind() {
     })
     .await;
     assert!(split, "the group did not split the partitions");
-    // Give A a couple of commit intervals to publish gauges again after the rebalance.
+    // A's series of the partitions B owns are gone (waited for with a deadline, across
+    // several of A's commit intervals, in which it publishes its gauges again).
+    let stale_of_a = || async {
+        let (_, status_a) = http_get(address_a, "/status").await;
+        let (_, status_b) = http_get(address_b, "/status").await;
+        let (_, metrics_text_a) = http_get(address_a, "/metrics").await;
+        let (owned_a, owned_b) = (owned(&status_a), owned(&status_b));
+        let stale: Vec<String> = metrics_text_a
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter(|line| {
+                owned_b
+                    .iter()
+                    .any(|p| line.contains(&format!("partition=\"{p}\"")))
+            })
+            .map(String::from)
+            .collect();
+        (owned_a, owned_b, stale)
+    };
+    let settled = wait_for(Duration::from_secs(10), || async {
+        let (owned_a, owned_b, stale) = stale_of_a().await;
+        owned_a.len() == 2 && owned_b.len() == 2 && stale.is_empty()
+    })
+    .await;
+    // Still none a while later: removed, not merely not yet republished.
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let (_, status_a) = http_get(address_a, "/status").await;
-    let (_, status_b) = http_get(address_b, "/status").await;
-    let (_, metrics_text_a) = http_get(address_a, "/metrics").await;
-    let (owned_a, owned_b) = (owned(&status_a), owned(&status_b));
-    let stale: Vec<String> = metrics_text_a
-        .lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            owned_b
-                .iter()
-                .any(|p| line.contains(&format!("partition=\"{p}\"")))
-        })
-        .map(String::from)
-        .collect();
+    let (owned_a, owned_b, stale) = stale_of_a().await;
+    assert!(settled, "A kept series of B's partitions: {stale:?}");
     println!(
         "series: A owns {owned_a:?}, B owns {owned_b:?}; A's series of B's partitions: {stale:?}"
     );

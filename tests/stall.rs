@@ -80,9 +80,20 @@ async fn blocked_sink_makes_readiness_fail_naming_the_partition_until_unblocked(
     assert!(stalled, "/readyz never reported the stall: {stalled_body}");
     assert!(stalled_body.contains("partition logs/"), "{stalled_body}");
     let (_, first) = http_get(address, "/metrics").await;
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let (_, second) = http_get(address, "/metrics").await;
     let age_before = gauge(&first, "logbridge_partition_oldest_unfinished_age_seconds");
+    // The age grows while the record stays stuck: wait for it (published each commit
+    // interval) rather than sleep and hope.
+    let grown = wait_for(Duration::from_secs(15), || async move {
+        let (_, text) = http_get(address, "/metrics").await;
+        let age = gauge(&text, "logbridge_partition_oldest_unfinished_age_seconds");
+        age >= age_before + 1.0 && age >= 2.0
+    })
+    .await;
+    assert!(
+        grown,
+        "the age of the oldest unfinished record did not grow"
+    );
+    let (_, second) = http_get(address, "/metrics").await;
     let age_after = gauge(&second, "logbridge_partition_oldest_unfinished_age_seconds");
     let backpressure = gauge(
         &second,
