@@ -388,4 +388,189 @@ mod tests {
             .collect();
         assert_eq!(used.len(), 4, "64 keys should reach all 4 workers");
     }
+
+    use crate::committer::CommitterMsg;
+    use crate::record::test_record;
+
+    struct Routed {
+        /// What each worker of the one route received, by worker.
+        workers: Vec<Vec<i64>>,
+        /// What the committer received, in order: dispatched offsets and acks.
+        committer: Vec<String>,
+        metrics: Arc<Metrics>,
+    }
+
+    /// Routes `records` through a router with one route (`errors`: level error, two workers)
+    /// and no dead-letter topic; `fenced` partitions are revoked before the router runs.
+    async fn route(records: Vec<Record>, fenced: &[i32], tombstones: TombstonePolicy) -> Routed {
+        let metrics = Arc::new(Metrics::new());
+        let (committer, mut messages) = CommitterHandle::for_test();
+        let (dead_letters, _) = DeadLetterHandle::spawn(
+            None,
+            committer.clone(),
+            metrics.clone(),
+            Liveness::default(),
+        );
+        let (worker_a, mut inbox_a) = WorkerHandle::for_test(64);
+        let (worker_b, mut inbox_b) = WorkerHandle::for_test(64);
+        let mut levels = FxHashMap::default();
+        levels.insert("error".to_string(), 0);
+        let table = RouteTable {
+            lanes: vec![RouteLane {
+                name: Arc::from("errors"),
+                workers: vec![worker_a, worker_b],
+            }],
+            levels,
+        };
+        let fences = Fences::default();
+        for partition in fenced {
+            fences.revoke(
+                &crate::record::PartitionKey {
+                    topic: Arc::from("logs"),
+                    partition: *partition,
+                },
+                1,
+            );
+        }
+        let (router, task) = RouterHandle::spawn(
+            64,
+            table,
+            RouterLinks {
+                committer,
+                dead_letters,
+                fences,
+                metrics: metrics.clone(),
+                liveness: Liveness::default(),
+                tombstones,
+            },
+        );
+        for record in records {
+            assert!(matches!(router.offer(record), Offer::Taken));
+        }
+        drop(router);
+        task.await.expect("router ran");
+        let drain = |inbox: &mut mpsc::Receiver<Record>| {
+            let mut offsets = Vec::new();
+            while let Ok(record) = inbox.try_recv() {
+                offsets.push(record.offset);
+            }
+            offsets
+        };
+        let workers = vec![drain(&mut inbox_a), drain(&mut inbox_b)];
+        let mut committer = Vec::new();
+        while let Ok(message) = messages.try_recv() {
+            match message {
+                CommitterMsg::Dispatched(dispatches) => committer.push(format!(
+                    "dispatched {:?}",
+                    dispatches.iter().map(|d| d.offset).collect::<Vec<_>>()
+                )),
+                CommitterMsg::Ack(ack) => committer.push(format!(
+                    "ack {} {}{}",
+                    ack.offset,
+                    ack.status.as_str(),
+                    ack.cause
+                        .map(|c| format!(" {}", c.reason))
+                        .unwrap_or_default()
+                )),
+                CommitterMsg::Acks(acks) => {
+                    for ack in acks {
+                        committer.push(format!("ack {} {}", ack.offset, ack.status.as_str()))
+                    }
+                }
+            }
+        }
+        Routed {
+            workers,
+            committer,
+            metrics,
+        }
+    }
+
+    fn with_level(offset: i64, key: &str, level: &str) -> Record {
+        let payload = format!(r#"{{"level":"{level}","message":"m"}}"#);
+        test_record(0, offset, Some(key.as_bytes()), Some(payload.as_bytes()))
+    }
+
+    #[tokio::test]
+    async fn the_router_dispatches_first_then_routes_ignores_and_fails() {
+        let records = vec![
+            with_level(0, "a", "error"),
+            with_level(1, "b", "info"),
+            test_record(0, 2, Some(b"c"), Some(b"not json")),
+            with_level(3, "a", "ERROR"),
+            test_record(0, 4, Some(b"gone"), None),
+        ];
+        let routed = route(records, &[], TombstonePolicy::Skip).await;
+        // The dispatch of the batch precedes every ack.
+        assert_eq!(routed.committer[0], "dispatched [0, 1, 2, 3, 4]");
+        assert_eq!(
+            routed.committer[1..],
+            [
+                "ack 1 ignored".to_string(),
+                "ack 2 failed not_json".to_string(),
+                "ack 4 ignored".to_string(),
+            ]
+        );
+        // Both error records of key `a` went to the same worker, in order; nothing else did.
+        let mut delivered: Vec<&Vec<i64>> =
+            routed.workers.iter().filter(|w| !w.is_empty()).collect();
+        assert_eq!(delivered.len(), 1);
+        assert_eq!(delivered.pop(), Some(&vec![0, 3]));
+        let metrics = &routed.metrics;
+        assert_eq!(
+            metrics.decode_errors.with_label_values(&["not_json"]).get(),
+            1
+        );
+        assert_eq!(metrics.tombstones.with_label_values(&["skipped"]).get(), 1);
+        assert_eq!(
+            metrics
+                .finished
+                .with_label_values(&[NO_ROUTE, "ignored"])
+                .get(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn records_of_a_revoked_generation_are_dropped_not_dispatched() {
+        let records = vec![
+            with_level(0, "a", "error"),
+            test_record(
+                1,
+                0,
+                Some(b"b"),
+                Some(br#"{"level":"error","message":"m"}"#),
+            ),
+        ];
+        let routed = route(records, &[0], TombstonePolicy::Skip).await;
+        assert_eq!(routed.committer, ["dispatched [0]".to_string()]);
+        let delivered: Vec<i64> = routed.workers.concat();
+        assert_eq!(delivered, vec![0], "only partition 1's record");
+        assert_eq!(routed.metrics.abandoned.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn tombstones_can_be_dead_lettered() {
+        let routed = route(
+            vec![test_record(0, 9, Some(b"k"), None)],
+            &[],
+            TombstonePolicy::DeadLetter,
+        )
+        .await;
+        assert_eq!(
+            routed.committer,
+            [
+                "dispatched [9]".to_string(),
+                "ack 9 failed tombstone".to_string()
+            ]
+        );
+        assert_eq!(
+            routed
+                .metrics
+                .tombstones
+                .with_label_values(&["dead_lettered"])
+                .get(),
+            1
+        );
+    }
 }

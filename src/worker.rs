@@ -121,6 +121,13 @@ impl WorkerHandle {
     pub(crate) fn depth_probe(&self) -> DepthProbe {
         DepthProbe::of(&self.sender)
     }
+
+    /// A handle whose records land in the returned receiver, for unit tests of the router.
+    #[cfg(test)]
+    pub(crate) fn for_test(capacity: usize) -> (WorkerHandle, mpsc::Receiver<Record>) {
+        let (sender, receiver) = mpsc::channel(capacity);
+        (WorkerHandle { sender }, receiver)
+    }
 }
 
 struct WorkerActor {
