@@ -242,12 +242,16 @@ impl Default for PipelineConfig {
 pub struct HttpConfig {
     /// Address for `/metrics` and `/healthz`; port 0 picks a free port.
     pub listen: String,
+    /// Connections served at once; more wait in the kernel's accept backlog until one ends.
+    /// Idle or slow ones hold a slot for at most the 5 s header timeout.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: "127.0.0.1:9898".to_string(),
+            max_connections: 4096,
         }
     }
 }
@@ -443,6 +447,7 @@ impl Config {
             ));
         }
 
+        check_range("http.max_connections", self.http.max_connections, 1, 65_536)?;
         if self.http.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid(
                 "http.listen",

@@ -30,9 +30,6 @@ use crate::dead_letter::DeadLetterTrouble;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 
-/// Connections served at once; more wait in the kernel's accept backlog. Idle or slow ones
-/// hold a slot for at most `HEADER_TIMEOUT`.
-const MAX_CONNECTIONS: usize = 4096;
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -148,9 +145,15 @@ fn status_json(state: &HttpState) -> serde_json::Value {
     })
 }
 
-/// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// Serves until `shutdown` is cancelled, at most `max_connections` at once (more wait in the
+/// kernel's accept backlog); idle or slow ones hold a slot for at most `HEADER_TIMEOUT`.
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(max_connections));
     loop {
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return,

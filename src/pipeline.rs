@@ -452,6 +452,7 @@ async fn start_http(
     Ok(Some(tokio::spawn(http::serve(
         listener,
         state,
+        config.http.max_connections,
         stop.clone(),
     ))))
 }

@@ -24,6 +24,7 @@ async fn finished(instance: &Instance) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
+    let _serial = serial().await;
     let kafka = Kafka::start("logs", 4);
     let work = tempfile::tempdir().expect("workdir");
     let group = unique("abuse");
@@ -160,4 +161,72 @@ async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
         finished(&instance).await >= 2.0 * BATCH as f64,
         "the pipeline did not finish under abuse"
     );
+}
+
+/// The connection cap and the header timeout, on a pipeline with `http.max_connections = 8`:
+/// eight clients that never finish their headers take every slot, a ninth request waits (it
+/// is not answered while they hold the slots), their connections are closed after the 5 s
+/// header timeout, and the ninth is answered then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_holds_requests_until_the_header_timeout_frees_a_slot() {
+    let _serial = serial().await;
+    use tokio::io::AsyncReadExt;
+    let kafka = Kafka::start("logs", 1);
+    let group = unique("cap");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = kafka.config(&group, "", &file_route("all", "[\"info\"]", 1, dir.path()));
+    config.http.max_connections = 8;
+    let (running, address) = Running::start_serving(config, Default::default()).await;
+    let listening = wait_for(Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(address).await.is_ok()
+    })
+    .await;
+    assert!(listening);
+    // Let the probe connections above end, so that the slots are free.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let opened = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..8 {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("partial headers");
+        slow.push(stream);
+    }
+    // The ninth: a whole request, which cannot be served while the eight hold their slots.
+    let ninth = tokio::spawn(async move {
+        let asked = Instant::now();
+        let (status, _) = http_get(address, "/healthz").await;
+        (status, asked.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !ninth.is_finished(),
+        "the ninth request was served beyond the cap"
+    );
+    // The slow ones are closed by the header timeout (5 s): their reads end.
+    for stream in &mut slow {
+        let mut buffer = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut buffer)).await;
+        assert!(closed.is_ok(), "a slow client was not disconnected");
+    }
+    let closed_after = opened.elapsed();
+    let (status, waited) = tokio::time::timeout(Duration::from_secs(15), ninth)
+        .await
+        .expect("the ninth request is answered once a slot is free")
+        .expect("joined");
+    println!(
+        "cap 8: slow clients closed after {closed_after:?}; the ninth request waited {waited:?}"
+    );
+    assert_eq!(status, 200);
+    assert!(
+        closed_after >= Duration::from_secs(4),
+        "the header timeout is 5 s, yet the slow clients were closed after {closed_after:?}"
+    );
+    running.stop().await;
 }

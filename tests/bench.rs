@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::Tansu;
+use common::serial_blocking;
 
 const BIN: &str = env!("CARGO_BIN_EXE_logbridge");
 
@@ -82,6 +83,7 @@ fn check_rows(output: &str, runs: usize, modes: &[&str], events: u64) {
 
 #[test]
 fn bench_runs_every_mode_against_the_embedded_broker() {
+    let _serial = serial_blocking();
     let output = bench(
         &[
             "--events=20000",
@@ -140,6 +142,7 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
 
 #[test]
 fn bench_runs_against_a_broker_process() {
+    let _serial = serial_blocking();
     let broker = Tansu::start();
     let brokers = broker.brokers();
     let output = bench(

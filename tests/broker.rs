@@ -29,6 +29,7 @@ async fn finished(child: &Logbridge) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
+    let _serial = serial().await;
     let broker = Tansu::start();
     let kafka = Kafka::external(&broker.brokers(), "graceful", 4).await;
     const EVENTS: u64 = 30_000;
@@ -100,6 +101,7 @@ async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_run_recovers_without_restarting_logbridge() {
+    let _serial = serial().await;
     let mut broker = Tansu::start();
     let kafka = Kafka::external(&broker.brokers(), "restart", 4).await;
     const EVENTS: u64 = 60_000;

@@ -201,12 +201,14 @@ async fn churn(strategy: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_loses_nothing_with_eager_and_cooperative_rebalancing() {
+    let _serial = serial().await;
     churn("range").await;
     churn("cooperative-sticky").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_versus_three_instances_on_twelve_partitions() {
+    let _serial = serial().await;
     let kafka = Kafka::start("scale", 12);
     let produced = kafka.produce_samples(EVENTS, 0.0, 3).await;
     let end = kafka.end_offsets();

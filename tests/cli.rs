@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http_get, http_request};
+use common::{http_get, http_request, serial};
 
 const BIN: &str = env!("CARGO_BIN_EXE_logbridge");
 
@@ -120,6 +120,7 @@ fn promtool_check(metrics: &str) -> (bool, String) {
 /// stops it cleanly with exit code 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
+    let _serial = serial().await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let workdir = tempfile::tempdir().expect("tempdir");
@@ -235,6 +236,7 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
 /// progress bar. Against an in-process Kafka hosted by this test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_prints_a_summary_when_piped_and_progress_on_a_terminal() {
+    let _serial = serial().await;
     let kafka = common::Kafka::start("produced", 2);
     let output = Command::new(BIN)
         .args([

@@ -94,6 +94,7 @@ fn corpus_has_over_100_cases_and_the_decoder_agrees_with_every_expectation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corpus_through_the_pipeline_reaches_the_expected_topic_with_headers() {
+    let _serial = serial().await;
     let cases = corpus();
     let kafka = Kafka::start("corpus", 4);
     for (route, _) in ROUTES {

@@ -162,12 +162,34 @@ async fn sigkill_at_random_moments_loses_nothing() {
     // run wrote that a later run wrote again: its records past the commit.
     let mut seen: HashMap<u64, usize> = HashMap::new();
     let mut outputs: Vec<std::collections::HashSet<u64>> = Vec::new();
+    // Every copy of each key's records per route, in the order the runs wrote them (one run
+    // after the other; within a run, a key's records of a route share one worker and one
+    // output file). Order is promised per key within a route.
+    let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
     for out in &runs {
         let lines = read_lines(&[
             out.join("errors.jsonl"),
             out.join("warnings.jsonl"),
             out.join("rest.jsonl"),
         ]);
+        let mut run_by_key: HashMap<String, Vec<(i64, i64)>> = HashMap::new();
+        for line in &lines {
+            let key = format!(
+                "{} in route {}",
+                line["key"].as_str().unwrap_or(""),
+                line["route"].as_str().unwrap_or("")
+            );
+            let partition = line["partition"].as_i64().expect("partition");
+            let offset = line["offset"].as_i64().expect("offset");
+            run_by_key.entry(key).or_default().push((partition, offset));
+        }
+        for (key, records) in run_by_key {
+            // A key's records come from one partition; keep the order the run wrote them.
+            by_key
+                .entry(key)
+                .or_default()
+                .extend(records.into_iter().map(|(_, offset)| offset));
+        }
         let counts = id_counts(&lines);
         assert!(
             counts.values().all(|count| *count == 1),
@@ -185,6 +207,20 @@ async fn sigkill_at_random_moments_loses_nothing() {
             outputs[killed].intersection(&later).count()
         })
         .collect();
+    // Per key, the last copy of each record comes after the last copy of every earlier one,
+    // across the crashes.
+    for (key, offsets) in &by_key {
+        let mut last: HashMap<i64, usize> = HashMap::new();
+        for (position, offset) in offsets.iter().enumerate() {
+            last.insert(*offset, position);
+        }
+        let mut in_order: Vec<i64> = last.keys().copied().collect();
+        in_order.sort_by_key(|offset| last[offset]);
+        assert!(
+            in_order.windows(2).all(|pair| pair[0] < pair[1]),
+            "key {key}: records out of order across the crashes"
+        );
+    }
     let missing: Vec<&u64> = produced
         .valid_ids
         .iter()

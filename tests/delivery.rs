@@ -26,6 +26,7 @@ fn scrape_value(body: &str, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sink_outage_retries_pauses_commits_nothing_then_delivers_everything() {
+    let _serial = serial().await;
     let source = Kafka::start("logs", 4);
     let output = Kafka::start("out", 2);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..3_000u64)
@@ -132,6 +133,7 @@ async fn sink_outage_retries_pauses_commits_nothing_then_delivers_everything() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
+    let _serial = serial().await;
     let kafka = Kafka::start("logs", 2);
     kafka.create_topic("logs.dlq", 1);
     let mut records: Vec<(Option<String>, Vec<u8>)> = (0..500u64)
@@ -216,4 +218,88 @@ async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
     .await;
     assert!(moved, "consumption did not resume after POST /resume");
     pipeline.stop().await;
+}
+
+/// The original headers travel with the record: the Kafka sink forwards them unchanged (and
+/// adds its own), and so does a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn original_headers_are_kept_by_the_kafka_sink_and_in_dead_letters() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 1);
+    kafka.create_topic("out", 1);
+    kafka.create_topic("logs.dlq", 1);
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .create()
+        .expect("producer");
+    for (n, payload) in [event(1, "error").as_slice(), b"not json".as_slice()]
+        .into_iter()
+        .enumerate()
+    {
+        let trace = format!("00-trace-{n}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "traceparent",
+                value: Some(&trace),
+            })
+            .insert(Header {
+                key: "binary",
+                value: Some(&[0u8, 255, 7][..]),
+            });
+        let key = format!("k{n}");
+        producer
+            .send(
+                FutureRecord::to("logs")
+                    .key(&key)
+                    .payload(payload)
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(err, _)| err)
+            .expect("produced");
+    }
+    let end = kafka.end_offsets();
+    let group = unique("headers");
+    let config = kafka.config(
+        &group,
+        "",
+        "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nsink = { type = \"kafka\", topic = \"out\" }\n\
+         [dead_letter]\ntopic = \"logs.dlq\"\n",
+    );
+    let running = Running::start(
+        config,
+        RunOptions {
+            http: logbridge::HttpBind::Disabled,
+            ..RunOptions::default()
+        },
+    );
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    assert!(done, "not committed to the end");
+    for (topic, n) in [("out", 0), ("logs.dlq", 1)] {
+        let records = kafka.read_all(topic);
+        assert_eq!(records.len(), 1, "{topic}");
+        let record = &records[0];
+        assert_eq!(
+            record.header("traceparent").as_deref(),
+            Some(format!("00-trace-{n}").as_str()),
+            "{topic}: the original header"
+        );
+        assert_eq!(
+            record.headers.get("binary").map(Vec::as_slice),
+            Some(&[0u8, 255, 7][..]),
+            "{topic}: a binary header, byte for byte"
+        );
+        assert_eq!(record.key.as_deref(), Some(format!("k{n}").as_bytes()));
+        assert_eq!(
+            record.header("logbridge.source.topic").as_deref(),
+            Some("logs"),
+            "{topic}: logbridge's own headers beside them"
+        );
+    }
 }

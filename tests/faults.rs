@@ -1038,3 +1038,171 @@ async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
         && record.header("logbridge.error.reason").as_deref() == Some("tombstone")));
     assert_eq!(ids_written(&[dir.path()]).len(), 1);
 }
+
+/// The only broker (the group coordinator too) is unreachable for longer than the session
+/// timeout: the consumer counts its partitions lost (nothing may be committed for them),
+/// `/readyz` says it is not in a group, and when the broker is back it rejoins and finishes
+/// without loss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_lost_with_the_coordinator_are_counted_and_read_again() {
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 2);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..2_000u64)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect();
+    kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+    let group = unique("lost");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = kafka.config(
+        &group,
+        "router_capacity = 16\nworker_capacity = 8",
+        &file_route("all", "[\"info\"]", 1, dir.path()),
+    );
+    let metrics = Arc::new(Metrics::new());
+    let (running, address) = Running::start_serving(
+        config,
+        RunOptions {
+            sink_factory: delayed_sinks(Duration::from_millis(20), 0..=0),
+            metrics: metrics.clone(),
+            http: HttpBind::Disabled,
+        },
+    )
+    .await;
+    let reading = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move { metrics.consumed.with_label_values(&["logs"]).get() > 100 }
+    })
+    .await;
+    assert!(reading, "never read");
+    let cluster = kafka.cluster.as_ref().expect("mock");
+    cluster.broker_down(1).expect("broker down");
+    let lost = wait_for(Duration::from_secs(40), || {
+        let metrics = metrics.clone();
+        async move { metrics.rebalances.with_label_values(&["lost"]).get() > 0 }
+    })
+    .await;
+    let (status, body) = http_get(address, "/readyz").await;
+    cluster.broker_up(1).expect("broker up");
+    assert!(lost, "the partitions were never counted lost");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not in a consumer group"), "{body}");
+    recovers(&kafka, &group, &end, address, running).await;
+    let written = ids_written(&[dir.path()]);
+    let missing = (0..2_000u64).filter(|id| !written.contains(id)).count();
+    assert_eq!(missing, 0, "nothing lost");
+}
+
+/// A cooperative rebalance takes some partitions away and leaves the rest: the partitions
+/// that stay keep their assignment (same generation) and their in-flight work, so the
+/// instance that keeps them never writes one of their records twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 4);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..3_000u64)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect();
+    let placed = kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+    let group = unique("cooperative-keeps");
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let metrics_a = Arc::new(Metrics::new());
+    let (a, address_a) = Running::start_serving(
+        config(
+            &kafka,
+            &group,
+            Protocol::Cooperative,
+            PausedBy::Backpressure,
+            dir_a.path(),
+        ),
+        RunOptions {
+            sink_factory: delayed_sinks(Duration::from_millis(30), 0..=0),
+            metrics: metrics_a.clone(),
+            http: HttpBind::Disabled,
+        },
+    )
+    .await;
+    let busy = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics_a.clone();
+        async move { metrics.assigned_partitions.get() == 4 && metrics.in_flight.get() > 0 }
+    })
+    .await;
+    assert!(busy, "A never got busy");
+    let generations = |status: &str| -> std::collections::HashMap<i64, i64> {
+        let status: serde_json::Value = serde_json::from_str(status).unwrap_or_default();
+        status["partitions"]
+            .as_array()
+            .map(|partitions| {
+                partitions
+                    .iter()
+                    .filter_map(|p| Some((p["partition"].as_i64()?, p["generation"].as_i64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = generations(&http_get(address_a, "/status").await.1);
+    let metrics_b = Arc::new(Metrics::new());
+    let b = Running::start(
+        config(
+            &kafka,
+            &group,
+            Protocol::Cooperative,
+            PausedBy::Backpressure,
+            dir_b.path(),
+        ),
+        RunOptions {
+            metrics: metrics_b.clone(),
+            http: HttpBind::Disabled,
+            ..RunOptions::default()
+        },
+    );
+    let split = wait_for(Duration::from_secs(60), || {
+        let (a, b) = (metrics_a.clone(), metrics_b.clone());
+        async move { a.assigned_partitions.get() == 2 && b.assigned_partitions.get() == 2 }
+    })
+    .await;
+    assert!(split, "the group did not split the partitions");
+    let after = generations(&http_get(address_a, "/status").await.1);
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
+    b.stop().await;
+    a.stop().await;
+    assert!(
+        done,
+        "not committed to the end: {:?}",
+        kafka.committed(&group)
+    );
+    assert_eq!(after.len(), 2, "A kept two partitions: {after:?}");
+    for (partition, generation) in &after {
+        assert_eq!(
+            before.get(partition),
+            Some(generation),
+            "partition {partition} stayed with A under the same assignment"
+        );
+    }
+    // A's output: no record of a partition it kept appears twice.
+    let lines = read_lines(&[dir_a.path().join("all.jsonl")]);
+    let mut copies: std::collections::HashMap<u64, usize> = Default::default();
+    for line in &lines {
+        *copies
+            .entry(line["event"]["id"].as_u64().expect("id"))
+            .or_insert(0) += 1;
+    }
+    let kept: HashSet<i32> = after.keys().map(|p| *p as i32).collect();
+    let twice: Vec<u64> = copies
+        .iter()
+        .filter(|(id, count)| **count > 1 && kept.contains(&placed[**id as usize].0))
+        .map(|(id, _)| *id)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "records of kept partitions written twice by A: {twice:?}"
+    );
+    let written = ids_written(&[dir_a.path(), dir_b.path()]);
+    assert_eq!(written.len(), 3_000, "nothing lost");
+}

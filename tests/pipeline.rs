@@ -26,6 +26,7 @@ const LEVELS: [&str; 3] = ["error", "warning", "info"];
 /// in its sink exactly once, per-key order kept, committed offset = end offset everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
+    let _serial = serial().await;
     let kafka = Kafka::start("logs", 4);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..20_000u64)
         .map(|id| {
@@ -115,6 +116,7 @@ async fn every_event_reaches_its_sink_and_commits_reach_the_end() {
 /// every event, and events written twice are at most the pipeline's in-flight bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_mid_stream_then_restart_loses_nothing() {
+    let _serial = serial().await;
     let kafka = Kafka::start("logs", 4);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..20_000u64)
         .map(|id| {
@@ -219,6 +221,7 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
 /// failed, and the valid ones all delivered with commits at the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
+    let _serial = serial().await;
     let kafka = Kafka::start("logs", 4);
     let malformed: Vec<(&[u8], &str)> = vec![
         (b"{\"level\":\"error\",\"message\":", "not_json"),

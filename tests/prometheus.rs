@@ -61,6 +61,7 @@ fn shipped_alerting_rules_pass_promtool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_logbridge() {
+    let _serial = serial().await;
     let kafka = Kafka::start("logs", 4);
     let produced = kafka.produce_samples(5_000, 0.02, 9).await;
     let total = (produced.valid_ids.len() + produced.malformed.len()) as f64;

@@ -261,6 +261,15 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// `serial` for tests that are not async (a binary uses one or the other).
+pub fn serial_blocking() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // A test that failed while holding it poisoned nothing the others need.
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Waits for `condition` with a deadline; returns whether it became true.
 pub async fn wait_for<F, Fut>(deadline: Duration, mut condition: F) -> bool
 where
