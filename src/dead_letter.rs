@@ -185,6 +185,26 @@ impl DeadLetterHandle {
         (handle(Some(sender)), Some(task))
     }
 
+    /// For unit tests of the stages that fail records: no dead-letter topic, and a committer
+    /// whose messages land in the returned receiver.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        metrics: &Arc<Metrics>,
+    ) -> (
+        CommitterHandle,
+        mpsc::Receiver<crate::committer::CommitterMsg>,
+        DeadLetterHandle,
+    ) {
+        let (committer, messages) = CommitterHandle::for_test();
+        let (dead_letters, _) = DeadLetterHandle::spawn(
+            None,
+            committer.clone(),
+            metrics.clone(),
+            Liveness::default(),
+        );
+        (committer, messages, dead_letters)
+    }
+
     /// Whether the dead-letter topic refuses writes, and why.
     pub fn trouble(&self) -> watch::Receiver<Option<DeadLetterTrouble>> {
         self.trouble.clone()

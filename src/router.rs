@@ -152,8 +152,10 @@ struct RouterActor {
 /// What the router decided for a record.
 enum Decision {
     Lane(usize),
-    Ignore,
-    SkipTombstone,
+    /// Finished as ignored: no route takes its level, or it is a tombstone to skip.
+    Ignore {
+        tombstone: bool,
+    },
     Fail(DeadLetterCause),
 }
 
@@ -205,7 +207,7 @@ impl RouterActor {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
             Err(DecodeError::Empty) if record.payload.is_none() => match self.links.tombstones {
-                TombstonePolicy::Skip => Decision::SkipTombstone,
+                TombstonePolicy::Skip => Decision::Ignore { tombstone: true },
                 TombstonePolicy::DeadLetter => Decision::Fail(DeadLetterCause {
                     reason: TOMBSTONE,
                     message: "the record has no value (a tombstone)".to_string(),
@@ -231,27 +233,18 @@ impl RouterActor {
             }
             Ok(level) => match self.levels.get(level.as_str()) {
                 Some(&lane) => Decision::Lane(lane),
-                None => Decision::Ignore,
+                None => Decision::Ignore { tombstone: false },
             },
         };
         match decision {
-            Decision::SkipTombstone => {
-                self.links
-                    .metrics
-                    .tombstones
-                    .with_label_values(&["skipped"])
-                    .inc();
-                self.links
-                    .metrics
-                    .finished
-                    .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
-                    .inc();
-                self.links
-                    .committer
-                    .ack(record.ack(AckStatus::Ignored))
-                    .await
-            }
-            Decision::Ignore => {
+            Decision::Ignore { tombstone } => {
+                if tombstone {
+                    self.links
+                        .metrics
+                        .tombstones
+                        .with_label_values(&["skipped"])
+                        .inc();
+                }
                 self.links
                     .metrics
                     .finished
@@ -404,13 +397,7 @@ mod tests {
     /// and no dead-letter topic; `fenced` partitions are revoked before the router runs.
     async fn route(records: Vec<Record>, fenced: &[i32], tombstones: TombstonePolicy) -> Routed {
         let metrics = Arc::new(Metrics::new());
-        let (committer, mut messages) = CommitterHandle::for_test();
-        let (dead_letters, _) = DeadLetterHandle::spawn(
-            None,
-            committer.clone(),
-            metrics.clone(),
-            Liveness::default(),
-        );
+        let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let (worker_a, mut inbox_a) = WorkerHandle::for_test(64);
         let (worker_b, mut inbox_b) = WorkerHandle::for_test(64);
         let mut levels = FxHashMap::default();

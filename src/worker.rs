@@ -367,13 +367,7 @@ mod tests {
         max_retries: u32,
     ) -> Run {
         let metrics = Arc::new(Metrics::new());
-        let (committer, mut messages) = CommitterHandle::for_test();
-        let (dead_letters, _) = DeadLetterHandle::spawn(
-            None,
-            committer.clone(),
-            metrics.clone(),
-            Liveness::default(),
-        );
+        let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Scripted {
             answers: answers.into(),

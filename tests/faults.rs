@@ -99,6 +99,38 @@ async fn produce_malformed(kafka: &Kafka) {
     kafka.produce(&records).await;
 }
 
+/// `count` events (ids from 0, level info), each with a key of its own.
+fn keyed_events(count: u64) -> Vec<(Option<String>, Vec<u8>)> {
+    (0..count)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect()
+}
+
+/// Starts `config` with its file sinks slowed by `delay` per batch and HTTP on a free port,
+/// and waits until it has read more than 100 records.
+async fn start_reading(
+    config: logbridge::Config,
+    delay: Duration,
+    metrics: &Arc<Metrics>,
+) -> (Running, std::net::SocketAddr) {
+    let started = Running::start_serving(
+        config,
+        RunOptions {
+            sink_factory: delayed_sinks(delay, 0..=0),
+            metrics: metrics.clone(),
+            http: HttpBind::Disabled,
+        },
+    )
+    .await;
+    let reading = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move { metrics.consumed.with_label_values(&["logs"]).get() > 100 }
+    })
+    .await;
+    assert!(reading, "the pipeline never read");
+    started
+}
+
 /// Every event id the sink files under `dirs` hold.
 fn ids_written(dirs: &[&Path]) -> HashSet<u64> {
     let files: Vec<_> = dirs.iter().map(|dir| dir.join("all.jsonl")).collect();
@@ -264,10 +296,7 @@ async fn an_unread_partition_without_records_in_flight_fails_readiness() {
     cluster
         .partition_leader("logs", 1, Some(2))
         .expect("leader of 1");
-    let records: Vec<(Option<String>, Vec<u8>)> = (0..2_000u64)
-        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
-        .collect();
-    kafka.produce(&records).await;
+    kafka.produce(&keyed_events(2_000)).await;
     let end = kafka.end_offsets();
     let group = unique("unread");
     cluster
@@ -280,21 +309,7 @@ async fn an_unread_partition_without_records_in_flight_fails_readiness() {
         &file_route("all", "[\"info\"]", 1, dir.path()),
     );
     let metrics = Arc::new(Metrics::new());
-    let (running, address) = Running::start_serving(
-        config,
-        RunOptions {
-            sink_factory: delayed_sinks(Duration::from_millis(20), 0..=0),
-            metrics: metrics.clone(),
-            http: HttpBind::Disabled,
-        },
-    )
-    .await;
-    let reading = wait_for(Duration::from_secs(30), || {
-        let metrics = metrics.clone();
-        async move { metrics.consumed.with_label_values(&["logs"]).get() > 100 }
-    })
-    .await;
-    assert!(reading, "the pipeline never read");
+    let (running, address) = start_reading(config, Duration::from_millis(20), &metrics).await;
     cluster
         .broker_down(2)
         .expect("partition 1's leader goes down");
@@ -1047,10 +1062,7 @@ async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
 async fn partitions_lost_with_the_coordinator_are_counted_and_read_again() {
     let _serial = serial().await;
     let kafka = Kafka::start("logs", 2);
-    let records: Vec<(Option<String>, Vec<u8>)> = (0..2_000u64)
-        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
-        .collect();
-    kafka.produce(&records).await;
+    kafka.produce(&keyed_events(2_000)).await;
     let end = kafka.end_offsets();
     let group = unique("lost");
     let dir = tempfile::tempdir().expect("dir");
@@ -1060,21 +1072,7 @@ async fn partitions_lost_with_the_coordinator_are_counted_and_read_again() {
         &file_route("all", "[\"info\"]", 1, dir.path()),
     );
     let metrics = Arc::new(Metrics::new());
-    let (running, address) = Running::start_serving(
-        config,
-        RunOptions {
-            sink_factory: delayed_sinks(Duration::from_millis(20), 0..=0),
-            metrics: metrics.clone(),
-            http: HttpBind::Disabled,
-        },
-    )
-    .await;
-    let reading = wait_for(Duration::from_secs(30), || {
-        let metrics = metrics.clone();
-        async move { metrics.consumed.with_label_values(&["logs"]).get() > 100 }
-    })
-    .await;
-    assert!(reading, "never read");
+    let (running, address) = start_reading(config, Duration::from_millis(20), &metrics).await;
     let cluster = kafka.cluster.as_ref().expect("mock");
     cluster.broker_down(1).expect("broker down");
     let lost = wait_for(Duration::from_secs(40), || {
@@ -1100,10 +1098,7 @@ async fn partitions_lost_with_the_coordinator_are_counted_and_read_again() {
 async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
     let _serial = serial().await;
     let kafka = Kafka::start("logs", 4);
-    let records: Vec<(Option<String>, Vec<u8>)> = (0..3_000u64)
-        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
-        .collect();
-    let placed = kafka.produce(&records).await;
+    let placed = kafka.produce(&keyed_events(3_000)).await;
     let end = kafka.end_offsets();
     let group = unique("cooperative-keeps");
     let (dir_a, dir_b) = (
