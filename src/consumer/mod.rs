@@ -20,6 +20,10 @@
 //! first, once the channel has drained to half its capacity. librdkafka restarts a resumed
 //! partition's fetch at the position after the last record it returned, which is right after
 //! what we hold, so nothing is skipped.
+//!
+//! The same pause, with its own reason (shown by `/status`), holds a partition when the
+//! pipeline holds `max_in_flight_bytes` (resumed when half is free), while the committer holds
+//! it for `max_uncommitted_records`, and while the dead-letter breaker is tripped.
 
 mod assignment;
 mod client;
