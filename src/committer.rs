@@ -793,6 +793,7 @@ impl CommitterActor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::BreakerConfig;
 
     fn key(partition: i32) -> PartitionKey {
         PartitionKey {
@@ -832,22 +833,283 @@ mod tests {
         rx
     }
 
-    fn start(
-        metrics: Arc<Metrics>,
-    ) -> (
+    type Started = (
         CommitterHandle,
         CommitterControl,
         tokio::task::JoinHandle<()>,
-    ) {
-        let settings = CommitterSettings {
+    );
+
+    fn settings() -> CommitterSettings {
+        CommitterSettings {
             capacity: 64,
             interval: Duration::from_millis(100),
             drain_timeout: Duration::from_millis(500),
             stall_timeout: Duration::from_secs(60),
             max_uncommitted: 1_000,
-        };
-        let (breaker, _) = BreakerSwitch::new(Default::default(), metrics.clone());
+        }
+    }
+
+    fn start(metrics: Arc<Metrics>) -> Started {
+        start_with(metrics, settings(), BreakerConfig::default())
+    }
+
+    fn start_with(
+        metrics: Arc<Metrics>,
+        settings: CommitterSettings,
+        breaker: BreakerConfig,
+    ) -> Started {
+        let (breaker, _) = BreakerSwitch::new(breaker, metrics.clone());
         CommitterHandle::spawn(settings, breaker, metrics)
+    }
+
+    fn failed(partition: i32, offset: i64, reason: &'static str) -> ProcessAck {
+        ProcessAck {
+            status: crate::record::AckStatus::DeadLettered,
+            cause: Some(crate::record::Cause {
+                route: Arc::from("r"),
+                reason,
+            }),
+            ..ack(partition, offset, 1)
+        }
+    }
+
+    fn dispatched_range(
+        partition: i32,
+        offsets: std::ops::Range<i64>,
+        generation: u64,
+    ) -> Vec<Dispatch> {
+        offsets
+            .flat_map(|offset| dispatched(partition, offset, generation))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn holds_a_partition_at_the_uncommitted_bound_and_releases_it_at_half() {
+        let metrics = Arc::new(Metrics::new());
+        let (acks, control, _task) = start_with(
+            metrics,
+            CommitterSettings {
+                max_uncommitted: 4,
+                ..settings()
+            },
+            BreakerConfig::default(),
+        );
+        let mut holds = control.holds();
+        let held = |holds: &mut watch::Receiver<Holds>| !holds.borrow_and_update().is_empty();
+        let settle = || tokio::time::sleep(Duration::from_millis(10));
+        acks.dispatched(dispatched_range(0, 0..12, 1))
+            .await
+            .expect("alive");
+        // 0 stays unfinished; 1, 2, 3 finished behind it: under the bound.
+        for offset in 1..4 {
+            acks.ack(ack(0, offset, 1)).await.expect("alive");
+        }
+        settle().await;
+        assert!(!held(&mut holds), "3 waiting < 4: not held");
+        acks.ack(ack(0, 4, 1)).await.expect("alive");
+        settle().await;
+        assert_eq!(
+            *holds.borrow_and_update().clone(),
+            vec![(key(0), 1)],
+            "held at 4 waiting"
+        );
+        // 0 finishes: 0..=4 fold into the position, nothing waits: released.
+        acks.ack(ack(0, 0, 1)).await.expect("alive");
+        settle().await;
+        assert!(!held(&mut holds), "released");
+        // 5 and 8 unfinished, 6, 7, 9, 10, 11 finished: 5 waiting, held.
+        for offset in [6, 7, 9, 10, 11] {
+            acks.ack(ack(0, offset, 1)).await.expect("alive");
+        }
+        settle().await;
+        assert!(held(&mut holds), "held at 5 waiting");
+        // 5 finishes: 5, 6, 7 fold; 9, 10, 11 still wait behind 8: 3 > half of 4, still held.
+        acks.ack(ack(0, 5, 1)).await.expect("alive");
+        settle().await;
+        assert_eq!(control.holds().borrow().len(), 1, "3 waiting: still held");
+        acks.ack(ack(0, 8, 1)).await.expect("alive");
+        settle().await;
+        assert!(!held(&mut holds), "released once half is committed");
+        // A held partition that is revoked is no longer held.
+        acks.dispatched(dispatched_range(0, 12..20, 1))
+            .await
+            .expect("alive");
+        for offset in 13..20 {
+            acks.ack(ack(0, offset, 1)).await.expect("alive");
+        }
+        settle().await;
+        assert!(held(&mut holds), "held again");
+        let revoked = control.revoke_later(vec![(key(0), 1)]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(revoked.await.expect("answered")[0].offset, 12);
+        assert!(!held(&mut holds), "a revoked partition is not held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_assignment_of_a_partition_starts_its_bookkeeping_afresh() {
+        let metrics = Arc::new(Metrics::new());
+        let (acks, control, _task) = start(metrics.clone());
+        let mut plans = control.plans();
+        acks.dispatched(dispatched_range(0, 0..2, 1))
+            .await
+            .expect("alive");
+        // Assigned again (generation 2), reading from 5: generation 1's work no longer counts.
+        acks.dispatched(dispatched(0, 5, 2)).await.expect("alive");
+        acks.ack(ack(0, 0, 1)).await.expect("alive");
+        acks.ack(ack(0, 5, 2)).await.expect("alive");
+        plans.changed().await.expect("a plan");
+        assert_eq!(
+            *plans.borrow_and_update().clone(),
+            vec![CommitEntry {
+                source: key(0),
+                generation: 2,
+                offset: 6
+            }]
+        );
+        assert_eq!(metrics.stale_acks.get(), 1, "generation 1's ack is stale");
+        // A dispatch of the older generation after the newer one is ignored.
+        acks.dispatched(dispatched(0, 1_000, 1))
+            .await
+            .expect("alive");
+        acks.ack(ack(0, 1_000, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(metrics.stale_acks.get(), 2);
+        assert!(!plans.has_changed().expect("open"), "nothing moved");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tombstones_parked_on_purpose_do_not_count_against_the_breaker() {
+        let metrics = Arc::new(Metrics::new());
+        let breaker = BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 1.0,
+            window: 100,
+            max_consecutive: 2,
+        };
+        let (acks, _control, _task) = start_with(metrics.clone(), settings(), breaker);
+        acks.dispatched(dispatched_range(0, 0..10, 1))
+            .await
+            .expect("alive");
+        for offset in 0..5 {
+            acks.ack(failed(0, offset, crate::record::TOMBSTONE))
+                .await
+                .expect("alive");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(metrics.breaker_tripped.get(), 0, "5 tombstones in a row");
+        for offset in 5..8 {
+            acks.ack(failed(0, offset, "not_json"))
+                .await
+                .expect("alive");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(metrics.breaker_tripped.get(), 1, "3 failures in a row > 2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_whose_commit_does_not_move_is_a_stall_with_its_oldest_record() {
+        let metrics = Arc::new(Metrics::new());
+        let (acks, control, _task) = start_with(
+            metrics.clone(),
+            CommitterSettings {
+                stall_timeout: Duration::from_secs(1),
+                ..settings()
+            },
+            BreakerConfig::default(),
+        );
+        let mut stalls = control.stalls();
+        acks.dispatched(dispatched_range(0, 3..6, 1))
+            .await
+            .expect("alive");
+        acks.ack(ack(0, 3, 1)).await.expect("alive");
+        acks.ack(ack(0, 5, 1)).await.expect("alive");
+        let started = Instant::now();
+        stalls.changed().await.expect("a stall");
+        let stall = stalls.borrow_and_update()[0].clone();
+        assert!(
+            started.elapsed() >= Duration::from_secs(1),
+            "not before the timeout"
+        );
+        assert_eq!(stall.source, key(0));
+        assert_eq!(stall.waiting, 1);
+        assert_eq!(stall.oldest_offset, Some(4));
+        assert!(
+            stall
+                .to_string()
+                .starts_with("partition logs/0 stalled: 1 records waiting, commit not moved for 1 s (oldest unfinished offset 4)"),
+            "{stall}"
+        );
+        let age = metrics.partition_value(&metrics.partition_oldest_unfinished, &key(0));
+        assert!(
+            age.is_some_and(|age| age >= 1.0),
+            "age of offset 4: {age:?}"
+        );
+        assert_eq!(
+            metrics
+                .stalled_partitions
+                .with_label_values(&["unfinished"])
+                .get(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoke_is_answered_as_soon_as_it_drained_and_at_its_deadline_otherwise() {
+        let (acks, control, _task) = start_with(
+            Arc::new(Metrics::new()),
+            CommitterSettings {
+                // Not a multiple of the 100 ms tick: an answer at the deadline is seen as such.
+                drain_timeout: Duration::from_millis(550),
+                ..settings()
+            },
+            BreakerConfig::default(),
+        );
+        acks.dispatched(dispatched(0, 0, 1)).await.expect("alive");
+        acks.dispatched(dispatched(1, 0, 1)).await.expect("alive");
+        let mut drained = control.revoke_later(vec![(key(0), 1)]);
+        let undrained = control.revoke_later(vec![(key(1), 1)]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(drained.try_recv().is_err(), "0 is in flight");
+        let acked = Instant::now();
+        acks.ack(ack(0, 0, 1)).await.expect("alive");
+        let answer = drained.await.expect("answered");
+        assert!(
+            acked.elapsed() < Duration::from_millis(50),
+            "answered at once"
+        );
+        assert_eq!(answer[0].offset, 1);
+        let revoked = Instant::now();
+        let answer = undrained.await.expect("answered");
+        let waited = revoked.elapsed() + Duration::from_millis(50);
+        assert!(answer.is_empty(), "nothing finished on partition 1");
+        assert!(
+            waited >= Duration::from_millis(550) && waited < Duration::from_millis(600),
+            "answered at the drain deadline, not at the next tick: {waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_committer_runs_until_its_input_ends_after_the_shutdown_answer() {
+        let (acks, control, task) = start(Arc::new(Metrics::new()));
+        acks.dispatched(dispatched(2, 40, 1)).await.expect("alive");
+        // The deadline passes with 40 unfinished: answered, and said so.
+        let answer = control
+            .finish(Instant::now() + Duration::from_millis(300))
+            .expect("alive")
+            .await
+            .expect("answered");
+        assert_eq!(answer.unfinished, 1);
+        assert!(answer.entries.is_empty());
+        // Input still open: it keeps running (a late ack is still taken).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!task.is_finished(), "runs while its input is open");
+        acks.ack(ack(2, 40, 1)).await.expect("alive");
+        drop(acks);
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("ends once its input closed")
+            .expect("no panic");
+        drop(control);
     }
 
     #[tokio::test(start_paused = true)]
