@@ -205,6 +205,24 @@ impl DeadLetterHandle {
         (committer, messages, dead_letters)
     }
 
+    /// For unit tests: a handle whose dead letters land in the returned receiver.
+    #[cfg(test)]
+    pub(crate) fn capturing_for_test(
+        metrics: &Arc<Metrics>,
+    ) -> (DeadLetterHandle, mpsc::Receiver<DeadLetter>) {
+        let (committer, _) = CommitterHandle::for_test();
+        let (sender, receiver) = mpsc::channel(64);
+        let (_, trouble) = watch::channel(None);
+        let handle = DeadLetterHandle {
+            dead_letters: Some(sender),
+            trouble,
+            committer,
+            metrics: metrics.clone(),
+            log_budget: Arc::new(LogBudget::new()),
+        };
+        (handle, receiver)
+    }
+
     /// Whether the dead-letter topic refuses writes, and why.
     pub fn trouble(&self) -> watch::Receiver<Option<DeadLetterTrouble>> {
         self.trouble.clone()

@@ -384,6 +384,7 @@ mod tests {
 
     use crate::committer::CommitterMsg;
     use crate::record::test_record;
+    use std::time::Duration;
 
     struct Routed {
         /// What each worker of the one route received, by worker.
@@ -559,5 +560,98 @@ mod tests {
                 .get(),
             1
         );
+    }
+
+    #[test]
+    fn fnv1a_is_the_published_hash() {
+        // FNV-1a 64 test vectors: a key must keep its worker across builds and restarts.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_handle_offers_waits_for_half_the_channel_and_knows_when_it_is_half_empty() {
+        let (sender, mut receiver) = mpsc::channel(8);
+        let router = RouterHandle { sender };
+        let runtime = tokio::runtime::Handle::current();
+        assert!(router.half_empty());
+        for offset in 0..4 {
+            assert!(matches!(router.offer(with_level(offset, "k", "error")), Offer::Taken));
+        }
+        assert!(router.half_empty(), "4 of 8 free");
+        assert!(matches!(router.offer(with_level(4, "k", "error")), Offer::Taken));
+        assert!(!router.half_empty(), "3 of 8 free");
+        for offset in 5..8 {
+            assert!(matches!(router.offer(with_level(offset, "k", "error")), Offer::Taken));
+        }
+        assert!(matches!(router.offer(with_level(8, "k", "error")), Offer::Full(_)));
+        // No wait at all: given back at once.
+        assert!(matches!(
+            router.wait_for_room(with_level(8, "k", "error"), Duration::ZERO, &runtime),
+            Offer::Full(_)
+        ));
+        // Half the channel frees up while the consumer waits: taken. (wait_for_room blocks its
+        // thread, as on the consumer's; it runs on a thread of its own here.)
+        let waiting = router.clone();
+        let waiter = std::thread::spawn(move || {
+            waiting.wait_for_room(with_level(8, "k", "error"), Duration::from_secs(5), &runtime)
+        });
+        for _ in 0..3 {
+            receiver.recv().await.expect("a record");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!waiter.is_finished(), "3 free of the 4 it waits for");
+        receiver.recv().await.expect("a record");
+        let offer = tokio::task::spawn_blocking(move || waiter.join().expect("joined"))
+            .await
+            .expect("joined");
+        assert!(matches!(offer, Offer::Taken), "taken once half was free");
+        drop(receiver);
+        assert!(matches!(router.offer(with_level(9, "k", "error")), Offer::Stopped(_)));
+    }
+
+    #[tokio::test]
+    async fn an_empty_value_is_a_decode_failure_and_an_oversized_one_is_parked_without_it() {
+        let metrics = Arc::new(Metrics::new());
+        let (committer, _messages) = CommitterHandle::for_test();
+        let (dead_letters, mut parked) = DeadLetterHandle::capturing_for_test(&metrics);
+        let (router, task) = RouterHandle::spawn(
+            8,
+            RouteTable {
+                lanes: Vec::new(),
+                levels: FxHashMap::default(),
+            },
+            RouterLinks {
+                committer,
+                dead_letters,
+                fences: Fences::default(),
+                metrics: metrics.clone(),
+                liveness: Liveness::default(),
+                tombstones: TombstonePolicy::Skip,
+            },
+        );
+        // Zero bytes (not a null value): malformed, not a tombstone.
+        let empty = test_record(0, 0, Some(b"k"), Some(b""));
+        // Over max_payload_bytes: the consumer did not copy the value.
+        let mut oversized = test_record(0, 1, Some(b"k"), None);
+        oversized.decoded = Err(DecodeError::TooLarge {
+            size: 5_000_000,
+            limit: 1_048_576,
+        });
+        for record in [empty, oversized] {
+            assert!(matches!(router.offer(record), Offer::Taken));
+        }
+        drop(router);
+        task.await.expect("router ran");
+        let first = parked.recv().await.expect("the empty record");
+        assert_eq!((first.reason, first.dropped_value), ("empty", None));
+        let second = parked.recv().await.expect("the oversized record");
+        assert_eq!(
+            (second.reason, second.dropped_value),
+            ("too_large", Some(5_000_000)),
+            "parked without its value, its size said"
+        );
+        assert_eq!(metrics.tombstones.with_label_values(&["skipped"]).get(), 0);
     }
 }

@@ -422,8 +422,11 @@ mod tests {
             let a2 = assignment.key("a", 2);
             let a0 = assignment.key("a", 0);
             let mut held = VecDeque::new();
-            held.push_back(held_record(&a2, 7));
-            held.push_back(held_record(&a2, 8));
+            for offset in [7, 8] {
+                let mut record = held_record(&a2, offset);
+                record.charge = shared.budget.charge(100);
+                held.push_back(record);
+            }
             assignment.partitions.insert(b1, state(3, Flow::Flowing));
             assignment.partitions.insert(
                 a2,
@@ -440,6 +443,7 @@ mod tests {
                 .insert(a0, state(1, Flow::paused(PauseWhy::RouterFull)));
             assert_eq!(assignment.paused_count(), 2);
             assert_eq!(assignment.held_count(), 2);
+            assert_eq!(assignment.held_bytes(), 200);
         }
         let view = shared.view();
         assert!(!view.in_group());
