@@ -577,15 +577,27 @@ mod tests {
         let runtime = tokio::runtime::Handle::current();
         assert!(router.half_empty());
         for offset in 0..4 {
-            assert!(matches!(router.offer(with_level(offset, "k", "error")), Offer::Taken));
+            assert!(matches!(
+                router.offer(with_level(offset, "k", "error")),
+                Offer::Taken
+            ));
         }
         assert!(router.half_empty(), "4 of 8 free");
-        assert!(matches!(router.offer(with_level(4, "k", "error")), Offer::Taken));
+        assert!(matches!(
+            router.offer(with_level(4, "k", "error")),
+            Offer::Taken
+        ));
         assert!(!router.half_empty(), "3 of 8 free");
         for offset in 5..8 {
-            assert!(matches!(router.offer(with_level(offset, "k", "error")), Offer::Taken));
+            assert!(matches!(
+                router.offer(with_level(offset, "k", "error")),
+                Offer::Taken
+            ));
         }
-        assert!(matches!(router.offer(with_level(8, "k", "error")), Offer::Full(_)));
+        assert!(matches!(
+            router.offer(with_level(8, "k", "error")),
+            Offer::Full(_)
+        ));
         // No wait at all: given back at once.
         assert!(matches!(
             router.wait_for_room(with_level(8, "k", "error"), Duration::ZERO, &runtime),
@@ -595,7 +607,11 @@ mod tests {
         // thread, as on the consumer's; it runs on a thread of its own here.)
         let waiting = router.clone();
         let waiter = std::thread::spawn(move || {
-            waiting.wait_for_room(with_level(8, "k", "error"), Duration::from_secs(5), &runtime)
+            waiting.wait_for_room(
+                with_level(8, "k", "error"),
+                Duration::from_secs(5),
+                &runtime,
+            )
         });
         for _ in 0..3 {
             receiver.recv().await.expect("a record");
@@ -608,7 +624,10 @@ mod tests {
             .expect("joined");
         assert!(matches!(offer, Offer::Taken), "taken once half was free");
         drop(receiver);
-        assert!(matches!(router.offer(with_level(9, "k", "error")), Offer::Stopped(_)));
+        assert!(matches!(
+            router.offer(with_level(9, "k", "error")),
+            Offer::Stopped(_)
+        ));
     }
 
     #[tokio::test]

@@ -446,6 +446,7 @@ mod tests {
             assert_eq!(assignment.held_bytes(), 200);
         }
         let view = shared.view();
+        assert_eq!(view.bytes(), (200, 200), "in flight, of which held");
         assert!(!view.in_group());
         shared.set_in_group(true);
         assert!(view.in_group());
@@ -480,6 +481,10 @@ mod tests {
             .insert(k0, state(1, Flow::paused(PauseWhy::RouterFull)));
         assignment.partitions.insert(k1, state(1, Flow::Flowing));
         assignment.publish(&metrics);
+        let topic = assignment.key("logs", 0).topic;
+        assignment.count_consumed(&topic, &metrics);
+        assignment.count_consumed(&topic, &metrics);
+        assert_eq!(metrics.consumed.with_label_values(&["logs"]).get(), 2);
         assert_eq!(metrics.assigned_partitions.get(), 2);
         assert_eq!(metrics.paused_partitions.get(), 1);
         let paused = |p: &str| {
@@ -545,5 +550,28 @@ mod tests {
                 .get(),
             0
         );
+    }
+
+    #[test]
+    fn the_view_shows_the_unread_partitions_last_observed() {
+        let metrics = Metrics::new();
+        let gauge = prometheus::IntGauge::new("b", "b").expect("gauge");
+        let shared = SharedAssignment::new(ByteBudget::new(1 << 20, gauge));
+        {
+            let mut assignment = shared.lock();
+            let key = assignment.key("logs", 4);
+            let mut state = PartitionState::new(1, Flow::Flowing);
+            state.last_polled = Some(9);
+            state.log_end = Some(20);
+            state.last_read = Instant::now() - Duration::from_secs(90);
+            assignment.partitions.insert(key, state);
+            assignment.observe_unread(Duration::from_secs(60), false, &metrics);
+        }
+        let unread = shared.view().unread();
+        assert_eq!(unread.len(), 1);
+        assert_eq!((unread[0].source.partition, unread[0].behind), (4, 10));
+        assert!(unread[0]
+            .to_string()
+            .ends_with("(not paused, yet not fetched)"));
     }
 }

@@ -434,4 +434,117 @@ mod tests {
             assert!(!is_stale_commit(&with(code)), "{code:?}");
         }
     }
+
+    /// The commit thread against librdkafka's mock cluster: plans and requests are committed,
+    /// a backwards request is not, a plan the broker refused is tried again, a partition not
+    /// held skips its interval entry, and `stop` ends the thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_commit_thread_commits_under_the_ledger_and_retries_what_was_refused() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("logs", 2, 1).expect("topic");
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "commit-thread")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let consumer = Arc::new(consumer);
+        let committed = |consumer: &BaseConsumer| -> Vec<Option<i64>> {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition("logs", 0);
+            tpl.add_partition("logs", 1);
+            let tpl = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .expect("committed offsets");
+            (0..2)
+                .map(
+                    |p| match tpl.find_partition("logs", p).map(|e| e.offset()) {
+                        Some(Offset::Offset(offset)) => Some(offset),
+                        _ => None,
+                    },
+                )
+                .collect()
+        };
+        let gauge = prometheus::IntGauge::new("b", "b").expect("gauge");
+        let assignment = SharedAssignment::new(crate::record::ByteBudget::new(1 << 20, gauge));
+        {
+            let mut held = assignment.lock();
+            let key = held.key("logs", 0);
+            held.partitions
+                .insert(key, PartitionState::new(1, Flow::Flowing));
+        }
+        let metrics = Arc::new(Metrics::new());
+        let (plans_tx, plans) = watch::channel(CommitPlan::default());
+        let (commits, requests) = channel();
+        let thread = start(
+            consumer.clone(),
+            assignment.clone(),
+            metrics.clone(),
+            requests,
+            plans,
+            Duration::from_millis(200),
+            tokio::runtime::Handle::current(),
+        )
+        .expect("commit thread");
+        let entry = |partition: i32, offset: i64| CommitEntry {
+            source: crate::record::PartitionKey {
+                topic: Arc::from("logs"),
+                partition,
+            },
+            generation: 1,
+            offset,
+        };
+        let ask = |entries: Vec<CommitEntry>, why| {
+            let commits = commits.clone();
+            tokio::task::spawn_blocking(move || {
+                commits.commit(entries, why, Duration::from_secs(10))
+            })
+        };
+        // A revoke request: committed (partition 1 need not be held for a request).
+        assert!(ask(vec![entry(0, 5), entry(1, 7)], CommitWhy::Revoke)
+            .await
+            .expect("joined"));
+        assert_eq!(committed(&consumer), vec![Some(5), Some(7)]);
+        // Backwards: nothing to commit, which counts as done; the broker keeps 5.
+        assert!(ask(vec![entry(0, 3)], CommitWhy::Shutdown)
+            .await
+            .expect("joined"));
+        assert_eq!(committed(&consumer)[0], Some(5));
+        // An interval plan while the broker refuses commits: tried again until taken. Its
+        // entry for partition 1 (not held) is left out.
+        cluster.request_errors(
+            RDKafkaApiKey::OffsetCommit,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE; 10],
+        );
+        plans_tx
+            .send(Arc::new(vec![entry(0, 9), entry(1, 11)]))
+            .expect("sent");
+        let retried = {
+            let started = std::time::Instant::now();
+            loop {
+                if committed(&consumer)[0] == Some(9) {
+                    break true;
+                }
+                if started.elapsed() > Duration::from_secs(20) {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        assert!(
+            retried,
+            "the refused plan was tried again: {:?}",
+            committed(&consumer)
+        );
+        assert_eq!(committed(&consumer)[1], Some(7), "not held: not committed");
+        assert!(metrics.commits.with_label_values(&["error"]).get() >= 1);
+        assert!(metrics.commits.with_label_values(&["ok"]).get() >= 2);
+        commits.stop();
+        let ended = tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("joined");
+        assert!(ended.is_ok(), "the thread ended on stop");
+    }
 }
