@@ -394,17 +394,24 @@ pub async fn http_request(address: std::net::SocketAddr, request: &str) -> (u16,
     (status, body)
 }
 
-/// A pipeline running in this process.
+/// A pipeline running in this process. Dropped without `stop` (a test that failed), it is
+/// told to shut down, so that its consumer leaves the group and its threads end instead of
+/// keeping the failed test from ending.
 pub struct Running {
     shutdown: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _stop_when_dropped: tokio_util::sync::DropGuard,
 }
 
 impl Running {
     pub fn start(config: Config, options: logbridge::RunOptions) -> Running {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(logbridge::run(config, options, shutdown.clone()));
-        Running { shutdown, task }
+        Running {
+            _stop_when_dropped: shutdown.clone().drop_guard(),
+            shutdown,
+            task,
+        }
     }
 
     /// Starts with the HTTP endpoint on a free loopback port; returns its address too.
