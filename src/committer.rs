@@ -975,6 +975,63 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(metrics.stale_acks.get(), 2);
         assert!(!plans.has_changed().expect("open"), "nothing moved");
+        assert_eq!(
+            metrics
+                .partition_in_flight
+                .with_label_values(&["logs", "0"])
+                .get(),
+            0,
+            "the older generation's dispatch is not tracked as in flight"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_partition_assigned_again_is_no_longer_held() {
+        let metrics = Arc::new(Metrics::new());
+        let (acks, control, _task) = start_with(
+            metrics,
+            CommitterSettings {
+                max_uncommitted: 4,
+                ..settings()
+            },
+            BreakerConfig::default(),
+        );
+        let mut holds = control.holds();
+        acks.dispatched(dispatched_range(0, 0..6, 1))
+            .await
+            .expect("alive");
+        for offset in 1..6 {
+            acks.ack(ack(0, offset, 1)).await.expect("alive");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!holds.borrow_and_update().is_empty(), "held");
+        // Assigned again (generation 2): reading restarts from the committed position, so the
+        // hold of generation 1 no longer applies.
+        acks.dispatched(dispatched(0, 0, 2)).await.expect("alive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(holds.borrow_and_update().is_empty(), "released");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_oldest_unfinished_age_counts_from_the_oldest_unfinished_dispatch() {
+        let metrics = Arc::new(Metrics::new());
+        let (acks, _control, _task) = start(metrics.clone());
+        let age = || {
+            metrics
+                .partition_oldest_unfinished
+                .with_label_values(&["logs", "0"])
+                .get()
+        };
+        acks.dispatched(dispatched(0, 0, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        acks.dispatched(dispatched(0, 1, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let first = age();
+        assert!((9.9..=10.2).contains(&first), "from offset 0: {first}");
+        acks.ack(ack(0, 0, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let second = age();
+        assert!((5.0..=5.3).contains(&second), "from offset 1: {second}");
     }
 
     #[tokio::test(start_paused = true)]
