@@ -1064,6 +1064,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_partition_whose_commit_keeps_moving_is_not_a_stall() {
+        let (acks, control, _task) = start_with(
+            Arc::new(Metrics::new()),
+            CommitterSettings {
+                stall_timeout: Duration::from_secs(1),
+                ..settings()
+            },
+            BreakerConfig::default(),
+        );
+        let stalls = control.stalls();
+        acks.dispatched(dispatched_range(0, 0..40, 1))
+            .await
+            .expect("alive");
+        // Records always in flight for 3 s, but the commit moves every 200 ms.
+        for offset in 0..15 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            acks.ack(ack(0, offset, 1)).await.expect("alive");
+        }
+        assert!(
+            stalls.borrow().is_empty(),
+            "a moving partition is not stalled"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_partition_whose_commit_does_not_move_is_a_stall_with_its_oldest_record() {
         let metrics = Arc::new(Metrics::new());
         let (acks, control, _task) = start_with(
@@ -1269,9 +1294,19 @@ mod tests {
     async fn finish_answers_when_input_ends() {
         let (acks, control, task) = start(Arc::new(Metrics::new()));
         acks.dispatched(dispatched(2, 40, 1)).await.expect("alive");
-        let response = control
+        let mut response = control
             .finish(Instant::now() + Duration::from_secs(60))
             .expect("alive");
+        // Not answered while its input is open and the deadline is ahead, even with nothing
+        // arriving for a while.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            matches!(
+                response.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ),
+            "answered before the input ended"
+        );
         acks.ack(ack(2, 40, 1)).await.expect("alive");
         drop(acks);
         let answer = response.await.expect("answered");
