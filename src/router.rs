@@ -570,7 +570,8 @@ mod tests {
         assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
-    #[tokio::test(start_paused = true)]
+    // Real time: the waiter blocks a thread of its own, which a paused clock would not wait for.
+    #[tokio::test]
     async fn the_handle_offers_waits_for_half_the_channel_and_knows_when_it_is_half_empty() {
         let (sender, mut receiver) = mpsc::channel(8);
         let router = RouterHandle { sender };
@@ -616,7 +617,8 @@ mod tests {
         for _ in 0..3 {
             receiver.recv().await.expect("a record");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Time enough for a waiter that wanted less than half to have taken its slot.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiter.is_finished(), "3 free of the 4 it waits for");
         receiver.recv().await.expect("a record");
         let offer = tokio::task::spawn_blocking(move || waiter.join().expect("joined"))
