@@ -986,6 +986,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_hold_is_released_at_exactly_half_the_bound() {
+        let (acks, control, _task) = start_with(
+            Arc::new(Metrics::new()),
+            CommitterSettings {
+                max_uncommitted: 4,
+                ..settings()
+            },
+            BreakerConfig::default(),
+        );
+        let mut holds = control.holds();
+        acks.dispatched(dispatched_range(0, 0..8, 1))
+            .await
+            .expect("alive");
+        // 0 and 3 unfinished; 1, 2, 4, 5 finished behind 0: 4 waiting, held.
+        for offset in [1, 2, 4, 5] {
+            acks.ack(ack(0, offset, 1)).await.expect("alive");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!holds.borrow_and_update().is_empty(), "held at 4");
+        // 0 finishes: 0, 1, 2 fold into the position; 4 and 5 wait behind 3: exactly half.
+        acks.ack(ack(0, 0, 1)).await.expect("alive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(holds.borrow_and_update().is_empty(), "released at 2 of 4");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_held_partition_assigned_again_is_no_longer_held() {
         let metrics = Arc::new(Metrics::new());
         let (acks, control, _task) = start_with(
