@@ -850,16 +850,41 @@ mod tests {
     }
 
     fn start(metrics: Arc<Metrics>) -> Started {
-        start_with(metrics, settings(), BreakerConfig::default())
+        start_with(metrics, settings())
     }
 
-    fn start_with(
+    fn start_with(metrics: Arc<Metrics>, settings: CommitterSettings) -> Started {
+        start_with_breaker(metrics, settings, BreakerConfig::default())
+    }
+
+    fn start_with_breaker(
         metrics: Arc<Metrics>,
         settings: CommitterSettings,
         breaker: BreakerConfig,
     ) -> Started {
         let (breaker, _) = BreakerSwitch::new(breaker, metrics.clone());
         CommitterHandle::spawn(settings, breaker, metrics)
+    }
+
+    /// A committer that holds a partition at 4 finished records waiting.
+    fn holding_at_four() -> Started {
+        start_with(
+            Arc::new(Metrics::new()),
+            CommitterSettings {
+                max_uncommitted: 4,
+                ..settings()
+            },
+        )
+    }
+
+    /// Whether any partition is held; marks the holds seen.
+    fn held(holds: &mut watch::Receiver<Holds>) -> bool {
+        !holds.borrow_and_update().is_empty()
+    }
+
+    /// Lets the committer take what was sent (paused clock: no real wait).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
     fn failed(partition: i32, offset: i64, reason: &'static str) -> ProcessAck {
@@ -885,18 +910,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn holds_a_partition_at_the_uncommitted_bound_and_releases_it_at_half() {
-        let metrics = Arc::new(Metrics::new());
-        let (acks, control, _task) = start_with(
-            metrics,
-            CommitterSettings {
-                max_uncommitted: 4,
-                ..settings()
-            },
-            BreakerConfig::default(),
-        );
+        let (acks, control, _task) = holding_at_four();
         let mut holds = control.holds();
-        let held = |holds: &mut watch::Receiver<Holds>| !holds.borrow_and_update().is_empty();
-        let settle = || tokio::time::sleep(Duration::from_millis(10));
         acks.dispatched(dispatched_range(0, 0..12, 1))
             .await
             .expect("alive");
@@ -987,14 +1002,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_hold_is_released_at_exactly_half_the_bound() {
-        let (acks, control, _task) = start_with(
-            Arc::new(Metrics::new()),
-            CommitterSettings {
-                max_uncommitted: 4,
-                ..settings()
-            },
-            BreakerConfig::default(),
-        );
+        let (acks, control, _task) = holding_at_four();
         let mut holds = control.holds();
         acks.dispatched(dispatched_range(0, 0..8, 1))
             .await
@@ -1003,25 +1011,17 @@ mod tests {
         for offset in [1, 2, 4, 5] {
             acks.ack(ack(0, offset, 1)).await.expect("alive");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(!holds.borrow_and_update().is_empty(), "held at 4");
+        settle().await;
+        assert!(held(&mut holds), "held at 4");
         // 0 finishes: 0, 1, 2 fold into the position; 4 and 5 wait behind 3: exactly half.
         acks.ack(ack(0, 0, 1)).await.expect("alive");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(holds.borrow_and_update().is_empty(), "released at 2 of 4");
+        settle().await;
+        assert!(!held(&mut holds), "released at 2 of 4");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_held_partition_assigned_again_is_no_longer_held() {
-        let metrics = Arc::new(Metrics::new());
-        let (acks, control, _task) = start_with(
-            metrics,
-            CommitterSettings {
-                max_uncommitted: 4,
-                ..settings()
-            },
-            BreakerConfig::default(),
-        );
+        let (acks, control, _task) = holding_at_four();
         let mut holds = control.holds();
         acks.dispatched(dispatched_range(0, 0..6, 1))
             .await
@@ -1029,13 +1029,13 @@ mod tests {
         for offset in 1..6 {
             acks.ack(ack(0, offset, 1)).await.expect("alive");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(!holds.borrow_and_update().is_empty(), "held");
+        settle().await;
+        assert!(held(&mut holds), "held");
         // Assigned again (generation 2): reading restarts from the committed position, so the
         // hold of generation 1 no longer applies.
         acks.dispatched(dispatched(0, 0, 2)).await.expect("alive");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(holds.borrow_and_update().is_empty(), "released");
+        settle().await;
+        assert!(!held(&mut holds), "released");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1069,7 +1069,7 @@ mod tests {
             window: 100,
             max_consecutive: 2,
         };
-        let (acks, _control, _task) = start_with(metrics.clone(), settings(), breaker);
+        let (acks, _control, _task) = start_with_breaker(metrics.clone(), settings(), breaker);
         acks.dispatched(dispatched_range(0, 0..10, 1))
             .await
             .expect("alive");
@@ -1078,14 +1078,14 @@ mod tests {
                 .await
                 .expect("alive");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        settle().await;
         assert_eq!(metrics.breaker_tripped.get(), 0, "5 tombstones in a row");
         for offset in 5..8 {
             acks.ack(failed(0, offset, "not_json"))
                 .await
                 .expect("alive");
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        settle().await;
         assert_eq!(metrics.breaker_tripped.get(), 1, "3 failures in a row > 2");
     }
 
@@ -1097,7 +1097,6 @@ mod tests {
                 stall_timeout: Duration::from_secs(1),
                 ..settings()
             },
-            BreakerConfig::default(),
         );
         let stalls = control.stalls();
         acks.dispatched(dispatched_range(0, 0..40, 1))
@@ -1123,7 +1122,6 @@ mod tests {
                 stall_timeout: Duration::from_secs(1),
                 ..settings()
             },
-            BreakerConfig::default(),
         );
         let mut stalls = control.stalls();
         acks.dispatched(dispatched_range(0, 3..6, 1))
@@ -1170,7 +1168,6 @@ mod tests {
                 drain_timeout: Duration::from_millis(550),
                 ..settings()
             },
-            BreakerConfig::default(),
         );
         acks.dispatched(dispatched(0, 0, 1)).await.expect("alive");
         acks.dispatched(dispatched(1, 0, 1)).await.expect("alive");
@@ -1260,7 +1257,7 @@ mod tests {
         acks.dispatched(dispatched(0, 5, 1)).await.expect("alive");
         acks.dispatched(dispatched(0, 6, 1)).await.expect("alive");
         acks.ack(ack(0, 5, 1)).await.expect("alive");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        settle().await;
 
         // Revoke from a blocking thread, as the consumer does; offset 6 never finishes, so the
         // answer comes at the drain timeout with position 6.

@@ -16,10 +16,11 @@
 //! failed records through the dead-letter actor to the committer); the way back to the consumer
 //! is only `watch` channels (commit plans, partitions held for their uncommitted records,
 //! breaker state) and the blocking revoke and finish requests the consumer thread makes itself.
-//! Each record carries a charge against `max_in_flight_bytes` that it gives back when dropped. Every actor has a handle that owns its input
-//! ([`router::RouterHandle`], [`worker::WorkerHandle`], [`committer::CommitterHandle`],
-//! [`dead_letter::DeadLetterHandle`], [`consumer::ConsumerHandle`]); a stage whose next stage
-//! is gone gets [`record::StageGone`] and stops.
+//! Each record carries a charge against `max_in_flight_bytes` that it gives back when dropped.
+//! Every actor has a handle that owns its input ([`router::RouterHandle`],
+//! [`worker::WorkerHandle`], [`committer::CommitterHandle`], [`dead_letter::DeadLetterHandle`],
+//! [`consumer::ConsumerHandle`]); a stage whose next stage is gone gets [`record::StageGone`]
+//! and stops.
 //!
 //! Stages:
 //! - [`consumer`]: polls librdkafka on its own thread, decodes each record once ([`event`]),

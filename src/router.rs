@@ -445,6 +445,16 @@ mod tests {
             offsets
         };
         let workers = vec![drain(&mut inbox_a), drain(&mut inbox_b)];
+        let describe = |ack: crate::record::ProcessAck| {
+            format!(
+                "ack {} {}{}",
+                ack.offset,
+                ack.status.as_str(),
+                ack.cause
+                    .map(|c| format!(" {}", c.reason))
+                    .unwrap_or_default()
+            )
+        };
         let mut committer = Vec::new();
         while let Ok(message) = messages.try_recv() {
             match message {
@@ -452,19 +462,8 @@ mod tests {
                     "dispatched {:?}",
                     dispatches.iter().map(|d| d.offset).collect::<Vec<_>>()
                 )),
-                CommitterMsg::Ack(ack) => committer.push(format!(
-                    "ack {} {}{}",
-                    ack.offset,
-                    ack.status.as_str(),
-                    ack.cause
-                        .map(|c| format!(" {}", c.reason))
-                        .unwrap_or_default()
-                )),
-                CommitterMsg::Acks(acks) => {
-                    for ack in acks {
-                        committer.push(format!("ack {} {}", ack.offset, ack.status.as_str()))
-                    }
-                }
+                CommitterMsg::Ack(ack) => committer.push(describe(ack)),
+                CommitterMsg::Acks(acks) => committer.extend(acks.into_iter().map(describe)),
             }
         }
         Routed {
