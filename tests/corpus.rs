@@ -12,7 +12,6 @@ use std::time::Duration;
 use common::*;
 use logbridge::event::{decode, DecodeError, DEFAULT_MAX_PAYLOAD_BYTES};
 use logbridge::metrics::Metrics;
-use logbridge::pipeline::{HttpBind, RunOptions};
 
 struct Case {
     file: String,
@@ -131,14 +130,7 @@ async fn corpus_through_the_pipeline_reaches_the_expected_topic_with_headers() {
         &format!("{routes}\n[dead_letter]\ntopic = \"corpus.dlq\"\n[breaker]\nenabled = false\n"),
     );
     let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::start(
-        config,
-        RunOptions {
-            metrics: metrics.clone(),
-            http: HttpBind::Disabled,
-            ..RunOptions::default()
-        },
-    );
+    let pipeline = Running::without_http(config, &metrics);
     let total: i64 = end.iter().sum();
     let done = wait_committed(&metrics, total, Duration::from_secs(120)).await;
     pipeline.stop().await;

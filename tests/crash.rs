@@ -51,7 +51,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         if run == 1 || run == 3 {
             // An instance killed while it joins the group: before its assignment, or while the
             // group still waits for the member killed before (session.timeout.ms).
-            let committed_at_start: i64 = kafka.committed(&group).iter().map(|o| o.max(&0)).sum();
+            let committed_at_start: i64 = kafka.committed_records(&group);
             let joining = Instance::start(
                 &kafka.brokers,
                 &kafka.topic,
@@ -68,7 +68,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
                 .metric("logbridge_assigned_partitions")
                 .await
                 .unwrap_or(0.0);
-            let committed: i64 = kafka.committed(&group).iter().map(|o| o.max(&0)).sum();
+            let committed: i64 = kafka.committed_records(&group);
             let finished = joining_child
                 .metric("logbridge_events_finished_total")
                 .await
@@ -89,7 +89,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         let mut child = instance.child;
         runs.push(instance.out);
         logs.push(child.log.clone());
-        let committed_at_start: i64 = kafka.committed(&group).iter().map(|o| o.max(&0)).sum();
+        let committed_at_start: i64 = kafka.committed_records(&group);
         if run < KILLS {
             // Wait until this instance is consuming, then kill it at a random moment.
             let consuming = wait_for(Duration::from_secs(60), || {
@@ -124,7 +124,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
             rates.push((finished_after - finished_before) / measured_from.elapsed().as_secs_f64());
             // The committed offsets first, then the finished count, then the kill: a commit
             // or a record finished in between only widens what is allowed, never narrows it.
-            let committed: i64 = kafka.committed(&group).iter().map(|o| o.max(&0)).sum();
+            let committed: i64 = kafka.committed_records(&group);
             let finished = child
                 .metric("logbridge_events_finished_total")
                 .await

@@ -269,13 +269,7 @@ async fn original_headers_are_kept_by_the_kafka_sink_and_in_dead_letters() {
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nsink = { type = \"kafka\", topic = \"out\" }\n\
          [dead_letter]\ntopic = \"logs.dlq\"\n",
     );
-    let running = Running::start(
-        config,
-        RunOptions {
-            http: logbridge::HttpBind::Disabled,
-            ..RunOptions::default()
-        },
-    );
+    let running = Running::without_http(config, &Arc::new(Metrics::new()));
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(60))
         .await;

@@ -183,7 +183,7 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
 
     // B joins (partitions move to another process), then leaves (they come back to A).
     let metrics_b = Arc::new(Metrics::new());
-    let b = Running::start(
+    let b = Running::without_http(
         config(
             &kafka,
             &group,
@@ -191,11 +191,7 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
             PausedBy::Backpressure,
             dir_b.path(),
         ),
-        RunOptions {
-            metrics: metrics_b.clone(),
-            http: HttpBind::Disabled,
-            ..RunOptions::default()
-        },
+        &metrics_b,
     );
     let moved = wait_for(Duration::from_secs(60), || {
         let metrics = metrics_b.clone();
@@ -702,14 +698,7 @@ async fn produce_and_commit_errors_lose_nothing_and_keep_per_key_order() {
         &routes,
     );
     let metrics = Arc::new(Metrics::new());
-    let running = Running::start(
-        config,
-        RunOptions {
-            metrics: metrics.clone(),
-            http: HttpBind::Disabled,
-            ..RunOptions::default()
-        },
-    );
+    let running = Running::without_http(config, &metrics);
     let done = source
         .wait_committed_to(&group, &end, Duration::from_secs(120))
         .await;
@@ -1022,14 +1011,7 @@ async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
     );
     let config = kafka.config(&group, "", &routes);
     let metrics = Arc::new(Metrics::new());
-    let running = Running::start(
-        config,
-        RunOptions {
-            metrics: metrics.clone(),
-            http: HttpBind::Disabled,
-            ..RunOptions::default()
-        },
-    );
+    let running = Running::without_http(config, &metrics);
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(60))
         .await;
@@ -1141,7 +1123,7 @@ async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
     };
     let before = generations(&http_get(address_a, "/status").await.1);
     let metrics_b = Arc::new(Metrics::new());
-    let b = Running::start(
+    let b = Running::without_http(
         config(
             &kafka,
             &group,
@@ -1149,11 +1131,7 @@ async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
             PausedBy::Backpressure,
             dir_b.path(),
         ),
-        RunOptions {
-            metrics: metrics_b.clone(),
-            http: HttpBind::Disabled,
-            ..RunOptions::default()
-        },
+        &metrics_b,
     );
     let split = wait_for(Duration::from_secs(60), || {
         let (a, b) = (metrics_a.clone(), metrics_b.clone());

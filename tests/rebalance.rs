@@ -74,14 +74,7 @@ async fn late_acks_of_revoked_partitions_are_never_committed() {
 
     // B joins with a fast sink: a rebalance moves two partitions from A to B.
     let metrics_b = Arc::new(Metrics::new());
-    let b = Running::start(
-        config,
-        RunOptions {
-            metrics: metrics_b.clone(),
-            http: HttpBind::Disabled,
-            ..RunOptions::default()
-        },
-    );
+    let b = Running::without_http(config, &metrics_b);
     let moved = wait_for(Duration::from_secs(60), || {
         let metrics = metrics_b.clone();
         async move { metrics.assigned_partitions.get() > 0 }

@@ -205,6 +205,14 @@ impl Kafka {
             .collect()
     }
 
+    /// Records committed by `group` over all partitions (a partition without a commit counts 0).
+    pub fn committed_records(&self, group: &str) -> i64 {
+        self.committed(group)
+            .iter()
+            .map(|offset| offset.max(&0))
+            .sum()
+    }
+
     /// A configuration for this cluster; `routes` is the TOML of the [[routes]] entries.
     pub fn config(&self, group: &str, pipeline: &str, routes: &str) -> Config {
         let text = format!(
@@ -412,6 +420,21 @@ impl Running {
             shutdown,
             task,
         }
+    }
+
+    /// Starts with the configuration's sinks, `metrics`, and no HTTP endpoint.
+    pub fn without_http(
+        config: Config,
+        metrics: &std::sync::Arc<logbridge::metrics::Metrics>,
+    ) -> Running {
+        Running::start(
+            config,
+            logbridge::RunOptions {
+                metrics: metrics.clone(),
+                http: logbridge::HttpBind::Disabled,
+                ..logbridge::RunOptions::default()
+            },
+        )
     }
 
     /// Starts with the HTTP endpoint on a free loopback port; returns its address too.
