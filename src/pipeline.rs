@@ -148,11 +148,13 @@ pub async fn run(
         tasks.spawn(watch_actor(task, "dead_letter"));
     }
 
+    let fences = Fences::default();
     let (table, worker_tasks) = spawn_workers(
         &config,
         &options.sink_factory,
         &committer,
         &dead_letters,
+        &fences,
         &metrics,
         &liveness,
     )?;
@@ -176,7 +178,6 @@ pub async fn run(
         .push(("committer".to_string(), vec![committer.depth_probe()]));
 
     liveness.expect("router", 1);
-    let fences = Fences::default();
     let (router, router_task) = RouterHandle::spawn(
         config.pipeline.router_capacity,
         table,
@@ -377,6 +378,7 @@ fn spawn_workers(
     factory: &SinkFactory,
     committer: &CommitterHandle,
     dead_letters: &DeadLetterHandle,
+    fences: &Fences,
     metrics: &Arc<Metrics>,
     liveness: &Liveness,
 ) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>)> {
@@ -401,6 +403,7 @@ fn spawn_workers(
                     backoff: Duration::from_millis(route.retry_backoff_ms),
                     backoff_max: Duration::from_millis(route.retry_backoff_max_ms),
                 },
+                fences: fences.clone(),
             };
             let (handle, task) = WorkerHandle::spawn(
                 settings,

@@ -216,33 +216,64 @@ impl Record {
     }
 }
 
-/// Assignment generations that were revoked, shared by the consumer (which fences at revoke)
-/// and the router (which stops dispatching fenced records: their partition has a new owner).
+/// Assignment generations that were revoked, shared by the consumer (which fences at revoke),
+/// the router (which stops dispatching records of a revoked assignment: its partition goes to a
+/// new owner) and the workers (which stop delivering them once the revoke is over).
 #[derive(Clone, Default)]
 pub struct Fences {
-    revoked: Arc<std::sync::RwLock<rustc_hash::FxHashMap<PartitionKey, u64>>>,
+    /// Revokes that began: records still being delivered may finish and be committed.
+    revoked: Fence,
+    /// Revokes that are over (answered, or past their deadline): the next owner may be reading
+    /// the partition, so a copy delivered from here now could land after its copies of later
+    /// records of the same key.
+    released: Fence,
+}
+
+/// The highest fenced generation of each partition.
+#[derive(Clone, Default)]
+struct Fence(Arc<std::sync::RwLock<rustc_hash::FxHashMap<PartitionKey, u64>>>);
+
+impl Fence {
+    fn raise(&self, source: &PartitionKey, generation: u64) {
+        let mut fenced = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let fence = fenced.entry(source.clone()).or_insert(generation);
+        *fence = (*fence).max(generation);
+    }
+
+    fn covers(&self, record: &Record) -> bool {
+        let fenced = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        fenced
+            .get(&record.source)
+            .is_some_and(|fence| record.generation <= *fence)
+    }
 }
 
 impl Fences {
-    /// Every generation of `source` up to `generation` is revoked.
+    /// Every generation of `source` up to `generation` is being revoked.
     pub fn revoke(&self, source: &PartitionKey, generation: u64) {
-        let mut revoked = self
-            .revoked
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let fence = revoked.entry(source.clone()).or_insert(generation);
-        *fence = (*fence).max(generation);
+        self.revoked.raise(source, generation);
     }
 
     /// Whether `record` was read under a revoked assignment.
     pub fn is_revoked(&self, record: &Record) -> bool {
-        let revoked = self
-            .revoked
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        revoked
-            .get(&record.source)
-            .is_some_and(|fence| record.generation <= *fence)
+        self.revoked.covers(record)
+    }
+
+    /// The revoke of every generation of `source` up to `generation` is over.
+    pub fn release(&self, source: &PartitionKey, generation: u64) {
+        self.released.raise(source, generation);
+    }
+
+    /// Whether `record` belongs to an assignment whose revoke is over: it must not be
+    /// delivered any more.
+    pub fn is_released(&self, record: &Record) -> bool {
+        self.released.covers(record)
     }
 }
 

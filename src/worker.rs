@@ -21,7 +21,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics};
 use crate::producer::{DeliveryError, FailureKind};
-use crate::record::{AckStatus, Offer, Record, StageGone};
+use crate::record::{AckStatus, Fences, Offer, Record, StageGone};
 use crate::router::order_key;
 use crate::sink::Sink;
 
@@ -69,6 +69,8 @@ pub struct WorkerSettings {
     pub capacity: usize,
     /// Retry policy of the route.
     pub retry: RetryPolicy,
+    /// Revoked assignments: records of one whose revoke is over are not delivered any more.
+    pub fences: Fences,
 }
 
 impl WorkerHandle {
@@ -95,6 +97,7 @@ impl WorkerHandle {
             latency,
             route: settings.route,
             retry: settings.retry,
+            fences: settings.fences,
             receiver,
             sink,
             committer,
@@ -133,6 +136,7 @@ impl WorkerHandle {
 struct WorkerActor {
     route: Arc<str>,
     retry: RetryPolicy,
+    fences: Fences,
     receiver: mpsc::Receiver<Record>,
     sink: Box<dyn Sink>,
     committer: CommitterHandle,
@@ -171,6 +175,10 @@ impl WorkerActor {
     async fn process(&mut self, mut pending: Vec<Record>) -> Result<(), StageGone> {
         let mut attempts = 0u32;
         loop {
+            self.drop_released(&mut pending);
+            if pending.is_empty() {
+                return Ok(());
+            }
             attempts += 1;
             let started = Instant::now();
             let outcomes = self.sink.deliver(&self.route, &pending).await;
@@ -257,6 +265,24 @@ impl WorkerActor {
         }
     }
 
+    /// Drops the records of assignments whose revoke is over (retried, or queued while the
+    /// worker retried): their partition has a new owner that reads them again, and a copy
+    /// delivered from here could land after its copies of later records of the same key. The
+    /// committer counted them as abandoned at the revoke; they never finish here.
+    fn drop_released(&self, pending: &mut Vec<Record>) {
+        let before = pending.len();
+        pending.retain(|record| !self.fences.is_released(record));
+        let dropped = before - pending.len();
+        if dropped > 0 {
+            self.metrics.in_flight.sub(dropped as i64);
+            tracing::debug!(
+                route = %self.route,
+                records = dropped,
+                "records of a revoked assignment not delivered: their partition has a new owner"
+            );
+        }
+    }
+
     async fn give_up(
         &mut self,
         record: Record,
@@ -325,6 +351,8 @@ mod tests {
     struct Scripted {
         answers: VecDeque<Vec<Result<(), DeliveryError>>>,
         seen: Arc<Mutex<Vec<Delivery>>>,
+        /// After the first delivery, the revoke of partition 0's first assignment is over.
+        release_after_first: Option<Fences>,
     }
 
     impl Sink for Scripted {
@@ -344,6 +372,11 @@ mod tests {
                 })
                 .collect();
             self.seen.lock().expect("seen").push(seen);
+            if let Some(fences) = self.release_after_first.take() {
+                let source = batch[0].source.clone();
+                fences.revoke(&source, 1);
+                fences.release(&source, 1);
+            }
             let answers = self
                 .answers
                 .pop_front()
@@ -366,12 +399,25 @@ mod tests {
         answers: Vec<Vec<Result<(), DeliveryError>>>,
         max_retries: u32,
     ) -> Run {
+        run_releasing(records, answers, max_retries, false).await
+    }
+
+    /// `run`; with `release`, partition 0's first assignment is revoked for good right after
+    /// the first delivery (a rebalance while the worker retries).
+    async fn run_releasing(
+        records: Vec<Record>,
+        answers: Vec<Vec<Result<(), DeliveryError>>>,
+        max_retries: u32,
+        release: bool,
+    ) -> Run {
+        let fences = Fences::default();
         let metrics = Arc::new(Metrics::new());
         let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Scripted {
             answers: answers.into(),
             seen: seen.clone(),
+            release_after_first: release.then(|| fences.clone()),
         };
         let settings = WorkerSettings {
             route: Arc::from("r"),
@@ -381,6 +427,7 @@ mod tests {
                 backoff: Duration::from_millis(10),
                 backoff_max: Duration::from_millis(100),
             },
+            fences,
         };
         let (worker, task) = WorkerHandle::spawn(
             settings,
@@ -492,5 +539,34 @@ mod tests {
             ]
         );
         assert_eq!(run.metrics.retries.with_label_values(&["r"]).get(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn records_of_an_assignment_whose_revoke_is_over_are_not_delivered_again() {
+        // a@1 fails; while it waits to be retried, its partition's revoke ends (the next
+        // owner reads it again): it is not delivered again from here, nor acked.
+        let mut other = keyed("b", 2);
+        other.source.partition = 1;
+        let run = run_releasing(
+            vec![keyed("a", 1), other],
+            vec![vec![retryable(), retryable()]],
+            5,
+            true,
+        )
+        .await;
+        assert_eq!(
+            run.seen,
+            vec![
+                vec![(Some("a".to_string()), 1), (Some("b".to_string()), 2)],
+                vec![(Some("b".to_string()), 2)]
+            ],
+            "only partition 1's record is retried"
+        );
+        assert_eq!(run.acks, vec![(2, AckStatus::Processed, None)]);
+        assert_eq!(
+            run.metrics.in_flight.get(),
+            -1,
+            "the dropped record left the in-flight count (the consumer counted it in)"
+        );
     }
 }

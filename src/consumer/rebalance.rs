@@ -122,7 +122,9 @@ impl Callbacks {
             dropped
         };
         for (key, generation) in &dropped {
+            // Dropped at once, without a drain: from now on nothing of them is delivered.
             self.fences.revoke(key, *generation);
+            self.fences.release(key, *generation);
             self.metrics.forget_partition(key);
         }
         if !dropped.is_empty() {
@@ -186,7 +188,13 @@ impl Callbacks {
         // During shutdown the drain has its own deadline: commit what finished, do not wait.
         let wait = !lost && !self.shutting_down.load(Ordering::Acquire);
         let started = std::time::Instant::now();
-        let answer = self.committer.revoke_blocking(revoked, wait);
+        let answer = self.committer.revoke_blocking(revoked.clone(), wait);
+        // The revoke is over: the next owner may start reading these partitions, so whatever
+        // of them a worker still has (retrying, or queued behind a retry) is no longer
+        // delivered. A late copy would land after that owner's copies of later records.
+        for (key, generation) in &revoked {
+            self.fences.release(key, *generation);
+        }
         self.metrics
             .revoke_drain_seconds
             .observe(started.elapsed().as_secs_f64());
