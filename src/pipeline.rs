@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::breaker::BreakerSwitch;
 use crate::committer::{CommitterHandle, CommitterSettings};
-use crate::config::{Config, SinkConfig};
+use crate::config::{Cluster, Config};
 use crate::consumer::{ConsumerHandle, ConsumerLinks};
 use crate::dead_letter::{DeadLetterHandle, DeadLetterTopic};
 use crate::event::Level;
@@ -125,13 +125,14 @@ pub async fn run(
     let dead_letter_topic = match &config.dead_letter {
         None => None,
         Some(dead_letter) => Some(DeadLetterTopic {
-            producer: crate::producer::create(
-                dead_letter
+            producer: crate::producer::create(Cluster {
+                brokers: dead_letter
                     .brokers
                     .as_deref()
                     .unwrap_or(&config.kafka.brokers),
-                &dead_letter.options,
-            )
+                security: dead_letter.security.as_ref(),
+                options: &dead_letter.options,
+            })
             .context("failed to create the dead-letter producer")?,
             topic: dead_letter.topic.clone(),
             capacity: config.pipeline.worker_capacity,
@@ -422,17 +423,9 @@ fn spawn_workers(
 }
 
 /// Fills in what the configuration leaves to defaults that depend on other keys: output
-/// brokers default to the source cluster.
+/// brokers and security default to the source cluster's.
 fn resolve(mut config: Config) -> Config {
-    let source = config.kafka.brokers.clone();
-    for route in &mut config.routes {
-        if let SinkConfig::Kafka { brokers, .. } = &mut route.sink {
-            brokers.get_or_insert_with(|| source.clone());
-        }
-    }
-    if let Some(dead_letter) = &mut config.dead_letter {
-        dead_letter.brokers.get_or_insert_with(|| source.clone());
-    }
+    config.resolve_outputs();
     config
 }
 

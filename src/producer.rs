@@ -2,7 +2,6 @@
 //! batch send that reports one outcome per record after its delivery report, and the
 //! classification of librdkafka errors into retryable and permanent.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -11,7 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 
-use crate::config::OptionValue;
+use crate::config::Cluster;
 use crate::record::Record;
 
 /// How long librdkafka itself keeps trying to deliver a record before it reports a failure, unless
@@ -84,24 +83,18 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
     }
 }
 
-/// Creates an idempotent producer for `brokers` with the user's `options` on top of
-/// logbridge's defaults.
-pub fn create(
-    brokers: &str,
-    options: &BTreeMap<String, OptionValue>,
-) -> anyhow::Result<FutureProducer> {
+/// Creates an idempotent producer for `cluster`: logbridge's defaults, then the cluster's
+/// security and options.
+pub fn create(cluster: Cluster<'_>) -> anyhow::Result<FutureProducer> {
     let mut config = ClientConfig::new();
     config
-        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT_MS)
         .set("linger.ms", "1");
-    for (key, value) in options {
-        config.set(key, value.to_string());
-    }
+    cluster.apply(&mut config);
     config
         .create()
-        .with_context(|| format!("failed to create a Kafka producer for {brokers}"))
+        .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))
 }
 
 /// Header names logbridge adds.

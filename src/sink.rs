@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use rdkafka::producer::FutureProducer;
 
-use crate::config::{RouteConfig, SinkConfig};
+use crate::config::{Cluster, RouteConfig, SinkConfig};
 use crate::event::json_body;
 use crate::producer::{headers, headers_for};
 use crate::record::Record;
@@ -50,6 +50,7 @@ pub fn config_sink_factory() -> SinkFactory {
             SinkConfig::Kafka {
                 topic,
                 brokers,
+                security,
                 options,
             } => {
                 let brokers = brokers.as_deref().ok_or_else(|| {
@@ -61,7 +62,11 @@ pub fn config_sink_factory() -> SinkFactory {
                 let producer = match producers.get(&route.name) {
                     Some(producer) => producer.clone(),
                     None => {
-                        let producer = crate::producer::create(brokers, options)?;
+                        let producer = crate::producer::create(Cluster {
+                            brokers,
+                            security: security.as_ref(),
+                            options,
+                        })?;
                         producers.insert(route.name.clone(), producer.clone());
                         producer
                     }

@@ -32,13 +32,12 @@ const DEFAULT_FETCH_QUEUE_BACKOFF_MS: &str = "20";
 const DEFAULT_STATISTICS_INTERVAL_MS: &str = "5000";
 
 /// Builds the librdkafka consumer configuration: logbridge's fixed properties, its defaults,
-/// then the user's `[kafka.options]` (which win over defaults but cannot set fixed ones:
-/// config validation refuses them). The benchmark's bare client uses it too, so both sides of
+/// the `[kafka.security]` section, then the user's `[kafka.options]` (which win over defaults
+/// and security but cannot set fixed ones: config validation refuses them). The benchmark's bare client uses it too, so both sides of
 /// its comparison run the same client settings.
 pub fn client_config(config: &Config) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
-        .set("bootstrap.servers", &config.kafka.brokers)
         .set("group.id", &config.kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -49,9 +48,7 @@ pub fn client_config(config: &Config) -> ClientConfig {
         .set("fetch.queue.backoff.ms", DEFAULT_FETCH_QUEUE_BACKOFF_MS)
         .set("statistics.interval.ms", DEFAULT_STATISTICS_INTERVAL_MS)
         .set_log_level(RDKafkaLogLevel::Warning);
-    for (key, value) in &config.kafka.options {
-        client.set(key, value.to_string());
-    }
+    config.source().apply(&mut client);
     if config.kafka.options.contains_key("debug") {
         // librdkafka's debug contexts log at debug level; let them through.
         client.set_log_level(RDKafkaLogLevel::Debug);

@@ -2,7 +2,15 @@
 //! start-up so that every later stage can trust it.
 //!
 //! Env overrides use `__` between levels: `LOGBRIDGE_KAFKA__BROKERS=host:9092`,
-//! `LOGBRIDGE_PIPELINE__ROUTER_CAPACITY=4096`. Every error names the key it is about.
+//! `LOGBRIDGE_PIPELINE__ROUTER_CAPACITY=4096`; below `options`, `_` stands for the dots of
+//! librdkafka's names (`LOGBRIDGE_KAFKA__OPTIONS__SASL_PASSWORD`). String values may hold
+//! `${env:NAME}` and `${file:/path}` references (see [`references`]). Every error names the key
+//! it is about, and secrets are redacted wherever the configuration is shown.
+
+mod references;
+mod security;
+
+pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -10,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
+use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Level, DEFAULT_MAX_PAYLOAD_BYTES};
@@ -24,6 +33,9 @@ pub const DEFAULT_MAX_IN_FLIGHT_BYTES: usize = 64 << 20;
 
 /// Where the shipped configuration lives, relative to the working directory.
 pub const DEFAULT_CONFIG_PATH: &str = "config/logbridge.toml";
+
+/// What a secret is shown as.
+pub const REDACTED: &str = "<redacted>";
 
 /// librdkafka properties that logbridge owns: setting them in `[kafka.options]` would break the
 /// commit rule or duplicate a first-class key.
@@ -115,8 +127,11 @@ pub struct DeadLetterConfig {
     /// Brokers of the dead-letter topic; the source cluster if absent.
     #[serde(default)]
     pub brokers: Option<String>,
-    /// librdkafka producer properties for the dead-letter producer.
+    /// Security of the dead-letter cluster; the source cluster's when on its brokers.
     #[serde(default)]
+    pub security: Option<SecurityConfig>,
+    /// librdkafka producer properties for the dead-letter producer.
+    #[serde(default, deserialize_with = "references::flat_options")]
     pub options: BTreeMap<String, OptionValue>,
 }
 
@@ -158,10 +173,39 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Topics to consume.
     pub topics: Vec<String>,
-    /// Any librdkafka consumer property, passed through as is
-    /// (<https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>).
+    /// TLS and SASL of the source cluster (plaintext if absent).
     #[serde(default)]
+    pub security: Option<SecurityConfig>,
+    /// Any librdkafka consumer property, passed through as is
+    /// (<https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>); set after
+    /// `security`, so an option wins over the property the section maps to.
+    #[serde(default, deserialize_with = "references::flat_options")]
     pub options: BTreeMap<String, OptionValue>,
+}
+
+/// One cluster as a client sees it: where, how secured, and the user's librdkafka options.
+#[derive(Debug, Clone, Copy)]
+pub struct Cluster<'a> {
+    /// Bootstrap brokers.
+    pub brokers: &'a str,
+    /// TLS and SASL, if any.
+    pub security: Option<&'a SecurityConfig>,
+    /// The user's librdkafka properties.
+    pub options: &'a BTreeMap<String, OptionValue>,
+}
+
+impl Cluster<'_> {
+    /// Sets brokers, the security section's properties, then the user's options (which win) on
+    /// `client`, over whatever defaults it already holds.
+    pub fn apply(&self, client: &mut ClientConfig) {
+        client.set("bootstrap.servers", self.brokers);
+        if let Some(security) = self.security {
+            security.apply(client);
+        }
+        for (key, value) in self.options {
+            client.set(key, value.to_string());
+        }
+    }
 }
 
 /// A librdkafka property value: TOML strings, integers and booleans are all accepted.
@@ -320,8 +364,11 @@ pub enum SinkConfig {
         /// Destination brokers; the source cluster if absent.
         #[serde(default)]
         brokers: Option<String>,
-        /// librdkafka producer properties.
+        /// Security of the destination cluster; the source cluster's when on its brokers.
         #[serde(default)]
+        security: Option<SecurityConfig>,
+        /// librdkafka producer properties.
+        #[serde(default, deserialize_with = "references::flat_options")]
         options: BTreeMap<String, OptionValue>,
     },
 }
@@ -345,8 +392,144 @@ impl Config {
 
     fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let config: Config = figment.extract().map_err(Box::new)?;
+        let config = config.with_references_resolved()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Replaces `${env:NAME}` and `${file:/path}` in every string value.
+    fn with_references_resolved(self) -> Result<Config, ConfigError> {
+        let mut value = serde_json::to_value(&self)
+            .map_err(|err| invalid("config", format!("cannot be resolved: {err}")))?;
+        references::resolve(&mut value, "")?;
+        serde_json::from_value(value)
+            .map_err(|err| invalid("config", format!("cannot be resolved: {err}")))
+    }
+
+    /// The source cluster.
+    pub fn source(&self) -> Cluster<'_> {
+        Cluster {
+            brokers: &self.kafka.brokers,
+            security: self.kafka.security.as_ref(),
+            options: &self.kafka.options,
+        }
+    }
+
+    /// Fills in what outputs leave to the source cluster: Kafka sinks and the dead-letter topic
+    /// without `brokers` use the source's, and those on the source's brokers without their own
+    /// `security` use the source's (credentials never go to another cluster by default).
+    pub fn resolve_outputs(&mut self) {
+        let source = self.kafka.brokers.clone();
+        let security = self.kafka.security.clone();
+        let inherit = |brokers: &mut Option<String>, own: &mut Option<SecurityConfig>| {
+            let brokers = brokers.get_or_insert_with(|| source.clone());
+            if own.is_none() && *brokers == source {
+                own.clone_from(&security);
+            }
+        };
+        for route in &mut self.routes {
+            if let SinkConfig::Kafka {
+                brokers, security, ..
+            } = &mut route.sink
+            {
+                inherit(brokers, security);
+            }
+        }
+        if let Some(dead_letter) = &mut self.dead_letter {
+            inherit(&mut dead_letter.brokers, &mut dead_letter.security);
+        }
+    }
+
+    /// Every Kafka output (sink routes, then the dead-letter topic): the key that names it, its
+    /// topic and its cluster. Call after [`Config::resolve_outputs`].
+    pub fn outputs(&self) -> Vec<(String, &str, Cluster<'_>)> {
+        fn cluster<'a>(
+            source: &'a str,
+            brokers: &'a Option<String>,
+            security: &'a Option<SecurityConfig>,
+            options: &'a BTreeMap<String, OptionValue>,
+        ) -> Cluster<'a> {
+            Cluster {
+                brokers: brokers.as_deref().unwrap_or(source),
+                security: security.as_ref(),
+                options,
+            }
+        }
+        let source = self.kafka.brokers.as_str();
+        let mut outputs = Vec::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            if let SinkConfig::Kafka {
+                topic,
+                brokers,
+                security,
+                options,
+            } = &route.sink
+            {
+                outputs.push((
+                    format!("routes[{index}].sink.topic"),
+                    topic.as_str(),
+                    cluster(source, brokers, security, options),
+                ));
+            }
+        }
+        if let Some(dead_letter) = &self.dead_letter {
+            outputs.push((
+                "dead_letter.topic".to_string(),
+                dead_letter.topic.as_str(),
+                cluster(
+                    source,
+                    &dead_letter.brokers,
+                    &dead_letter.security,
+                    &dead_letter.options,
+                ),
+            ));
+        }
+        outputs
+    }
+
+    /// Every secret value in the configuration (security passwords, secret-named options),
+    /// longest first, for [`Config::scrub`].
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = Vec::new();
+        let mut take = |security: &Option<SecurityConfig>,
+                        options: &BTreeMap<String, OptionValue>| {
+            if let Some(security) = security {
+                secrets.extend(security.secrets().map(str::to_string));
+            }
+            secrets.extend(
+                options
+                    .iter()
+                    .filter(|(name, _)| is_secret(name))
+                    .map(|(_, value)| value.to_string()),
+            );
+        };
+        take(&self.kafka.security, &self.kafka.options);
+        for route in &self.routes {
+            if let SinkConfig::Kafka {
+                security, options, ..
+            } = &route.sink
+            {
+                take(security, options);
+            }
+        }
+        if let Some(dead_letter) = &self.dead_letter {
+            take(&dead_letter.security, &dead_letter.options);
+        }
+        // Short values (`true`, a port) would blank out harmless words of a message.
+        secrets.retain(|secret| secret.len() >= 4);
+        secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+        secrets.dedup();
+        secrets
+    }
+
+    /// `text` with every secret of the configuration replaced by `<redacted>`: librdkafka
+    /// quotes property values in its errors.
+    pub fn scrub(&self, text: &str) -> String {
+        self.secrets()
+            .iter()
+            .fold(text.to_string(), |text, secret| {
+                text.replace(secret, REDACTED)
+            })
     }
 
     /// Checks what serde cannot: non-empty lists, sane numbers, route names and levels,
@@ -374,6 +557,9 @@ impl Config {
             if kafka.options.contains_key(*name) {
                 return Err(invalid(format!("kafka.options.\"{name}\""), *why));
             }
+        }
+        if let Some(security) = &kafka.security {
+            security.validate("kafka.security")?;
         }
 
         let pipeline = &self.pipeline;
@@ -511,8 +697,16 @@ impl Config {
                 SinkConfig::File { path, .. } if path.as_os_str().is_empty() => {
                     return Err(invalid(key("sink.path"), "empty path"));
                 }
-                SinkConfig::Kafka { topic, brokers, .. } => {
+                SinkConfig::Kafka {
+                    topic,
+                    brokers,
+                    security,
+                    ..
+                } => {
                     self.check_output_topic(&key("sink.topic"), topic, brokers.as_deref())?;
+                    if let Some(security) = security {
+                        security.validate(&key("sink.security"))?;
+                    }
                 }
                 _ => {}
             }
@@ -535,6 +729,9 @@ impl Config {
                 &dead_letter.topic,
                 dead_letter.brokers.as_deref(),
             )?;
+            if let Some(security) = &dead_letter.security {
+                security.validate("dead_letter.security")?;
+            }
         }
         let breaker = &self.breaker;
         if !(breaker.max_invalid_ratio > 0.0 && breaker.max_invalid_ratio <= 1.0) {
@@ -576,25 +773,32 @@ impl Config {
         Ok(())
     }
 
-    /// A copy with every secret librdkafka option replaced by `"<redacted>"`: any option whose
-    /// name contains `password`, `secret` or `token`, or a `key` of SASL/SSL (`ssl.key.*`,
-    /// `sasl.*key*`). Used wherever the configuration is shown (`/status`, `check-config`).
+    /// A copy with every secret replaced by `"<redacted>"`: the security sections' passwords,
+    /// and any librdkafka option whose name says it may hold one ([`is_secret`]). Used wherever
+    /// the configuration is shown (`/status`, `check-config`).
     pub fn redacted(&self) -> Config {
         let mut config = self.clone();
-        let hide = |options: &mut BTreeMap<String, OptionValue>| {
+        let hide = |security: &mut Option<SecurityConfig>,
+                    options: &mut BTreeMap<String, OptionValue>| {
+            if let Some(section) = security {
+                *section = section.redacted();
+            }
             for (name, value) in options.iter_mut() {
                 if is_secret(name) {
-                    *value = OptionValue::Text("<redacted>".to_string());
+                    *value = OptionValue::Text(REDACTED.to_string());
                 }
             }
         };
-        hide(&mut config.kafka.options);
+        hide(&mut config.kafka.security, &mut config.kafka.options);
         if let Some(dead_letter) = &mut config.dead_letter {
-            hide(&mut dead_letter.options);
+            hide(&mut dead_letter.security, &mut dead_letter.options);
         }
         for route in &mut config.routes {
-            if let SinkConfig::Kafka { options, .. } = &mut route.sink {
-                hide(options);
+            if let SinkConfig::Kafka {
+                security, options, ..
+            } = &mut route.sink
+            {
+                hide(security, options);
             }
         }
         config
@@ -633,6 +837,7 @@ fn env() -> Env {
     // variables (the log filter LOGBRIDGE_LOG, test settings) are not configuration.
     Env::prefixed("LOGBRIDGE_")
         .filter(|key| key.as_str().contains("__"))
+        .map(|key| references::env_key(key.as_str()).into())
         .split("__")
 }
 
@@ -862,6 +1067,143 @@ mod tests {
             "{json}"
         );
         assert_eq!(json.matches("<redacted>").count(), 6, "{json}");
+    }
+
+    #[test]
+    fn outputs_inherit_the_source_security_only_on_its_brokers() {
+        let text = r#"
+            [kafka]
+            brokers = "secure:9093"
+            group_id = "g"
+            topics = ["logs"]
+            [kafka.security]
+            protocol = "sasl_ssl"
+            mechanism = "SCRAM-SHA-256"
+            username = "alice"
+            password = "source-secret"
+            [[routes]]
+            name = "same"
+            levels = ["error"]
+            sink = { type = "kafka", topic = "out" }
+            [[routes]]
+            name = "other"
+            levels = ["info"]
+            sink = { type = "kafka", topic = "out", brokers = "elsewhere:9092" }
+            [[routes]]
+            name = "own"
+            levels = ["debug"]
+            sink = { type = "kafka", topic = "out2", security = { protocol = "ssl" } }
+            [dead_letter]
+            topic = "dlq"
+        "#;
+        let mut config = load(text).expect("valid");
+        config.resolve_outputs();
+        let outputs = config.outputs();
+        let shown: Vec<(String, &str, &str, Option<SecurityProtocol>)> = outputs
+            .iter()
+            .map(|(key, topic, cluster)| {
+                (
+                    key.clone(),
+                    *topic,
+                    cluster.brokers,
+                    cluster.security.map(|s| s.protocol),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                (
+                    "routes[0].sink.topic".to_string(),
+                    "out",
+                    "secure:9093",
+                    Some(SecurityProtocol::SaslSsl)
+                ),
+                (
+                    "routes[1].sink.topic".to_string(),
+                    "out",
+                    "elsewhere:9092",
+                    None
+                ),
+                (
+                    "routes[2].sink.topic".to_string(),
+                    "out2",
+                    "secure:9093",
+                    Some(SecurityProtocol::Ssl)
+                ),
+                (
+                    "dead_letter.topic".to_string(),
+                    "dlq",
+                    "secure:9093",
+                    Some(SecurityProtocol::SaslSsl)
+                ),
+            ]
+        );
+        // Inherited credentials reach the producer's properties.
+        let mut client = ClientConfig::new();
+        outputs[3].2.apply(&mut client);
+        assert_eq!(client.get("sasl.password"), Some("source-secret"));
+        // Shown redacted everywhere, also where inherited; scrubbed from messages.
+        let json = config.redacted_json().to_string();
+        assert!(!json.contains("source-secret"), "{json}");
+        assert_eq!(json.matches(REDACTED).count(), 3, "{json}");
+        assert_eq!(
+            config.scrub("Invalid value \"source-secret\" for sasl.password"),
+            "Invalid value \"<redacted>\" for sasl.password"
+        );
+    }
+
+    #[test]
+    fn security_options_and_references_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file("password", "from-a-file\n")?;
+            let password_file = jail.directory().join("password");
+            jail.set_env("KAFKA_USER", "bob");
+            jail.set_env("LOGBRIDGE_KAFKA__OPTIONS__SOCKET_KEEPALIVE_ENABLE", "true");
+            jail.set_env(
+                "LOGBRIDGE_KAFKA__OPTIONS__SASL_PASSWORD",
+                "${env:KAFKA_USER}-pw",
+            );
+            let text = MINIMAL.replace(
+                "topics = [\"logs\"]",
+                &format!(
+                    "topics = [\"logs\"]\n[kafka.security]\nprotocol = \"sasl_plaintext\"\nmechanism = \"PLAIN\"\nusername = \"${{env:KAFKA_USER}}\"\npassword = \"${{file:{}}}\"",
+                    password_file.display()
+                ),
+            );
+            let config = Config::from_toml_str(&text).map_err(|e| e.to_string())?;
+            let security = config.kafka.security.clone().expect("security");
+            assert_eq!(security.username.as_deref(), Some("bob"));
+            assert_eq!(security.password.as_deref(), Some("from-a-file"));
+            let options: Vec<String> = config
+                .kafka
+                .options
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            assert_eq!(
+                options,
+                ["sasl.password=bob-pw", "socket.keepalive.enable=true"]
+            );
+            let shown = config.to_toml();
+            assert!(
+                !shown.contains("from-a-file") && !shown.contains("bob-pw"),
+                "{shown}"
+            );
+            jail.set_env("KAFKA_USER", "");
+            jail.clear_env();
+            let err = Config::from_toml_str(&text)
+                .expect_err("variable unset")
+                .to_string();
+            assert!(
+                err.contains(
+                    "`kafka.security.username`: environment variable `KAFKA_USER` is not set"
+                ),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

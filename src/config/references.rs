@@ -1,0 +1,259 @@
+//! Values that point elsewhere, so that secrets never sit in the file: `${env:NAME}` (an
+//! environment variable) and `${file:/path}` (a file's content, one trailing newline dropped)
+//! anywhere inside a string value, as Kafka Connect's config providers do. Also the shape of
+//! librdkafka option tables: dotted names, whether written flat (`"sasl.password" = ...`), as
+//! nested tables, or through environment overrides (which can only nest).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use super::{invalid, ConfigError, OptionValue};
+
+/// Replaces every reference inside the string values of `value`. `key` is the path of `value`
+/// (empty at the root); errors name the key whose reference cannot be resolved.
+pub fn resolve(value: &mut Value, key: &str) -> Result<(), ConfigError> {
+    match value {
+        Value::String(text) => {
+            if text.contains("${") {
+                *text = expand(text, key)?;
+            }
+        }
+        Value::Array(items) => {
+            for (index, item) in items.iter_mut().enumerate() {
+                resolve(item, &format!("{key}[{index}]"))?;
+            }
+        }
+        Value::Object(fields) => {
+            for (name, field) in fields.iter_mut() {
+                resolve(field, &child_key(key, name))?;
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+    Ok(())
+}
+
+/// `parent.name`, with names that hold dots quoted as the rest of the errors do
+/// (`kafka.options."sasl.password"`).
+fn child_key(parent: &str, name: &str) -> String {
+    let name = if name.contains('.') {
+        format!("\"{name}\"")
+    } else {
+        name.to_string()
+    };
+    if parent.is_empty() {
+        name
+    } else {
+        format!("{parent}.{name}")
+    }
+}
+
+fn expand(text: &str, key: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(invalid(
+                key,
+                "`${` without a closing `}`: write ${env:NAME} or ${file:/path}",
+            ));
+        };
+        out.push_str(&lookup(&after[..end], key)?);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn lookup(reference: &str, key: &str) -> Result<String, ConfigError> {
+    if let Some(name) = reference.strip_prefix("env:") {
+        return std::env::var(name).map_err(|err| {
+            let why = match err {
+                std::env::VarError::NotPresent => "is not set",
+                std::env::VarError::NotUnicode(_) => "is not valid UTF-8",
+            };
+            invalid(key, format!("environment variable `{name}` {why}"))
+        });
+    }
+    if let Some(path) = reference.strip_prefix("file:") {
+        let content = std::fs::read_to_string(path)
+            .map_err(|err| invalid(key, format!("cannot read {path}: {err}")))?;
+        // `echo secret > file` leaves a newline that is not part of the secret.
+        let content = content
+            .strip_suffix('\n')
+            .map(|line| line.strip_suffix('\r').unwrap_or(line))
+            .unwrap_or(&content);
+        return Ok(content.to_string());
+    }
+    Err(invalid(
+        key,
+        format!("unknown reference `${{{reference}}}`: write ${{env:NAME}} or ${{file:/path}}"),
+    ))
+}
+
+/// Maps an environment override's name (after the `LOGBRIDGE_` prefix) to a key path before
+/// `__` is split into levels: below `options`, where librdkafka's names have dots and never
+/// underscores, `_` stands for `.`. So `LOGBRIDGE_KAFKA__OPTIONS__SASL_PASSWORD` sets
+/// `kafka.options."sasl.password"`.
+pub fn env_key(name: &str) -> String {
+    let name = name.to_ascii_lowercase();
+    match name.split_once("__options__") {
+        Some((section, option)) => format!("{section}__options__{}", option.replace('_', ".")),
+        None => name,
+    }
+}
+
+/// An options table as written: values, or tables that nest dotted names.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OptionNode {
+    Value(OptionValue),
+    Table(BTreeMap<String, OptionNode>),
+}
+
+/// Reads an options table whose dotted names may have been nested (TOML `[kafka.options.sasl]`
+/// or an environment override) into flat librdkafka names.
+pub fn flat_options<'de, D>(deserializer: D) -> Result<BTreeMap<String, OptionValue>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    fn flatten(
+        prefix: &str,
+        table: BTreeMap<String, OptionNode>,
+        out: &mut BTreeMap<String, OptionValue>,
+    ) {
+        for (name, node) in table {
+            let name = if prefix.is_empty() {
+                name
+            } else {
+                format!("{prefix}.{name}")
+            };
+            match node {
+                OptionNode::Value(value) => {
+                    out.insert(name, value);
+                }
+                OptionNode::Table(table) => flatten(&name, table, out),
+            }
+        }
+    }
+    let table = BTreeMap::<String, OptionNode>::deserialize(deserializer)?;
+    let mut out = BTreeMap::new();
+    flatten("", table, &mut out);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_and_file_references_are_replaced_inside_strings() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s3cr3t\n").expect("write");
+        let mut value = serde_json::json!({
+            "kafka": {
+                "brokers": "plain:9092",
+                "security": {
+                    "username": "${env:LOGBRIDGE_TEST_REFERENCE_USER}",
+                    "password": format!("${{file:{}}}", secret.display()),
+                },
+                "options": {"sasl.oauthbearer.config": "id=${env:LOGBRIDGE_TEST_REFERENCE_USER} x"},
+                "topics": ["a-${env:LOGBRIDGE_TEST_REFERENCE_USER}"],
+            },
+            "n": 3,
+        });
+        // Under figment's jail lock: the config tests clear the environment while they run.
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LOGBRIDGE_TEST_REFERENCE_USER", "alice");
+            resolve(&mut value, "").map_err(|err| err.to_string())?;
+            Ok(())
+        });
+        assert_eq!(value["kafka"]["security"]["username"], "alice");
+        assert_eq!(value["kafka"]["security"]["password"], "s3cr3t");
+        assert_eq!(
+            value["kafka"]["options"]["sasl.oauthbearer.config"],
+            "id=alice x"
+        );
+        assert_eq!(value["kafka"]["topics"][0], "a-alice");
+        assert_eq!(value["kafka"]["brokers"], "plain:9092");
+    }
+
+    #[test]
+    fn an_unresolvable_reference_names_its_key() {
+        let cases = [
+            (
+                serde_json::json!({"kafka": {"security": {"password": "${env:LOGBRIDGE_TEST_SURELY_UNSET}"}}}),
+                "`kafka.security.password`: environment variable `LOGBRIDGE_TEST_SURELY_UNSET` is not set",
+            ),
+            (
+                serde_json::json!({"kafka": {"options": {"sasl.password": "${file:/nonexistent/pw}"}}}),
+                "`kafka.options.\"sasl.password\"`: cannot read /nonexistent/pw",
+            ),
+            (
+                serde_json::json!({"routes": [{"sink": {"topic": "${vault:x}"}}]}),
+                "`routes[0].sink.topic`: unknown reference `${vault:x}`",
+            ),
+            (
+                serde_json::json!({"kafka": {"brokers": "${env:X"}}),
+                "`kafka.brokers`: `${` without a closing `}`",
+            ),
+        ];
+        for (mut value, expected) in cases {
+            let err = resolve(&mut value, "")
+                .expect_err("unresolvable")
+                .to_string();
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+    }
+
+    #[test]
+    fn option_names_from_the_environment_get_their_dots() {
+        assert_eq!(
+            env_key("KAFKA__OPTIONS__SASL_PASSWORD"),
+            "kafka__options__sasl.password"
+        );
+        assert_eq!(
+            env_key("DEAD_LETTER__OPTIONS__MESSAGE_TIMEOUT_MS"),
+            "dead_letter__options__message.timeout.ms"
+        );
+        assert_eq!(
+            env_key("KAFKA__SECURITY__CA_FILE"),
+            "kafka__security__ca_file"
+        );
+        assert_eq!(
+            env_key("PIPELINE__ROUTER_CAPACITY"),
+            "pipeline__router_capacity"
+        );
+    }
+
+    #[test]
+    fn nested_option_tables_flatten_to_dotted_names() {
+        #[derive(Deserialize)]
+        struct Holder {
+            #[serde(deserialize_with = "flat_options")]
+            options: BTreeMap<String, OptionValue>,
+        }
+        let holder: Holder = toml::from_str(
+            "[options]\n\"fetch.max.bytes\" = 10\n[options.sasl]\npassword = \"p\"\n[options.ssl.key]\npassword = \"k\"",
+        )
+        .expect("parses");
+        let flat: Vec<String> = holder
+            .options
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect();
+        assert_eq!(
+            flat,
+            [
+                "fetch.max.bytes=10",
+                "sasl.password=p",
+                "ssl.key.password=k"
+            ]
+        );
+    }
+}
