@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::breaker::{BreakerHandle, BreakerState};
+use crate::cluster::ClusterProblem;
 use crate::committer::Stall;
 use crate::consumer::PartitionView;
 use crate::dead_letter::DeadLetterTrouble;
@@ -46,6 +47,9 @@ pub struct HttpState {
     pub stalls: tokio::sync::watch::Receiver<Vec<Stall>>,
     /// Whether the dead-letter topic refuses writes, checked on `/readyz`.
     pub dead_letters: tokio::sync::watch::Receiver<Option<DeadLetterTrouble>>,
+    /// What the last cluster check found wrong (unreachable, credentials refused, subscribed
+    /// topics missing), checked first on `/readyz`.
+    pub cluster: tokio::sync::watch::Receiver<Option<ClusterProblem>>,
     /// What `/status` shows besides metrics.
     pub status: Arc<StatusSource>,
 }
@@ -138,6 +142,7 @@ fn status_json(state: &HttpState) -> serde_json::Value {
         "routes": routes,
         "breaker": breaker,
         "stalls": stalls,
+        "cluster": state.cluster.borrow().as_ref().map(ToString::to_string),
         "in_flight": metrics.in_flight.get(),
         "in_flight_bytes": in_flight_bytes,
         "held_bytes": held_bytes,
@@ -241,6 +246,13 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
                 format!("actors not running: {}\n", down.join(", ")),
             ),
         },
+        "/readyz" if state.cluster.borrow().is_some() => {
+            let problem = state.cluster.borrow().as_ref().map(ToString::to_string);
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", problem.unwrap_or_default()),
+            )
+        }
         "/readyz" if !state.status.partitions.in_group() => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: not in a consumer group yet (no assignment received)\n",

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use logbridge::config::{Config, DEFAULT_CONFIG_PATH};
 use logbridge::tools::{bench, demo, produce};
 use tokio_util::sync::CancellationToken;
@@ -39,13 +39,23 @@ enum Command {
     /// Run the pipeline (the default, with the shipped configuration).
     Run {
         /// Configuration file.
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, short, env = CONFIG_VARIABLE, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
-    /// Validate a configuration file and print it with defaults filled in.
+    /// Validate a configuration file and print it with defaults filled in and secrets
+    /// redacted. Exit codes: 0 valid, 2 invalid; with --connect also 3 (a cluster cannot be
+    /// reached or refuses the credentials) and 4 (a topic does not exist).
     CheckConfig {
         /// Configuration file.
+        #[arg(env = CONFIG_VARIABLE)]
         file: PathBuf,
+        /// Also connect to every cluster named (with its security) and check that the source,
+        /// sink and dead-letter topics exist.
+        #[arg(long)]
+        connect: bool,
+        /// How long --connect waits for each cluster, in seconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+        timeout: u64,
     },
     /// Produce realistic sample events (a load generator).
     Produce(produce::ProduceOptions),
@@ -61,8 +71,24 @@ enum Command {
     Demo(demo::DemoOptions),
 }
 
+/// Names the configuration file when `--config` does not.
+const CONFIG_VARIABLE: &str = "LOGBRIDGE_CONFIG";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `--version` tells which librdkafka is inside and what it was built with (TLS, SASL,
+    // codecs), which is what a connection problem is first asked about.
+    let version: &'static str = Box::leak(
+        format!(
+            "{}\n{}",
+            env!("CARGO_PKG_VERSION"),
+            logbridge::cluster::librdkafka_description()
+        )
+        .into_boxed_str(),
+    );
+    let cli = match Cli::from_arg_matches(&Cli::command().version(version).get_matches()) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     init_tracing(cli.log_format);
     // Many concurrent HTTP clients (or a scrape storm) must not run the process out of file
     // descriptors: take the hard limit the system allows.
@@ -70,16 +96,19 @@ fn main() -> ExitCode {
         Ok(limit) => tracing::debug!(limit, "open file limit"),
         Err(err) => tracing::debug!(error = %err, "cannot raise the open file limit"),
     }
-    let command = cli.command.unwrap_or(Command::Run {
-        config: PathBuf::from(DEFAULT_CONFIG_PATH),
+    let command = cli.command.unwrap_or_else(|| Command::Run {
+        config: std::env::var_os(CONFIG_VARIABLE)
+            .map_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH), PathBuf::from),
     });
     // Commands without a runtime.
     match &command {
-        Command::CheckConfig { file } => {
-            return match logbridge::tools::check_config(file) {
-                true => ExitCode::SUCCESS,
-                false => ExitCode::from(2),
-            };
+        Command::CheckConfig {
+            file,
+            connect,
+            timeout,
+        } => {
+            let connect = connect.then(|| std::time::Duration::from_secs(*timeout));
+            return logbridge::tools::check_config(file, connect).into();
         }
         Command::BenchBroker => {
             if let Err(err) = bench::serve_broker() {

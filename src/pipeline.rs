@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::breaker::BreakerSwitch;
+use crate::cluster::Probe;
 use crate::committer::{CommitterHandle, CommitterSettings};
 use crate::config::{Cluster, Config};
 use crate::consumer::{ConsumerHandle, ConsumerLinks};
@@ -211,6 +212,14 @@ pub async fn run(
     )?;
 
     let http_stop = CancellationToken::new();
+    let probe = Probe::new(config.source(), config.secrets())
+        .context("cannot create the cluster check's client")?;
+    let (cluster, cluster_task) = crate::cluster::watch(
+        probe,
+        config.kafka.topics.clone(),
+        Duration::from_millis(config.kafka.check_interval_ms),
+        http_stop.clone(),
+    );
     let http_task = start_http(
         options.http,
         &config,
@@ -220,6 +229,7 @@ pub async fn run(
             breaker,
             stalls,
             dead_letters: dead_letter_trouble,
+            cluster,
             status: Arc::new(StatusSource {
                 partitions: consumer.partitions(),
                 config: config.redacted_json(),
@@ -330,6 +340,8 @@ pub async fn run(
     if let Some(task) = http_task {
         let _ = task.await;
     }
+    // It returns as soon as it sees the cancellation (a check in flight is left to finish).
+    let _ = cluster_task.await;
     info!("logbridge stopped");
     match (consumer_result, failures.is_empty()) {
         (result, true) => result,

@@ -176,6 +176,10 @@ pub struct KafkaConfig {
     /// TLS and SASL of the source cluster (plaintext if absent).
     #[serde(default)]
     pub security: Option<SecurityConfig>,
+    /// How often the cluster is checked for `/readyz`: brokers reachable, credentials
+    /// accepted, every topic in `topics` present.
+    #[serde(default = "default_check_interval_ms")]
+    pub check_interval_ms: u64,
     /// Any librdkafka consumer property, passed through as is
     /// (<https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>); set after
     /// `security`, so an option wins over the property the section maps to.
@@ -322,6 +326,10 @@ pub struct RouteConfig {
     /// Largest retry delay.
     #[serde(default = "default_retry_backoff_max_ms")]
     pub retry_backoff_max_ms: u64,
+}
+
+fn default_check_interval_ms() -> u64 {
+    15_000
 }
 
 fn default_max_retries() -> u32 {
@@ -561,6 +569,12 @@ impl Config {
         if let Some(security) = &kafka.security {
             security.validate("kafka.security")?;
         }
+        check_range(
+            "kafka.check_interval_ms",
+            kafka.check_interval_ms,
+            100,
+            3_600_000,
+        )?;
 
         let pipeline = &self.pipeline;
         check_range(

@@ -5,28 +5,12 @@
 //! - [`demo`]: the whole pipeline against an in-process Kafka with sample traffic.
 //! - [`produce`]: a load generator for a real Kafka.
 //! - [`bench`]: throughput, CPU, memory and commits against raw librdkafka.
-//! - [`check_config`]: validates a configuration file and prints it with defaults filled in.
+//! - [`check_config`]: validates a configuration file and prints it with defaults filled in;
+//!   with `--connect`, checks clusters, credentials and topics.
 
 pub mod bench;
+mod check_config;
 pub mod demo;
 pub mod produce;
 
-use std::path::Path;
-
-use crate::config::Config;
-
-/// The `check-config` command: prints the configuration with defaults filled in and secrets
-/// redacted on stdout, and `FILE: ok` or `FILE: error` on stderr. Returns whether it is valid.
-pub fn check_config(file: &Path) -> bool {
-    match Config::load(file) {
-        Ok(config) => {
-            println!("{}", config.to_toml());
-            eprintln!("{}: ok", file.display());
-            true
-        }
-        Err(err) => {
-            eprintln!("{}: {err}", file.display());
-            false
-        }
-    }
-}
+pub use check_config::{check_config, CheckOutcome};

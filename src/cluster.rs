@@ -1,0 +1,341 @@
+//! What the cluster itself says: a metadata probe that connects with the configured security
+//! and tells apart "cannot reach", "authentication failed" and "topic missing". It serves
+//! `check-config --connect` once, and readiness every `kafka.check_interval_ms` (a mistyped
+//! topic or a rotated password must not read as ready).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::Cluster;
+
+/// librdkafka's version and the features it was built with, e.g.
+/// `librdkafka 2.12.1 (gzip,snappy,ssl,sasl,...,zstd)`.
+pub fn librdkafka_description() -> String {
+    let (_, version) = rdkafka::util::get_rdkafka_version();
+    let features = ClientConfig::new()
+        .create_native_config()
+        .and_then(|native| native.get("builtin.features"))
+        .unwrap_or_else(|err| format!("features unknown: {err}"));
+    format!("librdkafka {version} ({features})")
+}
+
+/// Why a cluster cannot serve us.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterProblem {
+    /// No broker answered (down, wrong address, TLS handshake refused...).
+    #[error("cannot reach the Kafka cluster at {brokers}: {reason}")]
+    Unreachable {
+        /// The bootstrap list tried.
+        brokers: String,
+        /// librdkafka's last word on it.
+        reason: String,
+    },
+    /// A broker answered and refused the credentials.
+    #[error("Kafka authentication failed at {brokers}: {reason}")]
+    Authentication {
+        /// The bootstrap list tried.
+        brokers: String,
+        /// librdkafka's last word on it.
+        reason: String,
+    },
+    /// The cluster answered and does not have these topics.
+    #[error("{}", missing_text(.0))]
+    MissingTopics(Vec<String>),
+}
+
+fn missing_text(topics: &[String]) -> String {
+    let names: Vec<String> = topics.iter().map(|topic| format!("`{topic}`")).collect();
+    match names.as_slice() {
+        [one] => format!("topic {one} does not exist"),
+        _ => format!("topics {} do not exist", names.join(", ")),
+    }
+}
+
+/// The last error librdkafka reported on the probe's handle: metadata requests only say
+/// "timed out", the error callback says why.
+#[derive(Default)]
+struct ProbeContext {
+    last_error: Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
+}
+
+impl ClientContext for ProbeContext {
+    fn log(&self, _level: RDKafkaLogLevel, _facility: &str, _message: &str) {
+        // The error callback carries what matters; the probe's own log lines would repeat the
+        // consumer's.
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let mut last = self
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *last = Some((error.rdkafka_error_code(), reason.to_string()));
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// A client that asks the cluster for its topics.
+pub struct Probe {
+    client: BaseConsumer<ProbeContext>,
+    brokers: String,
+    /// Secrets to scrub from librdkafka's messages.
+    secrets: Vec<String>,
+}
+
+impl Probe {
+    /// A probe of `cluster` (its security and options apply; no group is joined).
+    pub fn new(cluster: Cluster<'_>, secrets: Vec<String>) -> anyhow::Result<Probe> {
+        let mut config = ClientConfig::new();
+        cluster.apply(&mut config);
+        // Options meant for the consumer or producer of this cluster (group, fetch, linger)
+        // only make this client log that it ignores them.
+        config.set_log_level(RDKafkaLogLevel::Error);
+        let client = config
+            .create_with_context(ProbeContext::default())
+            .with_context(|| format!("cannot create a Kafka client for {}", cluster.brokers))?;
+        Ok(Probe {
+            client,
+            brokers: cluster.brokers.to_string(),
+            secrets,
+        })
+    }
+
+    /// Partition counts of `topics` (absent: the topic does not exist), or why the cluster
+    /// could not be asked. Blocks for up to `timeout`. Asks for all topics' metadata, so that
+    /// the question never makes a broker with `auto.create.topics.enable` create one.
+    pub fn partitions(
+        &self,
+        topics: &[&str],
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, Option<usize>>, ClusterProblem> {
+        let metadata = match self.client.fetch_metadata(None, timeout) {
+            Ok(metadata) => metadata,
+            Err(err) => return Err(self.problem(&err)),
+        };
+        let mut found: BTreeMap<String, Option<usize>> = topics
+            .iter()
+            .map(|topic| (topic.to_string(), None))
+            .collect();
+        for topic in metadata.topics() {
+            if let Some(count) = found.get_mut(topic.name()) {
+                if topic.error().is_none() {
+                    *count = Some(topic.partitions().len());
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Checks `topics`: `Err` names the first thing wrong (cannot connect or authenticate,
+    /// or the topics that do not exist).
+    pub fn check(&self, topics: &[&str], timeout: Duration) -> Result<(), ClusterProblem> {
+        let found = self.partitions(topics, timeout)?;
+        let missing: Vec<String> = found
+            .into_iter()
+            .filter(|(_, count)| count.is_none())
+            .map(|(topic, _)| topic)
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(ClusterProblem::MissingTopics(missing))
+        }
+    }
+
+    fn problem(&self, err: &KafkaError) -> ClusterProblem {
+        let last = self
+            .client
+            .context()
+            .last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let brokers = self.brokers.clone();
+        let scrub = |text: String| {
+            self.secrets.iter().fold(text, |text, secret| {
+                text.replace(secret, crate::config::REDACTED)
+            })
+        };
+        match last {
+            Some((Some(code), reason)) if is_authentication(code) => {
+                ClusterProblem::Authentication {
+                    brokers,
+                    reason: scrub(reason),
+                }
+            }
+            Some((_, reason)) => ClusterProblem::Unreachable {
+                brokers,
+                reason: scrub(reason),
+            },
+            None => ClusterProblem::Unreachable {
+                brokers,
+                reason: scrub(err.to_string()),
+            },
+        }
+    }
+}
+
+fn is_authentication(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+    )
+}
+
+/// Checks the source cluster and `topics` every `interval` until `shutdown`, publishing the
+/// problem (or `None`) for `/readyz`. Each change is logged once.
+pub fn watch(
+    probe: Probe,
+    topics: Vec<String>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> (
+    watch::Receiver<Option<ClusterProblem>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = watch::channel(None);
+    let probe = Arc::new(probe);
+    // A check must end before the next is due, and within the time a broker takes to answer.
+    let timeout = interval.min(Duration::from_secs(10));
+    let task = tokio::spawn(async move {
+        loop {
+            let probe = probe.clone();
+            let topics = topics.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+                probe.check(&names, timeout)
+            });
+            let outcome = tokio::select! {
+                outcome = checked => outcome,
+                () = shutdown.cancelled() => return,
+            };
+            let problem = match outcome {
+                Ok(result) => result.err(),
+                // The check panicked: say so rather than keep an old answer.
+                Err(err) => Some(ClusterProblem::Unreachable {
+                    brokers: String::new(),
+                    reason: format!("the cluster check failed: {err}"),
+                }),
+            };
+            tx.send_if_modified(|current| {
+                if *current == problem {
+                    return false;
+                }
+                match &problem {
+                    Some(problem) => warn!(%problem, "cluster check failed"),
+                    None => info!("cluster check passed"),
+                }
+                *current = problem;
+                true
+            });
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    });
+    (rx, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use std::collections::BTreeMap as Map;
+
+    fn cluster(brokers: &str) -> Cluster<'_> {
+        static NO_OPTIONS: Map<String, crate::config::OptionValue> = Map::new();
+        Cluster {
+            brokers,
+            security: None,
+            options: &NO_OPTIONS,
+        }
+    }
+
+    #[test]
+    fn topics_are_counted_and_missing_ones_named() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("logs", 3, 1).expect("topic");
+        mock.create_topic("other", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let probe = Probe::new(cluster(&brokers), Vec::new()).expect("probe");
+        let found = probe
+            .partitions(&["logs", "typo"], Duration::from_secs(10))
+            .expect("metadata");
+        assert_eq!(found.get("logs"), Some(&Some(3)));
+        assert_eq!(found.get("typo"), Some(&None));
+        assert_eq!(
+            probe.check(&["logs", "typo", "gone"], Duration::from_secs(10)),
+            Err(ClusterProblem::MissingTopics(vec![
+                "gone".to_string(),
+                "typo".to_string()
+            ]))
+        );
+        assert_eq!(
+            ClusterProblem::MissingTopics(vec!["typo".to_string()]).to_string(),
+            "topic `typo` does not exist"
+        );
+        assert_eq!(
+            probe.check(&["logs", "other"], Duration::from_secs(10)),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn a_cluster_nobody_answers_for_is_unreachable() {
+        // A port that was free a moment ago: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("free port")
+            .port();
+        let brokers = format!("127.0.0.1:{port}");
+        let probe = Probe::new(cluster(&brokers), Vec::new()).expect("probe");
+        match probe.check(&["logs"], Duration::from_secs(2)) {
+            Err(ClusterProblem::Unreachable { brokers: at, .. }) => assert_eq!(at, brokers),
+            other => panic!("expected unreachable, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watch_reports_a_topic_once_it_is_missing_and_clears_when_created() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("logs", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let probe = Probe::new(cluster(&brokers), Vec::new()).expect("probe");
+        let shutdown = CancellationToken::new();
+        let (mut rx, task) = watch(
+            probe,
+            vec!["logs".to_string(), "later".to_string()],
+            Duration::from_millis(200),
+            shutdown.clone(),
+        );
+        let missing = Some(ClusterProblem::MissingTopics(vec!["later".to_string()]));
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| *p == missing))
+            .await
+            .expect("reported in time")
+            .expect("watch alive");
+        mock.create_topic("later", 1, 1).expect("topic");
+        tokio::time::timeout(Duration::from_secs(20), rx.wait_for(Option::is_none))
+            .await
+            .expect("cleared in time")
+            .expect("watch alive");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("stops on shutdown")
+            .expect("no panic");
+    }
+}

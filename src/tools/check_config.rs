@@ -1,0 +1,112 @@
+//! The `check-config` command: validates a configuration file and prints it with defaults
+//! filled in and secrets redacted; with `--connect`, also connects to every cluster it names
+//! (with its security) and checks that each topic exists.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cluster::{ClusterProblem, Probe};
+use crate::config::{Cluster, Config};
+
+/// How `check-config` ends; the exit codes are documented in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    /// Valid (and, with `--connect`, every cluster reached and every topic found): 0.
+    Valid,
+    /// The file is missing or invalid: 2.
+    Invalid,
+    /// A cluster could not be reached or refused the credentials: 3.
+    CannotConnect,
+    /// Every cluster answered, and a topic does not exist: 4.
+    MissingTopics,
+}
+
+impl From<CheckOutcome> for ExitCode {
+    fn from(outcome: CheckOutcome) -> ExitCode {
+        match outcome {
+            CheckOutcome::Valid => ExitCode::SUCCESS,
+            CheckOutcome::Invalid => ExitCode::from(2),
+            CheckOutcome::CannotConnect => ExitCode::from(3),
+            CheckOutcome::MissingTopics => ExitCode::from(4),
+        }
+    }
+}
+
+/// Prints the configuration on stdout and `FILE: ok` (or the error naming the key) on stderr;
+/// with `connect`, then one line per topic and cluster on stderr.
+pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
+    let mut config = match Config::load(file) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{}: {err}", file.display());
+            return CheckOutcome::Invalid;
+        }
+    };
+    println!("{}", config.to_toml());
+    eprintln!("{}: ok", file.display());
+    let Some(timeout) = connect else {
+        return CheckOutcome::Valid;
+    };
+    config.resolve_outputs();
+    let source_topics: Vec<(String, &str)> = config
+        .kafka
+        .topics
+        .iter()
+        .enumerate()
+        .map(|(index, topic)| (format!("kafka.topics[{index}]"), topic.as_str()))
+        .collect();
+    let mut checks = vec![(config.source(), source_topics)];
+    for (key, topic, cluster) in config.outputs() {
+        // Outputs on a cluster already listed (same brokers and security) share its check.
+        match checks
+            .iter_mut()
+            .find(|(seen, _)| same_cluster(seen, &cluster))
+        {
+            Some((_, topics)) => topics.push((key, topic)),
+            None => checks.push((cluster, vec![(key, topic)])),
+        }
+    }
+    let secrets = config.secrets();
+    let mut outcome = CheckOutcome::Valid;
+    for (cluster, topics) in checks {
+        let names: Vec<&str> = topics.iter().map(|(_, topic)| *topic).collect();
+        let found = Probe::new(cluster, secrets.clone())
+            .map_err(|err| ClusterProblem::Unreachable {
+                brokers: cluster.brokers.to_string(),
+                reason: config.scrub(&format!("{err:#}")),
+            })
+            .and_then(|probe| probe.partitions(&names, timeout));
+        let found = match found {
+            Ok(found) => found,
+            Err(problem) => {
+                eprintln!("{problem}");
+                outcome = CheckOutcome::CannotConnect;
+                continue;
+            }
+        };
+        eprintln!("{}: connected", cluster.brokers);
+        for (key, topic) in topics {
+            match found.get(topic).copied().flatten() {
+                Some(count) => eprintln!(
+                    "`{key}`: topic `{topic}`: {count} partition{}",
+                    if count == 1 { "" } else { "s" }
+                ),
+                None => {
+                    eprintln!(
+                        "`{key}`: topic `{topic}` does not exist at {}",
+                        cluster.brokers
+                    );
+                    if outcome == CheckOutcome::Valid {
+                        outcome = CheckOutcome::MissingTopics;
+                    }
+                }
+            }
+        }
+    }
+    outcome
+}
+
+fn same_cluster(a: &Cluster<'_>, b: &Cluster<'_>) -> bool {
+    a.brokers == b.brokers && a.security == b.security
+}
