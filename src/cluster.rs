@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -61,11 +61,17 @@ fn missing_text(topics: &[String]) -> String {
     }
 }
 
-/// The last error librdkafka reported on the probe's handle: metadata requests only say
-/// "timed out", the error callback says why.
+/// The errors librdkafka reported on the probe's handle since the check began: a metadata
+/// request only says "transport failure", the error callback says why.
 #[derive(Default)]
 struct ProbeContext {
-    last_error: Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
+    errors: Mutex<Vec<(Option<RDKafkaErrorCode>, String)>>,
+}
+
+impl ProbeContext {
+    fn take_errors(&self) -> Vec<(Option<RDKafkaErrorCode>, String)> {
+        std::mem::take(&mut *self.errors.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 impl ClientContext for ProbeContext {
@@ -75,19 +81,25 @@ impl ClientContext for ProbeContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        let mut last = self
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *last = Some((error.rdkafka_error_code(), reason.to_string()));
+        let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+        if errors.len() < 32 {
+            errors.push((error.rdkafka_error_code(), reason.to_string()));
+        }
     }
 }
 
-impl ConsumerContext for ProbeContext {}
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
 
-/// A client that asks the cluster for its topics.
+    fn delivery(&self, _report: &rdkafka::message::DeliveryResult<'_>, _opaque: ()) {
+        // The probe never produces.
+    }
+}
+
+/// A client that asks the cluster for its topics. A producer handle, because its poll serves
+/// the error callbacks (a consumer outside a group does not); it never produces.
 pub struct Probe {
-    client: BaseConsumer<ProbeContext>,
+    client: BaseProducer<ProbeContext>,
     brokers: String,
     /// Secrets to scrub from librdkafka's messages.
     secrets: Vec<String>,
@@ -119,7 +131,10 @@ impl Probe {
         topics: &[&str],
         timeout: Duration,
     ) -> Result<BTreeMap<String, Option<usize>>, ClusterProblem> {
-        let metadata = match self.client.fetch_metadata(None, timeout) {
+        // What earlier checks left behind is not about this one.
+        self.client.poll(Duration::ZERO);
+        self.client.context().take_errors();
+        let metadata = match self.client.client().fetch_metadata(None, timeout) {
             Ok(metadata) => metadata,
             Err(err) => return Err(self.problem(&err)),
         };
@@ -154,13 +169,25 @@ impl Probe {
     }
 
     fn problem(&self, err: &KafkaError) -> ClusterProblem {
-        let last = self
-            .client
-            .context()
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        // Error callbacks are served by polling the handle (nothing else polls this one), and
+        // the failure's own event may land just after the request gave up.
+        let context = self.client.context();
+        let deadline = std::time::Instant::now() + Duration::from_millis(500);
+        while context.errors.lock().is_ok_and(|errors| errors.is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            self.client.poll(Duration::from_millis(50));
+        }
+        self.client.poll(Duration::ZERO);
+        let errors = context.take_errors();
+        // The telling one: refused credentials or TLS first, "all brokers down" (which follows
+        // every such failure) last.
+        let rank = |code: &Option<RDKafkaErrorCode>| match code {
+            Some(code) if is_authentication(*code) => 0,
+            Some(RDKafkaErrorCode::AllBrokersDown) => 2,
+            _ => 1,
+        };
+        let last = errors.into_iter().min_by_key(|(code, _)| rank(code));
         let brokers = self.brokers.clone();
         let scrub = |text: String| {
             self.secrets.iter().fold(text, |text, secret| {

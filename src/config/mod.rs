@@ -199,15 +199,29 @@ pub struct Cluster<'a> {
 }
 
 impl Cluster<'_> {
-    /// Sets brokers, the security section's properties, then the user's options (which win) on
-    /// `client`, over whatever defaults it already holds.
+    /// Brokers, the security section's properties, then the user's options (which win), as
+    /// librdkafka properties in the order they are to be set.
+    pub fn properties(&self) -> Vec<(String, String)> {
+        let security = self.security.map(SecurityConfig::properties);
+        std::iter::once(("bootstrap.servers".to_string(), self.brokers.to_string()))
+            .chain(
+                security
+                    .into_iter()
+                    .flatten()
+                    .map(|(name, value)| (name.to_string(), value)),
+            )
+            .chain(
+                self.options
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.to_string())),
+            )
+            .collect()
+    }
+
+    /// Sets [`Cluster::properties`] on `client`, over whatever defaults it already holds.
     pub fn apply(&self, client: &mut ClientConfig) {
-        client.set("bootstrap.servers", self.brokers);
-        if let Some(security) = self.security {
-            security.apply(client);
-        }
-        for (key, value) in self.options {
-            client.set(key, value.to_string());
+        for (name, value) in self.properties() {
+            client.set(name, value);
         }
     }
 }

@@ -203,12 +203,11 @@ impl SecurityConfig {
         Ok(())
     }
 
-    /// Sets the librdkafka properties of this section on `client` (before the user's options,
-    /// which win).
-    pub fn apply(&self, client: &mut ClientConfig) {
-        client.set("security.protocol", self.protocol.property());
+    /// The librdkafka properties of this section (set before the user's options, which win).
+    pub fn properties(&self) -> Vec<(&'static str, String)> {
+        let mut properties = vec![("security.protocol", self.protocol.property().to_string())];
         if let Some(mechanism) = self.mechanism {
-            client.set("sasl.mechanisms", mechanism.property());
+            properties.push(("sasl.mechanisms", mechanism.property().to_string()));
         }
         let text = [
             ("sasl.username", &self.username),
@@ -217,7 +216,7 @@ impl SecurityConfig {
         ];
         for (property, value) in text {
             if let Some(value) = value {
-                client.set(property, value);
+                properties.push((property, value.clone()));
             }
         }
         let files = [
@@ -226,7 +225,7 @@ impl SecurityConfig {
         ];
         for (property, value) in files {
             if let Some(path) = value {
-                client.set(property, path.display().to_string());
+                properties.push((property, path.display().to_string()));
             }
         }
         if self.protocol.tls() {
@@ -236,10 +235,18 @@ impl SecurityConfig {
                 .ca_file
                 .as_ref()
                 .map_or_else(|| "probe".to_string(), |path| path.display().to_string());
-            client.set("ssl.ca.location", ca);
+            properties.push(("ssl.ca.location", ca));
             if !self.verify_hostname {
-                client.set("ssl.endpoint.identification.algorithm", "none");
+                properties.push(("ssl.endpoint.identification.algorithm", "none".to_string()));
             }
+        }
+        properties
+    }
+
+    /// Sets [`SecurityConfig::properties`] on `client`.
+    pub fn apply(&self, client: &mut ClientConfig) {
+        for (property, value) in self.properties() {
+            client.set(property, value);
         }
     }
 

@@ -25,6 +25,10 @@ pub struct ProduceOptions {
     /// Bootstrap brokers.
     #[arg(long, default_value = "localhost:9092")]
     pub brokers: String,
+    /// Take brokers, `[kafka.security]` and `[kafka.options]` from this logbridge
+    /// configuration (to reach the cluster logbridge reads, secured or not).
+    #[arg(long, conflicts_with = "brokers")]
+    pub config: Option<std::path::PathBuf>,
     /// Target topic.
     #[arg(long, default_value = "logs")]
     pub topic: String,
@@ -52,8 +56,8 @@ pub struct ProduceOptions {
     /// Pad well-formed events with a `detail` field up to this many bytes (0: no padding).
     #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
-    /// Extra librdkafka producer properties.
-    #[arg(skip)]
+    /// Extra librdkafka producer property, `name=value` (repeatable; wins over `--config`).
+    #[arg(long = "option", value_name = "NAME=VALUE", value_parser = name_value)]
     pub options: Vec<(String, String)>,
 }
 
@@ -70,6 +74,7 @@ impl Default for ProduceOptions {
             first_id: 0,
             seed: None,
             payload_bytes: 0,
+            config: None,
             options: Vec::new(),
         }
     }
@@ -217,8 +222,22 @@ impl ProducerContext for Deliveries {
 
 /// Creates `topic` with `partitions` unless it exists.
 pub async fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    ensure_topic_with(brokers, &[], topic, partitions).await
+}
+
+/// [`ensure_topic`] with extra client properties (security, say).
+pub async fn ensure_topic_with(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    let admin: AdminClient<DefaultClientContext> = config
         .create()
         .context("failed to create the admin client")?;
     let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -319,6 +338,35 @@ pub fn produce_blocking(
 }
 
 /// A fraction between 0.0 and 1.0 (`--bad-ratio`).
+fn name_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("`{text}` is not name=value")),
+    }
+}
+
+/// With `--config`: the configuration's brokers, and its security and options ahead of the
+/// `--option` pairs (so those win).
+fn with_config(mut options: ProduceOptions) -> anyhow::Result<ProduceOptions> {
+    let Some(path) = options.config.take() else {
+        return Ok(options);
+    };
+    let config = crate::config::Config::load(&path)?;
+    // (ClientConfig::config_map would hide the secrets from its copy.)
+    let mut properties: Vec<(String, String)> = config
+        .source()
+        .properties()
+        .into_iter()
+        .filter(|(name, _)| name != "bootstrap.servers")
+        .collect();
+    properties.append(&mut options.options);
+    options.options = properties;
+    options.brokers = config.kafka.brokers;
+    Ok(options)
+}
+
 fn ratio(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
@@ -340,8 +388,15 @@ pub async fn run(
         shutdown.cancelled().await;
         on_shutdown.store(true, Ordering::Relaxed);
     });
+    let options = with_config(options)?;
     if let Some(partitions) = options.partitions {
-        ensure_topic(&options.brokers, &options.topic, partitions).await?;
+        ensure_topic_with(
+            &options.brokers,
+            &options.options,
+            &options.topic,
+            partitions,
+        )
+        .await?;
     }
     let interactive = std::io::stderr().is_terminal();
     let summary = tokio::task::spawn_blocking(move || {
