@@ -103,6 +103,10 @@ pub struct Probe {
     brokers: String,
     /// Secrets to scrub from librdkafka's messages.
     secrets: Vec<String>,
+    /// The cause found by the last failed check that had one: while librdkafka backs off
+    /// between reconnects, a check fails with only "all brokers down", and the refused
+    /// credentials or certificate are still the reason.
+    cause: Mutex<Option<ClusterProblem>>,
 }
 
 impl Probe {
@@ -120,6 +124,7 @@ impl Probe {
             client,
             brokers: cluster.brokers.to_string(),
             secrets,
+            cause: Mutex::new(None),
         })
     }
 
@@ -135,7 +140,10 @@ impl Probe {
         self.client.poll(Duration::ZERO);
         self.client.context().take_errors();
         let metadata = match self.client.client().fetch_metadata(None, timeout) {
-            Ok(metadata) => metadata,
+            Ok(metadata) => {
+                *self.cause.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                metadata
+            }
             Err(err) => return Err(self.problem(&err)),
         };
         let mut found: BTreeMap<String, Option<usize>> = topics
@@ -188,13 +196,18 @@ impl Probe {
             _ => 1,
         };
         let last = errors.into_iter().min_by_key(|(code, _)| rank(code));
+        let mut cause = self.cause.lock().unwrap_or_else(PoisonError::into_inner);
+        let telling = last.as_ref().is_some_and(|(code, _)| rank(code) < 2);
+        if let (false, Some(known)) = (telling, cause.as_ref()) {
+            return known.clone();
+        }
         let brokers = self.brokers.clone();
         let scrub = |text: String| {
             self.secrets.iter().fold(text, |text, secret| {
                 text.replace(secret, crate::config::REDACTED)
             })
         };
-        match last {
+        let problem = match last {
             Some((Some(code), reason)) if is_authentication(code) => {
                 ClusterProblem::Authentication {
                     brokers,
@@ -209,7 +222,11 @@ impl Probe {
                 brokers,
                 reason: scrub(err.to_string()),
             },
+        };
+        if telling {
+            *cause = Some(problem.clone());
         }
+        problem
     }
 }
 

@@ -11,14 +11,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, warn};
 
 use crate::committer::CommitterHandle;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::producer::{self, headers, headers_for};
+use crate::producer::{self, headers, headers_for, FutureProducer};
 use crate::record::{AckStatus, Record, StageGone};
 
 /// Most dead letters produced in one go.

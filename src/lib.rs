@@ -39,6 +39,7 @@
 //! pipeline (demo, load generator, benchmark) are in [`tools`].
 
 pub mod breaker;
+pub mod client_log;
 pub mod cluster;
 pub mod committer;
 pub mod config;

@@ -126,14 +126,17 @@ pub async fn run(
     let dead_letter_topic = match &config.dead_letter {
         None => None,
         Some(dead_letter) => Some(DeadLetterTopic {
-            producer: crate::producer::create(Cluster {
-                brokers: dead_letter
-                    .brokers
-                    .as_deref()
-                    .unwrap_or(&config.kafka.brokers),
-                security: dead_letter.security.as_ref(),
-                options: &dead_letter.options,
-            })
+            producer: crate::producer::create(
+                Cluster {
+                    brokers: dead_letter
+                        .brokers
+                        .as_deref()
+                        .unwrap_or(&config.kafka.brokers),
+                    security: dead_letter.security.as_ref(),
+                    options: &dead_letter.options,
+                },
+                "dead-letter producer",
+            )
             .context("failed to create the dead-letter producer")?,
             topic: dead_letter.topic.clone(),
             capacity: config.pipeline.worker_capacity,

@@ -8,7 +8,13 @@ use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord};
+
+use crate::client_log::{ClientLog, ProducerLog};
+
+/// logbridge's producers (Kafka sinks, dead letters): librdkafka's future producer with log
+/// lines and errors rate-limited.
+pub type FutureProducer = rdkafka::producer::FutureProducer<ProducerLog>;
 
 use crate::config::Cluster;
 use crate::record::Record;
@@ -84,8 +90,8 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
 }
 
 /// Creates an idempotent producer for `cluster`: logbridge's defaults, then the cluster's
-/// security and options.
-pub fn create(cluster: Cluster<'_>) -> anyhow::Result<FutureProducer> {
+/// security and options. `client` names it in log lines (`dead-letter producer`, ...).
+pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<FutureProducer> {
     let mut config = ClientConfig::new();
     config
         .set("enable.idempotence", "true")
@@ -93,7 +99,7 @@ pub fn create(cluster: Cluster<'_>) -> anyhow::Result<FutureProducer> {
         .set("linger.ms", "1");
     cluster.apply(&mut config);
     config
-        .create()
+        .create_with_context(ProducerLog(ClientLog::new(client)))
         .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))
 }
 

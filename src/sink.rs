@@ -14,11 +14,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use rdkafka::producer::FutureProducer;
-
 use crate::config::{Cluster, RouteConfig, SinkConfig};
 use crate::event::json_body;
-use crate::producer::{headers, headers_for};
+use crate::producer::{headers, headers_for, FutureProducer};
 use crate::record::Record;
 
 /// Why a sink could not deliver a record: retryable or permanent, with a short reason.
@@ -62,11 +60,14 @@ pub fn config_sink_factory() -> SinkFactory {
                 let producer = match producers.get(&route.name) {
                     Some(producer) => producer.clone(),
                     None => {
-                        let producer = crate::producer::create(Cluster {
-                            brokers,
-                            security: security.as_ref(),
-                            options,
-                        })?;
+                        let producer = crate::producer::create(
+                            Cluster {
+                                brokers,
+                                security: security.as_ref(),
+                                options,
+                            },
+                            "sink producer",
+                        )?;
                         producers.insert(route.name.clone(), producer.clone());
                         producer
                     }

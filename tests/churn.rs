@@ -78,7 +78,9 @@ async fn churn(strategy: &str) {
                     (Some(key), payload)
                 })
                 .collect();
-            produce_records(&brokers, &topic, &records, "1000000").await;
+            let mut client = rdkafka::config::ClientConfig::new();
+            client.set("bootstrap.servers", &brokers);
+            produce_records(&client, &topic, &records, "1000000").await;
             tokio::time::sleep(Duration::from_millis(400)).await;
         }
         valid

@@ -62,6 +62,7 @@ async fn late_acks_of_revoked_partitions_are_never_committed() {
                 brokers,
                 topic,
                 partitions,
+                properties: Vec::new(),
             };
             let mut samples: Vec<Vec<i64>> = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {

@@ -340,7 +340,7 @@ impl ConsumerActor {
                     if matches!(err, KafkaError::MessageConsumptionFatal(_)) {
                         return Err(anyhow::Error::new(err).context("fatal Kafka consumer error"));
                     }
-                    warn!(error = %err, "kafka consume error");
+                    self.consumer.context().log.consume_error(&err);
                 }
                 Some(Ok(message)) => {
                     if matches!(phase, Phase::Consuming) {

@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use super::assignment::{Flow, PartitionState, PauseWhy, SharedAssignment};
 use super::commits::{CommitWhy, Commits};
+use crate::client_log::ClientLog;
 use crate::committer::CommitterControl;
 use crate::metrics::Metrics;
 use crate::record::{ByteBudget, Fences, PartitionKey};
@@ -47,6 +48,8 @@ pub(crate) struct Callbacks {
     fences: Fences,
     /// Set when shutdown starts draining.
     pub(crate) shutting_down: AtomicBool,
+    /// librdkafka's errors and log lines, rate-limited.
+    pub(crate) log: ClientLog,
 }
 
 impl Callbacks {
@@ -67,6 +70,7 @@ impl Callbacks {
             halted: AtomicBool::new(false),
             fences,
             shutting_down: AtomicBool::new(false),
+            log: ClientLog::new("consumer"),
         }
     }
 
@@ -211,7 +215,11 @@ impl Callbacks {
 
 impl ClientContext for Callbacks {
     fn error(&self, error: KafkaError, reason: &str) {
-        warn!(error = %error, reason, "kafka client error");
+        self.log.error(&error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        self.log.log(level, facility, message);
     }
 
     /// librdkafka's statistics (every `statistics.interval.ms`) give the lag and broker round

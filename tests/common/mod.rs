@@ -18,6 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use logbridge::Config;
 
 pub mod process;
+pub mod tls;
 
 /// A Kafka cluster with one topic: librdkafka's mock cluster in this process, or an external
 /// broker (a tansu process).
@@ -26,6 +27,8 @@ pub struct Kafka {
     pub brokers: String,
     pub topic: String,
     pub partitions: i32,
+    /// Client properties every helper client sets (security for a secured cluster).
+    pub properties: Vec<(String, String)>,
 }
 
 impl Kafka {
@@ -45,12 +48,27 @@ impl Kafka {
             brokers,
             topic: topic.to_string(),
             partitions,
+            properties: Vec::new(),
         }
     }
 
     /// A topic on an external broker, created if missing.
     pub async fn external(brokers: &str, topic: &str, partitions: i32) -> Kafka {
-        logbridge::tools::produce::ensure_topic(brokers, topic, partitions)
+        Kafka::external_with(brokers, &[], topic, partitions).await
+    }
+
+    /// A topic on an external broker reached with extra client `properties` (TLS, SASL).
+    pub async fn external_with(
+        brokers: &str,
+        properties: &[(&str, &str)],
+        topic: &str,
+        partitions: i32,
+    ) -> Kafka {
+        let properties: Vec<(String, String)> = properties
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        logbridge::tools::produce::ensure_topic_with(brokers, &properties, topic, partitions)
             .await
             .expect("topic created on the broker");
         Kafka {
@@ -58,6 +76,7 @@ impl Kafka {
             brokers: brokers.to_string(),
             topic: topic.to_string(),
             partitions,
+            properties,
         }
     }
 
@@ -99,10 +118,7 @@ impl Kafka {
 
     /// Produces a tombstone (null value) with `key`; returns where it landed.
     pub async fn produce_tombstone(&self, key: &str) -> (i32, i64) {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()
-            .expect("producer");
+        let producer: FutureProducer = self.client().create().expect("producer");
         let record = FutureRecord::<str, [u8]>::to(&self.topic).key(key);
         let delivery = producer
             .send(record, Duration::from_secs(10))
@@ -117,20 +133,20 @@ impl Kafka {
         records: &[(Option<String>, Vec<u8>)],
         max_bytes: &str,
     ) -> Vec<(i32, i64)> {
-        produce_records(&self.brokers, &self.topic, records, max_bytes).await
+        produce_records(&self.client(), &self.topic, records, max_bytes).await
     }
 }
 
 /// Produces every `(key, payload)` to `topic`, waits for all delivery reports, and returns
 /// where each record landed as `(partition, offset)`.
 pub async fn produce_records(
-    brokers: &str,
+    client: &ClientConfig,
     topic: &str,
     records: &[(Option<String>, Vec<u8>)],
     max_bytes: &str,
 ) -> Vec<(i32, i64)> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let producer: FutureProducer = client
+        .clone()
         .set("linger.ms", "5")
         .set("message.max.bytes", max_bytes)
         .set("queue.buffering.max.messages", "1000000")
@@ -165,12 +181,19 @@ pub async fn produce_records(
 }
 
 impl Kafka {
+    /// A client configuration for this cluster: its brokers and `properties`.
+    pub fn client(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &self.brokers);
+        for (name, value) in &self.properties {
+            client.set(name, value);
+        }
+        client
+    }
+
     /// End offset (high watermark) of every partition, read by a separate client.
     pub fn end_offsets(&self) -> Vec<i64> {
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .create()
-            .expect("client");
+        let client: BaseConsumer = self.client().create().expect("client");
         (0..self.partitions)
             .map(|p| {
                 client
@@ -183,8 +206,8 @@ impl Kafka {
 
     /// Offsets committed by `group`, read by a separate client (-1 where nothing is committed).
     pub fn committed(&self, group: &str) -> Vec<i64> {
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let client: BaseConsumer = self
+            .client()
             .set("group.id", group)
             .create()
             .expect("client");
@@ -531,8 +554,8 @@ impl Kafka {
     /// client without a group.
     pub fn read_all(&self, topic: &str) -> Vec<ReadRecord> {
         use rdkafka::message::{Headers, Message};
-        let client: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
+        let client: BaseConsumer = self
+            .client()
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
             .set("fetch.message.max.bytes", "8000000")

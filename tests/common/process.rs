@@ -43,19 +43,84 @@ fn wait_for_port(port: u16, deadline: Duration) -> bool {
 pub struct Tansu {
     child: Option<Child>,
     pub port: u16,
+    /// The port written into metadata (a TLS proxy's, in front of this broker).
+    pub advertised: u16,
+    /// Whether clients must authenticate with SASL.
+    authentication: bool,
     pub dir: tempfile::TempDir,
 }
 
 impl Tansu {
     pub fn start() -> Tansu {
+        let port = free_port();
+        Tansu::start_advertising(port)
+    }
+
+    /// A broker that tells clients to connect to `advertised` (a proxy) instead of its port.
+    pub fn start_advertising(advertised: u16) -> Tansu {
         let dir = tempfile::tempdir().expect("tansu dir");
         let mut tansu = Tansu {
             child: None,
             port: free_port(),
+            advertised,
+            authentication: false,
             dir,
         };
+        if advertised == 0 {
+            tansu.advertised = tansu.port;
+        }
         tansu.launch();
         tansu
+    }
+
+    /// A broker that requires SASL (PLAIN, SCRAM-SHA-256/512), with `users` as
+    /// `(name, password, "scram256" | "scram512")` and `topics` as `(name, partitions)`. tansu
+    /// keeps SCRAM credentials in its storage, and with authentication on even creating a user
+    /// needs one: so users and topics are made on the same storage without authentication,
+    /// then the broker restarts with it.
+    pub fn start_with_users(users: &[(&str, &str, &str)], topics: &[(&str, i32)]) -> Tansu {
+        let mut tansu = Tansu::start_advertising(0);
+        let broker = format!("tcp://127.0.0.1:{}", tansu.port);
+        for (name, password, mechanism) in users {
+            tansu.cli(&[
+                "user",
+                "create",
+                name,
+                password,
+                "--broker",
+                &broker,
+                "--mechanism",
+                mechanism,
+            ]);
+        }
+        for (topic, partitions) in topics {
+            tansu.cli(&[
+                "topic",
+                "create",
+                topic,
+                "--broker",
+                &broker,
+                "--partitions",
+                &partitions.to_string(),
+            ]);
+        }
+        tansu.stop();
+        tansu.authentication = true;
+        tansu.launch();
+        tansu
+    }
+
+    fn cli(&self, args: &[&str]) {
+        let output = Command::new(tansu_binary())
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run the tansu cli");
+        assert!(
+            output.status.success(),
+            "tansu {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 
     pub fn brokers(&self) -> String {
@@ -70,6 +135,7 @@ impl Tansu {
             binary.display()
         );
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -81,9 +147,10 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "sqlite://broker.db"])
+            .args(self.authentication.then_some("--authentication"))
             .current_dir(self.dir.path())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -155,12 +222,32 @@ impl Logbridge {
         Logbridge::start_with_stdout(config, http_port, log, Stdio::null())
     }
 
+    /// Like `start`, with extra environment variables (secrets the config refers to).
+    pub fn start_with_env(
+        config: &Path,
+        http_port: u16,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Logbridge {
+        Logbridge::spawn(config, http_port, log, Stdio::null(), env)
+    }
+
     /// Like `start`, with its standard output going to `stdout`.
     pub fn start_with_stdout(
         config: &Path,
         http_port: u16,
         log: PathBuf,
         stdout: Stdio,
+    ) -> Logbridge {
+        Logbridge::spawn(config, http_port, log, stdout, &[])
+    }
+
+    fn spawn(
+        config: &Path,
+        http_port: u16,
+        log: PathBuf,
+        stdout: Stdio,
+        env: &[(&str, &str)],
     ) -> Logbridge {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
@@ -171,6 +258,7 @@ impl Logbridge {
             .args(["--log-format", "json", "run", "--config"])
             .arg(config)
             .env("LOGBRIDGE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(stdout)
             .stderr(log_file)
             .spawn()

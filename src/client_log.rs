@@ -1,0 +1,132 @@
+//! librdkafka's errors and log lines, logged without flooding: a cluster that refuses every
+//! connection (wrong CA, wrong password, all brokers down) makes each client report the same
+//! error many times a second (seen: "all brokers down" every 50 ms). Each kind is logged the
+//! first time, then at most once per [`REPEAT_EVERY`] with the count of those not logged.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::KafkaError;
+use tracing::{debug, error, info, warn};
+
+/// How often one kind of message is logged again while it repeats.
+pub const REPEAT_EVERY: Duration = Duration::from_secs(30);
+
+/// Rate limit per kind of message; `client` names the client in every line.
+pub struct ClientLog {
+    client: &'static str,
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl ClientLog {
+    /// A limiter for the client called `client` (`consumer`, `sink producer`, ...).
+    pub fn new(client: &'static str) -> ClientLog {
+        ClientLog {
+            client,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed since the last line)` when a line of `kind` is due now, else `None`
+    /// (and counts it).
+    fn due(&self, kind: &str, now: Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        match seen.get_mut(kind) {
+            Some((last, suppressed)) if now.duration_since(*last) < REPEAT_EVERY => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                // Bounded: kinds are error codes and librdkafka facilities, a few dozen at most.
+                seen.insert(kind.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+
+    /// A client-wide error from librdkafka's error callback.
+    pub fn error(&self, error: &KafkaError, reason: &str) {
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| error.to_string(), |code| format!("{code:?}"));
+        if let Some(suppressed) = self.due(&kind, Instant::now()) {
+            warn!(client = self.client, error = %error, reason, suppressed, "kafka client error");
+        }
+    }
+
+    /// An error returned by a consumer poll.
+    pub fn consume_error(&self, error: &KafkaError) {
+        let kind = error
+            .rdkafka_error_code()
+            .map_or_else(|| error.to_string(), |code| format!("poll {code:?}"));
+        if let Some(suppressed) = self.due(&kind, Instant::now()) {
+            warn!(client = self.client, error = %error, suppressed, "kafka consume error");
+        }
+    }
+
+    /// A librdkafka log line (debug lines, asked for with the `debug` option, pass unlimited).
+    pub fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        let client = self.client;
+        match level {
+            RDKafkaLogLevel::Debug => {
+                debug!(target: "librdkafka", client, facility, "{message}");
+                return;
+            }
+            RDKafkaLogLevel::Info | RDKafkaLogLevel::Notice => {
+                info!(target: "librdkafka", client, facility, "{message}");
+                return;
+            }
+            _ => {}
+        }
+        let Some(suppressed) = self.due(&format!("log {facility}"), Instant::now()) else {
+            return;
+        };
+        if matches!(level, RDKafkaLogLevel::Warning) {
+            warn!(target: "librdkafka", client, facility, suppressed, "{message}");
+        } else {
+            error!(target: "librdkafka", client, facility, suppressed, "{message}");
+        }
+    }
+}
+
+/// The context of logbridge's producers (sinks, dead letters): their log lines and errors go
+/// through a [`ClientLog`].
+pub struct ProducerLog(pub ClientLog);
+
+impl ClientContext for ProducerLog {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.0.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.error(&error, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_kind_is_logged_once_per_interval_with_the_count_it_skipped() {
+        let log = ClientLog::new("test");
+        let start = Instant::now();
+        assert_eq!(log.due("AllBrokersDown", start), Some(0));
+        for n in 1..=40 {
+            let at = start + Duration::from_millis(50 * n);
+            assert_eq!(log.due("AllBrokersDown", at), None, "repeat {n}");
+        }
+        // Another kind is not held back by the first.
+        assert_eq!(log.due("SSL", start + Duration::from_secs(1)), Some(0));
+        assert_eq!(log.due("AllBrokersDown", start + REPEAT_EVERY), Some(40));
+        assert_eq!(log.due("AllBrokersDown", start + REPEAT_EVERY), None);
+        assert_eq!(log.due("AllBrokersDown", start + REPEAT_EVERY * 2), Some(1));
+    }
+}
