@@ -35,8 +35,11 @@
 //!   switch, which stops consumption when too many records fail.
 //!
 //! Around them: [`record`] (the messages between stages), [`pipeline`] (wiring, start and
-//! shutdown), [`config`], [`metrics`], [`http`] and [`health`]. The commands beside the
-//! pipeline (demo, load generator, benchmark) are in [`tools`].
+//! shutdown), [`config`] (with the security of each cluster and `${env:}`/`${file:}`
+//! references), [`cluster`] (the probe behind `/readyz` and `check-config --connect`: reachable,
+//! authenticated, topics present), [`client_log`] (librdkafka's errors, rate-limited),
+//! [`metrics`], [`http`] and [`health`]. The commands beside the pipeline (demo, load generator,
+//! benchmark, config check) are in [`tools`].
 
 pub mod breaker;
 pub mod client_log;

@@ -132,7 +132,11 @@ fn main() -> ExitCode {
         match command {
             Command::Run { config } => {
                 let config = Config::load(&config)?;
-                logbridge::run(config, Default::default(), shutdown).await
+                let shown = config.clone();
+                // librdkafka quotes property values in its errors: never a secret.
+                logbridge::run(config, Default::default(), shutdown)
+                    .await
+                    .map_err(|err| anyhow::anyhow!(shown.scrub(&format!("{err:#}"))))
             }
             Command::Demo(options) => demo::run(options, shutdown).await,
             Command::Produce(options) => produce::run(options, shutdown).await.map(|_| ()),
