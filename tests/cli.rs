@@ -72,6 +72,43 @@ fn check_config_names_the_bad_key_and_exits_2() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
+#[test]
+fn logbridge_config_names_the_file_and_version_names_librdkafka_and_its_features() {
+    let output = Command::new(BIN)
+        .arg("check-config")
+        .env("LOGBRIDGE_CONFIG", "config/demo.toml")
+        .output()
+        .expect("run logbridge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("config/demo.toml: ok"), "{stderr}");
+    let version = Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("run logbridge");
+    let printed = String::from_utf8_lossy(&version.stdout);
+    assert!(
+        printed.starts_with("logbridge 0.1.0\nlibrdkafka 2."),
+        "{printed}"
+    );
+    for feature in [
+        "ssl",
+        "sasl_scram",
+        "sasl_plain",
+        "zstd",
+        "lz4",
+        "snappy",
+        "gzip",
+    ] {
+        assert!(
+            printed
+                .split(['(', ',', ')'])
+                .any(|word| word.trim() == feature),
+            "--version lacks `{feature}`: {printed}"
+        );
+    }
+}
+
 /// Sends SIGKILL to a process when dropped (harmless if it already exited and was reaped
 /// moments ago: pids are not reused that fast).
 struct KillOnDrop(u32);

@@ -76,6 +76,19 @@ fn check_connect(config: &Path, env: &[(&str, &str)]) -> (Option<i32>, String) {
     )
 }
 
+/// The `id` of every event in `topic`, as read back from the cluster.
+fn forwarded_ids(kafka: &Kafka, topic: &str) -> Vec<u64> {
+    kafka
+        .read_all(topic)
+        .iter()
+        .filter_map(|record| {
+            let value: serde_json::Value =
+                serde_json::from_slice(record.payload.as_deref()?).ok()?;
+            value["id"].as_u64()
+        })
+        .collect()
+}
+
 async fn readyz(port: u16) -> (u16, String) {
     let address: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     if tokio::net::TcpStream::connect(address).await.is_err() {
@@ -127,15 +140,7 @@ async fn delivers_everything(
 
     // Errors through the Kafka sink (on the source cluster, so with its security), the rest in
     // the file, malformed records in the dead-letter topic (the same).
-    let forwarded: Vec<u64> = kafka
-        .read_all(&format!("{}-errors", kafka.topic))
-        .iter()
-        .filter_map(|record| {
-            let value: serde_json::Value =
-                serde_json::from_slice(record.payload.as_deref()?).ok()?;
-            value["id"].as_u64()
-        })
-        .collect();
+    let forwarded = forwarded_ids(kafka, &format!("{}-errors", kafka.topic));
     let filed = id_counts(&read_lines(&[out.join("rest.jsonl")]));
     let dead = kafka.read_all(&format!("{}-dlq", kafka.topic));
     let mut seen: std::collections::HashSet<u64> = filed.keys().copied().collect();
@@ -363,6 +368,29 @@ async fn sasl_scram_and_plain_accept_the_right_password_and_refuse_a_wrong_one_p
         );
     }
 
+    // The load generator reaches the secured cluster with the same file (and creates a topic
+    // through it).
+    let produced = Command::new(env!("CARGO_BIN_EXE_logbridge"))
+        .args([
+            "produce",
+            "--topic",
+            "sasl-extra",
+            "--partitions",
+            "1",
+            "--count",
+            "50",
+        ])
+        .args(["--option", "compression.type=zstd", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run produce");
+    let said = String::from_utf8_lossy(&produced.stdout);
+    assert!(
+        produced.status.success() && said.contains("produced 50 events"),
+        "{said}{}",
+        String::from_utf8_lossy(&produced.stderr)
+    );
+
     // A wrong password: refused plainly, never shown.
     let wrong = work.path().join("wrong.toml");
     let port = free_port();
@@ -440,15 +468,8 @@ sink = { type = "kafka", topic = "codecs-out" }
         .await;
     running.stop().await;
     assert!(done, "compressed records not all committed");
-    let forwarded: std::collections::HashSet<u64> = kafka
-        .read_all("codecs-out")
-        .iter()
-        .filter_map(|record| {
-            let value: serde_json::Value =
-                serde_json::from_slice(record.payload.as_deref()?).ok()?;
-            value["id"].as_u64()
-        })
-        .collect();
+    let forwarded: std::collections::HashSet<u64> =
+        forwarded_ids(&kafka, "codecs-out").into_iter().collect();
     println!(
         "codecs {codecs:?}: {} of {} events forwarded",
         forwarded.len(),
@@ -458,7 +479,7 @@ sink = { type = "kafka", topic = "codecs-out" }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_names_a_subscribed_topic_that_does_not_exist_until_it_does() {
+async fn a_subscribed_topic_that_does_not_exist_fails_readiness_and_check_config_until_created() {
     let _serial = serial().await;
     let kafka = Kafka::start("present", 1);
     let text = format!(
@@ -472,6 +493,16 @@ sink = {{ type = "null" }}
             "topics = [\"present\"]",
             "topics = [\"present\", \"mistyped\"]\ncheck_interval_ms = 300"
         )
+    );
+    let work = tempfile::tempdir().expect("workdir");
+    let path = work.path().join("missing.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let (code, report) = check_connect(&path, &[]);
+    assert_eq!(code, Some(4), "check-config --connect: {report}");
+    assert!(
+        report.contains("`kafka.topics[0]`: topic `present`: 1 partition\n")
+            && report.contains("`kafka.topics[1]`: topic `mistyped` does not exist at"),
+        "{report}"
     );
     let config = logbridge::Config::from_toml_str(&text).expect("valid");
     let (running, address) = Running::start_serving(config, Default::default()).await;
@@ -494,6 +525,12 @@ sink = {{ type = "null" }}
         http_get(address, "/readyz").await == (200, "ready\n".to_string())
     })
     .await;
+    let (code, report) = check_connect(&path, &[]);
+    assert_eq!(
+        code,
+        Some(0),
+        "check-config --connect once created: {report}"
+    );
     assert!(
         ready,
         "/readyz once created: {:?}",

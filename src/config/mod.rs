@@ -911,6 +911,16 @@ mod tests {
         result.unwrap_or_else(|| Err("jail did not run".to_string()))
     }
 
+    /// The source options as `name=value` lines, in order.
+    fn option_lines(config: &Config) -> Vec<String> {
+        config
+            .kafka
+            .options
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect()
+    }
+
     fn error_of(text: &str) -> String {
         match load(text) {
             Ok(_) => panic!("config unexpectedly valid:\n{text}"),
@@ -1204,12 +1214,7 @@ mod tests {
             let security = config.kafka.security.clone().expect("security");
             assert_eq!(security.username.as_deref(), Some("bob"));
             assert_eq!(security.password.as_deref(), Some("from-a-file"));
-            let options: Vec<String> = config
-                .kafka
-                .options
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
+            let options = option_lines(&config);
             assert_eq!(
                 options,
                 ["sasl.password=bob-pw", "socket.keepalive.enable=true"]
@@ -1250,12 +1255,7 @@ mod tests {
             "topics = [\"logs\"]\n[kafka.options]\n\"auto.offset.reset\" = \"earliest\"\n\"session.timeout.ms\" = 6000\n\"check.crcs\" = true",
         );
         let config = load(&text).expect("valid");
-        let options: Vec<String> = config
-            .kafka
-            .options
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let options = option_lines(&config);
         assert_eq!(
             options,
             [
