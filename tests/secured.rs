@@ -1,11 +1,13 @@
 //! Secured clusters, with real handshakes: the `logbridge` binary against a tansu broker behind
 //! a TLS-terminating proxy (certificates made here), and against tansu with SASL required
-//! (SCRAM-SHA-256/512 and PLAIN users created through tansu). Right credentials: every record
+//! (SCRAM-SHA-256/512 users created through tansu; tansu offers no PLAIN, and that refusal is
+//! checked to be reported plainly). Right credentials: every record
 //! delivered (Kafka sink and dead-letter topic inheriting the source's security) and committed.
 //! Wrong CA or password: `check-config --connect` exits 3 naming the cause, `/readyz` fails with
 //! it, and the process keeps running with librdkafka's reconnect backoff (no crash loop).
 //! Also: compressed batches (zstd, lz4, gzip, snappy) produced by another client are read and
-//! forwarded, and `/readyz` names a subscribed topic that does not exist.
+//! forwarded; `/readyz` and `check-config --connect` (exit 4) name a subscribed topic that does
+//! not exist, and `/readyz` a broker that is down.
 
 mod common;
 
@@ -291,7 +293,7 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sasl_scram_and_plain_accept_the_right_password_and_refuse_a_wrong_one_plainly() {
+async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly() {
     let _serial = serial().await;
     let work = tempfile::tempdir().expect("workdir");
     let broker = Tansu::start_with_users(
@@ -479,7 +481,7 @@ sink = { type = "kafka", topic = "codecs-out" }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscribed_topic_that_does_not_exist_fails_readiness_and_check_config_until_created() {
+async fn readiness_and_check_config_name_a_missing_topic_and_a_broker_down() {
     let _serial = serial().await;
     let kafka = Kafka::start("present", 1);
     let text = format!(
@@ -534,6 +536,30 @@ sink = {{ type = "null" }}
     assert!(
         ready,
         "/readyz once created: {:?}",
+        http_get(address, "/readyz").await
+    );
+
+    // The only broker down: not ready, saying so; back up: ready again.
+    let cluster = kafka.cluster.as_ref().expect("mock cluster");
+    cluster.broker_down(1).expect("broker down");
+    let down = wait_for(Duration::from_secs(30), || async {
+        let (status, body) = http_get(address, "/readyz").await;
+        status == 503 && body.starts_with("not ready: cannot reach the Kafka cluster at")
+    })
+    .await;
+    assert!(
+        down,
+        "/readyz with the broker down: {:?}",
+        http_get(address, "/readyz").await
+    );
+    cluster.broker_up(1).expect("broker up");
+    let back = wait_for(Duration::from_secs(30), || async {
+        http_get(address, "/readyz").await == (200, "ready\n".to_string())
+    })
+    .await;
+    assert!(
+        back,
+        "/readyz with the broker back: {:?}",
         http_get(address, "/readyz").await
     );
     running.stop().await;
