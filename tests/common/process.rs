@@ -52,11 +52,11 @@ pub struct Tansu {
 
 impl Tansu {
     pub fn start() -> Tansu {
-        let port = free_port();
-        Tansu::start_advertising(port)
+        Tansu::start_advertising(0)
     }
 
-    /// A broker that tells clients to connect to `advertised` (a proxy) instead of its port.
+    /// A broker that tells clients to connect to `advertised` (a proxy) instead of its port
+    /// (0: its own port).
     pub fn start_advertising(advertised: u16) -> Tansu {
         let dir = tempfile::tempdir().expect("tansu dir");
         let mut tansu = Tansu {
