@@ -16,7 +16,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
-use rdkafka::ClientContext;
+use rdkafka::{ClientContext, Message as _};
 use tracing::info;
 
 /// What to produce (also the `produce` command's arguments).
@@ -93,6 +93,10 @@ pub struct ProduceSummary {
     pub bytes: u64,
     /// Wall time.
     pub elapsed: Duration,
+    /// Per partition, the offset after the last acknowledged record: the end of the topic as
+    /// the delivery reports tell it (a broker's high watermark may not: tansu's memory engine
+    /// reports the last batch's base offset).
+    pub ends: std::collections::BTreeMap<i32, i64>,
 }
 
 impl std::fmt::Display for ProduceSummary {
@@ -198,6 +202,7 @@ struct Deliveries {
     delivered: AtomicU64,
     errors: AtomicU64,
     bytes: AtomicU64,
+    ends: std::sync::Mutex<std::collections::BTreeMap<i32, i64>>,
 }
 
 impl ClientContext for Deliveries {}
@@ -211,6 +216,13 @@ impl ProducerContext for Deliveries {
                 self.delivered.fetch_add(1, Ordering::Relaxed);
                 let size = message.payload_len() as u64;
                 self.bytes.fetch_add(size, Ordering::Relaxed);
+                // Delivery reports come from one librdkafka thread: the lock is uncontended.
+                let mut ends = self
+                    .ends
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let end = ends.entry(message.partition()).or_insert(0);
+                *end = (*end).max(message.offset() + 1);
             }
             Err((err, _)) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
@@ -332,6 +344,11 @@ pub fn produce_blocking(
         errors: context.errors.load(Ordering::Relaxed),
         bytes: context.bytes.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
+        ends: context
+            .ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
     };
     progress(summary.delivered, target);
     Ok(summary)

@@ -102,12 +102,22 @@ pub async fn run_child(options: ChildOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The topic's end per partition and its record count: from the parent's delivery reports when
+/// it passed them, else the high watermarks.
+fn ends(options: &ChildOptions) -> anyhow::Result<Vec<(i32, i64, u64)>> {
+    if options.ends.is_empty() {
+        return topic_ends(&options.brokers, &options.topic);
+    }
+    Ok(options
+        .ends
+        .iter()
+        .map(|(partition, end)| (*partition, *end, (*end).max(0) as u64))
+        .collect())
+}
+
 /// Reads the whole topic with a bare consumer (logbridge's client settings, no decoding).
 fn measure_raw(options: &ChildOptions) -> anyhow::Result<Measurement> {
-    let expected: u64 = topic_ends(&options.brokers, &options.topic)?
-        .iter()
-        .map(|(_, _, count)| count)
-        .sum();
+    let expected: u64 = ends(options)?.iter().map(|(_, _, count)| count).sum();
     let config = bench_config(options)?;
     let consumer: BaseConsumer = client_config(&config)
         .create()
@@ -143,8 +153,8 @@ fn measure_raw(options: &ChildOptions) -> anyhow::Result<Measurement> {
 /// fixed time).
 async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement> {
     let ends = {
-        let (brokers, topic) = (options.brokers.clone(), options.topic.clone());
-        tokio::task::spawn_blocking(move || topic_ends(&brokers, &topic))
+        let options = options.clone();
+        tokio::task::spawn_blocking(move || ends(&options))
             .await
             .context("metadata thread failed")??
     };
@@ -287,6 +297,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn ends_from_the_parent_reach_the_child_and_replace_the_watermarks() {
+        #[derive(clap::Parser)]
+        struct Child {
+            #[command(flatten)]
+            options: ChildOptions,
+        }
+        let sent = ChildOptions {
+            mode: Mode::Null,
+            brokers: "127.0.0.1:9".into(),
+            topic: "in".into(),
+            group: "g".into(),
+            out_topic: "out".into(),
+            sink_rate: 0,
+            seconds: 0.0,
+            commit_interval_ms: 1000,
+            consumer_options: Vec::new(),
+            ends: vec![(0, 12_500), (1, 0), (2, 7)],
+        };
+        let received = <Child as clap::Parser>::try_parse_from(sent.args())
+            .expect("the child parses its arguments")
+            .options;
+        assert_eq!(received.ends, sent.ends);
+        // Nothing listens on port 9: these come from the arguments, not from a broker.
+        assert_eq!(
+            ends(&received).expect("ends"),
+            vec![(0, 12_500, 12_500), (1, 0, 0), (2, 7, 7)]
+        );
+    }
+
+    #[test]
     fn the_benchmark_configuration_routes_every_sample_level() {
         let options = ChildOptions {
             mode: Mode::Kafka,
@@ -298,6 +338,7 @@ mod tests {
             seconds: 0.0,
             commit_interval_ms: 1000,
             consumer_options: vec!["fetch.max.bytes=4194304".into()],
+            ends: Vec::new(),
         };
         let config = bench_config(&options).expect("valid");
         assert_eq!(

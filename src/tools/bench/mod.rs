@@ -144,7 +144,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         .map_or(0, |since| since.as_secs());
     let topic = format!("logbridge-bench-{stamp}-{}", std::process::id());
     let out_topic = format!("{topic}-out");
-    preload(
+    let topic_ends = preload(
         broker,
         &topic,
         options.events,
@@ -154,7 +154,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     )
     .await?;
     broker.create_topic(&out_topic, options.partitions).await?;
-    let child = |mode: Mode, topic: &str, group: String| ChildOptions {
+    let child = |mode: Mode, topic: &str, group: String, ends: &[(i32, i64)]| ChildOptions {
         mode,
         brokers: brokers.clone(),
         topic: topic.to_string(),
@@ -164,6 +164,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         seconds: 0.0,
         commit_interval_ms: options.commit_interval_ms,
         consumer_options: options.consumer_options.clone(),
+        ends: ends.to_vec(),
     };
 
     println!();
@@ -175,7 +176,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
                 continue;
             }
             let group = format!("{topic}-{}-{round}", mode.as_str());
-            let measurement = measure(exe, &child(mode, &topic, group)).await?;
+            let measurement = measure(exe, &child(mode, &topic, group, &topic_ends)).await?;
             println!(
                 "{}",
                 row(&format!("{round} {}", mode.as_str()), &measurement)
@@ -216,7 +217,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     for &backlog in &options.memory_backlogs.0 {
         let backlog_topic = format!("{topic}-backlog-{backlog}");
         let partitions = options.memory_partitions;
-        preload(
+        let ends = preload(
             broker,
             &backlog_topic,
             backlog,
@@ -226,7 +227,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         )
         .await?;
         let group = format!("{topic}-paced-{backlog}");
-        let mut paced = child(Mode::Paced, &backlog_topic, group);
+        let mut paced = child(Mode::Paced, &backlog_topic, group, &ends);
         paced.sink_rate = sink_rate;
         paced.seconds = seconds;
         let measurement = measure(exe, &paced).await?;
@@ -249,7 +250,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
 async fn large_events(
     exe: &Path,
     broker: &mut Broker,
-    child: &impl Fn(Mode, &str, String) -> ChildOptions,
+    child: &impl Fn(Mode, &str, String, &[(i32, i64)]) -> ChildOptions,
     topic: &str,
     options: &BenchOptions,
 ) -> anyhow::Result<()> {
@@ -267,7 +268,7 @@ async fn large_events(
     );
     for &size in &options.large_events.0 {
         let large_topic = format!("{topic}-large-{size}");
-        preload(
+        let ends = preload(
             broker,
             &large_topic,
             options.large_count,
@@ -276,7 +277,12 @@ async fn large_events(
             options,
         )
         .await?;
-        let mut paced = child(Mode::Paced, &large_topic, format!("{large_topic}-paced"));
+        let mut paced = child(
+            Mode::Paced,
+            &large_topic,
+            format!("{large_topic}-paced"),
+            &ends,
+        );
         paced.sink_rate = rate;
         paced.seconds = seconds;
         let measurement = measure(exe, &paced).await?;

@@ -142,6 +142,17 @@ pub struct ChildOptions {
     /// librdkafka consumer properties, `key=value`.
     #[arg(long = "consumer-option")]
     pub consumer_options: Vec<String>,
+    /// The topic's end per partition, `partition=offset,...`, from the preload's delivery
+    /// reports; without it the child reads the high watermarks.
+    #[arg(long, value_delimiter = ',', value_parser = partition_end)]
+    pub ends: Vec<(i32, i64)>,
+}
+
+fn partition_end(text: &str) -> Result<(i32, i64), String> {
+    let parsed = text
+        .split_once('=')
+        .and_then(|(partition, end)| Some((partition.parse().ok()?, end.parse().ok()?)));
+    parsed.ok_or_else(|| format!("`{text}` is not partition=offset"))
 }
 
 impl ChildOptions {
@@ -158,6 +169,14 @@ impl ChildOptions {
             format!("--commit-interval-ms={}", self.commit_interval_ms),
         ]
         .into_iter()
+        .chain((!self.ends.is_empty()).then(|| {
+            let ends: Vec<String> = self
+                .ends
+                .iter()
+                .map(|(partition, end)| format!("{partition}={end}"))
+                .collect();
+            format!("--ends={}", ends.join(","))
+        }))
         .chain(
             self.consumer_options
                 .iter()
