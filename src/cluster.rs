@@ -202,11 +202,7 @@ impl Probe {
             return known.clone();
         }
         let brokers = self.brokers.clone();
-        let scrub = |text: String| {
-            self.secrets.iter().fold(text, |text, secret| {
-                text.replace(secret, crate::config::REDACTED)
-            })
-        };
+        let scrub = |text: String| crate::config::scrub_secrets(&self.secrets, &text);
         let problem = match last {
             Some((Some(code), reason)) if is_authentication(code) => {
                 ClusterProblem::Authentication {

@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 use crate::breaker::BreakerSwitch;
 use crate::cluster::Probe;
 use crate::committer::{CommitterHandle, CommitterSettings};
-use crate::config::{Cluster, Config};
+use crate::config::Config;
 use crate::consumer::{ConsumerHandle, ConsumerLinks};
 use crate::dead_letter::{DeadLetterHandle, DeadLetterTopic};
 use crate::event::Level;
@@ -93,11 +93,12 @@ fn committer_capacity(config: &Config) -> usize {
 /// commits synchronously and returns. An error means the pipeline could not start or the Kafka
 /// client failed fatally.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     options: RunOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let config = resolve(config);
+    // Output brokers and security default to the source cluster's.
+    config.resolve_outputs();
     let metrics = options.metrics;
     let liveness = Liveness::default();
     let mut tasks = JoinSet::new();
@@ -127,14 +128,7 @@ pub async fn run(
         None => None,
         Some(dead_letter) => Some(DeadLetterTopic {
             producer: crate::producer::create(
-                Cluster {
-                    brokers: dead_letter
-                        .brokers
-                        .as_deref()
-                        .unwrap_or(&config.kafka.brokers),
-                    security: dead_letter.security.as_ref(),
-                    options: &dead_letter.options,
-                },
+                dead_letter.cluster(&config.kafka.brokers),
                 "dead-letter producer",
             )
             .context("failed to create the dead-letter producer")?,
@@ -435,13 +429,6 @@ fn spawn_workers(
         lanes.push(RouteLane { name, workers });
     }
     Ok((RouteTable { lanes, levels }, tasks))
-}
-
-/// Fills in what the configuration leaves to defaults that depend on other keys: output
-/// brokers and security default to the source cluster's.
-fn resolve(mut config: Config) -> Config {
-    config.resolve_outputs();
-    config
 }
 
 async fn start_http(

@@ -135,6 +135,13 @@ pub struct DeadLetterConfig {
     pub options: BTreeMap<String, OptionValue>,
 }
 
+impl DeadLetterConfig {
+    /// The dead-letter topic's cluster; `source` is the source's brokers.
+    pub fn cluster<'a>(&'a self, source: &'a str) -> Cluster<'a> {
+        Cluster::output(source, &self.brokers, &self.security, &self.options)
+    }
+}
+
 /// The dead-letter breaker: trips when more than `max_invalid_ratio` of the last `window`
 /// finished records, or more than `max_consecutive` in a row, failed (dead-lettered, or skipped
 /// without a dead-letter topic). Tripped, logbridge pauses every partition until restarted or
@@ -198,7 +205,22 @@ pub struct Cluster<'a> {
     pub options: &'a BTreeMap<String, OptionValue>,
 }
 
-impl Cluster<'_> {
+impl<'a> Cluster<'a> {
+    /// An output's cluster: its own brokers, or `source`'s when it names none (its security is
+    /// what [`Config::resolve_outputs`] left in it).
+    pub fn output(
+        source: &'a str,
+        brokers: &'a Option<String>,
+        security: &'a Option<SecurityConfig>,
+        options: &'a BTreeMap<String, OptionValue>,
+    ) -> Cluster<'a> {
+        Cluster {
+            brokers: brokers.as_deref().unwrap_or(source),
+            security: security.as_ref(),
+            options,
+        }
+    }
+
     /// Brokers, the security section's properties, then the user's options (which win), as
     /// librdkafka properties in the order they are to be set.
     pub fn properties(&self) -> Vec<(String, String)> {
@@ -465,18 +487,6 @@ impl Config {
     /// Every Kafka output (sink routes, then the dead-letter topic): the key that names it, its
     /// topic and its cluster. Call after [`Config::resolve_outputs`].
     pub fn outputs(&self) -> Vec<(String, &str, Cluster<'_>)> {
-        fn cluster<'a>(
-            source: &'a str,
-            brokers: &'a Option<String>,
-            security: &'a Option<SecurityConfig>,
-            options: &'a BTreeMap<String, OptionValue>,
-        ) -> Cluster<'a> {
-            Cluster {
-                brokers: brokers.as_deref().unwrap_or(source),
-                security: security.as_ref(),
-                options,
-            }
-        }
         let source = self.kafka.brokers.as_str();
         let mut outputs = Vec::new();
         for (index, route) in self.routes.iter().enumerate() {
@@ -490,7 +500,7 @@ impl Config {
                 outputs.push((
                     format!("routes[{index}].sink.topic"),
                     topic.as_str(),
-                    cluster(source, brokers, security, options),
+                    Cluster::output(source, brokers, security, options),
                 ));
             }
         }
@@ -498,12 +508,7 @@ impl Config {
             outputs.push((
                 "dead_letter.topic".to_string(),
                 dead_letter.topic.as_str(),
-                cluster(
-                    source,
-                    &dead_letter.brokers,
-                    &dead_letter.security,
-                    &dead_letter.options,
-                ),
+                dead_letter.cluster(source),
             ));
         }
         outputs
@@ -547,11 +552,7 @@ impl Config {
     /// `text` with every secret of the configuration replaced by `<redacted>`: librdkafka
     /// quotes property values in its errors.
     pub fn scrub(&self, text: &str) -> String {
-        self.secrets()
-            .iter()
-            .fold(text.to_string(), |text, secret| {
-                text.replace(secret, REDACTED)
-            })
+        scrub_secrets(&self.secrets(), text)
     }
 
     /// Checks what serde cannot: non-empty lists, sane numbers, route names and levels,
@@ -841,6 +842,14 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml_string(&self.redacted())
     }
+}
+
+/// `text` with each of `secrets` replaced by `<redacted>` (longest first, as
+/// [`Config::secrets`] orders them).
+pub fn scrub_secrets(secrets: &[String], text: &str) -> String {
+    secrets.iter().fold(text.to_string(), |text, secret| {
+        text.replace(secret, REDACTED)
+    })
 }
 
 /// Whether a librdkafka property may hold a secret: its name contains `password`, `secret`,

@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
 
 use super::{invalid, ConfigError};
@@ -243,13 +242,6 @@ impl SecurityConfig {
         properties
     }
 
-    /// Sets [`SecurityConfig::properties`] on `client`.
-    pub fn apply(&self, client: &mut ClientConfig) {
-        for (property, value) in self.properties() {
-            client.set(property, value);
-        }
-    }
-
     /// The same section with its secrets replaced, for showing.
     pub fn redacted(&self) -> SecurityConfig {
         let hide = |value: &Option<String>| value.as_ref().map(|_| super::REDACTED.to_string());
@@ -277,9 +269,19 @@ fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::config::ClientConfig;
 
     fn section(text: &str) -> Result<SecurityConfig, String> {
         toml::from_str::<SecurityConfig>(text).map_err(|err| err.to_string())
+    }
+
+    /// A client configuration holding only the section's properties.
+    fn client_of(security: &SecurityConfig) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        for (property, value) in security.properties() {
+            client.set(property, value);
+        }
+        client
     }
 
     fn problem(text: &str) -> String {
@@ -297,8 +299,7 @@ mod tests {
         )
         .expect("parses");
         security.validate("kafka.security").expect("valid");
-        let mut client = ClientConfig::new();
-        security.apply(&mut client);
+        let client = client_of(&security);
         assert_eq!(client.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(client.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
         assert_eq!(client.get("sasl.username"), Some("alice"));
@@ -320,8 +321,7 @@ mod tests {
         ))
         .expect("parses");
         security.validate("kafka.security").expect("valid");
-        let mut client = ClientConfig::new();
-        security.apply(&mut client);
+        let client = client_of(&security);
         assert_eq!(client.get("security.protocol"), Some("ssl"));
         assert_eq!(client.get("ssl.ca.location"), Some(path.as_str()));
         assert_eq!(client.get("ssl.certificate.location"), Some(path.as_str()));
@@ -332,10 +332,7 @@ mod tests {
             Some("none")
         );
         assert_eq!(client.get("sasl.mechanisms"), None);
-        let mut plain = ClientConfig::new();
-        section("protocol = \"plaintext\"")
-            .expect("parses")
-            .apply(&mut plain);
+        let plain = client_of(&section("protocol = \"plaintext\"").expect("parses"));
         assert_eq!(plain.get("security.protocol"), Some("plaintext"));
         assert_eq!(plain.get("ssl.ca.location"), None);
     }

@@ -296,6 +296,22 @@ impl Sink for PacedSink {
 mod tests {
     use super::*;
 
+    /// A child's options for `mode` on `brokers`, the rest at their defaults.
+    fn child_options(mode: Mode, brokers: &str) -> ChildOptions {
+        ChildOptions {
+            mode,
+            brokers: brokers.into(),
+            topic: "in".into(),
+            group: "g".into(),
+            out_topic: "out".into(),
+            sink_rate: 0,
+            seconds: 0.0,
+            commit_interval_ms: 1000,
+            consumer_options: Vec::new(),
+            ends: Vec::new(),
+        }
+    }
+
     #[test]
     fn ends_from_the_parent_reach_the_child_and_replace_the_watermarks() {
         #[derive(clap::Parser)]
@@ -304,16 +320,8 @@ mod tests {
             options: ChildOptions,
         }
         let sent = ChildOptions {
-            mode: Mode::Null,
-            brokers: "127.0.0.1:9".into(),
-            topic: "in".into(),
-            group: "g".into(),
-            out_topic: "out".into(),
-            sink_rate: 0,
-            seconds: 0.0,
-            commit_interval_ms: 1000,
-            consumer_options: Vec::new(),
             ends: vec![(0, 12_500), (1, 0), (2, 7)],
+            ..child_options(Mode::Null, "127.0.0.1:9")
         };
         let received = <Child as clap::Parser>::try_parse_from(sent.args())
             .expect("the child parses its arguments")
@@ -329,16 +337,8 @@ mod tests {
     #[test]
     fn the_benchmark_configuration_routes_every_sample_level() {
         let options = ChildOptions {
-            mode: Mode::Kafka,
-            brokers: "localhost:9092".into(),
-            topic: "in".into(),
-            group: "g".into(),
-            out_topic: "out".into(),
-            sink_rate: 0,
-            seconds: 0.0,
-            commit_interval_ms: 1000,
             consumer_options: vec!["fetch.max.bytes=4194304".into()],
-            ends: Vec::new(),
+            ..child_options(Mode::Kafka, "localhost:9092")
         };
         let config = bench_config(&options).expect("valid");
         assert_eq!(
