@@ -12,8 +12,9 @@
 //!  └── consumer ◀──┘                                     http: /metrics /healthz /readyz /status
 //! ```
 //!
-//! Records flow forward through bounded channels (consumer → router → workers → committer,
-//! failed records through the dead-letter actor to the committer); the way back to the consumer
+//! Records flow forward in batches through channels bounded in records ([`channel`]: consumer →
+//! router → workers), then as acks to the committer (failed records through the dead-letter actor;
+//! the committer's channel is bounded in messages); the way back to the consumer
 //! is only `watch` channels (commit plans, partitions held for their uncommitted records,
 //! breaker state) and the blocking revoke and finish requests the consumer thread makes itself.
 //! Each record carries a charge against `max_in_flight_bytes` that it gives back when dropped.
@@ -42,6 +43,7 @@
 //! benchmark, config check) are in [`tools`].
 
 pub mod breaker;
+pub mod channel;
 pub mod client_log;
 pub mod cluster;
 pub mod committer;

@@ -28,6 +28,11 @@ impl DepthProbe {
         }))
     }
 
+    /// A probe that reads the depth with `read`.
+    pub(crate) fn from_fn(read: impl Fn() -> i64 + Send + Sync + 'static) -> DepthProbe {
+        DepthProbe(Box::new(read))
+    }
+
     /// Messages in the channel now (0 once it is closed).
     pub(crate) fn depth(&self) -> i64 {
         (self.0)()

@@ -277,29 +277,6 @@ impl Fences {
     }
 }
 
-/// What became of a record offered to the next stage without waiting.
-#[derive(Debug)]
-pub enum Offer {
-    /// In the stage's channel.
-    Taken,
-    /// The channel is full: the record is given back.
-    Full(Record),
-    /// The stage has stopped: the record is given back.
-    Stopped(Record),
-}
-
-impl Offer {
-    /// The outcome of a `try_send` of a record.
-    pub(crate) fn of(result: Result<(), tokio::sync::mpsc::error::TrySendError<Record>>) -> Offer {
-        use tokio::sync::mpsc::error::TrySendError;
-        match result {
-            Ok(()) => Offer::Taken,
-            Err(TrySendError::Full(record)) => Offer::Full(record),
-            Err(TrySendError::Closed(record)) => Offer::Stopped(record),
-        }
-    }
-}
-
 /// The next stage of the pipeline has stopped (it only does at shutdown, or when it failed):
 /// the sender cannot hand anything on and stops too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

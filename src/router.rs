@@ -14,21 +14,25 @@ use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::{CommitterHandle, Dispatch};
 use crate::config::TombstonePolicy;
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::event::DecodeError;
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
-use crate::record::{AckStatus, Fences, Offer, Record, StageGone, TOMBSTONE};
+use crate::record::{AckStatus, Fences, ProcessAck, Record, StageGone, TOMBSTONE};
 use crate::worker::WorkerHandle;
 
 /// Records the router takes from its channel at once (one dispatch message to the committer
-/// for all of them).
-pub const DISPATCH_BATCH: usize = 64;
+/// for all of them, one batch to each worker).
+pub const DISPATCH_BATCH: usize = 256;
+
+/// Most records the consumer sends to the router in one batch (see
+/// [`RouterHandle::max_batch`]).
+pub const CONSUMER_BATCH: usize = 256;
 
 /// How often an ongoing wait on a full worker channel is added to the backpressure counter.
 const BACKPRESSURE_SLICE: std::time::Duration = std::time::Duration::from_millis(250);
@@ -68,7 +72,7 @@ pub struct RouterLinks {
 /// Sends records to the router (held by the consumer).
 #[derive(Clone)]
 pub struct RouterHandle {
-    sender: mpsc::Sender<Record>,
+    sender: BatchSender<Record>,
 }
 
 impl RouterHandle {
@@ -78,8 +82,8 @@ impl RouterHandle {
         table: RouteTable,
         links: RouterLinks,
     ) -> (RouterHandle, tokio::task::JoinHandle<()>) {
-        // Full: the consumer waits up to `pause_after_ms`, then pauses the record's partition.
-        let (sender, receiver) = mpsc::channel(capacity);
+        // Full: the consumer waits up to `pause_after_ms`, then pauses the records' partitions.
+        let (sender, receiver) = channel::channel(capacity);
         let RouteTable { lanes, levels } = table;
         let actor = RouterActor {
             receiver,
@@ -91,58 +95,55 @@ impl RouterHandle {
         (RouterHandle { sender }, tokio::spawn(actor.run()))
     }
 
-    /// Hands a record over if the channel has room; never waits.
-    pub fn offer(&self, record: Record) -> Offer {
-        Offer::of(self.sender.try_send(record))
+    /// Most records the consumer sends in one batch: half the channel (what it waits for when
+    /// the channel is full), at most [`CONSUMER_BATCH`].
+    pub fn max_batch(&self) -> usize {
+        (self.sender.max_capacity() / 2).clamp(1, CONSUMER_BATCH)
     }
 
-    /// Waits up to `wait` for half the channel to be free, then hands the record over; gives
+    /// Hands a batch over if the channel has room for all of it; never waits.
+    pub fn offer(&self, batch: Vec<Record>) -> Offer<Record> {
+        self.sender.offer(batch)
+    }
+
+    /// Waits up to `wait` for half the channel to be free, then hands the batch over; gives
     /// it back if there was no room by then or the router is gone. Blocks the calling thread
     /// (the consumer's), using `runtime` for the wait.
     ///
-    /// It waits for half the channel, not one slot: waking for every slot freed would trade one
-    /// record per wakeup between the consumer and the router (the benchmark saw the CPU per
-    /// record double in that mode).
+    /// It waits for half the channel, not for room for this batch only: waking for every few
+    /// slots freed would trade small batches between the consumer and the router, one wakeup
+    /// each (the benchmark saw the CPU per record double in that mode).
     pub fn wait_for_room(
         &self,
-        record: Record,
+        batch: Vec<Record>,
         wait: Duration,
         runtime: &tokio::runtime::Handle,
-    ) -> Offer {
+    ) -> Offer<Record> {
         if wait.is_zero() {
-            return Offer::Full(record);
+            return Offer::Full(batch);
         }
-        let room = (self.sender.max_capacity() / 2).max(1);
-        let waited = runtime
-            .block_on(async { tokio::time::timeout(wait, self.sender.reserve_many(room)).await });
-        match waited {
-            Ok(Ok(mut permits)) => match permits.next() {
-                Some(permit) => {
-                    // The other permits go back to the channel when `permits` is dropped; the
-                    // records polled next take them.
-                    permit.send(record);
-                    Offer::Taken
-                }
-                None => Offer::Full(record),
-            },
-            Ok(Err(_)) => Offer::Stopped(record),
-            Err(_) => Offer::Full(record),
-        }
+        let room = self.sender.max_capacity() / 2;
+        runtime.block_on(self.sender.send_when_room(batch, room, wait))
+    }
+
+    /// Records the channel takes now.
+    pub fn room(&self) -> usize {
+        self.sender.capacity()
     }
 
     /// Whether at least half the channel is free: the low-water mark for resuming paused
     /// partitions, so a partition is not paused and resumed for every single free slot.
     pub fn half_empty(&self) -> bool {
-        self.sender.capacity() * 2 >= self.sender.max_capacity()
+        self.sender.half_empty()
     }
 
     pub(crate) fn depth_probe(&self) -> DepthProbe {
-        DepthProbe::of(&self.sender)
+        DepthProbe::from_fn(self.sender.depth_reader())
     }
 }
 
 struct RouterActor {
-    receiver: mpsc::Receiver<Record>,
+    receiver: BatchReceiver<Record>,
     lanes: Vec<RouteLane>,
     levels: FxHashMap<String, usize>,
     links: RouterLinks,
@@ -170,6 +171,12 @@ impl RouterActor {
     async fn run(mut self) {
         let _alive = self.links.liveness.enter("router");
         let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+        // Each worker's share of the batch, by lane and worker, in the batch's order.
+        let mut shares: Vec<Vec<Vec<Record>>> = self
+            .lanes
+            .iter()
+            .map(|lane| lane.workers.iter().map(|_| Vec::new()).collect())
+            .collect();
         while self.receiver.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
             batch.retain(|record| {
                 if self.links.fences.is_revoked(record) {
@@ -191,19 +198,92 @@ impl RouterActor {
                 warn!(error = %gone, "router stops");
                 return;
             }
-            for record in batch.drain(..) {
-                if let Err(gone) = self.route(record).await {
-                    // Nothing can finish without the next stage; stop taking records so the
-                    // consumer sees the channel close and shuts down.
-                    warn!(error = %gone, "router stops");
-                    return;
-                }
+            if let Err(gone) = self.route(&mut batch, &mut shares).await {
+                // Nothing can finish without the next stage; stop taking records so the
+                // consumer sees the channel close and shuts down.
+                warn!(error = %gone, "router stops");
+                return;
             }
         }
     }
 
-    async fn route(&mut self, record: Record) -> Result<(), StageGone> {
-        let decision = match &record.decoded {
+    /// Routes a batch: finishes what no route takes (one ack message for those), parks what
+    /// cannot be decoded, and hands each worker its share in one batch.
+    async fn route(
+        &mut self,
+        batch: &mut Vec<Record>,
+        shares: &mut [Vec<Vec<Record>>],
+    ) -> Result<(), StageGone> {
+        let mut ignored: Vec<ProcessAck> = Vec::new();
+        for record in batch.drain(..) {
+            match self.decide(&record) {
+                Decision::Lane(index) => {
+                    let workers = &self.lanes[index].workers;
+                    shares[index][worker_index(&record, workers.len())].push(record);
+                }
+                Decision::Ignore { tombstone } => {
+                    if tombstone {
+                        self.links
+                            .metrics
+                            .tombstones
+                            .with_label_values(&["skipped"])
+                            .inc();
+                    }
+                    ignored.push(record.ack(AckStatus::Ignored));
+                }
+                Decision::Fail(cause) => {
+                    // The acks of the records before it go first, so the committer hears of
+                    // them in the batch's order.
+                    self.finish_ignored(&mut ignored).await?;
+                    if cause.reason == TOMBSTONE {
+                        self.links
+                            .metrics
+                            .tombstones
+                            .with_label_values(&["dead_lettered"])
+                            .inc();
+                    }
+                    self.links
+                        .dead_letters
+                        .fail(DeadLetter {
+                            record,
+                            stage: Stage::Decode,
+                            reason: cause.reason,
+                            message: cause.message,
+                            route: self.no_route.clone(),
+                            attempts: 0,
+                            dropped_value: cause.dropped_value,
+                        })
+                        .await?;
+                }
+            }
+        }
+        self.finish_ignored(&mut ignored).await?;
+        for (lane, workers) in self.lanes.iter().zip(shares.iter_mut()) {
+            for (worker, share) in lane.workers.iter().zip(workers.iter_mut()) {
+                if !share.is_empty() {
+                    let share = std::mem::replace(share, Vec::with_capacity(share.capacity()));
+                    self.hand_over(lane, worker, share).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the acks of the records no route took, as one message.
+    async fn finish_ignored(&self, ignored: &mut Vec<ProcessAck>) -> Result<(), StageGone> {
+        if ignored.is_empty() {
+            return Ok(());
+        }
+        self.links
+            .metrics
+            .finished
+            .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
+            .inc_by(ignored.len() as u64);
+        self.links.committer.acks(std::mem::take(ignored)).await
+    }
+
+    fn decide(&self, record: &Record) -> Decision {
+        match &record.decoded {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
             Err(DecodeError::Empty) if record.payload.is_none() => match self.links.tombstones {
@@ -235,94 +315,60 @@ impl RouterActor {
                 Some(&lane) => Decision::Lane(lane),
                 None => Decision::Ignore { tombstone: false },
             },
-        };
-        match decision {
-            Decision::Ignore { tombstone } => {
-                if tombstone {
-                    self.links
-                        .metrics
-                        .tombstones
-                        .with_label_values(&["skipped"])
-                        .inc();
-                }
-                self.links
-                    .metrics
-                    .finished
-                    .with_label_values(&[NO_ROUTE, AckStatus::Ignored.as_str()])
-                    .inc();
-                self.links
-                    .committer
-                    .ack(record.ack(AckStatus::Ignored))
-                    .await
-            }
-            Decision::Fail(cause) => {
-                if cause.reason == TOMBSTONE {
-                    self.links
-                        .metrics
-                        .tombstones
-                        .with_label_values(&["dead_lettered"])
-                        .inc();
-                }
-                self.links
-                    .dead_letters
-                    .fail(DeadLetter {
-                        record,
-                        stage: Stage::Decode,
-                        reason: cause.reason,
-                        message: cause.message,
-                        route: self.no_route.clone(),
-                        attempts: 0,
-                        dropped_value: cause.dropped_value,
-                    })
-                    .await
-            }
-            Decision::Lane(index) => {
-                let lane = &self.lanes[index];
-                let worker = &lane.workers[worker_index(&record, lane.workers.len())];
-                // The wait on a full worker channel is backpressure caused by this route. It is
-                // counted while it lasts (in slices), so that a route stuck for good shows up
-                // in the metric too, not only once it moves again.
-                let record = match worker.offer(record) {
-                    // Room in the channel: no wait, no timer (the common case).
-                    Offer::Taken => return Ok(()),
-                    Offer::Full(record) | Offer::Stopped(record) => record,
-                };
-                let backpressure = self
-                    .links
-                    .metrics
-                    .backpressure_seconds
-                    .with_label_values(&[&lane.name]);
-                let send = worker.send(record);
-                tokio::pin!(send);
-                let mut counted_until = Instant::now();
-                let result = loop {
-                    tokio::select! {
-                        result = &mut send => break result,
-                        _ = tokio::time::sleep(BACKPRESSURE_SLICE) => {
-                            backpressure.inc_by(counted_until.elapsed().as_secs_f64());
-                            counted_until = Instant::now();
-                        }
-                    }
-                };
-                let waited = counted_until.elapsed().as_secs_f64();
-                if waited > 0.000_1 {
-                    backpressure.inc_by(waited);
-                }
-                if let Err(record) = result {
-                    // A worker only stops at shutdown or when it failed: this record is not
-                    // finished, so nothing is committed past it, and the router stops.
-                    warn!(
-                        route = %lane.name,
-                        topic = %record.source.topic,
-                        partition = record.source.partition,
-                        offset = record.offset,
-                        "worker gone, record not delivered"
-                    );
-                    return Err(StageGone("worker"));
-                }
-                Ok(())
-            }
         }
+    }
+
+    /// Hands a worker its share of a batch, waiting while its channel is full.
+    async fn hand_over(
+        &self,
+        lane: &RouteLane,
+        worker: &WorkerHandle,
+        share: Vec<Record>,
+    ) -> Result<(), StageGone> {
+        // The wait on a full worker channel is backpressure caused by this route. It is
+        // counted while it lasts (in slices), so that a route stuck for good shows up in the
+        // metric too, not only once it moves again.
+        let share = match worker.offer(share) {
+            // Room in the channel: no wait, no timer (the common case).
+            Offer::Taken => return Ok(()),
+            Offer::Full(share) | Offer::Stopped(share) => share,
+        };
+        let backpressure = self
+            .links
+            .metrics
+            .backpressure_seconds
+            .with_label_values(&[&lane.name]);
+        let send = worker.send(share);
+        tokio::pin!(send);
+        let mut counted_until = Instant::now();
+        let result = loop {
+            tokio::select! {
+                result = &mut send => break result,
+                _ = tokio::time::sleep(BACKPRESSURE_SLICE) => {
+                    backpressure.inc_by(counted_until.elapsed().as_secs_f64());
+                    counted_until = Instant::now();
+                }
+            }
+        };
+        let waited = counted_until.elapsed().as_secs_f64();
+        if waited > 0.000_1 {
+            backpressure.inc_by(waited);
+        }
+        if let Err(unsent) = result {
+            // A worker only stops at shutdown or when it failed: these records are not
+            // finished, so nothing is committed past them, and the router stops.
+            let first = &unsent[0];
+            warn!(
+                route = %lane.name,
+                topic = %first.source.topic,
+                partition = first.source.partition,
+                offset = first.offset,
+                records = unsent.len(),
+                "worker gone, records not delivered"
+            );
+            return Err(StageGone("worker"));
+        }
+        Ok(())
     }
 }
 
@@ -432,19 +478,16 @@ mod tests {
                 tombstones,
             },
         );
-        for record in records {
-            assert!(matches!(router.offer(record), Offer::Taken));
-        }
+        assert!(matches!(router.offer(records), Offer::Taken));
         drop(router);
         task.await.expect("router ran");
-        let drain = |inbox: &mut mpsc::Receiver<Record>| {
-            let mut offsets = Vec::new();
-            while let Ok(record) = inbox.try_recv() {
-                offsets.push(record.offset);
-            }
-            offsets
-        };
-        let workers = vec![drain(&mut inbox_a), drain(&mut inbox_b)];
+        let mut workers = Vec::new();
+        for inbox in [&mut inbox_a, &mut inbox_b] {
+            let mut records = Vec::new();
+            // The router has stopped, so its handles to the workers are gone: the inbox ends.
+            while inbox.recv_many(&mut records, usize::MAX).await > 0 {}
+            workers.push(records.iter().map(|record| record.offset).collect::<Vec<_>>());
+        }
         let describe = |ack: crate::record::ProcessAck| {
             format!(
                 "ack {} {}{}",
@@ -572,63 +615,63 @@ mod tests {
     // Real time: the waiter blocks a thread of its own, which a paused clock would not wait for.
     #[tokio::test]
     async fn the_handle_offers_waits_for_half_the_channel_and_knows_when_it_is_half_empty() {
-        let (sender, mut receiver) = mpsc::channel(8);
+        let (sender, mut receiver) = channel::channel(8);
         let router = RouterHandle { sender };
         let runtime = tokio::runtime::Handle::current();
+        let records = |offsets: std::ops::Range<i64>| -> Vec<Record> {
+            offsets
+                .map(|offset| with_level(offset, "k", "error"))
+                .collect()
+        };
+        assert_eq!(router.max_batch(), 4, "half the channel");
         assert!(router.half_empty());
-        for offset in 0..4 {
-            assert!(matches!(
-                router.offer(with_level(offset, "k", "error")),
-                Offer::Taken
-            ));
-        }
+        assert!(matches!(router.offer(records(0..4)), Offer::Taken));
         assert!(router.half_empty(), "4 of 8 free");
-        assert!(matches!(
-            router.offer(with_level(4, "k", "error")),
-            Offer::Taken
-        ));
+        assert!(matches!(router.offer(records(4..5)), Offer::Taken));
         assert!(!router.half_empty(), "3 of 8 free");
-        for offset in 5..8 {
-            assert!(matches!(
-                router.offer(with_level(offset, "k", "error")),
-                Offer::Taken
-            ));
-        }
-        assert!(matches!(
-            router.offer(with_level(8, "k", "error")),
-            Offer::Full(_)
-        ));
+        assert!(
+            matches!(router.offer(records(5..9)), Offer::Full(back) if back.len() == 4),
+            "a batch goes whole or not at all"
+        );
+        assert!(matches!(router.offer(records(5..8)), Offer::Taken));
+        assert!(matches!(router.offer(records(8..9)), Offer::Full(_)));
         // No wait at all: given back at once.
         assert!(matches!(
-            router.wait_for_room(with_level(8, "k", "error"), Duration::ZERO, &runtime),
+            router.wait_for_room(records(8..9), Duration::ZERO, &runtime),
             Offer::Full(_)
         ));
         // Half the channel frees up while the consumer waits: taken. (wait_for_room blocks its
         // thread, as on the consumer's; it runs on a thread of its own here.)
         let waiting = router.clone();
         let waiter = std::thread::spawn(move || {
-            waiting.wait_for_room(
-                with_level(8, "k", "error"),
-                Duration::from_secs(5),
-                &runtime,
-            )
+            waiting.wait_for_room(records(8..9), Duration::from_secs(5), &runtime)
         });
-        for _ in 0..3 {
-            receiver.recv().await.expect("a record");
-        }
+        let mut taken = Vec::new();
+        receiver.recv_many(&mut taken, 1).await;
+        assert_eq!(taken.len(), 4, "the first batch: 4 slots free of the 4 it waits for");
+        let offer = tokio::task::spawn_blocking(move || waiter.join().expect("joined"))
+            .await
+            .expect("joined");
+        assert!(matches!(offer, Offer::Taken), "taken once half was free");
+        // The spare permits went back: 1 + 3 + the waiter's 1 are in the channel, 3 free.
+        assert_eq!(router.room(), 3);
+        let waiting = router.clone();
+        let runtime = tokio::runtime::Handle::current();
+        let waiter = std::thread::spawn(move || {
+            waiting.wait_for_room(records(9..10), Duration::from_secs(5), &runtime)
+        });
         // Time enough for a waiter that wanted less than half to have taken its slot.
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!waiter.is_finished(), "3 free of the 4 it waits for");
-        receiver.recv().await.expect("a record");
+        taken.clear();
+        receiver.recv_many(&mut taken, 1).await;
+        assert_eq!(taken.len(), 1, "the second batch frees one");
         let offer = tokio::task::spawn_blocking(move || waiter.join().expect("joined"))
             .await
             .expect("joined");
         assert!(matches!(offer, Offer::Taken), "taken once half was free");
         drop(receiver);
-        assert!(matches!(
-            router.offer(with_level(9, "k", "error")),
-            Offer::Stopped(_)
-        ));
+        assert!(matches!(router.offer(records(10..11)), Offer::Stopped(_)));
     }
 
     #[tokio::test]
@@ -659,9 +702,7 @@ mod tests {
             size: 5_000_000,
             limit: 1_048_576,
         });
-        for record in [empty, oversized] {
-            assert!(matches!(router.offer(record), Offer::Taken));
-        }
+        assert!(matches!(router.offer(vec![empty, oversized]), Offer::Taken));
         drop(router);
         task.await.expect("router ran");
         let first = parked.recv().await.expect("the empty record");

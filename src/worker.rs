@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rustc_hash::FxHashSet;
-use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::CommitterHandle;
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics};
 use crate::producer::{DeliveryError, FailureKind};
-use crate::record::{AckStatus, Fences, Offer, Record, StageGone};
+use crate::record::{AckStatus, Fences, Record, StageGone};
 use crate::router::order_key;
 use crate::sink::Sink;
 
@@ -58,7 +58,7 @@ impl RetryPolicy {
 /// Sends records to one worker.
 #[derive(Clone)]
 pub struct WorkerHandle {
-    sender: mpsc::Sender<Record>,
+    sender: BatchSender<Record>,
 }
 
 /// Everything a worker needs besides its sink.
@@ -85,7 +85,7 @@ impl WorkerHandle {
     ) -> (WorkerHandle, tokio::task::JoinHandle<()>) {
         // Full: the router waits (and counts the wait as backpressure of this route), its own
         // channel fills, and the consumer pauses partitions.
-        let (sender, receiver) = mpsc::channel(settings.capacity);
+        let (sender, receiver) = channel::channel(settings.capacity);
         let processed = metrics
             .finished
             .with_label_values(&[&*settings.route, AckStatus::Processed.as_str()]);
@@ -110,25 +110,25 @@ impl WorkerHandle {
         (WorkerHandle { sender }, tokio::spawn(actor.run()))
     }
 
-    /// Hands a record to the worker, waiting while its channel is full. Gives the record back if
-    /// the worker has stopped.
-    pub async fn send(&self, record: Record) -> Result<(), Record> {
-        self.sender.send(record).await.map_err(|err| err.0)
+    /// Hands records to the worker, waiting while its channel is full (a batch larger than the
+    /// channel goes in parts). Gives back what was not sent if the worker has stopped.
+    pub async fn send(&self, batch: Vec<Record>) -> Result<(), Vec<Record>> {
+        self.sender.send(batch).await
     }
 
-    /// Hands a record over if the channel has room, else gives it back.
-    pub fn offer(&self, record: Record) -> Offer {
-        Offer::of(self.sender.try_send(record))
+    /// Hands a batch over if the channel has room for all of it, else gives it back.
+    pub fn offer(&self, batch: Vec<Record>) -> Offer<Record> {
+        self.sender.offer(batch)
     }
 
     pub(crate) fn depth_probe(&self) -> DepthProbe {
-        DepthProbe::of(&self.sender)
+        DepthProbe::from_fn(self.sender.depth_reader())
     }
 
     /// A handle whose records land in the returned receiver, for unit tests of the router.
     #[cfg(test)]
-    pub(crate) fn for_test(capacity: usize) -> (WorkerHandle, mpsc::Receiver<Record>) {
-        let (sender, receiver) = mpsc::channel(capacity);
+    pub(crate) fn for_test(capacity: usize) -> (WorkerHandle, BatchReceiver<Record>) {
+        let (sender, receiver) = channel::channel(capacity);
         (WorkerHandle { sender }, receiver)
     }
 }
@@ -137,7 +137,7 @@ struct WorkerActor {
     route: Arc<str>,
     retry: RetryPolicy,
     fences: Fences,
-    receiver: mpsc::Receiver<Record>,
+    receiver: BatchReceiver<Record>,
     sink: Box<dyn Sink>,
     committer: CommitterHandle,
     dead_letters: DeadLetterHandle,
@@ -438,9 +438,7 @@ mod tests {
             Liveness::default(),
         );
         // One batch: every record is in the channel before the worker takes any.
-        for record in records {
-            assert!(matches!(worker.offer(record), Offer::Taken));
-        }
+        assert!(matches!(worker.offer(records), Offer::Taken));
         drop(worker);
         task.await.expect("worker ran");
         let mut acks = Vec::new();

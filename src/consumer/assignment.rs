@@ -64,11 +64,11 @@ impl Flow {
         }
     }
 
-    /// Paused, holding the record that did not fit.
-    pub(crate) fn holding(why: PauseWhy, record: Record) -> Flow {
+    /// Paused, holding the records that did not fit (in offset order).
+    pub(crate) fn holding(why: PauseWhy, records: Vec<Record>) -> Flow {
         Flow::Paused {
             why,
-            held: VecDeque::from([record]),
+            held: VecDeque::from(records),
         }
     }
 

@@ -52,7 +52,8 @@ use crate::config::Config;
 use crate::event::decode_level;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::record::{ByteBudget, Fences, Offer, PartitionKey, Record};
+use crate::channel::Offer;
+use crate::record::{ByteBudget, Fences, PartitionKey, Record};
 use crate::router::RouterHandle;
 use assignment::{Assignment, Flow, PauseWhy};
 use commits::{CommitWhy, Commits};
@@ -180,6 +181,8 @@ struct ConsumerActor {
     max_payload_bytes: usize,
     pause_after: Duration,
     drain_timeout: Duration,
+    /// Records read in this poll burst, for the router in one batch.
+    batch: Vec<Record>,
     /// The paused partition whose held records were sent last (round robin of `flush_held`).
     served_last: Option<PartitionKey>,
     /// How long a partition may be behind and unread before it counts as stalled.
@@ -251,6 +254,7 @@ impl ConsumerActor {
             max_payload_bytes: config.pipeline.max_payload_bytes,
             pause_after: Duration::from_millis(config.pipeline.pause_after_ms),
             drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
+            batch: Vec::new(),
             served_last: None,
             stall_timeout: Duration::from_millis(config.pipeline.stall_timeout_ms),
             next_unread_check: std::time::Instant::now(),
@@ -289,6 +293,9 @@ impl ConsumerActor {
     /// The poll loop: consume until shutdown, then drain and make the final commit.
     fn consume(&mut self) -> anyhow::Result<()> {
         let mut phase = Phase::Consuming;
+        // Polled through its own handle: a message borrows the client while `accept` changes
+        // the actor.
+        let consumer = self.consumer.clone();
         loop {
             match &mut phase {
                 Phase::Consuming if self.shutdown.is_cancelled() => {
@@ -334,22 +341,7 @@ impl ConsumerActor {
                 Phase::Draining { .. } => 0,
             };
             let timeout = if held > 0 { POLL_HELD } else { POLL_IDLE };
-            match self.consumer.poll(timeout) {
-                None => {}
-                Some(Err(err)) => {
-                    if matches!(err, KafkaError::MessageConsumptionFatal(_)) {
-                        return Err(anyhow::Error::new(err).context("fatal Kafka consumer error"));
-                    }
-                    self.consumer.context().log.consume_error(&err);
-                }
-                Some(Ok(message)) => {
-                    if matches!(phase, Phase::Consuming) {
-                        self.accept(&message)?;
-                    }
-                    // While draining a record may still arrive from before the pause: it was
-                    // never dispatched, so the final commit stays below it and it is read again.
-                }
-            }
+            self.poll_burst(&consumer, timeout, matches!(phase, Phase::Consuming))?;
         }
     }
 
@@ -396,31 +388,62 @@ impl ConsumerActor {
         Ok(assignment.partitions.len())
     }
 
-    /// Pauses one partition for `why`, holding `record` (the first that did not fit).
-    fn pause_holding(
+    /// Holds `records` back (read, in offset order per partition, not sent) for `why`, pausing
+    /// each partition that was flowing. Held records of a partition that was paused already
+    /// are older than what it holds, so they go in front. Records of a partition revoked
+    /// meanwhile are dropped: the next owner reads them.
+    fn hold_back(
         &self,
         assignment: &mut Assignment,
         why: PauseWhy,
-        record: Record,
+        records: Vec<Record>,
     ) -> anyhow::Result<()> {
-        let Some(state) = assignment.partitions.get_mut(&record.source) else {
-            // Revoked meanwhile: the next owner reads it.
-            return Ok(());
-        };
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(&record.source.topic, record.source.partition);
-        self.consumer
-            .pause(&tpl)
-            .context("failed to pause a partition")?;
-        self.metrics.pauses.inc();
-        info!(
-            topic = %record.source.topic,
-            partition = record.source.partition,
-            offset = record.offset,
-            "{}, partition paused",
-            why.as_str()
-        );
-        state.flow = Flow::holding(why, record);
+        // By partition, in order: a batch holds few partitions, so a list beats a map.
+        let mut by_partition: Vec<Vec<Record>> = Vec::new();
+        for record in records {
+            match by_partition
+                .iter_mut()
+                .find(|held| held[0].source == record.source)
+            {
+                Some(held) => held.push(record),
+                None => by_partition.push(vec![record]),
+            }
+        }
+        let mut pause = TopicPartitionList::new();
+        for records in by_partition {
+            let first = &records[0];
+            let Some(state) = assignment.partitions.get_mut(&first.source) else {
+                continue;
+            };
+            if state.generation != first.generation {
+                // Revoked and assigned again: read again from the committed position.
+                continue;
+            }
+            match &mut state.flow {
+                Flow::Paused { held, .. } => {
+                    for record in records.into_iter().rev() {
+                        held.push_front(record);
+                    }
+                }
+                Flow::Flowing => {
+                    pause.add_partition(&first.source.topic, first.source.partition);
+                    info!(
+                        topic = %first.source.topic,
+                        partition = first.source.partition,
+                        offset = first.offset,
+                        "{}, partition paused",
+                        why.as_str()
+                    );
+                    state.flow = Flow::holding(why, records);
+                }
+            }
+        }
+        if pause.count() > 0 {
+            self.consumer
+                .pause(&pause)
+                .context("failed to pause a partition")?;
+            self.metrics.pauses.inc_by(pause.count() as u64);
+        }
         assignment.publish(&self.metrics);
         Ok(())
     }
@@ -506,12 +529,49 @@ impl ConsumerActor {
         Ok(())
     }
 
-    /// Decodes a record and offers it to the router; on a channel that stays full for
-    /// `pause_after`, or with `max_in_flight_bytes` held, keeps it and pauses its partition.
-    fn accept(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()> {
+    /// Polls until librdkafka has nothing more at hand or a batch for the router is full (the
+    /// first poll waits up to `timeout`), then sends the batch. Records are taken only while
+    /// `consuming`: while draining a record may still arrive from before the pause; it was
+    /// never dispatched, so the final commit stays below it and it is read again.
+    fn poll_burst(
+        &mut self,
+        consumer: &BaseConsumer<Callbacks>,
+        timeout: Duration,
+        consuming: bool,
+    ) -> anyhow::Result<()> {
+        let mut next = consumer.poll(timeout);
+        // One clock read for the burst: the records of a burst are read within microseconds.
+        let read_at = std::time::Instant::now();
+        let limit = self.router.as_ref().map_or(1, RouterHandle::max_batch);
+        while let Some(polled) = next {
+            match polled {
+                Err(err) => {
+                    if matches!(err, KafkaError::MessageConsumptionFatal(_)) {
+                        return Err(anyhow::Error::new(err).context("fatal Kafka consumer error"));
+                    }
+                    consumer.context().log.consume_error(&err);
+                }
+                Ok(message) if consuming => self.accept(&message, read_at)?,
+                Ok(_) => {}
+            }
+            if self.batch.len() >= limit {
+                break;
+            }
+            next = consumer.poll(Duration::ZERO);
+        }
+        self.send_batch()
+    }
+
+    /// Decodes a record and adds it to the batch for the router; with `max_in_flight_bytes`
+    /// held, keeps it and pauses its partition.
+    fn accept(
+        &mut self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        read_at: std::time::Instant,
+    ) -> anyhow::Result<()> {
         let payload = message.payload();
         let decoded = decode_level(payload, self.max_payload_bytes);
-        let callbacks = self.callbacks();
+        let callbacks = self.consumer.context();
         let mut assignment = callbacks.assignment.lock();
         let key = assignment.key(message.topic(), message.partition());
         assignment.count_consumed(&key.topic, &self.metrics);
@@ -520,9 +580,11 @@ impl ConsumerActor {
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
             return Ok(());
         };
-        let read_at = std::time::Instant::now();
         state.last_polled = Some(message.offset());
         state.last_read = read_at;
+        if self.router.is_none() {
+            return Ok(());
+        }
         // A payload over `max_payload_bytes` fails decoding (too_large) and is never delivered:
         // it is not copied, so an oversized record costs no memory here (the dead letter says
         // how large the value was).
@@ -541,44 +603,54 @@ impl ConsumerActor {
             decoded,
             charge: self.budget.charge(bytes),
         };
+        match &mut state.flow {
+            // Fetched before the pause took effect: keep order behind what is already held.
+            Flow::Paused { held, .. } => held.push_back(record),
+            Flow::Flowing if !fits => {
+                return self.hold_back(&mut assignment, PauseWhy::Bytes, vec![record]);
+            }
+            Flow::Flowing => self.batch.push(record),
+        }
+        Ok(())
+    }
+
+    /// Sends the batch to the router. When the channel is full it waits up to `pause_after`
+    /// for half of it: a busy pipeline makes room quickly, and waiting keeps librdkafka's
+    /// prefetch, which a pause would throw away. Then it holds the batch back and pauses its
+    /// partitions.
+    fn send_batch(&mut self) -> anyhow::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let capacity = self.batch.len();
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(capacity));
         let Some(router) = &self.router else {
+            // Draining: never dispatched, so never committed; read again after a restart.
             return Ok(());
         };
-        let record = match &mut state.flow {
-            // Fetched before the pause took effect: keep order behind what is already held.
-            Flow::Paused { held, .. } => {
-                held.push_back(record);
+        let count = batch.len() as i64;
+        let batch = match router.offer(batch) {
+            Offer::Taken => {
+                self.metrics.in_flight.add(count);
                 return Ok(());
             }
-            Flow::Flowing if !fits => {
-                return self.pause_holding(&mut assignment, PauseWhy::Bytes, record);
+            Offer::Full(batch) => batch,
+            Offer::Stopped(_) => {
+                anyhow::bail!("router stopped while the consumer was running");
             }
-            Flow::Flowing => match router.offer(record) {
-                Offer::Taken => {
-                    self.metrics.in_flight.inc();
-                    return Ok(());
-                }
-                Offer::Full(record) => record,
-                Offer::Stopped(_) => {
-                    anyhow::bail!("router stopped while the consumer was running");
-                }
-            },
         };
-        // The router is full. A busy pipeline makes room within `pause_after`: waiting for it
-        // keeps librdkafka's prefetch, which a pause would throw away. The lock is not held
-        // meanwhile (interval commits and /status take it); rebalances run on this thread, so
-        // the partition stays ours.
-        drop(assignment);
-        let record = match router.wait_for_room(record, self.pause_after, &self.runtime) {
+        // The assignment's lock is not held meanwhile (interval commits and /status take it);
+        // rebalances run on this thread, so the partitions stay ours.
+        let batch = match router.wait_for_room(batch, self.pause_after, &self.runtime) {
             Offer::Taken => {
-                self.metrics.in_flight.inc();
+                self.metrics.in_flight.add(count);
                 return Ok(());
             }
             // Gone: hold it; shutdown follows.
-            Offer::Full(record) | Offer::Stopped(record) => record,
+            Offer::Full(batch) | Offer::Stopped(batch) => batch,
         };
-        let mut assignment = callbacks.assignment.lock();
-        self.pause_holding(&mut assignment, PauseWhy::RouterFull, record)
+        let mut assignment = self.consumer.context().assignment.lock();
+        self.hold_back(&mut assignment, PauseWhy::RouterFull, batch)
     }
 
     /// Moves held records to the router once it has drained to half its capacity and at most
@@ -632,6 +704,7 @@ impl ConsumerActor {
             });
             order.rotate_left(next);
         }
+        let limit = router.max_batch();
         for key in order {
             let Some(state) = assignment.partitions.get_mut(&key) else {
                 continue;
@@ -639,23 +712,38 @@ impl ConsumerActor {
             let Flow::Paused { held, .. } = &mut state.flow else {
                 continue;
             };
-            while let Some(record) = held.pop_front() {
-                let bytes = record.charge.bytes();
-                let flowing = self.budget.used().saturating_sub(held_bytes);
-                if flowing > 0 && flowing + bytes > self.budget.limit() {
-                    held.push_front(record);
+            while !held.is_empty() && !router_full {
+                // As many as the channel and the byte bound take now, in one batch.
+                let room = router.room().min(limit);
+                let mut batch = Vec::with_capacity(room.min(held.len()));
+                while batch.len() < room {
+                    let Some(record) = held.front() else {
+                        break;
+                    };
+                    let bytes = record.charge.bytes();
+                    let flowing = self.budget.used().saturating_sub(held_bytes);
+                    if flowing > 0 && flowing + bytes > self.budget.limit() {
+                        router_full = true;
+                        break;
+                    }
+                    held_bytes -= bytes;
+                    batch.extend(held.pop_front());
+                }
+                if batch.is_empty() {
                     router_full = true;
                     break;
                 }
-                match router.offer(record) {
-                    Offer::Taken => {
-                        self.metrics.in_flight.inc();
-                        held_bytes -= bytes;
-                    }
-                    Offer::Full(record) => {
-                        held.push_front(record);
+                let count = batch.len();
+                match router.offer(batch) {
+                    Offer::Taken => self.metrics.in_flight.add(count as i64),
+                    Offer::Full(batch) => {
+                        // Only the router takes from the channel, so the room seen is there;
+                        // handled all the same.
+                        for record in batch.into_iter().rev() {
+                            held_bytes += record.charge.bytes();
+                            held.push_front(record);
+                        }
                         router_full = true;
-                        break;
                     }
                     Offer::Stopped(_) => {
                         anyhow::bail!("router stopped while the consumer was running");
