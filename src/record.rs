@@ -40,8 +40,10 @@ pub struct Record {
     /// The original headers, forwarded with the record.
     pub headers: Option<rdkafka::message::OwnedHeaders>,
     /// The decoded event's level (what routing needs; the whole event was validated and the
-    /// payload itself is what sinks forward), or why it could not be decoded.
-    pub decoded: Result<Level, DecodeError>,
+    /// payload itself is what sinks forward), or why it could not be decoded. `None` until the
+    /// router decodes it ([`Record::decode`]): the consumer only marks a value over
+    /// `max_payload_bytes`, which it does not copy, so that decoding is off its thread.
+    pub decoded: Option<Result<Level, DecodeError>>,
     /// When the consumer took it from librdkafka (for the processing latency).
     pub read_at: std::time::Instant,
     /// Its bytes, counted against `pipeline.max_in_flight_bytes` until it is dropped.
@@ -196,6 +198,13 @@ pub struct ProcessAck {
 }
 
 impl Record {
+    /// Decodes the payload, once: what the consumer copied is within `max_payload_bytes`
+    /// already (a larger value is marked too large and not copied).
+    pub fn decode(&mut self) -> &Result<Level, DecodeError> {
+        self.decoded
+            .get_or_insert_with(|| crate::event::decode_level(self.payload.as_deref(), usize::MAX))
+    }
+
     /// The ack that says this record is finished with `status`.
     pub fn ack(&self, status: AckStatus) -> ProcessAck {
         ProcessAck {
@@ -301,7 +310,10 @@ pub(crate) fn test_record(
         key: key.map(Box::from),
         payload: payload.map(Box::from),
         headers: None,
-        decoded: crate::event::decode_level(payload, crate::event::DEFAULT_MAX_PAYLOAD_BYTES),
+        decoded: Some(crate::event::decode_level(
+            payload,
+            crate::event::DEFAULT_MAX_PAYLOAD_BYTES,
+        )),
         read_at: std::time::Instant::now(),
         charge: Charge::default(),
     }

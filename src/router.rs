@@ -20,7 +20,7 @@ use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::{CommitterHandle, Dispatch};
 use crate::config::TombstonePolicy;
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
-use crate::event::DecodeError;
+use crate::event::{DecodeError, Level};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
 use crate::record::{AckStatus, Fences, ProcessAck, Record, StageGone, TOMBSTONE};
@@ -215,8 +215,9 @@ impl RouterActor {
         shares: &mut [Vec<Vec<Record>>],
     ) -> Result<(), StageGone> {
         let mut ignored: Vec<ProcessAck> = Vec::new();
-        for record in batch.drain(..) {
-            match self.decide(&record) {
+        for mut record in batch.drain(..) {
+            let no_value = record.payload.is_none();
+            match self.decide(record.decode(), no_value) {
                 Decision::Lane(index) => {
                     let workers = &self.lanes[index].workers;
                     shares[index][worker_index(&record, workers.len())].push(record);
@@ -282,11 +283,12 @@ impl RouterActor {
         self.links.committer.acks(std::mem::take(ignored)).await
     }
 
-    fn decide(&self, record: &Record) -> Decision {
-        match &record.decoded {
+    /// What becomes of a record decoded as `decoded` (`no_value`: its value is null).
+    fn decide(&self, decoded: &Result<Level, DecodeError>, no_value: bool) -> Decision {
+        match decoded {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
-            Err(DecodeError::Empty) if record.payload.is_none() => match self.links.tombstones {
+            Err(DecodeError::Empty) if no_value => match self.links.tombstones {
                 TombstonePolicy::Skip => Decision::Ignore { tombstone: true },
                 TombstonePolicy::DeadLetter => Decision::Fail(DeadLetterCause {
                     reason: TOMBSTONE,
@@ -698,10 +700,10 @@ mod tests {
         let empty = test_record(0, 0, Some(b"k"), Some(b""));
         // Over max_payload_bytes: the consumer did not copy the value.
         let mut oversized = test_record(0, 1, Some(b"k"), None);
-        oversized.decoded = Err(DecodeError::TooLarge {
+        oversized.decoded = Some(Err(DecodeError::TooLarge {
             size: 5_000_000,
             limit: 1_048_576,
-        });
+        }));
         assert!(matches!(router.offer(vec![empty, oversized]), Offer::Taken));
         drop(router);
         task.await.expect("router ran");

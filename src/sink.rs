@@ -376,7 +376,7 @@ pub fn write_line(out: &mut Vec<u8>, route: &str, record: &Record) {
     out.extend_from_slice(b",\"event\":");
     match (&record.payload, &record.decoded) {
         // Only decoded payloads reach a sink, so the body is valid JSON.
-        (Some(payload), Ok(_)) => write_compact_json(out, json_body(payload)),
+        (Some(payload), Some(Ok(_))) => write_compact_json(out, json_body(payload)),
         _ => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b"}\n");

@@ -49,7 +49,7 @@ pub use client::client_config;
 use crate::breaker::BreakerState;
 use crate::committer::{CommitterControl, FinalPositions, Holds};
 use crate::config::Config;
-use crate::event::decode_level;
+use crate::event::DecodeError;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::channel::Offer;
@@ -570,7 +570,6 @@ impl ConsumerActor {
         read_at: std::time::Instant,
     ) -> anyhow::Result<()> {
         let payload = message.payload();
-        let decoded = decode_level(payload, self.max_payload_bytes);
         let callbacks = self.consumer.context();
         let mut assignment = callbacks.assignment.lock();
         let key = assignment.key(message.topic(), message.partition());
@@ -588,6 +587,14 @@ impl ConsumerActor {
         // A payload over `max_payload_bytes` fails decoding (too_large) and is never delivered:
         // it is not copied, so an oversized record costs no memory here (the dead letter says
         // how large the value was).
+        let decoded = payload
+            .filter(|payload| payload.len() > self.max_payload_bytes)
+            .map(|payload| {
+                Err(DecodeError::TooLarge {
+                    size: payload.len(),
+                    limit: self.max_payload_bytes,
+                })
+            });
         let payload = payload.filter(|payload| payload.len() <= self.max_payload_bytes);
         let key_bytes = message.key();
         let bytes = payload.map_or(0, <[u8]>::len) + key_bytes.map_or(0, <[u8]>::len);
