@@ -243,7 +243,11 @@ mod tests {
             assert!(matches!(sender.offer(batch), Offer::Taken));
         }
         let mut got = Vec::new();
-        assert_eq!(receiver.recv_many(&mut got, 4).await, 6, "two whole batches");
+        assert_eq!(
+            receiver.recv_many(&mut got, 4).await,
+            6,
+            "two whole batches"
+        );
         assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
         got.clear();
         assert_eq!(receiver.recv_many(&mut got, 4).await, 1);
@@ -279,17 +283,19 @@ mod tests {
         // Room comes while it waits: taken, and the spare permits go back.
         let waiting = {
             let sender = sender.clone();
-            tokio::spawn(async move {
-                sender
-                    .send_when_room(back, 2, Duration::from_secs(5))
-                    .await
-            })
+            tokio::spawn(
+                async move { sender.send_when_room(back, 2, Duration::from_secs(5)).await },
+            )
         };
         tokio::task::yield_now().await;
         let mut got = Vec::new();
         receiver.recv_many(&mut got, 100).await;
         assert!(matches!(waiting.await.expect("task"), Offer::Taken));
-        assert_eq!(sender.capacity(), 3, "one item in the channel, the rest free");
+        assert_eq!(
+            sender.capacity(),
+            3,
+            "one item in the channel, the rest free"
+        );
     }
 
     #[tokio::test]

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use tracing::{debug, error, info, warn};
@@ -93,20 +92,6 @@ impl ClientLog {
         } else {
             error!(target: "librdkafka", client, facility, suppressed, "{message}");
         }
-    }
-}
-
-/// The context of logbridge's producers (sinks, dead letters): their log lines and errors go
-/// through a [`ClientLog`].
-pub struct ProducerLog(pub ClientLog);
-
-impl ClientContext for ProducerLog {
-    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
-        self.0.log(level, facility, message);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.0.error(&error, reason);
     }
 }
 

@@ -17,7 +17,7 @@ use tracing::{error, warn};
 use crate::committer::CommitterHandle;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::producer::{self, headers, headers_for, FutureProducer};
+use crate::producer::{self, headers, headers_for, Producer};
 use crate::record::{AckStatus, Record, StageGone};
 
 /// Most dead letters produced in one go.
@@ -269,7 +269,7 @@ impl DeadLetterHandle {
 /// Settings of the dead-letter topic.
 pub struct DeadLetterTopic {
     /// Producer for the dead-letter cluster.
-    pub producer: FutureProducer,
+    pub producer: Producer,
     /// Topic name.
     pub topic: String,
     /// Channel capacity.
@@ -278,7 +278,7 @@ pub struct DeadLetterTopic {
 
 struct DeadLetterActor {
     receiver: mpsc::Receiver<DeadLetter>,
-    producer: FutureProducer,
+    producer: Producer,
     topic: String,
     committer: CommitterHandle,
     metrics: Arc<Metrics>,

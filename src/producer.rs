@@ -2,19 +2,111 @@
 //! batch send that reports one outcome per record after its delivery report, and the
 //! classification of librdkafka errors into retryable and permanent.
 
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
+use rdkafka::ClientContext;
+use rustc_hash::FxHashMap;
 
-use crate::client_log::{ClientLog, ProducerLog};
+use crate::client_log::ClientLog;
 
-/// logbridge's producers (Kafka sinks, dead letters): librdkafka's future producer with log
-/// lines and errors rate-limited.
-pub type FutureProducer = rdkafka::producer::FutureProducer<ProducerLog>;
+/// logbridge's producers (Kafka sinks, dead letters): librdkafka's producer with its own
+/// polling thread, log lines and errors rate-limited, and delivery reports gathered per batch
+/// ([`send_all`]): the sending task wakes once when its batch is reported, not once per record,
+/// and no record needs a future or a channel of its own.
+#[derive(Clone)]
+pub struct Producer(ThreadedProducer<Reports>);
+
+/// Bits of a delivery opaque that hold the record's index in its batch; the rest hold the
+/// batch's number.
+const INDEX_BITS: u32 = 24;
+/// Most records one batch sends: [`send_all`] sends longer inputs in parts.
+const MAX_REPORTED: usize = 1 << INDEX_BITS;
+
+/// The producer's context: librdkafka's log lines and errors, and the batches waiting for their
+/// delivery reports.
+pub struct Reports {
+    log: ClientLog,
+    waiting: std::sync::Mutex<FxHashMap<u64, Arc<BatchReports>>>,
+    next_batch: std::sync::atomic::AtomicU64,
+}
+
+/// The reports of one batch.
+struct BatchReports {
+    state: std::sync::Mutex<ReportState>,
+    done: tokio::sync::Notify,
+}
+
+struct ReportState {
+    /// One per record; `Ok` until a failure is reported.
+    outcomes: Vec<Result<(), DeliveryError>>,
+    /// Records not reported yet.
+    remaining: usize,
+}
+
+impl BatchReports {
+    fn report(&self, index: usize, outcome: Result<(), DeliveryError>) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let (Err(err), Some(slot)) = (outcome, state.outcomes.get_mut(index)) {
+            *slot = Err(err);
+        }
+        state.remaining = state.remaining.saturating_sub(1);
+        if state.remaining == 0 {
+            // A permit is stored if the sender is not waiting yet.
+            self.done.notify_one();
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remaining
+    }
+}
+
+impl Reports {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, Arc<BatchReports>>> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for Reports {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        self.log.log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(&error, reason);
+    }
+}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let batch = (opaque as u64) >> INDEX_BITS;
+        let index = opaque & (MAX_REPORTED - 1);
+        let Some(reports) = self.waiting().get(&batch).cloned() else {
+            // Every batch waits for all its reports before it leaves: nothing to tell.
+            return;
+        };
+        reports.report(
+            index,
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|(err, _)| classify(err)),
+        );
+    }
+}
 
 use crate::config::Cluster;
 use crate::record::Record;
@@ -91,15 +183,21 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
 
 /// Creates an idempotent producer for `cluster`: logbridge's defaults, then the cluster's
 /// security and options. `client` names it in log lines (`dead-letter producer`, ...).
-pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<FutureProducer> {
+pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Producer> {
     let mut config = ClientConfig::new();
     config
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT_MS)
         .set("linger.ms", "1");
     cluster.apply(&mut config);
+    let reports = Reports {
+        log: ClientLog::new(client),
+        waiting: std::sync::Mutex::new(FxHashMap::default()),
+        next_batch: std::sync::atomic::AtomicU64::new(0),
+    };
     config
-        .create_with_context(ProducerLog(ClientLog::new(client)))
+        .create_with_context(reports)
+        .map(Producer)
         .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))
 }
 
@@ -154,50 +252,74 @@ pub fn headers_for(record: &Record, extra: &[(&str, &[u8])]) -> OwnedHeaders {
 /// Sends each record's original key with the given value and headers to `topic`, and returns
 /// one outcome per record once its delivery report is in.
 pub async fn send_all<'a>(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     records: impl Iterator<Item = (&'a Record, Option<&'a [u8]>, OwnedHeaders)>,
 ) -> Vec<Result<(), DeliveryError>> {
-    let mut pending: Vec<Result<DeliveryFuture, DeliveryError>> = Vec::new();
-    for (record, value, headers) in records {
-        let mut future_record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+    let mut records: Vec<_> = records.collect();
+    let mut outcomes = Vec::with_capacity(records.len());
+    while !records.is_empty() {
+        let rest = records.split_off(records.len().min(MAX_REPORTED));
+        outcomes.extend(send_reported(producer, topic, records).await);
+        records = rest;
+    }
+    outcomes
+}
+
+/// Sends at most [`MAX_REPORTED`] records and waits for their delivery reports.
+async fn send_reported<'a>(
+    producer: &Producer,
+    topic: &str,
+    records: Vec<(&'a Record, Option<&'a [u8]>, OwnedHeaders)>,
+) -> Vec<Result<(), DeliveryError>> {
+    let context = producer.0.context();
+    let batch = context
+        .next_batch
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        & (u64::MAX >> INDEX_BITS);
+    let reports = Arc::new(BatchReports {
+        state: std::sync::Mutex::new(ReportState {
+            outcomes: vec![Ok(()); records.len()],
+            remaining: records.len(),
+        }),
+        done: tokio::sync::Notify::new(),
+    });
+    context.waiting().insert(batch, reports.clone());
+    for (index, (record, value, headers)) in records.into_iter().enumerate() {
+        let opaque = ((batch << INDEX_BITS) as usize) | index;
+        let mut base =
+            BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, opaque).headers(headers);
         if let Some(key) = record.key.as_deref() {
-            future_record = future_record.key(key);
+            base = base.key(key);
         }
         if let Some(value) = value {
-            future_record = future_record.payload(value);
+            base = base.payload(value);
         }
-        // Enqueue without waiting; a full local queue is waited out here (bounded by the
-        // queue's own delivery timeout), which is backpressure, not failure.
-        let mut attempt = future_record;
-        let queued = loop {
-            match producer.send_result(attempt) {
-                Ok(delivery) => break Ok(delivery),
+        // A full local queue empties as the broker takes records: wait briefly, try again. The
+        // wait is bounded by `message.timeout.ms` of the records ahead.
+        let mut attempt = base;
+        loop {
+            match producer.0.send(attempt) {
+                Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     attempt = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((err, _)) => break Err(classify(&err)),
+                Err((err, _)) => {
+                    reports.report(index, Err(classify(&err)));
+                    break;
+                }
             }
-        };
-        pending.push(queued);
+        }
     }
-    let mut outcomes = Vec::with_capacity(pending.len());
-    for queued in pending {
-        let outcome = match queued {
-            Err(err) => Err(err),
-            Ok(delivery) => match delivery.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((err, _))) => Err(classify(&err)),
-                Err(_) => Err(DeliveryError::retryable(
-                    "producer_gone",
-                    "producer dropped the delivery report",
-                )),
-            },
-        };
-        outcomes.push(outcome);
+    // Every record sent gets exactly one report (librdkafka fails it after
+    // `message.timeout.ms` at the latest); the last one wakes this task.
+    while reports.remaining() > 0 {
+        reports.done.notified().await;
     }
-    outcomes
+    context.waiting().remove(&batch);
+    let mut state = reports.state.lock().unwrap_or_else(PoisonError::into_inner);
+    std::mem::take(&mut state.outcomes)
 }
 
 #[cfg(test)]

@@ -488,7 +488,12 @@ mod tests {
             let mut records = Vec::new();
             // The router has stopped, so its handles to the workers are gone: the inbox ends.
             while inbox.recv_many(&mut records, usize::MAX).await > 0 {}
-            workers.push(records.iter().map(|record| record.offset).collect::<Vec<_>>());
+            workers.push(
+                records
+                    .iter()
+                    .map(|record| record.offset)
+                    .collect::<Vec<_>>(),
+            );
         }
         let describe = |ack: crate::record::ProcessAck| {
             format!(
@@ -650,7 +655,11 @@ mod tests {
         });
         let mut taken = Vec::new();
         receiver.recv_many(&mut taken, 1).await;
-        assert_eq!(taken.len(), 4, "the first batch: 4 slots free of the 4 it waits for");
+        assert_eq!(
+            taken.len(),
+            4,
+            "the first batch: 4 slots free of the 4 it waits for"
+        );
         let offer = tokio::task::spawn_blocking(move || waiter.join().expect("joined"))
             .await
             .expect("joined");

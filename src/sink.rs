@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{Cluster, RouteConfig, SinkConfig};
 use crate::event::json_body;
-use crate::producer::{headers, headers_for, FutureProducer};
+use crate::producer::{headers, headers_for, Producer};
 use crate::record::Record;
 
 /// Why a sink could not deliver a record: retryable or permanent, with a short reason.
@@ -41,7 +41,7 @@ pub fn config_sink_factory() -> SinkFactory {
     let files: Mutex<HashMap<PathBuf, Arc<SharedFile>>> = Mutex::new(HashMap::new());
     // One producer per route, shared by its workers (a producer is thread-safe and batches
     // better when shared).
-    let producers: Mutex<HashMap<String, FutureProducer>> = Mutex::new(HashMap::new());
+    let producers: Mutex<HashMap<String, Producer>> = Mutex::new(HashMap::new());
     Arc::new(move |route: &RouteConfig, _index: usize| {
         let sink: Box<dyn Sink> = match &route.sink {
             SinkConfig::Null => Box::new(NullSink),
@@ -114,7 +114,7 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
 /// `logbridge.source.*` and `logbridge.route` headers. A record's outcome is its delivery report
 /// from the (idempotent) producer.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: Producer,
     topic: String,
 }
 

@@ -47,12 +47,12 @@ pub use assignment::{PartitionFlow, PartitionView};
 pub use client::client_config;
 
 use crate::breaker::BreakerState;
+use crate::channel::Offer;
 use crate::committer::{CommitterControl, FinalPositions, Holds};
 use crate::config::Config;
 use crate::event::DecodeError;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::channel::Offer;
 use crate::record::{ByteBudget, Fences, PartitionKey, Record};
 use crate::router::RouterHandle;
 use assignment::{Assignment, Flow, PauseWhy};
