@@ -113,7 +113,9 @@ impl<T> BatchSender<T> {
                 }
                 // The rest of the permits go back to the channel when `permit` is dropped: the
                 // batches sent next take them.
-                permit.split(batch.len()).map(|taken| taken.forget());
+                if let Some(taken) = permit.split(batch.len()) {
+                    taken.forget();
+                }
                 self.push(batch)
             }
             Ok(Err(_)) => Offer::Stopped(batch),
