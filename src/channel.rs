@@ -33,7 +33,11 @@ pub fn channel<T>(capacity: usize) -> (BatchSender<T>, BatchReceiver<T>) {
             room: room.clone(),
             capacity,
         },
-        BatchReceiver { receiver, room },
+        BatchReceiver {
+            receiver,
+            room,
+            next: None,
+        },
     )
 }
 
@@ -171,22 +175,33 @@ impl<T> BatchSender<T> {
 pub struct BatchReceiver<T> {
     receiver: mpsc::UnboundedReceiver<Vec<T>>,
     room: Arc<Semaphore>,
+    /// A batch taken out that did not fit under the last call's limit: the next call's first.
+    /// Its items still count against the capacity until then.
+    next: Option<Vec<T>>,
 }
 
 impl<T> BatchReceiver<T> {
     /// Waits for a batch and appends it to `into`, then appends the batches already waiting
-    /// while `into` holds fewer than `limit` items (a batch is never split, so `into` may end
-    /// over `limit` by less than one batch). Returns the number appended: 0 once every sender
-    /// is gone and the channel is empty.
+    /// while they fit: `into` ends with at most `limit` items, or with the first batch alone
+    /// if that is larger (a batch is never split). Returns the number appended: 0 once every
+    /// sender is gone and the channel is empty.
     pub async fn recv_many(&mut self, into: &mut Vec<T>, limit: usize) -> usize {
         let before = into.len();
-        let Some(batch) = self.receiver.recv().await else {
-            return 0;
+        let first = match self.next.take() {
+            Some(batch) => batch,
+            None => match self.receiver.recv().await {
+                Some(batch) => batch,
+                None => return 0,
+            },
         };
-        self.take(into, batch);
+        self.take(into, first);
         while into.len() < limit {
             match self.receiver.try_recv() {
-                Ok(batch) => self.take(into, batch),
+                Ok(batch) if into.len() + batch.len() <= limit => self.take(into, batch),
+                Ok(batch) => {
+                    self.next = Some(batch);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -247,13 +262,29 @@ mod tests {
         let mut got = Vec::new();
         assert_eq!(
             receiver.recv_many(&mut got, 4).await,
-            6,
-            "two whole batches"
+            3,
+            "the second would pass 4"
         );
-        assert_eq!(got, vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(got, vec![1, 2, 3]);
+        assert_eq!(
+            sender.capacity(),
+            12,
+            "a batch kept for the next call still counts"
+        );
         got.clear();
-        assert_eq!(receiver.recv_many(&mut got, 4).await, 1);
-        assert_eq!(got, vec![7]);
+        assert_eq!(
+            receiver.recv_many(&mut got, 4).await,
+            4,
+            "the kept batch and the last"
+        );
+        assert_eq!(got, vec![4, 5, 6, 7]);
+        got.clear();
+        assert!(matches!(sender.offer(vec![8, 9, 10, 11, 12]), Offer::Taken));
+        assert_eq!(
+            receiver.recv_many(&mut got, 4).await,
+            5,
+            "a first batch over the limit"
+        );
     }
 
     #[tokio::test]

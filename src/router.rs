@@ -95,10 +95,9 @@ impl RouterHandle {
         (RouterHandle { sender }, tokio::spawn(actor.run()))
     }
 
-    /// Most records the consumer sends in one batch: half the channel (what it waits for when
-    /// the channel is full), at most [`CONSUMER_BATCH`].
+    /// Most records the consumer sends in one batch ([`consumer_batch`]).
     pub fn max_batch(&self) -> usize {
-        (self.sender.max_capacity() / 2).clamp(1, CONSUMER_BATCH)
+        consumer_batch(self.sender.max_capacity())
     }
 
     /// Hands a batch over if the channel has room for all of it; never waits.
@@ -372,6 +371,12 @@ impl RouterActor {
         }
         Ok(())
     }
+}
+
+/// Most records the consumer sends to a router channel of `router_capacity` in one batch: half
+/// the channel (what it waits for when the channel is full), at most [`CONSUMER_BATCH`].
+pub fn consumer_batch(router_capacity: usize) -> usize {
+    (router_capacity / 2).clamp(1, CONSUMER_BATCH)
 }
 
 /// Which of `workers` takes a record: a stable hash of its key, or its partition if it has none.

@@ -657,7 +657,35 @@ impl ConsumerActor {
             Offer::Full(batch) | Offer::Stopped(batch) => batch,
         };
         let mut assignment = self.consumer.context().assignment.lock();
-        self.hold_back(&mut assignment, PauseWhy::RouterFull, batch)
+        self.hold_back(&mut assignment, PauseWhy::RouterFull, batch)?;
+        // The router stayed full: every partition waits for room now, so no later batch is
+        // held back too, and what the consumer holds stays within one batch.
+        self.pause_flowing(&mut assignment, PauseWhy::RouterFull)
+    }
+
+    /// Pauses every partition that still flows, for `why` (held records and other reasons
+    /// stay as they are).
+    fn pause_flowing(&self, assignment: &mut Assignment, why: PauseWhy) -> anyhow::Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        for (key, state) in assignment.partitions.iter_mut() {
+            if matches!(state.flow, Flow::Flowing) {
+                state.flow = Flow::paused(why);
+                tpl.add_partition(&key.topic, key.partition);
+            }
+        }
+        if tpl.count() > 0 {
+            self.consumer
+                .pause(&tpl)
+                .with_context(|| format!("failed to pause partitions ({})", why.as_str()))?;
+            self.metrics.pauses.inc_by(tpl.count() as u64);
+            info!(
+                partitions = tpl.count(),
+                "{}, partitions paused",
+                why.as_str()
+            );
+            assignment.publish(&self.metrics);
+        }
+        Ok(())
     }
 
     /// Moves held records to the router once it has drained to half its capacity and at most
