@@ -797,7 +797,7 @@ mod tests {
 
     fn key(partition: i32) -> PartitionKey {
         PartitionKey {
-            topic: Arc::from("logs"),
+            topic: crate::record::Topic::new("logs"),
             partition,
         }
     }

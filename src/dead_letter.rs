@@ -306,7 +306,7 @@ impl DeadLetterActor {
             let with_headers = pending.iter().map(|dead| {
                 let value = match dead.dropped_value {
                     Some(_) => None,
-                    None => dead.record.payload.as_deref(),
+                    None => dead.record.payload(),
                 };
                 (&dead.record, value, dead_letter_headers(dead))
             });
@@ -346,7 +346,7 @@ impl DeadLetterActor {
                             error = %err,
                             "dead-letter topic refused the value; parking the record without it"
                         );
-                        let size = dead.record.payload.as_ref().map_or(0, |value| value.len());
+                        let size = dead.record.payload().map_or(0, <[u8]>::len);
                         failed.push(DeadLetter {
                             dropped_value: Some(size),
                             ..dead

@@ -95,7 +95,7 @@ fn status_json(state: &HttpState) -> serde_json::Value {
         .into_iter()
         .map(|flow| {
             let key = crate::record::PartitionKey {
-                topic: Arc::from(flow.topic.as_str()),
+                topic: crate::record::Topic::new(&flow.topic),
                 partition: flow.partition,
             };
             let value =

@@ -551,14 +551,13 @@ const METRIC_OK: &str = "metric definitions are static and valid";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     #[test]
     fn renders_every_family_with_help() {
         let metrics = Metrics::new();
         metrics.consumed.with_label_values(&["logs"]).inc();
         let source = PartitionKey {
-            topic: Arc::from("logs"),
+            topic: crate::record::Topic::new("logs"),
             partition: 3,
         };
         metrics.set_committed(&source, 42);

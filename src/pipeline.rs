@@ -67,8 +67,9 @@ impl Default for RunOptions {
 /// the router channel, the batch in the router's hands (at most what its channel held), each
 /// worker's channel and the batch it works on (at most what its channel held), and the acks
 /// waiting in the committer channel (messages of at most one worker batch each; dispatch
-/// messages there hold no record). Records the consumer holds for paused partitions and
-/// librdkafka's prefetch (`queued.max.messages.kbytes`) come on top.
+/// messages there hold no record). The batch the consumer fills or holds for paused partitions
+/// ([`crate::router::consumer_batch`]) and librdkafka's prefetch (`queued.max.messages.kbytes`)
+/// come on top.
 pub fn in_flight_bound(config: &Config) -> usize {
     let pipeline = &config.pipeline;
     let workers: usize = config.routes.iter().map(|route| route.workers).sum();

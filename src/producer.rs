@@ -289,7 +289,7 @@ async fn send_reported<'a>(
         let opaque = ((batch << INDEX_BITS) as usize) | index;
         let mut base =
             BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, opaque).headers(headers);
-        if let Some(key) = record.key.as_deref() {
+        if let Some(key) = record.key() {
             base = base.key(key);
         }
         if let Some(value) = value {

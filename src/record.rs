@@ -6,14 +6,92 @@ use std::sync::Arc;
 
 use crate::event::{DecodeError, Level};
 
+/// A topic name, interned for the life of the process: copying one touches no shared
+/// reference count (a record's topic travels through every stage, on several threads), and
+/// equal names are one pointer, so comparing and hashing cost nothing. A process sees few
+/// names (its subscribed topics), so what is interned stays small.
+#[derive(Clone, Copy)]
+pub struct Topic(&'static str);
+
+impl Topic {
+    /// The interned name `name`.
+    pub fn new(name: &str) -> Topic {
+        static NAMES: std::sync::LazyLock<std::sync::Mutex<rustc_hash::FxHashSet<&'static str>>> =
+            std::sync::LazyLock::new(Default::default);
+        let mut names = NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match names.get(name) {
+            Some(interned) => Topic(interned),
+            None => {
+                let interned: &'static str = Box::leak(Box::from(name));
+                names.insert(interned);
+                Topic(interned)
+            }
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Topic {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.0
+    }
+}
+
+impl PartialEq for Topic {
+    fn eq(&self, other: &Topic) -> bool {
+        // Interned: one name, one pointer.
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Topic {}
+
+impl std::hash::Hash for Topic {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.as_ptr().hash(state);
+    }
+}
+
+impl PartialOrd for Topic {
+    fn partial_cmp(&self, other: &Topic) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Topic {
+    fn cmp(&self, other: &Topic) -> std::cmp::Ordering {
+        self.0.cmp(other.0)
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl fmt::Debug for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.0, f)
+    }
+}
+
 /// Which partition a record came from, and under which assignment.
 ///
 /// `generation` is bumped by the consumer every time it is assigned a partition; acks carrying
 /// an older generation belong to an assignment that was revoked and are never committed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PartitionKey {
-    /// Source topic (shared, not copied per record).
-    pub topic: Arc<str>,
+    /// Source topic (interned, not copied per record).
+    pub topic: Topic,
     /// Source partition.
     pub partition: i32,
 }
@@ -33,10 +111,9 @@ pub struct Record {
     pub offset: i64,
     /// Assignment generation the record was read under.
     pub generation: u64,
-    /// Record key, if any: it picks the worker, so equal keys stay in order.
-    pub key: Option<Box<[u8]>>,
-    /// The original payload, forwarded unchanged (`None` for a tombstone).
-    pub payload: Option<Box<[u8]>>,
+    /// The key (it picks the worker, so equal keys stay in order) and the original payload
+    /// (forwarded unchanged), in one allocation: see [`Record::key`] and [`Record::payload`].
+    pub data: KeyValue,
     /// The original headers, forwarded with the record.
     pub headers: Option<rdkafka::message::OwnedHeaders>,
     /// The decoded event's level (what routing needs; the whole event was validated and the
@@ -197,12 +274,59 @@ pub struct ProcessAck {
     pub cause: Option<Cause>,
 }
 
+/// A record's key and value, copied out of librdkafka's buffer into one allocation.
+#[derive(Debug, Default)]
+pub struct KeyValue {
+    /// The key's bytes, then the value's.
+    bytes: Box<[u8]>,
+    /// Length of the key; `None` without a key.
+    key_len: Option<usize>,
+    /// Whether there is a value (a tombstone has none).
+    has_value: bool,
+}
+
+impl KeyValue {
+    /// Copies `key` and `value`.
+    pub fn new(key: Option<&[u8]>, value: Option<&[u8]>) -> KeyValue {
+        let (key_bytes, value_bytes) = (key.unwrap_or_default(), value.unwrap_or_default());
+        let mut bytes = Vec::with_capacity(key_bytes.len() + value_bytes.len());
+        bytes.extend_from_slice(key_bytes);
+        bytes.extend_from_slice(value_bytes);
+        KeyValue {
+            bytes: bytes.into_boxed_slice(),
+            key_len: key.map(<[u8]>::len),
+            has_value: value.is_some(),
+        }
+    }
+
+    /// The key, if any.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key_len.map(|len| &self.bytes[..len])
+    }
+
+    /// The value (`None` for a tombstone).
+    pub fn value(&self) -> Option<&[u8]> {
+        self.has_value
+            .then(|| &self.bytes[self.key_len.unwrap_or(0)..])
+    }
+}
+
 impl Record {
+    /// The record key, if any.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.data.key()
+    }
+
+    /// The original payload (`None` for a tombstone).
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.data.value()
+    }
+
     /// Decodes the payload, once: what the consumer copied is within `max_payload_bytes`
     /// already (a larger value is marked too large and not copied).
     pub fn decode(&mut self) -> &Result<Level, DecodeError> {
         self.decoded
-            .get_or_insert_with(|| crate::event::decode_level(self.payload.as_deref(), usize::MAX))
+            .get_or_insert_with(|| crate::event::decode_level(self.data.value(), usize::MAX))
     }
 
     /// The ack that says this record is finished with `status`.
@@ -302,13 +426,12 @@ pub(crate) fn test_record(
 ) -> Record {
     Record {
         source: PartitionKey {
-            topic: Arc::from("logs"),
+            topic: Topic::new("logs"),
             partition,
         },
         offset,
         generation: 1,
-        key: key.map(Box::from),
-        payload: payload.map(Box::from),
+        data: KeyValue::new(key, payload),
         headers: None,
         decoded: Some(crate::event::decode_level(
             payload,

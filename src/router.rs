@@ -215,7 +215,7 @@ impl RouterActor {
     ) -> Result<(), StageGone> {
         let mut ignored: Vec<ProcessAck> = Vec::new();
         for mut record in batch.drain(..) {
-            let no_value = record.payload.is_none();
+            let no_value = record.payload().is_none();
             match self.decide(record.decode(), no_value) {
                 Decision::Lane(index) => {
                     let workers = &self.lanes[index].workers;
@@ -390,7 +390,7 @@ pub fn worker_index(record: &Record, workers: usize) -> usize {
 /// What a record keeps its order with: its key (hashed), or its partition if it has none.
 /// Records with equal order keys are delivered in offset order.
 pub fn order_key(record: &Record) -> u64 {
-    match record.key.as_deref() {
+    match record.key() {
         Some(key) => fnv1a(key),
         None => record.source.partition as u32 as u64,
     }
@@ -467,7 +467,7 @@ mod tests {
         for partition in fenced {
             fences.revoke(
                 &crate::record::PartitionKey {
-                    topic: Arc::from("logs"),
+                    topic: crate::record::Topic::new("logs"),
                     partition: *partition,
                 },
                 1,

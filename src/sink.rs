@@ -124,7 +124,7 @@ impl Sink for KafkaSink {
             let with_headers = batch.iter().map(|record| {
                 let headers = headers_for(record, &[(headers::ROUTE, route.as_bytes())]);
                 // The original payload, byte for byte.
-                (record, record.payload.as_deref(), headers)
+                (record, record.payload(), headers)
             });
             crate::producer::send_all(&self.producer, &self.topic, with_headers).await
         })
@@ -354,7 +354,7 @@ pub fn write_line(out: &mut Vec<u8>, route: &str, record: &Record) {
     out.extend_from_slice(record.source.partition.to_string().as_bytes());
     out.extend_from_slice(b",\"offset\":");
     out.extend_from_slice(record.offset.to_string().as_bytes());
-    match record.key.as_deref() {
+    match record.key() {
         None => out.extend_from_slice(b",\"key\":null"),
         Some(key) => match std::str::from_utf8(key) {
             Ok(text) => {
@@ -374,7 +374,7 @@ pub fn write_line(out: &mut Vec<u8>, route: &str, record: &Record) {
     out.extend_from_slice(b",\"route\":");
     write_json_string(out, route);
     out.extend_from_slice(b",\"event\":");
-    match (&record.payload, &record.decoded) {
+    match (record.payload(), &record.decoded) {
         // Only decoded payloads reach a sink, so the body is valid JSON.
         (Some(payload), Some(Ok(_))) => write_compact_json(out, json_body(payload)),
         _ => out.extend_from_slice(b"null"),

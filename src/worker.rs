@@ -365,8 +365,7 @@ mod tests {
                 .iter()
                 .map(|record| {
                     let key = record
-                        .key
-                        .as_deref()
+                        .key()
                         .map(|key| String::from_utf8_lossy(key).into_owned());
                     (key, record.offset)
                 })

@@ -395,8 +395,7 @@ impl logbridge::sink::Sink for Panicking {
     ) -> logbridge::sink::DeliveryFuture<'a> {
         let poisoned = batch.iter().any(|record| {
             record
-                .payload
-                .as_deref()
+                .payload()
                 .is_some_and(|payload| String::from_utf8_lossy(payload).contains("boom"))
         });
         if poisoned {
@@ -973,7 +972,7 @@ impl logbridge::sink::Sink for Gated {
         let stuck = self.gate.load(std::sync::atomic::Ordering::Relaxed)
             && batch
                 .iter()
-                .any(|record| record.key.as_deref() == Some(b"stuck"));
+                .any(|record| record.key() == Some(b"stuck".as_slice()));
         if stuck {
             let failures = batch
                 .iter()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::metrics::Metrics;
-use crate::record::{ByteBudget, PartitionKey, Record};
+use crate::record::{ByteBudget, PartitionKey, Record, Topic};
 
 /// Why a partition is paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,10 +180,10 @@ impl std::fmt::Display for UnreadStall {
 #[derive(Default)]
 pub(crate) struct Assignment {
     pub(crate) partitions: FxHashMap<PartitionKey, PartitionState>,
-    /// Topic names, interned: every record and key shares one `Arc<str>` per topic.
-    topics: FxHashMap<String, Arc<str>>,
+    /// The interned topic names, by name (interning takes a process-wide lock; this does not).
+    topics: FxHashMap<String, Topic>,
     /// `events_consumed_total` of each topic, looked up once rather than per record.
-    consumed: FxHashMap<Arc<str>, prometheus::IntCounter>,
+    consumed: FxHashMap<Topic, prometheus::IntCounter>,
     /// Partitions behind and not read for `stall_timeout_ms`, as last observed.
     unread: Vec<UnreadStall>,
 }
@@ -191,10 +191,10 @@ pub(crate) struct Assignment {
 impl Assignment {
     pub(crate) fn key(&mut self, topic: &str, partition: i32) -> PartitionKey {
         let topic = match self.topics.get(topic) {
-            Some(name) => name.clone(),
+            Some(name) => *name,
             None => {
-                let name: Arc<str> = Arc::from(topic);
-                self.topics.insert(topic.to_string(), name.clone());
+                let name = Topic::new(topic);
+                self.topics.insert(topic.to_string(), name);
                 name
             }
         };
@@ -202,13 +202,13 @@ impl Assignment {
     }
 
     /// Counts a record read from `topic`.
-    pub(crate) fn count_consumed(&mut self, topic: &Arc<str>, metrics: &Metrics) {
-        match self.consumed.get(topic) {
+    pub(crate) fn count_consumed(&mut self, topic: Topic, metrics: &Metrics) {
+        match self.consumed.get(&topic) {
             Some(counter) => counter.inc(),
             None => {
-                let counter = metrics.consumed.with_label_values(&[&**topic]);
+                let counter = metrics.consumed.with_label_values(&[topic.as_str()]);
                 counter.inc();
-                self.consumed.insert(topic.clone(), counter);
+                self.consumed.insert(topic, counter);
             }
         }
     }
@@ -404,12 +404,12 @@ mod tests {
         let mut assignment = Assignment::default();
         let first = assignment.key("logs", 0);
         let second = assignment.key("logs", 3);
-        assert!(Arc::ptr_eq(&first.topic, &second.topic));
+        assert!(std::ptr::eq(first.topic.as_str(), second.topic.as_str()));
+        assert_eq!(first.topic, second.topic);
         assert_eq!(second.partition, 3);
-        assert!(!Arc::ptr_eq(
-            &first.topic,
-            &assignment.key("other", 0).topic
-        ));
+        let other = assignment.key("other", 0).topic;
+        assert_ne!(first.topic, other);
+        assert_eq!(other, Topic::new("other"), "one name, one interned topic");
     }
 
     #[test]
@@ -482,8 +482,8 @@ mod tests {
         assignment.partitions.insert(k1, state(1, Flow::Flowing));
         assignment.publish(&metrics);
         let topic = assignment.key("logs", 0).topic;
-        assignment.count_consumed(&topic, &metrics);
-        assignment.count_consumed(&topic, &metrics);
+        assignment.count_consumed(topic, &metrics);
+        assignment.count_consumed(topic, &metrics);
         assert_eq!(metrics.consumed.with_label_values(&["logs"]).get(), 2);
         assert_eq!(metrics.assigned_partitions.get(), 2);
         assert_eq!(metrics.paused_partitions.get(), 1);

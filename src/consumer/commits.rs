@@ -490,7 +490,7 @@ mod tests {
         .expect("commit thread");
         let entry = |partition: i32, offset: i64| CommitEntry {
             source: crate::record::PartitionKey {
-                topic: Arc::from("logs"),
+                topic: crate::record::Topic::new("logs"),
                 partition,
             },
             generation: 1,

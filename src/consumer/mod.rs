@@ -1,6 +1,8 @@
 //! Consumer actor: the only owner of the librdkafka client. It polls Kafka on a dedicated
-//! thread, decodes each record once, and offers it to the router, waiting at most
-//! `pause_after_ms` for room.
+//! thread, copies each record out of librdkafka's buffer, and sends what one poll burst read to
+//! the router as one batch (at most half the router channel, at most 256 records), waiting at
+//! most `pause_after_ms` for room. It does not decode: the router does, so that the JSON work
+//! runs beside the polling instead of after it.
 //!
 //! - `mod.rs` (here): the poll loop, backpressure (pause, hold, resume) and shutdown.
 //! - [`client`]: the librdkafka configuration and logbridge's defaults.
@@ -14,10 +16,11 @@
 //!
 //! Backpressure: when the router channel is full the consumer first waits, up to
 //! `pause_after_ms`, for half of it to be free (a busy pipeline makes room quickly, and a pause
-//! would throw away librdkafka's prefetch for the partition). If it stays full, the record in
-//! hand is kept, its partition is paused, and polling goes on (the group and rebalance
-//! callbacks stay served: rust-rdkafka #738). Paused partitions resume, oldest held record
-//! first, once the channel has drained to half its capacity. librdkafka restarts a resumed
+//! would throw away librdkafka's prefetch for the partition). If it stays full, the batch in
+//! hand is kept, by partition, every partition is paused, and polling goes on (the group and
+//! rebalance callbacks stay served: rust-rdkafka #738); so what is held back never exceeds one
+//! batch. Paused partitions resume, oldest held record first, round robin, once the channel
+//! has drained to half its capacity. librdkafka restarts a resumed
 //! partition's fetch at the position after the last record it returned, which is right after
 //! what we hold, so nothing is skipped.
 //!
@@ -53,7 +56,7 @@ use crate::config::Config;
 use crate::event::DecodeError;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
-use crate::record::{ByteBudget, Fences, PartitionKey, Record};
+use crate::record::{ByteBudget, Fences, KeyValue, PartitionKey, Record};
 use crate::router::RouterHandle;
 use assignment::{Assignment, Flow, PauseWhy};
 use commits::{CommitWhy, Commits};
@@ -573,7 +576,7 @@ impl ConsumerActor {
         let callbacks = self.consumer.context();
         let mut assignment = callbacks.assignment.lock();
         let key = assignment.key(message.topic(), message.partition());
-        assignment.count_consumed(&key.topic, &self.metrics);
+        assignment.count_consumed(key.topic, &self.metrics);
         let Some(state) = assignment.partitions.get_mut(&key) else {
             // Not ours any more (revoked between fetch and poll): the next owner reads it.
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
@@ -604,8 +607,7 @@ impl ConsumerActor {
             source: key,
             offset: message.offset(),
             generation: state.generation,
-            key: key_bytes.map(Box::from),
-            payload: payload.map(Box::from),
+            data: KeyValue::new(key_bytes, payload),
             headers: message.headers().map(|headers| headers.detach()),
             decoded,
             charge: self.budget.charge(bytes),
