@@ -113,6 +113,8 @@ pub struct Metrics {
     pub abandoned: IntCounter,
     /// Time a revoke waited for the revoked partitions' in-flight records.
     pub revoke_drain_seconds: Histogram,
+    /// Records returned again under the same assignment (the fetch position moved back): skipped.
+    pub read_again: IntCounter,
 }
 
 impl Metrics {
@@ -360,6 +362,11 @@ impl Metrics {
                 "1 while the dead-letter breaker has stopped consumption, else 0.",
             )
             .expect(METRIC_OK),
+            read_again: IntCounter::new(
+                "logbridge_records_read_again_total",
+                "Records the client returned again after a later offset of the same partition and assignment (its fetch position moved back); skipped, they were taken already.",
+            )
+            .expect(METRIC_OK),
             abandoned: IntCounter::new(
                 "logbridge_revoke_abandoned_records_total",
                 "Records of revoked partitions not finished by the revoke; the next owner reads them again.",
@@ -416,6 +423,7 @@ impl Metrics {
             Box::new(self.breaker_tripped.clone()),
             Box::new(self.abandoned.clone()),
             Box::new(self.revoke_drain_seconds.clone()),
+            Box::new(self.read_again.clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

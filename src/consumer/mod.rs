@@ -71,6 +71,8 @@ const POLL_HELD: Duration = Duration::from_millis(5);
 /// flight, which can take a session timeout when a member died, and shutdown must stay within
 /// `drain_timeout_ms` + a few seconds.
 const FINAL_COMMIT_WAIT: Duration = Duration::from_millis(1_000);
+/// Most one log line per this interval for records returned again (see `accept`).
+const READ_AGAIN_LOG_EVERY: Duration = Duration::from_secs(30);
 /// How often the consumer looks for partitions that are behind and not read.
 const UNREAD_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long the consumer waits for the commit thread to end before it leaves the group.
@@ -192,6 +194,8 @@ struct ConsumerActor {
     stall_timeout: Duration,
     /// When `observe_unread` looks next.
     next_unread_check: std::time::Instant,
+    /// When a record returned again may be logged next.
+    next_read_again_log: std::time::Instant,
 }
 
 impl ConsumerActor {
@@ -261,6 +265,7 @@ impl ConsumerActor {
             served_last: None,
             stall_timeout: Duration::from_millis(config.pipeline.stall_timeout_ms),
             next_unread_check: std::time::Instant::now(),
+            next_read_again_log: std::time::Instant::now(),
         })
     }
 
@@ -582,6 +587,20 @@ impl ConsumerActor {
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
             return Ok(());
         };
+        if state
+            .last_polled
+            .is_some_and(|last| message.offset() <= last)
+        {
+            // Taken already under this assignment: the fetch position moved back (a broker
+            // whose high watermark lags its log, seen on tansu, makes librdkafka reset to it).
+            // Taking it again would dispatch an offset twice; the committer tracks each once.
+            self.metrics.read_again.inc();
+            if read_at >= self.next_read_again_log {
+                self.next_read_again_log = read_at + READ_AGAIN_LOG_EVERY;
+                warn!(topic = %key.topic, partition = key.partition, offset = message.offset(), last = state.last_polled, skipped_so_far = self.metrics.read_again.get(), "records returned again by the client are skipped (logged at most every 30 s)");
+            }
+            return Ok(());
+        }
         state.last_polled = Some(message.offset());
         state.last_read = read_at;
         if self.router.is_none() {
