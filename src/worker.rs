@@ -91,7 +91,8 @@ impl WorkerHandle {
             .with_label_values(&[&*settings.route, AckStatus::Processed.as_str()]);
         let latency = metrics
             .processing_latency
-            .with_label_values(&[&*settings.route]);
+            .with_label_values(&[&*settings.route])
+            .local();
         let actor = WorkerActor {
             processed,
             latency,
@@ -145,8 +146,9 @@ struct WorkerActor {
     liveness: Liveness,
     /// This route's `finished{status="processed"}` counter (looked up once, not per record).
     processed: prometheus::IntCounter,
-    /// This route's processing latency histogram.
-    latency: prometheus::Histogram,
+    /// This route's processing latency histogram, observed locally and flushed once per batch
+    /// (the route's workers share the histogram: one atomic update per batch, not per record).
+    latency: prometheus::local::LocalHistogram,
     /// Records this worker delivered (its own state; shown in logs at exit).
     delivered: u64,
     /// Records this worker could not deliver.
@@ -235,6 +237,7 @@ impl WorkerActor {
                     }
                 }
             }
+            self.latency.flush();
             if !delivered.is_empty() {
                 // One message for the batch's acks: one wakeup of the committer, not one each.
                 self.processed.inc_by(delivered.len() as u64);
