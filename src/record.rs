@@ -376,14 +376,24 @@ impl Fence {
         *fence = (*fence).max(generation);
     }
 
-    fn covers(&self, record: &Record) -> bool {
+    /// Removes the covered records from `records`, keeping the order of the rest; returns how
+    /// many were removed. One lock for the batch (the router and every worker check each
+    /// batch: a lock per record would make them contend on it).
+    fn remove_covered(&self, records: &mut Vec<Record>) -> usize {
         let fenced = self
             .0
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        fenced
-            .get(&record.source)
-            .is_some_and(|fence| record.generation <= *fence)
+        if fenced.is_empty() {
+            return 0;
+        }
+        let before = records.len();
+        records.retain(|record| {
+            !fenced
+                .get(&record.source)
+                .is_some_and(|fence| record.generation <= *fence)
+        });
+        before - records.len()
     }
 }
 
@@ -393,9 +403,9 @@ impl Fences {
         self.revoked.raise(source, generation);
     }
 
-    /// Whether `record` was read under a revoked assignment.
-    pub fn is_revoked(&self, record: &Record) -> bool {
-        self.revoked.covers(record)
+    /// Removes the records read under a revoked assignment; returns how many.
+    pub fn remove_revoked(&self, records: &mut Vec<Record>) -> usize {
+        self.revoked.remove_covered(records)
     }
 
     /// The revoke of every generation of `source` up to `generation` is over.
@@ -403,10 +413,10 @@ impl Fences {
         self.released.raise(source, generation);
     }
 
-    /// Whether `record` belongs to an assignment whose revoke is over: it must not be
-    /// delivered any more.
-    pub fn is_released(&self, record: &Record) -> bool {
-        self.released.covers(record)
+    /// Removes the records of assignments whose revoke is over (they must not be delivered
+    /// any more); returns how many.
+    pub fn remove_released(&self, records: &mut Vec<Record>) -> usize {
+        self.released.remove_covered(records)
     }
 }
 

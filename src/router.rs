@@ -177,16 +177,13 @@ impl RouterActor {
             .map(|lane| lane.workers.iter().map(|_| Vec::new()).collect())
             .collect();
         while self.receiver.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
-            batch.retain(|record| {
-                if self.links.fences.is_revoked(record) {
-                    // Its partition went to another owner, which reads it again: dispatching
-                    // it would only make a duplicate.
-                    self.links.metrics.in_flight.dec();
-                    self.links.metrics.abandoned.inc();
-                    return false;
-                }
-                true
-            });
+            // A record of a revoked assignment: its partition went to another owner, which
+            // reads it again; dispatching it would only make a duplicate.
+            let revoked = self.links.fences.remove_revoked(&mut batch);
+            if revoked > 0 {
+                self.links.metrics.in_flight.sub(revoked as i64);
+                self.links.metrics.abandoned.inc_by(revoked as u64);
+            }
             if batch.is_empty() {
                 continue;
             }

@@ -202,8 +202,8 @@ impl WorkerActor {
                         "sink returned no outcome for the record",
                     ))
                 });
-                let order = order_key(&record);
-                if outcome.is_ok() && behind.contains(&order) {
+                // Hashed only once a record of this batch is being retried.
+                if outcome.is_ok() && !behind.is_empty() && behind.contains(&order_key(&record)) {
                     // The sink delivered it while an earlier record of its key failed (the
                     // idempotent Kafka producer fails them together; other sinks may not). It
                     // is delivered again after that one, so the last copy of each key is in
@@ -224,7 +224,7 @@ impl WorkerActor {
                         if err.kind == FailureKind::Retryable
                             && attempts <= self.retry.max_retries =>
                     {
-                        behind.insert(order);
+                        behind.insert(order_key(&record));
                         retry.push((record, err));
                     }
                     Err(err) => {
@@ -273,9 +273,7 @@ impl WorkerActor {
     /// delivered from here could land after its copies of later records of the same key. The
     /// committer counted them as abandoned at the revoke; they never finish here.
     fn drop_released(&self, pending: &mut Vec<Record>) {
-        let before = pending.len();
-        pending.retain(|record| !self.fences.is_released(record));
-        let dropped = before - pending.len();
+        let dropped = self.fences.remove_released(pending);
         if dropped > 0 {
             self.metrics.in_flight.sub(dropped as i64);
             tracing::debug!(

@@ -182,6 +182,8 @@ pub(crate) struct Assignment {
     pub(crate) partitions: FxHashMap<PartitionKey, PartitionState>,
     /// The interned topic names, by name (interning takes a process-wide lock; this does not).
     topics: FxHashMap<String, Topic>,
+    /// The topic `key` returned last.
+    last_topic: Option<Topic>,
     /// `events_consumed_total` of each topic, looked up once rather than per record.
     consumed: FxHashMap<Topic, prometheus::IntCounter>,
     /// Partitions behind and not read for `stall_timeout_ms`, as last observed.
@@ -190,6 +192,13 @@ pub(crate) struct Assignment {
 
 impl Assignment {
     pub(crate) fn key(&mut self, topic: &str, partition: i32) -> PartitionKey {
+        // Consecutive records mostly share their topic: a comparison, not a hash lookup.
+        if let Some(last) = self.last_topic.filter(|last| last.as_str() == topic) {
+            return PartitionKey {
+                topic: last,
+                partition,
+            };
+        }
         let topic = match self.topics.get(topic) {
             Some(name) => *name,
             None => {
@@ -198,6 +207,7 @@ impl Assignment {
                 name
             }
         };
+        self.last_topic = Some(topic);
         PartitionKey { topic, partition }
     }
 

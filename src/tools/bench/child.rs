@@ -115,7 +115,9 @@ fn ends(options: &ChildOptions) -> anyhow::Result<Vec<(i32, i64, u64)>> {
         .collect())
 }
 
-/// Reads the whole topic with a bare consumer (logbridge's client settings, no decoding).
+/// Reads the whole topic with a bare group consumer (logbridge's client settings, no
+/// decoding) that commits its position every `commit_interval_ms`, as logbridge commits: timed
+/// until its committed offsets reach the end, and until it read the last record.
 fn measure_raw(options: &ChildOptions) -> anyhow::Result<Measurement> {
     let expected: u64 = ends(options)?.iter().map(|(_, _, count)| count).sum();
     let config = bench_config(options)?;
@@ -125,26 +127,57 @@ fn measure_raw(options: &ChildOptions) -> anyhow::Result<Measurement> {
     consumer
         .subscribe(&[&options.topic])
         .context("failed to subscribe")?;
+    let interval = Duration::from_millis(options.commit_interval_ms.max(1));
+    // Ticks from the start, as logbridge's commit interval runs from the pipeline's start.
+    let mut next_commit = Instant::now() + interval;
     let deadline = Instant::now() + CHILD_LIMIT;
     let mut window = None;
-    let (mut count, mut bytes) = (0u64, 0u64);
-    while count < expected {
+    let mut read_all_at = None;
+    let (mut count, mut bytes, mut commits) = (0u64, 0u64, 0u64);
+    loop {
         anyhow::ensure!(
             Instant::now() < deadline,
             "read {count} of {expected} records in {CHILD_LIMIT:?}"
         );
-        match consumer.poll(Duration::from_millis(100)) {
+        if Instant::now() >= next_commit && window.is_some() {
+            next_commit += interval;
+            let read_all = count >= expected;
+            let positions = consumer.position().context("no consumer positions")?;
+            commits += 1;
+            match consumer.commit(&positions, rdkafka::consumer::CommitMode::Sync) {
+                // The positions after the last record are committed: the end is reached.
+                Ok(()) if read_all => break,
+                Ok(()) => {}
+                Err(err) => tracing::warn!(error = %err, "commit failed"),
+            }
+        }
+        if Instant::now() >= next_commit {
+            // Nothing read yet: nothing to commit.
+            next_commit += interval;
+        }
+        if count >= expected {
+            std::thread::sleep(next_commit.saturating_duration_since(Instant::now()));
+            continue;
+        }
+        let wait = next_commit
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        match consumer.poll(wait) {
             Some(Ok(message)) => {
-                window.get_or_insert_with(Window::start);
+                let opened = window.get_or_insert_with(Window::start);
                 count += 1;
                 bytes += message.payload_len() as u64;
+                if count >= expected {
+                    read_all_at = Some(opened.started.elapsed().as_secs_f64());
+                }
             }
             Some(Err(err)) => tracing::warn!(error = %err, "consume error"),
             None => {}
         }
     }
     let window = window.unwrap_or_else(Window::start);
-    let measurement = window.finish(count, 0);
+    let mut measurement = window.finish(count, commits);
+    measurement.finished_seconds = read_all_at;
     tracing::debug!(bytes, "raw consumer done");
     Ok(measurement)
 }

@@ -75,8 +75,9 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         rate(Mode::Null) / raw,
         rate(Mode::Kafka) / raw
     );
-    let finished =
-        |mode: Mode| median_of(figures(mode), |m| m.finished_rate().unwrap_or(f64::NAN)) / raw;
+    let finished = |mode: Mode| median_of(figures(mode), |m| m.finished_rate().unwrap_or(f64::NAN));
+    let finished_raw = finished(Mode::Raw);
+    let finished = |mode: Mode| finished(mode) / finished_raw;
     println!(
         "until the last record finished (before the wait for the next commit interval): b/a = {:.2}   c/a = {:.2}",
         finished(Mode::Null),
