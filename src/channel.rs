@@ -183,8 +183,10 @@ pub struct BatchReceiver<T> {
 impl<T> BatchReceiver<T> {
     /// Waits for a batch and appends it to `into`, then appends the batches already waiting
     /// while they fit: `into` ends with at most `limit` items, or with the first batch alone
-    /// if that is larger (a batch is never split). Returns the number appended: 0 once every
-    /// sender is gone and the channel is empty.
+    /// if that is larger (a batch is never split). The room is given back once, at the end, so
+    /// a sender cannot refill the channel while this call is still taking: one call takes at
+    /// most what the channel held. Returns the number appended: 0 once every sender is gone and
+    /// the channel is empty.
     pub async fn recv_many(&mut self, into: &mut Vec<T>, limit: usize) -> usize {
         let before = into.len();
         let first = match self.next.take() {
@@ -194,10 +196,10 @@ impl<T> BatchReceiver<T> {
                 None => return 0,
             },
         };
-        self.take(into, first);
+        append(into, first);
         while into.len() < limit {
             match self.receiver.try_recv() {
-                Ok(batch) if into.len() + batch.len() <= limit => self.take(into, batch),
+                Ok(batch) if into.len() + batch.len() <= limit => append(into, batch),
                 Ok(batch) => {
                     self.next = Some(batch);
                     break;
@@ -205,16 +207,9 @@ impl<T> BatchReceiver<T> {
                 Err(_) => break,
             }
         }
-        into.len() - before
-    }
-
-    fn take(&self, into: &mut Vec<T>, batch: Vec<T>) {
-        self.room.add_permits(batch.len());
-        if into.is_empty() {
-            *into = batch;
-        } else {
-            into.extend(batch);
-        }
+        let taken = into.len() - before;
+        self.room.add_permits(taken);
+        taken
     }
 }
 
@@ -222,6 +217,14 @@ impl<T> Drop for BatchReceiver<T> {
     fn drop(&mut self) {
         // Senders waiting for room stop waiting: the stage is gone.
         self.room.close();
+    }
+}
+
+fn append<T>(into: &mut Vec<T>, batch: Vec<T>) {
+    if into.is_empty() {
+        *into = batch;
+    } else {
+        into.extend(batch);
     }
 }
 
@@ -285,6 +288,31 @@ mod tests {
             5,
             "a first batch over the limit"
         );
+    }
+
+    // A sender on another thread refills the channel as fast as it can; no single receive may
+    // take more than the channel holds (the workers' batch bound rests on it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_receive_takes_at_most_what_the_channel_holds() {
+        let (sender, mut receiver) = channel::<u32>(4);
+        let sending = tokio::spawn(async move {
+            for item in 0..20_000 {
+                if sender.send(vec![item]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (mut received, mut largest) = (0, 0);
+        let mut got = Vec::new();
+        while received < 20_000 {
+            got.clear();
+            let taken = receiver.recv_many(&mut got, 1_000).await;
+            assert!(taken > 0, "the sender is still there");
+            largest = largest.max(taken);
+            received += taken;
+        }
+        sending.await.expect("sender task");
+        assert!(largest <= 4, "one receive took {largest} of a channel of 4");
     }
 
     #[tokio::test]
