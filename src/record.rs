@@ -389,9 +389,9 @@ impl Fence {
         }
         let before = records.len();
         records.retain(|record| {
-            !fenced
+            fenced
                 .get(&record.source)
-                .is_some_and(|fence| record.generation <= *fence)
+                .is_none_or(|fence| record.generation > *fence)
         });
         before - records.len()
     }
