@@ -71,7 +71,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         );
     }
     println!(
-        "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.45)",
+        "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.50)",
         rate(Mode::Null) / raw,
         rate(Mode::Kafka) / raw
     );
