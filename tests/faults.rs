@@ -306,6 +306,20 @@ async fn an_unread_partition_without_records_in_flight_fails_readiness() {
     );
     let metrics = Arc::new(Metrics::new());
     let (running, address) = start_reading(config, Duration::from_millis(20), &metrics).await;
+    // Partition 1 must have been read once: a partition whose leader went down before its first
+    // fetch has no known position or end, so nothing says it is behind. (The consumer takes a
+    // poll burst at once, so "100 records read" may all be partition 0's.)
+    let out = dir.path().join("all.jsonl");
+    let read_one = wait_for(Duration::from_secs(30), || {
+        let out = out.clone();
+        async move {
+            read_lines(&[out])
+                .iter()
+                .any(|line| line["partition"].as_i64() == Some(1))
+        }
+    })
+    .await;
+    assert!(read_one, "partition 1 was never read");
     cluster
         .broker_down(2)
         .expect("partition 1's leader goes down");
