@@ -373,25 +373,14 @@ impl ConsumerActor {
     /// reason (it must not resume before the committer releases it).
     fn pause_all(&self, why: PauseWhy) -> anyhow::Result<usize> {
         let mut assignment = self.callbacks().assignment.lock();
-        let mut tpl = TopicPartitionList::new();
-        for (key, state) in assignment.partitions.iter_mut() {
-            match &mut state.flow {
-                Flow::Flowing => {
-                    state.flow = Flow::paused(why);
-                    tpl.add_partition(&key.topic, key.partition);
-                }
-                Flow::Paused { why: current, .. } => {
-                    if *current != PauseWhy::Uncommitted {
-                        *current = why;
-                    }
+        for state in assignment.partitions.values_mut() {
+            if let Flow::Paused { why: current, .. } = &mut state.flow {
+                if *current != PauseWhy::Uncommitted {
+                    *current = why;
                 }
             }
         }
-        if tpl.count() > 0 {
-            self.consumer
-                .pause(&tpl)
-                .with_context(|| format!("failed to pause partitions ({})", why.as_str()))?;
-        }
+        self.pause_flowing(&mut assignment, why)?;
         assignment.publish(&self.metrics);
         Ok(assignment.partitions.len())
     }
@@ -570,8 +559,9 @@ impl ConsumerActor {
         self.send_batch()
     }
 
-    /// Decodes a record and adds it to the batch for the router; with `max_in_flight_bytes`
-    /// held, keeps it and pauses its partition.
+    /// Copies a record out of librdkafka's buffer and adds it to the batch for the router
+    /// (the router decodes it); with `max_in_flight_bytes` held, keeps it and pauses its
+    /// partition. A record returned again under the same assignment is skipped.
     fn accept(
         &mut self,
         message: &rdkafka::message::BorrowedMessage<'_>,
@@ -681,12 +671,22 @@ impl ConsumerActor {
         self.hold_back(&mut assignment, PauseWhy::RouterFull, batch)?;
         // The router stayed full: every partition waits for room now, so no later batch is
         // held back too, and what the consumer holds stays within one batch.
-        self.pause_flowing(&mut assignment, PauseWhy::RouterFull)
+        let paused = self.pause_flowing(&mut assignment, PauseWhy::RouterFull)?;
+        if paused > 0 {
+            self.metrics.pauses.inc_by(paused as u64);
+            info!(
+                partitions = paused,
+                "{}, partitions paused",
+                PauseWhy::RouterFull.as_str()
+            );
+            assignment.publish(&self.metrics);
+        }
+        Ok(())
     }
 
     /// Pauses every partition that still flows, for `why` (held records and other reasons
-    /// stay as they are).
-    fn pause_flowing(&self, assignment: &mut Assignment, why: PauseWhy) -> anyhow::Result<()> {
+    /// stay as they are); returns how many it paused.
+    fn pause_flowing(&self, assignment: &mut Assignment, why: PauseWhy) -> anyhow::Result<usize> {
         let mut tpl = TopicPartitionList::new();
         for (key, state) in assignment.partitions.iter_mut() {
             if matches!(state.flow, Flow::Flowing) {
@@ -698,15 +698,8 @@ impl ConsumerActor {
             self.consumer
                 .pause(&tpl)
                 .with_context(|| format!("failed to pause partitions ({})", why.as_str()))?;
-            self.metrics.pauses.inc_by(tpl.count() as u64);
-            info!(
-                partitions = tpl.count(),
-                "{}, partitions paused",
-                why.as_str()
-            );
-            assignment.publish(&self.metrics);
         }
-        Ok(())
+        Ok(tpl.count())
     }
 
     /// Moves held records to the router once it has drained to half its capacity and at most
