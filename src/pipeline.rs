@@ -65,18 +65,25 @@ impl Default for RunOptions {
 
 /// The most records the pipeline holds between Kafka and the committer, from its capacities:
 /// the router channel, the batch in the router's hands (at most what its channel held), each
-/// worker's channel and the batch it works on (at most what its channel held), and the acks
+/// worker's channel and the batches in its sink (each at most what its channel held; several
+/// for a Kafka route, [`crate::config::RouteConfig::batches_in_flight`]), and the acks
 /// waiting in the committer channel (messages of at most one worker batch each; dispatch
 /// messages there hold no record). The batch the consumer fills or holds for paused partitions
 /// ([`crate::router::consumer_batch`]) and librdkafka's prefetch (`queued.max.messages.kbytes`)
 /// come on top.
 pub fn in_flight_bound(config: &Config) -> usize {
     let pipeline = &config.pipeline;
-    let workers: usize = config.routes.iter().map(|route| route.workers).sum();
     let batch = pipeline.worker_capacity.min(MAX_BATCH);
+    let workers: usize = config
+        .routes
+        .iter()
+        .map(|route| {
+            route.workers * (pipeline.worker_capacity + route.batches_in_flight(pipeline) * batch)
+        })
+        .sum();
     pipeline.router_capacity
         + pipeline.router_capacity.min(DISPATCH_BATCH)
-        + workers * (pipeline.worker_capacity + batch)
+        + workers
         + committer_capacity(config) * batch
 }
 
@@ -413,6 +420,7 @@ fn spawn_workers(
                     backoff_max: Duration::from_millis(route.retry_backoff_max_ms),
                 },
                 fences: fences.clone(),
+                batches_in_flight: route.batches_in_flight(&config.pipeline),
             };
             let (handle, task) = WorkerHandle::spawn(
                 settings,

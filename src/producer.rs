@@ -249,77 +249,168 @@ pub fn headers_for(record: &Record, extra: &[(&str, &[u8])]) -> OwnedHeaders {
     headers
 }
 
+/// One record for [`send_all`] or [`send_now`]: the source record (its key is sent), the value
+/// and the headers.
+pub type Outgoing<'a> = (&'a Record, Option<&'a [u8]>, OwnedHeaders);
+
 /// Sends each record's original key with the given value and headers to `topic`, and returns
-/// one outcome per record once its delivery report is in.
+/// one outcome per record once its delivery report is in. A full local queue is waited out.
 pub async fn send_all<'a>(
     producer: &Producer,
     topic: &str,
-    records: impl Iterator<Item = (&'a Record, Option<&'a [u8]>, OwnedHeaders)>,
+    records: impl Iterator<Item = Outgoing<'a>>,
 ) -> Vec<Result<(), DeliveryError>> {
     let mut records: Vec<_> = records.collect();
     let mut outcomes = Vec::with_capacity(records.len());
     while !records.is_empty() {
         let rest = records.split_off(records.len().min(MAX_REPORTED));
-        outcomes.extend(send_reported(producer, topic, records).await);
+        let reporting = Reporting::register(producer, records.len());
+        for (index, outgoing) in records.into_iter().enumerate() {
+            // A full local queue empties as the broker takes records: wait briefly, try again.
+            // The wait is bounded by `message.timeout.ms` of the records ahead.
+            let mut attempt = reporting.record(topic, index, outgoing);
+            while let Some(back) = reporting.send(index, attempt) {
+                attempt = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        outcomes.extend(reporting.outcomes().await);
         records = rest;
     }
     outcomes
 }
 
-/// Sends at most [`MAX_REPORTED`] records and waits for their delivery reports.
-async fn send_reported<'a>(
+/// Sends the records to `topic` now, in order, and returns a future of their outcomes (one per
+/// record, after its delivery report) that borrows nothing: the caller may send more before it
+/// resolves, and the idempotent producer keeps what it sent in order. It never waits: once the
+/// local queue is full, that record and the rest fail at once (`queue_full`, retryable).
+pub fn send_now<'a>(
     producer: &Producer,
     topic: &str,
-    records: Vec<(&'a Record, Option<&'a [u8]>, OwnedHeaders)>,
-) -> Vec<Result<(), DeliveryError>> {
-    let context = producer.0.context();
-    let batch = context
-        .next_batch
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        & (u64::MAX >> INDEX_BITS);
-    let reports = Arc::new(BatchReports {
-        state: std::sync::Mutex::new(ReportState {
-            outcomes: vec![Ok(()); records.len()],
-            remaining: records.len(),
-        }),
-        done: tokio::sync::Notify::new(),
-    });
-    context.waiting().insert(batch, reports.clone());
-    for (index, (record, value, headers)) in records.into_iter().enumerate() {
-        let opaque = ((batch << INDEX_BITS) as usize) | index;
-        let mut base =
-            BaseRecord::<[u8], [u8], usize>::with_opaque_to(topic, opaque).headers(headers);
+    records: impl Iterator<Item = Outgoing<'a>>,
+) -> impl std::future::Future<Output = Vec<Result<(), DeliveryError>>> + Send + 'static {
+    let mut parts = Vec::new();
+    let mut full = false;
+    let mut records = records.peekable();
+    while records.peek().is_some() {
+        let part: Vec<_> = records.by_ref().take(MAX_REPORTED).collect();
+        let reporting = Reporting::register(producer, part.len());
+        for (index, outgoing) in part.into_iter().enumerate() {
+            if full
+                || reporting
+                    .send(index, reporting.record(topic, index, outgoing))
+                    .is_some()
+            {
+                // Nothing after a refused record is sent: it would land ahead of it.
+                full = true;
+                reporting.report(
+                    index,
+                    Err(DeliveryError::retryable(
+                        "queue_full",
+                        "the producer's local queue is full",
+                    )),
+                );
+            }
+        }
+        parts.push(reporting);
+    }
+    async move {
+        let mut outcomes = Vec::new();
+        for reporting in parts {
+            outcomes.extend(reporting.outcomes().await);
+        }
+        outcomes
+    }
+}
+
+/// A batch of at most [`MAX_REPORTED`] records registered for its delivery reports.
+struct Reporting {
+    producer: Producer,
+    batch: u64,
+    reports: Arc<BatchReports>,
+}
+
+impl Reporting {
+    fn register(producer: &Producer, len: usize) -> Reporting {
+        let context = producer.0.context();
+        let batch = context
+            .next_batch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            & (u64::MAX >> INDEX_BITS);
+        let reports = Arc::new(BatchReports {
+            state: std::sync::Mutex::new(ReportState {
+                outcomes: vec![Ok(()); len],
+                remaining: len,
+            }),
+            done: tokio::sync::Notify::new(),
+        });
+        context.waiting().insert(batch, reports.clone());
+        Reporting {
+            producer: producer.clone(),
+            batch,
+            reports,
+        }
+    }
+
+    /// The librdkafka record of `index`, whose report comes back to this batch.
+    fn record<'a>(
+        &self,
+        topic: &'a str,
+        index: usize,
+        (record, value, headers): Outgoing<'a>,
+    ) -> BaseRecord<'a, [u8], [u8], usize> {
+        let opaque = ((self.batch << INDEX_BITS) as usize) | index;
+        let mut base = BaseRecord::with_opaque_to(topic, opaque).headers(headers);
         if let Some(key) = record.key() {
             base = base.key(key);
         }
         if let Some(value) = value {
             base = base.payload(value);
         }
-        // A full local queue empties as the broker takes records: wait briefly, try again. The
-        // wait is bounded by `message.timeout.ms` of the records ahead.
-        let mut attempt = base;
-        loop {
-            match producer.0.send(attempt) {
-                Ok(()) => break,
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    attempt = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((err, _)) => {
-                    reports.report(index, Err(classify(&err)));
-                    break;
-                }
+        base
+    }
+
+    /// Hands record `index` to librdkafka; gives it back when the local queue is full, and
+    /// reports it failed on any other error.
+    fn send<'a>(
+        &self,
+        index: usize,
+        record: BaseRecord<'a, [u8], [u8], usize>,
+    ) -> Option<BaseRecord<'a, [u8], [u8], usize>> {
+        match self.producer.0.send(record) {
+            Ok(()) => None,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => Some(back),
+            Err((err, _)) => {
+                self.report(index, Err(classify(&err)));
+                None
             }
         }
     }
-    // Every record sent gets exactly one report (librdkafka fails it after
-    // `message.timeout.ms` at the latest); the last one wakes this task.
-    while reports.remaining() > 0 {
-        reports.done.notified().await;
+
+    fn report(&self, index: usize, outcome: Result<(), DeliveryError>) {
+        self.reports.report(index, outcome);
     }
-    context.waiting().remove(&batch);
-    let mut state = reports.state.lock().unwrap_or_else(PoisonError::into_inner);
-    std::mem::take(&mut state.outcomes)
+
+    /// Waits for every record's report. Every record sent gets exactly one (librdkafka fails
+    /// it after `message.timeout.ms` at the latest); the last one wakes this task.
+    async fn outcomes(self) -> Vec<Result<(), DeliveryError>> {
+        while self.reports.remaining() > 0 {
+            self.reports.done.notified().await;
+        }
+        let mut state = self
+            .reports
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        std::mem::take(&mut state.outcomes)
+    }
+}
+
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        // Reported or given up on (a dropped future): either way nobody waits for it now.
+        self.producer.0.context().waiting().remove(&self.batch);
+    }
 }
 
 #[cfg(test)]

@@ -25,10 +25,22 @@ pub type SinkError = crate::producer::DeliveryError;
 /// A future returned by a sink: one outcome per record of the batch, in batch order.
 pub type DeliveryFuture<'a> = Pin<Box<dyn Future<Output = Vec<Result<(), SinkError>>> + Send + 'a>>;
 
+/// The outcomes of a batch already sent ([`Sink::start`]): borrows neither the sink nor the batch.
+pub type Started = Pin<Box<dyn Future<Output = Vec<Result<(), SinkError>>> + Send + 'static>>;
+
 /// A destination for records. Each worker owns one sink value.
 pub trait Sink: Send {
     /// Delivers a batch; the result has exactly one outcome per record.
     fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a>;
+
+    /// For sinks that can have several batches in flight: sends `batch` now, after every batch
+    /// started before it, and returns its outcomes (one per record, in batch order) as a future
+    /// that borrows nothing, so the worker can start the next batch before this one is
+    /// reported (the Kafka sink: the idempotent producer keeps what it sent in order). `None`,
+    /// the default: the sink takes one batch at a time, through [`Sink::deliver`].
+    fn start(&mut self, _route: &str, _batch: &[Record]) -> Option<Started> {
+        None
+    }
 }
 
 /// Builds the sink of worker `index` of a route. Tests and embedders can supply their own.
@@ -118,16 +130,35 @@ pub struct KafkaSink {
     topic: String,
 }
 
+impl KafkaSink {
+    /// What is sent for each record: the original payload, byte for byte, with the record's
+    /// headers and logbridge's.
+    fn outgoing<'a>(
+        route: &'a str,
+        batch: &'a [Record],
+    ) -> impl Iterator<Item = crate::producer::Outgoing<'a>> {
+        batch.iter().map(move |record| {
+            let headers = headers_for(record, &[(headers::ROUTE, route.as_bytes())]);
+            (record, record.payload(), headers)
+        })
+    }
+}
+
 impl Sink for KafkaSink {
     fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
-        Box::pin(async move {
-            let with_headers = batch.iter().map(|record| {
-                let headers = headers_for(record, &[(headers::ROUTE, route.as_bytes())]);
-                // The original payload, byte for byte.
-                (record, record.payload(), headers)
-            });
-            crate::producer::send_all(&self.producer, &self.topic, with_headers).await
-        })
+        Box::pin(crate::producer::send_all(
+            &self.producer,
+            &self.topic,
+            Self::outgoing(route, batch),
+        ))
+    }
+
+    fn start(&mut self, route: &str, batch: &[Record]) -> Option<Started> {
+        Some(Box::pin(crate::producer::send_now(
+            &self.producer,
+            &self.topic,
+            Self::outgoing(route, batch),
+        )))
     }
 }
 

@@ -8,6 +8,7 @@
 //! topic (or, without one, is logged, counted and skipped). Nothing here stops a worker but the
 //! end of its input.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use crate::metrics::{DepthProbe, Metrics};
 use crate::producer::{DeliveryError, FailureKind};
 use crate::record::{AckStatus, Fences, Record, StageGone};
 use crate::router::order_key;
-use crate::sink::Sink;
+use crate::sink::{Sink, Started};
 
 /// Most records a worker takes from its channel for one sink call.
 pub const MAX_BATCH: usize = 256;
@@ -71,6 +72,9 @@ pub struct WorkerSettings {
     pub retry: RetryPolicy,
     /// Revoked assignments: records of one whose revoke is over are not delivered any more.
     pub fences: Fences,
+    /// Batches the worker may have in its sink at once, for sinks that keep several in order
+    /// ([`Sink::start`]); 1: one at a time.
+    pub batches_in_flight: usize,
 }
 
 impl WorkerHandle {
@@ -99,6 +103,7 @@ impl WorkerHandle {
             route: settings.route,
             retry: settings.retry,
             fences: settings.fences,
+            batches_in_flight: settings.batches_in_flight.max(1),
             receiver,
             sink,
             committer,
@@ -138,6 +143,7 @@ struct WorkerActor {
     route: Arc<str>,
     retry: RetryPolicy,
     fences: Fences,
+    batches_in_flight: usize,
     receiver: BatchReceiver<Record>,
     sink: Box<dyn Sink>,
     committer: CommitterHandle,
@@ -155,16 +161,33 @@ struct WorkerActor {
     failed: u64,
 }
 
+/// A batch a worker sent and is waiting to hear about.
+struct InFlight {
+    records: Vec<Record>,
+    outcomes: Started,
+    started: Instant,
+}
+
+/// What a worker with batches in flight does next.
+enum Step {
+    /// The oldest batch in flight was reported.
+    Reported(Vec<Result<(), DeliveryError>>),
+    /// Records came from the channel (0: the channel is closed and empty).
+    Received(usize),
+}
+
 impl WorkerActor {
     #[tracing::instrument(name = "worker", skip_all, fields(route = %self.route))]
     async fn run(mut self) {
         let _alive = self.liveness.enter("worker");
-        let mut batch = Vec::with_capacity(MAX_BATCH);
-        while self.receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            if let Err(gone) = self.process(std::mem::take(&mut batch)).await {
-                warn!(error = %gone, "worker stops");
-                return;
-            }
+        let outcome = if self.batches_in_flight > 1 {
+            self.run_overlapped().await
+        } else {
+            self.run_one_at_a_time().await
+        };
+        if let Err(gone) = outcome {
+            warn!(error = %gone, "worker stops");
+            return;
         }
         tracing::debug!(
             delivered = self.delivered,
@@ -173,9 +196,116 @@ impl WorkerActor {
         );
     }
 
+    async fn run_one_at_a_time(&mut self) -> Result<(), StageGone> {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while self.receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            self.process(std::mem::take(&mut batch)).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps up to `batches_in_flight` batches in the sink at once, started in channel order
+    /// and settled in the same order. When a batch has records to retry, nothing new starts:
+    /// the batches after it are waited for and settled with its failed keys held back (a
+    /// later record of such a key is delivered again after the earlier one), then the retries
+    /// run one batch at a time as in [`WorkerActor::process`].
+    async fn run_overlapped(&mut self) -> Result<(), StageGone> {
+        let mut window: VecDeque<InFlight> = VecDeque::with_capacity(self.batches_in_flight);
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        let mut open = true;
+        loop {
+            let room = open && window.len() < self.batches_in_flight;
+            let step = match window.front_mut() {
+                None if !open => return Ok(()),
+                None => Step::Received(self.receiver.recv_many(&mut batch, MAX_BATCH).await),
+                Some(oldest) if room => tokio::select! {
+                    // Reports first: they free the committer's view and the window.
+                    biased;
+                    outcomes = &mut oldest.outcomes => Step::Reported(outcomes),
+                    // Cancel-safe: a receive that loses the race took nothing.
+                    received = self.receiver.recv_many(&mut batch, MAX_BATCH) => {
+                        Step::Received(received)
+                    }
+                },
+                Some(oldest) => Step::Reported((&mut oldest.outcomes).await),
+            };
+            match step {
+                Step::Reported(outcomes) => {
+                    let oldest = window.pop_front().expect("the oldest batch was reported");
+                    let reported = InFlight {
+                        outcomes: Box::pin(std::future::ready(outcomes)),
+                        ..oldest
+                    };
+                    self.settle_window(reported, &mut window).await?;
+                }
+                Step::Received(0) => open = false,
+                Step::Received(_) => {
+                    let mut records = std::mem::take(&mut batch);
+                    self.drop_released(&mut records);
+                    if records.is_empty() {
+                        continue;
+                    }
+                    match self.sink.start(&self.route, &records) {
+                        Some(outcomes) => window.push_back(InFlight {
+                            records,
+                            outcomes,
+                            started: Instant::now(),
+                        }),
+                        None => {
+                            // A sink that takes one batch at a time: what is in flight first.
+                            while let Some(oldest) = window.pop_front() {
+                                self.settle_window(oldest, &mut window).await?;
+                            }
+                            self.process(records).await?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Settles the oldest batch in flight. If some of it is to be retried, the batches started
+    /// after it are waited for and settled with its failed keys held back, and everything to
+    /// retry is retried, in order, before anything new starts.
+    async fn settle_window(
+        &mut self,
+        oldest: InFlight,
+        window: &mut VecDeque<InFlight>,
+    ) -> Result<(), StageGone> {
+        let mut behind = FxHashSet::default();
+        let mut retry = self.settle_in_flight(oldest, &mut behind).await?;
+        if retry.is_empty() {
+            return Ok(());
+        }
+        while let Some(next) = window.pop_front() {
+            retry.extend(self.settle_in_flight(next, &mut behind).await?);
+        }
+        let pending = self.back_off(retry, 1).await;
+        self.deliver_until_settled(pending, 1).await
+    }
+
+    async fn settle_in_flight(
+        &mut self,
+        batch: InFlight,
+        behind: &mut FxHashSet<u64>,
+    ) -> Result<Vec<(Record, DeliveryError)>, StageGone> {
+        let outcomes = batch.outcomes.await;
+        self.observe_sink(batch.started);
+        self.settle(batch.records, outcomes, 1, behind).await
+    }
+
     /// Delivers a batch, retrying what failed transiently, and finishes every record.
-    async fn process(&mut self, mut pending: Vec<Record>) -> Result<(), StageGone> {
-        let mut attempts = 0u32;
+    async fn process(&mut self, pending: Vec<Record>) -> Result<(), StageGone> {
+        self.deliver_until_settled(pending, 0).await
+    }
+
+    /// Delivers `pending` one batch at a time until every record is finished; `attempts`
+    /// were made before.
+    async fn deliver_until_settled(
+        &mut self,
+        mut pending: Vec<Record>,
+        mut attempts: u32,
+    ) -> Result<(), StageGone> {
         loop {
             self.drop_released(&mut pending);
             if pending.is_empty() {
@@ -184,88 +314,115 @@ impl WorkerActor {
             attempts += 1;
             let started = Instant::now();
             let outcomes = self.sink.deliver(&self.route, &pending).await;
-            self.metrics
-                .sink_latency
-                .with_label_values(&[&self.route])
-                .observe(started.elapsed().as_secs_f64());
-            let mut retry = Vec::new();
-            let mut delivered = Vec::with_capacity(pending.len());
-            let finished_at = std::time::Instant::now();
-            let mut outcomes = outcomes.into_iter();
-            // Keys (by hash) with an earlier record of this batch to retry: a later record of
-            // the same key must not count as delivered before it (per-key order).
-            let mut behind: FxHashSet<u64> = FxHashSet::default();
-            for record in pending {
-                let mut outcome = outcomes.next().unwrap_or_else(|| {
-                    Err(DeliveryError::retryable(
-                        "no_outcome",
-                        "sink returned no outcome for the record",
-                    ))
-                });
-                // Hashed only once a record of this batch is being retried.
-                if outcome.is_ok() && !behind.is_empty() && behind.contains(&order_key(&record)) {
-                    // The sink delivered it while an earlier record of its key failed (the
-                    // idempotent Kafka producer fails them together; other sinks may not). It
-                    // is delivered again after that one, so the last copy of each key is in
-                    // order, and acked only then.
-                    outcome = Err(DeliveryError::retryable(
-                        "key_order",
-                        "an earlier record of the same key is being retried",
-                    ));
-                }
-                match outcome {
-                    Ok(()) => {
-                        self.delivered += 1;
-                        let latency = finished_at.saturating_duration_since(record.read_at);
-                        self.latency.observe(latency.as_secs_f64());
-                        delivered.push(record.ack(AckStatus::Processed));
-                    }
-                    Err(err)
-                        if err.kind == FailureKind::Retryable
-                            && attempts <= self.retry.max_retries =>
-                    {
-                        behind.insert(order_key(&record));
-                        retry.push((record, err));
-                    }
-                    Err(err) => {
-                        let reason = if err.kind == FailureKind::Retryable {
-                            "retries_exhausted"
-                        } else {
-                            err.reason
-                        };
-                        self.give_up(record, reason, err, attempts).await?;
-                    }
-                }
-            }
-            self.latency.flush();
-            if !delivered.is_empty() {
-                // One message for the batch's acks: one wakeup of the committer, not one each.
-                self.processed.inc_by(delivered.len() as u64);
-                self.committer.acks(delivered).await?;
-            }
+            self.observe_sink(started);
+            let retry = self
+                .settle(pending, outcomes, attempts, &mut FxHashSet::default())
+                .await?;
             if retry.is_empty() {
                 return Ok(());
             }
-            let delay = self.retry.delay(attempts);
-            self.metrics
-                .retries
-                .with_label_values(&[&self.route])
-                .inc_by(retry.len() as u64);
-            let (first, err) = &retry[0];
-            warn!(
-                route = %self.route,
-                topic = %first.source.topic,
-                partition = first.source.partition,
-                offset = first.offset,
-                records = retry.len(),
-                attempt = attempts,
-                retry_in_ms = delay.as_millis() as u64,
-                error = %err,
-                "delivery failed, retrying"
-            );
-            tokio::time::sleep(delay).await;
-            pending = retry.into_iter().map(|(record, _)| record).collect();
+            pending = self.back_off(retry, attempts).await;
         }
+    }
+
+    fn observe_sink(&self, started: Instant) {
+        self.metrics
+            .sink_latency
+            .with_label_values(&[&self.route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Finishes what a delivery (attempt number `attempts`) settled, acking what went through
+    /// and dead-lettering what cannot, and returns what is to be retried. `behind` holds the
+    /// keys (by hash) with an earlier record being retried: a later record of such a key does
+    /// not count as delivered before it (per-key order), and is retried after it.
+    async fn settle(
+        &mut self,
+        pending: Vec<Record>,
+        outcomes: Vec<Result<(), DeliveryError>>,
+        attempts: u32,
+        behind: &mut FxHashSet<u64>,
+    ) -> Result<Vec<(Record, DeliveryError)>, StageGone> {
+        let mut retry = Vec::new();
+        let mut delivered = Vec::with_capacity(pending.len());
+        let finished_at = std::time::Instant::now();
+        let mut outcomes = outcomes.into_iter();
+        for record in pending {
+            let mut outcome = outcomes.next().unwrap_or_else(|| {
+                Err(DeliveryError::retryable(
+                    "no_outcome",
+                    "sink returned no outcome for the record",
+                ))
+            });
+            // Hashed only once a record is being retried.
+            if outcome.is_ok() && !behind.is_empty() && behind.contains(&order_key(&record)) {
+                // The sink delivered it while an earlier record of its key failed (the
+                // idempotent Kafka producer fails them together; other sinks may not). It is
+                // delivered again after that one, so the last copy of each key is in order,
+                // and acked only then.
+                outcome = Err(DeliveryError::retryable(
+                    "key_order",
+                    "an earlier record of the same key is being retried",
+                ));
+            }
+            match outcome {
+                Ok(()) => {
+                    self.delivered += 1;
+                    let latency = finished_at.saturating_duration_since(record.read_at);
+                    self.latency.observe(latency.as_secs_f64());
+                    delivered.push(record.ack(AckStatus::Processed));
+                }
+                Err(err)
+                    if err.kind == FailureKind::Retryable && attempts <= self.retry.max_retries =>
+                {
+                    behind.insert(order_key(&record));
+                    retry.push((record, err));
+                }
+                Err(err) => {
+                    let reason = if err.kind == FailureKind::Retryable {
+                        "retries_exhausted"
+                    } else {
+                        err.reason
+                    };
+                    self.give_up(record, reason, err, attempts).await?;
+                }
+            }
+        }
+        self.latency.flush();
+        if !delivered.is_empty() {
+            // One message for the batch's acks: one wakeup of the committer, not one each.
+            self.processed.inc_by(delivered.len() as u64);
+            self.committer.acks(delivered).await?;
+        }
+        Ok(retry)
+    }
+
+    /// Counts and logs the retries of attempt `attempts`, waits the backoff, and returns the
+    /// records to deliver again.
+    async fn back_off(
+        &mut self,
+        retry: Vec<(Record, DeliveryError)>,
+        attempts: u32,
+    ) -> Vec<Record> {
+        let delay = self.retry.delay(attempts);
+        self.metrics
+            .retries
+            .with_label_values(&[&self.route])
+            .inc_by(retry.len() as u64);
+        let (first, err) = &retry[0];
+        warn!(
+            route = %self.route,
+            topic = %first.source.topic,
+            partition = first.source.partition,
+            offset = first.offset,
+            records = retry.len(),
+            attempt = attempts,
+            retry_in_ms = delay.as_millis() as u64,
+            error = %err,
+            "delivery failed, retrying"
+        );
+        tokio::time::sleep(delay).await;
+        retry.into_iter().map(|(record, _)| record).collect()
     }
 
     /// Drops the records of assignments whose revoke is over (retried, or queued while the
@@ -348,6 +505,18 @@ mod tests {
     /// What one delivery was given: each record's key and offset.
     type Delivery = Vec<(Option<String>, i64)>;
 
+    fn delivery(batch: &[Record]) -> Delivery {
+        batch
+            .iter()
+            .map(|record| {
+                let key = record
+                    .key()
+                    .map(|key| String::from_utf8_lossy(key).into_owned());
+                (key, record.offset)
+            })
+            .collect()
+    }
+
     /// A sink that answers each delivery from a script and remembers what it was given.
     struct Scripted {
         answers: VecDeque<Vec<Result<(), DeliveryError>>>,
@@ -362,16 +531,7 @@ mod tests {
             _route: &'a str,
             batch: &'a [Record],
         ) -> crate::sink::DeliveryFuture<'a> {
-            let seen = batch
-                .iter()
-                .map(|record| {
-                    let key = record
-                        .key()
-                        .map(|key| String::from_utf8_lossy(key).into_owned());
-                    (key, record.offset)
-                })
-                .collect();
-            self.seen.lock().expect("seen").push(seen);
+            self.seen.lock().expect("seen").push(delivery(batch));
             if let Some(fences) = self.release_after_first.take() {
                 let source = batch[0].source.clone();
                 fences.revoke(&source, 1);
@@ -411,14 +571,65 @@ mod tests {
         release: bool,
     ) -> Run {
         let fences = Fences::default();
-        let metrics = Arc::new(Metrics::new());
-        let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let sink = Scripted {
             answers: answers.into(),
             seen: seen.clone(),
             release_after_first: release.then(|| fences.clone()),
         };
+        let mut worker = spawn(Box::new(sink), fences, max_retries, 1);
+        // One batch: every record is in the channel before the worker takes any.
+        assert!(matches!(worker.handle.offer(records), Offer::Taken));
+        let acks = worker.finish().await;
+        let seen = seen.lock().expect("seen").clone();
+        Run {
+            acks,
+            seen,
+            metrics: worker.metrics,
+        }
+    }
+
+    /// A worker under test, and what it tells the committer.
+    struct Spawned {
+        handle: WorkerHandle,
+        task: tokio::task::JoinHandle<()>,
+        messages: tokio::sync::mpsc::Receiver<CommitterMsg>,
+        metrics: Arc<Metrics>,
+    }
+
+    type Ack = (i64, AckStatus, Option<&'static str>);
+
+    impl Spawned {
+        /// The acks sent so far, in order.
+        fn acks(&mut self) -> Vec<Ack> {
+            let mut acks = Vec::new();
+            while let Ok(message) = self.messages.try_recv() {
+                let list = match message {
+                    CommitterMsg::Ack(ack) => vec![ack],
+                    CommitterMsg::Acks(acks) => acks,
+                    CommitterMsg::Dispatched(_) => continue,
+                };
+                acks.extend(
+                    list.into_iter()
+                        .map(|ack| (ack.offset, ack.status, ack.cause.map(|cause| cause.reason))),
+                );
+            }
+            acks
+        }
+
+        /// Closes the worker's input, waits for it to finish everything and returns the acks
+        /// not taken yet.
+        async fn finish(&mut self) -> Vec<Ack> {
+            let (closed, _) = WorkerHandle::for_test(1);
+            drop(std::mem::replace(&mut self.handle, closed));
+            (&mut self.task).await.expect("worker ran");
+            self.acks()
+        }
+    }
+
+    fn spawn(sink: Box<dyn Sink>, fences: Fences, max_retries: u32, batches: usize) -> Spawned {
+        let metrics = Arc::new(Metrics::new());
+        let (committer, messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let settings = WorkerSettings {
             route: Arc::from("r"),
             capacity: 16,
@@ -428,35 +639,20 @@ mod tests {
                 backoff_max: Duration::from_millis(100),
             },
             fences,
+            batches_in_flight: batches,
         };
-        let (worker, task) = WorkerHandle::spawn(
+        let (handle, task) = WorkerHandle::spawn(
             settings,
-            Box::new(sink),
+            sink,
             committer,
             dead_letters,
             metrics.clone(),
             Liveness::default(),
         );
-        // One batch: every record is in the channel before the worker takes any.
-        assert!(matches!(worker.offer(records), Offer::Taken));
-        drop(worker);
-        task.await.expect("worker ran");
-        let mut acks = Vec::new();
-        while let Ok(message) = messages.try_recv() {
-            let list = match message {
-                CommitterMsg::Ack(ack) => vec![ack],
-                CommitterMsg::Acks(acks) => acks,
-                CommitterMsg::Dispatched(_) => continue,
-            };
-            acks.extend(
-                list.into_iter()
-                    .map(|ack| (ack.offset, ack.status, ack.cause.map(|cause| cause.reason))),
-            );
-        }
-        let seen = seen.lock().expect("seen").clone();
-        Run {
-            acks,
-            seen,
+        Spawned {
+            handle,
+            task,
+            messages,
             metrics,
         }
     }
@@ -565,6 +761,158 @@ mod tests {
             run.metrics.in_flight.get(),
             -1,
             "the dropped record left the in-flight count (the consumer counted it in)"
+        );
+    }
+
+    /// A sink that keeps several batches in flight: each `start` is answered when the test
+    /// sends the answer; retries (`deliver`) go through at once.
+    struct Overlapping {
+        seen: Arc<Mutex<Vec<Delivery>>>,
+        answers: VecDeque<tokio::sync::oneshot::Receiver<Vec<Result<(), DeliveryError>>>>,
+    }
+
+    impl Sink for Overlapping {
+        fn deliver<'a>(
+            &'a mut self,
+            _route: &'a str,
+            batch: &'a [Record],
+        ) -> crate::sink::DeliveryFuture<'a> {
+            self.seen.lock().expect("seen").push(delivery(batch));
+            Box::pin(std::future::ready(vec![Ok(()); batch.len()]))
+        }
+
+        fn start(&mut self, _route: &str, batch: &[Record]) -> Option<Started> {
+            self.seen.lock().expect("seen").push(delivery(batch));
+            let answer = self.answers.pop_front().expect("an answer for each batch");
+            Some(Box::pin(async move { answer.await.expect("answered") }))
+        }
+    }
+
+    async fn wait_for_deliveries(seen: &Mutex<Vec<Delivery>>, count: usize) {
+        for _ in 0..1_000 {
+            if seen.lock().expect("seen").len() >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{count} deliveries never started");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_in_flight_settle_in_order_and_a_retry_holds_later_records_of_its_key() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (answer, answers): (Vec<_>, VecDeque<_>) =
+            (0..3).map(|_| tokio::sync::oneshot::channel()).unzip();
+        let sink = Overlapping {
+            seen: seen.clone(),
+            answers,
+        };
+        let mut worker = spawn(Box::new(sink), Fences::default(), 3, 2);
+        let mut answer = answer.into_iter();
+        let (first, second, third) = (
+            answer.next().expect("3"),
+            answer.next().expect("3"),
+            answer.next().expect("3"),
+        );
+
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("a", 1), keyed("b", 2)]),
+            Offer::Taken
+        ));
+        wait_for_deliveries(&seen, 1).await;
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("a", 3), keyed("c", 4)]),
+            Offer::Taken
+        ));
+        wait_for_deliveries(&seen, 2).await;
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("d", 5)]),
+            Offer::Taken
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            seen.lock().expect("seen").len(),
+            2,
+            "a third batch waits while two are in flight"
+        );
+
+        // The second batch is reported first: nothing of it is acked before the first settles.
+        second.send(vec![Ok(()), Ok(())]).expect("worker waits");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            worker.acks(),
+            vec![],
+            "acks follow the order batches started in"
+        );
+
+        // a@1 fails: a@3, reported through in the batch after it, is delivered again after it.
+        first.send(vec![retryable(), Ok(())]).expect("worker waits");
+        wait_for_deliveries(&seen, 4).await;
+        third.send(vec![Ok(())]).expect("worker waits");
+        let acks = worker.finish().await;
+
+        let key = |k: &str, offset| (Some(k.to_string()), offset);
+        assert_eq!(
+            *seen.lock().expect("seen"),
+            vec![
+                vec![key("a", 1), key("b", 2)],
+                vec![key("a", 3), key("c", 4)],
+                vec![key("a", 1), key("a", 3)],
+                vec![key("d", 5)],
+            ],
+            "a@3 again after a@1, and the third batch only after the retry"
+        );
+        let acked: Vec<i64> = acks.iter().map(|(offset, _, _)| *offset).collect();
+        assert_eq!(
+            acked,
+            vec![2, 4, 1, 3, 5],
+            "nothing of key a acked before a@1"
+        );
+        assert!(acks
+            .iter()
+            .all(|(_, status, _)| *status == AckStatus::Processed));
+        assert_eq!(
+            worker.metrics.retries.with_label_values(&["r"]).get(),
+            2,
+            "a@1 failed, a@3 held back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_finishes_its_batches_in_flight_when_its_input_ends() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (first, answer) = tokio::sync::oneshot::channel();
+        let sink = Overlapping {
+            seen: seen.clone(),
+            answers: VecDeque::from([answer]),
+        };
+        let mut worker = spawn(Box::new(sink), Fences::default(), 3, 4);
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("a", 1), keyed("b", 2)]),
+            Offer::Taken
+        ));
+        wait_for_deliveries(&seen, 1).await;
+        let (closed, _) = WorkerHandle::for_test(1);
+        drop(std::mem::replace(&mut worker.handle, closed));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !worker.task.is_finished(),
+            "the batch in flight is waited for"
+        );
+        first
+            .send(vec![
+                Ok(()),
+                Err(DeliveryError::permanent("record_too_large", "big")),
+            ])
+            .expect("worker waits");
+        let mut acks = worker.finish().await;
+        acks.sort_by_key(|(offset, _, _)| *offset);
+        assert_eq!(
+            acks,
+            vec![
+                (1, AckStatus::Processed, None),
+                (2, AckStatus::Failed, Some("record_too_large"))
+            ]
         );
     }
 }

@@ -302,6 +302,11 @@ pub struct PipelineConfig {
     /// in retries holds the commit back); at the bound the partition is paused until half of
     /// it is committed. It bounds the offset tracker and what a crash replays.
     pub max_uncommitted_records: usize,
+    /// Batches each worker of a Kafka route may have sent and not yet reported at once (the
+    /// idempotent producer keeps them in order). A worker waits for one round trip per batch
+    /// otherwise, which caps a route at `workers × batch / round trip`. File and stdout sinks
+    /// write one batch at a time.
+    pub sink_batches_in_flight: usize,
 }
 
 impl Default for PipelineConfig {
@@ -316,6 +321,7 @@ impl Default for PipelineConfig {
             pause_after_ms: 100,
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             max_uncommitted_records: 10_000,
+            sink_batches_in_flight: 4,
         }
     }
 }
@@ -362,6 +368,17 @@ pub struct RouteConfig {
     /// Largest retry delay.
     #[serde(default = "default_retry_backoff_max_ms")]
     pub retry_backoff_max_ms: u64,
+}
+
+impl RouteConfig {
+    /// Batches each worker of this route may have in its sink at once:
+    /// `pipeline.sink_batches_in_flight` where the sink keeps several in order (Kafka), else 1.
+    pub fn batches_in_flight(&self, pipeline: &PipelineConfig) -> usize {
+        match self.sink {
+            SinkConfig::Kafka { .. } => pipeline.sink_batches_in_flight,
+            _ => 1,
+        }
+    }
 }
 
 fn default_check_interval_ms() -> u64 {
@@ -628,6 +645,12 @@ impl Config {
             pipeline.max_uncommitted_records,
             16,
             10_000_000,
+        )?;
+        check_range(
+            "pipeline.sink_batches_in_flight",
+            pipeline.sink_batches_in_flight,
+            1,
+            64,
         )?;
         if pipeline.drain_timeout_ms == 0 {
             return Err(invalid(
@@ -1294,6 +1317,10 @@ mod tests {
                 "`pipeline.max_uncommitted_records`",
             ),
             (
+                with_pipeline("sink_batches_in_flight = 0"),
+                "`pipeline.sink_batches_in_flight`",
+            ),
+            (
                 MINIMAL.replace("levels = [\"error\"]", "levels = [\" error\"]"),
                 "`routes[0].levels`: ` error` has spaces around it and would match no event: write `error`",
             ),
@@ -1315,6 +1342,7 @@ mod tests {
         assert_eq!(defaults.input.tombstones, TombstonePolicy::Skip);
         assert_eq!(defaults.pipeline.max_in_flight_bytes, 64 << 20);
         assert_eq!(defaults.pipeline.max_uncommitted_records, 10_000);
+        assert_eq!(defaults.pipeline.sink_batches_in_flight, 4);
         // Levels are matched without regard to case.
         let upper =
             load(&MINIMAL.replace("levels = [\"error\"]", "levels = [\"ERROR\"]")).expect("valid");
