@@ -1,6 +1,11 @@
 //! Worker actors: each owns its sink and its own counters, takes records from its channel in
 //! batches, delivers them, and acks every record to the committer with how it fared.
 //!
+//! A Kafka route's worker keeps up to `pipeline.sink_batches_in_flight` batches in its sink at
+//! once ([`Sink::start`]; the idempotent producer keeps them in order), so a route is not held
+//! to one round trip per batch; they settle in the order they started. Other sinks take one
+//! batch at a time.
+//!
 //! A delivery that fails with a retryable error is retried with exponential backoff and jitter
 //! (`max_retries`, `retry_backoff_ms`, `retry_backoff_max_ms`). While a worker retries it takes
 //! nothing new: its channel fills, the router waits, the consumer pauses, and no commit passes

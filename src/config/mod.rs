@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::event::{Level, DEFAULT_MAX_PAYLOAD_BYTES};
 
 /// Default of `pipeline.max_in_flight_bytes`: 64 MiB. With the default capacities a pipeline
-/// holds about 4 000 records, so events under about 16 KiB never reach it (the record bound
+/// of five workers holds 8 000 to 12 000 records, so events under about 5 KiB never reach it
+/// (the record bound
 /// applies first, and throughput is unchanged); for large events it is what bounds memory: 64
 /// records of 1 MiB, 160 of 400 KiB. The Kafka sink's producer copies what it sends, and
 /// librdkafka prefetches on top (`queued.max.messages.kbytes`, `fetch.max.bytes`), so the
