@@ -115,6 +115,9 @@ pub struct Metrics {
     pub revoke_drain_seconds: Histogram,
     /// Records returned again under the same assignment (the fetch position moved back): skipped.
     pub read_again: IntCounter,
+    /// Times the client moved a partition's fetch position after a fetch error (offset out of
+    /// range, say): records between the old and the new position are skipped or read again.
+    pub offset_resets: IntCounter,
 }
 
 impl Metrics {
@@ -367,6 +370,11 @@ impl Metrics {
                 "Records the client returned again after a later offset of the same partition and assignment (its fetch position moved back); skipped, they were taken already.",
             )
             .expect(METRIC_OK),
+            offset_resets: IntCounter::new(
+                "logbridge_offset_resets_total",
+                "Times the Kafka client reset a partition's fetch position after a fetch error (offset out of range, say): the records between the old and the new position are skipped if it moved forward, read again if it moved back.",
+            )
+            .expect(METRIC_OK),
             abandoned: IntCounter::new(
                 "logbridge_revoke_abandoned_records_total",
                 "Records of revoked partitions not finished by the revoke; the next owner reads them again.",
@@ -424,6 +432,7 @@ impl Metrics {
             Box::new(self.abandoned.clone()),
             Box::new(self.revoke_drain_seconds.clone()),
             Box::new(self.read_again.clone()),
+            Box::new(self.offset_resets.clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

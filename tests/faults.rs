@@ -1262,3 +1262,60 @@ async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
     let written = ids_written(&[dir_a.path(), dir_b.path()]);
     assert_eq!(written.len(), 3_000, "nothing lost");
 }
+
+/// The group's committed position lies past the end of the log (the topic was recreated, or
+/// retention removed what it pointed at): the first fetch fails with "offset out of range",
+/// librdkafka resets the position (`auto.offset.reset = earliest`: to the beginning) and logs
+/// it; logbridge counts the reset in `logbridge_offset_resets_total`, reads every record from
+/// the beginning and commits the new end, below the old position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offset_reset_after_a_fetch_error_is_counted_and_nothing_is_skipped() {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 1);
+    kafka.produce(&keyed_events(300)).await;
+    let end = kafka.end_offsets();
+    assert_eq!(end, vec![300]);
+    let group = unique("offset-reset");
+    {
+        let client: BaseConsumer = kafka
+            .client()
+            .set("group.id", &group)
+            .create()
+            .expect("client");
+        let mut past_the_end = TopicPartitionList::new();
+        past_the_end
+            .add_partition_offset(&kafka.topic, 0, Offset::Offset(10_000))
+            .expect("offset");
+        client
+            .commit(&past_the_end, CommitMode::Sync)
+            .expect("commit past the end");
+    }
+    assert_eq!(kafka.committed(&group), vec![10_000]);
+
+    let dir = tempfile::tempdir().expect("dir");
+    let config = kafka.config(&group, "", &file_route("all", "[\"info\"]", 1, dir.path()));
+    let metrics = Arc::new(Metrics::new());
+    assert_eq!(metrics.offset_resets.get(), 0);
+    let running = Running::without_http(config, &metrics);
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    let resets = metrics.offset_resets.get();
+    let written = ids_written(&[dir.path()]);
+    println!(
+        "offset resets counted {resets}; committed {:?}; {} of 300 ids written",
+        kafka.committed(&group),
+        written.len()
+    );
+    assert!(
+        done,
+        "not committed to the new end: {:?}",
+        kafka.committed(&group)
+    );
+    assert_eq!(resets, 1, "the reset is counted once");
+    assert_eq!(written.len(), 300, "every record read from the beginning");
+}

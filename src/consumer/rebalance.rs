@@ -213,12 +213,29 @@ impl Callbacks {
     }
 }
 
+/// Whether a librdkafka log line says it reset a partition's fetch position after an error.
+/// librdkafka logs such resets as warnings (facility `OFFSET`, "<topic> [<partition>]: offset
+/// reset (at offset .., broker ..) to offset ..: <reason>: <error>"); resets without an error
+/// (a group's first start with nothing committed) are debug lines and do not count.
+fn is_offset_reset(level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) -> bool {
+    use rdkafka::config::RDKafkaLogLevel as Level;
+    facility == "OFFSET"
+        && matches!(
+            level,
+            Level::Warning | Level::Error | Level::Critical | Level::Alert | Level::Emerg
+        )
+        && message.contains("]: offset reset (")
+}
+
 impl ClientContext for Callbacks {
     fn error(&self, error: KafkaError, reason: &str) {
         self.log.error(&error, reason);
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+        if is_offset_reset(level, facility, message) {
+            self.metrics.offset_resets.inc();
+        }
         self.log.log(level, facility, message);
     }
 
