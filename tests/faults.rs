@@ -1319,3 +1319,186 @@ async fn an_offset_reset_after_a_fetch_error_is_counted_and_nothing_is_skipped()
     assert_eq!(resets, 1, "the reset is counted once");
     assert_eq!(written.len(), 300, "every record read from the beginning");
 }
+
+/// One `/status` reading of the byte bound: the bytes in flight and the bytes of records held
+/// for paused partitions (read together, under the consumer's lock).
+async fn byte_sample(address: std::net::SocketAddr) -> (i64, i64) {
+    let (_, status) = http_get(address, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+    (
+        status["in_flight_bytes"].as_i64().unwrap_or(0),
+        status["held_bytes"].as_i64().unwrap_or(0),
+    )
+}
+
+/// The most a run of byte samples went over `limit`, beyond what was held for paused
+/// partitions, and the peak in flight.
+#[derive(Default)]
+struct BytePeaks {
+    in_flight: i64,
+    over: Option<i64>,
+}
+
+impl BytePeaks {
+    fn add(&mut self, (bytes, held): (i64, i64), limit: i64) {
+        self.in_flight = self.in_flight.max(bytes);
+        self.over = Some(
+            self.over
+                .map_or(bytes - held - limit, |over| over.max(bytes - held - limit)),
+        );
+    }
+}
+
+/// Large events through a slow sink while a second instance joins and leaves, so partitions
+/// move away and come back mid-run: on each instance the bytes in flight stay within
+/// `max_in_flight_bytes` plus the records held for paused partitions, every charge is given
+/// back (revoked, abandoned and dropped records included: a leak would shrink the budget until
+/// the pipeline stalls), and every event is written and committed.
+async fn large_events_through_rebalances(protocol: Protocol) {
+    if let Ok(filter) = std::env::var("FAULTS_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .try_init();
+    }
+    let kafka = Kafka::start("logs", 8);
+    let record_bytes = 100 * 1024;
+    let count = 300u64;
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..count)
+        .map(|id| {
+            let payload =
+                serde_json::json!({"id": id, "level": "info", "message": "x".repeat(record_bytes)});
+            (Some(format!("key-{id}")), payload.to_string().into_bytes())
+        })
+        .collect();
+    kafka.produce_large(&records).await;
+    let end = kafka.end_offsets();
+    let group = unique("bytes-rebalance");
+    let limit: i64 = 1 << 20;
+    let config = |out: &Path| {
+        let text = format!(
+            "{}\n[pipeline]\nrouter_capacity = 1024\nworker_capacity = 256\n\
+             max_in_flight_bytes = {limit}\ncommit_interval_ms = 200\ndrain_timeout_ms = 2000\n\n{}",
+            kafka_section(&kafka.brokers, &group, &kafka.topic, protocol.option()),
+            file_route("all", "[\"info\"]", 2, out),
+        );
+        logbridge::Config::from_toml_str(&text).unwrap_or_else(|err| panic!("{err}\n{text}"))
+    };
+    // Slow enough that A cannot finish before a cooperative rebalance, two rounds on the mock
+    // cluster (about 10 s), has moved partitions to B.
+    let serve = |config, metrics: &Arc<Metrics>| {
+        Running::start_serving(
+            config,
+            RunOptions {
+                sink_factory: delayed_sinks(Duration::from_millis(150), 0..=0),
+                metrics: metrics.clone(),
+                http: HttpBind::Disabled,
+            },
+        )
+    };
+    let (dir_a, dir_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let (metrics_a, metrics_b) = (Arc::new(Metrics::new()), Arc::new(Metrics::new()));
+    let (a, address_a) = serve(config(dir_a.path()), &metrics_a).await;
+    let (mut peaks_a, mut peaks_b) = (BytePeaks::default(), BytePeaks::default());
+    let mut b: Option<(Running, std::net::SocketAddr)> = None;
+    let mut b_assigned_at: Option<std::time::Instant> = None;
+    let mut b_was_there = false;
+    let deadline = std::time::Instant::now() + Duration::from_secs(150);
+    while kafka.committed(&group) != end && std::time::Instant::now() < deadline {
+        peaks_a.add(byte_sample(address_a).await, limit);
+        if let Some((_, address_b)) = &b {
+            peaks_b.add(byte_sample(*address_b).await, limit);
+        }
+        let read_a = metrics_a.consumed.with_label_values(&["logs"]).get();
+        if b.is_none() && !b_was_there && read_a > 20 {
+            // B joins while A is held at the byte bound.
+            b = Some(serve(config(dir_b.path()), &metrics_b).await);
+            b_was_there = true;
+        }
+        if b.is_some() && b_assigned_at.is_none() && metrics_b.assigned_partitions.get() > 0 {
+            b_assigned_at = Some(std::time::Instant::now());
+        }
+        if b_assigned_at.is_some_and(|at| at.elapsed() > Duration::from_millis(1_500)) {
+            // B leaves with what it holds: its partitions go back to A.
+            if let Some((running, _)) = b.take() {
+                running.stop_abandoning().await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some((running, _)) = b.take() {
+        running.stop_abandoning().await;
+    }
+    let done = kafka.committed(&group) == end;
+    let (pauses_a, read_b) = (
+        metrics_a.pauses.get(),
+        metrics_b.consumed.with_label_values(&["logs"]).get(),
+    );
+    a.stop().await;
+    let written = ids_written(&[dir_a.path(), dir_b.path()]);
+    println!(
+        "{protocol:?}: large events through rebalances: A peak in flight {} bytes, over the bound beyond held {:?}; B peak {} bytes, over {:?}, read {read_b}; A pauses {pauses_a}; {} of {count} ids written; bytes still charged A {} B {}",
+        peaks_a.in_flight,
+        peaks_a.over,
+        peaks_b.in_flight,
+        peaks_b.over,
+        written.len(),
+        metrics_a.in_flight_bytes.get(),
+        metrics_b.in_flight_bytes.get(),
+    );
+    assert!(
+        done,
+        "{protocol:?}: not committed to the end: {:?}",
+        kafka.committed(&group)
+    );
+    assert!(
+        b_assigned_at.is_some(),
+        "{protocol:?}: B never got a partition"
+    );
+    assert!(read_b > 0, "{protocol:?}: B never read");
+    assert!(
+        pauses_a > 0,
+        "{protocol:?}: A never paused at the byte bound"
+    );
+    assert!(peaks_a.in_flight > 0 && peaks_b.in_flight > 0);
+    assert!(
+        peaks_a.over.is_some_and(|over| over <= 0),
+        "{protocol:?}: A beyond the bound and the held records: {:?}",
+        peaks_a.over
+    );
+    assert!(
+        peaks_b.over.is_some_and(|over| over <= 0),
+        "{protocol:?}: B beyond the bound and the held records: {:?}",
+        peaks_b.over
+    );
+    assert_eq!(
+        metrics_a.in_flight_bytes.get(),
+        0,
+        "A gave every charge back"
+    );
+    assert_eq!(
+        metrics_b.in_flight_bytes.get(),
+        0,
+        "B gave every charge back"
+    );
+    assert_eq!(
+        written.len() as u64,
+        count,
+        "{protocol:?}: every event written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_through_eager_rebalances_stay_within_the_byte_bound() {
+    let _serial = serial().await;
+    large_events_through_rebalances(Protocol::Eager).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_through_cooperative_rebalances_stay_within_the_byte_bound() {
+    let _serial = serial().await;
+    large_events_through_rebalances(Protocol::Cooperative).await;
+}
