@@ -23,6 +23,9 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
+mod auto;
+pub use auto::{decode_level_auto, InputFormat};
+
 /// Payloads larger than this are rejected unless the caller picks another limit.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
@@ -185,6 +188,22 @@ pub fn decode_level(payload: Option<&[u8]>, max_bytes: usize) -> Result<Level, D
 }
 
 fn decode_as<B: Build>(payload: Option<&[u8]>, max_bytes: usize) -> Result<B::Out, DecodeError> {
+    decode_text(payload, max_bytes, json_body, |de| {
+        de.deserialize_any(TopVisitor::<B>(std::marker::PhantomData))
+    })
+}
+
+/// The checks every format shares, in order (tombstone, size, zero bytes, UTF-8, then JSON
+/// syntax and depth over the whole text), around `parse`, which reads the top-level value of the
+/// text that `body` leaves of the payload (a suffix of it).
+fn decode_text<'p, T>(
+    payload: Option<&'p [u8]>,
+    max_bytes: usize,
+    body: fn(&'p [u8]) -> &'p [u8],
+    parse: impl FnOnce(
+        &mut serde_json::Deserializer<serde_json::de::StrRead<'p>>,
+    ) -> Result<Outcome<T>, serde_json::Error>,
+) -> Result<T, DecodeError> {
     let payload = payload.ok_or(DecodeError::Empty)?;
     if payload.len() > max_bytes {
         return Err(DecodeError::TooLarge {
@@ -195,20 +214,18 @@ fn decode_as<B: Build>(payload: Option<&[u8]>, max_bytes: usize) -> Result<B::Ou
     if payload.is_empty() {
         return Err(DecodeError::Empty);
     }
-    let body = json_body(payload);
-    // Offsets are reported against the payload as it sits in Kafka, so the BOM counts. `body` is
-    // a suffix of `payload`, so this cannot underflow.
-    let bom_len = payload.len() - body.len();
+    let body = body(payload);
+    // Offsets are reported against the payload as it sits in Kafka, so a BOM or prefix counts.
+    // `body` is a suffix of `payload`, so this cannot underflow.
+    let skipped = payload.len() - body.len();
     // Validating up front gives one error for bad bytes wherever they are (serde_json would call
     // bad bytes outside strings a syntax error), and lets the parser borrow `&str` slices.
     let text = std::str::from_utf8(body).map_err(|err| DecodeError::NotUtf8 {
-        valid_up_to: bom_len + err.valid_up_to(),
+        valid_up_to: skipped + err.valid_up_to(),
     })?;
 
     let mut de = serde_json::Deserializer::from_str(text);
-    let outcome = de
-        .deserialize_any(TopVisitor::<B>(std::marker::PhantomData))
-        .map_err(from_json_error)?;
+    let outcome = parse(&mut de).map_err(from_json_error)?;
     // Trailing garbage is a syntax problem, so it must outrank whatever the visitor found.
     de.end().map_err(from_json_error)?;
     outcome

@@ -193,6 +193,7 @@ pub async fn run(
             metrics: metrics.clone(),
             liveness: liveness.clone(),
             tombstones: config.input.tombstones,
+            format: config.input.format,
         },
     );
     tasks.spawn(watch_actor(router_task, "router"));

@@ -322,11 +322,11 @@ impl Record {
         self.data.value()
     }
 
-    /// Decodes the payload, once: what the consumer copied is within `max_payload_bytes`
-    /// already (a larger value is marked too large and not copied).
-    pub fn decode(&mut self) -> &Result<Level, DecodeError> {
+    /// Decodes the payload's level in `format`, once: what the consumer copied is within
+    /// `max_payload_bytes` already (a larger value is marked too large and not copied).
+    pub fn decode(&mut self, format: crate::event::InputFormat) -> &Result<Level, DecodeError> {
         self.decoded
-            .get_or_insert_with(|| crate::event::decode_level(self.data.value(), usize::MAX))
+            .get_or_insert_with(|| format.decode_level(self.data.value(), usize::MAX))
     }
 
     /// The ack that says this record is finished with `status`.

@@ -20,7 +20,7 @@ use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::{CommitterHandle, Dispatch};
 use crate::config::TombstonePolicy;
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
-use crate::event::{DecodeError, Level};
+use crate::event::{DecodeError, InputFormat, Level};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
 use crate::record::{AckStatus, Fences, ProcessAck, Record, StageGone, TOMBSTONE};
@@ -67,6 +67,8 @@ pub struct RouterLinks {
     pub liveness: Liveness,
     /// What becomes of tombstones.
     pub tombstones: TombstonePolicy,
+    /// How payloads are read.
+    pub format: InputFormat,
 }
 
 /// Sends records to the router (held by the consumer).
@@ -213,7 +215,7 @@ impl RouterActor {
         let mut ignored: Vec<ProcessAck> = Vec::new();
         for mut record in batch.drain(..) {
             let no_value = record.payload().is_none();
-            match self.decide(record.decode(), no_value) {
+            match self.decide(record.decode(self.links.format), no_value) {
                 Decision::Lane(index) => {
                     let workers = &self.lanes[index].workers;
                     shares[index][worker_index(&record, workers.len())].push(record);
@@ -480,6 +482,7 @@ mod tests {
                 metrics: metrics.clone(),
                 liveness: Liveness::default(),
                 tombstones,
+                format: InputFormat::Logbridge,
             },
         );
         assert!(matches!(router.offer(records), Offer::Taken));
@@ -705,6 +708,7 @@ mod tests {
                 metrics: metrics.clone(),
                 liveness: Liveness::default(),
                 tombstones: TombstonePolicy::Skip,
+                format: InputFormat::Logbridge,
             },
         );
         // Zero bytes (not a null value): malformed, not a tombstone.

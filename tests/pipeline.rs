@@ -304,3 +304,144 @@ async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
     assert!(counts.values().all(|n| *n == 1));
     println!("d) {valid} valid and {bad} malformed records: {expected:?}");
 }
+
+/// `[input] format = "auto"`: a mix of what common loggers write, each routed by its level
+/// (the strict format would refuse all but the first shape), and what has no level anywhere
+/// is still refused, counted and finished as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_auto_format_routes_what_common_loggers_write() {
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 2);
+    // Each shape with an `id` to find it by, and the route it must reach.
+    let shapes: Vec<(serde_json::Value, &str)> = vec![
+        (
+            serde_json::json!({"level": "error", "message": "logbridge"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"level": 50, "time": 1714557600000u64, "msg": "pino"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"level": 30, "time": 1714557600000u64, "msg": "pino"}),
+            "rest",
+        ),
+        (
+            serde_json::json!({"level": "warn", "ts": 1714557600.5, "msg": "zap"}),
+            "rest",
+        ),
+        (
+            serde_json::json!({"level": "ERROR", "msg": "slog", "time": "2024-05-01T10:00:00Z"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"log.level": "error", "message": "ecs flat"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"log": {"level": "info"}, "message": "ecs nested"}),
+            "rest",
+        ),
+        (
+            serde_json::json!({"severity": "CRITICAL", "message": "gcp"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"severityNumber": 17, "body": "otel"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"levelname": "WARNING", "message": "python"}),
+            "rest",
+        ),
+        (
+            serde_json::json!({"event": "structlog", "level": "info"}),
+            "rest",
+        ),
+        (serde_json::json!({"@mt": "serilog {X}", "X": 1}), "rest"),
+        (
+            serde_json::json!({"@mt": "serilog", "@l": "Fatal"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"level": "INFO", "fields": {"message": "tracing"}}),
+            "rest",
+        ),
+    ];
+    let mut records: Vec<(Option<String>, Vec<u8>)> = Vec::new();
+    let mut expected: HashMap<u64, &str> = HashMap::new();
+    for round in 0..20u64 {
+        for (n, (shape, route)) in shapes.iter().enumerate() {
+            let id = round * 100 + n as u64;
+            let mut event = shape.clone();
+            event["id"] = id.into();
+            records.push((
+                Some(format!("key-{}", id % 7)),
+                event.to_string().into_bytes(),
+            ));
+            expected.insert(id, route);
+        }
+        records.push((
+            Some("none".into()),
+            br#"{"msg":"no level anywhere"}"#.to_vec(),
+        ));
+    }
+    kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let group = unique("auto-format");
+    let mut config = kafka.config(
+        &group,
+        "",
+        &format!(
+            "{}{}",
+            file_route(
+                "errors",
+                "[\"error\", \"fatal\", \"critical\"]",
+                2,
+                dir.path()
+            ),
+            file_route(
+                "rest",
+                "[\"info\", \"warning\", \"debug\", \"trace\"]",
+                2,
+                dir.path()
+            )
+        ),
+    );
+    config.input.format = logbridge::event::InputFormat::Auto;
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::start(config, options(&metrics, config_sink_factory()));
+    let total: i64 = end.iter().sum();
+    let done = wait_committed(&metrics, total, Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    assert!(done, "commits did not reach the end");
+    assert_eq!(kafka.committed(&group), end);
+
+    let mut misrouted = Vec::new();
+    let mut seen = 0;
+    for route in ["errors", "rest"] {
+        let lines = read_lines(&[dir.path().join(format!("{route}.jsonl"))]);
+        for (id, _) in id_counts(&lines) {
+            seen += 1;
+            if expected.get(&id) != Some(&route) {
+                misrouted.push((id, route));
+            }
+        }
+    }
+    println!(
+        "auto format: {seen} of {} events routed, misrouted {misrouted:?}",
+        expected.len()
+    );
+    assert!(misrouted.is_empty(), "misrouted (id, route): {misrouted:?}");
+    assert_eq!(seen, expected.len(), "every event routed once");
+    assert_eq!(
+        metrics
+            .decode_errors
+            .with_label_values(&["missing_field"])
+            .get(),
+        20,
+        "the events without a level are refused and counted"
+    );
+}

@@ -106,6 +106,9 @@ pub struct InputConfig {
     /// key): `skip` (finished as ignored and counted in `logbridge_tombstones_total`) or
     /// `dead-letter` (parked with reason `tombstone`). Neither counts against the breaker.
     pub tombstones: TombstonePolicy,
+    /// How payloads are read: `logbridge` (the strict event format, the default) or `auto`
+    /// (the level wherever common loggers put it; see the README's event format section).
+    pub format: crate::event::InputFormat,
 }
 
 /// What becomes of a tombstone.

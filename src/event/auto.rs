@@ -1,0 +1,705 @@
+//! `[input] format = "auto"`: the level of events written by common loggers, found among the
+//! fields they use, so that pino, bunyan, zap, logrus, slog, Elastic Common Schema, Google Cloud,
+//! OpenTelemetry, python-json-logger, structlog, Serilog and tracing-subscriber lines are routed
+//! without a mapping. Only the level decides routing, so no other field can reject an event:
+//! a numeric `ts`, a missing message or an object-valued field are all fine. The payload must
+//! still be one well-formed JSON object (the same syntax, UTF-8, depth and size checks as the
+//! strict format), and JSON behind Confluent Schema Registry's 5-byte prefix (a zero byte and
+//! a 4-byte schema id) is read past the prefix.
+//!
+//! Where the level is looked for, first found in this order wins:
+//!
+//! | field | written by | numbers |
+//! |---|---|---|
+//! | `level` | logbridge, pino, bunyan, zap, logrus, slog, structlog, tracing-subscriber | pino/bunyan scale: 10 trace, 20 debug, 30 info, 40 warning, 50 error, 60 fatal |
+//! | `log.level` (a flat key) | Elastic Common Schema | |
+//! | `log` → `level` (nested) | Elastic Common Schema | |
+//! | `severity` | Google Cloud structured logging | |
+//! | `severityText` | OpenTelemetry | |
+//! | `severityNumber` | OpenTelemetry | 1–4 trace, 5–8 debug, 9–12 info, 13–16 warning, 17–20 error, 21–24 fatal |
+//! | `levelname` | python-json-logger | |
+//! | `@l` | Serilog compact JSON (absent with `@mt` or `@m` present: info) | |
+//!
+//! Level names are normalised as in the strict format (lowercase; `warn` → `warning`, `err` →
+//! `error`) and, for these loggers' own names, `information` and `notice` and `default` →
+//! `info`, `verbose` → `trace`, `crit` → `critical`, `alert`, `emerg`, `emergency`, `panic` and
+//! `dpanic` → `fatal`. A null value counts as absent; a level of another type (a boolean, an
+//! object, a fraction) is `wrong_type`, naming the field; no level anywhere is
+//! `missing_field` (`level`).
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use super::{
+    decode_text, json_body, not_object, Level, Outcome, Scalar, ScalarSeed, Skip, SkipVisitor,
+};
+use crate::event::DecodeError;
+
+/// How payloads are read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputFormat {
+    /// logbridge's own event format, strictly: `level` and `message` strings, typed optional
+    /// fields (see [`crate::event`]).
+    #[default]
+    Logbridge,
+    /// The level wherever common loggers put it ([`decode_level_auto`]).
+    Auto,
+}
+
+impl InputFormat {
+    /// Decodes `payload`'s level in this format.
+    pub fn decode_level(
+        self,
+        payload: Option<&[u8]>,
+        max_bytes: usize,
+    ) -> Result<Level, DecodeError> {
+        match self {
+            InputFormat::Logbridge => super::decode_level(payload, max_bytes),
+            InputFormat::Auto => decode_level_auto(payload, max_bytes),
+        }
+    }
+}
+
+/// The level of an event in any of the shapes in the module docs.
+pub fn decode_level_auto(payload: Option<&[u8]>, max_bytes: usize) -> Result<Level, DecodeError> {
+    decode_text(payload, max_bytes, auto_body, |de| {
+        de.deserialize_any(AutoVisitor)
+    })
+}
+
+/// The JSON text of a payload: past a Schema Registry prefix (magic byte 0 and a 4-byte schema
+/// id; no JSON text starts with a zero byte) and a BOM.
+fn auto_body(payload: &[u8]) -> &[u8] {
+    match payload {
+        [0, _, _, _, _, rest @ ..] => json_body(rest),
+        _ => json_body(payload),
+    }
+}
+
+/// Where a level was found, in the order they are tried.
+#[derive(Clone, Copy)]
+enum Source {
+    Level,
+    FlatLogLevel,
+    NestedLogLevel,
+    Severity,
+    SeverityText,
+    SeverityNumber,
+    LevelName,
+    Serilog,
+}
+
+const SOURCES: usize = 8;
+
+impl Source {
+    const ALL: [Source; SOURCES] = [
+        Source::Level,
+        Source::FlatLogLevel,
+        Source::NestedLogLevel,
+        Source::Severity,
+        Source::SeverityText,
+        Source::SeverityNumber,
+        Source::LevelName,
+        Source::Serilog,
+    ];
+
+    /// The field's name in errors.
+    fn field(self) -> &'static str {
+        match self {
+            Source::Level => "level",
+            Source::FlatLogLevel | Source::NestedLogLevel => "log.level",
+            Source::Severity => "severity",
+            Source::SeverityText => "severityText",
+            Source::SeverityNumber => "severityNumber",
+            Source::LevelName => "levelname",
+            Source::Serilog => "@l",
+        }
+    }
+
+    /// The level a number stands for in this field, if the field's logger uses numbers.
+    fn numeric(self, n: i128) -> Option<&'static str> {
+        match self {
+            // pino and bunyan: 10 trace, 20 debug, 30 info, 40 warn, 50 error, 60 fatal; the
+            // custom levels they allow in between take the standard level below them.
+            Source::Level => Some(match n {
+                ..20 => "trace",
+                20..30 => "debug",
+                30..40 => "info",
+                40..50 => "warning",
+                50..60 => "error",
+                _ => "fatal",
+            }),
+            // OpenTelemetry's SeverityNumber: ranges of four per level, 0 unspecified.
+            Source::SeverityNumber => match n {
+                1..=4 => Some("trace"),
+                5..=8 => Some("debug"),
+                9..=12 => Some("info"),
+                13..=16 => Some("warning"),
+                17..=20 => Some("error"),
+                21..=24 => Some("fatal"),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// The level-bearing fields of one object: each one's value (`None` for null), and whether it
+/// appeared twice.
+#[derive(Default)]
+struct Found<'de> {
+    values: [Option<Scalar<'de>>; SOURCES],
+    duplicate: [bool; SOURCES],
+    /// Serilog's message template or message: a Serilog event, info unless `@l` says otherwise.
+    serilog: bool,
+}
+
+impl<'de> Found<'de> {
+    fn put(&mut self, source: Source, value: Scalar<'de>) {
+        let slot = &mut self.values[source as usize];
+        if slot.is_some() {
+            self.duplicate[source as usize] = true;
+        } else if !matches!(value, Scalar::Null) {
+            *slot = Some(value);
+        }
+    }
+
+    fn level(self) -> Outcome<Level> {
+        let Found {
+            values,
+            duplicate,
+            serilog,
+        } = self;
+        for (source, value) in Source::ALL.into_iter().zip(values) {
+            let Some(value) = value else { continue };
+            if duplicate[source as usize] {
+                return Err(DecodeError::DuplicateField {
+                    field: source.field(),
+                });
+            }
+            let wrong = |detail: String| DecodeError::WrongType {
+                field: source.field(),
+                detail,
+            };
+            return match value {
+                Scalar::Str(name) if name.is_empty() => Err(wrong("empty".to_owned())),
+                Scalar::Str(name) => Ok(normalise(&name)),
+                Scalar::Unsigned(n) => number(source, i128::from(n)),
+                Scalar::Signed(n) => number(source, i128::from(n)),
+                other => Err(wrong(format!(
+                    "expected a string or a level number, found {}",
+                    other.kind()
+                ))),
+            };
+        }
+        if serilog {
+            return Ok(Level::new("info"));
+        }
+        Err(DecodeError::MissingField { field: "level" })
+    }
+}
+
+/// The level a number in `source` stands for.
+fn number(source: Source, n: i128) -> Outcome<Level> {
+    source
+        .numeric(n)
+        .map(Level::new)
+        .ok_or_else(|| DecodeError::WrongType {
+            field: source.field(),
+            detail: format!("the number {n} is no level of this field"),
+        })
+}
+
+/// The loggers' own names for the levels, folded onto the strict format's.
+const ALIASES: &[(&str, &str)] = &[
+    ("information", "info"),
+    ("notice", "info"),
+    ("default", "info"),
+    ("verbose", "trace"),
+    ("crit", "critical"),
+    ("alert", "fatal"),
+    ("emerg", "fatal"),
+    ("emergency", "fatal"),
+    ("panic", "fatal"),
+    ("dpanic", "fatal"),
+];
+
+fn normalise(name: &str) -> Level {
+    for &(alias, level) in ALIASES {
+        if name.eq_ignore_ascii_case(alias) {
+            return Level::new(level);
+        }
+    }
+    Level::new(name)
+}
+
+/// A top-level key, classified.
+enum Key {
+    Level(Source),
+    /// ECS's `log` object, which may hold `level`.
+    Log,
+    /// Serilog's `@mt` or `@m`.
+    SerilogMessage,
+    Other,
+}
+
+impl Key {
+    fn classify(name: &str) -> Key {
+        match name {
+            "level" => Key::Level(Source::Level),
+            "log.level" => Key::Level(Source::FlatLogLevel),
+            "log" => Key::Log,
+            "severity" => Key::Level(Source::Severity),
+            "severityText" => Key::Level(Source::SeverityText),
+            "severityNumber" => Key::Level(Source::SeverityNumber),
+            "levelname" => Key::Level(Source::LevelName),
+            "@l" => Key::Level(Source::Serilog),
+            "@mt" | "@m" => Key::SerilogMessage,
+            _ => Key::Other,
+        }
+    }
+}
+
+struct KeySeed;
+
+impl<'de> DeserializeSeed<'de> for KeySeed {
+    type Value = Key;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
+        Ok(Key::classify(name))
+    }
+}
+
+/// The top-level value: an object whose level is looked for.
+struct AutoVisitor;
+
+impl<'de> Visitor<'de> for AutoVisitor {
+    type Value = Outcome<Level>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = Found::default();
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            match key {
+                Key::Level(source) => {
+                    let value = map.next_value_seed(ScalarSeed)?;
+                    found.put(source, value);
+                }
+                Key::Log => {
+                    if let Some(value) = map.next_value_seed(NestedLevelSeed)? {
+                        found.put(Source::NestedLogLevel, value);
+                    }
+                }
+                Key::SerilogMessage => {
+                    found.serilog = true;
+                    map.next_value_seed(Skip)?;
+                }
+                Key::Other => map.next_value_seed(Skip)?,
+            }
+        }
+        Ok(found.level())
+    }
+
+    // Anything else is walked to its end (broken or too deep JSON inside is reported as such).
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        SkipVisitor.visit_seq(seq)?;
+        Ok(not_object("array"))
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(not_object("string"))
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(not_object("boolean"))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(not_object("number"))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(not_object("number"))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(not_object("number"))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(not_object("null"))
+    }
+}
+
+/// ECS's `log` field: the value of its `level` when it is an object that has one.
+struct NestedLevelSeed;
+
+impl<'de> DeserializeSeed<'de> for NestedLevelSeed {
+    type Value = Option<Scalar<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(NestedLevelVisitor)
+    }
+}
+
+struct NestedLevelVisitor;
+
+impl<'de> Visitor<'de> for NestedLevelVisitor {
+    type Value = Option<Scalar<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut level = None;
+        while let Some(key) = map.next_key_seed(KeySeed)? {
+            if matches!(key, Key::Level(Source::Level)) && level.is_none() {
+                level = Some(map.next_value_seed(ScalarSeed)?);
+            } else {
+                map.next_value_seed(Skip)?;
+            }
+        }
+        Ok(level)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        SkipVisitor.visit_seq(seq)?;
+        Ok(None)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn auto(text: &str) -> Result<String, &'static str> {
+        decode_level_auto(
+            Some(text.as_bytes()),
+            super::super::DEFAULT_MAX_PAYLOAD_BYTES,
+        )
+        .map(|level| level.as_str().to_owned())
+        .map_err(|err| err.reason())
+    }
+
+    /// One line per shape, written from each logger's documented output format, with the level
+    /// it must be routed by.
+    const CORPUS: &[(&str, &str, &str)] = &[
+        (
+            "logbridge",
+            r#"{"level":"error","code":503,"message":"upstream timeout","service":"checkout"}"#,
+            "error",
+        ),
+        (
+            "pino",
+            r#"{"level":30,"time":1714557600000,"pid":4242,"hostname":"web-1","msg":"request completed","responseTime":12}"#,
+            "info",
+        ),
+        (
+            "pino error with err",
+            r#"{"level":50,"time":1714557600000,"pid":4242,"hostname":"web-1","err":{"type":"Error","message":"connect ECONNREFUSED","stack":"Error: connect ECONNREFUSED\n    at x"},"msg":"db down"}"#,
+            "error",
+        ),
+        (
+            "pino trace",
+            r#"{"level":10,"time":1714557600000,"msg":"enter"}"#,
+            "trace",
+        ),
+        (
+            "pino custom level 35",
+            r#"{"level":35,"time":1714557600000,"msg":"audit"}"#,
+            "info",
+        ),
+        (
+            "bunyan",
+            r#"{"name":"api","hostname":"h1","pid":17,"level":40,"msg":"slow query","time":"2024-05-01T10:00:00.000Z","v":0}"#,
+            "warning",
+        ),
+        (
+            "bunyan fatal",
+            r#"{"name":"api","hostname":"h1","pid":17,"level":60,"msg":"out of memory","time":"2024-05-01T10:00:00.000Z","v":0}"#,
+            "fatal",
+        ),
+        (
+            "zap",
+            r#"{"level":"warn","ts":1714557600.123456,"caller":"server/main.go:42","msg":"retrying","attempt":3}"#,
+            "warning",
+        ),
+        (
+            "zap dpanic",
+            r#"{"level":"dpanic","ts":1714557600.1,"caller":"a.go:1","msg":"impossible","stacktrace":"main.main\n\t/a.go:1"}"#,
+            "fatal",
+        ),
+        (
+            "logrus",
+            r#"{"level":"info","msg":"server started","time":"2024-05-01T10:00:00Z","port":8080}"#,
+            "info",
+        ),
+        (
+            "slog",
+            r#"{"time":"2024-05-01T10:00:00.000000000Z","level":"ERROR","msg":"request failed","err":"timeout","status":504}"#,
+            "error",
+        ),
+        (
+            "ECS flat",
+            r#"{"@timestamp":"2024-05-01T10:00:00.000Z","log.level":"warn","message":"disk almost full","ecs.version":"1.6.0","service.name":"store"}"#,
+            "warning",
+        ),
+        (
+            "ECS nested",
+            r#"{"@timestamp":"2024-05-01T10:00:00.000Z","log":{"level":"error","logger":"app.db"},"message":"connection lost","ecs":{"version":"8.11.0"}}"#,
+            "error",
+        ),
+        (
+            "Google Cloud",
+            r#"{"severity":"ERROR","message":"payment failed","logging.googleapis.com/trace":"projects/p/traces/0123","httpRequest":{"status":500}}"#,
+            "error",
+        ),
+        (
+            "Google Cloud notice",
+            r#"{"severity":"NOTICE","message":"config reloaded"}"#,
+            "info",
+        ),
+        (
+            "Google Cloud emergency",
+            r#"{"severity":"EMERGENCY","message":"datacenter on fire"}"#,
+            "fatal",
+        ),
+        (
+            "Google Cloud critical",
+            r#"{"severity":"CRITICAL","message":"quorum lost"}"#,
+            "critical",
+        ),
+        (
+            "OpenTelemetry",
+            r#"{"timeUnixNano":"1714557600000000000","severityNumber":17,"severityText":"ERROR","body":{"stringValue":"export failed"},"attributes":[{"key":"retry","value":{"intValue":"2"}}]}"#,
+            "error",
+        ),
+        (
+            "OpenTelemetry number only",
+            r#"{"timeUnixNano":"1714557600000000000","severityNumber":13,"body":"queue backing up"}"#,
+            "warning",
+        ),
+        (
+            "python-json-logger",
+            r#"{"asctime":"2024-05-01 10:00:00,123","name":"billing","levelname":"WARNING","message":"invoice late","invoice_id":991}"#,
+            "warning",
+        ),
+        (
+            "structlog",
+            r#"{"event":"user logged in","level":"info","timestamp":"2024-05-01T10:00:00.000000Z","user_id":42}"#,
+            "info",
+        ),
+        (
+            "Serilog compact",
+            r#"{"@t":"2024-05-01T10:00:00.0000000Z","@mt":"Processed {@Position} in {Elapsed:000} ms.","@l":"Warning","Position":{"Latitude":25,"Longitude":134},"Elapsed":34}"#,
+            "warning",
+        ),
+        (
+            "Serilog compact, no @l",
+            r#"{"@t":"2024-05-01T10:00:00.0000000Z","@mt":"Hello, {Name}","Name":"Ada"}"#,
+            "info",
+        ),
+        (
+            "Serilog verbose",
+            r#"{"@t":"2024-05-01T10:00:00.0000000Z","@m":"tick","@l":"Verbose"}"#,
+            "trace",
+        ),
+        (
+            "Serilog information",
+            r#"{"@t":"2024-05-01T10:00:00.0000000Z","@mt":"ok","@l":"Information"}"#,
+            "info",
+        ),
+        (
+            "tracing-subscriber",
+            r#"{"timestamp":"2024-05-01T10:00:00.000000Z","level":"INFO","fields":{"message":"listening","addr":"0.0.0.0:8080"},"target":"server::http","threadId":"ThreadId(2)"}"#,
+            "info",
+        ),
+        (
+            "numeric ts and message, strict would refuse",
+            r#"{"level":"error","message":42,"ts":1714557600}"#,
+            "error",
+        ),
+    ];
+
+    #[test]
+    fn every_shape_of_the_corpus_is_routed_by_its_level() {
+        for (shape, line, level) in CORPUS {
+            assert_eq!(auto(line), Ok(level.to_string()), "{shape}: {line}");
+        }
+        // The strict format refuses most of them: the reason `auto` exists.
+        let strict = CORPUS
+            .iter()
+            .filter(|(_, line, _)| {
+                super::super::decode_level(Some(line.as_bytes()), usize::MAX).is_ok()
+            })
+            .count();
+        assert!(
+            strict <= 6,
+            "the strict format takes {strict} of {}",
+            CORPUS.len()
+        );
+    }
+
+    #[test]
+    fn json_behind_a_schema_registry_prefix_is_read_past_it() {
+        let mut payload = vec![0, 0, 0, 1, 42];
+        payload.extend_from_slice(br#"{"severity":"WARNING","message":"x"}"#);
+        assert_eq!(
+            decode_level_auto(Some(&payload), usize::MAX).map(|level| level.to_string()),
+            Ok("warning".to_owned())
+        );
+        // Offsets count the prefix.
+        let mut broken = vec![0, 0, 0, 1, 42];
+        broken.extend_from_slice(b"{\"level\":\"\xff\"}");
+        assert_eq!(
+            decode_level_auto(Some(&broken), usize::MAX),
+            Err(DecodeError::NotUtf8 { valid_up_to: 15 })
+        );
+        // The strict format has no prefix.
+        assert_eq!(
+            super::super::decode_level(Some(&payload), usize::MAX).map_err(|err| err.reason()),
+            Err("not_json")
+        );
+    }
+
+    #[test]
+    fn what_is_not_an_event_is_refused_with_a_reason_naming_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (r#"{"msg":"no level anywhere","ts":1}"#, "missing_field"),
+            (r#"{"level":true,"msg":"x"}"#, "wrong_type"),
+            (r#"{"level":"","msg":"x"}"#, "wrong_type"),
+            (r#"{"level":2.5,"msg":"x"}"#, "wrong_type"),
+            (r#"{"severityNumber":0,"body":"unspecified"}"#, "wrong_type"),
+            (r#"{"severity":7,"message":"x"}"#, "wrong_type"),
+            (r#"{"level":"info","level":"error"}"#, "duplicate_field"),
+            (r#"{"level":"info""#, "not_json"),
+            (r#"{"level":"info"} trailing"#, "not_json"),
+            (r#"["level","info"]"#, "not_object"),
+            ("", "empty"),
+        ];
+        for (line, reason) in cases {
+            assert_eq!(auto(line), Err(*reason), "{line}");
+        }
+        let wrong = decode_level_auto(Some(br#"{"log.level":{"x":1}}"#), usize::MAX);
+        assert!(
+            matches!(
+                &wrong,
+                Err(DecodeError::WrongType {
+                    field: "log.level",
+                    ..
+                })
+            ),
+            "{wrong:?}"
+        );
+        // A null level is absent: the next field in order decides.
+        assert_eq!(
+            auto(r#"{"level":null,"severity":"ERROR"}"#),
+            Ok("error".to_owned())
+        );
+        // The first field in order wins, wherever it stands in the object.
+        assert_eq!(
+            auto(r#"{"severity":"ERROR","level":"info"}"#),
+            Ok("info".to_owned())
+        );
+        // Deep nesting in a field routing does not need is still refused as too deep.
+        let deep = format!(
+            r#"{{"level":"info","x":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(auto(&deep), Err("too_deep"));
+    }
+
+    #[test]
+    fn the_format_is_chosen_by_name_in_the_configuration() {
+        #[derive(serde::Deserialize)]
+        struct Input {
+            format: InputFormat,
+        }
+        let parsed: Input = toml::from_str("format = \"auto\"").expect("auto");
+        assert_eq!(parsed.format, InputFormat::Auto);
+        assert!(toml::from_str::<Input>("format = \"json\"").is_err());
+        assert_eq!(InputFormat::default(), InputFormat::Logbridge);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512), limit in 0usize..600) {
+            let _ = decode_level_auto(Some(&bytes), limit);
+        }
+
+        #[test]
+        fn never_panics_on_json_like_strings(text in "[{}\\[\\]\":,0-9a-zA-Z@. eE+\\-\\\\nul]{0,64}") {
+            let _ = auto(&text);
+        }
+
+        /// Whatever the strict format accepts, `auto` routes by the same level.
+        #[test]
+        fn auto_agrees_with_the_strict_format_on_strict_events(
+            level in "[a-zA-Z]{1,10}",
+            message in "[a-zA-Z0-9 ]{0,20}",
+            extra in proptest::option::of(0u32..1000),
+        ) {
+            let mut event = serde_json::json!({"level": level, "message": message});
+            if let Some(code) = extra {
+                event["code"] = code.into();
+            }
+            let text = event.to_string();
+            let strict = super::super::decode_level(Some(text.as_bytes()), usize::MAX);
+            prop_assume!(strict.is_ok());
+            let strict = strict.expect("assumed").as_str().to_owned();
+            let auto_level = auto(&text).expect("auto takes what strict takes");
+            // The loggers' own aliases (information, notice, ...) may fold further.
+            let folded = normalise(&strict);
+            prop_assert_eq!(folded.as_str(), auto_level.as_str());
+        }
+    }
+}
