@@ -133,6 +133,16 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
         output.contains("peak RSS at 40000 vs 20000"),
         "compares the backlogs:\n{output}"
     );
+    // The decoder cost of both input formats, and their ratio as printed.
+    let strict = figure(&output, "logbridge format, logbridge events", "events");
+    let auto = figure(&output, "auto format, logbridge events", "events");
+    let pino = figure(&output, "auto format, pino events", "events");
+    let ratio = figure(&output, "auto / logbridge", "events =");
+    assert!(strict > 0.0 && auto > 0.0 && pino > 0.0, "{output}");
+    assert!(
+        (ratio - auto / strict).abs() <= 0.006,
+        "auto/logbridge {ratio} vs {auto}/{strict}"
+    );
     let large = figure(&output, "events of   262144 bytes:", "peak RSS");
     assert!(
         large > 1.0 && large <= 256.0,

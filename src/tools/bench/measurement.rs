@@ -81,9 +81,18 @@ impl Window {
 
 /// User + system CPU time of this process so far.
 pub(super) fn cpu_seconds() -> f64 {
+    cpu_seconds_of(libc::RUSAGE_SELF)
+}
+
+/// User + system CPU time of the calling thread so far.
+pub(super) fn thread_cpu_seconds() -> f64 {
+    cpu_seconds_of(libc::RUSAGE_THREAD)
+}
+
+fn cpu_seconds_of(who: libc::c_int) -> f64 {
     // SAFETY: `getrusage` only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
         return 0.0;
     }
     let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;

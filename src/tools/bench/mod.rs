@@ -25,6 +25,7 @@
 
 mod broker;
 mod child;
+mod decoding;
 mod measurement;
 mod options;
 mod report;
@@ -193,6 +194,10 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         )
     };
 
+    let decoding = options.clone();
+    tokio::task::spawn_blocking(move || decoding::decoder_cost(&decoding))
+        .await
+        .context("decoder cost thread failed")??;
     large_events(exe, broker, &child, &topic, options).await?;
     if options.memory_backlogs.0.is_empty() {
         return Ok(());
