@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::breaker::BreakerSwitch;
 use crate::metrics::Metrics;
 use crate::offsets::PartitionOffsets;
-use crate::record::{PartitionKey, ProcessAck, StageGone, TOMBSTONE};
+use crate::record::{PartitionKey, ProcessAck, StageGone};
 
 /// What flows into the committer's data channel. Dispatches and acks share one channel so that a
 /// record's dispatch is always seen before its ack: the router sends the dispatch before the
@@ -537,8 +537,8 @@ impl CommitterActor {
             Some(cause) => (&*cause.route, cause.reason),
             None => ("none", ""),
         };
-        // A tombstone parked on purpose is not a sign of bad input.
-        let failed = ack.status.is_failure() && reason != TOMBSTONE;
+        // A tombstone or an unrouted event parked on purpose is not a sign of bad input.
+        let failed = ack.status.is_failure() && !crate::record::parked_on_purpose(reason);
         self.breaker.record(failed, route, reason);
         let current = self
             .partitions

@@ -16,12 +16,11 @@ use crate::committer::{CommitterHandle, CommitterSettings};
 use crate::config::Config;
 use crate::consumer::{ConsumerHandle, ConsumerLinks};
 use crate::dead_letter::{DeadLetterHandle, DeadLetterTopic};
-use crate::event::Level;
 use crate::health::Liveness;
 use crate::http::{self, HttpState, StatusSource};
 use crate::metrics::{DepthProbe, Metrics};
 use crate::record::Fences;
-use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, DISPATCH_BATCH};
+use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, Rules, DISPATCH_BATCH};
 use crate::sink::{config_sink_factory, SinkFactory};
 use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 
@@ -194,6 +193,7 @@ pub async fn run(
             liveness: liveness.clone(),
             tombstones: config.input.tombstones,
             format: config.input.format,
+            unrouted: config.input.unrouted,
         },
     );
     tasks.spawn(watch_actor(router_task, "router"));
@@ -400,13 +400,9 @@ fn spawn_workers(
     liveness: &Liveness,
 ) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>)> {
     let mut lanes = Vec::with_capacity(config.routes.len());
-    let mut levels = rustc_hash::FxHashMap::default();
     let mut tasks = Vec::new();
-    for (index, route) in config.routes.iter().enumerate() {
+    for route in &config.routes {
         let name: Arc<str> = Arc::from(route.name.as_str());
-        for level in &route.levels {
-            levels.insert(Level::new(level).as_str().to_string(), index);
-        }
         liveness.expect("worker", route.workers);
         let mut workers = Vec::with_capacity(route.workers);
         for worker in 0..route.workers {
@@ -436,7 +432,13 @@ fn spawn_workers(
         }
         lanes.push(RouteLane { name, workers });
     }
-    Ok((RouteTable { lanes, levels }, tasks))
+    Ok((
+        RouteTable {
+            lanes,
+            rules: Rules::from_routes(&config.routes),
+        },
+        tasks,
+    ))
 }
 
 async fn start_http(

@@ -218,6 +218,15 @@ impl Drop for Charge {
 /// "dead-letter"`); such failures do not count against the breaker.
 pub const TOMBSTONE: &str = "tombstone";
 
+/// The failure reason of an event no route takes, sent to the dead-letter topic (`input.unrouted
+/// = "dead-letter"`); parked on purpose, so it does not count against the breaker either.
+pub const UNROUTED: &str = "unrouted";
+
+/// Whether a failure `reason` parks a record on purpose (by configuration), not for bad input.
+pub fn parked_on_purpose(reason: &str) -> bool {
+    reason == TOMBSTONE || reason == UNROUTED
+}
+
 /// How a record finished. Every record that enters the pipeline ends in exactly one of these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AckStatus {

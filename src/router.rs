@@ -10,6 +10,7 @@
 //! `pause_after_ms` for half of it to be free ([`RouterHandle::wait_for_room`]), then pauses
 //! the record's partition and keeps polling Kafka.
 
+use rdkafka::message::Headers as _;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,12 +19,12 @@ use tracing::warn;
 
 use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::{CommitterHandle, Dispatch};
-use crate::config::TombstonePolicy;
+use crate::config::{RouteConfig, TombstonePolicy, UnroutedPolicy};
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::event::{DecodeError, InputFormat, Level};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
-use crate::record::{AckStatus, Fences, ProcessAck, Record, StageGone, TOMBSTONE};
+use crate::record::{AckStatus, Fences, ProcessAck, Record, StageGone, Topic, TOMBSTONE, UNROUTED};
 use crate::worker::WorkerHandle;
 
 /// Records the router takes from its channel at once (one dispatch message to the committer
@@ -49,8 +50,95 @@ pub struct RouteLane {
 pub struct RouteTable {
     /// One lane per route, in configuration order.
     pub lanes: Vec<RouteLane>,
-    /// Normalised level → index into `lanes`.
-    pub levels: FxHashMap<String, usize>,
+    /// Which lane takes an event.
+    pub rules: Rules,
+}
+
+/// Which route takes an event: the first, in configuration order, that takes its level and
+/// whose other conditions (topics, header) hold; else the default route, if there is one.
+#[derive(Default)]
+pub struct Rules {
+    /// Normalised level → the routes that take it, in configuration order.
+    by_level: FxHashMap<String, Vec<Rule>>,
+    /// The route that takes what no other took.
+    default: Option<usize>,
+}
+
+/// One route's conditions beyond the level.
+struct Rule {
+    lane: usize,
+    /// Source topics (interned); empty: any.
+    topics: Vec<Topic>,
+    /// A header name and value the record must carry.
+    header: Option<(String, Vec<u8>)>,
+}
+
+impl Rules {
+    /// The rules of `routes` (lane `i` is `routes[i]`).
+    pub fn from_routes(routes: &[RouteConfig]) -> Rules {
+        let mut rules = Rules::default();
+        for (lane, route) in routes.iter().enumerate() {
+            if route.default {
+                rules.default = Some(lane);
+                continue;
+            }
+            for level in &route.levels {
+                rules
+                    .by_level
+                    .entry(Level::new(level).as_str().to_string())
+                    .or_default()
+                    .push(Rule {
+                        lane,
+                        topics: route.topics.iter().map(|topic| Topic::new(topic)).collect(),
+                        header: route
+                            .header
+                            .as_ref()
+                            .map(|header| (header.name.clone(), header.value.clone().into_bytes())),
+                    });
+            }
+        }
+        rules
+    }
+
+    /// Rules that send each listed level to its lane, with no other condition.
+    #[cfg(test)]
+    pub(crate) fn for_levels(levels: &[(&str, usize)]) -> Rules {
+        let mut rules = Rules::default();
+        for &(level, lane) in levels {
+            rules
+                .by_level
+                .entry(level.to_string())
+                .or_default()
+                .push(Rule {
+                    lane,
+                    topics: Vec::new(),
+                    header: None,
+                });
+        }
+        rules
+    }
+
+    /// The lane that takes `record` at `level`, if any.
+    fn lane(&self, level: &Level, record: &Record) -> Option<usize> {
+        self.by_level
+            .get(level.as_str())
+            .and_then(|rules| rules.iter().find(|rule| rule.holds(record)))
+            .map(|rule| rule.lane)
+            .or(self.default)
+    }
+}
+
+impl Rule {
+    fn holds(&self, record: &Record) -> bool {
+        (self.topics.is_empty() || self.topics.contains(&record.source.topic))
+            && self.header.as_ref().is_none_or(|(name, value)| {
+                record.headers.as_ref().is_some_and(|headers| {
+                    headers.iter().any(|header| {
+                        header.key == name.as_str() && header.value == Some(value.as_slice())
+                    })
+                })
+            })
+    }
 }
 
 /// What the router links to.
@@ -69,6 +157,8 @@ pub struct RouterLinks {
     pub tombstones: TombstonePolicy,
     /// How payloads are read.
     pub format: InputFormat,
+    /// What becomes of events no route takes.
+    pub unrouted: UnroutedPolicy,
 }
 
 /// Sends records to the router (held by the consumer).
@@ -86,11 +176,11 @@ impl RouterHandle {
     ) -> (RouterHandle, tokio::task::JoinHandle<()>) {
         // Full: the consumer waits up to `pause_after_ms`, then pauses the records' partitions.
         let (sender, receiver) = channel::channel(capacity);
-        let RouteTable { lanes, levels } = table;
+        let RouteTable { lanes, rules } = table;
         let actor = RouterActor {
             receiver,
             lanes,
-            levels,
+            rules,
             links,
             no_route: Arc::from(NO_ROUTE),
         };
@@ -146,7 +236,7 @@ impl RouterHandle {
 struct RouterActor {
     receiver: BatchReceiver<Record>,
     lanes: Vec<RouteLane>,
-    levels: FxHashMap<String, usize>,
+    rules: Rules,
     links: RouterLinks,
     no_route: Arc<str>,
 }
@@ -215,7 +305,7 @@ impl RouterActor {
         let mut ignored: Vec<ProcessAck> = Vec::new();
         for mut record in batch.drain(..) {
             let no_value = record.payload().is_none();
-            match self.decide(record.decode(self.links.format), no_value) {
+            match self.decide(&mut record, no_value) {
                 Decision::Lane(index) => {
                     let workers = &self.lanes[index].workers;
                     shares[index][worker_index(&record, workers.len())].push(record);
@@ -281,9 +371,10 @@ impl RouterActor {
         self.links.committer.acks(std::mem::take(ignored)).await
     }
 
-    /// What becomes of a record decoded as `decoded` (`no_value`: its value is null).
-    fn decide(&self, decoded: &Result<Level, DecodeError>, no_value: bool) -> Decision {
-        match decoded {
+    /// What becomes of a record (`no_value`: its value is null).
+    fn decide(&self, record: &mut Record, no_value: bool) -> Decision {
+        // A level is a static name or a short string; an error is cloned only for a bad record.
+        match record.decode(self.links.format).clone() {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
             Err(DecodeError::Empty) if no_value => match self.links.tombstones {
@@ -306,14 +397,21 @@ impl RouterActor {
                     message: err.to_string(),
                     // Its value was never copied (see the consumer).
                     dropped_value: match err {
-                        DecodeError::TooLarge { size, .. } => Some(*size),
+                        DecodeError::TooLarge { size, .. } => Some(size),
                         _ => None,
                     },
                 })
             }
-            Ok(level) => match self.levels.get(level.as_str()) {
-                Some(&lane) => Decision::Lane(lane),
-                None => Decision::Ignore { tombstone: false },
+            Ok(level) => match self.rules.lane(&level, record) {
+                Some(lane) => Decision::Lane(lane),
+                None => match self.links.unrouted {
+                    UnroutedPolicy::Ignore => Decision::Ignore { tombstone: false },
+                    UnroutedPolicy::DeadLetter => Decision::Fail(DeadLetterCause {
+                        reason: UNROUTED,
+                        message: format!("no route takes level `{level}`"),
+                        dropped_value: None,
+                    }),
+                },
             },
         }
     }
@@ -453,14 +551,12 @@ mod tests {
         let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let (worker_a, mut inbox_a) = WorkerHandle::for_test(64);
         let (worker_b, mut inbox_b) = WorkerHandle::for_test(64);
-        let mut levels = FxHashMap::default();
-        levels.insert("error".to_string(), 0);
         let table = RouteTable {
             lanes: vec![RouteLane {
                 name: Arc::from("errors"),
                 workers: vec![worker_a, worker_b],
             }],
-            levels,
+            rules: Rules::for_levels(&[("error", 0)]),
         };
         let fences = Fences::default();
         for partition in fenced {
@@ -483,6 +579,7 @@ mod tests {
                 liveness: Liveness::default(),
                 tombstones,
                 format: InputFormat::Logbridge,
+                unrouted: UnroutedPolicy::Ignore,
             },
         );
         assert!(matches!(router.offer(records), Offer::Taken));
@@ -699,7 +796,7 @@ mod tests {
             8,
             RouteTable {
                 lanes: Vec::new(),
-                levels: FxHashMap::default(),
+                rules: Rules::default(),
             },
             RouterLinks {
                 committer,
@@ -709,6 +806,7 @@ mod tests {
                 liveness: Liveness::default(),
                 tombstones: TombstonePolicy::Skip,
                 format: InputFormat::Logbridge,
+                unrouted: UnroutedPolicy::Ignore,
             },
         );
         // Zero bytes (not a null value): malformed, not a tombstone.
@@ -731,5 +829,68 @@ mod tests {
             "parked without its value, its size said"
         );
         assert_eq!(metrics.tombstones.with_label_values(&["skipped"]).get(), 0);
+    }
+
+    #[test]
+    fn the_first_route_whose_conditions_hold_takes_an_event_else_the_default() {
+        let text = r#"
+            [kafka]
+            brokers = "b:9092"
+            group_id = "g"
+            topics = ["logs", "audit"]
+            [[routes]]
+            name = "tenant-a"
+            levels = ["error"]
+            header = { name = "tenant", value = "a" }
+            sink = { type = "null" }
+            [[routes]]
+            name = "audit"
+            levels = ["info", "error"]
+            topics = ["audit"]
+            sink = { type = "null" }
+            [[routes]]
+            name = "errors"
+            levels = ["error"]
+            sink = { type = "null" }
+            [[routes]]
+            name = "rest"
+            default = true
+            sink = { type = "null" }
+        "#;
+        let config = crate::Config::from_toml_str(text).expect("valid");
+        let rules = Rules::from_routes(&config.routes);
+        let event = |topic: &str, tenant: Option<&str>| {
+            let mut record = crate::record::test_record(0, 1, None, Some(b"{}"));
+            record.source.topic = Topic::new(topic);
+            record.headers = tenant.map(|tenant| {
+                rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                    key: "tenant",
+                    value: Some(tenant),
+                })
+            });
+            record
+        };
+        let level = |name: &str| Level::new(name);
+        let cases = [
+            ("error", "logs", Some("a"), Some(0)),
+            ("error", "audit", Some("a"), Some(0)),
+            ("error", "audit", Some("b"), Some(1)),
+            ("error", "logs", Some("b"), Some(2)),
+            ("error", "logs", None, Some(2)),
+            ("info", "audit", None, Some(1)),
+            ("info", "logs", None, Some(3)),
+            ("debug", "audit", Some("a"), Some(3)),
+            ("whatever", "logs", None, Some(3)),
+        ];
+        for (name, topic, tenant, lane) in cases {
+            assert_eq!(
+                rules.lane(&level(name), &event(topic, tenant)),
+                lane,
+                "{name} on {topic}, tenant {tenant:?}"
+            );
+        }
+        // Without a default route, what no route takes has no lane.
+        let no_default = Rules::from_routes(&config.routes[..3]);
+        assert_eq!(no_default.lane(&level("info"), &event("logs", None)), None);
     }
 }

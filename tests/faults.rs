@@ -1119,6 +1119,49 @@ async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
     assert_eq!(ids_written(&[dir.path()]).len(), 1);
 }
 
+/// With `input.unrouted = "dead-letter"`, events whose level no route takes go to the
+/// dead-letter topic with reason `unrouted`, whole, and a run of them does not trip the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrouted_events_can_be_dead_lettered_without_tripping_the_breaker() {
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 1);
+    kafka.create_topic("logs.dlq", 1);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..31u64)
+        .map(|id| {
+            (
+                Some(format!("k{id}")),
+                event(id, if id == 30 { "info" } else { "debug" }),
+            )
+        })
+        .collect();
+    kafka.produce(&records).await;
+    let end = kafka.end_offsets();
+    let group = unique("unrouted");
+    let dir = tempfile::tempdir().expect("dir");
+    let routes = format!(
+        "{}\n[dead_letter]\ntopic = \"logs.dlq\"\n[breaker]\nmax_consecutive = 5\n[input]\nunrouted = \"dead-letter\"\n",
+        file_route("all", "[\"info\"]", 1, dir.path())
+    );
+    let config = kafka.config(&group, "", &routes);
+    let metrics = Arc::new(Metrics::new());
+    let running = Running::without_http(config, &metrics);
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    assert!(done, "not committed to the end");
+    assert_eq!(
+        metrics.breaker_tripped.get(),
+        0,
+        "unrouted events do not trip the breaker"
+    );
+    let parked = kafka.read_all("logs.dlq");
+    assert_eq!(parked.len(), 30, "every debug event parked");
+    assert!(parked.iter().all(|record| record.payload.is_some()
+        && record.header("logbridge.error.reason").as_deref() == Some("unrouted")));
+    assert_eq!(ids_written(&[dir.path()]).len(), 1, "the info event routed");
+}
+
 /// The only broker (the group coordinator too) is unreachable for longer than the session
 /// timeout: the consumer counts its partitions lost (nothing may be committed for them),
 /// `/readyz` says it is not in a group, and when the broker is back it rejoins and finishes

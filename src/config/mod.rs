@@ -109,6 +109,20 @@ pub struct InputConfig {
     /// How payloads are read: `logbridge` (the strict event format, the default) or `auto`
     /// (the level wherever common loggers put it; see the README's event format section).
     pub format: crate::event::InputFormat,
+    /// Events no route takes: `ignore` (finished as ignored and counted, the default) or
+    /// `dead-letter` (parked with reason `unrouted`). Neither counts against the breaker.
+    pub unrouted: UnroutedPolicy,
+}
+
+/// What becomes of an event no route takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnroutedPolicy {
+    /// Finished as ignored and counted.
+    #[default]
+    Ignore,
+    /// Parked in the dead-letter topic (or, without one, logged and counted as failed).
+    DeadLetter,
 }
 
 /// What becomes of a tombstone.
@@ -357,7 +371,19 @@ pub struct RouteConfig {
     /// Name used in metrics and output lines: lowercase letters, digits, `_` and `-`.
     pub name: String,
     /// Levels this route takes (normalised like event levels: `warn` means `warning`).
+    /// Required unless the route is the `default` one.
+    #[serde(default)]
     pub levels: Vec<String>,
+    /// Also required of an event: its source topic is one of these (empty: any topic).
+    #[serde(default)]
+    pub topics: Vec<String>,
+    /// Also required of an event: a record header with this name and value.
+    #[serde(default)]
+    pub header: Option<HeaderMatch>,
+    /// Takes every event that no earlier route took (whatever its level); the last route, at
+    /// most one, with no levels or other conditions.
+    #[serde(default)]
+    pub default: bool,
     /// Worker actors; records with the same key always go to the same worker.
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -374,7 +400,22 @@ pub struct RouteConfig {
     pub retry_backoff_max_ms: u64,
 }
 
+/// A header a route requires: `name` present with exactly `value` (compared as UTF-8 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name.
+    pub name: String,
+    /// Header value.
+    pub value: String,
+}
+
 impl RouteConfig {
+    /// Whether the route asks more of an event than its level (a topic or a header).
+    pub fn has_conditions(&self) -> bool {
+        !self.topics.is_empty() || self.header.is_some()
+    }
+
     /// Batches each worker of this route may have in its sink at once:
     /// `pipeline.sink_batches_in_flight` where the sink keeps several in order (Kafka), else 1.
     pub fn batches_in_flight(&self, pipeline: &PipelineConfig) -> usize {
@@ -701,8 +742,10 @@ impl Config {
             return Err(invalid("routes", "define at least one [[routes]] entry"));
         }
         let mut names: HashMap<&str, usize> = HashMap::new();
+        // Levels taken by a route with no other condition: no later route can see them.
         let mut levels: HashMap<String, &str> = HashMap::new();
         for (index, route) in self.routes.iter().enumerate() {
+            let mut unconditional = Vec::new();
             let key = |field: &str| format!("routes[{index}].{field}");
             let valid_name = !route.name.is_empty()
                 && route.name.len() <= 64
@@ -725,8 +768,31 @@ impl Config {
                 ));
             }
             check_range(&key("workers"), route.workers, 1, 256)?;
-            if route.levels.is_empty() {
+            if route.default {
+                if !route.levels.is_empty() || route.has_conditions() {
+                    return Err(invalid(
+                        key("default"),
+                        "the default route takes whatever no earlier route took: give it no \
+                         levels, topics or header",
+                    ));
+                }
+                if index + 1 != self.routes.len() {
+                    return Err(invalid(
+                        key("default"),
+                        "the default route must be the last: the routes after it would never \
+                         see an event",
+                    ));
+                }
+            } else if route.levels.is_empty() {
                 return Err(invalid(key("levels"), "must list at least one level"));
+            }
+            if route.topics.iter().any(|topic| topic.is_empty()) {
+                return Err(invalid(key("topics"), "empty topic name"));
+            }
+            if let Some(header) = &route.header {
+                if header.name.is_empty() {
+                    return Err(invalid(key("header.name"), "empty header name"));
+                }
             }
             for raw in &route.levels {
                 if raw.trim().is_empty() {
@@ -742,13 +808,22 @@ impl Config {
                     ));
                 }
                 let level = Level::new(raw).as_str().to_string();
-                if let Some(other) = levels.insert(level.clone(), &route.name) {
+                // First match wins: after a route that takes a level with no other condition,
+                // no later route can see that level.
+                if let Some(other) = levels.get(&level) {
                     return Err(invalid(
                         key("levels"),
-                        format!("level `{level}` is already taken by route `{other}`"),
+                        format!(
+                            "level `{level}` is already taken by route `{other}`, which asks \
+                             nothing else of an event (the first matching route wins)"
+                        ),
                     ));
                 }
+                if !route.has_conditions() {
+                    unconditional.push((level, route.name.as_str()));
+                }
             }
+            levels.extend(unconditional);
             match &route.sink {
                 SinkConfig::File { path, .. } if path.as_os_str().is_empty() => {
                     return Err(invalid(key("sink.path"), "empty path"));
@@ -1299,6 +1374,77 @@ mod tests {
                 "check.crcs=true",
                 "session.timeout.ms=6000"
             ]
+        );
+    }
+
+    #[test]
+    fn routes_match_in_order_with_conditions_and_a_default_route_comes_last() {
+        let route = |name: &str, extra: &str| {
+            format!("[[routes]]\nname = \"{name}\"\n{extra}\nsink = {{ type = \"null\" }}\n")
+        };
+        let base = MINIMAL.replace(
+            "[[routes]]\n        name = \"errors\"\n        levels = [\"error\"]\n        sink = { type = \"null\" }\n",
+            "",
+        );
+        let valid = format!(
+            "{base}{}{}{}{}",
+            route(
+                "tenant-a",
+                "levels = [\"error\"]\nheader = { name = \"tenant\", value = \"a\" }"
+            ),
+            route(
+                "audit",
+                "levels = [\"info\", \"error\"]\ntopics = [\"audit\"]"
+            ),
+            route("errors", "levels = [\"error\"]"),
+            route("rest", "default = true"),
+        );
+        let config = load(&valid).expect("valid");
+        assert!(config.routes[3].default);
+        assert!(config.routes[0].has_conditions() && !config.routes[2].has_conditions());
+        let cases = [
+            (
+                format!("{base}{}{}", route("rest", "default = true"), route("errors", "levels = [\"error\"]")),
+                "`routes[0].default`: the default route must be the last",
+            ),
+            (
+                format!("{base}{}", route("rest", "default = true\nlevels = [\"info\"]")),
+                "`routes[0].default`: the default route takes whatever no earlier route took",
+            ),
+            (
+                format!("{base}{}{}", route("errors", "levels = [\"error\"]"), route("later", "levels = [\"error\"]\ntopics = [\"audit\"]")),
+                "`routes[1].levels`: level `error` is already taken by route `errors`, which asks nothing else",
+            ),
+            (
+                format!("{base}{}", route("t", "levels = [\"error\"]\ntopics = [\"\"]")),
+                "`routes[0].topics`: empty topic name",
+            ),
+            (
+                format!("{base}{}", route("h", "levels = [\"error\"]\nheader = { name = \"\", value = \"a\" }")),
+                "`routes[0].header.name`: empty header name",
+            ),
+            (
+                format!("{base}{}", route("none", "")),
+                "`routes[0].levels`: must list at least one level",
+            ),
+            (
+                format!("{MINIMAL}\n[input]\nunrouted = \"drop\"\n"),
+                "expected ``ignore` or `dead-letter`` for key \"default.input.unrouted\"",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = error_of(&text);
+            assert!(
+                err.contains(expected),
+                "expected `{expected}` in: {err}\n{text}"
+            );
+        }
+        let parked =
+            load(&format!("{MINIMAL}\n[input]\nunrouted = \"dead-letter\"\n")).expect("valid");
+        assert_eq!(parked.input.unrouted, UnroutedPolicy::DeadLetter);
+        assert_eq!(
+            load(MINIMAL).expect("valid").input.unrouted,
+            UnroutedPolicy::Ignore
         );
     }
 
