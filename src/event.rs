@@ -24,7 +24,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 mod auto;
-pub use auto::{decode_level_auto, InputFormat};
+pub use auto::{decode_level_auto, decode_routing_auto, InputFormat};
 
 /// Payloads larger than this are rejected unless the caller picks another limit.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -187,6 +187,15 @@ pub fn decode_level(payload: Option<&[u8]>, max_bytes: usize) -> Result<Level, D
     decode_as::<LevelOnly>(payload, max_bytes)
 }
 
+/// What routing reads of an event: its level and, for routes that match on it, its service.
+pub type Routing = (Level, Option<Box<str>>);
+
+/// [`decode_level`], keeping the `service` field too (copied: routes that match on the service
+/// ask for it, others do not pay for it).
+pub fn decode_routing(payload: Option<&[u8]>, max_bytes: usize) -> Result<Routing, DecodeError> {
+    decode_as::<LevelAndService>(payload, max_bytes)
+}
+
 fn decode_as<B: Build>(payload: Option<&[u8]>, max_bytes: usize) -> Result<B::Out, DecodeError> {
     decode_text(payload, max_bytes, json_body, |de| {
         de.deserialize_any(TopVisitor::<B>(std::marker::PhantomData))
@@ -281,6 +290,17 @@ impl Build for WholeEvent {
     type Out = LogEvent;
     fn build(body: Body<'_>, level: Level) -> Outcome<LogEvent> {
         body.into_event(level)
+    }
+}
+
+/// The level and the service, once the body is known to be valid.
+struct LevelAndService;
+
+impl Build for LevelAndService {
+    type Out = Routing;
+    fn build(body: Body<'_>, level: Level) -> Outcome<Routing> {
+        body.check()?;
+        Ok((level, body.service.value.map(Box::from)))
     }
 }
 

@@ -121,6 +121,8 @@ pub struct Record {
     /// router decodes it ([`Record::decode`]): the consumer only marks a value over
     /// `max_payload_bytes`, which it does not copy, so that decoding is off its thread.
     pub decoded: Option<Result<Level, DecodeError>>,
+    /// The event's service, where routes match on it (filled by [`Record::decode`] when asked).
+    pub service: Option<Box<str>>,
     /// When the consumer took it from librdkafka (for the processing latency).
     pub read_at: std::time::Instant,
     /// Its bytes, counted against `pipeline.max_in_flight_bytes` until it is dropped.
@@ -331,11 +333,27 @@ impl Record {
         self.data.value()
     }
 
-    /// Decodes the payload's level in `format`, once: what the consumer copied is within
-    /// `max_payload_bytes` already (a larger value is marked too large and not copied).
-    pub fn decode(&mut self, format: crate::event::InputFormat) -> &Result<Level, DecodeError> {
-        self.decoded
-            .get_or_insert_with(|| format.decode_level(self.data.value(), usize::MAX))
+    /// Decodes the payload's level in `format` (and, `with_service`, its service), once: what
+    /// the consumer copied is within `max_payload_bytes` already (a larger value is marked too
+    /// large and not copied).
+    pub fn decode(
+        &mut self,
+        format: crate::event::InputFormat,
+        with_service: bool,
+    ) -> &Result<Level, DecodeError> {
+        let decoded = match self.decoded.take() {
+            Some(decoded) => decoded,
+            None if with_service => {
+                format
+                    .decode_routing(self.data.value(), usize::MAX)
+                    .map(|(level, service)| {
+                        self.service = service;
+                        level
+                    })
+            }
+            None => format.decode_level(self.data.value(), usize::MAX),
+        };
+        self.decoded.insert(decoded)
     }
 
     /// The ack that says this record is finished with `status`.
@@ -456,6 +474,7 @@ pub(crate) fn test_record(
             payload,
             crate::event::DEFAULT_MAX_PAYLOAD_BYTES,
         )),
+        service: None,
         read_at: std::time::Instant::now(),
         charge: Charge::default(),
     }

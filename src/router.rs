@@ -62,6 +62,8 @@ pub struct Rules {
     by_level: FxHashMap<String, Vec<Rule>>,
     /// The route that takes what no other took.
     default: Option<usize>,
+    /// Whether a route matches on the service (only then is it copied out of each event).
+    need_service: bool,
 }
 
 /// One route's conditions beyond the level.
@@ -69,6 +71,8 @@ struct Rule {
     lane: usize,
     /// Source topics (interned); empty: any.
     topics: Vec<Topic>,
+    /// Services; empty: any (an event without a service matches only this).
+    services: Vec<Box<str>>,
     /// A header name and value the record must carry.
     header: Option<(String, Vec<u8>)>,
 }
@@ -82,6 +86,7 @@ impl Rules {
                 rules.default = Some(lane);
                 continue;
             }
+            rules.need_service |= !route.services.is_empty();
             for level in &route.levels {
                 rules
                     .by_level
@@ -90,6 +95,11 @@ impl Rules {
                     .push(Rule {
                         lane,
                         topics: route.topics.iter().map(|topic| Topic::new(topic)).collect(),
+                        services: route
+                            .services
+                            .iter()
+                            .map(|service| Box::from(service.as_str()))
+                            .collect(),
                         header: route
                             .header
                             .as_ref()
@@ -112,6 +122,7 @@ impl Rules {
                 .push(Rule {
                     lane,
                     topics: Vec::new(),
+                    services: Vec::new(),
                     header: None,
                 });
         }
@@ -131,6 +142,11 @@ impl Rules {
 impl Rule {
     fn holds(&self, record: &Record) -> bool {
         (self.topics.is_empty() || self.topics.contains(&record.source.topic))
+            && (self.services.is_empty()
+                || record
+                    .service
+                    .as_ref()
+                    .is_some_and(|service| self.services.contains(service)))
             && self.header.as_ref().is_none_or(|(name, value)| {
                 record.headers.as_ref().is_some_and(|headers| {
                     headers.iter().any(|header| {
@@ -374,7 +390,10 @@ impl RouterActor {
     /// What becomes of a record (`no_value`: its value is null).
     fn decide(&self, record: &mut Record, no_value: bool) -> Decision {
         // A level is a static name or a short string; an error is cloned only for a bad record.
-        match record.decode(self.links.format).clone() {
+        match record
+            .decode(self.links.format, self.rules.need_service)
+            .clone()
+        {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
             Err(DecodeError::Empty) if no_value => match self.links.tombstones {
@@ -849,6 +868,11 @@ mod tests {
             topics = ["audit"]
             sink = { type = "null" }
             [[routes]]
+            name = "checkout"
+            levels = ["error"]
+            services = ["checkout", "cart"]
+            sink = { type = "null" }
+            [[routes]]
             name = "errors"
             levels = ["error"]
             sink = { type = "null" }
@@ -859,6 +883,7 @@ mod tests {
         "#;
         let config = crate::Config::from_toml_str(text).expect("valid");
         let rules = Rules::from_routes(&config.routes);
+        assert!(rules.need_service);
         let event = |topic: &str, tenant: Option<&str>| {
             let mut record = crate::record::test_record(0, 1, None, Some(b"{}"));
             record.source.topic = Topic::new(topic);
@@ -875,12 +900,12 @@ mod tests {
             ("error", "logs", Some("a"), Some(0)),
             ("error", "audit", Some("a"), Some(0)),
             ("error", "audit", Some("b"), Some(1)),
-            ("error", "logs", Some("b"), Some(2)),
-            ("error", "logs", None, Some(2)),
+            ("error", "logs", Some("b"), Some(3)),
+            ("error", "logs", None, Some(3)),
             ("info", "audit", None, Some(1)),
-            ("info", "logs", None, Some(3)),
-            ("debug", "audit", Some("a"), Some(3)),
-            ("whatever", "logs", None, Some(3)),
+            ("info", "logs", None, Some(4)),
+            ("debug", "audit", Some("a"), Some(4)),
+            ("whatever", "logs", None, Some(4)),
         ];
         for (name, topic, tenant, lane) in cases {
             assert_eq!(
@@ -889,8 +914,19 @@ mod tests {
                 "{name} on {topic}, tenant {tenant:?}"
             );
         }
+        let with_service = |service: &str| {
+            let mut record = event("logs", None);
+            record.service = Some(Box::from(service));
+            record
+        };
+        assert_eq!(rules.lane(&level("error"), &with_service("cart")), Some(2));
+        assert_eq!(
+            rules.lane(&level("error"), &with_service("billing")),
+            Some(3)
+        );
+        assert_eq!(rules.lane(&level("info"), &with_service("cart")), Some(4));
         // Without a default route, what no route takes has no lane.
-        let no_default = Rules::from_routes(&config.routes[..3]);
+        let no_default = Rules::from_routes(&config.routes[..4]);
         assert_eq!(no_default.lane(&level("info"), &event("logs", None)), None);
     }
 }

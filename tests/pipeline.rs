@@ -367,6 +367,31 @@ async fn the_auto_format_routes_what_common_loggers_write() {
             serde_json::json!({"level": "INFO", "fields": {"message": "tracing"}}),
             "rest",
         ),
+        // Routed by service too, wherever the logger put it.
+        (
+            serde_json::json!({"level": "error", "service": "checkout", "message": "m"}),
+            "checkout",
+        ),
+        (
+            serde_json::json!({"log.level": "error", "service.name": "checkout"}),
+            "checkout",
+        ),
+        (
+            serde_json::json!({"level": 50, "service": {"name": "checkout"}, "msg": "m"}),
+            "checkout",
+        ),
+        (
+            serde_json::json!({"severity": "ERROR", "serviceContext": {"service": "checkout"}}),
+            "checkout",
+        ),
+        (
+            serde_json::json!({"level": "error", "service": "billing", "message": "m"}),
+            "errors",
+        ),
+        (
+            serde_json::json!({"level": "info", "service": "checkout", "message": "m"}),
+            "rest",
+        ),
     ];
     let mut records: Vec<(Option<String>, Vec<u8>)> = Vec::new();
     let mut expected: HashMap<u64, &str> = HashMap::new();
@@ -395,7 +420,8 @@ async fn the_auto_format_routes_what_common_loggers_write() {
         &group,
         "",
         &format!(
-            "{}{}",
+            "{}services = [\"checkout\"]\n{}{}",
+            file_route("checkout", "[\"error\"]", 1, dir.path()),
             file_route(
                 "errors",
                 "[\"error\", \"fatal\", \"critical\"]",
@@ -421,7 +447,7 @@ async fn the_auto_format_routes_what_common_loggers_write() {
 
     let mut misrouted = Vec::new();
     let mut seen = 0;
-    for route in ["errors", "rest"] {
+    for route in ["checkout", "errors", "rest"] {
         let lines = read_lines(&[dir.path().join(format!("{route}.jsonl"))]);
         for (id, _) in id_counts(&lines) {
             seen += 1;

@@ -377,6 +377,11 @@ pub struct RouteConfig {
     /// Also required of an event: its source topic is one of these (empty: any topic).
     #[serde(default)]
     pub topics: Vec<String>,
+    /// Also required of an event: its service is one of these (empty: any; an event without
+    /// a service then does not match). Strict format: `service`; auto: `service`,
+    /// `service.name`, `service` → `name`, `serviceContext` → `service`.
+    #[serde(default)]
+    pub services: Vec<String>,
     /// Also required of an event: a record header with this name and value.
     #[serde(default)]
     pub header: Option<HeaderMatch>,
@@ -413,7 +418,7 @@ pub struct HeaderMatch {
 impl RouteConfig {
     /// Whether the route asks more of an event than its level (a topic or a header).
     pub fn has_conditions(&self) -> bool {
-        !self.topics.is_empty() || self.header.is_some()
+        !self.topics.is_empty() || !self.services.is_empty() || self.header.is_some()
     }
 
     /// Batches each worker of this route may have in its sink at once:
@@ -773,7 +778,7 @@ impl Config {
                     return Err(invalid(
                         key("default"),
                         "the default route takes whatever no earlier route took: give it no \
-                         levels, topics or header",
+                         levels, topics, services or header",
                     ));
                 }
                 if index + 1 != self.routes.len() {
@@ -788,6 +793,9 @@ impl Config {
             }
             if route.topics.iter().any(|topic| topic.is_empty()) {
                 return Err(invalid(key("topics"), "empty topic name"));
+            }
+            if route.services.iter().any(|service| service.is_empty()) {
+                return Err(invalid(key("services"), "empty service name"));
             }
             if let Some(header) = &route.header {
                 if header.name.is_empty() {

@@ -619,6 +619,7 @@ impl ConsumerActor {
             data: KeyValue::new(key_bytes, payload),
             headers: message.headers().map(|headers| headers.detach()),
             decoded,
+            service: None,
             charge: self.budget.charge(bytes),
         };
         match &mut state.flow {

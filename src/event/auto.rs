@@ -27,13 +27,15 @@
 //! object, a fraction) is `wrong_type`, naming the field; no level anywhere is
 //! `missing_field` (`level`).
 
+use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode_text, json_body, not_object, Level, Outcome, Scalar, ScalarSeed, Skip, SkipVisitor,
+    decode_text, json_body, not_object, Level, Outcome, Routing, Scalar, ScalarSeed, Skip,
+    SkipVisitor,
 };
 use crate::event::DecodeError;
 
@@ -61,6 +63,18 @@ impl InputFormat {
             InputFormat::Auto => decode_level_auto(payload, max_bytes),
         }
     }
+
+    /// Decodes `payload`'s level and service in this format.
+    pub fn decode_routing(
+        self,
+        payload: Option<&[u8]>,
+        max_bytes: usize,
+    ) -> Result<Routing, DecodeError> {
+        match self {
+            InputFormat::Logbridge => super::decode_routing(payload, max_bytes),
+            InputFormat::Auto => decode_routing_auto(payload, max_bytes),
+        }
+    }
 }
 
 /// The level of an event in any of the shapes in the module docs.
@@ -68,6 +82,20 @@ pub fn decode_level_auto(payload: Option<&[u8]>, max_bytes: usize) -> Result<Lev
     decode_text(payload, max_bytes, auto_body, |de| {
         de.deserialize_any(AutoVisitor)
     })
+    .map(|(level, _)| level)
+}
+
+/// [`decode_level_auto`], with the service: the first of `service` (a string, or an object's
+/// `name` as ECS nests it), `service.name` (ECS, flat) and `serviceContext` → `service` (Google
+/// Cloud error reporting).
+pub fn decode_routing_auto(
+    payload: Option<&[u8]>,
+    max_bytes: usize,
+) -> Result<Routing, DecodeError> {
+    decode_text(payload, max_bytes, auto_body, |de| {
+        de.deserialize_any(AutoVisitor)
+    })
+    .map(|(level, service)| (level, service.map(|service| Box::from(&*service))))
 }
 
 /// The JSON text of a payload: past a Schema Registry prefix (magic byte 0 and a 4-byte schema
@@ -155,6 +183,8 @@ struct Found<'de> {
     duplicate: [bool; SOURCES],
     /// Serilog's message template or message: a Serilog event, info unless `@l` says otherwise.
     serilog: bool,
+    /// The service, from each of its fields, in [`ServiceField`] order.
+    services: [Option<Cow<'de, str>>; 3],
 }
 
 impl<'de> Found<'de> {
@@ -167,11 +197,17 @@ impl<'de> Found<'de> {
         }
     }
 
+    fn routing(mut self) -> Outcome<(Level, Option<Cow<'de, str>>)> {
+        let service = self.services.iter_mut().find_map(Option::take);
+        self.level().map(|level| (level, service))
+    }
+
     fn level(self) -> Outcome<Level> {
         let Found {
             values,
             duplicate,
             serilog,
+            ..
         } = self;
         for (source, value) in Source::ALL.into_iter().zip(values) {
             let Some(value) = value else { continue };
@@ -243,7 +279,19 @@ enum Key {
     Log,
     /// Serilog's `@mt` or `@m`.
     SerilogMessage,
+    Service(ServiceField),
     Other,
+}
+
+/// Where a service name may be, in the order they are tried.
+#[derive(Clone, Copy)]
+enum ServiceField {
+    /// `service`: a string, or an object with a `name` (ECS, nested).
+    Service,
+    /// `service.name`: ECS, flat.
+    FlatName,
+    /// `serviceContext` → `service`: Google Cloud error reporting.
+    Context,
 }
 
 impl Key {
@@ -258,6 +306,9 @@ impl Key {
             "levelname" => Key::Level(Source::LevelName),
             "@l" => Key::Level(Source::Serilog),
             "@mt" | "@m" => Key::SerilogMessage,
+            "service" => Key::Service(ServiceField::Service),
+            "service.name" => Key::Service(ServiceField::FlatName),
+            "serviceContext" => Key::Service(ServiceField::Context),
             _ => Key::Other,
         }
     }
@@ -291,7 +342,7 @@ impl Visitor<'_> for KeyVisitor {
 struct AutoVisitor;
 
 impl<'de> Visitor<'de> for AutoVisitor {
-    type Value = Outcome<Level>;
+    type Value = Outcome<(Level, Option<Cow<'de, str>>)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
@@ -314,10 +365,22 @@ impl<'de> Visitor<'de> for AutoVisitor {
                     found.serilog = true;
                     map.next_value_seed(Skip)?;
                 }
+                Key::Service(field) => {
+                    let inner = match field {
+                        ServiceField::Service => Some("name"),
+                        ServiceField::FlatName => None,
+                        ServiceField::Context => Some("service"),
+                    };
+                    let value = map.next_value_seed(ServiceSeed { inner })?;
+                    let slot = &mut found.services[field as usize];
+                    if slot.is_none() {
+                        *slot = value;
+                    }
+                }
                 Key::Other => map.next_value_seed(Skip)?,
             }
         }
-        Ok(found.level())
+        Ok(found.routing())
     }
 
     // Anything else is walked to its end (broken or too deep JSON inside is reported as such).
@@ -348,6 +411,106 @@ impl<'de> Visitor<'de> for AutoVisitor {
 
     fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
         Ok(not_object("null"))
+    }
+}
+
+/// A service field: its string value, or (with `inner`) the string under that key when it is
+/// an object; anything else is no service (never an error: a route's services match or not).
+struct ServiceSeed {
+    inner: Option<&'static str>,
+}
+
+impl<'de> DeserializeSeed<'de> for ServiceSeed {
+    type Value = Option<Cow<'de, str>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(ServiceVisitor { inner: self.inner })
+    }
+}
+
+struct ServiceVisitor {
+    inner: Option<&'static str>,
+}
+
+impl<'de> Visitor<'de> for ServiceVisitor {
+    type Value = Option<Cow<'de, str>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key_seed(NameSeed)? {
+            if found.is_none() && self.inner == Some(key.as_ref()) {
+                found = map.next_value_seed(ServiceSeed { inner: None })?;
+            } else {
+                map.next_value_seed(Skip)?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        SkipVisitor.visit_seq(seq)?;
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// A key of a nested object, borrowed where it has no escapes.
+struct NameSeed;
+
+impl<'de> DeserializeSeed<'de> for NameSeed {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(NameVisitor)
+    }
+}
+
+struct NameVisitor;
+
+impl<'de> Visitor<'de> for NameVisitor {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a field name")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
     }
 }
 
@@ -654,6 +817,74 @@ mod tests {
             "]".repeat(200)
         );
         assert_eq!(auto(&deep), Err("too_deep"));
+    }
+
+    #[test]
+    fn the_service_is_found_where_the_loggers_put_it() {
+        let service = |text: &str, format: InputFormat| {
+            format
+                .decode_routing(Some(text.as_bytes()), usize::MAX)
+                .map(|(_, service)| service.map(String::from))
+        };
+        let auto = InputFormat::Auto;
+        let cases = [
+            (
+                r#"{"level":"error","service":"checkout"}"#,
+                Some("checkout"),
+            ),
+            (
+                r#"{"log.level":"error","service.name":"checkout"}"#,
+                Some("checkout"),
+            ),
+            (
+                r#"{"log":{"level":"error"},"service":{"name":"checkout","version":"1"}}"#,
+                Some("checkout"),
+            ),
+            (
+                r#"{"severity":"ERROR","serviceContext":{"service":"checkout","version":"2"}}"#,
+                Some("checkout"),
+            ),
+            (
+                r#"{"level":30,"service":"a","service.name":"b"}"#,
+                Some("a"),
+            ),
+            (
+                r#"{"level":30,"service.name":"b","service":{"name":"a"}}"#,
+                Some("a"),
+            ),
+            (r#"{"level":30,"msg":"no service"}"#, None),
+            (r#"{"level":30,"service":42}"#, None),
+            (r#"{"level":30,"service":{"id":"x"}}"#, None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(
+                service(text, auto),
+                Ok(expected.map(String::from)),
+                "{text}"
+            );
+        }
+        // The strict format reads its own `service` field, and the level is the same either way.
+        assert_eq!(
+            service(
+                r#"{"level":"error","message":"m","service":"checkout"}"#,
+                InputFormat::Logbridge
+            ),
+            Ok(Some("checkout".to_owned()))
+        );
+        for text in [
+            r#"{"level":"error","message":"m","service":"checkout"}"#,
+            r#"{"level":50,"msg":"m","service":{"name":"checkout"}}"#,
+        ] {
+            for format in [InputFormat::Logbridge, InputFormat::Auto] {
+                assert_eq!(
+                    format
+                        .decode_routing(Some(text.as_bytes()), usize::MAX)
+                        .map(|(level, _)| level),
+                    format.decode_level(Some(text.as_bytes()), usize::MAX),
+                    "{format:?}: {text}"
+                );
+            }
+        }
     }
 
     #[test]
