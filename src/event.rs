@@ -24,7 +24,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 mod auto;
-pub use auto::{decode_level_auto, decode_routing_auto, InputFormat};
+pub use auto::{decode_level_auto, decode_routing_auto, Decoder, InputFormat, Mapping};
 
 /// Payloads larger than this are rejected unless the caller picks another limit.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;

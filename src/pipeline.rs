@@ -192,7 +192,7 @@ pub async fn run(
             metrics: metrics.clone(),
             liveness: liveness.clone(),
             tombstones: config.input.tombstones,
-            format: config.input.format,
+            decoder: config.input.decoder(),
             unrouted: config.input.unrouted,
         },
     );

@@ -333,25 +333,25 @@ impl Record {
         self.data.value()
     }
 
-    /// Decodes the payload's level in `format` (and, `with_service`, its service), once: what
+    /// Decodes the payload's level with `decoder` (and, `with_service`, its service), once: what
     /// the consumer copied is within `max_payload_bytes` already (a larger value is marked too
     /// large and not copied).
     pub fn decode(
         &mut self,
-        format: crate::event::InputFormat,
+        decoder: &crate::event::Decoder,
         with_service: bool,
     ) -> &Result<Level, DecodeError> {
         let decoded = match self.decoded.take() {
             Some(decoded) => decoded,
             None if with_service => {
-                format
+                decoder
                     .decode_routing(self.data.value(), usize::MAX)
                     .map(|(level, service)| {
                         self.service = service;
                         level
                     })
             }
-            None => format.decode_level(self.data.value(), usize::MAX),
+            None => decoder.decode_level(self.data.value(), usize::MAX),
         };
         self.decoded.insert(decoded)
     }

@@ -21,7 +21,7 @@ use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::{CommitterHandle, Dispatch};
 use crate::config::{RouteConfig, TombstonePolicy, UnroutedPolicy};
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
-use crate::event::{DecodeError, InputFormat, Level};
+use crate::event::{DecodeError, Decoder, Level};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
 use crate::record::{AckStatus, Fences, ProcessAck, Record, StageGone, Topic, TOMBSTONE, UNROUTED};
@@ -172,7 +172,7 @@ pub struct RouterLinks {
     /// What becomes of tombstones.
     pub tombstones: TombstonePolicy,
     /// How payloads are read.
-    pub format: InputFormat,
+    pub decoder: Decoder,
     /// What becomes of events no route takes.
     pub unrouted: UnroutedPolicy,
 }
@@ -391,7 +391,7 @@ impl RouterActor {
     fn decide(&self, record: &mut Record, no_value: bool) -> Decision {
         // A level is a static name or a short string; an error is cloned only for a bad record.
         match record
-            .decode(self.links.format, self.rules.need_service)
+            .decode(&self.links.decoder, self.rules.need_service)
             .clone()
         {
             // A null value: a tombstone (compacted topics delete keys with them), not a
@@ -597,7 +597,7 @@ mod tests {
                 metrics: metrics.clone(),
                 liveness: Liveness::default(),
                 tombstones,
-                format: InputFormat::Logbridge,
+                decoder: Decoder::default(),
                 unrouted: UnroutedPolicy::Ignore,
             },
         );
@@ -824,7 +824,7 @@ mod tests {
                 metrics: metrics.clone(),
                 liveness: Liveness::default(),
                 tombstones: TombstonePolicy::Skip,
-                format: InputFormat::Logbridge,
+                decoder: Decoder::default(),
                 unrouted: UnroutedPolicy::Ignore,
             },
         );

@@ -112,6 +112,82 @@ pub struct InputConfig {
     /// Events no route takes: `ignore` (finished as ignored and counted, the default) or
     /// `dead-letter` (parked with reason `unrouted`). Neither counts against the breaker.
     pub unrouted: UnroutedPolicy,
+    /// `auto` only: read the level from this field alone, a dotted path
+    /// (`"attributes.severity"`) or a list of keys (`["log.level"]`, for a key with a dot).
+    pub level_field: Option<FieldPath>,
+    /// `auto` only: what your loggers call their levels, names or numbers, and the level each
+    /// means (`{ "W" = "warning", "5" = "error" }`), before the built-in names.
+    pub level_map: std::collections::BTreeMap<String, String>,
+}
+
+/// A field of a JSON object, possibly nested.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum FieldPath {
+    /// Keys separated by dots.
+    Dotted(String),
+    /// Keys, outermost first (for keys that contain a dot).
+    Keys(Vec<String>),
+}
+
+impl FieldPath {
+    /// The keys, outermost first.
+    pub fn keys(&self) -> Vec<String> {
+        match self {
+            FieldPath::Dotted(path) => path.split('.').map(str::to_string).collect(),
+            FieldPath::Keys(keys) => keys.clone(),
+        }
+    }
+}
+
+impl InputConfig {
+    /// The level mapping is read by the `auto` format only, and must name something.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let auto = self.format == crate::event::InputFormat::Auto;
+        if let Some(field) = &self.level_field {
+            if !auto {
+                return Err(invalid(
+                    "input.level_field",
+                    "is read with input.format = \"auto\" only",
+                ));
+            }
+            let keys = field.keys();
+            if keys.is_empty() || keys.iter().any(String::is_empty) {
+                return Err(invalid(
+                    "input.level_field",
+                    "an empty key: write keys separated by single dots, or a list of keys",
+                ));
+            }
+        }
+        if !self.level_map.is_empty() && !auto {
+            return Err(invalid(
+                "input.level_map",
+                "is read with input.format = \"auto\" only",
+            ));
+        }
+        for (name, level) in &self.level_map {
+            if name.is_empty() || level.trim().is_empty() {
+                return Err(invalid(
+                    format!("input.level_map.{name}"),
+                    "names and levels must not be empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// How the pipeline reads payloads.
+    pub fn decoder(&self) -> crate::event::Decoder {
+        let mapping = (self.level_field.is_some() || !self.level_map.is_empty()).then(|| {
+            crate::event::Mapping::new(
+                self.level_field.as_ref().map(FieldPath::keys),
+                self.level_map
+                    .iter()
+                    .map(|(name, level)| (name.as_str(), level.as_str())),
+            )
+        });
+        crate::event::Decoder::new(self.format, mapping)
+    }
 }
 
 /// What becomes of an event no route takes.
@@ -702,6 +778,7 @@ impl Config {
             1,
             64,
         )?;
+        self.input.validate()?;
         if pipeline.drain_timeout_ms == 0 {
             return Err(invalid(
                 "pipeline.drain_timeout_ms",
@@ -1450,6 +1527,46 @@ mod tests {
         let parked =
             load(&format!("{MINIMAL}\n[input]\nunrouted = \"dead-letter\"\n")).expect("valid");
         assert_eq!(parked.input.unrouted, UnroutedPolicy::DeadLetter);
+        for (input, expected) in [
+            (
+                "format = \"logbridge\"\nlevel_field = \"sev\"",
+                "`input.level_field`: is read with input.format = \"auto\" only",
+            ),
+            (
+                "format = \"auto\"\nlevel_field = \"a..b\"",
+                "`input.level_field`: an empty key",
+            ),
+            (
+                "format = \"auto\"\nlevel_field = []",
+                "`input.level_field`: an empty key",
+            ),
+            (
+                "level_map = { W = \"warning\" }",
+                "`input.level_map`: is read with input.format = \"auto\" only",
+            ),
+            (
+                "format = \"auto\"\nlevel_map = { W = \"\" }",
+                "`input.level_map.W`: names and levels must not be empty",
+            ),
+        ] {
+            let err = error_of(&format!("{MINIMAL}\n[input]\n{input}\n"));
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+        let mapped = load(&format!(
+            "{MINIMAL}\n[input]\nformat = \"auto\"\nlevel_field = [\"log.level\"]\nlevel_map = {{ W = \"warning\" }}\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            mapped.input.level_field,
+            Some(FieldPath::Keys(vec!["log.level".into()]))
+        );
+        assert_eq!(
+            mapped
+                .input
+                .decoder()
+                .decode_level(Some(br#"{"log.level":"W"}"#), usize::MAX),
+            Ok(Level::new("warning"))
+        );
         assert_eq!(
             load(MINIMAL).expect("valid").input.unrouted,
             UnroutedPolicy::Ignore

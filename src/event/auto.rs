@@ -52,37 +52,122 @@ pub enum InputFormat {
 }
 
 impl InputFormat {
-    /// Decodes `payload`'s level in this format.
+    /// Decodes `payload`'s level in this format, with no configured mapping.
     pub fn decode_level(
         self,
         payload: Option<&[u8]>,
         max_bytes: usize,
     ) -> Result<Level, DecodeError> {
-        match self {
-            InputFormat::Logbridge => super::decode_level(payload, max_bytes),
-            InputFormat::Auto => decode_level_auto(payload, max_bytes),
-        }
+        Decoder::from(self).decode_level(payload, max_bytes)
     }
 
-    /// Decodes `payload`'s level and service in this format.
+    /// Decodes `payload`'s level and service in this format, with no configured mapping.
     pub fn decode_routing(
         self,
         payload: Option<&[u8]>,
         max_bytes: usize,
     ) -> Result<Routing, DecodeError> {
-        match self {
-            InputFormat::Logbridge => super::decode_routing(payload, max_bytes),
-            InputFormat::Auto => decode_routing_auto(payload, max_bytes),
+        Decoder::from(self).decode_routing(payload, max_bytes)
+    }
+}
+
+/// How the pipeline reads payloads: the format and, for `auto`, the configured level field and
+/// level names (`input.level_field`, `input.level_map`).
+#[derive(Debug, Clone, Default)]
+pub struct Decoder {
+    format: InputFormat,
+    mapping: Option<std::sync::Arc<Mapping>>,
+}
+
+/// What `input.level_field` and `input.level_map` say.
+#[derive(Debug, Default)]
+pub struct Mapping {
+    /// Read the level from this path only (keys, outermost first).
+    path: Option<Vec<String>>,
+    /// Level names and numbers (as written, lowercased) → level, before the built-in ones.
+    names: rustc_hash::FxHashMap<String, Level>,
+}
+
+impl Mapping {
+    /// A mapping reading the level at `path` (if given) and naming levels by `names`.
+    pub fn new<'a>(
+        path: Option<Vec<String>>,
+        names: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Mapping {
+        Mapping {
+            path,
+            names: names
+                .into_iter()
+                .map(|(name, level)| (name.to_lowercase(), Level::new(level)))
+                .collect(),
         }
+    }
+
+    /// The configured level of a name or number, if any.
+    fn named(&self, name: &str) -> Option<Level> {
+        if self.names.is_empty() {
+            return None;
+        }
+        self.names.get(&name.to_lowercase()).cloned()
+    }
+}
+
+impl Decoder {
+    /// Reads payloads in `format`; `mapping` applies to `auto` only.
+    pub fn new(format: InputFormat, mapping: Option<Mapping>) -> Decoder {
+        Decoder {
+            format,
+            mapping: mapping.map(std::sync::Arc::new),
+        }
+    }
+
+    /// Decodes `payload`'s level.
+    pub fn decode_level(
+        &self,
+        payload: Option<&[u8]>,
+        max_bytes: usize,
+    ) -> Result<Level, DecodeError> {
+        match self.format {
+            InputFormat::Logbridge => super::decode_level(payload, max_bytes),
+            InputFormat::Auto => self.auto(payload, max_bytes).map(|(level, _)| level),
+        }
+    }
+
+    /// Decodes `payload`'s level and service.
+    pub fn decode_routing(
+        &self,
+        payload: Option<&[u8]>,
+        max_bytes: usize,
+    ) -> Result<Routing, DecodeError> {
+        match self.format {
+            InputFormat::Logbridge => super::decode_routing(payload, max_bytes),
+            InputFormat::Auto => self
+                .auto(payload, max_bytes)
+                .map(|(level, service)| (level, service.map(|service| Box::from(&*service)))),
+        }
+    }
+
+    fn auto<'p>(
+        &self,
+        payload: Option<&'p [u8]>,
+        max_bytes: usize,
+    ) -> Result<(Level, Option<Cow<'p, str>>), DecodeError> {
+        let mapping = self.mapping.as_deref();
+        decode_text(payload, max_bytes, auto_body, |de| {
+            de.deserialize_any(AutoVisitor { mapping })
+        })
+    }
+}
+
+impl From<InputFormat> for Decoder {
+    fn from(format: InputFormat) -> Decoder {
+        Decoder::new(format, None)
     }
 }
 
 /// The level of an event in any of the shapes in the module docs.
 pub fn decode_level_auto(payload: Option<&[u8]>, max_bytes: usize) -> Result<Level, DecodeError> {
-    decode_text(payload, max_bytes, auto_body, |de| {
-        de.deserialize_any(AutoVisitor)
-    })
-    .map(|(level, _)| level)
+    Decoder::from(InputFormat::Auto).decode_level(payload, max_bytes)
 }
 
 /// [`decode_level_auto`], with the service: the first of `service` (a string, or an object's
@@ -92,10 +177,7 @@ pub fn decode_routing_auto(
     payload: Option<&[u8]>,
     max_bytes: usize,
 ) -> Result<Routing, DecodeError> {
-    decode_text(payload, max_bytes, auto_body, |de| {
-        de.deserialize_any(AutoVisitor)
-    })
-    .map(|(level, service)| (level, service.map(|service| Box::from(&*service))))
+    Decoder::from(InputFormat::Auto).decode_routing(payload, max_bytes)
 }
 
 /// The JSON text of a payload: past a Schema Registry prefix (magic byte 0 and a 4-byte schema
@@ -118,6 +200,8 @@ enum Source {
     SeverityNumber,
     LevelName,
     Serilog,
+    /// `input.level_field`.
+    Explicit,
 }
 
 const SOURCES: usize = 8;
@@ -144,6 +228,7 @@ impl Source {
             Source::SeverityNumber => "severityNumber",
             Source::LevelName => "levelname",
             Source::Serilog => "@l",
+            Source::Explicit => "level",
         }
     }
 
@@ -185,6 +270,10 @@ struct Found<'de> {
     serilog: bool,
     /// The service, from each of its fields, in [`ServiceField`] order.
     services: [Option<Cow<'de, str>>; 3],
+    /// The value at `input.level_field` (read instead of the fields above), and whether it
+    /// appeared twice.
+    explicit: Option<Scalar<'de>>,
+    explicit_twice: bool,
 }
 
 impl<'de> Found<'de> {
@@ -197,18 +286,30 @@ impl<'de> Found<'de> {
         }
     }
 
-    fn routing(mut self) -> Outcome<(Level, Option<Cow<'de, str>>)> {
+    fn routing(mut self, mapping: Option<&Mapping>) -> Outcome<(Level, Option<Cow<'de, str>>)> {
         let service = self.services.iter_mut().find_map(Option::take);
-        self.level().map(|level| (level, service))
+        self.level(mapping).map(|level| (level, service))
     }
 
-    fn level(self) -> Outcome<Level> {
+    fn level(self, mapping: Option<&Mapping>) -> Outcome<Level> {
         let Found {
             values,
             duplicate,
             serilog,
+            explicit,
+            explicit_twice,
             ..
         } = self;
+        if let Some(mapping) = mapping.filter(|mapping| mapping.path.is_some()) {
+            // Only the configured field counts, named `level` in errors.
+            let Some(value) = explicit else {
+                return Err(DecodeError::MissingField { field: "level" });
+            };
+            if explicit_twice {
+                return Err(DecodeError::DuplicateField { field: "level" });
+            }
+            return read_level(Source::Explicit, value, Some(mapping));
+        }
         for (source, value) in Source::ALL.into_iter().zip(values) {
             let Some(value) = value else { continue };
             if duplicate[source as usize] {
@@ -216,20 +317,7 @@ impl<'de> Found<'de> {
                     field: source.field(),
                 });
             }
-            let wrong = |detail: String| DecodeError::WrongType {
-                field: source.field(),
-                detail,
-            };
-            return match value {
-                Scalar::Str(name) if name.is_empty() => Err(wrong("empty".to_owned())),
-                Scalar::Str(name) => Ok(normalise(&name)),
-                Scalar::Unsigned(n) => number(source, i128::from(n)),
-                Scalar::Signed(n) => number(source, i128::from(n)),
-                other => Err(wrong(format!(
-                    "expected a string or a level number, found {}",
-                    other.kind()
-                ))),
-            };
+            return read_level(source, value, mapping);
         }
         if serilog {
             return Ok(Level::new("info"));
@@ -238,11 +326,30 @@ impl<'de> Found<'de> {
     }
 }
 
-/// The level a number in `source` stands for.
-fn number(source: Source, n: i128) -> Outcome<Level> {
-    source
-        .numeric(n)
-        .map(Level::new)
+/// The level `value`, found in `source`, stands for: the configured names first, then the
+/// loggers' own.
+fn read_level(source: Source, value: Scalar<'_>, mapping: Option<&Mapping>) -> Outcome<Level> {
+    let wrong = |detail: String| DecodeError::WrongType {
+        field: source.field(),
+        detail,
+    };
+    let named = |name: &str| mapping.and_then(|mapping| mapping.named(name));
+    match value {
+        Scalar::Str(name) if name.is_empty() => Err(wrong("empty".to_owned())),
+        Scalar::Str(name) => Ok(named(&name).unwrap_or_else(|| normalise(&name))),
+        Scalar::Unsigned(n) => number(source, i128::from(n), named(&n.to_string())),
+        Scalar::Signed(n) => number(source, i128::from(n), named(&n.to_string())),
+        other => Err(wrong(format!(
+            "expected a string or a level number, found {}",
+            other.kind()
+        ))),
+    }
+}
+
+/// The level a number in `source` stands for (`named`: what the configuration calls it).
+fn number(source: Source, n: i128, named: Option<Level>) -> Outcome<Level> {
+    named
+        .or_else(|| source.numeric(n).map(Level::new))
         .ok_or_else(|| DecodeError::WrongType {
             field: source.field(),
             detail: format!("the number {n} is no level of this field"),
@@ -280,6 +387,8 @@ enum Key {
     /// Serilog's `@mt` or `@m`.
     SerilogMessage,
     Service(ServiceField),
+    /// The first key of `input.level_field`.
+    Explicit,
     Other,
 }
 
@@ -295,7 +404,17 @@ enum ServiceField {
 }
 
 impl Key {
-    fn classify(name: &str) -> Key {
+    /// `explicit`: the first key of `input.level_field`, which replaces the level fields.
+    fn classify(name: &str, explicit: Option<&str>) -> Key {
+        if let Some(first) = explicit {
+            if name == first {
+                return Key::Explicit;
+            }
+            return match Key::classify(name, None) {
+                Key::Level(_) | Key::Log => Key::Other,
+                other => other,
+            };
+        }
         match name {
             "level" => Key::Level(Source::Level),
             "log.level" => Key::Level(Source::FlatLogLevel),
@@ -314,19 +433,25 @@ impl Key {
     }
 }
 
-struct KeySeed;
+struct KeySeed<'m> {
+    explicit: Option<&'m str>,
+}
 
-impl<'de> DeserializeSeed<'de> for KeySeed {
+impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     type Value = Key;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
-        deserializer.deserialize_str(KeyVisitor)
+        deserializer.deserialize_str(KeyVisitor {
+            explicit: self.explicit,
+        })
     }
 }
 
-struct KeyVisitor;
+struct KeyVisitor<'m> {
+    explicit: Option<&'m str>,
+}
 
-impl Visitor<'_> for KeyVisitor {
+impl Visitor<'_> for KeyVisitor<'_> {
     type Value = Key;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -334,14 +459,16 @@ impl Visitor<'_> for KeyVisitor {
     }
 
     fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
-        Ok(Key::classify(name))
+        Ok(Key::classify(name, self.explicit))
     }
 }
 
 /// The top-level value: an object whose level is looked for.
-struct AutoVisitor;
+struct AutoVisitor<'m> {
+    mapping: Option<&'m Mapping>,
+}
 
-impl<'de> Visitor<'de> for AutoVisitor {
+impl<'de> Visitor<'de> for AutoVisitor<'_> {
     type Value = Outcome<(Level, Option<Cow<'de, str>>)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -350,8 +477,19 @@ impl<'de> Visitor<'de> for AutoVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found = Found::default();
-        while let Some(key) = map.next_key_seed(KeySeed)? {
+        let path = self.mapping.and_then(|mapping| mapping.path.as_deref());
+        let explicit = path.and_then(<[String]>::first).map(String::as_str);
+        while let Some(key) = map.next_key_seed(KeySeed { explicit })? {
             match key {
+                Key::Explicit => {
+                    let rest = path.map_or(&[][..], |path| &path[1..]);
+                    let value = map.next_value_seed(PathSeed { rest })?;
+                    if found.explicit.is_some() {
+                        found.explicit_twice = true;
+                    } else if !matches!(value, None | Some(Scalar::Null)) {
+                        found.explicit = value;
+                    }
+                }
                 Key::Level(source) => {
                     let value = map.next_value_seed(ScalarSeed)?;
                     found.put(source, value);
@@ -380,7 +518,7 @@ impl<'de> Visitor<'de> for AutoVisitor {
                 Key::Other => map.next_value_seed(Skip)?,
             }
         }
-        Ok(found.routing())
+        Ok(found.routing(self.mapping))
     }
 
     // Anything else is walked to its end (broken or too deep JSON inside is reported as such).
@@ -485,6 +623,77 @@ impl<'de> Visitor<'de> for ServiceVisitor {
     }
 }
 
+/// The value at the rest of `input.level_field`'s path: the value itself when nothing is left,
+/// else the value under the next key when this is an object (else nothing).
+struct PathSeed<'m> {
+    rest: &'m [String],
+}
+
+impl<'de> DeserializeSeed<'de> for PathSeed<'_> {
+    type Value = Option<Scalar<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        match self.rest {
+            [] => ScalarSeed.deserialize(deserializer).map(Some),
+            _ => deserializer.deserialize_any(PathVisitor { rest: self.rest }),
+        }
+    }
+}
+
+struct PathVisitor<'m> {
+    rest: &'m [String],
+}
+
+impl<'de> Visitor<'de> for PathVisitor<'_> {
+    type Value = Option<Scalar<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key_seed(NameSeed)? {
+            match self.rest.split_first() {
+                Some((next, rest)) if found.is_none() && *next == key => {
+                    found = map.next_value_seed(PathSeed { rest })?;
+                }
+                _ => map.next_value_seed(Skip)?,
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        SkipVisitor.visit_seq(seq)?;
+        Ok(None)
+    }
+
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
 /// A key of a nested object, borrowed where it has no escapes.
 struct NameSeed;
 
@@ -536,7 +745,7 @@ impl<'de> Visitor<'de> for NestedLevelVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut level = None;
-        while let Some(key) = map.next_key_seed(KeySeed)? {
+        while let Some(key) = map.next_key_seed(KeySeed { explicit: None })? {
             if matches!(key, Key::Level(Source::Level)) && level.is_none() {
                 level = Some(map.next_value_seed(ScalarSeed)?);
             } else {
@@ -885,6 +1094,78 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_configured_level_field_and_level_names_come_first() {
+        let decoder = |path: Option<&[&str]>, names: &[(&str, &str)]| {
+            Decoder::new(
+                InputFormat::Auto,
+                Some(Mapping::new(
+                    path.map(|keys| keys.iter().map(|key| key.to_string()).collect()),
+                    names.iter().copied(),
+                )),
+            )
+        };
+        let level = |decoder: &Decoder, text: &str| {
+            decoder
+                .decode_level(Some(text.as_bytes()), usize::MAX)
+                .map(|level| level.as_str().to_owned())
+                .map_err(|err| err.reason())
+        };
+        let nested = decoder(
+            Some(&["attributes", "sev"]),
+            &[("W", "warning"), ("5", "error")],
+        );
+        assert_eq!(
+            level(&nested, r#"{"attributes":{"sev":"W"},"level":"info"}"#),
+            Ok("warning".into())
+        );
+        assert_eq!(
+            level(&nested, r#"{"attributes":{"sev":"w"}}"#),
+            Ok("warning".into()),
+            "names ignore case"
+        );
+        assert_eq!(
+            level(&nested, r#"{"attributes":{"sev":5}}"#),
+            Ok("error".into())
+        );
+        assert_eq!(
+            level(&nested, r#"{"attributes":{"sev":"ERR"}}"#),
+            Ok("error".into()),
+            "else the built-in names"
+        );
+        // The configured field replaces the built-in ones: without it the event has no level.
+        assert_eq!(
+            level(&nested, r#"{"level":"error","attributes":{}}"#),
+            Err("missing_field")
+        );
+        assert_eq!(
+            level(&nested, r#"{"attributes":"flat"}"#),
+            Err("missing_field")
+        );
+        assert_eq!(
+            level(&nested, r#"{"attributes":{"sev":7}}"#),
+            Err("wrong_type")
+        );
+        assert_eq!(
+            level(
+                &nested,
+                r#"{"attributes":{"sev":"W"},"attributes":{"sev":"W"}}"#
+            ),
+            Err("duplicate_field")
+        );
+        // A key that contains a dot, named as one key.
+        let dotted = decoder(Some(&["log.level"]), &[]);
+        assert_eq!(
+            level(&dotted, r#"{"log":{"level":"info"},"log.level":"error"}"#),
+            Ok("error".into())
+        );
+        // Names alone apply to the fields found by `auto`, numbers before the logger's scale.
+        let names = decoder(None, &[("SEV1", "fatal"), ("10", "info")]);
+        assert_eq!(level(&names, r#"{"severity":"SEV1"}"#), Ok("fatal".into()));
+        assert_eq!(level(&names, r#"{"level":10}"#), Ok("info".into()));
+        assert_eq!(level(&names, r#"{"level":20}"#), Ok("debug".into()));
     }
 
     #[test]
