@@ -98,6 +98,7 @@ pub async fn run(options: DemoOptions, shutdown: CancellationToken) -> anyhow::R
             rate: u64::from(options.rate),
             keys: 1_000,
             bad_ratio: 0.03,
+            loggers: true,
             ..ProduceOptions::default()
         };
         std::thread::Builder::new()

@@ -53,6 +53,10 @@ pub struct ProduceOptions {
     /// Seed for repeatable traffic; random if `None`.
     #[arg(long, help = "Seed for repeatable traffic (default: random)")]
     pub seed: Option<u64>,
+    /// Write about half of the well-formed events as common loggers do (pino, zap, Elastic
+    /// Common Schema, Google Cloud, OpenTelemetry, Serilog), for `input.format = "auto"`.
+    #[arg(long)]
+    pub loggers: bool,
     /// Pad well-formed events with a `detail` field up to this many bytes (0: no padding).
     #[arg(long, default_value_t = 0)]
     pub payload_bytes: usize,
@@ -73,6 +77,7 @@ impl Default for ProduceOptions {
             bad_ratio: 0.0,
             first_id: 0,
             seed: None,
+            loggers: false,
             payload_bytes: 0,
             config: None,
             options: Vec::new(),
@@ -180,6 +185,68 @@ pub fn sample_event(
         })
     };
     (key, event.to_string().into_bytes(), false)
+}
+
+/// A well-formed sample event as one of the common loggers would write it: the same id, level,
+/// message and service, in that logger's fields (see `input.format = "auto"`).
+pub fn as_logger_writes(rng: &mut impl Rng, payload: &[u8]) -> Vec<u8> {
+    let Ok(event) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return payload.to_vec();
+    };
+    let (id, message, service) = (&event["id"], &event["message"], &event["service"]);
+    let level = crate::event::Level::new(event["level"].as_str().unwrap_or("info"));
+    let level = level.as_str();
+    let rank = ["trace", "debug", "info", "warning", "error", "fatal"]
+        .iter()
+        .position(|known| *known == level)
+        .unwrap_or(2) as u64;
+    let shaped = match rng.random_range(0..6) {
+        // pino: numeric levels 10..60, `msg`, epoch milliseconds.
+        0 => serde_json::json!({
+            "level": 10 * (rank + 1), "time": 1_796_000_000_000u64, "pid": 4242,
+            "hostname": "web-1", "id": id, "msg": message, "service": service,
+        }),
+        // zap: `warn`, numeric `ts`, `caller`.
+        1 => serde_json::json!({
+            "level": if level == "warning" { "warn" } else { level }, "ts": 1_796_000_000.5,
+            "caller": "server/main.go:42", "msg": message, "id": id, "service": service,
+        }),
+        // Elastic Common Schema, flat keys.
+        2 => serde_json::json!({
+            "@timestamp": "2026-11-27T10:00:00.000Z", "log.level": level, "message": message,
+            "service.name": service, "ecs.version": "1.6.0", "id": id,
+        }),
+        // Google Cloud structured logging.
+        3 => serde_json::json!({
+            "severity": level.to_uppercase(), "message": message, "id": id,
+            "serviceContext": {"service": service},
+        }),
+        // OpenTelemetry log record.
+        4 => serde_json::json!({
+            "timeUnixNano": "1796000000000000000", "severityNumber": 4 * rank + 1,
+            "body": message, "id": id, "service": {"name": service},
+        }),
+        // Serilog compact JSON (no `@l` means information).
+        _ => {
+            let serilog = [
+                "Verbose",
+                "Debug",
+                "Information",
+                "Warning",
+                "Error",
+                "Fatal",
+            ];
+            let mut line = serde_json::json!({
+                "@t": "2026-11-27T10:00:00.0000000Z", "@mt": "{Message}", "Message": message,
+                "id": id, "service": service,
+            });
+            if rank != 2 {
+                line["@l"] = serilog[rank as usize].into();
+            }
+            line
+        }
+    };
+    shaped.to_string().into_bytes()
 }
 
 /// Pads a JSON object payload with a `detail` string field so that it is `target` bytes long
@@ -314,6 +381,9 @@ pub fn produce_blocking(
             options.bad_ratio,
         );
         if !bad {
+            if options.loggers && rng.random_bool(0.5) {
+                payload = as_logger_writes(&mut rng, &payload);
+            }
             pad_event(&mut payload, options.payload_bytes);
         }
         let record = BaseRecord::to(&options.topic).key(&key).payload(&payload);
@@ -476,6 +546,30 @@ mod tests {
             }
         }
         assert!((300..700).contains(&bad), "about 10% malformed, got {bad}");
+    }
+
+    #[test]
+    fn events_as_loggers_write_them_keep_their_id_level_and_service_under_auto() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut refused_by_strict = 0;
+        for id in 0..600 {
+            let (_, payload, _) = sample_event(&mut rng, id, 100, 0.0);
+            let shaped = as_logger_writes(&mut rng, &payload);
+            let original = crate::event::InputFormat::Auto
+                .decode_routing(Some(&payload), 1 << 20)
+                .expect("a sample event");
+            let routed = crate::event::InputFormat::Auto
+                .decode_routing(Some(&shaped), 1 << 20)
+                .unwrap_or_else(|err| panic!("{err}: {}", String::from_utf8_lossy(&shaped)));
+            assert_eq!(routed, original, "{}", String::from_utf8_lossy(&shaped));
+            let value: serde_json::Value = serde_json::from_slice(&shaped).expect("json");
+            assert_eq!(value["id"], id);
+            refused_by_strict += usize::from(decode(Some(&shaped), 1 << 20).is_err());
+        }
+        assert!(
+            refused_by_strict > 500,
+            "the strict format refuses {refused_by_strict} of 600"
+        );
     }
 
     #[test]
