@@ -495,7 +495,8 @@ impl<'de> Visitor<'de> for AutoVisitor<'_> {
                     found.put(source, value);
                 }
                 Key::Log => {
-                    if let Some(value) = map.next_value_seed(NestedLevelSeed)? {
+                    // ECS's `log` object: its `level`.
+                    if let Some(value) = map.next_value_seed(PathSeed { rest: &["level"] })? {
                         found.put(Source::NestedLogLevel, value);
                     }
                 }
@@ -522,34 +523,7 @@ impl<'de> Visitor<'de> for AutoVisitor<'_> {
     }
 
     // Anything else is walked to its end (broken or too deep JSON inside is reported as such).
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        SkipVisitor.visit_seq(seq)?;
-        Ok(not_object("array"))
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(not_object("string"))
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(not_object("boolean"))
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(not_object("number"))
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(not_object("number"))
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(not_object("number"))
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(not_object("null"))
-    }
+    not_an_object!();
 }
 
 /// A service field: its string value, or (with `inner`) the string under that key when it is
@@ -597,39 +571,16 @@ impl<'de> Visitor<'de> for ServiceVisitor {
         Ok(found)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        SkipVisitor.visit_seq(seq)?;
-        Ok(None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    other_values!(None, except_str);
 }
 
 /// The value at the rest of `input.level_field`'s path: the value itself when nothing is left,
 /// else the value under the next key when this is an object (else nothing).
-struct PathSeed<'m> {
-    rest: &'m [String],
+struct PathSeed<'m, K> {
+    rest: &'m [K],
 }
 
-impl<'de> DeserializeSeed<'de> for PathSeed<'_> {
+impl<'de, K: AsRef<str>> DeserializeSeed<'de> for PathSeed<'_, K> {
     type Value = Option<Scalar<'de>>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
@@ -640,11 +591,11 @@ impl<'de> DeserializeSeed<'de> for PathSeed<'_> {
     }
 }
 
-struct PathVisitor<'m> {
-    rest: &'m [String],
+struct PathVisitor<'m, K> {
+    rest: &'m [K],
 }
 
-impl<'de> Visitor<'de> for PathVisitor<'_> {
+impl<'de, K: AsRef<str>> Visitor<'de> for PathVisitor<'_, K> {
     type Value = Option<Scalar<'de>>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -655,7 +606,7 @@ impl<'de> Visitor<'de> for PathVisitor<'_> {
         let mut found = None;
         while let Some(key) = map.next_key_seed(NameSeed)? {
             match self.rest.split_first() {
-                Some((next, rest)) if found.is_none() && *next == key => {
+                Some((next, rest)) if found.is_none() && next.as_ref() == key => {
                     found = map.next_value_seed(PathSeed { rest })?;
                 }
                 _ => map.next_value_seed(Skip)?,
@@ -664,34 +615,7 @@ impl<'de> Visitor<'de> for PathVisitor<'_> {
         Ok(found)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        SkipVisitor.visit_seq(seq)?;
-        Ok(None)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
-    }
+    other_values!(None);
 }
 
 /// A key of a nested object, borrowed where it has no escapes.
@@ -720,68 +644,6 @@ impl<'de> Visitor<'de> for NameVisitor {
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
         Ok(Cow::Owned(v.to_owned()))
-    }
-}
-
-/// ECS's `log` field: the value of its `level` when it is an object that has one.
-struct NestedLevelSeed;
-
-impl<'de> DeserializeSeed<'de> for NestedLevelSeed {
-    type Value = Option<Scalar<'de>>;
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(NestedLevelVisitor)
-    }
-}
-
-struct NestedLevelVisitor;
-
-impl<'de> Visitor<'de> for NestedLevelVisitor {
-    type Value = Option<Scalar<'de>>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut level = None;
-        while let Some(key) = map.next_key_seed(KeySeed { explicit: None })? {
-            if matches!(key, Key::Level(Source::Level)) && level.is_none() {
-                level = Some(map.next_value_seed(ScalarSeed)?);
-            } else {
-                map.next_value_seed(Skip)?;
-            }
-        }
-        Ok(level)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        SkipVisitor.visit_seq(seq)?;
-        Ok(None)
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(None)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(None)
     }
 }
 
