@@ -934,6 +934,18 @@ mod tests {
                 "{text}"
             );
         }
+        // Escaped keys and values (serde_json hands them over as copies, not borrowed).
+        for text in [
+            r#"{"level":"info","service":"check\u006fut"}"#,
+            r#"{"level":"info","serviceContext":{"serv\u0069ce":"checkout"}}"#,
+            r#"{"level":"info","service":{"n\u0061me":"check\u006fut"}}"#,
+        ] {
+            assert_eq!(
+                service(text, auto),
+                Ok(Some("checkout".to_owned())),
+                "{text}"
+            );
+        }
         // The strict format reads its own `service` field, and the level is the same either way.
         assert_eq!(
             service(
@@ -1016,6 +1028,11 @@ mod tests {
                 r#"{"attributes":{"sev":"W"},"attributes":{"sev":"W"}}"#
             ),
             Err("duplicate_field")
+        );
+        assert_eq!(
+            level(&nested, r#"{"attributes":{"s\u0065v":"W"}}"#),
+            Ok("warning".into()),
+            "an escaped key on the path"
         );
         // A key that contains a dot, named as one key.
         let dotted = decoder(Some(&["log.level"]), &[]);
