@@ -26,8 +26,9 @@
 //! Stages:
 //! - [`consumer`]: polls librdkafka on its own thread, decodes each record once ([`event`]),
 //!   pauses partitions instead of buffering, serves rebalances, and performs the commits.
-//! - [`router`]: registers each record with the committer as dispatched, picks the route by
-//!   level and the worker by key hash (per-key order).
+//! - [`router`]: registers each record with the committer as dispatched, picks the route
+//!   (the first whose level and other conditions match, else the default route) and the worker
+//!   by key hash (per-key order).
 //! - [`worker`]: delivers batches to the route's [`sink`] (the Kafka sink through
 //!   [`producer`]), retries with backoff, and acks each record.
 //! - [`dead_letter`]: parks what cannot be decoded or delivered in the dead-letter topic.
