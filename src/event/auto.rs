@@ -821,6 +821,57 @@ mod tests {
     }
 
     #[test]
+    fn numeric_scales_cover_every_level_and_text_fields_stand_alone() {
+        for (number, level) in [
+            (1, "trace"),
+            (4, "trace"),
+            (5, "debug"),
+            (8, "debug"),
+            (9, "info"),
+            (12, "info"),
+            (13, "warning"),
+            (16, "warning"),
+            (17, "error"),
+            (20, "error"),
+            (21, "fatal"),
+            (24, "fatal"),
+        ] {
+            assert_eq!(
+                auto(&format!(r#"{{"severityNumber":{number}}}"#)),
+                Ok(level.to_owned()),
+                "severityNumber {number}"
+            );
+        }
+        assert_eq!(auto(r#"{"severityNumber":25}"#), Err("wrong_type"));
+        for (number, level) in [
+            (10, "trace"),
+            (19, "trace"),
+            (20, "debug"),
+            (30, "info"),
+            (40, "warning"),
+            (50, "error"),
+            (59, "error"),
+            (60, "fatal"),
+            (70, "fatal"),
+        ] {
+            assert_eq!(
+                auto(&format!(r#"{{"level":{number}}}"#)),
+                Ok(level.to_owned()),
+                "level {number}"
+            );
+        }
+        // OpenTelemetry's text alone, and ahead of a number that disagrees.
+        assert_eq!(
+            auto(r#"{"severityText":"WARN","body":"x"}"#),
+            Ok("warning".to_owned())
+        );
+        assert_eq!(
+            auto(r#"{"severityNumber":9,"severityText":"ERROR"}"#),
+            Ok("error".to_owned())
+        );
+    }
+
+    #[test]
     fn json_behind_a_schema_registry_prefix_is_read_past_it() {
         let mut payload = vec![0, 0, 0, 1, 42];
         payload.extend_from_slice(br#"{"severity":"WARNING","message":"x"}"#);
@@ -1033,6 +1084,11 @@ mod tests {
             level(&nested, r#"{"attributes":{"s\u0065v":"W"}}"#),
             Ok("warning".into()),
             "an escaped key on the path"
+        );
+        // The path's key absent from its object: nothing else there stands in for it.
+        assert_eq!(
+            level(&nested, r#"{"attributes":{"other":"ERROR"}}"#),
+            Err("missing_field")
         );
         // A key that contains a dot, named as one key.
         let dotted = decoder(Some(&["log.level"]), &[]);
