@@ -237,11 +237,8 @@ impl WorkerActor {
             match step {
                 Step::Reported(outcomes) => {
                     let oldest = window.pop_front().expect("the oldest batch was reported");
-                    let reported = InFlight {
-                        outcomes: Box::pin(std::future::ready(outcomes)),
-                        ..oldest
-                    };
-                    self.settle_window(reported, &mut window).await?;
+                    self.settle_window(oldest.records, oldest.started, outcomes, &mut window)
+                        .await?;
                 }
                 Step::Received(0) => open = false,
                 Step::Received(_) => {
@@ -259,7 +256,14 @@ impl WorkerActor {
                         None => {
                             // A sink that takes one batch at a time: what is in flight first.
                             while let Some(oldest) = window.pop_front() {
-                                self.settle_window(oldest, &mut window).await?;
+                                let outcomes = oldest.outcomes.await;
+                                self.settle_window(
+                                    oldest.records,
+                                    oldest.started,
+                                    outcomes,
+                                    &mut window,
+                                )
+                                .await?;
                             }
                             self.process(records).await?;
                         }
@@ -269,16 +273,20 @@ impl WorkerActor {
         }
     }
 
-    /// Settles the oldest batch in flight. If some of it is to be retried, the batches started
-    /// after it are waited for and settled with its failed keys held back, and everything to
-    /// retry is retried, in order, before anything new starts.
+    /// Settles the oldest batch in flight (its `records`, sent at `started`) by its
+    /// `outcomes`. If some of it is to be retried, the batches started after it are waited for
+    /// and settled with its failed keys held back, and everything to retry is retried, in
+    /// order, before anything new starts.
     async fn settle_window(
         &mut self,
-        oldest: InFlight,
+        records: Vec<Record>,
+        started: Instant,
+        outcomes: Vec<Result<(), DeliveryError>>,
         window: &mut VecDeque<InFlight>,
     ) -> Result<(), StageGone> {
         let mut behind = FxHashSet::default();
-        let mut retry = self.settle_in_flight(oldest, &mut behind).await?;
+        self.observe_sink(started);
+        let mut retry = self.settle(records, outcomes, 1, &mut behind).await?;
         if retry.is_empty() {
             return Ok(());
         }
