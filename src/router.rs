@@ -55,23 +55,25 @@ pub struct RouteTable {
 }
 
 /// Which route takes an event: the first, in configuration order, that takes its level and
-/// whose other conditions (topics, header) hold; else the default route, if there is one.
+/// whose other conditions (topics, services, header) hold; else the default route, if any.
 #[derive(Default)]
 pub struct Rules {
-    /// Normalised level → the routes that take it, in configuration order.
-    by_level: FxHashMap<String, Vec<Rule>>,
+    /// Normalised level → the lanes whose routes take it, in configuration order.
+    by_level: FxHashMap<String, Vec<usize>>,
+    /// Each lane's conditions beyond the level.
+    conditions: Vec<Conditions>,
     /// The route that takes what no other took.
     default: Option<usize>,
     /// Whether a route matches on the service (only then is it copied out of each event).
     need_service: bool,
 }
 
-/// One route's conditions beyond the level.
-struct Rule {
-    lane: usize,
-    /// Source topics (interned); empty: any.
+/// One route's conditions beyond the level; each empty one holds for any record.
+#[derive(Default)]
+struct Conditions {
+    /// Source topics (interned).
     topics: Vec<Topic>,
-    /// Services; empty: any (an event without a service matches only this).
+    /// Services (an event without a service matches only when there are none).
     services: Vec<Box<str>>,
     /// A header name and value the record must carry.
     header: Option<(String, Vec<u8>)>,
@@ -82,29 +84,25 @@ impl Rules {
     pub fn from_routes(routes: &[RouteConfig]) -> Rules {
         let mut rules = Rules::default();
         for (lane, route) in routes.iter().enumerate() {
+            rules.conditions.push(Conditions {
+                topics: route.topics.iter().map(|topic| Topic::new(topic)).collect(),
+                services: route
+                    .services
+                    .iter()
+                    .map(|service| Box::from(service.as_str()))
+                    .collect(),
+                header: route
+                    .header
+                    .as_ref()
+                    .map(|header| (header.name.clone(), header.value.clone().into_bytes())),
+            });
             if route.default {
                 rules.default = Some(lane);
                 continue;
             }
             rules.need_service |= !route.services.is_empty();
             for level in &route.levels {
-                rules
-                    .by_level
-                    .entry(Level::new(level).as_str().to_string())
-                    .or_default()
-                    .push(Rule {
-                        lane,
-                        topics: route.topics.iter().map(|topic| Topic::new(topic)).collect(),
-                        services: route
-                            .services
-                            .iter()
-                            .map(|service| Box::from(service.as_str()))
-                            .collect(),
-                        header: route
-                            .header
-                            .as_ref()
-                            .map(|header| (header.name.clone(), header.value.clone().into_bytes())),
-                    });
+                rules.take(Level::new(level).as_str(), lane);
             }
         }
         rules
@@ -115,32 +113,39 @@ impl Rules {
     pub(crate) fn for_levels(levels: &[(&str, usize)]) -> Rules {
         let mut rules = Rules::default();
         for &(level, lane) in levels {
-            rules
-                .by_level
-                .entry(level.to_string())
-                .or_default()
-                .push(Rule {
-                    lane,
-                    topics: Vec::new(),
-                    services: Vec::new(),
-                    header: None,
-                });
+            if rules.conditions.len() <= lane {
+                rules.conditions.resize_with(lane + 1, Conditions::default);
+            }
+            rules.take(level, lane);
         }
         rules
+    }
+
+    /// `lane` takes `level` (after the lanes that took it before).
+    fn take(&mut self, level: &str, lane: usize) {
+        self.by_level
+            .entry(level.to_string())
+            .or_default()
+            .push(lane);
     }
 
     /// The lane that takes `record` at `level`, if any.
     fn lane(&self, level: &Level, record: &Record) -> Option<usize> {
         self.by_level
             .get(level.as_str())
-            .and_then(|rules| rules.iter().find(|rule| rule.holds(record)))
-            .map(|rule| rule.lane)
+            .and_then(|lanes| {
+                lanes.iter().copied().find(|&lane| {
+                    self.conditions
+                        .get(lane)
+                        .is_some_and(|conditions| conditions.hold(record))
+                })
+            })
             .or(self.default)
     }
 }
 
-impl Rule {
-    fn holds(&self, record: &Record) -> bool {
+impl Conditions {
+    fn hold(&self, record: &Record) -> bool {
         (self.topics.is_empty() || self.topics.contains(&record.source.topic))
             && (self.services.is_empty()
                 || record
@@ -389,21 +394,19 @@ impl RouterActor {
 
     /// What becomes of a record (`no_value`: its value is null).
     fn decide(&self, record: &mut Record, no_value: bool) -> Decision {
-        // A level is a static name or a short string; an error is cloned only for a bad record.
-        match record
-            .decode(&self.links.decoder, self.rules.need_service)
-            .clone()
-        {
+        let level = match record.decode(&self.links.decoder, self.rules.need_service) {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
-            Err(DecodeError::Empty) if no_value => match self.links.tombstones {
-                TombstonePolicy::Skip => Decision::Ignore { tombstone: true },
-                TombstonePolicy::DeadLetter => Decision::Fail(DeadLetterCause {
-                    reason: TOMBSTONE,
-                    message: "the record has no value (a tombstone)".to_string(),
-                    dropped_value: None,
-                }),
-            },
+            Err(DecodeError::Empty) if no_value => {
+                return match self.links.tombstones {
+                    TombstonePolicy::Skip => Decision::Ignore { tombstone: true },
+                    TombstonePolicy::DeadLetter => Decision::Fail(DeadLetterCause {
+                        reason: TOMBSTONE,
+                        message: "the record has no value (a tombstone)".to_string(),
+                        dropped_value: None,
+                    }),
+                };
+            }
             Err(err) => {
                 self.links
                     .metrics
@@ -411,26 +414,29 @@ impl RouterActor {
                     .with_label_values(&[err.reason()])
                     .inc();
                 // Logged once, with its outcome, by `Failures::fail`.
-                Decision::Fail(DeadLetterCause {
+                return Decision::Fail(DeadLetterCause {
                     reason: err.reason(),
                     message: err.to_string(),
                     // Its value was never copied (see the consumer).
                     dropped_value: match err {
-                        DecodeError::TooLarge { size, .. } => Some(size),
+                        DecodeError::TooLarge { size, .. } => Some(*size),
                         _ => None,
                     },
-                })
+                });
             }
-            Ok(level) => match self.rules.lane(&level, record) {
-                Some(lane) => Decision::Lane(lane),
-                None => match self.links.unrouted {
-                    UnroutedPolicy::Ignore => Decision::Ignore { tombstone: false },
-                    UnroutedPolicy::DeadLetter => Decision::Fail(DeadLetterCause {
-                        reason: UNROUTED,
-                        message: format!("no route takes level `{level}`"),
-                        dropped_value: None,
-                    }),
-                },
+            // The rules read the record too: the level is let go of it (a static name, or a
+            // short string for a level outside the known ones).
+            Ok(level) => level.clone(),
+        };
+        match self.rules.lane(&level, record) {
+            Some(lane) => Decision::Lane(lane),
+            None => match self.links.unrouted {
+                UnroutedPolicy::Ignore => Decision::Ignore { tombstone: false },
+                UnroutedPolicy::DeadLetter => Decision::Fail(DeadLetterCause {
+                    reason: UNROUTED,
+                    message: format!("no route takes level `{level}`"),
+                    dropped_value: None,
+                }),
             },
         }
     }
