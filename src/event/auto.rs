@@ -47,7 +47,7 @@ pub enum InputFormat {
     /// fields (see [`crate::event`]).
     #[default]
     Logbridge,
-    /// The level wherever common loggers put it ([`decode_level_auto`]).
+    /// The level wherever common loggers put it (see the module docs).
     Auto,
 }
 
@@ -165,21 +165,6 @@ impl From<InputFormat> for Decoder {
     }
 }
 
-/// The level of an event in any of the shapes in the module docs.
-pub fn decode_level_auto(payload: Option<&[u8]>, max_bytes: usize) -> Result<Level, DecodeError> {
-    Decoder::from(InputFormat::Auto).decode_level(payload, max_bytes)
-}
-
-/// [`decode_level_auto`], with the service: the first of `service` (a string, or an object's
-/// `name` as ECS nests it), `service.name` (ECS, flat) and `serviceContext` → `service` (Google
-/// Cloud error reporting).
-pub fn decode_routing_auto(
-    payload: Option<&[u8]>,
-    max_bytes: usize,
-) -> Result<Routing, DecodeError> {
-    Decoder::from(InputFormat::Auto).decode_routing(payload, max_bytes)
-}
-
 /// The JSON text of a payload: past a Schema Registry prefix (magic byte 0 and a 4-byte schema
 /// id; no JSON text starts with a zero byte) and a BOM.
 fn auto_body(payload: &[u8]) -> &[u8] {
@@ -204,10 +189,12 @@ enum Source {
     Explicit,
 }
 
-const SOURCES: usize = 8;
+/// Every source has a slot in [`Found`].
+const SOURCES: usize = 9;
 
 impl Source {
-    const ALL: [Source; SOURCES] = [
+    /// Where `auto` looks, in order (without `input.level_field`).
+    const SEARCHED: [Source; 8] = [
         Source::Level,
         Source::FlatLogLevel,
         Source::NestedLogLevel,
@@ -270,10 +257,6 @@ struct Found<'de> {
     serilog: bool,
     /// The service, from each of its fields, in [`ServiceField`] order.
     services: [Option<Cow<'de, str>>; 3],
-    /// The value at `input.level_field` (read instead of the fields above), and whether it
-    /// appeared twice.
-    explicit: Option<Scalar<'de>>,
-    explicit_twice: bool,
 }
 
 impl<'de> Found<'de> {
@@ -293,25 +276,22 @@ impl<'de> Found<'de> {
 
     fn level(self, mapping: Option<&Mapping>) -> Outcome<Level> {
         let Found {
-            values,
+            mut values,
             duplicate,
             serilog,
-            explicit,
-            explicit_twice,
             ..
         } = self;
-        if let Some(mapping) = mapping.filter(|mapping| mapping.path.is_some()) {
-            // Only the configured field counts, named `level` in errors.
-            let Some(value) = explicit else {
-                return Err(DecodeError::MissingField { field: "level" });
+        // With `input.level_field` only that field counts (named `level` in errors).
+        let explicit = mapping.is_some_and(|mapping| mapping.path.is_some());
+        let searched: &[Source] = if explicit {
+            &[Source::Explicit]
+        } else {
+            &Source::SEARCHED
+        };
+        for &source in searched {
+            let Some(value) = values[source as usize].take() else {
+                continue;
             };
-            if explicit_twice {
-                return Err(DecodeError::DuplicateField { field: "level" });
-            }
-            return read_level(Source::Explicit, value, Some(mapping));
-        }
-        for (source, value) in Source::ALL.into_iter().zip(values) {
-            let Some(value) = value else { continue };
             if duplicate[source as usize] {
                 return Err(DecodeError::DuplicateField {
                     field: source.field(),
@@ -319,7 +299,7 @@ impl<'de> Found<'de> {
             }
             return read_level(source, value, mapping);
         }
-        if serilog {
+        if serilog && !explicit {
             return Ok(Level::new("info"));
         }
         Err(DecodeError::MissingField { field: "level" })
@@ -483,11 +463,8 @@ impl<'de> Visitor<'de> for AutoVisitor<'_> {
             match key {
                 Key::Explicit => {
                     let rest = path.map_or(&[][..], |path| &path[1..]);
-                    let value = map.next_value_seed(PathSeed { rest })?;
-                    if found.explicit.is_some() {
-                        found.explicit_twice = true;
-                    } else if !matches!(value, None | Some(Scalar::Null)) {
-                        found.explicit = value;
+                    if let Some(value) = map.next_value_seed(PathSeed { rest })? {
+                        found.put(Source::Explicit, value);
                     }
                 }
                 Key::Level(source) => {
@@ -653,12 +630,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn auto(text: &str) -> Result<String, &'static str> {
-        decode_level_auto(
-            Some(text.as_bytes()),
-            super::super::DEFAULT_MAX_PAYLOAD_BYTES,
-        )
-        .map(|level| level.as_str().to_owned())
-        .map_err(|err| err.reason())
+        InputFormat::Auto
+            .decode_level(
+                Some(text.as_bytes()),
+                super::super::DEFAULT_MAX_PAYLOAD_BYTES,
+            )
+            .map(|level| level.as_str().to_owned())
+            .map_err(|err| err.reason())
     }
 
     /// One line per shape, written from each logger's documented output format, with the level
@@ -876,14 +854,16 @@ mod tests {
         let mut payload = vec![0, 0, 0, 1, 42];
         payload.extend_from_slice(br#"{"severity":"WARNING","message":"x"}"#);
         assert_eq!(
-            decode_level_auto(Some(&payload), usize::MAX).map(|level| level.to_string()),
+            InputFormat::Auto
+                .decode_level(Some(&payload), usize::MAX)
+                .map(|level| level.to_string()),
             Ok("warning".to_owned())
         );
         // Offsets count the prefix.
         let mut broken = vec![0, 0, 0, 1, 42];
         broken.extend_from_slice(b"{\"level\":\"\xff\"}");
         assert_eq!(
-            decode_level_auto(Some(&broken), usize::MAX),
+            InputFormat::Auto.decode_level(Some(&broken), usize::MAX),
             Err(DecodeError::NotUtf8 { valid_up_to: 15 })
         );
         // The strict format has no prefix.
@@ -911,7 +891,7 @@ mod tests {
         for (line, reason) in cases {
             assert_eq!(auto(line), Err(*reason), "{line}");
         }
-        let wrong = decode_level_auto(Some(br#"{"log.level":{"x":1}}"#), usize::MAX);
+        let wrong = InputFormat::Auto.decode_level(Some(br#"{"log.level":{"x":1}}"#), usize::MAX);
         assert!(
             matches!(
                 &wrong,
@@ -1060,7 +1040,12 @@ mod tests {
             Ok("error".into()),
             "else the built-in names"
         );
-        // The configured field replaces the built-in ones: without it the event has no level.
+        // The configured field replaces the built-in ones: without it the event has no level,
+        // not even Serilog's implied one.
+        assert_eq!(
+            level(&nested, r#"{"@mt":"x","attributes":{}}"#),
+            Err("missing_field")
+        );
         assert_eq!(
             level(&nested, r#"{"level":"error","attributes":{}}"#),
             Err("missing_field")
@@ -1120,7 +1105,7 @@ mod tests {
 
         #[test]
         fn never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512), limit in 0usize..600) {
-            let _ = decode_level_auto(Some(&bytes), limit);
+            let _ = InputFormat::Auto.decode_level(Some(&bytes), limit);
         }
 
         #[test]
