@@ -5,7 +5,7 @@
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::measurement::thread_cpu_seconds;
+use super::measurement::{median, thread_cpu_seconds};
 use super::options::BenchOptions;
 use crate::event::InputFormat;
 use crate::tools::produce::{pad_event, sample_event};
@@ -60,7 +60,7 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
         "decoder cost: {EVENTS} events of {} bytes per run, one thread, medians of {} runs",
         options.payload_bytes, options.runs
     );
-    let medians: Vec<f64> = costs.iter_mut().map(|runs| median(runs)).collect();
+    let medians: Vec<f64> = costs.into_iter().map(median).collect();
     for ((name, _, _), median) in cases.iter().zip(&medians) {
         println!("{name:<36} {median:.3} cpu s/M ev");
     }
@@ -86,9 +86,4 @@ fn cost(format: InputFormat, payloads: &[Vec<u8>]) -> anyhow::Result<f64> {
         "{format:?} refused {refused} benchmark events"
     );
     Ok(seconds * 1e6 / payloads.len().max(1) as f64)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }

@@ -81,22 +81,27 @@ impl Window {
 
 /// User + system CPU time of this process so far.
 pub(super) fn cpu_seconds() -> f64 {
-    cpu_seconds_of(libc::RUSAGE_SELF)
-}
-
-/// User + system CPU time of the calling thread so far.
-pub(super) fn thread_cpu_seconds() -> f64 {
-    cpu_seconds_of(libc::RUSAGE_THREAD)
-}
-
-fn cpu_seconds_of(who: libc::c_int) -> f64 {
     // SAFETY: `getrusage` only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
         return 0.0;
     }
     let seconds = |time: libc::timeval| time.tv_sec as f64 + time.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+/// CPU time of the calling thread so far, in nanoseconds' resolution (getrusage counts in
+/// scheduler ticks, too coarse for a run of a tenth of a second).
+pub(super) fn thread_cpu_seconds() -> f64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` only writes the struct it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) } != 0 {
+        return 0.0;
+    }
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
 }
 
 /// Peak resident set size of this process (`VmHWM`), 0 where /proc does not tell.
