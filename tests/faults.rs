@@ -1080,31 +1080,11 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
 async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
     let _serial = serial().await;
     let kafka = Kafka::start("logs", 1);
-    kafka.create_topic("logs.dlq", 1);
     for n in 0..30 {
         kafka.produce_tombstone(&format!("deleted-{n}")).await;
     }
     kafka.produce(&[(Some("k".into()), event(1, "info"))]).await;
-    let end = kafka.end_offsets();
-    let group = unique("tombstones");
-    let dir = tempfile::tempdir().expect("dir");
-    let routes = format!(
-        "{}\n[dead_letter]\ntopic = \"logs.dlq\"\n[breaker]\nmax_consecutive = 5\n[input]\ntombstones = \"dead-letter\"\n",
-        file_route("all", "[\"info\"]", 1, dir.path())
-    );
-    let config = kafka.config(&group, "", &routes);
-    let metrics = Arc::new(Metrics::new());
-    let running = Running::without_http(config, &metrics);
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
-        .await;
-    running.stop().await;
-    assert!(done, "not committed to the end");
-    assert_eq!(
-        metrics.breaker_tripped.get(),
-        0,
-        "tombstones do not trip the breaker"
-    );
+    let (metrics, parked) = park_on_purpose(&kafka, "tombstones = \"dead-letter\"").await;
     assert_eq!(
         metrics
             .tombstones
@@ -1112,11 +1092,8 @@ async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
             .get(),
         30
     );
-    let parked = kafka.read_all("logs.dlq");
-    assert_eq!(parked.len(), 30);
     assert!(parked.iter().all(|record| record.payload.is_none()
         && record.header("logbridge.error.reason").as_deref() == Some("tombstone")));
-    assert_eq!(ids_written(&[dir.path()]).len(), 1);
 }
 
 /// With `input.unrouted = "dead-letter"`, events whose level no route takes go to the
@@ -1125,7 +1102,6 @@ async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
 async fn unrouted_events_can_be_dead_lettered_without_tripping_the_breaker() {
     let _serial = serial().await;
     let kafka = Kafka::start("logs", 1);
-    kafka.create_topic("logs.dlq", 1);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..31u64)
         .map(|id| {
             (
@@ -1135,11 +1111,23 @@ async fn unrouted_events_can_be_dead_lettered_without_tripping_the_breaker() {
         })
         .collect();
     kafka.produce(&records).await;
+    let (_, parked) = park_on_purpose(&kafka, "unrouted = \"dead-letter\"").await;
+    assert!(parked.iter().all(|record| record.payload.is_some()
+        && record.header("logbridge.error.reason").as_deref() == Some("unrouted")));
+}
+
+/// Runs what `kafka` holds (30 records to park and one info event) through a route taking
+/// `info`, a dead-letter topic and a breaker that trips after 5 failures in a row, with the
+/// `[input]` line `input`; checks that everything was committed, the breaker never tripped,
+/// 30 records were parked and the info event routed, and returns the metrics and what the
+/// dead-letter topic holds.
+async fn park_on_purpose(kafka: &Kafka, input: &str) -> (Arc<Metrics>, Vec<ReadRecord>) {
+    kafka.create_topic("logs.dlq", 1);
     let end = kafka.end_offsets();
-    let group = unique("unrouted");
+    let group = unique("parked");
     let dir = tempfile::tempdir().expect("dir");
     let routes = format!(
-        "{}\n[dead_letter]\ntopic = \"logs.dlq\"\n[breaker]\nmax_consecutive = 5\n[input]\nunrouted = \"dead-letter\"\n",
+        "{}\n[dead_letter]\ntopic = \"logs.dlq\"\n[breaker]\nmax_consecutive = 5\n[input]\n{input}\n",
         file_route("all", "[\"info\"]", 1, dir.path())
     );
     let config = kafka.config(&group, "", &routes);
@@ -1149,17 +1137,20 @@ async fn unrouted_events_can_be_dead_lettered_without_tripping_the_breaker() {
         .wait_committed_to(&group, &end, Duration::from_secs(60))
         .await;
     running.stop().await;
-    assert!(done, "not committed to the end");
+    assert!(done, "{input}: not committed to the end");
     assert_eq!(
         metrics.breaker_tripped.get(),
         0,
-        "unrouted events do not trip the breaker"
+        "{input}: what is parked on purpose does not trip the breaker"
     );
     let parked = kafka.read_all("logs.dlq");
-    assert_eq!(parked.len(), 30, "every debug event parked");
-    assert!(parked.iter().all(|record| record.payload.is_some()
-        && record.header("logbridge.error.reason").as_deref() == Some("unrouted")));
-    assert_eq!(ids_written(&[dir.path()]).len(), 1, "the info event routed");
+    assert_eq!(parked.len(), 30, "{input}: every record to park parked");
+    assert_eq!(
+        ids_written(&[dir.path()]).len(),
+        1,
+        "{input}: the info event routed"
+    );
+    (metrics, parked)
 }
 
 /// The only broker (the group coordinator too) is unreachable for longer than the session

@@ -22,6 +22,24 @@ fn options(metrics: &Arc<Metrics>, sinks: SinkFactory) -> RunOptions {
 
 const LEVELS: [&str; 3] = ["error", "warning", "info"];
 
+/// Runs `config` with its own sinks until the commits reach `end` (within 60 s) and stops;
+/// checks that they did, as a separate client reads them too, and returns the metrics.
+async fn run_to_the_end(
+    kafka: &Kafka,
+    group: &str,
+    config: logbridge::Config,
+    end: &[i64],
+) -> Arc<Metrics> {
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::start(config, options(&metrics, config_sink_factory()));
+    let total: i64 = end.iter().sum();
+    let done = wait_committed(&metrics, total, Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    assert!(done, "commits did not reach the end");
+    assert_eq!(kafka.committed(group), end);
+    metrics
+}
+
 /// a) 20 000 events over 4 partitions, 2 routes, random per-record work time: every valid event
 /// in its sink exactly once, per-key order kept, committed offset = end offset everywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,13 +290,7 @@ async fn malformed_records_are_counted_and_do_not_disturb_the_rest() {
         "",
         &two_file_routes(dir.path(), ("[\"error\"]", 2), ("[\"warning\"]", 2)),
     );
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::start(config, options(&metrics, config_sink_factory()));
-    let total: i64 = end.iter().sum();
-    let done = wait_committed(&metrics, total, Duration::from_secs(60)).await;
-    pipeline.stop().await;
-    assert!(done, "commits did not reach the end");
-    assert_eq!(kafka.committed(&group), end);
+    let metrics = run_to_the_end(&kafka, &group, config, &end).await;
 
     for (reason, count) in &expected {
         assert_eq!(
@@ -437,13 +449,7 @@ async fn the_auto_format_routes_what_common_loggers_write() {
         ),
     );
     config.input.format = logbridge::event::InputFormat::Auto;
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::start(config, options(&metrics, config_sink_factory()));
-    let total: i64 = end.iter().sum();
-    let done = wait_committed(&metrics, total, Duration::from_secs(60)).await;
-    pipeline.stop().await;
-    assert!(done, "commits did not reach the end");
-    assert_eq!(kafka.committed(&group), end);
+    let metrics = run_to_the_end(&kafka, &group, config, &end).await;
 
     let mut misrouted = Vec::new();
     let mut seen = 0;
