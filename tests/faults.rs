@@ -1011,15 +1011,7 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
     let _serial = serial().await;
     // 8 partitions: the mock cluster keeps only the newest 5 MiB of each.
     let kafka = Kafka::start("logs", 8);
-    let record_bytes = 100 * 1024;
-    let records: Vec<(Option<String>, Vec<u8>)> = (0..300u64)
-        .map(|id| {
-            let payload =
-                serde_json::json!({"id": id, "level": "info", "message": "x".repeat(record_bytes)});
-            (Some(format!("key-{id}")), payload.to_string().into_bytes())
-        })
-        .collect();
-    kafka.produce_large(&records).await;
+    produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes");
     let dir = tempfile::tempdir().expect("dir");
@@ -1029,7 +1021,8 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
         &format!("router_capacity = 1024\nworker_capacity = 256\nmax_in_flight_bytes = {limit}"),
         &file_route("all", "[\"info\"]", 2, dir.path()),
     );
-    let record_bound = logbridge::pipeline::in_flight_bound(&config) as i64 * record_bytes as i64;
+    let record_bound =
+        logbridge::pipeline::in_flight_bound(&config) as i64 * LARGE_EVENT_BYTES as i64;
     let metrics = Arc::new(Metrics::new());
     let (running, address) = Running::start_serving(
         config,
@@ -1040,33 +1033,26 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
         },
     )
     .await;
-    let mut max_bytes = 0;
-    let mut max_over = i64::MIN;
+    let mut peaks = BytePeaks::default();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let mut max_held = 0;
     while kafka.committed(&group) != end && std::time::Instant::now() < deadline {
-        // /status reads both figures together (under the consumer's lock).
-        let (_, status) = http_get(address, "/status").await;
-        let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
-        let bytes = status["in_flight_bytes"].as_i64().unwrap_or(0);
-        let held = status["held_bytes"].as_i64().unwrap_or(0);
-        max_bytes = max_bytes.max(bytes);
-        max_held = max_held.max(held);
-        // What is over the bound must be records held for paused partitions.
-        max_over = max_over.max(bytes - held - limit);
+        peaks.add(byte_sample(address).await, limit);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done = kafka.committed(&group) == end;
     let paused_for_bytes = metrics.pauses.get();
     running.stop().await;
     println!(
-        "large events: peak in-flight bytes {max_bytes} (bound {limit}, record bound alone {record_bound}), peak held {max_held}, pauses {paused_for_bytes}"
+        "large events: peak in-flight bytes {} (bound {limit}, record bound alone {record_bound}), peak held {}, pauses {paused_for_bytes}",
+        peaks.in_flight, peaks.held
     );
     assert!(done, "not committed to the end");
-    assert!(max_bytes > 0);
+    assert!(peaks.in_flight > 0);
+    // What is over the bound must be records held for paused partitions.
     assert!(
-        max_over <= 0,
-        "bytes beyond the bound and the held records: {max_over}"
+        peaks.over.is_some_and(|over| over <= 0),
+        "bytes beyond the bound and the held records: {:?}",
+        peaks.over
     );
     assert!(record_bound > 100 * limit);
     assert_eq!(metrics.in_flight_bytes.get(), 0, "every charge given back");
@@ -1354,6 +1340,26 @@ async fn an_offset_reset_after_a_fetch_error_is_counted_and_nothing_is_skipped()
     assert_eq!(written.len(), 300, "every record read from the beginning");
 }
 
+/// Bytes of each large event's message.
+const LARGE_EVENT_BYTES: usize = 100 * 1024;
+
+/// Produces 300 info events of about [`LARGE_EVENT_BYTES`] each (ids 0..300, a key each) to
+/// `kafka`, which should have 8 partitions: the mock cluster keeps only the newest 5 MiB of
+/// each. Returns how many.
+async fn produce_large_events(kafka: &Kafka) -> u64 {
+    let count = 300u64;
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..count)
+        .map(|id| {
+            let payload = serde_json::json!({
+                "id": id, "level": "info", "message": "x".repeat(LARGE_EVENT_BYTES),
+            });
+            (Some(format!("key-{id}")), payload.to_string().into_bytes())
+        })
+        .collect();
+    kafka.produce_large(&records).await;
+    count
+}
+
 /// One `/status` reading of the byte bound: the bytes in flight and the bytes of records held
 /// for paused partitions (read together, under the consumer's lock).
 async fn byte_sample(address: std::net::SocketAddr) -> (i64, i64) {
@@ -1366,16 +1372,18 @@ async fn byte_sample(address: std::net::SocketAddr) -> (i64, i64) {
 }
 
 /// The most a run of byte samples went over `limit`, beyond what was held for paused
-/// partitions, and the peak in flight.
+/// partitions, and the peaks in flight and held.
 #[derive(Default)]
 struct BytePeaks {
     in_flight: i64,
+    held: i64,
     over: Option<i64>,
 }
 
 impl BytePeaks {
     fn add(&mut self, (bytes, held): (i64, i64), limit: i64) {
         self.in_flight = self.in_flight.max(bytes);
+        self.held = self.held.max(held);
         self.over = Some(
             self.over
                 .map_or(bytes - held - limit, |over| over.max(bytes - held - limit)),
@@ -1396,16 +1404,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
             .try_init();
     }
     let kafka = Kafka::start("logs", 8);
-    let record_bytes = 100 * 1024;
-    let count = 300u64;
-    let records: Vec<(Option<String>, Vec<u8>)> = (0..count)
-        .map(|id| {
-            let payload =
-                serde_json::json!({"id": id, "level": "info", "message": "x".repeat(record_bytes)});
-            (Some(format!("key-{id}")), payload.to_string().into_bytes())
-        })
-        .collect();
-    kafka.produce_large(&records).await;
+    let count = produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes-rebalance");
     let limit: i64 = 1 << 20;
