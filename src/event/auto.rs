@@ -103,12 +103,28 @@ impl Mapping {
         }
     }
 
-    /// The configured level of a name or number, if any.
+    /// The configured level of a name, if any (names are kept lowercased: a name that is
+    /// already lowercase is looked up as it is).
     fn named(&self, name: &str) -> Option<Level> {
         if self.names.is_empty() {
             return None;
         }
-        self.names.get(&name.to_lowercase()).cloned()
+        match self.names.get(name) {
+            Some(level) => Some(level.clone()),
+            // Only a name that lowercasing changes is lowercased (allocated) to look it up.
+            None if name.chars().any(|c| c.to_lowercase().ne([c])) => {
+                self.names.get(&name.to_lowercase()).cloned()
+            }
+            None => None,
+        }
+    }
+
+    /// The configured level of a number, if any (formatted only when names are configured).
+    fn numbered(&self, n: i128) -> Option<Level> {
+        if self.names.is_empty() {
+            return None;
+        }
+        self.names.get(&n.to_string()).cloned()
     }
 }
 
@@ -317,8 +333,8 @@ fn read_level(source: Source, value: Scalar<'_>, mapping: Option<&Mapping>) -> O
     match value {
         Scalar::Str(name) if name.is_empty() => Err(wrong("empty".to_owned())),
         Scalar::Str(name) => Ok(named(&name).unwrap_or_else(|| normalise(&name))),
-        Scalar::Unsigned(n) => number(source, i128::from(n), named(&n.to_string())),
-        Scalar::Signed(n) => number(source, i128::from(n), named(&n.to_string())),
+        Scalar::Unsigned(n) => number(source, i128::from(n), mapping),
+        Scalar::Signed(n) => number(source, i128::from(n), mapping),
         other => Err(wrong(format!(
             "expected a string or a level number, found {}",
             other.kind()
@@ -326,9 +342,11 @@ fn read_level(source: Source, value: Scalar<'_>, mapping: Option<&Mapping>) -> O
     }
 }
 
-/// The level a number in `source` stands for (`named`: what the configuration calls it).
-fn number(source: Source, n: i128, named: Option<Level>) -> Outcome<Level> {
-    named
+/// The level a number in `source` stands for: what the configuration calls it, else the
+/// logger's scale.
+fn number(source: Source, n: i128, mapping: Option<&Mapping>) -> Outcome<Level> {
+    mapping
+        .and_then(|mapping| mapping.numbered(n))
         .or_else(|| source.numeric(n).map(Level::new))
         .ok_or_else(|| DecodeError::WrongType {
             field: source.field(),
