@@ -67,6 +67,8 @@ pub struct DeadLetter {
     /// over `max_payload_bytes` and never copied, or the dead-letter topic refused it as too
     /// large. `logbridge.error.value_dropped` then gives the size. Nothing else drops a value.
     pub dropped_value: Option<usize>,
+    /// The HTTP status an HTTP destination refused the record with.
+    pub http_status: Option<u16>,
 }
 
 /// Why the dead-letter topic holds the pipeline back (shown by `/readyz` and `/status`).
@@ -421,6 +423,10 @@ fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
     ];
     if dead.dropped_value.is_some() {
         extra.push((headers::VALUE_DROPPED, dropped.as_bytes()));
+    }
+    let status = dead.http_status.map(|status| status.to_string());
+    if let Some(status) = &status {
+        extra.push((headers::HTTP_STATUS, status.as_bytes()));
     }
     headers_for(&dead.record, &extra)
 }

@@ -54,6 +54,7 @@ pub mod dead_letter;
 pub mod event;
 pub mod health;
 pub mod http;
+pub mod http_sink;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;

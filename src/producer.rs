@@ -135,6 +135,11 @@ pub struct DeliveryError {
     pub reason: &'static str,
     /// Full message for logs and the `logbridge.error.message` header.
     pub message: String,
+    /// The HTTP status the destination answered, for the `logbridge.error.http_status` header.
+    pub status: Option<u16>,
+    /// How long the destination asked to be left alone (HTTP `Retry-After`): the retry waits at
+    /// least this long.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl DeliveryError {
@@ -144,6 +149,8 @@ impl DeliveryError {
             kind: FailureKind::Retryable,
             reason,
             message: message.into(),
+            status: None,
+            retry_after: None,
         }
     }
 
@@ -153,6 +160,8 @@ impl DeliveryError {
             kind: FailureKind::Permanent,
             reason,
             message: message.into(),
+            status: None,
+            retry_after: None,
         }
     }
 }
@@ -217,6 +226,8 @@ pub mod headers {
     pub const ERROR_REASON: &str = "logbridge.error.reason";
     /// Dead letters: full error message.
     pub const ERROR_MESSAGE: &str = "logbridge.error.message";
+    /// Dead letters: the HTTP status an HTTP destination answered.
+    pub const HTTP_STATUS: &str = "logbridge.error.http_status";
     /// Dead letters: delivery attempts made.
     pub const ATTEMPTS: &str = "logbridge.attempts";
     /// Dead letters parked without their value (refused by the dead-letter topic): its size.

@@ -96,6 +96,7 @@ impl Rules {
                     .as_ref()
                     .map(|header| (header.name.clone(), header.value.clone().into_bytes())),
             });
+            rules.need_service |= route.sink.uses_service();
             if route.default {
                 rules.default = Some(lane);
                 continue;
@@ -362,6 +363,7 @@ impl RouterActor {
                             route: self.no_route.clone(),
                             attempts: 0,
                             dropped_value: cause.dropped_value,
+                            http_status: None,
                         })
                         .await?;
                 }

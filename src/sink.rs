@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
+use anyhow::Context as _;
+
 use crate::config::{Cluster, RouteConfig, SinkConfig};
 use crate::event::json_body;
 use crate::producer::{headers, headers_for, Producer};
@@ -54,6 +56,9 @@ pub fn config_sink_factory() -> SinkFactory {
     // One producer per route, shared by its workers (a producer is thread-safe and batches
     // better when shared).
     let producers: Mutex<HashMap<String, Producer>> = Mutex::new(HashMap::new());
+    // One HTTP client (connection pool) per route, shared by its workers.
+    let endpoints: Mutex<HashMap<String, crate::http_sink::HttpEndpoint>> =
+        Mutex::new(HashMap::new());
     Arc::new(move |route: &RouteConfig, _index: usize| {
         let sink: Box<dyn Sink> = match &route.sink {
             SinkConfig::Null => Box::new(NullSink),
@@ -89,6 +94,22 @@ pub fn config_sink_factory() -> SinkFactory {
                     topic: topic.clone(),
                 })
             }
+            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
+                let mut endpoints = endpoints
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
+                let endpoint = match endpoints.get(&route.name) {
+                    Some(endpoint) => endpoint.clone(),
+                    None => {
+                        let elasticsearch = matches!(route.sink, SinkConfig::Elasticsearch(_));
+                        let endpoint = crate::http_sink::HttpEndpoint::new(http, elasticsearch)
+                            .with_context(|| format!("route `{}`", route.name))?;
+                        endpoints.insert(route.name.clone(), endpoint.clone());
+                        endpoint
+                    }
+                };
+                Box::new(endpoint.sink())
+            }
             SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
             SinkConfig::File { path, fsync } => {
                 let mut files = files
@@ -110,7 +131,6 @@ pub fn config_sink_factory() -> SinkFactory {
 }
 
 fn open_append(path: &Path) -> anyhow::Result<File> {
-    use anyhow::Context;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("failed to create directory {}", parent.display()))?;
@@ -420,7 +440,7 @@ fn write_json_string(out: &mut Vec<u8>, text: &str) {
 
 /// Copies valid JSON, leaving out whitespace between tokens (a newline there would split the
 /// output line); string contents are copied untouched.
-fn write_compact_json(out: &mut Vec<u8>, json: &[u8]) {
+pub(crate) fn write_compact_json(out: &mut Vec<u8>, json: &[u8]) {
     if !json.iter().any(|b| matches!(b, b'\n' | b'\r')) {
         out.extend_from_slice(json.trim_ascii());
         return;

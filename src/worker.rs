@@ -31,6 +31,10 @@ use crate::record::{AckStatus, Fences, Record, StageGone};
 use crate::router::order_key;
 use crate::sink::{Sink, Started};
 
+/// Longest wait a destination's `Retry-After` can impose on one retry: a bigger value (or a
+/// date far ahead) is taken as this, so a misconfigured server cannot park a route for hours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 /// Most records a worker takes from its channel for one sink call.
 pub const MAX_BATCH: usize = 256;
 
@@ -417,7 +421,13 @@ impl WorkerActor {
         retry: Vec<(Record, DeliveryError)>,
         attempts: u32,
     ) -> Vec<Record> {
-        let delay = self.retry.delay(attempts);
+        // A destination that said when to come back (HTTP `Retry-After`) is not asked sooner.
+        let asked = retry
+            .iter()
+            .filter_map(|(_, err)| err.retry_after)
+            .max()
+            .map_or(Duration::ZERO, |asked| asked.min(MAX_RETRY_AFTER));
+        let delay = self.retry.delay(attempts).max(asked);
         self.metrics
             .retries
             .with_label_values(&[&self.route])
@@ -475,6 +485,7 @@ impl WorkerActor {
                 route: self.route.clone(),
                 attempts,
                 dropped_value: None,
+                http_status: err.status,
             })
             .await
     }

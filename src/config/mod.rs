@@ -7,9 +7,11 @@
 //! `${env:NAME}` and `${file:/path}` references (see [`references`]). Every error names the key
 //! it is about, and secrets are redacted wherever the configuration is shown.
 
+mod http;
 mod references;
 mod security;
 
+pub use http::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig};
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 use std::collections::{BTreeMap, HashMap};
@@ -491,6 +493,14 @@ pub struct HeaderMatch {
     pub value: String,
 }
 
+impl SinkConfig {
+    /// Whether the sink reads the event's service (an Elasticsearch index naming it).
+    pub fn uses_service(&self) -> bool {
+        matches!(self, SinkConfig::Elasticsearch(http)
+            if http.index.as_deref().is_some_and(|index| index.contains("{service}")))
+    }
+}
+
 impl RouteConfig {
     /// Whether the route asks more of an event than its level (a topic or a header).
     pub fn has_conditions(&self) -> bool {
@@ -543,6 +553,10 @@ pub enum SinkConfig {
     Stdout,
     /// Discard (for benchmarks).
     Null,
+    /// Send batches to an HTTP endpoint: the original payloads as NDJSON or a JSON array.
+    Http(HttpSinkConfig),
+    /// Index into Elasticsearch or OpenSearch with `_bulk`.
+    Elasticsearch(HttpSinkConfig),
     /// Produce to a Kafka topic: original payload, key and headers, plus
     /// `logbridge.source.topic`, `.partition`, `.offset` and `logbridge.route` headers.
     Kafka {
@@ -684,6 +698,11 @@ impl Config {
         }
         if let Some(dead_letter) = &self.dead_letter {
             take(&dead_letter.security, &dead_letter.options);
+        }
+        for route in &self.routes {
+            if let SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) = &route.sink {
+                secrets.extend(http.secrets().map(str::to_string));
+            }
         }
         // Short values (`true`, a port) would blank out harmless words of a message.
         secrets.retain(|secret| secret.len() >= 4);
@@ -913,6 +932,8 @@ impl Config {
                 SinkConfig::File { path, .. } if path.as_os_str().is_empty() => {
                     return Err(invalid(key("sink.path"), "empty path"));
                 }
+                SinkConfig::Http(http) => http.validate(&key("sink"), false)?,
+                SinkConfig::Elasticsearch(http) => http.validate(&key("sink"), true)?,
                 SinkConfig::Kafka {
                     topic,
                     brokers,
@@ -1010,11 +1031,14 @@ impl Config {
             hide(&mut dead_letter.security, &mut dead_letter.options);
         }
         for route in &mut config.routes {
-            if let SinkConfig::Kafka {
-                security, options, ..
-            } = &mut route.sink
-            {
-                hide(security, options);
+            match &mut route.sink {
+                SinkConfig::Kafka {
+                    security, options, ..
+                } => hide(security, options),
+                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
+                    *http = http.redacted();
+                }
+                _ => {}
             }
         }
         config

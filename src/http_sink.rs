@@ -1,0 +1,687 @@
+//! HTTP destinations: `type = "http"` posts a worker's batch as NDJSON or a JSON array of the
+//! original payloads; `type = "elasticsearch"` indexes it with `_bulk` (Elasticsearch and
+//! OpenSearch answer alike).
+//!
+//! A request's answer decides the outcome of every record in it: 2xx delivered; 408, 429 and
+//! 5xx, timeouts and connection errors retried (after at least `Retry-After`, when given); any
+//! other status fails the records for good with reason `http_<status>` (dead-lettered with the
+//! status in a header). `_bulk` answers per item, so there each record has its own outcome.
+//! When a request of a batch fails in a way worth retrying, the rest of the batch is not sent
+//! and fails with it: a later record of a key never lands before an earlier one is retried.
+
+use std::io::Write as _;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig};
+use crate::producer::FailureKind;
+use crate::record::Record;
+use crate::sink::{write_compact_json, DeliveryFuture, Sink, SinkError};
+
+/// Most bytes of an error answer kept for the log and the dead letter's message.
+const ERROR_BODY_KEPT: usize = 512;
+
+/// How a batch becomes a request body.
+#[derive(Debug, Clone)]
+enum Layout {
+    /// One payload per line.
+    Ndjson,
+    /// `[payload,payload]`.
+    JsonArray,
+    /// `_bulk`: a `create` action naming the index and the record's id, then the payload.
+    Bulk { index: IndexTemplate },
+}
+
+/// What one route's sinks share: the client (its connection pool) and the request's shape.
+#[derive(Clone)]
+pub struct HttpEndpoint {
+    client: reqwest::Client,
+    target: Arc<Target>,
+}
+
+struct Target {
+    url: reqwest::Url,
+    method: reqwest::Method,
+    headers: HeaderMap,
+    layout: Layout,
+    gzip: bool,
+    max_records: usize,
+    max_bytes: usize,
+}
+
+impl HttpEndpoint {
+    /// The endpoint of a route's `http` (or, `elasticsearch`, its `elasticsearch`) sink.
+    pub fn new(config: &HttpSinkConfig, elasticsearch: bool) -> anyhow::Result<HttpEndpoint> {
+        let mut url = config.url.trim().to_string();
+        let layout = match (&config.index, elasticsearch) {
+            (Some(index), true) => {
+                url = format!("{}/_bulk", url.trim_end_matches('/'));
+                Layout::Bulk {
+                    index: IndexTemplate::parse(index),
+                }
+            }
+            _ => match config.format {
+                HttpFormat::Ndjson => Layout::Ndjson,
+                HttpFormat::JsonArray => Layout::JsonArray,
+            },
+        };
+        let url = reqwest::Url::parse(&url).with_context(|| format!("invalid URL `{url}`"))?;
+        let mut headers = HeaderMap::new();
+        let content_type = match layout {
+            Layout::JsonArray => "application/json",
+            Layout::Ndjson | Layout::Bulk { .. } => "application/x-ndjson",
+        };
+        headers.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type),
+        );
+        if config.compression == Compression::Gzip {
+            headers.insert(
+                reqwest::header::CONTENT_ENCODING,
+                HeaderValue::from_static("gzip"),
+            );
+        }
+        if let Some(auth) = &config.auth {
+            let value = match auth {
+                HttpAuth::Basic { username, password } => {
+                    format!("Basic {}", base64(format!("{username}:{password}").as_bytes()))
+                }
+                HttpAuth::Bearer { token } => format!("Bearer {token}"),
+            };
+            let mut value =
+                HeaderValue::from_str(&value).context("credentials are not a valid header")?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        for (name, value) in &config.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .with_context(|| format!("invalid header name `{name}`"))?;
+            let value = HeaderValue::from_str(value)
+                .with_context(|| format!("invalid value for header `{name}`"))?;
+            headers.insert(name, value);
+        }
+        let timeout = Duration::from_millis(config.timeout_ms);
+        let mut client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .tls_built_in_native_certs(true);
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("failed to read ca_file {}", path.display()))?;
+            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("no PEM certificate in {}", path.display()))?
+            {
+                client = client.add_root_certificate(certificate);
+            }
+        }
+        let client = client.build().context("failed to build the HTTP client")?;
+        Ok(HttpEndpoint {
+            client,
+            target: Arc::new(Target {
+                url,
+                method: match config.method {
+                    HttpMethod::Post => reqwest::Method::POST,
+                    HttpMethod::Put => reqwest::Method::PUT,
+                },
+                headers,
+                layout,
+                gzip: config.compression == Compression::Gzip,
+                max_records: config.max_records,
+                max_bytes: config.max_bytes,
+            }),
+        })
+    }
+
+    /// A worker's sink on this endpoint (sharing its connections).
+    pub fn sink(&self) -> HttpSink {
+        HttpSink {
+            endpoint: self.clone(),
+            body: Vec::new(),
+        }
+    }
+}
+
+/// A worker's HTTP sink: one request at a time, in batch order.
+pub struct HttpSink {
+    endpoint: HttpEndpoint,
+    /// The body buffer, kept between requests.
+    body: Vec<u8>,
+}
+
+impl Sink for HttpSink {
+    fn deliver<'a>(&'a mut self, _route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        Box::pin(async move {
+            let target = self.endpoint.target.clone();
+            let mut outcomes: Vec<Result<(), SinkError>> = Vec::with_capacity(batch.len());
+            for range in requests(batch, target.max_records, target.max_bytes) {
+                let records = &batch[range];
+                if let Some(Err(earlier)) = outcomes
+                    .iter()
+                    .find(|outcome| matches!(outcome, Err(err) if err.kind == FailureKind::Retryable))
+                {
+                    // Not sent: it follows a request to be retried (per-key order).
+                    let earlier = earlier.clone();
+                    outcomes.extend(records.iter().map(|_| Err(earlier.clone())));
+                    continue;
+                }
+                outcomes.extend(self.send(&target, records).await);
+            }
+            outcomes
+        })
+    }
+}
+
+impl HttpSink {
+    /// Sends `records` in one request and returns their outcomes.
+    async fn send(&mut self, target: &Target, records: &[Record]) -> Vec<Result<(), SinkError>> {
+        let mut body = std::mem::take(&mut self.body);
+        body.clear();
+        write_body(&mut body, &target.layout, records, SystemTime::now());
+        let payload = if target.gzip {
+            match gzip(&body) {
+                Ok(compressed) => compressed,
+                Err(err) => {
+                    self.body = body;
+                    let err = SinkError::retryable("gzip_failed", err.to_string());
+                    return vec![Err(err); records.len()];
+                }
+            }
+        } else {
+            body.clone()
+        };
+        self.body = body;
+        let answer = self
+            .endpoint
+            .client
+            .request(target.method.clone(), target.url.clone())
+            .headers(target.headers.clone())
+            .body(payload)
+            .send()
+            .await;
+        let response = match answer {
+            Ok(response) => response,
+            Err(err) => return vec![Err(request_error(&err)); records.len()],
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| retry_after(value, SystemTime::now()));
+        // Read to the end, so that the connection can serve the next request.
+        let text = match response.bytes().await {
+            Ok(bytes) => bytes,
+            Err(err) => return vec![Err(request_error(&err)); records.len()],
+        };
+        if let (Layout::Bulk { .. }, 200..=299) = (&target.layout, status) {
+            return bulk_outcomes(&text, records.len());
+        }
+        match status_outcome(status, retry_after, &text) {
+            Ok(()) => vec![Ok(()); records.len()],
+            Err(err) => vec![Err(err); records.len()],
+        }
+    }
+}
+
+/// The records of `batch` split into requests of at most `max_records` records and
+/// `max_bytes` payload bytes (a larger record alone).
+fn requests(batch: &[Record], max_records: usize, max_bytes: usize) -> Vec<Range<usize>> {
+    let mut ranges = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (index, record) in batch.iter().enumerate() {
+        let size = record.payload().map_or(0, <[u8]>::len);
+        let count = index - start;
+        if count > 0 && (count >= max_records || bytes + size > max_bytes) {
+            ranges.push(start..index);
+            start = index;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < batch.len() {
+        ranges.push(start..batch.len());
+    }
+    ranges
+}
+
+/// Writes the request body for `records`; `now` dates a `{date}` index.
+fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record], now: SystemTime) {
+    if let Layout::JsonArray = layout {
+        out.push(b'[');
+    }
+    for (position, record) in records.iter().enumerate() {
+        match layout {
+            Layout::Ndjson => {}
+            Layout::JsonArray if position > 0 => out.push(b','),
+            Layout::JsonArray => {}
+            Layout::Bulk { index } => {
+                out.extend_from_slice(b"{\"create\":{\"_index\":");
+                let name = index.render(record, now);
+                let _ = serde_json::to_writer(&mut *out, &name);
+                // The record's coordinates as the document id: a record delivered again (a
+                // retry, a replay after a crash) is refused as a duplicate, not indexed twice.
+                out.extend_from_slice(b",\"_id\":\"");
+                let _ = write!(
+                    out,
+                    "{}-{}-{}",
+                    JsonEscaped(&record.source.topic),
+                    record.source.partition,
+                    record.offset
+                );
+                out.extend_from_slice(b"\"}}\n");
+            }
+        }
+        match (record.payload(), &record.decoded) {
+            // Only decoded records reach a sink: the payload is valid JSON.
+            (Some(payload), Some(Ok(_))) => {
+                write_compact_json(out, crate::event::json_body(payload));
+            }
+            _ => out.extend_from_slice(b"null"),
+        }
+        if !matches!(layout, Layout::JsonArray) {
+            out.push(b'\n');
+        }
+    }
+    if let Layout::JsonArray = layout {
+        out.push(b']');
+    }
+}
+
+/// A topic name inside a JSON string (topic names are `[a-zA-Z0-9._-]`, but nothing breaks if
+/// one is not).
+struct JsonEscaped<'a>(&'a str);
+
+impl std::fmt::Display for JsonEscaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let quoted = serde_json::to_string(self.0).map_err(|_| std::fmt::Error)?;
+        f.write_str(&quoted[1..quoted.len() - 1])
+    }
+}
+
+fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut encoder = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    encoder.write_all(body)?;
+    encoder.finish()
+}
+
+/// A request that got no answer: always worth retrying.
+fn request_error(err: &reqwest::Error) -> SinkError {
+    let reason = if err.is_timeout() {
+        "http_timeout"
+    } else if err.is_connect() {
+        "http_unreachable"
+    } else {
+        "http_error"
+    };
+    // reqwest's Display leaves out the cause (refused, reset...), which is what an operator needs.
+    let mut message = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    SinkError::retryable(reason, message)
+}
+
+/// What a status means for the records of its request.
+fn status_outcome(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Result<(), SinkError> {
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(ERROR_BODY_KEPT)]);
+    let message = format!("HTTP {status}: {}", text.trim());
+    let mut err = if retryable_status(status) {
+        SinkError::retryable(status_reason(status), message)
+    } else {
+        SinkError::permanent(status_reason(status), message)
+    };
+    err.status = Some(status);
+    err.retry_after = retry_after;
+    Err(err)
+}
+
+/// 408 (request timeout), 429 (too many requests) and every 5xx.
+fn retryable_status(status: u16) -> bool {
+    matches!(status, 408 | 429) || status >= 500
+}
+
+/// `http_<status>`, as a static string (a reason is a metric label and a header value).
+fn status_reason(status: u16) -> &'static str {
+    static REASONS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    let reasons = REASONS.get_or_init(|| {
+        // 600 short strings made once for the process's life.
+        (0..600u16)
+            .map(|code| &*Box::leak(format!("http_{code}").into_boxed_str()))
+            .collect()
+    });
+    reasons
+        .get(usize::from(status))
+        .copied()
+        .unwrap_or("http_other")
+}
+
+/// A `Retry-After` value (seconds, or an HTTP date) as a wait from `now`.
+fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The outcome of each of `count` records from a `_bulk` answer: created (or already there: a
+/// record delivered again) counts as delivered; 429 and 5xx items are retried; any other item
+/// error fails its record with the item's status and error.
+fn bulk_outcomes(body: &[u8], count: usize) -> Vec<Result<(), SinkError>> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        errors: bool,
+        #[serde(default)]
+        items: Vec<std::collections::HashMap<String, Item>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        status: u16,
+        #[serde(default)]
+        error: Option<serde_json::Value>,
+    }
+    let answer: Answer = match serde_json::from_slice(body) {
+        Ok(answer) => answer,
+        Err(err) => {
+            let err = SinkError::retryable(
+                "bulk_answer_invalid",
+                format!("the _bulk answer is not what Elasticsearch sends: {err}"),
+            );
+            return vec![Err(err); count];
+        }
+    };
+    if !answer.errors && answer.items.len() == count {
+        return vec![Ok(()); count];
+    }
+    if answer.items.len() != count {
+        let err = SinkError::retryable(
+            "bulk_answer_invalid",
+            format!(
+                "the _bulk answer has {} items for {count} records",
+                answer.items.len()
+            ),
+        );
+        return vec![Err(err); count];
+    }
+    answer
+        .items
+        .into_iter()
+        .map(|item| {
+            let Some(item) = item.into_values().next() else {
+                return Err(SinkError::retryable(
+                    "bulk_answer_invalid",
+                    "a _bulk item has no action",
+                ));
+            };
+            // 409: a document with this record's id exists (delivered before).
+            if (200..300).contains(&item.status) || item.status == 409 {
+                return Ok(());
+            }
+            let error = item.error.map_or_else(String::new, |error| {
+                match (error.get("type"), error.get("reason")) {
+                    (Some(kind), Some(reason)) => format!(
+                        "{}: {}",
+                        kind.as_str().unwrap_or_default(),
+                        reason.as_str().unwrap_or_default()
+                    ),
+                    _ => error.to_string(),
+                }
+            });
+            status_outcome(item.status, None, error.as_bytes())
+        })
+        .collect()
+}
+
+/// An index name with `{level}`, `{service}` and `{date}` to fill per record.
+#[derive(Debug, Clone)]
+struct IndexTemplate {
+    parts: Vec<IndexPart>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum IndexPart {
+    Text(String),
+    Level,
+    Service,
+    Date,
+}
+
+impl IndexTemplate {
+    fn parse(template: &str) -> IndexTemplate {
+        let mut parts = Vec::new();
+        let mut rest = template;
+        while !rest.is_empty() {
+            let next = ["{level}", "{service}", "{date}"]
+                .iter()
+                .filter_map(|name| rest.find(name).map(|at| (at, *name)))
+                .min();
+            match next {
+                Some((at, name)) => {
+                    if at > 0 {
+                        parts.push(IndexPart::Text(rest[..at].to_string()));
+                    }
+                    parts.push(match name {
+                        "{level}" => IndexPart::Level,
+                        "{service}" => IndexPart::Service,
+                        _ => IndexPart::Date,
+                    });
+                    rest = &rest[at + name.len()..];
+                }
+                None => {
+                    parts.push(IndexPart::Text(rest.to_string()));
+                    rest = "";
+                }
+            }
+        }
+        IndexTemplate { parts }
+    }
+
+    /// The index for `record`. Index names are lowercase in Elasticsearch, so what comes from
+    /// the event is lowercased.
+    fn render(&self, record: &Record, now: SystemTime) -> String {
+        let mut name = String::new();
+        for part in &self.parts {
+            match part {
+                IndexPart::Text(text) => name.push_str(text),
+                IndexPart::Level => match &record.decoded {
+                    Some(Ok(level)) => name.push_str(&level.as_str().to_ascii_lowercase()),
+                    _ => name.push_str("unknown"),
+                },
+                IndexPart::Service => match &record.service {
+                    Some(service) => name.push_str(&index_safe(service)),
+                    None => name.push_str("unknown"),
+                },
+                IndexPart::Date => name.push_str(&utc_date(now)),
+            }
+        }
+        name
+    }
+}
+
+/// A service name as an index name part: lowercase, and the characters Elasticsearch refuses
+/// in index names (`\ / * ? " < > | , # :` and space) replaced by `_`.
+fn index_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ',' | '#' | ':' | ' ' => '_',
+            other => other.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// `YYYY.MM.DD` of `time` in UTC.
+fn utc_date(time: SystemTime) -> String {
+    let days = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs() / 86_400) as i64;
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!("{year:04}.{month:02}.{day:02}")
+}
+
+/// Standard base64 with padding (basic authentication).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let triple = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &b)| acc | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(triple >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::test_record;
+
+    #[test]
+    fn statuses_sort_into_delivered_retried_and_refused() {
+        assert!(status_outcome(200, None, b"").is_ok());
+        assert!(status_outcome(204, None, b"").is_ok());
+        for status in [408, 429, 500, 502, 503, 504] {
+            let err = status_outcome(status, Some(Duration::from_secs(2)), b"busy").unwrap_err();
+            assert_eq!(err.kind, FailureKind::Retryable, "{status}");
+            assert_eq!(err.retry_after, Some(Duration::from_secs(2)));
+            assert_eq!(err.status, Some(status));
+        }
+        for status in [400, 401, 403, 404, 413, 422] {
+            let err = status_outcome(status, None, b"{\"error\":\"bad\"}").unwrap_err();
+            assert_eq!(err.kind, FailureKind::Permanent, "{status}");
+            assert_eq!(err.reason, format!("http_{status}"));
+            assert_eq!(err.status, Some(status));
+            assert!(err.message.contains("bad"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(retry_after("7", now), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(retry_after(&later, now), Some(Duration::from_secs(30)));
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(retry_after("soon", now), None);
+    }
+
+    fn record(offset: i64, payload: &str) -> Record {
+        let mut record = test_record(0, offset, None, Some(payload.as_bytes()));
+        record.decoded = Some(Ok(crate::event::Level::new("error")));
+        record
+    }
+
+    #[test]
+    fn batches_split_by_records_and_bytes_and_a_large_record_goes_alone() {
+        let batch: Vec<Record> = (0..7).map(|i| record(i, "{\"a\":\"0123456789\"}")).collect();
+        assert_eq!(requests(&batch, 3, 1 << 20), vec![0..3, 3..6, 6..7]);
+        // 18 bytes each: two fit in 40.
+        assert_eq!(
+            requests(&batch, 100, 40),
+            vec![0..2, 2..4, 4..6, 6..7]
+        );
+        assert_eq!(requests(&batch, 100, 5), (0..7).map(|i| i..i + 1).collect::<Vec<_>>());
+        assert!(requests(&[], 3, 10).is_empty());
+    }
+
+    #[test]
+    fn bodies_hold_the_compacted_payloads() {
+        let batch = vec![record(1, "{\"a\": 1,\n \"b\": \"x y\"}"), record(2, "{\"c\":2}")];
+        let now = SystemTime::UNIX_EPOCH;
+        let mut out = Vec::new();
+        write_body(&mut out, &Layout::Ndjson, &batch, now);
+        assert_eq!(out, b"{\"a\":1,\"b\":\"x y\"}\n{\"c\":2}\n");
+        out.clear();
+        write_body(&mut out, &Layout::JsonArray, &batch, now);
+        assert_eq!(out, b"[{\"a\":1,\"b\":\"x y\"},{\"c\":2}]");
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed.as_array().map(Vec::len), Some(2));
+        out.clear();
+        let index = IndexTemplate::parse("logs-{level}-{service}-{date}");
+        let mut with_service = record(3, "{\"c\":3}");
+        with_service.service = Some(Box::from("Cart Service"));
+        write_body(&mut out, &Layout::Bulk { index }, &[with_service], now);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"logs-0-3\"}}\n{\"c\":3}\n"
+        );
+    }
+
+    #[test]
+    fn utc_dates_are_civil_dates() {
+        let day = |days: u64| utc_date(SystemTime::UNIX_EPOCH + Duration::from_secs(days * 86_400));
+        assert_eq!(day(0), "1970.01.01");
+        assert_eq!(day(59), "1970.03.01");
+        assert_eq!(day(11_016), "2000.02.29");
+        assert_eq!(day(20_785), "2026.11.28");
+    }
+
+    #[test]
+    fn basic_credentials_are_base64() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b""), "");
+    }
+
+    #[test]
+    fn bulk_items_decide_per_record() {
+        let body = br#"{"errors":true,"items":[
+            {"create":{"status":201}},
+            {"create":{"status":409,"error":{"type":"version_conflict_engine_exception","reason":"exists"}}},
+            {"create":{"status":429,"error":{"type":"es_rejected_execution_exception","reason":"queue full"}}},
+            {"create":{"status":400,"error":{"type":"mapper_parsing_exception","reason":"failed to parse field [n]"}}}
+        ]}"#;
+        let outcomes = bulk_outcomes(body, 4);
+        assert!(outcomes[0].is_ok());
+        assert!(outcomes[1].is_ok(), "already indexed counts as delivered");
+        let retried = outcomes[2].as_ref().unwrap_err();
+        assert_eq!((retried.kind, retried.reason), (FailureKind::Retryable, "http_429"));
+        let refused = outcomes[3].as_ref().unwrap_err();
+        assert_eq!((refused.kind, refused.reason), (FailureKind::Permanent, "http_400"));
+        assert!(refused.message.contains("mapper_parsing_exception: failed to parse field [n]"));
+        assert!(bulk_outcomes(br#"{"errors":false,"items":[]}"#, 2)
+            .iter()
+            .all(|outcome| outcome.as_ref().unwrap_err().reason == "bulk_answer_invalid"));
+        assert!(bulk_outcomes(b"not json", 1)[0].is_err());
+    }
+}
