@@ -88,7 +88,10 @@ impl HttpEndpoint {
         if let Some(auth) = &config.auth {
             let value = match auth {
                 HttpAuth::Basic { username, password } => {
-                    format!("Basic {}", base64(format!("{username}:{password}").as_bytes()))
+                    format!(
+                        "Basic {}",
+                        base64(format!("{username}:{password}").as_bytes())
+                    )
                 }
                 HttpAuth::Bearer { token } => format!("Bearer {token}"),
             };
@@ -159,10 +162,9 @@ impl Sink for HttpSink {
             let mut outcomes: Vec<Result<(), SinkError>> = Vec::with_capacity(batch.len());
             for range in requests(batch, target.max_records, target.max_bytes) {
                 let records = &batch[range];
-                if let Some(Err(earlier)) = outcomes
-                    .iter()
-                    .find(|outcome| matches!(outcome, Err(err) if err.kind == FailureKind::Retryable))
-                {
+                if let Some(Err(earlier)) = outcomes.iter().find(
+                    |outcome| matches!(outcome, Err(err) if err.kind == FailureKind::Retryable),
+                ) {
                     // Not sent: it follows a request to be retried (per-key order).
                     let earlier = earlier.clone();
                     outcomes.extend(records.iter().map(|_| Err(earlier.clone())));
@@ -333,7 +335,11 @@ fn request_error(err: &reqwest::Error) -> SinkError {
 }
 
 /// What a status means for the records of its request.
-fn status_outcome(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Result<(), SinkError> {
+fn status_outcome(
+    status: u16,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Result<(), SinkError> {
     if (200..300).contains(&status) {
         return Ok(());
     }
@@ -612,20 +618,25 @@ mod tests {
 
     #[test]
     fn batches_split_by_records_and_bytes_and_a_large_record_goes_alone() {
-        let batch: Vec<Record> = (0..7).map(|i| record(i, "{\"a\":\"0123456789\"}")).collect();
+        let batch: Vec<Record> = (0..7)
+            .map(|i| record(i, "{\"a\":\"0123456789\"}"))
+            .collect();
         assert_eq!(requests(&batch, 3, 1 << 20), vec![0..3, 3..6, 6..7]);
         // 18 bytes each: two fit in 40.
+        assert_eq!(requests(&batch, 100, 40), vec![0..2, 2..4, 4..6, 6..7]);
         assert_eq!(
-            requests(&batch, 100, 40),
-            vec![0..2, 2..4, 4..6, 6..7]
+            requests(&batch, 100, 5),
+            (0..7).map(|i| i..i + 1).collect::<Vec<_>>()
         );
-        assert_eq!(requests(&batch, 100, 5), (0..7).map(|i| i..i + 1).collect::<Vec<_>>());
         assert!(requests(&[], 3, 10).is_empty());
     }
 
     #[test]
     fn bodies_hold_the_compacted_payloads() {
-        let batch = vec![record(1, "{\"a\": 1,\n \"b\": \"x y\"}"), record(2, "{\"c\":2}")];
+        let batch = vec![
+            record(1, "{\"a\": 1,\n \"b\": \"x y\"}"),
+            record(2, "{\"c\":2}"),
+        ];
         let now = SystemTime::UNIX_EPOCH;
         let mut out = Vec::new();
         write_body(&mut out, &Layout::Ndjson, &batch, now);
@@ -675,10 +686,18 @@ mod tests {
         assert!(outcomes[0].is_ok());
         assert!(outcomes[1].is_ok(), "already indexed counts as delivered");
         let retried = outcomes[2].as_ref().unwrap_err();
-        assert_eq!((retried.kind, retried.reason), (FailureKind::Retryable, "http_429"));
+        assert_eq!(
+            (retried.kind, retried.reason),
+            (FailureKind::Retryable, "http_429")
+        );
         let refused = outcomes[3].as_ref().unwrap_err();
-        assert_eq!((refused.kind, refused.reason), (FailureKind::Permanent, "http_400"));
-        assert!(refused.message.contains("mapper_parsing_exception: failed to parse field [n]"));
+        assert_eq!(
+            (refused.kind, refused.reason),
+            (FailureKind::Permanent, "http_400")
+        );
+        assert!(refused
+            .message
+            .contains("mapper_parsing_exception: failed to parse field [n]"));
         assert!(bulk_outcomes(br#"{"errors":false,"items":[]}"#, 2)
             .iter()
             .all(|outcome| outcome.as_ref().unwrap_err().reason == "bulk_answer_invalid"));

@@ -1,0 +1,535 @@
+//! The HTTP and Elasticsearch sinks against real HTTP servers (hyper, on loopback) in this
+//! process, with the pipeline reading an in-process mock Kafka cluster:
+//!
+//! - an endpoint that answers 503, and 429 with `Retry-After`, part of the time and goes down
+//!   for seconds mid-run (gzip bodies, basic auth): every event arrives, the last copies of each
+//!   key are in order, commits reach the end;
+//! - an endpoint that refuses some records with 400: those are dead-lettered with reason
+//!   `http_400` and the status in a header, the rest delivered;
+//! - a `_bulk` endpoint with per-item failures (429 retried alone, 400 dead-lettered with the
+//!   item's error, 409 for a document already there): every valid event indexed exactly once.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use logbridge::metrics::Metrics;
+
+/// What a test server does with one request body: the status, extra headers and the answer.
+type Handler =
+    dyn Fn(&Request<()>, &[u8]) -> (u16, Vec<(&'static str, String)>, String) + Send + Sync;
+
+/// An HTTP server on a loopback port that can be taken down and brought back on the same port.
+struct Server {
+    address: SocketAddr,
+    handler: Arc<Handler>,
+    tasks: Option<tokio::task::JoinSet<()>>,
+}
+
+impl Server {
+    async fn start(handler: Arc<Handler>) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let mut server = Server {
+            address,
+            handler,
+            tasks: None,
+        };
+        server.serve(listener);
+        server
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let handler = self.handler.clone();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            // Connections live in this set: aborting it (going down) closes them all.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let handler = handler.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: Request<hyper::body::Incoming>| {
+                            let handler = handler.clone();
+                            async move {
+                                let (parts, body) = request.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|collected| collected.to_bytes())
+                                    .unwrap_or_default();
+                                let request = Request::from_parts(parts, ());
+                                let body = match request.headers().get("content-encoding") {
+                                    Some(value) if value == "gzip" => {
+                                        let mut plain = Vec::new();
+                                        flate2::read::GzDecoder::new(&body[..])
+                                            .read_to_end(&mut plain)
+                                            .expect("a gzip body");
+                                        plain
+                                    }
+                                    _ => body.to_vec(),
+                                };
+                                let (status, headers, answer) = handler(&request, &body);
+                                let mut response = Response::builder().status(status);
+                                for (name, value) in headers {
+                                    response = response.header(name, value);
+                                }
+                                Ok::<_, std::convert::Infallible>(
+                                    response
+                                        .body(Full::new(Bytes::from(answer)))
+                                        .expect("response"),
+                                )
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        self.tasks = Some(tasks);
+    }
+
+    /// Closes the listener and every open connection.
+    async fn down(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+    }
+
+    /// Listens again on the same port.
+    async fn up(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match tokio::net::TcpListener::bind(self.address).await {
+                Ok(listener) => return self.serve(listener),
+                Err(err) if Instant::now() > deadline => panic!("rebind {}: {err}", self.address),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+/// The `id` of every event in an NDJSON body.
+fn ids(body: &[u8]) -> Vec<u64> {
+    body.split(|byte| *byte == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_slice(line).expect("an event per line");
+            value["id"].as_u64().expect("an id")
+        })
+        .collect()
+}
+
+fn key_of(id: u64) -> String {
+    format!("key-{}", id % 50)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_endpoint_that_goes_down_gets_every_event_and_commits_reach_the_end() {
+    let _serial = serial().await;
+    const EVENTS: u64 = 4_000;
+    let source = Kafka::start("logs", 4);
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..EVENTS)
+        .map(|id| (Some(key_of(id)), event(id, "error")))
+        .collect();
+    source.produce(&records).await;
+    let end = source.end_offsets();
+
+    // Arrival order of every id, and what was answered.
+    let received: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let answered: Arc<Mutex<HashMap<u16, usize>>> = Arc::default();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // When a request was answered 429, by its first id; and how long until that id came back.
+    let throttled_at: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let came_back_after: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let handler: Arc<Handler> = {
+        let (received, answered, requests) = (received.clone(), answered.clone(), requests.clone());
+        let (throttled_at, came_back_after) = (throttled_at.clone(), came_back_after.clone());
+        Arc::new(move |request, body| {
+            let n = requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let first = ids(body).first().copied().unwrap_or(u64::MAX);
+            if let Some(at) = throttled_at.lock().unwrap().remove(&first) {
+                came_back_after.lock().unwrap().push(at.elapsed());
+            }
+            let expected = "Basic YnJpZGdlOnMzY3JldA=="; // bridge:s3cret
+            let (status, headers) = if request
+                .headers()
+                .get("authorization")
+                .map(|v| v.to_str().unwrap_or_default())
+                != Some(expected)
+            {
+                (401, vec![])
+            } else if request
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap_or_default())
+                != Some("application/x-ndjson")
+            {
+                (415, vec![])
+            } else if n % 5 == 1 {
+                (503, vec![])
+            } else if n % 7 == 3 {
+                throttled_at.lock().unwrap().insert(first, Instant::now());
+                (429, vec![("retry-after", "1".to_string())])
+            } else {
+                received.lock().unwrap().extend(ids(body));
+                (200, vec![])
+            };
+            *answered.lock().unwrap().entry(status).or_default() += 1;
+            (status, headers, String::new())
+        })
+    };
+    let mut server = Server::start(handler).await;
+
+    let group = unique("http-flaky");
+    let routes = format!(
+        "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\nmax_retries = 1000\nretry_backoff_ms = 50\nretry_backoff_max_ms = 500\n\
+         sink = {{ type = \"http\", url = \"{}/ingest\", compression = \"gzip\", max_records = 40, timeout_ms = 2000, auth = {{ type = \"basic\", username = \"bridge\", password = \"s3cret\" }} }}\n",
+        server.url()
+    );
+    let config = source.config(
+        &group,
+        "router_capacity = 256\nworker_capacity = 64",
+        &routes,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+
+    // Down for 3 s once about a third has arrived.
+    let third = wait_for(Duration::from_secs(60), || {
+        let received = received.clone();
+        async move { received.lock().unwrap().len() as u64 >= EVENTS / 3 }
+    })
+    .await;
+    assert!(third, "a third of the events arrived before the outage");
+    server.down().await;
+    let went_down = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let retries_during = metrics.retries.with_label_values(&["errors"]).get();
+    server.up().await;
+    println!(
+        "endpoint down for {:?}; retries so far {retries_during}",
+        went_down.elapsed()
+    );
+
+    let committed = source
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
+    pipeline.stop().await;
+    server.down().await;
+
+    let received = received.lock().unwrap().clone();
+    let answered = answered.lock().unwrap().clone();
+    let distinct: HashSet<u64> = received.iter().copied().collect();
+    let missing: Vec<u64> = (0..EVENTS).filter(|id| !distinct.contains(id)).collect();
+    // Per key, the last copy of each record in offset (= id) order.
+    let mut last_arrival: HashMap<u64, usize> = HashMap::new();
+    for (position, id) in received.iter().enumerate() {
+        last_arrival.insert(*id, position);
+    }
+    let mut out_of_order = 0;
+    let mut by_key: HashMap<String, Vec<u64>> = HashMap::new();
+    for id in 0..EVENTS {
+        by_key.entry(key_of(id)).or_default().push(id);
+    }
+    for ids in by_key.values() {
+        for pair in ids.windows(2) {
+            if last_arrival.get(&pair[0]) > last_arrival.get(&pair[1]) {
+                out_of_order += 1;
+            }
+        }
+    }
+    let retries = metrics.retries.with_label_values(&["errors"]).get();
+    println!(
+        "answers {answered:?}; {} deliveries of {EVENTS} events ({} distinct), missing {}, keys out of order {out_of_order}, retries {retries}",
+        received.len(),
+        distinct.len(),
+        missing.len()
+    );
+    assert!(
+        committed,
+        "commits reached the end: {:?} of {end:?}",
+        source.committed(&group)
+    );
+    assert!(
+        missing.is_empty(),
+        "every event arrived: missing {missing:?}"
+    );
+    assert_eq!(out_of_order, 0, "the last copies of each key are in order");
+    assert!(
+        answered.get(&503).is_some_and(|n| *n > 0),
+        "503s were answered"
+    );
+    assert!(
+        answered.get(&429).is_some_and(|n| *n > 0),
+        "429s were answered"
+    );
+    assert_eq!(
+        answered.get(&401),
+        None,
+        "basic auth sent with every request"
+    );
+    assert_eq!(answered.get(&415), None, "NDJSON content type");
+    assert!(retries_during > 0, "the outage was retried");
+    let came_back_after = came_back_after.lock().unwrap().clone();
+    let soonest = came_back_after.iter().min().copied();
+    println!(
+        "after a 429 with Retry-After: 1, its records came back after {soonest:?} at the soonest ({} seen)",
+        came_back_after.len()
+    );
+    assert!(
+        soonest.is_some_and(|soonest| soonest >= Duration::from_millis(950)),
+        "Retry-After honoured: {came_back_after:?}"
+    );
+    assert_eq!(
+        metrics
+            .finished
+            .with_label_values(&["errors", "failed"])
+            .get(),
+        0,
+        "nothing failed"
+    );
+}
+
+/// The dead letters of `topic` as `(id, reason, http status header, message)`.
+fn dead_letters(kafka: &Kafka, topic: &str) -> Vec<(u64, String, Option<String>, String)> {
+    kafka
+        .read_all(topic)
+        .into_iter()
+        .map(|record| {
+            let value: serde_json::Value =
+                serde_json::from_slice(record.payload.as_deref().expect("a value")).expect("json");
+            (
+                value["id"].as_u64().expect("id"),
+                record.header("logbridge.error.reason").unwrap_or_default(),
+                record.header("logbridge.error.http_status"),
+                record.header("logbridge.error.message").unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+fn marked_event(id: u64, reject: bool) -> Vec<u8> {
+    serde_json::json!({
+        "id": id,
+        "level": "error",
+        "message": format!("event {id}"),
+        "service": "Checkout",
+        "reject": reject,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_an_endpoint_refuses_with_400_are_dead_lettered_with_the_status() {
+    let _serial = serial().await;
+    let source = Kafka::start("logs", 2);
+    source.create_topic("logs.dlq", 1);
+    let rejected: HashSet<u64> = (0..300).filter(|id| id % 10 == 4).collect();
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..300u64)
+        .map(|id| (Some(key_of(id)), marked_event(id, rejected.contains(&id))))
+        .collect();
+    source.produce(&records).await;
+    let end = source.end_offsets();
+
+    let received: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let handler: Arc<Handler> = {
+        let received = received.clone();
+        Arc::new(move |request, body| {
+            assert_eq!(request.method(), hyper::Method::PUT);
+            let events: Vec<serde_json::Value> =
+                serde_json::from_slice(body).expect("a JSON array body");
+            if events.iter().any(|event| event["reject"] == true) {
+                return (
+                    400,
+                    vec![],
+                    "{\"error\":\"field reject is not allowed\"}".to_string(),
+                );
+            }
+            received
+                .lock()
+                .unwrap()
+                .extend(events.iter().map(|event| event["id"].as_u64().expect("id")));
+            (200, vec![], String::new())
+        })
+    };
+    let mut server = Server::start(handler).await;
+    let group = unique("http-400");
+    let routes = format!(
+        "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\n\
+         sink = {{ type = \"http\", url = \"{}/events\", method = \"PUT\", format = \"json_array\", max_records = 1 }}\n\
+         [dead_letter]\ntopic = \"logs.dlq\"\n",
+        server.url()
+    );
+    let config = source.config(&group, "", &routes);
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+    let committed = source
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    pipeline.stop().await;
+    server.down().await;
+
+    let parked = dead_letters(&source, "logs.dlq");
+    let received: HashSet<u64> = received.lock().unwrap().iter().copied().collect();
+    println!(
+        "{} delivered, {} dead-lettered; first dead letter {:?}",
+        received.len(),
+        parked.len(),
+        parked.first()
+    );
+    assert!(committed, "commits reached the end");
+    let parked_ids: HashSet<u64> = parked.iter().map(|(id, ..)| *id).collect();
+    assert_eq!(
+        parked.len(),
+        rejected.len(),
+        "each refused record parked once"
+    );
+    assert_eq!(parked_ids, rejected, "exactly the refused records parked");
+    for (id, reason, status, message) in &parked {
+        assert_eq!(reason, "http_400", "reason of {id}");
+        assert_eq!(status.as_deref(), Some("400"), "status header of {id}");
+        assert!(message.contains("field reject is not allowed"), "{message}");
+    }
+    let expected: HashSet<u64> = (0..300).filter(|id| !rejected.contains(id)).collect();
+    assert_eq!(received, expected, "every other record delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_endpoint_with_per_item_failures_indexes_every_valid_event_once() {
+    let _serial = serial().await;
+    const EVENTS: u64 = 1_000;
+    let source = Kafka::start("logs", 3);
+    source.create_topic("logs.dlq", 1);
+    let rejected: HashSet<u64> = (0..EVENTS).filter(|id| id % 25 == 7).collect();
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..EVENTS)
+        .map(|id| (Some(key_of(id)), marked_event(id, rejected.contains(&id))))
+        .collect();
+    source.produce(&records).await;
+    let end = source.end_offsets();
+
+    // Documents by `_id`: (index, event id); items refused once with 429 by `_id`.
+    let indexed: Arc<Mutex<HashMap<String, (String, u64)>>> = Arc::default();
+    let throttled: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let creates = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler: Arc<Handler> = {
+        let (indexed, throttled, creates) = (indexed.clone(), throttled.clone(), creates.clone());
+        Arc::new(move |request, body| {
+            if request.uri().path() != "/_bulk" {
+                return (404, vec![], String::new());
+            }
+            let lines: Vec<&[u8]> = body
+                .split(|byte| *byte == b'\n')
+                .filter(|line| !line.is_empty())
+                .collect();
+            let mut items = Vec::new();
+            let mut errors = false;
+            let mut indexed = indexed.lock().unwrap();
+            let mut throttled = throttled.lock().unwrap();
+            for pair in lines.chunks(2) {
+                let action: serde_json::Value = serde_json::from_slice(pair[0]).expect("action");
+                let document: serde_json::Value =
+                    serde_json::from_slice(pair[1]).expect("document");
+                let create = &action["create"];
+                let id = create["_id"].as_str().expect("_id").to_string();
+                let index = create["_index"].as_str().expect("_index").to_string();
+                let event_id = document["id"].as_u64().expect("id");
+                let item = if document["reject"] == true {
+                    serde_json::json!({"status": 400, "error": {"type": "mapper_parsing_exception", "reason": "failed to parse field [reject]"}})
+                } else if event_id % 10 == 3 && throttled.insert(id.clone()) {
+                    serde_json::json!({"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "rejected execution"}})
+                } else if indexed.contains_key(&id) {
+                    serde_json::json!({"status": 409, "error": {"type": "version_conflict_engine_exception", "reason": "document already exists"}})
+                } else {
+                    creates.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    indexed.insert(id.clone(), (index.clone(), event_id));
+                    serde_json::json!({"status": 201, "result": "created"})
+                };
+                errors |= item["status"] != 201;
+                items.push(serde_json::json!({ "create": item }));
+            }
+            let answer = serde_json::json!({"took": 1, "errors": errors, "items": items});
+            (
+                200,
+                vec![("content-type", "application/json".to_string())],
+                answer.to_string(),
+            )
+        })
+    };
+    let mut server = Server::start(handler).await;
+    let group = unique("bulk");
+    let routes = format!(
+        "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\nretry_backoff_ms = 20\n\
+         sink = {{ type = \"elasticsearch\", url = \"{}/\", index = \"logs-{{service}}-{{level}}-{{date}}\", max_records = 60, compression = \"gzip\" }}\n\
+         [dead_letter]\ntopic = \"logs.dlq\"\n",
+        server.url()
+    );
+    let config = source.config(&group, "", &routes);
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+    let committed = source
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    pipeline.stop().await;
+    server.down().await;
+
+    let indexed = indexed.lock().unwrap().clone();
+    let parked = dead_letters(&source, "logs.dlq");
+    let retries = metrics.retries.with_label_values(&["errors"]).get();
+    let mut per_event: HashMap<u64, usize> = HashMap::new();
+    for (_, event_id) in indexed.values() {
+        *per_event.entry(*event_id).or_default() += 1;
+    }
+    let indices: HashSet<&str> = indexed.values().map(|(index, _)| index.as_str()).collect();
+    println!(
+        "{} documents indexed ({} creates), indices {indices:?}, {} dead letters, retries {retries}",
+        indexed.len(),
+        creates.load(std::sync::atomic::Ordering::SeqCst),
+        parked.len()
+    );
+    assert!(committed, "commits reached the end");
+    let valid: HashSet<u64> = (0..EVENTS).filter(|id| !rejected.contains(id)).collect();
+    let indexed_events: HashSet<u64> = per_event.keys().copied().collect();
+    assert_eq!(indexed_events, valid, "every valid event indexed");
+    assert!(per_event.values().all(|n| *n == 1), "each once");
+    assert_eq!(indices.len(), 1, "one index: {indices:?}");
+    let index = indices.iter().next().expect("an index");
+    assert!(
+        index.starts_with("logs-checkout-error-20")
+            && index.len() == "logs-checkout-error-2026.11.28".len(),
+        "index from service, level and date: {index}"
+    );
+    assert!(retries >= 90, "429 items retried: {retries}");
+    let parked_ids: HashSet<u64> = parked.iter().map(|(id, ..)| *id).collect();
+    assert_eq!(
+        parked.len(),
+        rejected.len(),
+        "each refused item parked once"
+    );
+    assert_eq!(parked_ids, rejected);
+    for (id, reason, status, message) in &parked {
+        assert_eq!(reason, "http_400", "reason of {id}");
+        assert_eq!(status.as_deref(), Some("400"));
+        assert!(
+            message.contains("mapper_parsing_exception: failed to parse field [reject]"),
+            "{message}"
+        );
+    }
+}
