@@ -30,7 +30,8 @@
 //!   (the first whose level and other conditions match, else the default route) and the worker
 //!   by key hash (per-key order).
 //! - [`worker`]: delivers batches to the route's [`sink`] (the Kafka sink through
-//!   [`producer`]), retries with backoff, and acks each record.
+//!   [`producer`], the HTTP and Elasticsearch sinks in [`http_sink`]), retries with backoff
+//!   (never sooner than an HTTP `Retry-After`), and acks each record.
 //! - [`dead_letter`]: parks what cannot be decoded or delivered in the dead-letter topic.
 //! - [`committer`]: tracks dispatched and finished offsets ([`offsets`]) and decides what may be
 //!   committed: the contiguous finished prefix of each partition; it owns the [`breaker`]'s

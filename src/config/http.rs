@@ -220,3 +220,142 @@ impl HttpSinkConfig {
         copy
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, HttpAuth, SinkConfig, REDACTED};
+
+    fn config(sink: &str) -> String {
+        format!(
+            r#"
+            [kafka]
+            brokers = "localhost:9092"
+            group_id = "g"
+            topics = ["logs"]
+            [[routes]]
+            name = "out"
+            levels = ["error"]
+            sink = {sink}
+            "#
+        )
+    }
+
+    /// Loads under figment's jail with no LOGBRIDGE_ variables (as the config module's tests).
+    fn load(sink: &str) -> Result<Config, String> {
+        let mut result = None;
+        figment::Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("LB_TEST_TOKEN", "t0ken-from-env");
+            result = Some(Config::from_toml_str(&config(sink)).map_err(|err| err.to_string()));
+            Ok(())
+        });
+        result.unwrap_or_else(|| Err("jail did not run".to_string()))
+    }
+
+    #[test]
+    fn http_sinks_load_with_their_defaults() {
+        let config = load(r#"{ type = "http", url = "http://127.0.0.1:8080/in" }"#).unwrap();
+        let SinkConfig::Http(http) = &config.routes[0].sink else {
+            panic!("an http sink");
+        };
+        assert_eq!(
+            (http.timeout_ms, http.max_records, http.max_bytes),
+            (10_000, 500, 5 << 20)
+        );
+        let config = load(
+            r#"{ type = "elasticsearch", url = "https://es:9200", index = "logs-{level}", auth = { type = "bearer", token = "${env:LB_TEST_TOKEN}" } }"#,
+        )
+        .unwrap();
+        let SinkConfig::Elasticsearch(es) = &config.routes[0].sink else {
+            panic!("an elasticsearch sink");
+        };
+        assert_eq!(
+            es.auth,
+            Some(HttpAuth::Bearer {
+                token: "t0ken-from-env".to_string()
+            })
+        );
+    }
+
+    #[test]
+    fn bad_http_sinks_name_their_key() {
+        let cases = [
+            (
+                r#"{ type = "http", url = "ftp://host/x" }"#,
+                "routes[0].sink.url",
+            ),
+            (
+                r#"{ type = "http", url = "http://" }"#,
+                "routes[0].sink.url",
+            ),
+            (
+                r#"{ type = "http", url = "http://h/x", timeout_ms = 0 }"#,
+                "routes[0].sink.timeout_ms",
+            ),
+            (
+                r#"{ type = "http", url = "http://h/x", max_records = 0 }"#,
+                "routes[0].sink.max_records",
+            ),
+            (
+                r#"{ type = "http", url = "http://h/x", headers = { "bad name" = "v" } }"#,
+                "routes[0].sink.headers.bad name",
+            ),
+            (
+                r#"{ type = "http", url = "http://h/x", headers = { "X-A" = "line\nbreak" } }"#,
+                "routes[0].sink.headers.X-A",
+            ),
+            (
+                r#"{ type = "http", url = "http://h/x", ca_file = "/nonexistent/ca.pem" }"#,
+                "routes[0].sink.ca_file",
+            ),
+            (
+                r#"{ type = "http", url = "http://h/x", index = "logs" }"#,
+                "routes[0].sink.index",
+            ),
+            (
+                r#"{ type = "elasticsearch", url = "http://h:9200" }"#,
+                "routes[0].sink.index",
+            ),
+            (
+                r#"{ type = "elasticsearch", url = "http://h:9200", index = "l", format = "json_array" }"#,
+                "routes[0].sink.format",
+            ),
+            (
+                r#"{ type = "elasticsearch", url = "http://h:9200", index = "l", method = "PUT" }"#,
+                "routes[0].sink.method",
+            ),
+        ];
+        for (sink, key) in cases {
+            let err = load(sink).expect_err(sink);
+            assert!(err.contains(key), "{sink}: {err}");
+        }
+        let err = load(r#"{ type = "http", url = "http://h/x", compression = "brotli" }"#)
+            .expect_err("unknown compression");
+        assert!(err.contains("brotli") && err.contains("gzip"), "{err}");
+        let err =
+            load(r#"{ type = "http", url = "http://h/x", retries = 3 }"#).expect_err("unknown key");
+        assert!(err.contains("retries"), "{err}");
+    }
+
+    #[test]
+    fn credentials_and_auth_headers_are_redacted() {
+        let config = load(
+            r#"{ type = "http", url = "http://h/x", auth = { type = "basic", username = "u", password = "pa55word" }, headers = { "X-Api-Key" = "k3y-value", "Authorization-Extra" = "s3cret-extra", "X-Plain" = "visible" } }"#,
+        )
+        .unwrap();
+        let shown = config.to_toml();
+        for secret in ["pa55word", "k3y-value", "s3cret-extra"] {
+            assert!(!shown.contains(secret), "{secret} shown:\n{shown}");
+            assert!(
+                config.secrets().iter().any(|s| s == secret),
+                "{secret} scrubbed"
+            );
+        }
+        assert!(shown.contains("visible"), "{shown}");
+        assert!(shown.contains(REDACTED), "{shown}");
+        assert_eq!(
+            config.scrub("request failed: pa55word"),
+            format!("request failed: {REDACTED}")
+        );
+    }
+}

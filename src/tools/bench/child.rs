@@ -30,6 +30,7 @@ const TRACE_EVERY: Duration = Duration::from_millis(250);
 pub fn bench_config(options: &ChildOptions) -> anyhow::Result<Config> {
     let sink = match options.mode {
         Mode::Kafka => format!("{{ type = \"kafka\", topic = \"{}\" }}", options.out_topic),
+        Mode::Http => format!("{{ type = \"http\", url = \"{}\" }}", options.http_url),
         _ => "{ type = \"null\" }".to_string(),
     };
     let text = format!(
@@ -350,6 +351,7 @@ mod tests {
             topic: "in".into(),
             group: "g".into(),
             out_topic: "out".into(),
+            http_url: String::new(),
             sink_rate: 0,
             seconds: 0.0,
             commit_interval_ms: 1000,

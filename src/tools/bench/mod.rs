@@ -11,6 +11,8 @@
 //!    * `null`: the whole pipeline (decode, routing, key-ordered workers, ordered commits) to
 //!      null sinks, until the committed offsets reach the end of the topic;
 //!    * `kafka`: the same with every route producing to a Kafka topic;
+//!    * `http`: the same with every route posting NDJSON to a local endpoint that answers at
+//!      once ([`endpoint`]);
 //! 4. checks the memory ceiling: the pipeline against backlogs of different sizes with a sink
 //!    paced to 10 % of the raw consumption rate, reporting the peak RSS of each.
 //!
@@ -26,6 +28,7 @@
 mod broker;
 mod child;
 mod decoding;
+mod endpoint;
 mod measurement;
 mod options;
 mod report;
@@ -155,12 +158,16 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     )
     .await?;
     broker.create_topic(&out_topic, options.partitions).await?;
+    // Started whether or not the http mode runs: it costs a listening socket.
+    let endpoint = endpoint::Endpoint::start().await?;
+    let http_url = endpoint.url.clone();
     let child = |mode: Mode, topic: &str, group: String, ends: &[(i32, i64)]| ChildOptions {
         mode,
         brokers: brokers.clone(),
         topic: topic.to_string(),
         group,
         out_topic: out_topic.clone(),
+        http_url: http_url.clone(),
         sink_rate: 0,
         seconds: 0.0,
         commit_interval_ms: options.commit_interval_ms,
@@ -172,7 +179,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     println!("{HEADER}");
     let mut results: BTreeMap<Mode, Vec<Measurement>> = BTreeMap::new();
     for round in 1..=options.runs {
-        for mode in [Mode::Raw, Mode::Null, Mode::Kafka] {
+        for mode in [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Http] {
             if mode != Mode::Raw && !options.modes.contains(&mode) {
                 continue;
             }
@@ -187,6 +194,15 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     }
 
     let raw = report::medians(&results, options);
+    let http_runs = results.get(&Mode::Http).map_or(0, Vec::len) as u64;
+    let (requests, bytes) = endpoint.received();
+    if http_runs > 0 && requests > 0 {
+        println!(
+            "http endpoint: {requests} requests, {:.1} MiB of NDJSON, {:.0} events per request",
+            bytes as f64 / (1 << 20) as f64,
+            (options.events * http_runs) as f64 / requests as f64
+        );
+    }
     let rate = |mode: Mode| {
         median_of(
             results.get(&mode).map(Vec::as_slice).unwrap_or_default(),

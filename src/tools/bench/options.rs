@@ -44,8 +44,8 @@ pub struct BenchOptions {
     /// `pipeline.commit_interval_ms` of the measured pipeline.
     #[arg(long, default_value_t = 1_000)]
     pub commit_interval_ms: u64,
-    /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka.
-    #[arg(long, value_delimiter = ',', default_value = "null,kafka")]
+    /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka, http.
+    #[arg(long, value_delimiter = ',', default_value = "null,kafka,http")]
     pub modes: Vec<Mode>,
     /// librdkafka consumer property for every mode, `key=value` (repeatable).
     #[arg(long = "consumer-option")]
@@ -85,6 +85,8 @@ pub enum Mode {
     Null,
     /// The pipeline to Kafka sinks.
     Kafka,
+    /// The pipeline to HTTP sinks posting to a local endpoint that answers at once.
+    Http,
     /// The pipeline to null sinks paced to a fixed rate (memory ceiling).
     Paced,
 }
@@ -97,6 +99,7 @@ impl Mode {
             Mode::Null => "null",
             Mode::Kafka => "kafka",
             Mode::Paced => "paced",
+            Mode::Http => "http",
         }
     }
 }
@@ -105,10 +108,10 @@ impl std::str::FromStr for Mode {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Mode, String> {
-        [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced]
+        [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced, Mode::Http]
             .into_iter()
             .find(|mode| mode.as_str() == text)
-            .ok_or_else(|| format!("unknown mode `{text}`: raw, null, kafka or paced"))
+            .ok_or_else(|| format!("unknown mode `{text}`: raw, null, kafka, http or paced"))
     }
 }
 
@@ -130,6 +133,9 @@ pub struct ChildOptions {
     /// Destination topic of the `kafka` mode.
     #[arg(long)]
     pub out_topic: String,
+    /// Endpoint of the `http` mode.
+    #[arg(long, default_value = "")]
+    pub http_url: String,
     /// Events per second the `paced` sink lets through.
     #[arg(long, default_value_t = 0)]
     pub sink_rate: u64,
@@ -164,6 +170,7 @@ impl ChildOptions {
             format!("--topic={}", self.topic),
             format!("--group={}", self.group),
             format!("--out-topic={}", self.out_topic),
+            format!("--http-url={}", self.http_url),
             format!("--sink-rate={}", self.sink_rate),
             format!("--seconds={}", self.seconds),
             format!("--commit-interval-ms={}", self.commit_interval_ms),
@@ -203,7 +210,7 @@ mod tests {
 
     #[test]
     fn modes_round_trip_through_their_names() {
-        for mode in [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced] {
+        for mode in [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced, Mode::Http] {
             assert_eq!(mode.as_str().parse::<Mode>(), Ok(mode));
         }
         assert!("fast".parse::<Mode>().is_err());

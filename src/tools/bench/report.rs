@@ -51,6 +51,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         ("(a) raw librdkafka", Mode::Raw),
         ("(b) pipeline, null sinks", Mode::Null),
         ("(c) pipeline, kafka sinks", Mode::Kafka),
+        ("(d) pipeline, http sinks", Mode::Http),
     ] {
         let runs = figures(mode);
         if runs.is_empty() {
@@ -71,9 +72,10 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         );
     }
     println!(
-        "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.50)",
+        "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.50)   d/a = {:.2}",
         rate(Mode::Null) / raw,
-        rate(Mode::Kafka) / raw
+        rate(Mode::Kafka) / raw,
+        rate(Mode::Http) / raw
     );
     let finished = |mode: Mode| median_of(figures(mode), |m| m.finished_rate().unwrap_or(f64::NAN));
     let finished_raw = finished(Mode::Raw);
@@ -84,7 +86,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         finished(Mode::Kafka)
     );
     let interval = options.commit_interval_ms as f64 / 1000.0;
-    let per_interval = [Mode::Null, Mode::Kafka]
+    let per_interval = [Mode::Null, Mode::Kafka, Mode::Http]
         .iter()
         .flat_map(|mode| figures(*mode))
         .map(|m| m.commits as f64 / (m.seconds / interval).ceil().max(1.0))
