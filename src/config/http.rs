@@ -222,6 +222,8 @@ impl HttpSinkConfig {
 }
 
 #[cfg(test)]
+// figment's Jail closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use crate::config::{Config, HttpAuth, SinkConfig, REDACTED};
 
