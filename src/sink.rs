@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use crate::config::{Cluster, RouteConfig, SinkConfig};
+use crate::config::{Cluster, RouteConfig, SinkConfig, DEFAULT_FILE_MAX_FILES};
 use crate::event::json_body;
 use crate::producer::{headers, headers_for, Producer};
 use crate::record::Record;
@@ -90,14 +90,23 @@ pub fn config_sink_factory() -> SinkFactory {
                 })
             }
             SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
-            SinkConfig::File { path, fsync } => {
+            SinkConfig::File {
+                path,
+                fsync,
+                max_bytes,
+                max_files,
+            } => {
                 let mut files = files
                     .lock()
                     .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
                 let file = match files.get(path) {
                     Some(file) => file.clone(),
                     None => {
-                        let file = Arc::new(SharedFile::open(path, *fsync)?);
+                        let rotation = max_bytes.map(|max_bytes| Rotation {
+                            max_bytes,
+                            max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
+                        });
+                        let file = Arc::new(SharedFile::open(path, *fsync, rotation)?);
                         files.insert(path.clone(), file.clone());
                         file
                     }
@@ -115,11 +124,12 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("failed to create directory {}", parent.display()))?;
     }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("failed to open sink file {}", path.display()))
+    open_file(path).with_context(|| format!("failed to open sink file {}", path.display()))
+}
+
+/// Opens `path` for appending, creating it (its directory exists: it was there at start-up).
+fn open_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
 }
 
 /// Produces each record to a Kafka topic: original key, payload and headers, plus
@@ -255,14 +265,7 @@ impl<W: LineOutput> WholeLines<W> {
 
     /// Writes `lines` (each ending in a newline) whole, or reports why not.
     pub fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
-        if !self.unfinished.is_empty() {
-            let rest = std::mem::take(&mut self.unfinished);
-            let (written, result) = write_counting(&mut self.out, &rest);
-            if let Err(err) = result {
-                self.unfinished = rest[written..].to_vec();
-                return Err(err);
-            }
-        }
+        self.end_broken_line()?;
         let start = self.out.position();
         let (written, result) = write_counting(&mut self.out, lines);
         let Err(err) = result.and_then(|()| self.out.flush()) else {
@@ -280,6 +283,20 @@ impl<W: LineOutput> WholeLines<W> {
             }
         }
         Err(err)
+    }
+
+    /// Writes the rest of a line a failed write left broken, if any: before anything else is
+    /// written, and before the output is closed for another.
+    pub fn end_broken_line(&mut self) -> std::io::Result<()> {
+        if self.unfinished.is_empty() {
+            return Ok(());
+        }
+        let rest = std::mem::take(&mut self.unfinished);
+        let (written, result) = write_counting(&mut self.out, &rest);
+        if result.is_err() {
+            self.unfinished = rest[written..].to_vec();
+        }
+        result
     }
 
     /// The output itself.
@@ -302,24 +319,59 @@ fn write_counting(out: &mut impl Write, buf: &[u8]) -> (usize, std::io::Result<(
     (written, Ok(()))
 }
 
-/// A file shared by the workers of a route: one batch at a time, appended whole.
+/// When a file sink rotates: `sink.max_bytes` and `sink.max_files`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// A batch that would take the file past this size goes to a fresh file (unless the file
+    /// is empty: a batch is never split).
+    pub max_bytes: u64,
+    /// Rotated files kept: `path.1` (the newest) to `path.<max_files>`.
+    pub max_files: u32,
+}
+
+/// A file shared by the workers of a route (of every route naming its path): one batch at a
+/// time, appended whole. Rotation happens under the same lock as writing, so a
+/// batch goes whole to one file and no line is torn or lost.
 pub struct SharedFile {
-    lines: Mutex<WholeLines<File>>,
+    path: PathBuf,
+    /// `None` after a failed rotation: `path` is opened again before the next write.
+    lines: Mutex<Option<WholeLines<File>>>,
     /// Sync each batch to disk before it counts as written.
     fsync: bool,
+    rotation: Option<Rotation>,
 }
 
 impl SharedFile {
     /// Opens `path` for appending (creating it and its directories).
-    pub fn open(path: &Path, fsync: bool) -> anyhow::Result<SharedFile> {
+    pub fn open(
+        path: &Path,
+        fsync: bool,
+        rotation: Option<Rotation>,
+    ) -> anyhow::Result<SharedFile> {
         Ok(SharedFile {
-            lines: Mutex::new(WholeLines::new(open_append(path)?)),
+            path: path.to_path_buf(),
+            lines: Mutex::new(Some(WholeLines::new(open_append(path)?))),
             fsync,
+            rotation,
         })
     }
 
-    fn append(&self, lines: &[u8]) -> std::io::Result<()> {
-        let mut file = lock(&self.lines);
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `lines` (whole lines) to the file, first rotating it if they would take it past
+    /// `max_bytes`.
+    pub fn append(&self, lines: &[u8]) -> std::io::Result<()> {
+        let mut state = lock(&self.lines);
+        if let Some(rotation) = self.rotation {
+            let size = self.opened(&mut state)?.get_mut().metadata()?.len();
+            if size > 0 && size.saturating_add(lines.len() as u64) > rotation.max_bytes {
+                self.rotate(&mut state, rotation)?;
+            }
+        }
+        let file = self.opened(&mut state)?;
         file.write_lines(lines)?;
         if self.fsync {
             // The lines are whole in the file; if they cannot be synced the batch is not
@@ -327,6 +379,77 @@ impl SharedFile {
             file.get_mut().sync_data()?;
         }
         Ok(())
+    }
+
+    /// The open file, opening `path` if it is closed.
+    fn opened<'a>(
+        &self,
+        state: &'a mut Option<WholeLines<File>>,
+    ) -> std::io::Result<&'a mut WholeLines<File>> {
+        let file = match state.take() {
+            Some(file) => file,
+            None => WholeLines::new(open_file(&self.path).map_err(|err| {
+                std::io::Error::new(
+                    err.kind(),
+                    format!("cannot open {}: {err}", self.path.display()),
+                )
+            })?),
+        };
+        Ok(state.insert(file))
+    }
+
+    fn close(&self, state: &mut Option<WholeLines<File>>) {
+        if let Some(mut old) = state.take() {
+            // A line a failed write left broken (only where cutting the file back failed) is
+            // ended where it began, if the file still takes it; its batch is written again.
+            let _ = old.end_broken_line();
+        }
+    }
+
+    /// `path` → `path.1` → `path.2` ..., `path.<max_files>` deleted; the next write opens a
+    /// fresh `path`.
+    fn rotate(
+        &self,
+        state: &mut Option<WholeLines<File>>,
+        rotation: Rotation,
+    ) -> std::io::Result<()> {
+        if let Some(file) = state.as_mut() {
+            // The old file must end in a whole line before it is set aside.
+            file.end_broken_line()?;
+        }
+        let rotated = |index: u32| {
+            let mut name = self.path.as_os_str().to_owned();
+            name.push(format!(".{index}"));
+            PathBuf::from(name)
+        };
+        ignore_missing(std::fs::remove_file(rotated(rotation.max_files)))?;
+        for index in (1..rotation.max_files).rev() {
+            ignore_missing(std::fs::rename(rotated(index), rotated(index + 1)))?;
+        }
+        // Missing if someone else moved it away (without SIGHUP): then the handle names that
+        // file, and closing it is all that is left to do.
+        ignore_missing(std::fs::rename(&self.path, rotated(1)))?;
+        self.close(state);
+        if self.fsync {
+            // The renames are part of what was synced: a crash must not bring back the old
+            // names with a file that the next batches would be appended to twice.
+            if let Some(parent) = self.path.parent() {
+                let parent = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ignore_missing(result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 
@@ -591,9 +714,63 @@ mod tests {
     fn a_file_sink_with_fsync_appends_whole_lines() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("out/route.jsonl");
-        let file = SharedFile::open(&path, true).expect("opened");
+        let file = SharedFile::open(&path, true, None).expect("opened");
         file.append(b"a\n").expect("a");
         file.append(b"b\n").expect("b");
         assert_eq!(std::fs::read(&path).expect("read"), b"a\nb\n");
+    }
+
+    fn rotated(path: &Path, index: u32) -> PathBuf {
+        PathBuf::from(format!("{}.{index}", path.display()))
+    }
+
+    /// A batch of `count` lines of 100 bytes each, numbered from `first`.
+    fn batch(first: usize, count: usize) -> Vec<u8> {
+        (first..first + count)
+            .flat_map(|n| format!("{n:099}\n").into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn rotation_keeps_batches_whole_and_deletes_the_oldest_beyond_max_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("route.jsonl");
+        let rotation = Rotation {
+            max_bytes: 1_024,
+            max_files: 2,
+        };
+        let file = SharedFile::open(&path, false, Some(rotation)).expect("opened");
+        // 6 lines (600 bytes) per batch: one batch per file, never two (1 200 > 1 024).
+        for round in 0..4 {
+            file.append(&batch(round * 6, 6)).expect("appended");
+        }
+        assert_eq!(std::fs::read(&path).expect("current"), batch(18, 6));
+        assert_eq!(std::fs::read(rotated(&path, 1)).expect(".1"), batch(12, 6));
+        assert_eq!(std::fs::read(rotated(&path, 2)).expect(".2"), batch(6, 6));
+        assert!(
+            !rotated(&path, 3).exists(),
+            "the oldest batch was deleted: max_files = 2"
+        );
+        // A batch larger than max_bytes goes whole into a fresh file; a small one fills up the
+        // current file before the next rotation.
+        file.append(&batch(24, 12)).expect("large batch");
+        assert_eq!(std::fs::read(&path).expect("current"), batch(24, 12));
+        file.append(&batch(36, 1)).expect("rotated again");
+        file.append(&batch(37, 1)).expect("same file");
+        assert_eq!(std::fs::read(&path).expect("current"), batch(36, 2));
+        assert_eq!(std::fs::read(rotated(&path, 1)).expect(".1"), batch(24, 12));
+        assert_eq!(std::fs::read(rotated(&path, 2)).expect(".2"), batch(18, 6));
+    }
+
+    #[test]
+    fn without_max_bytes_a_file_never_rotates() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("route.jsonl");
+        let file = SharedFile::open(&path, true, None).expect("opened");
+        for round in 0..30 {
+            file.append(&batch(round, 1)).expect("appended");
+        }
+        assert_eq!(std::fs::read(&path).expect("read"), batch(0, 30));
+        assert!(!rotated(&path, 1).exists());
     }
 }
