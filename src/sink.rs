@@ -41,6 +41,12 @@ pub trait Sink: Send {
     fn start(&mut self, _route: &str, _batch: &[Record]) -> Option<Started> {
         None
     }
+
+    /// The file this sink appends to, if it writes one: the pipeline reopens it on SIGHUP
+    /// ([`SharedFile::reopen`]).
+    fn file(&self) -> Option<Arc<SharedFile>> {
+        None
+    }
 }
 
 /// Builds the sink of worker `index` of a route. Tests and embedders can supply their own.
@@ -330,11 +336,11 @@ pub struct Rotation {
 }
 
 /// A file shared by the workers of a route (of every route naming its path): one batch at a
-/// time, appended whole. Rotation happens under the same lock as writing, so a
+/// time, appended whole. Rotation and reopening happen under the same lock as writing, so a
 /// batch goes whole to one file and no line is torn or lost.
 pub struct SharedFile {
     path: PathBuf,
-    /// `None` after a failed rotation: `path` is opened again before the next write.
+    /// `None` after a failed reopen or rotation: `path` is opened again before the next write.
     lines: Mutex<Option<WholeLines<File>>>,
     /// Sync each batch to disk before it counts as written.
     fsync: bool,
@@ -379,6 +385,17 @@ impl SharedFile {
             file.get_mut().sync_data()?;
         }
         Ok(())
+    }
+
+    /// Closes the file and opens `path` again, creating it: after logrotate renamed it, the
+    /// next batch goes to a new file. A write in progress holds the lock, so it finishes on the
+    /// old file first. If `path` cannot be opened, the next write tries again (and fails its
+    /// batch, to be retried, while it cannot): nothing more goes to the renamed file, which
+    /// logrotate may compress or delete.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let mut state = lock(&self.lines);
+        self.close(&mut state);
+        self.opened(&mut state).map(|_| ())
     }
 
     /// The open file, opening `path` if it is closed.
@@ -470,6 +487,13 @@ impl LineSink {
 }
 
 impl Sink for LineSink {
+    fn file(&self) -> Option<Arc<SharedFile>> {
+        match &self.target {
+            LineTarget::File(file) => Some(file.clone()),
+            LineTarget::Stdout(_) => None,
+        }
+    }
+
     fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
         Box::pin(async move {
             let mut lines = std::mem::take(&mut self.buffer);
@@ -772,5 +796,44 @@ mod tests {
         }
         assert_eq!(std::fs::read(&path).expect("read"), batch(0, 30));
         assert!(!rotated(&path, 1).exists());
+    }
+
+    #[test]
+    fn reopen_after_a_rename_goes_on_in_a_new_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("route.jsonl");
+        let file = SharedFile::open(&path, false, None).expect("opened");
+        file.append(b"before\n").expect("before");
+        let renamed = dir.path().join("route.jsonl.old");
+        std::fs::rename(&path, &renamed).expect("renamed");
+        // Until the reopen, lines follow the renamed file (as logrotate expects).
+        file.append(b"between\n").expect("between");
+        file.reopen().expect("reopened");
+        file.append(b"after\n").expect("after");
+        assert_eq!(
+            std::fs::read(&renamed).expect("renamed"),
+            b"before\nbetween\n"
+        );
+        assert_eq!(std::fs::read(&path).expect("new"), b"after\n");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_reopened_fails_batches_until_it_can() {
+        let dir = tempfile::tempdir().expect("dir");
+        let sub = dir.path().join("out");
+        let path = sub.join("route.jsonl");
+        let file = SharedFile::open(&path, false, None).expect("opened");
+        file.append(b"a\n").expect("a");
+        let moved = dir.path().join("moved");
+        std::fs::rename(&sub, &moved).expect("directory moved away");
+        assert!(file.reopen().is_err(), "its directory is gone");
+        assert!(file.append(b"b\n").is_err(), "nothing goes to the old file");
+        std::fs::create_dir(&sub).expect("directory back");
+        file.append(b"c\n").expect("opened again");
+        assert_eq!(
+            std::fs::read(moved.join("route.jsonl")).expect("old"),
+            b"a\n"
+        );
+        assert_eq!(std::fs::read(&path).expect("new"), b"c\n");
     }
 }

@@ -1,5 +1,6 @@
-//! File sinks on a host: size-based rotation under load (in-process pipeline, mock cluster).
-//! Every event is looked for in every file it may be in.
+//! File sinks on a host: size-based rotation under load (in-process pipeline, mock cluster), and
+//! logrotate's default mode against the real binary (rename the file, send SIGHUP, the process
+//! goes on in a new file). Every event is looked for in every file it may be in.
 
 mod common;
 
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::process::{free_port, Logbridge};
 use common::*;
 use logbridge::metrics::Metrics;
 
@@ -117,5 +119,92 @@ async fn rotation_under_load_loses_and_tears_no_line() {
     println!(
         "rotation: {EVENTS} events in {} files of at most {MAX_BYTES} bytes",
         files.len()
+    );
+}
+
+/// The binary with one file route, as logrotate's default mode drives it: events, then the
+/// file is renamed and SIGHUP sent, then more events. The renamed file holds exactly the
+/// events before, the new file exactly those after; the process keeps running and stops
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reopens_the_file_after_logrotate_renamed_it() {
+    const BATCH: u64 = 2_000;
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 2);
+    let work = tempfile::tempdir().expect("workdir");
+    let path = work.path().join("out/all.jsonl");
+    let renamed = work.path().join("out/all.jsonl.1");
+    let port = free_port();
+    let group = unique("sighup");
+    let config = work.path().join("logbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{kafka}\n[pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 3000\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[routes]]\nname = \"all\"\ndefault = true\nworkers = 2\nsink = {{ type = \"file\", path = \"{path}\" }}\n",
+            kafka = kafka_section(&kafka.brokers, &group, &kafka.topic, ""),
+            path = path.display()
+        ),
+    )
+    .expect("config");
+    let mut child = Logbridge::start(&config, port, work.path().join("logbridge.log"));
+
+    let produce = |ids: std::ops::Range<u64>| {
+        ids.map(|id| (Some(format!("key-{}", id % 50)), event(id, "info")))
+            .collect::<Vec<_>>()
+    };
+    kafka.produce(&produce(0..BATCH)).await;
+    let written = wait_for(Duration::from_secs(60), || {
+        let path = path.clone();
+        async move { read_lines(&[path]).len() as u64 == BATCH }
+    })
+    .await;
+    assert!(written, "the first events reached the file");
+
+    std::fs::rename(&path, &renamed).expect("rename, as logrotate does");
+    // SAFETY: kill(2) with a valid signal number has no memory effects; the pid is our child's.
+    let sent = unsafe { libc::kill(child.pid() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(sent, 0, "SIGHUP sent");
+    let reopened = wait_for(Duration::from_secs(20), || {
+        let child = &child;
+        async move { child.metric("logbridge_file_reopens_total").await == Some(1.0) }
+    })
+    .await;
+    assert!(reopened, "logbridge_file_reopens_total = 1 after SIGHUP");
+    assert!(path.exists(), "the file was created again at its path");
+
+    kafka.produce(&produce(BATCH..2 * BATCH)).await;
+    let end = kafka.end_offsets();
+    let committed = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    assert!(
+        committed,
+        "commits reached the end: {:?}",
+        kafka.committed(&group)
+    );
+    assert!(child.running(), "SIGHUP did not stop the process");
+    let (status, _) = child.terminate(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "clean stop: {status:?}"
+    );
+
+    let before = id_counts(&read_lines(std::slice::from_ref(&renamed)));
+    let after = id_counts(&read_lines(std::slice::from_ref(&path)));
+    assert_eq!(before.len() as u64, BATCH, "renamed file: the first events");
+    assert_eq!(after.len() as u64, BATCH, "new file: the later events");
+    assert!(before.iter().all(|(id, count)| *id < BATCH && *count == 1));
+    assert!(after.iter().all(|(id, count)| *id >= BATCH && *count == 1));
+    let log = std::fs::read_to_string(work.path().join("logbridge.log")).expect("log");
+    let reopen_lines: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("file sink reopened"))
+        .collect();
+    assert_eq!(reopen_lines.len(), 1, "one info line per reopen:\n{log}");
+    assert!(
+        reopen_lines[0].contains("\"level\":\"INFO\""),
+        "{}",
+        reopen_lines[0]
     );
 }

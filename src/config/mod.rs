@@ -532,6 +532,7 @@ fn default_workers() -> usize {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
     /// JSON lines appended to a file, written to the OS before the record is acked.
+    /// SIGHUP closes the file and opens `path` again (for logrotate's default mode).
     File {
         /// Output file; parent directories are created.
         path: PathBuf,
