@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::config::{Cluster, RouteConfig, SinkConfig, DEFAULT_FILE_MAX_FILES};
 use crate::event::json_body;
-use crate::producer::{headers, headers_for, Producer};
+use crate::producer::{headers, headers_for, own_headers, Outgoing, Producer};
 use crate::record::Record;
 
 /// Why a sink could not deliver a record: retryable or permanent, with a short reason.
@@ -68,6 +68,8 @@ pub fn config_sink_factory() -> SinkFactory {
                 brokers,
                 security,
                 options,
+                keep_timestamp,
+                keep_headers,
             } => {
                 let brokers = brokers.as_deref().ok_or_else(|| {
                     anyhow::anyhow!("route `{}`: kafka sink brokers not resolved", route.name)
@@ -93,6 +95,8 @@ pub fn config_sink_factory() -> SinkFactory {
                 Box::new(KafkaSink {
                     producer,
                     topic: topic.clone(),
+                    keep_timestamp: *keep_timestamp,
+                    keep_headers: *keep_headers,
                 })
             }
             SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
@@ -138,24 +142,43 @@ fn open_file(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
 
-/// Produces each record to a Kafka topic: original key, payload and headers, plus
-/// `logbridge.source.*` and `logbridge.route` headers. A record's outcome is its delivery report
-/// from the (idempotent) producer.
+/// Produces each record to a Kafka topic: original key and payload, the original headers
+/// (unless `keep_headers = false`) plus `logbridge.source.*` and `logbridge.route`, and the
+/// original timestamp (unless `keep_timestamp = false`). A record's outcome is its delivery
+/// report from the (idempotent) producer.
 pub struct KafkaSink {
     producer: Producer,
     topic: String,
+    keep_timestamp: bool,
+    keep_headers: bool,
 }
 
 impl KafkaSink {
-    /// What is sent for each record: the original payload, byte for byte, with the record's
-    /// headers and logbridge's.
+    /// What is sent for each record: the original payload, byte for byte, with the headers and
+    /// timestamp the sink keeps.
     fn outgoing<'a>(
         route: &'a str,
         batch: &'a [Record],
-    ) -> impl Iterator<Item = crate::producer::Outgoing<'a>> {
+        keep_timestamp: bool,
+        keep_headers: bool,
+    ) -> impl Iterator<Item = Outgoing<'a>> {
         batch.iter().map(move |record| {
-            let headers = headers_for(record, &[(headers::ROUTE, route.as_bytes())]);
-            (record, record.payload(), headers)
+            let ours: [(&str, &[u8]); 1] = [(headers::ROUTE, route.as_bytes())];
+            let headers = if keep_headers {
+                headers_for(record, &ours)
+            } else {
+                own_headers(record, &ours)
+            };
+            Outgoing {
+                record,
+                value: record.payload(),
+                headers,
+                timestamp: if keep_timestamp {
+                    record.timestamp
+                } else {
+                    None
+                },
+            }
         })
     }
 }
@@ -165,7 +188,7 @@ impl Sink for KafkaSink {
         Box::pin(crate::producer::send_all(
             &self.producer,
             &self.topic,
-            Self::outgoing(route, batch),
+            Self::outgoing(route, batch, self.keep_timestamp, self.keep_headers),
         ))
     }
 
@@ -173,7 +196,7 @@ impl Sink for KafkaSink {
         Some(Box::pin(crate::producer::send_now(
             &self.producer,
             &self.topic,
-            Self::outgoing(route, batch),
+            Self::outgoing(route, batch, self.keep_timestamp, self.keep_headers),
         )))
     }
 }

@@ -567,11 +567,22 @@ pub enum SinkConfig {
         /// librdkafka producer properties.
         #[serde(default, deserialize_with = "references::flat_options")]
         options: BTreeMap<String, OptionValue>,
+        /// Give each produced record the source record's timestamp (where it has one); false:
+        /// the producer's time of sending.
+        #[serde(default = "default_true")]
+        keep_timestamp: bool,
+        /// Forward the source record's headers; false: only logbridge's `logbridge.*` headers.
+        #[serde(default = "default_true")]
+        keep_headers: bool,
     },
 }
 
 /// Rotated files a file sink keeps when `max_files` is absent.
 pub const DEFAULT_FILE_MAX_FILES: u32 = 5;
+
+fn default_true() -> bool {
+    true
+}
 
 /// Smallest `max_bytes` of a file sink: below it, every batch or two would rotate.
 pub const MIN_FILE_MAX_BYTES: u64 = 1024;
@@ -656,6 +667,7 @@ impl Config {
                 brokers,
                 security,
                 options,
+                ..
             } = &route.sink
             {
                 outputs.push((
@@ -1338,7 +1350,7 @@ mod tests {
     }
 
     #[test]
-    fn file_rotation_keys_are_validated() {
+    fn file_rotation_and_kafka_fidelity_keys_are_validated() {
         let with_sink = |sink: &str| {
             MINIMAL.replace(
                 "sink = { type = \"null\" }",
@@ -1361,6 +1373,27 @@ mod tests {
         // Printed and read back the same (`check-config` prints what it would run).
         let again = load(&config.to_toml()).expect("round trip");
         assert_eq!(again.routes[0].sink, config.routes[0].sink);
+        let kafka = load(&with_sink("type = \"kafka\", topic = \"out\"")).expect("valid");
+        assert!(matches!(
+            kafka.routes[0].sink,
+            SinkConfig::Kafka {
+                keep_timestamp: true,
+                keep_headers: true,
+                ..
+            }
+        ));
+        let kafka = load(&with_sink(
+            "type = \"kafka\", topic = \"out\", keep_timestamp = false, keep_headers = false",
+        ))
+        .expect("valid");
+        assert!(matches!(
+            kafka.routes[0].sink,
+            SinkConfig::Kafka {
+                keep_timestamp: false,
+                keep_headers: false,
+                ..
+            }
+        ));
         let cases = [
             (
                 with_sink("type = \"file\", path = \"e\", max_bytes = 100"),
