@@ -310,7 +310,14 @@ impl DeadLetterActor {
                     Some(_) => None,
                     None => dead.record.payload(),
                 };
-                (&dead.record, value, dead_letter_headers(dead))
+                // Produced at the time it failed: the dead-letter topic's retention counts
+                // from then.
+                producer::Outgoing {
+                    record: &dead.record,
+                    value,
+                    headers: dead_letter_headers(dead),
+                    timestamp: None,
+                }
             });
             let outcomes = producer::send_all(&self.producer, &self.topic, with_headers).await;
             let mut failed = Vec::new();

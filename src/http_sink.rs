@@ -513,7 +513,14 @@ impl IndexTemplate {
                     Some(service) => name.push_str(&index_safe(service)),
                     None => name.push_str("unknown"),
                 },
-                IndexPart::Date => name.push_str(&utc_date(now)),
+                IndexPart::Date => {
+                    // The record's own time (its Kafka timestamp), else when it is sent.
+                    let when = record
+                        .timestamp
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .map_or(now, |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+                    name.push_str(&utc_date(when));
+                }
             }
         }
         name
@@ -650,10 +657,15 @@ mod tests {
         let index = IndexTemplate::parse("logs-{level}-{service}-{date}");
         let mut with_service = record(3, "{\"c\":3}");
         with_service.service = Some(Box::from("Cart Service"));
-        write_body(&mut out, &Layout::Bulk { index }, &[with_service], now);
+        let mut stamped = record(4, "{\"d\":4}");
+        // 2026-11-28T12:00:00Z
+        stamped.timestamp = Some(1_795_867_200_000);
+        let layout = Layout::Bulk { index };
+        write_body(&mut out, &layout, &[with_service, stamped], now);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"logs-0-3\"}}\n{\"c\":3}\n"
+            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"logs-0-3\"}}\n{\"c\":3}\n\
+             {\"create\":{\"_index\":\"logs-error-unknown-2026.11.28\",\"_id\":\"logs-0-4\"}}\n{\"d\":4}\n"
         );
     }
 

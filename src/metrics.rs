@@ -118,6 +118,8 @@ pub struct Metrics {
     /// Times the client moved a partition's fetch position after a fetch error (offset out of
     /// range, say): records between the old and the new position are skipped or read again.
     pub offset_resets: IntCounter,
+    /// File sinks closed and opened again on SIGHUP, by route.
+    pub file_reopens: IntCounterVec,
 }
 
 impl Metrics {
@@ -375,6 +377,14 @@ impl Metrics {
                 "Times the Kafka client reset a partition's fetch position after a fetch error (offset out of range, say): the records between the old and the new position are skipped if it moved forward, read again if it moved back.",
             )
             .expect(METRIC_OK),
+            file_reopens: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_file_reopens_total",
+                    "Times a route's output file was closed and opened again on SIGHUP (after logrotate renamed it), by route.",
+                ),
+                &["route"],
+            )
+            .expect(METRIC_OK),
             abandoned: IntCounter::new(
                 "logbridge_revoke_abandoned_records_total",
                 "Records of revoked partitions not finished by the revoke; the next owner reads them again.",
@@ -433,6 +443,7 @@ impl Metrics {
             Box::new(self.revoke_drain_seconds.clone()),
             Box::new(self.read_again.clone()),
             Box::new(self.offset_resets.clone()),
+            Box::new(self.file_reopens.clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

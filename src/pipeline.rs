@@ -21,7 +21,7 @@ use crate::http::{self, HttpState, StatusSource};
 use crate::metrics::{DepthProbe, Metrics};
 use crate::record::Fences;
 use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, Rules, DISPATCH_BATCH};
-use crate::sink::{config_sink_factory, SinkFactory};
+use crate::sink::{config_sink_factory, SharedFile, SinkFactory};
 use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
 
 /// How often channel depth gauges are sampled.
@@ -153,7 +153,7 @@ pub async fn run(
     }
 
     let fences = Fences::default();
-    let (table, worker_tasks) = spawn_workers(
+    let (table, worker_tasks, files) = spawn_workers(
         &config,
         &options.sink_factory,
         &committer,
@@ -247,6 +247,11 @@ pub async fn run(
         &http_stop,
     )
     .await?;
+    tokio::spawn(reopen_files_on_hangup(
+        files,
+        metrics.clone(),
+        http_stop.clone(),
+    ));
     let sampler_stop = http_stop.clone();
     let sampler_metrics = metrics.clone();
     tokio::spawn(async move {
@@ -398,9 +403,10 @@ fn spawn_workers(
     fences: &Fences,
     metrics: &Arc<Metrics>,
     liveness: &Liveness,
-) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>)> {
+) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>, OpenFiles)> {
     let mut lanes = Vec::with_capacity(config.routes.len());
     let mut tasks = Vec::new();
+    let mut files = OpenFiles::default();
     for route in &config.routes {
         let name: Arc<str> = Arc::from(route.name.as_str());
         liveness.expect("worker", route.workers);
@@ -408,6 +414,9 @@ fn spawn_workers(
         for worker in 0..route.workers {
             let sink = factory(route, worker)
                 .with_context(|| format!("failed to create the sink of route `{}`", route.name))?;
+            if let Some(file) = sink.file() {
+                files.add(file, &name);
+            }
             let settings = WorkerSettings {
                 route: name.clone(),
                 capacity: config.pipeline.worker_capacity,
@@ -438,7 +447,91 @@ fn spawn_workers(
             rules: Rules::from_routes(&config.routes),
         },
         tasks,
+        files,
     ))
+}
+
+/// The files the sinks of this pipeline write, each with the routes that write it.
+#[derive(Default)]
+struct OpenFiles {
+    files: Vec<(Arc<SharedFile>, Vec<Arc<str>>)>,
+}
+
+impl OpenFiles {
+    fn add(&mut self, file: Arc<SharedFile>, route: &Arc<str>) {
+        match self
+            .files
+            .iter_mut()
+            .find(|(known, _)| Arc::ptr_eq(known, &file))
+        {
+            Some((_, routes)) if routes.contains(route) => {}
+            Some((_, routes)) => routes.push(route.clone()),
+            None => self.files.push((file, vec![route.clone()])),
+        }
+    }
+}
+
+/// Closes and reopens every file sink on SIGHUP, until `stop`: logrotate's default mode
+/// renames the file and then signals, and the next batch goes to a new file at the configured
+/// path. SIGHUP no longer ends the process (it would end it without a drain or final commit).
+async fn reopen_files_on_hangup(files: OpenFiles, metrics: Arc<Metrics>, stop: CancellationToken) {
+    // Series that dashboards look for exist from the start, at 0.
+    for (_, routes) in &files.files {
+        for route in routes {
+            metrics.file_reopens.with_label_values(&[route]);
+        }
+    }
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(stream) => stream,
+            Err(err) => {
+                warn!(error = %err, "cannot listen for SIGHUP; file sinks will not be reopened");
+                return;
+            }
+        };
+        let files = Arc::new(files);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                received = hangup.recv() => if received.is_none() { return },
+            }
+            info!(
+                files = files.files.len(),
+                "SIGHUP received: reopening file sinks"
+            );
+            let reopening = files.clone();
+            let metrics = metrics.clone();
+            // A reopen waits for the write in progress on its file, which may block.
+            let _ = tokio::task::spawn_blocking(move || {
+                for (file, routes) in &reopening.files {
+                    let routes: Vec<&str> = routes.iter().map(|route| &**route).collect();
+                    match file.reopen() {
+                        Ok(()) => {
+                            for route in &routes {
+                                metrics.file_reopens.with_label_values(&[route]).inc();
+                            }
+                            info!(path = %file.path().display(), ?routes, "file sink reopened");
+                        }
+                        // The next batch tries again, and is retried while the file cannot be
+                        // opened.
+                        Err(err) => warn!(
+                            path = %file.path().display(),
+                            ?routes,
+                            error = %err,
+                            "cannot reopen file sink"
+                        ),
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (files, stop);
+    }
 }
 
 async fn start_http(

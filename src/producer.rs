@@ -236,7 +236,23 @@ pub mod headers {
 
 /// The record's own headers followed by logbridge's: `extra` pairs.
 pub fn headers_for(record: &Record, extra: &[(&str, &[u8])]) -> OwnedHeaders {
-    let mut headers = record.headers.clone().unwrap_or_default();
+    add_own_headers(record.headers.clone().unwrap_or_default(), record, extra)
+}
+
+/// Only logbridge's headers (`logbridge.source.*`, then `extra`), without the record's own.
+pub fn own_headers(record: &Record, extra: &[(&str, &[u8])]) -> OwnedHeaders {
+    add_own_headers(
+        OwnedHeaders::new_with_capacity(3 + extra.len()),
+        record,
+        extra,
+    )
+}
+
+fn add_own_headers(
+    mut headers: OwnedHeaders,
+    record: &Record,
+    extra: &[(&str, &[u8])],
+) -> OwnedHeaders {
     // Formatted on the stack: this runs for every record a Kafka sink or the dead-letter
     // topic sends.
     let (mut partition, mut offset) = (itoa::Buffer::new(), itoa::Buffer::new());
@@ -260,9 +276,17 @@ pub fn headers_for(record: &Record, extra: &[(&str, &[u8])]) -> OwnedHeaders {
     headers
 }
 
-/// One record for [`send_all`] or [`send_now`]: the source record (its key is sent), the value
-/// and the headers.
-pub type Outgoing<'a> = (&'a Record, Option<&'a [u8]>, OwnedHeaders);
+/// One record for [`send_all`] or [`send_now`].
+pub struct Outgoing<'a> {
+    /// The source record: its key is sent.
+    pub record: &'a Record,
+    /// The value sent.
+    pub value: Option<&'a [u8]>,
+    /// The headers sent.
+    pub headers: OwnedHeaders,
+    /// The record's timestamp (milliseconds since the epoch); `None`: the producer's time.
+    pub timestamp: Option<i64>,
+}
 
 /// Sends each record's original key with the given value and headers to `topic`, and returns
 /// one outcome per record once its delivery report is in. A full local queue is waited out.
@@ -368,15 +392,18 @@ impl Reporting {
         &self,
         topic: &'a str,
         index: usize,
-        (record, value, headers): Outgoing<'a>,
+        outgoing: Outgoing<'a>,
     ) -> BaseRecord<'a, [u8], [u8], usize> {
         let opaque = ((self.batch << INDEX_BITS) as usize) | index;
-        let mut base = BaseRecord::with_opaque_to(topic, opaque).headers(headers);
-        if let Some(key) = record.key() {
+        let mut base = BaseRecord::with_opaque_to(topic, opaque).headers(outgoing.headers);
+        if let Some(key) = outgoing.record.key() {
             base = base.key(key);
         }
-        if let Some(value) = value {
+        if let Some(value) = outgoing.value {
             base = base.payload(value);
+        }
+        if let Some(timestamp) = outgoing.timestamp {
+            base = base.timestamp(timestamp);
         }
         base
     }

@@ -116,6 +116,9 @@ pub struct Record {
     pub data: KeyValue,
     /// The original headers, forwarded with the record.
     pub headers: Option<rdkafka::message::OwnedHeaders>,
+    /// The source record's timestamp (create or log-append time, milliseconds since the
+    /// epoch), if it has one: Kafka sinks keep it.
+    pub timestamp: Option<i64>,
     /// The decoded event's level (what routing needs; the whole event was validated and the
     /// payload itself is what sinks forward), or why it could not be decoded. `None` until the
     /// router decodes it ([`Record::decode`]): the consumer only marks a value over
@@ -470,6 +473,7 @@ pub(crate) fn test_record(
         generation: 1,
         data: KeyValue::new(key, payload),
         headers: None,
+        timestamp: None,
         decoded: Some(crate::event::decode_level(
             payload,
             crate::event::DEFAULT_MAX_PAYLOAD_BYTES,

@@ -16,9 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 
-use crate::config::{Cluster, RouteConfig, SinkConfig};
+use crate::config::{Cluster, RouteConfig, SinkConfig, DEFAULT_FILE_MAX_FILES};
 use crate::event::json_body;
-use crate::producer::{headers, headers_for, Producer};
+use crate::producer::{headers, headers_for, own_headers, Outgoing, Producer};
 use crate::record::Record;
 
 /// Why a sink could not deliver a record: retryable or permanent, with a short reason.
@@ -41,6 +41,12 @@ pub trait Sink: Send {
     /// reported (the Kafka sink: the idempotent producer keeps what it sent in order). `None`,
     /// the default: the sink takes one batch at a time, through [`Sink::deliver`].
     fn start(&mut self, _route: &str, _batch: &[Record]) -> Option<Started> {
+        None
+    }
+
+    /// The file this sink appends to, if it writes one: the pipeline reopens it on SIGHUP
+    /// ([`SharedFile::reopen`]).
+    fn file(&self) -> Option<Arc<SharedFile>> {
         None
     }
 }
@@ -67,6 +73,8 @@ pub fn config_sink_factory() -> SinkFactory {
                 brokers,
                 security,
                 options,
+                keep_timestamp,
+                keep_headers,
             } => {
                 let brokers = brokers.as_deref().ok_or_else(|| {
                     anyhow::anyhow!("route `{}`: kafka sink brokers not resolved", route.name)
@@ -92,6 +100,8 @@ pub fn config_sink_factory() -> SinkFactory {
                 Box::new(KafkaSink {
                     producer,
                     topic: topic.clone(),
+                    keep_timestamp: *keep_timestamp,
+                    keep_headers: *keep_headers,
                 })
             }
             SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
@@ -111,14 +121,23 @@ pub fn config_sink_factory() -> SinkFactory {
                 Box::new(endpoint.sink())
             }
             SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
-            SinkConfig::File { path, fsync } => {
+            SinkConfig::File {
+                path,
+                fsync,
+                max_bytes,
+                max_files,
+            } => {
                 let mut files = files
                     .lock()
                     .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
                 let file = match files.get(path) {
                     Some(file) => file.clone(),
                     None => {
-                        let file = Arc::new(SharedFile::open(path, *fsync)?);
+                        let rotation = max_bytes.map(|max_bytes| Rotation {
+                            max_bytes,
+                            max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
+                        });
+                        let file = Arc::new(SharedFile::open(path, *fsync, rotation)?);
                         files.insert(path.clone(), file.clone());
                         file
                     }
@@ -135,31 +154,51 @@ fn open_append(path: &Path) -> anyhow::Result<File> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("failed to create directory {}", parent.display()))?;
     }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("failed to open sink file {}", path.display()))
+    open_file(path).with_context(|| format!("failed to open sink file {}", path.display()))
 }
 
-/// Produces each record to a Kafka topic: original key, payload and headers, plus
-/// `logbridge.source.*` and `logbridge.route` headers. A record's outcome is its delivery report
-/// from the (idempotent) producer.
+/// Opens `path` for appending, creating it (its directory exists: it was there at start-up).
+fn open_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// Produces each record to a Kafka topic: original key and payload, the original headers
+/// (unless `keep_headers = false`) plus `logbridge.source.*` and `logbridge.route`, and the
+/// original timestamp (unless `keep_timestamp = false`). A record's outcome is its delivery
+/// report from the (idempotent) producer.
 pub struct KafkaSink {
     producer: Producer,
     topic: String,
+    keep_timestamp: bool,
+    keep_headers: bool,
 }
 
 impl KafkaSink {
-    /// What is sent for each record: the original payload, byte for byte, with the record's
-    /// headers and logbridge's.
+    /// What is sent for each record: the original payload, byte for byte, with the headers and
+    /// timestamp the sink keeps.
     fn outgoing<'a>(
         route: &'a str,
         batch: &'a [Record],
-    ) -> impl Iterator<Item = crate::producer::Outgoing<'a>> {
+        keep_timestamp: bool,
+        keep_headers: bool,
+    ) -> impl Iterator<Item = Outgoing<'a>> {
         batch.iter().map(move |record| {
-            let headers = headers_for(record, &[(headers::ROUTE, route.as_bytes())]);
-            (record, record.payload(), headers)
+            let ours: [(&str, &[u8]); 1] = [(headers::ROUTE, route.as_bytes())];
+            let headers = if keep_headers {
+                headers_for(record, &ours)
+            } else {
+                own_headers(record, &ours)
+            };
+            Outgoing {
+                record,
+                value: record.payload(),
+                headers,
+                timestamp: if keep_timestamp {
+                    record.timestamp
+                } else {
+                    None
+                },
+            }
         })
     }
 }
@@ -169,7 +208,7 @@ impl Sink for KafkaSink {
         Box::pin(crate::producer::send_all(
             &self.producer,
             &self.topic,
-            Self::outgoing(route, batch),
+            Self::outgoing(route, batch, self.keep_timestamp, self.keep_headers),
         ))
     }
 
@@ -177,7 +216,7 @@ impl Sink for KafkaSink {
         Some(Box::pin(crate::producer::send_now(
             &self.producer,
             &self.topic,
-            Self::outgoing(route, batch),
+            Self::outgoing(route, batch, self.keep_timestamp, self.keep_headers),
         )))
     }
 }
@@ -275,14 +314,7 @@ impl<W: LineOutput> WholeLines<W> {
 
     /// Writes `lines` (each ending in a newline) whole, or reports why not.
     pub fn write_lines(&mut self, lines: &[u8]) -> std::io::Result<()> {
-        if !self.unfinished.is_empty() {
-            let rest = std::mem::take(&mut self.unfinished);
-            let (written, result) = write_counting(&mut self.out, &rest);
-            if let Err(err) = result {
-                self.unfinished = rest[written..].to_vec();
-                return Err(err);
-            }
-        }
+        self.end_broken_line()?;
         let start = self.out.position();
         let (written, result) = write_counting(&mut self.out, lines);
         let Err(err) = result.and_then(|()| self.out.flush()) else {
@@ -300,6 +332,20 @@ impl<W: LineOutput> WholeLines<W> {
             }
         }
         Err(err)
+    }
+
+    /// Writes the rest of a line a failed write left broken, if any: before anything else is
+    /// written, and before the output is closed for another.
+    pub fn end_broken_line(&mut self) -> std::io::Result<()> {
+        if self.unfinished.is_empty() {
+            return Ok(());
+        }
+        let rest = std::mem::take(&mut self.unfinished);
+        let (written, result) = write_counting(&mut self.out, &rest);
+        if result.is_err() {
+            self.unfinished = rest[written..].to_vec();
+        }
+        result
     }
 
     /// The output itself.
@@ -322,24 +368,59 @@ fn write_counting(out: &mut impl Write, buf: &[u8]) -> (usize, std::io::Result<(
     (written, Ok(()))
 }
 
-/// A file shared by the workers of a route: one batch at a time, appended whole.
+/// When a file sink rotates: `sink.max_bytes` and `sink.max_files`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// A batch that would take the file past this size goes to a fresh file (unless the file
+    /// is empty: a batch is never split).
+    pub max_bytes: u64,
+    /// Rotated files kept: `path.1` (the newest) to `path.<max_files>`.
+    pub max_files: u32,
+}
+
+/// A file shared by the workers of a route (of every route naming its path): one batch at a
+/// time, appended whole. Rotation and reopening happen under the same lock as writing, so a
+/// batch goes whole to one file and no line is torn or lost.
 pub struct SharedFile {
-    lines: Mutex<WholeLines<File>>,
+    path: PathBuf,
+    /// `None` after a failed reopen or rotation: `path` is opened again before the next write.
+    lines: Mutex<Option<WholeLines<File>>>,
     /// Sync each batch to disk before it counts as written.
     fsync: bool,
+    rotation: Option<Rotation>,
 }
 
 impl SharedFile {
     /// Opens `path` for appending (creating it and its directories).
-    pub fn open(path: &Path, fsync: bool) -> anyhow::Result<SharedFile> {
+    pub fn open(
+        path: &Path,
+        fsync: bool,
+        rotation: Option<Rotation>,
+    ) -> anyhow::Result<SharedFile> {
         Ok(SharedFile {
-            lines: Mutex::new(WholeLines::new(open_append(path)?)),
+            path: path.to_path_buf(),
+            lines: Mutex::new(Some(WholeLines::new(open_append(path)?))),
             fsync,
+            rotation,
         })
     }
 
-    fn append(&self, lines: &[u8]) -> std::io::Result<()> {
-        let mut file = lock(&self.lines);
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends `lines` (whole lines) to the file, first rotating it if they would take it past
+    /// `max_bytes`.
+    pub fn append(&self, lines: &[u8]) -> std::io::Result<()> {
+        let mut state = lock(&self.lines);
+        if let Some(rotation) = self.rotation {
+            let size = self.opened(&mut state)?.get_mut().metadata()?.len();
+            if size > 0 && size.saturating_add(lines.len() as u64) > rotation.max_bytes {
+                self.rotate(&mut state, rotation)?;
+            }
+        }
+        let file = self.opened(&mut state)?;
         file.write_lines(lines)?;
         if self.fsync {
             // The lines are whole in the file; if they cannot be synced the batch is not
@@ -347,6 +428,88 @@ impl SharedFile {
             file.get_mut().sync_data()?;
         }
         Ok(())
+    }
+
+    /// Closes the file and opens `path` again, creating it: after logrotate renamed it, the
+    /// next batch goes to a new file. A write in progress holds the lock, so it finishes on the
+    /// old file first. If `path` cannot be opened, the next write tries again (and fails its
+    /// batch, to be retried, while it cannot): nothing more goes to the renamed file, which
+    /// logrotate may compress or delete.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let mut state = lock(&self.lines);
+        self.close(&mut state);
+        self.opened(&mut state).map(|_| ())
+    }
+
+    /// The open file, opening `path` if it is closed.
+    fn opened<'a>(
+        &self,
+        state: &'a mut Option<WholeLines<File>>,
+    ) -> std::io::Result<&'a mut WholeLines<File>> {
+        let file = match state.take() {
+            Some(file) => file,
+            None => WholeLines::new(open_file(&self.path).map_err(|err| {
+                std::io::Error::new(
+                    err.kind(),
+                    format!("cannot open {}: {err}", self.path.display()),
+                )
+            })?),
+        };
+        Ok(state.insert(file))
+    }
+
+    fn close(&self, state: &mut Option<WholeLines<File>>) {
+        if let Some(mut old) = state.take() {
+            // A line a failed write left broken (only where cutting the file back failed) is
+            // ended where it began, if the file still takes it; its batch is written again.
+            let _ = old.end_broken_line();
+        }
+    }
+
+    /// `path` → `path.1` → `path.2` ..., `path.<max_files>` deleted; the next write opens a
+    /// fresh `path`.
+    fn rotate(
+        &self,
+        state: &mut Option<WholeLines<File>>,
+        rotation: Rotation,
+    ) -> std::io::Result<()> {
+        if let Some(file) = state.as_mut() {
+            // The old file must end in a whole line before it is set aside.
+            file.end_broken_line()?;
+        }
+        let rotated = |index: u32| {
+            let mut name = self.path.as_os_str().to_owned();
+            name.push(format!(".{index}"));
+            PathBuf::from(name)
+        };
+        ignore_missing(std::fs::remove_file(rotated(rotation.max_files)))?;
+        for index in (1..rotation.max_files).rev() {
+            ignore_missing(std::fs::rename(rotated(index), rotated(index + 1)))?;
+        }
+        // Missing if someone else moved it away (without SIGHUP): then the handle names that
+        // file, and closing it is all that is left to do.
+        ignore_missing(std::fs::rename(&self.path, rotated(1)))?;
+        self.close(state);
+        if self.fsync {
+            // The renames are part of what was synced: a crash must not bring back the old
+            // names with a file that the next batches would be appended to twice.
+            if let Some(parent) = self.path.parent() {
+                let parent = if parent.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    parent
+                };
+                File::open(parent)?.sync_all()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn ignore_missing(result: std::io::Result<()>) -> std::io::Result<()> {
+    match result {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
 }
 
@@ -367,6 +530,13 @@ impl LineSink {
 }
 
 impl Sink for LineSink {
+    fn file(&self) -> Option<Arc<SharedFile>> {
+        match &self.target {
+            LineTarget::File(file) => Some(file.clone()),
+            LineTarget::Stdout(_) => None,
+        }
+    }
+
     fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
         Box::pin(async move {
             let mut lines = std::mem::take(&mut self.buffer);
@@ -611,9 +781,102 @@ mod tests {
     fn a_file_sink_with_fsync_appends_whole_lines() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("out/route.jsonl");
-        let file = SharedFile::open(&path, true).expect("opened");
+        let file = SharedFile::open(&path, true, None).expect("opened");
         file.append(b"a\n").expect("a");
         file.append(b"b\n").expect("b");
         assert_eq!(std::fs::read(&path).expect("read"), b"a\nb\n");
+    }
+
+    fn rotated(path: &Path, index: u32) -> PathBuf {
+        PathBuf::from(format!("{}.{index}", path.display()))
+    }
+
+    /// A batch of `count` lines of 100 bytes each, numbered from `first`.
+    fn batch(first: usize, count: usize) -> Vec<u8> {
+        (first..first + count)
+            .flat_map(|n| format!("{n:099}\n").into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn rotation_keeps_batches_whole_and_deletes_the_oldest_beyond_max_files() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("route.jsonl");
+        let rotation = Rotation {
+            max_bytes: 1_024,
+            max_files: 2,
+        };
+        let file = SharedFile::open(&path, false, Some(rotation)).expect("opened");
+        // 6 lines (600 bytes) per batch: one batch per file, never two (1 200 > 1 024).
+        for round in 0..4 {
+            file.append(&batch(round * 6, 6)).expect("appended");
+        }
+        assert_eq!(std::fs::read(&path).expect("current"), batch(18, 6));
+        assert_eq!(std::fs::read(rotated(&path, 1)).expect(".1"), batch(12, 6));
+        assert_eq!(std::fs::read(rotated(&path, 2)).expect(".2"), batch(6, 6));
+        assert!(
+            !rotated(&path, 3).exists(),
+            "the oldest batch was deleted: max_files = 2"
+        );
+        // A batch larger than max_bytes goes whole into a fresh file; a small one fills up the
+        // current file before the next rotation.
+        file.append(&batch(24, 12)).expect("large batch");
+        assert_eq!(std::fs::read(&path).expect("current"), batch(24, 12));
+        file.append(&batch(36, 1)).expect("rotated again");
+        file.append(&batch(37, 1)).expect("same file");
+        assert_eq!(std::fs::read(&path).expect("current"), batch(36, 2));
+        assert_eq!(std::fs::read(rotated(&path, 1)).expect(".1"), batch(24, 12));
+        assert_eq!(std::fs::read(rotated(&path, 2)).expect(".2"), batch(18, 6));
+    }
+
+    #[test]
+    fn without_max_bytes_a_file_never_rotates() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("route.jsonl");
+        let file = SharedFile::open(&path, true, None).expect("opened");
+        for round in 0..30 {
+            file.append(&batch(round, 1)).expect("appended");
+        }
+        assert_eq!(std::fs::read(&path).expect("read"), batch(0, 30));
+        assert!(!rotated(&path, 1).exists());
+    }
+
+    #[test]
+    fn reopen_after_a_rename_goes_on_in_a_new_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("route.jsonl");
+        let file = SharedFile::open(&path, false, None).expect("opened");
+        file.append(b"before\n").expect("before");
+        let renamed = dir.path().join("route.jsonl.old");
+        std::fs::rename(&path, &renamed).expect("renamed");
+        // Until the reopen, lines follow the renamed file (as logrotate expects).
+        file.append(b"between\n").expect("between");
+        file.reopen().expect("reopened");
+        file.append(b"after\n").expect("after");
+        assert_eq!(
+            std::fs::read(&renamed).expect("renamed"),
+            b"before\nbetween\n"
+        );
+        assert_eq!(std::fs::read(&path).expect("new"), b"after\n");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_reopened_fails_batches_until_it_can() {
+        let dir = tempfile::tempdir().expect("dir");
+        let sub = dir.path().join("out");
+        let path = sub.join("route.jsonl");
+        let file = SharedFile::open(&path, false, None).expect("opened");
+        file.append(b"a\n").expect("a");
+        let moved = dir.path().join("moved");
+        std::fs::rename(&sub, &moved).expect("directory moved away");
+        assert!(file.reopen().is_err(), "its directory is gone");
+        assert!(file.append(b"b\n").is_err(), "nothing goes to the old file");
+        std::fs::create_dir(&sub).expect("directory back");
+        file.append(b"c\n").expect("opened again");
+        assert_eq!(
+            std::fs::read(moved.join("route.jsonl")).expect("old"),
+            b"a\n"
+        );
+        assert_eq!(std::fs::read(&path).expect("new"), b"c\n");
     }
 }

@@ -297,3 +297,104 @@ async fn original_headers_are_kept_by_the_kafka_sink_and_in_dead_letters() {
         );
     }
 }
+
+/// Kafka sink fidelity: with the defaults a produced record carries the source record's
+/// timestamp and headers; with `keep_timestamp = false` and `keep_headers = false` it carries
+/// the time it was produced and only logbridge's `logbridge.*` headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sink_keeps_timestamps_and_headers_unless_told_not_to() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    const EVENTS: u64 = 200;
+    // Hours in the past: a producer's clock could not give these by chance.
+    const SOURCE_TIME: i64 = 1_700_000_000_000;
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 2);
+    kafka.create_topic("kept", 2);
+    kafka.create_topic("bare", 2);
+    let producer: FutureProducer = kafka.client().create().expect("producer");
+    for id in 0..EVENTS {
+        let level = if id % 2 == 0 { "error" } else { "warning" };
+        let payload = event(id, level);
+        let trace = format!("trace-{id}");
+        let key = format!("k{id}");
+        producer
+            .send(
+                FutureRecord::to("logs")
+                    .key(&key)
+                    .payload(&payload)
+                    .timestamp(SOURCE_TIME + id as i64)
+                    .headers(OwnedHeaders::new().insert(Header {
+                        key: "traceparent",
+                        value: Some(&trace),
+                    })),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(err, _)| err)
+            .expect("produced");
+    }
+    let end = kafka.end_offsets();
+    let group = unique("fidelity");
+    let config = kafka.config(
+        &group,
+        "",
+        "[[routes]]\nname = \"kept\"\nlevels = [\"error\"]\nworkers = 2\nsink = { type = \"kafka\", topic = \"kept\" }\n\
+         [[routes]]\nname = \"bare\"\nlevels = [\"warning\"]\nworkers = 2\n\
+         sink = { type = \"kafka\", topic = \"bare\", keep_timestamp = false, keep_headers = false }\n",
+    );
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    let running = Running::without_http(config, &Arc::new(Metrics::new()));
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    running.stop().await;
+    assert!(done, "not committed to the end");
+
+    let id_of = |record: &ReadRecord| -> u64 {
+        let value: serde_json::Value =
+            serde_json::from_slice(record.payload.as_deref().expect("payload")).expect("json");
+        value["id"].as_u64().expect("id")
+    };
+    let kept = kafka.read_all("kept");
+    assert_eq!(kept.len() as u64, EVENTS / 2, "kept: every error event");
+    for record in &kept {
+        let id = id_of(record);
+        assert_eq!(
+            record.timestamp,
+            Some(SOURCE_TIME + id as i64),
+            "kept: event {id} has its source timestamp"
+        );
+        assert_eq!(
+            record.header("traceparent"),
+            Some(format!("trace-{id}")),
+            "kept: event {id} has its source header"
+        );
+        assert_eq!(record.header("logbridge.route").as_deref(), Some("kept"));
+    }
+    let bare = kafka.read_all("bare");
+    assert_eq!(bare.len() as u64, EVENTS / 2, "bare: every warning event");
+    for record in &bare {
+        let id = id_of(record);
+        let timestamp = record.timestamp.expect("a produced record has a timestamp");
+        assert!(
+            timestamp >= started - 1_000,
+            "bare: event {id} has the time it was produced, not its source's ({timestamp})"
+        );
+        let mut names: Vec<&str> = record.headers.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "logbridge.route",
+                "logbridge.source.offset",
+                "logbridge.source.partition",
+                "logbridge.source.topic"
+            ],
+            "bare: event {id} has only logbridge's headers"
+        );
+    }
+}

@@ -542,12 +542,22 @@ fn default_workers() -> usize {
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum SinkConfig {
     /// JSON lines appended to a file, written to the OS before the record is acked.
+    /// SIGHUP closes the file and opens `path` again (for logrotate's default mode).
     File {
         /// Output file; parent directories are created.
         path: PathBuf,
         /// Ack a batch only once its lines are on disk (`fdatasync`), not merely with the OS.
         #[serde(default)]
         fsync: bool,
+        /// Rotate when a batch would take the file past this size: `path` becomes `path.1`
+        /// (`path.1` becomes `path.2`, ...) and a fresh `path` is opened. A batch is never
+        /// split, so a file holding a single batch may be larger. Absent: no rotation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u64>,
+        /// Rotated files kept (`path.1` to `path.<max_files>`, 5 if absent); at each rotation
+        /// `path.<max_files>` is deleted. Only with `max_bytes`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_files: Option<u32>,
     },
     /// JSON lines on standard output.
     Stdout,
@@ -571,8 +581,27 @@ pub enum SinkConfig {
         /// librdkafka producer properties.
         #[serde(default, deserialize_with = "references::flat_options")]
         options: BTreeMap<String, OptionValue>,
+        /// Give each produced record the source record's timestamp (where it has one); false:
+        /// the producer's time of sending.
+        #[serde(default = "default_true")]
+        keep_timestamp: bool,
+        /// Forward the source record's headers; false: only logbridge's `logbridge.*` headers.
+        #[serde(default = "default_true")]
+        keep_headers: bool,
     },
 }
+
+/// Rotated files a file sink keeps when `max_files` is absent.
+pub const DEFAULT_FILE_MAX_FILES: u32 = 5;
+
+fn default_true() -> bool {
+    true
+}
+
+/// Smallest `max_bytes` of a file sink: below it, every batch or two would rotate.
+pub const MIN_FILE_MAX_BYTES: u64 = 1024;
+/// Most rotated files a file sink keeps (each rotation renames all of them).
+pub const MAX_FILE_MAX_FILES: u32 = 1000;
 
 impl Config {
     /// Loads `path`, applies `LOGBRIDGE_*` environment overrides and validates the result.
@@ -652,6 +681,7 @@ impl Config {
                 brokers,
                 security,
                 options,
+                ..
             } = &route.sink
             {
                 outputs.push((
@@ -845,6 +875,8 @@ impl Config {
         let mut names: HashMap<&str, usize> = HashMap::new();
         // Levels taken by a route with no other condition: no later route can see them.
         let mut levels: HashMap<String, &str> = HashMap::new();
+        // File sinks by path: the first route writing there and its sink.
+        let mut files: HashMap<&Path, (usize, &SinkConfig)> = HashMap::new();
         for (index, route) in self.routes.iter().enumerate() {
             let mut unconditional = Vec::new();
             let key = |field: &str| format!("routes[{index}].{field}");
@@ -929,8 +961,52 @@ impl Config {
             }
             levels.extend(unconditional);
             match &route.sink {
-                SinkConfig::File { path, .. } if path.as_os_str().is_empty() => {
-                    return Err(invalid(key("sink.path"), "empty path"));
+                SinkConfig::File {
+                    path,
+                    max_bytes,
+                    max_files,
+                    ..
+                } => {
+                    if path.as_os_str().is_empty() {
+                        return Err(invalid(key("sink.path"), "empty path"));
+                    }
+                    if let Some(max_bytes) = max_bytes {
+                        check_range(
+                            &key("sink.max_bytes"),
+                            *max_bytes,
+                            MIN_FILE_MAX_BYTES,
+                            u64::MAX,
+                        )?;
+                    }
+                    if let Some(max_files) = max_files {
+                        if max_bytes.is_none() {
+                            return Err(invalid(
+                                key("sink.max_files"),
+                                "files rotate only by size: set `max_bytes` too, or remove \
+                                 `max_files`",
+                            ));
+                        }
+                        check_range(&key("sink.max_files"), *max_files, 1, MAX_FILE_MAX_FILES)?;
+                    }
+                    // The workers of every route writing to one path share one file: it can
+                    // have only one set of settings.
+                    match files.get(path.as_path()) {
+                        Some((other, first)) if *first != &route.sink => {
+                            return Err(invalid(
+                                key("sink"),
+                                format!(
+                                    "`{}` is also the file of routes[{other}], with other \
+                                     settings: give both the same `fsync`, `max_bytes` and \
+                                     `max_files`",
+                                    path.display()
+                                ),
+                            ));
+                        }
+                        Some(_) => {}
+                        None => {
+                            files.insert(path.as_path(), (index, &route.sink));
+                        }
+                    }
                 }
                 SinkConfig::Http(http) => http.validate(&key("sink"), false)?,
                 SinkConfig::Elasticsearch(http) => http.validate(&key("sink"), true)?,
@@ -1295,6 +1371,88 @@ mod tests {
             "sink = { type = \"kafka\", topic = \"logs\", brokers = \"other:9092\" }",
         );
         assert!(load(&other_cluster).is_ok());
+    }
+
+    #[test]
+    fn file_rotation_and_kafka_fidelity_keys_are_validated() {
+        let with_sink = |sink: &str| {
+            MINIMAL.replace(
+                "sink = { type = \"null\" }",
+                &format!("sink = {{ {sink} }}"),
+            )
+        };
+        let config = load(&with_sink(
+            "type = \"file\", path = \"out/e.jsonl\", max_bytes = 1048576, max_files = 3",
+        ))
+        .expect("valid");
+        assert_eq!(
+            config.routes[0].sink,
+            SinkConfig::File {
+                path: PathBuf::from("out/e.jsonl"),
+                fsync: false,
+                max_bytes: Some(1_048_576),
+                max_files: Some(3),
+            }
+        );
+        // Printed and read back the same (`check-config` prints what it would run).
+        let again = load(&config.to_toml()).expect("round trip");
+        assert_eq!(again.routes[0].sink, config.routes[0].sink);
+        let kafka = load(&with_sink("type = \"kafka\", topic = \"out\"")).expect("valid");
+        assert!(matches!(
+            kafka.routes[0].sink,
+            SinkConfig::Kafka {
+                keep_timestamp: true,
+                keep_headers: true,
+                ..
+            }
+        ));
+        let kafka = load(&with_sink(
+            "type = \"kafka\", topic = \"out\", keep_timestamp = false, keep_headers = false",
+        ))
+        .expect("valid");
+        assert!(matches!(
+            kafka.routes[0].sink,
+            SinkConfig::Kafka {
+                keep_timestamp: false,
+                keep_headers: false,
+                ..
+            }
+        ));
+        let cases = [
+            (
+                with_sink("type = \"file\", path = \"e\", max_bytes = 100"),
+                "`routes[0].sink.max_bytes`: 100 is out of range",
+            ),
+            (
+                with_sink("type = \"file\", path = \"e\", max_bytes = 4096, max_files = 0"),
+                "`routes[0].sink.max_files`: 0 is out of range: use 1 to 1000",
+            ),
+            (
+                with_sink("type = \"file\", path = \"e\", max_bytes = 4096, max_files = 1001"),
+                "`routes[0].sink.max_files`: 1001 is out of range",
+            ),
+            (
+                with_sink("type = \"file\", path = \"e\", max_files = 3"),
+                "`routes[0].sink.max_files`: files rotate only by size",
+            ),
+            (
+                format!(
+                    "{}[[routes]]\nname = \"other\"\nlevels = [\"warn\"]\nsink = {{ type = \"file\", path = \"e\", max_bytes = 4096 }}\n",
+                    with_sink("type = \"file\", path = \"e\"")
+                ),
+                "`routes[1].sink`: `e` is also the file of routes[0], with other settings",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+        // Two routes may share a file with the same settings.
+        let shared = format!(
+            "{}[[routes]]\nname = \"other\"\nlevels = [\"warn\"]\nsink = {{ type = \"file\", path = \"e\" }}\n",
+            with_sink("type = \"file\", path = \"e\"")
+        );
+        assert!(load(&shared).is_ok());
     }
 
     #[test]

@@ -618,6 +618,7 @@ impl ConsumerActor {
             generation: state.generation,
             data: KeyValue::new(key_bytes, payload),
             headers: message.headers().map(|headers| headers.detach()),
+            timestamp: message.timestamp().to_millis(),
             decoded,
             service: None,
             charge: self.budget.charge(bytes),

@@ -530,6 +530,8 @@ pub struct ReadRecord {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: HashMap<String, Vec<u8>>,
+    /// Milliseconds since the epoch, where the record has a timestamp.
+    pub timestamp: Option<i64>,
 }
 
 impl ReadRecord {
@@ -596,6 +598,7 @@ impl Kafka {
                         key: message.key().map(<[u8]>::to_vec),
                         payload: message.payload().map(<[u8]>::to_vec),
                         headers,
+                        timestamp: message.timestamp().to_millis(),
                     });
                 }
                 Some(Err(err)) => panic!("reading {topic}: {err}"),

@@ -81,9 +81,10 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
     let finished_raw = finished(Mode::Raw);
     let finished = |mode: Mode| finished(mode) / finished_raw;
     println!(
-        "until the last record finished (before the wait for the next commit interval): b/a = {:.2}   c/a = {:.2}",
+        "until the last record finished (before the wait for the next commit interval): b/a = {:.2}   c/a = {:.2}   d/a = {:.2}",
         finished(Mode::Null),
-        finished(Mode::Kafka)
+        finished(Mode::Kafka),
+        finished(Mode::Http)
     );
     let interval = options.commit_interval_ms as f64 / 1000.0;
     let per_interval = [Mode::Null, Mode::Kafka, Mode::Http]
