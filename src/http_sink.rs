@@ -8,7 +8,10 @@
 //! status in a header). `_bulk` answers per item, so there each record has its own outcome.
 //! When a request of a batch fails in a way worth retrying, the rest of the batch is not sent
 //! and fails with it: a later record of a key never lands before an earlier one is retried.
+//! A request refused with 413 is sent again in halves, down to a record alone. Redirects are
+//! not followed (a redirected POST would arrive as a GET without its body).
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
@@ -109,6 +112,9 @@ impl HttpEndpoint {
         }
         let timeout = Duration::from_millis(config.timeout_ms);
         let mut client = reqwest::Client::builder()
+            // A redirected POST would become a GET without the body and could answer 200:
+            // a redirect is an answer like any other 3xx (refused, with its status).
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(timeout)
             .tls_built_in_native_certs(true);
@@ -160,8 +166,10 @@ impl Sink for HttpSink {
         Box::pin(async move {
             let target = self.endpoint.target.clone();
             let mut outcomes: Vec<Result<(), SinkError>> = Vec::with_capacity(batch.len());
-            for range in requests(batch, target.max_records, target.max_bytes) {
-                let records = &batch[range];
+            let mut pending: VecDeque<Range<usize>> =
+                requests(batch, target.max_records, target.max_bytes).into();
+            while let Some(range) = pending.pop_front() {
+                let records = &batch[range.clone()];
                 if let Some(Err(earlier)) = outcomes.iter().find(
                     |outcome| matches!(outcome, Err(err) if err.kind == FailureKind::Retryable),
                 ) {
@@ -170,7 +178,16 @@ impl Sink for HttpSink {
                     outcomes.extend(records.iter().map(|_| Err(earlier.clone())));
                     continue;
                 }
-                outcomes.extend(self.send(&target, records).await);
+                let answered = self.send(&target, records).await;
+                if records.len() > 1 && answered.iter().all(too_large) {
+                    // The endpoint takes smaller requests than `max_bytes` says: send the
+                    // halves, in order, until each fits or a record alone is refused.
+                    let middle = range.start + records.len() / 2;
+                    pending.push_front(middle..range.end);
+                    pending.push_front(range.start..middle);
+                    continue;
+                }
+                outcomes.extend(answered);
             }
             outcomes
         })
@@ -312,6 +329,11 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     );
     encoder.write_all(body)?;
     encoder.finish()
+}
+
+/// Whether an outcome is a 413 (request too large).
+fn too_large(outcome: &Result<(), SinkError>) -> bool {
+    matches!(outcome, Err(err) if err.status == Some(413))
 }
 
 /// A request that got no answer: always worth retrying.

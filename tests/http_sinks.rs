@@ -533,3 +533,111 @@ async fn a_bulk_endpoint_with_per_item_failures_indexes_every_valid_event_once()
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_too_large_are_halved_and_a_redirect_is_refused_not_followed() {
+    let _serial = serial().await;
+    let source = Kafka::start("logs", 2);
+    source.create_topic("logs.dlq", 1);
+    // Event 77 is too large for the endpoint even alone; 500 events with it, and a second
+    // route whose endpoint redirects.
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..500u64)
+        .map(|id| {
+            let mut value = serde_json::json!({"id": id, "level": "error", "message": "m"});
+            if id == 77 {
+                value["padding"] = serde_json::json!("x".repeat(20_000));
+            }
+            if id % 50 == 9 {
+                value["level"] = serde_json::json!("warn");
+            }
+            (Some(key_of(id)), value.to_string().into_bytes())
+        })
+        .collect();
+    source.produce(&records).await;
+    let end = source.end_offsets();
+
+    let received: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let handler: Arc<Handler> = {
+        let (received, sizes) = (received.clone(), sizes.clone());
+        Arc::new(move |request, body| {
+            if request.uri().path() == "/moved" {
+                return (
+                    308,
+                    vec![("location", "/ingest".to_string())],
+                    String::new(),
+                );
+            }
+            let ids = ids(body);
+            // The endpoint takes at most 8 KiB, whatever logbridge's max_bytes says.
+            if body.len() > 8 * 1024 {
+                return (413, vec![], "request entity too large".to_string());
+            }
+            sizes.lock().unwrap().push(ids.len());
+            received.lock().unwrap().extend(ids);
+            (200, vec![], String::new())
+        })
+    };
+    let mut server = Server::start(handler).await;
+    let group = unique("http-413");
+    let routes = format!(
+        "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\n\
+         sink = {{ type = \"http\", url = \"{url}/ingest\", max_records = 200 }}\n\
+         [[routes]]\nname = \"warnings\"\nlevels = [\"warn\"]\n\
+         sink = {{ type = \"http\", url = \"{url}/moved\" }}\n\
+         [dead_letter]\ntopic = \"logs.dlq\"\n\
+         [breaker]\nenabled = false\n",
+        url = server.url()
+    );
+    let config = source.config(&group, "", &routes);
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+    let committed = source
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    pipeline.stop().await;
+    server.down().await;
+
+    let received: Vec<u64> = received.lock().unwrap().clone();
+    let sizes = sizes.lock().unwrap().clone();
+    let parked = dead_letters(&source, "logs.dlq");
+    println!(
+        "{} delivered in {} requests (largest {:?} records), {} parked: {:?}",
+        received.len(),
+        sizes.len(),
+        sizes.iter().max(),
+        parked.len(),
+        parked
+            .iter()
+            .map(|(id, reason, status, _)| (*id, reason.as_str(), status.clone()))
+            .collect::<Vec<_>>()
+    );
+    assert!(committed, "commits reached the end");
+    let warnings: HashSet<u64> = (0..500).filter(|id| id % 50 == 9).collect();
+    let expected: Vec<u64> = (0..500)
+        .filter(|id| *id != 77 && !warnings.contains(id))
+        .collect();
+    let mut delivered = received.clone();
+    delivered.sort_unstable();
+    assert_eq!(
+        delivered, expected,
+        "every error event but the oversized one, once"
+    );
+    let mut parked_by: HashMap<u64, (String, Option<String>)> = HashMap::new();
+    for (id, reason, status, _) in &parked {
+        parked_by.insert(*id, (reason.clone(), status.clone()));
+    }
+    assert_eq!(parked.len(), 1 + warnings.len(), "one dead letter each");
+    assert_eq!(
+        parked_by.get(&77),
+        Some(&("http_413".to_string(), Some("413".to_string()))),
+        "the record too large alone"
+    );
+    for id in &warnings {
+        assert_eq!(
+            parked_by.get(id),
+            Some(&("http_308".to_string(), Some("308".to_string()))),
+            "a redirect is an answer, not followed: {id}"
+        );
+    }
+}
