@@ -427,6 +427,7 @@ fn spawn_workers(
                 },
                 fences: fences.clone(),
                 batches_in_flight: route.batches_in_flight(&config.pipeline),
+                linger: route.linger(),
             };
             let (handle, task) = WorkerHandle::spawn(
                 settings,

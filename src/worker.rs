@@ -84,6 +84,18 @@ pub struct WorkerSettings {
     /// Batches the worker may have in its sink at once, for sinks that keep several in order
     /// ([`Sink::start`]); 1: one at a time.
     pub batches_in_flight: usize,
+    /// How long a worker that took fewer records than its sink takes at once waits for more
+    /// before delivering (an HTTP sink's `linger_ms`); `None`: it delivers what it took.
+    pub linger: Option<Linger>,
+}
+
+/// A worker's wait for a fuller batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linger {
+    /// Longest wait, from the first record of the batch.
+    pub wait: Duration,
+    /// Records that make a batch full (no wait then).
+    pub fill: usize,
 }
 
 impl WorkerHandle {
@@ -113,6 +125,7 @@ impl WorkerHandle {
             retry: settings.retry,
             fences: settings.fences,
             batches_in_flight: settings.batches_in_flight.max(1),
+            linger: settings.linger,
             receiver,
             sink,
             committer,
@@ -153,6 +166,7 @@ struct WorkerActor {
     retry: RetryPolicy,
     fences: Fences,
     batches_in_flight: usize,
+    linger: Option<Linger>,
     receiver: BatchReceiver<Record>,
     sink: Box<dyn Sink>,
     committer: CommitterHandle,
@@ -208,9 +222,27 @@ impl WorkerActor {
     async fn run_one_at_a_time(&mut self) -> Result<(), StageGone> {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while self.receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            if let Some(linger) = self.linger {
+                self.fill_up(&mut batch, linger).await;
+            }
             self.process(std::mem::take(&mut batch)).await?;
         }
         Ok(())
+    }
+
+    /// Waits up to `linger.wait` for `batch` to reach `linger.fill` records (or the channel to
+    /// close), so that a quiet route sends fewer, fuller requests.
+    async fn fill_up(&mut self, batch: &mut Vec<Record>, linger: Linger) {
+        let fill = linger.fill.min(MAX_BATCH);
+        let deadline = tokio::time::Instant::now() + linger.wait;
+        while batch.len() < fill {
+            let room = fill - batch.len();
+            // Cancel-safe: a receive cut short by the deadline took nothing.
+            match tokio::time::timeout_at(deadline, self.receiver.recv_many(batch, room)).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 
     /// Keeps up to `batches_in_flight` batches in the sink at once, started in channel order
@@ -652,6 +684,16 @@ mod tests {
     }
 
     fn spawn(sink: Box<dyn Sink>, fences: Fences, max_retries: u32, batches: usize) -> Spawned {
+        spawn_lingering(sink, fences, max_retries, batches, None)
+    }
+
+    fn spawn_lingering(
+        sink: Box<dyn Sink>,
+        fences: Fences,
+        max_retries: u32,
+        batches: usize,
+        linger: Option<Linger>,
+    ) -> Spawned {
         let metrics = Arc::new(Metrics::new());
         let (committer, messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let settings = WorkerSettings {
@@ -664,6 +706,7 @@ mod tests {
             },
             fences,
             batches_in_flight: batches,
+            linger,
         };
         let (handle, task) = WorkerHandle::spawn(
             settings,
@@ -679,6 +722,71 @@ mod tests {
             messages,
             metrics,
         }
+    }
+
+    /// Whether `condition` holds within `deadline` (checked every 5 ms).
+    async fn eventually(deadline: Duration, condition: impl Fn() -> bool) -> bool {
+        let until = std::time::Instant::now() + deadline;
+        while std::time::Instant::now() < until {
+            if condition() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        condition()
+    }
+
+    #[tokio::test]
+    async fn a_lingering_worker_waits_for_a_fuller_batch_but_not_past_its_wait() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Scripted {
+            answers: VecDeque::new(),
+            seen: seen.clone(),
+            release_after_first: None,
+        };
+        let linger = Linger {
+            wait: Duration::from_millis(300),
+            fill: 5,
+        };
+        let mut worker = spawn_lingering(Box::new(sink), Fences::default(), 0, 1, Some(linger));
+        let started = std::time::Instant::now();
+        // Three records, then two more within the wait: one delivery of five, at once.
+        assert!(matches!(
+            worker.handle.offer((0..3).map(|o| keyed("k", o)).collect()),
+            Offer::Taken
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(seen.lock().expect("seen").is_empty(), "waiting for more");
+        assert!(matches!(
+            worker.handle.offer((3..5).map(|o| keyed("k", o)).collect()),
+            Offer::Taken
+        ));
+        let full = eventually(Duration::from_secs(2), || {
+            seen.lock().expect("seen").len() == 1
+        })
+        .await;
+        assert!(full, "a full batch is delivered");
+        assert!(
+            started.elapsed() < Duration::from_millis(250),
+            "without waiting out the linger"
+        );
+        // One record alone: delivered when the wait is over.
+        let alone = std::time::Instant::now();
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("k", 5)]),
+            Offer::Taken
+        ));
+        let delivered = eventually(Duration::from_secs(2), || {
+            seen.lock().expect("seen").len() == 2
+        })
+        .await;
+        assert!(delivered, "a lone record is delivered after the wait");
+        let waited = alone.elapsed();
+        assert!(waited >= Duration::from_millis(280), "waited {waited:?}");
+        let acks = worker.finish().await;
+        let seen = seen.lock().expect("seen").clone();
+        assert_eq!(seen.iter().map(Vec::len).collect::<Vec<_>>(), [5, 1]);
+        assert_eq!(acks.len(), 6);
     }
 
     fn keyed(key: &str, offset: i64) -> Record {

@@ -97,17 +97,33 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
         ],
         Duration::from_secs(300),
     );
-    check_rows(&output, 1, &["raw", "null", "kafka"], 20_000);
+    check_rows(&output, 1, &["raw", "null", "kafka", "http"], 20_000);
     // The ratios are the printed medians' ratios (to the printed rounding).
     let median = |label: &str| figure(&output, label, label);
     let raw = median("(a) raw librdkafka");
     let null = median("(b) pipeline, null sinks");
     let kafka = median("(c) pipeline, kafka sinks");
-    let (b_a, c_a) = (
+    let http = median("(d) pipeline, http sinks");
+    let (b_a, c_a, d_a) = (
         figure(&output, "b/a", "b/a ="),
         figure(&output, "b/a", "c/a ="),
+        figure(&output, "b/a", "d/a ="),
     );
-    assert!(raw > 0.0 && null > 0.0 && kafka > 0.0, "{output}");
+    assert!(
+        raw > 0.0 && null > 0.0 && kafka > 0.0 && http > 0.0,
+        "{output}"
+    );
+    assert!(
+        (d_a - http / raw).abs() <= 0.006,
+        "d/a {d_a} vs {http}/{raw}"
+    );
+    // The endpoint saw the http run's events (NDJSON lines of about 200 bytes each).
+    let requests = figure(&output, "http endpoint:", "endpoint:");
+    let per_request = figure(&output, "http endpoint:", "NDJSON,");
+    assert!(
+        requests > 0.0 && (requests * per_request - 20_000.0).abs() <= requests,
+        "http endpoint: {requests} requests of {per_request} events"
+    );
     assert!(
         (b_a - null / raw).abs() <= 0.006,
         "b/a {b_a} vs {null}/{raw}"

@@ -477,7 +477,7 @@ async fn a_bulk_endpoint_with_per_item_failures_indexes_every_valid_event_once()
     let group = unique("bulk");
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\nretry_backoff_ms = 20\n\
-         sink = {{ type = \"elasticsearch\", url = \"{}/\", index = \"logs-{{service}}-{{level}}-{{date}}\", max_records = 60, compression = \"gzip\" }}\n\
+         sink = {{ type = \"elasticsearch\", url = \"{}/\", index = \"logs-{{service}}-{{level}}-{{date}}\", max_records = 60, linger_ms = 20, compression = \"gzip\" }}\n\
          [dead_letter]\ntopic = \"logs.dlq\"\n",
         server.url()
     );

@@ -40,6 +40,11 @@ pub struct HttpSinkConfig {
     /// `max_bytes`).
     #[serde(default = "default_max_records")]
     pub max_records: usize,
+    /// How long a worker with fewer than `max_records` records (and fewer than 256, a worker's
+    /// largest batch) waits for more before sending; 0 (default): it sends what it has. Keep it
+    /// well below `pipeline.drain_timeout_ms`: records waiting here are in flight.
+    #[serde(default)]
+    pub linger_ms: u64,
     /// Most payload bytes in one request (before compression); a single larger record is sent
     /// alone.
     #[serde(default = "default_max_bytes")]
@@ -141,6 +146,7 @@ impl HttpSinkConfig {
         check_range(&field("timeout_ms"), self.timeout_ms, 1, 600_000)?;
         check_range(&field("max_records"), self.max_records, 1, 100_000)?;
         check_range(&field("max_bytes"), self.max_bytes, 1, 1 << 30)?;
+        check_range(&field("linger_ms"), self.linger_ms, 0, 60_000)?;
         for name in self.headers.keys() {
             if hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 return Err(invalid(

@@ -507,6 +507,20 @@ impl RouteConfig {
         !self.topics.is_empty() || !self.services.is_empty() || self.header.is_some()
     }
 
+    /// How long a worker waits for a fuller batch: an HTTP sink's `linger_ms`, up to its
+    /// `max_records`.
+    pub fn linger(&self) -> Option<crate::worker::Linger> {
+        match &self.sink {
+            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) if http.linger_ms > 0 => {
+                Some(crate::worker::Linger {
+                    wait: std::time::Duration::from_millis(http.linger_ms),
+                    fill: http.max_records,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Batches each worker of this route may have in its sink at once:
     /// `pipeline.sink_batches_in_flight` where the sink keeps several in order (Kafka), else 1.
     pub fn batches_in_flight(&self, pipeline: &PipelineConfig) -> usize {
