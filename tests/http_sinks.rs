@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::tls;
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
@@ -32,6 +33,8 @@ struct Server {
     address: SocketAddr,
     handler: Arc<Handler>,
     tasks: Option<tokio::task::JoinSet<()>>,
+    /// Connections accepted (to see that the client reuses them).
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Server {
@@ -44,6 +47,7 @@ impl Server {
             address,
             handler,
             tasks: None,
+            connections: Arc::default(),
         };
         server.serve(listener);
         server
@@ -51,11 +55,13 @@ impl Server {
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let handler = self.handler.clone();
+        let accepted = self.connections.clone();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(async move {
             // Connections live in this set: aborting it (going down) closes them all.
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(
@@ -389,11 +395,16 @@ async fn records_an_endpoint_refuses_with_400_are_dead_lettered_with_the_status(
 
     let parked = dead_letters(&source, "logs.dlq");
     let received: HashSet<u64> = received.lock().unwrap().iter().copied().collect();
+    let connections = server.connections.load(std::sync::atomic::Ordering::SeqCst);
     println!(
-        "{} delivered, {} dead-lettered; first dead letter {:?}",
+        "{} delivered, {} dead-lettered in 300 requests over {connections} connections; first dead letter {:?}",
         received.len(),
         parked.len(),
         parked.first()
+    );
+    assert!(
+        (1..=10).contains(&connections),
+        "connections reused: {connections} for 300 requests"
     );
     assert!(committed, "commits reached the end");
     let parked_ids: HashSet<u64> = parked.iter().map(|(id, ..)| *id).collect();
@@ -640,4 +651,91 @@ async fn requests_too_large_are_halved_and_a_redirect_is_refused_not_followed() 
             "a redirect is an answer, not followed: {id}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
+    let _serial = serial().await;
+    let source = Kafka::start("logs", 2);
+    source.create_topic("logs.dlq", 1);
+    // Errors go to the endpoint through the right CA; warnings with only the system's roots;
+    // infos with a CA that signed something else.
+    let levels = ["error", "warn", "info"];
+    let records: Vec<(Option<String>, Vec<u8>)> = (0..90u64)
+        .map(|id| (Some(key_of(id)), event(id, levels[(id % 3) as usize])))
+        .collect();
+    source.produce(&records).await;
+    let end = source.end_offsets();
+
+    let received: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let handler: Arc<Handler> = {
+        let received = received.clone();
+        Arc::new(move |_request, body| {
+            received.lock().unwrap().extend(ids(body));
+            (200, vec![], String::new())
+        })
+    };
+    let mut server = Server::start(handler).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = tls::Pki::generate(dir.path());
+    let port = common::process::free_port();
+    let proxy = tls::TlsProxy::start(port, server.address.port(), &pki).await;
+    let url = format!("https://localhost:{port}/ingest");
+    let group = unique("https");
+    let routes = format!(
+        "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\n\
+         sink = {{ type = \"http\", url = \"{url}\", ca_file = \"{ca}\" }}\n\
+         [[routes]]\nname = \"warnings\"\nlevels = [\"warn\"]\nmax_retries = 0\n\
+         sink = {{ type = \"http\", url = \"{url}\" }}\n\
+         [[routes]]\nname = \"infos\"\nlevels = [\"info\"]\nmax_retries = 0\n\
+         sink = {{ type = \"http\", url = \"{url}\", ca_file = \"{other}\" }}\n\
+         [dead_letter]\ntopic = \"logs.dlq\"\n[breaker]\nenabled = false\n",
+        ca = pki.ca_file.display(),
+        other = pki.other_ca_file.display(),
+    );
+    let config = source.config(&group, "", &routes);
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+    let committed = source
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    pipeline.stop().await;
+    server.down().await;
+
+    let mut delivered = received.lock().unwrap().clone();
+    delivered.sort_unstable();
+    let parked = dead_letters(&source, "logs.dlq");
+    let refused_handshakes = proxy
+        .failed_handshakes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{} delivered over TLS, {} parked, {refused_handshakes} handshakes refused; a dead letter: {:?}",
+        delivered.len(),
+        parked.len(),
+        parked.first()
+    );
+    assert!(committed, "commits reached the end");
+    let errors: Vec<u64> = (0..90).filter(|id| id % 3 == 0).collect();
+    assert_eq!(
+        delivered, errors,
+        "the route with the CA delivered every record, once"
+    );
+    let mut parked_ids: Vec<u64> = parked.iter().map(|(id, ..)| *id).collect();
+    parked_ids.sort_unstable();
+    let others: Vec<u64> = (0..90).filter(|id| id % 3 != 0).collect();
+    assert_eq!(
+        parked_ids, others,
+        "the routes without the CA delivered nothing"
+    );
+    for (id, reason, _, message) in &parked {
+        assert_eq!(reason, "retries_exhausted", "{id}");
+        assert!(
+            message.to_lowercase().contains("certificate"),
+            "the dead letter says why: {message}"
+        );
+    }
+    assert!(
+        refused_handshakes > 0,
+        "the server saw the refused handshakes"
+    );
 }
