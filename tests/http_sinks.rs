@@ -313,6 +313,28 @@ async fn a_flaky_endpoint_that_goes_down_gets_every_event_and_commits_reach_the_
     );
 }
 
+/// Runs a pipeline with `routes` (and a fresh group named after `prefix`) over `source` until
+/// its commits reach the end of the topic, 60 s at most; then stops it and takes `server` down.
+/// Returns whether the commits got there, and the pipeline's metrics.
+async fn run_to_the_end(
+    source: &Kafka,
+    prefix: &str,
+    routes: &str,
+    server: &mut Server,
+) -> (bool, Arc<Metrics>) {
+    let end = source.end_offsets();
+    let group = unique(prefix);
+    let config = source.config(&group, "", routes);
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+    let committed = source
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    pipeline.stop().await;
+    server.down().await;
+    (committed, metrics)
+}
+
 /// The dead letters of `topic` as `(id, reason, http status header, message)`.
 fn dead_letters(kafka: &Kafka, topic: &str) -> Vec<(u64, String, Option<String>, String)> {
     kafka
@@ -353,7 +375,6 @@ async fn records_an_endpoint_refuses_with_400_are_dead_lettered_with_the_status(
         .map(|id| (Some(key_of(id)), marked_event(id, rejected.contains(&id))))
         .collect();
     source.produce(&records).await;
-    let end = source.end_offsets();
 
     let received: Arc<Mutex<Vec<u64>>> = Arc::default();
     let handler: Arc<Handler> = {
@@ -377,21 +398,13 @@ async fn records_an_endpoint_refuses_with_400_are_dead_lettered_with_the_status(
         })
     };
     let mut server = Server::start(handler).await;
-    let group = unique("http-400");
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\n\
          sink = {{ type = \"http\", url = \"{}/events\", method = \"PUT\", format = \"json_array\", max_records = 1 }}\n\
          [dead_letter]\ntopic = \"logs.dlq\"\n",
         server.url()
     );
-    let config = source.config(&group, "", &routes);
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::without_http(config, &metrics);
-    let committed = source
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
-        .await;
-    pipeline.stop().await;
-    server.down().await;
+    let (committed, _) = run_to_the_end(&source, "http-400", &routes, &mut server).await;
 
     let parked = dead_letters(&source, "logs.dlq");
     let received: HashSet<u64> = received.lock().unwrap().iter().copied().collect();
@@ -434,7 +447,6 @@ async fn a_bulk_endpoint_with_per_item_failures_indexes_every_valid_event_once()
         .map(|id| (Some(key_of(id)), marked_event(id, rejected.contains(&id))))
         .collect();
     source.produce(&records).await;
-    let end = source.end_offsets();
 
     // Documents by `_id`: (index, event id); items refused once with 429 by `_id`.
     let indexed: Arc<Mutex<HashMap<String, (String, u64)>>> = Arc::default();
@@ -485,21 +497,13 @@ async fn a_bulk_endpoint_with_per_item_failures_indexes_every_valid_event_once()
         })
     };
     let mut server = Server::start(handler).await;
-    let group = unique("bulk");
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\nretry_backoff_ms = 20\n\
          sink = {{ type = \"elasticsearch\", url = \"{}/\", index = \"logs-{{service}}-{{level}}-{{date}}\", max_records = 60, linger_ms = 20, compression = \"gzip\" }}\n\
          [dead_letter]\ntopic = \"logs.dlq\"\n",
         server.url()
     );
-    let config = source.config(&group, "", &routes);
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::without_http(config, &metrics);
-    let committed = source
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
-        .await;
-    pipeline.stop().await;
-    server.down().await;
+    let (committed, metrics) = run_to_the_end(&source, "bulk", &routes, &mut server).await;
 
     let indexed = indexed.lock().unwrap().clone();
     let parked = dead_letters(&source, "logs.dlq");
@@ -565,7 +569,6 @@ async fn requests_too_large_are_halved_and_a_redirect_is_refused_not_followed() 
         })
         .collect();
     source.produce(&records).await;
-    let end = source.end_offsets();
 
     let received: Arc<Mutex<Vec<u64>>> = Arc::default();
     let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
@@ -590,7 +593,6 @@ async fn requests_too_large_are_halved_and_a_redirect_is_refused_not_followed() 
         })
     };
     let mut server = Server::start(handler).await;
-    let group = unique("http-413");
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nworkers = 2\n\
          sink = {{ type = \"http\", url = \"{url}/ingest\", max_records = 200 }}\n\
@@ -600,14 +602,7 @@ async fn requests_too_large_are_halved_and_a_redirect_is_refused_not_followed() 
          [breaker]\nenabled = false\n",
         url = server.url()
     );
-    let config = source.config(&group, "", &routes);
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::without_http(config, &metrics);
-    let committed = source
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
-        .await;
-    pipeline.stop().await;
-    server.down().await;
+    let (committed, _) = run_to_the_end(&source, "http-413", &routes, &mut server).await;
 
     let received: Vec<u64> = received.lock().unwrap().clone();
     let sizes = sizes.lock().unwrap().clone();
@@ -665,7 +660,6 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
         .map(|id| (Some(key_of(id)), event(id, levels[(id % 3) as usize])))
         .collect();
     source.produce(&records).await;
-    let end = source.end_offsets();
 
     let received: Arc<Mutex<Vec<u64>>> = Arc::default();
     let handler: Arc<Handler> = {
@@ -681,7 +675,6 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
     let port = common::process::free_port();
     let proxy = tls::TlsProxy::start(port, server.address.port(), &pki).await;
     let url = format!("https://localhost:{port}/ingest");
-    let group = unique("https");
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\n\
          sink = {{ type = \"http\", url = \"{url}\", ca_file = \"{ca}\" }}\n\
@@ -693,14 +686,7 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
         ca = pki.ca_file.display(),
         other = pki.other_ca_file.display(),
     );
-    let config = source.config(&group, "", &routes);
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::without_http(config, &metrics);
-    let committed = source
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
-        .await;
-    pipeline.stop().await;
-    server.down().await;
+    let (committed, _) = run_to_the_end(&source, "https", &routes, &mut server).await;
 
     let mut delivered = received.lock().unwrap().clone();
     delivered.sort_unstable();
