@@ -261,7 +261,6 @@ async fn original_headers_are_kept_by_the_kafka_sink_and_in_dead_letters() {
             .map_err(|(err, _)| err)
             .expect("produced");
     }
-    let end = kafka.end_offsets();
     let group = unique("headers");
     let config = kafka.config(
         &group,
@@ -269,11 +268,9 @@ async fn original_headers_are_kept_by_the_kafka_sink_and_in_dead_letters() {
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nsink = { type = \"kafka\", topic = \"out\" }\n\
          [dead_letter]\ntopic = \"logs.dlq\"\n",
     );
-    let running = Running::without_http(config, &Arc::new(Metrics::new()));
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
+    let (done, _) = kafka
+        .run_until_committed(&group, config, Duration::from_secs(60))
         .await;
-    running.stop().await;
     assert!(done, "not committed to the end");
     for (topic, n) in [("out", 0), ("logs.dlq", 1)] {
         let records = kafka.read_all(topic);
@@ -334,7 +331,6 @@ async fn kafka_sink_keeps_timestamps_and_headers_unless_told_not_to() {
             .map_err(|(err, _)| err)
             .expect("produced");
     }
-    let end = kafka.end_offsets();
     let group = unique("fidelity");
     let config = kafka.config(
         &group,
@@ -347,11 +343,9 @@ async fn kafka_sink_keeps_timestamps_and_headers_unless_told_not_to() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as i64;
-    let running = Running::without_http(config, &Arc::new(Metrics::new()));
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
+    let (done, _) = kafka
+        .run_until_committed(&group, config, Duration::from_secs(60))
         .await;
-    running.stop().await;
     assert!(done, "not committed to the end");
 
     let id_of = |record: &ReadRecord| -> u64 {

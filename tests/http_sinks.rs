@@ -322,17 +322,13 @@ async fn run_to_the_end(
     routes: &str,
     server: &mut Server,
 ) -> (bool, Arc<Metrics>) {
-    let end = source.end_offsets();
     let group = unique(prefix);
     let config = source.config(&group, "", routes);
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::without_http(config, &metrics);
-    let committed = source
-        .wait_committed_to(&group, &end, Duration::from_secs(60))
+    let ran = source
+        .run_until_committed(&group, config, Duration::from_secs(60))
         .await;
-    pipeline.stop().await;
     server.down().await;
-    (committed, metrics)
+    ran
 }
 
 /// The dead letters of `topic` as `(id, reason, http status header, message)`.

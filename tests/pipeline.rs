@@ -30,11 +30,9 @@ async fn run_to_the_end(
     config: logbridge::Config,
     end: &[i64],
 ) -> Arc<Metrics> {
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::start(config, options(&metrics, config_sink_factory()));
-    let total: i64 = end.iter().sum();
-    let done = wait_committed(&metrics, total, Duration::from_secs(60)).await;
-    pipeline.stop().await;
+    let (done, metrics) = kafka
+        .run_until_committed(group, config, Duration::from_secs(60))
+        .await;
     assert!(done, "commits did not reach the end");
     assert_eq!(kafka.committed(group), end);
     metrics

@@ -659,4 +659,21 @@ impl Kafka {
     pub async fn wait_committed_to(&self, group: &str, end: &[i64], deadline: Duration) -> bool {
         wait_for(deadline, || async move { self.committed(group) == end }).await
     }
+
+    /// Runs `config` (of group `group`) with its own sinks until the group's commits, read by a
+    /// separate client, reach the topic's end as it is now (within `deadline`), then stops it.
+    /// Returns whether they did, and the pipeline's metrics.
+    pub async fn run_until_committed(
+        &self,
+        group: &str,
+        config: Config,
+        deadline: Duration,
+    ) -> (bool, std::sync::Arc<logbridge::metrics::Metrics>) {
+        let end = self.end_offsets();
+        let metrics = std::sync::Arc::new(logbridge::metrics::Metrics::new());
+        let pipeline = Running::without_http(config, &metrics);
+        let committed = self.wait_committed_to(group, &end, deadline).await;
+        pipeline.stop().await;
+        (committed, metrics)
+    }
 }
