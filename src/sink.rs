@@ -58,13 +58,12 @@ pub type SinkFactory =
 /// The factory for the sinks named in the configuration. Workers of one route that write to the
 /// same file share one append-mode handle.
 pub fn config_sink_factory() -> SinkFactory {
-    let files: Mutex<HashMap<PathBuf, Arc<SharedFile>>> = Mutex::new(HashMap::new());
+    let files: Shared<PathBuf, Arc<SharedFile>> = Shared::default();
     // One producer per route, shared by its workers (a producer is thread-safe and batches
     // better when shared).
-    let producers: Mutex<HashMap<String, Producer>> = Mutex::new(HashMap::new());
+    let producers: Shared<String, Producer> = Shared::default();
     // One HTTP client (connection pool) per route, shared by its workers.
-    let endpoints: Mutex<HashMap<String, crate::http_sink::HttpEndpoint>> =
-        Mutex::new(HashMap::new());
+    let endpoints: Shared<String, crate::http_sink::HttpEndpoint> = Shared::default();
     Arc::new(move |route: &RouteConfig, _index: usize| {
         let sink: Box<dyn Sink> = match &route.sink {
             SinkConfig::Null => Box::new(NullSink),
@@ -79,24 +78,16 @@ pub fn config_sink_factory() -> SinkFactory {
                 let brokers = brokers.as_deref().ok_or_else(|| {
                     anyhow::anyhow!("route `{}`: kafka sink brokers not resolved", route.name)
                 })?;
-                let mut producers = producers
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
-                let producer = match producers.get(&route.name) {
-                    Some(producer) => producer.clone(),
-                    None => {
-                        let producer = crate::producer::create(
-                            Cluster {
-                                brokers,
-                                security: security.as_ref(),
-                                options,
-                            },
-                            "sink producer",
-                        )?;
-                        producers.insert(route.name.clone(), producer.clone());
-                        producer
-                    }
-                };
+                let producer = producers.get_or_make(&route.name, || {
+                    crate::producer::create(
+                        Cluster {
+                            brokers,
+                            security: security.as_ref(),
+                            options,
+                        },
+                        "sink producer",
+                    )
+                })?;
                 Box::new(KafkaSink {
                     producer,
                     topic: topic.clone(),
@@ -105,19 +96,11 @@ pub fn config_sink_factory() -> SinkFactory {
                 })
             }
             SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
-                let mut endpoints = endpoints
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
-                let endpoint = match endpoints.get(&route.name) {
-                    Some(endpoint) => endpoint.clone(),
-                    None => {
-                        let elasticsearch = matches!(route.sink, SinkConfig::Elasticsearch(_));
-                        let endpoint = crate::http_sink::HttpEndpoint::new(http, elasticsearch)
-                            .with_context(|| format!("route `{}`", route.name))?;
-                        endpoints.insert(route.name.clone(), endpoint.clone());
-                        endpoint
-                    }
-                };
+                let endpoint = endpoints.get_or_make(&route.name, || {
+                    let elasticsearch = matches!(route.sink, SinkConfig::Elasticsearch(_));
+                    crate::http_sink::HttpEndpoint::new(http, elasticsearch)
+                        .with_context(|| format!("route `{}`", route.name))
+                })?;
                 Box::new(endpoint.sink())
             }
             SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
@@ -127,26 +110,43 @@ pub fn config_sink_factory() -> SinkFactory {
                 max_bytes,
                 max_files,
             } => {
-                let mut files = files
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
-                let file = match files.get(path) {
-                    Some(file) => file.clone(),
-                    None => {
-                        let rotation = max_bytes.map(|max_bytes| Rotation {
-                            max_bytes,
-                            max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
-                        });
-                        let file = Arc::new(SharedFile::open(path, *fsync, rotation)?);
-                        files.insert(path.clone(), file.clone());
-                        file
-                    }
-                };
+                let file = files.get_or_make(path, || {
+                    let rotation = max_bytes.map(|max_bytes| Rotation {
+                        max_bytes,
+                        max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
+                    });
+                    SharedFile::open(path, *fsync, rotation).map(Arc::new)
+                })?;
                 Box::new(LineSink::new(LineTarget::File(file)))
             }
         };
         Ok(sink)
     })
+}
+
+/// What the sinks of a factory share by key (a route's producer or HTTP client, a file by
+/// path): made by the first sink that needs it, cloned for the others.
+struct Shared<K, V>(Mutex<HashMap<K, V>>);
+
+impl<K, V> Default for Shared<K, V> {
+    fn default() -> Self {
+        Shared(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone, V: Clone> Shared<K, V> {
+    fn get_or_make(&self, key: &K, make: impl FnOnce() -> anyhow::Result<V>) -> anyhow::Result<V> {
+        let mut shared = self
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("sink factory lock poisoned"))?;
+        if let Some(value) = shared.get(key) {
+            return Ok(value.clone());
+        }
+        let value = make()?;
+        shared.insert(key.clone(), value.clone());
+        Ok(value)
+    }
 }
 
 fn open_append(path: &Path) -> anyhow::Result<File> {

@@ -228,8 +228,6 @@ impl HttpSinkConfig {
 }
 
 #[cfg(test)]
-// figment's Jail closures must return figment's own (large) error type.
-#[allow(clippy::result_large_err)]
 mod tests {
     use crate::config::{Config, HttpAuth, SinkConfig, REDACTED};
 
@@ -248,16 +246,8 @@ mod tests {
         )
     }
 
-    /// Loads under figment's jail with no LOGBRIDGE_ variables (as the config module's tests).
     fn load(sink: &str) -> Result<Config, String> {
-        let mut result = None;
-        figment::Jail::expect_with(|jail| {
-            jail.clear_env();
-            jail.set_env("LB_TEST_TOKEN", "t0ken-from-env");
-            result = Some(Config::from_toml_str(&config(sink)).map_err(|err| err.to_string()));
-            Ok(())
-        });
-        result.unwrap_or_else(|| Err("jail did not run".to_string()))
+        crate::config::load_jailed(&config(sink), &[("LB_TEST_TOKEN", "t0ken-from-env")])
     }
 
     #[test]

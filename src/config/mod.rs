@@ -1192,6 +1192,24 @@ where
     Ok(())
 }
 
+/// Loads `text` with no LOGBRIDGE_ variables in the environment but `env`, under figment's
+/// jail lock so that a test that sets some cannot leak them into another.
+#[cfg(test)]
+// figment's Jail closures must return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
+pub(crate) fn load_jailed(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+    let mut result = None;
+    figment::Jail::expect_with(|jail| {
+        jail.clear_env();
+        for (name, value) in env {
+            jail.set_env(name, value);
+        }
+        result = Some(Config::from_toml_str(text).map_err(|err| err.to_string()));
+        Ok(())
+    });
+    result.unwrap_or_else(|| Err("jail did not run".to_string()))
+}
+
 #[cfg(test)]
 // figment's Jail closures must return figment's own (large) error type.
 #[allow(clippy::result_large_err)]
@@ -1209,16 +1227,8 @@ mod tests {
         sink = { type = "null" }
     "#;
 
-    /// Loads with no LOGBRIDGE_ variables in the environment, under figment's jail lock so that
-    /// the test that sets some cannot leak them into this one.
     fn load(text: &str) -> Result<Config, String> {
-        let mut result = None;
-        figment::Jail::expect_with(|jail| {
-            jail.clear_env();
-            result = Some(Config::from_toml_str(text).map_err(|err| err.to_string()));
-            Ok(())
-        });
-        result.unwrap_or_else(|| Err("jail did not run".to_string()))
+        load_jailed(text, &[])
     }
 
     /// The source options as `name=value` lines, in order.
