@@ -50,8 +50,10 @@ impl ClientLog {
         }
     }
 
-    /// A client-wide error from librdkafka's error callback.
+    /// A client-wide error from librdkafka's error callback: counted
+    /// (`logbridge_kafka_client_errors_total`), and logged within the rate limit.
     pub fn error(&self, error: &KafkaError, reason: &str) {
+        self.count(error);
         let kind = error
             .rdkafka_error_code()
             .map_or_else(|| error.to_string(), |code| format!("{code:?}"));
@@ -60,8 +62,20 @@ impl ClientLog {
         }
     }
 
-    /// An error returned by a consumer poll.
+    /// Counts `error` by client and librdkafka error code (`unknown` without one: the codes
+    /// are a fixed set, so the label stays small).
+    fn count(&self, error: &KafkaError) {
+        let code = error
+            .rdkafka_error_code()
+            .map_or_else(|| "unknown".to_string(), |code| format!("{code:?}"));
+        crate::metrics::kafka_client_errors()
+            .with_label_values(&[self.client, &code])
+            .inc();
+    }
+
+    /// An error returned by a consumer poll: counted, and logged within the rate limit.
     pub fn consume_error(&self, error: &KafkaError) {
+        self.count(error);
         let kind = error
             .rdkafka_error_code()
             .map_or_else(|| error.to_string(), |code| format!("poll {code:?}"));

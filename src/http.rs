@@ -1,7 +1,8 @@
 //! HTTP endpoint (hyper 1, HTTP/1.1): `/metrics` in the Prometheus text format, `/healthz`
 //! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped or a
 //! partition is stalled, saying which and why)
-//! and `POST /resume` (resets the breaker).
+//! `/status`, `/runbook` (docs/runbook.md, where the alerts' `runbook_url` points) and
+//! `POST /resume` (resets the breaker: from a loopback address, or with the admin token).
 //! Unknown paths answer 404, known paths with another method 405. Header reading is bounded in
 //! time and concurrent connections are capped, so a slow or abusive client cannot take the
 //! endpoint (or the pipeline) down.
@@ -31,6 +32,104 @@ use crate::dead_letter::DeadLetterTrouble;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
 
+/// `docs/runbook.md` as a page whose headings are anchors (`#logbridgepartitionstalled`), for
+/// the alerts' `runbook_url`.
+static RUNBOOK_HTML: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| runbook_html(include_str!("../docs/runbook.md")));
+
+/// Headings become `<h1>`/`<h2>` with the lowercased heading as id (GitHub's anchors for
+/// these one-word headings); the rest is shown as written.
+fn runbook_html(markdown: &str) -> String {
+    let escape = |text: &str| {
+        text.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let mut html = String::from(
+        "<!doctype html><meta charset=\"utf-8\"><title>logbridge runbook</title><body style=\"max-width:50em;font-family:sans-serif\">\n",
+    );
+    let mut paragraph = String::new();
+    let flush = |paragraph: &mut String, html: &mut String| {
+        if !paragraph.trim().is_empty() {
+            html.push_str("<p>");
+            html.push_str(&escape(paragraph.trim()));
+            html.push_str("</p>\n");
+        }
+        paragraph.clear();
+    };
+    for line in markdown.lines() {
+        let heading = line
+            .strip_prefix("## ")
+            .map(|title| ("h2", title))
+            .or_else(|| line.strip_prefix("# ").map(|title| ("h1", title)));
+        match heading {
+            Some((tag, title)) => {
+                flush(&mut paragraph, &mut html);
+                let id = anchor(title);
+                html.push_str(&format!("<{tag} id=\"{id}\">{}</{tag}>\n", escape(title)));
+            }
+            None if line.trim().is_empty() => flush(&mut paragraph, &mut html),
+            None => {
+                paragraph.push_str(line);
+                paragraph.push('\n');
+            }
+        }
+    }
+    flush(&mut paragraph, &mut html);
+    html
+}
+
+/// The anchor of a heading, as GitHub makes it: lowercase, spaces to `-`, other punctuation
+/// dropped.
+pub fn anchor(title: &str) -> String {
+    title
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Why an admin request (`POST /resume`) is refused, if it is: from a loopback address it is
+/// always allowed; from elsewhere only with `Authorization: Bearer <http.admin_token>`.
+fn admin_refusal<B>(
+    admin_token: Option<&str>,
+    request: &Request<B>,
+    peer: std::net::SocketAddr,
+) -> Option<(StatusCode, &'static str)> {
+    if peer.ip().is_loopback() {
+        return None;
+    }
+    let Some(token) = admin_token else {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "admin requests only from loopback; set http.admin_token to allow others",
+        ));
+    };
+    let given = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    match given {
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
+        _ => Some((
+            StatusCode::UNAUTHORIZED,
+            "admin requests from other hosts need Authorization: Bearer <http.admin_token>",
+        )),
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken says nothing about
+/// how much of the token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+}
+
 /// A client must send its request headers within this time.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -52,6 +151,9 @@ pub struct HttpState {
     pub cluster: tokio::sync::watch::Receiver<Option<ClusterProblem>>,
     /// What `/status` shows besides metrics.
     pub status: Arc<StatusSource>,
+    /// `http.admin_token`: a `POST /resume` from another host must carry it as a bearer token;
+    /// without one, only loopback clients may resume.
+    pub admin_token: Option<Arc<str>>,
 }
 
 impl HttpState {
@@ -125,7 +227,7 @@ fn status_json(state: &HttpState) -> serde_json::Value {
             // The sampler creates this series at start-up, so the lookup creates nothing new.
             let queued = metrics
                 .channel_depth
-                .get_metric_with_label_values(&[&format!("worker:{name}")])
+                .get_metric_with_label_values(&["worker", name])
                 .map(|g| g.get())
                 .unwrap_or(0);
             serde_json::json!({"name": name, "workers": workers, "queued": queued})
@@ -186,7 +288,7 @@ pub async fn serve(
             let _permit = permit;
             let service = service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &request)) }
+                async move { Ok::<_, Infallible>(respond(&state, &request, peer)) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -206,7 +308,11 @@ pub async fn serve(
     }
 }
 
-fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(
+    state: &HttpState,
+    request: &Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     let readable = matches!(*request.method(), Method::GET | Method::HEAD);
     match path {
@@ -217,6 +323,12 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
                 .insert(ALLOW, HeaderValue::from_static("POST"));
             response
         }
+        "/resume" if admin_refusal(state.admin_token.as_deref(), request, peer).is_some() => {
+            let (status, reason) = admin_refusal(state.admin_token.as_deref(), request, peer)
+                .unwrap_or((StatusCode::FORBIDDEN, ""));
+            warn!(%peer, "POST /resume refused: {reason}");
+            text(status, format!("{reason}\n"))
+        }
         "/resume" => match state.breaker.state() {
             BreakerState::Closed => text(StatusCode::OK, "not tripped; nothing to resume\n"),
             BreakerState::Tripped(_) if state.breaker.reset() => {
@@ -224,7 +336,16 @@ fn respond(state: &HttpState, request: &Request<Incoming>) -> Response<Full<Byte
             }
             BreakerState::Tripped(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
         },
-        "/metrics" | "/healthz" | "/readyz" | "/status" if !readable => {
+        "/runbook" if readable => {
+            let mut response =
+                Response::new(Full::new(Bytes::from_static(RUNBOOK_HTML.as_bytes())));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            response
+        }
+        "/metrics" | "/healthz" | "/readyz" | "/status" | "/runbook" if !readable => {
             let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
             response
                 .headers_mut()
@@ -300,4 +421,75 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resume(authorization: Option<&str>) -> Request<()> {
+        let mut request = Request::post("/resume");
+        if let Some(value) = authorization {
+            request = request.header(hyper::header::AUTHORIZATION, value);
+        }
+        request.body(()).expect("request")
+    }
+
+    #[test]
+    fn resume_is_for_loopback_or_the_admin_token() {
+        let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let local6: std::net::SocketAddr = "[::1]:5000".parse().unwrap();
+        let remote: std::net::SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let token = Some("a-long-admin-token-123");
+        assert_eq!(admin_refusal(None, &resume(None), local), None);
+        assert_eq!(admin_refusal(None, &resume(None), local6), None);
+        assert_eq!(
+            admin_refusal(None, &resume(Some("Bearer x")), remote).map(|r| r.0),
+            Some(StatusCode::FORBIDDEN),
+            "no token configured: loopback only"
+        );
+        assert_eq!(
+            admin_refusal(token, &resume(None), remote).map(|r| r.0),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            admin_refusal(
+                token,
+                &resume(Some("Bearer a-long-admin-token-124")),
+                remote
+            )
+            .map(|r| r.0),
+            Some(StatusCode::UNAUTHORIZED)
+        );
+        assert_eq!(
+            admin_refusal(token, &resume(Some("a-long-admin-token-123")), remote).map(|r| r.0),
+            Some(StatusCode::UNAUTHORIZED),
+            "the Bearer scheme is required"
+        );
+        assert_eq!(
+            admin_refusal(
+                token,
+                &resume(Some("Bearer a-long-admin-token-123")),
+                remote
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn the_runbook_page_has_an_anchor_per_heading() {
+        let html =
+            runbook_html("# Title\n\n## LogbridgeBreakerTripped\n\n**Means:** a <b> & c\nmore\n");
+        assert!(html.contains("<h1 id=\"title\">Title</h1>"), "{html}");
+        assert!(
+            html.contains("<h2 id=\"logbridgebreakertripped\">"),
+            "{html}"
+        );
+        assert!(
+            html.contains("<p>**Means:** a &lt;b&gt; &amp; c\nmore</p>"),
+            "{html}"
+        );
+        assert_eq!(anchor("Delivery guarantee"), "delivery-guarantee");
+        assert!(RUNBOOK_HTML.contains("id=\"logbridgeinstancedown\""));
+    }
 }

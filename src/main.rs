@@ -69,6 +69,9 @@ enum Command {
     BenchBroker,
     /// Run everything against an in-process Kafka with sample traffic.
     Demo(demo::DemoOptions),
+    /// Ask a running instance's /healthz (or /readyz with --ready): exit 0 if it answers 200,
+    /// 1 otherwise (for container healthchecks; the image has no curl).
+    Health(logbridge::tools::health::HealthOptions),
 }
 
 /// Names the configuration file when `--config` does not.
@@ -110,6 +113,18 @@ fn main() -> ExitCode {
             let connect = connect.then(|| std::time::Duration::from_secs(*timeout));
             return logbridge::tools::check_config(file, connect).into();
         }
+        Command::Health(options) => {
+            return match logbridge::tools::health::health(options) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("{why}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::BenchBroker => {
             if let Err(err) = bench::serve_broker() {
                 eprintln!("{err:#}");
@@ -150,7 +165,7 @@ fn main() -> ExitCode {
                 result = bench::run_child(options) => result,
                 _ = shutdown.cancelled() => Err(anyhow::anyhow!("measurement interrupted")),
             },
-            Command::CheckConfig { .. } | Command::BenchBroker => Ok(()),
+            Command::CheckConfig { .. } | Command::BenchBroker | Command::Health(_) => Ok(()),
         }
     });
     // A sink write blocked for good (stdout on a full pipe, say) must not keep the process

@@ -52,13 +52,14 @@ pub struct Metrics {
     pub sink_errors: IntCounterVec,
     /// Commit requests, by result (`ok`, `error`, `stale`).
     pub commits: IntCounterVec,
-    /// Partitions currently paused because the router channel was full.
-    pub paused_partitions: IntGauge,
-    /// Pause actions taken on partitions.
-    pub pauses: IntCounter,
+    /// Partitions currently paused, by reason ([`PAUSE_REASONS`]).
+    pub paused_partitions: IntGaugeVec,
+    /// Pause actions taken on partitions, by reason.
+    pub pauses: IntCounterVec,
     /// Resume actions taken on partitions.
     pub resumes: IntCounter,
-    /// Records queued in a stage's input channel (`router`, `committer`, `worker:<route>`).
+    /// Records queued in a stage's input channel, by stage (`router`, `committer`, `worker`)
+    /// and route (a worker's route; `none` for the other stages).
     pub channel_depth: IntGaugeVec,
     /// Records handed to the router and not yet finished.
     pub in_flight: IntGauge,
@@ -120,6 +121,39 @@ pub struct Metrics {
     pub offset_resets: IntCounter,
     /// File sinks closed and opened again on SIGHUP, by route.
     pub file_reopens: IntCounterVec,
+    /// Payload and key bytes read from Kafka, by topic.
+    pub consumed_bytes: IntCounterVec,
+    /// Payload bytes of the records a route's sink delivered, by route.
+    pub delivered_bytes: IntCounterVec,
+}
+
+/// Why partitions are paused, as the `reason` label of the pause metrics: `backpressure` (the
+/// router channel stayed full), `bytes` (`max_in_flight_bytes`), `uncommitted`
+/// (`max_uncommitted_records`), `breaker` (the dead-letter breaker), `shutdown`.
+pub const PAUSE_REASONS: [&str; 5] = [
+    "backpressure",
+    "bytes",
+    "uncommitted",
+    "breaker",
+    "shutdown",
+];
+
+/// Errors the Kafka clients report (librdkafka's error callback), by client (`consumer`,
+/// `sink producer`, `dead-letter producer`) and librdkafka error code. One family for the
+/// process: the clients are made where no pipeline's metrics reach (the sink factory), and
+/// every pipeline's registry shows it.
+pub fn kafka_client_errors() -> &'static IntCounterVec {
+    static ERRORS: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    ERRORS.get_or_init(|| {
+        IntCounterVec::new(
+            Opts::new(
+                "logbridge_kafka_client_errors_total",
+                "Errors the Kafka clients reported, by client and librdkafka error code.",
+            ),
+            &["client", "code"],
+        )
+        .expect(METRIC_OK)
+    })
 }
 
 impl Metrics {
@@ -167,14 +201,20 @@ impl Metrics {
                 &["result"],
             )
             .expect(METRIC_OK),
-            paused_partitions: IntGauge::new(
-                "logbridge_paused_partitions",
-                "Partitions paused because the router channel was full.",
+            paused_partitions: IntGaugeVec::new(
+                Opts::new(
+                    "logbridge_paused_partitions",
+                    "Partitions paused now, by reason (backpressure: the router channel stayed full; bytes: max_in_flight_bytes; uncommitted: max_uncommitted_records; breaker: the dead-letter breaker; shutdown).",
+                ),
+                &["reason"],
             )
             .expect(METRIC_OK),
-            pauses: IntCounter::new(
-                "logbridge_partition_pauses_total",
-                "Times a partition was paused for backpressure.",
+            pauses: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_partition_pauses_total",
+                    "Times a partition was paused, by reason (as logbridge_paused_partitions).",
+                ),
+                &["reason"],
             )
             .expect(METRIC_OK),
             resumes: IntCounter::new(
@@ -185,9 +225,9 @@ impl Metrics {
             channel_depth: IntGaugeVec::new(
                 Opts::new(
                     "logbridge_channel_depth_records",
-                    "Records waiting in a stage's input channel, by stage.",
+                    "Records waiting in a stage's input channel, by stage (router, committer, worker) and route (none but for workers).",
                 ),
-                &["stage"],
+                &["stage", "route"],
             )
             .expect(METRIC_OK),
             in_flight: IntGauge::new(
@@ -398,6 +438,22 @@ impl Metrics {
                 .buckets(vec![0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
             )
             .expect(METRIC_OK),
+            consumed_bytes: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_consumed_bytes_total",
+                    "Payload and key bytes read from Kafka, by topic.",
+                ),
+                &["topic"],
+            )
+            .expect(METRIC_OK),
+            delivered_bytes: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_delivered_bytes_total",
+                    "Payload bytes of the records a route's sink delivered, by route.",
+                ),
+                &["route"],
+            )
+            .expect(METRIC_OK),
             registry,
         };
         metrics.register_all();
@@ -444,6 +500,9 @@ impl Metrics {
             Box::new(self.read_again.clone()),
             Box::new(self.offset_resets.clone()),
             Box::new(self.file_reopens.clone()),
+            Box::new(self.consumed_bytes.clone()),
+            Box::new(self.delivered_bytes.clone()),
+            Box::new(kafka_client_errors().clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the
@@ -456,6 +515,10 @@ impl Metrics {
         }
         for action in ["skipped", "dead_lettered"] {
             self.tombstones.with_label_values(&[action]);
+        }
+        for reason in PAUSE_REASONS {
+            self.paused_partitions.with_label_values(&[reason]).set(0);
+            self.pauses.with_label_values(&[reason]);
         }
         let build_info = IntGaugeVec::new(
             Opts::new(
@@ -473,12 +536,27 @@ impl Metrics {
             .expect(METRIC_OK);
         #[cfg(target_os = "linux")]
         {
-            let process = prometheus::process_collector::ProcessCollector::new(
-                std::process::id() as i32,
-                "logbridge",
-            );
+            // The standard names (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+            // `process_open_fds`, ...), which generic dashboards and alerts look for.
+            let process = prometheus::process_collector::ProcessCollector::for_self();
             self.registry.register(Box::new(process)).expect(METRIC_OK);
         }
+    }
+
+    /// Partitions paused now, whatever the reason.
+    pub fn paused_total(&self) -> i64 {
+        PAUSE_REASONS
+            .iter()
+            .map(|reason| self.paused_partitions.with_label_values(&[reason]).get())
+            .sum()
+    }
+
+    /// Pauses so far, whatever the reason.
+    pub fn pauses_total(&self) -> u64 {
+        PAUSE_REASONS
+            .iter()
+            .map(|reason| self.pauses.with_label_values(&[reason]).get())
+            .sum()
     }
 
     /// Sets a partition's committed offset gauge.

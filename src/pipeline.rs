@@ -18,7 +18,7 @@ use crate::consumer::{ConsumerHandle, ConsumerLinks};
 use crate::dead_letter::{DeadLetterHandle, DeadLetterTopic};
 use crate::health::Liveness;
 use crate::http::{self, HttpState, StatusSource};
-use crate::metrics::{DepthProbe, Metrics};
+use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
 use crate::record::Fences;
 use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, Rules, DISPATCH_BATCH};
 use crate::sink::{config_sink_factory, SharedFile, SinkFactory};
@@ -171,15 +171,16 @@ pub async fn run(
             .iter()
             .map(|lane| {
                 (
-                    format!("worker:{}", lane.name),
+                    ("worker", lane.name.to_string()),
                     lane.workers.iter().map(WorkerHandle::depth_probe).collect(),
                 )
             })
             .collect(),
     };
-    depths
-        .probes
-        .push(("committer".to_string(), vec![committer.depth_probe()]));
+    depths.probes.push((
+        ("committer", NO_ROUTE.to_string()),
+        vec![committer.depth_probe()],
+    ));
 
     liveness.expect("router", 1);
     let (router, router_task) = RouterHandle::spawn(
@@ -199,7 +200,7 @@ pub async fn run(
     tasks.spawn(watch_actor(router_task, "router"));
     depths
         .probes
-        .push(("router".to_string(), vec![router.depth_probe()]));
+        .push((("router", NO_ROUTE.to_string()), vec![router.depth_probe()]));
 
     let stalls = control.stalls();
     let (consumer, consumer_thread) = ConsumerHandle::spawn(
@@ -243,6 +244,13 @@ pub async fn run(
                     .map(|route| (route.name.clone(), route.workers))
                     .collect(),
             }),
+            // Empty (as an unset environment override gives it): no token.
+            admin_token: config
+                .http
+                .admin_token
+                .as_deref()
+                .filter(|token| !token.is_empty())
+                .map(Arc::from),
         },
         &http_stop,
     )
@@ -559,16 +567,20 @@ async fn start_http(
     ))))
 }
 
-/// Samples the channel depth gauges: per stage, the messages waiting in its channels.
+/// Samples the channel depth gauges: per stage (and route, for workers), the messages waiting
+/// in its channels.
 struct DepthSampler {
-    probes: Vec<(String, Vec<DepthProbe>)>,
+    probes: Vec<((&'static str, String), Vec<DepthProbe>)>,
 }
 
 impl DepthSampler {
     fn sample(&self, metrics: &Metrics) {
-        for (stage, probes) in &self.probes {
+        for ((stage, route), probes) in &self.probes {
             let total: i64 = probes.iter().map(DepthProbe::depth).sum();
-            metrics.channel_depth.with_label_values(&[stage]).set(total);
+            metrics
+                .channel_depth
+                .with_label_values(&[stage, route.as_str()])
+                .set(total);
         }
     }
 }

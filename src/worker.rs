@@ -50,8 +50,9 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Delay before retry number `retry` (1-based): exponential, capped, with full jitter
-    /// between half and all of it so that workers do not retry in lockstep.
+    /// Delay before retry number `retry` (1-based): exponential, capped, with "equal jitter":
+    /// a random delay between half and all of it, so that workers do not retry in lockstep and
+    /// none retries at once (full jitter, between zero and all of it, could).
     pub fn delay(&self, retry: u32) -> Duration {
         let exponent = retry.saturating_sub(1).min(20);
         let full = self
@@ -118,8 +119,12 @@ impl WorkerHandle {
             .processing_latency
             .with_label_values(&[&*settings.route])
             .local();
+        let delivered_bytes = metrics
+            .delivered_bytes
+            .with_label_values(&[&*settings.route]);
         let actor = WorkerActor {
             processed,
+            delivered_bytes,
             latency,
             route: settings.route,
             retry: settings.retry,
@@ -175,6 +180,8 @@ struct WorkerActor {
     liveness: Liveness,
     /// This route's `finished{status="processed"}` counter (looked up once, not per record).
     processed: prometheus::IntCounter,
+    /// This route's `delivered_bytes_total` counter.
+    delivered_bytes: prometheus::IntCounter,
     /// This route's processing latency histogram, observed locally and flushed once per batch
     /// (the route's workers share the histogram: one atomic update per batch, not per record).
     latency: prometheus::local::LocalHistogram,
@@ -394,6 +401,7 @@ impl WorkerActor {
     ) -> Result<Vec<(Record, DeliveryError)>, StageGone> {
         let mut retry = Vec::new();
         let mut delivered = Vec::with_capacity(pending.len());
+        let mut delivered_bytes = 0u64;
         let finished_at = std::time::Instant::now();
         let mut outcomes = outcomes.into_iter();
         for record in pending {
@@ -417,6 +425,7 @@ impl WorkerActor {
             match outcome {
                 Ok(()) => {
                     self.delivered += 1;
+                    delivered_bytes += record.payload().map_or(0, <[u8]>::len) as u64;
                     let latency = finished_at.saturating_duration_since(record.read_at);
                     self.latency.observe(latency.as_secs_f64());
                     delivered.push(record.ack(AckStatus::Processed));
@@ -441,6 +450,7 @@ impl WorkerActor {
         if !delivered.is_empty() {
             // One message for the batch's acks: one wakeup of the committer, not one each.
             self.processed.inc_by(delivered.len() as u64);
+            self.delivered_bytes.inc_by(delivered_bytes);
             self.committer.acks(delivered).await?;
         }
         Ok(retry)

@@ -74,12 +74,16 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     while committed_total(&metrics) < total && std::time::Instant::now() < deadline {
         max_in_flight = max_in_flight.max(metrics.in_flight.get());
-        max_router_depth =
-            max_router_depth.max(metrics.channel_depth.with_label_values(&["router"]).get());
+        max_router_depth = max_router_depth.max(
+            metrics
+                .channel_depth
+                .with_label_values(&["router", "none"])
+                .get(),
+        );
         max_worker_depth = max_worker_depth.max(
             metrics
                 .channel_depth
-                .with_label_values(&["worker:slow"])
+                .with_label_values(&["worker", "slow"])
                 .get(),
         );
         // What the pipeline holds, read together from /status: records in flight between the
@@ -97,7 +101,9 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
             assert_eq!(status, 200);
             paused_in_scrape = body
                 .lines()
-                .filter_map(|line| line.strip_prefix("logbridge_paused_partitions "))
+                .filter_map(|line| {
+                    line.strip_prefix("logbridge_paused_partitions{reason=\"backpressure\"} ")
+                })
                 .any(|value| value.trim() != "0");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -114,7 +120,7 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         "no record delivered twice"
     );
 
-    let pauses = metrics.pauses.get();
+    let pauses = metrics.pauses_total();
     let resumes = metrics.resumes.get();
     let log_text = String::from_utf8_lossy(&logs.0.lock().expect("logs")).to_string();
     if let Some(path) = std::env::var_os("DUMP_LOGS") {

@@ -216,10 +216,59 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
         "logbridge_in_flight_records",
         "logbridge_partition_committed_offset",
         "logbridge_build_info",
-        "logbridge_process_resident_memory_bytes",
+        "logbridge_consumed_bytes_total",
+        "logbridge_delivered_bytes_total",
+        "logbridge_kafka_client_errors_total",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+        "process_open_fds",
     ] {
         assert!(metrics.contains(family), "{family} missing from /metrics");
     }
+    for line in [
+        "logbridge_paused_partitions{reason=\"backpressure\"}",
+        "logbridge_channel_depth_records{route=\"none\",stage=\"router\"}",
+    ] {
+        assert!(metrics.contains(line), "{line} missing from /metrics");
+    }
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("logbridge_channel_depth_records{route=\"")
+                && l.contains("stage=\"worker\"")
+        ),
+        "worker channel depths carry the route as its own label"
+    );
+    // The health command container healthchecks use, against the running demo.
+    for (args, path) in [(vec![], "/healthz"), (vec!["--ready"], "/readyz")] {
+        let health = Command::new(BIN)
+            .args(["health", "--address", &listen])
+            .args(&args)
+            .output()
+            .expect("run logbridge health");
+        assert!(
+            health.status.success(),
+            "logbridge health {args:?}: {}",
+            String::from_utf8_lossy(&health.stderr)
+        );
+        assert!(String::from_utf8_lossy(&health.stdout).starts_with(path));
+    }
+    // The runbook the alerts link to, with an anchor per alert.
+    let (status, runbook) = http_get(address, "/runbook").await;
+    assert_eq!(status, 200);
+    assert!(
+        runbook.contains("<h2 id=\"logbridgebreakertripped\">"),
+        "{runbook}"
+    );
+    // POST /resume from loopback is allowed (nothing to resume: the breaker is closed).
+    let (status, body) = http_request(
+        address,
+        "POST /resume HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(
+        (status, body.trim()),
+        (200, "not tripped; nothing to resume")
+    );
     let (clean, report) = promtool_check(&metrics);
     assert!(clean, "promtool check metrics reported:\n{report}");
 

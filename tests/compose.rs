@@ -188,9 +188,6 @@ fn dashboard_and_alerts_use_only_metrics_that_exist() {
     }
     let mut missing = Vec::new();
     for name in &used {
-        if name.starts_with("logbridge_process_") {
-            continue; // from the process collector (prefix `logbridge`)
-        }
         let base = ["_bucket", "_sum", "_count"]
             .iter()
             .find_map(|suffix| name.strip_suffix(suffix))
@@ -204,4 +201,145 @@ fn dashboard_and_alerts_use_only_metrics_that_exist() {
         "metrics used but not defined: {missing:?}"
     );
     assert!(used.len() >= 15, "{used:?}");
+    // The standard process metrics the dashboard shows are what logbridge exports.
+    let exported = logbridge::metrics::Metrics::new().render();
+    for name in ["process_resident_memory_bytes", "process_cpu_seconds_total"] {
+        assert!(dashboard.contains(name), "the dashboard shows {name}");
+        assert!(
+            exported.contains(&format!("# TYPE {name} ")),
+            "{name} is exported"
+        );
+    }
+}
+
+/// The dashboard imports into any Grafana: its data source is a variable (no hard-coded uid),
+/// it filters by instance and topic, and it has the panels an operator looks for first.
+#[test]
+fn dashboard_is_importable_and_filters_by_instance_and_topic() {
+    let dashboard =
+        std::fs::read_to_string("config/grafana/dashboards/logbridge.json").expect("dashboard");
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let variables = parsed["templating"]["list"].as_array().expect("variables");
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no `{name}` variable"))
+    };
+    assert_eq!(variable("datasource")["type"], "datasource");
+    assert_eq!(variable("datasource")["query"], "prometheus");
+    for name in ["instance", "topic"] {
+        assert_eq!(variable(name)["type"], "query", "{name}");
+        assert_eq!(variable(name)["includeAll"], true, "{name}");
+        assert_eq!(
+            variable(name)["datasource"]["uid"],
+            "${datasource}",
+            "{name}"
+        );
+    }
+    let panels = parsed["panels"].as_array().expect("panels");
+    let mut titles = Vec::new();
+    for panel in panels {
+        let title = panel["title"].as_str().expect("title");
+        titles.push(title.to_lowercase());
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "{title}");
+            assert!(
+                expr.contains("instance=~\"$instance\""),
+                "{title}: `{expr}` follows the instance variable"
+            );
+            for topical in [
+                "events_consumed",
+                "partition_lag",
+                "committed_offset",
+                "oldest_unfinished",
+                "consumed_bytes",
+            ] {
+                if expr.contains(topical) {
+                    assert!(
+                        expr.contains("topic=~\"$topic\""),
+                        "{title}: `{expr}` follows the topic variable"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        !dashboard.contains("\"uid\": \"prometheus\""),
+        "no hard-coded data source uid"
+    );
+    for wanted in [
+        "failed",
+        "decode errors",
+        "latency",
+        "dead letters",
+        "pauses by reason",
+        "paused partitions by reason",
+    ] {
+        assert!(
+            titles.iter().any(|title| title.contains(wanted)),
+            "a panel for {wanted}: {titles:?}"
+        );
+    }
+}
+
+/// The compose file gives an operator what the first week needs: logbridge's health checked by
+/// its own binary (the image has no curl), the dead-letter topic the config names created
+/// (auto-creation is off), Kafka reachable from the host, the admin token passed through.
+#[test]
+fn compose_checks_health_creates_the_dead_letter_topic_and_publishes_kafka() {
+    let compose = load("docker-compose.yml");
+    let services = &compose["services"];
+    let health = strings(&services["logbridge"]["healthcheck"]["test"]);
+    assert_eq!(&health[..3], ["CMD", "logbridge", "health"], "{health:?}");
+    // The same arguments work on the binary (`health` and its options exist).
+    let output = Command::new(env!("CARGO_BIN_EXE_logbridge"))
+        .args(&health[2..])
+        .args(["--timeout", "1"])
+        .output()
+        .expect("run logbridge health");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success() && stderr.contains("cannot connect"),
+        "with nothing listening, health fails saying why: {stderr}"
+    );
+    assert_eq!(
+        services["prometheus"]["depends_on"]["logbridge"]["condition"].as_str(),
+        Some("service_healthy")
+    );
+    let config = logbridge::Config::load(Path::new("config/docker.toml")).expect("config");
+    let dead_letter = config
+        .dead_letter
+        .as_ref()
+        .expect("docker.toml has a dead-letter topic");
+    let create = strings(&services["create-topics"]["command"]).join(" ");
+    for topic in config.kafka.topics.iter().chain([&dead_letter.topic]) {
+        assert!(
+            create.contains(&format!("--topic {topic} ")),
+            "create-topics creates `{topic}`: {create}"
+        );
+    }
+    assert_eq!(
+        services["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"].as_str(),
+        Some("false")
+    );
+    let kafka_env = &services["kafka"]["environment"];
+    assert!(
+        kafka_env["KAFKA_ADVERTISED_LISTENERS"]
+            .as_str()
+            .is_some_and(|l| l.contains("HOST://localhost:29092")),
+        "Kafka advertises a listener for the host"
+    );
+    assert!(
+        strings(&services["kafka"]["ports"]).contains(&"29092:29092".to_string()),
+        "and publishes it"
+    );
+    assert!(
+        services["logbridge"]["environment"]["LOGBRIDGE_HTTP__ADMIN_TOKEN"]
+            .as_str()
+            .is_some(),
+        "the admin token can be passed in"
+    );
 }

@@ -169,8 +169,7 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
     let paused = wait_for(Duration::from_secs(30), || {
         let metrics = metrics_a.clone();
         async move {
-            metrics.assigned_partitions.get() == i64::from(PARTITIONS)
-                && metrics.paused_partitions.get() > 0
+            metrics.assigned_partitions.get() == i64::from(PARTITIONS) && metrics.paused_total() > 0
         }
     })
     .await;
@@ -213,7 +212,7 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
         // The breaker holds every partition, including the ones given back, until reset.
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(
-            metrics_a.paused_partitions.get(),
+            metrics_a.paused_total(),
             i64::from(PARTITIONS),
             "the breaker holds every partition across the rebalances"
         );
@@ -225,10 +224,7 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
         .wait_committed_to(&group, &end, Duration::from_secs(90))
         .await;
     let committed = kafka.committed(&group);
-    let (paused_a, tripped_a) = (
-        metrics_a.paused_partitions.get(),
-        metrics_a.breaker_tripped.get(),
-    );
+    let (paused_a, tripped_a) = (metrics_a.paused_total(), metrics_a.breaker_tripped.get());
     a.stop().await;
     assert!(
         done,
@@ -241,7 +237,7 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
     println!(
         "{protocol:?}/{paused_by:?}: {} of {count} ids written, A pauses {}, resumes {}, rebalances assign {}",
         written.len(),
-        metrics_a.pauses.get(),
+        metrics_a.pauses_total(),
         metrics_a.resumes.get(),
         metrics_a.rebalances.with_label_values(&["assign"]).get()
     );
@@ -1040,7 +1036,7 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done = kafka.committed(&group) == end;
-    let paused_for_bytes = metrics.pauses.get();
+    let paused_for_bytes = metrics.pauses_total();
     running.stop().await;
     println!(
         "large events: peak in-flight bytes {} (bound {limit}, record bound alone {record_bound}), peak held {}, pauses {paused_for_bytes}",
@@ -1467,7 +1463,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
     }
     let done = kafka.committed(&group) == end;
     let (pauses_a, read_b) = (
-        metrics_a.pauses.get(),
+        metrics_a.pauses_total(),
         metrics_b.consumed.with_label_values(&["logs"]).get(),
     );
     a.stop().await;

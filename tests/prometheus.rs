@@ -59,6 +59,71 @@ fn shipped_alerting_rules_pass_promtool() {
     );
 }
 
+/// `promtool test rules`: every alert fires from made-up series with the labels and
+/// annotations expected, and none from a healthy instance's. The test file covers every alert.
+#[test]
+fn every_alert_fires_in_promtool_rule_tests() {
+    let output = Command::new("promtool")
+        .args(["test", "rules", "config/alerts.test.yml"])
+        .output()
+        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tests = std::fs::read_to_string("config/alerts.test.yml").expect("rule tests");
+    for alert in alert_names() {
+        let fires = format!("alertname: {alert}\n    exp_alerts:\n    - exp_labels:");
+        assert!(tests.contains(&fires), "{alert} is tested firing");
+    }
+}
+
+/// Every alert has a `runbook_url` whose anchor is a section of docs/runbook.md (the page
+/// `/runbook` serves), and every section is an alert's.
+#[test]
+fn every_alert_links_a_runbook_section() {
+    let alerts = std::fs::read_to_string("config/alerts.yml").expect("alerts");
+    let runbook = std::fs::read_to_string("docs/runbook.md").expect("runbook");
+    let sections: Vec<String> = runbook
+        .lines()
+        .filter_map(|line| line.strip_prefix("## "))
+        .map(logbridge::http::anchor)
+        .collect();
+    let names = alert_names();
+    for alert in &names {
+        let url = format!(
+            "runbook_url: \"http://{{{{ $labels.instance }}}}/runbook#{}\"",
+            alert.to_lowercase()
+        );
+        assert!(
+            alerts.contains(&url),
+            "{alert} links its runbook section: {url}"
+        );
+        assert!(
+            sections.contains(&alert.to_lowercase()),
+            "docs/runbook.md has a section {alert}"
+        );
+    }
+    assert_eq!(
+        sections.len(),
+        names.len(),
+        "one section per alert: {sections:?}"
+    );
+}
+
+fn alert_names() -> Vec<String> {
+    let alerts = std::fs::read_to_string("config/alerts.yml").expect("alerts");
+    let names: Vec<String> = alerts
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("- alert: "))
+        .map(str::to_string)
+        .collect();
+    assert!(names.len() >= 13, "{names:?}");
+    names
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_logbridge() {
     let _serial = serial().await;

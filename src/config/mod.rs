@@ -431,6 +431,10 @@ pub struct HttpConfig {
     /// Connections served at once; more wait in the kernel's accept backlog until one ends.
     /// Idle or slow ones hold a slot for at most the 5 s header timeout.
     pub max_connections: usize,
+    /// Lets clients on other hosts use the admin endpoint (`POST /resume`) with
+    /// `Authorization: Bearer <token>`; without it only loopback clients may. Use a reference
+    /// (`${env:NAME}`, `${file:/path}`); it is redacted wherever the configuration is shown.
+    pub admin_token: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -438,6 +442,7 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:9898".to_string(),
             max_connections: 4096,
+            admin_token: None,
         }
     }
 }
@@ -475,7 +480,8 @@ pub struct RouteConfig {
     /// Retries of a failed delivery before the record is dead-lettered.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
-    /// First retry delay; doubles with each attempt (with jitter).
+    /// First retry delay; doubles with each attempt, and each delay is drawn between half and
+    /// all of that (equal jitter).
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
     /// Largest retry delay.
@@ -748,6 +754,7 @@ impl Config {
                 secrets.extend(http.secrets().map(str::to_string));
             }
         }
+        secrets.extend(self.http.admin_token.clone());
         // Short values (`true`, a port) would blank out harmless words of a message.
         secrets.retain(|secret| secret.len() >= 4);
         secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
@@ -1060,6 +1067,14 @@ impl Config {
                 security.validate("dead_letter.security")?;
             }
         }
+        if let Some(token) = self.http.admin_token.as_deref().filter(|t| !t.is_empty()) {
+            if token.trim().len() < 16 {
+                return Err(invalid(
+                    "http.admin_token",
+                    "use at least 16 characters (a reference such as ${env:LOGBRIDGE_ADMIN_TOKEN} keeps it out of the file)",
+                ));
+            }
+        }
         let breaker = &self.breaker;
         if !(breaker.max_invalid_ratio > 0.0 && breaker.max_invalid_ratio <= 1.0) {
             return Err(invalid(
@@ -1117,6 +1132,9 @@ impl Config {
             }
         };
         hide(&mut config.kafka.security, &mut config.kafka.options);
+        if config.http.admin_token.is_some() {
+            config.http.admin_token = Some(REDACTED.to_string());
+        }
         if let Some(dead_letter) = &mut config.dead_letter {
             hide(&mut dead_letter.security, &mut dead_letter.options);
         }

@@ -31,6 +31,17 @@ pub(crate) enum PauseWhy {
 }
 
 impl PauseWhy {
+    /// The `reason` label of the pause metrics (one of [`crate::metrics::PAUSE_REASONS`]).
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            PauseWhy::RouterFull => "backpressure",
+            PauseWhy::Bytes => "bytes",
+            PauseWhy::Uncommitted => "uncommitted",
+            PauseWhy::Breaker => "breaker",
+            PauseWhy::Shutdown => "shutdown",
+        }
+    }
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             PauseWhy::RouterFull => "router channel full",
@@ -184,8 +195,9 @@ pub(crate) struct Assignment {
     topics: FxHashMap<String, Topic>,
     /// The topic `key` returned last.
     last_topic: Option<Topic>,
-    /// `events_consumed_total` of each topic, looked up once rather than per record.
-    consumed: FxHashMap<Topic, prometheus::IntCounter>,
+    /// `events_consumed_total` and `consumed_bytes_total` of each topic, looked up once rather
+    /// than per record.
+    consumed: FxHashMap<Topic, (prometheus::IntCounter, prometheus::IntCounter)>,
     /// Partitions behind and not read for `stall_timeout_ms`, as last observed.
     unread: Vec<UnreadStall>,
 }
@@ -212,15 +224,16 @@ impl Assignment {
     }
 
     /// Counts a record read from `topic`.
-    pub(crate) fn count_consumed(&mut self, topic: Topic, metrics: &Metrics) {
-        match self.consumed.get(&topic) {
-            Some(counter) => counter.inc(),
-            None => {
-                let counter = metrics.consumed.with_label_values(&[topic.as_str()]);
-                counter.inc();
-                self.consumed.insert(topic, counter);
-            }
-        }
+    /// Counts a record of `bytes` (key and payload) read from `topic`.
+    pub(crate) fn count_consumed(&mut self, topic: Topic, bytes: usize, metrics: &Metrics) {
+        let (records, counted) = self.consumed.entry(topic).or_insert_with(|| {
+            (
+                metrics.consumed.with_label_values(&[topic.as_str()]),
+                metrics.consumed_bytes.with_label_values(&[topic.as_str()]),
+            )
+        });
+        records.inc();
+        counted.inc_by(bytes as u64);
     }
 
     pub(crate) fn paused_count(&self) -> usize {
@@ -249,7 +262,17 @@ impl Assignment {
         metrics
             .assigned_partitions
             .set(self.partitions.len() as i64);
-        metrics.paused_partitions.set(self.paused_count() as i64);
+        for reason in crate::metrics::PAUSE_REASONS {
+            let paused = self
+                .partitions
+                .values()
+                .filter(|state| state.flow.why().is_some_and(|why| why.label() == reason))
+                .count();
+            metrics
+                .paused_partitions
+                .with_label_values(&[reason])
+                .set(paused as i64);
+        }
         for (key, state) in &self.partitions {
             let partition = key.partition.to_string();
             metrics
@@ -492,11 +515,15 @@ mod tests {
         assignment.partitions.insert(k1, state(1, Flow::Flowing));
         assignment.publish(&metrics);
         let topic = assignment.key("logs", 0).topic;
-        assignment.count_consumed(topic, &metrics);
-        assignment.count_consumed(topic, &metrics);
+        assignment.count_consumed(topic, 100, &metrics);
+        assignment.count_consumed(topic, 20, &metrics);
         assert_eq!(metrics.consumed.with_label_values(&["logs"]).get(), 2);
+        assert_eq!(
+            metrics.consumed_bytes.with_label_values(&["logs"]).get(),
+            120
+        );
         assert_eq!(metrics.assigned_partitions.get(), 2);
-        assert_eq!(metrics.paused_partitions.get(), 1);
+        assert_eq!(metrics.paused_total(), 1);
         let paused = |p: &str| {
             metrics
                 .partition_paused

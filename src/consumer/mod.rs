@@ -439,7 +439,10 @@ impl ConsumerActor {
             self.consumer
                 .pause(&pause)
                 .context("failed to pause a partition")?;
-            self.metrics.pauses.inc_by(pause.count() as u64);
+            self.metrics
+                .pauses
+                .with_label_values(&[why.label()])
+                .inc_by(pause.count() as u64);
         }
         assignment.publish(&self.metrics);
         Ok(())
@@ -520,7 +523,10 @@ impl ConsumerActor {
             self.consumer
                 .pause(&pause)
                 .context("failed to pause partitions held for their uncommitted records")?;
-            self.metrics.pauses.inc_by(pause.count() as u64);
+            self.metrics
+                .pauses
+                .with_label_values(&[PauseWhy::Uncommitted.label()])
+                .inc_by(pause.count() as u64);
         }
         assignment.publish(&self.metrics);
         Ok(())
@@ -571,7 +577,8 @@ impl ConsumerActor {
         let callbacks = self.consumer.context();
         let mut assignment = callbacks.assignment.lock();
         let key = assignment.key(message.topic(), message.partition());
-        assignment.count_consumed(key.topic, &self.metrics);
+        let read = payload.map_or(0, <[u8]>::len) + message.key().map_or(0, <[u8]>::len);
+        assignment.count_consumed(key.topic, read, &self.metrics);
         let Some(state) = assignment.partitions.get_mut(&key) else {
             // Not ours any more (revoked between fetch and poll): the next owner reads it.
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
@@ -675,7 +682,10 @@ impl ConsumerActor {
         // held back too, and what the consumer holds stays within one batch.
         let paused = self.pause_flowing(&mut assignment, PauseWhy::RouterFull)?;
         if paused > 0 {
-            self.metrics.pauses.inc_by(paused as u64);
+            self.metrics
+                .pauses
+                .with_label_values(&[PauseWhy::RouterFull.label()])
+                .inc_by(paused as u64);
             info!(
                 partitions = paused,
                 "{}, partitions paused",

@@ -39,24 +39,15 @@ pub struct DemoOptions {
     pub summary_every: Duration,
 }
 
-/// A duration like `30s`, `500ms`, `5m` or `1h` (a bare number is seconds).
+/// A duration like `30s`, `500ms`, `5m`, `1h 30m` (humantime's syntax); a bare number is
+/// seconds.
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(split) => text.split_at(split),
-        None => (text, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 30s, 500ms or 5m"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit `{unit}`: use ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|err| err.to_string())
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text)
+        .map_err(|err| format!("`{text}` is not a duration like 30s, 500ms or 5m: {err}"))
 }
 
 impl Default for DemoOptions {
@@ -183,7 +174,7 @@ fn summary_line(elapsed: Duration, produced: u64, metrics: &Metrics) -> String {
         finished("ignored"),
         finished("failed"),
         metrics.in_flight.get(),
-        metrics.paused_partitions.get(),
+        metrics.paused_total(),
     )
 }
 
@@ -198,7 +189,8 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("5d").is_err_and(|err| err.contains("unknown unit `d`")));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("5 fortnights").is_err_and(|err| err.contains("not a duration")));
         assert!(parse_duration("soon").is_err_and(|err| err.contains("not a duration")));
     }
 }

@@ -7,10 +7,12 @@
 //! - [`bench`]: throughput, CPU, memory and commits against raw librdkafka.
 //! - [`check_config`]: validates a configuration file and prints it with defaults filled in;
 //!   with `--connect`, checks clusters, credentials and topics.
+//! - [`health`]: asks a running instance's `/healthz` or `/readyz` (container healthchecks).
 
 pub mod bench;
 mod check_config;
 pub mod demo;
+pub mod health;
 pub mod produce;
 
 pub use check_config::{check_config, CheckOutcome};

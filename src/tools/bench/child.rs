@@ -233,16 +233,21 @@ async fn measure_pipeline(options: &ChildOptions) -> anyhow::Result<Measurement>
     let measurement = loop {
         if tracing::enabled!(tracing::Level::DEBUG) && traced.elapsed() >= TRACE_EVERY {
             traced = Instant::now();
-            let depth = |stage: &str| metrics.channel_depth.with_label_values(&[stage]).get();
+            let depth = |stage: &str, route: &str| {
+                metrics
+                    .channel_depth
+                    .with_label_values(&[stage, route])
+                    .get()
+            };
             tracing::debug!(
                 consumed = consumed(),
                 in_flight = metrics.in_flight.get(),
-                pauses = metrics.pauses.get(),
-                router = depth("router"),
-                committer = depth("committer"),
-                errors = depth("errors"),
-                warnings = depth("warnings"),
-                info = depth("info"),
+                pauses = metrics.pauses.with_label_values(&["backpressure"]).get(),
+                router = depth("router", crate::metrics::NO_ROUTE),
+                committer = depth("committer", crate::metrics::NO_ROUTE),
+                errors = depth("worker", "errors"),
+                warnings = depth("worker", "warnings"),
+                info = depth("worker", "info"),
                 "progress"
             );
         }

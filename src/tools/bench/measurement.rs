@@ -106,14 +106,18 @@ pub(super) fn thread_cpu_seconds() -> f64 {
 
 /// Peak resident set size of this process (`VmHWM`), 0 where /proc does not tell.
 pub(super) fn peak_rss_bytes() -> u64 {
-    proc_kib("/proc/self/status", "VmHWM:").map_or(0, |kib| kib * 1024)
-}
-
-/// A `Name:   1234 kB` field of a /proc file, in KiB.
-pub(super) fn proc_kib(path: &str, field: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let rest = text.lines().find_map(|line| line.strip_prefix(field))?;
-    rest.trim().trim_end_matches("kB").trim().parse().ok()
+    #[cfg(target_os = "linux")]
+    {
+        procfs::process::Process::myself()
+            .and_then(|process| process.status())
+            .ok()
+            .and_then(|status| status.vmhwm)
+            .map_or(0, |kib| kib * 1024)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
 }
 
 pub(super) fn median(mut values: Vec<f64>) -> f64 {

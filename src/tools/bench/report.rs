@@ -3,19 +3,23 @@
 
 use std::collections::BTreeMap;
 
-use super::measurement::{median_of, proc_kib, Measurement};
+use super::measurement::{median_of, Measurement};
 use super::options::{BenchOptions, Mode};
 
 pub(super) fn machine() -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let memory_gib =
-        proc_kib("/proc/meminfo", "MemTotal:").map_or(0.0, |kib| kib as f64 / (1024.0 * 1024.0));
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_else(|| "unknown CPU".into());
+    #[cfg(target_os = "linux")]
+    let (memory_gib, model) = {
+        use procfs::Current as _;
+        let memory = procfs::Meminfo::current().map_or(0, |memory| memory.mem_total);
+        let model = procfs::CpuInfo::current()
+            .ok()
+            .and_then(|cpus| cpus.model_name(0).map(str::to_string));
+        (memory as f64 / f64::from(1 << 30), model)
+    };
+    #[cfg(not(target_os = "linux"))]
+    let (memory_gib, model): (f64, Option<String>) = (0.0, None);
+    let model = model.unwrap_or_else(|| "unknown CPU".into());
     format!("{cores} cores, {memory_gib:.1} GiB, {model}")
 }
 
