@@ -14,6 +14,15 @@ use tracing::{debug, error, info, warn};
 /// How often one kind of message is logged again while it repeats.
 pub const REPEAT_EVERY: Duration = Duration::from_secs(30);
 
+/// librdkafka error codes (as counted) that an unreachable or misconfigured cluster brings.
+const COMMON_CODES: [&str; 5] = [
+    "AllBrokersDown",
+    "BrokerTransportFailure",
+    "Resolve",
+    "Authentication",
+    "SSL",
+];
+
 /// Rate limit per kind of message; `client` names the client in every line.
 pub struct ClientLog {
     client: &'static str,
@@ -23,6 +32,11 @@ pub struct ClientLog {
 impl ClientLog {
     /// A limiter for the client called `client` (`consumer`, `sink producer`, ...).
     pub fn new(client: &'static str) -> ClientLog {
+        // The codes a cluster outage or bad credentials bring, at 0 from the start: a series
+        // born at its first error would hide that error from `increase()` in the alert.
+        for code in COMMON_CODES {
+            crate::metrics::kafka_client_errors().with_label_values(&[client, code]);
+        }
         ClientLog {
             client,
             seen: Mutex::new(HashMap::new()),
@@ -112,6 +126,37 @@ impl ClientLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_is_counted_by_client_and_code_even_when_not_logged() {
+        use rdkafka::types::RDKafkaErrorCode;
+        let log = ClientLog::new("counting test");
+        let count = |code: &str| {
+            crate::metrics::kafka_client_errors()
+                .with_label_values(&["counting test", code])
+                .get()
+        };
+        assert_eq!(count("AllBrokersDown"), 0, "present from the start");
+        for _ in 0..3 {
+            log.error(
+                &KafkaError::Global(RDKafkaErrorCode::AllBrokersDown),
+                "all brokers down",
+            );
+        }
+        log.consume_error(&KafkaError::Global(RDKafkaErrorCode::SSL));
+        log.error(&KafkaError::Canceled, "no code");
+        assert_eq!(
+            count("AllBrokersDown"),
+            3,
+            "the repeats the log held back too"
+        );
+        assert_eq!(count("SSL"), 1);
+        assert_eq!(count("unknown"), 1);
+        let exported = crate::metrics::Metrics::new().render();
+        assert!(exported.contains(
+            "logbridge_kafka_client_errors_total{client=\"counting test\",code=\"AllBrokersDown\"} 3"
+        ));
+    }
 
     #[test]
     fn a_repeated_kind_is_logged_once_per_interval_with_the_count_it_skipped() {

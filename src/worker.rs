@@ -797,6 +797,16 @@ mod tests {
         let seen = seen.lock().expect("seen").clone();
         assert_eq!(seen.iter().map(Vec::len).collect::<Vec<_>>(), [5, 1]);
         assert_eq!(acks.len(), 6);
+        let payload = br#"{"level":"info","message":"m"}"#.len() as u64;
+        assert_eq!(
+            worker
+                .metrics
+                .delivered_bytes
+                .with_label_values(&["r"])
+                .get(),
+            6 * payload,
+            "delivered bytes counted"
+        );
     }
 
     fn keyed(key: &str, offset: i64) -> Record {

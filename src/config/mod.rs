@@ -1296,6 +1296,27 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_token_is_long_and_never_shown() {
+        let err = error_of(&format!("{MINIMAL}\n[http]\nadmin_token = \"short\"\n"));
+        assert!(err.contains("http.admin_token"), "{err}");
+        let config = load(&format!(
+            "{MINIMAL}\n[http]\nadmin_token = \"a-token-of-32-characters-or-so-xx\"\n"
+        ))
+        .expect("valid");
+        assert!(
+            !config.to_toml().contains("a-token-of-32"),
+            "{}",
+            config.to_toml()
+        );
+        assert!(config
+            .secrets()
+            .iter()
+            .any(|s| s.starts_with("a-token-of-32")));
+        // Empty, as an unset environment override gives it: no token.
+        assert!(load(&format!("{MINIMAL}\n[http]\nadmin_token = \"\"\n")).is_ok());
+    }
+
+    #[test]
     fn wrong_type_names_the_key() {
         let text = format!("{MINIMAL}\n[pipeline]\nrouter_capacity = \"big\"\n");
         let err = error_of(&text);
