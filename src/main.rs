@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of glibc's allocator: records are allocated on the consumer thread and freed
 /// on the runtime's threads, and glibc's per-arena locks made those frees contend (the
-/// benchmark's CPU per event dropped with it; see the README's performance section).
+/// benchmark's CPU per event dropped with it; see docs/performance.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
