@@ -45,34 +45,30 @@ impl Drop for KillOnDrop {
     }
 }
 
-#[test]
-fn shipped_alerting_rules_pass_promtool() {
+/// Runs `promtool` with `args` and fails the test with its output unless it succeeds.
+fn promtool(args: &[&str]) {
     let output = Command::new("promtool")
-        .args(["check", "rules", "config/alerts.yml"])
+        .args(args)
         .output()
         .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
     assert!(
         output.status.success(),
-        "{}{}",
+        "promtool {args:?}: {}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn shipped_alerting_rules_pass_promtool() {
+    promtool(&["check", "rules", "config/alerts.yml"]);
 }
 
 /// `promtool test rules`: every alert fires from made-up series with the labels and
 /// annotations expected, and none from a healthy instance's. The test file covers every alert.
 #[test]
 fn every_alert_fires_in_promtool_rule_tests() {
-    let output = Command::new("promtool")
-        .args(["test", "rules", "config/alerts.test.yml"])
-        .output()
-        .expect("promtool is installed (scripts/test.sh installs Debian's prometheus package)");
-    assert!(
-        output.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    promtool(&["test", "rules", "config/alerts.test.yml"]);
     let tests = std::fs::read_to_string("config/alerts.test.yml").expect("rule tests");
     for alert in alert_names() {
         let fires = format!("alertname: {alert}\n    exp_alerts:\n    - exp_labels:");
