@@ -179,12 +179,11 @@ impl Sink for HttpSink {
                     continue;
                 }
                 let answered = self.send(&target, records).await;
-                if records.len() > 1 && answered.iter().all(too_large) {
+                if let Some([first, second]) = halves_to_send_again(&range, &answered) {
                     // The endpoint takes smaller requests than `max_bytes` says: send the
                     // halves, in order, until each fits or a record alone is refused.
-                    let middle = range.start + records.len() / 2;
-                    pending.push_front(middle..range.end);
-                    pending.push_front(range.start..middle);
+                    pending.push_front(second);
+                    pending.push_front(first);
                     continue;
                 }
                 outcomes.extend(answered);
@@ -331,9 +330,19 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     encoder.finish()
 }
 
-/// Whether an outcome is a 413 (request too large).
-fn too_large(outcome: &Result<(), SinkError>) -> bool {
-    matches!(outcome, Err(err) if err.status == Some(413))
+/// The two halves of the request `range` to send again, in order, when the endpoint refused
+/// all of it as too large (413) and it held more than one record.
+fn halves_to_send_again(
+    range: &Range<usize>,
+    answered: &[Result<(), SinkError>],
+) -> Option<[Range<usize>; 2]> {
+    let too_large =
+        |outcome: &Result<(), SinkError>| matches!(outcome, Err(err) if err.status == Some(413));
+    if range.len() < 2 || !answered.iter().all(too_large) {
+        return None;
+    }
+    let middle = range.start + range.len() / 2;
+    Some([range.start..middle, middle..range.end])
 }
 
 /// A request that got no answer: always worth retrying.
@@ -625,6 +634,51 @@ mod tests {
             assert_eq!(err.status, Some(status));
             assert!(err.message.contains("bad"), "{}", err.message);
         }
+    }
+
+    #[test]
+    fn a_request_refused_as_too_large_is_halved_down_to_one_record() {
+        let refused = || status_outcome(413, None, b"too large");
+        let all_refused = |n: usize| (0..n).map(|_| refused()).collect::<Vec<_>>();
+        assert_eq!(
+            halves_to_send_again(&(10..15), &all_refused(5)),
+            Some([10..12, 12..15])
+        );
+        assert_eq!(
+            halves_to_send_again(&(4..6), &all_refused(2)),
+            Some([4..5, 5..6])
+        );
+        assert_eq!(
+            halves_to_send_again(&(7..8), &all_refused(1)),
+            None,
+            "alone: refused"
+        );
+        let mut mixed = all_refused(4);
+        mixed[2] = status_outcome(400, None, b"bad");
+        assert_eq!(
+            halves_to_send_again(&(0..4), &mixed),
+            None,
+            "not all too large"
+        );
+        let delivered = vec![Ok(()); 4];
+        assert_eq!(halves_to_send_again(&(0..4), &delivered), None);
+    }
+
+    #[test]
+    fn gzip_bodies_decompress_to_what_was_sent() {
+        use std::io::Read as _;
+        let body = b"{\"a\":1}\n{\"b\":2}\n".repeat(100);
+        let compressed = gzip(&body).expect("gzip");
+        assert!(
+            compressed.len() < body.len() / 4,
+            "{} bytes",
+            compressed.len()
+        );
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&compressed[..])
+            .read_to_end(&mut plain)
+            .expect("a gzip stream");
+        assert_eq!(plain, body);
     }
 
     #[test]
