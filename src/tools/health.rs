@@ -31,11 +31,11 @@ pub fn health(options: &HealthOptions) -> Result<String, String> {
         .set_read_timeout(Some(timeout))
         .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|err| format!("cannot set timeouts: {err}"))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|err| format!("cannot ask {address}{path}: {err}"))?;
+    // One write: `write!` on the stream would send the request in pieces.
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|err| format!("cannot ask {address}{path}: {err}"))?;
     let mut answer = Vec::new();
     // An answer is a few hundred bytes; more is not read.
     stream
@@ -104,9 +104,15 @@ mod tests {
         let address = listener.local_addr().unwrap().to_string();
         let serve = |status: &'static str, body: &'static str| {
             let (mut stream, _) = listener.accept().unwrap();
-            let mut request = [0u8; 512];
-            let read = stream.read(&mut request).unwrap();
-            let request = String::from_utf8_lossy(&request[..read]).into_owned();
+            // The whole request head, however the client's writes arrive.
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 512];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let read = stream.read(&mut chunk).unwrap();
+                assert!(read > 0, "the client closed before its request ended");
+                request.extend_from_slice(&chunk[..read]);
+            }
+            let request = String::from_utf8_lossy(&request).into_owned();
             write!(
                 stream,
                 "HTTP/1.1 {status}\r\nContent-Length: {}\r\n\r\n{body}",
