@@ -323,19 +323,23 @@ fn respond(
                 .insert(ALLOW, HeaderValue::from_static("POST"));
             response
         }
-        "/resume" if admin_refusal(state.admin_token.as_deref(), request, peer).is_some() => {
-            let (status, reason) = admin_refusal(state.admin_token.as_deref(), request, peer)
-                .unwrap_or((StatusCode::FORBIDDEN, ""));
-            warn!(%peer, "POST /resume refused: {reason}");
-            text(status, format!("{reason}\n"))
-        }
-        "/resume" => match state.breaker.state() {
-            BreakerState::Closed => text(StatusCode::OK, "not tripped; nothing to resume\n"),
-            BreakerState::Tripped(_) if state.breaker.reset() => {
-                text(StatusCode::ACCEPTED, "breaker reset; consumption resumes\n")
+        "/resume" => {
+            if let Some((status, reason)) =
+                admin_refusal(state.admin_token.as_deref(), request, peer)
+            {
+                warn!(%peer, "POST /resume refused: {reason}");
+                return text(status, format!("{reason}\n"));
             }
-            BreakerState::Tripped(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
-        },
+            match state.breaker.state() {
+                BreakerState::Closed => text(StatusCode::OK, "not tripped; nothing to resume\n"),
+                BreakerState::Tripped(_) if state.breaker.reset() => {
+                    text(StatusCode::ACCEPTED, "breaker reset; consumption resumes\n")
+                }
+                BreakerState::Tripped(_) => {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+                }
+            }
+        }
         "/runbook" if readable => {
             let mut response =
                 Response::new(Full::new(Bytes::from_static(RUNBOOK_HTML.as_bytes())));
