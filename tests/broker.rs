@@ -1,15 +1,19 @@
-//! Broker tier: the real `logbridge` binary against a Kafka-compatible broker *process* (tansu
-//! with SQLite storage, started per test on a free loopback port and stopped afterwards).
+//! Broker tier: the real `logbridge` binary against Apache Kafka (KRaft, started by the test on
+//! free loopback ports and stopped afterwards; see `common::apache`).
 //!
 //! - SIGTERM: exit code 0 within `drain_timeout_ms` + 2 s, and a restart replays nothing.
-//! - Broker restart mid-run: logbridge recovers on its own, zero loss.
+//! - Broker killed (SIGKILL) mid-run and started again on the same log directory: logbridge
+//!   recovers on its own, zero loss, commits to the end. With a session that outlives the
+//!   outage (librdkafka's default 45 s) nothing is read again; with a shorter one the
+//!   assignment is lost and only what was past the commit at the kill is read again.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::process::{Instance, Logbridge, Tansu};
+use common::apache::ApacheKafka;
+use common::process::{Instance, Logbridge};
 use common::*;
 
 fn outputs(out: &std::path::Path) -> Vec<serde_json::Value> {
@@ -30,16 +34,11 @@ async fn finished(child: &Logbridge) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
     let _serial = serial().await;
-    let broker = Tansu::start();
-    let kafka = Kafka::external(&broker.brokers(), "graceful", 4).await;
+    let kafka = Kafka::shared("graceful", 4).await;
     const EVENTS: u64 = 30_000;
     let produced = kafka.produce_samples(EVENTS, 0.01, 7).await;
     let end = kafka.end_offsets();
-    assert_eq!(
-        end.iter().sum::<i64>(),
-        EVENTS as i64,
-        "tansu (sqlite) end offsets"
-    );
+    assert_eq!(end.iter().sum::<i64>(), EVENTS as i64, "end offsets");
 
     let work = tempfile::tempdir().expect("workdir");
     let group = unique("graceful");
@@ -99,28 +98,42 @@ async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
     assert_eq!(kafka.committed(&group), end);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_restart_mid_run_recovers_without_restarting_logbridge() {
-    let _serial = serial().await;
-    let mut broker = Tansu::start();
-    let kafka = Kafka::external(&broker.brokers(), "restart", 4).await;
-    const EVENTS: u64 = 60_000;
+/// What one broker kill cost: records finished before it, duplicates after it.
+struct Restart {
+    finished_before: f64,
+    committed_before: i64,
+    duplicates: usize,
+    answering_after: Duration,
+}
+
+/// The broker SIGKILLed mid-run and started again on its log directory, with the consumer's
+/// `session` (librdkafka's default when `None`, 45 s).
+async fn broker_restart(session: Option<u32>) -> Restart {
+    let mut broker = ApacheKafka::start();
+    let kafka = Kafka::apache(&broker, "restart", 4).await;
+    const EVENTS: u64 = 100_000;
     let produced = kafka.produce_samples(EVENTS, 0.0, 11).await;
     let end = kafka.end_offsets();
 
     let work = tempfile::tempdir().expect("workdir");
     let group = unique("broker-restart");
-    // tansu's SQLite engine reads about 13 000 records/s, so the restart lands mid-run.
+    let mut options = "\"reconnect.backoff.max.ms\" = 1000\n".to_string();
+    options.push_str(&match session {
+        Some(ms) => format!("\"session.timeout.ms\" = {ms}\n"),
+        // The default: the test helpers' 6 s left out.
+        None => "\"session.timeout.ms\" = 45000\n".to_string(),
+    });
     let instance = Instance::start(
         &kafka.brokers,
         &kafka.topic,
         &group,
         work.path(),
         "logbridge",
-        "\"reconnect.backoff.max.ms\" = 1000",
+        &options,
     );
     let out = instance.out;
     let mut child = instance.child;
+    // The kill comes after the first 1 000 records, well before the end.
     let started = wait_for(Duration::from_secs(60), || {
         let child = &child;
         async move { finished(child).await > 1_000.0 }
@@ -135,15 +148,16 @@ async fn broker_restart_mid_run_recovers_without_restarting_logbridge() {
         );
     }
 
-    let before = finished(&child).await;
+    // Committed first, then finished: a commit in between only widens the window.
+    let committed_before = kafka.committed_records(&group);
+    let finished_before = finished(&child).await;
     let restart_started = Instant::now();
-    broker.stop();
+    // SIGKILL: no controlled shutdown, the log is recovered from what the process left.
+    broker.kill(1);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    broker.restart();
-    println!(
-        "broker stopped and restarted in {:?}, {before} records finished before",
-        restart_started.elapsed()
-    );
+    broker.start_node(1);
+    broker.wait_ready(Duration::from_secs(60));
+    let answering_after = restart_started.elapsed();
 
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(180))
@@ -167,9 +181,45 @@ async fn broker_restart_mid_run_recovers_without_restarting_logbridge() {
         .filter(|id| !seen.contains_key(id))
         .count();
     let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    println!(
-        "broker restart: {EVENTS} events, {before} finished before the restart; lost {missing}, duplicates {duplicates}"
-    );
     assert_eq!(missing, 0, "events lost across the broker restart");
-    assert!(before < EVENTS as f64, "the restart should land mid-run");
+    assert!(
+        finished_before < EVENTS as f64,
+        "the restart should land mid-run"
+    );
+    Restart {
+        finished_before,
+        committed_before,
+        duplicates,
+        answering_after,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_mid_run_recovers_without_restarting_logbridge() {
+    let _serial = serial().await;
+    // The session outlives the restart (librdkafka's default, 45 s): the member keeps its
+    // partitions, and what finished while the broker was away is committed once it is back.
+    let kept = broker_restart(None).await;
+    println!(
+        "broker killed, answering again after {:?}, session 45 s: {} finished before the kill \
+         ({} committed); duplicates {}",
+        kept.answering_after, kept.finished_before, kept.committed_before, kept.duplicates
+    );
+    assert_eq!(
+        kept.duplicates, 0,
+        "with the session kept across the restart nothing is read again"
+    );
+    // A session shorter than the outage (6 s): librdkafka times the session out itself and
+    // the assignment is lost, so nothing finished since the last commit before the kill may
+    // be committed; the records are read again after the group is joined anew.
+    let lost = broker_restart(Some(6_000)).await;
+    println!(
+        "broker killed, answering again after {:?}, session 6 s: {} finished before the kill \
+         ({} committed); duplicates {}",
+        lost.answering_after, lost.finished_before, lost.committed_before, lost.duplicates
+    );
+    assert!(
+        lost.duplicates as i64 <= 100_000 - lost.committed_before,
+        "only records past the commit before the kill are read again"
+    );
 }

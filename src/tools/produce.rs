@@ -319,7 +319,9 @@ pub async fn ensure_topic_with(
     let admin: AdminClient<DefaultClientContext> = config
         .create()
         .context("failed to create the admin client")?;
-    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    // -1: the broker's `default.replication.factor` (Kafka 2.4+, KIP-464), so a topic made on a
+    // cluster of three has the cluster's replication rather than a single copy.
+    let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
         .create_topics([&new_topic], &options)

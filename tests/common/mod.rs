@@ -17,11 +17,12 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use logbridge::Config;
 
+pub mod apache;
 pub mod process;
 pub mod tls;
 
 /// A Kafka cluster with one topic: librdkafka's mock cluster in this process, or an external
-/// broker (a tansu process).
+/// broker (Apache Kafka, see [`apache`]).
 pub struct Kafka {
     pub cluster: Option<MockCluster<'static, DefaultProducerContext>>,
     pub brokers: String,
@@ -50,6 +51,29 @@ impl Kafka {
             partitions,
             properties: Vec::new(),
         }
+    }
+
+    /// A topic named `<prefix>-<unique>` with `partitions` on an Apache Kafka cluster (replicated
+    /// as the cluster's `default.replication.factor` says).
+    pub async fn apache(broker: &apache::ApacheKafka, prefix: &str, partitions: i32) -> Kafka {
+        Kafka::external(&broker.brokers(), &unique(prefix), partitions).await
+    }
+
+    /// [`Kafka::apache`] on this test binary's shared single-node broker.
+    pub async fn shared(prefix: &str, partitions: i32) -> Kafka {
+        Kafka::apache(apache::shared(), prefix, partitions).await
+    }
+
+    /// Another topic on this external cluster, created if missing.
+    pub async fn create_external_topic(&self, name: &str, partitions: i32) {
+        logbridge::tools::produce::ensure_topic_with(
+            &self.brokers,
+            &self.properties,
+            name,
+            partitions,
+        )
+        .await
+        .expect("topic created on the broker");
     }
 
     /// A topic on an external broker, created if missing.
@@ -262,7 +286,8 @@ impl Kafka {
 }
 
 /// The `[kafka]` section of a test configuration: the cluster, group and topic, reading from
-/// the earliest offset with a short session timeout, plus `extra_options` lines.
+/// the earliest offset with a short session timeout, plus `extra_options` lines (which replace
+/// these defaults where they name the same option).
 pub fn kafka_section(brokers: &str, group: &str, topic: &str, extra_options: &str) -> String {
     format!(
         r#"[kafka]
@@ -270,10 +295,36 @@ brokers = "{brokers}"
 group_id = "{group}"
 topics = ["{topic}"]
 [kafka.options]
-"auto.offset.reset" = "earliest"
-"session.timeout.ms" = 6000
-{extra_options}"#
+{defaults}{extra_options}"#,
+        defaults = client_defaults(
+            &[
+                ("auto.offset.reset", "\"earliest\""),
+                ("session.timeout.ms", "6000")
+            ],
+            extra_options
+        )
     )
+}
+
+/// `defaults` as `[kafka.options]` lines, leaving out those `extra_options` sets, and under the
+/// KIP-848 `consumer` group protocol those librdkafka refuses with it (the session and
+/// heartbeat are the broker's there, and so is the assignor).
+pub fn client_defaults(defaults: &[(&str, &str)], extra_options: &str) -> String {
+    let consumer_protocol = extra_options.contains("\"group.protocol\" = \"consumer\"");
+    defaults
+        .iter()
+        .filter(|(key, _)| !extra_options.contains(&format!("\"{key}\"")))
+        .filter(|(key, _)| {
+            !(consumer_protocol
+                && matches!(
+                    *key,
+                    "session.timeout.ms"
+                        | "heartbeat.interval.ms"
+                        | "partition.assignment.strategy"
+                ))
+        })
+        .map(|(key, value)| format!("\"{key}\" = {value}\n"))
+        .collect()
 }
 
 /// What `produce_samples` produced.

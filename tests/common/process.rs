@@ -339,7 +339,10 @@ pub fn write_child_config(
         brokers,
         group,
         topic,
-        &format!("\"heartbeat.interval.ms\" = 1000\n{extra_options}"),
+        &format!(
+            "{}{extra_options}",
+            super::client_defaults(&[("heartbeat.interval.ms", "1000")], extra_options)
+        ),
     );
     let text = format!(
         r#"{kafka}

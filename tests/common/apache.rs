@@ -1,0 +1,668 @@
+//! Apache Kafka for the broker tier: the broker users run, as processes on loopback.
+//!
+//! `scripts/install-kafka.sh` resolves the pinned `org.apache.kafka:kafka_2.13` from Maven
+//! Central into a cache folder (the test helpers run it when the folder is missing). Each
+//! [`ApacheKafka`] is a KRaft cluster of combined broker+controller nodes in a folder of its
+//! own: every node's log directory is formatted with the storage tool, then `kafka.Kafka` runs
+//! with a small heap, and the cluster counts as started when it answers a metadata request
+//! naming all its brokers. Nodes can be killed (SIGKILL) and started again on the same log
+//! directory. Dropping the cluster kills its nodes and removes its folder.
+//!
+//! Every broker process is started by one long-lived thread of the test process with
+//! `PR_SET_PDEATHSIG`, so a test binary that dies (or a shared broker that no test stops)
+//! never leaves a JVM behind: the kernel kills the broker when the test process ends.
+//!
+//! [`shared`] is one single-node broker per test binary, for tests that are independent on it
+//! (each uses its own topics and groups, see [`crate::common::Kafka::apache`]).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use super::process::free_port;
+
+/// The KRaft cluster id every test cluster is formatted with (any 16 bytes in base64url).
+const CLUSTER_ID: &str = "bG9nYnJpZGdlLXRlc3Q";
+
+/// The heap and JIT a test broker runs with: the machines have two cores, shared with the
+/// tests and logbridge. C1 only and the serial collector halve the CPU a broker takes to start
+/// (about 2 s of CPU instead of 4) and keep it small (about 300 MB resident).
+const JVM_OPTIONS: &[&str] = &[
+    "-Xms128m",
+    "-Xmx512m",
+    "-XX:+UseSerialGC",
+    "-XX:TieredStopAtLevel=1",
+    "-XX:-UsePerfData",
+    "-Djava.awt.headless=true",
+];
+
+/// The folder with the broker's jars, installed on first use.
+pub fn kafka_libs() -> PathBuf {
+    static LIBS: OnceLock<PathBuf> = OnceLock::new();
+    LIBS.get_or_init(|| {
+        if let Some(libs) = std::env::var_os("LOGBRIDGE_KAFKA_LIBS") {
+            return PathBuf::from(libs);
+        }
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-kafka.sh");
+        let output = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/install-kafka.sh");
+        assert!(
+            output.status.success(),
+            "scripts/install-kafka.sh failed (Java 17+ and Maven are needed)"
+        );
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    })
+    .clone()
+}
+
+/// Starts `command` from a thread that lives as long as the test process, with the broker
+/// tied to it: the kernel sends SIGKILL to the child when that thread ends (at process exit).
+/// `PR_SET_PDEATHSIG` follows the thread that forked, so a test's own thread (which ends with
+/// the test) cannot be the one.
+fn spawn_tied(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<Request>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("broker-spawner".into())
+            .spawn(move || {
+                use std::os::unix::process::CommandExt;
+                // Ends only with the process: the sender lives in a static.
+                for (mut command, reply) in incoming {
+                    let parent = std::process::id() as libc::pid_t;
+                    // SAFETY: prctl and getppid are async-signal-safe, as pre_exec requires.
+                    unsafe {
+                        command.pre_exec(move || {
+                            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                                return Err(std::io::Error::last_os_error());
+                            }
+                            // The test process died between fork and prctl.
+                            if libc::getppid() != parent {
+                                return Err(std::io::Error::other("test process gone"));
+                            }
+                            Ok(())
+                        });
+                    }
+                    // The asking test may have given up; the child is then dropped (and killed
+                    // at exit like every other).
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("start the broker spawner thread");
+        Mutex::new(requests)
+    });
+    let (reply, answer) = mpsc::channel();
+    spawner
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .send((command, reply))
+        .expect("broker spawner running");
+    answer.recv().expect("broker spawner answered")
+}
+
+/// A listener a secured cluster adds beside PLAINTEXT (which the test helpers use as admins).
+#[derive(Clone, Debug)]
+pub enum Secured {
+    /// TLS; with `client_auth` the client must show a certificate the CA signed (mutual TLS).
+    Tls { client_auth: bool },
+    /// SASL SCRAM over TLS.
+    SaslSsl,
+    /// SASL SCRAM without TLS.
+    SaslPlaintext,
+}
+
+impl Secured {
+    fn name(&self) -> &'static str {
+        match self {
+            Secured::Tls { client_auth: false } => "TLS",
+            Secured::Tls { client_auth: true } => "MTLS",
+            Secured::SaslSsl => "SASLTLS",
+            Secured::SaslPlaintext => "SASL",
+        }
+    }
+
+    fn protocol(&self) -> &'static str {
+        match self {
+            Secured::Tls { .. } => "SSL",
+            Secured::SaslSsl => "SASL_SSL",
+            Secured::SaslPlaintext => "SASL_PLAINTEXT",
+        }
+    }
+}
+
+/// How a cluster is set up.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Nodes, each broker and controller (all controllers vote): 1 or 3.
+    pub nodes: usize,
+    /// Extra or replaced `server.properties` lines.
+    pub properties: Vec<(String, String)>,
+    /// Secured listeners, served with `tls` (a PEM file with the broker's key and certificate
+    /// chain, and the CA file clients are checked against).
+    pub secured: Vec<Secured>,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// SCRAM credentials written at format time: (mechanism, user, password).
+    pub scram: Vec<(String, String, String)>,
+    /// ACLs on (StandardAuthorizer); the PLAINTEXT listener's ANONYMOUS user and `admin`
+    /// are super users.
+    pub acls: bool,
+}
+
+struct Node {
+    id: u32,
+    port: u16,
+    controller_port: u16,
+    /// Secured listeners' ports, in the order of `Options::secured`.
+    secured_ports: Vec<u16>,
+    child: Option<Child>,
+    /// When the current process was started, for its start-up time.
+    launched: Option<Instant>,
+}
+
+/// An Apache Kafka cluster of combined broker+controller nodes on loopback.
+pub struct ApacheKafka {
+    nodes: Vec<Node>,
+    options: Options,
+    dir: PathBuf,
+    /// How long the last full start took until the cluster answered metadata.
+    pub started_in: Duration,
+}
+
+/// A folder for one cluster's files: `<tmp>/logbridge-kafka/<pid>-<n>`. Folders of test
+/// processes that are gone (their shared broker is never dropped) are removed first.
+fn cluster_dir() -> PathBuf {
+    static SEQUENCE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let root = std::env::temp_dir().join("logbridge-kafka");
+    std::fs::create_dir_all(&root).expect("kafka test folder");
+    if let Ok(entries) = std::fs::read_dir(&root) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let owner = name
+                .split('-')
+                .next()
+                .and_then(|pid| pid.parse::<u32>().ok());
+            if let Some(pid) = owner {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+    let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = root.join(format!("{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("cluster folder");
+    dir
+}
+
+impl ApacheKafka {
+    /// One combined node, plaintext.
+    pub fn start() -> ApacheKafka {
+        ApacheKafka::start_with(Options {
+            nodes: 1,
+            ..Options::default()
+        })
+    }
+
+    /// Three nodes: replication factor 3 and `min.insync.replicas = 2` for every topic.
+    pub fn cluster() -> ApacheKafka {
+        ApacheKafka::start_with(Options {
+            nodes: 3,
+            ..Options::default()
+        })
+    }
+
+    pub fn start_with(options: Options) -> ApacheKafka {
+        assert!(
+            options.nodes == 1 || options.nodes == 3,
+            "1 or 3 nodes, not {}",
+            options.nodes
+        );
+        let libs = kafka_libs();
+        let dir = cluster_dir();
+        let nodes = (1..=options.nodes as u32)
+            .map(|id| Node {
+                id,
+                port: free_port(),
+                controller_port: free_port(),
+                secured_ports: options.secured.iter().map(|_| free_port()).collect(),
+                child: None,
+                launched: None,
+            })
+            .collect();
+        let mut cluster = ApacheKafka {
+            nodes,
+            options,
+            dir,
+            started_in: Duration::ZERO,
+        };
+        std::fs::write(
+            cluster.dir.join("log4j2.properties"),
+            log4j_config(&cluster.dir),
+        )
+        .expect("log4j2 config");
+        for index in 0..cluster.nodes.len() {
+            std::fs::write(cluster.properties_path(index), cluster.properties(index))
+                .expect("server.properties");
+            cluster.format(&libs, index);
+        }
+        let started = Instant::now();
+        for index in 0..cluster.nodes.len() {
+            cluster.launch(index);
+        }
+        cluster.wait_ready(Duration::from_secs(90));
+        cluster.started_in = started.elapsed();
+        cluster
+    }
+
+    fn properties_path(&self, index: usize) -> PathBuf {
+        self.dir
+            .join(format!("node-{}.properties", self.nodes[index].id))
+    }
+
+    fn log_dir(&self, index: usize) -> PathBuf {
+        self.dir.join(format!("node-{}", self.nodes[index].id))
+    }
+
+    /// The node's `server.properties`.
+    fn properties(&self, index: usize) -> String {
+        let node = &self.nodes[index];
+        let n = self.nodes.len();
+        let voters: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|node| format!("{}@127.0.0.1:{}", node.id, node.controller_port))
+            .collect();
+        let mut listeners = vec![
+            format!("PLAINTEXT://127.0.0.1:{}", node.port),
+            format!("CONTROLLER://127.0.0.1:{}", node.controller_port),
+        ];
+        let mut advertised = vec![format!("PLAINTEXT://127.0.0.1:{}", node.port)];
+        let mut protocols = vec![
+            "PLAINTEXT:PLAINTEXT".to_string(),
+            "CONTROLLER:PLAINTEXT".to_string(),
+        ];
+        for (secured, port) in self.options.secured.iter().zip(&node.secured_ports) {
+            listeners.push(format!("{}://127.0.0.1:{port}", secured.name()));
+            advertised.push(format!("{}://127.0.0.1:{port}", secured.name()));
+            protocols.push(format!("{}:{}", secured.name(), secured.protocol()));
+        }
+        let (replication, min_isr) = if n >= 3 { (3, 2) } else { (1, 1) };
+        let mut properties: Vec<(String, String)> = [
+            ("process.roles", "broker,controller".to_string()),
+            ("node.id", node.id.to_string()),
+            ("controller.quorum.voters", voters.join(",")),
+            ("listeners", listeners.join(",")),
+            ("advertised.listeners", advertised.join(",")),
+            ("controller.listener.names", "CONTROLLER".into()),
+            ("inter.broker.listener.name", "PLAINTEXT".into()),
+            ("listener.security.protocol.map", protocols.join(",")),
+            ("log.dirs", self.log_dir(index).display().to_string()),
+            ("num.partitions", "1".into()),
+            ("default.replication.factor", replication.to_string()),
+            ("min.insync.replicas", min_isr.to_string()),
+            ("offsets.topic.replication.factor", replication.to_string()),
+            ("offsets.topic.num.partitions", "10".into()),
+            (
+                "transaction.state.log.replication.factor",
+                replication.to_string(),
+            ),
+            ("transaction.state.log.min.isr", min_isr.to_string()),
+            ("transaction.state.log.num.partitions", "10".into()),
+            // Tests create their topics; a typo must not create one.
+            ("auto.create.topics.enable", "false".into()),
+            // A group's first join is not held back 3 s waiting for more members.
+            ("group.initial.rebalance.delay.ms", "0".into()),
+            // The KIP-848 `consumer` protocol's session is set on the broker (45 s by default,
+            // and clients cannot change it): the classic tests' 6 s, so that a killed member
+            // is expired as fast under both protocols.
+            ("group.consumer.min.session.timeout.ms", "6000".into()),
+            ("group.consumer.session.timeout.ms", "6000".into()),
+            ("group.consumer.min.heartbeat.interval.ms", "1000".into()),
+            ("group.consumer.heartbeat.interval.ms", "1000".into()),
+            // Two cores: few threads.
+            ("num.network.threads", "2".into()),
+            ("num.io.threads", "2".into()),
+            ("background.threads", "2".into()),
+            ("num.recovery.threads.per.data.dir", "1".into()),
+            ("num.replica.fetchers", "1".into()),
+            ("log.cleaner.threads", "1".into()),
+            // The compaction test's cleaner runs within a second, in a small buffer.
+            ("log.cleaner.backoff.ms", "500".into()),
+            ("log.cleaner.dedupe.buffer.size", "16777216".into()),
+        ]
+        .into_iter()
+        .map(|(key, value)| (key.to_string(), value))
+        .collect();
+        if !self.options.secured.is_empty() {
+            let (keystore, ca) = self
+                .options
+                .tls
+                .as_ref()
+                .expect("secured listeners need Options::tls");
+            properties.extend(
+                [
+                    ("ssl.keystore.type", "PEM".to_string()),
+                    ("ssl.keystore.location", keystore.display().to_string()),
+                    ("ssl.truststore.type", "PEM".to_string()),
+                    ("ssl.truststore.location", ca.display().to_string()),
+                    (
+                        "sasl.enabled.mechanisms",
+                        "SCRAM-SHA-256,SCRAM-SHA-512".into(),
+                    ),
+                    // The principal of a client certificate is its common name.
+                    (
+                        "ssl.principal.mapping.rules",
+                        "RULE:^CN=([^,]*).*$/$1/,DEFAULT".into(),
+                    ),
+                ]
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), value)),
+            );
+            for secured in &self.options.secured {
+                if let Secured::Tls { client_auth: true } = secured {
+                    properties.push((
+                        format!(
+                            "listener.name.{}.ssl.client.auth",
+                            secured.name().to_lowercase()
+                        ),
+                        "required".into(),
+                    ));
+                }
+            }
+        }
+        if self.options.acls {
+            properties.extend(
+                [
+                    (
+                        "authorizer.class.name",
+                        "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+                    ),
+                    // The PLAINTEXT listener (controllers, replication, the tests' admin) and
+                    // the SCRAM user `admin`.
+                    ("super.users", "User:ANONYMOUS;User:admin"),
+                ]
+                .into_iter()
+                .map(|(key, value)| (key.to_string(), value.to_string())),
+            );
+        }
+        for (key, value) in &self.options.properties {
+            properties.retain(|(existing, _)| existing != key);
+            properties.push((key.clone(), value.clone()));
+        }
+        properties
+            .iter()
+            .map(|(key, value)| format!("{key}={value}\n"))
+            .collect()
+    }
+
+    fn java(&self, libs: &Path) -> Command {
+        let mut command = Command::new("java");
+        command
+            .args(JVM_OPTIONS)
+            .arg(format!(
+                "-Dlog4j2.configurationFile={}",
+                self.dir.join("log4j2.properties").display()
+            ))
+            .arg("-cp")
+            .arg(format!("{}/*", libs.display()))
+            .current_dir(&self.dir);
+        command
+    }
+
+    fn format(&self, libs: &Path, index: usize) {
+        let mut command = self.java(libs);
+        command.args([
+            "kafka.tools.StorageTool",
+            "format",
+            "--ignore-formatted",
+            "-t",
+        ]);
+        command
+            .arg(CLUSTER_ID)
+            .arg("-c")
+            .arg(self.properties_path(index));
+        for (mechanism, user, password) in &self.options.scram {
+            command
+                .arg("--add-scram")
+                .arg(format!("{mechanism}=[name={user},password={password}]"));
+        }
+        let output = command.output().expect("run kafka's storage tool");
+        assert!(
+            output.status.success(),
+            "formatting node {}: {}{}",
+            self.nodes[index].id,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn launch(&mut self, index: usize) {
+        let libs = kafka_libs();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node-{}.out", self.nodes[index].id)))
+            .expect("broker output file");
+        let mut command = self.java(&libs);
+        command
+            .arg("kafka.Kafka")
+            .arg(self.properties_path(index))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        let child = spawn_tied(command).expect("start the Kafka broker (java)");
+        let node = &mut self.nodes[index];
+        node.child = Some(child);
+        node.launched = Some(Instant::now());
+    }
+
+    /// PLAINTEXT bootstrap servers of every node.
+    pub fn brokers(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Bootstrap servers of the secured listener `secured` (as given in `Options::secured`).
+    pub fn secured_brokers(&self, which: usize) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.secured_ports[which]))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node ids, in order.
+    pub fn node_ids(&self) -> Vec<u32> {
+        self.nodes.iter().map(|node| node.id).collect()
+    }
+
+    fn index_of(&self, id: u32) -> usize {
+        self.nodes
+            .iter()
+            .position(|node| node.id == id)
+            .unwrap_or_else(|| panic!("no node {id}"))
+    }
+
+    /// Waits until a metadata request lists every running node; panics with the log tail if
+    /// that does not happen within `deadline`.
+    pub fn wait_ready(&self, deadline: Duration) {
+        let running = self
+            .nodes
+            .iter()
+            .filter(|node| node.child.is_some())
+            .count();
+        let started = Instant::now();
+        let client: BaseConsumer = self.client().create().expect("metadata client");
+        while started.elapsed() < deadline {
+            if let Ok(metadata) = client.fetch_metadata(None, Duration::from_secs(2)) {
+                if metadata.brokers().len() >= running {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "Apache Kafka did not answer metadata with {running} brokers within {deadline:?}:\n{}",
+            self.log_tail(40)
+        );
+    }
+
+    /// A client configuration for the PLAINTEXT listeners.
+    pub fn client(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", self.brokers());
+        client
+    }
+
+    /// SIGKILL one node (no controlled shutdown: its partitions' leadership moves only once the
+    /// controller notices, after `broker.session.timeout.ms`).
+    pub fn kill(&mut self, id: u32) {
+        let index = self.index_of(id);
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a node again on its log directory and ports; returns without waiting.
+    pub fn start_node(&mut self, id: u32) {
+        let index = self.index_of(id);
+        assert!(self.nodes[index].child.is_none(), "node {id} is running");
+        self.launch(index);
+    }
+
+    /// Pid of a running node.
+    pub fn pid(&self, id: u32) -> Option<u32> {
+        self.nodes[self.index_of(id)].child.as_ref().map(Child::id)
+    }
+
+    /// When a node was last launched.
+    pub fn launched(&self, id: u32) -> Option<Instant> {
+        self.nodes[self.index_of(id)].launched
+    }
+
+    /// The leader of a partition, as metadata says now.
+    pub fn leader(&self, topic: &str, partition: i32) -> Option<u32> {
+        let client: BaseConsumer = self.client().create().ok()?;
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()?;
+        let leader = metadata
+            .topics()
+            .first()?
+            .partitions()
+            .iter()
+            .find(|p| p.id() == partition)?
+            .leader();
+        (leader >= 0).then_some(leader as u32)
+    }
+
+    /// Runs a Kafka command-line tool class (e.g. `org.apache.kafka.tools.AclCommand`) with
+    /// `args`; panics with its output if it fails.
+    pub fn tool(&self, class: &str, args: &[&str]) -> String {
+        let output = self
+            .java(&kafka_libs())
+            .arg(class)
+            .args(args)
+            .output()
+            .expect("run a kafka tool");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(output.status.success(), "{class} {args:?}: {text}");
+        text
+    }
+
+    /// Resident memory (bytes) and CPU time used so far of a node's process, from /proc.
+    pub fn usage(&self, id: u32) -> Option<(u64, Duration)> {
+        let pid = self.pid(id)?;
+        let process = procfs::process::Process::new(pid as i32).ok()?;
+        let stat = process.stat().ok()?;
+        let ticks = procfs::ticks_per_second() as f64;
+        let page = procfs::page_size();
+        Some((
+            stat.rss * page,
+            Duration::from_secs_f64((stat.utime + stat.stime) as f64 / ticks),
+        ))
+    }
+
+    /// The last `lines` lines of every node's log (for failure messages).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let mut tail = String::new();
+        for node in &self.nodes {
+            for name in [
+                format!("node-{}.out", node.id),
+                format!("node-{}.log", node.id),
+            ] {
+                let text = std::fs::read_to_string(self.dir.join(&name)).unwrap_or_default();
+                let all: Vec<&str> = text.lines().collect();
+                tail.push_str(&format!("--- {name}\n"));
+                for line in &all[all.len().saturating_sub(lines)..] {
+                    tail.push_str(line);
+                    tail.push('\n');
+                }
+            }
+        }
+        tail
+    }
+
+    /// The cluster's folder (log directories, configuration, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for ApacheKafka {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Broker logs at WARN (INFO for the controller's leader changes) in one file per node.
+fn log4j_config(dir: &Path) -> String {
+    format!(
+        r#"status = error
+appender.file.type = RollingFile
+appender.file.name = FILE
+appender.file.fileName = {dir}/node-${{sys:logbridge.node:-all}}.log
+appender.file.filePattern = {dir}/node-${{sys:logbridge.node:-all}}.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+rootLogger.level = WARN
+rootLogger.appenderRef.file.ref = FILE
+"#,
+        dir = dir.display()
+    )
+}
+
+/// One single-node broker for this test binary, started on first use and killed when the
+/// test process ends (see [`spawn_tied`]). Tests on it use their own topics and groups.
+pub fn shared() -> &'static ApacheKafka {
+    static SHARED: OnceLock<ApacheKafka> = OnceLock::new();
+    SHARED.get_or_init(ApacheKafka::start)
+}
