@@ -11,10 +11,11 @@
 //! reads the committed offsets and the run's finished count just before each kill and checks
 //! the next run's duplicates against exactly that.
 //!
-//! Broker: librdkafka's mock cluster, hosted by this test process and served over loopback TCP to
-//! the logbridge processes. The tansu broker process cannot host this test: it never expires a
-//! member killed without a LeaveGroup, so a restarted instance would never get its partitions
-//! back (see shared/TEST-BROKER.md); the graceful and broker-restart variants run on tansu.
+//! Brokers: Apache Kafka (this binary's shared broker), where a killed member is expired by the
+//! group coordinator after `session.timeout.ms` and a commit of the current generation is
+//! accepted while the group rebalances; and librdkafka's mock cluster, hosted by this test
+//! process and served over loopback TCP, which refuses commits while its group rebalances. The
+//! same audit runs on both; each prints its duplicates per kill beside its bounds.
 
 mod common;
 
@@ -29,8 +30,21 @@ const EVENTS: u64 = 200_000;
 const KILLS: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_at_random_moments_loses_nothing() {
+async fn sigkill_at_random_moments_loses_nothing_on_apache_kafka() {
+    let _serial = serial().await;
+    let kafka = Kafka::shared("audit", 8).await;
+    audit(&kafka, "Apache Kafka").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_on_the_mock_cluster() {
+    let _serial = serial().await;
     let kafka = Kafka::start("audit", 8);
+    audit(&kafka, "mock cluster").await;
+}
+
+/// The audit on `kafka`'s topic (8 partitions, empty); `broker` names it in what is printed.
+async fn audit(kafka: &Kafka, broker: &str) {
     let produced = kafka.produce_samples(EVENTS, 0.01, 20261127).await;
     let end = kafka.end_offsets();
     assert_eq!(end.iter().sum::<i64>(), EVENTS as i64);
@@ -76,7 +90,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
             joining_child.kill();
             joins_killed += 1;
             finished_past_commit.push(finished - (committed - committed_at_start) as f64);
-            println!("run {run}: SIGKILL while joining ({assigned} partitions assigned)");
+            println!("{broker} run {run}: SIGKILL while joining ({assigned} partitions assigned)");
         }
         let instance = Instance::start(
             &kafka.brokers,
@@ -136,7 +150,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
                 killed_mid_stream += 1;
             }
             println!(
-                "run {run}: SIGKILL after {:?}, committed {committed} of {EVENTS}",
+                "{broker} run {run}: SIGKILL after {:?}, committed {committed} of {EVENTS}",
                 started.elapsed()
             );
         } else {
@@ -154,7 +168,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
                 Some(0),
                 "last run exit status"
             );
-            println!("run {run}: finished and stopped in {took:?}");
+            println!("{broker} run {run}: finished and stopped in {took:?}");
         }
     }
 
@@ -260,7 +274,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         .map(|finished| finished.max(0.0).ceil() as usize + written_unacked)
         .collect();
     println!(
-        "crash audit: {EVENTS} events ({} valid, {} malformed), {kills} SIGKILLs ({killed_mid_stream} mid-stream) \
+        "crash audit on {broker}: {EVENTS} events ({} valid, {} malformed), {kills} SIGKILLs ({killed_mid_stream} mid-stream) \
          and {joins_killed} while joining, lost {}, duplicates {duplicates} (per kill {duplicates_per_kill:?}, max \
          {max_per_kill}; bounds {bounds:?} = finished past the commit + {written_unacked} written unacked; \
          throughput before the kills {rates:.0?}/s), malformed unaccounted {}, took {:?}",

@@ -220,10 +220,10 @@ impl Kafka {
         let client: BaseConsumer = self.client().create().expect("client");
         (0..self.partitions)
             .map(|p| {
-                client
-                    .fetch_watermarks(&self.topic, p, Duration::from_secs(10))
-                    .expect("watermarks")
-                    .1
+                retrying("watermarks", || {
+                    client.fetch_watermarks(&self.topic, p, Duration::from_secs(10))
+                })
+                .1
             })
             .collect()
     }
@@ -239,9 +239,9 @@ impl Kafka {
         for p in 0..self.partitions {
             tpl.add_partition(&self.topic, p);
         }
-        let committed = client
-            .committed_offsets(tpl, Duration::from_secs(10))
-            .expect("committed offsets");
+        let committed = retrying("committed offsets", || {
+            client.committed_offsets(tpl.clone(), Duration::from_secs(10))
+        });
         (0..self.partitions)
             .map(
                 |p| match committed.find_partition(&self.topic, p).map(|e| e.offset()) {
@@ -325,6 +325,23 @@ pub fn client_defaults(defaults: &[(&str, &str)], extra_options: &str) -> String
         })
         .map(|(key, value)| format!("\"{key}\" = {value}\n"))
         .collect()
+}
+
+/// `request`'s answer, asked again for up to 60 s while it fails: a real cluster answers some
+/// requests with a retriable error for a while (the group coordinator loading after a start,
+/// a partition whose leader just died).
+pub fn retrying<T>(what: &str, mut request: impl FnMut() -> rdkafka::error::KafkaResult<T>) -> T {
+    let started = Instant::now();
+    loop {
+        match request() {
+            Ok(answer) => return answer,
+            Err(err) if started.elapsed() < Duration::from_secs(60) => {
+                let _ = err;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(err) => panic!("{what}: {err}"),
+        }
+    }
 }
 
 /// What `produce_samples` produced.
