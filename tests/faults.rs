@@ -1,11 +1,21 @@
 //! The fault matrix: conditions a deployment meets together, each combination asserted on what a
 //! separate client reads back (committed offsets) and on what the sinks wrote (every event id).
 //!
-//! Rebalances while partitions are paused, for both protocols: partitions paused by
-//! backpressure (a slow sink) or by the dead-letter breaker are revoked, moved to another
-//! process, and given back to the same process. librdkafka keeps an application pause across
-//! revoke and re-assignment (librdkafka #1849), so a partition given back must be made fetchable
-//! again; every partition must be read again and committed to the end, and nothing lost.
+//! Rebalances while partitions are paused, for every group protocol (classic eager, classic
+//! cooperative, KIP-848 `consumer`): partitions paused by backpressure (a slow sink) or by the
+//! dead-letter breaker are revoked, moved to another instance, and given back to the same
+//! instance. librdkafka keeps an application pause across revoke and re-assignment (librdkafka
+//! #1849), so a partition given back must be made fetchable again; every partition must be read
+//! again and committed to the end, and nothing lost.
+//!
+//! Brokers. The rebalance tests, the large-event tests and the offset reset run on Apache
+//! Kafka (this binary's shared broker, a topic and group of their own each). These stay on
+//! librdkafka's mock cluster because they need fault injection only the mock offers: a broker
+//! taken down on demand (the unread partition, the coordinator lost), produce and commit
+//! requests answered with chosen errors (the dead-letter topic refusing writes, produce and
+//! commit errors, the failing destination during rebalances). The rest (a panicking worker,
+//! stdout blocked at SIGTERM, the uncommitted bound, tombstones and unrouted events) test the
+//! pipeline, not the broker, and use the mock for speed.
 
 mod common;
 
@@ -22,8 +32,12 @@ const PARTITIONS: i32 = 6;
 
 #[derive(Clone, Copy, Debug)]
 enum Protocol {
+    /// Classic, eager (`range`).
     Eager,
+    /// Classic, incremental (`cooperative-sticky`).
     Cooperative,
+    /// KIP-848's `consumer` protocol (incremental; the broker assigns). Apache Kafka only.
+    Consumer,
 }
 
 impl Protocol {
@@ -31,6 +45,7 @@ impl Protocol {
         match self {
             Protocol::Eager => "\"partition.assignment.strategy\" = \"range\"",
             Protocol::Cooperative => "\"partition.assignment.strategy\" = \"cooperative-sticky\"",
+            Protocol::Consumer => "\"group.protocol\" = \"consumer\"",
         }
     }
 }
@@ -124,7 +139,7 @@ async fn start_reading(
     .await;
     let reading = wait_for(Duration::from_secs(30), || {
         let metrics = metrics.clone();
-        async move { metrics.consumed.with_label_values(&["logs"]).get() > 100 }
+        async move { metrics.consumed_total() > 100 }
     })
     .await;
     assert!(reading, "the pipeline never read");
@@ -138,7 +153,7 @@ fn ids_written(dirs: &[&Path]) -> HashSet<u64> {
 }
 
 async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: PausedBy) {
-    let kafka = Kafka::start("logs", PARTITIONS);
+    let kafka = Kafka::shared("logs", PARTITIONS).await;
     let count = 3_000u64;
     match paused_by {
         PausedBy::Backpressure => produce_valid(&kafka, count).await,
@@ -271,6 +286,18 @@ async fn eager_rebalance_while_paused_by_the_breaker() {
 async fn cooperative_rebalance_while_paused_by_the_breaker() {
     let _serial = serial().await;
     paused_partitions_survive_rebalances(Protocol::Cooperative, PausedBy::Breaker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_protocol_rebalance_while_paused_by_backpressure() {
+    let _serial = serial().await;
+    paused_partitions_survive_rebalances(Protocol::Consumer, PausedBy::Backpressure).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_protocol_rebalance_while_paused_by_the_breaker() {
+    let _serial = serial().await;
+    paused_partitions_survive_rebalances(Protocol::Consumer, PausedBy::Breaker).await;
 }
 
 /// A partition whose leader is down cannot be fetched: nothing of it is in flight, so no commit
@@ -1005,8 +1032,7 @@ impl logbridge::sink::Sink for Gated {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_events_stay_within_the_in_flight_byte_bound() {
     let _serial = serial().await;
-    // 8 partitions: the mock cluster keeps only the newest 5 MiB of each.
-    let kafka = Kafka::start("logs", 8);
+    let kafka = Kafka::shared("logs", 8).await;
     produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes");
@@ -1178,7 +1204,19 @@ async fn partitions_lost_with_the_coordinator_are_counted_and_read_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
     let _serial = serial().await;
-    let kafka = Kafka::start("logs", 4);
+    incremental_rebalance_keeps_the_partitions_that_stay(Protocol::Cooperative).await;
+}
+
+/// The same with KIP-848's `consumer` protocol, where the broker assigns and every rebalance
+/// is incremental.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_protocol_rebalance_keeps_the_work_of_the_partitions_that_stay() {
+    let _serial = serial().await;
+    incremental_rebalance_keeps_the_partitions_that_stay(Protocol::Consumer).await;
+}
+
+async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol) {
+    let kafka = Kafka::shared("logs", 4).await;
     let placed = kafka.produce(&keyed_events(3_000)).await;
     let end = kafka.end_offsets();
     let group = unique("cooperative-keeps");
@@ -1191,7 +1229,7 @@ async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
         config(
             &kafka,
             &group,
-            Protocol::Cooperative,
+            protocol,
             PausedBy::Backpressure,
             dir_a.path(),
         ),
@@ -1226,7 +1264,7 @@ async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
         config(
             &kafka,
             &group,
-            Protocol::Cooperative,
+            protocol,
             PausedBy::Backpressure,
             dir_b.path(),
         ),
@@ -1290,7 +1328,7 @@ async fn an_offset_reset_after_a_fetch_error_is_counted_and_nothing_is_skipped()
     use rdkafka::{Offset, TopicPartitionList};
 
     let _serial = serial().await;
-    let kafka = Kafka::start("logs", 1);
+    let kafka = Kafka::shared("logs", 1).await;
     kafka.produce(&keyed_events(300)).await;
     let end = kafka.end_offsets();
     assert_eq!(end, vec![300]);
@@ -1399,7 +1437,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
             .with_ansi(false)
             .try_init();
     }
-    let kafka = Kafka::start("logs", 8);
+    let kafka = Kafka::shared("logs", 8).await;
     let count = produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes-rebalance");
@@ -1441,7 +1479,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         if let Some((_, address_b)) = &b {
             peaks_b.add(byte_sample(*address_b).await, limit);
         }
-        let read_a = metrics_a.consumed.with_label_values(&["logs"]).get();
+        let read_a = metrics_a.consumed_total();
         if b.is_none() && !b_was_there && read_a > 20 {
             // B joins while A is held at the byte bound.
             b = Some(serve(config(dir_b.path()), &metrics_b).await);
@@ -1462,10 +1500,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         running.stop_abandoning().await;
     }
     let done = kafka.committed(&group) == end;
-    let (pauses_a, read_b) = (
-        metrics_a.pauses_total(),
-        metrics_b.consumed.with_label_values(&["logs"]).get(),
-    );
+    let (pauses_a, read_b) = (metrics_a.pauses_total(), metrics_b.consumed_total());
     a.stop().await;
     let written = ids_written(&[dir_a.path(), dir_b.path()]);
     println!(
@@ -1530,4 +1565,10 @@ async fn large_events_through_eager_rebalances_stay_within_the_byte_bound() {
 async fn large_events_through_cooperative_rebalances_stay_within_the_byte_bound() {
     let _serial = serial().await;
     large_events_through_rebalances(Protocol::Cooperative).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_through_consumer_protocol_rebalances_stay_within_the_byte_bound() {
+    let _serial = serial().await;
+    large_events_through_rebalances(Protocol::Consumer).await;
 }
