@@ -112,6 +112,59 @@ impl Flow {
     }
 }
 
+/// Offsets librdkafka stepped over without returning a record: the markers that end Kafka
+/// transactions (commit or abort control records) and the records of aborted transactions,
+/// which a `read_committed` consumer never sees. Its position (`rd_kafka_position`, the offset
+/// after the last message *or control record* it served) is then past the last record it
+/// returned, and nothing in between is to be read: so once everything up to that record has
+/// finished, the partition may be committed up to the position. Without this the commit of a
+/// partition whose log ends in a marker (every transactional topic) stays one below the end of
+/// the log forever, and its lag never reaches 0 (librdkafka stores such offsets itself only
+/// with `enable.auto.offset.store`, which logbridge turns off; librdkafka #3917).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Skipped {
+    /// The last record returned under this assignment (`None`: none yet).
+    pub(crate) after: Option<i64>,
+    /// librdkafka's position: the next offset to read.
+    pub(crate) to: i64,
+}
+
+impl Skipped {
+    /// What librdkafka's `position` says was stepped over after `last_polled`, if anything. A
+    /// position is only valid once librdkafka served something of this assignment: it resets
+    /// it when fetching stops (unassign) and on seek (`rdkafka_partition.c`).
+    pub(crate) fn past(last_polled: Option<i64>, position: i64) -> Option<Skipped> {
+        let next = match last_polled {
+            Some(last) => last.saturating_add(1),
+            None => 0,
+        };
+        (position > next || (last_polled.is_none() && position >= 0)).then_some(Skipped {
+            after: last_polled,
+            to: position,
+        })
+    }
+
+    /// `offset` (a commit position of this assignment) moved over the skipped offsets when it
+    /// is right after the last record returned: everything read has finished.
+    pub(crate) fn extend(&self, offset: i64) -> i64 {
+        match self.after {
+            Some(last) if offset == last.saturating_add(1) => self.to.max(offset),
+            _ => offset,
+        }
+    }
+
+    /// The commit position this assignment may have with nothing of it in flight, given what
+    /// was committed under it (`None`: nothing): the position, once the last record returned
+    /// is committed, or at once where no record was returned.
+    pub(crate) fn idle_commit(&self, committed: Option<i64>) -> Option<i64> {
+        match (self.after, committed) {
+            (None, _) => Some(self.to),
+            (Some(last), Some(committed)) if committed == last.saturating_add(1) => Some(self.to),
+            _ => None,
+        }
+    }
+}
+
 /// One owned partition.
 pub(crate) struct PartitionState {
     pub(crate) generation: u64,
@@ -127,6 +180,9 @@ pub(crate) struct PartitionState {
     /// Where reading stands before the first record is read, from librdkafka's statistics
     /// (the application or committed offset).
     pub(crate) start: Option<i64>,
+    /// Offsets librdkafka stepped over after `last_polled` (see [`Skipped`]); cleared by every
+    /// record returned.
+    pub(crate) skipped: Option<Skipped>,
 }
 
 impl PartitionState {
@@ -139,13 +195,19 @@ impl PartitionState {
             last_read: Instant::now(),
             log_end: None,
             start: None,
+            skipped: None,
         }
     }
 
     /// Records known to wait for reading: held back, or in the log past the next offset to
     /// read. 0 where the position or the log end is unknown.
     pub(crate) fn behind(&self) -> i64 {
-        let next = self.last_polled.map(|offset| offset + 1).or(self.start);
+        // Offsets stepped over (a transaction's marker at the end of the log) are not behind.
+        let next = self
+            .skipped
+            .map(|skipped| skipped.to)
+            .or(self.last_polled.map(|offset| offset + 1))
+            .or(self.start);
         let in_log = match (self.log_end, next) {
             (Some(end), Some(next)) => (end - next).max(0),
             _ => 0,
@@ -430,6 +492,75 @@ mod tests {
 
     fn held_record(source: &PartitionKey, offset: i64) -> Record {
         crate::record::test_record(source.partition, offset, None, None)
+    }
+
+    #[test]
+    fn what_librdkafka_stepped_over_is_known_only_past_the_last_record() {
+        // The position right after the last record: nothing stepped over.
+        assert_eq!(Skipped::past(Some(99), 100), None);
+        // A marker (or aborted records and their marker) after it.
+        let marker = Skipped::past(Some(99), 101).expect("stepped over");
+        assert_eq!(
+            marker,
+            Skipped {
+                after: Some(99),
+                to: 101
+            }
+        );
+        // Nothing returned yet under this assignment, a marker served: librdkafka resets its
+        // position on assign and seek, so any valid one was reached in this assignment.
+        assert_eq!(
+            Skipped::past(None, 57),
+            Some(Skipped {
+                after: None,
+                to: 57
+            })
+        );
+        // A position below the last record (a reset, say) steps over nothing.
+        assert_eq!(Skipped::past(Some(99), 40), None);
+    }
+
+    #[test]
+    fn a_commit_moves_past_skipped_offsets_only_once_everything_read_finished() {
+        let marker = Skipped {
+            after: Some(99),
+            to: 102,
+        };
+        assert_eq!(marker.extend(100), 102, "right after the last record");
+        assert_eq!(marker.extend(80), 80, "records up to 99 still unfinished");
+        assert_eq!(marker.extend(102), 102);
+        let nothing_read = Skipped {
+            after: None,
+            to: 57,
+        };
+        assert_eq!(
+            nothing_read.extend(57),
+            57,
+            "no record returned: no entry to extend"
+        );
+        // Idle: once the last record is committed, or at once with none returned.
+        assert_eq!(
+            marker.idle_commit(None),
+            None,
+            "nothing of it committed yet"
+        );
+        assert_eq!(
+            marker.idle_commit(Some(90)),
+            None,
+            "records 90..99 uncommitted"
+        );
+        assert_eq!(marker.idle_commit(Some(100)), Some(102));
+        assert_eq!(nothing_read.idle_commit(None), Some(57));
+    }
+
+    #[test]
+    fn a_marker_at_the_end_of_the_log_is_not_behind() {
+        let mut state = state(1, Flow::Flowing);
+        state.log_end = Some(101);
+        state.last_polled = Some(99);
+        assert_eq!(state.behind(), 1, "offset 100 not read yet");
+        state.skipped = Skipped::past(Some(99), 101);
+        assert_eq!(state.behind(), 0, "offset 100 was a marker, stepped over");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub(crate) enum CommitWhy {
     Revoke,
     /// The final positions at shutdown.
     Shutdown,
+    /// An idle partition's position past offsets librdkafka stepped over (transaction markers
+    /// at the end of its log).
+    Skipped,
 }
 
 impl CommitWhy {
@@ -45,6 +48,7 @@ impl CommitWhy {
             CommitWhy::Interval => "interval",
             CommitWhy::Revoke => "revoke",
             CommitWhy::Shutdown => "shutdown",
+            CommitWhy::Skipped => "skipped",
         }
     }
 }
@@ -77,13 +81,36 @@ impl CommitLedger {
                 None => true,
             })
             .filter(|entry| {
-                why != CommitWhy::Interval
+                !matches!(why, CommitWhy::Interval | CommitWhy::Skipped)
                     || assignment
                         .partitions
                         .get(&entry.source)
                         .is_some_and(|state| state.generation == entry.generation)
             })
             .cloned()
+            .collect()
+    }
+
+    /// The commits idle partitions may have past what librdkafka stepped over (see
+    /// [`super::assignment::Skipped`]): those whose last record returned is committed, or which
+    /// returned none.
+    fn skipped(&self, assignment: &Assignment) -> Vec<CommitEntry> {
+        assignment
+            .partitions
+            .iter()
+            .filter_map(|(source, state)| {
+                let skipped = state.skipped?;
+                let committed = self
+                    .committed
+                    .get(source)
+                    .filter(|(generation, _)| *generation == state.generation)
+                    .map(|(_, offset)| *offset);
+                Some(CommitEntry {
+                    source: source.clone(),
+                    generation: state.generation,
+                    offset: skipped.idle_commit(committed)?,
+                })
+            })
             .collect()
     }
 
@@ -106,6 +133,10 @@ fn is_stale_commit(err: &KafkaError) -> bool {
                 | RDKafkaErrorCode::IllegalGeneration
                 | RDKafkaErrorCode::UnknownMemberId
                 | RDKafkaErrorCode::RebalanceInProgress
+                // KIP-848's `consumer` protocol: the member epoch moved on (a rebalance), and
+                // librdkafka does not retry a manual commit refused so.
+                | RDKafkaErrorCode::StaleMemberEpoch
+                | RDKafkaErrorCode::FencedMemberEpoch
         )
     )
 }
@@ -159,6 +190,29 @@ fn commit_sync<C: ConsumerContext>(
             false
         }
     }
+}
+
+/// `entries` with each position that is right after the last record its partition returned
+/// moved past what librdkafka stepped over since (see [`super::assignment::Skipped`]), for the
+/// partitions still held under the entry's generation.
+fn extend_over_skipped(entries: &[CommitEntry], assignment: &Assignment) -> Vec<CommitEntry> {
+    entries
+        .iter()
+        .map(|entry| {
+            let skipped = assignment
+                .partitions
+                .get(&entry.source)
+                .filter(|state| state.generation == entry.generation)
+                .and_then(|state| state.skipped);
+            match skipped {
+                Some(skipped) => CommitEntry {
+                    offset: skipped.extend(entry.offset),
+                    ..entry.clone()
+                },
+                None => entry.clone(),
+            }
+        })
+        .collect()
 }
 
 /// A commit asked of the commit thread by the consumer thread.
@@ -248,6 +302,12 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
         .spawn(move || {
             let mut ledger = CommitLedger::default();
             let mut plans_open = true;
+            // Idle partitions past skipped offsets are looked at on the commit interval.
+            let mut tick = runtime.block_on(async {
+                let mut tick = tokio::time::interval(retry_every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick
+            });
             // The last plan, while the broker has not taken it.
             let mut untaken: Option<CommitPlan> = None;
             loop {
@@ -264,11 +324,21 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
                             Err(_) => Next::PlansClosed,
                         },
                         _ = tokio::time::sleep(retry_every), if retrying => Next::Retry,
+                        _ = tick.tick() => Next::Tick,
                     }
                 });
+                // On the interval: the idle partitions past skipped offsets.
+                let idle = match next {
+                    Next::Tick => ledger.skipped(&assignment.lock()),
+                    _ => Vec::new(),
+                };
                 // Whether everything admitted was taken by the broker.
                 let mut commit = |entries: &[CommitEntry], why: CommitWhy| {
-                    let admitted = ledger.admit(entries, why, &assignment.lock());
+                    let admitted = {
+                        let assignment = assignment.lock();
+                        let entries = extend_over_skipped(entries, &assignment);
+                        ledger.admit(&entries, why, &assignment)
+                    };
                     if admitted.is_empty() {
                         return true;
                     }
@@ -297,6 +367,11 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
                         // The asker may have stopped waiting; nothing to tell then.
                         let _ = request.done.send(taken);
                     }
+                    Next::Tick => {
+                        if !idle.is_empty() {
+                            commit(&idle, CommitWhy::Skipped);
+                        }
+                    }
                 }
             }
         })
@@ -308,6 +383,8 @@ enum Next {
     Plan(CommitPlan),
     /// Time to try the untaken plan again.
     Retry,
+    /// The commit interval: idle partitions past skipped offsets.
+    Tick,
     PlansClosed,
     Stop,
 }
@@ -399,6 +476,62 @@ mod tests {
     }
 
     #[test]
+    fn positions_move_past_what_librdkafka_stepped_over_once_everything_read_finished() {
+        use super::super::assignment::Skipped;
+        let mut assignment = Assignment::default();
+        held(&mut assignment, 0, 1);
+        held(&mut assignment, 1, 1);
+        held(&mut assignment, 2, 1);
+        // Partition 0 returned up to 99, then a marker: librdkafka is at 101.
+        let p0 = assignment.key("logs", 0);
+        if let Some(state) = assignment.partitions.get_mut(&p0) {
+            state.skipped = Skipped::past(Some(99), 101);
+        }
+        // Partition 2 returned nothing under this assignment, stepped over to 57.
+        let p2 = assignment.key("logs", 2);
+        if let Some(state) = assignment.partitions.get_mut(&p2) {
+            state.skipped = Skipped::past(None, 57);
+        }
+        let plan = vec![
+            entry(&mut assignment, 0, 1, 100),
+            entry(&mut assignment, 1, 1, 100),
+            // An older generation's entry is not extended.
+            entry(&mut assignment, 0, 0, 100),
+        ];
+        let extended = extend_over_skipped(&plan, &assignment);
+        assert_eq!(extended[0].offset, 101, "past the marker");
+        assert_eq!(extended[1].offset, 100, "nothing stepped over");
+        assert_eq!(extended[2].offset, 100, "not this assignment");
+        let unfinished = [entry(&mut assignment, 0, 1, 90)];
+        assert_eq!(extend_over_skipped(&unfinished, &assignment)[0].offset, 90);
+
+        // Idle: partition 2 at once; partition 0 once 100 is committed.
+        let mut ledger = CommitLedger::default();
+        let idle = ledger.skipped(&assignment);
+        assert_eq!(idle, vec![entry(&mut assignment, 2, 1, 57)]);
+        ledger.record(&idle);
+        ledger.record(&[entry(&mut assignment, 0, 1, 100)]);
+        let mut idle = ledger.skipped(&assignment);
+        idle.sort_by_key(|entry| entry.source.partition);
+        assert_eq!(
+            idle,
+            vec![
+                entry(&mut assignment, 0, 1, 101),
+                entry(&mut assignment, 2, 1, 57)
+            ]
+        );
+        // What the ledger has taken is not admitted again.
+        ledger.record(&idle);
+        assert!(ledger
+            .admit(
+                &ledger.skipped(&assignment),
+                CommitWhy::Skipped,
+                &assignment
+            )
+            .is_empty());
+    }
+
+    #[test]
     fn commit_lists_carry_the_next_offset_to_read() {
         let mut assignment = Assignment::default();
         let entries = [
@@ -423,6 +556,8 @@ mod tests {
             RDKafkaErrorCode::IllegalGeneration,
             RDKafkaErrorCode::UnknownMemberId,
             RDKafkaErrorCode::RebalanceInProgress,
+            RDKafkaErrorCode::StaleMemberEpoch,
+            RDKafkaErrorCode::FencedMemberEpoch,
         ] {
             assert!(is_stale_commit(&with(code)), "{code:?}");
         }

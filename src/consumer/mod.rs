@@ -58,7 +58,7 @@ use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::record::{ByteBudget, Fences, KeyValue, PartitionKey, Record};
 use crate::router::RouterHandle;
-use assignment::{Assignment, Flow, PauseWhy};
+use assignment::{Assignment, Flow, PauseWhy, Skipped};
 use commits::{CommitWhy, Commits};
 use rebalance::Callbacks;
 
@@ -353,7 +353,8 @@ impl ConsumerActor {
         }
     }
 
-    /// Once a second: which partitions are behind and not read for `stall_timeout_ms`.
+    /// Once a second: what librdkafka stepped over past the last record of each partition (see
+    /// [`Skipped`]), and which partitions are behind and not read for `stall_timeout_ms`.
     fn observe_unread(&mut self) {
         let now = std::time::Instant::now();
         if now < self.next_unread_check {
@@ -362,10 +363,22 @@ impl ConsumerActor {
         self.next_unread_check = now + UNREAD_CHECK_EVERY;
         let callbacks = self.consumer.context();
         let halted = callbacks.halted.load(Ordering::Acquire);
-        callbacks
-            .assignment
-            .lock()
-            .observe_unread(self.stall_timeout, halted, &self.metrics);
+        // librdkafka's positions, read between polls: consistent with `last_polled`, which
+        // only this thread changes.
+        let positions = self.consumer.position().ok();
+        let mut assignment = callbacks.assignment.lock();
+        if let Some(positions) = positions {
+            for element in positions.elements() {
+                let Offset::Offset(position) = element.offset() else {
+                    continue;
+                };
+                let key = assignment.key(element.topic(), element.partition());
+                if let Some(state) = assignment.partitions.get_mut(&key) {
+                    state.skipped = Skipped::past(state.last_polled, position);
+                }
+            }
+        }
+        assignment.observe_unread(self.stall_timeout, halted, &self.metrics);
     }
 
     /// Pauses every partition in librdkafka (held records stay held) for `why`; returns how
@@ -599,6 +612,7 @@ impl ConsumerActor {
             return Ok(());
         }
         state.last_polled = Some(message.offset());
+        state.skipped = None;
         state.last_read = read_at;
         if self.router.is_none() {
             return Ok(());

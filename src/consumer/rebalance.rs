@@ -149,6 +149,9 @@ impl Callbacks {
         }
         self.metrics.rebalances.with_label_values(&[kind]).inc();
         let mut revoked = Vec::new();
+        // What librdkafka stepped over at the end of each revoked partition (see `Skipped`):
+        // the revoke commit goes past it once everything read has finished.
+        let mut skips = Vec::new();
         {
             let mut assignment = self.assignment.lock();
             for element in tpl.elements() {
@@ -156,6 +159,9 @@ impl Callbacks {
                 if let Some(state) = assignment.partitions.remove(&key) {
                     // From now on the router drops what it still has of this assignment.
                     self.fences.revoke(&key, state.generation);
+                    if let Some(skipped) = state.skipped {
+                        skips.push((key.clone(), state.generation, skipped));
+                    }
                     if let Flow::Paused { held, .. } = state.flow {
                         // Held records were never dispatched: the committed position is at or
                         // below them, so the next owner reads them again.
@@ -204,7 +210,14 @@ impl Callbacks {
             .observe(started.elapsed().as_secs_f64());
         match answer {
             Ok(_) if lost => {}
-            Ok(entries) => {
+            Ok(mut entries) => {
+                for entry in &mut entries {
+                    if let Some((_, _, skipped)) = skips.iter().find(|(key, generation, _)| {
+                        *key == entry.source && *generation == entry.generation
+                    }) {
+                        entry.offset = skipped.extend(entry.offset);
+                    }
+                }
                 self.commits
                     .commit(entries, CommitWhy::Revoke, REVOKE_COMMIT_WAIT);
             }
