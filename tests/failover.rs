@@ -1,0 +1,238 @@
+//! Leader failover on a three-node Apache Kafka cluster (replication factor 3,
+//! `min.insync.replicas = 2`): mid-stream, the node leading a partition of the source topic is
+//! killed (SIGKILL) and started again, then the node leading a partition of the Kafka sink's
+//! topic. Nothing is lost, each key's records stay in order in the output, the group's commits
+//! reach the end of the source, and the time each failover took is printed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::apache::ApacheKafka;
+use common::*;
+use logbridge::metrics::Metrics;
+use logbridge::pipeline::{HttpBind, RunOptions};
+
+const EVENTS: u64 = 100_000;
+const PARTITIONS: i32 = 6;
+
+/// The committed offset gauge of one source partition.
+fn committed_gauge(metrics: &Metrics, topic: &str, partition: i32) -> i64 {
+    metrics
+        .committed_offset
+        .with_label_values(&[topic, &partition.to_string()])
+        .get()
+}
+
+/// Waits until `node` is back in the in-sync replicas of every partition of `topics` (so that
+/// the next kill leaves two of three in sync).
+async fn wait_in_sync(cluster: &ApacheKafka, topics: &[&str], node: u32) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let client: BaseConsumer = cluster.client().create().expect("metadata client");
+    wait_for(Duration::from_secs(90), || {
+        let client = &client;
+        async move {
+            topics.iter().all(|topic| {
+                client
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .is_ok_and(|metadata| {
+                        metadata.topics()[0]
+                            .partitions()
+                            .iter()
+                            .all(|partition| partition.isr().contains(&(node as i32)))
+                    })
+            })
+        }
+    })
+    .await
+}
+
+/// Kills the node leading `topic`'s `partition`; returns it, how long until another node led
+/// the partition, and how long until `progress` moved past where it was at the kill.
+async fn kill_leader<F>(
+    cluster: &mut ApacheKafka,
+    topic: &str,
+    partition: i32,
+    progress: F,
+) -> (u32, Duration, Duration)
+where
+    F: Fn() -> i64,
+{
+    let leader = retrying("partition leader", || {
+        cluster
+            .leader(topic, partition)
+            .ok_or(rdkafka::error::KafkaError::MetadataFetch(
+                rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable,
+            ))
+    });
+    let before = progress();
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    let moved = wait_for(Duration::from_secs(60), || async {
+        cluster
+            .leader(topic, partition)
+            .is_some_and(|now| now != leader)
+    })
+    .await;
+    assert!(moved, "no new leader for {topic}/{partition}");
+    let led_after = killed_at.elapsed();
+    let resumed = wait_for(Duration::from_secs(90), || async { progress() > before }).await;
+    assert!(
+        resumed,
+        "{topic}/{partition} made no progress after its leader (node {leader}) died: {before} \
+         then {}\n{}",
+        progress(),
+        cluster.log_tail(20)
+    );
+    (leader, led_after, killed_at.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reordering() {
+    let _serial = serial().await;
+    let mut cluster = ApacheKafka::cluster();
+    println!(
+        "three-node cluster answering after {:?}",
+        cluster.started_in
+    );
+    let kafka = Kafka::apache(&cluster, "failover", PARTITIONS).await;
+    let output = format!("{}-out", kafka.topic);
+    kafka.create_external_topic(&output, PARTITIONS).await;
+    let produced = kafka.produce_samples(EVENTS, 0.0, 31).await;
+    let end = kafka.end_offsets();
+
+    let group = unique("failover");
+    let routes = format!(
+        "[[routes]]\nname = \"all\"\nlevels = [\"debug\", \"info\", \"warning\", \"error\", \"fatal\"]\n\
+         workers = 2\nsink = {{ type = \"kafka\", topic = \"{output}\" }}\n"
+    );
+    let config = kafka.config(&group, "", &routes);
+    let metrics = Arc::new(Metrics::new());
+    // About 300 µs of work per record: the run lasts long enough for both failovers to land
+    // mid-stream.
+    let pipeline = Running::start(
+        config,
+        RunOptions {
+            sink_factory: delayed_sinks(Duration::ZERO, 300..=300),
+            metrics: metrics.clone(),
+            http: HttpBind::Disabled,
+        },
+    );
+    let consuming = wait_for(Duration::from_secs(60), || {
+        let metrics = metrics.clone();
+        async move { committed_total(&metrics) > (EVENTS / 10) as i64 }
+    })
+    .await;
+    assert!(consuming, "the pipeline never got going");
+
+    // The source: the leader of partition 0 dies; reading resumes from the new leader.
+    let source_topic = kafka.topic.clone();
+    let committed_at_first = kafka.committed_records(&group);
+    let (source_node, source_led, source_resumed) =
+        kill_leader(&mut cluster, &kafka.topic, 0, || {
+            committed_gauge(&metrics, &source_topic, 0)
+        })
+        .await;
+    cluster.start_node(source_node);
+    assert!(
+        wait_in_sync(&cluster, &[&kafka.topic, &output], source_node).await,
+        "node {source_node} did not catch up"
+    );
+
+    // The sink: the leader of an output partition dies; producing resumes to the new leader.
+    let committed_at_second = kafka.committed_records(&group);
+    assert!(
+        committed_at_second < end.iter().sum::<i64>() * 9 / 10,
+        "the run is nearly over before the sink's failover: {committed_at_second} committed"
+    );
+    let (sink_node, sink_led, sink_resumed) = kill_leader(&mut cluster, &output, 0, || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        // A client of its own each time: one that knew the dead leader asks it until its
+        // metadata is refreshed. While the partition has no leader: no progress either.
+        let client: Option<BaseConsumer> = kafka.client().create().ok();
+        client
+            .and_then(|client| {
+                client
+                    .fetch_watermarks(&output, 0, Duration::from_secs(1))
+                    .ok()
+            })
+            .map_or(i64::MIN, |(_, high)| high)
+    })
+    .await;
+    cluster.start_node(sink_node);
+
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(180))
+        .await;
+    pipeline.stop().await;
+    assert!(
+        done,
+        "commits did not reach the end: {:?} vs {end:?}",
+        kafka.committed(&group)
+    );
+
+    // Every event in the output; per key, the last copy of each record after the last copy
+    // of every earlier one (what a retry or a replay may repeat, it repeats in order).
+    let records = kafka.read_all(&output);
+    let mut by_key: HashMap<Vec<u8>, Vec<(i32, i64)>> = HashMap::new();
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for record in &records {
+        let value: serde_json::Value =
+            serde_json::from_slice(record.payload.as_deref().unwrap_or_default())
+                .expect("output is JSON");
+        let id = value["event"]["id"]
+            .as_u64()
+            .or_else(|| value["id"].as_u64())
+            .unwrap_or_else(|| panic!("output without an id: {value}"));
+        *seen.entry(id).or_insert(0) += 1;
+        let partition: i32 = record
+            .header("logbridge.source.partition")
+            .and_then(|p| p.parse().ok())
+            .expect("source partition header");
+        let offset: i64 = record
+            .header("logbridge.source.offset")
+            .and_then(|o| o.parse().ok())
+            .expect("source offset header");
+        by_key
+            .entry(record.key.clone().unwrap_or_default())
+            .or_default()
+            .push((partition, offset));
+    }
+    let mut out_of_order = 0;
+    for copies in by_key.values() {
+        let mut last: HashMap<(i32, i64), usize> = HashMap::new();
+        for (position, place) in copies.iter().enumerate() {
+            last.insert(*place, position);
+        }
+        let mut in_order: Vec<(i32, i64)> = last.keys().copied().collect();
+        in_order.sort_by_key(|place| last[place]);
+        if in_order
+            .windows(2)
+            .any(|pair| pair[0].0 == pair[1].0 && pair[0].1 > pair[1].1)
+        {
+            out_of_order += 1;
+        }
+    }
+    let missing = produced
+        .valid_ids
+        .iter()
+        .filter(|id| !seen.contains_key(id))
+        .count();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let rebalances = |kind: &str| metrics.rebalances.with_label_values(&[kind]).get();
+    println!(
+        "failover: {EVENTS} events over {PARTITIONS} partitions. Source leader (node {source_node}) killed \
+         at {committed_at_first} committed: partition led again after {source_led:.1?}, its commits moved \
+         after {source_resumed:.1?}. Sink leader (node {sink_node}) killed at {committed_at_second} committed: \
+         partition led again after {sink_led:.1?}, written to again after {sink_resumed:.1?}. \
+         Lost {missing}, duplicates {duplicates}, keys out of order {out_of_order}; rebalances: assign {}, \
+         revoke {}, lost {}",
+        rebalances("assign"),
+        rebalances("revoke"),
+        rebalances("lost")
+    );
+    assert_eq!(missing, 0, "events lost across the failovers");
+    assert_eq!(out_of_order, 0, "keys out of order in the output");
+}
