@@ -5,20 +5,19 @@
 //! transaction are stored when it commits, and a producer fenced by a newer epoch cannot commit.
 //! An audit of an exactly-once mode proves nothing on a broker that keeps none of them: it would
 //! count aborted output as duplicates and never see a committed offset. These tests pin down
-//! what each broker here does, so that the day one of them keeps the promises, a failure here
-//! says the audit can be built on it.
+//! what each broker here does.
 //!
 //! - librdkafka's mock cluster answers every transaction request with success and keeps no
 //!   promise (its handlers for TxnOffsetCommit and EndTxn only check the producer id).
-//! - tansu 0.6.0 serves InitProducerId, AddPartitionsToTxn, AddOffsetsToTxn and
-//!   TxnOffsetCommit, but not EndTxn: no transaction can commit or abort, and a `read_committed`
-//!   reader sees the records of the transaction left open (SQLite storage, as the tests use).
+//! - Apache Kafka (this binary's shared broker) keeps all three: the same four transactions
+//!   show only the committed one to a `read_committed` reader, store the offset sent in it,
+//!   and refuse the zombie's commit as fenced. This is the broker an exactly-once mode is
+//!   tested on.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::process::Tansu;
 use common::Kafka;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -98,17 +97,27 @@ fn member(kafka: &Kafka, group: &str) -> BaseConsumer {
     consumer
 }
 
-#[test]
-fn the_mock_cluster_accepts_transactions_but_keeps_none_of_their_promises() {
-    let kafka = Kafka::start("txn-in", 1);
-    let cluster = kafka.cluster.as_ref().expect("mock");
-    cluster.create_topic("txn-out", 1, 1).expect("output topic");
-    let group = common::unique("txn-group");
-    let consumer = member(&kafka, &group);
+/// What one broker did with a committed, an aborted, an open and a fenced producer's
+/// transaction.
+struct Seen {
+    /// Values a `read_committed` reader of the output topic saw.
+    values: Vec<String>,
+    /// The group's committed offset after the transaction that sent offset 3 committed.
+    committed: Vec<i64>,
+    /// What the fenced producer's commit answered.
+    fenced_commit: Result<(), String>,
+}
 
-    let producer = transactional(&kafka, "txn-probe");
+/// The same four transactions on any broker: `kafka`'s topic is the input (its group sends
+/// offsets in the first transaction), `output` the topic the transactions write.
+fn four_transactions(kafka: &Kafka, output: &str) -> Seen {
+    let group = common::unique("txn-group");
+    let consumer = member(kafka, &group);
+    let id = common::unique("txn-probe");
+
+    let producer = transactional(kafka, &id);
     producer.begin_transaction().expect("begin");
-    send(&producer, "txn-out", "committed");
+    send(&producer, output, "committed");
     let mut offsets = TopicPartitionList::new();
     offsets
         .add_partition_offset(&kafka.topic, 0, Offset::Offset(3))
@@ -121,59 +130,81 @@ fn the_mock_cluster_accepts_transactions_but_keeps_none_of_their_promises() {
         .commit_transaction(TIMEOUT)
         .expect("commit accepted");
     producer.begin_transaction().expect("begin");
-    send(&producer, "txn-out", "aborted");
+    send(&producer, output, "aborted");
     producer.flush(TIMEOUT).expect("flush");
     producer.abort_transaction(TIMEOUT).expect("abort accepted");
     // A transaction left open, as by a process killed in the middle of one.
     producer.begin_transaction().expect("begin");
-    send(&producer, "txn-out", "open");
+    send(&producer, output, "open");
     producer.flush(TIMEOUT).expect("flush");
 
-    // A producer fenced by a newer epoch of its transactional id still commits.
-    let fenced = transactional(&kafka, "txn-fenced");
-    let _newer = transactional(&kafka, "txn-fenced");
-    fenced.begin_transaction().expect("begin");
-    send(&fenced, "txn-out", "fenced");
-    let fenced_commit = fenced.commit_transaction(TIMEOUT);
+    // A producer whose transactional id a newer producer took over (a zombie).
+    let fenced_id = common::unique("txn-fenced");
+    let fenced = transactional(kafka, &fenced_id);
+    let _newer = transactional(kafka, &fenced_id);
+    let fenced_commit = fenced
+        .begin_transaction()
+        .and_then(|()| {
+            send(&fenced, output, "fenced");
+            fenced.commit_transaction(TIMEOUT)
+        })
+        .map_err(|err| err.to_string());
 
-    let values = read_committed(&kafka, "txn-out", 4);
-    let committed = kafka.committed(&group);
-    println!(
-        "mock cluster: read_committed reader saw {values:?}; offset committed in the \
-         transaction reads back as {committed:?}; fenced producer's commit: {fenced_commit:?}"
-    );
-    assert_eq!(
-        values,
-        ["committed", "aborted", "open", "fenced"],
-        "the reader sees aborted, open and fenced output"
-    );
-    assert_eq!(committed, [-1], "the transaction's offset is not stored");
-    assert!(fenced_commit.is_ok(), "the fenced producer is not refused");
+    Seen {
+        values: read_committed(kafka, output, 4),
+        committed: kafka.committed(&group),
+        fenced_commit,
+    }
 }
 
 #[test]
-fn tansu_cannot_end_a_transaction_and_shows_its_records() {
-    let tansu = Tansu::start();
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let kafka = runtime.block_on(Kafka::external(&tansu.brokers(), "txn-in", 1));
-    runtime.block_on(Kafka::external(&tansu.brokers(), "txn-out", 1));
-
-    let producer = transactional(&kafka, "txn-probe");
-    producer.begin_transaction().expect("begin");
-    send(&producer, "txn-out", "in a transaction");
-    let commit = producer.commit_transaction(TIMEOUT);
-    println!("tansu: commit_transaction answered {commit:?}");
-    let err = commit.expect_err("tansu 0.6.0 has no EndTxn service");
-    assert!(
-        err.to_string()
-            .contains("EndTxnRequest (KIP-98) not supported by broker"),
-        "the commit fails for want of EndTxn: {err}"
+fn the_mock_cluster_accepts_transactions_but_keeps_none_of_their_promises() {
+    let kafka = Kafka::start("txn-in", 1);
+    let cluster = kafka.cluster.as_ref().expect("mock");
+    cluster.create_topic("txn-out", 1, 1).expect("output topic");
+    let seen = four_transactions(&kafka, "txn-out");
+    println!(
+        "mock cluster: read_committed reader saw {:?}; offset committed in the transaction reads \
+         back as {:?}; fenced producer's commit: {:?}",
+        seen.values, seen.committed, seen.fenced_commit
     );
-    let values = read_committed(&kafka, "txn-out", 1);
-    println!("tansu: read_committed reader saw {values:?}");
     assert_eq!(
-        values,
-        ["in a transaction"],
-        "a read_committed reader sees the record of a transaction that never ended"
+        seen.values,
+        ["committed", "aborted", "open", "fenced"],
+        "the reader sees aborted, open and fenced output"
+    );
+    assert_eq!(
+        seen.committed,
+        [-1],
+        "the transaction's offset is not stored"
+    );
+    assert!(
+        seen.fenced_commit.is_ok(),
+        "the fenced producer is not refused"
+    );
+}
+
+#[test]
+fn apache_kafka_keeps_every_promise_of_a_transaction() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let kafka = runtime.block_on(Kafka::shared("txn-in", 1));
+    let output = format!("{}-out", kafka.topic);
+    runtime.block_on(kafka.create_external_topic(&output, 1));
+    let seen = four_transactions(&kafka, &output);
+    println!(
+        "Apache Kafka: read_committed reader saw {:?}; offset committed in the transaction reads \
+         back as {:?}; fenced producer's commit: {:?}",
+        seen.values, seen.committed, seen.fenced_commit
+    );
+    assert_eq!(
+        seen.values,
+        ["committed"],
+        "aborted, open and fenced output hidden from read_committed readers"
+    );
+    assert_eq!(seen.committed, [3], "the transaction's offset is stored");
+    let refused = seen.fenced_commit.expect_err("the zombie is fenced");
+    assert!(
+        refused.to_lowercase().contains("fenced"),
+        "the refusal says fenced: {refused}"
     );
 }
