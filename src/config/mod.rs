@@ -55,6 +55,29 @@ const OWNED_OPTIONS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Options of the classic group protocol that librdkafka refuses under KIP-848's `consumer`
+/// protocol (`group.protocol = "consumer"`): the client would not even start. The broker owns
+/// the session, the heartbeat and the assignment there.
+const CLASSIC_ONLY_OPTIONS: &[(&str, &str)] = &[
+    (
+        "session.timeout.ms",
+        "the broker's group.consumer.session.timeout.ms sets the session under the consumer protocol",
+    ),
+    (
+        "heartbeat.interval.ms",
+        "the broker's group.consumer.heartbeat.interval.ms sets it under the consumer protocol",
+    ),
+    (
+        "partition.assignment.strategy",
+        "the broker assigns under the consumer protocol: choose its assignor with \
+         \"group.remote.assignor\" (uniform or range)",
+    ),
+    (
+        "group.protocol.type",
+        "a classic protocol option; the consumer protocol has none",
+    ),
+];
+
 /// A configuration that could not be loaded or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -794,6 +817,20 @@ impl Config {
                 return Err(invalid(format!("kafka.options.\"{name}\""), *why));
             }
         }
+        let consumer_protocol = kafka
+            .options
+            .get("group.protocol")
+            .is_some_and(|value| value.to_string() == "consumer");
+        if consumer_protocol {
+            for (name, why) in CLASSIC_ONLY_OPTIONS {
+                if kafka.options.contains_key(*name) {
+                    return Err(invalid(
+                        format!("kafka.options.\"{name}\""),
+                        format!("not allowed with \"group.protocol\" = \"consumer\": {why}"),
+                    ));
+                }
+            }
+        }
         if let Some(security) = &kafka.security {
             security.validate("kafka.security")?;
         }
@@ -1354,6 +1391,20 @@ mod tests {
                     "topics = [\"logs\"]\n[kafka.options]\n\"enable.auto.commit\" = true",
                 ),
                 "kafka.options.\"enable.auto.commit\"",
+            ),
+            (
+                MINIMAL.replace(
+                    "topics = [\"logs\"]",
+                    "topics = [\"logs\"]\n[kafka.options]\n\"group.protocol\" = \"consumer\"\n\"session.timeout.ms\" = 6000",
+                ),
+                "kafka.options.\"session.timeout.ms\"`: not allowed with \"group.protocol\" = \"consumer\"",
+            ),
+            (
+                MINIMAL.replace(
+                    "topics = [\"logs\"]",
+                    "topics = [\"logs\"]\n[kafka.options]\n\"group.protocol\" = \"consumer\"\n\"partition.assignment.strategy\" = \"range\"",
+                ),
+                "group.remote.assignor",
             ),
             (
                 format!(
