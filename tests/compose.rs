@@ -135,6 +135,36 @@ fn compose_file_is_consistent_with_the_repository() {
     );
 }
 
+/// Users run the Kafka the tests run: every `apache/kafka` image in docker-compose.yml is the
+/// version `scripts/install-kafka.sh` installs for the broker tier (scripts/kafka/pom.xml).
+#[test]
+fn compose_runs_the_kafka_version_the_tests_run() {
+    let pom = std::fs::read_to_string("scripts/kafka/pom.xml").expect("scripts/kafka/pom.xml");
+    let tested = pom
+        .split("<kafka.version>")
+        .nth(1)
+        .and_then(|rest| rest.split("</kafka.version>").next())
+        .expect("kafka.version in the pom");
+    let compose = load("docker-compose.yml");
+    let services = compose["services"].as_hash().expect("services is a map");
+    let images: Vec<&str> = services
+        .values()
+        .filter_map(|service| service["image"].as_str())
+        .filter(|image| image.starts_with("apache/kafka:"))
+        .collect();
+    assert!(
+        images.len() >= 2,
+        "the broker and the topic creation: {images:?}"
+    );
+    for image in images {
+        assert_eq!(
+            image,
+            format!("apache/kafka:{tested}"),
+            "docker-compose.yml runs another Kafka than the tests"
+        );
+    }
+}
+
 #[test]
 fn dockerfile_copies_only_what_exists() {
     let dockerfile = std::fs::read_to_string("Dockerfile").expect("Dockerfile");
