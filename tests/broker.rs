@@ -223,3 +223,47 @@ async fn broker_killed_mid_run_recovers_without_restarting_logbridge() {
         "only records past the commit before the kill are read again"
     );
 }
+
+/// The test broker itself: a single node and a three-node cluster start, answer metadata with
+/// every node, and leave no process behind when dropped. Prints what each costs (start time to
+/// answering metadata, resident memory and CPU of each node once started) for docs/testing.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apache_kafka_starts_answers_and_leaves_nothing_running() {
+    let _serial = serial().await;
+    for nodes in [1, 3] {
+        let cluster = ApacheKafka::start_with(common::apache::Options {
+            nodes,
+            ..Default::default()
+        });
+        let client: rdkafka::consumer::BaseConsumer = cluster.client().create().expect("client");
+        let metadata =
+            rdkafka::consumer::Consumer::fetch_metadata(&client, None, Duration::from_secs(10))
+                .expect("metadata");
+        assert_eq!(metadata.brokers().len(), nodes, "every node answers");
+        let pids: Vec<u32> = cluster
+            .node_ids()
+            .iter()
+            .filter_map(|id| cluster.pid(*id))
+            .collect();
+        let usage: Vec<String> = cluster
+            .node_ids()
+            .iter()
+            .filter_map(|id| cluster.usage(*id))
+            .map(|(rss, cpu)| format!("{} MiB, {:.1} s CPU", rss >> 20, cpu.as_secs_f64()))
+            .collect();
+        println!(
+            "Apache Kafka, {nodes} node(s): log directories formatted in {:.1?}, answering metadata \
+             {:.1?} after the start; per node once started: {usage:?}",
+            cluster.formatted_in,
+            cluster.started_in
+        );
+        drop(client);
+        drop(cluster);
+        for pid in pids {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "broker process {pid} left running"
+            );
+        }
+    }
+}

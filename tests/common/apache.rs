@@ -113,9 +113,9 @@ fn spawn_tied(command: Command) -> std::io::Result<Child> {
 pub enum Secured {
     /// TLS; with `client_auth` the client must show a certificate the CA signed (mutual TLS).
     Tls { client_auth: bool },
-    /// SASL SCRAM over TLS.
+    /// SASL over TLS (SCRAM, and PLAIN for the PLAIN users of `Options::users`).
     SaslSsl,
-    /// SASL SCRAM without TLS.
+    /// SASL without TLS.
     SaslPlaintext,
 }
 
@@ -136,6 +136,10 @@ impl Secured {
             Secured::SaslPlaintext => "SASL_PLAINTEXT",
         }
     }
+
+    fn sasl(&self) -> bool {
+        matches!(self, Secured::SaslSsl | Secured::SaslPlaintext)
+    }
 }
 
 /// How a cluster is set up.
@@ -145,14 +149,21 @@ pub struct Options {
     pub nodes: usize,
     /// Extra or replaced `server.properties` lines.
     pub properties: Vec<(String, String)>,
-    /// Secured listeners, served with `tls` (a PEM file with the broker's key and certificate
-    /// chain, and the CA file clients are checked against).
+    /// Secured listeners, served with `tls`.
     pub secured: Vec<Secured>,
+    /// The broker's PEM keystore (its unencrypted PKCS#8 key, its certificate and the chain
+    /// up to the CA, in one file: Kafka reads it with `ssl.keystore.type=PEM` and no
+    /// password), and the PEM file of the CA client certificates are checked against.
     pub tls: Option<(PathBuf, PathBuf)>,
-    /// SCRAM credentials written at format time: (mechanism, user, password).
-    pub scram: Vec<(String, String, String)>,
-    /// ACLs on (StandardAuthorizer); the PLAINTEXT listener's ANONYMOUS user and `admin`
-    /// are super users.
+    /// SASL users: (mechanism, user, password). `SCRAM-SHA-256` and `SCRAM-SHA-512`
+    /// credentials are written into the cluster metadata at format time (the storage tool's
+    /// `--add-scram`); `PLAIN` users are listed in the SASL listeners' JAAS configuration, and
+    /// PLAIN is offered only when there is one.
+    pub users: Vec<(String, String, String)>,
+    /// ACLs on (StandardAuthorizer); `User:ANONYMOUS` and the SASL user `admin` are super
+    /// users. ANONYMOUS is every client of the PLAINTEXT listener (the controllers, replication,
+    /// the tests' admin) and also of a TLS listener without client authentication; a client
+    /// certificate's principal is its common name.
     pub acls: bool,
 }
 
@@ -172,6 +183,8 @@ pub struct ApacheKafka {
     nodes: Vec<Node>,
     options: Options,
     dir: PathBuf,
+    /// How long formatting the log directories took (one storage tool run per node).
+    pub formatted_in: Duration,
     /// How long the last full start took until the cluster answered metadata.
     pub started_in: Duration,
 }
@@ -242,6 +255,7 @@ impl ApacheKafka {
             nodes,
             options,
             dir,
+            formatted_in: Duration::ZERO,
             started_in: Duration::ZERO,
         };
         std::fs::write(
@@ -249,11 +263,13 @@ impl ApacheKafka {
             log4j_config(&cluster.dir),
         )
         .expect("log4j2 config");
+        let formatting = Instant::now();
         for index in 0..cluster.nodes.len() {
             std::fs::write(cluster.properties_path(index), cluster.properties(index))
                 .expect("server.properties");
             cluster.format(&libs, index);
         }
+        cluster.formatted_in = formatting.elapsed();
         let started = Instant::now();
         for index in 0..cluster.nodes.len() {
             cluster.launch(index);
@@ -348,16 +364,26 @@ impl ApacheKafka {
                 .tls
                 .as_ref()
                 .expect("secured listeners need Options::tls");
+            let plain_users: Vec<String> = self
+                .options
+                .users
+                .iter()
+                .filter(|(mechanism, _, _)| mechanism == "PLAIN")
+                .map(|(_, user, password)| format!("user_{user}=\"{password}\""))
+                .collect();
+            let mut mechanisms = vec!["SCRAM-SHA-256", "SCRAM-SHA-512"];
+            if !plain_users.is_empty() {
+                mechanisms.push("PLAIN");
+            }
             properties.extend(
                 [
+                    // A PEM keystore holding an unencrypted key needs no `ssl.key.password`
+                    // (and a PEM keystore refuses `ssl.keystore.password`).
                     ("ssl.keystore.type", "PEM".to_string()),
                     ("ssl.keystore.location", keystore.display().to_string()),
                     ("ssl.truststore.type", "PEM".to_string()),
                     ("ssl.truststore.location", ca.display().to_string()),
-                    (
-                        "sasl.enabled.mechanisms",
-                        "SCRAM-SHA-256,SCRAM-SHA-512".into(),
-                    ),
+                    ("sasl.enabled.mechanisms", mechanisms.join(",")),
                     // The principal of a client certificate is its common name.
                     (
                         "ssl.principal.mapping.rules",
@@ -368,13 +394,30 @@ impl ApacheKafka {
                 .map(|(key, value)| (key.to_string(), value)),
             );
             for secured in &self.options.secured {
+                let listener = format!("listener.name.{}", secured.name().to_lowercase());
                 if let Secured::Tls { client_auth: true } = secured {
+                    properties.push((format!("{listener}.ssl.client.auth"), "required".into()));
+                }
+                if !secured.sasl() {
+                    continue;
+                }
+                // A SASL listener needs a JAAS login module per mechanism (without one the
+                // broker does not start: "Could not find a 'KafkaServer' or
+                // '<listener>.KafkaServer' entry in the JAAS configuration"). SCRAM's takes no
+                // options: it checks against the credentials in the cluster metadata.
+                for mechanism in ["scram-sha-256", "scram-sha-512"] {
                     properties.push((
+                        format!("{listener}.{mechanism}.sasl.jaas.config"),
+                        "org.apache.kafka.common.security.scram.ScramLoginModule required;".into(),
+                    ));
+                }
+                if !plain_users.is_empty() {
+                    properties.push((
+                        format!("{listener}.plain.sasl.jaas.config"),
                         format!(
-                            "listener.name.{}.ssl.client.auth",
-                            secured.name().to_lowercase()
+                            "org.apache.kafka.common.security.plain.PlainLoginModule required {};",
+                            plain_users.join(" ")
                         ),
-                        "required".into(),
                     ));
                 }
             }
@@ -430,7 +473,12 @@ impl ApacheKafka {
             .arg(CLUSTER_ID)
             .arg("-c")
             .arg(self.properties_path(index));
-        for (mechanism, user, password) in &self.options.scram {
+        let scram = self
+            .options
+            .users
+            .iter()
+            .filter(|(mechanism, _, _)| mechanism.starts_with("SCRAM-"));
+        for (mechanism, user, password) in scram {
             command
                 .arg("--add-scram")
                 .arg(format!("{mechanism}=[name={user},password={password}]"));
@@ -454,6 +502,7 @@ impl ApacheKafka {
             .expect("broker output file");
         let mut command = self.java(&libs);
         command
+            .arg(format!("-Dlogbridge.node={}", self.nodes[index].id))
             .arg("kafka.Kafka")
             .arg(self.properties_path(index))
             .stdin(Stdio::null())
@@ -640,7 +689,7 @@ impl Drop for ApacheKafka {
     }
 }
 
-/// Broker logs at WARN (INFO for the controller's leader changes) in one file per node.
+/// Broker logs at WARN (or `LOGBRIDGE_KAFKA_LOG`, e.g. INFO) in one file per node.
 fn log4j_config(dir: &Path) -> String {
     format!(
         r#"status = error
@@ -653,11 +702,17 @@ appender.file.layout.pattern = [%d] %p %m (%c)%n
 appender.file.policies.type = Policies
 appender.file.policies.size.type = SizeBasedTriggeringPolicy
 appender.file.policies.size.size = 20MB
-rootLogger.level = WARN
+rootLogger.level = ${{env:LOGBRIDGE_KAFKA_LOG:-WARN}}
 rootLogger.appenderRef.file.ref = FILE
 "#,
         dir = dir.display()
     )
+}
+
+/// A folder for files a cluster is started with (its certificates), removed like a cluster's
+/// folder once this test process is gone.
+pub fn files_dir() -> PathBuf {
+    cluster_dir()
 }
 
 /// One single-node broker for this test binary, started on first use and killed when the
