@@ -60,6 +60,29 @@ fn ids_written(dir: &std::path::Path) -> std::collections::HashMap<u64, usize> {
     id_counts(&read_lines(&[dir.join("all.jsonl")]))
 }
 
+/// Runs `config` until `group` committed `end` (60 s at most), then on for longer than its
+/// stall timeout (1 s): returns whether the commits got there, the metrics, and how many
+/// partitions counted as behind and unread at the end.
+async fn run_past_the_stall_timeout(
+    kafka: &Kafka,
+    group: &str,
+    config: logbridge::Config,
+    end: &[i64],
+) -> (bool, Arc<Metrics>, i64) {
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+    let done = kafka
+        .wait_committed_to(group, end, Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let unread = metrics
+        .stalled_partitions
+        .with_label_values(&["unread"])
+        .get();
+    pipeline.stop().await;
+    (done, metrics, unread)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transactional_source_delivers_only_committed_records_and_commits_to_the_end() {
     let _serial = serial().await;
@@ -84,10 +107,12 @@ async fn a_transactional_source_delivers_only_committed_records_and_commits_to_t
 
     let group = unique("txn-source");
     let dir = tempfile::tempdir().expect("dir");
-    let config = kafka.config(&group, "", &file_route("all", "[\"info\"]", 2, dir.path()));
-    let (done, metrics) = kafka
-        .run_until_committed(&group, config, Duration::from_secs(60))
-        .await;
+    let config = kafka.config(
+        &group,
+        "stall_timeout_ms = 1000",
+        &file_route("all", "[\"info\"]", 2, dir.path()),
+    );
+    let (done, metrics, unread) = run_past_the_stall_timeout(&kafka, &group, config, &end).await;
     let written = ids_written(dir.path());
     let aborted: Vec<u64> = written
         .keys()
@@ -100,7 +125,7 @@ async fn a_transactional_source_delivers_only_committed_records_and_commits_to_t
         .count();
     println!(
         "transactional source: log ends {end:?}, committed {:?}; {} of {} committed events written, \
-         {} aborted written, {} consumed",
+         {} aborted written, {} consumed, unread stalls {unread}",
         kafka.committed(&group),
         written.len(),
         committed.len(),
@@ -108,6 +133,7 @@ async fn a_transactional_source_delivers_only_committed_records_and_commits_to_t
         metrics.consumed_total()
     );
     assert!(aborted.is_empty(), "aborted records delivered: {aborted:?}");
+    assert_eq!(unread, 0, "a partition past its last marker is not behind");
     assert_eq!(missing, 0, "committed records missing");
     assert!(written.values().all(|n| *n == 1), "a record written twice");
     assert!(
@@ -147,18 +173,7 @@ async fn a_transactional_source_delivers_only_committed_records_and_commits_to_t
         "stall_timeout_ms = 1000",
         &file_route("all", "[\"info\"]", 1, dir.path()),
     );
-    let metrics = Arc::new(Metrics::new());
-    let pipeline = Running::without_http(config, &metrics);
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(30))
-        .await;
-    // Longer than the stall timeout: an idle partition past its marker is not behind.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
-    let unread = metrics
-        .stalled_partitions
-        .with_label_values(&["unread"])
-        .get();
-    pipeline.stop().await;
+    let (done, _, unread) = run_past_the_stall_timeout(&kafka, &group, config, &end).await;
     println!(
         "transactional source from before the markers: committed {:?}, {} events written, unread stalls {unread}",
         kafka.committed(&group),
