@@ -1,25 +1,147 @@
-//! Secured clusters, with real handshakes: the `logbridge` binary against a tansu broker behind
-//! a TLS-terminating proxy (certificates made here), and against tansu with SASL required
-//! (SCRAM-SHA-256/512 users created through tansu; tansu offers no PLAIN, and that refusal is
-//! checked to be reported plainly). Right credentials: every record
-//! delivered (Kafka sink and dead-letter topic inheriting the source's security) and committed.
-//! Wrong CA or password: `check-config --connect` exits 3 naming the cause, `/readyz` fails with
-//! it, and the process keeps running with librdkafka's reconnect backoff (no crash loop).
-//! Also: compressed batches (zstd, lz4, gzip, snappy) produced by another client are read and
-//! forwarded; `/readyz` and `check-config --connect` (exit 4) name a subscribed topic that does
-//! not exist, and `/readyz` a broker that is down.
+//! Secured clusters, with real handshakes: the `logbridge` binary against Apache Kafka serving
+//! TLS, mutual TLS and SASL itself (no proxy), with ACLs on (StandardAuthorizer). The tests
+//! share one broker (see [`secured_broker`]) with three listeners beside PLAINTEXT (which the
+//! test helpers use as a super user): TLS, TLS requiring a client certificate, and SASL over
+//! TLS offering SCRAM-SHA-256 and SCRAM-SHA-512 (users made at format time) and PLAIN (a user
+//! listed in the listener's JAAS configuration). Apache Kafka offers PLAIN, so PLAIN is shown
+//! to connect rather than to be refused. Certificates are made here.
+//!
+//! - TLS with the right CA, mutual TLS with a certificate the CA signed (its common name is the
+//!   principal), SCRAM with the right password from `${file:...}` (SHA-512; SHA-256 and PLAIN
+//!   from `${env:...}` connect): every record delivered (Kafka sink and dead-letter topic
+//!   inheriting the source's security) and committed.
+//! - A wrong CA, no client certificate (or one another CA signed), a wrong password:
+//!   `check-config --connect` exits 3 naming the cause, `/readyz` fails with it, and the
+//!   process keeps running with librdkafka's reconnect backoff (no crash loop). Nothing
+//!   listening at the address: exit 3, "cannot reach".
+//! - ACLs: a principal allowed to read the source (and its group) and write both output
+//!   topics delivers and commits everything. One without any ACL on the dead-letter topic:
+//!   `check-config --connect` names that topic (as missing: the cluster hides it), the dead
+//!   letters are refused (TopicAuthorizationFailed), commits stop at the first malformed
+//!   record of each partition, `/readyz` names the topic and the authorization failure, and
+//!   the process keeps running; granted the write, it parks them and commits to the end.
+//!
+//! Also, on librdkafka's mock cluster: compressed batches (zstd, lz4, gzip, snappy) produced by
+//! another client are read and forwarded; `/readyz` and `check-config --connect` (exit 4) name a
+//! subscribed topic that does not exist, and `/readyz` a broker that is down.
 
 mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::process::{free_port, Logbridge, Tansu};
-use common::tls::{Pki, TlsProxy};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use common::apache::{self, ApacheKafka, Options, Secured};
+use common::process::{free_port, Logbridge};
+use common::tls::{Pki, CLIENT_NAME};
 use common::*;
 
 const EVENTS: u64 = 2_000;
+
+/// The broker the secured tests share, and the certificates it serves.
+struct SecuredBroker {
+    kafka: ApacheKafka,
+    pki: Pki,
+}
+
+/// Indexes of the secured listeners in `Options::secured`.
+const TLS: usize = 0;
+const MTLS: usize = 1;
+const SASL_SSL: usize = 2;
+
+/// One single-node Apache Kafka for this test binary, started on first use: TLS, mutual TLS
+/// and SASL_SSL listeners, SASL users `alice` (SCRAM-SHA-512), `bob` (SCRAM-SHA-256 and
+/// PLAIN), ACLs on. Each test uses its own topics, groups and grants.
+fn secured_broker() -> &'static SecuredBroker {
+    static BROKER: OnceLock<SecuredBroker> = OnceLock::new();
+    BROKER.get_or_init(|| {
+        let pki = Pki::generate(&apache::files_dir());
+        let user = |mechanism: &str, name: &str, password: &str| {
+            (
+                mechanism.to_string(),
+                name.to_string(),
+                password.to_string(),
+            )
+        };
+        let kafka = ApacheKafka::start_with(Options {
+            nodes: 1,
+            secured: vec![
+                Secured::Tls { client_auth: false },
+                Secured::Tls { client_auth: true },
+                Secured::SaslSsl,
+            ],
+            tls: Some((pki.keystore_file.clone(), pki.ca_file.clone())),
+            users: vec![
+                user("SCRAM-SHA-512", "alice", "alice-secret"),
+                user("SCRAM-SHA-256", "bob", "bob-secret"),
+                user("PLAIN", "bob", "bob-secret"),
+            ],
+            acls: true,
+            ..Options::default()
+        });
+        println!("secured broker started in {:?}", kafka.started_in);
+        SecuredBroker { kafka, pki }
+    })
+}
+
+/// Allows `principal` (`User:<name>`) `operations` on `topics` and `groups` (every operation
+/// on every one of them), through the PLAINTEXT listener. In Kafka's authorizer Read and Write
+/// imply Describe.
+fn allow(
+    broker: &ApacheKafka,
+    principal: &str,
+    operations: &[&str],
+    topics: &[&str],
+    groups: &[&str],
+) {
+    let bootstrap = broker.brokers();
+    let user = format!("User:{principal}");
+    let mut args = vec![
+        "--bootstrap-server",
+        bootstrap.as_str(),
+        "--add",
+        "--allow-principal",
+        user.as_str(),
+    ];
+    for operation in operations {
+        args.extend(["--operation", operation]);
+    }
+    for topic in topics {
+        args.extend(["--topic", topic]);
+    }
+    for group in groups {
+        args.extend(["--group", group]);
+    }
+    broker.tool("org.apache.kafka.tools.AclCommand", &args);
+}
+
+/// Waits until a client with `properties` sees every one of `topics` in the cluster's
+/// metadata: an ACL takes effect once the broker has applied the controller's record, which
+/// may come just after the tool returned.
+async fn wait_visible(brokers: &str, properties: &[(&str, String)], topics: &[&str]) {
+    let mut config = rdkafka::ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (name, value) in properties {
+        config.set(*name, value);
+    }
+    let client: BaseConsumer = config.create().expect("metadata client");
+    let visible = || {
+        let Ok(metadata) = client.fetch_metadata(None, Duration::from_secs(5)) else {
+            return false;
+        };
+        topics.iter().all(|topic| {
+            metadata
+                .topics()
+                .iter()
+                .any(|seen| seen.name() == *topic && seen.error().is_none())
+        })
+    };
+    let seen = wait_for(Duration::from_secs(30), || std::future::ready(visible())).await;
+    assert!(seen, "{topics:?} not visible with {properties:?}");
+}
 
 /// A child configuration: `[[routes]]` for errors to a Kafka topic `{topic}-errors` and the rest
 /// to a file, a dead-letter topic `{topic}-dlq`, both without security of their own.
@@ -62,6 +184,19 @@ topic = "{topic}-dlq"
         out = out.display()
     );
     std::fs::write(path, text).expect("write config");
+}
+
+/// A source topic `{prefix}-<unique>` of 3 partitions with its outputs `-errors` and `-dlq`
+/// (2 partitions each), made through the PLAINTEXT listener; the helper reads and writes
+/// there too.
+async fn topics_on(broker: &ApacheKafka, prefix: &str) -> Kafka {
+    let kafka = Kafka::external(&broker.brokers(), &unique(prefix), 3).await;
+    for suffix in ["errors", "dlq"] {
+        kafka
+            .create_external_topic(&format!("{}-{suffix}", kafka.topic), 2)
+            .await;
+    }
+    kafka
 }
 
 /// `logbridge check-config --connect FILE` with `env`: exit code and stderr.
@@ -139,9 +274,13 @@ async fn delivers_everything(
     );
     let (exit, _) = child.terminate(Duration::from_secs(15));
     assert_eq!(exit.and_then(|s| s.code()), Some(0), "exit after SIGTERM");
+    where_everything_went(kafka, out, &produced);
+}
 
-    // Errors through the Kafka sink (on the source cluster, so with its security), the rest in
-    // the file, malformed records in the dead-letter topic (the same).
+/// Errors through the Kafka sink (on the source cluster, so with its security), the rest in
+/// the file, malformed records in the dead-letter topic (the same): each topic read back by a
+/// separate client.
+fn where_everything_went(kafka: &Kafka, out: &Path, produced: &Produced) {
     let forwarded = forwarded_ids(kafka, &format!("{}-errors", kafka.topic));
     let filed = id_counts(&read_lines(&[out.join("rest.jsonl")]));
     let dead = kafka.read_all(&format!("{}-dlq", kafka.topic));
@@ -156,10 +295,22 @@ async fn delivers_everything(
     );
     assert!(!forwarded.is_empty(), "the Kafka sink forwarded nothing");
     assert_eq!(seen, produced.valid_ids, "every valid event delivered");
+    let parked: std::collections::HashSet<(i32, i64)> = dead
+        .iter()
+        .filter_map(|record| {
+            let partition = record.header("logbridge.source.partition")?.parse().ok()?;
+            let offset = record.header("logbridge.source.offset")?.parse().ok()?;
+            Some((partition, offset))
+        })
+        .collect();
     assert_eq!(
         dead.len(),
         produced.malformed.len(),
-        "every malformed record dead-lettered"
+        "every malformed record dead-lettered, once"
+    );
+    assert_eq!(
+        parked, produced.malformed,
+        "the dead letters are the malformed records"
     );
 }
 
@@ -208,22 +359,21 @@ async fn refused_without_crash_loop(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_plainly() {
     let _serial = serial().await;
+    let SecuredBroker { kafka: broker, pki } = secured_broker();
     let work = tempfile::tempdir().expect("workdir");
-    let pki = Pki::generate(work.path());
-    let proxy_port = free_port();
-    let mut broker = Tansu::start_advertising(proxy_port);
-    let proxy = TlsProxy::start(proxy_port, broker.port, &pki).await;
-    let brokers = format!("127.0.0.1:{proxy_port}");
+    let brokers = broker.secured_brokers(TLS);
     let ca = pki.ca_file.display().to_string();
     let tls = [
         ("security.protocol", "ssl"),
         ("ssl.ca.location", ca.as_str()),
     ];
-    let kafka = Kafka::external_with(&brokers, &tls, "tls-logs", 3).await;
-    for output in ["tls-logs-errors", "tls-logs-dlq"] {
-        logbridge::tools::produce::ensure_topic_with(&brokers, &kafka.properties, output, 2)
-            .await
-            .expect("output topic");
+    // Without a client certificate the client is `User:ANONYMOUS`, a super user: the helpers
+    // make the topics, produce and read back through TLS as well.
+    let kafka = Kafka::external_with(&brokers, &tls, &unique("tls-logs"), 3).await;
+    for suffix in ["errors", "dlq"] {
+        kafka
+            .create_external_topic(&format!("{}-{suffix}", kafka.topic), 2)
+            .await;
     }
 
     let group = unique("tls");
@@ -231,12 +381,16 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
     let config = work.path().join("right.toml");
     let port = free_port();
     let security = format!("[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"");
-    write_config(&config, &brokers, &group, "tls-logs", &security, &out, port);
+    write_config(
+        &config,
+        &brokers,
+        &group,
+        &kafka.topic,
+        &security,
+        &out,
+        port,
+    );
     delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
-    let refused_before = proxy
-        .failed_handshakes
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(refused_before, 0, "handshakes failed with the right CA");
 
     // The wrong CA: the broker's certificate cannot be verified.
     let wrong = work.path().join("wrong.toml");
@@ -249,7 +403,7 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
         &wrong,
         &brokers,
         &unique("tls-wrong"),
-        "tls-logs",
+        &kafka.topic,
         &security,
         &work.path().join("wrong"),
         port,
@@ -269,97 +423,217 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
         "certificate verify failed",
     )
     .await;
-    assert!(
-        proxy
-            .failed_handshakes
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0,
-        "the proxy saw no refused handshake"
-    );
 
-    // All brokers down: the right configuration, and nothing answering.
-    broker.stop();
-    drop(proxy);
-    let (code, report) = check_connect(&config, &[]);
+    // Nothing answering (a broker that is down, without stopping the one the other tests
+    // share): the right configuration pointed at a port nobody listens on.
+    let down = work.path().join("down.toml");
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let security = format!("[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"");
+    write_config(
+        &down,
+        &nobody,
+        &group,
+        &kafka.topic,
+        &security,
+        &out,
+        free_port(),
+    );
+    let (code, report) = check_connect(&down, &[]);
     assert_eq!(
         code,
         Some(3),
         "check-config --connect with the broker down: {report}"
     );
     assert!(
-        report.contains("cannot reach the Kafka cluster"),
+        report.contains(&format!("cannot reach the Kafka cluster at {nobody}")),
         "{report}"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly() {
+async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_none_is_refused() {
     let _serial = serial().await;
+    let SecuredBroker { kafka: broker, pki } = secured_broker();
     let work = tempfile::tempdir().expect("workdir");
-    let broker = Tansu::start_with_users(
-        &[
-            ("alice", "alice-secret", "scram512"),
-            ("bob", "bob-secret", "scram256"),
-        ],
-        &[
-            ("sasl-logs", 3),
-            ("sasl-logs-errors", 2),
-            ("sasl-logs-dlq", 2),
-        ],
+    let brokers = broker.secured_brokers(MTLS);
+    let kafka = topics_on(broker, "mtls-logs").await;
+    let (errors, dlq) = (
+        format!("{}-errors", kafka.topic),
+        format!("{}-dlq", kafka.topic),
     );
-    let brokers = broker.brokers();
-    let sasl = [
-        ("security.protocol", "sasl_plaintext"),
-        ("sasl.mechanisms", "SCRAM-SHA-512"),
-        ("sasl.username", "alice"),
-        ("sasl.password", "alice-secret"),
-    ];
-    let kafka = Kafka::external_with(&brokers, &sasl, "sasl-logs", 3).await;
+    let group = unique("mtls");
+    // The certificate's common name is the principal (`ssl.principal.mapping.rules`): only
+    // `User:carol` is allowed, so delivering shows the broker took the name from it.
+    allow(broker, CLIENT_NAME, &["Read"], &[&kafka.topic], &[&group]);
+    allow(broker, CLIENT_NAME, &["Write"], &[&errors, &dlq], &[]);
+    let ca = pki.ca_file.display().to_string();
+    let (cert, key) = (
+        pki.client_cert_file.display().to_string(),
+        pki.client_key_file.display().to_string(),
+    );
+    wait_visible(
+        &brokers,
+        &[
+            ("security.protocol", "ssl".into()),
+            ("ssl.ca.location", ca.clone()),
+            ("ssl.certificate.location", cert.clone()),
+            ("ssl.key.location", key.clone()),
+        ],
+        &[&kafka.topic, &errors, &dlq],
+    )
+    .await;
 
-    // SCRAM-SHA-512, the password from a file.
-    let password_file = work.path().join("alice.password");
-    std::fs::write(&password_file, "alice-secret\n").expect("password file");
-    let group = unique("sasl");
-    let out = work.path().join("scram");
-    let config = work.path().join("scram.toml");
+    let out = work.path().join("carol");
+    let config = work.path().join("carol.toml");
     let port = free_port();
     let security = format!(
-        "[kafka.security]\nprotocol = \"sasl_plaintext\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\npassword = \"${{file:{}}}\"",
-        password_file.display()
+        "[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\""
     );
     write_config(
         &config,
         &brokers,
         &group,
-        "sasl-logs",
+        &kafka.topic,
         &security,
         &out,
         port,
     );
     delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
 
-    // SCRAM-SHA-256 with the password from the environment: connected. PLAIN: tansu 0.6.0
-    // offers no PLAIN (its handshake answers NoSharedMechanism), which is reported plainly.
-    for (mechanism, exit, said) in [
-        ("SCRAM-SHA-256", 0, "connected"),
-        ("PLAIN", 3, "SASL PLAIN mechanism handshake failed"),
-    ] {
+    // No client certificate: the broker ends the handshake.
+    let none = work.path().join("none.toml");
+    let port = free_port();
+    let security = format!("[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"");
+    write_config(
+        &none,
+        &brokers,
+        &unique("mtls-none"),
+        &kafka.topic,
+        &security,
+        &work.path().join("none"),
+        port,
+    );
+    let (code, report) = check_connect(&none, &[]);
+    assert_eq!(
+        code,
+        Some(3),
+        "check-config --connect without a client certificate: {report}"
+    );
+    assert!(report.contains(REFUSED_CERTIFICATE), "{report}");
+    refused_without_crash_loop(
+        &none,
+        port,
+        &work.path().join("none.log"),
+        &[],
+        REFUSED_CERTIFICATE,
+    )
+    .await;
+
+    // A certificate another CA signed: refused too.
+    let stranger = work.path().join("stranger.toml");
+    let security = format!(
+        "[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        pki.stranger_cert_file.display(),
+        pki.stranger_key_file.display()
+    );
+    write_config(
+        &stranger,
+        &brokers,
+        &unique("mtls-stranger"),
+        &kafka.topic,
+        &security,
+        &work.path().join("stranger"),
+        free_port(),
+    );
+    let (code, report) = check_connect(&stranger, &[]);
+    assert_eq!(
+        code,
+        Some(3),
+        "check-config --connect with a certificate of another CA: {report}"
+    );
+    assert!(report.contains(REFUSED_CERTIFICATE), "{report}");
+}
+
+/// What librdkafka reports when the broker requires a client certificate and gets none, or
+/// one it cannot verify: the TLS alert Java's TLS stack sends in both cases (42,
+/// bad_certificate; not TLS 1.3's certificate_required), received while the client waits for
+/// the answer to its first request.
+const REFUSED_CERTIFICATE: &str = "ssl/tls alert bad certificate";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly() {
+    let _serial = serial().await;
+    let SecuredBroker { kafka: broker, pki } = secured_broker();
+    let work = tempfile::tempdir().expect("workdir");
+    let brokers = broker.secured_brokers(SASL_SSL);
+    let kafka = topics_on(broker, "sasl-logs").await;
+    let (errors, dlq) = (
+        format!("{}-errors", kafka.topic),
+        format!("{}-dlq", kafka.topic),
+    );
+    let extra = unique("sasl-extra");
+    let group = unique("sasl");
+    allow(broker, "alice", &["Read"], &[&kafka.topic], &[&group]);
+    allow(broker, "alice", &["Write"], &[&errors, &dlq], &[]);
+    // The load generator below creates its topic as alice.
+    allow(broker, "alice", &["Create", "Write"], &[&extra], &[]);
+    // bob only connects and looks the topics up.
+    allow(
+        broker,
+        "bob",
+        &["Describe"],
+        &[&kafka.topic, &errors, &dlq],
+        &[],
+    );
+    let ca = pki.ca_file.display().to_string();
+    for (user, mechanism) in [("alice", "SCRAM-SHA-512"), ("bob", "SCRAM-SHA-256")] {
+        let client = sasl_client(&ca, mechanism, user);
+        wait_visible(&brokers, &client, &[&kafka.topic, &errors, &dlq]).await;
+    }
+
+    // SCRAM-SHA-512, the password from a file.
+    let password_file = work.path().join("alice.password");
+    std::fs::write(&password_file, "alice-secret\n").expect("password file");
+    let out = work.path().join("scram");
+    let config = work.path().join("scram.toml");
+    let port = free_port();
+    let security = format!(
+        "[kafka.security]\nprotocol = \"sasl_ssl\"\nca_file = \"{ca}\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\npassword = \"${{file:{}}}\"",
+        password_file.display()
+    );
+    write_config(
+        &config,
+        &brokers,
+        &group,
+        &kafka.topic,
+        &security,
+        &out,
+        port,
+    );
+    delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
+
+    // SCRAM-SHA-256 and PLAIN with the password from the environment: connected, and every
+    // topic found.
+    for mechanism in ["SCRAM-SHA-256", "PLAIN"] {
         let path = work.path().join(format!("{mechanism}.toml"));
         let security = format!(
-            "[kafka.security]\nprotocol = \"sasl_plaintext\"\nmechanism = \"{mechanism}\"\nusername = \"bob\"\npassword = \"${{env:BOB_PASSWORD}}\""
+            "[kafka.security]\nprotocol = \"sasl_ssl\"\nca_file = \"{ca}\"\nmechanism = \"{mechanism}\"\nusername = \"bob\"\npassword = \"${{env:BOB_PASSWORD}}\""
         );
         write_config(
             &path,
             &brokers,
             &unique("sasl"),
-            "sasl-logs",
+            &kafka.topic,
             &security,
             &out,
             free_port(),
         );
         let (code, report) = check_connect(&path, &[("BOB_PASSWORD", "bob-secret")]);
-        assert_eq!(code, Some(exit), "{mechanism}: {report}");
-        assert!(report.contains(said), "{mechanism}: {report}");
+        assert_eq!(code, Some(0), "{mechanism}: {report}");
+        assert!(
+            report.contains(&format!("{brokers}: connected")) && report.contains("3 partitions"),
+            "{mechanism}: {report}"
+        );
         let (code, report) = check_connect(&path, &[]);
         assert_eq!(code, Some(2), "{mechanism} without the variable: {report}");
         assert!(
@@ -373,16 +647,14 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
     // The load generator reaches the secured cluster with the same file (and creates a topic
     // through it).
     let produced = Command::new(env!("CARGO_BIN_EXE_logbridge"))
+        .args(["produce", "--topic", &extra, "--partitions", "1"])
         .args([
-            "produce",
-            "--topic",
-            "sasl-extra",
-            "--partitions",
-            "1",
             "--count",
             "50",
+            "--option",
+            "compression.type=zstd",
+            "--config",
         ])
-        .args(["--option", "compression.type=zstd", "--config"])
         .arg(&config)
         .output()
         .expect("run produce");
@@ -392,17 +664,23 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
         "{said}{}",
         String::from_utf8_lossy(&produced.stderr)
     );
+    let extra_end = Kafka::external(&broker.brokers(), &extra, 1)
+        .await
+        .end_offsets();
+    assert_eq!(extra_end, [50], "the generator's records on the broker");
 
     // A wrong password: refused plainly, never shown.
     let wrong = work.path().join("wrong.toml");
     let port = free_port();
-    let security = "[kafka.security]\nprotocol = \"sasl_plaintext\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\npassword = \"${env:ALICE_PASSWORD}\"";
+    let security = format!(
+        "[kafka.security]\nprotocol = \"sasl_ssl\"\nca_file = \"{ca}\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\npassword = \"${{env:ALICE_PASSWORD}}\""
+    );
     write_config(
         &wrong,
         &brokers,
         &unique("sasl-wrong"),
-        "sasl-logs",
-        security,
+        &kafka.topic,
+        &security,
         &work.path().join("wrong"),
         port,
     );
@@ -432,6 +710,188 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
         !text.contains("not-her-password"),
         "the password reached the log"
     );
+}
+
+/// SASL properties of `user` (password `<user>-secret`) over TLS with `mechanism`.
+fn sasl_client(ca: &str, mechanism: &str, user: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("security.protocol", "sasl_ssl".into()),
+        ("ssl.ca.location", ca.into()),
+        ("sasl.mechanisms", mechanism.into()),
+        ("sasl.username", user.into()),
+        ("sasl.password", format!("{user}-secret")),
+    ]
+}
+
+/// The `[kafka.security]` section of `user` (password `<user>-secret`) over TLS with SCRAM.
+fn sasl_section(ca: &str, mechanism: &str, user: &str) -> String {
+    format!(
+        "[kafka.security]\nprotocol = \"sasl_ssl\"\nca_file = \"{ca}\"\nmechanism = \"{mechanism}\"\nusername = \"{user}\"\npassword = \"{user}-secret\""
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until_granted() {
+    let _serial = serial().await;
+    let SecuredBroker { kafka: broker, pki } = secured_broker();
+    let work = tempfile::tempdir().expect("workdir");
+    let brokers = broker.secured_brokers(SASL_SSL);
+    let ca = pki.ca_file.display().to_string();
+
+    // alice: Read on the source and her group, Write on the Kafka sink and the dead-letter
+    // topic (each implying Describe). Everything delivered and committed.
+    let source = topics_on(broker, "acl-alice").await;
+    let (errors, dlq) = (
+        format!("{}-errors", source.topic),
+        format!("{}-dlq", source.topic),
+    );
+    let group = unique("acl-alice");
+    allow(broker, "alice", &["Read"], &[&source.topic], &[&group]);
+    allow(broker, "alice", &["Write"], &[&errors, &dlq], &[]);
+    wait_visible(
+        &brokers,
+        &sasl_client(&ca, "SCRAM-SHA-512", "alice"),
+        &[&source.topic, &errors, &dlq],
+    )
+    .await;
+    let out = work.path().join("alice");
+    let config = work.path().join("alice.toml");
+    let port = free_port();
+    let security = sasl_section(&ca, "SCRAM-SHA-512", "alice");
+    write_config(
+        &config,
+        &brokers,
+        &group,
+        &source.topic,
+        &security,
+        &out,
+        port,
+    );
+    delivers_everything(&source, &config, &group, &out, port, &[]).await;
+
+    // bob: the same, except no ACL at all on the dead-letter topic.
+    let source = topics_on(broker, "acl-bob").await;
+    let (errors, dlq) = (
+        format!("{}-errors", source.topic),
+        format!("{}-dlq", source.topic),
+    );
+    let group = unique("acl-bob");
+    allow(broker, "bob", &["Read"], &[&source.topic], &[&group]);
+    allow(broker, "bob", &["Write"], &[&errors], &[]);
+    wait_visible(
+        &brokers,
+        &sasl_client(&ca, "SCRAM-SHA-256", "bob"),
+        &[&source.topic, &errors],
+    )
+    .await;
+    let produced = source.produce_samples(EVENTS, 0.02, 12).await;
+    let end = source.end_offsets();
+    // Where each partition's commits must stop: its first malformed record (nothing may be
+    // committed past a dead letter that is not parked), or its end if it has none.
+    let mut hold = end.clone();
+    for (partition, offset) in &produced.malformed {
+        let at = &mut hold[*partition as usize];
+        *at = (*at).min(*offset);
+    }
+    assert_ne!(hold, end, "some partition has a malformed record");
+
+    let out = work.path().join("bob");
+    let config = work.path().join("bob.toml");
+    let port = free_port();
+    let security = sasl_section(&ca, "SCRAM-SHA-256", "bob");
+    write_config(
+        &config,
+        &brokers,
+        &group,
+        &source.topic,
+        &security,
+        &out,
+        port,
+    );
+    // The cluster leaves the topics a principal may not describe out of its metadata, so the
+    // check names the dead-letter topic as missing (it cannot tell "not allowed" apart).
+    let (code, report) = check_connect(&config, &[]);
+    println!("check-config --connect as bob: {report}");
+    assert_eq!(code, Some(4), "check-config --connect as bob: {report}");
+    assert!(
+        report.contains(&format!("`dead_letter.topic`: topic `{dlq}`")),
+        "{report}"
+    );
+
+    let log = out.with_extension("log");
+    let mut child = Logbridge::start_with_env(&config, port, log.clone(), &[]);
+    let says_why = wait_for(Duration::from_secs(60), || async {
+        let (status, body) = readyz(port).await;
+        status == 503 && body.contains(&format!("dead-letter topic {dlq} refuses writes"))
+    })
+    .await;
+    let (_, said) = readyz(port).await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        says_why,
+        "/readyz does not name the dead-letter topic: {said}\n{text}"
+    );
+    assert!(
+        said.contains("uthorization"),
+        "/readyz gives the reason: {said}"
+    );
+    println!("/readyz as bob without the dead-letter write: {said}");
+    let held = wait_for(Duration::from_secs(60), || async {
+        source.committed(&group) == hold
+    })
+    .await;
+    assert!(
+        held,
+        "commits not held at the first malformed records: {:?}, expected {hold:?} (end {end:?})",
+        source.committed(&group)
+    );
+    // However long it lasts: still running, still not ready, nothing committed further.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let committed = source.committed(&group);
+        assert!(
+            committed.iter().zip(&hold).all(|(done, at)| done <= at),
+            "committed past a dead letter that is not parked: {committed:?}, hold {hold:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        child.running(),
+        "logbridge exited when its dead letters were refused"
+    );
+    assert_eq!(readyz(port).await.0, 503, "ready while dead letters wait");
+    assert!(
+        source.read_all(&dlq).is_empty(),
+        "a dead letter reached the topic bob may not write"
+    );
+
+    // Granted the write while it runs: the waiting dead letters are parked and the commits
+    // reach the end.
+    allow(broker, "bob", &["Write"], &[&dlq], &[]);
+    let granted = Instant::now();
+    let recovered = wait_for(Duration::from_secs(120), || async {
+        source.committed(&group) == end
+    })
+    .await;
+    println!(
+        "bob granted the write: committed to the end {:?} later",
+        granted.elapsed()
+    );
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        recovered,
+        "not everything committed once granted: {:?} of {end:?}; /readyz: {:?}\n{text}",
+        source.committed(&group),
+        readyz(port).await
+    );
+    let ready = wait_for(Duration::from_secs(30), || async {
+        readyz(port).await == (200, "ready\n".to_string())
+    })
+    .await;
+    assert!(ready, "/readyz once recovered: {:?}", readyz(port).await);
+    let (exit, _) = child.terminate(Duration::from_secs(15));
+    assert_eq!(exit.and_then(|s| s.code()), Some(0), "exit after SIGTERM");
+    where_everything_went(&source, &out, &produced);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,9 @@
-//! TLS for the secured-cluster tests: certificates made in the test (a CA, a broker certificate
-//! it signs for `127.0.0.1` and `localhost`, and an unrelated CA), and a TLS-terminating proxy
-//! in front of a plaintext broker (tansu 0.6.0 cannot serve TLS itself: its `--cert` and
-//! `--key` flags exclude each other). The broker advertises the proxy's port, so every
-//! connection a client makes goes through a real TLS handshake.
+//! TLS for the tests: certificates made in the test, written as PEM files. A CA signs a server
+//! certificate for `127.0.0.1` and `localhost` (the broker's, in a PEM keystore Apache Kafka
+//! reads, see [`crate::common::apache::Options::tls`]) and a client certificate for mutual
+//! TLS; an unrelated CA signs nothing the server shows, and a client certificate of its own.
+//! Also a TLS-terminating relay in front of a plaintext server on loopback, for the HTTPS
+//! endpoint of the HTTP sink tests.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,12 +13,25 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
+/// The common name of the client certificate the CA signed: the broker maps it to the
+/// principal `User:carol`.
+pub const CLIENT_NAME: &str = "carol";
+
 /// Certificate files written in a directory.
 pub struct Pki {
-    /// PEM of the CA that signed the broker's certificate.
+    /// PEM of the CA that signed the server's and the client's certificates.
     pub ca_file: PathBuf,
-    /// PEM of a CA that signed nothing the broker shows.
+    /// PEM of a CA that signed nothing the server shows.
     pub other_ca_file: PathBuf,
+    /// The server's unencrypted PKCS#8 private key, its certificate and the CA's certificate,
+    /// in one PEM file (a broker's `ssl.keystore.type=PEM` keystore).
+    pub keystore_file: PathBuf,
+    /// PEM client certificate for [`CLIENT_NAME`], signed by the CA, and its key.
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
+    /// PEM client certificate (common name `mallory`) signed by the other CA, and its key.
+    pub stranger_cert_file: PathBuf,
+    pub stranger_key_file: PathBuf,
     server_cert: rustls::pki_types::CertificateDer<'static>,
     server_key: Vec<u8>,
 }
@@ -31,27 +45,54 @@ fn authority(name: &str) -> (rcgen::Certificate, KeyPair) {
     (cert, key)
 }
 
+/// A certificate with `common_name` (and `names` as subject alternative names) signed by
+/// `issuer`, with its new key.
+fn signed(
+    common_name: &str,
+    names: &[&str],
+    issuer: &(rcgen::Certificate, KeyPair),
+) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().expect("key");
+    let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+    let mut params = CertificateParams::new(names).expect("certificate params");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    let cert = params
+        .signed_by(&key, &issuer.0, &issuer.1)
+        .expect("signed certificate");
+    (cert, key)
+}
+
 impl Pki {
     pub fn generate(dir: &Path) -> Pki {
-        let (ca, ca_key) = authority("logbridge test CA");
-        let (other, _) = authority("some other CA");
-        let server_key = KeyPair::generate().expect("server key");
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-                .expect("server params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "tansu behind a TLS proxy");
-        let server = params
-            .signed_by(&server_key, &ca, &ca_key)
-            .expect("server certificate");
-        let ca_file = dir.join("ca.pem");
-        let other_ca_file = dir.join("other-ca.pem");
-        std::fs::write(&ca_file, ca.pem()).expect("write CA");
-        std::fs::write(&other_ca_file, other.pem()).expect("write other CA");
+        let ca = authority("logbridge test CA");
+        let other = authority("some other CA");
+        let (server, server_key) =
+            signed("logbridge test server", &["127.0.0.1", "localhost"], &ca);
+        let (client, client_key) = signed(CLIENT_NAME, &[], &ca);
+        let (stranger, stranger_key) = signed("mallory", &[], &other);
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap_or_else(|err| panic!("write {name}: {err}"));
+            path
+        };
         Pki {
-            ca_file,
-            other_ca_file,
+            ca_file: write("ca.pem", ca.0.pem()),
+            other_ca_file: write("other-ca.pem", other.0.pem()),
+            keystore_file: write(
+                "server-keystore.pem",
+                format!(
+                    "{}{}{}",
+                    server_key.serialize_pem(),
+                    server.pem(),
+                    ca.0.pem()
+                ),
+            ),
+            client_cert_file: write("client.pem", client.pem()),
+            client_key_file: write("client.key", client_key.serialize_pem()),
+            stranger_cert_file: write("stranger.pem", stranger.pem()),
+            stranger_key_file: write("stranger.key", stranger_key.serialize_pem()),
             server_cert: server.der().clone(),
             server_key: server_key.serialize_der(),
         }
@@ -100,10 +141,10 @@ impl TlsProxy {
                             return;
                         }
                     };
-                    let Ok(mut broker) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
                     };
-                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
                 });
             }
         });
