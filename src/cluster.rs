@@ -56,8 +56,13 @@ pub enum ClusterProblem {
 fn missing_text(topics: &[String]) -> String {
     let names: Vec<String> = topics.iter().map(|topic| format!("`{topic}`")).collect();
     match names.as_slice() {
-        [one] => format!("topic {one} does not exist"),
-        _ => format!("topics {} do not exist", names.join(", ")),
+        // A cluster with ACLs leaves out of its answers what the principal may not describe:
+        // "missing" may mean "hidden".
+        [one] => format!("topic {one} does not exist (or these credentials may not describe it)"),
+        _ => format!(
+            "topics {} do not exist (or these credentials may not describe them)",
+            names.join(", ")
+        ),
     }
 }
 
@@ -190,26 +195,27 @@ impl Probe {
         let errors = context.take_errors();
         // The telling one: refused credentials or TLS first, "all brokers down" (which follows
         // every such failure) last.
-        let rank = |code: &Option<RDKafkaErrorCode>| match code {
-            Some(code) if is_authentication(*code) => 0,
+        let refused = |code: &Option<RDKafkaErrorCode>, reason: &str| {
+            code.is_some_and(is_authentication) || refused_certificate(reason)
+        };
+        let rank = |(code, reason): &(Option<RDKafkaErrorCode>, String)| match code {
+            _ if refused(code, reason) => 0,
             Some(RDKafkaErrorCode::AllBrokersDown) => 2,
             _ => 1,
         };
-        let last = errors.into_iter().min_by_key(|(code, _)| rank(code));
+        let last = errors.into_iter().min_by_key(rank);
         let mut cause = self.cause.lock().unwrap_or_else(PoisonError::into_inner);
-        let telling = last.as_ref().is_some_and(|(code, _)| rank(code) < 2);
+        let telling = last.as_ref().is_some_and(|error| rank(error) < 2);
         if let (false, Some(known)) = (telling, cause.as_ref()) {
             return known.clone();
         }
         let brokers = self.brokers.clone();
         let scrub = |text: String| crate::config::scrub_secrets(&self.secrets, &text);
         let problem = match last {
-            Some((Some(code), reason)) if is_authentication(code) => {
-                ClusterProblem::Authentication {
-                    brokers,
-                    reason: scrub(reason),
-                }
-            }
+            Some((code, reason)) if refused(&code, &reason) => ClusterProblem::Authentication {
+                brokers,
+                reason: scrub(reason),
+            },
             Some((_, reason)) => ClusterProblem::Unreachable {
                 brokers,
                 reason: scrub(reason),
@@ -224,6 +230,21 @@ impl Probe {
         }
         problem
     }
+}
+
+/// Whether librdkafka's `reason` is the broker ending the TLS handshake over this client's
+/// certificate (mutual TLS: none given, or one the broker does not trust). Such an alert comes
+/// as a transport or SSL error, yet it is a refusal of the credentials, like a wrong password.
+fn refused_certificate(reason: &str) -> bool {
+    const ALERTS: &[&str] = &[
+        "alert bad certificate",
+        "alert certificate required",
+        "alert unknown ca",
+        "alert certificate unknown",
+        "alert access denied",
+    ];
+    let reason = reason.to_ascii_lowercase();
+    ALERTS.iter().any(|alert| reason.contains(alert))
 }
 
 fn is_authentication(code: RDKafkaErrorCode) -> bool {
@@ -326,12 +347,27 @@ mod tests {
         );
         assert_eq!(
             ClusterProblem::MissingTopics(vec!["typo".to_string()]).to_string(),
-            "topic `typo` does not exist"
+            "topic `typo` does not exist (or these credentials may not describe it)"
         );
         assert_eq!(
             probe.check(&["logs", "other"], Duration::from_secs(10)),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_client_certificate_the_broker_refuses_is_an_authentication_failure() {
+        // What librdkafka reported against Apache Kafka requiring a client certificate
+        // (tests/secured.rs): without one, and with one another CA signed.
+        let seen = "ssl://127.0.0.1:40123/bootstrap: SSL handshake failed: ssl/tls alert bad \
+                    certificate: SSL alert number 42 (after 3ms in state SSL_HANDSHAKE)";
+        assert!(refused_certificate(seen));
+        assert!(refused_certificate("tlsv13 alert certificate required"));
+        // The client not trusting the broker is not the broker refusing the client.
+        assert!(!refused_certificate(
+            "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed"
+        ));
+        assert!(!refused_certificate("Connection refused"));
     }
 
     #[test]

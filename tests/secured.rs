@@ -520,6 +520,10 @@ async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_no
         "check-config --connect without a client certificate: {report}"
     );
     assert!(report.contains(REFUSED_CERTIFICATE), "{report}");
+    assert!(
+        report.contains("Kafka authentication failed"),
+        "a refused certificate is a refused credential: {report}"
+    );
     refused_without_crash_loop(
         &none,
         port,
@@ -972,14 +976,17 @@ sink = {{ type = "null" }}
         http_get(address, "/readyz").await
             == (
                 503,
-                "not ready: topic `mistyped` does not exist\n".to_string(),
+                "not ready: topic `mistyped` does not exist (or these credentials may not describe it)\n"
+                    .to_string(),
             )
     })
     .await;
     assert!(said, "/readyz: {:?}", http_get(address, "/readyz").await);
     let (_, status) = http_get(address, "/status").await;
     assert!(
-        status.contains("\"cluster\": \"topic `mistyped` does not exist\""),
+        status.contains(
+            "\"cluster\": \"topic `mistyped` does not exist (or these credentials may not describe it)\""
+        ),
         "{status}"
     );
     kafka.create_topic("mistyped", 1);

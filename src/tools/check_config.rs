@@ -94,7 +94,8 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
                 ),
                 None => {
                     eprintln!(
-                        "`{key}`: topic `{topic}` does not exist at {}",
+                        "`{key}`: topic `{topic}` does not exist at {} (or these credentials \
+                         may not describe it)",
                         cluster.brokers
                     );
                     if outcome == CheckOutcome::Valid {
