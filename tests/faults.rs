@@ -1566,9 +1566,3 @@ async fn large_events_through_cooperative_rebalances_stay_within_the_byte_bound(
     let _serial = serial().await;
     large_events_through_rebalances(Protocol::Cooperative).await;
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_events_through_consumer_protocol_rebalances_stay_within_the_byte_bound() {
-    let _serial = serial().await;
-    large_events_through_rebalances(Protocol::Consumer).await;
-}
