@@ -84,12 +84,7 @@ async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
             *seen.entry(id).or_insert(0) += count;
         }
     }
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
-    let missing = produced
-        .valid_ids
-        .iter()
-        .filter(|id| !seen.contains_key(id))
-        .count();
+    let (missing, duplicates) = produced.lost_and_duplicates(&seen);
     println!(
         "graceful: {EVENTS} events over 4 runs stopped by SIGTERM in {stops:?}; lost {missing}, duplicates {duplicates}"
     );
@@ -175,12 +170,7 @@ async fn broker_restart(session: Option<u32>) -> Restart {
     assert_eq!(status.and_then(|s| s.code()), Some(0));
 
     let seen = id_counts(&outputs(&out));
-    let missing = produced
-        .valid_ids
-        .iter()
-        .filter(|id| !seen.contains_key(id))
-        .count();
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let (missing, duplicates) = produced.lost_and_duplicates(&seen);
     assert_eq!(missing, 0, "events lost across the broker restart");
     assert!(
         finished_before < EVENTS as f64,

@@ -215,12 +215,7 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
             out_of_order += 1;
         }
     }
-    let missing = produced
-        .valid_ids
-        .iter()
-        .filter(|id| !seen.contains_key(id))
-        .count();
-    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    let (missing, duplicates) = produced.lost_and_duplicates(&seen);
     let rebalances = |kind: &str| metrics.rebalances.with_label_values(&[kind]).get();
     println!(
         "failover: {EVENTS} events over {PARTITIONS} partitions. Source leader (node {source_node}) killed \

@@ -24,16 +24,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 type TxnProducer = ThreadedProducer<DefaultProducerContext>;
 
 fn transactional(kafka: &Kafka, id: &str) -> TxnProducer {
-    let producer: TxnProducer = kafka
-        .client()
-        .set("transactional.id", id)
-        .set("linger.ms", "5")
-        .create()
-        .expect("transactional producer");
-    producer
-        .init_transactions(TIMEOUT)
-        .expect("init_transactions");
-    producer
+    common::transactional_producer(kafka, id)
 }
 
 /// A transaction of events `ids` (keyed by id, so spread over the partitions), committed or

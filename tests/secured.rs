@@ -143,6 +143,40 @@ async fn wait_visible(brokers: &str, properties: &[(&str, String)], topics: &[&s
     assert!(seen, "{topics:?} not visible with {properties:?}");
 }
 
+/// A child's configuration file, its file sink's folder and its HTTP port.
+struct ChildConfig {
+    out: std::path::PathBuf,
+    config: std::path::PathBuf,
+    port: u16,
+}
+
+/// Writes the configuration of a child named `name` in `work` (see [`write_config`]), serving
+/// HTTP on a free port.
+fn child_config(
+    work: &Path,
+    name: &str,
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    security: &str,
+) -> ChildConfig {
+    let child = ChildConfig {
+        out: work.join(name),
+        config: work.join(format!("{name}.toml")),
+        port: free_port(),
+    };
+    write_config(
+        &child.config,
+        brokers,
+        group,
+        topic,
+        security,
+        &child.out,
+        child.port,
+    );
+    child
+}
+
 /// A child configuration: `[[routes]]` for errors to a Kafka topic `{topic}-errors` and the rest
 /// to a file, a dead-letter topic `{topic}-dlq`, both without security of their own.
 fn write_config(
@@ -377,18 +411,14 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
     }
 
     let group = unique("tls");
-    let out = work.path().join("right");
-    let config = work.path().join("right.toml");
-    let port = free_port();
     let security = format!("[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"");
-    write_config(
-        &config,
+    let ChildConfig { out, config, port } = child_config(
+        work.path(),
+        "right",
         &brokers,
         &group,
         &kafka.topic,
         &security,
-        &out,
-        port,
     );
     delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
 
@@ -483,20 +513,16 @@ async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_no
     )
     .await;
 
-    let out = work.path().join("carol");
-    let config = work.path().join("carol.toml");
-    let port = free_port();
     let security = format!(
         "[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\""
     );
-    write_config(
-        &config,
+    let ChildConfig { out, config, port } = child_config(
+        work.path(),
+        "carol",
         &brokers,
         &group,
         &kafka.topic,
         &security,
-        &out,
-        port,
     );
     delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
 
@@ -598,21 +624,17 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
     // SCRAM-SHA-512, the password from a file.
     let password_file = work.path().join("alice.password");
     std::fs::write(&password_file, "alice-secret\n").expect("password file");
-    let out = work.path().join("scram");
-    let config = work.path().join("scram.toml");
-    let port = free_port();
     let security = format!(
         "[kafka.security]\nprotocol = \"sasl_ssl\"\nca_file = \"{ca}\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\npassword = \"${{file:{}}}\"",
         password_file.display()
     );
-    write_config(
-        &config,
+    let ChildConfig { out, config, port } = child_config(
+        work.path(),
+        "scram",
         &brokers,
         &group,
         &kafka.topic,
         &security,
-        &out,
-        port,
     );
     delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
 
@@ -734,6 +756,39 @@ fn sasl_section(ca: &str, mechanism: &str, user: &str) -> String {
     )
 }
 
+/// Topics of a principal's run (see [`topics_on`]) and a group of its own: `user` (SASL over
+/// TLS with `mechanism`) may read the source and the group and write the Kafka sink's topic,
+/// and the dead-letter topic only `with_dead_letters`. Returns once the principal sees them.
+async fn granted_topics(
+    broker: &ApacheKafka,
+    ca: &str,
+    (user, mechanism): (&str, &str),
+    prefix: &str,
+    with_dead_letters: bool,
+) -> (Kafka, String) {
+    let source = topics_on(broker, prefix).await;
+    let (errors, dlq) = (
+        format!("{}-errors", source.topic),
+        format!("{}-dlq", source.topic),
+    );
+    let group = unique(prefix);
+    allow(broker, user, &["Read"], &[&source.topic], &[&group]);
+    let mut writes = vec![errors.as_str()];
+    if with_dead_letters {
+        writes.push(dlq.as_str());
+    }
+    allow(broker, user, &["Write"], &writes, &[]);
+    let mut visible = vec![source.topic.as_str()];
+    visible.extend(&writes);
+    wait_visible(
+        &broker.secured_brokers(SASL_SSL),
+        &sasl_client(ca, mechanism, user),
+        &visible,
+    )
+    .await;
+    (source, group)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until_granted() {
     let _serial = serial().await;
@@ -744,50 +799,23 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
 
     // alice: Read on the source and her group, Write on the Kafka sink and the dead-letter
     // topic (each implying Describe). Everything delivered and committed.
-    let source = topics_on(broker, "acl-alice").await;
-    let (errors, dlq) = (
-        format!("{}-errors", source.topic),
-        format!("{}-dlq", source.topic),
-    );
-    let group = unique("acl-alice");
-    allow(broker, "alice", &["Read"], &[&source.topic], &[&group]);
-    allow(broker, "alice", &["Write"], &[&errors, &dlq], &[]);
-    wait_visible(
-        &brokers,
-        &sasl_client(&ca, "SCRAM-SHA-512", "alice"),
-        &[&source.topic, &errors, &dlq],
-    )
-    .await;
-    let out = work.path().join("alice");
-    let config = work.path().join("alice.toml");
-    let port = free_port();
+    let (source, group) =
+        granted_topics(broker, &ca, ("alice", "SCRAM-SHA-512"), "acl-alice", true).await;
     let security = sasl_section(&ca, "SCRAM-SHA-512", "alice");
-    write_config(
-        &config,
+    let ChildConfig { out, config, port } = child_config(
+        work.path(),
+        "alice",
         &brokers,
         &group,
         &source.topic,
         &security,
-        &out,
-        port,
     );
     delivers_everything(&source, &config, &group, &out, port, &[]).await;
 
     // bob: the same, except no ACL at all on the dead-letter topic.
-    let source = topics_on(broker, "acl-bob").await;
-    let (errors, dlq) = (
-        format!("{}-errors", source.topic),
-        format!("{}-dlq", source.topic),
-    );
-    let group = unique("acl-bob");
-    allow(broker, "bob", &["Read"], &[&source.topic], &[&group]);
-    allow(broker, "bob", &["Write"], &[&errors], &[]);
-    wait_visible(
-        &brokers,
-        &sasl_client(&ca, "SCRAM-SHA-256", "bob"),
-        &[&source.topic, &errors],
-    )
-    .await;
+    let (source, group) =
+        granted_topics(broker, &ca, ("bob", "SCRAM-SHA-256"), "acl-bob", false).await;
+    let dlq = format!("{}-dlq", source.topic);
     let produced = source.produce_samples(EVENTS, 0.02, 12).await;
     let end = source.end_offsets();
     // Where each partition's commits must stop: its first malformed record (nothing may be
@@ -799,18 +827,14 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
     }
     assert_ne!(hold, end, "some partition has a malformed record");
 
-    let out = work.path().join("bob");
-    let config = work.path().join("bob.toml");
-    let port = free_port();
     let security = sasl_section(&ca, "SCRAM-SHA-256", "bob");
-    write_config(
-        &config,
+    let ChildConfig { out, config, port } = child_config(
+        work.path(),
+        "bob",
         &brokers,
         &group,
         &source.topic,
         &security,
-        &out,
-        port,
     );
     // The cluster leaves the topics a principal may not describe out of its metadata, so the
     // check names the dead-letter topic as missing (it cannot tell "not allowed" apart).

@@ -28,16 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 type TxnProducer = ThreadedProducer<DefaultProducerContext>;
 
 fn transactional(kafka: &Kafka, id: &str) -> TxnProducer {
-    let producer: TxnProducer = kafka
-        .client()
-        .set("transactional.id", id)
-        .set("transaction.timeout.ms", "10000")
-        .create()
-        .expect("transactional producer");
-    producer
-        .init_transactions(TIMEOUT)
-        .expect("init_transactions");
-    producer
+    common::transactional_producer(kafka, id)
 }
 
 fn send(producer: &TxnProducer, topic: &str, value: &str) {

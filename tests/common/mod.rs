@@ -351,6 +351,39 @@ pub struct Produced {
     pub malformed: std::collections::HashSet<(i32, i64)>,
 }
 
+impl Produced {
+    /// Against `seen` (how many times each event id was written): how many valid events are
+    /// missing, and how many writes were repeats.
+    pub fn lost_and_duplicates(&self, seen: &HashMap<u64, usize>) -> (usize, usize) {
+        let lost = self
+            .valid_ids
+            .iter()
+            .filter(|id| !seen.contains_key(id))
+            .count();
+        let duplicates = seen.values().map(|n| n.saturating_sub(1)).sum();
+        (lost, duplicates)
+    }
+}
+
+/// A transactional producer of `kafka`'s cluster with `transactional.id` = `id`, initialised
+/// (a producer of an older epoch of the same id is fenced from here on).
+pub fn transactional_producer(
+    kafka: &Kafka,
+    id: &str,
+) -> rdkafka::producer::ThreadedProducer<DefaultProducerContext> {
+    let producer: rdkafka::producer::ThreadedProducer<DefaultProducerContext> = kafka
+        .client()
+        .set("transactional.id", id)
+        .set("transaction.timeout.ms", "10000")
+        .set("linger.ms", "5")
+        .create()
+        .expect("transactional producer");
+    producer
+        .init_transactions(Duration::from_secs(10))
+        .expect("init_transactions");
+    producer
+}
+
 /// Runs the heavy tests of one test binary one at a time: they run processes and brokers and
 /// watch timings, and two of them side by side on two shared cores only measure each other.
 /// Hold the guard for the whole test.
