@@ -551,15 +551,6 @@ impl Metrics {
             .sum()
     }
 
-    /// Records consumed so far, over every topic.
-    pub fn consumed_total(&self) -> u64 {
-        prometheus::core::Collector::collect(&self.consumed)
-            .iter()
-            .flat_map(|family| family.get_metric().iter())
-            .map(|metric| metric.get_counter().get_value() as u64)
-            .sum()
-    }
-
     /// Pauses so far, whatever the reason.
     pub fn pauses_total(&self) -> u64 {
         PAUSE_REASONS

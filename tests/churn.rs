@@ -24,15 +24,6 @@ const ROUNDS: usize = 10;
 /// three instances and the broker share two cores while the group rebalances, so allow more.
 const SIGTERM_LIMIT: Duration = Duration::from_secs(8);
 
-/// `[kafka.options]` of a group protocol: a classic assignor (`range`, `cooperative-sticky`), or
-/// `consumer` for KIP-848's (the broker assigns; its `uniform` assignor by default).
-pub fn protocol_options(protocol: &str) -> String {
-    match protocol {
-        "consumer" => "\"group.protocol\" = \"consumer\"\n".to_string(),
-        strategy => format!("\"partition.assignment.strategy\" = \"{strategy}\"\n"),
-    }
-}
-
 fn start(
     kafka: &Kafka,
     work: &std::path::Path,

@@ -230,12 +230,7 @@ async fn audit(kafka: &Kafka, broker: &str, events: u64) {
     // Per key, the last copy of each record comes after the last copy of every earlier one,
     // across the crashes.
     for (key, offsets) in &by_key {
-        let mut last: HashMap<i64, usize> = HashMap::new();
-        for (position, offset) in offsets.iter().enumerate() {
-            last.insert(*offset, position);
-        }
-        let mut in_order: Vec<i64> = last.keys().copied().collect();
-        in_order.sort_by_key(|offset| last[offset]);
+        let in_order = by_last_copy(offsets);
         assert!(
             in_order.windows(2).all(|pair| pair[0] < pair[1]),
             "key {key}: records out of order across the crashes"

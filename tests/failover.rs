@@ -202,13 +202,7 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
     }
     let mut out_of_order = 0;
     for copies in by_key.values() {
-        let mut last: HashMap<(i32, i64), usize> = HashMap::new();
-        for (position, place) in copies.iter().enumerate() {
-            last.insert(*place, position);
-        }
-        let mut in_order: Vec<(i32, i64)> = last.keys().copied().collect();
-        in_order.sort_by_key(|place| last[place]);
-        if in_order
+        if by_last_copy(copies)
             .windows(2)
             .any(|pair| pair[0].0 == pair[1].0 && pair[0].1 > pair[1].1)
         {

@@ -41,12 +41,13 @@ enum Protocol {
 }
 
 impl Protocol {
-    fn option(self) -> &'static str {
-        match self {
-            Protocol::Eager => "\"partition.assignment.strategy\" = \"range\"",
-            Protocol::Cooperative => "\"partition.assignment.strategy\" = \"cooperative-sticky\"",
-            Protocol::Consumer => "\"group.protocol\" = \"consumer\"",
-        }
+    /// Its `[kafka.options]` lines.
+    fn option(self) -> String {
+        protocol_options(match self {
+            Protocol::Eager => "range",
+            Protocol::Cooperative => "cooperative-sticky",
+            Protocol::Consumer => "consumer",
+        })
     }
 }
 
@@ -87,7 +88,7 @@ drain_timeout_ms = 2000
             &kafka.brokers,
             group,
             &kafka.topic,
-            &format!("{}\n\"statistics.interval.ms\" = 1000", protocol.option())
+            &format!("{}\"statistics.interval.ms\" = 1000", protocol.option())
         ),
         routes = file_route("all", "[\"info\", \"error\"]", 2, out),
     );
@@ -139,7 +140,7 @@ async fn start_reading(
     .await;
     let reading = wait_for(Duration::from_secs(30), || {
         let metrics = metrics.clone();
-        async move { metrics.consumed_total() > 100 }
+        async move { consumed_total(&metrics) > 100 }
     })
     .await;
     assert!(reading, "the pipeline never read");
@@ -762,7 +763,7 @@ async fn failing_destination(rebalance: Option<Protocol>) {
         Some(protocol) => {
             let text = format!(
                 "{}\n[pipeline]\nrouter_capacity = 16\nworker_capacity = 8\npause_after_ms = 0\ncommit_interval_ms = 200\n\n{routes}",
-                kafka_section(&source.brokers, &group, &source.topic, protocol.option())
+                kafka_section(&source.brokers, &group, &source.topic, &protocol.option())
             );
             logbridge::Config::from_toml_str(&text).unwrap_or_else(|err| panic!("{err}\n{text}"))
         }
@@ -855,14 +856,11 @@ async fn failing_destination(rebalance: Option<Protocol>) {
     let mut early_first_copies = 0;
     let mut keys_out_of_order = Vec::new();
     for (key, offsets) in &copies {
-        let mut last: std::collections::HashMap<i64, usize> = Default::default();
         let mut first: std::collections::HashMap<i64, usize> = Default::default();
         for (position, offset) in offsets.iter().enumerate() {
-            last.insert(*offset, position);
             first.entry(*offset).or_insert(position);
         }
-        let mut by_last: Vec<i64> = last.keys().copied().collect();
-        by_last.sort_by_key(|offset| last[offset]);
+        let by_last = by_last_copy(offsets);
         if rebalance.is_none() {
             assert!(
                 by_last.windows(2).all(|pair| pair[0] < pair[1]),
@@ -1446,7 +1444,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         let text = format!(
             "{}\n[pipeline]\nrouter_capacity = 1024\nworker_capacity = 256\n\
              max_in_flight_bytes = {limit}\ncommit_interval_ms = 200\ndrain_timeout_ms = 2000\n\n{}",
-            kafka_section(&kafka.brokers, &group, &kafka.topic, protocol.option()),
+            kafka_section(&kafka.brokers, &group, &kafka.topic, &protocol.option()),
             file_route("all", "[\"info\"]", 2, out),
         );
         logbridge::Config::from_toml_str(&text).unwrap_or_else(|err| panic!("{err}\n{text}"))
@@ -1479,7 +1477,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         if let Some((_, address_b)) = &b {
             peaks_b.add(byte_sample(*address_b).await, limit);
         }
-        let read_a = metrics_a.consumed_total();
+        let read_a = consumed_total(&metrics_a);
         if b.is_none() && !b_was_there && read_a > 20 {
             // B joins while A is held at the byte bound.
             b = Some(serve(config(dir_b.path()), &metrics_b).await);
@@ -1500,7 +1498,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         running.stop_abandoning().await;
     }
     let done = kafka.committed(&group) == end;
-    let (pauses_a, read_b) = (metrics_a.pauses_total(), metrics_b.consumed_total());
+    let (pauses_a, read_b) = (metrics_a.pauses_total(), consumed_total(&metrics_b));
     a.stop().await;
     let written = ids_written(&[dir_a.path(), dir_b.path()]);
     println!(

@@ -121,7 +121,7 @@ async fn a_transactional_source_delivers_only_committed_records_and_commits_to_t
         written.len(),
         committed.len(),
         aborted.len(),
-        metrics.consumed_total()
+        consumed_total(&metrics)
     );
     assert!(aborted.is_empty(), "aborted records delivered: {aborted:?}");
     assert_eq!(unread, 0, "a partition past its last marker is not behind");

@@ -134,11 +134,11 @@ impl Skipped {
     /// position is only valid once librdkafka served something of this assignment: it resets
     /// it when fetching stops (unassign) and on seek (`rdkafka_partition.c`).
     pub(crate) fn past(last_polled: Option<i64>, position: i64) -> Option<Skipped> {
-        let next = match last_polled {
-            Some(last) => last.saturating_add(1),
-            None => 0,
+        let stepped_over = match last_polled {
+            Some(last) => position > last.saturating_add(1),
+            None => position >= 0,
         };
-        (position > next || (last_polled.is_none() && position >= 0)).then_some(Skipped {
+        stepped_over.then_some(Skipped {
             after: last_polled,
             to: position,
         })

@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::assignment::{Assignment, SharedAssignment};
+use super::assignment::{Assignment, SharedAssignment, Skipped};
 use crate::committer::{CommitEntry, CommitPlan};
 use crate::metrics::Metrics;
 use crate::record::PartitionKey;
@@ -193,26 +193,32 @@ fn commit_sync<C: ConsumerContext>(
 }
 
 /// `entries` with each position that is right after the last record its partition returned
-/// moved past what librdkafka stepped over since (see [`super::assignment::Skipped`]), for the
-/// partitions still held under the entry's generation.
-fn extend_over_skipped(entries: &[CommitEntry], assignment: &Assignment) -> Vec<CommitEntry> {
+/// moved past what librdkafka stepped over since (see [`super::assignment::Skipped`]), as
+/// `skipped_of` says for the entry's partition and generation.
+pub(crate) fn extend_over_skipped(
+    entries: &[CommitEntry],
+    skipped_of: impl Fn(&CommitEntry) -> Option<Skipped>,
+) -> Vec<CommitEntry> {
     entries
         .iter()
-        .map(|entry| {
-            let skipped = assignment
-                .partitions
-                .get(&entry.source)
-                .filter(|state| state.generation == entry.generation)
-                .and_then(|state| state.skipped);
-            match skipped {
-                Some(skipped) => CommitEntry {
-                    offset: skipped.extend(entry.offset),
-                    ..entry.clone()
-                },
-                None => entry.clone(),
-            }
+        .map(|entry| match skipped_of(entry) {
+            Some(skipped) => CommitEntry {
+                offset: skipped.extend(entry.offset),
+                ..entry.clone()
+            },
+            None => entry.clone(),
         })
         .collect()
+}
+
+/// What librdkafka stepped over on `entry`'s partition, while it is held under the entry's
+/// generation.
+fn held_skipped(assignment: &Assignment, entry: &CommitEntry) -> Option<Skipped> {
+    assignment
+        .partitions
+        .get(&entry.source)
+        .filter(|state| state.generation == entry.generation)
+        .and_then(|state| state.skipped)
 }
 
 /// A commit asked of the commit thread by the consumer thread.
@@ -336,7 +342,8 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
                 let mut commit = |entries: &[CommitEntry], why: CommitWhy| {
                     let admitted = {
                         let assignment = assignment.lock();
-                        let entries = extend_over_skipped(entries, &assignment);
+                        let entries =
+                            extend_over_skipped(entries, |entry| held_skipped(&assignment, entry));
                         ledger.admit(&entries, why, &assignment)
                     };
                     if admitted.is_empty() {
@@ -477,7 +484,6 @@ mod tests {
 
     #[test]
     fn positions_move_past_what_librdkafka_stepped_over_once_everything_read_finished() {
-        use super::super::assignment::Skipped;
         let mut assignment = Assignment::default();
         held(&mut assignment, 0, 1);
         held(&mut assignment, 1, 1);
@@ -498,12 +504,15 @@ mod tests {
             // An older generation's entry is not extended.
             entry(&mut assignment, 0, 0, 100),
         ];
-        let extended = extend_over_skipped(&plan, &assignment);
+        let extended = extend_over_skipped(&plan, |entry| held_skipped(&assignment, entry));
         assert_eq!(extended[0].offset, 101, "past the marker");
         assert_eq!(extended[1].offset, 100, "nothing stepped over");
         assert_eq!(extended[2].offset, 100, "not this assignment");
         let unfinished = [entry(&mut assignment, 0, 1, 90)];
-        assert_eq!(extend_over_skipped(&unfinished, &assignment)[0].offset, 90);
+        assert_eq!(
+            extend_over_skipped(&unfinished, |entry| held_skipped(&assignment, entry))[0].offset,
+            90
+        );
 
         // Idle: partition 2 at once; partition 0 once 100 is committed.
         let mut ledger = CommitLedger::default();

@@ -20,7 +20,7 @@ use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use super::assignment::{Flow, PartitionState, PauseWhy, SharedAssignment};
-use super::commits::{CommitWhy, Commits};
+use super::commits::{extend_over_skipped, CommitWhy, Commits};
 use crate::client_log::ClientLog;
 use crate::committer::CommitterControl;
 use crate::metrics::Metrics;
@@ -210,14 +210,15 @@ impl Callbacks {
             .observe(started.elapsed().as_secs_f64());
         match answer {
             Ok(_) if lost => {}
-            Ok(mut entries) => {
-                for entry in &mut entries {
-                    if let Some((_, _, skipped)) = skips.iter().find(|(key, generation, _)| {
-                        *key == entry.source && *generation == entry.generation
-                    }) {
-                        entry.offset = skipped.extend(entry.offset);
-                    }
-                }
+            Ok(entries) => {
+                let entries = extend_over_skipped(&entries, |entry| {
+                    skips
+                        .iter()
+                        .find(|(key, generation, _)| {
+                            *key == entry.source && *generation == entry.generation
+                        })
+                        .map(|(_, _, skipped)| *skipped)
+                });
                 self.commits
                     .commit(entries, CommitWhy::Revoke, REVOKE_COMMIT_WAIT);
             }

@@ -344,6 +344,28 @@ pub fn retrying<T>(what: &str, mut request: impl FnMut() -> rdkafka::error::Kafk
     }
 }
 
+/// The distinct values of `copies` (the records of one key, in the order they were written,
+/// repeats included) ordered by where each was written last: in offset order when the last
+/// copy of every record came after the last copy of each earlier one.
+pub fn by_last_copy<T: Copy + Eq + std::hash::Hash>(copies: &[T]) -> Vec<T> {
+    let mut last: HashMap<T, usize> = HashMap::new();
+    for (position, copy) in copies.iter().enumerate() {
+        last.insert(*copy, position);
+    }
+    let mut in_order: Vec<T> = last.keys().copied().collect();
+    in_order.sort_by_key(|copy| last[copy]);
+    in_order
+}
+
+/// `[kafka.options]` of a group protocol: a classic assignor (`range`, `cooperative-sticky`), or
+/// `consumer` for KIP-848's (the broker assigns; its `uniform` assignor by default).
+pub fn protocol_options(protocol: &str) -> String {
+    match protocol {
+        "consumer" => "\"group.protocol\" = \"consumer\"\n".to_string(),
+        strategy => format!("\"partition.assignment.strategy\" = \"{strategy}\"\n"),
+    }
+}
+
 /// What `produce_samples` produced.
 #[derive(Default)]
 pub struct Produced {
@@ -466,6 +488,15 @@ pub fn file_route(name: &str, levels: &str, workers: usize, dir: &Path) -> Strin
         "[[routes]]\nname = \"{name}\"\nlevels = {levels}\nworkers = {workers}\nsink = {{ type = \"file\", path = \"{}\" }}\n",
         dir.join(format!("{name}.jsonl")).display()
     )
+}
+
+/// Records the pipeline consumed so far, over every topic.
+pub fn consumed_total(metrics: &logbridge::metrics::Metrics) -> u64 {
+    prometheus::core::Collector::collect(&metrics.consumed)
+        .iter()
+        .flat_map(|family| family.get_metric().iter())
+        .map(|metric| metric.get_counter().get_value() as u64)
+        .sum()
 }
 
 /// Sum of the committed offset gauges of the pipeline (cheap progress check).
