@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::breaker::BreakerSwitch;
 use crate::metrics::Metrics;
-use crate::offsets::PartitionOffsets;
+use crate::offsets::{PartitionOffsets, TrackError};
 use crate::record::{PartitionKey, ProcessAck, StageGone};
 
 /// What flows into the committer's data channel. Dispatches and acks share one channel so that a
@@ -301,8 +301,8 @@ struct Tracked {
     generation: u64,
     offsets: PartitionOffsets,
     last_dispatched: Option<i64>,
-    /// When each still-unfinished record (and some finished ones behind it) was dispatched,
-    /// oldest first: gives the age of the oldest unfinished record.
+    /// When each record from the oldest unfinished one on was dispatched, oldest first: gives
+    /// the age of the oldest unfinished record.
     dispatched_at: std::collections::VecDeque<(i64, Instant)>,
     /// Commit position at the last check, and since when it has not moved.
     last_position: Option<i64>,
@@ -324,16 +324,38 @@ impl Tracked {
         }
     }
 
-    /// Age of the oldest dispatched record that has not finished.
-    fn oldest_unfinished_age(&mut self, now: Instant) -> Option<Duration> {
-        let oldest = self.offsets.oldest_unfinished()?;
-        while self
-            .dispatched_at
-            .front()
-            .is_some_and(|(offset, _)| *offset < oldest)
-        {
-            self.dispatched_at.pop_front();
+    /// Tracks a dispatched record and when it was read.
+    fn dispatch(&mut self, offset: i64, read_at: Instant) -> Result<(), TrackError> {
+        self.offsets.dispatched(offset)?;
+        self.last_dispatched = Some(offset);
+        self.dispatched_at.push_back((offset, read_at));
+        Ok(())
+    }
+
+    /// Marks a dispatched record finished, and forgets the dispatch times of the records the
+    /// position passed: what is kept never outgrows the tracker's own entries (records from the
+    /// oldest unfinished one on), which the uncommitted bound limits.
+    fn finish(&mut self, offset: i64) -> Result<(), TrackError> {
+        self.offsets.finished(offset)?;
+        match self.offsets.oldest_unfinished() {
+            Some(oldest) => {
+                while self
+                    .dispatched_at
+                    .front()
+                    .is_some_and(|(offset, _)| *offset < oldest)
+                {
+                    self.dispatched_at.pop_front();
+                }
+            }
+            None => self.dispatched_at.clear(),
         }
+        Ok(())
+    }
+
+    /// Age of the oldest dispatched record that has not finished.
+    fn oldest_unfinished_age(&self, now: Instant) -> Option<Duration> {
+        self.offsets.oldest_unfinished()?;
+        // `finish` keeps the front at the oldest unfinished record.
         self.dispatched_at
             .front()
             .map(|(_, at)| now.saturating_duration_since(*at))
@@ -520,14 +542,8 @@ impl CommitterActor {
         } else if tracked.generation > generation {
             return;
         }
-        match tracked.offsets.dispatched(offset) {
-            Ok(()) => {
-                tracked.last_dispatched = Some(offset);
-                tracked.dispatched_at.push_back((offset, read_at.into()));
-            }
-            Err(err) => {
-                warn!(topic = %source.topic, partition = source.partition, offset, error = %err, "dispatch not tracked")
-            }
+        if let Err(err) = tracked.dispatch(offset, read_at.into()) {
+            warn!(topic = %source.topic, partition = source.partition, offset, error = %err, "dispatch not tracked")
         }
     }
 
@@ -551,7 +567,7 @@ impl CommitterActor {
             debug!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, "stale ack dropped");
             return;
         };
-        if let Err(err) = tracked.offsets.finished(ack.offset) {
+        if let Err(err) = tracked.finish(ack.offset) {
             warn!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, error = %err, "ack not tracked");
         }
         // Hysteresis: held at the bound, released at half of it.
@@ -906,6 +922,40 @@ mod tests {
         offsets
             .flat_map(|offset| dispatched(partition, offset, generation))
             .collect()
+    }
+
+    /// A partition whose records all finish between ticks (unrouted, ignored, a null sink) must
+    /// not keep a dispatch time per record it ever read: found growing about 12 MiB per million
+    /// records.
+    #[test]
+    fn dispatch_times_are_kept_only_for_records_not_yet_committable() {
+        let mut tracked = Tracked::new(1);
+        let now = Instant::now();
+        for offset in 0..100_000 {
+            tracked.dispatch(offset, now).unwrap();
+            tracked.finish(offset).unwrap();
+            if offset % 1_000 == 999 {
+                // A commit-interval tick: nothing unfinished.
+                assert_eq!(tracked.oldest_unfinished_age(now), None);
+            }
+        }
+        assert!(
+            tracked.dispatched_at.len() <= 1,
+            "{} dispatch times kept for 100 000 finished records",
+            tracked.dispatched_at.len()
+        );
+        // With one unfinished record, the times kept reach from it to the newest record, no
+        // further back, and its age is still known.
+        tracked.dispatch(100_000, now).unwrap();
+        for offset in 100_001..100_010 {
+            tracked.dispatch(offset, now).unwrap();
+            tracked.finish(offset).unwrap();
+        }
+        assert_eq!(tracked.oldest_unfinished_age(now), Some(Duration::ZERO));
+        assert_eq!(tracked.dispatched_at.len(), 10);
+        tracked.finish(100_000).unwrap();
+        assert_eq!(tracked.oldest_unfinished_age(now), None);
+        assert!(tracked.dispatched_at.len() <= 1);
     }
 
     #[tokio::test(start_paused = true)]
