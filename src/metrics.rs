@@ -116,6 +116,8 @@ pub struct Metrics {
     pub revoke_drain_seconds: Histogram,
     /// Records returned again under the same assignment (the fetch position moved back): skipped.
     pub read_again: IntCounter,
+    /// Times a partition's log moved back under its fetch position.
+    pub moved_back: IntCounter,
     /// Times the client moved a partition's fetch position after a fetch error (offset out of
     /// range, say): records between the old and the new position are skipped or read again.
     pub offset_resets: IntCounter,
@@ -409,7 +411,12 @@ impl Metrics {
             .expect(METRIC_OK),
             read_again: IntCounter::new(
                 "logbridge_records_read_again_total",
-                "Records the client returned again after a later offset of the same partition and assignment (its fetch position moved back); skipped, they were taken already.",
+                "Records the client returned again after a later offset of the same partition and assignment, identical to what was read there (same timestamp and size); skipped, they were taken already.",
+            )
+            .expect(METRIC_OK),
+            moved_back: IntCounter::new(
+                "logbridge_log_moved_back_total",
+                "Times a partition returned a record at or below an offset read already that is not the record read there (topic recreated, log truncated): its records are read as new from there, and its commit may move back.",
             )
             .expect(METRIC_OK),
             offset_resets: IntCounter::new(
@@ -498,6 +505,7 @@ impl Metrics {
             Box::new(self.abandoned.clone()),
             Box::new(self.revoke_drain_seconds.clone()),
             Box::new(self.read_again.clone()),
+            Box::new(self.moved_back.clone()),
             Box::new(self.offset_resets.clone()),
             Box::new(self.file_reopens.clone()),
             Box::new(self.consumed_bytes.clone()),

@@ -293,3 +293,90 @@ async fn a_compacted_source_with_gaps_is_delivered_and_committed_to_the_end() {
         kafka.committed(&group)
     );
 }
+
+/// A topic deleted and created again under a running logbridge: the new topic's log starts at
+/// offset 0 again, below everything read of the old one. Its records are new and all delivered
+/// (before, every offset at or below the last one read under the assignment was skipped as
+/// "returned again", and committed past unread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_and_created_again_is_read_from_its_new_start() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let _serial = serial().await;
+    let kafka = Kafka::shared("recreated", 1).await;
+    let old: Vec<(Option<String>, Vec<u8>)> = (0..1_000)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect();
+    kafka.produce(&old).await;
+    let group = unique("recreated");
+    let dir = tempfile::tempdir().expect("dir");
+    let config = kafka.config(&group, "", &file_route("all", "[\"info\"]", 2, dir.path()));
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Running::without_http(config, &metrics);
+    assert!(
+        kafka
+            .wait_committed_to(&group, &[1_000], Duration::from_secs(60))
+            .await,
+        "the old topic was not read to its end: {:?}",
+        kafka.committed(&group)
+    );
+
+    let admin: AdminClient<DefaultClientContext> = kafka.client().create().expect("admin");
+    let options = AdminOptions::new().operation_timeout(Some(TIMEOUT));
+    let deleted = admin
+        .delete_topics(&[&kafka.topic], &options)
+        .await
+        .expect("delete request");
+    assert!(deleted.iter().all(Result::is_ok), "delete: {deleted:?}");
+    // Created again as soon as the broker lets it (it refuses while the deletion is under way).
+    let topic = NewTopic::new(&kafka.topic, 1, TopicReplication::Fixed(-1));
+    let created = wait_for(Duration::from_secs(30), || async {
+        let answer = admin.create_topics([&topic], &options).await;
+        matches!(answer.as_deref(), Ok([Ok(_)]))
+    })
+    .await;
+    assert!(created, "topic not created again");
+    let new: Vec<(Option<String>, Vec<u8>)> = (10_000..10_300)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect();
+    kafka.produce(&new).await;
+    let delivered = wait_for(Duration::from_secs(60), || async {
+        let written = ids_written(dir.path());
+        (10_000..10_300).all(|id| written.contains_key(&id))
+    })
+    .await;
+    // The running commits follow the new log back to its offsets (not only the final one).
+    let recommitted = kafka
+        .wait_committed_to(&group, &[300], Duration::from_secs(30))
+        .await;
+    let written = ids_written(dir.path());
+    let new_written = (10_000..10_300u64)
+        .filter(|id| written.contains_key(id))
+        .count();
+    println!(
+        "recreated topic: {new_written} of 300 new records written, log moved back {} times, \
+         records skipped as returned again {}, offset resets {}, assignments {}; committed {:?}",
+        metrics.moved_back.get(),
+        metrics.read_again.get(),
+        metrics.offset_resets.get(),
+        metrics.rebalances.with_label_values(&["assign"]).get(),
+        kafka.committed(&group)
+    );
+    pipeline.stop().await;
+    assert!(
+        delivered,
+        "{new_written} of 300 records of the new topic written"
+    );
+    assert_eq!(
+        metrics.moved_back.get(),
+        1,
+        "the move back was counted once"
+    );
+    assert!(
+        recommitted,
+        "commits did not follow the new log: {:?}",
+        kafka.committed(&group)
+    );
+    assert_eq!(kafka.committed(&group), vec![300]);
+}

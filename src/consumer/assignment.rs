@@ -165,6 +165,34 @@ impl Skipped {
     }
 }
 
+/// What a record returned by librdkafka is, against what was read of its partition before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadOrder {
+    /// Past everything read so far: the next record.
+    Next,
+    /// A record read already (same offset, timestamp and size as then): librdkafka returned it
+    /// again. It was taken already; taking it again would dispatch an offset twice.
+    ReturnedAgain,
+    /// At or below an offset read already, but not the record read there (or older than what
+    /// is remembered): the log itself moved back (a topic deleted and created again, a log
+    /// truncated by a leader change, a reset to the log start). Its records are new.
+    MovedBack,
+}
+
+/// Identity of a record read: offset, timestamp and key + value size. Two records at one offset
+/// of one partition with the same timestamp and size are taken as the same record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadMark {
+    pub(crate) offset: i64,
+    pub(crate) timestamp: Option<i64>,
+    pub(crate) size: usize,
+}
+
+/// How many of a partition's last records are remembered to tell a record returned again from
+/// a log that moved back (a record older than these counts as moved back: read again, never
+/// skipped).
+const REMEMBERED_READS: usize = 64;
+
 /// One owned partition.
 pub(crate) struct PartitionState {
     pub(crate) generation: u64,
@@ -183,6 +211,8 @@ pub(crate) struct PartitionState {
     /// Offsets librdkafka stepped over after `last_polled` (see [`Skipped`]); cleared by every
     /// record returned.
     pub(crate) skipped: Option<Skipped>,
+    /// The last records read, oldest first (at most [`REMEMBERED_READS`]).
+    recent: VecDeque<ReadMark>,
 }
 
 impl PartitionState {
@@ -196,6 +226,56 @@ impl PartitionState {
             log_end: None,
             start: None,
             skipped: None,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Where `mark` stands against what was read of this partition under this assignment.
+    pub(crate) fn order_of(&self, mark: ReadMark) -> ReadOrder {
+        match self.last_polled {
+            Some(last) if mark.offset <= last => {
+                let remembered = self
+                    .recent
+                    .binary_search_by_key(&mark.offset, |read| read.offset)
+                    .ok()
+                    .and_then(|index| self.recent.get(index));
+                if remembered == Some(&mark) {
+                    ReadOrder::ReturnedAgain
+                } else {
+                    ReadOrder::MovedBack
+                }
+            }
+            _ => ReadOrder::Next,
+        }
+    }
+
+    /// Notes the record just taken (a [`ReadOrder::Next`] one, or the first of a log that moved
+    /// back, after [`PartitionState::restart`]).
+    pub(crate) fn taken(&mut self, mark: ReadMark, read_at: Instant) {
+        if self.recent.len() == REMEMBERED_READS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(mark);
+        self.last_polled = Some(mark.offset);
+        self.skipped = None;
+        self.last_read = read_at;
+    }
+
+    /// Starts the partition's reading afresh under `generation` after its log moved back: what
+    /// was read of it before (and is held back) belongs to the old log. Gives back the held
+    /// records dropped.
+    pub(crate) fn restart(&mut self, generation: u64) -> usize {
+        self.generation = generation;
+        self.last_polled = None;
+        self.skipped = None;
+        self.recent.clear();
+        match &mut self.flow {
+            Flow::Paused { held, .. } => {
+                let dropped = held.len();
+                held.clear();
+                dropped
+            }
+            Flow::Flowing => 0,
         }
     }
 
@@ -485,6 +565,55 @@ impl PartitionView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mark(offset: i64, timestamp: i64) -> ReadMark {
+        ReadMark {
+            offset,
+            timestamp: Some(timestamp),
+            size: 100,
+        }
+    }
+
+    #[test]
+    fn a_record_read_again_is_told_from_a_log_that_moved_back() {
+        let mut state = PartitionState::new(1, Flow::Flowing);
+        let now = Instant::now();
+        assert_eq!(state.order_of(mark(0, 5)), ReadOrder::Next);
+        for offset in 0..200 {
+            state.taken(mark(offset, offset * 10), now);
+        }
+        assert_eq!(state.order_of(mark(200, 0)), ReadOrder::Next);
+        // The last records read, returned again as they were: skipped.
+        assert_eq!(state.order_of(mark(199, 1990)), ReadOrder::ReturnedAgain);
+        assert_eq!(state.order_of(mark(150, 1500)), ReadOrder::ReturnedAgain);
+        // Another record at an offset read (a recreated topic, a truncated log): new.
+        assert_eq!(state.order_of(mark(199, 7)), ReadOrder::MovedBack);
+        assert_eq!(
+            state.order_of(ReadMark {
+                size: 101,
+                ..mark(150, 1500)
+            }),
+            ReadOrder::MovedBack
+        );
+        // Older than what is remembered: read again rather than risk skipping new records.
+        assert_eq!(state.order_of(mark(0, 0)), ReadOrder::MovedBack);
+        assert_eq!(state.recent.len(), REMEMBERED_READS);
+    }
+
+    #[test]
+    fn a_restart_forgets_the_old_log_and_its_held_records() {
+        let mut state = PartitionState::new(1, Flow::paused(PauseWhy::RouterFull));
+        let now = Instant::now();
+        state.taken(mark(41, 1), now);
+        if let Flow::Paused { held, .. } = &mut state.flow {
+            held.push_back(crate::record::test_record(0, 42, None, None));
+            held.push_back(crate::record::test_record(0, 43, None, None));
+        }
+        assert_eq!(state.restart(7), 2);
+        assert_eq!(state.generation, 7);
+        assert_eq!(state.flow.held(), 0);
+        assert_eq!(state.order_of(mark(0, 9)), ReadOrder::Next);
+    }
 
     fn state(generation: u64, flow: Flow) -> PartitionState {
         PartitionState::new(generation, flow)

@@ -33,6 +33,7 @@ const DEFAULT_ISOLATION_LEVEL: &str = "read_committed";
 
 /// How often librdkafka reports statistics (lag, round trips) unless the config says otherwise.
 const DEFAULT_STATISTICS_INTERVAL_MS: &str = "5000";
+const DEFAULT_AUTO_OFFSET_RESET: &str = "earliest";
 
 /// Builds the librdkafka consumer configuration: logbridge's fixed properties, its defaults,
 /// the `[kafka.security]` section, then the user's `[kafka.options]` (which win over defaults
@@ -55,6 +56,11 @@ pub fn client_config(config: &Config) -> ClientConfig {
         // said here so that it is a decision, not an accident. `read_uncommitted` in
         // [kafka.options] delivers them, and an open transaction no longer holds reading back.)
         .set("isolation.level", DEFAULT_ISOLATION_LEVEL)
+        // A group with no commit yet, or a position the log no longer holds (retention went
+        // past it, the topic was recreated), starts at the oldest record kept: a new
+        // deployment ships the backlog, and a reset skips only what the broker deleted.
+        // (librdkafka's own default, `latest`, would skip everything written before.)
+        .set("auto.offset.reset", DEFAULT_AUTO_OFFSET_RESET)
         .set_log_level(RDKafkaLogLevel::Warning);
     config.source().apply(&mut client);
     if config.kafka.options.contains_key("debug") {
@@ -98,6 +104,7 @@ sink = {{ type = "null" }}
         assert_eq!(client.get("fetch.max.bytes"), Some("4194304"));
         assert_eq!(client.get("fetch.queue.backoff.ms"), Some("20"));
         assert_eq!(client.get("isolation.level"), Some("read_committed"));
+        assert_eq!(client.get("auto.offset.reset"), Some("earliest"));
         assert!(matches!(client.log_level, RDKafkaLogLevel::Warning));
     }
 
@@ -108,6 +115,10 @@ sink = {{ type = "null" }}
         ));
         assert_eq!(client.get("fetch.max.bytes"), Some("1048576"));
         assert_eq!(client.get("fetch.wait.max.ms"), Some("10"));
+        assert_eq!(
+            client_config(&config("\"auto.offset.reset\" = \"latest\"")).get("auto.offset.reset"),
+            Some("latest")
+        );
         assert_eq!(client.get("queued.max.messages.kbytes"), Some("8192"));
         assert!(matches!(client.log_level, RDKafkaLogLevel::Debug));
     }

@@ -58,7 +58,7 @@ use crate::health::Liveness;
 use crate::metrics::Metrics;
 use crate::record::{ByteBudget, Fences, KeyValue, PartitionKey, Record};
 use crate::router::RouterHandle;
-use assignment::{Assignment, Flow, PauseWhy, Skipped};
+use assignment::{Assignment, Flow, PauseWhy, ReadMark, ReadOrder, Skipped};
 use commits::{CommitWhy, Commits};
 use rebalance::Callbacks;
 
@@ -597,23 +597,37 @@ impl ConsumerActor {
             debug!(topic = %key.topic, partition = key.partition, offset = message.offset(), "record of an unassigned partition skipped");
             return Ok(());
         };
-        if state
-            .last_polled
-            .is_some_and(|last| message.offset() <= last)
-        {
-            // Taken already under this assignment: the fetch position moved back (a broker
-            // whose high watermark lags its log, seen on tansu, makes librdkafka reset to it).
-            // Taking it again would dispatch an offset twice; the committer tracks each once.
-            self.metrics.read_again.inc();
-            if read_at >= self.next_read_again_log {
-                self.next_read_again_log = read_at + READ_AGAIN_LOG_EVERY;
-                warn!(topic = %key.topic, partition = key.partition, offset = message.offset(), last = state.last_polled, skipped_so_far = self.metrics.read_again.get(), "records returned again by the client are skipped (logged at most every 30 s)");
+        let mark = ReadMark {
+            offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
+            size: read,
+        };
+        match state.order_of(mark) {
+            ReadOrder::Next => {}
+            ReadOrder::ReturnedAgain => {
+                // Taken already under this assignment (a broker whose high watermark lags its
+                // log, seen on tansu, makes librdkafka reset to it). Taking it again would
+                // dispatch an offset twice; the committer tracks each once.
+                self.metrics.read_again.inc();
+                if read_at >= self.next_read_again_log {
+                    self.next_read_again_log = read_at + READ_AGAIN_LOG_EVERY;
+                    warn!(topic = %key.topic, partition = key.partition, offset = message.offset(), last = state.last_polled, skipped_so_far = self.metrics.read_again.get(), "records returned again by the client are skipped (logged at most every 30 s)");
+                }
+                return Ok(());
             }
-            return Ok(());
+            ReadOrder::MovedBack => {
+                // The log moved back under the fetch position (a topic recreated, a log
+                // truncated): its records here are new. The partition's bookkeeping starts
+                // afresh under a new generation, so the acks of what was read of the old log
+                // never move its commit, and the commit may go back to the new log's offsets.
+                let last = state.last_polled;
+                let generation = callbacks.next_generation();
+                let dropped = state.restart(generation);
+                self.metrics.moved_back.inc();
+                warn!(topic = %key.topic, partition = key.partition, offset = message.offset(), last, generation, held_dropped = dropped, "the partition's log moved back (topic recreated or log truncated): its records are read as new from this offset");
+            }
         }
-        state.last_polled = Some(message.offset());
-        state.skipped = None;
-        state.last_read = read_at;
+        state.taken(mark, read_at);
         if self.router.is_none() {
             return Ok(());
         }

@@ -74,6 +74,12 @@ impl Callbacks {
         }
     }
 
+    /// A generation no assignment had: every assignment of a partition, and every restart of
+    /// one whose log moved back, gets its own.
+    pub(crate) fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     fn on_assign(&self, consumer: &BaseConsumer<Callbacks>, tpl: &TopicPartitionList) {
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
         self.assignment.set_in_group(true);
@@ -81,7 +87,7 @@ impl Callbacks {
         let mut assignment = self.assignment.lock();
         for element in tpl.elements() {
             let key = assignment.key(element.topic(), element.partition());
-            let generation = self.generations.fetch_add(1, Ordering::Relaxed) + 1;
+            let generation = self.next_generation();
             info!(topic = %key.topic, partition = key.partition, generation, "partition assigned");
             // A new assignment flows unless the breaker holds everything; a full router pauses
             // it again on the first send that does not fit.
