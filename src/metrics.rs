@@ -118,6 +118,8 @@ pub struct Metrics {
     pub read_again: IntCounter,
     /// Times a partition's log moved back under its fetch position.
     pub moved_back: IntCounter,
+    /// The runtime's live tasks, read when the metrics are rendered.
+    runtime_tasks: IntGauge,
     /// Times the client moved a partition's fetch position after a fetch error (offset out of
     /// range, say): records between the old and the new position are skipped or read again.
     pub offset_resets: IntCounter,
@@ -414,6 +416,11 @@ impl Metrics {
                 "Records the client returned again after a later offset of the same partition and assignment, identical to what was read there (same timestamp and size); skipped, they were taken already.",
             )
             .expect(METRIC_OK),
+            runtime_tasks: IntGauge::new(
+                "logbridge_runtime_tasks",
+                "Tasks alive in the async runtime that serves the metrics (a number that only grows is a leak).",
+            )
+            .expect(METRIC_OK),
             moved_back: IntCounter::new(
                 "logbridge_log_moved_back_total",
                 "Times a partition returned a record at or below an offset read already that is not the record read there (topic recreated, log truncated): its records are read as new from there, and its commit may move back.",
@@ -506,6 +513,7 @@ impl Metrics {
             Box::new(self.revoke_drain_seconds.clone()),
             Box::new(self.read_again.clone()),
             Box::new(self.moved_back.clone()),
+            Box::new(self.runtime_tasks.clone()),
             Box::new(self.offset_resets.clone()),
             Box::new(self.file_reopens.clone()),
             Box::new(self.consumed_bytes.clone()),
@@ -645,6 +653,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            self.runtime_tasks
+                .set(runtime.metrics().num_alive_tasks() as i64);
+        }
         let mut buffer = Vec::new();
         // Encoding into a Vec only fails on invalid metric families, which registration rules out.
         if let Err(err) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {

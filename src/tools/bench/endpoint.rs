@@ -1,41 +1,73 @@
 //! The local HTTP endpoint the `http` mode delivers to: it answers every request `200` at once
 //! and counts what it took, so the figure is the cost of logbridge's side of HTTP delivery
 //! (building bodies, one request per batch and worker, waiting for the answer), not a server's.
+//! The soak's endpoint is [`Flaky`]: it fails some requests and is down for a while now and then.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Request, Response};
 
+/// How the soak's endpoint fails: one request in `fail_one_in` is answered 503, and every
+/// request for `down_for` in every `every`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Flaky {
+    pub fail_one_in: u64,
+    pub down_for: Duration,
+    pub every: Duration,
+}
+
+impl Flaky {
+    /// Whether the `request`-th request, `since` the endpoint started, fails.
+    fn fails(&self, request: u64, since: Duration) -> bool {
+        let down = !self.every.is_zero()
+            && since.as_nanos() % self.every.as_nanos() < self.down_for.as_nanos();
+        down || (self.fail_one_in > 0 && request % self.fail_one_in == self.fail_one_in - 1)
+    }
+}
+
 /// A running endpoint: its URL, and what it received.
 pub(super) struct Endpoint {
     pub url: String,
     requests: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Endpoint {
-    /// Listens on a free loopback port.
+    /// Listens on a free loopback port and answers every request 200.
     pub async fn start() -> anyhow::Result<Endpoint> {
+        Endpoint::serve(None).await
+    }
+
+    /// Listens on a free loopback port and fails as `flaky` says.
+    pub async fn start_flaky(flaky: Flaky) -> anyhow::Result<Endpoint> {
+        Endpoint::serve(Some(flaky)).await
+    }
+
+    async fn serve(flaky: Option<Flaky>) -> anyhow::Result<Endpoint> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("failed to bind the bench's HTTP endpoint")?;
         let url = format!("http://{}/ingest", listener.local_addr()?);
         let requests = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
-        let (counted_requests, counted_bytes) = (requests.clone(), bytes.clone());
+        let failed = Arc::new(AtomicU64::new(0));
+        let counted = (requests.clone(), bytes.clone(), failed.clone());
+        let started = Instant::now();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (requests, bytes) = (counted_requests.clone(), counted_bytes.clone());
+                let counted = counted.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: Request<hyper::body::Incoming>| {
-                            let (requests, bytes) = (requests.clone(), bytes.clone());
+                            let (requests, bytes, failed) = counted.clone();
                             async move {
                                 let body = request
                                     .into_body()
@@ -43,9 +75,16 @@ impl Endpoint {
                                     .await
                                     .map(|collected| collected.to_bytes().len())
                                     .unwrap_or(0);
-                                requests.fetch_add(1, Ordering::Relaxed);
+                                let request = requests.fetch_add(1, Ordering::Relaxed);
                                 bytes.fetch_add(body as u64, Ordering::Relaxed);
-                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                                let mut response = Response::new(Full::new(Bytes::new()));
+                                if flaky
+                                    .is_some_and(|flaky| flaky.fails(request, started.elapsed()))
+                                {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                                }
+                                Ok::<_, Infallible>(response)
                             }
                         },
                     );
@@ -60,6 +99,7 @@ impl Endpoint {
             url,
             requests,
             bytes,
+            failed,
             task,
         })
     }
@@ -73,8 +113,38 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Requests answered so far, and how many of them failed.
+    pub fn answered(&self) -> (u64, u64) {
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
 impl Drop for Endpoint {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flaky_endpoint_fails_one_in_n_and_while_down() {
+        let flaky = Flaky {
+            fail_one_in: 4,
+            down_for: Duration::from_secs(3),
+            every: Duration::from_secs(60),
+        };
+        let up = Duration::from_secs(10);
+        let failures: Vec<u64> = (0..12).filter(|&n| flaky.fails(n, up)).collect();
+        assert_eq!(failures, vec![3, 7, 11]);
+        assert!(flaky.fails(0, Duration::from_secs(61)));
+        assert!(flaky.fails(0, Duration::from_millis(2_999)));
+        assert!(!flaky.fails(0, Duration::from_secs(63)));
     }
 }

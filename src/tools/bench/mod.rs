@@ -16,6 +16,8 @@
 //! 4. checks the memory ceiling: the pipeline against backlogs of different sizes with a sink
 //!    paced to 10 % of the raw consumption rate, reporting the peak RSS of each.
 //!
+//! With `--soak DURATION` it runs [`soak`] instead: a long mixed stream, printing what grows.
+//!
 //! A child measures from the first record it reads to the end, so process start and group join
 //! do not count; CPU is its user + system time over that window, and peak RSS its high-water
 //! mark (`VmHWM`) over its whole life.
@@ -32,6 +34,7 @@ mod endpoint;
 mod measurement;
 mod options;
 mod report;
+mod soak;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -116,7 +119,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         Some(brokers) => Broker::External(brokers.clone()),
         None => Broker::start_helper(&exe).await?,
     };
-    let result = bench(&exe, &mut broker, &options).await;
+    let result = match options.soak {
+        Some(duration) => soak::soak(&exe, &mut broker, &options, duration).await,
+        None => bench(&exe, &mut broker, &options).await,
+    };
     broker.stop().await;
     result
 }

@@ -50,6 +50,35 @@ pub struct BenchOptions {
     /// librdkafka consumer property for every mode, `key=value` (repeatable).
     #[arg(long = "consumer-option")]
     pub consumer_options: Vec<String>,
+    /// Instead of the benchmark, a soak of this long (`90s`, `30m`, `2h`): a mixed stream through
+    /// a `logbridge run` process, printing memory, descriptors, tasks and channel depths over
+    /// time and their growth per hour.
+    #[arg(long, value_parser = duration)]
+    pub soak: Option<std::time::Duration>,
+    /// Events per second of the soak's stream.
+    #[arg(long, default_value_t = 2_000)]
+    pub soak_rate: u64,
+}
+
+/// A duration as `90s`, `30m` or `2h` (a bare number is seconds).
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        _ => return Err(format!("`{text}` is not a duration like 90s, 30m or 2h")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|count| *count > 0)
+        .map(|count| std::time::Duration::from_secs(count * seconds))
+        .ok_or_else(|| format!("`{text}` is not a duration like 90s, 30m or 2h"))
 }
 
 /// A comma-separated list of counts; empty or `none` for none.
@@ -206,6 +235,18 @@ mod tests {
         assert_eq!("none".parse(), Ok(Counts(Vec::new())));
         assert_eq!("".parse(), Ok(Counts(Vec::new())));
         assert!("1M".parse::<Counts>().is_err());
+    }
+
+    #[test]
+    fn soak_durations_take_seconds_minutes_and_hours() {
+        use std::time::Duration;
+        assert_eq!(duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration("30m"), Ok(Duration::from_secs(1_800)));
+        assert_eq!(duration("2h"), Ok(Duration::from_secs(7_200)));
+        assert_eq!(duration("45"), Ok(Duration::from_secs(45)));
+        for bad in ["", "0m", "3d", "m", "1.5h"] {
+            assert!(duration(bad).is_err(), "{bad} accepted");
+        }
     }
 
     #[test]
