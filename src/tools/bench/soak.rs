@@ -31,7 +31,7 @@ const BAD_RATIO: f64 = 0.02;
 const FAIL_ONE_IN: u64 = 20;
 /// The endpoint is down (every request 503) this long in every minute.
 const DOWN_FOR: Duration = Duration::from_secs(3);
-/// The second instance joins every this often, and stays half of it.
+/// The second instance joins every this often (half-way through), and stays half of it.
 const REBALANCE_EVERY: Duration = Duration::from_secs(120);
 /// Samples of a run (at least one every 5 s).
 const SAMPLES: u32 = 40;
@@ -142,11 +142,12 @@ pub(super) async fn soak(
         "dlq",
         "lag"
     );
-    let mut next_sample = started;
+    // The first sample after one period: the instance has started and joined by then.
+    let mut next_sample = started + every;
     while started.elapsed() < duration {
         let cycle = started.elapsed().as_secs_f64() % REBALANCE_EVERY.as_secs_f64();
-        let want_second =
-            started.elapsed() >= REBALANCE_EVERY / 2 && cycle < REBALANCE_EVERY.as_secs_f64() / 2.0;
+        // Out for the first half of every cycle, in for the second.
+        let want_second = cycle >= REBALANCE_EVERY.as_secs_f64() / 2.0;
         match (&mut second, want_second) {
             (None, true) => {
                 second = Some(Instance::start(
