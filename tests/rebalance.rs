@@ -63,6 +63,7 @@ async fn late_acks_of_revoked_partitions_are_never_committed() {
                 topic,
                 partitions,
                 properties: Vec::new(),
+                offset_readers: Default::default(),
             };
             let mut samples: Vec<Vec<i64>> = Vec::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {

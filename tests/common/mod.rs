@@ -24,6 +24,9 @@ pub mod tls;
 /// A Kafka cluster with one topic: librdkafka's mock cluster in this process, or an external
 /// broker (Apache Kafka, see [`apache`]).
 pub struct Kafka {
+    /// One client per group that reads its committed offsets, made on first use and kept
+    /// (declared first: dropped before the mock cluster it talks to).
+    pub offset_readers: OffsetReaders,
     pub cluster: Option<MockCluster<'static, DefaultProducerContext>>,
     pub brokers: String,
     pub topic: String,
@@ -31,6 +34,11 @@ pub struct Kafka {
     /// Client properties every helper client sets (security for a secured cluster).
     pub properties: Vec<(String, String)>,
 }
+
+/// The clients [`Kafka::committed`] reads with: one per group, reused by every poll (a client
+/// per poll would open connections and threads twenty times a second in a wait).
+#[derive(Default)]
+pub struct OffsetReaders(std::sync::Mutex<HashMap<String, std::sync::Arc<BaseConsumer>>>);
 
 impl Kafka {
     pub fn start(topic: &str, partitions: i32) -> Kafka {
@@ -50,6 +58,7 @@ impl Kafka {
             topic: topic.to_string(),
             partitions,
             properties: Vec::new(),
+            offset_readers: OffsetReaders::default(),
         }
     }
 
@@ -101,6 +110,7 @@ impl Kafka {
             topic: topic.to_string(),
             partitions,
             properties,
+            offset_readers: OffsetReaders::default(),
         }
     }
 
@@ -230,11 +240,24 @@ impl Kafka {
 
     /// Offsets committed by `group`, read by a separate client (-1 where nothing is committed).
     pub fn committed(&self, group: &str) -> Vec<i64> {
-        let client: BaseConsumer = self
-            .client()
-            .set("group.id", group)
-            .create()
-            .expect("client");
+        let client = {
+            let mut readers = self
+                .offset_readers
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            readers
+                .entry(group.to_string())
+                .or_insert_with(|| {
+                    std::sync::Arc::new(
+                        self.client()
+                            .set("group.id", group)
+                            .create()
+                            .expect("client"),
+                    )
+                })
+                .clone()
+        };
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
             tpl.add_partition(&self.topic, p);
