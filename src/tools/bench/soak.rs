@@ -400,6 +400,9 @@ topics = ["{topic}"]
 
 [kafka.options]
 "statistics.interval.ms" = 1000
+# librdkafka's mock cluster waits a session timeout less a second for the members of a group
+# whose membership changed: 45 s of nothing read on every join and leave with the default.
+"session.timeout.ms" = 6000
 
 [pipeline]
 commit_interval_ms = 1000
