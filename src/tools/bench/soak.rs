@@ -406,7 +406,7 @@ topics = ["{topic}"]
 
 [pipeline]
 commit_interval_ms = 1000
-drain_timeout_ms = 10000
+drain_timeout_ms = 5000
 
 [input]
 format = "auto"
