@@ -58,6 +58,10 @@ pub struct BenchOptions {
     /// Events per second of the soak's stream.
     #[arg(long, default_value_t = 2_000)]
     pub soak_rate: u64,
+    /// The soak's second instance joins every this many seconds and stays half of it (0: never,
+    /// one instance throughout).
+    #[arg(long, default_value_t = 120)]
+    pub soak_rebalance_secs: u64,
 }
 
 /// A duration as `90s`, `30m` or `2h` (a bare number is seconds).

@@ -31,8 +31,6 @@ const BAD_RATIO: f64 = 0.02;
 const FAIL_ONE_IN: u64 = 20;
 /// The endpoint is down (every request 503) this long in every minute.
 const DOWN_FOR: Duration = Duration::from_secs(3);
-/// The second instance joins every this often (half-way through), and stays half of it.
-const REBALANCE_EVERY: Duration = Duration::from_secs(120);
 /// Samples of a run (at least one every 5 s).
 const SAMPLES: u32 = 40;
 /// Longest wait for the first instance to read the backlog after production stopped.
@@ -63,6 +61,8 @@ pub(super) async fn soak(
     duration: Duration,
 ) -> anyhow::Result<()> {
     let brokers = broker.brokers().to_string();
+    // The second instance joins every this often (half-way through), and stays half of it.
+    let rebalance_every = Duration::from_secs(options.soak_rebalance_secs);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());
@@ -98,8 +98,8 @@ pub(super) async fn soak(
         options.partitions,
         options.keys,
         DOWN_FOR.as_secs(),
-        REBALANCE_EVERY.as_secs(),
-        REBALANCE_EVERY.as_secs() / 2,
+        rebalance_every.as_secs(),
+        rebalance_every.as_secs() / 2,
         duration.as_secs()
     );
     println!("instance logs: {}", dir.display());
@@ -145,9 +145,10 @@ pub(super) async fn soak(
     // The first sample after one period: the instance has started and joined by then.
     let mut next_sample = started + every;
     while started.elapsed() < duration {
-        let cycle = started.elapsed().as_secs_f64() % REBALANCE_EVERY.as_secs_f64();
+        let cycle = started.elapsed().as_secs_f64() % rebalance_every.as_secs_f64().max(1.0);
         // Out for the first half of every cycle, in for the second.
-        let want_second = cycle >= REBALANCE_EVERY.as_secs_f64() / 2.0;
+        let want_second =
+            !rebalance_every.is_zero() && cycle >= rebalance_every.as_secs_f64() / 2.0;
         match (&mut second, want_second) {
             (None, true) => {
                 second = Some(Instance::start(
