@@ -72,7 +72,8 @@ impl HttpEndpoint {
                 HttpFormat::JsonArray => Layout::JsonArray,
             },
         };
-        let url = reqwest::Url::parse(&url).with_context(|| format!("invalid URL `{url}`"))?;
+        let url = reqwest::Url::parse(&url)
+            .with_context(|| format!("invalid URL `{}`", crate::config::redact_url(&url)))?;
         let mut headers = HeaderMap::new();
         let content_type = match layout {
             Layout::JsonArray => "application/json",
@@ -366,6 +367,11 @@ fn request_error(err: &reqwest::Error) -> SinkError {
         message.push_str(&cause.to_string());
         source = cause.source();
     }
+    // reqwest shows the URL (without its user info, with its query): the message goes to the
+    // retry log and the dead letter's headers, so its credentials are redacted.
+    if let Some(url) = err.url() {
+        message = crate::config::redact_url_in(&message, url.as_str());
+    }
     SinkError::retryable(reason, message)
 }
 
@@ -602,6 +608,37 @@ fn utc_date(time: SystemTime) -> String {
 mod tests {
     use super::*;
     use crate::record::test_record;
+
+    fn endpoint(toml_text: &str, elasticsearch: bool) -> HttpEndpoint {
+        let config: HttpSinkConfig = toml::from_str(toml_text).expect("an http sink section");
+        HttpEndpoint::new(&config, elasticsearch).expect("an endpoint")
+    }
+
+    /// A loopback port nothing listens on (bound, then released).
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    }
+
+    /// Issue 34, item 7: the message of a failed request is what the retry log and the dead
+    /// letter's `logbridge.error.message` header show; it must not carry the URL's secrets.
+    #[tokio::test]
+    async fn a_failed_request_does_not_show_the_url_secrets() {
+        let url = format!(
+            "http://ingest:pa55w0rd@127.0.0.1:{}/in?api_key=k3y-value&n=1",
+            closed_port()
+        );
+        let mut sink = endpoint(&format!("url = \"{url}\"\ntimeout_ms = 2000"), false).sink();
+        let batch = [record(1, "{\"a\":1}")];
+        let outcomes = sink.deliver("r", &batch).await;
+        let err = outcomes[0].as_ref().expect_err("nothing listens");
+        assert_eq!(err.reason, "http_unreachable", "{err:?}");
+        for secret in ["pa55w0rd", "k3y-value"] {
+            assert!(!err.message.contains(secret), "{secret} in {}", err.message);
+            assert!(!err.to_string().contains(secret), "{secret} in {err}");
+        }
+        assert!(err.message.contains("127.0.0.1"), "{}", err.message);
+    }
 
     #[test]
     fn statuses_sort_into_delivered_retried_and_refused() {

@@ -11,7 +11,9 @@ mod http;
 mod references;
 mod security;
 
-pub use http::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig};
+pub use http::{
+    redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig,
+};
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 use std::collections::{BTreeMap, HashMap};
