@@ -36,7 +36,11 @@ enum Layout {
     /// `[payload,payload]`.
     JsonArray,
     /// `_bulk`: a `create` action naming the index and the record's id, then the payload.
-    Bulk { index: IndexTemplate },
+    Bulk {
+        index: IndexTemplate,
+        /// Written before each document id (`id_prefix`).
+        id_prefix: String,
+    },
 }
 
 /// What one route's sinks share: the client (its connection pool) and the request's shape.
@@ -65,6 +69,7 @@ impl HttpEndpoint {
                 url = format!("{}/_bulk", url.trim_end_matches('/'));
                 Layout::Bulk {
                     index: IndexTemplate::parse(index),
+                    id_prefix: config.id_prefix.clone().unwrap_or_default(),
                 }
             }
             _ => match config.format {
@@ -282,20 +287,12 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record], now: Syste
             Layout::Ndjson => {}
             Layout::JsonArray if position > 0 => out.push(b','),
             Layout::JsonArray => {}
-            Layout::Bulk { index } => {
+            Layout::Bulk { index, id_prefix } => {
                 out.extend_from_slice(b"{\"create\":{\"_index\":");
                 let name = index.render(record, now);
                 let _ = serde_json::to_writer(&mut *out, &name);
-                // The record's coordinates as the document id: a record delivered again (a
-                // retry, a replay after a crash) is refused as a duplicate, not indexed twice.
                 out.extend_from_slice(b",\"_id\":\"");
-                let _ = write!(
-                    out,
-                    "{}-{}-{}",
-                    JsonEscaped(&record.source.topic),
-                    record.source.partition,
-                    record.offset
-                );
+                write_document_id(out, id_prefix, record);
                 out.extend_from_slice(b"\"}}\n");
             }
         }
@@ -312,6 +309,27 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record], now: Syste
     }
     if let Layout::JsonArray = layout {
         out.push(b']');
+    }
+}
+
+/// The document id of `record` (inside a JSON string): `<id_prefix><topic>-<partition>-<offset>`
+/// and, when the record has one, `-<timestamp in ms>`. It is made of what the record is in the
+/// log, so a record delivered again (a retry, a replay after a crash) has the same id and is
+/// refused as a duplicate (409), not indexed twice. The timestamp tells a topic's incarnations
+/// apart: a topic deleted and made again starts at offset 0 again, and without it a new record
+/// would take an old document's id and be dropped as "already there". `id_prefix` tells
+/// source clusters apart (the same topic name on two clusters).
+fn write_document_id(out: &mut Vec<u8>, id_prefix: &str, record: &Record) {
+    let _ = write!(
+        out,
+        "{}{}-{}-{}",
+        JsonEscaped(id_prefix),
+        JsonEscaped(&record.source.topic),
+        record.source.partition,
+        record.offset
+    );
+    if let Some(timestamp) = record.timestamp {
+        let _ = write!(out, "-{timestamp}");
     }
 }
 
@@ -759,13 +777,59 @@ mod tests {
         let mut stamped = record(4, "{\"d\":4}");
         // 2026-11-28T12:00:00Z
         stamped.timestamp = Some(1_795_867_200_000);
-        let layout = Layout::Bulk { index };
+        let layout = Layout::Bulk {
+            index,
+            id_prefix: "eu-1:".to_string(),
+        };
         write_body(&mut out, &layout, &[with_service, stamped], now);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"logs-0-3\"}}\n{\"c\":3}\n\
-             {\"create\":{\"_index\":\"logs-error-unknown-2026.11.28\",\"_id\":\"logs-0-4\"}}\n{\"d\":4}\n"
+            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"eu-1:logs-0-3\"}}\n{\"c\":3}\n\
+             {\"create\":{\"_index\":\"logs-error-unknown-2026.11.28\",\"_id\":\"eu-1:logs-0-4-1795867200000\"}}\n{\"d\":4}\n"
         );
+    }
+
+    /// The `_id` of each document of a `_bulk` body.
+    fn bulk_ids(layout: &Layout, records: &[Record]) -> Vec<String> {
+        let mut body = Vec::new();
+        write_body(&mut body, layout, records, SystemTime::UNIX_EPOCH);
+        body.split(|byte| *byte == b'\n')
+            .filter(|line| line.starts_with(b"{\"create\""))
+            .map(|line| {
+                let action: serde_json::Value = serde_json::from_slice(line).expect("an action");
+                action["create"]["_id"].as_str().expect("an id").to_string()
+            })
+            .collect()
+    }
+
+    /// Issue 34, item 8: a topic deleted and made again starts at offset 0 again; its records
+    /// must not take the ids of the old incarnation's documents (a 409 counts as delivered:
+    /// the new document would be dropped in silence). A record replayed keeps its id.
+    #[test]
+    fn document_ids_differ_across_topic_incarnations_and_stay_for_a_replay() {
+        let layout = Layout::Bulk {
+            index: IndexTemplate::parse("logs"),
+            id_prefix: String::new(),
+        };
+        let stamped = |offset, ms| {
+            let mut record = record(offset, "{\"a\":1}");
+            record.timestamp = Some(ms);
+            record
+        };
+        // Offset 3 of partition 0, written by the first incarnation, then by the second.
+        let old = stamped(3, 1_795_867_200_000);
+        let new = stamped(3, 1_795_953_600_000);
+        let ids = bulk_ids(&layout, &[old, new]);
+        assert_ne!(ids[0], ids[1], "two records, one id: {ids:?}");
+        let replayed = bulk_ids(&layout, &[stamped(3, 1_795_867_200_000)]);
+        assert_eq!(replayed[0], ids[0], "a replay keeps its id");
+        // The same topic on two source clusters, told apart by `id_prefix`.
+        let other_cluster = Layout::Bulk {
+            index: IndexTemplate::parse("logs"),
+            id_prefix: "eu-2:".to_string(),
+        };
+        let elsewhere = bulk_ids(&other_cluster, &[stamped(3, 1_795_867_200_000)]);
+        assert_eq!(elsewhere[0], "eu-2:logs-0-3-1795867200000");
     }
 
     #[test]

@@ -54,6 +54,15 @@ pub struct HttpSinkConfig {
     /// `YYYY.MM.DD`, UTC) are replaced.
     #[serde(default)]
     pub index: Option<String>,
+    /// `elasticsearch` only: written before every document id, which is
+    /// `<id_prefix><topic>-<partition>-<offset>-<timestamp>` (the record's Kafka timestamp in
+    /// milliseconds: a topic made again after a deletion starts at offset 0 again, and its
+    /// records must not take the old documents' ids). Default: none. Set one per source
+    /// cluster when clusters with the same topic names write to the same index (for example
+    /// `"eu-1:"`), and never change it afterwards: a record replayed under another prefix is
+    /// indexed again.
+    #[serde(default)]
+    pub id_prefix: Option<String>,
 }
 
 /// HTTP method of the generic sink.
@@ -118,6 +127,10 @@ fn default_max_records() -> usize {
 fn default_max_bytes() -> usize {
     5 << 20
 }
+
+/// Longest `id_prefix` in bytes: with a topic name (249 at most), a partition, an offset and a
+/// timestamp the id stays within Elasticsearch's 512 bytes.
+const MAX_ID_PREFIX: usize = 200;
 
 /// Header names whose values are secrets whatever the configuration says.
 fn is_secret_header(name: &str) -> bool {
@@ -257,6 +270,16 @@ impl HttpSinkConfig {
                     format!("cannot read {}: {err}", path.display()),
                 ));
             }
+        }
+        if let Some(prefix) = &self.id_prefix {
+            if !elasticsearch {
+                return Err(invalid(
+                    field("id_prefix"),
+                    "only an elasticsearch sink has document ids",
+                ));
+            }
+            // Elasticsearch takes ids of up to 512 bytes; topic names take up to 249.
+            check_range(&field("id_prefix"), prefix.len(), 0, MAX_ID_PREFIX)?;
         }
         match (elasticsearch, &self.index) {
             (true, None) => Err(invalid(
@@ -420,6 +443,10 @@ mod tests {
             (
                 r#"{ type = "elasticsearch", url = "http://h:9200", index = "l", method = "PUT" }"#,
                 "routes[0].sink.method",
+            ),
+            (
+                r#"{ type = "http", url = "http://h/x", id_prefix = "a:" }"#,
+                "routes[0].sink.id_prefix",
             ),
         ];
         for (sink, key) in cases {
