@@ -8,8 +8,9 @@
 //! status in a header). `_bulk` answers per item, so there each record has its own outcome.
 //! When a request of a batch fails in a way worth retrying, the rest of the batch is not sent
 //! and fails with it: a later record of a key never lands before an earlier one is retried.
-//! A request refused with 413 is sent again in halves, down to a record alone. Redirects are
-//! not followed (a redirected POST would arrive as a GET without its body).
+//! A request refused with 413 is sent again in halves, down to a record alone; one refused
+//! with 400 or 422 likewise, so that only the records the endpoint refuses fail (within a
+//! budget of one extra request per record of the batch). Redirects are not followed (a redirected POST would arrive as a GET without its body).
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -176,6 +177,13 @@ impl Sink for HttpSink {
             let mut outcomes: Vec<Result<(), SinkError>> = Vec::with_capacity(batch.len());
             let mut pending: VecDeque<Range<usize>> =
                 requests(batch, target.max_records, target.max_bytes).into();
+            // Requests this batch may add to find the records an endpoint refuses with 400 or
+            // 422: one per record of the batch, so a batch never costs more than its requests
+            // plus one request per record (what sending each record alone would cost). One
+            // refused record among 256 costs 16 (two halves per level, 8 levels); an endpoint
+            // that refuses everything costs a batch of n records its requests plus n. Past
+            // the budget a refused request fails whole.
+            let mut refusal_budget = batch.len();
             while let Some(range) = pending.pop_front() {
                 let records = &batch[range.clone()];
                 if let Some(Err(earlier)) = outcomes.iter().find(
@@ -187,9 +195,12 @@ impl Sink for HttpSink {
                     continue;
                 }
                 let answered = self.send(&target, records).await;
-                if let Some([first, second]) = halves_to_send_again(&range, &answered) {
-                    // The endpoint takes smaller requests than `max_bytes` says: send the
-                    // halves, in order, until each fits or a record alone is refused.
+                if let Some([first, second]) =
+                    halves_to_send_again(&range, &answered, &mut refusal_budget)
+                {
+                    // The endpoint takes smaller requests than `max_bytes` says, or refused a
+                    // record of the request: send the halves, in order, until each fits or
+                    // a record alone is refused.
                     pending.push_front(second);
                     pending.push_front(first);
                     continue;
@@ -353,16 +364,32 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     encoder.finish()
 }
 
-/// The two halves of the request `range` to send again, in order, when the endpoint refused
-/// all of it as too large (413) and it held more than one record.
+/// The two halves of the request `range` to send again, in order, when it held more than one
+/// record and the endpoint refused all of it: as too large (413: until each half fits), or as
+/// bad (400, 422: until the bad records are alone, so that the others are delivered), the
+/// latter while `refusal_budget` (requests) lasts.
 fn halves_to_send_again(
     range: &Range<usize>,
     answered: &[Result<(), SinkError>],
+    refusal_budget: &mut usize,
 ) -> Option<[Range<usize>; 2]> {
-    let too_large =
-        |outcome: &Result<(), SinkError>| matches!(outcome, Err(err) if err.status == Some(413));
-    if range.len() < 2 || !answered.iter().all(too_large) {
+    if range.len() < 2 {
         return None;
+    }
+    let status = match answered.first() {
+        Some(Err(err)) => err.status?,
+        _ => return None,
+    };
+    let all_refused = answered
+        .iter()
+        .all(|outcome| matches!(outcome, Err(err) if err.status == Some(status)));
+    if !all_refused {
+        return None;
+    }
+    match status {
+        413 => {}
+        400 | 422 if *refusal_budget >= 2 => *refusal_budget -= 2,
+        _ => return None,
     }
     let middle = range.start + range.len() / 2;
     Some([range.start..middle, middle..range.end])
@@ -658,6 +685,103 @@ mod tests {
         assert!(err.message.contains("127.0.0.1"), "{}", err.message);
     }
 
+    /// Serves `answer(body)` (status and text) on a loopback port until the test's runtime
+    /// ends; counts the requests.
+    async fn serve(
+        answer: impl Fn(&[u8]) -> (u16, String) + Send + Sync + 'static,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use http_body_util::BodyExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = requests.clone();
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let answer = answer.clone();
+                            let counted = counted.clone();
+                            async move {
+                                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                let body = request
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|collected| collected.to_bytes())
+                                    .unwrap_or_default();
+                                let (status, text) = answer(&body);
+                                let mut response = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(text),
+                                ));
+                                *response.status_mut() =
+                                    hyper::StatusCode::from_u16(status).expect("a status");
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{address}"), requests)
+    }
+
+    /// Issue 34, item 9: one record the endpoint refuses (400 or 422) must not fail the others
+    /// of its request: the request is split down to that record.
+    #[tokio::test]
+    async fn one_refused_record_fails_alone_and_the_rest_of_its_request_is_delivered() {
+        for status in [400u16, 422] {
+            let (url, requests) = serve(move |body| {
+                if body.windows(3).any(|window| window == b"bad") {
+                    (
+                        status,
+                        "{\"error\":\"field bad is not allowed\"}".to_string(),
+                    )
+                } else {
+                    (200, String::new())
+                }
+            })
+            .await;
+            let mut sink = endpoint(&format!("url = \"{url}/in\""), false).sink();
+            let batch: Vec<Record> = (0..64)
+                .map(|i| record(i, if i == 37 { "{\"bad\":1}" } else { "{\"ok\":1}" }))
+                .collect();
+            let outcomes = sink.deliver("r", &batch).await;
+            let failed: Vec<usize> = (0..outcomes.len())
+                .filter(|i| outcomes[*i].is_err())
+                .collect();
+            assert_eq!(failed, [37], "{status}: only the bad record fails");
+            let err = outcomes[37].as_ref().unwrap_err();
+            assert_eq!(err.status, Some(status));
+            assert_eq!(err.kind, FailureKind::Permanent);
+            // 1 request, then two halves per level down to the record (6 levels for 64).
+            let sent = requests.load(std::sync::atomic::Ordering::SeqCst);
+            assert!(sent <= 1 + 2 * 6, "{status}: {sent} requests");
+        }
+        // An endpoint that refuses everything: the batch costs its requests plus the budget.
+        let (url, requests) = serve(|_| (400, "no".to_string())).await;
+        let mut sink = endpoint(&format!("url = \"{url}/in\"\nmax_records = 100"), false).sink();
+        let batch: Vec<Record> = (0..256).map(|i| record(i, "{\"ok\":1}")).collect();
+        let outcomes = sink.deliver("r", &batch).await;
+        assert!(outcomes
+            .iter()
+            .all(|outcome| outcome.as_ref().is_err_and(|err| err.status == Some(400))));
+        let sent = requests.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            sent,
+            3 + 256,
+            "3 requests of 100, 100 and 56, and one per record"
+        );
+    }
+
     #[test]
     fn statuses_sort_into_delivered_retried_and_refused() {
         assert!(status_outcome(200, None, b"").is_ok());
@@ -681,28 +805,53 @@ mod tests {
     fn a_request_refused_as_too_large_is_halved_down_to_one_record() {
         let refused = || status_outcome(413, None, b"too large");
         let all_refused = |n: usize| (0..n).map(|_| refused()).collect::<Vec<_>>();
+        let budget = &mut 0;
         assert_eq!(
-            halves_to_send_again(&(10..15), &all_refused(5)),
+            halves_to_send_again(&(10..15), &all_refused(5), budget),
             Some([10..12, 12..15])
         );
         assert_eq!(
-            halves_to_send_again(&(4..6), &all_refused(2)),
+            halves_to_send_again(&(4..6), &all_refused(2), budget),
             Some([4..5, 5..6])
         );
         assert_eq!(
-            halves_to_send_again(&(7..8), &all_refused(1)),
+            halves_to_send_again(&(7..8), &all_refused(1), budget),
             None,
             "alone: refused"
         );
         let mut mixed = all_refused(4);
         mixed[2] = status_outcome(400, None, b"bad");
         assert_eq!(
-            halves_to_send_again(&(0..4), &mixed),
+            halves_to_send_again(&(0..4), &mixed, &mut 10),
             None,
-            "not all too large"
+            "not all refused alike"
         );
         let delivered = vec![Ok(()); 4];
-        assert_eq!(halves_to_send_again(&(0..4), &delivered), None);
+        assert_eq!(halves_to_send_again(&(0..4), &delivered, &mut 10), None);
+    }
+
+    #[test]
+    fn requests_refused_as_bad_are_halved_while_the_budget_lasts() {
+        for status in [400, 422] {
+            let refused = vec![status_outcome(status, None, b"bad"); 4];
+            let mut budget = 3;
+            assert_eq!(
+                halves_to_send_again(&(0..4), &refused, &mut budget),
+                Some([0..2, 2..4])
+            );
+            assert_eq!(budget, 1, "two requests spent");
+            assert_eq!(
+                halves_to_send_again(&(0..4), &refused, &mut budget),
+                None,
+                "budget spent: the request fails whole"
+            );
+        }
+        let unauthorized = vec![status_outcome(401, None, b"no"); 4];
+        assert_eq!(
+            halves_to_send_again(&(0..4), &unauthorized, &mut 10),
+            None,
+            "a 401 is about the request, not a record"
+        );
     }
 
     #[test]
