@@ -1,6 +1,6 @@
 //! HTTP endpoint (hyper 1, HTTP/1.1): `/metrics` in the Prometheus text format, `/healthz`
-//! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped or a
-//! partition is stalled, saying which and why)
+//! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped, a route
+//! retries a delivery or a partition is stalled, saying which and why)
 //! `/status`, `/runbook` (docs/runbook.md, where the alerts' `runbook_url` points) and
 //! `POST /resume` (resets the breaker: from a loopback address, or with the admin token).
 //! Unknown paths answer 404, known paths with another method 405. Header reading is bounded in
@@ -31,6 +31,7 @@ use crate::consumer::PartitionView;
 use crate::dead_letter::DeadLetterTrouble;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::worker::Retrying;
 
 /// `docs/runbook.md` as a page whose headings are anchors (`#logbridgepartitionstalled`), for
 /// the alerts' `runbook_url`.
@@ -146,6 +147,8 @@ pub struct HttpState {
     pub stalls: tokio::sync::watch::Receiver<Vec<Stall>>,
     /// Whether the dead-letter topic refuses writes, checked on `/readyz`.
     pub dead_letters: tokio::sync::watch::Receiver<Option<DeadLetterTrouble>>,
+    /// The workers retrying a delivery (which route, since when, why), checked on `/readyz`.
+    pub retrying: Retrying,
     /// What the last cluster check found wrong (unreachable, credentials refused, subscribed
     /// topics missing), checked first on `/readyz`.
     pub cluster: tokio::sync::watch::Receiver<Option<ClusterProblem>>,
@@ -158,11 +161,12 @@ pub struct HttpState {
 
 impl HttpState {
     /// What holds the pipeline back, one line each (shown by `/readyz` and `/status`): the
-    /// dead-letter topic refusing writes, records in flight whose commit does not move (the
-    /// committer sees them), and partitions behind that are not read at all (the consumer sees
-    /// them).
+    /// dead-letter topic refusing writes, routes retrying a delivery, records in flight whose
+    /// commit does not move (the committer sees them), and partitions behind that are not read
+    /// at all (the consumer sees them).
     fn stall_descriptions(&self) -> Vec<String> {
         let dead_letters = self.dead_letters.borrow().as_ref().map(ToString::to_string);
+        let retrying = self.retrying.snapshot();
         let unfinished: Vec<String> = self
             .stalls
             .borrow()
@@ -172,6 +176,7 @@ impl HttpState {
         let unread = self.status.partitions.unread();
         dead_letters
             .into_iter()
+            .chain(retrying.iter().map(ToString::to_string))
             .chain(unfinished)
             .chain(unread.iter().map(ToString::to_string))
             .collect()

@@ -382,6 +382,10 @@ mod tests {
             (http.timeout_ms, http.max_records, http.max_bytes),
             (10_000, 500, 5 << 20)
         );
+        assert_eq!(
+            config.routes[0].max_retries, None,
+            "no retry limit by default"
+        );
         let config = load(
             r#"{ type = "elasticsearch", url = "https://es:9200", index = "logs-{level}", auth = { type = "bearer", token = "${env:LB_TEST_TOKEN}" } }"#,
         )
