@@ -584,21 +584,28 @@ impl IndexTemplate {
         IndexTemplate { parts }
     }
 
-    /// The index for `record`. Index names are lowercase in Elasticsearch, so what comes from
-    /// the event is lowercased.
+    /// The index for `record`. What comes from the event (its level and service: whatever
+    /// its producer wrote) is made index-safe ([`index_safe`]), and at the start of the name
+    /// loses the `-`, `_` and `+` an index name cannot start with.
     fn render(&self, record: &Record, now: SystemTime) -> String {
         let mut name = String::new();
+        let push_value = |name: &mut String, value: Option<&str>| {
+            let safe = value.map(index_safe).unwrap_or_default();
+            let safe = if name.is_empty() {
+                safe.trim_start_matches(['-', '_', '+'])
+            } else {
+                &safe
+            };
+            name.push_str(if safe.is_empty() { "unknown" } else { safe });
+        };
         for part in &self.parts {
             match part {
                 IndexPart::Text(text) => name.push_str(text),
                 IndexPart::Level => match &record.decoded {
-                    Some(Ok(level)) => name.push_str(&level.as_str().to_ascii_lowercase()),
-                    _ => name.push_str("unknown"),
+                    Some(Ok(level)) => push_value(&mut name, Some(level.as_str())),
+                    _ => push_value(&mut name, None),
                 },
-                IndexPart::Service => match &record.service {
-                    Some(service) => name.push_str(&index_safe(service)),
-                    None => name.push_str("unknown"),
-                },
+                IndexPart::Service => push_value(&mut name, record.service.as_deref()),
                 IndexPart::Date => {
                     // The record's own time (its Kafka timestamp), else when it is sent.
                     let when = record
@@ -613,8 +620,8 @@ impl IndexTemplate {
     }
 }
 
-/// A service name as an index name part: lowercase, and the characters Elasticsearch refuses
-/// in index names (`\ / * ? " < > | , # :` and space) replaced by `_`.
+/// A level or service as an index name part: lowercase, and the characters Elasticsearch
+/// refuses in index names (`\ / * ? " < > | , # :` and space) replaced by `_`.
 fn index_safe(text: &str) -> String {
     text.chars()
         .map(|c| match c {
@@ -979,6 +986,28 @@ mod tests {
         };
         let elsewhere = bulk_ids(&other_cluster, &[stamped(3, 1_795_867_200_000)]);
         assert_eq!(elsewhere[0], "eu-2:logs-0-3-1795867200000");
+    }
+
+    /// Issue 34, item 11b: a level is whatever the event says; in an index name it must be
+    /// what Elasticsearch takes (lowercase, none of `\\ / * ? " < > | , # :` or space, not
+    /// starting with `-`, `_` or `+`).
+    #[test]
+    fn levels_in_index_names_are_made_index_safe() {
+        let with_level = |level: &str| {
+            let mut record = record(1, "{\"a\":1}");
+            record.decoded = Some(Ok(crate::event::Level::new(level)));
+            record
+        };
+        let now = SystemTime::UNIX_EPOCH;
+        let template = IndexTemplate::parse("logs-{level}");
+        assert_eq!(
+            template.render(&with_level("Sev 3/High*?\"<>|,#:\\"), now),
+            "logs-sev_3_high__________"
+        );
+        let leading = IndexTemplate::parse("{level}-logs");
+        assert_eq!(leading.render(&with_level("_debug"), now), "debug-logs");
+        assert_eq!(leading.render(&with_level("-+_"), now), "unknown-logs");
+        assert_eq!(leading.render(&with_level("ERROR"), now), "error-logs");
     }
 
     #[test]
