@@ -28,6 +28,20 @@ use crate::sink::{write_compact_json, DeliveryFuture, Sink, SinkError};
 
 /// Most bytes of an error answer kept for the log and the dead letter's message.
 const ERROR_BODY_KEPT: usize = 512;
+/// Most bytes of an answer read when only its start matters (an error's message; a 2xx of the
+/// `http` sink, read so that the connection can serve the next request). Past it the rest is
+/// not read and the connection is closed.
+const ANSWER_READ_MAX: usize = 64 << 10;
+/// A `_bulk` answer is needed whole (an item per record): it may take this much per record,
+/// and at least [`BULK_ANSWER_MIN`] (about 200 bytes an item, a few KiB with an error reason;
+/// 64 KiB a record is far beyond any real answer). Past it the request is retried with reason
+/// `bulk_answer_too_large` and the connection closed.
+const BULK_ANSWER_PER_RECORD: usize = 64 << 10;
+const BULK_ANSWER_MIN: usize = 1 << 20;
+/// Bodies up to this size are compressed where they are built; larger ones on a blocking
+/// thread, so that compressing (milliseconds for megabytes) does not hold up the runtime's
+/// other tasks.
+const GZIP_INLINE_MAX: usize = 64 << 10;
 
 /// How a batch becomes a request body.
 #[derive(Debug, Clone)]
@@ -221,8 +235,23 @@ impl HttpSink {
         // The plain body is handed over as it is (no copy); a gzip body is a new buffer, and
         // the plain one is kept for the next request.
         let payload = if target.gzip {
-            let compressed = gzip(&body);
-            self.body = body;
+            let (plain, compressed) = if body.len() <= GZIP_INLINE_MAX {
+                let compressed = gzip(&body);
+                (body, compressed)
+            } else {
+                let compressing = tokio::task::spawn_blocking(move || {
+                    let compressed = gzip(&body);
+                    (body, compressed)
+                });
+                match compressing.await {
+                    Ok(done) => done,
+                    Err(join) => {
+                        let err = SinkError::retryable("gzip_failed", join.to_string());
+                        return vec![Err(err); records.len()];
+                    }
+                }
+            };
+            self.body = plain;
             match compressed {
                 Ok(compressed) => compressed,
                 Err(err) => {
@@ -251,12 +280,27 @@ impl HttpSink {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| retry_after(value, SystemTime::now()));
-        // Read to the end, so that the connection can serve the next request.
-        let text = match response.bytes().await {
-            Ok(bytes) => bytes,
+        // Read to the end (so that the connection can serve the next request), up to a bound.
+        let bulk = matches!(target.layout, Layout::Bulk { .. }) && (200..300).contains(&status);
+        let limit = if bulk {
+            BULK_ANSWER_PER_RECORD
+                .saturating_mul(records.len())
+                .max(BULK_ANSWER_MIN)
+        } else {
+            ANSWER_READ_MAX
+        };
+        let (text, whole) = match read_bounded(response, limit).await {
+            Ok(read) => read,
             Err(err) => return vec![Err(request_error(&err)); records.len()],
         };
-        if let (Layout::Bulk { .. }, 200..=299) = (&target.layout, status) {
+        if bulk {
+            if !whole {
+                let err = SinkError::retryable(
+                    "bulk_answer_too_large",
+                    format!("the _bulk answer is over {limit} bytes; not read further"),
+                );
+                return vec![Err(err); records.len()];
+            }
             return bulk_outcomes(&text, records.len());
         }
         match status_outcome(status, retry_after, &text) {
@@ -264,6 +308,23 @@ impl HttpSink {
             Err(err) => vec![Err(err); records.len()],
         }
     }
+}
+
+/// The body of `response` up to `limit` bytes, and whether that is all of it. Past the limit
+/// the rest is left unread: the response is dropped and its connection closed.
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            body.extend_from_slice(&chunk[..limit - body.len()]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, true))
 }
 
 /// The records of `batch` split into requests of at most `max_records` records and
@@ -787,6 +848,97 @@ mod tests {
             3 + 256,
             "3 requests of 100, 100 and 56, and one per record"
         );
+    }
+
+    /// Bodies over `GZIP_INLINE_MAX` are compressed on a blocking thread (item 11a); what
+    /// arrives is the same gzip stream either way. (That the runtime's threads are not held up
+    /// meanwhile is a matter of time, not asserted.)
+    #[tokio::test]
+    async fn large_gzip_bodies_compressed_off_the_runtime_arrive_whole() {
+        use std::io::Read as _;
+        let (url, requests) = serve(|body| {
+            let mut plain = Vec::new();
+            let decoded = flate2::read::GzDecoder::new(body).read_to_end(&mut plain);
+            let lines = plain.split(|byte| *byte == b'\n').filter(|l| !l.is_empty());
+            match decoded {
+                Ok(_) if lines.count() == 2_000 => (200, String::new()),
+                _ => (400, "not the body sent".to_string()),
+            }
+        })
+        .await;
+        let mut sink = endpoint(
+            &format!("url = \"{url}/in\"\ncompression = \"gzip\"\nmax_records = 5000"),
+            false,
+        )
+        .sink();
+        let payload = format!("{{\"message\":\"{}\"}}", "m".repeat(100));
+        let batch: Vec<Record> = (0..2_000).map(|i| record(i, &payload)).collect();
+        let outcomes = sink.deliver("r", &batch).await;
+        assert!(outcomes.iter().all(Result::is_ok), "{:?}", outcomes[0]);
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Over 200 KiB of NDJSON: the blocking-thread path.
+        assert!(2_000 * payload.len() > GZIP_INLINE_MAX);
+    }
+
+    /// A server on loopback that answers every request with `status` and a chunked body that
+    /// does not end (up to 256 MiB, or until the client goes away).
+    async fn endless_answer(status: &'static str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 64 << 10];
+                    // The request is small: one read takes its headers (and its body).
+                    let _ = stream.read(&mut request).await;
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+                    );
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
+                    for _ in 0..(256 << 20) / 0x1000 {
+                        if stream.write_all(chunk.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{address}")
+    }
+
+    /// Issue 34, item 11a: an answer's body is read up to a bound, not to its end: an error
+    /// answer whose body does not end is an error answer (its status), not a timeout after
+    /// reading it for `timeout_ms`; a `_bulk` answer past its bound is retried as such.
+    #[tokio::test]
+    async fn answers_are_read_up_to_a_bound() {
+        let url = endless_answer("500 Internal Server Error").await;
+        let mut sink = endpoint(&format!("url = \"{url}/in\"\ntimeout_ms = 5000"), false).sink();
+        let batch = [record(1, "{\"a\":1}")];
+        let outcomes = sink.deliver("r", &batch).await;
+        let err = outcomes[0].as_ref().expect_err("a 500");
+        assert_eq!(err.reason, "http_500", "{err}");
+        assert!(
+            err.message.len() < 2 * ERROR_BODY_KEPT,
+            "{}",
+            err.message.len()
+        );
+
+        let url = endless_answer("200 OK").await;
+        let mut sink = endpoint(
+            &format!("url = \"{url}\"\nindex = \"logs\"\ntimeout_ms = 5000"),
+            true,
+        )
+        .sink();
+        let outcomes = sink.deliver("r", &batch).await;
+        let err = outcomes[0].as_ref().expect_err("no usable answer");
+        assert_eq!(err.reason, "bulk_answer_too_large", "{err}");
+        assert_eq!(err.kind, FailureKind::Retryable);
     }
 
     #[test]
