@@ -678,7 +678,7 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\n\
          sink = {{ type = \"http\", url = \"{url}\", ca_file = \"{ca}\" }}\n\
          [[routes]]\nname = \"warnings\"\nlevels = [\"warn\"]\nmax_retries = 0\n\
-         sink = {{ type = \"http\", url = \"{url}\" }}\n\
+         sink = {{ type = \"http\", url = \"{url}?api_key=k3y-in-the-url\" }}\n\
          [[routes]]\nname = \"infos\"\nlevels = [\"info\"]\nmax_retries = 0\n\
          sink = {{ type = \"http\", url = \"{url}\", ca_file = \"{other}\" }}\n\
          [dead_letter]\ntopic = \"logs.dlq\"\n[breaker]\nenabled = false\n",
@@ -718,6 +718,8 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
             message.to_lowercase().contains("certificate"),
             "the dead letter says why: {message}"
         );
+        // Issue 34, item 7: the URL in the message is shown without its key.
+        assert!(!message.contains("k3y-in-the-url"), "{message}");
     }
     assert!(
         refused_handshakes > 0,
