@@ -1,6 +1,6 @@
 //! HTTP endpoint (hyper 1, HTTP/1.1): `/metrics` in the Prometheus text format, `/healthz`
-//! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped or a
-//! partition is stalled, saying which and why)
+//! (liveness), `/readyz` (readiness: fails while the dead-letter breaker is tripped, a route
+//! retries a delivery or a partition is stalled, saying which and why)
 //! `/status`, `/runbook` (docs/runbook.md, where the alerts' `runbook_url` points) and
 //! `POST /resume` (resets the breaker: from a loopback address, or with the admin token).
 //! Unknown paths answer 404, known paths with another method 405. Header reading is bounded in
@@ -27,10 +27,11 @@ use tracing::{debug, warn};
 use crate::breaker::{BreakerHandle, BreakerState};
 use crate::cluster::ClusterProblem;
 use crate::committer::Stall;
-use crate::consumer::PartitionView;
+use crate::consumer::{PartitionFlow, PartitionView};
 use crate::dead_letter::DeadLetterTrouble;
 use crate::health::Liveness;
 use crate::metrics::Metrics;
+use crate::worker::Retrying;
 
 /// `docs/runbook.md` as a page whose headings are anchors (`#logbridgepartitionstalled`), for
 /// the alerts' `runbook_url`.
@@ -146,6 +147,8 @@ pub struct HttpState {
     pub stalls: tokio::sync::watch::Receiver<Vec<Stall>>,
     /// Whether the dead-letter topic refuses writes, checked on `/readyz`.
     pub dead_letters: tokio::sync::watch::Receiver<Option<DeadLetterTrouble>>,
+    /// The workers retrying a delivery (which route, since when, why), checked on `/readyz`.
+    pub retrying: Retrying,
     /// What the last cluster check found wrong (unreachable, credentials refused, subscribed
     /// topics missing), checked first on `/readyz`.
     pub cluster: tokio::sync::watch::Receiver<Option<ClusterProblem>>,
@@ -158,11 +161,12 @@ pub struct HttpState {
 
 impl HttpState {
     /// What holds the pipeline back, one line each (shown by `/readyz` and `/status`): the
-    /// dead-letter topic refusing writes, records in flight whose commit does not move (the
-    /// committer sees them), and partitions behind that are not read at all (the consumer sees
-    /// them).
+    /// dead-letter topic refusing writes, routes retrying a delivery, records in flight whose
+    /// commit does not move (the committer sees them), and partitions behind that are not read
+    /// at all (the consumer sees them).
     fn stall_descriptions(&self) -> Vec<String> {
         let dead_letters = self.dead_letters.borrow().as_ref().map(ToString::to_string);
+        let retrying = self.retrying.snapshot();
         let unfinished: Vec<String> = self
             .stalls
             .borrow()
@@ -172,6 +176,7 @@ impl HttpState {
         let unread = self.status.partitions.unread();
         dead_letters
             .into_iter()
+            .chain(retrying.iter().map(ToString::to_string))
             .chain(unfinished)
             .chain(unread.iter().map(ToString::to_string))
             .collect()
@@ -188,37 +193,46 @@ pub struct StatusSource {
     pub routes: Vec<(String, usize)>,
 }
 
-fn status_json(state: &HttpState) -> serde_json::Value {
-    let metrics = &state.metrics;
-    let partitions: Vec<serde_json::Value> = state
-        .status
-        .partitions
-        .snapshot()
+/// One `/status` row per partition: its flow and its gauges. Each gauge is collected once into
+/// a map (linear in its series) and each row looks its values up there: O(P) for P partitions
+/// (the snapshot's sort makes the page O(P log P)). Looking each row's values up in the
+/// gauges themselves collects every series for every row: O(P²), minutes for 10 000.
+fn partition_rows(flows: Vec<PartitionFlow>, metrics: &Metrics) -> Vec<serde_json::Value> {
+    let committed = metrics.partition_values(&metrics.committed_offset);
+    let finished = metrics.partition_values(&metrics.partition_finished_offset);
+    let in_flight = metrics.partition_values(&metrics.partition_in_flight);
+    let gap = metrics.partition_values(&metrics.partition_uncommitted_gap);
+    let oldest = metrics.partition_values(&metrics.partition_oldest_unfinished);
+    let lag = metrics.partition_values(&metrics.partition_lag);
+    flows
         .into_iter()
         .map(|flow| {
-            let key = crate::record::PartitionKey {
-                topic: crate::record::Topic::new(&flow.topic),
-                partition: flow.partition,
-            };
+            let key = (flow.topic, flow.partition);
             let value =
-                |gauge: &dyn prometheus::core::Collector| metrics.partition_value(gauge, &key);
-            let whole = |gauge: &dyn prometheus::core::Collector| value(gauge).map(|v| v as i64);
+                |values: &std::collections::HashMap<(String, i32), f64>| values.get(&key).copied();
+            let whole = |values| value(values).map(|v| v as i64);
+            let (topic, partition) = &key;
             serde_json::json!({
-                "topic": flow.topic,
-                "partition": flow.partition,
+                "topic": topic,
+                "partition": partition,
                 "generation": flow.generation,
                 "paused": flow.paused,
                 "paused_why": flow.paused_why,
                 "held": flow.held,
-                "committed": whole(&metrics.committed_offset),
-                "finished": whole(&metrics.partition_finished_offset),
-                "in_flight": whole(&metrics.partition_in_flight),
-                "finished_uncommitted": whole(&metrics.partition_uncommitted_gap),
-                "oldest_unfinished_age_seconds": value(&metrics.partition_oldest_unfinished),
-                "lag": whole(&metrics.partition_lag),
+                "committed": whole(&committed),
+                "finished": whole(&finished),
+                "in_flight": whole(&in_flight),
+                "finished_uncommitted": whole(&gap),
+                "oldest_unfinished_age_seconds": value(&oldest),
+                "lag": whole(&lag),
             })
         })
-        .collect();
+        .collect()
+}
+
+fn status_json(state: &HttpState) -> serde_json::Value {
+    let metrics = &state.metrics;
+    let partitions = partition_rows(state.status.partitions.snapshot(), metrics);
     let routes: Vec<serde_json::Value> = state
         .status
         .routes
@@ -478,6 +492,54 @@ mod tests {
             ),
             None
         );
+    }
+
+    /// Issue 34, item 11d: `/status` with many partitions. Each row's gauges are looked up
+    /// from one collection per gauge (it used to collect every series of a gauge for each
+    /// partition: quadratic). Asserts the rows; prints the time (measured, not asserted).
+    #[test]
+    fn status_rows_carry_each_partitions_own_gauges() {
+        const PARTITIONS: i32 = 10_000;
+        let metrics = Metrics::new();
+        let mut flows = Vec::new();
+        for topic in ["logs", "audit"] {
+            for partition in 0..PARTITIONS / 2 {
+                let key = crate::record::PartitionKey {
+                    topic: crate::record::Topic::new(topic),
+                    partition,
+                };
+                let n = usize::try_from(partition).unwrap_or_default();
+                metrics.set_committed(&key, i64::from(partition) * 10);
+                // Partition 7 of each topic has not finished anything yet.
+                let finished = (partition != 7).then_some(i64::from(partition) * 10 + 5);
+                metrics.set_partition(&key, n % 13, n % 5, finished, None);
+                flows.push(PartitionFlow {
+                    topic: topic.to_string(),
+                    partition,
+                    generation: 3,
+                    paused: partition % 2 == 0,
+                    paused_why: None,
+                    held: 0,
+                });
+            }
+        }
+        let started = std::time::Instant::now();
+        let rows = partition_rows(flows, &metrics);
+        println!("{} /status rows in {:?}", rows.len(), started.elapsed());
+        assert_eq!(rows.len(), PARTITIONS as usize);
+        for row in &rows {
+            let partition = row["partition"].as_i64().expect("a partition");
+            assert_eq!(row["committed"], partition * 10, "{row}");
+            assert_eq!(row["in_flight"], partition % 13, "{row}");
+            assert_eq!(row["finished_uncommitted"], partition % 5, "{row}");
+            if partition == 7 {
+                assert!(row["finished"].is_null(), "{row}");
+            } else {
+                assert_eq!(row["finished"], partition * 10 + 5, "{row}");
+            }
+            assert!(row["lag"].is_null(), "no lag measured yet: {row}");
+            assert_eq!(row["paused"], partition % 2 == 0);
+        }
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! status in a header). `_bulk` answers per item, so there each record has its own outcome.
 //! When a request of a batch fails in a way worth retrying, the rest of the batch is not sent
 //! and fails with it: a later record of a key never lands before an earlier one is retried.
-//! A request refused with 413 is sent again in halves, down to a record alone. Redirects are
-//! not followed (a redirected POST would arrive as a GET without its body).
+//! A request refused with 413 is sent again in halves, down to a record alone; one refused
+//! with 400 or 422 likewise, so that only the records the endpoint refuses fail (within a
+//! budget of one extra request per record of the batch). Redirects are not followed (a redirected POST would arrive as a GET without its body).
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -27,6 +28,20 @@ use crate::sink::{write_compact_json, DeliveryFuture, Sink, SinkError};
 
 /// Most bytes of an error answer kept for the log and the dead letter's message.
 const ERROR_BODY_KEPT: usize = 512;
+/// Most bytes of an answer read when only its start matters (an error's message; a 2xx of the
+/// `http` sink, read so that the connection can serve the next request). Past it the rest is
+/// not read and the connection is closed.
+const ANSWER_READ_MAX: usize = 64 << 10;
+/// A `_bulk` answer is needed whole (an item per record): it may take this much per record,
+/// and at least [`BULK_ANSWER_MIN`] (about 200 bytes an item, a few KiB with an error reason;
+/// 64 KiB a record is far beyond any real answer). Past it the request is retried with reason
+/// `bulk_answer_too_large` and the connection closed.
+const BULK_ANSWER_PER_RECORD: usize = 64 << 10;
+const BULK_ANSWER_MIN: usize = 1 << 20;
+/// Bodies up to this size are compressed where they are built; larger ones on a blocking
+/// thread, so that compressing (milliseconds for megabytes) does not hold up the runtime's
+/// other tasks.
+const GZIP_INLINE_MAX: usize = 64 << 10;
 
 /// How a batch becomes a request body.
 #[derive(Debug, Clone)]
@@ -36,7 +51,11 @@ enum Layout {
     /// `[payload,payload]`.
     JsonArray,
     /// `_bulk`: a `create` action naming the index and the record's id, then the payload.
-    Bulk { index: IndexTemplate },
+    Bulk {
+        index: IndexTemplate,
+        /// Written before each document id (`id_prefix`).
+        id_prefix: String,
+    },
 }
 
 /// What one route's sinks share: the client (its connection pool) and the request's shape.
@@ -65,6 +84,7 @@ impl HttpEndpoint {
                 url = format!("{}/_bulk", url.trim_end_matches('/'));
                 Layout::Bulk {
                     index: IndexTemplate::parse(index),
+                    id_prefix: config.id_prefix.clone().unwrap_or_default(),
                 }
             }
             _ => match config.format {
@@ -72,7 +92,8 @@ impl HttpEndpoint {
                 HttpFormat::JsonArray => Layout::JsonArray,
             },
         };
-        let url = reqwest::Url::parse(&url).with_context(|| format!("invalid URL `{url}`"))?;
+        let url = reqwest::Url::parse(&url)
+            .with_context(|| format!("invalid URL `{}`", crate::config::redact_url(&url)))?;
         let mut headers = HeaderMap::new();
         let content_type = match layout {
             Layout::JsonArray => "application/json",
@@ -170,6 +191,13 @@ impl Sink for HttpSink {
             let mut outcomes: Vec<Result<(), SinkError>> = Vec::with_capacity(batch.len());
             let mut pending: VecDeque<Range<usize>> =
                 requests(batch, target.max_records, target.max_bytes).into();
+            // Requests this batch may add to find the records an endpoint refuses with 400 or
+            // 422: one per record of the batch, so a batch never costs more than its requests
+            // plus one request per record (what sending each record alone would cost). One
+            // refused record among 256 costs 16 (two halves per level, 8 levels); an endpoint
+            // that refuses everything costs a batch of n records its requests plus n. Past
+            // the budget a refused request fails whole.
+            let mut refusal_budget = batch.len();
             while let Some(range) = pending.pop_front() {
                 let records = &batch[range.clone()];
                 if let Some(Err(earlier)) = outcomes.iter().find(
@@ -181,9 +209,12 @@ impl Sink for HttpSink {
                     continue;
                 }
                 let answered = self.send(&target, records).await;
-                if let Some([first, second]) = halves_to_send_again(&range, &answered) {
-                    // The endpoint takes smaller requests than `max_bytes` says: send the
-                    // halves, in order, until each fits or a record alone is refused.
+                if let Some([first, second]) =
+                    halves_to_send_again(&range, &answered, &mut refusal_budget)
+                {
+                    // The endpoint takes smaller requests than `max_bytes` says, or refused a
+                    // record of the request: send the halves, in order, until each fits or
+                    // a record alone is refused.
                     pending.push_front(second);
                     pending.push_front(first);
                     continue;
@@ -204,8 +235,23 @@ impl HttpSink {
         // The plain body is handed over as it is (no copy); a gzip body is a new buffer, and
         // the plain one is kept for the next request.
         let payload = if target.gzip {
-            let compressed = gzip(&body);
-            self.body = body;
+            let (plain, compressed) = if body.len() <= GZIP_INLINE_MAX {
+                let compressed = gzip(&body);
+                (body, compressed)
+            } else {
+                let compressing = tokio::task::spawn_blocking(move || {
+                    let compressed = gzip(&body);
+                    (body, compressed)
+                });
+                match compressing.await {
+                    Ok(done) => done,
+                    Err(join) => {
+                        let err = SinkError::retryable("gzip_failed", join.to_string());
+                        return vec![Err(err); records.len()];
+                    }
+                }
+            };
+            self.body = plain;
             match compressed {
                 Ok(compressed) => compressed,
                 Err(err) => {
@@ -234,12 +280,27 @@ impl HttpSink {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| retry_after(value, SystemTime::now()));
-        // Read to the end, so that the connection can serve the next request.
-        let text = match response.bytes().await {
-            Ok(bytes) => bytes,
+        // Read to the end (so that the connection can serve the next request), up to a bound.
+        let bulk = matches!(target.layout, Layout::Bulk { .. }) && (200..300).contains(&status);
+        let limit = if bulk {
+            BULK_ANSWER_PER_RECORD
+                .saturating_mul(records.len())
+                .max(BULK_ANSWER_MIN)
+        } else {
+            ANSWER_READ_MAX
+        };
+        let (text, whole) = match read_bounded(response, limit).await {
+            Ok(read) => read,
             Err(err) => return vec![Err(request_error(&err)); records.len()],
         };
-        if let (Layout::Bulk { .. }, 200..=299) = (&target.layout, status) {
+        if bulk {
+            if !whole {
+                let err = SinkError::retryable(
+                    "bulk_answer_too_large",
+                    format!("the _bulk answer is over {limit} bytes; not read further"),
+                );
+                return vec![Err(err); records.len()];
+            }
             return bulk_outcomes(&text, records.len());
         }
         match status_outcome(status, retry_after, &text) {
@@ -247,6 +308,23 @@ impl HttpSink {
             Err(err) => vec![Err(err); records.len()],
         }
     }
+}
+
+/// The body of `response` up to `limit` bytes, and whether that is all of it. Past the limit
+/// the rest is left unread: the response is dropped and its connection closed.
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<(Vec<u8>, bool), reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            body.extend_from_slice(&chunk[..limit - body.len()]);
+            return Ok((body, false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, true))
 }
 
 /// The records of `batch` split into requests of at most `max_records` records and
@@ -281,20 +359,12 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record], now: Syste
             Layout::Ndjson => {}
             Layout::JsonArray if position > 0 => out.push(b','),
             Layout::JsonArray => {}
-            Layout::Bulk { index } => {
+            Layout::Bulk { index, id_prefix } => {
                 out.extend_from_slice(b"{\"create\":{\"_index\":");
                 let name = index.render(record, now);
                 let _ = serde_json::to_writer(&mut *out, &name);
-                // The record's coordinates as the document id: a record delivered again (a
-                // retry, a replay after a crash) is refused as a duplicate, not indexed twice.
                 out.extend_from_slice(b",\"_id\":\"");
-                let _ = write!(
-                    out,
-                    "{}-{}-{}",
-                    JsonEscaped(&record.source.topic),
-                    record.source.partition,
-                    record.offset
-                );
+                write_document_id(out, id_prefix, record);
                 out.extend_from_slice(b"\"}}\n");
             }
         }
@@ -311,6 +381,27 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record], now: Syste
     }
     if let Layout::JsonArray = layout {
         out.push(b']');
+    }
+}
+
+/// The document id of `record` (inside a JSON string): `<id_prefix><topic>-<partition>-<offset>`
+/// and, when the record has one, `-<timestamp in ms>`. It is made of what the record is in the
+/// log, so a record delivered again (a retry, a replay after a crash) has the same id and is
+/// refused as a duplicate (409), not indexed twice. The timestamp tells a topic's incarnations
+/// apart: a topic deleted and made again starts at offset 0 again, and without it a new record
+/// would take an old document's id and be dropped as "already there". `id_prefix` tells
+/// source clusters apart (the same topic name on two clusters).
+fn write_document_id(out: &mut Vec<u8>, id_prefix: &str, record: &Record) {
+    let _ = write!(
+        out,
+        "{}{}-{}-{}",
+        JsonEscaped(id_prefix),
+        JsonEscaped(&record.source.topic),
+        record.source.partition,
+        record.offset
+    );
+    if let Some(timestamp) = record.timestamp {
+        let _ = write!(out, "-{timestamp}");
     }
 }
 
@@ -334,16 +425,32 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     encoder.finish()
 }
 
-/// The two halves of the request `range` to send again, in order, when the endpoint refused
-/// all of it as too large (413) and it held more than one record.
+/// The two halves of the request `range` to send again, in order, when it held more than one
+/// record and the endpoint refused all of it: as too large (413: until each half fits), or as
+/// bad (400, 422: until the bad records are alone, so that the others are delivered), the
+/// latter while `refusal_budget` (requests) lasts.
 fn halves_to_send_again(
     range: &Range<usize>,
     answered: &[Result<(), SinkError>],
+    refusal_budget: &mut usize,
 ) -> Option<[Range<usize>; 2]> {
-    let too_large =
-        |outcome: &Result<(), SinkError>| matches!(outcome, Err(err) if err.status == Some(413));
-    if range.len() < 2 || !answered.iter().all(too_large) {
+    if range.len() < 2 {
         return None;
+    }
+    let status = match answered.first() {
+        Some(Err(err)) => err.status?,
+        _ => return None,
+    };
+    let all_refused = answered
+        .iter()
+        .all(|outcome| matches!(outcome, Err(err) if err.status == Some(status)));
+    if !all_refused {
+        return None;
+    }
+    match status {
+        413 => {}
+        400 | 422 if *refusal_budget >= 2 => *refusal_budget -= 2,
+        _ => return None,
     }
     let middle = range.start + range.len() / 2;
     Some([range.start..middle, middle..range.end])
@@ -365,6 +472,11 @@ fn request_error(err: &reqwest::Error) -> SinkError {
         message.push_str(": ");
         message.push_str(&cause.to_string());
         source = cause.source();
+    }
+    // reqwest shows the URL (without its user info, with its query): the message goes to the
+    // retry log and the dead letter's headers, so its credentials are redacted.
+    if let Some(url) = err.url() {
+        message = crate::config::redact_url_in(&message, url.as_str());
     }
     SinkError::retryable(reason, message)
 }
@@ -533,21 +645,28 @@ impl IndexTemplate {
         IndexTemplate { parts }
     }
 
-    /// The index for `record`. Index names are lowercase in Elasticsearch, so what comes from
-    /// the event is lowercased.
+    /// The index for `record`. What comes from the event (its level and service: whatever
+    /// its producer wrote) is made index-safe ([`index_safe`]), and at the start of the name
+    /// loses the `-`, `_` and `+` an index name cannot start with.
     fn render(&self, record: &Record, now: SystemTime) -> String {
         let mut name = String::new();
+        let push_value = |name: &mut String, value: Option<&str>| {
+            let safe = value.map(index_safe).unwrap_or_default();
+            let safe = if name.is_empty() {
+                safe.trim_start_matches(['-', '_', '+'])
+            } else {
+                &safe
+            };
+            name.push_str(if safe.is_empty() { "unknown" } else { safe });
+        };
         for part in &self.parts {
             match part {
                 IndexPart::Text(text) => name.push_str(text),
                 IndexPart::Level => match &record.decoded {
-                    Some(Ok(level)) => name.push_str(&level.as_str().to_ascii_lowercase()),
-                    _ => name.push_str("unknown"),
+                    Some(Ok(level)) => push_value(&mut name, Some(level.as_str())),
+                    _ => push_value(&mut name, None),
                 },
-                IndexPart::Service => match &record.service {
-                    Some(service) => name.push_str(&index_safe(service)),
-                    None => name.push_str("unknown"),
-                },
+                IndexPart::Service => push_value(&mut name, record.service.as_deref()),
                 IndexPart::Date => {
                     // The record's own time (its Kafka timestamp), else when it is sent.
                     let when = record
@@ -562,8 +681,8 @@ impl IndexTemplate {
     }
 }
 
-/// A service name as an index name part: lowercase, and the characters Elasticsearch refuses
-/// in index names (`\ / * ? " < > | , # :` and space) replaced by `_`.
+/// A level or service as an index name part: lowercase, and the characters Elasticsearch
+/// refuses in index names (`\ / * ? " < > | , # :` and space) replaced by `_`.
 fn index_safe(text: &str) -> String {
     text.chars()
         .map(|c| match c {
@@ -603,6 +722,225 @@ mod tests {
     use super::*;
     use crate::record::test_record;
 
+    fn endpoint(toml_text: &str, elasticsearch: bool) -> HttpEndpoint {
+        let config: HttpSinkConfig = toml::from_str(toml_text).expect("an http sink section");
+        HttpEndpoint::new(&config, elasticsearch).expect("an endpoint")
+    }
+
+    /// A loopback port nothing listens on (bound, then released).
+    fn closed_port() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    }
+
+    /// Issue 34, item 7: the message of a failed request is what the retry log and the dead
+    /// letter's `logbridge.error.message` header show; it must not carry the URL's secrets.
+    #[tokio::test]
+    async fn a_failed_request_does_not_show_the_url_secrets() {
+        let url = format!(
+            "http://ingest:pa55w0rd@127.0.0.1:{}/in?api_key=k3y-value&n=1",
+            closed_port()
+        );
+        let mut sink = endpoint(&format!("url = \"{url}\"\ntimeout_ms = 2000"), false).sink();
+        let batch = [record(1, "{\"a\":1}")];
+        let outcomes = sink.deliver("r", &batch).await;
+        let err = outcomes[0].as_ref().expect_err("nothing listens");
+        assert_eq!(err.reason, "http_unreachable", "{err:?}");
+        for secret in ["pa55w0rd", "k3y-value"] {
+            assert!(!err.message.contains(secret), "{secret} in {}", err.message);
+            assert!(!err.to_string().contains(secret), "{secret} in {err}");
+        }
+        assert!(err.message.contains("127.0.0.1"), "{}", err.message);
+    }
+
+    /// Serves `answer(body)` (status and text) on a loopback port until the test's runtime
+    /// ends; counts the requests.
+    async fn serve(
+        answer: impl Fn(&[u8]) -> (u16, String) + Send + Sync + 'static,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use http_body_util::BodyExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = requests.clone();
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |request: hyper::Request<hyper::body::Incoming>| {
+                            let answer = answer.clone();
+                            let counted = counted.clone();
+                            async move {
+                                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                let body = request
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|collected| collected.to_bytes())
+                                    .unwrap_or_default();
+                                let (status, text) = answer(&body);
+                                let mut response = hyper::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(text),
+                                ));
+                                *response.status_mut() =
+                                    hyper::StatusCode::from_u16(status).expect("a status");
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{address}"), requests)
+    }
+
+    /// Issue 34, item 9: one record the endpoint refuses (400 or 422) must not fail the others
+    /// of its request: the request is split down to that record.
+    #[tokio::test]
+    async fn one_refused_record_fails_alone_and_the_rest_of_its_request_is_delivered() {
+        for status in [400u16, 422] {
+            let (url, requests) = serve(move |body| {
+                if body.windows(3).any(|window| window == b"bad") {
+                    (
+                        status,
+                        "{\"error\":\"field bad is not allowed\"}".to_string(),
+                    )
+                } else {
+                    (200, String::new())
+                }
+            })
+            .await;
+            let mut sink = endpoint(&format!("url = \"{url}/in\""), false).sink();
+            let batch: Vec<Record> = (0..64)
+                .map(|i| record(i, if i == 37 { "{\"bad\":1}" } else { "{\"ok\":1}" }))
+                .collect();
+            let outcomes = sink.deliver("r", &batch).await;
+            let failed: Vec<usize> = (0..outcomes.len())
+                .filter(|i| outcomes[*i].is_err())
+                .collect();
+            assert_eq!(failed, [37], "{status}: only the bad record fails");
+            let err = outcomes[37].as_ref().unwrap_err();
+            assert_eq!(err.status, Some(status));
+            assert_eq!(err.kind, FailureKind::Permanent);
+            // 1 request, then two halves per level down to the record (6 levels for 64).
+            let sent = requests.load(std::sync::atomic::Ordering::SeqCst);
+            assert!(sent <= 1 + 2 * 6, "{status}: {sent} requests");
+        }
+        // An endpoint that refuses everything: the batch costs its requests plus the budget.
+        let (url, requests) = serve(|_| (400, "no".to_string())).await;
+        let mut sink = endpoint(&format!("url = \"{url}/in\"\nmax_records = 100"), false).sink();
+        let batch: Vec<Record> = (0..256).map(|i| record(i, "{\"ok\":1}")).collect();
+        let outcomes = sink.deliver("r", &batch).await;
+        assert!(outcomes
+            .iter()
+            .all(|outcome| outcome.as_ref().is_err_and(|err| err.status == Some(400))));
+        let sent = requests.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            sent,
+            3 + 256,
+            "3 requests of 100, 100 and 56, and one per record"
+        );
+    }
+
+    /// Bodies over `GZIP_INLINE_MAX` are compressed on a blocking thread (item 11a); what
+    /// arrives is the same gzip stream either way. (That the runtime's threads are not held up
+    /// meanwhile is a matter of time, not asserted.)
+    #[tokio::test]
+    async fn large_gzip_bodies_compressed_off_the_runtime_arrive_whole() {
+        use std::io::Read as _;
+        let (url, requests) = serve(|body| {
+            let mut plain = Vec::new();
+            let decoded = flate2::read::GzDecoder::new(body).read_to_end(&mut plain);
+            let lines = plain.split(|byte| *byte == b'\n').filter(|l| !l.is_empty());
+            match decoded {
+                Ok(_) if lines.count() == 2_000 => (200, String::new()),
+                _ => (400, "not the body sent".to_string()),
+            }
+        })
+        .await;
+        let mut sink = endpoint(
+            &format!("url = \"{url}/in\"\ncompression = \"gzip\"\nmax_records = 5000"),
+            false,
+        )
+        .sink();
+        let payload = format!("{{\"message\":\"{}\"}}", "m".repeat(100));
+        let batch: Vec<Record> = (0..2_000).map(|i| record(i, &payload)).collect();
+        let outcomes = sink.deliver("r", &batch).await;
+        assert!(outcomes.iter().all(Result::is_ok), "{:?}", outcomes[0]);
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Over 200 KiB of NDJSON: the blocking-thread path.
+        assert!(2_000 * payload.len() > GZIP_INLINE_MAX);
+    }
+
+    /// A server on loopback that answers every request with `status` and a chunked body that
+    /// does not end (up to 256 MiB, or until the client goes away).
+    async fn endless_answer(status: &'static str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = vec![0u8; 64 << 10];
+                    // The request is small: one read takes its headers (and its body).
+                    let _ = stream.read(&mut request).await;
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+                    );
+                    if stream.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = format!("1000\r\n{}\r\n", "x".repeat(0x1000));
+                    for _ in 0..(256 << 20) / 0x1000 {
+                        if stream.write_all(chunk.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        format!("http://{address}")
+    }
+
+    /// Issue 34, item 11a: an answer's body is read up to a bound, not to its end: an error
+    /// answer whose body does not end is an error answer (its status), not a timeout after
+    /// reading it for `timeout_ms`; a `_bulk` answer past its bound is retried as such.
+    #[tokio::test]
+    async fn answers_are_read_up_to_a_bound() {
+        let url = endless_answer("500 Internal Server Error").await;
+        let mut sink = endpoint(&format!("url = \"{url}/in\"\ntimeout_ms = 5000"), false).sink();
+        let batch = [record(1, "{\"a\":1}")];
+        let outcomes = sink.deliver("r", &batch).await;
+        let err = outcomes[0].as_ref().expect_err("a 500");
+        assert_eq!(err.reason, "http_500", "{err}");
+        assert!(
+            err.message.len() < 2 * ERROR_BODY_KEPT,
+            "{}",
+            err.message.len()
+        );
+
+        let url = endless_answer("200 OK").await;
+        let mut sink = endpoint(
+            &format!("url = \"{url}\"\nindex = \"logs\"\ntimeout_ms = 5000"),
+            true,
+        )
+        .sink();
+        let outcomes = sink.deliver("r", &batch).await;
+        let err = outcomes[0].as_ref().expect_err("no usable answer");
+        assert_eq!(err.reason, "bulk_answer_too_large", "{err}");
+        assert_eq!(err.kind, FailureKind::Retryable);
+    }
+
     #[test]
     fn statuses_sort_into_delivered_retried_and_refused() {
         assert!(status_outcome(200, None, b"").is_ok());
@@ -626,28 +964,53 @@ mod tests {
     fn a_request_refused_as_too_large_is_halved_down_to_one_record() {
         let refused = || status_outcome(413, None, b"too large");
         let all_refused = |n: usize| (0..n).map(|_| refused()).collect::<Vec<_>>();
+        let budget = &mut 0;
         assert_eq!(
-            halves_to_send_again(&(10..15), &all_refused(5)),
+            halves_to_send_again(&(10..15), &all_refused(5), budget),
             Some([10..12, 12..15])
         );
         assert_eq!(
-            halves_to_send_again(&(4..6), &all_refused(2)),
+            halves_to_send_again(&(4..6), &all_refused(2), budget),
             Some([4..5, 5..6])
         );
         assert_eq!(
-            halves_to_send_again(&(7..8), &all_refused(1)),
+            halves_to_send_again(&(7..8), &all_refused(1), budget),
             None,
             "alone: refused"
         );
         let mut mixed = all_refused(4);
         mixed[2] = status_outcome(400, None, b"bad");
         assert_eq!(
-            halves_to_send_again(&(0..4), &mixed),
+            halves_to_send_again(&(0..4), &mixed, &mut 10),
             None,
-            "not all too large"
+            "not all refused alike"
         );
         let delivered = vec![Ok(()); 4];
-        assert_eq!(halves_to_send_again(&(0..4), &delivered), None);
+        assert_eq!(halves_to_send_again(&(0..4), &delivered, &mut 10), None);
+    }
+
+    #[test]
+    fn requests_refused_as_bad_are_halved_while_the_budget_lasts() {
+        for status in [400, 422] {
+            let refused = vec![status_outcome(status, None, b"bad"); 4];
+            let mut budget = 3;
+            assert_eq!(
+                halves_to_send_again(&(0..4), &refused, &mut budget),
+                Some([0..2, 2..4])
+            );
+            assert_eq!(budget, 1, "two requests spent");
+            assert_eq!(
+                halves_to_send_again(&(0..4), &refused, &mut budget),
+                None,
+                "budget spent: the request fails whole"
+            );
+        }
+        let unauthorized = vec![status_outcome(401, None, b"no"); 4];
+        assert_eq!(
+            halves_to_send_again(&(0..4), &unauthorized, &mut 10),
+            None,
+            "a 401 is about the request, not a record"
+        );
     }
 
     #[test]
@@ -722,13 +1085,81 @@ mod tests {
         let mut stamped = record(4, "{\"d\":4}");
         // 2026-11-28T12:00:00Z
         stamped.timestamp = Some(1_795_867_200_000);
-        let layout = Layout::Bulk { index };
+        let layout = Layout::Bulk {
+            index,
+            id_prefix: "eu-1:".to_string(),
+        };
         write_body(&mut out, &layout, &[with_service, stamped], now);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"logs-0-3\"}}\n{\"c\":3}\n\
-             {\"create\":{\"_index\":\"logs-error-unknown-2026.11.28\",\"_id\":\"logs-0-4\"}}\n{\"d\":4}\n"
+            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"eu-1:logs-0-3\"}}\n{\"c\":3}\n\
+             {\"create\":{\"_index\":\"logs-error-unknown-2026.11.28\",\"_id\":\"eu-1:logs-0-4-1795867200000\"}}\n{\"d\":4}\n"
         );
+    }
+
+    /// The `_id` of each document of a `_bulk` body.
+    fn bulk_ids(layout: &Layout, records: &[Record]) -> Vec<String> {
+        let mut body = Vec::new();
+        write_body(&mut body, layout, records, SystemTime::UNIX_EPOCH);
+        body.split(|byte| *byte == b'\n')
+            .filter(|line| line.starts_with(b"{\"create\""))
+            .map(|line| {
+                let action: serde_json::Value = serde_json::from_slice(line).expect("an action");
+                action["create"]["_id"].as_str().expect("an id").to_string()
+            })
+            .collect()
+    }
+
+    /// Issue 34, item 8: a topic deleted and made again starts at offset 0 again; its records
+    /// must not take the ids of the old incarnation's documents (a 409 counts as delivered:
+    /// the new document would be dropped in silence). A record replayed keeps its id.
+    #[test]
+    fn document_ids_differ_across_topic_incarnations_and_stay_for_a_replay() {
+        let layout = Layout::Bulk {
+            index: IndexTemplate::parse("logs"),
+            id_prefix: String::new(),
+        };
+        let stamped = |offset, ms| {
+            let mut record = record(offset, "{\"a\":1}");
+            record.timestamp = Some(ms);
+            record
+        };
+        // Offset 3 of partition 0, written by the first incarnation, then by the second.
+        let old = stamped(3, 1_795_867_200_000);
+        let new = stamped(3, 1_795_953_600_000);
+        let ids = bulk_ids(&layout, &[old, new]);
+        assert_ne!(ids[0], ids[1], "two records, one id: {ids:?}");
+        let replayed = bulk_ids(&layout, &[stamped(3, 1_795_867_200_000)]);
+        assert_eq!(replayed[0], ids[0], "a replay keeps its id");
+        // The same topic on two source clusters, told apart by `id_prefix`.
+        let other_cluster = Layout::Bulk {
+            index: IndexTemplate::parse("logs"),
+            id_prefix: "eu-2:".to_string(),
+        };
+        let elsewhere = bulk_ids(&other_cluster, &[stamped(3, 1_795_867_200_000)]);
+        assert_eq!(elsewhere[0], "eu-2:logs-0-3-1795867200000");
+    }
+
+    /// Issue 34, item 11b: a level is whatever the event says; in an index name it must be
+    /// what Elasticsearch takes (lowercase, none of `\\ / * ? " < > | , # :` or space, not
+    /// starting with `-`, `_` or `+`).
+    #[test]
+    fn levels_in_index_names_are_made_index_safe() {
+        let with_level = |level: &str| {
+            let mut record = record(1, "{\"a\":1}");
+            record.decoded = Some(Ok(crate::event::Level::new(level)));
+            record
+        };
+        let now = SystemTime::UNIX_EPOCH;
+        let template = IndexTemplate::parse("logs-{level}");
+        assert_eq!(
+            template.render(&with_level("Sev 3/High*?\"<>|,#:\\"), now),
+            "logs-sev_3_high__________"
+        );
+        let leading = IndexTemplate::parse("{level}-logs");
+        assert_eq!(leading.render(&with_level("_debug"), now), "debug-logs");
+        assert_eq!(leading.render(&with_level("-+_"), now), "unknown-logs");
+        assert_eq!(leading.render(&with_level("ERROR"), now), "error-logs");
     }
 
     #[test]

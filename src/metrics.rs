@@ -651,6 +651,32 @@ impl Metrics {
             .map(|metric| metric.get_gauge().get_value())
     }
 
+    /// Every series of one of the partition gauges, by topic and partition: one collection for
+    /// all partitions (where [`Metrics::partition_value`] collects every series to find one),
+    /// so a page of every partition's gauges is linear in partitions.
+    pub fn partition_values(
+        &self,
+        gauge: &dyn prometheus::core::Collector,
+    ) -> std::collections::HashMap<(String, i32), f64> {
+        let mut values = std::collections::HashMap::new();
+        for family in gauge.collect() {
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|label| label.name() == name)
+                        .map(|label| label.value().to_string())
+                };
+                let partition = label("partition").and_then(|p| p.parse::<i32>().ok());
+                if let (Some(topic), Some(partition)) = (label("topic"), partition) {
+                    values.insert((topic, partition), metric.get_gauge().get_value());
+                }
+            }
+        }
+        values
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -22,7 +22,7 @@ use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
 use crate::record::Fences;
 use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, Rules, DISPATCH_BATCH};
 use crate::sink::{config_sink_factory, SharedFile, SinkFactory};
-use crate::worker::{RetryPolicy, WorkerHandle, WorkerSettings, MAX_BATCH};
+use crate::worker::{RetryPolicy, Retrying, WorkerHandle, WorkerSettings, MAX_BATCH};
 
 /// How often channel depth gauges are sampled.
 const DEPTH_SAMPLE_EVERY: Duration = Duration::from_millis(200);
@@ -153,14 +153,23 @@ pub async fn run(
     }
 
     let fences = Fences::default();
+    let retrying = Retrying::default();
+    // Cancelled after the final commit: workers still delivering or retrying (an endpoint that
+    // is down, with no retry limit) stop at once, and what they hold is read again after a
+    // restart.
+    let workers_stop = CancellationToken::new();
     let (table, worker_tasks, files) = spawn_workers(
         &config,
         &options.sink_factory,
-        &committer,
-        &dead_letters,
-        &fences,
-        &metrics,
-        &liveness,
+        WorkerLinks {
+            committer: &committer,
+            dead_letters: &dead_letters,
+            fences: &fences,
+            metrics: &metrics,
+            liveness: &liveness,
+            retrying: &retrying,
+            stop: &workers_stop,
+        },
     )?;
     for task in worker_tasks {
         tasks.spawn(watch_actor(task, "worker"));
@@ -234,6 +243,7 @@ pub async fn run(
             breaker,
             stalls,
             dead_letters: dead_letter_trouble,
+            retrying,
             cluster,
             status: Arc::new(StatusSource {
                 partitions: consumer.partitions(),
@@ -323,6 +333,8 @@ pub async fn run(
         // The consumer stopped on its own (fatal error): stop everything else too.
         shutdown.cancel();
     }
+    // The final commit is made: nothing a worker finishes from here is committed.
+    workers_stop.cancel();
 
     // Router, workers and committer end on their own once their input closes; give stragglers
     // (a sink stuck past the drain timeout) a moment, then abort them: their records were not
@@ -403,15 +415,31 @@ async fn watch_actor(task: tokio::task::JoinHandle<()>, kind: &'static str) -> A
     ActorExit { kind, panic }
 }
 
+/// What every worker is handed besides its sink and settings.
+struct WorkerLinks<'a> {
+    committer: &'a CommitterHandle,
+    dead_letters: &'a DeadLetterHandle,
+    fences: &'a Fences,
+    metrics: &'a Arc<Metrics>,
+    liveness: &'a Liveness,
+    retrying: &'a Retrying,
+    stop: &'a CancellationToken,
+}
+
 fn spawn_workers(
     config: &Config,
     factory: &SinkFactory,
-    committer: &CommitterHandle,
-    dead_letters: &DeadLetterHandle,
-    fences: &Fences,
-    metrics: &Arc<Metrics>,
-    liveness: &Liveness,
+    links: WorkerLinks<'_>,
 ) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>, OpenFiles)> {
+    let WorkerLinks {
+        committer,
+        dead_letters,
+        fences,
+        metrics,
+        liveness,
+        retrying,
+        stop,
+    } = links;
     let mut lanes = Vec::with_capacity(config.routes.len());
     let mut tasks = Vec::new();
     let mut files = OpenFiles::default();
@@ -436,6 +464,8 @@ fn spawn_workers(
                 fences: fences.clone(),
                 batches_in_flight: route.batches_in_flight(&config.pipeline),
                 linger: route.linger(),
+                retrying: retrying.clone(),
+                stop: stop.clone(),
             };
             let (handle, task) = WorkerHandle::spawn(
                 settings,

@@ -322,7 +322,10 @@ impl<W: LineOutput> WholeLines<W> {
         };
         if written > 0 && written < lines.len() {
             let cut = start.map(|start| self.out.cut_back(start));
-            if !matches!(cut, Some(Ok(()))) {
+            // A write that stopped right after a newline broke no line: nothing to finish
+            // ("the rest" would be the next whole line, one never begun, written twice).
+            let broken = lines[written - 1] != b'\n';
+            if broken && !matches!(cut, Some(Ok(()))) {
                 // End the broken line with the rest of it, next time.
                 let end = lines[written..]
                     .iter()
@@ -774,6 +777,34 @@ mod tests {
                 "first record line\n",
                 "second record line\n"
             ]
+        );
+    }
+
+    /// Issue 34, item 11c: a partial write that ends exactly at a newline broke no line:
+    /// nothing is left to finish, and the next line must not be written as if it were.
+    #[test]
+    fn a_partial_write_ending_at_a_newline_leaves_no_line_to_finish() {
+        let mut out = WholeLines::new(Flaky {
+            data: Vec::new(),
+            // Exactly the first line (18 bytes).
+            room: 18,
+            cuttable: false,
+        });
+        assert!(out
+            .write_lines(b"first record line\nsecond record line\n")
+            .is_err());
+        assert_eq!(out.get_mut().data, b"first record line\n");
+        out.get_mut().room = 1_000;
+        out.write_lines(b"first record line\nsecond record line\n")
+            .expect("written");
+        assert_eq!(
+            lines_of(&out.get_mut().data),
+            [
+                "first record line\n",
+                "first record line\n",
+                "second record line\n"
+            ],
+            "the second line once: it was never begun"
         );
     }
 

@@ -6,20 +6,25 @@
 //! to one round trip per batch; they settle in the order they started. Other sinks take one
 //! batch at a time.
 //!
-//! A delivery that fails with a retryable error is retried with exponential backoff and jitter
-//! (`max_retries`, `retry_backoff_ms`, `retry_backoff_max_ms`). While a worker retries it takes
-//! nothing new: its channel fills, the router waits, the consumer pauses, and no commit passes
-//! the failing record. A record that still fails, or fails permanently, goes to the dead-letter
-//! topic (or, without one, is logged, counted and skipped). Nothing here stops a worker but the
-//! end of its input.
+//! A delivery that fails with a retryable error is retried with capped exponential backoff and
+//! jitter (`retry_backoff_ms`, `retry_backoff_max_ms`), for as long as it takes unless the route
+//! sets `max_retries`: Kafka is the buffer. While a worker retries it takes nothing new: its
+//! channel fills, the router waits, the consumer pauses, and no commit passes the failing
+//! record; [`Retrying`] tells `/readyz` which route retries and since when. A record that fails
+//! permanently, or still fails after `max_retries`, goes to the dead-letter topic (or, without
+//! one, is logged, counted and skipped). A worker ends at the end of its input, or when told to
+//! stop (after the final commit of a shutdown): then what it was delivering or retrying is left
+//! unfinished, uncommitted, and read again after a restart.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use rustc_hash::FxHashSet;
-use tracing::warn;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::CommitterHandle;
@@ -41,8 +46,9 @@ pub const MAX_BATCH: usize = 256;
 /// How a route retries failed deliveries.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
-    /// Retries after the first attempt.
-    pub max_retries: u32,
+    /// Retries after the first attempt; `None`: no limit (a retryable failure is retried
+    /// until it goes through, or until shutdown).
+    pub max_retries: Option<u32>,
     /// First delay.
     pub backoff: Duration,
     /// Largest delay.
@@ -50,6 +56,11 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Whether a record that failed retryably in attempt number `attempts` is tried again.
+    pub fn retries_after(&self, attempts: u32) -> bool {
+        self.max_retries.is_none_or(|max| attempts <= max)
+    }
+
     /// Delay before retry number `retry` (1-based): exponential, capped, with "equal jitter":
     /// a random delay between half and all of it, so that workers do not retry in lockstep and
     /// none retries at once (full jitter, between zero and all of it, could).
@@ -63,6 +74,70 @@ impl RetryPolicy {
         half + full
             .saturating_sub(half)
             .mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// The workers that are retrying now, each with its route, since when and why: `/readyz` and
+/// `/status` show them. Written by a worker when its retries start, change and end (not per
+/// record), read by the HTTP endpoint.
+#[derive(Clone, Default)]
+pub struct Retrying {
+    workers: Arc<Mutex<BTreeMap<u64, SinkRetry>>>,
+    next_worker: Arc<AtomicU64>,
+}
+
+/// What one worker is retrying.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkRetry {
+    /// The worker's route.
+    pub route: Arc<str>,
+    /// When the first failed attempt of what it retries was answered.
+    pub since: Instant,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// Records waiting to be delivered again.
+    pub records: usize,
+    /// The last error.
+    pub error: String,
+}
+
+impl std::fmt::Display for SinkRetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "route `{}` retrying since {:.0} s ago ({} records, {} attempts): {}; their offsets stay uncommitted",
+            self.route,
+            self.since.elapsed().as_secs_f64(),
+            self.records,
+            self.attempts,
+            self.error
+        )
+    }
+}
+
+impl Retrying {
+    /// What every retrying worker is retrying, oldest first.
+    pub fn snapshot(&self) -> Vec<SinkRetry> {
+        let mut retries: Vec<SinkRetry> = self.lock().values().cloned().collect();
+        retries.sort_by_key(|retry| retry.since);
+        retries
+    }
+
+    fn register(&self) -> u64 {
+        self.next_worker.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn set(&self, worker: u64, retry: SinkRetry) {
+        self.lock().insert(worker, retry);
+    }
+
+    fn clear(&self, worker: u64) {
+        self.lock().remove(&worker);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, SinkRetry>> {
+        // Plain values replaced whole: a panic elsewhere cannot leave one half-written.
+        self.workers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -88,6 +163,11 @@ pub struct WorkerSettings {
     /// How long a worker that took fewer records than its sink takes at once waits for more
     /// before delivering (an HTTP sink's `linger_ms`); `None`: it delivers what it took.
     pub linger: Option<Linger>,
+    /// Where the worker says what it is retrying.
+    pub retrying: Retrying,
+    /// Cancelled after the final commit of a shutdown: the worker stops delivering and
+    /// retrying at once, leaving what it holds unfinished (read again after a restart).
+    pub stop: CancellationToken,
 }
 
 /// A worker's wait for a fuller batch.
@@ -122,7 +202,12 @@ impl WorkerHandle {
         let delivered_bytes = metrics
             .delivered_bytes
             .with_label_values(&[&*settings.route]);
+        let retry_slot = settings.retrying.register();
         let actor = WorkerActor {
+            retrying: settings.retrying,
+            retry_slot,
+            retrying_since: None,
+            stop: settings.stop,
             processed,
             delivered_bytes,
             latency,
@@ -167,6 +252,13 @@ impl WorkerHandle {
 }
 
 struct WorkerActor {
+    /// Where this worker says what it retries, under `retry_slot`.
+    retrying: Retrying,
+    retry_slot: u64,
+    /// When the retries under way started (`None`: not retrying).
+    retrying_since: Option<Instant>,
+    /// Cancelled after the final commit of a shutdown.
+    stop: CancellationToken,
     route: Arc<str>,
     retry: RetryPolicy,
     fences: Fences,
@@ -228,13 +320,21 @@ impl WorkerActor {
 
     async fn run_one_at_a_time(&mut self) -> Result<(), StageGone> {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while self.receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        loop {
+            let received = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => 0,
+                // Cancel-safe: a receive that loses the race took nothing.
+                received = self.receiver.recv_many(&mut batch, MAX_BATCH) => received,
+            };
+            if received == 0 {
+                return Ok(());
+            }
             if let Some(linger) = self.linger {
                 self.fill_up(&mut batch, linger).await;
             }
             self.process(std::mem::take(&mut batch)).await?;
         }
-        Ok(())
     }
 
     /// Waits up to `linger.wait` for `batch` to reach `linger.fill` records (or the channel to
@@ -262,6 +362,10 @@ impl WorkerActor {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut open = true;
         loop {
+            if self.stop.is_cancelled() {
+                // After the final commit: what is in flight is read again after a restart.
+                return Ok(());
+            }
             let room = open && window.len() < self.batches_in_flight;
             let step = match window.front_mut() {
                 None if !open => return Ok(()),
@@ -336,7 +440,9 @@ impl WorkerActor {
         while let Some(next) = window.pop_front() {
             retry.extend(self.settle_in_flight(next, &mut behind).await?);
         }
-        let pending = self.back_off(retry, 1).await;
+        let Some(pending) = self.back_off(retry, 1).await else {
+            return Ok(());
+        };
         self.deliver_until_settled(pending, 1).await
     }
 
@@ -365,20 +471,50 @@ impl WorkerActor {
         loop {
             self.drop_released(&mut pending);
             if pending.is_empty() {
+                self.end_retrying();
                 return Ok(());
             }
-            attempts += 1;
+            attempts = attempts.saturating_add(1);
             let started = Instant::now();
-            let outcomes = self.sink.deliver(&self.route, &pending).await;
+            let outcomes = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => {
+                    self.abandon(pending.len());
+                    return Ok(());
+                }
+                outcomes = self.sink.deliver(&self.route, &pending) => outcomes,
+            };
             self.observe_sink(started);
             let retry = self
                 .settle(pending, outcomes, attempts, &mut FxHashSet::default())
                 .await?;
             if retry.is_empty() {
+                self.end_retrying();
                 return Ok(());
             }
-            pending = self.back_off(retry, attempts).await;
+            match self.back_off(retry, attempts).await {
+                Some(again) => pending = again,
+                None => return Ok(()),
+            }
         }
+    }
+
+    /// The worker no longer retries anything.
+    fn end_retrying(&mut self) {
+        if self.retrying_since.take().is_some() {
+            self.retrying.clear(self.retry_slot);
+        }
+    }
+
+    /// Leaves `records` unfinished at shutdown (after the final commit): they are read again
+    /// after a restart, and nothing of them is acked or dead-lettered.
+    fn abandon(&mut self, records: usize) {
+        self.end_retrying();
+        info!(
+            route = %self.route,
+            records,
+            "shutdown: delivery left unfinished; the records are read again after a restart"
+        );
     }
 
     fn observe_sink(&self, started: Instant) {
@@ -431,7 +567,7 @@ impl WorkerActor {
                     delivered.push(record.ack(AckStatus::Processed));
                 }
                 Err(err)
-                    if err.kind == FailureKind::Retryable && attempts <= self.retry.max_retries =>
+                    if err.kind == FailureKind::Retryable && self.retry.retries_after(attempts) =>
                 {
                     behind.insert(order_key(&record));
                     retry.push((record, err));
@@ -456,13 +592,14 @@ impl WorkerActor {
         Ok(retry)
     }
 
-    /// Counts and logs the retries of attempt `attempts`, waits the backoff, and returns the
-    /// records to deliver again.
+    /// Counts and logs the retries of attempt `attempts`, says so on [`Retrying`], waits the
+    /// backoff, and returns the records to deliver again; `None` if the worker was told to stop
+    /// meanwhile (the records are left unfinished).
     async fn back_off(
         &mut self,
         retry: Vec<(Record, DeliveryError)>,
         attempts: u32,
-    ) -> Vec<Record> {
+    ) -> Option<Vec<Record>> {
         // A destination that said when to come back (HTTP `Retry-After`) is not asked sooner.
         let asked = retry
             .iter()
@@ -486,8 +623,26 @@ impl WorkerActor {
             error = %err,
             "delivery failed, retrying"
         );
-        tokio::time::sleep(delay).await;
-        retry.into_iter().map(|(record, _)| record).collect()
+        let since = *self.retrying_since.get_or_insert_with(Instant::now);
+        self.retrying.set(
+            self.retry_slot,
+            SinkRetry {
+                route: self.route.clone(),
+                since,
+                attempts,
+                records: retry.len(),
+                error: err.to_string(),
+            },
+        );
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => {
+                self.abandon(retry.len());
+                return None;
+            }
+            _ = tokio::time::sleep(delay) => {}
+        }
+        Some(retry.into_iter().map(|(record, _)| record).collect())
     }
 
     /// Drops the records of assignments whose revoke is over (retried, or queued while the
@@ -544,7 +699,7 @@ mod tests {
     #[test]
     fn backoff_doubles_with_jitter_and_is_capped() {
         let policy = RetryPolicy {
-            max_retries: 10,
+            max_retries: Some(10),
             backoff: Duration::from_millis(100),
             backoff_max: Duration::from_millis(1_000),
         };
@@ -704,6 +859,26 @@ mod tests {
         batches: usize,
         linger: Option<Linger>,
     ) -> Spawned {
+        spawn_with(
+            sink,
+            fences,
+            Some(max_retries),
+            batches,
+            linger,
+            Retrying::default(),
+            CancellationToken::new(),
+        )
+    }
+
+    fn spawn_with(
+        sink: Box<dyn Sink>,
+        fences: Fences,
+        max_retries: Option<u32>,
+        batches: usize,
+        linger: Option<Linger>,
+        retrying: Retrying,
+        stop: CancellationToken,
+    ) -> Spawned {
         let metrics = Arc::new(Metrics::new());
         let (committer, messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
         let settings = WorkerSettings {
@@ -717,6 +892,8 @@ mod tests {
             fences,
             batches_in_flight: batches,
             linger,
+            retrying,
+            stop,
         };
         let (handle, task) = WorkerHandle::spawn(
             settings,
@@ -863,6 +1040,103 @@ mod tests {
             vec![(7, AckStatus::Failed, Some("retries_exhausted"))]
         );
         assert_eq!(run.metrics.sink_errors.with_label_values(&["r"]).get(), 1);
+    }
+
+    /// A sink that fails every delivery retryably, forever.
+    struct Down {
+        attempts: Arc<std::sync::atomic::AtomicU32>,
+    }
+
+    impl Sink for Down {
+        fn deliver<'a>(
+            &'a mut self,
+            _route: &'a str,
+            batch: &'a [Record],
+        ) -> crate::sink::DeliveryFuture<'a> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Box::pin(std::future::ready(vec![retryable(); batch.len()]))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_max_retries_a_worker_retries_until_delivered_and_says_so() {
+        // 40 failed attempts (far past any old default), then through.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Scripted {
+            answers: (0..40).map(|_| vec![retryable()]).collect(),
+            seen: seen.clone(),
+            release_after_first: None,
+        };
+        let retrying = Retrying::default();
+        let mut worker = spawn_with(
+            Box::new(sink),
+            Fences::default(),
+            None,
+            1,
+            None,
+            retrying.clone(),
+            CancellationToken::new(),
+        );
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("a", 9)]),
+            Offer::Taken
+        ));
+        let said = eventually(Duration::from_secs(5), || {
+            retrying
+                .snapshot()
+                .first()
+                .is_some_and(|retry| retry.attempts >= 3)
+        })
+        .await;
+        assert!(said, "the retrying worker is shown");
+        let shown = retrying.snapshot()[0].to_string();
+        assert!(
+            shown.starts_with("route `r` retrying since") && shown.contains("no answer"),
+            "{shown}"
+        );
+        let acks = worker.finish().await;
+        assert_eq!(seen.lock().expect("seen").len(), 41);
+        assert_eq!(acks, vec![(9, AckStatus::Processed, None)]);
+        assert!(retrying.snapshot().is_empty(), "no longer retrying");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_told_to_stop_leaves_its_retries_unfinished() {
+        let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let sink = Down {
+            attempts: attempts.clone(),
+        };
+        let retrying = Retrying::default();
+        let stop = CancellationToken::new();
+        let mut worker = spawn_with(
+            Box::new(sink),
+            Fences::default(),
+            None,
+            1,
+            None,
+            retrying.clone(),
+            stop.clone(),
+        );
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("a", 1), keyed("b", 2)]),
+            Offer::Taken
+        ));
+        let retried = eventually(Duration::from_secs(60), || {
+            attempts.load(std::sync::atomic::Ordering::SeqCst) >= 10
+        })
+        .await;
+        assert!(retried);
+        stop.cancel();
+        // The input stays open: only the stop ends the worker.
+        let ended = tokio::time::timeout(Duration::from_secs(5), &mut worker.task).await;
+        assert!(ended.is_ok(), "the worker ended when told to stop");
+        assert_eq!(worker.acks(), vec![], "nothing acked, nothing given up on");
+        assert_eq!(
+            worker.metrics.sink_errors.with_label_values(&["r"]).get(),
+            0
+        );
+        assert!(retrying.snapshot().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -31,6 +31,32 @@ fn check_config_accepts_the_shipped_files() {
     }
 }
 
+/// Issue 34, item 7: `check-config` prints a sink URL without its user info and keys.
+#[test]
+fn check_config_shows_urls_without_their_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("urls.toml");
+    std::fs::write(
+        &path,
+        "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n[[routes]]\nname = \"r\"\nlevels = [\"error\"]\nsink = { type = \"http\", url = \"https://ingest:pa55w0rd@logs.example/in?token=t0ken-value&tag=kept\" }\n",
+    )
+    .expect("write");
+    let output = Command::new(BIN)
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .expect("run logbridge");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    for secret in ["ingest:", "pa55w0rd", "t0ken-value"] {
+        assert!(!stdout.contains(secret), "{secret} shown:\n{stdout}");
+    }
+    assert!(
+        stdout.contains("https://<redacted>@logs.example/in?token=<redacted>&tag=kept"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn check_config_names_the_bad_key_and_exits_2() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -54,6 +54,15 @@ pub struct HttpSinkConfig {
     /// `YYYY.MM.DD`, UTC) are replaced.
     #[serde(default)]
     pub index: Option<String>,
+    /// `elasticsearch` only: written before every document id, which is
+    /// `<id_prefix><topic>-<partition>-<offset>-<timestamp>` (the record's Kafka timestamp in
+    /// milliseconds: a topic made again after a deletion starts at offset 0 again, and its
+    /// records must not take the old documents' ids). Default: none. Set one per source
+    /// cluster when clusters with the same topic names write to the same index (for example
+    /// `"eu-1:"`), and never change it afterwards: a record replayed under another prefix is
+    /// indexed again.
+    #[serde(default)]
+    pub id_prefix: Option<String>,
 }
 
 /// HTTP method of the generic sink.
@@ -119,10 +128,97 @@ fn default_max_bytes() -> usize {
     5 << 20
 }
 
+/// Longest `id_prefix` in bytes: with a topic name (249 at most), a partition, an offset and a
+/// timestamp the id stays within Elasticsearch's 512 bytes.
+const MAX_ID_PREFIX: usize = 200;
+
 /// Header names whose values are secrets whatever the configuration says.
 fn is_secret_header(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
     name == "authorization" || super::is_secret(&name) || name.contains("auth")
+}
+
+/// Words that make a query parameter's value a secret (compared with the lowercased name):
+/// `api_key`, `apikey`, `access_token`, `password`, `client_secret`, `sig` (Azure SAS),
+/// `X-Amz-Signature`, `X-Amz-Credential`, `auth`... A harmless parameter redacted costs
+/// nothing; a key shown in a log or a dead-letter header does.
+const SECRET_QUERY_WORDS: &[&str] = &[
+    "key",
+    "token",
+    "secret",
+    "pass",
+    "pwd",
+    "sig",
+    "auth",
+    "credential",
+    "session",
+];
+
+/// Whether the value of query parameter `name` is a secret.
+fn is_secret_query_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_QUERY_WORDS.iter().any(|word| name.contains(word))
+}
+
+/// Byte ranges of `url` that are secrets: the user info before `@` (user and password: a token
+/// is often given as the user alone), and the value of each query parameter whose name looks
+/// like a credential ([`SECRET_QUERY_WORDS`]). Works on the text as written, parsed or not, so
+/// that a URL too broken to parse is still shown without its secrets.
+fn url_secret_spans(url: &str) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    let rest = &url[after_scheme..];
+    let authority_end = rest
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |at| after_scheme + at);
+    if let Some(at) = url[after_scheme..authority_end].rfind('@') {
+        if at > 0 {
+            spans.push(after_scheme..after_scheme + at);
+        }
+    }
+    let Some(question) = url[authority_end..]
+        .find('?')
+        .map(|at| authority_end + at + 1)
+    else {
+        return spans;
+    };
+    let query_end = url[question..]
+        .find('#')
+        .map_or(url.len(), |at| question + at);
+    let mut start = question;
+    for pair in url[question..query_end].split('&') {
+        if let Some(equals) = pair.find('=') {
+            let value = start + equals + 1..start + pair.len();
+            if !value.is_empty() && is_secret_query_name(&pair[..equals]) {
+                spans.push(value);
+            }
+        }
+        start += pair.len() + 1;
+    }
+    spans
+}
+
+/// `url` with its secrets (user info, credential-like query values) replaced by
+/// `<redacted>`: how a URL is shown by `check-config`, `/status`, logs and dead-letter
+/// headers. `https://u:p@h/in?api_key=k&n=1` is shown as `https://<redacted>@h/in?api_key=<redacted>&n=1`.
+pub fn redact_url(url: &str) -> String {
+    let mut shown = String::with_capacity(url.len());
+    let mut from = 0;
+    for span in url_secret_spans(url) {
+        shown.push_str(&url[from..span.start]);
+        shown.push_str(REDACTED);
+        from = span.end;
+    }
+    shown.push_str(&url[from..]);
+    shown
+}
+
+/// `text` with every occurrence of `url` written as [`redact_url`] shows it.
+pub fn redact_url_in(text: &str, url: &str) -> String {
+    if url_secret_spans(url).is_empty() {
+        return text.to_string();
+    }
+    text.replace(url, &redact_url(url))
 }
 
 impl HttpSinkConfig {
@@ -134,14 +230,17 @@ impl HttpSinkConfig {
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
             return Err(invalid(
                 field("url"),
-                format!("`{}` is not an http:// or https:// URL", self.url),
+                format!(
+                    "`{}` is not an http:// or https:// URL",
+                    redact_url(&self.url)
+                ),
             ));
         }
         // The parser the sink itself uses, so a URL that passes here also works there.
         if reqwest::Url::parse(url).is_err() {
             return Err(invalid(
                 field("url"),
-                format!("`{}` is not a valid URL", self.url),
+                format!("`{}` is not a valid URL", redact_url(&self.url)),
             ));
         }
         check_range(&field("timeout_ms"), self.timeout_ms, 1, 600_000)?;
@@ -172,6 +271,16 @@ impl HttpSinkConfig {
                 ));
             }
         }
+        if let Some(prefix) = &self.id_prefix {
+            if !elasticsearch {
+                return Err(invalid(
+                    field("id_prefix"),
+                    "only an elasticsearch sink has document ids",
+                ));
+            }
+            // Elasticsearch takes ids of up to 512 bytes; topic names take up to 249.
+            check_range(&field("id_prefix"), prefix.len(), 0, MAX_ID_PREFIX)?;
+        }
         match (elasticsearch, &self.index) {
             (true, None) => Err(invalid(
                 field("index"),
@@ -196,24 +305,36 @@ impl HttpSinkConfig {
         }
     }
 
-    /// The secret values of this section (auth, authorization-like headers).
+    /// The secret values of this section (auth, authorization-like headers, the URL's
+    /// [`redact_url`] parts).
     pub fn secrets(&self) -> impl Iterator<Item = &str> {
         let auth = match &self.auth {
             Some(HttpAuth::Basic { password, .. }) => Some(password.as_str()),
             Some(HttpAuth::Bearer { token }) => Some(token.as_str()),
             None => None,
         };
-        auth.into_iter().chain(
-            self.headers
-                .iter()
-                .filter(|(name, _)| is_secret_header(name))
-                .map(|(_, value)| value.as_str()),
-        )
+        // The user info whole, and its password alone (an error may quote either).
+        let url = url_secret_spans(&self.url)
+            .into_iter()
+            .map(|span| &self.url[span])
+            .flat_map(|secret| {
+                let password = secret.split_once(':').map(|(_, password)| password);
+                std::iter::once(secret).chain(password)
+            });
+        auth.into_iter()
+            .chain(
+                self.headers
+                    .iter()
+                    .filter(|(name, _)| is_secret_header(name))
+                    .map(|(_, value)| value.as_str()),
+            )
+            .chain(url)
     }
 
     /// A copy with the secrets replaced by `<redacted>`.
     pub fn redacted(&self) -> HttpSinkConfig {
         let mut copy = self.clone();
+        copy.url = redact_url(&self.url);
         match &mut copy.auth {
             Some(HttpAuth::Basic { password, .. }) => *password = REDACTED.to_string(),
             Some(HttpAuth::Bearer { token }) => *token = REDACTED.to_string(),
@@ -260,6 +381,10 @@ mod tests {
         assert_eq!(
             (http.timeout_ms, http.max_records, http.max_bytes),
             (10_000, 500, 5 << 20)
+        );
+        assert_eq!(
+            config.routes[0].max_retries, None,
+            "no retry limit by default"
         );
         let config = load(
             r#"{ type = "elasticsearch", url = "https://es:9200", index = "logs-{level}", auth = { type = "bearer", token = "${env:LB_TEST_TOKEN}" } }"#,
@@ -323,6 +448,10 @@ mod tests {
                 r#"{ type = "elasticsearch", url = "http://h:9200", index = "l", method = "PUT" }"#,
                 "routes[0].sink.method",
             ),
+            (
+                r#"{ type = "http", url = "http://h/x", id_prefix = "a:" }"#,
+                "routes[0].sink.id_prefix",
+            ),
         ];
         for (sink, key) in cases {
             let err = load(sink).expect_err(sink);
@@ -334,6 +463,55 @@ mod tests {
         let err =
             load(r#"{ type = "http", url = "http://h/x", retries = 3 }"#).expect_err("unknown key");
         assert!(err.contains("retries"), "{err}");
+    }
+
+    #[test]
+    fn url_secrets_are_user_info_and_credential_like_query_values() {
+        use super::redact_url;
+        let cases = [
+            ("http://h:9200", "http://h:9200"),
+            ("https://u:p@h/x", "https://<redacted>@h/x"),
+            ("https://t0ken@h", "https://<redacted>@h"),
+            (
+                "http://h/x?api_key=a&n=1&access_token=b#frag",
+                "http://h/x?api_key=<redacted>&n=1&access_token=<redacted>#frag",
+            ),
+            (
+                "http://h/x?sv=2024&sig=c%2Bd&X-Amz-Signature=e&X-Amz-Credential=f&password=&q",
+                "http://h/x?sv=2024&sig=<redacted>&X-Amz-Signature=<redacted>&X-Amz-Credential=<redacted>&password=&q",
+            ),
+            // An @ in the path or query is not user info.
+            ("http://h/a@b?mail=x@y", "http://h/a@b?mail=x@y"),
+            ("not a url ?token=z", "not a url ?token=<redacted>"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    /// Issue 34, item 7: a URL's user info and credential-like query values are secrets too.
+    #[test]
+    fn secrets_in_urls_are_redacted_where_the_config_is_shown() {
+        let config = load(
+            r#"{ type = "http", url = "https://ingest:pa55w0rd@h.example/in?api_key=k3y-value&Token=t0ken-value&sig=s1g-value&pipeline=visible-one" }"#,
+        )
+        .unwrap();
+        // check-config prints to_toml(); /status shows redacted_json().
+        let shown = config.to_toml();
+        let json = config.redacted_json().to_string();
+        for secret in ["pa55w0rd", "k3y-value", "t0ken-value", "s1g-value"] {
+            assert!(
+                !shown.contains(secret),
+                "{secret} shown by check-config:\n{shown}"
+            );
+            assert!(!json.contains(secret), "{secret} shown by /status:\n{json}");
+            assert!(
+                !config.scrub(&format!("failed: {secret}")).contains(secret),
+                "{secret} not scrubbed"
+            );
+        }
+        assert!(shown.contains("h.example/in"), "{shown}");
+        assert!(shown.contains("pipeline=visible-one"), "{shown}");
     }
 
     #[test]

@@ -11,7 +11,9 @@ mod http;
 mod references;
 mod security;
 
-pub use http::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig};
+pub use http::{
+    redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig,
+};
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 use std::collections::{BTreeMap, HashMap};
@@ -500,9 +502,12 @@ pub struct RouteConfig {
     pub workers: usize,
     /// Destination of the route's records.
     pub sink: SinkConfig,
-    /// Retries of a failed delivery before the record is dead-lettered.
-    #[serde(default = "default_max_retries")]
-    pub max_retries: u32,
+    /// Retries of a retryable delivery failure (connection refused, timeout, 408, 429, 5xx)
+    /// before the record is dead-lettered with reason `retries_exhausted`. Unset (default): no
+    /// limit; the record is retried until it goes through, holding its partition's commit
+    /// back, and the backlog waits in Kafka.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
     /// First retry delay; doubles with each attempt, and each delay is drawn between half and
     /// all of that (equal jitter).
     #[serde(default = "default_retry_backoff_ms")]
@@ -562,10 +567,6 @@ impl RouteConfig {
 
 fn default_check_interval_ms() -> u64 {
     15_000
-}
-
-fn default_max_retries() -> u32 {
-    5
 }
 
 fn default_retry_backoff_ms() -> u64 {
@@ -1456,7 +1457,7 @@ mod tests {
             "{with_kafka_sink}\n[dead_letter]\ntopic = \"logs.dlq\"\n"
         ))
         .expect("valid");
-        assert_eq!(config.routes[0].max_retries, 3);
+        assert_eq!(config.routes[0].max_retries, Some(3));
         assert_eq!(config.routes[0].retry_backoff_ms, 100);
         assert!(config.breaker.enabled);
         let cases = [

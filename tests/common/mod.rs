@@ -640,6 +640,16 @@ impl Running {
             .expect("pipeline ran without error");
     }
 
+    /// The equivalent of SIGTERM, returning how the run ended, or `None` if it did not end
+    /// within `deadline`.
+    pub async fn stop_within(self, deadline: Duration) -> Option<anyhow::Result<()>> {
+        self.shutdown.cancel();
+        tokio::time::timeout(deadline, self.task)
+            .await
+            .ok()
+            .map(|joined| joined.expect("pipeline task joined"))
+    }
+
     /// Like `stop`, for a pipeline whose drain may be cut short (a sink slower than the drain
     /// timeout): the run may end in the error that says how many records were abandoned, and
     /// in no other. Returns that count.
