@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::breaker::BreakerSwitch;
+use crate::breaker::{BreakerHandle, BreakerSwitch};
 use crate::cluster::Probe;
 use crate::committer::{CommitterHandle, CommitterSettings};
 use crate::config::Config;
@@ -159,6 +159,7 @@ pub async fn run(
         &committer,
         &dead_letters,
         &fences,
+        &breaker,
         &metrics,
         &liveness,
     )?;
@@ -409,6 +410,7 @@ fn spawn_workers(
     committer: &CommitterHandle,
     dead_letters: &DeadLetterHandle,
     fences: &Fences,
+    breaker: &BreakerHandle,
     metrics: &Arc<Metrics>,
     liveness: &Liveness,
 ) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>, OpenFiles)> {
@@ -436,6 +438,7 @@ fn spawn_workers(
                 fences: fences.clone(),
                 batches_in_flight: route.batches_in_flight(&config.pipeline),
                 linger: route.linger(),
+                breaker: breaker.route(name.clone()),
             };
             let (handle, task) = WorkerHandle::spawn(
                 settings,
