@@ -156,10 +156,12 @@ pub async fn run(
     let (table, worker_tasks, files) = spawn_workers(
         &config,
         &options.sink_factory,
-        &committer,
-        &dead_letters,
-        &fences,
-        &breaker,
+        Downstream {
+            committer: &committer,
+            dead_letters: &dead_letters,
+            fences: &fences,
+            breaker: &breaker,
+        },
         &metrics,
         &liveness,
     )?;
@@ -404,16 +406,27 @@ async fn watch_actor(task: tokio::task::JoinHandle<()>, kind: &'static str) -> A
     ActorExit { kind, panic }
 }
 
+/// What every worker shares with the stages after it and beside it.
+struct Downstream<'a> {
+    committer: &'a CommitterHandle,
+    dead_letters: &'a DeadLetterHandle,
+    fences: &'a Fences,
+    breaker: &'a BreakerHandle,
+}
+
 fn spawn_workers(
     config: &Config,
     factory: &SinkFactory,
-    committer: &CommitterHandle,
-    dead_letters: &DeadLetterHandle,
-    fences: &Fences,
-    breaker: &BreakerHandle,
+    downstream: Downstream<'_>,
     metrics: &Arc<Metrics>,
     liveness: &Liveness,
 ) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>, OpenFiles)> {
+    let Downstream {
+        committer,
+        dead_letters,
+        fences,
+        breaker,
+    } = downstream;
     let mut lanes = Vec::with_capacity(config.routes.len());
     let mut tasks = Vec::new();
     let mut files = OpenFiles::default();
