@@ -106,6 +106,9 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// Failed attempts to produce to the dead-letter topic (they are retried).
     pub dead_letter_errors: IntCounter,
+    /// Refusals of a dead letter that trying again cannot fix (after logbridge shrank it or
+    /// gave it a key where that helps), by reason: the dead letter waits for an operator.
+    pub dead_letter_refused: IntCounterVec,
     /// Delivery retries, by route.
     pub retries: IntCounterVec,
     /// 1 while the dead-letter breaker has stopped consumption.
@@ -394,6 +397,14 @@ impl Metrics {
                 "Failed attempts to produce a dead letter (retried until they succeed).",
             )
             .expect(METRIC_OK),
+            dead_letter_refused: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_dead_letter_refused_total",
+                    "Refusals of a dead letter that retrying cannot fix (record_too_large without value and headers, record_invalid, not_allowed), by reason; the letter is kept and retried, and the partitions wait, until an operator fixes the topic or its ACLs.",
+                ),
+                &["reason"],
+            )
+            .expect(METRIC_OK),
             retries: IntCounterVec::new(
                 Opts::new(
                     "logbridge_delivery_retries_total",
@@ -493,6 +504,7 @@ impl Metrics {
             Box::new(self.drain_seconds.clone()),
             Box::new(self.dead_letters.clone()),
             Box::new(self.dead_letter_errors.clone()),
+            Box::new(self.dead_letter_refused.clone()),
             Box::new(self.retries.clone()),
             Box::new(self.breaker_tripped.clone()),
             Box::new(self.abandoned.clone()),
@@ -515,6 +527,9 @@ impl Metrics {
         }
         for action in ["skipped", "dead_lettered"] {
             self.tombstones.with_label_values(&[action]);
+        }
+        for reason in ["record_too_large", "record_invalid", "not_allowed"] {
+            self.dead_letter_refused.with_label_values(&[reason]);
         }
         for reason in PAUSE_REASONS {
             self.paused_partitions.with_label_values(&[reason]).set(0);

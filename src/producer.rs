@@ -170,6 +170,10 @@ impl DeliveryError {
 /// drop a dead letter's value).
 pub const RECORD_TOO_LARGE: &str = "record_too_large";
 
+/// The reason of a record the destination refuses as invalid (a compacted topic refuses a
+/// record without a key so).
+pub const RECORD_INVALID: &str = "record_invalid";
+
 /// Sorts a librdkafka error into retryable or permanent, where librdkafka tells.
 pub fn classify(err: &KafkaError) -> DeliveryError {
     use RDKafkaErrorCode as Code;
@@ -179,7 +183,7 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
             DeliveryError::permanent(RECORD_TOO_LARGE, message)
         }
         Some(Code::InvalidMessage | Code::InvalidMessageSize | Code::InvalidRecord) => {
-            DeliveryError::permanent("record_invalid", message)
+            DeliveryError::permanent(RECORD_INVALID, message)
         }
         Some(
             Code::TopicAuthorizationFailed | Code::ClusterAuthorizationFailed | Code::InvalidTopic,
@@ -232,6 +236,13 @@ pub mod headers {
     pub const ATTEMPTS: &str = "logbridge.attempts";
     /// Dead letters parked without their value (refused by the dead-letter topic): its size.
     pub const VALUE_DROPPED: &str = "logbridge.error.value_dropped";
+    /// Dead letters still too large without their value, parked without the record's own
+    /// headers too: how many headers were dropped.
+    pub const HEADERS_DROPPED: &str = "logbridge.error.headers_dropped";
+    /// Dead letters of a keyless record refused as invalid (a compacted dead-letter topic takes
+    /// no record without a key): `true` when logbridge gave it the key
+    /// `<source topic>/<partition>/<offset>`.
+    pub const KEY_ADDED: &str = "logbridge.error.key_added";
 }
 
 /// The record's own headers followed by logbridge's: `extra` pairs.
