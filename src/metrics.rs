@@ -159,6 +159,23 @@ pub fn kafka_client_errors() -> &'static IntCounterVec {
     })
 }
 
+/// Kafka producers replaced after a fatal librdkafka error (the idempotent producer's
+/// `rd_kafka_fatal_error`), by client (`sink producer`, `dead-letter producer`). Process-wide
+/// for the same reason as [`kafka_client_errors`].
+pub fn kafka_producer_rebuilds() -> &'static IntCounterVec {
+    static REBUILDS: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    REBUILDS.get_or_init(|| {
+        IntCounterVec::new(
+            Opts::new(
+                "logbridge_kafka_producer_rebuilds_total",
+                "Kafka producers replaced by a new one after a fatal librdkafka error, by client; records in flight on the old one are retried on the new one.",
+            ),
+            &["client"],
+        )
+        .expect(METRIC_OK)
+    })
+}
+
 impl Metrics {
     /// Creates and registers every metric in a fresh registry.
     pub fn new() -> Metrics {
@@ -515,6 +532,7 @@ impl Metrics {
             Box::new(self.consumed_bytes.clone()),
             Box::new(self.delivered_bytes.clone()),
             Box::new(kafka_client_errors().clone()),
+            Box::new(kafka_producer_rebuilds().clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

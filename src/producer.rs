@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
 use rdkafka::ClientContext;
 use rustc_hash::FxHashMap;
+use tracing::error;
 
 use crate::client_log::ClientLog;
 
@@ -21,8 +22,78 @@ use crate::client_log::ClientLog;
 /// polling thread, log lines and errors rate-limited, and delivery reports gathered per batch
 /// ([`send_all`]): the sending task wakes once when its batch is reported, not once per record,
 /// and no record needs a future or a channel of its own.
+///
+/// A producer that librdkafka declares failed for good (a fatal error: the idempotent producer
+/// lost its sequence, its producer id was fenced, ...) refuses every record from then on. The
+/// next send replaces it with a new client built from the same configuration (at most once per
+/// [`REBUILD_EVERY`]); the old one is dropped once its batches are reported, which fails what
+/// it still held, and the callers retry those records on the new one (they own them until a
+/// delivery report says delivered).
 #[derive(Clone)]
-pub struct Producer(ThreadedProducer<Reports>);
+pub struct Producer(Arc<Rebuildable>);
+
+/// Shortest time between two rebuilds: a cluster that makes every new producer fatal at once
+/// (e.g. idempotent writes not allowed) gets a new client a second, not one per record.
+const REBUILD_EVERY: Duration = Duration::from_secs(1);
+
+/// The current client and what is needed to make another.
+pub struct Rebuildable {
+    config: ClientConfig,
+    client: &'static str,
+    current: std::sync::RwLock<(ThreadedProducer<Reports>, std::time::Instant)>,
+}
+
+impl Rebuildable {
+    fn make(config: &ClientConfig, client: &'static str) -> KafkaResult<ThreadedProducer<Reports>> {
+        let reports = Reports {
+            log: ClientLog::new(client),
+            waiting: std::sync::Mutex::new(FxHashMap::default()),
+            next_batch: std::sync::atomic::AtomicU64::new(0),
+            fatal: std::sync::atomic::AtomicBool::new(false),
+        };
+        config.create_with_context(reports)
+    }
+}
+
+impl Producer {
+    /// The client to send on now: the current one, or a new one if the current one had a fatal
+    /// error.
+    fn client(&self) -> ThreadedProducer<Reports> {
+        let cell = &self.0;
+        {
+            let current = cell.current.read().unwrap_or_else(PoisonError::into_inner);
+            if !current.0.context().is_fatal() || current.1.elapsed() < REBUILD_EVERY {
+                return current.0.clone();
+            }
+        }
+        let mut current = cell.current.write().unwrap_or_else(PoisonError::into_inner);
+        // Another sender may have rebuilt it meanwhile.
+        if !current.0.context().is_fatal() || current.1.elapsed() < REBUILD_EVERY {
+            return current.0.clone();
+        }
+        let fatal = current.0.client().fatal_error();
+        match Rebuildable::make(&cell.config, cell.client) {
+            Ok(fresh) => {
+                error!(
+                    client = cell.client,
+                    error = ?fatal,
+                    "kafka producer had a fatal error; replaced it with a new one (records in flight on it are retried)"
+                );
+                crate::metrics::kafka_producer_rebuilds()
+                    .with_label_values(&[cell.client])
+                    .inc();
+                // The old client lives on in the batches still waiting for its reports.
+                *current = (fresh, std::time::Instant::now());
+            }
+            Err(err) => {
+                // Its records keep failing (retryably) until a rebuild works.
+                error!(client = cell.client, error = %err, "cannot replace the kafka producer that had a fatal error");
+                current.1 = std::time::Instant::now();
+            }
+        }
+        current.0.clone()
+    }
+}
 
 /// Bits of a delivery opaque that hold the record's index in its batch; the rest hold the
 /// batch's number.
@@ -36,6 +107,8 @@ pub struct Reports {
     log: ClientLog,
     waiting: std::sync::Mutex<FxHashMap<u64, Arc<BatchReports>>>,
     next_batch: std::sync::atomic::AtomicU64,
+    /// Set once librdkafka reports a fatal error: this client is done.
+    fatal: std::sync::atomic::AtomicBool,
 }
 
 /// The reports of one batch.
@@ -73,6 +146,17 @@ impl BatchReports {
 }
 
 impl Reports {
+    fn is_fatal(&self) -> bool {
+        self.fatal.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes `err` if it is librdkafka's fatal error.
+    fn note(&self, err: &KafkaError) {
+        if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            self.fatal.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     fn waiting(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, Arc<BatchReports>>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -84,6 +168,7 @@ impl ClientContext for Reports {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.note(&error);
         self.log.error(&error, reason);
     }
 }
@@ -98,6 +183,9 @@ impl ProducerContext for Reports {
             // Every batch waits for all its reports before it leaves: nothing to tell.
             return;
         };
+        if let Err((err, _)) = result {
+            self.note(err);
+        }
         reports.report(
             index,
             result
@@ -190,6 +278,8 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
         ) => DeliveryError::permanent("not_allowed", message),
         Some(Code::MessageTimedOut) => DeliveryError::retryable("timed_out", message),
         Some(Code::QueueFull) => DeliveryError::retryable("queue_full", message),
+        // The producer is replaced at the next send: the record goes again on the new one.
+        Some(Code::Fatal) => DeliveryError::retryable("producer_fatal", message),
         _ => DeliveryError::retryable("delivery_failed", message),
     }
 }
@@ -203,15 +293,14 @@ pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Prod
         .set("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT_MS)
         .set("linger.ms", "1");
     cluster.apply(&mut config);
-    let reports = Reports {
-        log: ClientLog::new(client),
-        waiting: std::sync::Mutex::new(FxHashMap::default()),
-        next_batch: std::sync::atomic::AtomicU64::new(0),
-    };
-    config
-        .create_with_context(reports)
-        .map(Producer)
-        .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))
+    let first = Rebuildable::make(&config, client)
+        .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))?;
+    Ok(Producer(Arc::new(Rebuildable {
+        config,
+        client,
+        // A first client is never rebuilt within REBUILD_EVERY of its start either.
+        current: std::sync::RwLock::new((first, std::time::Instant::now())),
+    })))
 }
 
 /// Header names logbridge adds.
@@ -371,14 +460,15 @@ pub fn send_now<'a>(
 
 /// A batch of at most [`MAX_REPORTED`] records registered for its delivery reports.
 struct Reporting {
-    producer: Producer,
+    producer: ThreadedProducer<Reports>,
     batch: u64,
     reports: Arc<BatchReports>,
 }
 
 impl Reporting {
     fn register(producer: &Producer, len: usize) -> Reporting {
-        let context = producer.0.context();
+        let client = producer.client();
+        let context = client.context();
         let batch = context
             .next_batch
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -392,7 +482,7 @@ impl Reporting {
         });
         context.waiting().insert(batch, reports.clone());
         Reporting {
-            producer: producer.clone(),
+            producer: client.clone(),
             batch,
             reports,
         }
@@ -426,10 +516,11 @@ impl Reporting {
         index: usize,
         record: BaseRecord<'a, [u8], [u8], usize>,
     ) -> Option<BaseRecord<'a, [u8], [u8], usize>> {
-        match self.producer.0.send(record) {
+        match self.producer.send(record) {
             Ok(()) => None,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => Some(back),
             Err((err, _)) => {
+                self.producer.context().note(&err);
                 self.report(index, Err(classify(&err)));
                 None
             }
@@ -458,13 +549,110 @@ impl Reporting {
 impl Drop for Reporting {
     fn drop(&mut self) {
         // Reported or given up on (a dropped future): either way nobody waits for it now.
-        self.producer.0.context().waiting().remove(&self.batch);
+        self.producer.context().waiting().remove(&self.batch);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    /// librdkafka's handle of the producer's current client.
+    fn native(producer: &Producer) -> *mut rdkafka::bindings::rd_kafka_t {
+        use rdkafka::producer::Producer as _;
+        producer.client().client().native_ptr()
+    }
+
+    #[tokio::test]
+    async fn a_producer_with_a_fatal_error_is_rebuilt_and_what_failed_on_it_is_delivered() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("out", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let options = std::collections::BTreeMap::new();
+        let cluster = Cluster {
+            brokers: &brokers,
+            security: None,
+            options: &options,
+        };
+        let producer = create(cluster, "fatal test producer").expect("producer");
+        let record = crate::record::test_record(0, 1, Some(b"k"), Some(b"{}"));
+        let outgoing = |record| Outgoing {
+            record,
+            value: Some(&b"{}"[..]),
+            headers: OwnedHeaders::new(),
+            timestamp: None,
+        };
+        let first = send_all(&producer, "out", std::iter::once(outgoing(&record))).await;
+        assert_eq!(first, vec![Ok(())]);
+        // Records in flight when the error strikes: each gets an outcome, none is lost
+        // silently (delivered, or failed retryably for the caller to send again).
+        let in_flight: Vec<_> = (0..100)
+            .map(|offset| crate::record::test_record(0, offset, Some(b"k"), Some(b"{}")))
+            .collect();
+        let reported = send_now(&producer, "out", in_flight.iter().map(outgoing));
+        // What librdkafka raises when the idempotent producer loses its sequence for good.
+        let reason = c"injected by the test";
+        // SAFETY: the handle is alive (the producer is), and the reason a C string.
+        let raised = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                native(&producer),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        assert_eq!(
+            raised,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+        let reported = tokio::time::timeout(Duration::from_secs(30), reported)
+            .await
+            .expect("every record in flight is reported");
+        assert_eq!(reported.len(), 100);
+        assert!(
+            reported
+                .iter()
+                .all(|outcome| outcome.as_ref().is_ok_or_retryable()),
+            "{reported:?}"
+        );
+        // The worker's view: send, and retry what failed retryably, a bounded number of times.
+        let mut outcomes = Vec::new();
+        for _ in 0..50 {
+            outcomes = send_all(&producer, "out", std::iter::once(outgoing(&record))).await;
+            if outcomes == vec![Ok(())] {
+                break;
+            }
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|outcome| outcome.as_ref().is_ok_or_retryable()),
+                "{outcomes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            outcomes,
+            vec![Ok(())],
+            "after a fatal error the producer must be rebuilt, not fail every record for ever"
+        );
+        let rebuilds = crate::metrics::kafka_producer_rebuilds()
+            .with_label_values(&["fatal test producer"])
+            .get();
+        assert_eq!(rebuilds, 1);
+    }
+
+    trait OkOrRetryable {
+        fn is_ok_or_retryable(&self) -> bool;
+    }
+
+    impl OkOrRetryable for Result<&(), &DeliveryError> {
+        fn is_ok_or_retryable(&self) -> bool {
+            match self {
+                Ok(()) => true,
+                Err(err) => err.kind == FailureKind::Retryable,
+            }
+        }
+    }
 
     #[test]
     fn too_large_is_permanent_and_timeouts_are_retryable() {
