@@ -160,7 +160,7 @@ pub fn kafka_client_errors() -> &'static IntCounterVec {
 }
 
 /// Kafka producers replaced after a fatal librdkafka error (the idempotent producer's
-/// `rd_kafka_fatal_error`), by client (`sink producer`, `dead-letter producer`). Process-wide
+/// `rd_kafka_fatal_error`) or a change of a file a property is read from, by client (`sink producer`, `dead-letter producer`). Process-wide
 /// for the same reason as [`kafka_client_errors`].
 pub fn kafka_producer_rebuilds() -> &'static IntCounterVec {
     static REBUILDS: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
@@ -168,7 +168,7 @@ pub fn kafka_producer_rebuilds() -> &'static IntCounterVec {
         IntCounterVec::new(
             Opts::new(
                 "logbridge_kafka_producer_rebuilds_total",
-                "Kafka producers replaced by a new one after a fatal librdkafka error, by client; records in flight on the old one are retried on the new one.",
+                "Kafka producers replaced by a new one, by client: after a fatal librdkafka error, or when a file one of its properties is read from (${file:...}) changed; records in flight on the old one are retried on the new one.",
             ),
             &["client"],
         )

@@ -36,11 +36,45 @@ pub struct Producer(Arc<Rebuildable>);
 /// (e.g. idempotent writes not allowed) gets a new client a second, not one per record.
 const REBUILD_EVERY: Duration = Duration::from_secs(1);
 
+/// How often values read from `${file:...}` references (a rotated password or token) are read
+/// again; a client whose authentication fails reads them at its next send (at most once per
+/// [`REBUILD_EVERY`]).
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
+
 /// The current client and what is needed to make another.
 pub struct Rebuildable {
-    config: ClientConfig,
     client: &'static str,
-    current: std::sync::RwLock<(ThreadedProducer<Reports>, std::time::Instant)>,
+    current: std::sync::RwLock<Current>,
+}
+
+/// The client in use, and how it was made.
+struct Current {
+    producer: ThreadedProducer<Reports>,
+    /// When it was made (or a rebuild last failed).
+    made: std::time::Instant,
+    config: ClientConfig,
+    /// Properties whose value came from `${file:...}` references.
+    reloading: Vec<(String, crate::config::Reloading)>,
+    /// When the files were last read.
+    checked: std::time::Instant,
+}
+
+impl Current {
+    /// Why the client must be replaced now, if it must.
+    fn replace_because(&self, now: std::time::Instant) -> Option<&'static str> {
+        let context = self.producer.context();
+        if now.saturating_duration_since(self.made) < REBUILD_EVERY {
+            return None;
+        }
+        if context.is_fatal() {
+            return Some("fatal error");
+        }
+        let due = now.saturating_duration_since(self.checked) >= RELOAD_EVERY
+            || context
+                .auth_failed
+                .load(std::sync::atomic::Ordering::Relaxed);
+        (!self.reloading.is_empty() && due).then_some("files to read again")
+    }
 }
 
 impl Rebuildable {
@@ -50,6 +84,7 @@ impl Rebuildable {
             waiting: std::sync::Mutex::new(FxHashMap::default()),
             next_batch: std::sync::atomic::AtomicU64::new(0),
             fatal: std::sync::atomic::AtomicBool::new(false),
+            auth_failed: std::sync::atomic::AtomicBool::new(false),
         };
         config.create_with_context(reports)
     }
@@ -57,41 +92,63 @@ impl Rebuildable {
 
 impl Producer {
     /// The client to send on now: the current one, or a new one if the current one had a fatal
-    /// error.
+    /// error or a value it was made with was read from a file that has changed since.
     fn client(&self) -> ThreadedProducer<Reports> {
         let cell = &self.0;
+        let now = std::time::Instant::now();
         {
             let current = cell.current.read().unwrap_or_else(PoisonError::into_inner);
-            if !current.0.context().is_fatal() || current.1.elapsed() < REBUILD_EVERY {
-                return current.0.clone();
+            if current.replace_because(now).is_none() {
+                return current.producer.clone();
             }
         }
         let mut current = cell.current.write().unwrap_or_else(PoisonError::into_inner);
-        // Another sender may have rebuilt it meanwhile.
-        if !current.0.context().is_fatal() || current.1.elapsed() < REBUILD_EVERY {
-            return current.0.clone();
+        // Another sender may have done it meanwhile.
+        let Some(why) = current.replace_because(now) else {
+            return current.producer.clone();
+        };
+        let is_fatal = current.producer.context().is_fatal();
+        let fatal = current.producer.client().fatal_error();
+        let mut changed = Vec::new();
+        let Current {
+            config, reloading, ..
+        } = &mut *current;
+        for (name, value) in reloading.iter_mut() {
+            if let Some(fresh) = value.changed(now, Duration::ZERO) {
+                config.set(name.clone(), fresh);
+                changed.push(name.clone());
+            }
         }
-        let fatal = current.0.client().fatal_error();
-        match Rebuildable::make(&cell.config, cell.client) {
+        current.checked = now;
+        current
+            .producer
+            .context()
+            .auth_failed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if !is_fatal && changed.is_empty() {
+            return current.producer.clone();
+        }
+        match Rebuildable::make(&current.config, cell.client) {
             Ok(fresh) => {
-                error!(
-                    client = cell.client,
-                    error = ?fatal,
-                    "kafka producer had a fatal error; replaced it with a new one (records in flight on it are retried)"
-                );
+                if is_fatal {
+                    error!(client = cell.client, error = ?fatal, "kafka producer had a fatal error; replaced it with a new one (records in flight on it are retried)");
+                } else {
+                    tracing::info!(client = cell.client, properties = ?changed, "a file a kafka producer property is read from changed; replaced the producer with one that uses the new value");
+                }
                 crate::metrics::kafka_producer_rebuilds()
                     .with_label_values(&[cell.client])
                     .inc();
                 // The old client lives on in the batches still waiting for its reports.
-                *current = (fresh, std::time::Instant::now());
+                current.producer = fresh;
+                current.made = now;
             }
             Err(err) => {
                 // Its records keep failing (retryably) until a rebuild works.
-                error!(client = cell.client, error = %err, "cannot replace the kafka producer that had a fatal error");
-                current.1 = std::time::Instant::now();
+                error!(client = cell.client, error = %err, why, "cannot replace the kafka producer");
+                current.made = now;
             }
         }
-        current.0.clone()
+        current.producer.clone()
     }
 }
 
@@ -109,6 +166,8 @@ pub struct Reports {
     next_batch: std::sync::atomic::AtomicU64,
     /// Set once librdkafka reports a fatal error: this client is done.
     fatal: std::sync::atomic::AtomicBool,
+    /// Set when the cluster refused the credentials: read their files again now.
+    auth_failed: std::sync::atomic::AtomicBool,
 }
 
 /// The reports of one batch.
@@ -152,8 +211,19 @@ impl Reports {
 
     /// Notes `err` if it is librdkafka's fatal error.
     fn note(&self, err: &KafkaError) {
-        if err.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
-            self.fatal.store(true, std::sync::atomic::Ordering::Relaxed);
+        match err.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => {
+                self.fatal.store(true, std::sync::atomic::Ordering::Relaxed)
+            }
+            Some(
+                RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed,
+            ) => self
+                .auth_failed
+                .store(true, std::sync::atomic::Ordering::Relaxed),
+            _ => {}
         }
     }
 
@@ -295,11 +365,24 @@ pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Prod
     cluster.apply(&mut config);
     let first = Rebuildable::make(&config, client)
         .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))?;
+    let reloading = config
+        .config_map()
+        .iter()
+        .filter_map(|(name, value)| {
+            crate::config::Reloading::of(value).map(|reloading| (name.to_string(), reloading))
+        })
+        .collect();
+    let now = std::time::Instant::now();
     Ok(Producer(Arc::new(Rebuildable {
-        config,
         client,
-        // A first client is never rebuilt within REBUILD_EVERY of its start either.
-        current: std::sync::RwLock::new((first, std::time::Instant::now())),
+        current: std::sync::RwLock::new(Current {
+            producer: first,
+            // A first client is never rebuilt within REBUILD_EVERY of its start either.
+            made: now,
+            config,
+            reloading,
+            checked: now,
+        }),
     })))
 }
 
@@ -558,6 +641,12 @@ mod tests {
     use super::*;
     use rdkafka::mocking::MockCluster;
 
+    /// The value of property `name` the producer's current client was made with.
+    fn configured(producer: &Producer, name: &str) -> Option<String> {
+        let current = producer.0.current.read().expect("not poisoned");
+        current.config.get(name).map(str::to_string)
+    }
+
     /// librdkafka's handle of the producer's current client.
     fn native(producer: &Producer) -> *mut rdkafka::bindings::rd_kafka_t {
         use rdkafka::producer::Producer as _;
@@ -639,6 +728,65 @@ mod tests {
             .with_label_values(&["fatal test producer"])
             .get();
         assert_eq!(rebuilds, 1);
+    }
+
+    #[tokio::test]
+    async fn credentials_read_from_a_file_are_read_again_when_the_file_changes() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("out", 1, 1).expect("topic");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "first-token\n").expect("write");
+        // Any option works the same; the mock cluster has no SASL, so `client.id` stands in
+        // for `sasl.password` or `sasl.oauthbearer.config`.
+        let text = format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
+             [[routes]]\nname = \"all\"\ndefault = true\nsink = {{ type = \"null\" }}\n\
+             [dead_letter]\ntopic = \"out\"\noptions = {{ \"client.id\" = \"${{file:{}}}\" }}\n",
+            mock.bootstrap_servers(),
+            token.display()
+        );
+        let mut config = crate::config::load_jailed(&text, &[]).expect("valid");
+        config.resolve_outputs();
+        let source = config.kafka.brokers.clone();
+        let Some(dead_letter) = &config.dead_letter else {
+            panic!("a dead-letter section")
+        };
+        let producer =
+            create(dead_letter.cluster(&source), "reload test producer").expect("producer");
+        assert_eq!(
+            configured(&producer, "client.id").as_deref(),
+            Some("first-token")
+        );
+        // The token is rotated: the file is rewritten in place.
+        std::fs::write(&token, "second-token\n").expect("rewrite");
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        let mut used = None;
+        while std::time::Instant::now() < until {
+            let record = crate::record::test_record(0, 1, Some(b"k"), Some(b"{}"));
+            let sent = send_all(
+                &producer,
+                "out",
+                std::iter::once(Outgoing {
+                    record: &record,
+                    value: Some(&b"{}"[..]),
+                    headers: OwnedHeaders::new(),
+                    timestamp: None,
+                }),
+            )
+            .await;
+            assert_eq!(sent, vec![Ok(())]);
+            used = configured(&producer, "client.id");
+            if used.as_deref() == Some("second-token") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            used.as_deref(),
+            Some("second-token"),
+            "a value read from a file must be read again when the file changes"
+        );
     }
 
     trait OkOrRetryable {

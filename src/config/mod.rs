@@ -12,6 +12,7 @@ mod references;
 mod security;
 
 pub use http::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig};
+pub use references::Reloading;
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 use std::collections::{BTreeMap, HashMap};
