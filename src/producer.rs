@@ -57,23 +57,27 @@ struct Current {
     reloading: Vec<(String, crate::config::Reloading)>,
     /// When the files were last read.
     checked: std::time::Instant,
+    /// `config` holds a value read again that the client was not made with. The client is
+    /// replaced once nothing sent on it waits for a report (two clients at once could reorder
+    /// a key: the new one's records could land before the old one's retries), or at once if
+    /// the cluster refuses its credentials (then what it holds fails, and is retried in order).
+    stale: bool,
 }
 
 impl Current {
-    /// Why the client must be replaced now, if it must.
-    fn replace_because(&self, now: std::time::Instant) -> Option<&'static str> {
+    /// Whether the client may have to be replaced now (checked under the write lock).
+    fn to_look_at(&self, now: std::time::Instant) -> bool {
         let context = self.producer.context();
         if now.saturating_duration_since(self.made) < REBUILD_EVERY {
-            return None;
+            return false;
         }
-        if context.is_fatal() {
-            return Some("fatal error");
-        }
-        let due = now.saturating_duration_since(self.checked) >= RELOAD_EVERY
-            || context
-                .auth_failed
-                .load(std::sync::atomic::Ordering::Relaxed);
-        (!self.reloading.is_empty() && due).then_some("files to read again")
+        context.is_fatal()
+            || (!self.reloading.is_empty()
+                && (context
+                    .auth_failed
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    || now.saturating_duration_since(self.checked) >= RELOAD_EVERY))
+            || (self.stale && context.waiting().is_empty())
     }
 }
 
@@ -98,34 +102,40 @@ impl Producer {
         let now = std::time::Instant::now();
         {
             let current = cell.current.read().unwrap_or_else(PoisonError::into_inner);
-            if current.replace_because(now).is_none() {
+            if !current.to_look_at(now) {
                 return current.producer.clone();
             }
         }
         let mut current = cell.current.write().unwrap_or_else(PoisonError::into_inner);
         // Another sender may have done it meanwhile.
-        let Some(why) = current.replace_because(now) else {
+        if !current.to_look_at(now) {
             return current.producer.clone();
-        };
-        let is_fatal = current.producer.context().is_fatal();
-        let fatal = current.producer.client().fatal_error();
-        let mut changed = Vec::new();
-        let Current {
-            config, reloading, ..
-        } = &mut *current;
-        for (name, value) in reloading.iter_mut() {
-            if let Some(fresh) = value.changed(now, Duration::ZERO) {
-                config.set(name.clone(), fresh);
-                changed.push(name.clone());
-            }
         }
-        current.checked = now;
-        current
-            .producer
-            .context()
+        let context = current.producer.context();
+        let is_fatal = context.is_fatal();
+        let refused = context
             .auth_failed
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        if !is_fatal && changed.is_empty() {
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let fatal = current.producer.client().fatal_error();
+        if refused || now.saturating_duration_since(current.checked) >= RELOAD_EVERY {
+            let Current {
+                config,
+                reloading,
+                stale,
+                checked,
+                ..
+            } = &mut *current;
+            for (name, value) in reloading.iter_mut() {
+                if let Some(fresh) = value.changed(now, Duration::ZERO) {
+                    tracing::info!(client = cell.client, property = %name, "a file a kafka producer property is read from changed");
+                    config.set(name.clone(), fresh);
+                    *stale = true;
+                }
+            }
+            *checked = now;
+        }
+        let idle = current.producer.context().waiting().is_empty();
+        if !(is_fatal || (current.stale && (idle || refused))) {
             return current.producer.clone();
         }
         match Rebuildable::make(&current.config, cell.client) {
@@ -133,21 +143,24 @@ impl Producer {
                 if is_fatal {
                     error!(client = cell.client, error = ?fatal, "kafka producer had a fatal error; replaced it with a new one (records in flight on it are retried)");
                 } else {
-                    tracing::info!(client = cell.client, properties = ?changed, "a file a kafka producer property is read from changed; replaced the producer with one that uses the new value");
+                    tracing::info!(
+                        client = cell.client,
+                        "replaced the kafka producer with one made with the values read again"
+                    );
                 }
                 crate::metrics::kafka_producer_rebuilds()
                     .with_label_values(&[cell.client])
                     .inc();
                 // The old client lives on in the batches still waiting for its reports.
                 current.producer = fresh;
-                current.made = now;
+                current.stale = false;
             }
             Err(err) => {
                 // Its records keep failing (retryably) until a rebuild works.
-                error!(client = cell.client, error = %err, why, "cannot replace the kafka producer");
-                current.made = now;
+                error!(client = cell.client, error = %err, "cannot replace the kafka producer");
             }
         }
+        current.made = now;
         current.producer.clone()
     }
 }
@@ -382,6 +395,7 @@ pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Prod
             config,
             reloading,
             checked: now,
+            stale: false,
         }),
     })))
 }
@@ -787,6 +801,10 @@ mod tests {
             Some("second-token"),
             "a value read from a file must be read again when the file changes"
         );
+        let rebuilds = crate::metrics::kafka_producer_rebuilds()
+            .with_label_values(&["reload test producer"])
+            .get();
+        assert_eq!(rebuilds, 1, "the client was replaced once, when idle");
     }
 
     trait OkOrRetryable {
