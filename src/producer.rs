@@ -25,10 +25,10 @@ use crate::client_log::ClientLog;
 ///
 /// A producer that librdkafka declares failed for good (a fatal error: the idempotent producer
 /// lost its sequence, its producer id was fenced, ...) refuses every record from then on. The
-/// next send replaces it with a new client built from the same configuration (at most once per
-/// [`REBUILD_EVERY`]); the old one is dropped once its batches are reported, which fails what
-/// it still held, and the callers retry those records on the new one (they own them until a
-/// delivery report says delivered).
+/// first send after every batch sent on it was reported replaces it with a new client built
+/// from the same configuration (at most once per [`REBUILD_EVERY`]); the callers retry what
+/// failed on the old one on the new one (they own their records until a delivery report says
+/// delivered), and nothing of the new one can overtake a record still in flight on the old.
 #[derive(Clone)]
 pub struct Producer(Arc<Rebuildable>);
 
@@ -71,7 +71,7 @@ impl Current {
         if now.saturating_duration_since(self.made) < REBUILD_EVERY {
             return false;
         }
-        context.is_fatal()
+        (context.is_fatal() && context.waiting().is_empty())
             || (!self.reloading.is_empty()
                 && (context
                     .auth_failed
@@ -135,7 +135,9 @@ impl Producer {
             *checked = now;
         }
         let idle = current.producer.context().waiting().is_empty();
-        if !(is_fatal || (current.stale && (idle || refused))) {
+        // Never two clients with records in flight at once: the new one's records could land
+        // before the old one's (a fatal client fails new records at once, so it is idle soon).
+        if !((is_fatal && idle) || (current.stale && (idle || refused))) {
             return current.producer.clone();
         }
         match Rebuildable::make(&current.config, cell.client) {
