@@ -132,17 +132,44 @@ impl Breaker {
     }
 
     /// Records one finished record, over all records and over its route's; returns the trip if
-    /// this record tripped the breaker.
+    /// this record tripped the breaker. (In the pipeline the two halves are counted apart:
+    /// [`Breaker::record_all`] by the committer, [`Breaker::record_route`] by the workers.)
     pub fn record(&mut self, failed: bool, route: &str, reason: &str) -> Option<Trip> {
+        self.count(failed, route, true, true);
+        self.passed(failed, route, reason)
+    }
+
+    /// Records one finished record over all records only (the committer sees them all).
+    pub fn record_all(&mut self, failed: bool, route: &str, reason: &str) -> Option<Trip> {
+        self.count(failed, route, true, false);
+        self.passed(failed, route, reason)
+    }
+
+    /// Records a record of `route` that failed, over its route's records only (counted by the
+    /// route's worker when it decides, and over all records when it is committed).
+    pub fn record_route(&mut self, route: &str, reason: &str) -> Option<Trip> {
+        self.count(true, route, false, true);
+        self.passed(true, route, reason)
+    }
+
+    fn count(&mut self, failed: bool, route: &str, all: bool, by_route: bool) {
         if !self.config.enabled {
-            return None;
+            return;
         }
         let size = self.config.window;
-        self.all.push(failed, size);
-        if let Some(window) = self.route_window(route) {
-            window.push(failed, size);
+        if all {
+            self.all.push(failed, size);
         }
-        if self.tripped || !failed {
+        if by_route {
+            if let Some(window) = self.route_window(route) {
+                window.push(failed, size);
+            }
+        }
+    }
+
+    /// The trip, if this failure passed a limit.
+    fn passed(&mut self, failed: bool, route: &str, reason: &str) -> Option<Trip> {
+        if !self.config.enabled || self.tripped || !failed {
             return None;
         }
         let by_route = self
@@ -203,11 +230,11 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records one finished record; trips (and says so) when a limit is passed. Returns whether
-    /// the breaker is tripped now.
-    fn record(&self, failed: bool, route: &str, reason: &str) -> bool {
+    /// Trips (and says so) if `count` returns a trip. Returns whether the breaker is tripped
+    /// now.
+    fn record(&self, count: impl FnOnce(&mut Breaker) -> Option<Trip>) -> bool {
         let mut breaker = self.breaker();
-        if let Some(trip) = breaker.record(failed, route, reason) {
+        if let Some(trip) = count(&mut breaker) {
             error!(route = %trip.route, reason = %trip.reason, limit = %trip.limit, "{trip}; all partitions paused and failing records held until restart or POST /resume");
             self.metrics.breaker_tripped.set(1);
             // Receivers (consumer, HTTP) gone means shutdown: nothing to stop.
@@ -276,10 +303,11 @@ impl BreakerSwitch {
         )
     }
 
-    /// Records one finished record (see [`crate::committer`] for which ones a worker has
-    /// counted already); trips (and says so) when a limit is passed.
+    /// Records one finished record over all records (a route's own window is counted by its
+    /// workers); trips (and says so) when a limit is passed.
     pub fn record(&mut self, failed: bool, route: &str, reason: &str) {
-        self.shared.record(failed, route, reason);
+        self.shared
+            .record(|breaker| breaker.record_all(failed, route, reason));
     }
 
     /// Waits for an operator's reset and applies it; pending forever once every handle is gone.
@@ -360,7 +388,10 @@ impl RouteBreaker {
         if self.is_tripped() {
             return Verdict::Hold;
         }
-        match self.shared.record(true, &self.route, reason) {
+        match self
+            .shared
+            .record(|breaker| breaker.record_route(&self.route, reason))
+        {
             true => Verdict::Hold,
             false => Verdict::Fail,
         }

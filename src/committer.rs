@@ -539,13 +539,7 @@ impl CommitterActor {
         };
         // A tombstone or an unrouted event parked on purpose is not a sign of bad input.
         let failed = ack.status.is_failure() && !crate::record::parked_on_purpose(reason);
-        // A route's failures were counted by its worker when it failed them (its
-        // `RouteBreaker`), so that the bound on a failing route does not grow with what is in
-        // flight; every other outcome is counted here.
-        let counted_by_worker = failed && ack.status.is_failure() && route != "none";
-        if !counted_by_worker {
-            self.breaker.record(failed, route, reason);
-        }
+        self.breaker.record(failed, route, reason);
         let current = self
             .partitions
             .get_mut(&ack.source)
@@ -1087,13 +1081,9 @@ mod tests {
         settle().await;
         assert_eq!(metrics.breaker_tripped.get(), 0, "5 tombstones in a row");
         for offset in 5..8 {
-            // Decode failures (route `none`): a route's own failures are counted by its workers.
-            let mut decode = failed(0, offset, "not_json");
-            decode.cause = Some(crate::record::Cause {
-                route: Arc::from("none"),
-                reason: "not_json",
-            });
-            acks.ack(decode).await.expect("alive");
+            acks.ack(failed(0, offset, "not_json"))
+                .await
+                .expect("alive");
         }
         settle().await;
         assert_eq!(metrics.breaker_tripped.get(), 1, "3 failures in a row > 2");

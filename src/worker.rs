@@ -407,6 +407,8 @@ impl WorkerActor {
     ) -> Result<Vec<(Record, DeliveryError)>, StageGone> {
         let mut retry = Vec::new();
         let mut delivered = Vec::with_capacity(pending.len());
+        // Deliveries already counted by the route's breaker (it sees outcomes in order).
+        let mut counted = 0;
         let mut delivered_bytes = 0u64;
         let finished_at = std::time::Instant::now();
         let mut outcomes = outcomes.into_iter();
@@ -448,6 +450,9 @@ impl WorkerActor {
                     } else {
                         err.reason
                     };
+                    // The route's run of failures is broken by the deliveries before this one.
+                    self.breaker.delivered(delivered.len() - counted);
+                    counted = delivered.len();
                     if self.breaker.failed(reason) == Verdict::Hold {
                         // The breaker is tripped: nothing more of this route is failed past.
                         // The record waits here, unacked (its offset uncommitted), and is
@@ -462,7 +467,7 @@ impl WorkerActor {
             }
         }
         self.latency.flush();
-        self.breaker.delivered(delivered.len());
+        self.breaker.delivered(delivered.len() - counted);
         if !delivered.is_empty() {
             // One message for the batch's acks: one wakeup of the committer, not one each.
             self.processed.inc_by(delivered.len() as u64);
@@ -989,6 +994,48 @@ mod tests {
             .map(|offset| (offset, AckStatus::Processed, None))
             .collect();
         assert_eq!(rest, processed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_between_failures_of_a_batch_breaks_the_routes_run() {
+        use crate::breaker::{BreakerState, BreakerSwitch};
+        use crate::config::BreakerConfig;
+        let config = BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 1.0,
+            window: 1000,
+            max_consecutive: 3,
+        };
+        let (_switch, handle) = BreakerSwitch::new(config, Arc::new(Metrics::new()));
+        let refused = || Err(DeliveryError::permanent("http_400", "400 Bad Request"));
+        // Three failures, a delivery, three failures: never more than 3 in a row.
+        let answers = vec![
+            refused(),
+            refused(),
+            refused(),
+            Ok(()),
+            refused(),
+            refused(),
+            refused(),
+        ];
+        let sink = Scripted {
+            answers: vec![answers].into(),
+            seen: Arc::default(),
+            release_after_first: None,
+        };
+        let mut worker = spawn_guarded(
+            Box::new(sink),
+            Fences::default(),
+            5,
+            1,
+            None,
+            handle.route(Arc::from("r")),
+        );
+        let records: Vec<Record> = (0..7).map(|offset| keyed("k", offset)).collect();
+        assert!(matches!(worker.handle.offer(records), Offer::Taken));
+        let acks = worker.finish().await;
+        assert_eq!(acks.len(), 7, "{acks:?}");
+        assert_eq!(handle.state(), BreakerState::Closed, "{acks:?}");
     }
 
     #[tokio::test(start_paused = true)]
