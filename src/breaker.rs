@@ -8,7 +8,7 @@
 //! [`BreakerHandle`], what the consumer and the HTTP endpoint hold to read the state and ask
 //! for a reset.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
@@ -48,63 +48,136 @@ pub enum BreakerState {
     Tripped(Trip),
 }
 
-/// Sliding window of outcomes.
+/// One sliding window of outcomes and the run of failures at its end.
+#[derive(Default)]
+struct Window {
+    outcomes: VecDeque<bool>,
+    failed: usize,
+    consecutive: usize,
+}
+
+impl Window {
+    fn push(&mut self, failed: bool, size: usize) {
+        self.outcomes.push_back(failed);
+        if failed {
+            self.failed += 1;
+            self.consecutive += 1;
+        } else {
+            self.consecutive = 0;
+        }
+        if self.outcomes.len() > size {
+            if let Some(true) = self.outcomes.pop_front() {
+                self.failed -= 1;
+            }
+        }
+    }
+
+    /// The limit this window passed, in words.
+    fn passed(&self, config: &BreakerConfig) -> Option<String> {
+        if self.consecutive > config.max_consecutive {
+            return Some(format!(
+                "{} failed records in a row (max_consecutive = {})",
+                self.consecutive, config.max_consecutive
+            ));
+        }
+        if self.outcomes.len() == config.window
+            && self.failed as f64 > config.max_invalid_ratio * config.window as f64
+        {
+            return Some(format!(
+                "{} of the last {} records failed (max_invalid_ratio = {})",
+                self.failed, config.window, config.max_invalid_ratio
+            ));
+        }
+        None
+    }
+}
+
+/// Sliding windows of outcomes: one over every record, and one per route over that route's
+/// records alone. A route's window is what bounds a failing route whatever the other routes
+/// do: successes of other routes neither break its run nor dilute its ratio.
 pub struct Breaker {
     config: BreakerConfig,
-    window: VecDeque<bool>,
-    failed_in_window: usize,
-    consecutive: usize,
+    all: Window,
+    /// Route names come from the configuration (records that reached no route, `none`, count
+    /// only in `all`), so the map holds at most one window per configured route.
+    routes: HashMap<Box<str>, Window>,
     tripped: bool,
 }
+
+/// The route of records that reached no route: counted only over all records.
+const NO_ROUTE: &str = "none";
 
 impl Breaker {
     /// A closed breaker.
     pub fn new(config: BreakerConfig) -> Breaker {
         Breaker {
-            window: VecDeque::with_capacity(config.window.min(1 << 16)),
+            all: Window {
+                outcomes: VecDeque::with_capacity(config.window.min(1 << 16)),
+                ..Window::default()
+            },
             config,
-            failed_in_window: 0,
-            consecutive: 0,
+            routes: HashMap::new(),
             tripped: false,
         }
     }
 
-    /// Records one finished record; returns the trip if this record tripped the breaker.
-    pub fn record(&mut self, failed: bool, route: &str, reason: &str) -> Option<Trip> {
-        if !self.config.enabled {
+    fn route_window(&mut self, route: &str) -> Option<&mut Window> {
+        if route == NO_ROUTE {
             return None;
         }
-        self.window.push_back(failed);
-        if failed {
-            self.failed_in_window += 1;
-            self.consecutive += 1;
-        } else {
-            self.consecutive = 0;
+        if !self.routes.contains_key(route) {
+            self.routes.insert(route.into(), Window::default());
         }
-        if self.window.len() > self.config.window {
-            if let Some(true) = self.window.pop_front() {
-                self.failed_in_window -= 1;
+        self.routes.get_mut(route)
+    }
+
+    /// Records one finished record, over all records and over its route's; returns the trip if
+    /// this record tripped the breaker. (In the pipeline the two halves are counted apart:
+    /// [`Breaker::record_all`] by the committer, [`Breaker::record_route`] by the workers.)
+    pub fn record(&mut self, failed: bool, route: &str, reason: &str) -> Option<Trip> {
+        self.count(failed, route, true, true);
+        self.passed(failed, route, reason)
+    }
+
+    /// Records one finished record over all records only (the committer sees them all).
+    pub fn record_all(&mut self, failed: bool, route: &str, reason: &str) -> Option<Trip> {
+        self.count(failed, route, true, false);
+        self.passed(failed, route, reason)
+    }
+
+    /// Records a record of `route` that failed, over its route's records only (counted by the
+    /// route's worker when it decides, and over all records when it is committed).
+    pub fn record_route(&mut self, route: &str, reason: &str) -> Option<Trip> {
+        self.count(true, route, false, true);
+        self.passed(true, route, reason)
+    }
+
+    fn count(&mut self, failed: bool, route: &str, all: bool, by_route: bool) {
+        if !self.config.enabled {
+            return;
+        }
+        let size = self.config.window;
+        if all {
+            self.all.push(failed, size);
+        }
+        if by_route {
+            if let Some(window) = self.route_window(route) {
+                window.push(failed, size);
             }
         }
-        if self.tripped || !failed {
+    }
+
+    /// The trip, if this failure passed a limit.
+    fn passed(&mut self, failed: bool, route: &str, reason: &str) -> Option<Trip> {
+        if !self.config.enabled || self.tripped || !failed {
             return None;
         }
-        let limit = if self.consecutive > self.config.max_consecutive {
-            format!(
-                "{} failed records in a row (max_consecutive = {})",
-                self.consecutive, self.config.max_consecutive
-            )
-        } else if self.window.len() == self.config.window
-            && self.failed_in_window as f64
-                > self.config.max_invalid_ratio * self.config.window as f64
-        {
-            format!(
-                "{} of the last {} records failed (max_invalid_ratio = {})",
-                self.failed_in_window, self.config.window, self.config.max_invalid_ratio
-            )
-        } else {
-            return None;
-        };
+        let by_route = self
+            .routes
+            .get(route)
+            .and_then(|window| window.passed(&self.config))
+            .map(|limit| format!("route {route}: {limit}"));
+        let limit = by_route.or_else(|| self.all.passed(&self.config))?;
         self.tripped = true;
         Some(Trip {
             route: route.to_string(),
@@ -113,11 +186,25 @@ impl Breaker {
         })
     }
 
+    /// Records `count` records of `route` delivered, in its own window only (the window over
+    /// all records counts them when they are committed).
+    pub fn route_delivered(&mut self, route: &str, count: usize) {
+        if !self.config.enabled {
+            return;
+        }
+        let size = self.config.window;
+        if let Some(window) = self.route_window(route) {
+            // More than a window's worth changes nothing but the run.
+            for _ in 0..count.min(size) {
+                window.push(false, size);
+            }
+        }
+    }
+
     /// Operator reset: start afresh.
     pub fn reset(&mut self) {
-        self.window.clear();
-        self.failed_in_window = 0;
-        self.consecutive = 0;
+        self.all = Window::default();
+        self.routes.clear();
         self.tripped = false;
     }
 
@@ -127,13 +214,41 @@ impl Breaker {
     }
 }
 
-/// The breaker with the state it publishes and the resets it receives; owned by the committer.
-pub struct BreakerSwitch {
-    breaker: Breaker,
+/// The breaker, its published state and the metric, shared by the committer's switch and the
+/// workers' route breakers: a worker counts its route's outcomes when it decides them, so the
+/// bound on a failing route does not depend on how many of its records are in flight.
+struct Shared {
+    breaker: std::sync::Mutex<Breaker>,
     state: watch::Sender<BreakerState>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Trips (and says so) if `count` returns a trip. Returns whether the breaker is tripped
+    /// now.
+    fn record(&self, count: impl FnOnce(&mut Breaker) -> Option<Trip>) -> bool {
+        let mut breaker = self.breaker();
+        if let Some(trip) = count(&mut breaker) {
+            error!(route = %trip.route, reason = %trip.reason, limit = %trip.limit, "{trip}; all partitions paused and failing records held until restart or POST /resume");
+            self.metrics.breaker_tripped.set(1);
+            // Receivers (consumer, HTTP) gone means shutdown: nothing to stop.
+            let _ = self.state.send(BreakerState::Tripped(trip));
+        }
+        breaker.is_tripped()
+    }
+}
+
+/// The breaker with the resets it receives; owned by the committer.
+pub struct BreakerSwitch {
+    shared: Arc<Shared>,
     resets: mpsc::Receiver<()>,
     resets_open: bool,
-    metrics: Arc<Metrics>,
 }
 
 /// Reads the dead-letter breaker's state and asks for a reset (`POST /resume`).
@@ -141,6 +256,26 @@ pub struct BreakerSwitch {
 pub struct BreakerHandle {
     state: watch::Receiver<BreakerState>,
     reset: mpsc::Sender<()>,
+    shared: Arc<Shared>,
+}
+
+/// A route's view of the breaker, held by each of its workers: counts the route's outcomes as
+/// they are decided and says when a failing record must be held instead of failed.
+#[derive(Clone)]
+pub struct RouteBreaker {
+    route: Arc<str>,
+    shared: Arc<Shared>,
+    state: watch::Receiver<BreakerState>,
+}
+
+/// What a worker does with a record that failed for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Fail it (dead-letter or skip): the breaker is closed.
+    Fail,
+    /// Keep it and deliver it again after the breaker is reset: the breaker is tripped (this
+    /// record may be the one that tripped it), and nothing more is failed past.
+    Hold,
 }
 
 impl BreakerSwitch {
@@ -149,29 +284,30 @@ impl BreakerSwitch {
         let (state_tx, state_rx) = watch::channel(BreakerState::Closed);
         // One pending reset is as good as many (see BreakerHandle::reset).
         let (reset_tx, reset_rx) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            breaker: std::sync::Mutex::new(Breaker::new(config)),
+            state: state_tx,
+            metrics,
+        });
         (
             BreakerSwitch {
-                breaker: Breaker::new(config),
-                state: state_tx,
+                shared: shared.clone(),
                 resets: reset_rx,
                 resets_open: true,
-                metrics,
             },
             BreakerHandle {
                 state: state_rx,
                 reset: reset_tx,
+                shared,
             },
         )
     }
 
-    /// Records one finished record; trips (and says so) when a limit is passed.
+    /// Records one finished record over all records (a route's own window is counted by its
+    /// workers); trips (and says so) when a limit is passed.
     pub fn record(&mut self, failed: bool, route: &str, reason: &str) {
-        if let Some(trip) = self.breaker.record(failed, route, reason) {
-            error!(route = %trip.route, reason = %trip.reason, limit = %trip.limit, "{trip}; all partitions paused until restart or POST /resume");
-            self.metrics.breaker_tripped.set(1);
-            // Receivers (consumer, HTTP) gone means shutdown: nothing to stop.
-            let _ = self.state.send(BreakerState::Tripped(trip));
-        }
+        self.shared
+            .record(|breaker| breaker.record_all(failed, route, reason));
     }
 
     /// Waits for an operator's reset and applies it; pending forever once every handle is gone.
@@ -186,12 +322,14 @@ impl BreakerSwitch {
     }
 
     fn reset(&mut self) {
-        if self.breaker.is_tripped() {
+        let mut breaker = self.shared.breaker();
+        if breaker.is_tripped() {
             info!("dead-letter breaker reset by operator; resuming consumption");
         }
-        self.breaker.reset();
-        self.metrics.breaker_tripped.set(0);
-        let _ = self.state.send(BreakerState::Closed);
+        breaker.reset();
+        self.shared.metrics.breaker_tripped.set(0);
+        // Under the lock: a worker cannot trip it again between the reset and the state.
+        let _ = self.shared.state.send(BreakerState::Closed);
     }
 }
 
@@ -213,6 +351,65 @@ impl BreakerHandle {
             Ok(()) | Err(mpsc::error::TrySendError::Full(())) => true,
             Err(mpsc::error::TrySendError::Closed(())) => false,
         }
+    }
+
+    /// The view of route `route` for its workers.
+    pub fn route(&self, route: Arc<str>) -> RouteBreaker {
+        RouteBreaker {
+            route,
+            shared: self.shared.clone(),
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl RouteBreaker {
+    /// A breaker of its own that never trips, for tests of other stages.
+    #[cfg(test)]
+    pub(crate) fn disarmed(route: &str) -> RouteBreaker {
+        let config = BreakerConfig {
+            enabled: false,
+            ..BreakerConfig::default()
+        };
+        let (_, handle) = BreakerSwitch::new(config, Arc::new(Metrics::new()));
+        handle.route(Arc::from(route))
+    }
+
+    /// Counts `count` records of the route delivered (breaking its run of failures).
+    pub fn delivered(&self, count: usize) {
+        if count > 0 {
+            self.shared.breaker().route_delivered(&self.route, count);
+        }
+    }
+
+    /// Counts a record of the route that failed for good, and says whether to fail it or to
+    /// hold it. While the breaker is tripped (by any limit) failures are held, not counted.
+    pub fn failed(&self, reason: &str) -> Verdict {
+        if self.is_tripped() {
+            return Verdict::Hold;
+        }
+        match self
+            .shared
+            .record(|breaker| breaker.record_route(&self.route, reason))
+        {
+            true => Verdict::Hold,
+            false => Verdict::Fail,
+        }
+    }
+
+    /// Whether the breaker is tripped now.
+    pub fn is_tripped(&self) -> bool {
+        matches!(*self.state.borrow(), BreakerState::Tripped(_))
+    }
+
+    /// Waits while the breaker is tripped (returns at once when it is closed, or when the
+    /// breaker is gone at shutdown).
+    pub async fn closed(&mut self) {
+        // Err: the switch is gone (shutdown); nothing will reset it, and nothing waits on us.
+        let _ = self
+            .state
+            .wait_for(|state| matches!(state, BreakerState::Closed))
+            .await;
     }
 }
 
@@ -273,6 +470,35 @@ mod tests {
         assert_eq!(b.record(true, "r", "x"), None);
         let trip = b.record(true, "r", "x");
         assert!(trip.is_some_and(|t| t.limit.contains("of the last 10")));
+    }
+
+    #[test]
+    fn a_failing_route_trips_whatever_the_other_routes_do() {
+        // One route in ten fails every record (an endpoint answering 401); the others succeed,
+        // interleaved. Its failures must trip the breaker after `max_consecutive` of them.
+        let mut b = breaker(0.5, 1000, 200);
+        let mut failures = 0;
+        let mut trip = None;
+        for i in 0..100_000 {
+            if i % 10 == 0 {
+                failures += 1;
+                trip = b.record(true, "minority", "http_401");
+                if trip.is_some() {
+                    break;
+                }
+            } else {
+                assert_eq!(b.record(false, "majority", ""), None);
+            }
+        }
+        let trip = trip.unwrap_or_else(|| {
+            panic!("{failures} failures of route `minority` in a row, interleaved with successes of another route, never tripped the breaker")
+        });
+        assert_eq!(
+            failures, 201,
+            "the bound: max_consecutive failures pass, the next trips"
+        );
+        assert_eq!(trip.route, "minority");
+        assert!(trip.limit.contains("route minority"), "{}", trip.limit);
     }
 
     #[test]

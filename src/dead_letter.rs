@@ -82,6 +82,9 @@ pub struct DeadLetterTrouble {
     pub since: std::time::Instant,
     /// Dead letters waiting (their offsets stay uncommitted).
     pub waiting: usize,
+    /// Set (to the reason) when the topic refuses a letter in a way retrying cannot fix, and
+    /// nothing logbridge may change about the letter helps: an operator must act.
+    pub for_good: Option<&'static str>,
 }
 
 impl std::fmt::Display for DeadLetterTrouble {
@@ -93,7 +96,22 @@ impl std::fmt::Display for DeadLetterTrouble {
             self.since.elapsed().as_secs_f64(),
             self.error,
             self.waiting
-        )
+        )?;
+        if let Some(reason) = self.for_good {
+            let fix = match reason {
+                "not_allowed" => "grant logbridge's principal Write on the topic",
+                producer::RECORD_TOO_LARGE => "raise the topic's max.message.bytes",
+                producer::RECORD_INVALID => {
+                    "check the topic's settings (cleanup.policy, message format)"
+                }
+                _ => "fix the topic",
+            };
+            write!(
+                f,
+                "; the topic refuses this dead letter for good ({reason}): nothing is skipped, {fix}"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -302,10 +320,20 @@ impl DeadLetterActor {
     }
 
     /// Produces the batch until every dead letter is acknowledged by the broker, then acks them.
-    async fn park(&mut self, mut pending: Vec<DeadLetter>) -> Result<(), StageGone> {
+    ///
+    /// A refusal that a smaller or keyed letter would not get is answered at once by such a
+    /// letter ([`Letter::remedy`]). What remains is retried with backoff, and none is ever
+    /// dropped: a refusal retrying cannot fix (`not_allowed`, a letter still too large when
+    /// bare, ...) is counted in `logbridge_dead_letter_refused_total` and named "for good" by
+    /// `/readyz`, and the actor waits for an operator (an ACL granted, the topic's settings
+    /// changed) rather than lose the record. Later letters wait behind it: their partitions
+    /// could not commit past anyway, and a stop that says why is what the operator needs.
+    async fn park(&mut self, batch: Vec<DeadLetter>) -> Result<(), StageGone> {
+        let mut pending: Vec<Letter> = batch.into_iter().map(Letter::new).collect();
         let mut backoff = RETRY_FIRST;
         loop {
-            let with_headers = pending.iter().map(|dead| {
+            let with_headers = pending.iter().map(|letter| {
+                let dead = &letter.dead;
                 let value = match dead.dropped_value {
                     Some(_) => None,
                     None => dead.record.payload(),
@@ -315,16 +343,18 @@ impl DeadLetterActor {
                 producer::Outgoing {
                     record: &dead.record,
                     value,
-                    headers: dead_letter_headers(dead),
+                    headers: letter.headers(),
                     timestamp: None,
                 }
             });
             let outcomes = producer::send_all(&self.producer, &self.topic, with_headers).await;
             let mut failed = Vec::new();
             let mut last_error = None;
-            for (dead, outcome) in pending.into_iter().zip(outcomes) {
-                match outcome {
+            let mut for_good = None;
+            for (letter, outcome) in pending.into_iter().zip(outcomes) {
+                let err = match outcome {
                     Ok(()) => {
+                        let dead = letter.dead;
                         self.metrics
                             .dead_letters
                             .with_label_values(&[dead.stage.as_str(), dead.reason])
@@ -339,41 +369,41 @@ impl DeadLetterActor {
                             dead.reason,
                         );
                         self.committer.ack(ack).await?;
+                        continue;
                     }
-                    Err(err)
-                        if err.reason == producer::RECORD_TOO_LARGE
-                            && dead.dropped_value.is_none() =>
-                    {
-                        // The dead-letter topic will never take a value this large: park the
-                        // record's key, headers and coordinates without it rather than block
-                        // every partition behind it forever. Only a size refusal drops a value;
-                        // any other error keeps the record whole and retries.
-                        warn!(
-                            topic = %dead.record.source.topic,
-                            partition = dead.record.source.partition,
-                            offset = dead.record.offset,
-                            error = %err,
-                            "dead-letter topic refused the value; parking the record without it"
-                        );
-                        let size = dead.record.payload().map_or(0, <[u8]>::len);
-                        failed.push(DeadLetter {
-                            dropped_value: Some(size),
-                            ..dead
-                        });
-                    }
-                    Err(err) => {
-                        last_error = Some(err);
-                        failed.push(dead);
-                    }
+                    Err(err) => err,
+                };
+                let mut letter = letter;
+                if letter.remedy(&err) {
+                    // Sent again at once, changed so that this refusal cannot recur.
+                    failed.push(letter);
+                    continue;
                 }
+                if err.kind == producer::FailureKind::Permanent {
+                    self.metrics
+                        .dead_letter_refused
+                        .with_label_values(&[err.reason])
+                        .inc();
+                    let source = &letter.dead.record;
+                    error!(
+                        topic = %source.source.topic,
+                        partition = source.source.partition,
+                        offset = source.offset,
+                        error = %err,
+                        "the dead-letter topic refuses this dead letter for good; it is kept and retried, and its partition waits, until the topic or its ACLs are fixed"
+                    );
+                    for_good = Some(err.reason);
+                }
+                last_error = Some(err);
+                failed.push(letter);
             }
             if failed.is_empty() {
                 self.set_trouble(None);
                 return Ok(());
             }
             let Some(error) = last_error else {
-                // Only values to drop: try again at once (without them; a second refusal of
-                // the same letter is an ordinary error, retried with backoff).
+                // Only remedies: try again at once (a second refusal of the same remedy is
+                // not remedied again, so this happens at most thrice per letter).
                 pending = failed;
                 continue;
             };
@@ -388,11 +418,12 @@ impl DeadLetterActor {
                 error: error.to_string(),
                 since,
                 waiting: failed.len() + self.receiver.len(),
+                for_good,
             }));
-            let last_error = Some(error);
             error!(
                 records = failed.len(),
-                error = ?last_error.map(|e| e.to_string()),
+                error = %error,
+                for_good,
                 retry_in_ms = backoff.as_millis() as u64,
                 "cannot produce to the dead-letter topic; their offsets stay uncommitted"
             );
@@ -400,6 +431,80 @@ impl DeadLetterActor {
             backoff = (backoff * 2).min(RETRY_MAX);
             pending = failed;
         }
+    }
+}
+
+/// A dead letter on its way to the topic, with what was changed so that the topic takes it.
+struct Letter {
+    dead: DeadLetter,
+    /// Own headers of the record dropped (after the value), as the letter was still too large.
+    headers_dropped: Option<usize>,
+    /// The key `<topic>/<partition>/<offset>` given to a keyless letter refused as invalid.
+    key_added: bool,
+}
+
+impl Letter {
+    fn new(dead: DeadLetter) -> Letter {
+        Letter {
+            dead,
+            headers_dropped: None,
+            key_added: false,
+        }
+    }
+
+    fn headers(&self) -> rdkafka::message::OwnedHeaders {
+        let mut extra = Vec::new();
+        let dropped = self.headers_dropped.map(|count| count.to_string());
+        if let Some(dropped) = &dropped {
+            extra.push((headers::HEADERS_DROPPED, dropped.as_bytes()));
+        }
+        if self.key_added {
+            extra.push((headers::KEY_ADDED, &b"true"[..]));
+        }
+        dead_letter_headers(&self.dead, &extra)
+    }
+
+    /// Changes the letter so that the topic cannot refuse it again for `err`, where such a
+    /// change exists and was not made yet; `false`: nothing to change. Each change is made at
+    /// most once, and only a size refusal drops anything:
+    /// - too large: first the value goes (`logbridge.error.value_dropped`), then the record's
+    ///   own headers (`logbridge.error.headers_dropped`); the key, logbridge's context headers
+    ///   and the coordinates always stay;
+    /// - invalid without a key (a compacted topic takes no keyless record): the key
+    ///   `<source topic>/<partition>/<offset>`, unique, so compaction never merges two letters
+    ///   (`logbridge.error.key_added`).
+    fn remedy(&mut self, err: &producer::DeliveryError) -> bool {
+        let record = &self.dead.record;
+        let source = (&record.source.topic, record.source.partition, record.offset);
+        if err.reason == producer::RECORD_TOO_LARGE {
+            if self.dead.dropped_value.is_none() {
+                let size = record.payload().map_or(0, <[u8]>::len);
+                warn!(topic = %source.0, partition = source.1, offset = source.2, error = %err, "dead-letter topic refused the value; parking the record without it");
+                self.dead.dropped_value = Some(size);
+                return true;
+            }
+            if self.headers_dropped.is_none() {
+                let count = record.headers.as_ref().map_or(0, |own| {
+                    use rdkafka::message::Headers as _;
+                    own.count()
+                });
+                warn!(topic = %source.0, partition = source.1, offset = source.2, headers = count, error = %err, "dead-letter topic refused the record without its value; parking it without its own headers too");
+                self.dead.record.headers = None;
+                self.headers_dropped = Some(count);
+                return true;
+            }
+            return false;
+        }
+        if err.reason == producer::RECORD_INVALID && record.key().is_none() && !self.key_added {
+            let key = format!("{}/{}/{}", source.0, source.1, source.2);
+            warn!(topic = %source.0, partition = source.1, offset = source.2, key, error = %err, "dead-letter topic refused a letter without a key; parking it with its coordinates as key");
+            let value = self.dead.record.payload().map(<[u8]>::to_vec);
+            self.dead.record.data =
+                crate::record::KeyValue::new(Some(key.as_bytes()), value.as_deref());
+            self.key_added = true;
+            return true;
+        }
+        false
     }
 }
 
@@ -416,7 +521,10 @@ impl DeadLetterActor {
     }
 }
 
-fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
+fn dead_letter_headers(
+    dead: &DeadLetter,
+    shrunk: &[(&str, &[u8])],
+) -> rdkafka::message::OwnedHeaders {
     let attempts = dead.attempts.to_string();
     // Kafka header values are bytes; keep the message to a sane size.
     let message: String = dead.message.chars().take(1024).collect();
@@ -435,12 +543,221 @@ fn dead_letter_headers(dead: &DeadLetter) -> rdkafka::message::OwnedHeaders {
     if let Some(status) = &status {
         extra.push((headers::HTTP_STATUS, status.as_bytes()));
     }
+    extra.extend_from_slice(shrunk);
     headers_for(&dead.record, &extra)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::committer::CommitterMsg;
+    use crate::record::test_record;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// A dead-letter actor producing to topic `dlq` of a fresh mock cluster.
+    struct Parking {
+        mock: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        handle: DeadLetterHandle,
+        acks: mpsc::Receiver<CommitterMsg>,
+        metrics: Arc<Metrics>,
+        _task: Option<tokio::task::JoinHandle<()>>,
+    }
+
+    fn parking() -> Parking {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("dlq", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let options = std::collections::BTreeMap::new();
+        let cluster = crate::config::Cluster {
+            brokers: &brokers,
+            security: None,
+            options: &options,
+        };
+        let producer = producer::create(cluster, "dead-letter producer").expect("producer");
+        let metrics = Arc::new(Metrics::new());
+        let (committer, acks) = CommitterHandle::for_test();
+        let topic = DeadLetterTopic {
+            producer,
+            topic: "dlq".to_string(),
+            capacity: 16,
+        };
+        let (handle, task) =
+            DeadLetterHandle::spawn(Some(topic), committer, metrics.clone(), Liveness::default());
+        Parking {
+            mock,
+            handle,
+            acks,
+            metrics,
+            _task: task,
+        }
+    }
+
+    /// A record read back: key, value and headers.
+    type ReadBack = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, String)>);
+
+    fn letter(record: Record) -> DeadLetter {
+        DeadLetter {
+            record,
+            stage: Stage::Sink,
+            reason: "http_401",
+            message: "401 Unauthorized".to_string(),
+            route: Arc::from("r"),
+            attempts: 1,
+            dropped_value: None,
+            http_status: Some(401),
+        }
+    }
+
+    impl Parking {
+        /// The next ack, within 30 s.
+        async fn ack(&mut self) -> Option<crate::record::ProcessAck> {
+            let wait = tokio::time::timeout(Duration::from_secs(30), self.acks.recv());
+            match wait.await.ok()?? {
+                CommitterMsg::Ack(ack) => Some(ack),
+                CommitterMsg::Acks(mut acks) => acks.pop(),
+                CommitterMsg::Dispatched(_) => None,
+            }
+        }
+
+        /// Every record of `dlq`: key, value and headers.
+        fn read_back(&self) -> Vec<ReadBack> {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", self.mock.bootstrap_servers())
+                .set("group.id", "read-back")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .expect("consumer");
+            let mut assignment = rdkafka::TopicPartitionList::new();
+            assignment
+                .add_partition_offset("dlq", 0, rdkafka::Offset::Beginning)
+                .expect("partition");
+            consumer.assign(&assignment).expect("assign");
+            let mut records = Vec::new();
+            let until = std::time::Instant::now() + Duration::from_secs(10);
+            while records.is_empty() && std::time::Instant::now() < until {
+                let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) else {
+                    continue;
+                };
+                let headers = message
+                    .headers()
+                    .map(|headers| {
+                        headers
+                            .iter()
+                            .map(|h| {
+                                let value =
+                                    h.value.map(String::from_utf8_lossy).unwrap_or_default();
+                                (h.key.to_string(), value.into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                records.push((
+                    message.key().map(<[u8]>::to_vec),
+                    message.payload().map(<[u8]>::to_vec),
+                    headers,
+                ));
+            }
+            records
+        }
+    }
+
+    fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    #[tokio::test]
+    async fn a_keyless_letter_refused_as_invalid_is_parked_with_its_coordinates_as_key() {
+        let mut parking = parking();
+        // A compacted dead-letter topic refuses a record without a key as invalid.
+        parking.mock.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+        );
+        let record = test_record(0, 5, None, Some(b"{\"level\":\"error\"}"));
+        parking.handle.fail(letter(record)).await.expect("alive");
+        let ack = parking.ack().await.expect("parked");
+        assert_eq!(ack.status, AckStatus::DeadLettered);
+        let parked = parking.read_back();
+        assert_eq!(parked.len(), 1, "{parked:?}");
+        let (key, value, headers) = &parked[0];
+        assert_eq!(
+            key.as_deref(),
+            Some(&b"logs/0/5"[..]),
+            "the letter was refused as keyless and must be parked with a key: {parked:?}"
+        );
+        assert_eq!(value.as_deref(), Some(&b"{\"level\":\"error\"}"[..]));
+        assert_eq!(header(headers, headers::KEY_ADDED), Some("true"));
+    }
+
+    #[tokio::test]
+    async fn a_letter_still_too_large_without_its_value_is_parked_without_its_headers() {
+        let mut parking = parking();
+        let too_large = RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE;
+        parking
+            .mock
+            .request_errors(RDKafkaApiKey::Produce, &[too_large, too_large]);
+        let mut record = test_record(0, 7, Some(b"k"), Some(b"{}"));
+        record.headers = Some(rdkafka::message::OwnedHeaders::new().insert(
+            rdkafka::message::Header {
+                key: "huge",
+                value: Some("x"),
+            },
+        ));
+        parking.handle.fail(letter(record)).await.expect("alive");
+        let ack = parking.ack().await.expect("parked");
+        assert_eq!(ack.status, AckStatus::DeadLettered);
+        let parked = parking.read_back();
+        assert_eq!(parked.len(), 1, "{parked:?}");
+        let (key, value, headers) = &parked[0];
+        assert_eq!(key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(value, &None);
+        assert_eq!(header(headers, headers::VALUE_DROPPED), Some("2"));
+        assert_eq!(
+            header(headers, "huge"),
+            None,
+            "refused twice as too large, the letter must lose the record's own headers: {headers:?}"
+        );
+        assert_eq!(header(headers, headers::HEADERS_DROPPED), Some("1"));
+        assert_eq!(header(headers, headers::SOURCE_OFFSET), Some("7"));
+    }
+
+    #[tokio::test]
+    async fn a_letter_refused_for_good_waits_and_says_so() {
+        let mut parking = parking();
+        let refused = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 4];
+        parking
+            .mock
+            .request_errors(RDKafkaApiKey::Produce, &refused);
+        let trouble = parking.handle.trouble();
+        let record = test_record(0, 9, Some(b"k"), Some(b"{}"));
+        parking.handle.fail(letter(record)).await.expect("alive");
+        let mut seen = None;
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.is_none() && std::time::Instant::now() < until {
+            seen = trouble.borrow().as_ref().map(ToString::to_string);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen = seen.expect("the refusal is shown by /readyz");
+        assert!(
+            seen.contains("refuses this dead letter for good (not_allowed)"),
+            "readiness must say the refusal is permanent and what to fix: {seen}"
+        );
+        let exported = parking.metrics.render();
+        assert!(
+            exported.contains("logbridge_dead_letter_refused_total{reason=\"not_allowed\"} 1"),
+            "a permanent refusal is counted"
+        );
+        // Not lost: parked once the refusals end (an operator granted the ACL).
+        let ack = parking.ack().await.expect("parked after the refusals");
+        assert_eq!(ack.status, AckStatus::DeadLettered);
+        assert_eq!(ack.offset, 9);
+    }
 
     #[test]
     fn log_budget_allows_a_bounded_number_per_second() {

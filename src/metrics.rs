@@ -106,6 +106,9 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// Failed attempts to produce to the dead-letter topic (they are retried).
     pub dead_letter_errors: IntCounter,
+    /// Refusals of a dead letter that trying again cannot fix (after logbridge shrank it or
+    /// gave it a key where that helps), by reason: the dead letter waits for an operator.
+    pub dead_letter_refused: IntCounterVec,
     /// Delivery retries, by route.
     pub retries: IntCounterVec,
     /// 1 while the dead-letter breaker has stopped consumption.
@@ -155,6 +158,23 @@ pub fn kafka_client_errors() -> &'static IntCounterVec {
                 "Errors the Kafka clients reported, by client and librdkafka error code.",
             ),
             &["client", "code"],
+        )
+        .expect(METRIC_OK)
+    })
+}
+
+/// Kafka producers replaced after a fatal librdkafka error (the idempotent producer's
+/// `rd_kafka_fatal_error`) or a change of a file a property is read from, by client (`sink producer`, `dead-letter producer`). Process-wide
+/// for the same reason as [`kafka_client_errors`].
+pub fn kafka_producer_rebuilds() -> &'static IntCounterVec {
+    static REBUILDS: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    REBUILDS.get_or_init(|| {
+        IntCounterVec::new(
+            Opts::new(
+                "logbridge_kafka_producer_rebuilds_total",
+                "Kafka producers replaced by a new one, by client: after a fatal librdkafka error, or when a file one of its properties is read from (${file:...}) changed; records in flight on the old one are retried on the new one.",
+            ),
+            &["client"],
         )
         .expect(METRIC_OK)
     })
@@ -398,6 +418,14 @@ impl Metrics {
                 "Failed attempts to produce a dead letter (retried until they succeed).",
             )
             .expect(METRIC_OK),
+            dead_letter_refused: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_dead_letter_refused_total",
+                    "Refusals of a dead letter that retrying cannot fix (record_too_large without value and headers, record_invalid, not_allowed), by reason; the letter is kept and retried, and the partitions wait, until an operator fixes the topic or its ACLs.",
+                ),
+                &["reason"],
+            )
+            .expect(METRIC_OK),
             retries: IntCounterVec::new(
                 Opts::new(
                     "logbridge_delivery_retries_total",
@@ -507,6 +535,7 @@ impl Metrics {
             Box::new(self.drain_seconds.clone()),
             Box::new(self.dead_letters.clone()),
             Box::new(self.dead_letter_errors.clone()),
+            Box::new(self.dead_letter_refused.clone()),
             Box::new(self.retries.clone()),
             Box::new(self.breaker_tripped.clone()),
             Box::new(self.abandoned.clone()),
@@ -519,6 +548,7 @@ impl Metrics {
             Box::new(self.consumed_bytes.clone()),
             Box::new(self.delivered_bytes.clone()),
             Box::new(kafka_client_errors().clone()),
+            Box::new(kafka_producer_rebuilds().clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the
@@ -531,6 +561,9 @@ impl Metrics {
         }
         for action in ["skipped", "dead_lettered"] {
             self.tombstones.with_label_values(&[action]);
+        }
+        for reason in ["record_too_large", "record_invalid", "not_allowed"] {
+            self.dead_letter_refused.with_label_values(&[reason]);
         }
         for reason in PAUSE_REASONS {
             self.paused_partitions.with_label_values(&[reason]).set(0);

@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::breaker::BreakerSwitch;
+use crate::breaker::{BreakerHandle, BreakerSwitch};
 use crate::cluster::Probe;
 use crate::committer::{CommitterHandle, CommitterSettings};
 use crate::config::Config;
@@ -165,6 +165,7 @@ pub async fn run(
             committer: &committer,
             dead_letters: &dead_letters,
             fences: &fences,
+            breaker: &breaker,
             metrics: &metrics,
             liveness: &liveness,
             retrying: &retrying,
@@ -420,6 +421,7 @@ struct WorkerLinks<'a> {
     committer: &'a CommitterHandle,
     dead_letters: &'a DeadLetterHandle,
     fences: &'a Fences,
+    breaker: &'a BreakerHandle,
     metrics: &'a Arc<Metrics>,
     liveness: &'a Liveness,
     retrying: &'a Retrying,
@@ -435,6 +437,7 @@ fn spawn_workers(
         committer,
         dead_letters,
         fences,
+        breaker,
         metrics,
         liveness,
         retrying,
@@ -466,6 +469,7 @@ fn spawn_workers(
                 linger: route.linger(),
                 retrying: retrying.clone(),
                 stop: stop.clone(),
+                breaker: breaker.route(name.clone()),
             };
             let (handle, task) = WorkerHandle::spawn(
                 settings,

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
 use rdkafka::ClientContext;
 use rustc_hash::FxHashMap;
+use tracing::error;
 
 use crate::client_log::ClientLog;
 
@@ -21,8 +22,150 @@ use crate::client_log::ClientLog;
 /// polling thread, log lines and errors rate-limited, and delivery reports gathered per batch
 /// ([`send_all`]): the sending task wakes once when its batch is reported, not once per record,
 /// and no record needs a future or a channel of its own.
+///
+/// A producer that librdkafka declares failed for good (a fatal error: the idempotent producer
+/// lost its sequence, its producer id was fenced, ...) refuses every record from then on. The
+/// first send after every batch sent on it was reported replaces it with a new client built
+/// from the same configuration (at most once per [`REBUILD_EVERY`]); the callers retry what
+/// failed on the old one on the new one (they own their records until a delivery report says
+/// delivered), and nothing of the new one can overtake a record still in flight on the old.
 #[derive(Clone)]
-pub struct Producer(ThreadedProducer<Reports>);
+pub struct Producer(Arc<Rebuildable>);
+
+/// Shortest time between two rebuilds: a cluster that makes every new producer fatal at once
+/// (e.g. idempotent writes not allowed) gets a new client a second, not one per record.
+const REBUILD_EVERY: Duration = Duration::from_secs(1);
+
+/// How often values read from `${file:...}` references (a rotated password or token) are read
+/// again; a client whose authentication fails reads them at its next send (at most once per
+/// [`REBUILD_EVERY`]).
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// The current client and what is needed to make another.
+pub struct Rebuildable {
+    client: &'static str,
+    current: std::sync::RwLock<Current>,
+}
+
+/// The client in use, and how it was made.
+struct Current {
+    producer: ThreadedProducer<Reports>,
+    /// When it was made (or a rebuild last failed).
+    made: std::time::Instant,
+    config: ClientConfig,
+    /// Properties whose value came from `${file:...}` references.
+    reloading: Vec<(String, crate::config::Reloading)>,
+    /// When the files were last read.
+    checked: std::time::Instant,
+    /// `config` holds a value read again that the client was not made with. The client is
+    /// replaced once nothing sent on it waits for a report (two clients at once could reorder
+    /// a key: the new one's records could land before the old one's retries), or at once if
+    /// the cluster refuses its credentials (then what it holds fails, and is retried in order).
+    stale: bool,
+}
+
+impl Current {
+    /// Whether the client may have to be replaced now (checked under the write lock).
+    fn to_look_at(&self, now: std::time::Instant) -> bool {
+        let context = self.producer.context();
+        if now.saturating_duration_since(self.made) < REBUILD_EVERY {
+            return false;
+        }
+        (context.is_fatal() && context.waiting().is_empty())
+            || (!self.reloading.is_empty()
+                && (context
+                    .auth_failed
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    || now.saturating_duration_since(self.checked) >= RELOAD_EVERY))
+            || (self.stale && context.waiting().is_empty())
+    }
+}
+
+impl Rebuildable {
+    fn make(config: &ClientConfig, client: &'static str) -> KafkaResult<ThreadedProducer<Reports>> {
+        let reports = Reports {
+            log: ClientLog::new(client),
+            waiting: std::sync::Mutex::new(FxHashMap::default()),
+            next_batch: std::sync::atomic::AtomicU64::new(0),
+            fatal: std::sync::atomic::AtomicBool::new(false),
+            auth_failed: std::sync::atomic::AtomicBool::new(false),
+        };
+        config.create_with_context(reports)
+    }
+}
+
+impl Producer {
+    /// The client to send on now: the current one, or a new one if the current one had a fatal
+    /// error or a value it was made with was read from a file that has changed since.
+    fn client(&self) -> ThreadedProducer<Reports> {
+        let cell = &self.0;
+        let now = std::time::Instant::now();
+        {
+            let current = cell.current.read().unwrap_or_else(PoisonError::into_inner);
+            if !current.to_look_at(now) {
+                return current.producer.clone();
+            }
+        }
+        let mut current = cell.current.write().unwrap_or_else(PoisonError::into_inner);
+        // Another sender may have done it meanwhile.
+        if !current.to_look_at(now) {
+            return current.producer.clone();
+        }
+        let context = current.producer.context();
+        let is_fatal = context.is_fatal();
+        let refused = context
+            .auth_failed
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        let fatal = current.producer.client().fatal_error();
+        if refused || now.saturating_duration_since(current.checked) >= RELOAD_EVERY {
+            let Current {
+                config,
+                reloading,
+                stale,
+                checked,
+                ..
+            } = &mut *current;
+            for (name, value) in reloading.iter_mut() {
+                if let Some(fresh) = value.changed(now, Duration::ZERO) {
+                    tracing::info!(client = cell.client, property = %name, "a file a kafka producer property is read from changed");
+                    config.set(name.clone(), fresh);
+                    *stale = true;
+                }
+            }
+            *checked = now;
+        }
+        let idle = current.producer.context().waiting().is_empty();
+        // Never two clients with records in flight at once: the new one's records could land
+        // before the old one's (a fatal client fails new records at once, so it is idle soon).
+        if !((is_fatal && idle) || (current.stale && (idle || refused))) {
+            return current.producer.clone();
+        }
+        match Rebuildable::make(&current.config, cell.client) {
+            Ok(fresh) => {
+                if is_fatal {
+                    error!(client = cell.client, error = ?fatal, "kafka producer had a fatal error; replaced it with a new one (records in flight on it are retried)");
+                } else {
+                    tracing::info!(
+                        client = cell.client,
+                        "replaced the kafka producer with one made with the values read again"
+                    );
+                }
+                crate::metrics::kafka_producer_rebuilds()
+                    .with_label_values(&[cell.client])
+                    .inc();
+                // The old client lives on in the batches still waiting for its reports.
+                current.producer = fresh;
+                current.stale = false;
+            }
+            Err(err) => {
+                // Its records keep failing (retryably) until a rebuild works.
+                error!(client = cell.client, error = %err, "cannot replace the kafka producer");
+            }
+        }
+        current.made = now;
+        current.producer.clone()
+    }
+}
 
 /// Bits of a delivery opaque that hold the record's index in its batch; the rest hold the
 /// batch's number.
@@ -36,6 +179,10 @@ pub struct Reports {
     log: ClientLog,
     waiting: std::sync::Mutex<FxHashMap<u64, Arc<BatchReports>>>,
     next_batch: std::sync::atomic::AtomicU64,
+    /// Set once librdkafka reports a fatal error: this client is done.
+    fatal: std::sync::atomic::AtomicBool,
+    /// Set when the cluster refused the credentials: read their files again now.
+    auth_failed: std::sync::atomic::AtomicBool,
 }
 
 /// The reports of one batch.
@@ -73,6 +220,28 @@ impl BatchReports {
 }
 
 impl Reports {
+    fn is_fatal(&self) -> bool {
+        self.fatal.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes `err` if it is librdkafka's fatal error.
+    fn note(&self, err: &KafkaError) {
+        match err.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Fatal) => {
+                self.fatal.store(true, std::sync::atomic::Ordering::Relaxed)
+            }
+            Some(
+                RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed,
+            ) => self
+                .auth_failed
+                .store(true, std::sync::atomic::Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
     fn waiting(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, Arc<BatchReports>>> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -84,6 +253,7 @@ impl ClientContext for Reports {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.note(&error);
         self.log.error(&error, reason);
     }
 }
@@ -98,6 +268,9 @@ impl ProducerContext for Reports {
             // Every batch waits for all its reports before it leaves: nothing to tell.
             return;
         };
+        if let Err((err, _)) = result {
+            self.note(err);
+        }
         reports.report(
             index,
             result
@@ -170,6 +343,10 @@ impl DeliveryError {
 /// drop a dead letter's value).
 pub const RECORD_TOO_LARGE: &str = "record_too_large";
 
+/// The reason of a record the destination refuses as invalid (a compacted topic refuses a
+/// record without a key so).
+pub const RECORD_INVALID: &str = "record_invalid";
+
 /// Sorts a librdkafka error into retryable or permanent, where librdkafka tells.
 pub fn classify(err: &KafkaError) -> DeliveryError {
     use RDKafkaErrorCode as Code;
@@ -179,13 +356,15 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
             DeliveryError::permanent(RECORD_TOO_LARGE, message)
         }
         Some(Code::InvalidMessage | Code::InvalidMessageSize | Code::InvalidRecord) => {
-            DeliveryError::permanent("record_invalid", message)
+            DeliveryError::permanent(RECORD_INVALID, message)
         }
         Some(
             Code::TopicAuthorizationFailed | Code::ClusterAuthorizationFailed | Code::InvalidTopic,
         ) => DeliveryError::permanent("not_allowed", message),
         Some(Code::MessageTimedOut) => DeliveryError::retryable("timed_out", message),
         Some(Code::QueueFull) => DeliveryError::retryable("queue_full", message),
+        // The producer is replaced at the next send: the record goes again on the new one.
+        Some(Code::Fatal) => DeliveryError::retryable("producer_fatal", message),
         _ => DeliveryError::retryable("delivery_failed", message),
     }
 }
@@ -199,15 +378,28 @@ pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Prod
         .set("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT_MS)
         .set("linger.ms", "1");
     cluster.apply(&mut config);
-    let reports = Reports {
-        log: ClientLog::new(client),
-        waiting: std::sync::Mutex::new(FxHashMap::default()),
-        next_batch: std::sync::atomic::AtomicU64::new(0),
-    };
-    config
-        .create_with_context(reports)
-        .map(Producer)
-        .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))
+    let first = Rebuildable::make(&config, client)
+        .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))?;
+    let reloading = config
+        .config_map()
+        .iter()
+        .filter_map(|(name, value)| {
+            crate::config::Reloading::of(value).map(|reloading| (name.to_string(), reloading))
+        })
+        .collect();
+    let now = std::time::Instant::now();
+    Ok(Producer(Arc::new(Rebuildable {
+        client,
+        current: std::sync::RwLock::new(Current {
+            producer: first,
+            // A first client is never rebuilt within REBUILD_EVERY of its start either.
+            made: now,
+            config,
+            reloading,
+            checked: now,
+            stale: false,
+        }),
+    })))
 }
 
 /// Header names logbridge adds.
@@ -232,6 +424,13 @@ pub mod headers {
     pub const ATTEMPTS: &str = "logbridge.attempts";
     /// Dead letters parked without their value (refused by the dead-letter topic): its size.
     pub const VALUE_DROPPED: &str = "logbridge.error.value_dropped";
+    /// Dead letters still too large without their value, parked without the record's own
+    /// headers too: how many headers were dropped.
+    pub const HEADERS_DROPPED: &str = "logbridge.error.headers_dropped";
+    /// Dead letters of a keyless record refused as invalid (a compacted dead-letter topic takes
+    /// no record without a key): `true` when logbridge gave it the key
+    /// `<source topic>/<partition>/<offset>`.
+    pub const KEY_ADDED: &str = "logbridge.error.key_added";
 }
 
 /// The record's own headers followed by logbridge's: `extra` pairs.
@@ -360,14 +559,15 @@ pub fn send_now<'a>(
 
 /// A batch of at most [`MAX_REPORTED`] records registered for its delivery reports.
 struct Reporting {
-    producer: Producer,
+    producer: ThreadedProducer<Reports>,
     batch: u64,
     reports: Arc<BatchReports>,
 }
 
 impl Reporting {
     fn register(producer: &Producer, len: usize) -> Reporting {
-        let context = producer.0.context();
+        let client = producer.client();
+        let context = client.context();
         let batch = context
             .next_batch
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -381,7 +581,7 @@ impl Reporting {
         });
         context.waiting().insert(batch, reports.clone());
         Reporting {
-            producer: producer.clone(),
+            producer: client.clone(),
             batch,
             reports,
         }
@@ -415,10 +615,11 @@ impl Reporting {
         index: usize,
         record: BaseRecord<'a, [u8], [u8], usize>,
     ) -> Option<BaseRecord<'a, [u8], [u8], usize>> {
-        match self.producer.0.send(record) {
+        match self.producer.send(record) {
             Ok(()) => None,
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => Some(back),
             Err((err, _)) => {
+                self.producer.context().note(&err);
                 self.report(index, Err(classify(&err)));
                 None
             }
@@ -447,13 +648,179 @@ impl Reporting {
 impl Drop for Reporting {
     fn drop(&mut self) {
         // Reported or given up on (a dropped future): either way nobody waits for it now.
-        self.producer.0.context().waiting().remove(&self.batch);
+        self.producer.context().waiting().remove(&self.batch);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rdkafka::mocking::MockCluster;
+
+    /// The value of property `name` the producer's current client was made with.
+    fn configured(producer: &Producer, name: &str) -> Option<String> {
+        let current = producer.0.current.read().expect("not poisoned");
+        current.config.get(name).map(str::to_string)
+    }
+
+    /// librdkafka's handle of the producer's current client.
+    fn native(producer: &Producer) -> *mut rdkafka::bindings::rd_kafka_t {
+        use rdkafka::producer::Producer as _;
+        producer.client().client().native_ptr()
+    }
+
+    #[tokio::test]
+    async fn a_producer_with_a_fatal_error_is_rebuilt_and_what_failed_on_it_is_delivered() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("out", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let options = std::collections::BTreeMap::new();
+        let cluster = Cluster {
+            brokers: &brokers,
+            security: None,
+            options: &options,
+        };
+        let producer = create(cluster, "fatal test producer").expect("producer");
+        let record = crate::record::test_record(0, 1, Some(b"k"), Some(b"{}"));
+        let outgoing = |record| Outgoing {
+            record,
+            value: Some(&b"{}"[..]),
+            headers: OwnedHeaders::new(),
+            timestamp: None,
+        };
+        let first = send_all(&producer, "out", std::iter::once(outgoing(&record))).await;
+        assert_eq!(first, vec![Ok(())]);
+        // Records in flight when the error strikes: each gets an outcome, none is lost
+        // silently (delivered, or failed retryably for the caller to send again).
+        let in_flight: Vec<_> = (0..100)
+            .map(|offset| crate::record::test_record(0, offset, Some(b"k"), Some(b"{}")))
+            .collect();
+        let reported = send_now(&producer, "out", in_flight.iter().map(outgoing));
+        // What librdkafka raises when the idempotent producer loses its sequence for good.
+        let reason = c"injected by the test";
+        // SAFETY: the handle is alive (the producer is), and the reason a C string.
+        let raised = unsafe {
+            rdkafka::bindings::rd_kafka_test_fatal_error(
+                native(&producer),
+                rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                reason.as_ptr(),
+            )
+        };
+        assert_eq!(
+            raised,
+            rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR
+        );
+        let reported = tokio::time::timeout(Duration::from_secs(30), reported)
+            .await
+            .expect("every record in flight is reported");
+        assert_eq!(reported.len(), 100);
+        assert!(
+            reported
+                .iter()
+                .all(|outcome| outcome.as_ref().is_ok_or_retryable()),
+            "{reported:?}"
+        );
+        // The worker's view: send, and retry what failed retryably, a bounded number of times.
+        let mut outcomes = Vec::new();
+        for _ in 0..50 {
+            outcomes = send_all(&producer, "out", std::iter::once(outgoing(&record))).await;
+            if outcomes == vec![Ok(())] {
+                break;
+            }
+            assert!(
+                outcomes
+                    .iter()
+                    .all(|outcome| outcome.as_ref().is_ok_or_retryable()),
+                "{outcomes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            outcomes,
+            vec![Ok(())],
+            "after a fatal error the producer must be rebuilt, not fail every record for ever"
+        );
+        let rebuilds = crate::metrics::kafka_producer_rebuilds()
+            .with_label_values(&["fatal test producer"])
+            .get();
+        assert_eq!(rebuilds, 1);
+    }
+
+    #[tokio::test]
+    async fn credentials_read_from_a_file_are_read_again_when_the_file_changes() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("out", 1, 1).expect("topic");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "first-token\n").expect("write");
+        // Any option works the same; the mock cluster has no SASL, so `client.id` stands in
+        // for `sasl.password` or `sasl.oauthbearer.config`.
+        let text = format!(
+            "[kafka]\nbrokers = \"{}\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
+             [[routes]]\nname = \"all\"\ndefault = true\nsink = {{ type = \"null\" }}\n\
+             [dead_letter]\ntopic = \"out\"\noptions = {{ \"client.id\" = \"${{file:{}}}\" }}\n",
+            mock.bootstrap_servers(),
+            token.display()
+        );
+        let mut config = crate::config::load_jailed(&text, &[]).expect("valid");
+        config.resolve_outputs();
+        let source = config.kafka.brokers.clone();
+        let Some(dead_letter) = &config.dead_letter else {
+            panic!("a dead-letter section")
+        };
+        let producer =
+            create(dead_letter.cluster(&source), "reload test producer").expect("producer");
+        assert_eq!(
+            configured(&producer, "client.id").as_deref(),
+            Some("first-token")
+        );
+        // The token is rotated: the file is rewritten in place.
+        std::fs::write(&token, "second-token\n").expect("rewrite");
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        let mut used = None;
+        while std::time::Instant::now() < until {
+            let record = crate::record::test_record(0, 1, Some(b"k"), Some(b"{}"));
+            let sent = send_all(
+                &producer,
+                "out",
+                std::iter::once(Outgoing {
+                    record: &record,
+                    value: Some(&b"{}"[..]),
+                    headers: OwnedHeaders::new(),
+                    timestamp: None,
+                }),
+            )
+            .await;
+            assert_eq!(sent, vec![Ok(())]);
+            used = configured(&producer, "client.id");
+            if used.as_deref() == Some("second-token") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            used.as_deref(),
+            Some("second-token"),
+            "a value read from a file must be read again when the file changes"
+        );
+        let rebuilds = crate::metrics::kafka_producer_rebuilds()
+            .with_label_values(&["reload test producer"])
+            .get();
+        assert_eq!(rebuilds, 1, "the client was replaced once, when idle");
+    }
+
+    trait OkOrRetryable {
+        fn is_ok_or_retryable(&self) -> bool;
+    }
+
+    impl OkOrRetryable for Result<&(), &DeliveryError> {
+        fn is_ok_or_retryable(&self) -> bool {
+            match self {
+                Ok(()) => true,
+                Err(err) => err.kind == FailureKind::Retryable,
+            }
+        }
+    }
 
     #[test]
     fn too_large_is_permanent_and_timeouts_are_retryable() {

@@ -26,6 +26,7 @@ use rustc_hash::FxHashSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::breaker::{RouteBreaker, Verdict};
 use crate::channel::{self, BatchReceiver, BatchSender, Offer};
 use crate::committer::CommitterHandle;
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
@@ -168,6 +169,9 @@ pub struct WorkerSettings {
     /// Cancelled after the final commit of a shutdown: the worker stops delivering and
     /// retrying at once, leaving what it holds unfinished (read again after a restart).
     pub stop: CancellationToken,
+    /// The route's view of the dead-letter breaker: counts its outcomes, and holds its failing
+    /// records while the breaker is tripped.
+    pub breaker: RouteBreaker,
 }
 
 /// A worker's wait for a fuller batch.
@@ -216,6 +220,7 @@ impl WorkerHandle {
             fences: settings.fences,
             batches_in_flight: settings.batches_in_flight.max(1),
             linger: settings.linger,
+            breaker: settings.breaker,
             receiver,
             sink,
             committer,
@@ -264,6 +269,7 @@ struct WorkerActor {
     fences: Fences,
     batches_in_flight: usize,
     linger: Option<Linger>,
+    breaker: RouteBreaker,
     receiver: BatchReceiver<Record>,
     sink: Box<dyn Sink>,
     committer: CommitterHandle,
@@ -537,6 +543,8 @@ impl WorkerActor {
     ) -> Result<Vec<(Record, DeliveryError)>, StageGone> {
         let mut retry = Vec::new();
         let mut delivered = Vec::with_capacity(pending.len());
+        // Deliveries already counted by the route's breaker (it sees outcomes in order).
+        let mut counted = 0;
         let mut delivered_bytes = 0u64;
         let finished_at = std::time::Instant::now();
         let mut outcomes = outcomes.into_iter();
@@ -578,11 +586,24 @@ impl WorkerActor {
                     } else {
                         err.reason
                     };
+                    // The route's run of failures is broken by the deliveries before this one.
+                    self.breaker.delivered(delivered.len() - counted);
+                    counted = delivered.len();
+                    if self.breaker.failed(reason) == Verdict::Hold {
+                        // The breaker is tripped: nothing more of this route is failed past.
+                        // The record waits here, unacked (its offset uncommitted), and is
+                        // delivered again once the breaker is reset; at shutdown it is
+                        // replayed by the next run.
+                        behind.insert(order_key(&record));
+                        retry.push((record, err));
+                        continue;
+                    }
                     self.give_up(record, reason, err, attempts).await?;
                 }
             }
         }
         self.latency.flush();
+        self.breaker.delivered(delivered.len() - counted);
         if !delivered.is_empty() {
             // One message for the batch's acks: one wakeup of the committer, not one each.
             self.processed.inc_by(delivered.len() as u64);
@@ -607,6 +628,19 @@ impl WorkerActor {
             .max()
             .map_or(Duration::ZERO, |asked| asked.min(MAX_RETRY_AFTER));
         let delay = self.retry.delay(attempts).max(asked);
+        if self.breaker.is_tripped() {
+            let (first, err) = &retry[0];
+            warn!(
+                route = %self.route,
+                topic = %first.source.topic,
+                partition = first.source.partition,
+                offset = first.offset,
+                records = retry.len(),
+                error = %err,
+                "breaker tripped: records held until it is reset"
+            );
+            self.breaker.closed().await;
+        }
         self.metrics
             .retries
             .with_label_values(&[&self.route])
@@ -859,14 +893,32 @@ mod tests {
         batches: usize,
         linger: Option<Linger>,
     ) -> Spawned {
-        spawn_with(
+        spawn_guarded(
+            sink,
+            fences,
+            max_retries,
+            batches,
+            linger,
+            RouteBreaker::disarmed("r"),
+        )
+    }
+
+    fn spawn_guarded(
+        sink: Box<dyn Sink>,
+        fences: Fences,
+        max_retries: u32,
+        batches: usize,
+        linger: Option<Linger>,
+        breaker: RouteBreaker,
+    ) -> Spawned {
+        spawn_full(
             sink,
             fences,
             Some(max_retries),
             batches,
             linger,
-            Retrying::default(),
-            CancellationToken::new(),
+            (Retrying::default(), CancellationToken::new()),
+            breaker,
         )
     }
 
@@ -878,6 +930,26 @@ mod tests {
         linger: Option<Linger>,
         retrying: Retrying,
         stop: CancellationToken,
+    ) -> Spawned {
+        spawn_full(
+            sink,
+            fences,
+            max_retries,
+            batches,
+            linger,
+            (retrying, stop),
+            RouteBreaker::disarmed("r"),
+        )
+    }
+
+    fn spawn_full(
+        sink: Box<dyn Sink>,
+        fences: Fences,
+        max_retries: Option<u32>,
+        batches: usize,
+        linger: Option<Linger>,
+        (retrying, stop): (Retrying, CancellationToken),
+        breaker: RouteBreaker,
     ) -> Spawned {
         let metrics = Arc::new(Metrics::new());
         let (committer, messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
@@ -894,6 +966,7 @@ mod tests {
             linger,
             retrying,
             stop,
+            breaker,
         };
         let (handle, task) = WorkerHandle::spawn(
             settings,
@@ -1137,6 +1210,126 @@ mod tests {
             0
         );
         assert!(retrying.snapshot().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_route_fails_at_most_max_consecutive_records_then_holds_the_rest() {
+        use crate::breaker::{BreakerState, BreakerSwitch};
+        use crate::config::BreakerConfig;
+        let config = BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 1.0,
+            window: 1000,
+            max_consecutive: 3,
+        };
+        let (mut switch, handle) = BreakerSwitch::new(config, Arc::new(Metrics::new()));
+        let expired = || Err(DeliveryError::permanent("http_401", "401 Unauthorized"));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Scripted {
+            // The first delivery is refused whole (an expired token); the next succeed.
+            answers: vec![(0..10).map(|_| expired()).collect()].into(),
+            seen: seen.clone(),
+            release_after_first: None,
+        };
+        let mut worker = spawn_guarded(
+            Box::new(sink),
+            Fences::default(),
+            5,
+            1,
+            None,
+            handle.route(Arc::from("r")),
+        );
+        let records: Vec<Record> = (0..10).map(|offset| keyed("k", offset)).collect();
+        assert!(matches!(worker.handle.offer(records), Offer::Taken));
+        let mut acks = Vec::new();
+        for _ in 0..100 {
+            if matches!(handle.state(), BreakerState::Tripped(_)) && acks.len() >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            acks.extend(worker.acks());
+        }
+        // Time passes (paused clock): nothing more is failed past while it is tripped.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        acks.extend(worker.acks());
+        let failed = |offset| (offset, AckStatus::Failed, Some("http_401"));
+        assert_eq!(
+            acks,
+            vec![failed(0), failed(1), failed(2)],
+            "the bound: max_consecutive"
+        );
+        match handle.state() {
+            BreakerState::Tripped(trip) => {
+                assert!(
+                    trip.limit.contains("route r: 4 failed records in a row"),
+                    "{}",
+                    trip.limit
+                )
+            }
+            BreakerState::Closed => panic!("the fourth failure in a row trips it"),
+        }
+        assert_eq!(
+            seen.lock().expect("seen").len(),
+            1,
+            "held, not delivered again"
+        );
+        // The operator fixes the token and resumes: the held records are delivered.
+        assert!(handle.reset());
+        switch.serve_reset().await;
+        let mut rest = Vec::new();
+        for _ in 0..100 {
+            if rest.len() >= 7 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            rest.extend(worker.acks());
+        }
+        let processed: Vec<Ack> = (3..10)
+            .map(|offset| (offset, AckStatus::Processed, None))
+            .collect();
+        assert_eq!(rest, processed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delivery_between_failures_of_a_batch_breaks_the_routes_run() {
+        use crate::breaker::{BreakerState, BreakerSwitch};
+        use crate::config::BreakerConfig;
+        let config = BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 1.0,
+            window: 1000,
+            max_consecutive: 3,
+        };
+        let (_switch, handle) = BreakerSwitch::new(config, Arc::new(Metrics::new()));
+        let refused = || Err(DeliveryError::permanent("http_400", "400 Bad Request"));
+        // Three failures, a delivery, three failures: never more than 3 in a row.
+        let answers = vec![
+            refused(),
+            refused(),
+            refused(),
+            Ok(()),
+            refused(),
+            refused(),
+            refused(),
+        ];
+        let sink = Scripted {
+            answers: vec![answers].into(),
+            seen: Arc::default(),
+            release_after_first: None,
+        };
+        let mut worker = spawn_guarded(
+            Box::new(sink),
+            Fences::default(),
+            5,
+            1,
+            None,
+            handle.route(Arc::from("r")),
+        );
+        let records: Vec<Record> = (0..7).map(|offset| keyed("k", offset)).collect();
+        assert!(matches!(worker.handle.offer(records), Offer::Taken));
+        let acks = worker.finish().await;
+        assert_eq!(acks.len(), 7, "{acks:?}");
+        assert_eq!(handle.state(), BreakerState::Closed, "{acks:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,7 @@ mod security;
 pub use http::{
     redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig,
 };
+pub use references::Reloading;
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 
 use std::collections::{BTreeMap, HashMap};
@@ -369,6 +370,34 @@ impl<'a> Cluster<'a> {
     }
 }
 
+/// Whether librdkafka property `name` is about how a client reaches and authenticates to its
+/// cluster (what outputs on the source's cluster inherit from `kafka.options`).
+pub fn is_security_option(name: &str) -> bool {
+    name == "security.protocol"
+        || name.starts_with("sasl.")
+        || name.starts_with("ssl.")
+        || name.starts_with("https.ca.")
+        || matches!(
+            name,
+            "enable.ssl.certificate.verification" | "enable.sasl.oauthbearer.unsecure.jwt"
+        )
+}
+
+/// Whether two bootstrap lists name the same brokers (order, spaces and case aside).
+pub fn same_brokers(one: &str, other: &str) -> bool {
+    let set = |list: &str| {
+        let mut brokers: Vec<String> = list
+            .split(',')
+            .map(|broker| broker.trim().to_ascii_lowercase())
+            .filter(|broker| !broker.is_empty())
+            .collect();
+        brokers.sort();
+        brokers.dedup();
+        brokers
+    };
+    set(one) == set(other)
+}
+
 /// A librdkafka property value: TOML strings, integers and booleans are all accepted.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -690,27 +719,51 @@ impl Config {
     }
 
     /// Fills in what outputs leave to the source cluster: Kafka sinks and the dead-letter topic
-    /// without `brokers` use the source's, and those on the source's brokers without their own
-    /// `security` use the source's (credentials never go to another cluster by default).
+    /// without `brokers` use the source's, and those on the source's cluster without their own
+    /// `security` use the source's: its `security` section and the security properties of its
+    /// `options` ([`is_security_option`]: `security.protocol`, `sasl.*`, `ssl.*`, ...; an
+    /// output's own option of the same name wins). Credentials never go to another cluster by
+    /// default. "The source's cluster" means the same set of bootstrap brokers
+    /// ([`same_brokers`]: order, spaces and case aside); two lists naming different brokers of
+    /// one cluster are taken as different clusters, the safe side for credentials.
     pub fn resolve_outputs(&mut self) {
         let source = self.kafka.brokers.clone();
         let security = self.kafka.security.clone();
-        let inherit = |brokers: &mut Option<String>, own: &mut Option<SecurityConfig>| {
+        let security_options: Vec<(String, OptionValue)> = self
+            .kafka
+            .options
+            .iter()
+            .filter(|(name, _)| is_security_option(name))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
+        let inherit = |brokers: &mut Option<String>,
+                       own: &mut Option<SecurityConfig>,
+                       options: &mut BTreeMap<String, OptionValue>| {
             let brokers = brokers.get_or_insert_with(|| source.clone());
-            if own.is_none() && *brokers == source {
+            if own.is_none() && same_brokers(brokers, &source) {
                 own.clone_from(&security);
+                for (name, value) in &security_options {
+                    options.entry(name.clone()).or_insert_with(|| value.clone());
+                }
             }
         };
         for route in &mut self.routes {
             if let SinkConfig::Kafka {
-                brokers, security, ..
+                brokers,
+                security,
+                options,
+                ..
             } = &mut route.sink
             {
-                inherit(brokers, security);
+                inherit(brokers, security, options);
             }
         }
         if let Some(dead_letter) = &mut self.dead_letter {
-            inherit(&mut dead_letter.brokers, &mut dead_letter.security);
+            inherit(
+                &mut dead_letter.brokers,
+                &mut dead_letter.security,
+                &mut dead_letter.options,
+            );
         }
     }
 
@@ -1073,12 +1126,14 @@ impl Config {
                     topic,
                     brokers,
                     security,
+                    options,
                     ..
                 } => {
                     self.check_output_topic(&key("sink.topic"), topic, brokers.as_deref())?;
                     if let Some(security) = security {
                         security.validate(&key("sink.security"))?;
                     }
+                    self.check_sink_order(&key("sink.options"), options)?;
                 }
                 _ => {}
             }
@@ -1134,6 +1189,38 @@ impl Config {
     }
 
     /// An output topic must exist by name and must not feed logbridge its own output.
+    /// A Kafka sink keeps several batches in flight and retries on its own. The idempotent
+    /// producer keeps what librdkafka retries in order; without it a retried request can land
+    /// after a later one, unless librdkafka has only one request in flight per connection.
+    /// (A batch that fails while a later one succeeds is handled by the worker either way: the
+    /// later records of its keys are delivered again after it.)
+    fn check_sink_order(
+        &self,
+        key: &str,
+        options: &BTreeMap<String, OptionValue>,
+    ) -> Result<(), ConfigError> {
+        let off = |name: &str| {
+            options
+                .get(name)
+                .is_some_and(|value| value.to_string().trim().eq_ignore_ascii_case("false"))
+        };
+        if !off("enable.idempotence") {
+            return Ok(());
+        }
+        let one_request = options
+            .get("max.in.flight.requests.per.connection")
+            .is_some_and(|value| value.to_string().trim() == "1");
+        if !one_request {
+            return Err(invalid(
+                format!("{key}.\"enable.idempotence\""),
+                "without idempotence librdkafka's retries can reorder the records of a key: remove \
+                 it (logbridge's producers are idempotent), or, for a cluster that forbids \
+                 idempotent writes, also set \"max.in.flight.requests.per.connection\" = 1",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_output_topic(
         &self,
         key: &str,
@@ -1143,7 +1230,7 @@ impl Config {
         if topic.trim().is_empty() {
             return Err(invalid(key, "empty topic name"));
         }
-        let same_cluster = brokers.is_none_or(|b| b == self.kafka.brokers);
+        let same_cluster = brokers.is_none_or(|b| same_brokers(b, &self.kafka.brokers));
         if same_cluster && self.kafka.topics.iter().any(|source| source == topic) {
             return Err(invalid(
                 key,
@@ -1598,6 +1685,113 @@ mod tests {
             "{json}"
         );
         assert_eq!(json.matches("<redacted>").count(), 6, "{json}");
+    }
+
+    #[test]
+    fn security_options_of_the_source_reach_outputs_on_the_same_cluster_only() {
+        // Kerberos and raw TLS set as librdkafka options, not in `[kafka.security]`.
+        let text = r#"
+            [kafka]
+            brokers = "kdc-a:9093, kdc-b:9093"
+            group_id = "g"
+            topics = ["logs"]
+            [kafka.options]
+            "security.protocol" = "sasl_ssl"
+            "sasl.mechanisms" = "GSSAPI"
+            "sasl.kerberos.keytab" = "/etc/logbridge.keytab"
+            "sasl.kerberos.principal" = "logbridge@EXAMPLE"
+            "ssl.ca.location" = "/etc/ca.pem"
+            "fetch.max.bytes" = 1048576
+            [[routes]]
+            name = "same"
+            levels = ["error"]
+            sink = { type = "kafka", topic = "out" }
+            [[routes]]
+            name = "reordered"
+            levels = ["warn"]
+            sink = { type = "kafka", topic = "out", brokers = "KDC-B:9093,kdc-a:9093", options = { "sasl.kerberos.principal" = "sink@EXAMPLE" } }
+            [[routes]]
+            name = "other"
+            levels = ["info"]
+            sink = { type = "kafka", topic = "out", brokers = "elsewhere:9092" }
+            [dead_letter]
+            topic = "dlq"
+        "#;
+        let mut config = load(text).expect("valid");
+        config.resolve_outputs();
+        let property = |index: usize, name: &str| {
+            let mut client = ClientConfig::new();
+            config.outputs()[index].2.apply(&mut client);
+            client.get(name).map(str::to_string)
+        };
+        let keytab = Some("/etc/logbridge.keytab".to_string());
+        assert_eq!(
+            property(0, "sasl.kerberos.keytab"),
+            keytab,
+            "a sink on the source's brokers must inherit the source's security options"
+        );
+        assert_eq!(
+            property(0, "security.protocol").as_deref(),
+            Some("sasl_ssl")
+        );
+        assert_eq!(
+            property(0, "ssl.ca.location").as_deref(),
+            Some("/etc/ca.pem")
+        );
+        assert_eq!(
+            property(0, "fetch.max.bytes"),
+            None,
+            "only security options"
+        );
+        assert_eq!(
+            property(1, "sasl.kerberos.keytab"),
+            keytab,
+            "same brokers, other order"
+        );
+        assert_eq!(
+            property(1, "sasl.kerberos.principal").as_deref(),
+            Some("sink@EXAMPLE"),
+            "the output's own option wins"
+        );
+        assert_eq!(property(2, "sasl.kerberos.keytab"), None, "another cluster");
+        assert_eq!(property(2, "security.protocol"), None);
+        assert_eq!(
+            property(3, "sasl.kerberos.keytab"),
+            keytab,
+            "the dead-letter producer"
+        );
+    }
+
+    #[test]
+    fn a_kafka_sink_without_idempotence_is_refused_naming_the_key() {
+        let sink = |options: &str, pipeline: &str| {
+            format!(
+                "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n{pipeline}\n\
+                 [[routes]]\nname = \"out\"\nlevels = [\"error\"]\n\
+                 sink = {{ type = \"kafka\", topic = \"out\", options = {{ {options} }} }}\n"
+            )
+        };
+        let err = error_of(&sink("\"enable.idempotence\" = false", ""));
+        assert!(
+            err.contains("`routes[0].sink.options.\"enable.idempotence\"`"),
+            "a Kafka sink without idempotence must be refused naming the key: {err}"
+        );
+        assert!(
+            err.contains("max.in.flight.requests.per.connection"),
+            "{err}"
+        );
+        // Allowed where no request can overtake another: one in flight per connection.
+        let one_at_a_time = sink(
+            "\"enable.idempotence\" = \"false\", \"max.in.flight.requests.per.connection\" = 1",
+            "",
+        );
+        load(&one_at_a_time).expect("one request at a time keeps the order");
+        let err = error_of(&sink(
+            "\"enable.idempotence\" = false, \"max.in.flight.requests.per.connection\" = 5",
+            "",
+        ));
+        assert!(err.contains("\"enable.idempotence\""), "{err}");
+        load(&sink("\"enable.idempotence\" = true", "")).expect("idempotent is the default");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! librdkafka option tables: dotted names, whether written flat (`"sasl.password" = ...`), as
 //! nested tables, or through environment overrides (which can only nest).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
@@ -17,7 +18,11 @@ pub fn resolve(value: &mut Value, key: &str) -> Result<(), ConfigError> {
     match value {
         Value::String(text) => {
             if text.contains("${") {
-                *text = expand(text, key)?;
+                let resolved = expand(text, key)?;
+                if text.contains("${file:") {
+                    remember(&resolved, text);
+                }
+                *text = resolved;
             }
         }
         Value::Array(items) => {
@@ -93,6 +98,69 @@ fn lookup(reference: &str, key: &str) -> Result<String, ConfigError> {
         key,
         format!("unknown reference `${{{reference}}}`: write ${{env:NAME}} or ${{file:/path}}"),
     ))
+}
+
+/// Values resolved from `${file:...}` references (the whole string value), each with the text
+/// it was resolved from, so that a client holding the value can read the file again when it is
+/// rewritten (a rotated token or password): see [`Reloading`]. A process loads one
+/// configuration, so this holds a handful; it never takes more than [`MAX_FILE_VALUES`].
+static FILE_VALUES: std::sync::LazyLock<std::sync::Mutex<HashMap<String, String>>> =
+    std::sync::LazyLock::new(Default::default);
+
+const MAX_FILE_VALUES: usize = 256;
+
+fn remember(resolved: &str, template: &str) {
+    let mut values = FILE_VALUES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if values.len() < MAX_FILE_VALUES || values.contains_key(resolved) {
+        values.insert(resolved.to_string(), template.to_string());
+    }
+}
+
+/// A value read through `${file:...}` references, read again (at most once per given interval)
+/// to notice that a file was rewritten.
+#[derive(Debug, Clone)]
+pub struct Reloading {
+    template: String,
+    value: String,
+    checked: Instant,
+}
+
+impl Reloading {
+    /// `value` as read from its files, if it came from a `${file:...}` reference.
+    pub fn of(value: &str) -> Option<Reloading> {
+        let values = FILE_VALUES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        values.get(value).map(|template| Reloading {
+            template: template.clone(),
+            value: value.to_string(),
+            checked: Instant::now(),
+        })
+    }
+
+    /// Reads the files again if `every` has passed since the last time, and returns the new
+    /// value if it differs. A file that cannot be read now (mid-rotation, gone) keeps the
+    /// value as it was, with a warning.
+    pub fn changed(&mut self, now: Instant, every: Duration) -> Option<&str> {
+        if now.saturating_duration_since(self.checked) < every {
+            return None;
+        }
+        self.checked = now;
+        match expand(&self.template, "reloaded value") {
+            Ok(fresh) if fresh != self.value => {
+                remember(&fresh, &self.template);
+                self.value = fresh;
+                Some(&self.value)
+            }
+            Ok(_) => None,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read a referenced file again; keeping the value read before");
+                None
+            }
+        }
+    }
 }
 
 /// Maps an environment override's name (after the `LOGBRIDGE_` prefix) to a key path before
@@ -183,6 +251,44 @@ mod tests {
         );
         assert_eq!(value["kafka"]["topics"][0], "a-alice");
         assert_eq!(value["kafka"]["brokers"], "plain:9092");
+    }
+
+    #[test]
+    fn a_file_value_is_read_again_when_the_file_is_rewritten() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t1\n").expect("write");
+        let mut value =
+            serde_json::json!({"auth": format!("Bearer ${{file:{}}}", token.display())});
+        resolve(&mut value, "").expect("resolves");
+        assert_eq!(value["auth"], "Bearer t1");
+        let mut reloading = Reloading::of("Bearer t1").expect("came from a file");
+        assert!(Reloading::of("Bearer never-read").is_none());
+        let every = Duration::from_secs(5);
+        let start = Instant::now();
+        assert_eq!(reloading.changed(start + every, every), None, "unchanged");
+        std::fs::write(&token, "t2\n").expect("rewrite");
+        assert_eq!(
+            reloading.changed(start + every, every),
+            None,
+            "checked at most every 5 s"
+        );
+        assert_eq!(
+            reloading.changed(start + every * 2, every),
+            Some("Bearer t2")
+        );
+        assert_eq!(
+            reloading.changed(start + every * 3, every),
+            None,
+            "read once"
+        );
+        // Mid-rotation the file is missing: the last value stays.
+        std::fs::remove_file(&token).expect("remove");
+        assert_eq!(reloading.changed(start + every * 4, every), None);
+        assert!(
+            Reloading::of("Bearer t2").is_some(),
+            "the new value is known too"
+        );
     }
 
     #[test]
