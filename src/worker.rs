@@ -922,6 +922,29 @@ mod tests {
         )
     }
 
+    /// A worker of route `r` under `breaker`, whose sink answers `answers` (one list per
+    /// delivery) and records what it was given.
+    fn spawn_scripted_route(
+        answers: Vec<Vec<Result<(), DeliveryError>>>,
+        breaker: &crate::breaker::BreakerHandle,
+    ) -> (Spawned, Arc<Mutex<Vec<Delivery>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Scripted {
+            answers: answers.into(),
+            seen: seen.clone(),
+            release_after_first: None,
+        };
+        let worker = spawn_guarded(
+            Box::new(sink),
+            Fences::default(),
+            5,
+            1,
+            None,
+            breaker.route(Arc::from("r")),
+        );
+        (worker, seen)
+    }
+
     fn spawn_with(
         sink: Box<dyn Sink>,
         fences: Fences,
@@ -1224,21 +1247,9 @@ mod tests {
         };
         let (mut switch, handle) = BreakerSwitch::new(config, Arc::new(Metrics::new()));
         let expired = || Err(DeliveryError::permanent("http_401", "401 Unauthorized"));
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let sink = Scripted {
-            // The first delivery is refused whole (an expired token); the next succeed.
-            answers: vec![(0..10).map(|_| expired()).collect()].into(),
-            seen: seen.clone(),
-            release_after_first: None,
-        };
-        let mut worker = spawn_guarded(
-            Box::new(sink),
-            Fences::default(),
-            5,
-            1,
-            None,
-            handle.route(Arc::from("r")),
-        );
+        // The first delivery is refused whole (an expired token); the next succeed.
+        let (mut worker, seen) =
+            spawn_scripted_route(vec![(0..10).map(|_| expired()).collect()], &handle);
         let records: Vec<Record> = (0..10).map(|offset| keyed("k", offset)).collect();
         assert!(matches!(worker.handle.offer(records), Offer::Taken));
         let mut acks = Vec::new();
@@ -1312,19 +1323,7 @@ mod tests {
             refused(),
             refused(),
         ];
-        let sink = Scripted {
-            answers: vec![answers].into(),
-            seen: Arc::default(),
-            release_after_first: None,
-        };
-        let mut worker = spawn_guarded(
-            Box::new(sink),
-            Fences::default(),
-            5,
-            1,
-            None,
-            handle.route(Arc::from("r")),
-        );
+        let (mut worker, _) = spawn_scripted_route(vec![answers], &handle);
         let records: Vec<Record> = (0..7).map(|offset| keyed("k", offset)).collect();
         assert!(matches!(worker.handle.offer(records), Offer::Taken));
         let acks = worker.finish().await;
