@@ -683,12 +683,9 @@ impl ConsumerActor {
             // Draining: never dispatched, so never committed; read again after a restart.
             return Ok(());
         };
-        let count = batch.len() as i64;
-        let batch = match router.offer(batch) {
-            Offer::Taken => {
-                self.metrics.in_flight.add(count);
-                return Ok(());
-            }
+        let in_flight = &self.metrics.in_flight;
+        let batch = match counted_offer(in_flight, batch, |batch| router.offer(batch)) {
+            Offer::Taken => return Ok(()),
             Offer::Full(batch) => batch,
             Offer::Stopped(_) => {
                 anyhow::bail!("router stopped while the consumer was running");
@@ -696,11 +693,10 @@ impl ConsumerActor {
         };
         // The assignment's lock is not held meanwhile (interval commits and /status take it);
         // rebalances run on this thread, so the partitions stay ours.
-        let batch = match router.wait_for_room(batch, self.pause_after, &self.runtime) {
-            Offer::Taken => {
-                self.metrics.in_flight.add(count);
-                return Ok(());
-            }
+        let batch = match counted_offer(in_flight, batch, |batch| {
+            router.wait_for_room(batch, self.pause_after, &self.runtime)
+        }) {
+            Offer::Taken => return Ok(()),
             // Gone: hold it; shutdown follows.
             Offer::Full(batch) | Offer::Stopped(batch) => batch,
         };
@@ -822,9 +818,8 @@ impl ConsumerActor {
                     router_full = true;
                     break;
                 }
-                let count = batch.len();
-                match router.offer(batch) {
-                    Offer::Taken => self.metrics.in_flight.add(count as i64),
+                match counted_offer(&self.metrics.in_flight, batch, |batch| router.offer(batch)) {
+                    Offer::Taken => {}
                     Offer::Full(batch) => {
                         // Only the router takes from the channel, so the room seen is there;
                         // handled all the same.
@@ -876,4 +871,22 @@ impl ConsumerActor {
         }
         Ok(assignment.held_count())
     }
+}
+
+/// Offers `batch` to the router through `offer`, counting it in flight first: once taken, the
+/// router may dispatch it and its acks reach the committer (which counts them out) before this
+/// thread would have counted it in (the gauge was seen at -19 in a soak). Counted out again if
+/// not taken.
+fn counted_offer(
+    in_flight: &prometheus::IntGauge,
+    batch: Vec<Record>,
+    offer: impl FnOnce(Vec<Record>) -> Offer<Record>,
+) -> Offer<Record> {
+    let count = batch.len() as i64;
+    in_flight.add(count);
+    let offered = offer(batch);
+    if !matches!(offered, Offer::Taken) {
+        in_flight.sub(count);
+    }
+    offered
 }
