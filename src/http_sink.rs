@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig};
+use crate::config::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig, Reloading};
 use crate::producer::FailureKind;
 use crate::record::Record;
 use crate::sink::{write_compact_json, DeliveryFuture, Sink, SinkError};
@@ -42,6 +42,10 @@ const BULK_ANSWER_MIN: usize = 1 << 20;
 /// thread, so that compressing (milliseconds for megabytes) does not hold up the runtime's
 /// other tasks.
 const GZIP_INLINE_MAX: usize = 64 << 10;
+/// How often a credential read through `${file:...}` is read again (a rotated token).
+const CREDENTIALS_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// After a 401 or 403: read again if this has passed since the last read.
+const CREDENTIALS_CHECK_REFUSED: Duration = Duration::from_secs(1);
 
 /// How a batch becomes a request body.
 #[derive(Debug, Clone)]
@@ -58,11 +62,88 @@ enum Layout {
     },
 }
 
-/// What one route's sinks share: the client (its connection pool) and the request's shape.
+/// What one route's sinks share: the client (its connection pool), the request's shape and
+/// its credentials.
 #[derive(Clone)]
 pub struct HttpEndpoint {
     client: reqwest::Client,
     target: Arc<Target>,
+    credentials: Option<Arc<Credentials>>,
+}
+
+/// The `Authorization` header of a route, rebuilt when the token or password it was made from
+/// came from a `${file:...}` reference and the file was rewritten (a rotated token): the file
+/// is read again every [`CREDENTIALS_CHECK_EVERY`], and after a 401 or 403.
+struct Credentials {
+    auth: HttpAuth,
+    state: std::sync::Mutex<CredentialState>,
+}
+
+struct CredentialState {
+    /// The secret (token or password) as read from its file; `None`: not from a file.
+    secret: Option<Reloading>,
+    header: HeaderValue,
+}
+
+impl Credentials {
+    fn new(auth: &HttpAuth) -> anyhow::Result<Credentials> {
+        let secret = match auth {
+            HttpAuth::Basic { password, .. } => password,
+            HttpAuth::Bearer { token } => token,
+        };
+        Ok(Credentials {
+            auth: auth.clone(),
+            state: std::sync::Mutex::new(CredentialState {
+                secret: Reloading::of(secret),
+                header: authorization(auth, secret)?,
+            }),
+        })
+    }
+
+    /// The header to send, after reading the secret's file again if `every` has passed;
+    /// whether the secret changed.
+    fn current(&self, every: Duration) -> (HeaderValue, bool) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let CredentialState { secret, header } = &mut *state;
+        let fresh = secret
+            .as_mut()
+            .and_then(|secret| secret.changed(std::time::Instant::now(), every))
+            .map(|fresh| authorization(&self.auth, fresh));
+        let changed = match fresh {
+            Some(Ok(fresh)) => {
+                tracing::info!("a credential file of an http sink changed; sending the new value");
+                *header = fresh;
+                true
+            }
+            Some(Err(err)) => {
+                tracing::warn!(error = %err, "a credential file of an http sink changed to a value that cannot be sent; keeping the value read before");
+                false
+            }
+            None => false,
+        };
+        (header.clone(), changed)
+    }
+}
+
+/// The `Authorization` header of `auth` with `secret` as its token or password.
+fn authorization(auth: &HttpAuth, secret: &str) -> anyhow::Result<HeaderValue> {
+    let value = match auth {
+        HttpAuth::Basic { username, .. } => {
+            use base64::Engine as _;
+            let pair = format!("{username}:{secret}");
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            )
+        }
+        HttpAuth::Bearer { .. } => format!("Bearer {secret}"),
+    };
+    let mut value = HeaderValue::from_str(&value).context("credentials are not a valid header")?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 struct Target {
@@ -109,23 +190,12 @@ impl HttpEndpoint {
                 HeaderValue::from_static("gzip"),
             );
         }
-        if let Some(auth) = &config.auth {
-            let value = match auth {
-                HttpAuth::Basic { username, password } => {
-                    use base64::Engine as _;
-                    let pair = format!("{username}:{password}");
-                    format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD.encode(pair)
-                    )
-                }
-                HttpAuth::Bearer { token } => format!("Bearer {token}"),
-            };
-            let mut value =
-                HeaderValue::from_str(&value).context("credentials are not a valid header")?;
-            value.set_sensitive(true);
-            headers.insert(reqwest::header::AUTHORIZATION, value);
-        }
+        let credentials = config
+            .auth
+            .as_ref()
+            .map(Credentials::new)
+            .transpose()?
+            .map(Arc::new);
         for (name, value) in &config.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .with_context(|| format!("invalid header name `{name}`"))?;
@@ -153,6 +223,7 @@ impl HttpEndpoint {
         let client = client.build().context("failed to build the HTTP client")?;
         Ok(HttpEndpoint {
             client,
+            credentials,
             target: Arc::new(Target {
                 url,
                 method: match config.method {
@@ -262,14 +333,16 @@ impl HttpSink {
         } else {
             body
         };
-        let answer = self
+        let mut request = self
             .endpoint
             .client
             .request(target.method.clone(), target.url.clone())
-            .headers(target.headers.clone())
-            .body(payload)
-            .send()
-            .await;
+            .headers(target.headers.clone());
+        if let Some(credentials) = &self.endpoint.credentials {
+            let (header, _) = credentials.current(CREDENTIALS_CHECK_EVERY);
+            request = request.header(reqwest::header::AUTHORIZATION, header);
+        }
+        let answer = request.body(payload).send().await;
         let response = match answer {
             Ok(response) => response,
             Err(err) => return vec![Err(request_error(&err)); records.len()],
@@ -302,6 +375,18 @@ impl HttpSink {
                 return vec![Err(err); records.len()];
             }
             return bulk_outcomes(&text, records.len());
+        }
+        let refused = matches!(status, 401 | 403);
+        if let Some(credentials) = self.endpoint.credentials.as_ref().filter(|_| refused) {
+            if credentials.current(CREDENTIALS_CHECK_REFUSED).1 {
+                // Refused with credentials that have been rotated since: sent again with the
+                // new ones, not failed.
+                let err = SinkError::retryable(
+                    "credentials_changed",
+                    format!("HTTP {status} with credentials whose file has changed since; sending again with the new ones"),
+                );
+                return vec![Err(err); records.len()];
+            }
         }
         match status_outcome(status, retry_after, &text) {
             Ok(()) => vec![Ok(()); records.len()],
@@ -753,10 +838,93 @@ mod tests {
         assert!(err.message.contains("127.0.0.1"), "{}", err.message);
     }
 
+    /// Issue 34, item 2: a token read through `${file:...}` that is rotated (the file
+    /// rewritten) is sent from then on without a restart; a request refused with the old one
+    /// after the change is sent again, not failed.
+    #[tokio::test]
+    async fn a_token_read_from_a_file_is_read_again_when_the_file_is_rewritten() {
+        let (url, _) = serve_headers(|authorization| {
+            if authorization == "Bearer second-token" {
+                (200, String::new())
+            } else {
+                (401, "token expired".to_string())
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().expect("dir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "first-token\n").expect("token written");
+        let config = crate::config::Config::from_toml_str(&format!(
+            "[kafka]\nbrokers = \"127.0.0.1:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
+             [[routes]]\nname = \"r\"\nlevels = [\"error\"]\n\
+             sink = {{ type = \"http\", url = \"{url}/in\", auth = {{ type = \"bearer\", token = \"${{file:{}}}\" }} }}\n",
+            token.display()
+        ))
+        .expect("config");
+        let crate::config::SinkConfig::Http(http) = &config.routes[0].sink else {
+            panic!("an http sink");
+        };
+        let mut sink = HttpEndpoint::new(http, false).expect("endpoint").sink();
+        let batch = [record(1, "{\"a\":1}")];
+        let outcomes = sink.deliver("r", &batch).await;
+        let err = outcomes[0]
+            .as_ref()
+            .expect_err("the first token is refused");
+        assert_eq!(err.status, Some(401), "{err:?}");
+        std::fs::write(&token, "second-token\n").expect("token rotated");
+        let started = std::time::Instant::now();
+        let mut refused = Vec::new();
+        let delivered = loop {
+            let outcomes = sink.deliver("r", &batch).await;
+            match &outcomes[0] {
+                Ok(()) => break true,
+                Err(err) => refused.push((err.reason, err.kind)),
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(
+            delivered,
+            "still refused 15 s after the token file was rewritten: {refused:?}"
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|(reason, kind)| *reason == "credentials_changed"
+                    && *kind == FailureKind::Retryable)
+                || refused.is_empty(),
+            "a refusal after the change must be retried: {refused:?}"
+        );
+    }
+
+    /// Serves `answer(authorization header)` on a loopback port until the test's runtime ends.
+    async fn serve_headers(
+        answer: impl Fn(&str) -> (u16, String) + Send + Sync + 'static,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        serve_with(move |headers, _| {
+            let authorization = headers
+                .get(reqwest::header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default();
+            answer(authorization)
+        })
+        .await
+    }
+
     /// Serves `answer(body)` (status and text) on a loopback port until the test's runtime
     /// ends; counts the requests.
     async fn serve(
         answer: impl Fn(&[u8]) -> (u16, String) + Send + Sync + 'static,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        serve_with(move |_, body| answer(body)).await
+    }
+
+    /// Serves `answer(headers, body)` on a loopback port until the test's runtime ends; counts
+    /// the requests.
+    async fn serve_with(
+        answer: impl Fn(&HeaderMap, &[u8]) -> (u16, String) + Send + Sync + 'static,
     ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use http_body_util::BodyExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -777,13 +945,14 @@ mod tests {
                             let counted = counted.clone();
                             async move {
                                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                let headers = request.headers().clone();
                                 let body = request
                                     .into_body()
                                     .collect()
                                     .await
                                     .map(|collected| collected.to_bytes())
                                     .unwrap_or_default();
-                                let (status, text) = answer(&body);
+                                let (status, text) = answer(&headers, &body);
                                 let mut response = hyper::Response::new(http_body_util::Full::new(
                                     bytes::Bytes::from(text),
                                 ));
