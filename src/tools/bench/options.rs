@@ -58,6 +58,9 @@ pub struct BenchOptions {
     /// Events per second of the soak's stream.
     #[arg(long, default_value_t = 2_000)]
     pub soak_rate: u64,
+    /// Share of malformed records in the soak's stream (dead-lettered), 0.0 to 1.0.
+    #[arg(long, default_value_t = 0.02)]
+    pub soak_bad_ratio: f64,
     /// The soak's second instance joins every this many seconds and stays half of it (0: never,
     /// one instance throughout).
     #[arg(long, default_value_t = 120)]

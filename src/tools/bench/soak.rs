@@ -25,8 +25,6 @@ use super::endpoint::{Endpoint, Flaky};
 use super::options::BenchOptions;
 use crate::tools::produce::{produce_blocking, ProduceOptions};
 
-/// Share of malformed records in the soak stream.
-const BAD_RATIO: f64 = 0.02;
 /// One HTTP request in this many is answered 503.
 const FAIL_ONE_IN: u64 = 20;
 /// The endpoint is down (every request 503) this long in every minute.
@@ -94,7 +92,7 @@ pub(super) async fn soak(
          errors to an HTTP endpoint failing 1 request in {FAIL_ONE_IN} and down {} s a minute; \
          a second instance joins every {} s for {} s; {} s in all",
         options.soak_rate,
-        BAD_RATIO * 100.0,
+        options.soak_bad_ratio * 100.0,
         options.partitions,
         options.keys,
         DOWN_FOR.as_secs(),
@@ -111,7 +109,7 @@ pub(super) async fn soak(
         count: None,
         rate: options.soak_rate,
         keys: options.keys,
-        bad_ratio: BAD_RATIO,
+        bad_ratio: options.soak_bad_ratio,
         seed: Some(stamp),
         loggers: true,
         ..ProduceOptions::default()
