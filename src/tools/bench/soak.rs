@@ -308,7 +308,22 @@ impl Instance {
         .with_context(|| format!("cannot write {}", config.display()))?;
         let log = std::fs::File::create(dir.join(format!("{name}.log")))
             .context("cannot create an instance log")?;
-        let child = Command::new(exe)
+        // `LOGBRIDGE_SOAK_WRAP` (e.g. `heaptrack -o /tmp/soak-heap`) runs the first instance
+        // under a profiler: its words go in front of the command.
+        let wrapper = (name == "a")
+            .then(|| std::env::var("LOGBRIDGE_SOAK_WRAP").ok())
+            .flatten()
+            .unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&config)
