@@ -122,6 +122,10 @@ impl Probe {
         // Options meant for the consumer or producer of this cluster (group, fetch, linger)
         // only make this client log that it ignores them.
         config.set_log_level(RDKafkaLogLevel::Error);
+        // Statistics asked for in `[kafka.options]` are the consumer's: the probe polls only
+        // when it checks, one event at a time, so its statistics would pile up in its queue for
+        // as long as logbridge runs (about 2.6 KiB a second, found by the soak).
+        config.set("statistics.interval.ms", "0");
         let client = config
             .create_with_context(ProbeContext::default())
             .with_context(|| format!("cannot create a Kafka client for {}", cluster.brokers))?;
@@ -324,6 +328,53 @@ mod tests {
             security: None,
             options: &NO_OPTIONS,
         }
+    }
+
+    /// Events the probe's client holds for a poll that has not come (librdkafka's main queue).
+    fn queued_events(probe: &Probe) -> usize {
+        let native = probe.client.client().native_ptr();
+        // SAFETY: the client outlives these calls; the queue reference taken is given back.
+        unsafe {
+            let queue = rdkafka::bindings::rd_kafka_queue_get_main(native);
+            let length = rdkafka::bindings::rd_kafka_queue_length(queue);
+            rdkafka::bindings::rd_kafka_queue_destroy(queue);
+            length
+        }
+    }
+
+    /// Issue 34, item 1 (found by the soak): the probe polls only when it checks (every
+    /// `check_interval_ms`), one event per poll, so librdkafka's statistics, asked for the
+    /// consumer in `[kafka.options]` and applied to the probe with the rest, piled up in its
+    /// queue: about 2.6 KiB a second, for as long as logbridge ran.
+    #[test]
+    fn the_probe_collects_no_statistics_nobody_reads() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("logs", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let options: Map<String, crate::config::OptionValue> = [(
+            "statistics.interval.ms".to_string(),
+            crate::config::OptionValue::Text("100".to_string()),
+        )]
+        .into_iter()
+        .collect();
+        let probe = Probe::new(
+            Cluster {
+                brokers: &brokers,
+                security: None,
+                options: &options,
+            },
+            Vec::new(),
+        )
+        .expect("probe");
+        probe
+            .check(&["logs"], Duration::from_secs(10))
+            .expect("the topic is there");
+        std::thread::sleep(Duration::from_millis(1_500));
+        probe
+            .check(&["logs"], Duration::from_secs(10))
+            .expect("the topic is there");
+        let queued = queued_events(&probe);
+        assert!(queued <= 1, "{queued} events wait in the probe's queue");
     }
 
     #[test]
