@@ -59,6 +59,20 @@ const CHILD_LIMIT: Duration = Duration::from_secs(600);
 /// Pace of the slowed sink in the memory ceiling runs, as a share of the raw consumption rate.
 const PACED_SHARE: f64 = 0.10;
 
+/// A command running `exe` under `wrapper` (a profiler's command line, whose words go in front;
+/// empty: `exe` alone).
+fn wrapped(exe: &Path, wrapper: &str) -> Command {
+    let mut words = wrapper.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(exe);
+            command
+        }
+        None => Command::new(exe),
+    }
+}
+
 /// Runs one measurement in a child process.
 ///
 /// `LOGBRIDGE_BENCH_WRAP_<MODE>` (e.g. `LOGBRIDGE_BENCH_WRAP_NULL="perf record -g --"`) runs
@@ -69,16 +83,7 @@ async fn measure(exe: &Path, options: &ChildOptions) -> anyhow::Result<Measureme
         options.mode.as_str().to_ascii_uppercase()
     );
     let wrapper = std::env::var(&wrap_var).unwrap_or_default();
-    let mut words = wrapper.split_whitespace();
-    let mut command = match words.next() {
-        Some(program) => {
-            let mut command = Command::new(program);
-            command.args(words).arg(exe);
-            command
-        }
-        None => Command::new(exe),
-    };
-    let child = command
+    let child = wrapped(exe, &wrapper)
         .args(options.args())
         .env(
             "LOGBRIDGE_LOG",

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 use super::broker::Broker;
 use super::endpoint::{Endpoint, Flaky};
@@ -314,16 +314,7 @@ impl Instance {
             .then(|| std::env::var("LOGBRIDGE_SOAK_WRAP").ok())
             .flatten()
             .unwrap_or_default();
-        let mut words = wrapper.split_whitespace();
-        let mut command = match words.next() {
-            Some(program) => {
-                let mut command = Command::new(program);
-                command.args(words).arg(exe);
-                command
-            }
-            None => Command::new(exe),
-        };
-        let child = command
+        let child = super::wrapped(exe, &wrapper)
             .arg("run")
             .arg("--config")
             .arg(&config)
