@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::process::Instance;
+use common::stream::{test_rng, Stream};
 use common::*;
 use rand::Rng;
 
@@ -62,30 +63,8 @@ async fn churn(kafka: &Kafka, broker: &str, strategy: &str) {
     let group = unique(&format!("churn-{strategy}"));
 
     // Records flow during the whole churn: a producer adds 200 000 events over about 30 s.
-    let (brokers, topic) = (kafka.brokers.clone(), kafka.topic.clone());
-    let producer = tokio::spawn(async move {
-        use rand::SeedableRng;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let mut valid = std::collections::HashSet::new();
-        for chunk in 0..100u64 {
-            let records: Vec<(Option<String>, Vec<u8>)> = (0..EVENTS / 100)
-                .map(|n| {
-                    let id = chunk * (EVENTS / 100) + n;
-                    let (key, payload, bad) =
-                        logbridge::tools::produce::sample_event(&mut rng, id, 5_000, 0.0);
-                    if !bad {
-                        valid.insert(id);
-                    }
-                    (Some(key), payload)
-                })
-                .collect();
-            let mut client = rdkafka::config::ClientConfig::new();
-            client.set("bootstrap.servers", &brokers);
-            produce_records(&client, &topic, &records, "1000000").await;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        valid
-    });
+    let mut rng = test_rng(&format!("churn on {broker}, {strategy}"));
+    let producer = Stream::start(kafka, 8_000, EVENTS, 5_000, 0.0, rng.random());
 
     let mut slots: Vec<Instance> = (0..3)
         .map(|slot| {
@@ -116,7 +95,6 @@ async fn churn(kafka: &Kafka, broker: &str, strategy: &str) {
         "three instances did not each get some of the 12 partitions"
     );
 
-    let mut rng = rand::rng();
     let mut kills = Vec::new();
     let mut stop_times = Vec::new();
     for round in 0..ROUNDS {
@@ -163,7 +141,7 @@ async fn churn(kafka: &Kafka, broker: &str, strategy: &str) {
         kills.push(signal);
         finished.push(old);
     }
-    let valid = producer.await.expect("producer");
+    let valid = producer.until_cap().await.valid_ids;
     let end = kafka.end_offsets();
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(240))

@@ -1,15 +1,24 @@
-//! Crash audit: 200 000 events (400 000 on Apache Kafka), the real `logbridge` binary killed with SIGKILL at random moments
-//! at least five times and restarted with the same group each time, then left to finish.
-//! Some instances are also killed while they join the group (before or while their partitions
-//! are assigned). Asserts zero loss, every malformed record accounted for, committed offset =
-//! end offset on every partition (read by a separate client), and per kill no more duplicates
-//! than the design allows.
+//! Crash audit: the real `logbridge` binary killed with SIGKILL at random moments at least five
+//! times while events are produced at a steady pace, restarted with the same group each time,
+//! then left to finish. Two more instances are killed while they join the group (before their
+//! partitions are assigned; asserted). Asserts zero loss, every malformed record accounted for,
+//! committed offset = end offset on every partition (read by a separate client), per-key order
+//! across the crashes, and per kill no more duplicates than the README allows.
 //!
-//! What one crash can replay is what the killed run delivered past the last commit: the
-//! records it finished since that commit (at most about one commit interval of throughput),
-//! plus the batches its workers had written but not yet acked (one batch per worker). The test
-//! reads the committed offsets and the run's finished count just before each kill and checks
-//! the next run's duplicates against exactly that.
+//! The README's bound on what one crash replays: the records the crashed process finished since
+//! its last commit (about one `commit_interval_ms` of throughput, plus, per partition, at most
+//! `max_uncommitted_records` finished records waiting behind a stuck one), plus the batches its
+//! workers had written but not yet acked (one per worker; `sink_batches_in_flight` per worker
+//! for a Kafka route). The test counts the first term from what the killed run *wrote* (its
+//! output files, sampled every 20 ms) in the last commit interval before the kill, plus a
+//! second for the commit's round trip and a late tick on a loaded machine; the second is the
+//! literal number of batches of this config; no record is stuck here (file sinks, no failures),
+//! so the third term is zero (`tests/combinations.rs` stages a stuck one). Nothing of it is read
+//! from the program under test, so a build that stops committing on the interval fails here:
+//! its replay is everything the run wrote.
+//!
+//! Events are produced during the whole audit (not a backlog read in a second), so each killed
+//! run lives for seconds, several commit intervals.
 //!
 //! Brokers: Apache Kafka (this binary's shared broker), where a killed member is expired by the
 //! group coordinator after `session.timeout.ms` and a commit of the current generation is
@@ -23,160 +32,194 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::process::{logged_decode_failures, Instance};
+use common::stream::{test_rng, Stream, Written};
 use common::*;
 use rand::Rng;
 
-/// Events on the mock cluster, which keeps only the newest 5 MiB of each partition.
-const MOCK_EVENTS: u64 = 200_000;
-/// Events on Apache Kafka: logbridge reads it at about 200 000 records/s here, and each run's
-/// commits land after the moment they are read back, so 200 000 left the last kill with
-/// nothing to read in one run of three (a kill after the end is not mid-stream).
-const APACHE_EVENTS: u64 = 400_000;
 const KILLS: usize = 5;
+/// `commit_interval_ms` of `process::write_child_config`.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// Beyond the interval: the commit's round trip to the broker, and a tick served late on a
+/// loaded machine.
+const COMMIT_SLACK: Duration = Duration::from_secs(1);
+/// Batches written and not yet acked when a process dies, one per worker (README): the routes
+/// of `process::write_child_config` have 4 + 2 + 2 workers writing files, each batch at most
+/// `min(worker_capacity, 256)` = 256 records.
+const WRITTEN_UNACKED: u64 = (4 + 2 + 2) * 256;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_on_apache_kafka() {
     let _serial = serial().await;
     let kafka = Kafka::shared("audit", 8).await;
-    audit(&kafka, "Apache Kafka", APACHE_EVENTS).await;
+    // 6 000 events a second; at most 600 000 (about 100 s of producing).
+    audit(&kafka, "Apache Kafka", 6_000, 600_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_on_the_mock_cluster() {
     let _serial = serial().await;
     let kafka = Kafka::start("audit", 8);
-    audit(&kafka, "mock cluster", MOCK_EVENTS).await;
+    // 2 500 events a second, at most 400 000. The mock keeps only the newest 5 MiB of each
+    // partition (about 25 000 events): enough, since every run reads near the end of the log.
+    audit(&kafka, "mock cluster", 2_500, 400_000).await;
 }
 
-/// The audit of `events` on `kafka`'s topic (8 partitions, empty); `broker` names it in what
-/// is printed.
-async fn audit(kafka: &Kafka, broker: &str, events: u64) {
-    let produced = kafka.produce_samples(events, 0.01, 20261127).await;
-    let end = kafka.end_offsets();
-    assert_eq!(end.iter().sum::<i64>(), events as i64);
+/// One killed run: the bound on what a later run may write again, and what it is made of.
+struct Kill {
+    run: String,
+    bound: u64,
+    written_last_interval: u64,
+    written: u64,
+}
+
+/// Kills `child` (whose outputs `written` watches) and says what the README allows a later run
+/// to write again.
+fn kill(run: &str, child: &mut common::process::Logbridge, written: &mut Written) -> Kill {
+    child.kill();
+    let killed_at = Instant::now();
+    written.sample();
+    let last_interval = written.since(killed_at - COMMIT_INTERVAL - COMMIT_SLACK);
+    Kill {
+        run: run.to_string(),
+        bound: last_interval + WRITTEN_UNACKED,
+        written_last_interval: last_interval,
+        written: written.sample(),
+    }
+}
+
+/// The audit on `kafka`'s topic (8 partitions, empty) with events produced at `per_second`
+/// (up to `cap`); `broker` names it in what is printed.
+async fn audit(kafka: &Kafka, broker: &str, per_second: u64, cap: u64) {
+    let mut rng = test_rng(&format!("crash audit on {broker}"));
+    let stream = Stream::start(kafka, per_second, cap, 10_000, 0.01, rng.random());
 
     let work = tempfile::tempdir().expect("workdir");
     let group = unique("audit");
-    let mut rng = rand::rng();
     let mut runs: Vec<std::path::PathBuf> = Vec::new();
     let mut logs = Vec::new();
-    let mut kills = 0;
-    let mut rates = Vec::new();
+    let mut kills: Vec<Kill> = Vec::new();
     let mut killed_mid_stream = 0;
     let started = Instant::now();
-    let mut joins_killed = 0;
-    // Per kill, what the killed run had finished past the committed offsets when it died.
-    let mut finished_past_commit: Vec<f64> = Vec::new();
+    let mut joins_killed_unassigned = 0;
+    let (mut child, produced) = 'last: {
     for run in 0..=KILLS {
         if run == 1 || run == 3 {
-            // An instance killed while it joins the group: before its assignment, or while the
-            // group still waits for the member killed before (session.timeout.ms).
-            let committed_at_start: i64 = kafka.committed_records(&group);
+            // An instance killed while it joins the group: up and serving, no partition yet
+            // (the group still waits for the member killed before, up to session.timeout.ms).
+            let name = format!("join-{run}");
             let joining = Instance::start(
                 &kafka.brokers,
                 &kafka.topic,
                 &group,
                 work.path(),
-                &format!("join-{run}"),
+                &name,
                 "",
             );
-            let mut joining_child = joining.child;
+            let mut child = joining.child;
+            let mut written = Written::new(&joining.out);
             runs.push(joining.out);
-            logs.push(joining_child.log.clone());
-            tokio::time::sleep(Duration::from_millis(rng.random_range(300..2_500))).await;
-            let assigned = joining_child
+            logs.push(child.log.clone());
+            let up = wait_for(Duration::from_secs(30), || {
+                let child = &child;
+                async move {
+                    child
+                        .metric("logbridge_assigned_partitions")
+                        .await
+                        .is_some()
+                }
+            })
+            .await;
+            assert!(up, "{name} never served its metrics");
+            written
+                .watch(Duration::from_millis(rng.random_range(0..400)))
+                .await;
+            let assigned = child
                 .metric("logbridge_assigned_partitions")
                 .await
-                .unwrap_or(0.0);
-            let committed: i64 = kafka.committed_records(&group);
-            let finished = joining_child
-                .metric("logbridge_events_finished_total")
-                .await
-                .unwrap_or(0.0);
-            joining_child.kill();
-            joins_killed += 1;
-            finished_past_commit.push(finished - (committed - committed_at_start) as f64);
-            println!("{broker} run {run}: SIGKILL while joining ({assigned} partitions assigned)");
+                .expect("logbridge_assigned_partitions of a running instance");
+            if assigned == 0.0 {
+                joins_killed_unassigned += 1;
+            }
+            kills.push(kill(&name, &mut child, &mut written));
+            println!("{broker} {name}: SIGKILL while joining ({assigned} partitions assigned)");
         }
+        let name = format!("run-{run}");
         let instance = Instance::start(
             &kafka.brokers,
             &kafka.topic,
             &group,
             work.path(),
-            &format!("run-{run}"),
+            &name,
             "",
         );
         let mut child = instance.child;
+        let mut written = Written::new(&instance.out);
         runs.push(instance.out);
         logs.push(child.log.clone());
-        let committed_at_start: i64 = kafka.committed_records(&group);
-        if run < KILLS {
-            // Wait until this instance is consuming, then kill it at a random moment.
-            let consuming = wait_for(Duration::from_secs(60), || {
-                let child = &child;
-                async move {
-                    child
-                        .metric("logbridge_events_consumed_total")
-                        .await
-                        .unwrap_or(0.0)
-                        > 0.0
-                }
-            })
-            .await;
-            assert!(consuming, "run {run} never started consuming");
-            let finished_before = child
-                .metric("logbridge_events_finished_total")
-                .await
-                .unwrap_or(0.0);
-            let measured_from = Instant::now();
-            // A random moment, chosen as a random amount of progress (so that five kills stay
-            // mid-stream however fast this machine consumes): 4 000 to 24 000 more records.
-            let target = finished_before + rng.random_range(4_000.0..24_000.0);
-            let mut finished_after = finished_before;
-            while finished_after < target && measured_from.elapsed() < Duration::from_secs(30) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                finished_after = child
-                    .metric("logbridge_events_finished_total")
+        // Until this instance reads (it serves no metrics at first: no value is no read).
+        let consuming = wait_for(Duration::from_secs(60), || {
+            let child = &child;
+            async move {
+                child
+                    .metric("logbridge_events_consumed_total")
                     .await
-                    .unwrap_or(finished_after);
+                    .is_some_and(|consumed| consumed > 0.0)
             }
-            // Records per second this instance finished just before the kill.
-            rates.push((finished_after - finished_before) / measured_from.elapsed().as_secs_f64());
-            // The committed offsets first, then the finished count, then the kill: a commit
-            // or a record finished in between only widens what is allowed, never narrows it.
-            let committed: i64 = kafka.committed_records(&group);
-            let finished = child
-                .metric("logbridge_events_finished_total")
-                .await
-                .unwrap_or(finished_after);
-            child.kill();
-            kills += 1;
-            finished_past_commit.push(finished - (committed - committed_at_start) as f64);
-            if committed < events as i64 {
-                killed_mid_stream += 1;
-            }
-            println!(
-                "{broker} run {run}: SIGKILL after {:?}, committed {committed} of {events}",
-                started.elapsed()
-            );
-        } else {
-            let finished = kafka
-                .wait_committed_to(&group, &end, Duration::from_secs(300))
-                .await;
-            let (status, took) = child.terminate(Duration::from_secs(10));
-            assert!(
-                finished,
-                "the last run did not commit to the end: {:?} vs {end:?}",
-                kafka.committed(&group)
-            );
-            assert_eq!(
-                status.and_then(|s| s.code()),
-                Some(0),
-                "last run exit status"
-            );
-            println!("{broker} run {run}: finished and stopped in {took:?}");
+        })
+        .await;
+        assert!(consuming, "{name} never started consuming");
+        if run == KILLS {
+            // The last run reads while the producer still writes for a while, then the
+            // producer stops and the run must commit to the end.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            break 'last (child, stream.finish().await);
         }
+        // A random moment 1.5 to 4 s into its reading: several commit intervals.
+        written
+            .watch(Duration::from_millis(rng.random_range(1_500..4_000)))
+            .await;
+        let produced = stream.produced() as i64;
+        let committed = kafka.committed_records(&group);
+        let killed = kill(&name, &mut child, &mut written);
+        // Mid-stream: events were still being produced (they are until the last run) and the
+        // run was writing them when it died.
+        if killed.written_last_interval > 0 {
+            killed_mid_stream += 1;
+        }
+        println!(
+            "{broker} {name}: SIGKILL after {:?}, committed {committed} of {produced} produced; \
+             it wrote {} lines, {} in the last {:?}",
+            started.elapsed(),
+            killed.written,
+            killed.written_last_interval,
+            COMMIT_INTERVAL + COMMIT_SLACK
+        );
+        kills.push(killed);
     }
+    unreachable!("the last run breaks out of the loop")
+    };
+    let end = kafka.end_offsets();
+    let events = end.iter().sum::<i64>();
+    assert_eq!(
+        events as usize,
+        produced.valid_ids.len() + produced.malformed.len(),
+        "the topic holds what was produced"
+    );
+    let finished = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(300))
+        .await;
+    let (status, took) = child.terminate(Duration::from_secs(10));
+    assert!(
+        finished,
+        "the last run did not commit to the end: {:?} vs {end:?}",
+        kafka.committed(&group)
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "last run exit status"
+    );
+    println!("{broker} run-{KILLS}: finished and stopped in {took:?}");
 
     // Zero loss, read back from the outputs of every run. What a kill cost is what the killed
     // run wrote that a later run wrote again: its records past the commit.
@@ -259,29 +302,19 @@ async fn audit(kafka: &Kafka, broker: &str, events: u64) {
         .filter(|place| !logged.contains(place))
         .collect();
 
-    let config = logbridge::Config::load(&work.path().join("run-0.toml")).expect("config");
-    // Batches written but not yet acked when the process died: one per worker.
-    let batch = config
-        .pipeline
-        .worker_capacity
-        .min(logbridge::worker::MAX_BATCH);
-    let written_unacked: usize = config
-        .routes
-        .iter()
-        .map(|route| route.workers * batch)
-        .sum();
-    let bounds: Vec<usize> = finished_past_commit
-        .iter()
-        .map(|finished| finished.max(0.0).ceil() as usize + written_unacked)
-        .collect();
+    let bounds: Vec<u64> = kills.iter().map(|kill| kill.bound).collect();
+    let regular_kills = kills.iter().filter(|kill| kill.run.starts_with("run-")).count();
     println!(
-        "crash audit on {broker}: {events} events ({} valid, {} malformed), {kills} SIGKILLs ({killed_mid_stream} mid-stream) \
-         and {joins_killed} while joining, lost {}, duplicates {duplicates} (per kill {duplicates_per_kill:?}, max \
-         {max_per_kill}; bounds {bounds:?} = finished past the commit + {written_unacked} written unacked; \
-         throughput before the kills {rates:.0?}/s), malformed unaccounted {}, took {:?}",
+        "crash audit on {broker}: {events} events ({} valid, {} malformed, produced at {per_second}/s), \
+         {regular_kills} SIGKILLs ({killed_mid_stream} mid-stream) and {} while joining \
+         ({joins_killed_unassigned} before any assignment), lost {}, duplicates {duplicates} \
+         (per kill {duplicates_per_kill:?}, max {max_per_kill}; bounds {bounds:?} = written in the \
+         last {:?} + {WRITTEN_UNACKED} written unacked), malformed unaccounted {}, took {:?}",
         produced.valid_ids.len(),
         produced.malformed.len(),
+        kills.len() - regular_kills,
         missing.len(),
+        COMMIT_INTERVAL + COMMIT_SLACK,
         unaccounted.len(),
         started.elapsed()
     );
@@ -305,16 +338,24 @@ async fn audit(kafka: &Kafka, broker: &str, events: u64) {
         "committed = end on every partition"
     );
     assert!(
-        kills >= 5 && killed_mid_stream >= 5,
-        "kills {kills}, mid-stream {killed_mid_stream}"
+        regular_kills == KILLS && killed_mid_stream == KILLS,
+        "kills {regular_kills}, mid-stream {killed_mid_stream}"
     );
-    assert_eq!(joins_killed, 2);
-    assert_eq!(duplicates_per_kill.len(), bounds.len());
-    for (kill, (duplicates, bound)) in duplicates_per_kill.iter().zip(&bounds).enumerate() {
+    assert!(
+        joins_killed_unassigned >= 1,
+        "no instance was killed before its assignment (of 2 killed while joining)"
+    );
+    assert_eq!(duplicates_per_kill.len(), kills.len());
+    for (kill, duplicates) in kills.iter().zip(&duplicates_per_kill) {
         assert!(
-            duplicates <= bound,
-            "kill {kill}: {duplicates} duplicates exceed what the killed run finished past the \
-             commit plus its unacked batches ({bound})"
+            *duplicates as u64 <= kill.bound,
+            "{}: {duplicates} duplicates exceed the README's bound {} (written in the last {:?}: {}, \
+             + {WRITTEN_UNACKED} written unacked; it wrote {} in all)",
+            kill.run,
+            kill.bound,
+            COMMIT_INTERVAL + COMMIT_SLACK,
+            kill.written_last_interval,
+            kill.written
         );
     }
 }

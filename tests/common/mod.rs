@@ -19,6 +19,7 @@ use logbridge::Config;
 
 pub mod apache;
 pub mod process;
+pub mod stream;
 pub mod tls;
 
 /// A Kafka cluster with one topic: librdkafka's mock cluster in this process, or an external
