@@ -102,91 +102,79 @@ async fn audit(kafka: &Kafka, broker: &str, per_second: u64, cap: u64) {
     let started = Instant::now();
     let mut joins_killed_unassigned = 0;
     let (mut child, produced) = 'last: {
-    for run in 0..=KILLS {
-        if run == 1 || run == 3 {
-            // An instance killed while it joins the group: up and serving, no partition yet
-            // (the group still waits for the member killed before, up to session.timeout.ms).
-            let name = format!("join-{run}");
-            let joining = Instance::start(
-                &kafka.brokers,
-                &kafka.topic,
-                &group,
-                work.path(),
-                &name,
-                "",
-            );
-            let mut child = joining.child;
-            let mut written = Written::new(&joining.out);
-            runs.push(joining.out);
+        for run in 0..=KILLS {
+            if run == 1 || run == 3 {
+                // An instance killed while it joins the group: up and serving, no partition yet
+                // (the group still waits for the member killed before, up to session.timeout.ms).
+                let name = format!("join-{run}");
+                let joining =
+                    Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), &name, "");
+                let mut child = joining.child;
+                let mut written = Written::new(&joining.out);
+                runs.push(joining.out);
+                logs.push(child.log.clone());
+                let up = wait_for(Duration::from_secs(30), || {
+                    let child = &child;
+                    async move {
+                        child
+                            .metric("logbridge_assigned_partitions")
+                            .await
+                            .is_some()
+                    }
+                })
+                .await;
+                assert!(up, "{name} never served its metrics");
+                written
+                    .watch(Duration::from_millis(rng.random_range(0..400)))
+                    .await;
+                let assigned = child
+                    .metric("logbridge_assigned_partitions")
+                    .await
+                    .expect("logbridge_assigned_partitions of a running instance");
+                if assigned == 0.0 {
+                    joins_killed_unassigned += 1;
+                }
+                kills.push(kill(&name, &mut child, &mut written));
+                println!("{broker} {name}: SIGKILL while joining ({assigned} partitions assigned)");
+            }
+            let name = format!("run-{run}");
+            let instance =
+                Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), &name, "");
+            let mut child = instance.child;
+            let mut written = Written::new(&instance.out);
+            runs.push(instance.out);
             logs.push(child.log.clone());
-            let up = wait_for(Duration::from_secs(30), || {
+            // Until this instance reads (it serves no metrics at first: no value is no read).
+            let consuming = wait_for(Duration::from_secs(60), || {
                 let child = &child;
                 async move {
                     child
-                        .metric("logbridge_assigned_partitions")
+                        .metric("logbridge_events_consumed_total")
                         .await
-                        .is_some()
+                        .is_some_and(|consumed| consumed > 0.0)
                 }
             })
             .await;
-            assert!(up, "{name} never served its metrics");
+            assert!(consuming, "{name} never started consuming");
+            if run == KILLS {
+                // The last run reads while the producer still writes for a while, then the
+                // producer stops and the run must commit to the end.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                break 'last (child, stream.finish().await);
+            }
+            // A random moment 1.5 to 4 s into its reading: several commit intervals.
             written
-                .watch(Duration::from_millis(rng.random_range(0..400)))
+                .watch(Duration::from_millis(rng.random_range(1_500..4_000)))
                 .await;
-            let assigned = child
-                .metric("logbridge_assigned_partitions")
-                .await
-                .expect("logbridge_assigned_partitions of a running instance");
-            if assigned == 0.0 {
-                joins_killed_unassigned += 1;
+            let produced = stream.produced() as i64;
+            let committed = kafka.committed_records(&group);
+            let killed = kill(&name, &mut child, &mut written);
+            // Mid-stream: events were still being produced (they are until the last run) and the
+            // run was writing them when it died.
+            if killed.written_last_interval > 0 {
+                killed_mid_stream += 1;
             }
-            kills.push(kill(&name, &mut child, &mut written));
-            println!("{broker} {name}: SIGKILL while joining ({assigned} partitions assigned)");
-        }
-        let name = format!("run-{run}");
-        let instance = Instance::start(
-            &kafka.brokers,
-            &kafka.topic,
-            &group,
-            work.path(),
-            &name,
-            "",
-        );
-        let mut child = instance.child;
-        let mut written = Written::new(&instance.out);
-        runs.push(instance.out);
-        logs.push(child.log.clone());
-        // Until this instance reads (it serves no metrics at first: no value is no read).
-        let consuming = wait_for(Duration::from_secs(60), || {
-            let child = &child;
-            async move {
-                child
-                    .metric("logbridge_events_consumed_total")
-                    .await
-                    .is_some_and(|consumed| consumed > 0.0)
-            }
-        })
-        .await;
-        assert!(consuming, "{name} never started consuming");
-        if run == KILLS {
-            // The last run reads while the producer still writes for a while, then the
-            // producer stops and the run must commit to the end.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            break 'last (child, stream.finish().await);
-        }
-        // A random moment 1.5 to 4 s into its reading: several commit intervals.
-        written
-            .watch(Duration::from_millis(rng.random_range(1_500..4_000)))
-            .await;
-        let produced = stream.produced() as i64;
-        let committed = kafka.committed_records(&group);
-        let killed = kill(&name, &mut child, &mut written);
-        // Mid-stream: events were still being produced (they are until the last run) and the
-        // run was writing them when it died.
-        if killed.written_last_interval > 0 {
-            killed_mid_stream += 1;
-        }
-        println!(
+            println!(
             "{broker} {name}: SIGKILL after {:?}, committed {committed} of {produced} produced; \
              it wrote {} lines, {} in the last {:?}",
             started.elapsed(),
@@ -194,9 +182,9 @@ async fn audit(kafka: &Kafka, broker: &str, per_second: u64, cap: u64) {
             killed.written_last_interval,
             COMMIT_INTERVAL + COMMIT_SLACK
         );
-        kills.push(killed);
-    }
-    unreachable!("the last run breaks out of the loop")
+            kills.push(killed);
+        }
+        unreachable!("the last run breaks out of the loop")
     };
     let end = kafka.end_offsets();
     let events = end.iter().sum::<i64>();
@@ -303,7 +291,10 @@ async fn audit(kafka: &Kafka, broker: &str, per_second: u64, cap: u64) {
         .collect();
 
     let bounds: Vec<u64> = kills.iter().map(|kill| kill.bound).collect();
-    let regular_kills = kills.iter().filter(|kill| kill.run.starts_with("run-")).count();
+    let regular_kills = kills
+        .iter()
+        .filter(|kill| kill.run.starts_with("run-"))
+        .count();
     println!(
         "crash audit on {broker}: {events} events ({} valid, {} malformed, produced at {per_second}/s), \
          {regular_kills} SIGKILLs ({killed_mid_stream} mid-stream) and {} while joining \

@@ -18,6 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use logbridge::Config;
 
 pub mod apache;
+pub mod collector;
 pub mod process;
 pub mod stream;
 pub mod tls;

@@ -67,9 +67,8 @@ impl Stream {
                 let records: Vec<(Option<String>, Vec<u8>)> = ids
                     .clone()
                     .map(|id| {
-                        let (key, payload, malformed) = logbridge::tools::produce::sample_event(
-                            &mut rng, id, keys, bad_ratio,
-                        );
+                        let (key, payload, malformed) =
+                            logbridge::tools::produce::sample_event(&mut rng, id, keys, bad_ratio);
                         bad.push(malformed);
                         (Some(key), payload)
                     })

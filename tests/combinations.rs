@@ -1,0 +1,345 @@
+//! Conditions that production meets together, staged together on Apache Kafka: a crash or a
+//! shutdown while a destination fails or holds a record, with the README's bound on what is
+//! delivered again checked against what the destination received. Each test also asserts that
+//! the combination really happened (the partition was paused behind the stuck record, the
+//! destination refused while the process stopped), so none passes because a condition was
+//! never met.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::collector::Collector;
+use common::process::{free_port, Logbridge};
+use common::stream::{test_rng, Stream};
+use common::*;
+use rand::Rng;
+
+/// `commit_interval_ms` of these tests' configs.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+/// Beyond the interval: the commit's round trip, and a tick served late on a loaded machine
+/// (as in `tests/crash.rs`).
+const COMMIT_SLACK: Duration = Duration::from_secs(1);
+
+/// Starts `logbridge run` as `name` in `work` with `pipeline` lines and `routes`.
+fn start_child(
+    kafka: &Kafka,
+    group: &str,
+    work: &Path,
+    name: &str,
+    pipeline: &str,
+    routes: &str,
+) -> Logbridge {
+    let port = free_port();
+    let text = format!(
+        "{kafka}\n[pipeline]\n{pipeline}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{routes}",
+        kafka = kafka_section(
+            &kafka.brokers,
+            group,
+            &kafka.topic,
+            "\"heartbeat.interval.ms\" = 1000\n"
+        ),
+    );
+    let config = work.join(format!("{name}.toml"));
+    std::fs::write(&config, text).expect("write config");
+    Logbridge::start(&config, port, work.join(format!("{name}.log")))
+}
+
+/// The value of `name`'s sample whose labels contain `labels` (e.g. `reason="uncommitted"`), if
+/// the process answers and has it.
+async fn labelled(child: &Logbridge, name: &str, labels: &str) -> Option<f64> {
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
+    tokio::net::TcpStream::connect(address).await.ok()?;
+    let (status, body) = http_get(address, "/metrics").await;
+    if status != 200 {
+        return None;
+    }
+    body.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+}
+
+/// `/status`'s partition rows: (partition, paused_why, finished_uncommitted, in_flight).
+async fn status_of(child: &Logbridge) -> Vec<(i64, String, i64, i64)> {
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
+    let (code, body) = http_get(address, "/status").await;
+    assert_eq!(code, 200, "/status: {body}");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("/status is JSON");
+    let field = |row: &serde_json::Value, key: &str| {
+        row.get(key)
+            .unwrap_or_else(|| panic!("/status partition row without `{key}`: {row}"))
+            .clone()
+    };
+    status["partitions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("/status without `partitions`: {status}"))
+        .iter()
+        .map(|row| {
+            (
+                field(row, "partition").as_i64().expect("partition"),
+                field(row, "paused_why").to_string(),
+                field(row, "finished_uncommitted").as_i64().unwrap_or(-1),
+                field(row, "in_flight").as_i64().unwrap_or(-1),
+            )
+        })
+        .collect()
+}
+
+/// An HTTP route taking every event, retrying quickly.
+fn http_route(url: &str, workers: usize) -> String {
+    format!(
+        "[[routes]]\nname = \"all\"\ndefault = true\nworkers = {workers}\nretry_backoff_ms = 50\n\
+         retry_backoff_max_ms = 200\nsink = {{ type = \"http\", url = \"{url}/ingest\" }}\n"
+    )
+}
+
+/// SIGTERM while the destination refuses everything: logbridge exits 1 and logs how many
+/// records it abandoned, and those (no more, no fewer) are what the next run delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_destination_fails_abandons_exactly_what_the_next_run_delivers() {
+    let _serial = serial().await;
+    let kafka = Kafka::shared("combo-term", 4).await;
+    let collector = Collector::start(Arc::new(|_: &[u64]| 200)).await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("combo-term");
+    let routes = http_route(&collector.url(), 2);
+    let pipeline = "commit_interval_ms = 200\ndrain_timeout_ms = 1000";
+    let batch = |ids: std::ops::Range<u64>| -> Vec<(Option<String>, Vec<u8>)> {
+        ids.map(|id| (Some(format!("key-{}", id % 20)), event(id, "error")))
+            .collect()
+    };
+
+    // Run 1 delivers and commits the first 200, then the destination refuses everything and
+    // 200 more arrive.
+    kafka.produce(&batch(0..200)).await;
+    collector.set_run(1);
+    let mut child = start_child(&kafka, &group, work.path(), "run-1", pipeline, &routes);
+    let committed = wait_for(Duration::from_secs(60), || async {
+        kafka.committed_records(&group) == 200
+    })
+    .await;
+    assert!(committed, "run 1 did not commit the first 200");
+    collector.set_rule(Arc::new(|_: &[u64]| 503));
+    kafka.produce(&batch(200..400)).await;
+    // Until run 1 has read all 400 and the destination has refused some: every record it
+    // holds is then one it cannot finish.
+    let failing = wait_for(Duration::from_secs(60), || {
+        let (child, collector) = (&child, &collector);
+        async move {
+            child.metric("logbridge_events_consumed_total").await == Some(400.0)
+                && collector.with(|seen| seen.refused) > 0
+        }
+    })
+    .await;
+    assert!(
+        failing,
+        "run 1 never read all 400 while the destination refused"
+    );
+    let (status, took) = child.terminate(Duration::from_secs(10));
+    let log = std::fs::read_to_string(work.path().join("run-1.log")).expect("run 1's log");
+    let abandoned: Vec<u64> = log
+        .lines()
+        .filter_map(|line| {
+            let rest = &line[line.find("shutdown abandoned ")? + "shutdown abandoned ".len()..];
+            rest.split(' ').next()?.parse().ok()
+        })
+        .collect();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "run 1's exit status after its drain timeout cut work short (stopped in {took:?})"
+    );
+    assert_eq!(
+        abandoned.len(),
+        1,
+        "one `shutdown abandoned N` line in run 1's log:\n{log}"
+    );
+    assert_eq!(
+        kafka.committed_records(&group),
+        200,
+        "run 1 committed nothing it did not finish"
+    );
+
+    // Run 2, the destination healthy again, delivers what run 1 abandoned.
+    collector.set_rule(Arc::new(|_: &[u64]| 200));
+    collector.set_run(2);
+    let mut child = start_child(&kafka, &group, work.path(), "run-2", pipeline, &routes);
+    let end = kafka.end_offsets();
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(60))
+        .await;
+    let (status, _) = child.terminate(Duration::from_secs(10));
+    assert!(done, "run 2 did not commit to the end");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "run 2's exit status"
+    );
+    collector.check();
+    let (first, second) = collector.with(|seen| (seen.ids_of(1), seen.ids_of(2)));
+    let delivered_again: HashSet<u64> = second.iter().copied().collect();
+    println!(
+        "SIGTERM x failing destination: exit 1 after {took:?}, abandoned {abandoned:?}; run 1 \
+         delivered {}, run 2 delivered {}",
+        first.len(),
+        second.len()
+    );
+    assert_eq!(
+        first.iter().copied().collect::<HashSet<u64>>(),
+        (0..200).collect(),
+        "run 1 delivered the first 200"
+    );
+    assert_eq!(
+        delivered_again,
+        (200..400).collect(),
+        "run 2 delivered the rest"
+    );
+    assert_eq!(second.len(), delivered_again.len(), "each once");
+    assert_eq!(
+        abandoned[0],
+        second.len() as u64,
+        "what run 1 says it abandoned is what run 2 delivered"
+    );
+}
+
+/// SIGKILL while one record is stuck (its destination refuses it) and the partitions are paused
+/// at `max_uncommitted_records`: what the next run delivers again is within the README's bound:
+/// what the killed run delivered in its last commit interval, plus per partition
+/// `max_uncommitted_records` finished records behind an unfinished one, plus the records already
+/// in flight when a partition paused (at most the in-flight bound), plus one batch per worker.
+///
+/// Seen before the README said so: every partition paused with about three times
+/// `max_uncommitted_records` finished behind the stuck record's batch (the stuck worker's queue
+/// holds records of every partition, and what was in flight when they paused still finished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_a_record_is_stuck_replays_within_the_uncommitted_bound() {
+    let _serial = serial().await;
+    const STUCK: u64 = 3_000;
+    const PARTITIONS: u64 = 4;
+    const MAX_UNCOMMITTED: u64 = 100;
+    // Eight workers: while the stuck record's worker retries (taking nothing new), the other
+    // seven go on until its queue is full and holds the router up; by then more than a hundred
+    // records of each partition have finished behind the records waiting in that queue.
+    const WORKERS: u64 = 8;
+    // The README's record bound for `router_capacity = 256`, `worker_capacity = 256`, eight
+    // workers of a non-Kafka sink (s = 1), b = min(256, 256) = 256:
+    // 256 + min(256, 256) + 8 × (256 + 1 × 256) + max(2, ⌈256 / 64⌉) × 256.
+    const IN_FLIGHT_BOUND: u64 = 256 + 256 + 8 * (256 + 256) + 4 * 256;
+    let kafka = Kafka::shared("combo-stuck", PARTITIONS as i32).await;
+    let collector = Collector::start(Arc::new(
+        |ids: &[u64]| {
+            if ids.contains(&STUCK) {
+                503
+            } else {
+                200
+            }
+        },
+    ))
+    .await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("combo-stuck");
+    let routes = http_route(&collector.url(), WORKERS as usize);
+    let pipeline =
+        format!("commit_interval_ms = 200\ndrain_timeout_ms = 1000\nrouter_capacity = 256\nworker_capacity = 256\nmax_uncommitted_records = {MAX_UNCOMMITTED}");
+    let mut rng = test_rng("SIGKILL x stuck record");
+    let stream = Stream::start(&kafka, 4_000, 400_000, 1_000, 0.0, rng.random());
+
+    collector.set_run(1);
+    let mut child = start_child(&kafka, &group, work.path(), "run-1", &pipeline, &routes);
+    let paused = wait_for(Duration::from_secs(60), || {
+        let child = &child;
+        async move {
+            labelled(
+                child,
+                "logbridge_paused_partitions",
+                "reason=\"uncommitted\"",
+            )
+            .await
+            .is_some_and(|paused| paused >= 1.0)
+        }
+    })
+    .await;
+    assert!(
+        paused,
+        "the partition of the stuck record was never paused at max_uncommitted_records"
+    );
+    // Long enough after the pause that run 1 has caught up with the producer: its last
+    // interval holds the steady rate, not the start's backlog.
+    tokio::time::sleep(Duration::from_millis(rng.random_range(3_000..5_000))).await;
+    let rows = status_of(&child).await;
+    child.kill();
+    let killed_at = Instant::now();
+    let last_interval = collector.with(|seen| {
+        seen.accepted
+            .iter()
+            .filter(|(run, at, _)| *run == 1 && *at + COMMIT_INTERVAL + COMMIT_SLACK >= killed_at)
+            .count() as u64
+    });
+    let bound = last_interval + PARTITIONS * MAX_UNCOMMITTED + IN_FLIGHT_BOUND + WORKERS * 256;
+
+    collector.set_rule(Arc::new(|_: &[u64]| 200));
+    collector.set_run(2);
+    let mut child = start_child(&kafka, &group, work.path(), "run-2", &pipeline, &routes);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let produced = stream.finish().await;
+    let end = kafka.end_offsets();
+    let done = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
+    let (status, _) = child.terminate(Duration::from_secs(10));
+    assert!(done, "run 2 did not commit to the end");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "run 2's exit status"
+    );
+    collector.check();
+
+    let (first, second) = collector.with(|seen| (seen.ids_of(1), seen.ids_of(2)));
+    let second: HashSet<u64> = second.into_iter().collect();
+    let duplicates = first.iter().filter(|id| second.contains(id)).count() as u64;
+    // Delivered again though run 1 delivered them before its last interval: only records
+    // finished behind the stuck one (and a batch per worker) can be.
+    let window_start = killed_at - COMMIT_INTERVAL - COMMIT_SLACK;
+    let old_duplicates = collector.with(|seen| {
+        seen.accepted
+            .iter()
+            .filter(|(run, at, id)| *run == 1 && *at < window_start && second.contains(id))
+            .count() as u64
+    });
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for id in first.iter().chain(second.iter()) {
+        *seen.entry(*id).or_default() += 1;
+    }
+    let lost = produced
+        .valid_ids
+        .iter()
+        .filter(|id| !seen.contains_key(id))
+        .count();
+    println!("run 1's partitions before the kill (partition, paused why, finished uncommitted, in flight): {rows:?}");
+    println!(
+        "SIGKILL x stuck record: run 1 delivered {} ({last_interval} in its last {:?}), run 2 {}; \
+         delivered again {duplicates} ({old_duplicates} delivered before that interval), bound \
+         {bound} = {last_interval} + {PARTITIONS} x {MAX_UNCOMMITTED} uncommitted + \
+         {IN_FLIGHT_BOUND} in flight + {WORKERS} x 256; lost {lost}",
+        first.len(),
+        COMMIT_INTERVAL + COMMIT_SLACK,
+        second.len()
+    );
+    assert_eq!(lost, 0, "events lost");
+    assert!(
+        second.contains(&STUCK),
+        "the stuck record delivered by run 2"
+    );
+    assert!(
+        !first.contains(&STUCK),
+        "the stuck record was refused in run 1"
+    );
+    assert!(
+        duplicates <= bound,
+        "{duplicates} delivered again exceed the README's bound {bound}"
+    );
+}
