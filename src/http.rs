@@ -404,7 +404,15 @@ fn respond(
             BreakerState::Closed => match state.liveness.check() {
                 Ok(()) => {
                     let stalls = state.stall_descriptions();
-                    if stalls.is_empty() {
+                    if stalls.is_empty() && state.status.partitions.snapshot().is_empty() {
+                        // Ready, and idle: an orchestrator's probe passes, a person reading it
+                        // learns why nothing is read here.
+                        text(
+                            StatusCode::OK,
+                            "ready: no partitions assigned (the group has at least as many \
+                             members as partitions; this instance takes over when one leaves)\n",
+                        )
+                    } else if stalls.is_empty() {
                         text(StatusCode::OK, "ready\n")
                     } else {
                         text(

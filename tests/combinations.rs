@@ -544,3 +544,119 @@ async fn sigkill_with_a_kafka_sink_and_dead_letters_loses_nothing() {
         KILLS * per_kill
     );
 }
+
+/// Each instance's `logbridge_assigned_partitions` (`None` where it does not answer).
+async fn assigned(instances: &[common::process::Instance]) -> Vec<Option<f64>> {
+    let mut counts = Vec::new();
+    for instance in instances {
+        counts.push(instance.child.metric("logbridge_assigned_partitions").await);
+    }
+    counts
+}
+
+/// More instances than partitions: the idle one is ready (an orchestrator must not restart it)
+/// and says why in `/readyz`; when an owner dies it takes over and reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_instance_is_ready_says_why_and_takes_over() {
+    let _serial = serial().await;
+    let kafka = Kafka::shared("combo-idle", 2).await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("combo-idle");
+    let produced = kafka.produce_samples(2_000, 0.0, 29).await;
+    let mut instances: Vec<common::process::Instance> = (0..3)
+        .map(|n| {
+            common::process::Instance::start(
+                &kafka.brokers,
+                &kafka.topic,
+                &group,
+                work.path(),
+                &format!("lb-{n}"),
+                "",
+            )
+        })
+        .collect();
+    let settled = wait_for(Duration::from_secs(60), || async {
+        // One partition each for two of them, none for the third (not two for the first
+        // while the others are still joining).
+        let mut counts = assigned(&instances).await;
+        counts.sort_by(|a, b| a.partial_cmp(b).expect("counts"));
+        counts == [Some(0.0), Some(1.0), Some(1.0)]
+    })
+    .await;
+    let counts = assigned(&instances).await;
+    assert!(settled, "two owners and an idle instance: {counts:?}");
+    let idle = counts
+        .iter()
+        .position(|count| *count == Some(0.0))
+        .expect("an idle instance");
+    let readyz = |child: &Logbridge| {
+        let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
+        async move { http_get(address, "/readyz").await }
+    };
+    // Its assignment (empty) may come a moment after the owners' (a metric of 0 is also what
+    // a member not yet in the group shows): wait for it, bounded.
+    let ready = wait_for(Duration::from_secs(30), || async {
+        readyz(&instances[idle].child).await.0 == 200
+    })
+    .await;
+    let (code, body) = readyz(&instances[idle].child).await;
+    println!("the idle instance's /readyz: {code} {body:?}");
+    assert!(ready, "the idle instance never became ready: {code} {body}");
+    assert_eq!(code, 200, "the idle instance is ready: {body}");
+    assert!(
+        body.contains("no partitions assigned"),
+        "the idle instance says why it reads nothing: {body}"
+    );
+    let owner = (idle + 1) % 3;
+    let (code, body) = readyz(&instances[owner].child).await;
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "ready\n"),
+        "an owner's /readyz"
+    );
+    let end = kafka.end_offsets();
+    assert!(
+        kafka
+            .wait_committed_to(&group, &end, Duration::from_secs(60))
+            .await,
+        "the owners did not commit to the end"
+    );
+
+    // An owner dies: the idle instance takes a partition over and reads what comes.
+    instances[owner].child.kill();
+    let took_over = wait_for(Duration::from_secs(60), || async {
+        instances[idle]
+            .child
+            .metric("logbridge_assigned_partitions")
+            .await
+            .is_some_and(|count| count > 0.0)
+    })
+    .await;
+    assert!(took_over, "the idle instance never took a partition over");
+    let more: Vec<(Option<String>, Vec<u8>)> = (10_000..10_200)
+        .map(|id| (Some(format!("key-{id}")), event(id, "error")))
+        .collect();
+    kafka.produce(&more).await;
+    let end = kafka.end_offsets();
+    assert!(
+        kafka
+            .wait_committed_to(&group, &end, Duration::from_secs(60))
+            .await,
+        "not committed to the end after the takeover"
+    );
+    let mut written = HashSet::new();
+    for instance in &mut instances {
+        instance.child.terminate(Duration::from_secs(10));
+        written.extend(id_counts(&instance.lines()).into_keys());
+    }
+    let idle_wrote = id_counts(&instances[idle].lines()).len();
+    println!("after the takeover the once idle instance wrote {idle_wrote} events");
+    assert!(idle_wrote > 0, "the once idle instance wrote nothing");
+    let lost = produced
+        .valid_ids
+        .iter()
+        .chain(&(10_000..10_200).collect::<Vec<u64>>())
+        .filter(|id| !written.contains(id))
+        .count();
+    assert_eq!(lost, 0, "events lost");
+}
