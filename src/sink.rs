@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use tracing::warn;
 
 use crate::config::{Cluster, RouteConfig, SinkConfig, DEFAULT_FILE_MAX_FILES};
 use crate::event::json_body;
@@ -400,9 +401,20 @@ impl SharedFile {
         fsync: bool,
         rotation: Option<Rotation>,
     ) -> anyhow::Result<SharedFile> {
+        let mut file = open_append(path)?;
+        let cut = cut_unfinished_tail(path, &mut file)
+            .with_context(|| format!("failed to check the end of {}", path.display()))?;
+        if cut > 0 {
+            warn!(
+                path = %path.display(),
+                bytes = cut,
+                "cut an unfinished last line (a process writing this file died mid-write; that \
+                 batch was not acked and is written again)"
+            );
+        }
         Ok(SharedFile {
             path: path.to_path_buf(),
-            lines: Mutex::new(Some(WholeLines::new(open_append(path)?))),
+            lines: Mutex::new(Some(WholeLines::new(file))),
             fsync,
             rotation,
         })
@@ -507,6 +519,39 @@ impl SharedFile {
         }
         Ok(())
     }
+}
+
+/// Cuts `file` back to the end of its last whole line, if it ends inside a line: what a
+/// process killed in the middle of a write (SIGKILL, a power loss) leaves. That write's batch
+/// was never acked, so its records are delivered again; without the cut, the first line written
+/// next would be glued onto the fragment. Returns how many bytes were cut.
+fn cut_unfinished_tail(path: &Path, file: &mut File) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let size = file.metadata()?.len();
+    if size == 0 {
+        return Ok(0);
+    }
+    // `file` is open for appending only: read through a handle of its own.
+    let mut reader = File::open(path)?;
+    let mut end = size;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let piece = &mut chunk[..(end - start) as usize];
+        reader.seek(SeekFrom::Start(start))?;
+        reader.read_exact(piece)?;
+        if let Some(newline) = piece.iter().rposition(|byte| *byte == b'\n') {
+            end = start + newline as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < size {
+        file.set_len(end)?;
+    }
+    // Opened for appending: the next write goes to the (new) end whatever the position.
+    file.seek(SeekFrom::End(0))?;
+    Ok(size - end)
 }
 
 fn ignore_missing(result: std::io::Result<()>) -> std::io::Result<()> {
@@ -870,6 +915,27 @@ mod tests {
         }
         assert_eq!(std::fs::read(&path).expect("read"), batch(0, 30));
         assert!(!rotated(&path, 1).exists());
+    }
+
+    #[test]
+    fn a_line_left_unfinished_by_a_dead_process_is_cut_at_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("route.jsonl");
+        std::fs::write(&path, b"{\"a\":1}\n{\"b\":2}\n{\"c\":").expect("torn file");
+        let file = SharedFile::open(&path, false, None).expect("opened");
+        file.append(b"{\"d\":4}\n").expect("d");
+        assert_eq!(
+            std::fs::read(&path).expect("read"),
+            b"{\"a\":1}\n{\"b\":2}\n{\"d\":4}\n"
+        );
+        // A fragment with no newline at all before it, longer than one read.
+        std::fs::write(&path, vec![b'x'; 100_000]).expect("one torn line");
+        SharedFile::open(&path, false, None).expect("opened");
+        assert_eq!(std::fs::metadata(&path).expect("size").len(), 0);
+        // Whole lines are left alone.
+        std::fs::write(&path, b"whole\n").expect("whole");
+        SharedFile::open(&path, false, None).expect("opened");
+        assert_eq!(std::fs::read(&path).expect("read"), b"whole\n");
     }
 
     #[test]
