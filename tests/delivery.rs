@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use logbridge::metrics::Metrics;
-use logbridge::pipeline::{in_flight_bound, RunOptions};
+use logbridge::pipeline::RunOptions;
 
 fn scrape_value(body: &str, name: &str) -> f64 {
     body.lines()
@@ -150,7 +150,12 @@ async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
          [dead_letter]\ntopic = \"logs.dlq\"\n\
          [breaker]\nmax_consecutive = 50\nwindow = 1000\nmax_invalid_ratio = 0.5\n",
     );
-    let bound = 50 + 1 + in_flight_bound(&config);
+    // `max_consecutive` failed and the one that trips, plus the README's record bound
+    // ("Memory") from this test's literals, not from the code under test:
+    // `router_capacity + min(router_capacity, 256) + Σ workers × (worker_capacity + s × b)
+    // + max(2, ⌈router_capacity / 64⌉) × b` with `b = min(worker_capacity, 256)`, one worker
+    // (the default) and `s = 1` for a null route: 64 + 64 + 1 × (16 + 16) + max(2, 1) × 16 = 192.
+    let bound = 50 + 1 + 192;
     let metrics = Arc::new(Metrics::new());
     let (pipeline, address) = Running::start_serving(
         config,

@@ -614,7 +614,11 @@ async fn a_dead_letter_topic_refusing_writes_holds_commits_says_why_and_recovers
         dlq.brokers
     );
     let config = source.config(&group, "router_capacity = 32\nworker_capacity = 8", &routes);
-    let bound = logbridge::pipeline::in_flight_bound(&config) as i64;
+    // The README's record bound ("Memory"), from this test's literals, not from the code under
+    // test: `router_capacity + min(router_capacity, 256) + Σ workers × (worker_capacity + s × b)
+    // + max(2, ⌈router_capacity / 64⌉) × b` with `b = min(worker_capacity, 256)` and `s = 1` for
+    // a file route: 32 + 32 + 2 × (8 + 8) + max(2, 1) × 8 = 112.
+    let bound: i64 = 112;
     let metrics = Arc::new(Metrics::new());
     let (running, address) = Running::start_serving(
         config,
@@ -912,7 +916,12 @@ async fn a_stuck_record_pauses_its_partition_at_the_uncommitted_bound() {
         "router_capacity = 32\nworker_capacity = 8\nmax_uncommitted_records = 200",
         &routes,
     );
-    let bound = logbridge::pipeline::in_flight_bound(&config) as i64 + 200;
+    // `max_uncommitted_records` plus the README's record bound ("Memory"), from this test's
+    // literals, not from the code under test: `router_capacity + min(router_capacity, 256)
+    // + Σ workers × (worker_capacity + s × b) + max(2, ⌈router_capacity / 64⌉) × b` with
+    // `b = min(worker_capacity, 256)` and `s = 1` for file routes (one worker on `stuck`, two on
+    // `all`): 32 + 32 + 1 × (8 + 8) + 2 × (8 + 8) + max(2, 1) × 8 = 128.
+    let bound: i64 = 128 + 200;
     let gate = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let metrics = Arc::new(Metrics::new());
     let (running, address) = Running::start_serving(
@@ -1041,8 +1050,11 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
         &format!("router_capacity = 1024\nworker_capacity = 256\nmax_in_flight_bytes = {limit}"),
         &file_route("all", "[\"info\"]", 2, dir.path()),
     );
-    let record_bound =
-        logbridge::pipeline::in_flight_bound(&config) as i64 * LARGE_EVENT_BYTES as i64;
+    // The README's record bound ("Memory"), from this test's literals, not from the code under
+    // test: `router_capacity + min(router_capacity, 256) + Σ workers × (worker_capacity + s × b)
+    // + max(2, ⌈router_capacity / 64⌉) × b` with `b = min(worker_capacity, 256)` and `s = 1` for
+    // a file route: 1024 + 256 + 2 × (256 + 256) + max(2, 16) × 256 = 6 400 records.
+    let record_bound: i64 = 6_400 * LARGE_EVENT_BYTES as i64;
     let metrics = Arc::new(Metrics::new());
     let (running, address) = Running::start_serving(
         config,
