@@ -1038,13 +1038,14 @@ impl logbridge::sink::Sink for Gated {
 }
 
 /// Large events through a slow sink: the bytes held between the consumer and the committer stay
-/// within `max_in_flight_bytes` plus the records held for paused partitions, where the record
-/// bound alone would let over a hundred times as much in.
+/// within `max_in_flight_bytes` plus the records held for paused partitions (at most one event
+/// per paused partition), where the record bound alone would let over a hundred times as much
+/// in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_events_stay_within_the_in_flight_byte_bound() {
     let _serial = serial().await;
     let kafka = Kafka::shared("logs", 8).await;
-    produce_large_events(&kafka).await;
+    let (_, largest) = produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes");
     let dir = tempfile::tempdir().expect("dir");
@@ -1072,15 +1073,15 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
     let mut peaks = BytePeaks::default();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while kafka.committed(&group) != end && std::time::Instant::now() < deadline {
-        peaks.add(byte_sample(address).await, limit);
+        peaks.add(byte_sample(address).await, limit, largest);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done = kafka.committed(&group) == end;
     let paused_for_bytes = metrics.pauses_total();
     running.stop().await;
     println!(
-        "large events: peak in-flight bytes {} (bound {limit}, record bound alone {record_bound}), peak held {}, pauses {paused_for_bytes}",
-        peaks.in_flight, peaks.held
+        "large events: peak in-flight bytes {} (bound {limit}, record bound alone {record_bound}), peak held {} (beyond one event of {largest} bytes per paused partition: {:?}), pauses {paused_for_bytes}",
+        peaks.in_flight, peaks.held, peaks.held_over
     );
     assert!(done, "not committed to the end");
     assert!(peaks.in_flight > 0);
@@ -1089,6 +1090,12 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
         peaks.over.is_some_and(|over| over <= 0),
         "bytes beyond the bound and the held records: {:?}",
         peaks.over
+    );
+    // And the held records are at most one per paused partition (README, "Memory").
+    assert!(
+        peaks.held_over.is_some_and(|over| over <= 0),
+        "held bytes beyond one event of {largest} bytes per paused partition: {:?}",
+        peaks.held_over
     );
     assert!(record_bound > 100 * limit);
     assert_eq!(metrics.in_flight_bytes.get(), 0, "every charge given back");
@@ -1393,8 +1400,9 @@ const LARGE_EVENT_BYTES: usize = 100 * 1024;
 
 /// Produces 300 info events of about [`LARGE_EVENT_BYTES`] each (ids 0..300, a key each) to
 /// `kafka`, which should have 8 partitions: the mock cluster keeps only the newest 5 MiB of
-/// each. Returns how many.
-async fn produce_large_events(kafka: &Kafka) -> u64 {
+/// each. Returns how many, and the largest one's payload and key bytes (what the byte bound
+/// charges for a record).
+async fn produce_large_events(kafka: &Kafka) -> (u64, i64) {
     let count = 300u64;
     let records: Vec<(Option<String>, Vec<u8>)> = (0..count)
         .map(|id| {
@@ -1404,44 +1412,73 @@ async fn produce_large_events(kafka: &Kafka) -> u64 {
             (Some(format!("key-{id}")), payload.to_string().into_bytes())
         })
         .collect();
+    let largest = records
+        .iter()
+        .map(|(key, payload)| key.as_ref().map_or(0, String::len) + payload.len())
+        .max()
+        .unwrap_or(0) as i64;
     kafka.produce_large(&records).await;
-    count
+    (count, largest)
 }
 
-/// One `/status` reading of the byte bound: the bytes in flight and the bytes of records held
-/// for paused partitions (read together, under the consumer's lock).
-async fn byte_sample(address: std::net::SocketAddr) -> (i64, i64) {
+/// One `/status` reading of the byte bound, read together under the consumer's lock.
+struct ByteSample {
+    /// Bytes in flight between the consumer and the committer.
+    in_flight: i64,
+    /// Bytes of the records held for paused partitions.
+    held: i64,
+    /// Partitions paused, whatever the reason.
+    paused: i64,
+}
+
+async fn byte_sample(address: std::net::SocketAddr) -> ByteSample {
     let (_, status) = http_get(address, "/status").await;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
-    (
-        status["in_flight_bytes"].as_i64().unwrap_or(0),
-        status["held_bytes"].as_i64().unwrap_or(0),
-    )
+    let paused = status["partitions"].as_array().map_or(0, |partitions| {
+        partitions
+            .iter()
+            .filter(|p| p["paused"].as_bool() == Some(true))
+            .count()
+    });
+    ByteSample {
+        in_flight: status["in_flight_bytes"].as_i64().unwrap_or(0),
+        held: status["held_bytes"].as_i64().unwrap_or(0),
+        paused: paused as i64,
+    }
 }
 
 /// The most a run of byte samples went over `limit`, beyond what was held for paused
-/// partitions, and the peaks in flight and held.
+/// partitions; the most the held bytes went over one `largest` event per paused partition
+/// (the README: "one held record per partition paused at the byte bound"); and the peaks in
+/// flight and held.
 #[derive(Default)]
 struct BytePeaks {
     in_flight: i64,
     held: i64,
     over: Option<i64>,
+    held_over: Option<i64>,
 }
 
 impl BytePeaks {
-    fn add(&mut self, (bytes, held): (i64, i64), limit: i64) {
-        self.in_flight = self.in_flight.max(bytes);
+    fn add(&mut self, sample: ByteSample, limit: i64, largest: i64) {
+        let ByteSample {
+            in_flight,
+            held,
+            paused,
+        } = sample;
+        self.in_flight = self.in_flight.max(in_flight);
         self.held = self.held.max(held);
-        self.over = Some(
-            self.over
-                .map_or(bytes - held - limit, |over| over.max(bytes - held - limit)),
-        );
+        let over = in_flight - held - limit;
+        self.over = Some(self.over.map_or(over, |peak| peak.max(over)));
+        let held_over = held - paused * largest;
+        self.held_over = Some(self.held_over.map_or(held_over, |peak| peak.max(held_over)));
     }
 }
 
 /// Large events through a slow sink while a second instance joins and leaves, so partitions
 /// move away and come back mid-run: on each instance the bytes in flight stay within
-/// `max_in_flight_bytes` plus the records held for paused partitions, every charge is given
+/// `max_in_flight_bytes` plus the records held for paused partitions (at most one event per
+/// paused partition), every charge is given
 /// back (revoked, abandoned and dropped records included: a leak would shrink the budget until
 /// the pipeline stalls), and every event is written and committed.
 async fn large_events_through_rebalances(protocol: Protocol) {
@@ -1452,7 +1489,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
             .try_init();
     }
     let kafka = Kafka::shared("logs", 8).await;
-    let count = produce_large_events(&kafka).await;
+    let (count, largest) = produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes-rebalance");
     let limit: i64 = 1 << 20;
@@ -1489,9 +1526,9 @@ async fn large_events_through_rebalances(protocol: Protocol) {
     let mut b_was_there = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(150);
     while kafka.committed(&group) != end && std::time::Instant::now() < deadline {
-        peaks_a.add(byte_sample(address_a).await, limit);
+        peaks_a.add(byte_sample(address_a).await, limit, largest);
         if let Some((_, address_b)) = &b {
-            peaks_b.add(byte_sample(*address_b).await, limit);
+            peaks_b.add(byte_sample(*address_b).await, limit, largest);
         }
         let read_a = consumed_total(&metrics_a);
         if b.is_none() && !b_was_there && read_a > 20 {
@@ -1518,11 +1555,13 @@ async fn large_events_through_rebalances(protocol: Protocol) {
     a.stop().await;
     let written = ids_written(&[dir_a.path(), dir_b.path()]);
     println!(
-        "{protocol:?}: large events through rebalances: A peak in flight {} bytes, over the bound beyond held {:?}; B peak {} bytes, over {:?}, read {read_b}; A pauses {pauses_a}; {} of {count} ids written; bytes still charged A {} B {}",
+        "{protocol:?}: large events through rebalances: A peak in flight {} bytes, over the bound beyond held {:?}, held beyond one event per paused partition {:?}; B peak {} bytes, over {:?}, held beyond {:?}, read {read_b}; A pauses {pauses_a}; {} of {count} ids written; bytes still charged A {} B {}",
         peaks_a.in_flight,
         peaks_a.over,
+        peaks_a.held_over,
         peaks_b.in_flight,
         peaks_b.over,
+        peaks_b.held_over,
         written.len(),
         metrics_a.in_flight_bytes.get(),
         metrics_b.in_flight_bytes.get(),
@@ -1551,6 +1590,17 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         peaks_b.over.is_some_and(|over| over <= 0),
         "{protocol:?}: B beyond the bound and the held records: {:?}",
         peaks_b.over
+    );
+    // The held records are at most one per paused partition (README, "Memory").
+    assert!(
+        peaks_a.held_over.is_some_and(|over| over <= 0),
+        "{protocol:?}: A held bytes beyond one event of {largest} bytes per paused partition: {:?}",
+        peaks_a.held_over
+    );
+    assert!(
+        peaks_b.held_over.is_some_and(|over| over <= 0),
+        "{protocol:?}: B held bytes beyond one event of {largest} bytes per paused partition: {:?}",
+        peaks_b.held_over
     );
     assert_eq!(
         metrics_a.in_flight_bytes.get(),
