@@ -155,6 +155,17 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         "a scrape of /metrics showed paused partitions"
     );
     assert!(paused_logs > 0, "the pause was logged");
+    // The depth gauges show the backpressure: the router channel and the worker channels were
+    // seen holding records, never more than their capacities (`router_capacity = 32`; two
+    // workers of `worker_capacity = 8` on route `slow`, summed by the gauge).
+    assert!(
+        max_router_depth > 0 && max_worker_depth > 0,
+        "the depth gauges never showed a queued record: router {max_router_depth}, worker {max_worker_depth}"
+    );
+    assert!(
+        max_router_depth <= 32 && max_worker_depth <= 2 * 8,
+        "channel depths beyond their capacities: router {max_router_depth} (cap 32), worker {max_worker_depth} (cap 16)"
+    );
     assert!(
         max_in_flight <= bound,
         "in flight {max_in_flight} > bound {bound}"
