@@ -214,9 +214,22 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
     })
     .await;
     assert!(moved, "B never got partitions ({protocol:?})");
-    // Let B read a little of what it got.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B's partitions came from A (one group): A revoked before B was given them.
+    assert!(
+        metrics_a.rebalances.with_label_values(&["revoke"]).get() > 0,
+        "A gave no partition up, so B is not in A's group ({protocol:?})"
+    );
+    // B reads some of what it got.
+    let b_read = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics_b.clone();
+        async move { consumed_total(&metrics) > 0 }
+    })
+    .await;
     b.stop().await;
+    assert!(
+        b_read,
+        "B never read ({protocol:?}, paused by {paused_by:?})"
+    );
     let back = wait_for(Duration::from_secs(60), || {
         let metrics = metrics_a.clone();
         async move { metrics.assigned_partitions.get() == i64::from(PARTITIONS) }
@@ -792,6 +805,11 @@ async fn failing_destination(rebalance: Option<Protocol>) {
             + metrics_b.retries.with_label_values(&["all"]).get();
         b.stop_abandoning().await;
         assert!(b_read, "B never read a partition");
+        // B's partitions came from A (one group): A revoked before B was given them.
+        assert!(
+            metrics.rebalances.with_label_values(&["revoke"]).get() > 0,
+            "A gave no partition up, so B is not in A's group"
+        );
         assert!(
             retrying > 0,
             "the destination was failing while B was in the group"
@@ -853,6 +871,11 @@ async fn failing_destination(rebalance: Option<Protocol>) {
         "the produce errors reached logbridge's own retries"
     );
     assert!(commit_errors > 0, "the commit errors were met");
+    if rebalance.is_some() {
+        // Under backpressure: A's router channel stayed full and its partitions paused.
+        let pauses = metrics.pauses.with_label_values(&["backpressure"]).get();
+        assert!(pauses > 0, "A never paused for backpressure");
+    }
     // The last copy of every record of a key comes after the last copy of each earlier one
     // (a retried record's later records are delivered again after it). How often a first copy
     // came early is shown, not asserted: without idempotence a broker may take a later batch
@@ -1077,13 +1100,14 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done = kafka.committed(&group) == end;
-    let paused_for_bytes = metrics.pauses_total();
+    let paused_for_bytes = metrics.pauses.with_label_values(&["bytes"]).get();
     running.stop().await;
     println!(
         "large events: peak in-flight bytes {} (bound {limit}, record bound alone {record_bound}), peak held {} (beyond one event of {largest} bytes per paused partition: {:?}), pauses {paused_for_bytes}",
         peaks.in_flight, peaks.held, peaks.held_over
     );
     assert!(done, "not committed to the end");
+    assert!(paused_for_bytes > 0, "never paused at the byte bound");
     assert!(peaks.in_flight > 0);
     // What is over the bound must be records held for paused partitions.
     assert!(
@@ -1301,8 +1325,10 @@ async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(120))
         .await;
+    let read_b = consumed_total(&metrics_b);
     b.stop().await;
     a.stop().await;
+    assert!(read_b > 0, "B never read the partitions it took");
     assert!(
         done,
         "not committed to the end: {:?}",
@@ -1551,11 +1577,15 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         running.stop_abandoning().await;
     }
     let done = kafka.committed(&group) == end;
-    let (pauses_a, read_b) = (metrics_a.pauses_total(), consumed_total(&metrics_b));
+    let (pauses_a, read_b) = (
+        metrics_a.pauses.with_label_values(&["bytes"]).get(),
+        consumed_total(&metrics_b),
+    );
+    let revokes_a = metrics_a.rebalances.with_label_values(&["revoke"]).get();
     a.stop().await;
     let written = ids_written(&[dir_a.path(), dir_b.path()]);
     println!(
-        "{protocol:?}: large events through rebalances: A peak in flight {} bytes, over the bound beyond held {:?}, held beyond one event per paused partition {:?}; B peak {} bytes, over {:?}, held beyond {:?}, read {read_b}; A pauses {pauses_a}; {} of {count} ids written; bytes still charged A {} B {}",
+        "{protocol:?}: large events through rebalances: A peak in flight {} bytes, over the bound beyond held {:?}, held beyond one event per paused partition {:?}; B peak {} bytes, over {:?}, held beyond {:?}, read {read_b}; A pauses at the byte bound {pauses_a}; {} of {count} ids written; bytes still charged A {} B {}",
         peaks_a.in_flight,
         peaks_a.over,
         peaks_a.held_over,
@@ -1576,6 +1606,11 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         "{protocol:?}: B never got a partition"
     );
     assert!(read_b > 0, "{protocol:?}: B never read");
+    // B's partitions came from A (one group): A revoked before B was given them.
+    assert!(
+        revokes_a > 0,
+        "{protocol:?}: A gave no partition up, so B is not in A's group"
+    );
     assert!(
         pauses_a > 0,
         "{protocol:?}: A never paused at the byte bound"
