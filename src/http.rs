@@ -232,7 +232,9 @@ fn partition_rows(flows: Vec<PartitionFlow>, metrics: &Metrics) -> Vec<serde_jso
 
 fn status_json(state: &HttpState) -> serde_json::Value {
     let metrics = &state.metrics;
-    let partitions = partition_rows(state.status.partitions.snapshot(), metrics);
+    // The table and the byte figures under one lock: the held bytes are the paused partitions'.
+    let (flows, in_flight_bytes, held_bytes) = state.status.partitions.snapshot_with_bytes();
+    let partitions = partition_rows(flows, metrics);
     let routes: Vec<serde_json::Value> = state
         .status
         .routes
@@ -252,7 +254,6 @@ fn status_json(state: &HttpState) -> serde_json::Value {
         BreakerState::Tripped(trip) => serde_json::json!({"tripped": trip.to_string()}),
     };
     let stalls = state.stall_descriptions();
-    let (in_flight_bytes, held_bytes) = state.status.partitions.bytes();
     serde_json::json!({
         "partitions": partitions,
         "routes": routes,

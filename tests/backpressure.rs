@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use logbridge::metrics::Metrics;
-use logbridge::pipeline::{in_flight_bound, RunOptions};
-use logbridge::router::consumer_batch;
+use logbridge::pipeline::RunOptions;
 
 #[derive(Clone, Default)]
 struct LogBuffer(Arc<Mutex<Vec<u8>>>);
@@ -53,8 +52,11 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         "router_capacity = 32\nworker_capacity = 8\npause_after_ms = 0",
         &file_route("slow", "[\"error\"]", 2, dir.path()),
     );
-    let bound = in_flight_bound(&config) as i64;
-    let config_router_capacity = config.pipeline.router_capacity;
+    // The README's record bound ("Memory"), from this test's literals, not from the code under
+    // test: `router_capacity + min(router_capacity, 256) + Σ workers × (worker_capacity + s × b)
+    // + max(2, ⌈router_capacity / 64⌉) × b` with `b = min(worker_capacity, 256)` and `s = 1` for a
+    // file route: 32 + 32 + 2 × (8 + 1 × 8) + max(2, 1) × 8 = 112.
+    let bound: i64 = 112;
 
     let metrics = Arc::new(Metrics::new());
     let options = RunOptions {
@@ -153,13 +155,25 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         "a scrape of /metrics showed paused partitions"
     );
     assert!(paused_logs > 0, "the pause was logged");
+    // The depth gauges show the backpressure: the router channel and the worker channels were
+    // seen holding records, never more than their capacities (`router_capacity = 32`; two
+    // workers of `worker_capacity = 8` on route `slow`, summed by the gauge).
+    assert!(
+        max_router_depth > 0 && max_worker_depth > 0,
+        "the depth gauges never showed a queued record: router {max_router_depth}, worker {max_worker_depth}"
+    );
+    assert!(
+        max_router_depth <= 32 && max_worker_depth <= 2 * 8,
+        "channel depths beyond their capacities: router {max_router_depth} (cap 32), worker {max_worker_depth} (cap 16)"
+    );
     assert!(
         max_in_flight <= bound,
         "in flight {max_in_flight} > bound {bound}"
     );
     // The README's bound: the in-flight bound, plus at most one consumer batch held back for
-    // paused partitions (a batch the router had no room for; every partition pauses then).
-    let batch = consumer_batch(config_router_capacity) as i64;
+    // paused partitions (a batch the router had no room for; every partition pauses then):
+    // "at most `min(router_capacity / 2, 256)` records", min(32 / 2, 256) = 16.
+    let batch: i64 = 16;
     assert!(
         max_held_too <= bound + batch,
         "the pipeline held {max_held_too} records > bound {bound} + {batch} held"

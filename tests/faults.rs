@@ -214,9 +214,22 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
     })
     .await;
     assert!(moved, "B never got partitions ({protocol:?})");
-    // Let B read a little of what it got.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B's partitions came from A (one group): A revoked before B was given them.
+    assert!(
+        metrics_a.rebalances.with_label_values(&["revoke"]).get() > 0,
+        "A gave no partition up, so B is not in A's group ({protocol:?})"
+    );
+    // B reads some of what it got.
+    let b_read = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics_b.clone();
+        async move { consumed_total(&metrics) > 0 }
+    })
+    .await;
     b.stop().await;
+    assert!(
+        b_read,
+        "B never read ({protocol:?}, paused by {paused_by:?})"
+    );
     let back = wait_for(Duration::from_secs(60), || {
         let metrics = metrics_a.clone();
         async move { metrics.assigned_partitions.get() == i64::from(PARTITIONS) }
@@ -614,7 +627,11 @@ async fn a_dead_letter_topic_refusing_writes_holds_commits_says_why_and_recovers
         dlq.brokers
     );
     let config = source.config(&group, "router_capacity = 32\nworker_capacity = 8", &routes);
-    let bound = logbridge::pipeline::in_flight_bound(&config) as i64;
+    // The README's record bound ("Memory"), from this test's literals, not from the code under
+    // test: `router_capacity + min(router_capacity, 256) + Σ workers × (worker_capacity + s × b)
+    // + max(2, ⌈router_capacity / 64⌉) × b` with `b = min(worker_capacity, 256)` and `s = 1` for
+    // a file route: 32 + 32 + 2 × (8 + 8) + max(2, 1) × 8 = 112.
+    let bound: i64 = 112;
     let metrics = Arc::new(Metrics::new());
     let (running, address) = Running::start_serving(
         config,
@@ -788,6 +805,11 @@ async fn failing_destination(rebalance: Option<Protocol>) {
             + metrics_b.retries.with_label_values(&["all"]).get();
         b.stop_abandoning().await;
         assert!(b_read, "B never read a partition");
+        // B's partitions came from A (one group): A revoked before B was given them.
+        assert!(
+            metrics.rebalances.with_label_values(&["revoke"]).get() > 0,
+            "A gave no partition up, so B is not in A's group"
+        );
         assert!(
             retrying > 0,
             "the destination was failing while B was in the group"
@@ -849,6 +871,11 @@ async fn failing_destination(rebalance: Option<Protocol>) {
         "the produce errors reached logbridge's own retries"
     );
     assert!(commit_errors > 0, "the commit errors were met");
+    if rebalance.is_some() {
+        // Under backpressure: A's router channel stayed full and its partitions paused.
+        let pauses = metrics.pauses.with_label_values(&["backpressure"]).get();
+        assert!(pauses > 0, "A never paused for backpressure");
+    }
     // The last copy of every record of a key comes after the last copy of each earlier one
     // (a retried record's later records are delivered again after it). How often a first copy
     // came early is shown, not asserted: without idempotence a broker may take a later batch
@@ -912,7 +939,12 @@ async fn a_stuck_record_pauses_its_partition_at_the_uncommitted_bound() {
         "router_capacity = 32\nworker_capacity = 8\nmax_uncommitted_records = 200",
         &routes,
     );
-    let bound = logbridge::pipeline::in_flight_bound(&config) as i64 + 200;
+    // `max_uncommitted_records` plus the README's record bound ("Memory"), from this test's
+    // literals, not from the code under test: `router_capacity + min(router_capacity, 256)
+    // + Σ workers × (worker_capacity + s × b) + max(2, ⌈router_capacity / 64⌉) × b` with
+    // `b = min(worker_capacity, 256)` and `s = 1` for file routes (one worker on `stuck`, two on
+    // `all`): 32 + 32 + 1 × (8 + 8) + 2 × (8 + 8) + max(2, 1) × 8 = 128.
+    let bound: i64 = 128 + 200;
     let gate = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let metrics = Arc::new(Metrics::new());
     let (running, address) = Running::start_serving(
@@ -952,9 +984,13 @@ async fn a_stuck_record_pauses_its_partition_at_the_uncommitted_bound() {
         max_gap <= bound,
         "gap {max_gap} beyond the bound plus what was in flight ({bound})"
     );
+    // Held partitions are not read on: until the consumer pauses the partition (at the first
+    // poll after the committer holds it at 200 finished records), it reads at most what the
+    // pipeline holds (the README's record bound, 128 above) and one consumer batch of
+    // `min(router_capacity / 2, 256)` = 16 (README, "Memory", "On top") beyond those 200.
     assert!(
-        consumed_while_held < 3_000,
-        "held partitions are not read on"
+        consumed_while_held <= 200 + 128 + 16,
+        "held partitions are not read on: read {consumed_while_held} > 200 + 128 + 16"
     );
     assert!(
         kafka.committed(&group)[0] <= 0,
@@ -1025,13 +1061,14 @@ impl logbridge::sink::Sink for Gated {
 }
 
 /// Large events through a slow sink: the bytes held between the consumer and the committer stay
-/// within `max_in_flight_bytes` plus the records held for paused partitions, where the record
-/// bound alone would let over a hundred times as much in.
+/// within `max_in_flight_bytes` plus the records held for paused partitions (at most one event
+/// per paused partition), where the record bound alone would let over a hundred times as much
+/// in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_events_stay_within_the_in_flight_byte_bound() {
     let _serial = serial().await;
     let kafka = Kafka::shared("logs", 8).await;
-    produce_large_events(&kafka).await;
+    let (_, largest) = produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes");
     let dir = tempfile::tempdir().expect("dir");
@@ -1041,8 +1078,11 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
         &format!("router_capacity = 1024\nworker_capacity = 256\nmax_in_flight_bytes = {limit}"),
         &file_route("all", "[\"info\"]", 2, dir.path()),
     );
-    let record_bound =
-        logbridge::pipeline::in_flight_bound(&config) as i64 * LARGE_EVENT_BYTES as i64;
+    // The README's record bound ("Memory"), from this test's literals, not from the code under
+    // test: `router_capacity + min(router_capacity, 256) + Σ workers × (worker_capacity + s × b)
+    // + max(2, ⌈router_capacity / 64⌉) × b` with `b = min(worker_capacity, 256)` and `s = 1` for
+    // a file route: 1024 + 256 + 2 × (256 + 256) + max(2, 16) × 256 = 6 400 records.
+    let record_bound: i64 = 6_400 * LARGE_EVENT_BYTES as i64;
     let metrics = Arc::new(Metrics::new());
     let (running, address) = Running::start_serving(
         config,
@@ -1056,23 +1096,30 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
     let mut peaks = BytePeaks::default();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while kafka.committed(&group) != end && std::time::Instant::now() < deadline {
-        peaks.add(byte_sample(address).await, limit);
+        peaks.add(byte_sample(address).await, limit, largest);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let done = kafka.committed(&group) == end;
-    let paused_for_bytes = metrics.pauses_total();
+    let paused_for_bytes = metrics.pauses.with_label_values(&["bytes"]).get();
     running.stop().await;
     println!(
-        "large events: peak in-flight bytes {} (bound {limit}, record bound alone {record_bound}), peak held {}, pauses {paused_for_bytes}",
-        peaks.in_flight, peaks.held
+        "large events: peak in-flight bytes {} (bound {limit}, record bound alone {record_bound}), peak held {} (beyond one event of {largest} bytes per paused partition: {:?}), pauses {paused_for_bytes}",
+        peaks.in_flight, peaks.held, peaks.held_over
     );
     assert!(done, "not committed to the end");
+    assert!(paused_for_bytes > 0, "never paused at the byte bound");
     assert!(peaks.in_flight > 0);
     // What is over the bound must be records held for paused partitions.
     assert!(
         peaks.over.is_some_and(|over| over <= 0),
         "bytes beyond the bound and the held records: {:?}",
         peaks.over
+    );
+    // And the held records are at most one per paused partition (README, "Memory").
+    assert!(
+        peaks.held_over.is_some_and(|over| over <= 0),
+        "held bytes beyond one event of {largest} bytes per paused partition: {:?}",
+        peaks.held_over
     );
     assert!(record_bound > 100 * limit);
     assert_eq!(metrics.in_flight_bytes.get(), 0, "every charge given back");
@@ -1278,8 +1325,10 @@ async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(120))
         .await;
+    let read_b = consumed_total(&metrics_b);
     b.stop().await;
     a.stop().await;
+    assert!(read_b > 0, "B never read the partitions it took");
     assert!(
         done,
         "not committed to the end: {:?}",
@@ -1377,8 +1426,9 @@ const LARGE_EVENT_BYTES: usize = 100 * 1024;
 
 /// Produces 300 info events of about [`LARGE_EVENT_BYTES`] each (ids 0..300, a key each) to
 /// `kafka`, which should have 8 partitions: the mock cluster keeps only the newest 5 MiB of
-/// each. Returns how many.
-async fn produce_large_events(kafka: &Kafka) -> u64 {
+/// each. Returns how many, and the largest one's payload and key bytes (what the byte bound
+/// charges for a record).
+async fn produce_large_events(kafka: &Kafka) -> (u64, i64) {
     let count = 300u64;
     let records: Vec<(Option<String>, Vec<u8>)> = (0..count)
         .map(|id| {
@@ -1388,44 +1438,73 @@ async fn produce_large_events(kafka: &Kafka) -> u64 {
             (Some(format!("key-{id}")), payload.to_string().into_bytes())
         })
         .collect();
+    let largest = records
+        .iter()
+        .map(|(key, payload)| key.as_ref().map_or(0, String::len) + payload.len())
+        .max()
+        .unwrap_or(0) as i64;
     kafka.produce_large(&records).await;
-    count
+    (count, largest)
 }
 
-/// One `/status` reading of the byte bound: the bytes in flight and the bytes of records held
-/// for paused partitions (read together, under the consumer's lock).
-async fn byte_sample(address: std::net::SocketAddr) -> (i64, i64) {
+/// One `/status` reading of the byte bound, read together under the consumer's lock.
+struct ByteSample {
+    /// Bytes in flight between the consumer and the committer.
+    in_flight: i64,
+    /// Bytes of the records held for paused partitions.
+    held: i64,
+    /// Partitions paused, whatever the reason.
+    paused: i64,
+}
+
+async fn byte_sample(address: std::net::SocketAddr) -> ByteSample {
     let (_, status) = http_get(address, "/status").await;
     let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
-    (
-        status["in_flight_bytes"].as_i64().unwrap_or(0),
-        status["held_bytes"].as_i64().unwrap_or(0),
-    )
+    let paused = status["partitions"].as_array().map_or(0, |partitions| {
+        partitions
+            .iter()
+            .filter(|p| p["paused"].as_bool() == Some(true))
+            .count()
+    });
+    ByteSample {
+        in_flight: status["in_flight_bytes"].as_i64().unwrap_or(0),
+        held: status["held_bytes"].as_i64().unwrap_or(0),
+        paused: paused as i64,
+    }
 }
 
 /// The most a run of byte samples went over `limit`, beyond what was held for paused
-/// partitions, and the peaks in flight and held.
+/// partitions; the most the held bytes went over one `largest` event per paused partition
+/// (the README: "one held record per partition paused at the byte bound"); and the peaks in
+/// flight and held.
 #[derive(Default)]
 struct BytePeaks {
     in_flight: i64,
     held: i64,
     over: Option<i64>,
+    held_over: Option<i64>,
 }
 
 impl BytePeaks {
-    fn add(&mut self, (bytes, held): (i64, i64), limit: i64) {
-        self.in_flight = self.in_flight.max(bytes);
+    fn add(&mut self, sample: ByteSample, limit: i64, largest: i64) {
+        let ByteSample {
+            in_flight,
+            held,
+            paused,
+        } = sample;
+        self.in_flight = self.in_flight.max(in_flight);
         self.held = self.held.max(held);
-        self.over = Some(
-            self.over
-                .map_or(bytes - held - limit, |over| over.max(bytes - held - limit)),
-        );
+        let over = in_flight - held - limit;
+        self.over = Some(self.over.map_or(over, |peak| peak.max(over)));
+        let held_over = held - paused * largest;
+        self.held_over = Some(self.held_over.map_or(held_over, |peak| peak.max(held_over)));
     }
 }
 
 /// Large events through a slow sink while a second instance joins and leaves, so partitions
 /// move away and come back mid-run: on each instance the bytes in flight stay within
-/// `max_in_flight_bytes` plus the records held for paused partitions, every charge is given
+/// `max_in_flight_bytes` plus the records held for paused partitions (at most one event per
+/// paused partition), every charge is given
 /// back (revoked, abandoned and dropped records included: a leak would shrink the budget until
 /// the pipeline stalls), and every event is written and committed.
 async fn large_events_through_rebalances(protocol: Protocol) {
@@ -1436,7 +1515,7 @@ async fn large_events_through_rebalances(protocol: Protocol) {
             .try_init();
     }
     let kafka = Kafka::shared("logs", 8).await;
-    let count = produce_large_events(&kafka).await;
+    let (count, largest) = produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
     let group = unique("bytes-rebalance");
     let limit: i64 = 1 << 20;
@@ -1473,9 +1552,9 @@ async fn large_events_through_rebalances(protocol: Protocol) {
     let mut b_was_there = false;
     let deadline = std::time::Instant::now() + Duration::from_secs(150);
     while kafka.committed(&group) != end && std::time::Instant::now() < deadline {
-        peaks_a.add(byte_sample(address_a).await, limit);
+        peaks_a.add(byte_sample(address_a).await, limit, largest);
         if let Some((_, address_b)) = &b {
-            peaks_b.add(byte_sample(*address_b).await, limit);
+            peaks_b.add(byte_sample(*address_b).await, limit, largest);
         }
         let read_a = consumed_total(&metrics_a);
         if b.is_none() && !b_was_there && read_a > 20 {
@@ -1498,15 +1577,21 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         running.stop_abandoning().await;
     }
     let done = kafka.committed(&group) == end;
-    let (pauses_a, read_b) = (metrics_a.pauses_total(), consumed_total(&metrics_b));
+    let (pauses_a, read_b) = (
+        metrics_a.pauses.with_label_values(&["bytes"]).get(),
+        consumed_total(&metrics_b),
+    );
+    let revokes_a = metrics_a.rebalances.with_label_values(&["revoke"]).get();
     a.stop().await;
     let written = ids_written(&[dir_a.path(), dir_b.path()]);
     println!(
-        "{protocol:?}: large events through rebalances: A peak in flight {} bytes, over the bound beyond held {:?}; B peak {} bytes, over {:?}, read {read_b}; A pauses {pauses_a}; {} of {count} ids written; bytes still charged A {} B {}",
+        "{protocol:?}: large events through rebalances: A peak in flight {} bytes, over the bound beyond held {:?}, held beyond one event per paused partition {:?}; B peak {} bytes, over {:?}, held beyond {:?}, read {read_b}; A pauses at the byte bound {pauses_a}; {} of {count} ids written; bytes still charged A {} B {}",
         peaks_a.in_flight,
         peaks_a.over,
+        peaks_a.held_over,
         peaks_b.in_flight,
         peaks_b.over,
+        peaks_b.held_over,
         written.len(),
         metrics_a.in_flight_bytes.get(),
         metrics_b.in_flight_bytes.get(),
@@ -1521,6 +1606,11 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         "{protocol:?}: B never got a partition"
     );
     assert!(read_b > 0, "{protocol:?}: B never read");
+    // B's partitions came from A (one group): A revoked before B was given them.
+    assert!(
+        revokes_a > 0,
+        "{protocol:?}: A gave no partition up, so B is not in A's group"
+    );
     assert!(
         pauses_a > 0,
         "{protocol:?}: A never paused at the byte bound"
@@ -1535,6 +1625,17 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         peaks_b.over.is_some_and(|over| over <= 0),
         "{protocol:?}: B beyond the bound and the held records: {:?}",
         peaks_b.over
+    );
+    // The held records are at most one per paused partition (README, "Memory").
+    assert!(
+        peaks_a.held_over.is_some_and(|over| over <= 0),
+        "{protocol:?}: A held bytes beyond one event of {largest} bytes per paused partition: {:?}",
+        peaks_a.held_over
+    );
+    assert!(
+        peaks_b.held_over.is_some_and(|over| over <= 0),
+        "{protocol:?}: B held bytes beyond one event of {largest} bytes per paused partition: {:?}",
+        peaks_b.held_over
     );
     assert_eq!(
         metrics_a.in_flight_bytes.get(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use logbridge::metrics::{Metrics, NO_ROUTE};
-use logbridge::pipeline::{in_flight_bound, HttpBind, RunOptions};
+use logbridge::pipeline::{HttpBind, RunOptions};
 use logbridge::sink::{config_sink_factory, SinkFactory};
 
 fn options(metrics: &Arc<Metrics>, sinks: SinkFactory) -> RunOptions {
@@ -151,7 +151,11 @@ async fn shutdown_mid_stream_then_restart_loses_nothing() {
         "router_capacity = 512\nworker_capacity = 64",
         &two_file_routes(dir.path(), ("[\"error\"]", 3), ("[\"warning\"]", 2)),
     );
-    let bound = in_flight_bound(&config);
+    // The README's record bound ("Memory"), from this test's literals, not from the code under
+    // test: `router_capacity + min(router_capacity, 256) + Σ workers × (worker_capacity + s × b)
+    // + max(2, ⌈router_capacity / 64⌉) × b` with `b = min(worker_capacity, 256)` and `s = 1` for
+    // file routes: 512 + 256 + 3 × (64 + 64) + 2 × (64 + 64) + max(2, 8) × 64 = 1920.
+    let bound = 1_920;
 
     // First run: slow enough that shutdown lands mid-stream.
     let metrics = Arc::new(Metrics::new());

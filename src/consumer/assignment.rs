@@ -555,6 +555,18 @@ impl PartitionView {
         self.shared.lock().unread.clone()
     }
 
+    /// Every owned partition, sorted, with the bytes in flight and how many of them are held for
+    /// paused partitions, all read under one lock: the held bytes are those of the partitions
+    /// the table shows paused (`/status` shows them together, and a reader may compare them).
+    pub fn snapshot_with_bytes(&self) -> (Vec<PartitionFlow>, usize, usize) {
+        let assignment = self.shared.lock();
+        (
+            assignment.snapshot(),
+            self.shared.budget.used(),
+            assignment.held_bytes(),
+        )
+    }
+
     /// Bytes in flight, and how many of them are held for paused partitions, read together.
     pub fn bytes(&self) -> (usize, usize) {
         let assignment = self.shared.lock();
@@ -740,6 +752,9 @@ mod tests {
         }
         let view = shared.view();
         assert_eq!(view.bytes(), (200, 200), "in flight, of which held");
+        let (flows, in_flight_bytes, held_bytes) = view.snapshot_with_bytes();
+        assert_eq!((in_flight_bytes, held_bytes), (200, 200));
+        assert_eq!(flows, view.snapshot(), "the same table");
         assert!(!view.in_group());
         shared.set_in_group(true);
         assert!(view.in_group());

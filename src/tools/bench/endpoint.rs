@@ -1,5 +1,5 @@
 //! The local HTTP endpoint the `http` mode delivers to: it answers every request `200` at once
-//! and counts what it took, so the figure is the cost of logbridge's side of HTTP delivery
+//! and counts what it took (requests, body bytes, and events: the NDJSON lines), so the figure is the cost of logbridge's side of HTTP delivery
 //! (building bodies, one request per batch and worker, waiting for the answer), not a server's.
 //! The soak's endpoint is [`Flaky`]: it fails some requests and is down for a while now and then.
 
@@ -36,6 +36,7 @@ pub(super) struct Endpoint {
     pub url: String,
     requests: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
+    events: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -58,8 +59,14 @@ impl Endpoint {
         let url = format!("http://{}/ingest", listener.local_addr()?);
         let requests = Arc::new(AtomicU64::new(0));
         let bytes = Arc::new(AtomicU64::new(0));
+        let events = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
-        let counted = (requests.clone(), bytes.clone(), failed.clone());
+        let counted = (
+            requests.clone(),
+            bytes.clone(),
+            events.clone(),
+            failed.clone(),
+        );
         let started = Instant::now();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -67,16 +74,17 @@ impl Endpoint {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: Request<hyper::body::Incoming>| {
-                            let (requests, bytes, failed) = counted.clone();
+                            let (requests, bytes, events, failed) = counted.clone();
                             async move {
                                 let body = request
                                     .into_body()
                                     .collect()
                                     .await
-                                    .map(|collected| collected.to_bytes().len())
-                                    .unwrap_or(0);
+                                    .map(|collected| collected.to_bytes())
+                                    .unwrap_or_default();
                                 let request = requests.fetch_add(1, Ordering::Relaxed);
-                                bytes.fetch_add(body as u64, Ordering::Relaxed);
+                                bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                                events.fetch_add(ndjson_lines(&body), Ordering::Relaxed);
                                 let mut response = Response::new(Full::new(Bytes::new()));
                                 if flaky
                                     .is_some_and(|flaky| flaky.fails(request, started.elapsed()))
@@ -99,18 +107,35 @@ impl Endpoint {
             url,
             requests,
             bytes,
+            events,
             failed,
             task,
         })
     }
 
-    /// Requests and body bytes received so far.
-    pub fn received(&self) -> (u64, u64) {
-        (
-            self.requests.load(Ordering::Relaxed),
-            self.bytes.load(Ordering::Relaxed),
-        )
+    /// Requests, body bytes and events (NDJSON lines) received so far.
+    pub fn received(&self) -> Received {
+        Received {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+        }
     }
+}
+
+/// What the endpoint received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Received {
+    pub requests: u64,
+    pub bytes: u64,
+    pub events: u64,
+}
+
+/// Events in an NDJSON body: its non-empty lines.
+fn ndjson_lines(body: &[u8]) -> u64 {
+    body.split(|byte| *byte == b'\n')
+        .filter(|line| !line.is_empty())
+        .count() as u64
 }
 
 impl Endpoint {
@@ -132,6 +157,14 @@ impl Drop for Endpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_the_non_empty_lines_of_a_body() {
+        assert_eq!(ndjson_lines(b"{\"a\":1}\n{\"b\":2}\n"), 2);
+        assert_eq!(ndjson_lines(b"{\"a\":1}\n{\"b\":2}"), 2);
+        assert_eq!(ndjson_lines(b""), 0);
+        assert_eq!(ndjson_lines(b"\n\n"), 0);
+    }
 
     #[test]
     fn a_flaky_endpoint_fails_one_in_n_and_while_down() {

@@ -206,12 +206,17 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
 
     let raw = report::medians(&results, options);
     let http_runs = results.get(&Mode::Http).map_or(0, Vec::len) as u64;
-    let (requests, bytes) = endpoint.received();
-    if http_runs > 0 && requests > 0 {
+    // What the endpoint counted, not what was sent: the events it received are checked against
+    // the events the http runs read.
+    let received = endpoint.received();
+    if http_runs > 0 && received.requests > 0 {
         println!(
-            "http endpoint: {requests} requests, {:.1} MiB of NDJSON, {:.0} events per request",
-            bytes as f64 / (1 << 20) as f64,
-            (options.events * http_runs) as f64 / requests as f64
+            "http endpoint: {} requests, {} events ({} read by {http_runs} http runs), {:.1} MiB of NDJSON, {:.0} events per request",
+            received.requests,
+            received.events,
+            options.events * http_runs,
+            received.bytes as f64 / (1 << 20) as f64,
+            received.events as f64 / received.requests as f64
         );
     }
     let rate = |mode: Mode| {
