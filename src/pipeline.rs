@@ -644,3 +644,37 @@ pub async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     shutdown.cancel();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn five_workers(sink: &str) -> Config {
+        Config::from_toml_str(&format!(
+            "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n\
+             [[routes]]\nname = \"r\"\nlevels = [\"error\"]\nworkers = 5\nsink = {sink}\n"
+        ))
+        .expect("config")
+    }
+
+    /// The README's record bound ("Memory"), written out for its two examples with the
+    /// defaults (router 1024, worker 256, b = 256, sink_batches_in_flight 4): "about 8 000
+    /// with five workers writing to files, 12 000 with five writing to Kafka" (now written exactly).
+    #[test]
+    fn the_record_bound_is_the_readme_formula() {
+        let files = five_workers("{ type = \"file\", path = \"/tmp/x.jsonl\" }");
+        assert_eq!(
+            in_flight_bound(&files),
+            1024 + 256 + 5 * (256 + 256) + 16 * 256
+        );
+        let kafka = five_workers("{ type = \"kafka\", topic = \"out\" }");
+        assert_eq!(
+            in_flight_bound(&kafka),
+            1024 + 256 + 5 * (256 + 4 * 256) + 16 * 256
+        );
+        assert_eq!(
+            (in_flight_bound(&files), in_flight_bound(&kafka)),
+            (7936, 11776)
+        );
+    }
+}
