@@ -88,6 +88,15 @@ async fn status_of(child: &Logbridge) -> Vec<(i64, String, i64, i64)> {
         .collect()
 }
 
+/// `/readyz` of `child`: its status and body, or `(0, "")` while it does not listen yet.
+async fn readyz_of(child: &Logbridge) -> (u16, String) {
+    let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
+    if tokio::net::TcpStream::connect(address).await.is_err() {
+        return (0, String::new());
+    }
+    http_get(address, "/readyz").await
+}
+
 /// An HTTP route taking every event, retrying quickly.
 fn http_route(url: &str, workers: usize) -> String {
     format!(
@@ -784,4 +793,144 @@ async fn rotation_and_sighup_across_crashes_lose_and_tear_no_line() {
     );
     assert!(torn.is_empty(), "torn or glued lines: {torn:?}");
     assert_eq!(lost, 0, "events lost");
+}
+
+/// A rebalance while the dead-letter topic refuses writes (it does not exist yet, and the
+/// broker creates no topic on its own): the first instance's revoke and the second's work commit
+/// nothing past a letter that waits, both say why in `/readyz` (naming the topic), and once the
+/// topic exists every malformed record is parked and the commits reach the end. (Apache Kafka
+/// 4.4 took writes with `acks=all` on a one-replica topic with `min.insync.replicas = 2`, so
+/// that refusal could not be staged here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_while_the_dead_letter_topic_refuses_writes_commits_nothing_past_a_waiting_letter(
+) {
+    let _serial = serial().await;
+    let kafka = Kafka::shared("combo-dlq", 4).await;
+    let dlq = format!("{}-dlq", kafka.topic);
+    let mut rng = test_rng("rebalance x refusing dead-letter topic");
+    let produced = kafka.produce_samples(4_000, 0.02, rng.random()).await;
+    let end = kafka.end_offsets();
+    // Where each partition's commits must stop: its first malformed record.
+    let mut hold = end.clone();
+    for (partition, offset) in &produced.malformed {
+        let at = &mut hold[*partition as usize];
+        *at = (*at).min(*offset);
+    }
+    assert!(
+        hold.iter().zip(&end).all(|(at, end)| at < end),
+        "every partition has a malformed record: {hold:?} of {end:?}"
+    );
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("combo-dlq");
+    let routes = |name: &str| {
+        format!(
+            "[[routes]]\nname = \"all\"\ndefault = true\nworkers = 2\n\
+             sink = {{ type = \"file\", path = \"{}/{name}.jsonl\" }}\n[dead_letter]\ntopic = \"{dlq}\"\n",
+            work.path().display()
+        )
+    };
+    let pipeline = "commit_interval_ms = 200\ndrain_timeout_ms = 2000";
+    // The cluster check names the missing topic; the dead-letter actor names the refusal.
+    let refusal = |body: &str| {
+        body.contains(&format!("dead-letter topic {dlq} refuses writes"))
+            || body.contains(&format!("topic `{dlq}` does not exist"))
+    };
+
+    let mut a = start_child(&kafka, &group, work.path(), "a", pipeline, &routes("a"));
+    let says_why = wait_for(Duration::from_secs(60), || async {
+        let (code, body) = readyz_of(&a).await;
+        code == 503 && refusal(&body)
+    })
+    .await;
+    assert!(says_why, "A's /readyz: {:?}", readyz_of(&a).await);
+    let held = wait_for(Duration::from_secs(60), || async {
+        kafka.committed(&group) == hold
+    })
+    .await;
+    assert!(
+        held,
+        "A's commits not held at the first malformed records: {:?}, expected {hold:?}",
+        kafka.committed(&group)
+    );
+
+    // B joins: partitions move while letters wait.
+    let mut b = start_child(&kafka, &group, work.path(), "b", pipeline, &routes("b"));
+    let moved = wait_for(Duration::from_secs(60), || async {
+        let (a_owns, b_owns) = (
+            a.metric("logbridge_assigned_partitions").await,
+            b.metric("logbridge_assigned_partitions").await,
+        );
+        matches!((a_owns, b_owns), (Some(x), Some(y)) if x > 0.0 && y > 0.0 && x + y == 4.0)
+    })
+    .await;
+    assert!(moved, "the partitions were not shared between A and B");
+    let b_says_why = wait_for(Duration::from_secs(60), || async {
+        let (code, body) = readyz_of(&b).await;
+        code == 503 && refusal(&body)
+    })
+    .await;
+    assert!(b_says_why, "B's /readyz: {:?}", readyz_of(&b).await);
+    // However long it lasts: nothing committed past a waiting letter.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let committed = kafka.committed(&group);
+        assert!(
+            committed.iter().zip(&hold).all(|(done, at)| done <= at),
+            "committed past a dead letter that is not parked: {committed:?}, hold {hold:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The topic is made: it takes writes.
+    kafka.create_external_topic(&dlq, 1).await;
+    let recovered = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
+    assert!(
+        recovered,
+        "not committed to the end once the topic took writes: {:?} of {end:?}; A {:?}, B {:?}",
+        kafka.committed(&group),
+        readyz_of(&a).await,
+        readyz_of(&b).await
+    );
+    for (name, child) in [("A", &mut a), ("B", &mut b)] {
+        let (status, _) = child.terminate(Duration::from_secs(10));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(0),
+            "{name}'s exit status"
+        );
+    }
+    let mut letters: HashSet<(i32, i64)> = HashSet::new();
+    for record in kafka.read_all(&dlq) {
+        letters.insert((
+            record
+                .header("logbridge.source.partition")
+                .and_then(|p| p.parse().ok())
+                .expect("logbridge.source.partition"),
+            record
+                .header("logbridge.source.offset")
+                .and_then(|o| o.parse().ok())
+                .expect("logbridge.source.offset"),
+        ));
+    }
+    let lines = read_lines(&[work.path().join("a.jsonl"), work.path().join("b.jsonl")]);
+    let written: HashSet<u64> = id_counts(&lines).into_keys().collect();
+    let unlettered = produced
+        .malformed
+        .iter()
+        .filter(|place| !letters.contains(place))
+        .count();
+    let lost = produced
+        .valid_ids
+        .iter()
+        .filter(|id| !written.contains(id))
+        .count();
+    println!(
+        "rebalance x refusing dead-letter topic: held at {hold:?} of {end:?} across the rebalance; \
+         then {} letters parked, {unlettered} malformed without one, {lost} valid lost",
+        letters.len()
+    );
+    assert_eq!(unlettered, 0, "malformed records without a letter");
+    assert_eq!(lost, 0, "valid events lost");
 }
