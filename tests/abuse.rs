@@ -29,7 +29,7 @@ async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
     let work = tempfile::tempdir().expect("workdir");
     let group = unique("abuse");
     let instance = Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), "lb", "");
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], instance.child.http_port).into();
+    let address = instance.child.address().await;
 
     // Before the group assigns anything, the instance is alive but not ready.
     let listening = wait_for(Duration::from_secs(10), || async move {

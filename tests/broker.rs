@@ -257,3 +257,66 @@ async fn apache_kafka_starts_answers_and_leaves_nothing_running() {
         }
     }
 }
+
+/// Ports taken between the moment they are picked and the moment the broker binds them (the
+/// test holds node 1's PLAINTEXT port): at the start the cluster is started again on other
+/// ports; a node started again (on its own ports, which the other nodes know) while another
+/// process holds one is launched again once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_port_taken_before_the_broker_binds_it_is_retried() {
+    let _serial = serial().await;
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let port = held.local_addr().expect("held address").port();
+    let mut cluster = ApacheKafka::start_with(common::apache::Options {
+        nodes: 1,
+        first_port: Some(port),
+        ..Default::default()
+    });
+    assert_eq!(cluster.port_clashes, 1, "the held port clashed once");
+    assert_ne!(
+        cluster.brokers(),
+        format!("127.0.0.1:{port}"),
+        "started on another port"
+    );
+    drop(held);
+
+    // The node killed, its port taken while it is down, and the node started again.
+    let clashes_in_logs = |dir: &std::path::Path| {
+        ["node-1.out", "node-1.log"]
+            .iter()
+            .map(|name| {
+                std::fs::read_to_string(dir.join(name))
+                    .unwrap_or_default()
+                    .matches("Address already in use")
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let address = cluster.brokers();
+    cluster.kill(1);
+    let held = std::net::TcpListener::bind(&address).expect("take the node's port");
+    let dir = cluster.dir().to_path_buf();
+    let before = clashes_in_logs(&dir);
+    // The port is given back once the node failed to bind it.
+    let release = std::thread::spawn(move || {
+        let started = Instant::now();
+        while clashes_in_logs(&dir) == before && started.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(held);
+        clashes_in_logs(&dir) > before
+    });
+    cluster.start_node(1);
+    cluster.wait_ready(Duration::from_secs(90));
+    assert!(
+        release.join().expect("the releasing thread"),
+        "the node never failed on its taken port"
+    );
+    assert_eq!(cluster.port_clashes, 2, "the restart clashed once");
+    assert_eq!(cluster.brokers(), address, "started again on its own port");
+    let client: rdkafka::consumer::BaseConsumer = cluster.client().create().expect("client");
+    let metadata =
+        rdkafka::consumer::Consumer::fetch_metadata(&client, None, Duration::from_secs(10))
+            .expect("metadata once started again");
+    assert_eq!(metadata.brokers().len(), 1);
+}

@@ -136,6 +136,8 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
         })
         .await;
     cluster.start_node(source_node);
+    // Answering again (launched again if a port of its was taken while it was down).
+    cluster.wait_ready(Duration::from_secs(90));
     assert!(
         wait_in_sync(&cluster, &[&kafka.topic, &output], source_node).await,
         "node {source_node} did not catch up"
@@ -162,6 +164,7 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
     })
     .await;
     cluster.start_node(sink_node);
+    cluster.wait_ready(Duration::from_secs(90));
 
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(180))

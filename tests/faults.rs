@@ -523,7 +523,7 @@ async fn a_panicking_worker_stops_the_pipeline_and_commits_what_finished() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
     let _serial = serial().await;
-    use common::process::{free_port, Logbridge};
+    use common::process::{Logbridge, HTTP_LISTEN};
     let kafka = Kafka::start("logs", 2);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..5_000u64)
         .map(|id| {
@@ -535,12 +535,11 @@ async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
         .collect();
     kafka.produce(&records).await;
     let work = tempfile::tempdir().expect("dir");
-    let port = free_port();
     let config = work.path().join("stdout.toml");
     std::fs::write(
         &config,
         format!(
-            "{}\n[pipeline]\ndrain_timeout_ms = 2000\ncommit_interval_ms = 200\n[http]\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\nname = \"all\"\nlevels = [\"info\"]\nsink = {{ type = \"stdout\" }}\n",
+            "{}\n[pipeline]\ndrain_timeout_ms = 2000\ncommit_interval_ms = 200\n[http]\nlisten = \"{HTTP_LISTEN}\"\n[[routes]]\nname = \"all\"\nlevels = [\"info\"]\nsink = {{ type = \"stdout\" }}\n",
             kafka_section(&kafka.brokers, &unique("stdout"), &kafka.topic, "")
         ),
     )
@@ -549,7 +548,7 @@ async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
     // A pipe whose reading end is kept open and never read: the first 64 KiB fit, then every
     // write blocks.
     let mut child =
-        Logbridge::start_with_stdout(&config, port, log.clone(), std::process::Stdio::piped());
+        Logbridge::start_with_stdout(&config, log.clone(), std::process::Stdio::piped());
     let blocked = wait_for(Duration::from_secs(60), || {
         let child = &child;
         async move {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::process::{free_port, Logbridge};
+use common::process::{Logbridge, HTTP_LISTEN};
 use common::*;
 
 /// `path`, then `path.1` to `path.<max_files>`: newest first.
@@ -126,20 +126,19 @@ async fn sighup_reopens_the_file_after_logrotate_renamed_it() {
     let work = tempfile::tempdir().expect("workdir");
     let path = work.path().join("out/all.jsonl");
     let renamed = work.path().join("out/all.jsonl.1");
-    let port = free_port();
     let group = unique("sighup");
     let config = work.path().join("logbridge.toml");
     std::fs::write(
         &config,
         format!(
-            "{kafka}\n[pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 3000\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+            "{kafka}\n[pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 3000\n[http]\nlisten = \"{HTTP_LISTEN}\"\n\
              [[routes]]\nname = \"all\"\ndefault = true\nworkers = 2\nsink = {{ type = \"file\", path = \"{path}\" }}\n",
             kafka = kafka_section(&kafka.brokers, &group, &kafka.topic, ""),
             path = path.display()
         ),
     )
     .expect("config");
-    let mut child = Logbridge::start(&config, port, work.path().join("logbridge.log"));
+    let mut child = Logbridge::start(&config, work.path().join("logbridge.log"));
 
     let produce = |ids: std::ops::Range<u64>| {
         ids.map(|id| (Some(format!("key-{}", id % 50)), event(id, "info")))

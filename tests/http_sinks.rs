@@ -671,9 +671,8 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
     let mut server = Server::start(handler).await;
     let dir = tempfile::tempdir().expect("dir");
     let pki = tls::Pki::generate(dir.path());
-    let port = common::process::free_port();
-    let proxy = tls::TlsProxy::start(port, server.address.port(), &pki).await;
-    let url = format!("https://localhost:{port}/ingest");
+    let proxy = tls::TlsProxy::start(server.address.port(), &pki).await;
+    let url = format!("https://localhost:{}/ingest", proxy.port);
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\n\
          sink = {{ type = \"http\", url = \"{url}\", ca_file = \"{ca}\" }}\n\
@@ -834,10 +833,9 @@ async fn shutdown_ends_a_worker_that_retries_forever() {
         .map(|id| (Some(key_of(id)), event(id, "error")))
         .collect();
     source.produce(&records).await;
-    // A port nothing listens on: every request is refused, for ever.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port");
+    // A port nothing listens on (held, so that nothing else can take it): every request is
+    // refused, for ever.
+    let (_held, closed) = common::process::closed_port();
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nretry_backoff_max_ms = 200\n\
          sink = {{ type = \"http\", url = \"http://{closed}/ingest\" }}\n"
