@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const BATCH: u64 = 150_000;
 
 async fn finished(instance: &Instance) -> f64 {
+    // `None`: the endpoint did not answer this time (under the abuse below it may not): no
+    // progress seen. A metric renamed fails in `metric`.
     instance
         .child
         .metric("logbridge_events_finished_total")

@@ -24,11 +24,12 @@ fn outputs(out: &std::path::Path) -> Vec<serde_json::Value> {
     ])
 }
 
+/// Events the child finished; it must be serving (see `Logbridge::address`).
 async fn finished(child: &Logbridge) -> f64 {
     child
         .metric("logbridge_events_finished_total")
         .await
-        .unwrap_or(0.0)
+        .expect("the endpoint answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,6 +56,7 @@ async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
         );
         let out = instance.out;
         let mut child = instance.child;
+        child.address().await;
         let last = run == 3;
         let progressed = wait_for(Duration::from_secs(120), || {
             let child = &child;
@@ -128,6 +130,7 @@ async fn broker_restart(session: Option<u32>) -> Restart {
     );
     let out = instance.out;
     let mut child = instance.child;
+    child.address().await;
     // The kill comes after the first 1 000 records, well before the end.
     let started = wait_for(Duration::from_secs(60), || {
         let child = &child;

@@ -14,14 +14,9 @@ use common::*;
 use logbridge::metrics::Metrics;
 use logbridge::pipeline::{in_flight_bound, RunOptions};
 
+#[track_caller]
 fn scrape_value(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(body, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1244,16 +1244,11 @@ async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol
     .await;
     assert!(busy, "A never got busy");
     let generations = |status: &str| -> std::collections::HashMap<i64, i64> {
-        let status: serde_json::Value = serde_json::from_str(status).unwrap_or_default();
-        status["partitions"]
-            .as_array()
-            .map(|partitions| {
-                partitions
-                    .iter()
-                    .filter_map(|p| Some((p["partition"].as_i64()?, p["generation"].as_i64()?)))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let status = parse_json("/status", status);
+        json_array(&status, "/partitions")
+            .iter()
+            .map(|p| (json_i64(p, "/partition"), json_i64(p, "/generation")))
+            .collect()
     };
     let before = generations(&http_get(address_a, "/status").await.1);
     let metrics_b = Arc::new(Metrics::new());
@@ -1395,10 +1390,10 @@ async fn produce_large_events(kafka: &Kafka) -> u64 {
 /// for paused partitions (read together, under the consumer's lock).
 async fn byte_sample(address: std::net::SocketAddr) -> (i64, i64) {
     let (_, status) = http_get(address, "/status").await;
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+    let status = parse_json("/status", &status);
     (
-        status["in_flight_bytes"].as_i64().unwrap_or(0),
-        status["held_bytes"].as_i64().unwrap_or(0),
+        json_i64(&status, "/in_flight_bytes"),
+        json_i64(&status, "/held_bytes"),
     )
 }
 

@@ -535,6 +535,127 @@ pub fn committed_total(metrics: &logbridge::metrics::Metrics) -> i64 {
         .sum()
 }
 
+/// A JSON document the program served (`/status`), parsed; panics with the body if it is not
+/// JSON (read as `null`, every key of it would be missing). These helpers panic where they are
+/// called from (`track_caller`).
+#[track_caller]
+pub fn parse_json(what: &str, body: &str) -> serde_json::Value {
+    match serde_json::from_str(body) {
+        Ok(document) => document,
+        Err(err) => panic!("{what} is not JSON ({err}): {body}"),
+    }
+}
+
+/// The value at `pointer` (a JSON pointer: `/in_flight`, `/partitions/0/held`) of a document
+/// the program served. A missing key panics, naming it and showing the document: a renamed key
+/// must fail the test, never read as zero.
+#[track_caller]
+pub fn json_at<'a>(document: &'a serde_json::Value, pointer: &str) -> &'a serde_json::Value {
+    let Some(value) = document.pointer(pointer) else {
+        panic!("no `{pointer}` in the document: {document}");
+    };
+    value
+}
+
+/// [`json_at`], an integer (a `null` or another type panics too).
+#[track_caller]
+pub fn json_i64(document: &serde_json::Value, pointer: &str) -> i64 {
+    let Some(value) = json_opt_i64(document, pointer) else {
+        panic!("`{pointer}` is null in the document: {document}");
+    };
+    value
+}
+
+/// [`json_at`], an integer or `null` (`None`): for the figures the program serves as `null`
+/// where it has none (a partition's series that does not exist yet). The key must be there.
+#[track_caller]
+pub fn json_opt_i64(document: &serde_json::Value, pointer: &str) -> Option<i64> {
+    let value = json_at(document, pointer);
+    if value.is_null() {
+        return None;
+    }
+    let Some(number) = value.as_i64() else {
+        panic!("`{pointer}` = {value} is not an integer in: {document}");
+    };
+    Some(number)
+}
+
+/// [`json_opt_i64`] for a number.
+#[track_caller]
+pub fn json_opt_f64(document: &serde_json::Value, pointer: &str) -> Option<f64> {
+    let value = json_at(document, pointer);
+    if value.is_null() {
+        return None;
+    }
+    let Some(number) = value.as_f64() else {
+        panic!("`{pointer}` = {value} is not a number in: {document}");
+    };
+    Some(number)
+}
+
+/// [`json_at`], an array.
+#[track_caller]
+pub fn json_array<'a>(document: &'a serde_json::Value, pointer: &str) -> &'a [serde_json::Value] {
+    let Some(array) = json_at(document, pointer).as_array() else {
+        panic!("`{pointer}` is not an array in: {document}");
+    };
+    array
+}
+
+/// The samples of `series` on a Prometheus text page: a metric name, or a name and the start of
+/// its label set (`name{route="blocked"`, `name{`). A metric logbridge defines may have no
+/// series yet (a labelled metric shows none before its first label values): no samples. A name
+/// that `src/metrics.rs` does not define panics, naming it and listing the page's metrics: a
+/// renamed metric must fail the test, never read as zero.
+#[track_caller]
+pub fn metric_samples(page: &str, series: &str) -> Vec<f64> {
+    let mut samples = Vec::new();
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix(series) else {
+            continue;
+        };
+        if !(series.contains('{') || rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        match line.rsplit(' ').next().map(str::parse::<f64>) {
+            Some(Ok(value)) => samples.push(value),
+            _ => panic!("a sample without a number: {line}"),
+        }
+    }
+    let name = series.split('{').next().unwrap_or(series);
+    if samples.is_empty() && !defined_metric(name) {
+        let metrics: Vec<&str> = page
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .collect();
+        panic!("no metric `{name}`: src/metrics.rs does not define it; the page has {metrics:?}");
+    }
+    samples
+}
+
+/// The sum of [`metric_samples`] (0 for a defined metric without series).
+#[track_caller]
+pub fn metric_sum(page: &str, series: &str) -> f64 {
+    metric_samples(page, series).iter().sum()
+}
+
+/// Whether `src/metrics.rs` defines the metric `name` (its name is a string literal there; a
+/// histogram's `_bucket`, `_sum` and `_count` count as its own).
+pub fn defined_metric(name: &str) -> bool {
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let source = SOURCE.get_or_init(|| {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs"))
+            .expect("src/metrics.rs")
+    });
+    let base = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    [name, base]
+        .iter()
+        .any(|candidate| source.contains(&format!("\"{candidate}\"")))
+}
+
 /// A unique name per test run so nothing is shared between tests.
 pub fn unique(prefix: &str) -> String {
     format!(

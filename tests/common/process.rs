@@ -151,7 +151,9 @@ impl Logbridge {
         self.child.as_ref().map(Child::id).unwrap_or(0)
     }
 
-    /// The value of one unlabelled sample (or the sum over labels) of a metric, if it answers.
+    /// The value of one unlabelled sample (or the sum over labels) of a metric; `None` while
+    /// the endpoint does not answer (the process starting or gone). A metric logbridge defines
+    /// without series yet is 0; a name it does not define panics ([`super::metric_samples`]).
     pub async fn metric(&self, name: &str) -> Option<f64> {
         let address = self.logged_address()?;
         tokio::net::TcpStream::connect(address).await.ok()?;
@@ -159,15 +161,7 @@ impl Logbridge {
         if status != 200 {
             return None;
         }
-        let values: Vec<f64> = body
-            .lines()
-            .filter(|line| {
-                line.strip_prefix(name)
-                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-            })
-            .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
+        Some(super::metric_sum(&body, name))
     }
 
     /// SIGKILL: no drain, no commit, no goodbye to the group.
