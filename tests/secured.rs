@@ -358,10 +358,22 @@ async fn refused_without_crash_loop(
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(expected), "/readyz says: {body}");
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let noisy = text
+    // What this run must have logged, before its warnings are counted (none in a log that
+    // holds nothing would prove nothing): its start, and the refusal with the cause /readyz
+    // gives.
+    assert!(
+        common::process::logged_http_address(&text).is_some(),
+        "the run's start is not in its log:\n{text}"
+    );
+    let warnings: Vec<&str> = text
         .lines()
         .filter(|line| line.contains("\"level\":\"WARN\"") || line.contains("\"level\":\"ERROR\""))
-        .count();
+        .collect();
+    assert!(
+        warnings.iter().any(|line| line.contains(expected)),
+        "no warning names the refusal (`{expected}`):\n{text}"
+    );
+    let noisy = warnings.len();
     println!(
         "refused ({expected}): /readyz said {reason:?}; {noisy} warning/error lines in {WATCH:?}"
     );
@@ -699,6 +711,14 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
     let log = work.path().join("wrong.log");
     refused_without_crash_loop(&wrong, &log, &env, "Kafka authentication failed").await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // The lines where it could have been shown are there: the refused authentication.
+    assert!(
+        text.lines().any(|line| line.contains("\"level\":\"WARN\"")
+            && line.contains(
+                "Authentication failed during authentication due to invalid credentials"
+            )),
+        "the refused authentication is not in the log:\n{text}"
+    );
     assert!(
         !text.contains("not-her-password"),
         "the password reached the log"
