@@ -161,6 +161,11 @@ impl TlsProxy {
 
 impl Drop for TlsProxy {
     fn drop(&mut self) {
+        // The accept loop never ends by itself: ended, it panicked (and only printed so).
+        let ended = self.task.is_finished();
         self.task.abort();
+        if ended && !std::thread::panicking() {
+            panic!("the TLS proxy's accept loop panicked");
+        }
     }
 }
