@@ -199,3 +199,37 @@ async fn sighup_reopens_the_file_after_logrotate_renamed_it() {
         reopen_lines[0]
     );
 }
+
+/// The reader of output files: a last line without its newline (what a process killed while
+/// writing it leaves) is returned apart, not counted; a broken line anywhere else fails,
+/// naming the file and the line.
+#[test]
+fn a_torn_last_line_is_returned_apart_and_a_broken_line_mid_file_fails() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("out.jsonl");
+    std::fs::write(
+        &path,
+        "{\"event\":{\"id\":1}}\n{\"event\":{\"id\":2}}\n{\"event\":{\"i",
+    )
+    .expect("write");
+    let output = read_output(std::slice::from_ref(&path));
+    assert_eq!(id_counts(&output.lines).len(), 2, "the whole lines");
+    assert_eq!(
+        output.torn,
+        [(path.clone(), "{\"event\":{\"i".to_string())],
+        "the torn last line, apart"
+    );
+
+    std::fs::write(
+        &path,
+        "{\"event\":{\"id\":1}}\n{\"event\":{\"i\n{\"event\":{\"id\":3}}\n",
+    )
+    .expect("write");
+    let failed = std::panic::catch_unwind(|| read_output(std::slice::from_ref(&path)))
+        .expect_err("a broken line mid-file fails");
+    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        message.contains("out.jsonl line 2: not a JSON line"),
+        "{message}"
+    );
+}

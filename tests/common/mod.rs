@@ -463,21 +463,63 @@ where
     false
 }
 
-/// Every JSON line of the given files (missing files count as empty).
-pub fn read_lines(paths: &[PathBuf]) -> Vec<serde_json::Value> {
-    let mut lines = Vec::new();
+/// The JSON lines of output files, and the last line of any file that has no newline yet.
+#[derive(Debug, Default)]
+pub struct OutputLines {
+    /// Every whole line, parsed.
+    pub lines: Vec<serde_json::Value>,
+    /// `(file, text)` of each unterminated last line, left out of `lines`: a write cut short (a
+    /// process killed in the middle of a line) or still going on (a file read while written).
+    pub torn: Vec<(PathBuf, String)>,
+}
+
+/// Every JSON line of the given files (missing files count as empty). A file's last line
+/// without its newline is torn ([`OutputLines::torn`]); a line that is not JSON anywhere else
+/// panics, naming the file and the line.
+pub fn read_output(paths: &[PathBuf]) -> OutputLines {
+    let mut output = OutputLines::default();
     for path in paths {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => panic!("reading {}: {err}", path.display()),
         };
-        for line in text.lines() {
-            lines.push(
-                serde_json::from_str(line)
-                    .unwrap_or_else(|err| panic!("{}: bad line {line:?}: {err}", path.display())),
-            );
+        // Bytes, not a string: a line cut in the middle of a character is still a torn line.
+        let mut lines: Vec<&[u8]> = bytes.split(|byte| *byte == b'\n').collect();
+        // After the last newline: empty, or the unterminated last line.
+        let last = lines.pop().unwrap_or_default();
+        if !last.is_empty() {
+            output
+                .torn
+                .push((path.clone(), String::from_utf8_lossy(last).into_owned()));
+        }
+        for (number, line) in lines.iter().enumerate() {
+            let parsed = serde_json::from_slice(line).unwrap_or_else(|err| {
+                panic!(
+                    "{} line {}: not a JSON line ({err}): {:?}",
+                    path.display(),
+                    number + 1,
+                    String::from_utf8_lossy(line)
+                )
+            });
+            output.lines.push(parsed);
         }
     }
-    lines
+    output
+}
+
+/// The whole JSON lines of the given files ([`read_output`]). A torn last line is printed as a
+/// finding (after a SIGKILL: the line the process was writing) and left out.
+pub fn read_lines(paths: &[PathBuf]) -> Vec<serde_json::Value> {
+    let output = read_output(paths);
+    for (path, text) in &output.torn {
+        println!(
+            "torn last line of {} ({} bytes, left out): {text:?}",
+            path.display(),
+            text.len()
+        );
+    }
+    output.lines
 }
 
 /// Counts each event `id` found in output lines.
