@@ -219,13 +219,14 @@ async fn the_connection_cap_holds_requests_until_the_header_timeout_frees_a_slot
     let mut config = kafka.config(&group, "", &file_route("all", "[\"info\"]", 1, dir.path()));
     config.http.max_connections = 8;
     let (running, address) = Running::start_serving(config, Default::default()).await;
-    let listening = wait_for(Duration::from_secs(10), || async move {
-        tokio::net::TcpStream::connect(address).await.is_ok()
+    // Serving: a whole request answered. HTTP/1.0, so the server closes the connection once it
+    // has answered, and its slot is free again when the answer has been read (no probe holds a
+    // slot the slow clients below must take).
+    let serving = wait_for(Duration::from_secs(10), || async move {
+        http_get(address, "/healthz").await.0 == 200
     })
     .await;
-    assert!(listening);
-    // Let the probe connections above end, so that the slots are free.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(serving, "the endpoint never answered");
 
     let opened = Instant::now();
     let mut slow = Vec::new();
@@ -245,6 +246,7 @@ async fn the_connection_cap_holds_requests_until_the_header_timeout_frees_a_slot
         let (status, _) = http_get(address, "/healthz").await;
         (status, asked.elapsed())
     });
+    // Time deliberately let pass: the ninth must still be waiting 2 s later.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !ninth.is_finished(),

@@ -152,6 +152,7 @@ async fn broker_restart(session: Option<u32>) -> Restart {
     let restart_started = Instant::now();
     // SIGKILL: no controlled shutdown, the log is recovered from what the process left.
     broker.kill(1);
+    // The outage: down for 2 s on purpose.
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.start_node(1);
     broker.wait_ready(Duration::from_secs(60));

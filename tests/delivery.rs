@@ -162,8 +162,17 @@ async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
     .await;
     assert!(tripped, "the breaker did not trip");
 
-    // Stopped: consumption does not move any more, every partition is paused.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Stopped: every partition paused, then consumption does not move for 2 s (time let pass
+    // on purpose).
+    let stopped = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move {
+            metrics.assigned_partitions.get() > 0
+                && metrics.paused_total() == metrics.assigned_partitions.get()
+        }
+    })
+    .await;
+    assert!(stopped, "the tripped breaker did not pause every partition");
     let consumed = metrics.consumed.with_label_values(&["logs"]).get();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(

@@ -214,8 +214,13 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
     })
     .await;
     assert!(moved, "B never got partitions ({protocol:?})");
-    // Let B read a little of what it got.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B reads some of what it got before it leaves.
+    let read = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics_b.clone();
+        async move { consumed_total(&metrics) > 0 }
+    })
+    .await;
+    assert!(read, "B read nothing of its partitions ({protocol:?})");
     b.stop().await;
     let back = wait_for(Duration::from_secs(60), || {
         let metrics = metrics_a.clone();
@@ -226,11 +231,15 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
 
     if let PausedBy::Breaker = paused_by {
         // The breaker holds every partition, including the ones given back, until reset.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            metrics_a.paused_total(),
-            i64::from(PARTITIONS),
-            "the breaker holds every partition across the rebalances"
+        let held = wait_for(Duration::from_secs(10), || {
+            let metrics = metrics_a.clone();
+            async move { metrics.paused_total() == i64::from(PARTITIONS) }
+        })
+        .await;
+        assert!(
+            held,
+            "the breaker holds every partition across the rebalances: {} paused",
+            metrics_a.paused_total()
         );
         let (status, _) = http_request(address_a, "POST /resume HTTP/1.0\r\nHost: t\r\n\r\n").await;
         assert_eq!(status, 202, "resume accepted");
@@ -560,8 +569,16 @@ async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
     })
     .await;
     assert!(blocked, "logbridge never consumed");
-    // Let the writers block on the full pipe.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The writers blocked: the pipe full (within a write of atomic size of its capacity).
+    let full = wait_for(Duration::from_secs(30), || {
+        std::future::ready(
+            child
+                .stdout_pipe()
+                .is_some_and(|(waiting, capacity)| waiting + libc::PIPE_BUF > capacity),
+        )
+    })
+    .await;
+    assert!(full, "stdout never filled: {:?}", child.stdout_pipe());
     let (status, took) = child.terminate(Duration::from_secs(30));
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     println!("stdout blocked: SIGTERM to exit {took:?}, status {status:?}");

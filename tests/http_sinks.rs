@@ -280,6 +280,7 @@ async fn a_flaky_endpoint_that_goes_down_gets_every_event_and_commits_reach_the_
     assert!(third, "a third of the events arrived before the outage");
     server.down().await;
     let went_down = Instant::now();
+    // The outage: down for 3 s on purpose.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let retries_during = metrics.retries.with_label_values(&["errors"]).get();
     server.up().await;

@@ -182,6 +182,22 @@ impl Logbridge {
         (status, started.elapsed())
     }
 
+    /// Of a child started with `Stdio::piped()` standard output: the bytes waiting in the pipe
+    /// (written, not read) and the pipe's capacity.
+    pub fn stdout_pipe(&self) -> Option<(usize, usize)> {
+        use std::os::fd::AsRawFd;
+        let fd = self.child.as_ref()?.stdout.as_ref()?.as_raw_fd();
+        let mut waiting: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the pointer; `fd` is the open reading end
+        // this handle owns.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut waiting) } != 0 {
+            return None;
+        }
+        // SAFETY: F_GETPIPE_SZ takes no argument and only reads the pipe's size.
+        let capacity = unsafe { libc::fcntl(fd, libc::F_GETPIPE_SZ) };
+        (capacity > 0).then_some((waiting as usize, capacity as usize))
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child
