@@ -149,18 +149,26 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
         committed_at_second < end.iter().sum::<i64>() * 9 / 10,
         "the run is nearly over before the sink's failover: {committed_at_second} committed"
     );
+    // One client while it answers, a new one after a failure: one that knew the dead leader
+    // asks it until its metadata is refreshed. While the partition has no leader: no progress
+    // either.
+    let watermarks: std::cell::RefCell<Option<rdkafka::consumer::BaseConsumer>> =
+        std::cell::RefCell::default();
     let (sink_node, sink_led, sink_resumed) = kill_leader(&mut cluster, &output, 0, || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        // A client of its own each time: one that knew the dead leader asks it until its
-        // metadata is refreshed. While the partition has no leader: no progress either.
-        let client: Option<BaseConsumer> = kafka.client().create().ok();
-        client
-            .and_then(|client| {
-                client
-                    .fetch_watermarks(&output, 0, Duration::from_secs(1))
-                    .ok()
-            })
-            .map_or(i64::MIN, |(_, high)| high)
+        use rdkafka::consumer::Consumer;
+        let mut client = watermarks.borrow_mut();
+        if client.is_none() {
+            *client = kafka.client().create().ok();
+        }
+        let high = client.as_ref().and_then(|client| {
+            client
+                .fetch_watermarks(&output, 0, Duration::from_secs(1))
+                .ok()
+        });
+        if high.is_none() {
+            *client = None;
+        }
+        high.map_or(i64::MIN, |(_, high)| high)
     })
     .await;
     cluster.start_node(sink_node);

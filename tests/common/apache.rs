@@ -209,6 +209,10 @@ pub struct ApacheKafka {
     /// Times a node could not bind one of its ports (taken since it was picked): at the first
     /// start the cluster starts again on other ports, on a restart the node is launched again.
     pub port_clashes: usize,
+    /// The client [`ApacheKafka::leader`] asks, made on first use and kept: tests poll leaders
+    /// every few milliseconds while one moves, and a client per question opens connections and
+    /// threads each time. (Each answer is a fresh metadata request, not a cached one.)
+    metadata: OnceLock<BaseConsumer>,
 }
 
 /// A folder for one cluster's files: `<tmp>/logbridge-kafka/<pid>-<n>`. Folders of test
@@ -281,6 +285,7 @@ impl ApacheKafka {
             formatted_in: Duration::ZERO,
             started_in: Duration::ZERO,
             port_clashes: 0,
+            metadata: OnceLock::new(),
         };
         std::fs::write(
             cluster.dir.join("log4j2.properties"),
@@ -745,7 +750,11 @@ impl ApacheKafka {
 
     /// The leader of a partition, as metadata says now.
     pub fn leader(&self, topic: &str, partition: i32) -> Option<u32> {
-        let client: BaseConsumer = self.client().create().ok()?;
+        let client = self.metadata.get_or_init(|| {
+            self.client()
+                .create()
+                .expect("a metadata client for the cluster")
+        });
         let metadata = client
             .fetch_metadata(Some(topic), Duration::from_secs(5))
             .ok()?;
@@ -818,6 +827,8 @@ impl ApacheKafka {
 
 impl Drop for ApacheKafka {
     fn drop(&mut self) {
+        // The client goes first, while its brokers still answer.
+        drop(self.metadata.take());
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
