@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const BATCH: u64 = 150_000;
 
 async fn finished(instance: &Instance) -> f64 {
+    // `None`: the endpoint did not answer this time (under the abuse below it may not): no
+    // progress seen. A metric renamed fails in `metric`.
     instance
         .child
         .metric("logbridge_events_finished_total")
@@ -29,7 +31,7 @@ async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
     let work = tempfile::tempdir().expect("workdir");
     let group = unique("abuse");
     let instance = Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), "lb", "");
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], instance.child.http_port).into();
+    let address = instance.child.address().await;
 
     // Before the group assigns anything, the instance is alive but not ready.
     let listening = wait_for(Duration::from_secs(10), || async move {
@@ -165,6 +167,13 @@ async fn endpoint_keeps_answering_under_a_thousand_abusive_connections() {
     let abused_rate = abused_rate.unwrap_or_else(|| BATCH as f64 / started.elapsed().as_secs_f64());
     for abuser in abusers {
         abuser.abort();
+        // Cancelled, or ended on its own: either is fine; a panic (its connection refused, its
+        // request not sent) fails the test instead of going unseen.
+        if let Err(err) = abuser.await {
+            if err.is_panic() {
+                std::panic::resume_unwind(err.into_panic());
+            }
+        }
     }
     // The slow clients hold their connections until the 5 s header timeout: at one request
     // per 100 ms or so, about 40 are asked under abuse; at least 5 must be.
@@ -210,13 +219,14 @@ async fn the_connection_cap_holds_requests_until_the_header_timeout_frees_a_slot
     let mut config = kafka.config(&group, "", &file_route("all", "[\"info\"]", 1, dir.path()));
     config.http.max_connections = 8;
     let (running, address) = Running::start_serving(config, Default::default()).await;
-    let listening = wait_for(Duration::from_secs(10), || async move {
-        tokio::net::TcpStream::connect(address).await.is_ok()
+    // Serving: a whole request answered. HTTP/1.0, so the server closes the connection once it
+    // has answered, and its slot is free again when the answer has been read (no probe holds a
+    // slot the slow clients below must take).
+    let serving = wait_for(Duration::from_secs(10), || async move {
+        http_get(address, "/healthz").await.0 == 200
     })
     .await;
-    assert!(listening);
-    // Let the probe connections above end, so that the slots are free.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(serving, "the endpoint never answered");
 
     let opened = Instant::now();
     let mut slow = Vec::new();
@@ -236,6 +246,7 @@ async fn the_connection_cap_holds_requests_until_the_header_timeout_frees_a_slot
         let (status, _) = http_get(address, "/healthz").await;
         (status, asked.elapsed())
     });
+    // Time deliberately let pass: the ninth must still be waiting 2 s later.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
         !ninth.is_finished(),

@@ -91,12 +91,12 @@ async fn slow_sink_pauses_partitions_within_capacity_then_finishes() {
         // What the pipeline holds, read together from /status: records in flight between the
         // consumer and the committer, and records held for paused partitions.
         let (_, status) = http_get(address, "/status").await;
-        let status: serde_json::Value = serde_json::from_str(&status).expect("/status is JSON");
-        let held: i64 = status["partitions"]
-            .as_array()
-            .map(|partitions| partitions.iter().filter_map(|p| p["held"].as_i64()).sum())
-            .unwrap_or(0);
-        max_held_too = max_held_too.max(status["in_flight"].as_i64().unwrap_or(0) + held);
+        let status = parse_json("/status", &status);
+        let held: i64 = json_array(&status, "/partitions")
+            .iter()
+            .map(|partition| json_i64(partition, "/held"))
+            .sum();
+        max_held_too = max_held_too.max(json_i64(&status, "/in_flight") + held);
         if !paused_in_scrape && scrapes < 5_000 {
             scrapes += 1;
             let (status, body) = http_get(address, "/metrics").await;

@@ -24,11 +24,12 @@ fn outputs(out: &std::path::Path) -> Vec<serde_json::Value> {
     ])
 }
 
+/// Events the child finished; it must be serving (see `Logbridge::address`).
 async fn finished(child: &Logbridge) -> f64 {
     child
         .metric("logbridge_events_finished_total")
         .await
-        .unwrap_or(0.0)
+        .expect("the endpoint answers")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,6 +56,7 @@ async fn sigterm_exits_zero_in_time_and_restart_replays_nothing() {
         );
         let out = instance.out;
         let mut child = instance.child;
+        child.address().await;
         let last = run == 3;
         let progressed = wait_for(Duration::from_secs(120), || {
             let child = &child;
@@ -128,6 +130,7 @@ async fn broker_restart(session: Option<u32>) -> Restart {
     );
     let out = instance.out;
     let mut child = instance.child;
+    child.address().await;
     // The kill comes after the first 1 000 records, well before the end.
     let started = wait_for(Duration::from_secs(60), || {
         let child = &child;
@@ -149,6 +152,7 @@ async fn broker_restart(session: Option<u32>) -> Restart {
     let restart_started = Instant::now();
     // SIGKILL: no controlled shutdown, the log is recovered from what the process left.
     broker.kill(1);
+    // The outage: down for 2 s on purpose.
     tokio::time::sleep(Duration::from_secs(2)).await;
     broker.start_node(1);
     broker.wait_ready(Duration::from_secs(60));
@@ -256,4 +260,67 @@ async fn apache_kafka_starts_answers_and_leaves_nothing_running() {
             );
         }
     }
+}
+
+/// Ports taken between the moment they are picked and the moment the broker binds them (the
+/// test holds node 1's PLAINTEXT port): at the start the cluster is started again on other
+/// ports; a node started again (on its own ports, which the other nodes know) while another
+/// process holds one is launched again once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_port_taken_before_the_broker_binds_it_is_retried() {
+    let _serial = serial().await;
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let port = held.local_addr().expect("held address").port();
+    let mut cluster = ApacheKafka::start_with(common::apache::Options {
+        nodes: 1,
+        first_port: Some(port),
+        ..Default::default()
+    });
+    assert_eq!(cluster.port_clashes, 1, "the held port clashed once");
+    assert_ne!(
+        cluster.brokers(),
+        format!("127.0.0.1:{port}"),
+        "started on another port"
+    );
+    drop(held);
+
+    // The node killed, its port taken while it is down, and the node started again.
+    let clashes_in_logs = |dir: &std::path::Path| {
+        ["node-1.out", "node-1.log"]
+            .iter()
+            .map(|name| {
+                std::fs::read_to_string(dir.join(name))
+                    .unwrap_or_default()
+                    .matches("Address already in use")
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let address = cluster.brokers();
+    cluster.kill(1);
+    let held = std::net::TcpListener::bind(&address).expect("take the node's port");
+    let dir = cluster.dir().to_path_buf();
+    let before = clashes_in_logs(&dir);
+    // The port is given back once the node failed to bind it.
+    let release = std::thread::spawn(move || {
+        let started = Instant::now();
+        while clashes_in_logs(&dir) == before && started.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(held);
+        clashes_in_logs(&dir) > before
+    });
+    cluster.start_node(1);
+    cluster.wait_ready(Duration::from_secs(90));
+    assert!(
+        release.join().expect("the releasing thread"),
+        "the node never failed on its taken port"
+    );
+    assert_eq!(cluster.port_clashes, 2, "the restart clashed once");
+    assert_eq!(cluster.brokers(), address, "started again on its own port");
+    let client: rdkafka::consumer::BaseConsumer = cluster.client().create().expect("client");
+    let metadata =
+        rdkafka::consumer::Consumer::fetch_metadata(&client, None, Duration::from_secs(10))
+            .expect("metadata once started again");
+    assert_eq!(metadata.brokers().len(), 1);
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{http_get, http_request, serial};
+use common::{http_get, http_request, serial, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_logbridge");
 
@@ -48,13 +48,14 @@ fn check_config_shows_urls_without_their_secrets() {
         .expect("run logbridge");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
-    for secret in ["ingest:", "pa55w0rd", "t0ken-value"] {
-        assert!(!stdout.contains(secret), "{secret} shown:\n{stdout}");
-    }
+    // The URL is shown (so that the secrets' absence below means something), redacted.
     assert!(
         stdout.contains("https://<redacted>@logs.example/in?token=<redacted>&tag=kept"),
         "{stdout}"
     );
+    for secret in ["ingest:", "pa55w0rd", "t0ken-value"] {
+        assert!(!stdout.contains(secret), "{secret} shown:\n{stdout}");
+    }
 }
 
 #[test]
@@ -148,13 +149,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("free port")
-}
-
 fn promtool_check(metrics: &str) -> (bool, String) {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
@@ -184,17 +178,19 @@ fn promtool_check(metrics: &str) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
     let _serial = serial().await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let workdir = tempfile::tempdir().expect("tempdir");
     // Logs go to a file: a pipe nobody reads until the end would fill and block the demo.
     let log_path = workdir.path().join("demo.log");
     let log_file = std::fs::File::create(&log_path).expect("log file");
     let child = Command::new(BIN)
         .args([
+            "--log-format",
+            "json",
             "demo",
+            // A port the demo binds and logs (one picked here and released could be taken
+            // before the demo binds it).
             "--listen",
-            &listen,
+            common::process::HTTP_LISTEN,
             "--rate",
             "2000",
             "--duration",
@@ -208,7 +204,17 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
     let pid = child.id();
     // Whatever happens below, the demo does not outlive the test.
     let _reaper = KillOnDrop(pid);
-    let address: std::net::SocketAddr = listen.parse().expect("address");
+    let logged = wait_for(Duration::from_secs(30), || {
+        let log_path = &log_path;
+        async move {
+            let log = std::fs::read_to_string(log_path).unwrap_or_default();
+            common::process::logged_http_address(&log).is_some()
+        }
+    })
+    .await;
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(logged, "the demo never logged its HTTP address:\n{log}");
+    let address = common::process::logged_http_address(&log).expect("logged");
 
     // Wait until events flow and a commit happened.
     let mut metrics = String::new();
@@ -267,7 +273,7 @@ async fn demo_serves_metrics_that_promtool_accepts_and_stops_on_sigterm() {
     // The health command container healthchecks use, against the running demo.
     for (args, path) in [(vec![], "/healthz"), (vec!["--ready"], "/readyz")] {
         let health = Command::new(BIN)
-            .args(["health", "--address", &listen])
+            .args(["health", "--address", &address.to_string()])
             .args(&args)
             .output()
             .expect("run logbridge health");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::collector::Collector;
-use common::process::{free_port, Logbridge};
+use common::process::Logbridge;
 use common::stream::{test_rng, Stream};
 use common::*;
 use rand::Rng;
@@ -33,9 +33,9 @@ fn start_child(
     pipeline: &str,
     routes: &str,
 ) -> Logbridge {
-    let port = free_port();
+    // Port 0: the process binds its own and logs it (no port released and taken again).
     let text = format!(
-        "{kafka}\n[pipeline]\n{pipeline}\n[http]\nlisten = \"127.0.0.1:{port}\"\n{routes}",
+        "{kafka}\n[pipeline]\n{pipeline}\n[http]\nlisten = \"127.0.0.1:0\"\n{routes}",
         kafka = kafka_section(
             &kafka.brokers,
             group,
@@ -45,13 +45,13 @@ fn start_child(
     );
     let config = work.join(format!("{name}.toml"));
     std::fs::write(&config, text).expect("write config");
-    Logbridge::start(&config, port, work.join(format!("{name}.log")))
+    Logbridge::start(&config, work.join(format!("{name}.log")))
 }
 
 /// The value of `name`'s sample whose labels contain `labels` (e.g. `reason="uncommitted"`), if
 /// the process answers and has it.
 async fn labelled(child: &Logbridge, name: &str, labels: &str) -> Option<f64> {
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
+    let address = child.logged_address()?;
     tokio::net::TcpStream::connect(address).await.ok()?;
     let (status, body) = http_get(address, "/metrics").await;
     if status != 200 {
@@ -64,7 +64,7 @@ async fn labelled(child: &Logbridge, name: &str, labels: &str) -> Option<f64> {
 
 /// `/status`'s partition rows: (partition, paused_why, finished_uncommitted, in_flight).
 async fn status_of(child: &Logbridge) -> Vec<(i64, String, i64, i64)> {
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
+    let address = child.address().await;
     let (code, body) = http_get(address, "/status").await;
     assert_eq!(code, 200, "/status: {body}");
     let status: serde_json::Value = serde_json::from_str(&body).expect("/status is JSON");
@@ -90,7 +90,9 @@ async fn status_of(child: &Logbridge) -> Vec<(i64, String, i64, i64)> {
 
 /// `/readyz` of `child`: its status and body, or `(0, "")` while it does not listen yet.
 async fn readyz_of(child: &Logbridge) -> (u16, String) {
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
+    let Some(address) = child.logged_address() else {
+        return (0, String::new());
+    };
     if tokio::net::TcpStream::connect(address).await.is_err() {
         return (0, String::new());
     }
@@ -598,17 +600,13 @@ async fn an_idle_instance_is_ready_says_why_and_takes_over() {
         .iter()
         .position(|count| *count == Some(0.0))
         .expect("an idle instance");
-    let readyz = |child: &Logbridge| {
-        let address: std::net::SocketAddr = ([127, 0, 0, 1], child.http_port).into();
-        async move { http_get(address, "/readyz").await }
-    };
     // Its assignment (empty) may come a moment after the owners' (a metric of 0 is also what
     // a member not yet in the group shows): wait for it, bounded.
     let ready = wait_for(Duration::from_secs(30), || async {
-        readyz(&instances[idle].child).await.0 == 200
+        readyz_of(&instances[idle].child).await.0 == 200
     })
     .await;
-    let (code, body) = readyz(&instances[idle].child).await;
+    let (code, body) = readyz_of(&instances[idle].child).await;
     println!("the idle instance's /readyz: {code} {body:?}");
     assert!(ready, "the idle instance never became ready: {code} {body}");
     assert_eq!(code, 200, "the idle instance is ready: {body}");
@@ -617,7 +615,7 @@ async fn an_idle_instance_is_ready_says_why_and_takes_over() {
         "the idle instance says why it reads nothing: {body}"
     );
     let owner = (idle + 1) % 3;
-    let (code, body) = readyz(&instances[owner].child).await;
+    let (code, body) = readyz_of(&instances[owner].child).await;
     assert_eq!(
         (code, body.as_str()),
         (200, "ready\n"),

@@ -14,14 +14,9 @@ use common::*;
 use logbridge::metrics::Metrics;
 use logbridge::pipeline::RunOptions;
 
+#[track_caller]
 fn scrape_value(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    metric_sum(body, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,8 +174,17 @@ async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
     .await;
     assert!(tripped, "the breaker did not trip");
 
-    // Stopped: consumption does not move any more, every partition is paused.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Stopped: every partition paused, then consumption does not move for 2 s (time let pass
+    // on purpose).
+    let stopped = wait_for(Duration::from_secs(30), || {
+        let metrics = metrics.clone();
+        async move {
+            metrics.assigned_partitions.get() > 0
+                && metrics.paused_total() == metrics.assigned_partitions.get()
+        }
+    })
+    .await;
+    assert!(stopped, "the tripped breaker did not pause every partition");
     let consumed = metrics.consumed.with_label_values(&["logs"]).get();
     let finished: u64 = prometheus::core::Collector::collect(&metrics.finished)
         .iter()

@@ -136,6 +136,8 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
         })
         .await;
     cluster.start_node(source_node);
+    // Answering again (launched again if a port of its was taken while it was down).
+    cluster.wait_ready(Duration::from_secs(90));
     assert!(
         wait_in_sync(&cluster, &[&kafka.topic, &output], source_node).await,
         "node {source_node} did not catch up"
@@ -147,21 +149,30 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
         committed_at_second < end.iter().sum::<i64>() * 9 / 10,
         "the run is nearly over before the sink's failover: {committed_at_second} committed"
     );
+    // One client while it answers, a new one after a failure: one that knew the dead leader
+    // asks it until its metadata is refreshed. While the partition has no leader: no progress
+    // either.
+    let watermarks: std::cell::RefCell<Option<rdkafka::consumer::BaseConsumer>> =
+        std::cell::RefCell::default();
     let (sink_node, sink_led, sink_resumed) = kill_leader(&mut cluster, &output, 0, || {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        // A client of its own each time: one that knew the dead leader asks it until its
-        // metadata is refreshed. While the partition has no leader: no progress either.
-        let client: Option<BaseConsumer> = kafka.client().create().ok();
-        client
-            .and_then(|client| {
-                client
-                    .fetch_watermarks(&output, 0, Duration::from_secs(1))
-                    .ok()
-            })
-            .map_or(i64::MIN, |(_, high)| high)
+        use rdkafka::consumer::Consumer;
+        let mut client = watermarks.borrow_mut();
+        if client.is_none() {
+            *client = kafka.client().create().ok();
+        }
+        let high = client.as_ref().and_then(|client| {
+            client
+                .fetch_watermarks(&output, 0, Duration::from_secs(1))
+                .ok()
+        });
+        if high.is_none() {
+            *client = None;
+        }
+        high.map_or(i64::MIN, |(_, high)| high)
     })
     .await;
     cluster.start_node(sink_node);
+    cluster.wait_ready(Duration::from_secs(90));
 
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(180))

@@ -219,7 +219,7 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
         metrics_a.rebalances.with_label_values(&["revoke"]).get() > 0,
         "A gave no partition up, so B is not in A's group ({protocol:?})"
     );
-    // B reads some of what it got.
+    // B reads some of what it got before it leaves.
     let b_read = wait_for(Duration::from_secs(30), || {
         let metrics = metrics_b.clone();
         async move { consumed_total(&metrics) > 0 }
@@ -239,11 +239,15 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
 
     if let PausedBy::Breaker = paused_by {
         // The breaker holds every partition, including the ones given back, until reset.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            metrics_a.paused_total(),
-            i64::from(PARTITIONS),
-            "the breaker holds every partition across the rebalances"
+        let held = wait_for(Duration::from_secs(10), || {
+            let metrics = metrics_a.clone();
+            async move { metrics.paused_total() == i64::from(PARTITIONS) }
+        })
+        .await;
+        assert!(
+            held,
+            "the breaker holds every partition across the rebalances: {} paused",
+            metrics_a.paused_total()
         );
         let (status, _) = http_request(address_a, "POST /resume HTTP/1.0\r\nHost: t\r\n\r\n").await;
         assert_eq!(status, 202, "resume accepted");
@@ -536,7 +540,7 @@ async fn a_panicking_worker_stops_the_pipeline_and_commits_what_finished() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
     let _serial = serial().await;
-    use common::process::{free_port, Logbridge};
+    use common::process::{Logbridge, HTTP_LISTEN};
     let kafka = Kafka::start("logs", 2);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..5_000u64)
         .map(|id| {
@@ -548,12 +552,11 @@ async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
         .collect();
     kafka.produce(&records).await;
     let work = tempfile::tempdir().expect("dir");
-    let port = free_port();
     let config = work.path().join("stdout.toml");
     std::fs::write(
         &config,
         format!(
-            "{}\n[pipeline]\ndrain_timeout_ms = 2000\ncommit_interval_ms = 200\n[http]\nlisten = \"127.0.0.1:{port}\"\n[[routes]]\nname = \"all\"\nlevels = [\"info\"]\nsink = {{ type = \"stdout\" }}\n",
+            "{}\n[pipeline]\ndrain_timeout_ms = 2000\ncommit_interval_ms = 200\n[http]\nlisten = \"{HTTP_LISTEN}\"\n[[routes]]\nname = \"all\"\nlevels = [\"info\"]\nsink = {{ type = \"stdout\" }}\n",
             kafka_section(&kafka.brokers, &unique("stdout"), &kafka.topic, "")
         ),
     )
@@ -562,7 +565,7 @@ async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
     // A pipe whose reading end is kept open and never read: the first 64 KiB fit, then every
     // write blocks.
     let mut child =
-        Logbridge::start_with_stdout(&config, port, log.clone(), std::process::Stdio::piped());
+        Logbridge::start_with_stdout(&config, log.clone(), std::process::Stdio::piped());
     let blocked = wait_for(Duration::from_secs(60), || {
         let child = &child;
         async move {
@@ -574,8 +577,16 @@ async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
     })
     .await;
     assert!(blocked, "logbridge never consumed");
-    // Let the writers block on the full pipe.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The writers blocked: the pipe full (within a write of atomic size of its capacity).
+    let full = wait_for(Duration::from_secs(30), || {
+        std::future::ready(
+            child
+                .stdout_pipe()
+                .is_some_and(|(waiting, capacity)| waiting + libc::PIPE_BUF > capacity),
+        )
+    })
+    .await;
+    assert!(full, "stdout never filled: {:?}", child.stdout_pipe());
     let (status, took) = child.terminate(Duration::from_secs(30));
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     println!("stdout blocked: SIGTERM to exit {took:?}, status {status:?}");
@@ -1292,16 +1303,11 @@ async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol
     .await;
     assert!(busy, "A never got busy");
     let generations = |status: &str| -> std::collections::HashMap<i64, i64> {
-        let status: serde_json::Value = serde_json::from_str(status).unwrap_or_default();
-        status["partitions"]
-            .as_array()
-            .map(|partitions| {
-                partitions
-                    .iter()
-                    .filter_map(|p| Some((p["partition"].as_i64()?, p["generation"].as_i64()?)))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let status = parse_json("/status", status);
+        json_array(&status, "/partitions")
+            .iter()
+            .map(|p| (json_i64(p, "/partition"), json_i64(p, "/generation")))
+            .collect()
     };
     let before = generations(&http_get(address_a, "/status").await.1);
     let metrics_b = Arc::new(Metrics::new());
@@ -1459,16 +1465,14 @@ struct ByteSample {
 
 async fn byte_sample(address: std::net::SocketAddr) -> ByteSample {
     let (_, status) = http_get(address, "/status").await;
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
-    let paused = status["partitions"].as_array().map_or(0, |partitions| {
-        partitions
-            .iter()
-            .filter(|p| p["paused"].as_bool() == Some(true))
-            .count()
-    });
+    let status = parse_json("/status", &status);
+    let paused = json_array(&status, "/partitions")
+        .iter()
+        .filter(|p| json_at(p, "/paused").as_bool() == Some(true))
+        .count();
     ByteSample {
-        in_flight: status["in_flight_bytes"].as_i64().unwrap_or(0),
-        held: status["held_bytes"].as_i64().unwrap_or(0),
+        in_flight: json_i64(&status, "/in_flight_bytes"),
+        held: json_i64(&status, "/held_bytes"),
         paused: paused as i64,
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::process::{free_port, Logbridge};
+use common::process::{Logbridge, HTTP_LISTEN};
 use common::*;
 
 /// `path`, then `path.1` to `path.<max_files>`: newest first.
@@ -126,20 +126,19 @@ async fn sighup_reopens_the_file_after_logrotate_renamed_it() {
     let work = tempfile::tempdir().expect("workdir");
     let path = work.path().join("out/all.jsonl");
     let renamed = work.path().join("out/all.jsonl.1");
-    let port = free_port();
     let group = unique("sighup");
     let config = work.path().join("logbridge.toml");
     std::fs::write(
         &config,
         format!(
-            "{kafka}\n[pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 3000\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
+            "{kafka}\n[pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 3000\n[http]\nlisten = \"{HTTP_LISTEN}\"\n\
              [[routes]]\nname = \"all\"\ndefault = true\nworkers = 2\nsink = {{ type = \"file\", path = \"{path}\" }}\n",
             kafka = kafka_section(&kafka.brokers, &group, &kafka.topic, ""),
             path = path.display()
         ),
     )
     .expect("config");
-    let mut child = Logbridge::start(&config, port, work.path().join("logbridge.log"));
+    let mut child = Logbridge::start(&config, work.path().join("logbridge.log"));
 
     let produce = |ids: std::ops::Range<u64>| {
         ids.map(|id| (Some(format!("key-{}", id % 50)), event(id, "info")))
@@ -198,5 +197,39 @@ async fn sighup_reopens_the_file_after_logrotate_renamed_it() {
         reopen_lines[0].contains("\"level\":\"INFO\""),
         "{}",
         reopen_lines[0]
+    );
+}
+
+/// The reader of output files: a last line without its newline (what a process killed while
+/// writing it leaves) is returned apart, not counted; a broken line anywhere else fails,
+/// naming the file and the line.
+#[test]
+fn a_torn_last_line_is_returned_apart_and_a_broken_line_mid_file_fails() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("out.jsonl");
+    std::fs::write(
+        &path,
+        "{\"event\":{\"id\":1}}\n{\"event\":{\"id\":2}}\n{\"event\":{\"i",
+    )
+    .expect("write");
+    let output = read_output(std::slice::from_ref(&path));
+    assert_eq!(id_counts(&output.lines).len(), 2, "the whole lines");
+    assert_eq!(
+        output.torn,
+        [(path.clone(), "{\"event\":{\"i".to_string())],
+        "the torn last line, apart"
+    );
+
+    std::fs::write(
+        &path,
+        "{\"event\":{\"id\":1}}\n{\"event\":{\"i\n{\"event\":{\"id\":3}}\n",
+    )
+    .expect("write");
+    let failed = std::panic::catch_unwind(|| read_output(std::slice::from_ref(&path)))
+        .expect_err("a broken line mid-file fails");
+    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        message.contains("out.jsonl line 2: not a JSON line"),
+        "{message}"
     );
 }

@@ -14,23 +14,67 @@ use common::*;
 use http_body_util::{BodyExt, Full};
 use logbridge::metrics::Metrics;
 
-/// An HTTP server on a loopback port that answers every request with `status`.
-async fn answering(status: u16) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+/// An HTTP server on a loopback port that answers every request with `status`, until dropped.
+struct Answering {
+    address: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    /// What each panic of a request's answer said (answered 500 then). A panic in a
+    /// connection's task is only printed; checked when the server is dropped.
+    panics: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.task.abort();
+        let panics = self
+            .panics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A test already failing has said why.
+        if !panics.is_empty() && !std::thread::panicking() {
+            panic!("the test server panicked answering: {panics:?}");
+        }
+    }
+}
+
+async fn answering(status: u16) -> Answering {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let address = listener.local_addr().expect("address");
+    let panics: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let recorded = panics.clone();
     let task = tokio::spawn(async move {
         let mut connections = tokio::task::JoinSet::new();
         while let Ok((stream, _)) = listener.accept().await {
+            let recorded = recorded.clone();
             connections.spawn(async move {
                 let service = hyper::service::service_fn(
-                    move |request: hyper::Request<hyper::body::Incoming>| async move {
-                        // Read the body whole, as an endpoint does before it answers.
-                        let _ = request.into_body().collect().await;
-                        hyper::Response::builder().status(status).body(Full::new(
-                            Bytes::from_static(b"{\"error\":\"token expired\"}"),
-                        ))
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let recorded = recorded.clone();
+                        async move {
+                            // Answered in a task of its own: a panic is its JoinError, recorded.
+                            let answer = tokio::spawn(async move {
+                                // Read the body whole, as an endpoint does before it answers.
+                                let _ = request.into_body().collect().await;
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(Full::new(Bytes::from_static(
+                                        b"{\"error\":\"token expired\"}",
+                                    )))
+                                    .expect("a response")
+                            })
+                            .await;
+                            Ok::<_, std::convert::Infallible>(answer.unwrap_or_else(|err| {
+                                recorded
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .push(err.to_string());
+                                let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                                *response.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+                                response
+                            }))
+                        }
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -39,7 +83,11 @@ async fn answering(status: u16) -> (std::net::SocketAddr, tokio::task::JoinHandl
             });
         }
     });
-    (address, task)
+    Answering {
+        address,
+        task,
+        panics,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +102,8 @@ async fn a_failing_minority_route_trips_the_breaker_after_max_consecutive_of_its
         })
         .collect();
     kafka.produce(&records).await;
-    let (address, _server) = answering(401).await;
+    let server = answering(401).await;
+    let address = server.address;
     let config = kafka.config(
         &unique("minority"),
         "router_capacity = 256\nworker_capacity = 256",

@@ -36,6 +36,37 @@ struct Server {
     tasks: Option<tokio::task::JoinSet<()>>,
     /// Connections accepted (to see that the client reuses them).
     connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// What each panic of the handler said (its request was answered 500). A handler's
+    /// assertion failing must fail the test: a panic in a connection's task is only printed,
+    /// and the client, retrying, may still get everything through. Checked when the server is
+    /// dropped.
+    panics: Arc<Mutex<Vec<String>>>,
+}
+
+/// What a panic said.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|message| message.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let panics = self
+            .panics
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A test already failing has said why.
+        if !panics.is_empty() && !std::thread::panicking() {
+            panic!(
+                "the test server's handler panicked {} time(s): {:?}",
+                panics.len(),
+                &panics[..panics.len().min(5)]
+            );
+        }
+    }
 }
 
 impl Server {
@@ -49,6 +80,7 @@ impl Server {
             handler,
             tasks: None,
             connections: Arc::default(),
+            panics: Arc::default(),
         };
         server.serve(listener);
         server
@@ -57,6 +89,7 @@ impl Server {
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let handler = self.handler.clone();
         let accepted = self.connections.clone();
+        let panics = self.panics.clone();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(async move {
             // Connections live in this set: aborting it (going down) closes them all.
@@ -64,10 +97,12 @@ impl Server {
             while let Ok((stream, _)) = listener.accept().await {
                 accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let handler = handler.clone();
+                let panics = panics.clone();
                 connections.spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: Request<hyper::body::Incoming>| {
                             let handler = handler.clone();
+                            let panics = panics.clone();
                             async move {
                                 let (parts, body) = request.into_parts();
                                 let body = body
@@ -76,26 +111,22 @@ impl Server {
                                     .map(|collected| collected.to_bytes())
                                     .unwrap_or_default();
                                 let request = Request::from_parts(parts, ());
-                                let body = match request.headers().get("content-encoding") {
-                                    Some(value) if value == "gzip" => {
-                                        let mut plain = Vec::new();
-                                        flate2::read::GzDecoder::new(&body[..])
-                                            .read_to_end(&mut plain)
-                                            .expect("a gzip body");
-                                        plain
-                                    }
-                                    _ => body.to_vec(),
-                                };
-                                let (status, headers, answer) = handler(&request, &body);
-                                let mut response = Response::builder().status(status);
-                                for (name, value) in headers {
-                                    response = response.header(name, value);
-                                }
-                                Ok::<_, std::convert::Infallible>(
+                                let answer =
+                                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                        respond(&*handler, &request, &body)
+                                    }));
+                                let response = answer.unwrap_or_else(|payload| {
+                                    panics
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                        .push(panic_message(&*payload));
+                                    let mut response =
+                                        Response::new(Full::new(Bytes::from("handler panicked")));
+                                    *response.status_mut() =
+                                        hyper::StatusCode::INTERNAL_SERVER_ERROR;
                                     response
-                                        .body(Full::new(Bytes::from(answer)))
-                                        .expect("response"),
-                                )
+                                });
+                                Ok::<_, std::convert::Infallible>(response)
                             }
                         },
                     );
@@ -130,6 +161,28 @@ impl Server {
     fn url(&self) -> String {
         format!("http://{}", self.address)
     }
+}
+
+/// The handler's answer to `request` with `body` (gunzipped if it says so).
+fn respond(handler: &Handler, request: &Request<()>, body: &[u8]) -> Response<Full<Bytes>> {
+    let body = match request.headers().get("content-encoding") {
+        Some(value) if value == "gzip" => {
+            let mut plain = Vec::new();
+            flate2::read::GzDecoder::new(body)
+                .read_to_end(&mut plain)
+                .expect("a gzip body");
+            plain
+        }
+        _ => body.to_vec(),
+    };
+    let (status, headers, answer) = handler(request, &body);
+    let mut response = Response::builder().status(status);
+    for (name, value) in headers {
+        response = response.header(name, value);
+    }
+    response
+        .body(Full::new(Bytes::from(answer)))
+        .expect("response")
 }
 
 /// The `id` of every event in an NDJSON body.
@@ -227,6 +280,7 @@ async fn a_flaky_endpoint_that_goes_down_gets_every_event_and_commits_reach_the_
     assert!(third, "a third of the events arrived before the outage");
     server.down().await;
     let went_down = Instant::now();
+    // The outage: down for 3 s on purpose.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let retries_during = metrics.retries.with_label_values(&["errors"]).get();
     server.up().await;
@@ -671,9 +725,8 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
     let mut server = Server::start(handler).await;
     let dir = tempfile::tempdir().expect("dir");
     let pki = tls::Pki::generate(dir.path());
-    let port = common::process::free_port();
-    let proxy = tls::TlsProxy::start(port, server.address.port(), &pki).await;
-    let url = format!("https://localhost:{port}/ingest");
+    let proxy = tls::TlsProxy::start(server.address.port(), &pki).await;
+    let url = format!("https://localhost:{}/ingest", proxy.port);
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\n\
          sink = {{ type = \"http\", url = \"{url}\", ca_file = \"{ca}\" }}\n\
@@ -718,7 +771,14 @@ async fn https_is_trusted_through_the_ca_file_and_refused_without_it() {
             message.to_lowercase().contains("certificate"),
             "the dead letter says why: {message}"
         );
-        // Issue 34, item 7: the URL in the message is shown without its key.
+        // Issue 34, item 7: the URL in the message is shown without its key (the warnings'
+        // URL carries one: shown, so that the key's absence means something).
+        if id % 3 == 1 {
+            assert!(
+                message.contains("/ingest?api_key=<redacted>"),
+                "the URL is shown, its key redacted: {message}"
+            );
+        }
         assert!(!message.contains("k3y-in-the-url"), "{message}");
     }
     assert!(
@@ -834,10 +894,9 @@ async fn shutdown_ends_a_worker_that_retries_forever() {
         .map(|id| (Some(key_of(id)), event(id, "error")))
         .collect();
     source.produce(&records).await;
-    // A port nothing listens on: every request is refused, for ever.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port");
+    // A port nothing listens on (held, so that nothing else can take it): every request is
+    // refused, for ever.
+    let (_held, closed) = common::process::closed_port();
     let routes = format!(
         "[[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nretry_backoff_max_ms = 200\n\
          sink = {{ type = \"http\", url = \"http://{closed}/ingest\" }}\n"

@@ -65,6 +65,7 @@ async fn run_past_the_stall_timeout(
     let done = kafka
         .wait_committed_to(group, end, Duration::from_secs(60))
         .await;
+    // Time let pass on purpose: past the stall timeout.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let unread = metrics
         .stalled_partitions
@@ -216,6 +217,7 @@ async fn a_compacted_source_with_gaps_is_delivered_and_committed_to_the_end() {
             })
             .collect();
         kafka.produce(&records).await;
+        // Pacing: the rounds apart (segments roll every 100 ms).
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let total = (KEYS + 1) * VERSIONS;

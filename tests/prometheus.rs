@@ -7,7 +7,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::process::{free_port, Instance};
+use common::process::Instance;
 use common::*;
 
 fn encode(query: &str) -> String {
@@ -130,16 +130,16 @@ async fn a_real_prometheus_scrapes_logbridge() {
     let group = unique("prometheus");
     let instance = Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), "lb", "");
 
-    let prometheus_port = free_port();
+    let logbridge = instance.child.address().await;
     let config = work.path().join("prometheus.yml");
     std::fs::write(
         &config,
         format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: logbridge\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n",
-            instance.child.http_port
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: logbridge\n    static_configs:\n      - targets: [\"{logbridge}\"]\n",
         ),
     )
     .expect("prometheus config");
+    let server_log = work.path().join("prometheus.log");
     let server = KillOnDrop(
         Command::new("prometheus")
             .arg(format!("--config.file={}", config.display()))
@@ -147,13 +147,32 @@ async fn a_real_prometheus_scrapes_logbridge() {
                 "--storage.tsdb.path={}",
                 work.path().join("tsdb").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{prometheus_port}"))
+            // A port Prometheus binds and logs (one picked here and released could be taken
+            // before it binds it).
+            .arg("--web.listen-address=127.0.0.1:0")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&server_log).expect("prometheus log"))
             .spawn()
             .expect("prometheus is installed (Debian's prometheus package)"),
     );
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], prometheus_port).into();
+    // Its line `msg="Listening on" address=127.0.0.1:40511`.
+    let listening = || {
+        std::fs::read_to_string(&server_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("msg=\"Listening on\""))
+            .find_map(|line| line.split("address=").nth(1)?.trim().parse().ok())
+    };
+    let logged = wait_for(Duration::from_secs(30), || {
+        std::future::ready(listening().is_some())
+    })
+    .await;
+    assert!(
+        logged,
+        "Prometheus never logged its address:\n{}",
+        std::fs::read_to_string(&server_log).unwrap_or_default()
+    );
+    let address: std::net::SocketAddr = listening().expect("logged");
     let up = wait_for(Duration::from_secs(60), || async move {
         query(address, "up{job=\"logbridge\"}").await == Some(1.0)
     })

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use common::apache::{self, ApacheKafka, Options, Secured};
-use common::process::{free_port, Logbridge};
+use common::process::{closed_port, Logbridge, HTTP_LISTEN};
 use common::tls::{Pki, CLIENT_NAME};
 use common::*;
 
@@ -143,15 +143,13 @@ async fn wait_visible(brokers: &str, properties: &[(&str, String)], topics: &[&s
     assert!(seen, "{topics:?} not visible with {properties:?}");
 }
 
-/// A child's configuration file, its file sink's folder and its HTTP port.
+/// A child's configuration file and its file sink's folder.
 struct ChildConfig {
     out: std::path::PathBuf,
     config: std::path::PathBuf,
-    port: u16,
 }
 
-/// Writes the configuration of a child named `name` in `work` (see [`write_config`]), serving
-/// HTTP on a free port.
+/// Writes the configuration of a child named `name` in `work` (see [`write_config`]).
 fn child_config(
     work: &Path,
     name: &str,
@@ -163,31 +161,15 @@ fn child_config(
     let child = ChildConfig {
         out: work.join(name),
         config: work.join(format!("{name}.toml")),
-        port: free_port(),
     };
-    write_config(
-        &child.config,
-        brokers,
-        group,
-        topic,
-        security,
-        &child.out,
-        child.port,
-    );
+    write_config(&child.config, brokers, group, topic, security, &child.out);
     child
 }
 
 /// A child configuration: `[[routes]]` for errors to a Kafka topic `{topic}-errors` and the rest
-/// to a file, a dead-letter topic `{topic}-dlq`, both without security of their own.
-fn write_config(
-    path: &Path,
-    brokers: &str,
-    group: &str,
-    topic: &str,
-    security: &str,
-    out: &Path,
-    http_port: u16,
-) {
+/// to a file, a dead-letter topic `{topic}-dlq`, both without security of their own; HTTP on a
+/// port the child picks ([`HTTP_LISTEN`]).
+fn write_config(path: &Path, brokers: &str, group: &str, topic: &str, security: &str, out: &Path) {
     let text = format!(
         r#"[kafka]
 brokers = "{brokers}"
@@ -203,7 +185,7 @@ check_interval_ms = 500
 commit_interval_ms = 200
 drain_timeout_ms = 3000
 [http]
-listen = "127.0.0.1:{http_port}"
+listen = "{HTTP_LISTEN}"
 [[routes]]
 name = "errors"
 levels = ["error", "fatal"]
@@ -260,8 +242,11 @@ fn forwarded_ids(kafka: &Kafka, topic: &str) -> Vec<u64> {
         .collect()
 }
 
-async fn readyz(port: u16) -> (u16, String) {
-    let address: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+/// `/readyz` of `child`: (0, "") while it does not answer.
+async fn readyz(child: &Logbridge) -> (u16, String) {
+    let Some(address) = child.logged_address() else {
+        return (0, String::new());
+    };
     if tokio::net::TcpStream::connect(address).await.is_err() {
         return (0, String::new());
     }
@@ -276,7 +261,6 @@ async fn delivers_everything(
     config: &Path,
     group: &str,
     out: &Path,
-    http_port: u16,
     env: &[(&str, &str)],
 ) {
     let produced = kafka.produce_samples(EVENTS, 0.02, 11).await;
@@ -289,7 +273,7 @@ async fn delivers_everything(
         "{report}"
     );
 
-    let mut child = Logbridge::start_with_env(config, http_port, out.with_extension("log"), env);
+    let mut child = Logbridge::start_with_env(config, out.with_extension("log"), env);
     let done = wait_for(Duration::from_secs(120), || async {
         kafka.committed(group) == end
     })
@@ -300,7 +284,7 @@ async fn delivers_everything(
         "not everything committed: {:?} of {end:?}\n{log}",
         kafka.committed(group)
     );
-    let (status, body) = readyz(http_port).await;
+    let (status, body) = readyz(&child).await;
     assert_eq!(
         (status, body.as_str()),
         (200, "ready\n"),
@@ -354,31 +338,42 @@ fn where_everything_went(kafka: &Kafka, out: &Path, produced: &Produced) {
 /// between reconnects; nothing restarts in a loop).
 async fn refused_without_crash_loop(
     config: &Path,
-    http_port: u16,
     log: &Path,
     env: &[(&str, &str)],
     expected: &str,
 ) {
     const WATCH: Duration = Duration::from_secs(8);
-    let mut child = Logbridge::start_with_env(config, http_port, log.to_path_buf(), env);
+    let mut child = Logbridge::start_with_env(config, log.to_path_buf(), env);
     let started = Instant::now();
     let mut reason = String::new();
     while started.elapsed() < WATCH {
-        let (status, body) = readyz(http_port).await;
+        let (status, body) = readyz(&child).await;
         if status == 503 && body.contains(expected) {
             reason = body;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(child.running(), "logbridge exited on a refused connection");
-    let (status, body) = readyz(http_port).await;
+    let (status, body) = readyz(&child).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(expected), "/readyz says: {body}");
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    let noisy = text
+    // What this run must have logged, before its warnings are counted (none in a log that
+    // holds nothing would prove nothing): its start, and the refusal with the cause /readyz
+    // gives.
+    assert!(
+        common::process::logged_http_address(&text).is_some(),
+        "the run's start is not in its log:\n{text}"
+    );
+    let warnings: Vec<&str> = text
         .lines()
         .filter(|line| line.contains("\"level\":\"WARN\"") || line.contains("\"level\":\"ERROR\""))
-        .count();
+        .collect();
+    assert!(
+        warnings.iter().any(|line| line.contains(expected)),
+        "no warning names the refusal (`{expected}`):\n{text}"
+    );
+    let noisy = warnings.len();
     println!(
         "refused ({expected}): /readyz said {reason:?}; {noisy} warning/error lines in {WATCH:?}"
     );
@@ -412,7 +407,7 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
 
     let group = unique("tls");
     let security = format!("[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"");
-    let ChildConfig { out, config, port } = child_config(
+    let ChildConfig { out, config } = child_config(
         work.path(),
         "right",
         &brokers,
@@ -420,7 +415,7 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
         &kafka.topic,
         &security,
     );
-    delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
+    delivers_everything(&kafka, &config, &group, &out, &[]).await;
 
     // The wrong CA: the broker's certificate cannot be verified.
     let wrong = work.path().join("wrong.toml");
@@ -428,7 +423,6 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
         "[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{}\"",
         pki.other_ca_file.display()
     );
-    let port = free_port();
     write_config(
         &wrong,
         &brokers,
@@ -436,7 +430,6 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
         &kafka.topic,
         &security,
         &work.path().join("wrong"),
-        port,
     );
     let (code, report) = check_connect(&wrong, &[]);
     assert_eq!(
@@ -447,7 +440,6 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
     assert!(report.contains("certificate verify failed"), "{report}");
     refused_without_crash_loop(
         &wrong,
-        port,
         &work.path().join("wrong.log"),
         &[],
         "certificate verify failed",
@@ -457,17 +449,11 @@ async fn tls_with_the_right_ca_delivers_and_commits_and_a_wrong_ca_is_refused_pl
     // Nothing answering (a broker that is down, without stopping the one the other tests
     // share): the right configuration pointed at a port nobody listens on.
     let down = work.path().join("down.toml");
-    let nobody = format!("127.0.0.1:{}", free_port());
+    // Held, so that nothing else can take the port while the test points at it.
+    let (_held, nobody) = closed_port();
+    let nobody = nobody.to_string();
     let security = format!("[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"");
-    write_config(
-        &down,
-        &nobody,
-        &group,
-        &kafka.topic,
-        &security,
-        &out,
-        free_port(),
-    );
+    write_config(&down, &nobody, &group, &kafka.topic, &security, &out);
     let (code, report) = check_connect(&down, &[]);
     assert_eq!(
         code,
@@ -516,7 +502,7 @@ async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_no
     let security = format!(
         "[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\""
     );
-    let ChildConfig { out, config, port } = child_config(
+    let ChildConfig { out, config } = child_config(
         work.path(),
         "carol",
         &brokers,
@@ -524,11 +510,10 @@ async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_no
         &kafka.topic,
         &security,
     );
-    delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
+    delivers_everything(&kafka, &config, &group, &out, &[]).await;
 
     // No client certificate: the broker ends the handshake.
     let none = work.path().join("none.toml");
-    let port = free_port();
     let security = format!("[kafka.security]\nprotocol = \"ssl\"\nca_file = \"{ca}\"");
     write_config(
         &none,
@@ -537,7 +522,6 @@ async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_no
         &kafka.topic,
         &security,
         &work.path().join("none"),
-        port,
     );
     let (code, report) = check_connect(&none, &[]);
     assert_eq!(
@@ -552,7 +536,6 @@ async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_no
     );
     refused_without_crash_loop(
         &none,
-        port,
         &work.path().join("none.log"),
         &[],
         REFUSED_CERTIFICATE,
@@ -573,7 +556,6 @@ async fn mutual_tls_with_a_certificate_the_ca_signed_delivers_and_commits_and_no
         &kafka.topic,
         &security,
         &work.path().join("stranger"),
-        free_port(),
     );
     let (code, report) = check_connect(&stranger, &[]);
     assert_eq!(
@@ -628,7 +610,7 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
         "[kafka.security]\nprotocol = \"sasl_ssl\"\nca_file = \"{ca}\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\npassword = \"${{file:{}}}\"",
         password_file.display()
     );
-    let ChildConfig { out, config, port } = child_config(
+    let ChildConfig { out, config } = child_config(
         work.path(),
         "scram",
         &brokers,
@@ -636,7 +618,7 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
         &kafka.topic,
         &security,
     );
-    delivers_everything(&kafka, &config, &group, &out, port, &[]).await;
+    delivers_everything(&kafka, &config, &group, &out, &[]).await;
 
     // SCRAM-SHA-256 and PLAIN with the password from the environment: connected, and every
     // topic found.
@@ -652,7 +634,6 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
             &kafka.topic,
             &security,
             &out,
-            free_port(),
         );
         let (code, report) = check_connect(&path, &[("BOB_PASSWORD", "bob-secret")]);
         assert_eq!(code, Some(0), "{mechanism}: {report}");
@@ -697,7 +678,6 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
 
     // A wrong password: refused plainly, never shown.
     let wrong = work.path().join("wrong.toml");
-    let port = free_port();
     let security = format!(
         "[kafka.security]\nprotocol = \"sasl_ssl\"\nca_file = \"{ca}\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"alice\"\npassword = \"${{env:ALICE_PASSWORD}}\""
     );
@@ -708,7 +688,6 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
         &kafka.topic,
         &security,
         &work.path().join("wrong"),
-        port,
     );
     let env = [("ALICE_PASSWORD", "not-her-password")];
     let (code, report) = check_connect(&wrong, &env);
@@ -730,8 +709,16 @@ async fn sasl_scram_accepts_the_right_password_and_refuses_a_wrong_one_plainly()
         "{printed}"
     );
     let log = work.path().join("wrong.log");
-    refused_without_crash_loop(&wrong, port, &log, &env, "Kafka authentication failed").await;
+    refused_without_crash_loop(&wrong, &log, &env, "Kafka authentication failed").await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // The lines where it could have been shown are there: the refused authentication.
+    assert!(
+        text.lines().any(|line| line.contains("\"level\":\"WARN\"")
+            && line.contains(
+                "Authentication failed during authentication due to invalid credentials"
+            )),
+        "the refused authentication is not in the log:\n{text}"
+    );
     assert!(
         !text.contains("not-her-password"),
         "the password reached the log"
@@ -802,7 +789,7 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
     let (source, group) =
         granted_topics(broker, &ca, ("alice", "SCRAM-SHA-512"), "acl-alice", true).await;
     let security = sasl_section(&ca, "SCRAM-SHA-512", "alice");
-    let ChildConfig { out, config, port } = child_config(
+    let ChildConfig { out, config } = child_config(
         work.path(),
         "alice",
         &brokers,
@@ -810,7 +797,7 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
         &source.topic,
         &security,
     );
-    delivers_everything(&source, &config, &group, &out, port, &[]).await;
+    delivers_everything(&source, &config, &group, &out, &[]).await;
 
     // bob: the same, except no ACL at all on the dead-letter topic.
     let (source, group) =
@@ -828,7 +815,7 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
     assert_ne!(hold, end, "some partition has a malformed record");
 
     let security = sasl_section(&ca, "SCRAM-SHA-256", "bob");
-    let ChildConfig { out, config, port } = child_config(
+    let ChildConfig { out, config } = child_config(
         work.path(),
         "bob",
         &brokers,
@@ -847,13 +834,13 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
     );
 
     let log = out.with_extension("log");
-    let mut child = Logbridge::start_with_env(&config, port, log.clone(), &[]);
+    let mut child = Logbridge::start_with_env(&config, log.clone(), &[]);
     let says_why = wait_for(Duration::from_secs(60), || async {
-        let (status, body) = readyz(port).await;
+        let (status, body) = readyz(&child).await;
         status == 503 && body.contains(&format!("dead-letter topic {dlq} refuses writes"))
     })
     .await;
-    let (_, said) = readyz(port).await;
+    let (_, said) = readyz(&child).await;
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         says_why,
@@ -887,7 +874,7 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
         child.running(),
         "logbridge exited when its dead letters were refused"
     );
-    assert_eq!(readyz(port).await.0, 503, "ready while dead letters wait");
+    assert_eq!(readyz(&child).await.0, 503, "ready while dead letters wait");
     assert!(
         source.read_all(&dlq).is_empty(),
         "a dead letter reached the topic bob may not write"
@@ -910,13 +897,13 @@ async fn acls_let_alice_deliver_and_hold_bob_without_the_dead_letter_write_until
         recovered,
         "not everything committed once granted: {:?} of {end:?}; /readyz: {:?}\n{text}",
         source.committed(&group),
-        readyz(port).await
+        readyz(&child).await
     );
     let ready = wait_for(Duration::from_secs(30), || async {
-        readyz(port).await == (200, "ready\n".to_string())
+        readyz(&child).await == (200, "ready\n".to_string())
     })
     .await;
-    assert!(ready, "/readyz once recovered: {:?}", readyz(port).await);
+    assert!(ready, "/readyz once recovered: {:?}", readyz(&child).await);
     let (exit, _) = child.terminate(Duration::from_secs(15));
     assert_eq!(exit.and_then(|s| s.code()), Some(0), "exit after SIGTERM");
     where_everything_went(&source, &out, &produced);

@@ -11,12 +11,10 @@ use logbridge::metrics::Metrics;
 use logbridge::pipeline::RunOptions;
 
 fn owned(status: &str) -> Vec<i64> {
-    let page: serde_json::Value = serde_json::from_str(status).expect("/status JSON");
-    page["partitions"]
-        .as_array()
-        .expect("partitions")
+    let page = parse_json("/status", status);
+    json_array(&page, "/partitions")
         .iter()
-        .filter_map(|p| p["partition"].as_i64())
+        .map(|p| json_i64(p, "/partition"))
         .collect()
 }
 

@@ -30,11 +30,11 @@ impl Sink for Gate {
     }
 }
 
-fn gauge(body: &str, name: &str) -> f64 {
-    body.lines()
-        .filter(|line| line.starts_with(name))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, f64::max)
+/// The largest sample of `series` (0 for a defined metric without series; an undefined name
+/// panics, see `metric_samples`).
+#[track_caller]
+fn gauge(body: &str, series: &str) -> f64 {
+    metric_samples(body, series).into_iter().fold(0.0, f64::max)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,19 +122,15 @@ async fn blocked_sink_makes_readiness_fail_naming_the_partition_until_unblocked(
     // The live status page shows the stuck partition, the route's queue and the config.
     let (status, body) = http_get(address, "/status").await;
     assert_eq!(status, 200);
-    let page: serde_json::Value = serde_json::from_str(&body).expect("/status is JSON");
-    let stuck = page["partitions"]
-        .as_array()
-        .expect("partitions")
+    let page = parse_json("/status", &body);
+    // `in_flight` is null for a partition without its series yet.
+    let stuck = json_array(&page, "/partitions")
         .iter()
-        .find(|p| p["in_flight"].as_i64().unwrap_or(0) > 0)
+        .find(|p| json_opt_i64(p, "/in_flight").is_some_and(|records| records > 0))
         .cloned()
         .expect("a partition with records in flight");
     assert!(
-        stuck["oldest_unfinished_age_seconds"]
-            .as_f64()
-            .unwrap_or(0.0)
-            >= 2.0,
+        json_opt_f64(&stuck, "/oldest_unfinished_age_seconds").is_some_and(|age| age >= 2.0),
         "{stuck}"
     );
     assert_eq!(page["routes"][0]["name"], "blocked");

@@ -23,7 +23,20 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use super::process::free_port;
+/// A port free now, for a broker's listener. Kafka needs its ports before it starts (every
+/// node lists the controllers' ports, and advertises its own), so they are picked here and
+/// released; another process may take one before the broker binds it: the broker then exits
+/// ("Address already in use") and the cluster is started again on other ports (see
+/// [`ApacheKafka::start_with`] and [`ApacheKafka::wait_ready`]).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("free port")
+}
+
+/// How many times a cluster is started on freshly picked ports when a node cannot bind one.
+const PORT_ATTEMPTS: usize = 3;
 
 /// The KRaft cluster id every test cluster is formatted with (any 16 bytes in base64url).
 const CLUSTER_ID: &str = "bG9nYnJpZGdlLXRlc3Q";
@@ -165,6 +178,9 @@ pub struct Options {
     /// the tests' admin) and also of a TLS listener without client authentication; a client
     /// certificate's principal is its common name.
     pub acls: bool,
+    /// The port node 1's PLAINTEXT listener is given first (others are picked free): a test of
+    /// the start on other ports holds it.
+    pub first_port: Option<u16>,
 }
 
 struct Node {
@@ -176,6 +192,9 @@ struct Node {
     child: Option<Child>,
     /// When the current process was started, for its start-up time.
     launched: Option<Instant>,
+    /// Sizes of the node's output and log files when the current process was started: what
+    /// it wrote comes after.
+    output_from: [u64; 2],
 }
 
 /// An Apache Kafka cluster of combined broker+controller nodes on loopback.
@@ -187,6 +206,13 @@ pub struct ApacheKafka {
     pub formatted_in: Duration,
     /// How long the last full start took until the cluster answered metadata.
     pub started_in: Duration,
+    /// Times a node could not bind one of its ports (taken since it was picked): at the first
+    /// start the cluster starts again on other ports, on a restart the node is launched again.
+    pub port_clashes: usize,
+    /// The client [`ApacheKafka::leader`] asks, made on first use and kept: tests poll leaders
+    /// every few milliseconds while one moves, and a client per question opens connections and
+    /// threads each time. (Each answer is a fresh metadata request, not a cached one.)
+    metadata: OnceLock<BaseConsumer>,
 }
 
 /// A folder for one cluster's files: `<tmp>/logbridge-kafka/<pid>-<n>`. Folders of test
@@ -244,11 +270,12 @@ impl ApacheKafka {
         let nodes = (1..=options.nodes as u32)
             .map(|id| Node {
                 id,
-                port: free_port(),
-                controller_port: free_port(),
-                secured_ports: options.secured.iter().map(|_| free_port()).collect(),
+                port: 0,
+                controller_port: 0,
+                secured_ports: Vec::new(),
                 child: None,
                 launched: None,
+                output_from: [0; 2],
             })
             .collect();
         let mut cluster = ApacheKafka {
@@ -257,26 +284,66 @@ impl ApacheKafka {
             dir,
             formatted_in: Duration::ZERO,
             started_in: Duration::ZERO,
+            port_clashes: 0,
+            metadata: OnceLock::new(),
         };
         std::fs::write(
             cluster.dir.join("log4j2.properties"),
             log4j_config(&cluster.dir),
         )
         .expect("log4j2 config");
-        let formatting = Instant::now();
-        for index in 0..cluster.nodes.len() {
-            std::fs::write(cluster.properties_path(index), cluster.properties(index))
-                .expect("server.properties");
-            cluster.format(&libs, index);
+        for attempt in 1..=PORT_ATTEMPTS {
+            cluster.pick_ports(attempt == 1);
+            let formatting = Instant::now();
+            for index in 0..cluster.nodes.len() {
+                std::fs::write(cluster.properties_path(index), cluster.properties(index))
+                    .expect("server.properties");
+                cluster.format(&libs, index);
+            }
+            cluster.formatted_in = formatting.elapsed();
+            let started = Instant::now();
+            for index in 0..cluster.nodes.len() {
+                cluster.launch(index);
+            }
+            match cluster.wait_answering(Duration::from_secs(90), OnClash::GiveUp) {
+                Ok(()) => {
+                    cluster.started_in = started.elapsed();
+                    return cluster;
+                }
+                Err(clash) => {
+                    println!(
+                        "{clash} (attempt {attempt} of {PORT_ATTEMPTS}); starting the cluster \
+                         again on other ports"
+                    );
+                    // Nothing of this attempt is kept: its log directories are formatted
+                    // again with the new ports.
+                    for index in 0..cluster.nodes.len() {
+                        if let Some(mut child) = cluster.nodes[index].child.take() {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                        }
+                        let _ = std::fs::remove_dir_all(cluster.log_dir(index));
+                    }
+                }
+            }
         }
-        cluster.formatted_in = formatting.elapsed();
-        let started = Instant::now();
-        for index in 0..cluster.nodes.len() {
-            cluster.launch(index);
+        panic!(
+            "Apache Kafka could not bind its ports in {PORT_ATTEMPTS} attempts:\n{}",
+            cluster.log_tail(40)
+        );
+    }
+
+    /// Picks every node's ports (node 1's PLAINTEXT port from `Options::first_port` at first).
+    fn pick_ports(&mut self, first: bool) {
+        let secured = self.options.secured.len();
+        for node in &mut self.nodes {
+            node.port = free_port();
+            node.controller_port = free_port();
+            node.secured_ports = (0..secured).map(|_| free_port()).collect();
         }
-        cluster.wait_ready(Duration::from_secs(90));
-        cluster.started_in = started.elapsed();
-        cluster
+        if let (true, Some(port)) = (first, self.options.first_port) {
+            self.nodes[0].port = port;
+        }
     }
 
     fn properties_path(&self, index: usize) -> PathBuf {
@@ -508,10 +575,40 @@ impl ApacheKafka {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log);
+        let output_from = self.output_files(index).map(|file| {
+            std::fs::metadata(file)
+                .map(|metadata| metadata.len())
+                .unwrap_or(0)
+        });
         let child = spawn_tied(command).expect("start the Kafka broker (java)");
         let node = &mut self.nodes[index];
         node.child = Some(child);
         node.launched = Some(Instant::now());
+        node.output_from = output_from;
+    }
+
+    /// The node's standard output and error, and its log.
+    fn output_files(&self, index: usize) -> [PathBuf; 2] {
+        let id = self.nodes[index].id;
+        [
+            self.dir.join(format!("node-{id}.out")),
+            self.dir.join(format!("node-{id}.log")),
+        ]
+    }
+
+    /// What the node's current process wrote to its output and log.
+    fn output_since_launch(&self, index: usize) -> String {
+        let mut text = String::new();
+        for (file, from) in self
+            .output_files(index)
+            .iter()
+            .zip(self.nodes[index].output_from)
+        {
+            let bytes = std::fs::read(file).unwrap_or_default();
+            let from = (from as usize).min(bytes.len());
+            text.push_str(&String::from_utf8_lossy(&bytes[from..]));
+        }
+        text
     }
 
     /// PLAINTEXT bootstrap servers of every node.
@@ -545,23 +642,72 @@ impl ApacheKafka {
     }
 
     /// Waits until a metadata request lists every running node; panics with the log tail if
-    /// that does not happen within `deadline`.
-    pub fn wait_ready(&self, deadline: Duration) {
+    /// that does not happen within `deadline`, or if a node exits. A node (started again)
+    /// that could not bind its ports, taken since, is launched again on them.
+    pub fn wait_ready(&mut self, deadline: Duration) {
+        if let Err(clash) = self.wait_answering(deadline, OnClash::Relaunch) {
+            panic!("{clash}");
+        }
+    }
+
+    /// [`ApacheKafka::wait_ready`], which gives up on a port clash when `on_clash` says so
+    /// (and returns what clashed).
+    fn wait_answering(&mut self, deadline: Duration, on_clash: OnClash) -> Result<(), String> {
+        let started = Instant::now();
+        let client: BaseConsumer = self.client().create().expect("metadata client");
+        while started.elapsed() < deadline {
+            for index in 0..self.nodes.len() {
+                let exited = match self.nodes[index].child.as_mut().map(Child::try_wait) {
+                    Some(Ok(Some(status))) => status,
+                    _ => continue,
+                };
+                let output = self.output_since_launch(index);
+                let id = self.nodes[index].id;
+                if !output.contains("Address already in use") {
+                    panic!(
+                        "Apache Kafka node {id} exited ({exited}):\n{}",
+                        self.log_tail(40)
+                    );
+                }
+                self.port_clashes += 1;
+                let clash = format!(
+                    "Apache Kafka node {id} could not bind one of its ports (taken since they \
+                     were picked): {}",
+                    output
+                        .lines()
+                        .find(|line| line.contains("Address already in use"))
+                        .unwrap_or_default()
+                        .trim()
+                );
+                self.nodes[index].child = None;
+                match on_clash {
+                    OnClash::GiveUp => return Err(clash),
+                    OnClash::Relaunch => {
+                        println!("{clash}; launched again on the same ports");
+                        // The port is held by another process for a while: a pause, not
+                        // a loop of JVM starts.
+                        std::thread::sleep(Duration::from_millis(500));
+                        self.launch(index);
+                    }
+                }
+            }
+            let running = self
+                .nodes
+                .iter()
+                .filter(|node| node.child.is_some())
+                .count();
+            if let Ok(metadata) = client.fetch_metadata(None, Duration::from_secs(2)) {
+                if metadata.brokers().len() >= running {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let running = self
             .nodes
             .iter()
             .filter(|node| node.child.is_some())
             .count();
-        let started = Instant::now();
-        let client: BaseConsumer = self.client().create().expect("metadata client");
-        while started.elapsed() < deadline {
-            if let Ok(metadata) = client.fetch_metadata(None, Duration::from_secs(2)) {
-                if metadata.brokers().len() >= running {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
         panic!(
             "Apache Kafka did not answer metadata with {running} brokers within {deadline:?}:\n{}",
             self.log_tail(40)
@@ -604,7 +750,11 @@ impl ApacheKafka {
 
     /// The leader of a partition, as metadata says now.
     pub fn leader(&self, topic: &str, partition: i32) -> Option<u32> {
-        let client: BaseConsumer = self.client().create().ok()?;
+        let client = self.metadata.get_or_init(|| {
+            self.client()
+                .create()
+                .expect("a metadata client for the cluster")
+        });
         let metadata = client
             .fetch_metadata(Some(topic), Duration::from_secs(5))
             .ok()?;
@@ -677,6 +827,8 @@ impl ApacheKafka {
 
 impl Drop for ApacheKafka {
     fn drop(&mut self) {
+        // The client goes first, while its brokers still answer.
+        drop(self.metadata.take());
         for node in &mut self.nodes {
             if let Some(mut child) = node.child.take() {
                 let _ = child.kill();
@@ -687,6 +839,15 @@ impl Drop for ApacheKafka {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// What [`ApacheKafka::wait_answering`] does when a node could not bind a port.
+#[derive(Clone, Copy)]
+enum OnClash {
+    /// Returns the clash: the cluster starts again on other ports.
+    GiveUp,
+    /// Launches the node again on its ports (a node started again: the others know them).
+    Relaunch,
 }
 
 /// Broker logs at WARN (or `LOGBRIDGE_KAFKA_LOG`, e.g. INFO) in one file per node.

@@ -465,21 +465,63 @@ where
     false
 }
 
-/// Every JSON line of the given files (missing files count as empty).
-pub fn read_lines(paths: &[PathBuf]) -> Vec<serde_json::Value> {
-    let mut lines = Vec::new();
+/// The JSON lines of output files, and the last line of any file that has no newline yet.
+#[derive(Debug, Default)]
+pub struct OutputLines {
+    /// Every whole line, parsed.
+    pub lines: Vec<serde_json::Value>,
+    /// `(file, text)` of each unterminated last line, left out of `lines`: a write cut short (a
+    /// process killed in the middle of a line) or still going on (a file read while written).
+    pub torn: Vec<(PathBuf, String)>,
+}
+
+/// Every JSON line of the given files (missing files count as empty). A file's last line
+/// without its newline is torn ([`OutputLines::torn`]); a line that is not JSON anywhere else
+/// panics, naming the file and the line.
+pub fn read_output(paths: &[PathBuf]) -> OutputLines {
+    let mut output = OutputLines::default();
     for path in paths {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => panic!("reading {}: {err}", path.display()),
         };
-        for line in text.lines() {
-            lines.push(
-                serde_json::from_str(line)
-                    .unwrap_or_else(|err| panic!("{}: bad line {line:?}: {err}", path.display())),
-            );
+        // Bytes, not a string: a line cut in the middle of a character is still a torn line.
+        let mut lines: Vec<&[u8]> = bytes.split(|byte| *byte == b'\n').collect();
+        // After the last newline: empty, or the unterminated last line.
+        let last = lines.pop().unwrap_or_default();
+        if !last.is_empty() {
+            output
+                .torn
+                .push((path.clone(), String::from_utf8_lossy(last).into_owned()));
+        }
+        for (number, line) in lines.iter().enumerate() {
+            let parsed = serde_json::from_slice(line).unwrap_or_else(|err| {
+                panic!(
+                    "{} line {}: not a JSON line ({err}): {:?}",
+                    path.display(),
+                    number + 1,
+                    String::from_utf8_lossy(line)
+                )
+            });
+            output.lines.push(parsed);
         }
     }
-    lines
+    output
+}
+
+/// The whole JSON lines of the given files ([`read_output`]). A torn last line is printed as a
+/// finding (after a SIGKILL: the line the process was writing) and left out.
+pub fn read_lines(paths: &[PathBuf]) -> Vec<serde_json::Value> {
+    let output = read_output(paths);
+    for (path, text) in &output.torn {
+        println!(
+            "torn last line of {} ({} bytes, left out): {text:?}",
+            path.display(),
+            text.len()
+        );
+    }
+    output.lines
 }
 
 /// Counts each event `id` found in output lines.
@@ -535,6 +577,127 @@ pub fn committed_total(metrics: &logbridge::metrics::Metrics) -> i64 {
                 .map(|m| m.get_gauge().get_value() as i64)
         })
         .sum()
+}
+
+/// A JSON document the program served (`/status`), parsed; panics with the body if it is not
+/// JSON (read as `null`, every key of it would be missing). These helpers panic where they are
+/// called from (`track_caller`).
+#[track_caller]
+pub fn parse_json(what: &str, body: &str) -> serde_json::Value {
+    match serde_json::from_str(body) {
+        Ok(document) => document,
+        Err(err) => panic!("{what} is not JSON ({err}): {body}"),
+    }
+}
+
+/// The value at `pointer` (a JSON pointer: `/in_flight`, `/partitions/0/held`) of a document
+/// the program served. A missing key panics, naming it and showing the document: a renamed key
+/// must fail the test, never read as zero.
+#[track_caller]
+pub fn json_at<'a>(document: &'a serde_json::Value, pointer: &str) -> &'a serde_json::Value {
+    let Some(value) = document.pointer(pointer) else {
+        panic!("no `{pointer}` in the document: {document}");
+    };
+    value
+}
+
+/// [`json_at`], an integer (a `null` or another type panics too).
+#[track_caller]
+pub fn json_i64(document: &serde_json::Value, pointer: &str) -> i64 {
+    let Some(value) = json_opt_i64(document, pointer) else {
+        panic!("`{pointer}` is null in the document: {document}");
+    };
+    value
+}
+
+/// [`json_at`], an integer or `null` (`None`): for the figures the program serves as `null`
+/// where it has none (a partition's series that does not exist yet). The key must be there.
+#[track_caller]
+pub fn json_opt_i64(document: &serde_json::Value, pointer: &str) -> Option<i64> {
+    let value = json_at(document, pointer);
+    if value.is_null() {
+        return None;
+    }
+    let Some(number) = value.as_i64() else {
+        panic!("`{pointer}` = {value} is not an integer in: {document}");
+    };
+    Some(number)
+}
+
+/// [`json_opt_i64`] for a number.
+#[track_caller]
+pub fn json_opt_f64(document: &serde_json::Value, pointer: &str) -> Option<f64> {
+    let value = json_at(document, pointer);
+    if value.is_null() {
+        return None;
+    }
+    let Some(number) = value.as_f64() else {
+        panic!("`{pointer}` = {value} is not a number in: {document}");
+    };
+    Some(number)
+}
+
+/// [`json_at`], an array.
+#[track_caller]
+pub fn json_array<'a>(document: &'a serde_json::Value, pointer: &str) -> &'a [serde_json::Value] {
+    let Some(array) = json_at(document, pointer).as_array() else {
+        panic!("`{pointer}` is not an array in: {document}");
+    };
+    array
+}
+
+/// The samples of `series` on a Prometheus text page: a metric name, or a name and the start of
+/// its label set (`name{route="blocked"`, `name{`). A metric logbridge defines may have no
+/// series yet (a labelled metric shows none before its first label values): no samples. A name
+/// that `src/metrics.rs` does not define panics, naming it and listing the page's metrics: a
+/// renamed metric must fail the test, never read as zero.
+#[track_caller]
+pub fn metric_samples(page: &str, series: &str) -> Vec<f64> {
+    let mut samples = Vec::new();
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix(series) else {
+            continue;
+        };
+        if !(series.contains('{') || rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        match line.rsplit(' ').next().map(str::parse::<f64>) {
+            Some(Ok(value)) => samples.push(value),
+            _ => panic!("a sample without a number: {line}"),
+        }
+    }
+    let name = series.split('{').next().unwrap_or(series);
+    if samples.is_empty() && !defined_metric(name) {
+        let metrics: Vec<&str> = page
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .collect();
+        panic!("no metric `{name}`: src/metrics.rs does not define it; the page has {metrics:?}");
+    }
+    samples
+}
+
+/// The sum of [`metric_samples`] (0 for a defined metric without series).
+#[track_caller]
+pub fn metric_sum(page: &str, series: &str) -> f64 {
+    metric_samples(page, series).iter().sum()
+}
+
+/// Whether `src/metrics.rs` defines the metric `name` (its name is a string literal there; a
+/// histogram's `_bucket`, `_sum` and `_count` count as its own).
+pub fn defined_metric(name: &str) -> bool {
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let source = SOURCE.get_or_init(|| {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs"))
+            .expect("src/metrics.rs")
+    });
+    let base = ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    [name, base]
+        .iter()
+        .any(|candidate| source.contains(&format!("\"{candidate}\"")))
 }
 
 /// A unique name per test run so nothing is shared between tests.

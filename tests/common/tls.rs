@@ -111,18 +111,21 @@ impl Pki {
     }
 }
 
-/// Accepts TLS on `port` and relays each connection in plaintext to `upstream` (both on
-/// loopback), until dropped. Counts handshakes that failed.
+/// Accepts TLS on a loopback port of its own and relays each connection in plaintext to
+/// `upstream` (on loopback), until dropped. Counts handshakes that failed.
 pub struct TlsProxy {
     task: tokio::task::JoinHandle<()>,
+    /// The port it accepts TLS on.
+    pub port: u16,
     pub failed_handshakes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl TlsProxy {
-    pub async fn start(port: u16, upstream: u16, pki: &Pki) -> TlsProxy {
-        let listener = TcpListener::bind(("127.0.0.1", port))
+    pub async fn start(upstream: u16, pki: &Pki) -> TlsProxy {
+        let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
-            .expect("proxy port free");
+            .expect("bind a loopback port");
+        let port = listener.local_addr().expect("proxy address").port();
         let acceptor = pki.acceptor();
         let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let failed_handshakes = failed.clone();
@@ -150,6 +153,7 @@ impl TlsProxy {
         });
         TlsProxy {
             task,
+            port,
             failed_handshakes,
         }
     }
@@ -157,6 +161,11 @@ impl TlsProxy {
 
 impl Drop for TlsProxy {
     fn drop(&mut self) {
+        // The accept loop never ends by itself: ended, it panicked (and only printed so).
+        let ended = self.task.is_finished();
         self.task.abort();
+        if ended && !std::thread::panicking() {
+            panic!("the TLS proxy's accept loop panicked");
+        }
     }
 }
