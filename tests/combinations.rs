@@ -293,20 +293,8 @@ async fn sigkill_while_a_record_is_stuck_replays_within_the_uncommitted_bound() 
 
     collector.set_rule(Arc::new(|_: &[u64]| 200));
     collector.set_run(2);
-    let mut child = start_child(&kafka, &group, work.path(), "run-2", &pipeline, &routes);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let produced = stream.finish().await;
-    let end = kafka.end_offsets();
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(120))
-        .await;
-    let (status, _) = child.terminate(Duration::from_secs(10));
-    assert!(done, "run 2 did not commit to the end");
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "run 2's exit status"
-    );
+    let child = start_child(&kafka, &group, work.path(), "run-2", &pipeline, &routes);
+    let produced = last_run(&kafka, &group, child, stream).await;
     collector.check();
 
     let (first, second) = collector.with(|seen| (seen.ids_of(1), seen.ids_of(2)));
@@ -355,20 +343,54 @@ async fn sigkill_while_a_record_is_stuck_replays_within_the_uncommitted_bound() 
     );
 }
 
+/// The last run of a crash test: it reads while the producer still writes for 2 s, then the
+/// producer stops, and the run must commit to the end and exit 0. Returns what was produced.
+async fn last_run(kafka: &Kafka, group: &str, mut child: Logbridge, stream: Stream) -> Produced {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let produced = stream.finish().await;
+    let end = kafka.end_offsets();
+    let done = kafka
+        .wait_committed_to(group, &end, Duration::from_secs(120))
+        .await;
+    let (status, _) = child.terminate(Duration::from_secs(10));
+    assert!(done, "the last run did not commit to the end");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the last run's exit status"
+    );
+    produced
+}
+
+/// Where each dead letter of `topic` came from, with how many letters each place has.
+fn letter_places(kafka: &Kafka, topic: &str) -> HashMap<(i32, i64), usize> {
+    let mut places = HashMap::new();
+    for record in kafka.read_all(topic) {
+        let header = |name: &str| {
+            record
+                .header(name)
+                .unwrap_or_else(|| panic!("a dead letter without {name}"))
+        };
+        let place = (
+            header("logbridge.source.partition")
+                .parse()
+                .expect("a partition"),
+            header("logbridge.source.offset")
+                .parse()
+                .expect("an offset"),
+        );
+        *places.entry(place).or_insert(0) += 1;
+    }
+    places
+}
+
 /// Kills `run`'s child at a random moment 1.5 to 3 s into its reading (after it has read
 /// something); returns when it was killed.
 async fn kill_mid_stream(child: &mut Logbridge, run: usize, rng: &mut impl Rng) {
-    let consuming = wait_for(Duration::from_secs(60), || {
-        let child = &*child;
-        async move {
-            child
-                .metric("logbridge_events_consumed_total")
-                .await
-                .is_some_and(|consumed| consumed > 0.0)
-        }
-    })
-    .await;
-    assert!(consuming, "run {run} never started consuming");
+    assert!(
+        child.wait_consuming(Duration::from_secs(60)).await,
+        "run {run} never started consuming"
+    );
     tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_000))).await;
     child.kill();
 }
@@ -400,20 +422,8 @@ async fn sigkill_with_an_elasticsearch_sink_indexes_each_event_once() {
         kill_mid_stream(&mut child, run, &mut rng).await;
     }
     collector.set_run(KILLS);
-    let mut child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let produced = stream.finish().await;
-    let end = kafka.end_offsets();
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(120))
-        .await;
-    let (status, _) = child.terminate(Duration::from_secs(10));
-    assert!(done, "the last run did not commit to the end");
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "last run's exit status"
-    );
+    let child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
+    let produced = last_run(&kafka, &group, child, stream).await;
     collector.check();
 
     let (documents, conflicts, per_run) = collector.with(|seen| {
@@ -478,20 +488,8 @@ async fn sigkill_with_a_kafka_sink_and_dead_letters_loses_nothing() {
         let mut child = start_child(&kafka, &group, work.path(), &name, pipeline, &routes);
         kill_mid_stream(&mut child, run, &mut rng).await;
     }
-    let mut child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let produced = stream.finish().await;
-    let end = kafka.end_offsets();
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(120))
-        .await;
-    let (status, _) = child.terminate(Duration::from_secs(10));
-    assert!(done, "the last run did not commit to the end");
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "last run's exit status"
-    );
+    let child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
+    let produced = last_run(&kafka, &group, child, stream).await;
 
     let mut copies: HashMap<u64, usize> = HashMap::new();
     for record in kafka.read_all(&out) {
@@ -501,20 +499,7 @@ async fn sigkill_with_a_kafka_sink_and_dead_letters_loses_nothing() {
             .entry(value["id"].as_u64().expect("an id"))
             .or_default() += 1;
     }
-    let mut letters: HashMap<(i32, i64), usize> = HashMap::new();
-    for record in kafka.read_all(&dlq) {
-        let place = (
-            record
-                .header("logbridge.source.partition")
-                .and_then(|p| p.parse().ok())
-                .expect("logbridge.source.partition"),
-            record
-                .header("logbridge.source.offset")
-                .and_then(|o| o.parse().ok())
-                .expect("logbridge.source.offset"),
-        );
-        *letters.entry(place).or_default() += 1;
-    }
+    let letters = letter_places(&kafka, &dlq);
     let lost = produced
         .valid_ids
         .iter()
@@ -693,17 +678,10 @@ async fn rotation_and_sighup_across_crashes_lose_and_tear_no_line() {
     for run in 0..KILLS {
         let name = format!("run-{run}");
         let mut child = start_child(&kafka, &group, work.path(), &name, pipeline, &routes);
-        let consuming = wait_for(Duration::from_secs(60), || {
-            let child = &child;
-            async move {
-                child
-                    .metric("logbridge_events_consumed_total")
-                    .await
-                    .is_some_and(|consumed| consumed > 0.0)
-            }
-        })
-        .await;
-        assert!(consuming, "{name} never started consuming");
+        assert!(
+            child.wait_consuming(Duration::from_secs(60)).await,
+            "{name} never started consuming"
+        );
         // logrotate's way: rename, then SIGHUP; the process goes on in a new file.
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..1_500))).await;
         std::fs::rename(&path, out.join(format!("all.jsonl.hup-{run}"))).expect("rename");
@@ -721,20 +699,8 @@ async fn rotation_and_sighup_across_crashes_lose_and_tear_no_line() {
             .expect("the file the killed run wrote last");
         std::io::Write::write_all(&mut file, b"{\"id\": 99999999, \"level\": \"err").expect("torn");
     }
-    let mut child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let produced = stream.finish().await;
-    let end = kafka.end_offsets();
-    let done = kafka
-        .wait_committed_to(&group, &end, Duration::from_secs(120))
-        .await;
-    let (status, _) = child.terminate(Duration::from_secs(10));
-    assert!(done, "the last run did not commit to the end");
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(0),
-        "last run's exit status"
-    );
+    let child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
+    let produced = last_run(&kafka, &group, child, stream).await;
 
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&out)
         .expect("out")
@@ -899,25 +865,13 @@ async fn a_rebalance_while_the_dead_letter_topic_refuses_writes_commits_nothing_
             "{name}'s exit status"
         );
     }
-    let mut letters: HashSet<(i32, i64)> = HashSet::new();
-    for record in kafka.read_all(&dlq) {
-        letters.insert((
-            record
-                .header("logbridge.source.partition")
-                .and_then(|p| p.parse().ok())
-                .expect("logbridge.source.partition"),
-            record
-                .header("logbridge.source.offset")
-                .and_then(|o| o.parse().ok())
-                .expect("logbridge.source.offset"),
-        ));
-    }
+    let letters = letter_places(&kafka, &dlq);
     let lines = read_lines(&[work.path().join("a.jsonl"), work.path().join("b.jsonl")]);
     let written: HashSet<u64> = id_counts(&lines).into_keys().collect();
     let unlettered = produced
         .malformed
         .iter()
-        .filter(|place| !letters.contains(place))
+        .filter(|place| !letters.contains_key(place))
         .count();
     let lost = produced
         .valid_ids

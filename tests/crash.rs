@@ -144,18 +144,10 @@ async fn audit(kafka: &Kafka, broker: &str, per_second: u64, cap: u64) {
             let mut written = Written::new(&instance.out);
             runs.push(instance.out);
             logs.push(child.log.clone());
-            // Until this instance reads (it serves no metrics at first: no value is no read).
-            let consuming = wait_for(Duration::from_secs(60), || {
-                let child = &child;
-                async move {
-                    child
-                        .metric("logbridge_events_consumed_total")
-                        .await
-                        .is_some_and(|consumed| consumed > 0.0)
-                }
-            })
-            .await;
-            assert!(consuming, "{name} never started consuming");
+            assert!(
+                child.wait_consuming(Duration::from_secs(60)).await,
+                "{name} never started consuming"
+            );
             if run == KILLS {
                 // The last run reads while the producer still writes for a while, then the
                 // producer stops and the run must commit to the end.

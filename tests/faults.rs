@@ -1119,19 +1119,7 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
     );
     assert!(done, "not committed to the end");
     assert!(paused_for_bytes > 0, "never paused at the byte bound");
-    assert!(peaks.in_flight > 0);
-    // What is over the bound must be records held for paused partitions.
-    assert!(
-        peaks.over.is_some_and(|over| over <= 0),
-        "bytes beyond the bound and the held records: {:?}",
-        peaks.over
-    );
-    // And the held records are at most one per paused partition (README, "Memory").
-    assert!(
-        peaks.held_over.is_some_and(|over| over <= 0),
-        "held bytes beyond one event of {largest} bytes per paused partition: {:?}",
-        peaks.held_over
-    );
+    peaks.assert_within("one instance", largest);
     assert!(record_bound > 100 * limit);
     assert_eq!(metrics.in_flight_bytes.get(), 0, "every charge given back");
     let written = ids_written(&[dir.path()]);
@@ -1490,6 +1478,23 @@ struct BytePeaks {
 }
 
 impl BytePeaks {
+    /// What the README promises of these samples ("Memory"): nothing over the bound but the
+    /// records held for paused partitions, and those at most one `largest` event per paused
+    /// partition. `who` names the instance in the failure.
+    fn assert_within(&self, who: &str, largest: i64) {
+        assert!(self.in_flight > 0, "{who}: nothing was ever in flight");
+        assert!(
+            self.over.is_some_and(|over| over <= 0),
+            "{who}: bytes beyond the bound and the held records: {:?}",
+            self.over
+        );
+        assert!(
+            self.held_over.is_some_and(|over| over <= 0),
+            "{who}: held bytes beyond one event of {largest} bytes per paused partition: {:?}",
+            self.held_over
+        );
+    }
+
     fn add(&mut self, sample: ByteSample, limit: i64, largest: i64) {
         let ByteSample {
             in_flight,
@@ -1619,28 +1624,8 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         pauses_a > 0,
         "{protocol:?}: A never paused at the byte bound"
     );
-    assert!(peaks_a.in_flight > 0 && peaks_b.in_flight > 0);
-    assert!(
-        peaks_a.over.is_some_and(|over| over <= 0),
-        "{protocol:?}: A beyond the bound and the held records: {:?}",
-        peaks_a.over
-    );
-    assert!(
-        peaks_b.over.is_some_and(|over| over <= 0),
-        "{protocol:?}: B beyond the bound and the held records: {:?}",
-        peaks_b.over
-    );
-    // The held records are at most one per paused partition (README, "Memory").
-    assert!(
-        peaks_a.held_over.is_some_and(|over| over <= 0),
-        "{protocol:?}: A held bytes beyond one event of {largest} bytes per paused partition: {:?}",
-        peaks_a.held_over
-    );
-    assert!(
-        peaks_b.held_over.is_some_and(|over| over <= 0),
-        "{protocol:?}: B held bytes beyond one event of {largest} bytes per paused partition: {:?}",
-        peaks_b.held_over
-    );
+    peaks_a.assert_within(&format!("{protocol:?}: A"), largest);
+    peaks_b.assert_within(&format!("{protocol:?}: B"), largest);
     assert_eq!(
         metrics_a.in_flight_bytes.get(),
         0,

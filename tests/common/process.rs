@@ -164,6 +164,16 @@ impl Logbridge {
         Some(super::metric_sum(&body, name))
     }
 
+    /// Waits (up to `deadline`) until the process has read a record; whether it did.
+    pub async fn wait_consuming(&self, deadline: Duration) -> bool {
+        super::wait_for(deadline, || async {
+            self.metric("logbridge_events_consumed_total")
+                .await
+                .is_some_and(|consumed| consumed > 0.0)
+        })
+        .await
+    }
+
     /// SIGKILL: no drain, no commit, no goodbye to the group.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
