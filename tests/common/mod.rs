@@ -119,11 +119,22 @@ impl Kafka {
     /// Produces `count` sample events (about `bad_ratio` malformed) with ids from 0, and says
     /// which ids are valid and where each malformed record landed.
     pub async fn produce_samples(&self, count: u64, bad_ratio: f64, seed: u64) -> Produced {
+        self.produce_samples_from(0, count, bad_ratio, seed).await
+    }
+
+    /// Like `produce_samples`, with ids from `first`.
+    pub async fn produce_samples_from(
+        &self,
+        first: u64,
+        count: u64,
+        bad_ratio: f64,
+        seed: u64,
+    ) -> Produced {
         use rand::SeedableRng;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut records = Vec::with_capacity(count as usize);
         let mut malformed_flags = Vec::with_capacity(count as usize);
-        for id in 0..count {
+        for id in first..first + count {
             let (key, payload, bad) =
                 logbridge::tools::produce::sample_event(&mut rng, id, 10_000, bad_ratio);
             records.push((Some(key), payload));
@@ -135,7 +146,7 @@ impl Kafka {
             if *bad {
                 produced.malformed.insert(place);
             } else {
-                produced.valid_ids.insert(id as u64);
+                produced.valid_ids.insert(first + id as u64);
             }
         }
         produced
