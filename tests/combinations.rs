@@ -48,41 +48,29 @@ fn start_child(
     Logbridge::start(&config, work.join(format!("{name}.log")))
 }
 
-/// The value of `name`'s sample whose labels contain `labels` (e.g. `reason="uncommitted"`), if
-/// the process answers and has it.
+/// The value of the series `name{labels}` (e.g. `reason="uncommitted"`, its labels from the
+/// first), if the process answers and has it.
 async fn labelled(child: &Logbridge, name: &str, labels: &str) -> Option<f64> {
-    let address = child.logged_address()?;
-    tokio::net::TcpStream::connect(address).await.ok()?;
-    let (status, body) = http_get(address, "/metrics").await;
-    if status != 200 {
-        return None;
-    }
-    body.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(labels))
-        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+    let page = child.metrics_page().await?;
+    metric_samples(&page, &format!("{name}{{{labels}"))
+        .first()
+        .copied()
 }
 
-/// `/status`'s partition rows: (partition, paused_why, finished_uncommitted, in_flight).
+/// `/status`'s partition rows: (partition, paused_why, finished_uncommitted, in_flight), -1
+/// where a figure is `null`.
 async fn status_of(child: &Logbridge) -> Vec<(i64, String, i64, i64)> {
-    let address = child.address().await;
-    let (code, body) = http_get(address, "/status").await;
+    let (code, body) = http_get(child.address().await, "/status").await;
     assert_eq!(code, 200, "/status: {body}");
-    let status: serde_json::Value = serde_json::from_str(&body).expect("/status is JSON");
-    let field = |row: &serde_json::Value, key: &str| {
-        row.get(key)
-            .unwrap_or_else(|| panic!("/status partition row without `{key}`: {row}"))
-            .clone()
-    };
-    status["partitions"]
-        .as_array()
-        .unwrap_or_else(|| panic!("/status without `partitions`: {status}"))
+    let status = parse_json("/status", &body);
+    json_array(&status, "/partitions")
         .iter()
         .map(|row| {
             (
-                field(row, "partition").as_i64().expect("partition"),
-                field(row, "paused_why").to_string(),
-                field(row, "finished_uncommitted").as_i64().unwrap_or(-1),
-                field(row, "in_flight").as_i64().unwrap_or(-1),
+                json_i64(row, "/partition"),
+                json_at(row, "/paused_why").to_string(),
+                json_opt_i64(row, "/finished_uncommitted").unwrap_or(-1),
+                json_opt_i64(row, "/in_flight").unwrap_or(-1),
             )
         })
         .collect()

@@ -72,6 +72,23 @@ struct Kill {
     written: u64,
 }
 
+/// Starts the instance `name` of the audit, keeps where its outputs and log are, and watches
+/// what it writes.
+fn start_run(
+    kafka: &Kafka,
+    group: &str,
+    work: &std::path::Path,
+    name: &str,
+    runs: &mut Vec<std::path::PathBuf>,
+    logs: &mut Vec<std::path::PathBuf>,
+) -> (common::process::Logbridge, Written) {
+    let instance = Instance::start(&kafka.brokers, &kafka.topic, group, work, name, "");
+    let written = Written::new(&instance.out);
+    runs.push(instance.out);
+    logs.push(instance.child.log.clone());
+    (instance.child, written)
+}
+
 /// Kills `child` (whose outputs `written` watches) and says what the README allows a later run
 /// to write again.
 fn kill(run: &str, child: &mut common::process::Logbridge, written: &mut Written) -> Kill {
@@ -107,12 +124,8 @@ async fn audit(kafka: &Kafka, broker: &str, per_second: u64, cap: u64) {
                 // An instance killed while it joins the group: up and serving, no partition yet
                 // (the group still waits for the member killed before, up to session.timeout.ms).
                 let name = format!("join-{run}");
-                let joining =
-                    Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), &name, "");
-                let mut child = joining.child;
-                let mut written = Written::new(&joining.out);
-                runs.push(joining.out);
-                logs.push(child.log.clone());
+                let (mut child, mut written) =
+                    start_run(kafka, &group, work.path(), &name, &mut runs, &mut logs);
                 let up = wait_for(Duration::from_secs(30), || {
                     let child = &child;
                     async move {
@@ -138,12 +151,8 @@ async fn audit(kafka: &Kafka, broker: &str, per_second: u64, cap: u64) {
                 println!("{broker} {name}: SIGKILL while joining ({assigned} partitions assigned)");
             }
             let name = format!("run-{run}");
-            let instance =
-                Instance::start(&kafka.brokers, &kafka.topic, &group, work.path(), &name, "");
-            let mut child = instance.child;
-            let mut written = Written::new(&instance.out);
-            runs.push(instance.out);
-            logs.push(child.log.clone());
+            let (mut child, mut written) =
+                start_run(kafka, &group, work.path(), &name, &mut runs, &mut logs);
             assert!(
                 child.wait_consuming(Duration::from_secs(60)).await,
                 "{name} never started consuming"

@@ -625,27 +625,31 @@ pub fn json_i64(document: &serde_json::Value, pointer: &str) -> i64 {
 /// where it has none (a partition's series that does not exist yet). The key must be there.
 #[track_caller]
 pub fn json_opt_i64(document: &serde_json::Value, pointer: &str) -> Option<i64> {
-    let value = json_at(document, pointer);
-    if value.is_null() {
-        return None;
-    }
-    let Some(number) = value.as_i64() else {
-        panic!("`{pointer}` = {value} is not an integer in: {document}");
-    };
-    Some(number)
+    json_opt(document, pointer, serde_json::Value::as_i64, "an integer")
 }
 
 /// [`json_opt_i64`] for a number.
 #[track_caller]
 pub fn json_opt_f64(document: &serde_json::Value, pointer: &str) -> Option<f64> {
+    json_opt(document, pointer, serde_json::Value::as_f64, "a number")
+}
+
+/// [`json_at`], read by `read` (which says `kind` is what it takes), or `null` (`None`).
+#[track_caller]
+fn json_opt<T>(
+    document: &serde_json::Value,
+    pointer: &str,
+    read: fn(&serde_json::Value) -> Option<T>,
+    kind: &str,
+) -> Option<T> {
     let value = json_at(document, pointer);
     if value.is_null() {
         return None;
     }
-    let Some(number) = value.as_f64() else {
-        panic!("`{pointer}` = {value} is not a number in: {document}");
+    let Some(read) = read(value) else {
+        panic!("`{pointer}` = {value} is not {kind} in: {document}");
     };
-    Some(number)
+    Some(read)
 }
 
 /// [`json_at`], an array.

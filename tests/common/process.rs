@@ -155,13 +155,15 @@ impl Logbridge {
     /// the endpoint does not answer (the process starting or gone). A metric logbridge defines
     /// without series yet is 0; a name it does not define panics ([`super::metric_samples`]).
     pub async fn metric(&self, name: &str) -> Option<f64> {
+        Some(super::metric_sum(&self.metrics_page().await?, name))
+    }
+
+    /// The `/metrics` page; `None` while the endpoint does not answer.
+    pub async fn metrics_page(&self) -> Option<String> {
         let address = self.logged_address()?;
         tokio::net::TcpStream::connect(address).await.ok()?;
         let (status, body) = super::http_get(address, "/metrics").await;
-        if status != 200 {
-            return None;
-        }
-        Some(super::metric_sum(&body, name))
+        (status == 200).then_some(body)
     }
 
     /// Waits (up to `deadline`) until the process has read a record; whether it did.
