@@ -405,7 +405,7 @@ fn respond(
             BreakerState::Closed => match state.liveness.check() {
                 Ok(()) => {
                     let stalls = state.stall_descriptions();
-                    if stalls.is_empty() && state.status.partitions.snapshot().is_empty() {
+                    if stalls.is_empty() && state.status.partitions.owns_none() {
                         // Ready, and idle: an orchestrator's probe passes, a person reading it
                         // learns why nothing is read here.
                         text(

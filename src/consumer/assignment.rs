@@ -550,6 +550,11 @@ impl PartitionView {
         self.shared.lock().snapshot()
     }
 
+    /// Whether this instance owns no partition (an empty assignment, or none yet).
+    pub fn owns_none(&self) -> bool {
+        self.shared.lock().partitions.is_empty()
+    }
+
     /// Partitions behind and not read for `stall_timeout_ms`, as last observed.
     pub fn unread(&self) -> Vec<UnreadStall> {
         self.shared.lock().unread.clone()
