@@ -284,37 +284,37 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eager_rebalance_while_paused_by_backpressure() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     paused_partitions_survive_rebalances(Protocol::Eager, PausedBy::Backpressure).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cooperative_rebalance_while_paused_by_backpressure() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     paused_partitions_survive_rebalances(Protocol::Cooperative, PausedBy::Backpressure).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eager_rebalance_while_paused_by_the_breaker() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     paused_partitions_survive_rebalances(Protocol::Eager, PausedBy::Breaker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cooperative_rebalance_while_paused_by_the_breaker() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     paused_partitions_survive_rebalances(Protocol::Cooperative, PausedBy::Breaker).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_protocol_rebalance_while_paused_by_backpressure() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     paused_partitions_survive_rebalances(Protocol::Consumer, PausedBy::Backpressure).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_protocol_rebalance_while_paused_by_the_breaker() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     paused_partitions_survive_rebalances(Protocol::Consumer, PausedBy::Breaker).await;
 }
 
@@ -323,7 +323,7 @@ async fn consumer_protocol_rebalance_while_paused_by_the_breaker() {
 /// again, and then everything is committed to the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unread_partition_without_records_in_flight_fails_readiness() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     // Partition 1 is led by broker 2, the group coordinated by broker 1.
     let kafka = Kafka::start_brokers("logs", 2, 2);
     let cluster = kafka.cluster.as_ref().expect("mock cluster");
@@ -465,7 +465,7 @@ impl logbridge::sink::Sink for Panicking {
 /// so that the process exits non-zero and is restarted. It never keeps consuming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_worker_stops_the_pipeline_and_commits_what_finished() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let kafka = Kafka::start("logs", 1);
     // One partition, one worker: records 0..300 fine, 300 poisoned, then 300 more.
     let records: Vec<(Option<String>, Vec<u8>)> = (0..601u64)
@@ -539,7 +539,7 @@ async fn a_panicking_worker_stops_the_pipeline_and_commits_what_finished() {
 /// abandon work, and says so in its log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_stdout_blocked_on_a_full_pipe_exits_non_zero_in_time() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     use common::process::{Logbridge, HTTP_LISTEN};
     let kafka = Kafka::start("logs", 2);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..5_000u64)
@@ -610,7 +610,7 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 /// clears every dead letter arrives whole (value kept) and every valid event is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_topic_refusing_writes_holds_commits_says_why_and_recovers() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let source = Kafka::start("logs", 2);
     let dlq = Kafka::start("logs.dlq", 1);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..1_000u64)
@@ -724,7 +724,7 @@ async fn a_dead_letter_topic_refusing_writes_holds_commits_says_why_and_recovers
 /// (Seen here: 2 or 3 of 4 000 under load.) Without idempotence librdkafka never infers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_and_commit_errors_lose_nothing_and_keep_per_key_order() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     failing_destination(None).await;
 }
 
@@ -735,13 +735,13 @@ async fn produce_and_commit_errors_lose_nothing_and_keep_per_key_order() {
 /// instances.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_destination_under_backpressure_during_eager_rebalances() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     failing_destination(Some(Protocol::Eager)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_destination_under_backpressure_during_cooperative_rebalances() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     failing_destination(Some(Protocol::Cooperative)).await;
 }
 
@@ -928,7 +928,7 @@ async fn failing_destination(rebalance: Option<Protocol>) {
 /// committed and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_record_pauses_its_partition_at_the_uncommitted_bound() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let kafka = Kafka::start("logs", 1);
     // The stuck record is the partition's first, on a route of its own, so that the records
     // behind it flow through the other route and finish.
@@ -1077,7 +1077,7 @@ impl logbridge::sink::Sink for Gated {
 /// in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_events_stay_within_the_in_flight_byte_bound() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let kafka = Kafka::shared("logs", 8).await;
     let (_, largest) = produce_large_events(&kafka).await;
     let end = kafka.end_offsets();
@@ -1130,7 +1130,7 @@ async fn large_events_stay_within_the_in_flight_byte_bound() {
 /// `tombstone`, keyed as they were, and a run of them does not trip the breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let kafka = Kafka::start("logs", 1);
     for n in 0..30 {
         kafka.produce_tombstone(&format!("deleted-{n}")).await;
@@ -1152,7 +1152,7 @@ async fn tombstones_can_be_dead_lettered_without_tripping_the_breaker() {
 /// dead-letter topic with reason `unrouted`, whole, and a run of them does not trip the breaker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unrouted_events_can_be_dead_lettered_without_tripping_the_breaker() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let kafka = Kafka::start("logs", 1);
     let records: Vec<(Option<String>, Vec<u8>)> = (0..31u64)
         .map(|id| {
@@ -1211,7 +1211,7 @@ async fn park_on_purpose(kafka: &Kafka, input: &str) -> (Arc<Metrics>, Vec<ReadR
 /// without loss.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_lost_with_the_coordinator_are_counted_and_read_again() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let kafka = Kafka::start("logs", 2);
     kafka.produce(&keyed_events(2_000)).await;
     let end = kafka.end_offsets();
@@ -1247,7 +1247,7 @@ async fn partitions_lost_with_the_coordinator_are_counted_and_read_again() {
 /// instance that keeps them never writes one of their records twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     incremental_rebalance_keeps_the_partitions_that_stay(Protocol::Cooperative).await;
 }
 
@@ -1255,7 +1255,7 @@ async fn a_cooperative_rebalance_keeps_the_work_of_the_partitions_that_stay() {
 /// is incremental.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_protocol_rebalance_keeps_the_work_of_the_partitions_that_stay() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     incremental_rebalance_keeps_the_partitions_that_stay(Protocol::Consumer).await;
 }
 
@@ -1368,7 +1368,7 @@ async fn an_offset_reset_after_a_fetch_error_is_counted_and_nothing_is_skipped()
     use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
     use rdkafka::{Offset, TopicPartitionList};
 
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     let kafka = Kafka::shared("logs", 1).await;
     kafka.produce(&keyed_events(300)).await;
     let end = kafka.end_offsets();
@@ -1645,12 +1645,12 @@ async fn large_events_through_rebalances(protocol: Protocol) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_events_through_eager_rebalances_stay_within_the_byte_bound() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     large_events_through_rebalances(Protocol::Eager).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_events_through_cooperative_rebalances_stay_within_the_byte_bound() {
-    let _serial = serial().await;
+    let _pair = two_at_a_time().await;
     large_events_through_rebalances(Protocol::Cooperative).await;
 }

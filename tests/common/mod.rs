@@ -451,6 +451,14 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
     SERIAL.lock().await
 }
 
+/// Like `serial`, but two tests at a time: for a binary whose tests mostly wait (on group
+/// joins, session timeouts, a failing destination's backoff) and use little of the two cores,
+/// so a pair side by side does not skew what either measures. Hold the guard for the whole test.
+pub async fn two_at_a_time() -> tokio::sync::SemaphorePermit<'static> {
+    static PAIR: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    PAIR.acquire().await.expect("never closed")
+}
+
 /// `serial` for tests that are not async (a binary uses one or the other).
 pub fn serial_blocking() -> std::sync::MutexGuard<'static, ()> {
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
