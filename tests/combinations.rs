@@ -372,15 +372,40 @@ fn letter_places(kafka: &Kafka, topic: &str) -> HashMap<(i32, i64), usize> {
     places
 }
 
-/// Kills `run`'s child at a random moment 1.5 to 3 s into its reading (after it has read
-/// something); returns when it was killed.
-async fn kill_mid_stream(child: &mut Logbridge, run: usize, rng: &mut impl Rng) {
+/// Waits until `run`'s child has read something, then a random 1.5 to 3 s more: a moment
+/// mid-stream to kill it at.
+async fn mid_stream(child: &Logbridge, run: usize, rng: &mut impl Rng) {
     assert!(
         child.wait_consuming(Duration::from_secs(60)).await,
         "run {run} never started consuming"
     );
     tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_000))).await;
-    child.kill();
+}
+
+/// How many documents of the index are at or past the group's committed offset of their
+/// partition: killed now, the process leaves them to the next run, which sends them again (409s). The
+/// sink's `_id`s are `{topic}-{partition}-{offset}`, then the record's timestamp where it has one.
+fn indexed_past_commit(collector: &Collector, kafka: &Kafka, group: &str) -> usize {
+    let committed = kafka.committed(group);
+    let prefix = format!("{}-", kafka.topic);
+    collector.with(|seen| {
+        seen.documents
+            .keys()
+            .filter(|id| {
+                let place = id.strip_prefix(&prefix).unwrap_or_else(|| {
+                    panic!("a document `_id` not of topic {}: {id}", kafka.topic)
+                });
+                let mut parts = place.split('-').map(|part| {
+                    part.parse::<i64>()
+                        .unwrap_or_else(|_| panic!("an `_id` not of numbers after the topic: {id}"))
+                });
+                let (Some(partition), Some(offset)) = (parts.next(), parts.next()) else {
+                    panic!("an `_id` without a partition and an offset: {id}");
+                };
+                offset >= committed[partition as usize]
+            })
+            .count()
+    })
 }
 
 /// Elasticsearch sink x three SIGKILLs mid-stream: the replay after each crash reaches the
@@ -400,14 +425,30 @@ async fn sigkill_with_an_elasticsearch_sink_indexes_each_event_once() {
          sink = {{ type = \"elasticsearch\", url = \"{}\", index = \"logs-{{level}}\" }}\n",
         collector.url()
     );
-    let pipeline = "commit_interval_ms = 200\ndrain_timeout_ms = 1000";
+    // Commits a second apart (the producer writes every 250 ms): a replay is staged, not hoped
+    // for. Each kill waits, after its random moment, until the index holds a document the group
+    // has not committed past (with commits 200 ms apart, CI once saw three kills replay nothing).
+    let pipeline = "commit_interval_ms = 1000\ndrain_timeout_ms = 1000";
     let mut rng = test_rng("SIGKILL x Elasticsearch sink");
     let stream = Stream::start(&kafka, 3_000, 400_000, 1_000, 0.0, rng.random());
+    let mut left_to_replay = Vec::new();
     for run in 0..KILLS {
         collector.set_run(run);
         let name = format!("run-{run}");
         let mut child = start_child(&kafka, &group, work.path(), &name, pipeline, &routes);
-        kill_mid_stream(&mut child, run, &mut rng).await;
+        mid_stream(&child, run, &mut rng).await;
+        let mut left = 0;
+        wait_for(Duration::from_secs(10), || {
+            left = indexed_past_commit(&collector, &kafka, &group);
+            async move { left > 0 }
+        })
+        .await;
+        child.kill();
+        assert!(
+            left > 0,
+            "run {run}: for 10 s the index held nothing the group had not committed past"
+        );
+        left_to_replay.push(left);
     }
     collector.set_run(KILLS);
     let child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
@@ -425,7 +466,8 @@ async fn sigkill_with_an_elasticsearch_sink_indexes_each_event_once() {
     let indexed: HashSet<u64> = documents.keys().copied().collect();
     println!(
         "SIGKILL x Elasticsearch sink: {} events, {KILLS} kills, documents created per run \
-         {per_run:?}, {conflicts} answered 409 (replayed, already indexed)",
+         {per_run:?}, indexed past the group's commit at each kill {left_to_replay:?}, \
+         {conflicts} answered 409 (replayed, already indexed)",
         produced.valid_ids.len()
     );
     assert_eq!(indexed, produced.valid_ids, "every valid event indexed");
@@ -435,7 +477,8 @@ async fn sigkill_with_an_elasticsearch_sink_indexes_each_event_once() {
     );
     assert!(
         conflicts > 0,
-        "no replay reached the index: the crashes were not mid-stream"
+        "no replay reached the index, though each kill left documents past the group's commit: \
+         {left_to_replay:?}"
     );
     assert!(
         per_run[..KILLS].iter().all(|created| *created > 0),
@@ -474,7 +517,8 @@ async fn sigkill_with_a_kafka_sink_and_dead_letters_loses_nothing() {
     for run in 0..KILLS as usize {
         let name = format!("run-{run}");
         let mut child = start_child(&kafka, &group, work.path(), &name, pipeline, &routes);
-        kill_mid_stream(&mut child, run, &mut rng).await;
+        mid_stream(&child, run, &mut rng).await;
+        child.kill();
     }
     let child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
     let produced = last_run(&kafka, &group, child, stream).await;
