@@ -383,8 +383,9 @@ async fn mid_stream(child: &Logbridge, run: usize, rng: &mut impl Rng) {
 }
 
 /// How many documents of the index are at or past the group's committed offset of their
-/// partition: killed now, the process leaves them to the next run, which sends them again (409s). The
-/// sink's `_id`s are `{topic}-{partition}-{offset}`, then the record's timestamp where it has one.
+/// partition: killed now, the process leaves them to the next run, which sends them again
+/// (409s). The sink's `_id`s are `{topic}-{partition}-{offset}`, then the record's timestamp
+/// where it has one.
 fn indexed_past_commit(collector: &Collector, kafka: &Kafka, group: &str) -> usize {
     let committed = kafka.committed(group);
     let prefix = format!("{}-", kafka.topic);
