@@ -89,10 +89,12 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
     // ceiling (README: at most 96 MiB whatever the backlog): 600 000 events of 200 bytes are
     // 120 000 000 bytes (114.4 MiB) of payload, which a pipeline that did not pause would copy
     // into memory within the window (checked below). 16 partitions: the mock cluster keeps
-    // 5 MiB (compressed) of each. Eight seconds per backlog (at most: the window is cut to
-    // half the time the paced sink takes for the small backlog, so that is 40 000 events):
-    // librdkafka alone must read the whole large backlog within the window (checked below), and
-    // on a loaded machine it once read 163 296 events/s, which three seconds did not allow.
+    // 5 MiB (compressed) of each. Eight seconds per backlog: librdkafka alone must read the
+    // whole large backlog within the window (checked below), and on a loaded machine it once
+    // read 163 296 events/s, which three seconds did not allow. The sink is paced to a fixed
+    // 2 000 events/s, not to a share of the pipeline's measured rate: the window is cut to half
+    // the time the paced sink takes for the small backlog, and a measured rate (which depends on
+    // where the commit ticks fall) could cut it below eight seconds. 40 000 / 2 000 / 2 = 10 s.
     let output = bench(
         &[
             "--events=20000",
@@ -100,6 +102,7 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
             "--memory-backlogs=40000,600000",
             "--memory-partitions=16",
             "--memory-seconds=8",
+            "--memory-sink-rate=2000",
             "--large-events=262144",
             "--large-count=60",
             "--large-rate=20",
@@ -181,6 +184,12 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
         &output,
         &format!("backlog {:>9}:", 600_000),
         "events through in",
+    );
+    let per_backlog = figure(&output, "memory ceiling:", "rate),");
+    assert!(
+        output.contains("sink paced to 2000 events/s") && per_backlog == 8.0,
+        "the memory ceiling's window is not the 8 s asked for, or the sink not paced to 2000 \
+         events/s:\n{output}"
     );
     let raw_read_all = figure(&output, "(a) raw librdkafka", "events/s (");
     assert!(

@@ -114,11 +114,13 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
     let config = kafka.config(&group, "", &routes);
     let metrics = Arc::new(Metrics::new());
     // About 300 µs of work per record: the run lasts long enough for both failovers to land
-    // mid-stream.
+    // mid-stream. The sinks are held while the rest of the events is produced, so the sink's
+    // failover finds them all still to be written however slowly the producer went.
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pipeline = Running::start(
         config,
         RunOptions {
-            sink_factory: delayed_sinks(Duration::ZERO, 300..=300),
+            sink_factory: held_sinks(Duration::ZERO, 300..=300, hold.clone()),
             metrics: metrics.clone(),
             http: HttpBind::Disabled,
         },
@@ -147,12 +149,14 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
     );
 
     // The sink: the leader of an output partition dies; producing resumes to the new leader.
+    hold.store(true, std::sync::atomic::Ordering::Relaxed);
     let rest = kafka
         .produce_samples_from(first_part, EVENTS - first_part, 0.0, 32)
         .await;
     produced.valid_ids.extend(rest.valid_ids);
     let end = kafka.end_offsets();
     let committed_at_second = kafka.committed_records(&group);
+    hold.store(false, std::sync::atomic::Ordering::Relaxed);
     assert!(
         committed_at_second < end.iter().sum::<i64>() * 9 / 10,
         "the run is nearly over before the sink's failover: {committed_at_second} committed"

@@ -1261,8 +1261,7 @@ async fn a_consumer_protocol_rebalance_keeps_the_work_of_the_partitions_that_sta
 
 async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol) {
     let kafka = Kafka::shared("logs", 4).await;
-    let placed = kafka.produce(&keyed_events(3_000)).await;
-    let end = kafka.end_offsets();
+    let mut placed = kafka.produce(&keyed_events(3_000)).await;
     let group = unique("cooperative-keeps");
     let (dir_a, dir_b) = (
         tempfile::tempdir().expect("dir"),
@@ -1316,6 +1315,13 @@ async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol
     .await;
     assert!(split, "the group did not split the partitions");
     let after = generations(&http_get(address_a, "/status").await.1);
+    // More events on every partition once the split is done, so B has something to read
+    // however far A got before it gave B its two partitions.
+    let more: Vec<_> = (3_000..3_400u64)
+        .map(|id| (Some(format!("key-{id}")), event(id, "info")))
+        .collect();
+    placed.extend(kafka.produce(&more).await);
+    let end = kafka.end_offsets();
     let done = kafka
         .wait_committed_to(&group, &end, Duration::from_secs(120))
         .await;
@@ -1355,7 +1361,7 @@ async fn incremental_rebalance_keeps_the_partitions_that_stay(protocol: Protocol
         "records of kept partitions written twice by A: {twice:?}"
     );
     let written = ids_written(&[dir_a.path(), dir_b.path()]);
-    assert_eq!(written.len(), 3_000, "nothing lost");
+    assert_eq!(written.len(), 3_400, "nothing lost");
 }
 
 /// The group's committed position lies past the end of the log (the topic was recreated, or
@@ -1574,8 +1580,10 @@ async fn large_events_through_rebalances(protocol: Protocol) {
         if b.is_some() && b_assigned_at.is_none() && metrics_b.assigned_partitions.get() > 0 {
             b_assigned_at = Some(std::time::Instant::now());
         }
-        if b_assigned_at.is_some_and(|at| at.elapsed() > Duration::from_millis(1_500)) {
-            // B leaves with what it holds: its partitions go back to A.
+        if b_assigned_at.is_some_and(|at| at.elapsed() > Duration::from_millis(1_500))
+            && consumed_total(&metrics_b) > 0
+        {
+            // B leaves with what it holds, once it has read: its partitions go back to A.
             if let Some((running, _)) = b.take() {
                 running.stop_abandoning().await;
             }

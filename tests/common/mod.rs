@@ -985,6 +985,17 @@ pub fn delayed_sinks(
     per_batch: Duration,
     per_record_micros: std::ops::RangeInclusive<u64>,
 ) -> logbridge::sink::SinkFactory {
+    held_sinks(per_batch, per_record_micros, std::sync::Arc::default())
+}
+
+/// [`delayed_sinks`] that also hold every batch (no failure, no retry: the delivery just does
+/// not end) while `hold` is true, so a test can keep the pipeline from finishing while it
+/// stages something.
+pub fn held_sinks(
+    per_batch: Duration,
+    per_record_micros: std::ops::RangeInclusive<u64>,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> logbridge::sink::SinkFactory {
     use logbridge::sink::Sink;
     let files = logbridge::sink::config_sink_factory();
     std::sync::Arc::new(move |route, index| {
@@ -992,6 +1003,7 @@ pub fn delayed_sinks(
             inner: files(route, index)?,
             per_batch,
             per_record_micros: per_record_micros.clone(),
+            hold: hold.clone(),
         }) as Box<dyn Sink>)
     })
 }
@@ -1000,6 +1012,7 @@ struct DelayedSink {
     inner: Box<dyn logbridge::sink::Sink>,
     per_batch: Duration,
     per_record_micros: std::ops::RangeInclusive<u64>,
+    hold: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl logbridge::sink::Sink for DelayedSink {
@@ -1018,6 +1031,9 @@ impl logbridge::sink::Sink for DelayedSink {
                     .sum()
             };
             tokio::time::sleep(self.per_batch + Duration::from_micros(micros)).await;
+            while self.hold.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             self.inner.deliver(route, batch).await
         })
     }

@@ -240,7 +240,10 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
         rate if rate.is_finite() && rate > 0.0 => rate,
         _ => raw,
     };
-    let sink_rate = ((input * PACED_SHARE) as u64).max(1);
+    let sink_rate = match options.memory_sink_rate {
+        0 => ((input * PACED_SHARE) as u64).max(1),
+        fixed => fixed,
+    };
     let smallest = options.memory_backlogs.0.iter().copied().min().unwrap_or(0);
     // The window must end well before the smallest backlog drains, or it is no backlog.
     let seconds = (options.memory_seconds as f64).min(smallest as f64 / sink_rate as f64 / 2.0);
@@ -248,7 +251,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     println!(
         "memory ceiling: {} partitions, sink paced to {sink_rate} events/s ({:.0} % of the pipeline's rate), {seconds:.1} s per backlog",
         options.memory_partitions,
-        PACED_SHARE * 100.0
+        sink_rate as f64 / input * 100.0
     );
     let mut ceiling: Vec<(u64, Measurement)> = Vec::new();
     for &backlog in &options.memory_backlogs.0 {

@@ -38,6 +38,10 @@ pub struct BenchOptions {
     /// Events per second the sink of the large-event runs lets through (a slow sink).
     #[arg(long, default_value_t = 20)]
     pub large_rate: u64,
+    /// Events per second the sink of the memory ceiling runs lets through (0: a share of the
+    /// pipeline's measured rate to null sinks).
+    #[arg(long, default_value_t = 0)]
+    pub memory_sink_rate: u64,
     /// Longest window of a memory ceiling run, in seconds.
     #[arg(long, default_value_t = 20)]
     pub memory_seconds: u64,
