@@ -101,6 +101,13 @@ enum Control {
         deadline: Instant,
         respond_to: oneshot::Sender<FinalPositions>,
     },
+    /// The end of a transaction (`delivery = "exactly-once"`; dispatch is held): answer with
+    /// every position once no dispatched record is unfinished, or at `deadline`. Nothing is
+    /// forgotten.
+    Drain {
+        deadline: Instant,
+        respond_to: oneshot::Sender<FinalPositions>,
+    },
 }
 
 /// Sends dispatches and acks to the committer. Held by the router, every worker and the
@@ -148,6 +155,7 @@ impl CommitterHandle {
             fences: FxHashMap::default(),
             revokes: Vec::new(),
             finish: None,
+            drain: None,
             finished_shutdown: false,
             interval: settings.interval,
             drain_timeout: settings.drain_timeout,
@@ -246,6 +254,20 @@ impl CommitterControl {
         });
         assert!(queued.is_ok(), "the control channel has room");
         response
+    }
+
+    /// Waits until no dispatched record is unfinished, or until `deadline`, and answers with
+    /// every partition's position and how many records are still unfinished. For the end of a
+    /// transaction, while dispatch is held. Called from the consumer thread (it blocks).
+    pub fn drain_blocking(&self, deadline: Instant) -> Result<FinalPositions, StageGone> {
+        let (respond_to, response) = oneshot::channel();
+        self.sender
+            .blocking_send(Control::Drain {
+                deadline,
+                respond_to,
+            })
+            .map_err(|_| StageGone("committer"))?;
+        response.blocking_recv().map_err(|_| StageGone("committer"))
     }
 
     /// Asks for the final positions at shutdown; the answer arrives on the returned receiver
@@ -427,6 +449,8 @@ struct CommitterActor {
     fences: FxHashMap<PartitionKey, u64>,
     revokes: Vec<PendingRevoke>,
     finish: Option<PendingFinish>,
+    /// A transaction's end waiting for every dispatched record (see `Control::Drain`).
+    drain: Option<PendingFinish>,
     /// The shutdown's final positions were handed over.
     finished_shutdown: bool,
     interval: Duration,
@@ -489,10 +513,8 @@ impl CommitterActor {
     fn next_deadline(&self) -> Option<Instant> {
         let revoke = self.revokes.iter().map(|r| r.deadline).min();
         let finish = self.finish.as_ref().map(|f| f.deadline);
-        match (revoke, finish) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let drain = self.drain.as_ref().map(|d| d.deadline);
+        [revoke, finish, drain].into_iter().flatten().min()
     }
 
     fn handle(&mut self, msg: CommitterMsg) {
@@ -621,7 +643,24 @@ impl CommitterActor {
                     respond_to,
                 });
             }
+            Control::Drain {
+                deadline,
+                respond_to,
+            } => {
+                self.drain = Some(PendingFinish {
+                    deadline,
+                    respond_to,
+                });
+            }
         }
+    }
+
+    /// Records dispatched and not finished, all partitions together.
+    fn unfinished(&self) -> usize {
+        self.partitions
+            .values()
+            .map(|tracked| tracked.offsets.in_flight())
+            .sum()
     }
 
     /// Answers the revokes and the finish whose records are all done or whose deadline passed.
@@ -641,6 +680,20 @@ impl CommitterActor {
                 index += 1;
             }
         }
+        if self.drain.is_some() {
+            let unfinished = self.unfinished();
+            let due = self
+                .drain
+                .as_ref()
+                .is_some_and(|drain| unfinished == 0 || !input_open || now >= drain.deadline);
+            if let Some(drain) = self.drain.take_if(|_| due) {
+                // The asker may have given up; nothing to tell then.
+                let _ = drain.respond_to.send(FinalPositions {
+                    entries: self.positions(),
+                    unfinished,
+                });
+            }
+        }
         let finish_due = self
             .finish
             .as_ref()
@@ -648,11 +701,7 @@ impl CommitterActor {
         if finish_due {
             if let Some(finish) = self.finish.take() {
                 let entries = self.positions();
-                let unfinished: usize = self
-                    .partitions
-                    .values()
-                    .map(|t| t.offsets.in_flight())
-                    .sum();
+                let unfinished = self.unfinished();
                 if unfinished > 0 {
                     warn!(unfinished, "drain timeout reached; unfinished records will be read again after restart");
                 }
@@ -1297,6 +1346,67 @@ mod tests {
         // No further progress: no further plan, however many intervals pass.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!plans.has_changed().expect("open"));
+    }
+
+    /// The end of a transaction (exactly-once) waits until every dispatched record of every
+    /// partition finished, answers with all positions and forgets nothing; at its deadline it
+    /// answers with what is still unfinished.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_answers_once_every_dispatched_record_finished_or_at_its_deadline() {
+        let metrics = Arc::new(Metrics::new());
+        let (acks, control, _task) = start(metrics.clone());
+        acks.dispatched(dispatched_range(0, 0..3, 1))
+            .await
+            .expect("alive");
+        acks.dispatched(dispatched(1, 7, 1)).await.expect("alive");
+        acks.ack(ack(0, 0, 1)).await.expect("alive");
+        acks.ack(ack(0, 2, 1)).await.expect("alive");
+        settle().await;
+
+        // Offsets 0/1 and 1/7 are unfinished: the drain answers at its deadline with both.
+        let draining = control.clone();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let timed_out = on_thread(move || draining.drain_blocking(deadline))
+            .await
+            .expect("thread")
+            .expect("committer alive");
+        assert_eq!(timed_out.unfinished, 2);
+        assert!(Instant::now() >= deadline, "answered before its deadline");
+
+        // Finished while a drain waits: it answers then, with every position.
+        let draining = control.clone();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let answer = on_thread(move || draining.drain_blocking(deadline));
+        settle().await;
+        acks.ack(ack(0, 1, 1)).await.expect("alive");
+        acks.ack(ack(1, 7, 1)).await.expect("alive");
+        let mut drained = answer.await.expect("thread").expect("committer alive");
+        assert!(
+            Instant::now() < deadline,
+            "answered at its deadline, not when drained"
+        );
+        assert_eq!(drained.unfinished, 0);
+        drained.entries.sort_by_key(|entry| entry.source.partition);
+        assert_eq!(
+            drained.entries,
+            vec![
+                CommitEntry {
+                    source: key(0),
+                    generation: 1,
+                    offset: 3
+                },
+                CommitEntry {
+                    source: key(1),
+                    generation: 1,
+                    offset: 8
+                }
+            ]
+        );
+        // Nothing forgotten: a later ack of the same generation still counts.
+        acks.dispatched(dispatched(0, 3, 1)).await.expect("alive");
+        acks.ack(ack(0, 3, 1)).await.expect("alive");
+        settle().await;
+        assert_eq!(metrics.stale_acks.get(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 
 use crate::committer::CommitterHandle;
 use crate::health::Liveness;
@@ -195,6 +195,7 @@ impl DeadLetterHandle {
             receiver,
             producer: topic.producer,
             topic: topic.topic,
+            fences: topic.fences,
             committer: committer.clone(),
             metrics: metrics.clone(),
             liveness,
@@ -294,12 +295,16 @@ pub struct DeadLetterTopic {
     pub topic: String,
     /// Channel capacity.
     pub capacity: usize,
+    /// Exactly-once: letters of records whose assignment was rewound or revoked are dropped
+    /// rather than retried (see `DeadLetterActor::drop_released`).
+    pub fences: Option<crate::record::Fences>,
 }
 
 struct DeadLetterActor {
     receiver: mpsc::Receiver<DeadLetter>,
     producer: Producer,
     topic: String,
+    fences: Option<crate::record::Fences>,
     committer: CommitterHandle,
     metrics: Arc<Metrics>,
     liveness: Liveness,
@@ -332,6 +337,10 @@ impl DeadLetterActor {
         let mut pending: Vec<Letter> = batch.into_iter().map(Letter::new).collect();
         let mut backoff = RETRY_FIRST;
         loop {
+            self.drop_released(&mut pending);
+            if pending.is_empty() {
+                return Ok(());
+            }
             let with_headers = pending.iter().map(|letter| {
                 let dead = &letter.dead;
                 let value = match dead.dropped_value {
@@ -430,6 +439,25 @@ impl DeadLetterActor {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(RETRY_MAX);
             pending = failed;
+        }
+    }
+
+    /// Exactly-once: drops the letters of records read under an assignment that was rewound
+    /// (an aborted transaction) or revoked since; their records are read again, and
+    /// dead-lettered again in the transaction that commits them.
+    fn drop_released(&self, pending: &mut Vec<Letter>) {
+        let Some(fences) = &self.fences else {
+            return;
+        };
+        let before = pending.len();
+        pending.retain(|letter| !fences.is_released(&letter.dead.record));
+        let dropped = before - pending.len();
+        if dropped > 0 {
+            self.metrics.in_flight.sub(dropped as i64);
+            debug!(
+                letters = dropped,
+                "dead letters of a rewound or revoked assignment not written: their records are read again"
+            );
         }
     }
 }
@@ -583,6 +611,7 @@ mod tests {
             producer,
             topic: "dlq".to_string(),
             capacity: 16,
+            fences: None,
         };
         let (handle, task) =
             DeadLetterHandle::spawn(Some(topic), committer, metrics.clone(), Liveness::default());

@@ -191,6 +191,8 @@ pub struct StatusSource {
     pub config: serde_json::Value,
     /// Route names and worker counts.
     pub routes: Vec<(String, usize)>,
+    /// `at-least-once`, or `exactly-once` with the producer's `transactional.id`.
+    pub delivery: serde_json::Value,
 }
 
 /// One `/status` row per partition: its flow and its gauges. Each gauge is collected once into
@@ -257,6 +259,7 @@ fn status_json(state: &HttpState) -> serde_json::Value {
     serde_json::json!({
         "partitions": partitions,
         "routes": routes,
+        "delivery": state.status.delivery,
         "breaker": breaker,
         "stalls": stalls,
         "cluster": state.cluster.borrow().as_ref().map(ToString::to_string),

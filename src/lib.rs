@@ -64,6 +64,7 @@ pub mod record;
 pub mod router;
 pub mod sink;
 pub mod tools;
+pub mod transaction;
 pub mod worker;
 
 pub use config::Config;

@@ -132,6 +132,13 @@ pub struct Metrics {
     pub consumed_bytes: IntCounterVec,
     /// Payload bytes of the records a route's sink delivered, by route.
     pub delivered_bytes: IntCounterVec,
+    /// Transactions ended (`delivery = "exactly-once"`), by outcome (`committed`, `aborted`)
+    /// and reason (`interval`, `revoke`, `shutdown` when committed; why, when aborted).
+    pub transactions: IntCounterVec,
+    /// Time from a transaction's begin to the end of its commit or abort.
+    pub transaction_seconds: Histogram,
+    /// Times the transactional producer was fenced (or failed fatally): the instance stops.
+    pub transactions_fenced: IntCounter,
 }
 
 /// Why partitions are paused, as the `reason` label of the pause metrics: `backpressure` (the
@@ -496,6 +503,27 @@ impl Metrics {
                 &["route"],
             )
             .expect(METRIC_OK),
+            transactions: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_transactions_total",
+                    "Transactions ended (delivery = exactly-once), by outcome (committed, aborted) and reason.",
+                ),
+                &["outcome", "reason"],
+            )
+            .expect(METRIC_OK),
+            transaction_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "logbridge_transaction_duration_seconds",
+                    "Time from a transaction's begin to the end of its commit or abort.",
+                )
+                .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            )
+            .expect(METRIC_OK),
+            transactions_fenced: IntCounter::new(
+                "logbridge_transactions_fenced_total",
+                "Times the transactional producer was fenced or failed fatally; the instance stops (exit status 1).",
+            )
+            .expect(METRIC_OK),
             registry,
         };
         metrics.register_all();
@@ -547,6 +575,9 @@ impl Metrics {
             Box::new(self.file_reopens.clone()),
             Box::new(self.consumed_bytes.clone()),
             Box::new(self.delivered_bytes.clone()),
+            Box::new(self.transactions.clone()),
+            Box::new(self.transaction_seconds.clone()),
+            Box::new(self.transactions_fenced.clone()),
             Box::new(kafka_client_errors().clone()),
             Box::new(kafka_producer_rebuilds().clone()),
         ];

@@ -14,6 +14,7 @@ use crate::breaker::{BreakerHandle, BreakerSwitch};
 use crate::cluster::Probe;
 use crate::committer::{CommitterHandle, CommitterSettings};
 use crate::config::Config;
+use crate::config::Delivery;
 use crate::consumer::{ConsumerHandle, ConsumerLinks};
 use crate::dead_letter::{DeadLetterHandle, DeadLetterTopic};
 use crate::health::Liveness;
@@ -21,7 +22,8 @@ use crate::http::{self, HttpState, StatusSource};
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
 use crate::record::Fences;
 use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, Rules, DISPATCH_BATCH};
-use crate::sink::{config_sink_factory, SharedFile, SinkFactory};
+use crate::sink::{config_sink_factory, SharedFile, SinkFactory, SinkLinks};
+use crate::transaction::DispatchGate;
 use crate::worker::{RetryPolicy, Retrying, WorkerHandle, WorkerSettings, MAX_BATCH};
 
 /// How often channel depth gauges are sampled.
@@ -129,16 +131,38 @@ pub async fn run(
         watch_actor(committer_task, "committer").await
     });
 
+    // Exactly-once: one transactional producer for every Kafka output (validation made them
+    // all Kafka topics on the source cluster with one set of properties), and the gate that
+    // holds dispatch while a transaction ends.
+    let transactional = match config.pipeline.delivery {
+        Delivery::AtLeastOnce => None,
+        Delivery::ExactlyOnce => {
+            let id = config.transactional_id();
+            let outputs = config.outputs();
+            let (_, _, cluster) = outputs
+                .first()
+                .context("exactly-once delivery needs a Kafka output")?;
+            let producer = crate::producer::create_transactional(*cluster, &id)
+                .context("failed to create the transactional producer")?;
+            info!(transactional_id = %id, "delivery is exactly-once");
+            Some((producer, DispatchGate::default()))
+        }
+    };
+    let fences = Fences::default();
     let dead_letter_topic = match &config.dead_letter {
         None => None,
         Some(dead_letter) => Some(DeadLetterTopic {
-            producer: crate::producer::create(
-                dead_letter.cluster(&config.kafka.brokers),
-                "dead-letter producer",
-            )
-            .context("failed to create the dead-letter producer")?,
+            producer: match &transactional {
+                Some((producer, _)) => producer.clone(),
+                None => crate::producer::create(
+                    dead_letter.cluster(&config.kafka.brokers),
+                    "dead-letter producer",
+                )
+                .context("failed to create the dead-letter producer")?,
+            },
             topic: dead_letter.topic.clone(),
             capacity: config.pipeline.worker_capacity,
+            fences: transactional.as_ref().map(|_| fences.clone()),
         }),
     };
     let (dead_letters, dead_letter_task) = DeadLetterHandle::spawn(
@@ -152,15 +176,18 @@ pub async fn run(
         tasks.spawn(watch_actor(task, "dead_letter"));
     }
 
-    let fences = Fences::default();
     let retrying = Retrying::default();
     // Cancelled after the final commit: workers still delivering or retrying (an endpoint that
     // is down, with no retry limit) stop at once, and what they hold is read again after a
     // restart.
     let workers_stop = CancellationToken::new();
+    let sink_links = SinkLinks {
+        transactional: transactional.as_ref().map(|(producer, _)| producer.clone()),
+    };
     let (table, worker_tasks, files) = spawn_workers(
         &config,
         &options.sink_factory,
+        &sink_links,
         WorkerLinks {
             committer: &committer,
             dead_letters: &dead_letters,
@@ -205,6 +232,7 @@ pub async fn run(
             tombstones: config.input.tombstones,
             decoder: config.input.decoder(),
             unrouted: config.input.unrouted,
+            gate: transactional.as_ref().map(|(_, gate)| gate.clone()),
         },
     );
     tasks.spawn(watch_actor(router_task, "router"));
@@ -220,6 +248,7 @@ pub async fn run(
             committer: control,
             breaker: breaker.subscribe(),
             fences,
+            transactions: transactional,
         },
         metrics.clone(),
         liveness.clone(),
@@ -254,6 +283,13 @@ pub async fn run(
                     .iter()
                     .map(|route| (route.name.clone(), route.workers))
                     .collect(),
+                delivery: match config.pipeline.delivery {
+                    Delivery::AtLeastOnce => serde_json::json!({"mode": "at-least-once"}),
+                    Delivery::ExactlyOnce => serde_json::json!({
+                        "mode": "exactly-once",
+                        "transactional_id": config.transactional_id(),
+                    }),
+                },
             }),
             // Empty (as an unset environment override gives it): no token.
             admin_token: config
@@ -431,6 +467,7 @@ struct WorkerLinks<'a> {
 fn spawn_workers(
     config: &Config,
     factory: &SinkFactory,
+    sink_links: &SinkLinks,
     links: WorkerLinks<'_>,
 ) -> anyhow::Result<(RouteTable, Vec<tokio::task::JoinHandle<()>>, OpenFiles)> {
     let WorkerLinks {
@@ -451,7 +488,7 @@ fn spawn_workers(
         liveness.expect("worker", route.workers);
         let mut workers = Vec::with_capacity(route.workers);
         for worker in 0..route.workers {
-            let sink = factory(route, worker)
+            let sink = factory(route, worker, sink_links)
                 .with_context(|| format!("failed to create the sink of route `{}`", route.name))?;
             if let Some(file) = sink.file() {
                 files.add(file, &name);

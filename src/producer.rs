@@ -45,6 +45,9 @@ const RELOAD_EVERY: Duration = Duration::from_secs(5);
 pub struct Rebuildable {
     client: &'static str,
     current: std::sync::RwLock<Current>,
+    /// The instance's transactional producer: never replaced (a fatal error, such as being
+    /// fenced, ends the instance; see `crate::transaction`).
+    transactional: bool,
 }
 
 /// The client in use, and how it was made.
@@ -89,6 +92,7 @@ impl Rebuildable {
             next_batch: std::sync::atomic::AtomicU64::new(0),
             fatal: std::sync::atomic::AtomicBool::new(false),
             auth_failed: std::sync::atomic::AtomicBool::new(false),
+            failed: std::sync::atomic::AtomicBool::new(false),
         };
         config.create_with_context(reports)
     }
@@ -102,7 +106,7 @@ impl Producer {
         let now = std::time::Instant::now();
         {
             let current = cell.current.read().unwrap_or_else(PoisonError::into_inner);
-            if !current.to_look_at(now) {
+            if cell.transactional || !current.to_look_at(now) {
                 return current.producer.clone();
             }
         }
@@ -167,6 +171,30 @@ impl Producer {
     }
 }
 
+impl Producer {
+    /// The client itself, for the transactional calls (`crate::transaction`).
+    pub(crate) fn transactional_client(&self) -> ThreadedProducer<Reports> {
+        self.client()
+    }
+
+    /// Whether a record failed since [`Producer::clear_failed`]: in a transaction, any failed
+    /// record makes it abortable.
+    pub(crate) fn failed_since_cleared(&self) -> bool {
+        self.client()
+            .context()
+            .failed
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Starts counting failed records afresh (at a transaction's begin).
+    pub(crate) fn clear_failed(&self) {
+        self.client()
+            .context()
+            .failed
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Bits of a delivery opaque that hold the record's index in its batch; the rest hold the
 /// batch's number.
 const INDEX_BITS: u32 = 24;
@@ -183,6 +211,8 @@ pub struct Reports {
     fatal: std::sync::atomic::AtomicBool,
     /// Set when the cluster refused the credentials: read their files again now.
     auth_failed: std::sync::atomic::AtomicBool,
+    /// Set when a record's delivery failed (see [`Producer::failed_since_cleared`]).
+    failed: std::sync::atomic::AtomicBool,
 }
 
 /// The reports of one batch.
@@ -270,6 +300,8 @@ impl ProducerContext for Reports {
         };
         if let Err((err, _)) = result {
             self.note(err);
+            self.failed
+                .store(true, std::sync::atomic::Ordering::Release);
         }
         reports.report(
             index,
@@ -372,12 +404,30 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
 /// Creates an idempotent producer for `cluster`: logbridge's defaults, then the cluster's
 /// security and options. `client` names it in log lines (`dead-letter producer`, ...).
 pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Producer> {
+    make(cluster, client, None)
+}
+
+/// Creates the instance's transactional producer (`delivery = "exactly-once"`) with
+/// `transactional.id` = `id`: like [`create`], but never replaced. Its transactions are
+/// begun and ended by `crate::transaction`.
+pub fn create_transactional(cluster: Cluster<'_>, id: &str) -> anyhow::Result<Producer> {
+    make(cluster, "transactional producer", Some(id))
+}
+
+fn make(
+    cluster: Cluster<'_>,
+    client: &'static str,
+    transactional_id: Option<&str>,
+) -> anyhow::Result<Producer> {
     let mut config = ClientConfig::new();
     config
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT_MS)
         .set("linger.ms", "1");
     cluster.apply(&mut config);
+    if let Some(id) = transactional_id {
+        config.set("transactional.id", id);
+    }
     let first = Rebuildable::make(&config, client)
         .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))?;
     let reloading = config
@@ -390,6 +440,7 @@ pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Prod
     let now = std::time::Instant::now();
     Ok(Producer(Arc::new(Rebuildable {
         client,
+        transactional: transactional_id.is_some(),
         current: std::sync::RwLock::new(Current {
             producer: first,
             // A first client is never rebuilt within REBUILD_EVERY of its start either.

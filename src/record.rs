@@ -406,6 +406,15 @@ impl Fence {
         *fence = (*fence).max(generation);
     }
 
+    /// Whether `record` was read under a fenced generation.
+    fn covers(&self, record: &Record) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&record.source)
+            .is_some_and(|fence| record.generation <= *fence)
+    }
+
     /// Removes the covered records from `records`, keeping the order of the rest; returns how
     /// many were removed. One lock for the batch (the router and every worker check each
     /// batch: a lock per record would make them contend on it).
@@ -447,6 +456,11 @@ impl Fences {
     /// any more); returns how many.
     pub fn remove_released(&self, records: &mut Vec<Record>) -> usize {
         self.released.remove_covered(records)
+    }
+
+    /// Whether `record` was read under an assignment whose revoke is over.
+    pub fn is_released(&self, record: &Record) -> bool {
+        self.released.covers(record)
     }
 }
 

@@ -181,6 +181,9 @@ pub struct RouterLinks {
     pub decoder: Decoder,
     /// What becomes of events no route takes.
     pub unrouted: UnroutedPolicy,
+    /// Held shut while a transaction ends (`delivery = "exactly-once"`): nothing is dispatched
+    /// meanwhile. `None`: never held.
+    pub gate: Option<crate::transaction::DispatchGate>,
 }
 
 /// Sends records to the router (held by the consumer).
@@ -290,7 +293,23 @@ impl RouterActor {
             .iter()
             .map(|lane| lane.workers.iter().map(|_| Vec::new()).collect())
             .collect();
+        let gate = self.links.gate.clone();
         while self.receiver.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+            // While a transaction ends, nothing is dispatched; the batch waits here (its
+            // partitions may be revoked or rewound meanwhile, so the fences are read after).
+            let _pass = match &gate {
+                Some(gate) => match gate.pass().await {
+                    Some(pass) => Some(pass),
+                    None => {
+                        // The last transaction ended (shutdown): read again after a restart.
+                        self.links.metrics.in_flight.sub(batch.len() as i64);
+                        self.links.metrics.abandoned.inc_by(batch.len() as u64);
+                        batch.clear();
+                        continue;
+                    }
+                },
+                None => None,
+            };
             // A record of a revoked assignment: its partition went to another owner, which
             // reads it again; dispatching it would only make a duplicate.
             let revoked = self.links.fences.remove_revoked(&mut batch);
@@ -607,6 +626,7 @@ mod tests {
                 tombstones,
                 decoder: Decoder::default(),
                 unrouted: UnroutedPolicy::Ignore,
+                gate: None,
             },
         );
         assert!(matches!(router.offer(records), Offer::Taken));
@@ -834,6 +854,7 @@ mod tests {
                 tombstones: TombstonePolicy::Skip,
                 decoder: Decoder::default(),
                 unrouted: UnroutedPolicy::Ignore,
+                gate: None,
             },
         );
         // Zero bytes (not a null value): malformed, not a tombstone.

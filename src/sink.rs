@@ -52,9 +52,17 @@ pub trait Sink: Send {
     }
 }
 
+/// What the pipeline hands a sink factory besides the route.
+#[derive(Clone, Default)]
+pub struct SinkLinks {
+    /// The instance's transactional producer (`delivery = "exactly-once"`): every Kafka sink
+    /// sends on it, so that its records are in the transaction that commits their offsets.
+    pub transactional: Option<Producer>,
+}
+
 /// Builds the sink of worker `index` of a route. Tests and embedders can supply their own.
 pub type SinkFactory =
-    Arc<dyn Fn(&RouteConfig, usize) -> anyhow::Result<Box<dyn Sink>> + Send + Sync>;
+    Arc<dyn Fn(&RouteConfig, usize, &SinkLinks) -> anyhow::Result<Box<dyn Sink>> + Send + Sync>;
 
 /// The factory for the sinks named in the configuration. Workers of one route that write to the
 /// same file share one append-mode handle.
@@ -65,64 +73,69 @@ pub fn config_sink_factory() -> SinkFactory {
     let producers: Shared<String, Producer> = Shared::default();
     // One HTTP client (connection pool) per route, shared by its workers.
     let endpoints: Shared<String, crate::http_sink::HttpEndpoint> = Shared::default();
-    Arc::new(move |route: &RouteConfig, _index: usize| {
-        let sink: Box<dyn Sink> = match &route.sink {
-            SinkConfig::Null => Box::new(NullSink),
-            SinkConfig::Kafka {
-                topic,
-                brokers,
-                security,
-                options,
-                keep_timestamp,
-                keep_headers,
-            } => {
-                let brokers = brokers.as_deref().ok_or_else(|| {
-                    anyhow::anyhow!("route `{}`: kafka sink brokers not resolved", route.name)
-                })?;
-                let producer = producers.get_or_make(&route.name, || {
-                    crate::producer::create(
-                        Cluster {
-                            brokers,
-                            security: security.as_ref(),
-                            options,
-                        },
-                        "sink producer",
-                    )
-                })?;
-                Box::new(KafkaSink {
-                    producer,
-                    topic: topic.clone(),
-                    keep_timestamp: *keep_timestamp,
-                    keep_headers: *keep_headers,
-                })
-            }
-            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
-                let endpoint = endpoints.get_or_make(&route.name, || {
-                    let elasticsearch = matches!(route.sink, SinkConfig::Elasticsearch(_));
-                    crate::http_sink::HttpEndpoint::new(http, elasticsearch)
-                        .with_context(|| format!("route `{}`", route.name))
-                })?;
-                Box::new(endpoint.sink())
-            }
-            SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
-            SinkConfig::File {
-                path,
-                fsync,
-                max_bytes,
-                max_files,
-            } => {
-                let file = files.get_or_make(path, || {
-                    let rotation = max_bytes.map(|max_bytes| Rotation {
-                        max_bytes,
-                        max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
-                    });
-                    SharedFile::open(path, *fsync, rotation).map(Arc::new)
-                })?;
-                Box::new(LineSink::new(LineTarget::File(file)))
-            }
-        };
-        Ok(sink)
-    })
+    Arc::new(
+        move |route: &RouteConfig, _index: usize, links: &SinkLinks| {
+            let sink: Box<dyn Sink> = match &route.sink {
+                SinkConfig::Null => Box::new(NullSink),
+                SinkConfig::Kafka {
+                    topic,
+                    brokers,
+                    security,
+                    options,
+                    keep_timestamp,
+                    keep_headers,
+                } => {
+                    let brokers = brokers.as_deref().ok_or_else(|| {
+                        anyhow::anyhow!("route `{}`: kafka sink brokers not resolved", route.name)
+                    })?;
+                    let producer = match &links.transactional {
+                        Some(producer) => producer.clone(),
+                        None => producers.get_or_make(&route.name, || {
+                            crate::producer::create(
+                                Cluster {
+                                    brokers,
+                                    security: security.as_ref(),
+                                    options,
+                                },
+                                "sink producer",
+                            )
+                        })?,
+                    };
+                    Box::new(KafkaSink {
+                        producer,
+                        topic: topic.clone(),
+                        keep_timestamp: *keep_timestamp,
+                        keep_headers: *keep_headers,
+                    })
+                }
+                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
+                    let endpoint = endpoints.get_or_make(&route.name, || {
+                        let elasticsearch = matches!(route.sink, SinkConfig::Elasticsearch(_));
+                        crate::http_sink::HttpEndpoint::new(http, elasticsearch)
+                            .with_context(|| format!("route `{}`", route.name))
+                    })?;
+                    Box::new(endpoint.sink())
+                }
+                SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
+                SinkConfig::File {
+                    path,
+                    fsync,
+                    max_bytes,
+                    max_files,
+                } => {
+                    let file = files.get_or_make(path, || {
+                        let rotation = max_bytes.map(|max_bytes| Rotation {
+                            max_bytes,
+                            max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
+                        });
+                        SharedFile::open(path, *fsync, rotation).map(Arc::new)
+                    })?;
+                    Box::new(LineSink::new(LineTarget::File(file)))
+                }
+            };
+            Ok(sink)
+        },
+    )
 }
 
 /// What the sinks of a factory share by key (a route's producer or HTTP client, a file by

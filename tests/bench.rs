@@ -109,21 +109,35 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
         ],
         Duration::from_secs(300),
     );
-    check_rows(&output, 1, &["raw", "null", "kafka", "http"], 20_000);
+    check_rows(
+        &output,
+        1,
+        &["raw", "null", "kafka", "kafka-eos", "http"],
+        20_000,
+    );
     // The ratios are the printed medians' ratios (to the printed rounding).
     let median = |label: &str| figure(&output, label, label);
     let raw = median("(a) raw librdkafka");
     let null = median("(b) pipeline, null sinks");
     let kafka = median("(c) pipeline, kafka sinks");
     let http = median("(d) pipeline, http sinks");
+    let eos = median("(e) kafka sinks, exactly-once");
     let (b_a, c_a, d_a) = (
         figure(&output, "b/a", "b/a ="),
         figure(&output, "b/a", "c/a ="),
         figure(&output, "b/a", "d/a ="),
     );
     assert!(
-        raw > 0.0 && null > 0.0 && kafka > 0.0 && http > 0.0,
+        raw > 0.0 && null > 0.0 && kafka > 0.0 && http > 0.0 && eos > 0.0,
         "{output}"
+    );
+    let (e_a, e_c) = (
+        figure(&output, "b/a", "e/a ="),
+        figure(&output, "b/a", "e/c ="),
+    );
+    assert!(
+        (e_a - eos / raw).abs() <= 0.006 && (e_c - eos / kafka).abs() <= 0.006,
+        "e/a {e_a} vs {eos}/{raw}, e/c {e_c} vs {eos}/{kafka}"
     );
     assert!(
         (d_a - http / raw).abs() <= 0.006,
@@ -230,6 +244,11 @@ fn bench_runs_against_apache_kafka() {
         ],
         Duration::from_secs(300),
     );
-    check_rows(&output, 1, &["raw", "null", "kafka", "http"], 5_000);
+    check_rows(
+        &output,
+        1,
+        &["raw", "null", "kafka", "kafka-eos", "http"],
+        5_000,
+    );
     assert!(output.contains(&format!("broker: {brokers}")), "{output}");
 }

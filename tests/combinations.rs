@@ -350,28 +350,6 @@ async fn last_run(kafka: &Kafka, group: &str, mut child: Logbridge, stream: Stre
     produced
 }
 
-/// Where each dead letter of `topic` came from, with how many letters each place has.
-fn letter_places(kafka: &Kafka, topic: &str) -> HashMap<(i32, i64), usize> {
-    let mut places = HashMap::new();
-    for record in kafka.read_all(topic) {
-        let header = |name: &str| {
-            record
-                .header(name)
-                .unwrap_or_else(|| panic!("a dead letter without {name}"))
-        };
-        let place = (
-            header("logbridge.source.partition")
-                .parse()
-                .expect("a partition"),
-            header("logbridge.source.offset")
-                .parse()
-                .expect("an offset"),
-        );
-        *places.entry(place).or_insert(0) += 1;
-    }
-    places
-}
-
 /// Waits until `run`'s child has read something, then a random 1.5 to 3 s more: a moment
 /// mid-stream to kill it at.
 async fn mid_stream(child: &Logbridge, run: usize, rng: &mut impl Rng) {
@@ -529,15 +507,8 @@ async fn sigkill_with_a_kafka_sink_and_dead_letters_loses_nothing() {
     let child = start_child(&kafka, &group, work.path(), "last", pipeline, &routes);
     let produced = last_run(&kafka, &group, child, stream).await;
 
-    let mut copies: HashMap<u64, usize> = HashMap::new();
-    for record in kafka.read_all(&out) {
-        let value: serde_json::Value =
-            serde_json::from_slice(record.payload.as_deref().expect("a value")).expect("JSON");
-        *copies
-            .entry(value["id"].as_u64().expect("an id"))
-            .or_default() += 1;
-    }
-    let letters = letter_places(&kafka, &dlq);
+    let copies = kafka.copies_by_id(&out);
+    let letters = kafka.letter_places(&dlq);
     let lost = produced
         .valid_ids
         .iter()
@@ -903,7 +874,7 @@ async fn a_rebalance_while_the_dead_letter_topic_refuses_writes_commits_nothing_
             "{name}'s exit status"
         );
     }
-    let letters = letter_places(&kafka, &dlq);
+    let letters = kafka.letter_places(&dlq);
     let lines = read_lines(&[work.path().join("a.jsonl"), work.path().join("b.jsonl")]);
     let written: HashSet<u64> = id_counts(&lines).into_keys().collect();
     let unlettered = produced

@@ -431,9 +431,9 @@ async fn recovers(
 /// the configured sink.
 fn panicking_sinks() -> logbridge::sink::SinkFactory {
     let inner = logbridge::sink::config_sink_factory();
-    Arc::new(move |route, index| {
+    Arc::new(move |route, index, links| {
         Ok(Box::new(Panicking {
-            inner: inner(route, index)?,
+            inner: inner(route, index, links)?,
         }) as Box<dyn logbridge::sink::Sink>)
     })
 }
@@ -1032,9 +1032,9 @@ async fn a_stuck_record_pauses_its_partition_at_the_uncommitted_bound() {
 /// Sinks that fail the record keyed `stuck` (retryably) while `gate` is set.
 fn gated_sinks(gate: Arc<std::sync::atomic::AtomicBool>) -> logbridge::sink::SinkFactory {
     let inner = logbridge::sink::config_sink_factory();
-    Arc::new(move |route, index| {
+    Arc::new(move |route, index, links| {
         Ok(Box::new(Gated {
-            inner: inner(route, index)?,
+            inner: inner(route, index, links)?,
             gate: gate.clone(),
         }) as Box<dyn logbridge::sink::Sink>)
     })

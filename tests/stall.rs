@@ -59,9 +59,9 @@ async fn blocked_sink_makes_readiness_fail_naming_the_partition_until_unblocked(
     let (pipeline, address) = Running::start_serving(
         config,
         RunOptions {
-            sink_factory: Arc::new(move |route, index| {
+            sink_factory: Arc::new(move |route, index, links| {
                 Ok(Box::new(Gate {
-                    inner: files(route, index)?,
+                    inner: files(route, index, links)?,
                     closed: gate.clone(),
                 }) as Box<dyn Sink>)
             }),

@@ -99,6 +99,16 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// This host's name (`localhost` if it has none that can be read).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
 /// The whole configuration of one logbridge process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -457,7 +467,43 @@ pub struct PipelineConfig {
     /// otherwise, which caps a route at `workers × batch / round trip`. File and stdout sinks
     /// write one batch at a time.
     pub sink_batches_in_flight: usize,
+    /// What a crash, a rebalance or a failover may repeat: `at-least-once` (what finished since
+    /// the last commit is delivered again) or `exactly-once` (Kafka outputs only: the outputs
+    /// and the consumer offsets are committed in one Kafka transaction).
+    pub delivery: Delivery,
+    /// `transactional.id` of the instance's producer with `delivery = "exactly-once"`: unique
+    /// among running instances, the same across restarts of one (a restart then aborts what
+    /// the previous run left open at once). Default `logbridge-<group_id>-<hostname>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transactional_id: Option<String>,
 }
+
+/// What a crash, a rebalance or a failover may repeat (`[pipeline] delivery`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Offsets are committed only for finished records; a crash delivers again what finished
+    /// since the last commit.
+    #[default]
+    AtLeastOnce,
+    /// Kafka outputs and offsets are committed in one transaction per commit interval; readers
+    /// with `isolation.level = read_committed` see each record's outputs once.
+    ExactlyOnce,
+}
+
+impl Delivery {
+    /// The name used in the configuration and on `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::AtLeastOnce => "at-least-once",
+            Delivery::ExactlyOnce => "exactly-once",
+        }
+    }
+}
+
+/// librdkafka's default `transaction.timeout.ms`, which logbridge keeps unless the Kafka
+/// outputs' options set it.
+pub const DEFAULT_TRANSACTION_TIMEOUT_MS: u64 = 60_000;
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -472,6 +518,8 @@ impl Default for PipelineConfig {
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             max_uncommitted_records: 10_000,
             sink_batches_in_flight: 4,
+            delivery: Delivery::AtLeastOnce,
+            transactional_id: None,
         }
     }
 }
@@ -664,6 +712,20 @@ pub enum SinkConfig {
     },
 }
 
+impl SinkConfig {
+    /// Its `type` as written in the configuration.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkConfig::File { .. } => "file",
+            SinkConfig::Stdout => "stdout",
+            SinkConfig::Null => "null",
+            SinkConfig::Http(_) => "http",
+            SinkConfig::Elasticsearch(_) => "elasticsearch",
+            SinkConfig::Kafka { .. } => "kafka",
+        }
+    }
+}
+
 /// Rotated files a file sink keeps when `max_files` is absent.
 pub const DEFAULT_FILE_MAX_FILES: u32 = 5;
 
@@ -764,6 +826,16 @@ impl Config {
                 &mut dead_letter.security,
                 &mut dead_letter.options,
             );
+        }
+    }
+
+    /// `delivery = "exactly-once"`: the `transactional.id` of this instance's producer, as
+    /// configured, else `logbridge-<group_id>-<hostname>` (stable across restarts of one host
+    /// or pod, and unique among hosts).
+    pub fn transactional_id(&self) -> String {
+        match &self.pipeline.transactional_id {
+            Some(id) => id.clone(),
+            None => format!("logbridge-{}-{}", self.kafka.group_id, hostname()),
         }
     }
 
@@ -1185,6 +1257,136 @@ impl Config {
             1,
             1_000_000,
         )?;
+        if self.pipeline.delivery == Delivery::ExactlyOnce {
+            self.check_exactly_once()?;
+        }
+        Ok(())
+    }
+
+    /// `delivery = "exactly-once"`: every output is a Kafka topic on the source cluster, and
+    /// they can share one transactional producer (one security, one set of properties); a
+    /// transaction (a commit interval and a drain) fits well within `transaction.timeout.ms`.
+    fn check_exactly_once(&self) -> Result<(), ConfigError> {
+        const WHY: &str = "with pipeline.delivery = \"exactly-once\" every output must be a \
+                           Kafka topic on the source cluster (its offsets and the outputs are \
+                           committed in one transaction)";
+        let source = &self.kafka;
+        // The first Kafka output's properties: every other one must have the same, since
+        // they all go through the instance's one transactional producer.
+        let mut first: Option<(String, &BTreeMap<String, OptionValue>)> = None;
+        let mut outputs: Vec<(String, &Option<String>, &Option<SecurityConfig>, _)> = Vec::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            match &route.sink {
+                SinkConfig::Kafka {
+                    brokers,
+                    security,
+                    options,
+                    ..
+                } => outputs.push((format!("routes[{index}].sink"), brokers, security, options)),
+                other => {
+                    return Err(invalid(
+                        format!("routes[{index}].sink"),
+                        format!(
+                            "route `{}` writes to a {} sink: {WHY}",
+                            route.name,
+                            other.kind()
+                        ),
+                    ))
+                }
+            }
+        }
+        if let Some(dead_letter) = &self.dead_letter {
+            outputs.push((
+                "dead_letter".to_string(),
+                &dead_letter.brokers,
+                &dead_letter.security,
+                &dead_letter.options,
+            ));
+        }
+        for (key, brokers, security, options) in outputs {
+            if let Some(brokers) = brokers {
+                if !same_brokers(brokers, &source.brokers) {
+                    return Err(invalid(
+                        format!("{key}.brokers"),
+                        format!(
+                            "`{brokers}` is not the source cluster ({}): {WHY}",
+                            source.brokers
+                        ),
+                    ));
+                }
+            }
+            if security
+                .as_ref()
+                .is_some_and(|own| Some(own) != source.security.as_ref())
+            {
+                return Err(invalid(
+                    format!("{key}.security"),
+                    "with pipeline.delivery = \"exactly-once\" the outputs use the source \
+                     cluster's security (one transactional producer); leave this out",
+                ));
+            }
+            match &first {
+                None => first = Some((key, options)),
+                Some((first_key, first_options)) if *first_options != options => {
+                    return Err(invalid(
+                        format!("{key}.options"),
+                        format!(
+                            "with pipeline.delivery = \"exactly-once\" every Kafka output \
+                             shares one transactional producer: give it the same options as \
+                             {first_key}.options"
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        // Routes are never empty and all Kafka here, so there is a first output.
+        let (first_key, options) = match &first {
+            Some((key, options)) => (key.as_str(), Some(*options)),
+            None => ("routes[0].sink", None),
+        };
+        for name in ["transactional.id", "enable.idempotence"] {
+            if options.is_some_and(|options| options.contains_key(name)) {
+                return Err(invalid(
+                    format!("{first_key}.options.\"{name}\""),
+                    "logbridge sets it with pipeline.delivery = \"exactly-once\" (use \
+                     pipeline.transactional_id for the id)",
+                ));
+            }
+        }
+        let timeout_ms = match options.and_then(|options| options.get("transaction.timeout.ms")) {
+            None => DEFAULT_TRANSACTION_TIMEOUT_MS,
+            Some(value) => value.to_string().parse::<u64>().map_err(|_| {
+                invalid(
+                    format!("{first_key}.options.\"transaction.timeout.ms\""),
+                    format!("`{value}` is not a number of milliseconds"),
+                )
+            })?,
+        };
+        let pipeline = &self.pipeline;
+        // A transaction stays open for a commit interval, then a drain; the commit itself and
+        // a rebalance's revoke need the rest. Past the timeout the coordinator aborts it and
+        // fences the producer.
+        if (pipeline.commit_interval_ms + pipeline.drain_timeout_ms) * 2 > timeout_ms {
+            return Err(invalid(
+                "pipeline.commit_interval_ms",
+                format!(
+                    "commit_interval_ms ({}) + drain_timeout_ms ({}) must be at most half of \
+                     transaction.timeout.ms ({timeout_ms}), or a slow transaction is aborted \
+                     by the broker and the producer fenced",
+                    pipeline.commit_interval_ms, pipeline.drain_timeout_ms
+                ),
+            ));
+        }
+        if let Some(id) = &pipeline.transactional_id {
+            if id.trim().is_empty() || id.len() > 200 {
+                return Err(invalid(
+                    "pipeline.transactional_id",
+                    "must be 1 to 200 characters, unique among running instances and the same \
+                     across restarts of one",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -1532,6 +1734,111 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn exactly_once_takes_only_kafka_outputs_on_the_source_cluster_sharing_one_producer() {
+        let eos = |routes: &str, rest: &str| {
+            format!(
+                "[kafka]\nbrokers = \"a:9092,b:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
+                 [pipeline]\ndelivery = \"exactly-once\"\n{rest}\n{routes}"
+            )
+        };
+        let kafka_route = |name: &str, extra: &str| {
+            format!(
+                "[[routes]]\nname = \"{name}\"\nlevels = [\"info\"]\n\
+                 sink = {{ type = \"kafka\", topic = \"out-{name}\"{extra} }}\n"
+            )
+        };
+        let two = format!("{}{}", kafka_route("one", ""), kafka_route("two", ""));
+        let config = load(&format!(
+            "{}\n[dead_letter]\ntopic = \"logs.dlq\"\n",
+            eos(&two, "transactional_id = \"bridge-0\"")
+        ))
+        .expect("valid");
+        assert_eq!(config.pipeline.delivery, Delivery::ExactlyOnce);
+        assert_eq!(
+            config.pipeline.transactional_id.as_deref(),
+            Some("bridge-0")
+        );
+        // Brokers written in another order are the same cluster.
+        load(&eos(
+            &kafka_route("one", ", brokers = \"b:9092, a:9092\""),
+            "",
+        ))
+        .expect("valid");
+        assert_eq!(
+            load(MINIMAL).expect("valid").pipeline.delivery,
+            Delivery::AtLeastOnce
+        );
+        let http = "[[routes]]\nname = \"web\"\nlevels = [\"warning\"]\n\
+                    sink = { type = \"http\", url = \"http://h:8080/in\" }\n";
+        let cases = [
+            // Another kind of sink, named with its route.
+            (
+                eos(&format!("{two}{http}"), ""),
+                "routes[2].sink",
+                "route `web` writes to a http sink",
+            ),
+            (
+                eos(&kafka_route("one", ", brokers = \"c:9092\""), ""),
+                "routes[0].sink.brokers",
+                "not the source cluster",
+            ),
+            (
+                format!(
+                    "{}\n[dead_letter]\ntopic = \"dlq\"\nbrokers = \"c:9092\"\n",
+                    eos(&two, "")
+                ),
+                "dead_letter.brokers",
+                "not the source cluster",
+            ),
+            (
+                eos(
+                    &format!(
+                        "{}{}",
+                        kafka_route("one", ""),
+                        kafka_route("two", ", options = { \"linger.ms\" = 50 }")
+                    ),
+                    "",
+                ),
+                "routes[1].sink.options",
+                "the same options as routes[0].sink.options",
+            ),
+            (
+                eos(
+                    &kafka_route("one", ", options = { \"transactional.id\" = \"x\" }"),
+                    "",
+                ),
+                "routes[0].sink.options.\"transactional.id\"",
+                "pipeline.transactional_id",
+            ),
+            (
+                eos(
+                    &kafka_route("one", ", options = { \"transaction.timeout.ms\" = 10000 }"),
+                    "drain_timeout_ms = 5000",
+                ),
+                "pipeline.commit_interval_ms",
+                "at most half of transaction.timeout.ms (10000)",
+            ),
+            (
+                eos(&two, "transactional_id = \" \""),
+                "pipeline.transactional_id",
+                "1 to 200 characters",
+            ),
+            (
+                eos(&two, "").replace("exactly-once", "twice"),
+                "delivery",
+                "twice",
+            ),
+        ];
+        for (text, key, message) in cases {
+            let err = error_of(&text);
+            assert!(
+                err.contains(key) && err.contains(message),
+                "expected `{key}` and `{message}` in: {err}\n{text}"
+            );
+        }
     }
 
     #[test]

@@ -213,6 +213,12 @@ pub(crate) struct PartitionState {
     pub(crate) skipped: Option<Skipped>,
     /// The last records read, oldest first (at most [`REMEMBERED_READS`]).
     recent: VecDeque<ReadMark>,
+    /// The first record taken under this generation (`delivery = "exactly-once"`: an aborted
+    /// transaction rewinds to it when no transaction committed a position of it).
+    pub(crate) first_taken: Option<i64>,
+    /// The position the last committed transaction gave it (`delivery = "exactly-once"`): an
+    /// aborted transaction rewinds to it. Kept across rewinds; a new assignment starts without.
+    pub(crate) committed: Option<i64>,
 }
 
 impl PartitionState {
@@ -227,6 +233,18 @@ impl PartitionState {
             start: None,
             skipped: None,
             recent: VecDeque::new(),
+            first_taken: None,
+            committed: None,
+        }
+    }
+
+    /// Where an aborted transaction rewinds it to: the position the last committed transaction
+    /// gave it, else the first record taken under this generation; `None` if nothing was taken
+    /// since (nothing to read again).
+    pub(crate) fn rewind_target(&self) -> Option<i64> {
+        match (self.committed, self.first_taken) {
+            (Some(committed), _) => Some(committed),
+            (None, first) => first,
         }
     }
 
@@ -256,6 +274,7 @@ impl PartitionState {
             self.recent.pop_front();
         }
         self.recent.push_back(mark);
+        self.first_taken.get_or_insert(mark.offset);
         self.last_polled = Some(mark.offset);
         self.skipped = None;
         self.last_read = read_at;
@@ -266,6 +285,7 @@ impl PartitionState {
     /// records dropped.
     pub(crate) fn restart(&mut self, generation: u64) -> usize {
         self.generation = generation;
+        self.first_taken = None;
         self.last_polled = None;
         self.skipped = None;
         self.recent.clear();

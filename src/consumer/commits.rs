@@ -141,7 +141,7 @@ fn is_stale_commit(err: &KafkaError) -> bool {
     )
 }
 
-fn commit_list(entries: &[CommitEntry]) -> TopicPartitionList {
+pub(crate) fn commit_list(entries: &[CommitEntry]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::with_capacity(entries.len());
     for entry in entries {
         // Offsets come from Kafka and are never negative; a failure only drops this entry.
@@ -299,15 +299,19 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
     assignment: SharedAssignment,
     metrics: Arc<Metrics>,
     CommitRequests(mut requests): CommitRequests,
-    mut plans: watch::Receiver<CommitPlan>,
+    plans: Option<watch::Receiver<CommitPlan>>,
     retry_every: Duration,
     runtime: tokio::runtime::Handle,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    // No plans: exactly-once, where offsets go only in transactions (`crate::transaction`); a
+    // plain commit could pass records whose outputs a transaction then aborts.
+    let transactional = plans.is_none();
+    let mut plans = plans.unwrap_or_else(|| watch::channel(CommitPlan::default()).1);
     std::thread::Builder::new()
         .name("logbridge-commits".to_string())
         .spawn(move || {
             let mut ledger = CommitLedger::default();
-            let mut plans_open = true;
+            let mut plans_open = !transactional;
             // Idle partitions past skipped offsets are looked at on the commit interval.
             let mut tick = runtime.block_on(async {
                 let mut tick = tokio::time::interval(retry_every);
@@ -335,7 +339,7 @@ pub(crate) fn start<C: ConsumerContext + 'static>(
                 });
                 // On the interval: the idle partitions past skipped offsets.
                 let idle = match next {
-                    Next::Tick => ledger.skipped(&assignment.lock()),
+                    Next::Tick if !transactional => ledger.skipped(&assignment.lock()),
                     _ => Vec::new(),
                 };
                 // Whether everything admitted was taken by the broker.
@@ -627,7 +631,7 @@ mod tests {
             assignment.clone(),
             metrics.clone(),
             requests,
-            plans,
+            Some(plans),
             Duration::from_millis(200),
             tokio::runtime::Handle::current(),
         )

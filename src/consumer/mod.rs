@@ -48,6 +48,7 @@ use tracing::{debug, info, warn};
 
 pub use assignment::{PartitionFlow, PartitionView};
 pub use client::client_config;
+pub(crate) use commits::commit_list;
 
 use crate::breaker::BreakerState;
 use crate::channel::Offer;
@@ -90,6 +91,8 @@ pub struct ConsumerLinks {
     pub breaker: watch::Receiver<BreakerState>,
     /// Revoked generations, shared with the router.
     pub fences: Fences,
+    /// `delivery = "exactly-once"`: the transactional producer and the router's gate.
+    pub transactions: Option<(crate::producer::Producer, crate::transaction::DispatchGate)>,
 }
 
 /// The consumer as the rest of the pipeline sees it: its partitions, and its outcome.
@@ -148,6 +151,9 @@ pub enum Abandoned {
     /// The drain timeout passed with records still in flight.
     #[error("shutdown abandoned {0} unfinished records (drain_timeout_ms passed); they are read again after a restart")]
     Unfinished(usize),
+    /// Exactly-once: the last transaction could not be committed.
+    #[error("the last transaction was aborted at shutdown ({0}); records since the last committed transaction are read again after a restart")]
+    Aborted(&'static str),
     /// The committer did not answer.
     #[error("no final positions from the committer; records since the last commit are read again after a restart")]
     NoFinalPositions,
@@ -196,6 +202,9 @@ struct ConsumerActor {
     next_unread_check: std::time::Instant,
     /// When a record returned again may be logged next.
     next_read_again_log: std::time::Instant,
+    /// `delivery = "exactly-once"`: what starts the transactions, on the consumer thread
+    /// before the first poll (taken then).
+    transactions: Option<crate::transaction::TransactionSettings>,
 }
 
 impl ConsumerActor {
@@ -211,6 +220,7 @@ impl ConsumerActor {
             committer,
             breaker,
             fences,
+            transactions,
         } = links;
         let (commits, commit_requests) = commits::channel();
         let budget = ByteBudget::new(
@@ -240,11 +250,21 @@ impl ConsumerActor {
             consumer.context().assignment.clone(),
             metrics.clone(),
             commit_requests,
-            committer.plans(),
+            transactions.is_none().then(|| committer.plans()),
             Duration::from_millis(config.pipeline.commit_interval_ms),
             runtime.clone(),
         )
         .context("failed to start the commit thread")?;
+        let transactions =
+            transactions.map(|(producer, gate)| crate::transaction::TransactionSettings {
+                producer,
+                gate,
+                committer: committer.clone(),
+                metrics: metrics.clone(),
+                runtime: runtime.clone(),
+                drain_timeout: Duration::from_millis(config.pipeline.drain_timeout_ms),
+                interval: Duration::from_millis(config.pipeline.commit_interval_ms),
+            });
         Ok(ConsumerActor {
             holds: committer.holds(),
             budget,
@@ -266,6 +286,7 @@ impl ConsumerActor {
             stall_timeout: Duration::from_millis(config.pipeline.stall_timeout_ms),
             next_unread_check: std::time::Instant::now(),
             next_read_again_log: std::time::Instant::now(),
+            transactions,
         })
     }
 
@@ -304,8 +325,30 @@ impl ConsumerActor {
         // Polled through its own handle: a message borrows the client while `accept` changes
         // the actor.
         let consumer = self.consumer.clone();
+        if let Some(settings) = self.transactions.take() {
+            let transactions = crate::transaction::Transactions::start(settings)?;
+            // Set once, here: nothing else sets it.
+            let _ = self
+                .callbacks()
+                .transactions
+                .set(std::sync::Mutex::new(transactions));
+        }
         loop {
+            if let Some(fatal) = self
+                .callbacks()
+                .fatal
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+            {
+                return Err(fatal.into());
+            }
             match &mut phase {
+                Phase::Consuming
+                    if self.shutdown.is_cancelled() && self.callbacks().transactional() =>
+                {
+                    return self.finish_transactions(&consumer);
+                }
                 Phase::Consuming if self.shutdown.is_cancelled() => {
                     match self.begin_drain() {
                         Some(next) => phase = next,
@@ -341,6 +384,7 @@ impl ConsumerActor {
             }
             let held = match phase {
                 Phase::Consuming => {
+                    self.end_transaction_if_due(&consumer);
                     self.follow_breaker()?;
                     self.follow_holds()?;
                     self.observe_unread();
@@ -463,6 +507,52 @@ impl ConsumerActor {
 
     /// Stops fetching, releases the router (so the pipeline drains) and asks the committer for
     /// the final positions. `None` when there is nothing to wait for.
+    /// Exactly-once: ends the open transaction once it has been open for a commit interval.
+    fn end_transaction_if_due(&self, consumer: &BaseConsumer<Callbacks>) {
+        let callbacks = self.callbacks();
+        let due = callbacks.transactions.get().is_some_and(|transactions| {
+            transactions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .due()
+        });
+        if due {
+            callbacks.end_transaction(consumer, crate::transaction::Why::Interval);
+        }
+    }
+
+    /// Exactly-once shutdown: nothing more is fetched; the last transaction is ended (committed
+    /// if everything dispatched finishes within the drain timeout; what is still in the
+    /// router's channel is not dispatched, and the next owner reads it).
+    fn finish_transactions(&mut self, consumer: &BaseConsumer<Callbacks>) -> anyhow::Result<()> {
+        info!("shutdown: stop fetching and end the last transaction");
+        let callbacks = self.consumer.context();
+        callbacks.shutting_down.store(true, Ordering::Release);
+        if let Err(err) = self.pause_all(PauseWhy::Shutdown) {
+            warn!(error = %format!("{err:#}"), "cannot pause partitions for shutdown");
+        }
+        let ended = callbacks.end_transaction(consumer, crate::transaction::Why::Shutdown);
+        // Closing the router's input lets router, workers and committer finish (the committer
+        // once its input ends, now that shutdown's positions were asked for).
+        self.router = None;
+        if let Err(err) = self.committer.finish(tokio::time::Instant::now()) {
+            debug!(error = %err, "committer gone before shutdown");
+        }
+        let fatal = callbacks
+            .fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match (ended, fatal) {
+            (_, Some(fatal)) => Err(fatal.into()),
+            (Some(crate::transaction::Ended::Committed(_)), None) => Ok(()),
+            (Some(crate::transaction::Ended::Aborted(reason)), None) => {
+                Err(Abandoned::Aborted(reason).into())
+            }
+            (None, None) => Err(Abandoned::NoFinalPositions.into()),
+        }
+    }
+
     fn begin_drain(&mut self) -> Option<Phase> {
         info!("shutdown: stop fetching and drain in-flight records");
         self.callbacks()

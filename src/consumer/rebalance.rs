@@ -11,25 +11,29 @@
 //! - **Lost** (session expired): nothing is committed; their state is dropped.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientContext, TopicPartitionList};
-use tracing::{debug, info, warn};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
 
 use super::assignment::{Flow, PartitionState, PauseWhy, SharedAssignment};
 use super::commits::{extend_over_skipped, CommitWhy, Commits};
 use crate::client_log::ClientLog;
-use crate::committer::CommitterControl;
+use crate::committer::{CommitEntry, CommitterControl};
 use crate::metrics::Metrics;
 use crate::record::{ByteBudget, Fences, PartitionKey};
+use crate::transaction::{Ended, Fatal, Transactions, Why};
 
 /// Longest wait for the revoke commit before the callback lets the partitions go (a commit
 /// that has not landed by then may still land; else the next owner replays from the previous
 /// commit).
 const REVOKE_COMMIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Longest wait for the seek of a partition rewound after an aborted transaction.
+const REWIND_SEEK_WAIT: Duration = Duration::from_secs(5);
 
 /// The consumer's librdkafka context: what its callbacks need.
 pub(crate) struct Callbacks {
@@ -50,6 +54,11 @@ pub(crate) struct Callbacks {
     pub(crate) shutting_down: AtomicBool,
     /// librdkafka's errors and log lines, rate-limited.
     pub(crate) log: ClientLog,
+    /// `delivery = "exactly-once"`: the instance's transactions (set once the client exists;
+    /// ended on the interval by the poll loop, and here on revoke and loss).
+    pub(crate) transactions: OnceLock<Mutex<Transactions>>,
+    /// The transactional producer's fatal error, met in a callback: the poll loop ends on it.
+    pub(crate) fatal: Mutex<Option<Fatal>>,
 }
 
 impl Callbacks {
@@ -71,7 +80,109 @@ impl Callbacks {
             fences,
             shutting_down: AtomicBool::new(false),
             log: ClientLog::new("consumer"),
+            transactions: OnceLock::new(),
+            fatal: Mutex::new(None),
         }
+    }
+
+    /// Whether delivery is exactly-once (the offsets go in transactions, never in a plain
+    /// commit).
+    pub(crate) fn transactional(&self) -> bool {
+        self.transactions.get().is_some()
+    }
+
+    /// Ends the open transaction for `why` (see [`Transactions::end`]): the positions it
+    /// committed become the partitions' rewind targets; an abort rewinds every partition. A
+    /// fatal error is kept for the poll loop. `None` in at-least-once mode, or after a fatal
+    /// error.
+    pub(crate) fn end_transaction(
+        &self,
+        consumer: &BaseConsumer<Callbacks>,
+        why: Why,
+    ) -> Option<Ended> {
+        let transactions = self.transactions.get()?;
+        let mut transactions = transactions.lock().unwrap_or_else(PoisonError::into_inner);
+        let owned = |entry: &CommitEntry| {
+            self.assignment
+                .lock()
+                .partitions
+                .get(&entry.source)
+                .is_some_and(|state| state.generation == entry.generation)
+        };
+        let mut rewind = || self.rewind(consumer);
+        match transactions.end(consumer, &owned, why, &mut rewind) {
+            Ok(ended) => {
+                if let Ended::Committed(entries) = &ended {
+                    let mut assignment = self.assignment.lock();
+                    for entry in entries {
+                        if let Some(state) = assignment
+                            .partitions
+                            .get_mut(&entry.source)
+                            .filter(|state| state.generation == entry.generation)
+                        {
+                            state.committed = Some(entry.offset);
+                        }
+                    }
+                }
+                Some(ended)
+            }
+            Err(fatal) => {
+                *self.fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(fatal);
+                None
+            }
+        }
+    }
+
+    /// After an aborted transaction: every owned partition reads again from where the last
+    /// committed transaction left it (or where this generation began), under a new generation.
+    /// What was read of it under the old one is dropped everywhere (router, workers, the
+    /// committer's bookkeeping); its outputs were aborted with the transaction.
+    fn rewind(&self, consumer: &BaseConsumer<Callbacks>) {
+        let mut old = Vec::new();
+        let mut seeks = Vec::new();
+        {
+            let mut assignment = self.assignment.lock();
+            for (key, state) in assignment.partitions.iter_mut() {
+                let Some(target) = state.rewind_target() else {
+                    continue;
+                };
+                let generation = state.generation;
+                self.fences.revoke(key, generation);
+                self.fences.release(key, generation);
+                let next = self.next_generation();
+                let held = state.restart(next);
+                debug!(topic = %key.topic, partition = key.partition, target, generation = next, held_dropped = held, "partition rewound");
+                old.push((key.clone(), generation));
+                seeks.push((key.clone(), target));
+            }
+            assignment.publish(&self.metrics);
+        }
+        if old.is_empty() {
+            return;
+        }
+        // Forgets the old generations' bookkeeping (their acks no longer count).
+        if let Err(err) = self.committer.revoke_blocking(old, false) {
+            warn!(error = %err, "cannot drop the committer's state of the rewound partitions");
+        }
+        for (key, target) in seeks {
+            if let Err(err) = consumer.seek(
+                &key.topic,
+                key.partition,
+                Offset::Offset(target),
+                REWIND_SEEK_WAIT,
+            ) {
+                // The position stays where reading got to: what was aborted there would be
+                // skipped, so this cannot go on.
+                let message =
+                    format!("cannot rewind {key} to offset {target} after an abort: {err}");
+                error!(%message);
+                *self.fatal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Fatal(message));
+            }
+        }
+        info!(
+            partitions = self.assignment.lock().partitions.len(),
+            "partitions rewound to their last committed positions"
+        );
     }
 
     /// A generation no assignment had: every assignment of a partition, and every restart of
@@ -149,6 +260,25 @@ impl Callbacks {
         // Lost (session expired, another member may own them already): nothing may be
         // committed for them.
         let lost = consumer.assignment_lost();
+        // Exactly-once: the open transaction spans every partition, so it ends for all of
+        // them before the revoked ones go (committed; aborted if lost or if it cannot be).
+        // Their positions are in it, so no plain commit follows.
+        let transactional = self.transactional();
+        if transactional && tpl.count() > 0 && !self.closing.load(Ordering::Acquire) {
+            // The router stops dispatching records of the revoked partitions first: once the
+            // transaction ends, dispatch goes on into the next one, which must hold nothing of
+            // a partition whose position was just committed for the next owner.
+            {
+                let mut assignment = self.assignment.lock();
+                for element in tpl.elements() {
+                    let key = assignment.key(element.topic(), element.partition());
+                    if let Some(state) = assignment.partitions.get(&key) {
+                        self.fences.revoke(&key, state.generation);
+                    }
+                }
+            }
+            self.end_transaction(consumer, if lost { Why::Lost } else { Why::Revoke });
+        }
         let kind = if lost { "lost" } else { "revoke" };
         if lost {
             self.assignment.set_in_group(false);
@@ -202,7 +332,8 @@ impl Callbacks {
             info!(partitions = revoked.len(), "partitions revoked, draining");
         }
         // During shutdown the drain has its own deadline: commit what finished, do not wait.
-        let wait = !lost && !self.shutting_down.load(Ordering::Acquire);
+        // Exactly-once: the transaction's end drained everything already.
+        let wait = !lost && !self.shutting_down.load(Ordering::Acquire) && !transactional;
         let started = std::time::Instant::now();
         let answer = self.committer.revoke_blocking(revoked.clone(), wait);
         // The revoke is over: the next owner may start reading these partitions, so whatever
@@ -215,7 +346,7 @@ impl Callbacks {
             .revoke_drain_seconds
             .observe(started.elapsed().as_secs_f64());
         match answer {
-            Ok(_) if lost => {}
+            Ok(_) if lost || transactional => {}
             Ok(entries) => {
                 let entries = extend_over_skipped(&entries, |entry| {
                     skips
@@ -329,6 +460,7 @@ impl ConsumerContext for Callbacks {
                 // are gone as if lost (nothing may be committed for them).
                 self.metrics.rebalances.with_label_values(&["error"]).inc();
                 warn!(error = %err, "rebalance error; the assignment is dropped");
+                self.end_transaction(consumer, Why::Lost);
                 self.drop_assignment();
             }
         }

@@ -906,13 +906,61 @@ impl Kafka {
     }
 
     /// Every record of `topic` from the beginning up to its current end, read by a separate
-    /// client without a group.
+    /// client without a group, as a `read_committed` reader sees them (librdkafka's default):
+    /// no record of an aborted or open transaction.
     pub fn read_all(&self, topic: &str) -> Vec<ReadRecord> {
+        self.read_all_as(topic, "read_committed")
+    }
+
+    /// [`Kafka::read_all`] as a `read_uncommitted` reader: aborted transactions' records too.
+    pub fn read_all_uncommitted(&self, topic: &str) -> Vec<ReadRecord> {
+        self.read_all_as(topic, "read_uncommitted")
+    }
+
+    /// How many copies of each event (by its JSON `id`) `topic` holds for a `read_committed`
+    /// reader.
+    pub fn copies_by_id(&self, topic: &str) -> HashMap<u64, usize> {
+        let mut copies: HashMap<u64, usize> = HashMap::new();
+        for record in self.read_all(topic) {
+            let value: serde_json::Value =
+                serde_json::from_slice(record.payload.as_deref().expect("a value")).expect("JSON");
+            *copies
+                .entry(value["id"].as_u64().expect("an id"))
+                .or_default() += 1;
+        }
+        copies
+    }
+
+    /// Where each dead letter of `topic` came from (source partition and offset), with how
+    /// many letters each place has.
+    pub fn letter_places(&self, topic: &str) -> HashMap<(i32, i64), usize> {
+        let mut places = HashMap::new();
+        for record in self.read_all(topic) {
+            let header = |name: &str| {
+                record
+                    .header(name)
+                    .unwrap_or_else(|| panic!("a dead letter without {name}"))
+            };
+            let place = (
+                header("logbridge.source.partition")
+                    .parse()
+                    .expect("a partition"),
+                header("logbridge.source.offset")
+                    .parse()
+                    .expect("an offset"),
+            );
+            *places.entry(place).or_insert(0) += 1;
+        }
+        places
+    }
+
+    fn read_all_as(&self, topic: &str, isolation: &str) -> Vec<ReadRecord> {
         use rdkafka::message::{Headers, Message};
         let client: BaseConsumer = self
             .client()
             .set("group.id", unique("reader"))
             .set("enable.auto.commit", "false")
+            .set("isolation.level", isolation)
             .set("fetch.message.max.bytes", "8000000")
             .create()
             .expect("reader");
@@ -998,9 +1046,9 @@ pub fn held_sinks(
 ) -> logbridge::sink::SinkFactory {
     use logbridge::sink::Sink;
     let files = logbridge::sink::config_sink_factory();
-    std::sync::Arc::new(move |route, index| {
+    std::sync::Arc::new(move |route, index, links| {
         Ok(Box::new(DelayedSink {
-            inner: files(route, index)?,
+            inner: files(route, index, links)?,
             per_batch,
             per_record_micros: per_record_micros.clone(),
             hold: hold.clone(),

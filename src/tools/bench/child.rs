@@ -18,7 +18,7 @@ use crate::consumer::client_config;
 use crate::metrics::Metrics;
 use crate::pipeline::{self, HttpBind, RunOptions};
 use crate::record::Record;
-use crate::sink::{config_sink_factory, DeliveryFuture, NullSink, Sink, SinkFactory};
+use crate::sink::{config_sink_factory, DeliveryFuture, NullSink, Sink, SinkFactory, SinkLinks};
 
 /// How often a pipeline child looks at its progress.
 const CHECK_EVERY: Duration = Duration::from_millis(5);
@@ -29,7 +29,9 @@ const TRACE_EVERY: Duration = Duration::from_millis(250);
 /// every level the sample traffic has, to null sinks or to `out_topic`.
 pub fn bench_config(options: &ChildOptions) -> anyhow::Result<Config> {
     let sink = match options.mode {
-        Mode::Kafka => format!("{{ type = \"kafka\", topic = \"{}\" }}", options.out_topic),
+        Mode::Kafka | Mode::KafkaEos => {
+            format!("{{ type = \"kafka\", topic = \"{}\" }}", options.out_topic)
+        }
         Mode::Http => format!("{{ type = \"http\", url = \"{}\" }}", options.http_url),
         _ => "{ type = \"null\" }".to_string(),
     };
@@ -45,6 +47,7 @@ topics = ["{topic}"]
 
 [pipeline]
 commit_interval_ms = {interval}
+{delivery}
 
 [http]
 listen = "127.0.0.1:0"
@@ -71,6 +74,14 @@ sink = {sink}
         group = options.group,
         topic = options.topic,
         interval = options.commit_interval_ms,
+        delivery = match options.mode {
+            // Its own id per measurement (the group is fresh for every one).
+            Mode::KafkaEos => format!(
+                "delivery = \"exactly-once\"\ntransactional_id = \"{}\"",
+                options.group
+            ),
+            _ => String::new(),
+        },
     );
     let mut config = Config::from_toml_str(&text).context("benchmark configuration is invalid")?;
     for option in &options.consumer_options {
@@ -308,10 +319,12 @@ fn paced_sink_factory(rate: u64) -> SinkFactory {
         per_record: Duration::from_secs_f64(1.0 / rate.max(1) as f64),
         next: Mutex::new(Instant::now()),
     });
-    Arc::new(move |_route: &RouteConfig, _index: usize| {
-        let sink: Box<dyn Sink> = Box::new(PacedSink { pace: pace.clone() });
-        Ok(sink)
-    })
+    Arc::new(
+        move |_route: &RouteConfig, _index: usize, _links: &SinkLinks| {
+            let sink: Box<dyn Sink> = Box::new(PacedSink { pace: pace.clone() });
+            Ok(sink)
+        },
+    )
 }
 
 /// A shared schedule: each batch takes its share of time after the previous one.

@@ -190,7 +190,13 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     println!("{HEADER}");
     let mut results: BTreeMap<Mode, Vec<Measurement>> = BTreeMap::new();
     for round in 1..=options.runs {
-        for mode in [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Http] {
+        for mode in [
+            Mode::Raw,
+            Mode::Null,
+            Mode::Kafka,
+            Mode::KafkaEos,
+            Mode::Http,
+        ] {
             if mode != Mode::Raw && !options.modes.contains(&mode) {
                 continue;
             }

@@ -48,8 +48,13 @@ pub struct BenchOptions {
     /// `pipeline.commit_interval_ms` of the measured pipeline.
     #[arg(long, default_value_t = 1_000)]
     pub commit_interval_ms: u64,
-    /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka, http.
-    #[arg(long, value_delimiter = ',', default_value = "null,kafka,http")]
+    /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka,
+    /// kafka-eos (exactly-once: transactions), http.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "null,kafka,kafka-eos,http"
+    )]
     pub modes: Vec<Mode>,
     /// librdkafka consumer property for every mode, `key=value` (repeatable).
     #[arg(long = "consumer-option")]
@@ -125,6 +130,8 @@ pub enum Mode {
     Null,
     /// The pipeline to Kafka sinks.
     Kafka,
+    /// The pipeline to Kafka sinks with `delivery = "exactly-once"` (transactions).
+    KafkaEos,
     /// The pipeline to HTTP sinks posting to a local endpoint that answers at once.
     Http,
     /// The pipeline to null sinks paced to a fixed rate (memory ceiling).
@@ -132,12 +139,23 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// Every mode.
+    pub const ALL: [Mode; 6] = [
+        Mode::Raw,
+        Mode::Null,
+        Mode::Kafka,
+        Mode::KafkaEos,
+        Mode::Paced,
+        Mode::Http,
+    ];
+
     /// Name on the command line and in the output.
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Raw => "raw",
             Mode::Null => "null",
             Mode::Kafka => "kafka",
+            Mode::KafkaEos => "kafka-eos",
             Mode::Paced => "paced",
             Mode::Http => "http",
         }
@@ -148,10 +166,12 @@ impl std::str::FromStr for Mode {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Mode, String> {
-        [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced, Mode::Http]
+        Mode::ALL
             .into_iter()
             .find(|mode| mode.as_str() == text)
-            .ok_or_else(|| format!("unknown mode `{text}`: raw, null, kafka, http or paced"))
+            .ok_or_else(|| {
+                format!("unknown mode `{text}`: raw, null, kafka, kafka-eos, http or paced")
+            })
     }
 }
 
@@ -262,7 +282,7 @@ mod tests {
 
     #[test]
     fn modes_round_trip_through_their_names() {
-        for mode in [Mode::Raw, Mode::Null, Mode::Kafka, Mode::Paced, Mode::Http] {
+        for mode in Mode::ALL {
             assert_eq!(mode.as_str().parse::<Mode>(), Ok(mode));
         }
         assert!("fast".parse::<Mode>().is_err());

@@ -56,6 +56,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         ("(b) pipeline, null sinks", Mode::Null),
         ("(c) pipeline, kafka sinks", Mode::Kafka),
         ("(d) pipeline, http sinks", Mode::Http),
+        ("(e) kafka sinks, exactly-once", Mode::KafkaEos),
     ] {
         let runs = figures(mode);
         if runs.is_empty() {
@@ -76,10 +77,12 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         );
     }
     println!(
-        "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.50)   d/a = {:.2}",
+        "b/a = {:.2} (target >= 0.90)   c/a = {:.2} (target >= 0.50)   d/a = {:.2}   e/a = {:.2}   e/c = {:.2} (exactly-once against at-least-once)",
         rate(Mode::Null) / raw,
         rate(Mode::Kafka) / raw,
-        rate(Mode::Http) / raw
+        rate(Mode::Http) / raw,
+        rate(Mode::KafkaEos) / raw,
+        rate(Mode::KafkaEos) / rate(Mode::Kafka)
     );
     let finished = |mode: Mode| median_of(figures(mode), |m| m.finished_rate().unwrap_or(f64::NAN));
     let finished_raw = finished(Mode::Raw);
@@ -91,7 +94,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         finished(Mode::Http)
     );
     let interval = options.commit_interval_ms as f64 / 1000.0;
-    let per_interval = [Mode::Null, Mode::Kafka, Mode::Http]
+    let per_interval = [Mode::Null, Mode::Kafka, Mode::KafkaEos, Mode::Http]
         .iter()
         .flat_map(|mode| figures(*mode))
         .map(|m| m.commits as f64 / (m.seconds / interval).ceil().max(1.0))

@@ -1,0 +1,403 @@
+//! Exactly-once delivery (`[pipeline] delivery = "exactly-once"`): the Kafka outputs of the
+//! records and their consumer offsets are committed in one Kafka transaction per commit
+//! interval, so a `read_committed` reader sees each record's outputs once, whatever crashed or
+//! moved. Design and reasons: `docs/exactly-once.md`.
+//!
+//! - [`DispatchGate`]: the router dispatches nothing while a transaction ends.
+//! - [`Transactions`]: the instance's transactional producer and the end of each transaction,
+//!   driven by the consumer thread (on the interval, in the revoke callback, at shutdown):
+//!   hold dispatch, wait until every dispatched record finished (its outputs are then in the
+//!   transaction), send the offsets with the group's metadata, commit, begin the next. If that
+//!   cannot be done (a send failed, the drain ran out of time, the group moved on), the
+//!   transaction is aborted and the caller rewinds every partition to the last committed
+//!   position. A fenced producer (or any fatal error) ends the instance.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::Producer as _;
+use rdkafka::util::Timeout;
+use tracing::{debug, error, info, warn};
+
+use crate::committer::{CommitEntry, CommitterControl};
+use crate::metrics::Metrics;
+use crate::producer::Producer;
+
+/// Held shut while a transaction ends: the router passes it for each batch it dispatches, and
+/// the end of a transaction waits until no batch is being dispatched and keeps it shut. After
+/// the last transaction (shutdown) it stays shut for good.
+#[derive(Clone, Default)]
+pub struct DispatchGate {
+    lock: Arc<tokio::sync::RwLock<()>>,
+    /// Set by the shutdown's transaction: nothing more is dispatched.
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DispatchGate {
+    /// Waits while the gate is shut; dispatch may go on while the returned pass is held.
+    /// `None` once the last transaction ended: what is left is not dispatched (it is read again
+    /// after a restart).
+    pub(crate) async fn pass(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        let pass = self.lock.read().await;
+        (!self.ended.load(std::sync::atomic::Ordering::Acquire)).then_some(pass)
+    }
+
+    /// Shuts the gate once no batch is being dispatched, waiting at most `wait`; `None` if the
+    /// router kept dispatching that long (a worker channel stayed full). Open again when the
+    /// returned guard is dropped.
+    fn shut(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        wait: Duration,
+    ) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
+        let lock = self.lock.clone();
+        runtime
+            .block_on(tokio::time::timeout(wait, lock.write_owned()))
+            .ok()
+    }
+}
+
+/// How often the wait for the drain looks whether a send of the transaction failed already
+/// (then the transaction can only be aborted, and waiting longer is pointless).
+const DRAIN_SLICE: Duration = Duration::from_millis(100);
+
+/// Longest wait for `send_offsets_to_transaction` (librdkafka may not keep it while the group
+/// coordinator is down, librdkafka #5456; the broker's `transaction.timeout.ms` is the
+/// backstop then).
+const SEND_OFFSETS_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest wait for `init_transactions` at start (it aborts what the previous run with the same
+/// `transactional.id` left open, which waits for that transaction's markers).
+const INIT_WAIT: Duration = Duration::from_secs(60);
+
+/// Attempts of a transactional call that failed retriably.
+const ATTEMPTS: usize = 5;
+
+/// Why a transaction ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// The commit interval passed.
+    Interval,
+    /// Partitions are being revoked: commit everything before they go.
+    Revoke,
+    /// Partitions were lost (the session expired): the group moved on, nothing may be
+    /// committed.
+    Lost,
+    /// The last transaction at shutdown (no new one is begun).
+    Shutdown,
+}
+
+impl Why {
+    fn as_str(self) -> &'static str {
+        match self {
+            Why::Interval => "interval",
+            Why::Revoke => "revoke",
+            Why::Lost => "lost",
+            Why::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// How a transaction ended.
+#[derive(Debug)]
+pub(crate) enum Ended {
+    /// Committed with these positions (empty: nothing had moved).
+    Committed(Vec<CommitEntry>),
+    /// Aborted, for the reason given; the partitions were rewound (see [`Transactions::end`]).
+    Aborted(&'static str),
+}
+
+/// The transactional producer cannot go on: fenced by a newer producer with the same
+/// `transactional.id` (or by the broker, after a transaction outlived its timeout), or failed
+/// fatally otherwise. Nothing more is committed; the instance stops.
+#[derive(Debug, thiserror::Error)]
+#[error("the transactional producer cannot go on ({0}); nothing more is committed, and the instance stops (a restart aborts what it left open)")]
+pub struct Fatal(pub String);
+
+/// What a failed transactional call leaves to do.
+enum Trouble {
+    /// Abort the transaction (for this reason) and rewind.
+    Abort(&'static str),
+    /// Nothing can be done with this producer any more.
+    Fatal(String),
+}
+
+/// The instance's transactions (one at a time, always one open between `start` and
+/// shutdown).
+pub(crate) struct Transactions {
+    producer: Producer,
+    gate: DispatchGate,
+    committer: CommitterControl,
+    metrics: Arc<Metrics>,
+    runtime: tokio::runtime::Handle,
+    drain_timeout: Duration,
+    interval: Duration,
+    /// When the open transaction began.
+    began: Instant,
+    /// Set once the producer failed fatally: nothing is tried any more.
+    fatal: Option<String>,
+}
+
+/// What [`Transactions::start`] needs.
+pub(crate) struct TransactionSettings {
+    /// The transactional producer (shared with the Kafka sinks and the dead-letter actor).
+    pub producer: Producer,
+    /// The router's gate.
+    pub gate: DispatchGate,
+    /// The committer, asked for the drain and the positions.
+    pub committer: CommitterControl,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// For the waits on tokio primitives from the consumer thread.
+    pub runtime: tokio::runtime::Handle,
+    /// Longest wait for the dispatched records at the end of a transaction.
+    pub drain_timeout: Duration,
+    /// How long a transaction stays open (the commit interval).
+    pub interval: Duration,
+}
+
+impl Transactions {
+    /// Initialises the producer's transactions (aborting whatever the previous run with the
+    /// same `transactional.id` left open) and begins the first. Blocking.
+    pub(crate) fn start(settings: TransactionSettings) -> anyhow::Result<Transactions> {
+        let TransactionSettings {
+            producer,
+            gate,
+            committer,
+            metrics,
+            runtime,
+            drain_timeout,
+            interval,
+        } = settings;
+        let client = producer.transactional_client();
+        client.init_transactions(INIT_WAIT).map_err(|err| {
+            anyhow::anyhow!("cannot initialise the transactional producer: {err}")
+        })?;
+        client
+            .begin_transaction()
+            .map_err(|err| anyhow::anyhow!("cannot begin the first transaction: {err}"))?;
+        producer.clear_failed();
+        info!("transactional producer ready: delivery is exactly-once");
+        Ok(Transactions {
+            producer,
+            gate,
+            committer,
+            metrics,
+            runtime,
+            drain_timeout,
+            interval,
+            began: Instant::now(),
+            fatal: None,
+        })
+    }
+
+    /// Whether the open transaction has been open for a commit interval.
+    pub(crate) fn due(&self) -> bool {
+        self.fatal.is_none() && self.began.elapsed() >= self.interval
+    }
+
+    /// Ends the open transaction and, unless `why` is shutdown, begins the next.
+    ///
+    /// Committed when every dispatched record finished within the drain timeout (dispatch is
+    /// held meanwhile): the offsets sent are the positions the committer answers, for the
+    /// partitions `owned` says are still held under the entry's generation. Otherwise (or if a
+    /// call fails abortably, or `why` is `Lost`) aborted, and `rewind` is called before
+    /// dispatch goes on: it must fence every owned partition's generation and seek it back to
+    /// its last committed position.
+    pub(crate) fn end<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        owned: &dyn Fn(&CommitEntry) -> bool,
+        why: Why,
+        rewind: &mut dyn FnMut(),
+    ) -> Result<Ended, Fatal> {
+        if let Some(fatal) = &self.fatal {
+            return Err(Fatal(fatal.clone()));
+        }
+        // Not needed to abort (what a rewind fences is dropped wherever it is), only to commit.
+        let shut = match why {
+            Why::Lost => None,
+            _ => self.gate.shut(&self.runtime, self.drain_timeout),
+        };
+        let outcome = match (why, &shut) {
+            (Why::Lost, _) => Err(Trouble::Abort("partitions_lost")),
+            (_, None) => Err(Trouble::Abort("dispatch_not_held")),
+            (_, Some(_)) => self.commit(consumer, owned),
+        };
+        let ended = match outcome {
+            Ok(entries) => {
+                self.metrics
+                    .transactions
+                    .with_label_values(&["committed", why.as_str()])
+                    .inc();
+                if !entries.is_empty() {
+                    // The offsets went to the broker in the transaction: a commit request.
+                    self.metrics.commits.with_label_values(&["ok"]).inc();
+                }
+                for entry in &entries {
+                    self.metrics.set_committed(&entry.source, entry.offset);
+                }
+                debug!(
+                    why = why.as_str(),
+                    partitions = entries.len(),
+                    "transaction committed"
+                );
+                Ended::Committed(entries)
+            }
+            Err(Trouble::Abort(reason)) => {
+                warn!(why = why.as_str(), reason, "transaction aborted: every partition reads again from its last committed position");
+                self.abort().map_err(|err| self.fail(err))?;
+                self.metrics
+                    .transactions
+                    .with_label_values(&["aborted", reason])
+                    .inc();
+                rewind();
+                Ended::Aborted(reason)
+            }
+            Err(Trouble::Fatal(message)) => return Err(self.fail(message)),
+        };
+        self.metrics
+            .transaction_seconds
+            .observe(self.began.elapsed().as_secs_f64());
+        if why == Why::Shutdown {
+            self.gate
+                .ended
+                .store(true, std::sync::atomic::Ordering::Release);
+        } else {
+            self.begin().map_err(|err| self.fail(err))?;
+        }
+        // Dispatch goes on (into the new transaction) once the gate is dropped here.
+        drop(shut);
+        Ok(ended)
+    }
+
+    /// Counts and keeps a fatal error; every later call returns it.
+    fn fail(&mut self, message: String) -> Fatal {
+        error!(error = %message, "the transactional producer cannot go on (fenced, or failed fatally): nothing more is committed");
+        self.metrics.transactions_fenced.inc();
+        // Nothing more is dispatched: nothing could be committed.
+        self.gate
+            .ended
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.fatal = Some(message.clone());
+        Fatal(message)
+    }
+
+    /// Waits for the drain, then sends the offsets and commits. Dispatch is held.
+    fn commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        owned: &dyn Fn(&CommitEntry) -> bool,
+    ) -> Result<Vec<CommitEntry>, Trouble> {
+        let deadline = Instant::now() + self.drain_timeout;
+        let positions = loop {
+            let slice = (Instant::now() + DRAIN_SLICE).min(deadline);
+            let answer = self
+                .committer
+                .drain_blocking(slice.into())
+                .map_err(|_| Trouble::Abort("committer_gone"))?;
+            if answer.unfinished == 0 {
+                break answer.entries;
+            }
+            if self.producer.failed_since_cleared() {
+                return Err(Trouble::Abort("send_failed"));
+            }
+            if Instant::now() >= deadline {
+                return Err(Trouble::Abort("drain_timeout"));
+            }
+        };
+        // A record that failed made the transaction abortable, even if the worker finished it
+        // since (dead-lettered): its commit would be refused.
+        if self.producer.failed_since_cleared() {
+            return Err(Trouble::Abort("send_failed"));
+        }
+        let entries: Vec<CommitEntry> = positions.into_iter().filter(|e| owned(e)).collect();
+        let client = self.producer.transactional_client();
+        if !entries.is_empty() {
+            // Fetched now: the generation (member epoch) it carries must be the current one,
+            // or the coordinator refuses the offsets (and so fences a zombie).
+            let metadata = consumer
+                .group_metadata()
+                .ok_or(Trouble::Abort("no_group_metadata"))?;
+            let list = crate::consumer::commit_list(&entries);
+            retrying("send the offsets to the transaction", || {
+                client.send_offsets_to_transaction(&list, &metadata, SEND_OFFSETS_WAIT)
+            })?;
+        }
+        // `Timeout::Never`, as librdkafka advises: it flushes what was sent, then commits.
+        retrying("commit the transaction", || {
+            client.commit_transaction(Timeout::Never)
+        })?;
+        Ok(entries)
+    }
+
+    fn abort(&self) -> Result<(), String> {
+        let client = self.producer.transactional_client();
+        match retrying("abort the transaction", || {
+            client.abort_transaction(Timeout::Never)
+        }) {
+            Ok(()) => Ok(()),
+            Err(Trouble::Fatal(message)) => Err(message),
+            // An abort that asks for an abort: librdkafka's state is broken.
+            Err(Trouble::Abort(reason)) => Err(format!("abort failed: {reason}")),
+        }
+    }
+
+    fn begin(&mut self) -> Result<(), String> {
+        self.producer
+            .transactional_client()
+            .begin_transaction()
+            .map_err(|err| format!("cannot begin a transaction: {err}"))?;
+        self.producer.clear_failed();
+        self.began = Instant::now();
+        Ok(())
+    }
+}
+
+/// Calls `call` until it succeeds, it fails other than retriably, or [`ATTEMPTS`] retriable
+/// failures; sorts the failure as librdkafka advises (abortable, retriable, else fatal).
+fn retrying(what: &str, mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), Trouble> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let err = match call() {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        match &err {
+            KafkaError::Transaction(txn) if txn.is_fatal() => {
+                return Err(Trouble::Fatal(format!("{what}: {err}")));
+            }
+            KafkaError::Transaction(txn) if txn.txn_requires_abort() => {
+                warn!(error = %err, "cannot {what}; the transaction is aborted");
+                return Err(Trouble::Abort(abort_reason(&err)));
+            }
+            // rust-rdkafka flushes before it commits; a flush that timed out is tried again.
+            KafkaError::Transaction(txn) if txn.is_retriable() && attempt < ATTEMPTS => {
+                warn!(error = %err, attempt, "cannot {what} yet; trying again");
+            }
+            KafkaError::Flush(_) if attempt < ATTEMPTS => {
+                warn!(error = %err, attempt, "cannot {what} yet; trying again");
+            }
+            KafkaError::Transaction(txn) if txn.is_retriable() => {
+                return Err(Trouble::Abort("retries_exhausted"));
+            }
+            KafkaError::Flush(_) => return Err(Trouble::Abort("retries_exhausted")),
+            _ => return Err(Trouble::Fatal(format!("{what}: {err}"))),
+        }
+    }
+}
+
+/// A short reason for the `aborted` count.
+fn abort_reason(err: &KafkaError) -> &'static str {
+    use rdkafka::types::RDKafkaErrorCode as Code;
+    match err.rdkafka_error_code() {
+        Some(Code::IllegalGeneration | Code::UnknownMemberId | Code::FencedInstanceId) => {
+            "group_moved_on"
+        }
+        Some(Code::RebalanceInProgress) => "rebalance_in_progress",
+        _ => "abortable_error",
+    }
+}

@@ -1,0 +1,492 @@
+//! Exactly-once Kafka → Kafka (`[pipeline] delivery = "exactly-once"`) on Apache Kafka: a
+//! `read_committed` reader of the output topic finds every valid event once and the
+//! dead-letter topic every malformed record once, whatever was killed or moved mid-transaction.
+//! Each test also asserts that its condition happened (transactions were aborted by the
+//! crashes, a revoke committed one), so none passes because nothing was mid-transaction.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::process::Logbridge;
+use common::stream::{test_rng, Stream};
+use common::*;
+use rand::Rng;
+
+/// Events a second the producer writes while instances come and go.
+const PER_SECOND: u64 = 2_000;
+
+/// The output topics of `kafka`'s source topic: (output, dead letters), created.
+async fn outputs(kafka: &Kafka) -> (String, String) {
+    let out = format!("{}-out", kafka.topic);
+    let dlq = format!("{}-dlq", kafka.topic);
+    kafka.create_external_topic(&out, 4).await;
+    kafka.create_external_topic(&dlq, 1).await;
+    (out, dlq)
+}
+
+/// Starts `logbridge run` as `name` in `work`: exactly-once, with `transactional_id`, a Kafka
+/// route to `out` and dead letters to `dlq`; `options` are more `[kafka.options]` lines.
+#[allow(clippy::too_many_arguments)]
+fn start(
+    kafka: &Kafka,
+    group: &str,
+    work: &Path,
+    name: &str,
+    transactional_id: &str,
+    (out, dlq): (&str, &str),
+    options: &str,
+) -> Logbridge {
+    let text = format!(
+        "{kafka}\n[pipeline]\ndelivery = \"exactly-once\"\ntransactional_id = \"{transactional_id}\"\n\
+         commit_interval_ms = 500\ndrain_timeout_ms = 2000\n[http]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nname = \"all\"\ndefault = true\nworkers = 4\n\
+         sink = {{ type = \"kafka\", topic = \"{out}\" }}\n[dead_letter]\ntopic = \"{dlq}\"\n",
+        kafka = kafka_section(
+            &kafka.brokers,
+            group,
+            &kafka.topic,
+            &if options.contains("\"group.protocol\" = \"consumer\"") {
+                // The broker keeps the session and heartbeats under KIP-848.
+                options.to_string()
+            } else {
+                format!("\"heartbeat.interval.ms\" = 1000\n{options}")
+            },
+        ),
+    );
+    let config = work.join(format!("{name}.toml"));
+    std::fs::write(&config, text).expect("write config");
+    Logbridge::start(&config, work.join(format!("{name}.log")))
+}
+
+/// What a `read_committed` reader finds against what was produced.
+struct Audit {
+    valid: usize,
+    malformed: usize,
+    lost: usize,
+    duplicates: usize,
+    unlettered: usize,
+    letters_twice: usize,
+    /// Records of the output topics only a `read_uncommitted` reader sees: written in
+    /// transactions that were aborted (or left open and then aborted).
+    aborted_records: usize,
+}
+
+impl Audit {
+    fn of(kafka: &Kafka, (out, dlq): (&str, &str), produced: &Produced) -> Audit {
+        let copies = kafka.copies_by_id(out);
+        let letters = kafka.letter_places(dlq);
+        let lost = produced
+            .valid_ids
+            .iter()
+            .filter(|id| !copies.contains_key(id))
+            .count();
+        let unlettered = produced
+            .malformed
+            .iter()
+            .filter(|place| !letters.contains_key(place))
+            .count();
+        assert!(
+            copies.keys().all(|id| produced.valid_ids.contains(id)),
+            "the output topic holds events that were never produced"
+        );
+        let committed = copies.values().sum::<usize>() + letters.values().sum::<usize>();
+        let all = kafka.read_all_uncommitted(out).len() + kafka.read_all_uncommitted(dlq).len();
+        Audit {
+            valid: produced.valid_ids.len(),
+            malformed: produced.malformed.len(),
+            lost,
+            duplicates: copies.values().map(|n| n - 1).sum(),
+            unlettered,
+            letters_twice: letters.values().map(|n| n - 1).sum(),
+            aborted_records: all.saturating_sub(committed),
+        }
+    }
+
+    fn print(&self, test: &str) {
+        println!(
+            "{test}: {} valid, {} malformed; lost {}, written twice {}, malformed without a \
+             letter {}, letters twice {}; {} records of aborted transactions (seen only by \
+             read_uncommitted)",
+            self.valid,
+            self.malformed,
+            self.lost,
+            self.duplicates,
+            self.unlettered,
+            self.letters_twice,
+            self.aborted_records
+        );
+    }
+
+    fn assert_exactly_once(&self, test: &str) {
+        assert!(
+            self.valid > 0 && self.malformed > 0,
+            "{test}: nothing produced"
+        );
+        assert_eq!(self.lost, 0, "{test}: valid events missing from the output");
+        assert_eq!(self.duplicates, 0, "{test}: valid events written twice");
+        assert_eq!(
+            self.unlettered, 0,
+            "{test}: malformed records without a letter"
+        );
+        assert_eq!(
+            self.letters_twice, 0,
+            "{test}: malformed records lettered twice"
+        );
+    }
+}
+
+/// The last phase of a test: `children` read while the producer writes 2 s more; then it
+/// stops, the group must commit to the end, and each child must exit 0 on SIGTERM.
+async fn finish(
+    kafka: &Kafka,
+    group: &str,
+    children: &mut [Logbridge],
+    stream: Stream,
+) -> Produced {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let produced = stream.finish().await;
+    let end = kafka.end_offsets();
+    let done = kafka
+        .wait_committed_to(group, &end, Duration::from_secs(120))
+        .await;
+    let mut statuses = Vec::new();
+    for child in children.iter_mut() {
+        statuses.push(
+            child
+                .terminate(Duration::from_secs(15))
+                .0
+                .and_then(|s| s.code()),
+        );
+    }
+    assert!(
+        done,
+        "commits did not reach the end: {:?} vs {end:?}",
+        kafka.committed(group)
+    );
+    assert!(
+        statuses.iter().all(|status| *status == Some(0)),
+        "exit statuses after SIGTERM: {statuses:?}"
+    );
+    produced
+}
+
+/// The sum of the series of `child` that start with `series` (`name{labels...`), 0 if none.
+async fn counted(child: &Logbridge, series: &str) -> f64 {
+    child
+        .metrics_page()
+        .await
+        .map_or(0.0, |page| metric_samples(&page, series).iter().sum())
+}
+
+/// One instance, SIGKILLed at random progress points six times, each time started again with
+/// its `transactional.id` (which aborts what the killed one left open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_leaves_each_event_once_for_read_committed_readers() {
+    let _serial = serial().await;
+    const KILLS: usize = 6;
+    let test = "exactly-once x SIGKILL, one instance";
+    let kafka = Kafka::shared("eos-kill", 4).await;
+    let (out, dlq) = outputs(&kafka).await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("eos-kill");
+    let id = unique("eos-kill-lb");
+    let mut rng = test_rng(test);
+    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
+    let mut committed_before = Vec::new();
+    for run in 0..KILLS {
+        let mut child = start(
+            &kafka,
+            &group,
+            work.path(),
+            &format!("run-{run}"),
+            &id,
+            (&out, &dlq),
+            "",
+        );
+        assert!(
+            child.wait_consuming(Duration::from_secs(60)).await,
+            "run {run} never started consuming"
+        );
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..4_000))).await;
+        committed_before
+            .push(counted(&child, "logbridge_transactions_total{outcome=\"committed\"").await);
+        child.kill();
+    }
+    let last = start(&kafka, &group, work.path(), "last", &id, (&out, &dlq), "");
+    let produced = finish(&kafka, &group, &mut [last], stream).await;
+    let audit = Audit::of(&kafka, (&out, &dlq), &produced);
+    audit.print(test);
+    println!(
+        "{test}: transactions committed by each killed run before its kill: {committed_before:?}"
+    );
+    audit.assert_exactly_once(test);
+    assert!(
+        audit.aborted_records > 0,
+        "{test}: no kill left records in an open transaction: the kills were not mid-transaction"
+    );
+}
+
+/// Three instances with their own `transactional.id`s; six SIGKILLs of random ones at random
+/// moments, each started again at once (the group rebalances every time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_among_three_instances_leaves_each_event_once() {
+    let _serial = serial().await;
+    const KILLS: usize = 6;
+    let test = "exactly-once x SIGKILL, three instances";
+    let kafka = Kafka::shared("eos-three", 6).await;
+    let (out, dlq) = outputs(&kafka).await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("eos-three");
+    let ids: Vec<String> = (0..3)
+        .map(|slot| unique(&format!("eos-three-{slot}")))
+        .collect();
+    let mut rng = test_rng(test);
+    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
+    let mut children: Vec<Logbridge> = (0..3)
+        .map(|slot| {
+            start(
+                &kafka,
+                &group,
+                work.path(),
+                &format!("slot-{slot}-0"),
+                &ids[slot],
+                (&out, &dlq),
+                "",
+            )
+        })
+        .collect();
+    for child in &children {
+        assert!(
+            child.wait_consuming(Duration::from_secs(60)).await
+                || child
+                    .metric("logbridge_assigned_partitions")
+                    .await
+                    .is_some(),
+            "an instance never answered"
+        );
+    }
+    let mut killed = Vec::new();
+    for kill in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..4_000))).await;
+        let slot = rng.random_range(0..3);
+        children[slot].kill();
+        killed.push(slot);
+        children[slot] = start(
+            &kafka,
+            &group,
+            work.path(),
+            &format!("slot-{slot}-{}", kill + 1),
+            &ids[slot],
+            (&out, &dlq),
+            "",
+        );
+    }
+    println!("{test}: killed slots in order {killed:?}");
+    let produced = finish(&kafka, &group, &mut children, stream).await;
+    let audit = Audit::of(&kafka, (&out, &dlq), &produced);
+    audit.print(test);
+    audit.assert_exactly_once(test);
+    assert!(
+        audit.aborted_records > 0,
+        "{test}: no kill left records in an open transaction"
+    );
+}
+
+/// A second instance joins and leaves while the first has a transaction open, under each group
+/// protocol: the revoke commits the whole transaction before the partitions go, and nothing is
+/// lost or written twice.
+async fn revoke_mid_transaction(protocol: &str, options: &str) {
+    let test = format!("exactly-once x revoke ({protocol})");
+    let kafka = Kafka::shared("eos-revoke", 4).await;
+    let (out, dlq) = outputs(&kafka).await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("eos-revoke");
+    let mut rng = test_rng(&test);
+    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
+    let a = start(
+        &kafka,
+        &group,
+        work.path(),
+        "a",
+        &unique("eos-revoke-a"),
+        (&out, &dlq),
+        options,
+    );
+    assert!(
+        a.wait_consuming(Duration::from_secs(60)).await,
+        "A never read"
+    );
+    let mut b = start(
+        &kafka,
+        &group,
+        work.path(),
+        "b",
+        &unique("eos-revoke-b"),
+        (&out, &dlq),
+        options,
+    );
+    let split = wait_for(Duration::from_secs(60), || async {
+        b.metric("logbridge_assigned_partitions")
+            .await
+            .is_some_and(|n| n > 0.0)
+            && a.metric("logbridge_assigned_partitions")
+                .await
+                .is_some_and(|n| n > 0.0 && n < 4.0)
+    })
+    .await;
+    assert!(split, "{test}: B never got partitions from A");
+    assert!(
+        b.wait_consuming(Duration::from_secs(60)).await,
+        "B never read"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // B leaves: its partitions go back to A (a revoke on B, an assignment on A).
+    let (status, _) = b.terminate(Duration::from_secs(15));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{test}: B's exit status"
+    );
+    let revoke_commits = counted(
+        &a,
+        "logbridge_transactions_total{outcome=\"committed\",reason=\"revoke\"",
+    )
+    .await;
+    let produced = finish(&kafka, &group, &mut [a], stream).await;
+    let audit = Audit::of(&kafka, (&out, &dlq), &produced);
+    audit.print(&test);
+    println!("{test}: transactions A committed in a revoke: {revoke_commits}");
+    audit.assert_exactly_once(&test);
+    assert!(
+        revoke_commits >= 1.0,
+        "{test}: A never committed a transaction in a revoke"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_under_the_eager_protocol_commits_the_open_transaction() {
+    let _serial = serial().await;
+    revoke_mid_transaction("range", "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_under_the_cooperative_protocol_commits_the_open_transaction() {
+    let _serial = serial().await;
+    revoke_mid_transaction(
+        "cooperative-sticky",
+        "\"partition.assignment.strategy\" = \"cooperative-sticky\"\n",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_under_the_consumer_protocol_commits_the_open_transaction() {
+    let _serial = serial().await;
+    revoke_mid_transaction("consumer", "\"group.protocol\" = \"consumer\"\n").await;
+}
+
+/// Transactions `child` aborted, plus the times its producer was fenced.
+async fn ended_badly(child: &Logbridge) -> f64 {
+    counted(child, "logbridge_transactions_total{outcome=\"aborted\"").await
+        + counted(child, "logbridge_transactions_fenced_total").await
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to `child`.
+fn signal(child: &Logbridge, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &child.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {}", child.pid());
+}
+
+/// A zombie: an instance paused (SIGSTOP) past its session timeout with a transaction open.
+/// Its partitions move to the other instance; when it resumes (SIGCONT), its transaction is
+/// aborted (the group moved on) or fenced, nothing it wrote in it becomes visible, and nothing
+/// is written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_instance_whose_partitions_moved_on_makes_nothing_of_its_open_transaction_visible()
+{
+    let _serial = serial().await;
+    let test = "exactly-once x SIGSTOP past the session";
+    let kafka = Kafka::shared("eos-zombie", 4).await;
+    let (out, dlq) = outputs(&kafka).await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("eos-zombie");
+    let mut rng = test_rng(test);
+    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
+    let mut a = start(
+        &kafka,
+        &group,
+        work.path(),
+        "a",
+        &unique("eos-zombie-a"),
+        (&out, &dlq),
+        "",
+    );
+    let b = start(
+        &kafka,
+        &group,
+        work.path(),
+        "b",
+        &unique("eos-zombie-b"),
+        (&out, &dlq),
+        "",
+    );
+    let both = wait_for(Duration::from_secs(60), || async {
+        let mut counts = Vec::new();
+        for child in [&a, &b] {
+            counts.push(
+                child
+                    .metric("logbridge_assigned_partitions")
+                    .await
+                    .unwrap_or(0.0),
+            );
+        }
+        counts == [2.0, 2.0] && a.wait_consuming(Duration::ZERO).await
+    })
+    .await;
+    assert!(
+        both,
+        "{test}: the two instances never shared the partitions"
+    );
+    tokio::time::sleep(Duration::from_millis(rng.random_range(500..1_500))).await;
+    let before = ended_badly(&a).await;
+    signal(&a, "STOP");
+    // B takes every partition once A's session (6 s) expires, and reads on.
+    let moved = wait_for(Duration::from_secs(60), || async {
+        b.metric("logbridge_assigned_partitions").await == Some(4.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&a, "CONT");
+    assert!(moved, "{test}: A's partitions never moved to B");
+    // A learns that the group moved on: its transaction is aborted (or A is fenced and stops).
+    let noticed = wait_for(Duration::from_secs(60), || async {
+        a.metrics_page().await.is_none() || ended_badly(&a).await > before
+    })
+    .await;
+    let after = ended_badly(&a).await;
+    println!(
+        "{test}: A's transactions aborted or fenced: {before} before SIGSTOP, {after} after \
+         SIGCONT (0 once it stopped)"
+    );
+    assert!(
+        noticed,
+        "{test}: A never aborted its transaction after it resumed"
+    );
+    let mut children = vec![b];
+    if a.running() {
+        children.push(a);
+    }
+    let produced = finish(&kafka, &group, &mut children, stream).await;
+    let audit = Audit::of(&kafka, (&out, &dlq), &produced);
+    audit.print(test);
+    audit.assert_exactly_once(test);
+    assert!(
+        audit.aborted_records > 0,
+        "{test}: A's open transaction held nothing when it was paused"
+    );
+}
