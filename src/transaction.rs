@@ -53,8 +53,10 @@ impl DispatchGate {
         wait: Duration,
     ) -> Option<tokio::sync::OwnedRwLockWriteGuard<()>> {
         let lock = self.lock.clone();
+        // The timer is made inside `block_on`, which enters the runtime (this thread is not a
+        // runtime thread).
         runtime
-            .block_on(tokio::time::timeout(wait, lock.write_owned()))
+            .block_on(async move { tokio::time::timeout(wait, lock.write_owned()).await })
             .ok()
     }
 }

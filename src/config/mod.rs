@@ -1745,8 +1745,9 @@ mod tests {
             )
         };
         let kafka_route = |name: &str, extra: &str| {
+            let level = if name == "one" { "info" } else { "error" };
             format!(
-                "[[routes]]\nname = \"{name}\"\nlevels = [\"info\"]\n\
+                "[[routes]]\nname = \"{name}\"\nlevels = [\"{level}\"]\n\
                  sink = {{ type = \"kafka\", topic = \"out-{name}\"{extra} }}\n"
             )
         };
