@@ -229,15 +229,11 @@ impl CommitterControl {
         partitions: Vec<(PartitionKey, u64)>,
         wait: bool,
     ) -> Result<Vec<CommitEntry>, StageGone> {
-        let (respond_to, response) = oneshot::channel();
-        self.sender
-            .blocking_send(Control::Revoke {
-                partitions,
-                wait,
-                respond_to,
-            })
-            .map_err(|_| StageGone("committer"))?;
-        response.blocking_recv().map_err(|_| StageGone("committer"))
+        self.ask_blocking(|respond_to| Control::Revoke {
+            partitions,
+            wait,
+            respond_to,
+        })
     }
 
     /// Asks for a revoke without waiting (tests: the request is queued before what follows).
@@ -260,12 +256,20 @@ impl CommitterControl {
     /// every partition's position and how many records are still unfinished. For the end of a
     /// transaction, while dispatch is held. Called from the consumer thread (it blocks).
     pub fn drain_blocking(&self, deadline: Instant) -> Result<FinalPositions, StageGone> {
+        self.ask_blocking(|respond_to| Control::Drain {
+            deadline,
+            respond_to,
+        })
+    }
+
+    /// Sends the request `make` builds around its answer's sender, and waits for the answer.
+    fn ask_blocking<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Control,
+    ) -> Result<T, StageGone> {
         let (respond_to, response) = oneshot::channel();
         self.sender
-            .blocking_send(Control::Drain {
-                deadline,
-                respond_to,
-            })
+            .blocking_send(make(respond_to))
             .map_err(|_| StageGone("committer"))?;
         response.blocking_recv().map_err(|_| StageGone("committer"))
     }

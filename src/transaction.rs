@@ -129,13 +129,7 @@ enum Trouble {
 /// The instance's transactions (one at a time, always one open between `start` and
 /// shutdown).
 pub(crate) struct Transactions {
-    producer: Producer,
-    gate: DispatchGate,
-    committer: CommitterControl,
-    metrics: Arc<Metrics>,
-    runtime: tokio::runtime::Handle,
-    drain_timeout: Duration,
-    interval: Duration,
+    settings: TransactionSettings,
     /// When the open transaction began.
     began: Instant,
     /// Set once the producer failed fatally: nothing is tried any more.
@@ -164,32 +158,17 @@ impl Transactions {
     /// Initialises the producer's transactions (aborting whatever the previous run with the
     /// same `transactional.id` left open) and begins the first. Blocking.
     pub(crate) fn start(settings: TransactionSettings) -> anyhow::Result<Transactions> {
-        let TransactionSettings {
-            producer,
-            gate,
-            committer,
-            metrics,
-            runtime,
-            drain_timeout,
-            interval,
-        } = settings;
-        let client = producer.transactional_client();
+        let client = settings.producer.transactional_client();
         client.init_transactions(INIT_WAIT).map_err(|err| {
             anyhow::anyhow!("cannot initialise the transactional producer: {err}")
         })?;
         client
             .begin_transaction()
             .map_err(|err| anyhow::anyhow!("cannot begin the first transaction: {err}"))?;
-        producer.clear_failed();
+        settings.producer.clear_failed();
         info!("transactional producer ready: delivery is exactly-once");
         Ok(Transactions {
-            producer,
-            gate,
-            committer,
-            metrics,
-            runtime,
-            drain_timeout,
-            interval,
+            settings,
             began: Instant::now(),
             fatal: None,
         })
@@ -197,7 +176,7 @@ impl Transactions {
 
     /// Whether the open transaction has been open for a commit interval.
     pub(crate) fn due(&self) -> bool {
-        self.fatal.is_none() && self.began.elapsed() >= self.interval
+        self.fatal.is_none() && self.began.elapsed() >= self.settings.interval
     }
 
     /// Ends the open transaction and, unless `why` is shutdown, begins the next.
@@ -221,7 +200,10 @@ impl Transactions {
         // Not needed to abort (what a rewind fences is dropped wherever it is), only to commit.
         let shut = match why {
             Why::Lost => None,
-            _ => self.gate.shut(&self.runtime, self.drain_timeout),
+            _ => self
+                .settings
+                .gate
+                .shut(&self.settings.runtime, self.settings.drain_timeout),
         };
         let outcome = match (why, &shut) {
             (Why::Lost, _) => Err(Trouble::Abort("partitions_lost")),
@@ -230,16 +212,23 @@ impl Transactions {
         };
         let ended = match outcome {
             Ok(entries) => {
-                self.metrics
+                self.settings
+                    .metrics
                     .transactions
                     .with_label_values(&["committed", why.as_str()])
                     .inc();
                 if !entries.is_empty() {
                     // The offsets went to the broker in the transaction: a commit request.
-                    self.metrics.commits.with_label_values(&["ok"]).inc();
+                    self.settings
+                        .metrics
+                        .commits
+                        .with_label_values(&["ok"])
+                        .inc();
                 }
                 for entry in &entries {
-                    self.metrics.set_committed(&entry.source, entry.offset);
+                    self.settings
+                        .metrics
+                        .set_committed(&entry.source, entry.offset);
                 }
                 debug!(
                     why = why.as_str(),
@@ -251,7 +240,8 @@ impl Transactions {
             Err(Trouble::Abort(reason)) => {
                 warn!(why = why.as_str(), reason, "transaction aborted: every partition reads again from its last committed position");
                 self.abort().map_err(|err| self.fail(err))?;
-                self.metrics
+                self.settings
+                    .metrics
                     .transactions
                     .with_label_values(&["aborted", reason])
                     .inc();
@@ -260,11 +250,13 @@ impl Transactions {
             }
             Err(Trouble::Fatal(message)) => return Err(self.fail(message)),
         };
-        self.metrics
+        self.settings
+            .metrics
             .transaction_seconds
             .observe(self.began.elapsed().as_secs_f64());
         if why == Why::Shutdown {
-            self.gate
+            self.settings
+                .gate
                 .ended
                 .store(true, std::sync::atomic::Ordering::Release);
         } else {
@@ -278,9 +270,10 @@ impl Transactions {
     /// Counts and keeps a fatal error; every later call returns it.
     fn fail(&mut self, message: String) -> Fatal {
         error!(error = %message, "the transactional producer cannot go on (fenced, or failed fatally): nothing more is committed");
-        self.metrics.transactions_fenced.inc();
+        self.settings.metrics.transactions_fenced.inc();
         // Nothing more is dispatched: nothing could be committed.
-        self.gate
+        self.settings
+            .gate
             .ended
             .store(true, std::sync::atomic::Ordering::Release);
         self.fatal = Some(message.clone());
@@ -293,17 +286,18 @@ impl Transactions {
         consumer: &BaseConsumer<C>,
         owned: &dyn Fn(&CommitEntry) -> bool,
     ) -> Result<Vec<CommitEntry>, Trouble> {
-        let deadline = Instant::now() + self.drain_timeout;
+        let deadline = Instant::now() + self.settings.drain_timeout;
         let positions = loop {
             let slice = (Instant::now() + DRAIN_SLICE).min(deadline);
             let answer = self
+                .settings
                 .committer
                 .drain_blocking(slice.into())
                 .map_err(|_| Trouble::Abort("committer_gone"))?;
             if answer.unfinished == 0 {
                 break answer.entries;
             }
-            if self.producer.failed_since_cleared() {
+            if self.settings.producer.failed_since_cleared() {
                 return Err(Trouble::Abort("send_failed"));
             }
             if Instant::now() >= deadline {
@@ -312,11 +306,11 @@ impl Transactions {
         };
         // A record that failed made the transaction abortable, even if the worker finished it
         // since (dead-lettered): its commit would be refused.
-        if self.producer.failed_since_cleared() {
+        if self.settings.producer.failed_since_cleared() {
             return Err(Trouble::Abort("send_failed"));
         }
         let entries: Vec<CommitEntry> = positions.into_iter().filter(|e| owned(e)).collect();
-        let client = self.producer.transactional_client();
+        let client = self.settings.producer.transactional_client();
         if !entries.is_empty() {
             // Fetched now: the generation (member epoch) it carries must be the current one,
             // or the coordinator refuses the offsets (and so fences a zombie).
@@ -336,7 +330,7 @@ impl Transactions {
     }
 
     fn abort(&self) -> Result<(), String> {
-        let client = self.producer.transactional_client();
+        let client = self.settings.producer.transactional_client();
         match retrying("abort the transaction", || {
             client.abort_transaction(Timeout::Never)
         }) {
@@ -348,11 +342,12 @@ impl Transactions {
     }
 
     fn begin(&mut self) -> Result<(), String> {
-        self.producer
+        self.settings
+            .producer
             .transactional_client()
             .begin_transaction()
             .map_err(|err| format!("cannot begin a transaction: {err}"))?;
-        self.producer.clear_failed();
+        self.settings.producer.clear_failed();
         self.began = Instant::now();
         Ok(())
     }

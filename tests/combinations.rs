@@ -509,18 +509,9 @@ async fn sigkill_with_a_kafka_sink_and_dead_letters_loses_nothing() {
 
     let copies = kafka.copies_by_id(&out);
     let letters = kafka.letter_places(&dlq);
-    let lost = produced
-        .valid_ids
-        .iter()
-        .filter(|id| !copies.contains_key(id))
-        .count();
-    let unlettered = produced
-        .malformed
-        .iter()
-        .filter(|place| !letters.contains_key(place))
-        .count();
-    let duplicates: usize = copies.values().map(|n| n - 1).sum::<usize>()
-        + letters.values().map(|n| n - 1).sum::<usize>();
+    let (lost, copies_twice) = produced.lost_and_duplicates(&copies);
+    let (unlettered, letters_twice) = produced.unlettered_and_twice(&letters);
+    let duplicates = copies_twice + letters_twice;
     // Per kill: a commit interval and its slack at the producer's pace, plus a chunk of the
     // producer (four a second, which can land at once), plus the batches in flight.
     let per_kill = PER_SECOND * (COMMIT_INTERVAL + COMMIT_SLACK).as_millis() as u64 / 1_000
@@ -876,17 +867,8 @@ async fn a_rebalance_while_the_dead_letter_topic_refuses_writes_commits_nothing_
     }
     let letters = kafka.letter_places(&dlq);
     let lines = read_lines(&[work.path().join("a.jsonl"), work.path().join("b.jsonl")]);
-    let written: HashSet<u64> = id_counts(&lines).into_keys().collect();
-    let unlettered = produced
-        .malformed
-        .iter()
-        .filter(|place| !letters.contains_key(place))
-        .count();
-    let lost = produced
-        .valid_ids
-        .iter()
-        .filter(|id| !written.contains(id))
-        .count();
+    let (lost, _) = produced.lost_and_duplicates(&id_counts(&lines));
+    let (unlettered, _) = produced.unlettered_and_twice(&letters);
     println!(
         "rebalance x refusing dead-letter topic: held at {hold:?} of {end:?} across the rebalance; \
          then {} letters parked, {unlettered} malformed without one, {lost} valid lost",

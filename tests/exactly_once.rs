@@ -60,6 +60,34 @@ fn start(
     Logbridge::start(&config, work.join(format!("{name}.log")))
 }
 
+/// What each test starts from: a topic on the shared broker and its output topics, a work
+/// directory, a group, the test's random numbers (seed printed) and the stream of events.
+struct Setup {
+    kafka: Kafka,
+    topics: (String, String),
+    work: tempfile::TempDir,
+    group: String,
+    rng: rand::rngs::StdRng,
+    stream: Stream,
+}
+
+impl Setup {
+    async fn new(test: &str, prefix: &str, partitions: i32) -> Setup {
+        let kafka = Kafka::shared(prefix, partitions).await;
+        let topics = outputs(&kafka).await;
+        let mut rng = test_rng(test);
+        let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
+        Setup {
+            topics,
+            work: tempfile::tempdir().expect("workdir"),
+            group: unique(prefix),
+            rng,
+            stream,
+            kafka,
+        }
+    }
+}
+
 /// What a `read_committed` reader finds against what was produced.
 struct Audit {
     valid: usize,
@@ -77,16 +105,8 @@ impl Audit {
     fn of(kafka: &Kafka, (out, dlq): (&str, &str), produced: &Produced) -> Audit {
         let copies = kafka.copies_by_id(out);
         let letters = kafka.letter_places(dlq);
-        let lost = produced
-            .valid_ids
-            .iter()
-            .filter(|id| !copies.contains_key(id))
-            .count();
-        let unlettered = produced
-            .malformed
-            .iter()
-            .filter(|place| !letters.contains_key(place))
-            .count();
+        let (lost, duplicates) = produced.lost_and_duplicates(&copies);
+        let (unlettered, letters_twice) = produced.unlettered_and_twice(&letters);
         assert!(
             copies.keys().all(|id| produced.valid_ids.contains(id)),
             "the output topic holds events that were never produced"
@@ -97,9 +117,9 @@ impl Audit {
             valid: produced.valid_ids.len(),
             malformed: produced.malformed.len(),
             lost,
-            duplicates: copies.values().map(|n| n - 1).sum(),
+            duplicates,
             unlettered,
-            letters_twice: letters.values().map(|n| n - 1).sum(),
+            letters_twice,
             aborted_records: all.saturating_sub(committed),
         }
     }
@@ -188,13 +208,15 @@ async fn sigkill_at_random_points_leaves_each_event_once_for_read_committed_read
     let _serial = serial().await;
     const KILLS: usize = 6;
     let test = "exactly-once x SIGKILL, one instance";
-    let kafka = Kafka::shared("eos-kill", 4).await;
-    let (out, dlq) = outputs(&kafka).await;
-    let work = tempfile::tempdir().expect("workdir");
-    let group = unique("eos-kill");
+    let Setup {
+        kafka,
+        topics: (out, dlq),
+        work,
+        group,
+        mut rng,
+        stream,
+    } = Setup::new(test, "eos-kill", 4).await;
     let id = unique("eos-kill-lb");
-    let mut rng = test_rng(test);
-    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
     let mut committed_before = Vec::new();
     for run in 0..KILLS {
         let mut child = start(
@@ -237,15 +259,17 @@ async fn sigkill_among_three_instances_leaves_each_event_once() {
     let _serial = serial().await;
     const KILLS: usize = 6;
     let test = "exactly-once x SIGKILL, three instances";
-    let kafka = Kafka::shared("eos-three", 6).await;
-    let (out, dlq) = outputs(&kafka).await;
-    let work = tempfile::tempdir().expect("workdir");
-    let group = unique("eos-three");
+    let Setup {
+        kafka,
+        topics: (out, dlq),
+        work,
+        group,
+        mut rng,
+        stream,
+    } = Setup::new(test, "eos-three", 6).await;
     let ids: Vec<String> = (0..3)
         .map(|slot| unique(&format!("eos-three-{slot}")))
         .collect();
-    let mut rng = test_rng(test);
-    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
     let mut children: Vec<Logbridge> = (0..3)
         .map(|slot| {
             start(
@@ -301,12 +325,14 @@ async fn sigkill_among_three_instances_leaves_each_event_once() {
 /// lost or written twice.
 async fn revoke_mid_transaction(protocol: &str, options: &str) {
     let test = format!("exactly-once x revoke ({protocol})");
-    let kafka = Kafka::shared("eos-revoke", 4).await;
-    let (out, dlq) = outputs(&kafka).await;
-    let work = tempfile::tempdir().expect("workdir");
-    let group = unique("eos-revoke");
-    let mut rng = test_rng(&test);
-    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
+    let Setup {
+        kafka,
+        topics: (out, dlq),
+        work,
+        group,
+        rng: _,
+        stream,
+    } = Setup::new(&test, "eos-revoke", 4).await;
     let a = start(
         &kafka,
         &group,
@@ -413,12 +439,14 @@ async fn a_paused_instance_whose_partitions_moved_on_makes_nothing_of_its_open_t
 {
     let _serial = serial().await;
     let test = "exactly-once x SIGSTOP past the session";
-    let kafka = Kafka::shared("eos-zombie", 4).await;
-    let (out, dlq) = outputs(&kafka).await;
-    let work = tempfile::tempdir().expect("workdir");
-    let group = unique("eos-zombie");
-    let mut rng = test_rng(test);
-    let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
+    let Setup {
+        kafka,
+        topics: (out, dlq),
+        work,
+        group,
+        mut rng,
+        stream,
+    } = Setup::new(test, "eos-zombie", 4).await;
     let mut a = start(
         &kafka,
         &group,

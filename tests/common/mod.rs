@@ -421,6 +421,18 @@ impl Produced {
         let duplicates = seen.values().map(|n| n.saturating_sub(1)).sum();
         (lost, duplicates)
     }
+
+    /// Against `letters` (dead letters by source place): how many malformed records have none,
+    /// and how many letters are repeats.
+    pub fn unlettered_and_twice(&self, letters: &HashMap<(i32, i64), usize>) -> (usize, usize) {
+        let unlettered = self
+            .malformed
+            .iter()
+            .filter(|place| !letters.contains_key(place))
+            .count();
+        let twice = letters.values().map(|n| n.saturating_sub(1)).sum();
+        (unlettered, twice)
+    }
 }
 
 /// A transactional producer of `kafka`'s cluster with `transactional.id` = `id`, initialised
