@@ -296,7 +296,30 @@ async fn sigkill_among_three_instances_leaves_each_event_once() {
     let mut killed = Vec::new();
     for kill in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..4_000))).await;
-        let slot = rng.random_range(0..3);
+        // The victim owns partitions and has read (bounded wait): a kill of an instance that
+        // is still joining would leave no transaction open, and stage nothing.
+        let first = rng.random_range(0..3);
+        let slot = std::cell::Cell::new(None);
+        wait_for(Duration::from_secs(30), || {
+            let (children, slot) = (&children, &slot);
+            async move {
+                for offset in 0..3 {
+                    let candidate = (first + offset) % 3;
+                    let child = &children[candidate];
+                    let owns = child
+                        .metric("logbridge_assigned_partitions")
+                        .await
+                        .is_some_and(|n| n > 0.0);
+                    if owns && child.wait_consuming(Duration::from_millis(1)).await {
+                        slot.set(Some(candidate));
+                        return true;
+                    }
+                }
+                false
+            }
+        })
+        .await;
+        let slot = slot.get().unwrap_or(first);
         children[slot].kill();
         killed.push(slot);
         children[slot] = start(
