@@ -392,6 +392,14 @@ pub struct Fences {
     released: Fence,
 }
 
+/// Whether `record` was read under a generation `fenced` covers (its partition's fence or
+/// earlier).
+fn covered(fenced: &rustc_hash::FxHashMap<PartitionKey, u64>, record: &Record) -> bool {
+    fenced
+        .get(&record.source)
+        .is_some_and(|fence| record.generation <= *fence)
+}
+
 /// The highest fenced generation of each partition.
 #[derive(Clone, Default)]
 struct Fence(Arc<std::sync::RwLock<rustc_hash::FxHashMap<PartitionKey, u64>>>);
@@ -408,11 +416,13 @@ impl Fence {
 
     /// Whether `record` was read under a fenced generation.
     fn covers(&self, record: &Record) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&record.source)
-            .is_some_and(|fence| record.generation <= *fence)
+        covered(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            record,
+        )
     }
 
     /// Removes the covered records from `records`, keeping the order of the rest; returns how
@@ -427,11 +437,7 @@ impl Fence {
             return 0;
         }
         let before = records.len();
-        records.retain(|record| {
-            fenced
-                .get(&record.source)
-                .is_none_or(|fence| record.generation > *fence)
-        });
+        records.retain(|record| !covered(&fenced, record));
         before - records.len()
     }
 }

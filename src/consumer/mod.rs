@@ -334,13 +334,7 @@ impl ConsumerActor {
                 .set(std::sync::Mutex::new(transactions));
         }
         loop {
-            if let Some(fatal) = self
-                .callbacks()
-                .fatal
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take()
-            {
+            if let Some(fatal) = self.callbacks().take_fatal() {
                 return Err(fatal.into());
             }
             match &mut phase {
@@ -505,8 +499,6 @@ impl ConsumerActor {
         Ok(())
     }
 
-    /// Stops fetching, releases the router (so the pipeline drains) and asks the committer for
-    /// the final positions. `None` when there is nothing to wait for.
     /// Exactly-once: ends the open transaction once it has been open for a commit interval.
     fn end_transaction_if_due(&self, consumer: &BaseConsumer<Callbacks>) {
         let callbacks = self.callbacks();
@@ -538,12 +530,7 @@ impl ConsumerActor {
         if let Err(err) = self.committer.finish(tokio::time::Instant::now()) {
             debug!(error = %err, "committer gone before shutdown");
         }
-        let fatal = callbacks
-            .fatal
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        match (ended, fatal) {
+        match (ended, callbacks.take_fatal()) {
             (_, Some(fatal)) => Err(fatal.into()),
             (Some(crate::transaction::Ended::Committed(_)), None) => Ok(()),
             (Some(crate::transaction::Ended::Aborted(reason)), None) => {
@@ -553,6 +540,8 @@ impl ConsumerActor {
         }
     }
 
+    /// Stops fetching, releases the router (so the pipeline drains) and asks the committer for
+    /// the final positions. `None` when there is nothing to wait for.
     fn begin_drain(&mut self) -> Option<Phase> {
         info!("shutdown: stop fetching and drain in-flight records");
         self.callbacks()

@@ -85,6 +85,14 @@ impl Callbacks {
         }
     }
 
+    /// The transactional producer's fatal error, if one was met since the last call.
+    pub(crate) fn take_fatal(&self) -> Option<Fatal> {
+        self.fatal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
     /// Whether delivery is exactly-once (the offsets go in transactions, never in a plain
     /// commit).
     pub(crate) fn transactional(&self) -> bool {
