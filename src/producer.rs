@@ -186,6 +186,15 @@ impl Producer {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// How many batches were handed to this producer so far: a transaction in which it did not
+    /// move sent nothing.
+    pub(crate) fn batches_sent(&self) -> u64 {
+        self.client()
+            .context()
+            .next_batch
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Starts counting failed records afresh (at a transaction's begin).
     pub(crate) fn clear_failed(&self) {
         self.client()

@@ -12,6 +12,7 @@
 //!   transaction is aborted and the caller rewinds every partition to the last committed
 //!   position. A fenced producer (or any fatal error) ends the instance.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::committer::{CommitEntry, CommitterControl};
 use crate::metrics::Metrics;
 use crate::producer::Producer;
+use crate::record::PartitionKey;
 
 /// Held shut while a transaction ends: the router passes it for each batch it dispatches, and
 /// the end of a transaction waits until no batch is being dispatched and keeps it shut. After
@@ -134,6 +136,10 @@ pub(crate) struct Transactions {
     began: Instant,
     /// Set once the producer failed fatally: nothing is tried any more.
     fatal: Option<String>,
+    /// [`Producer::batches_sent`] when the open transaction began.
+    sent_at_begin: u64,
+    /// What the last committed transaction sent for each partition (generation, offset).
+    committed: HashMap<PartitionKey, (u64, i64)>,
 }
 
 /// What [`Transactions::start`] needs.
@@ -167,10 +173,13 @@ impl Transactions {
             .map_err(|err| anyhow::anyhow!("cannot begin the first transaction: {err}"))?;
         settings.producer.clear_failed();
         info!("transactional producer ready: delivery is exactly-once");
+        let sent_at_begin = settings.producer.batches_sent();
         Ok(Transactions {
             settings,
             began: Instant::now(),
             fatal: None,
+            sent_at_begin,
+            committed: HashMap::new(),
         })
     }
 
@@ -208,10 +217,17 @@ impl Transactions {
         let outcome = match (why, &shut) {
             (Why::Lost, _) => Err(Trouble::Abort("partitions_lost")),
             (_, None) => Err(Trouble::Abort("dispatch_not_held")),
-            (_, Some(_)) => self.commit(consumer, owned),
+            (_, Some(_)) => self.commit(consumer, owned, why == Why::Shutdown),
         };
         let ended = match outcome {
-            Ok(entries) => {
+            Ok(None) => {
+                // Nothing was read or sent: the transaction stays open (empty, it holds nothing
+                // at the broker and no timeout runs), and no transaction is counted.
+                self.began = Instant::now();
+                drop(shut);
+                return Ok(Ended::Committed(Vec::new()));
+            }
+            Ok(Some(entries)) => {
                 self.settings
                     .metrics
                     .transactions
@@ -280,12 +296,15 @@ impl Transactions {
         Fatal(message)
     }
 
-    /// Waits for the drain, then sends the offsets and commits. Dispatch is held.
+    /// Waits for the drain, then sends the offsets and commits. Dispatch is held. `None` when
+    /// the transaction is empty (no position moved, nothing sent) and `last` is not set: then
+    /// nothing is done and it stays open.
     fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         owned: &dyn Fn(&CommitEntry) -> bool,
-    ) -> Result<Vec<CommitEntry>, Trouble> {
+        last: bool,
+    ) -> Result<Option<Vec<CommitEntry>>, Trouble> {
         let deadline = Instant::now() + self.settings.drain_timeout;
         let positions = loop {
             let slice = (Instant::now() + DRAIN_SLICE).min(deadline);
@@ -310,6 +329,12 @@ impl Transactions {
             return Err(Trouble::Abort("send_failed"));
         }
         let entries: Vec<CommitEntry> = positions.into_iter().filter(|e| owned(e)).collect();
+        let moved = entries.iter().any(|entry| {
+            self.committed.get(&entry.source) != Some(&(entry.generation, entry.offset))
+        });
+        if !last && !moved && self.settings.producer.batches_sent() == self.sent_at_begin {
+            return Ok(None);
+        }
         let client = self.settings.producer.transactional_client();
         if !entries.is_empty() {
             // Fetched now: the generation (member epoch) it carries must be the current one,
@@ -326,7 +351,11 @@ impl Transactions {
         retrying("commit the transaction", || {
             client.commit_transaction(Timeout::Never)
         })?;
-        Ok(entries)
+        for entry in &entries {
+            self.committed
+                .insert(entry.source.clone(), (entry.generation, entry.offset));
+        }
+        Ok(Some(entries))
     }
 
     fn abort(&self) -> Result<(), String> {
@@ -348,6 +377,7 @@ impl Transactions {
             .begin_transaction()
             .map_err(|err| format!("cannot begin a transaction: {err}"))?;
         self.settings.producer.clear_failed();
+        self.sent_at_begin = self.settings.producer.batches_sent();
         self.began = Instant::now();
         Ok(())
     }

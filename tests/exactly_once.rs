@@ -9,6 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
+use common::apache::ApacheKafka;
 use common::process::Logbridge;
 use common::stream::{test_rng, Stream};
 use common::*;
@@ -73,7 +74,11 @@ struct Setup {
 
 impl Setup {
     async fn new(test: &str, prefix: &str, partitions: i32) -> Setup {
-        let kafka = Kafka::shared(prefix, partitions).await;
+        Setup::on(Kafka::shared(prefix, partitions).await, test, prefix).await
+    }
+
+    /// [`Setup::new`] on the topic `kafka` (of another cluster than the shared broker).
+    async fn on(kafka: Kafka, test: &str, prefix: &str) -> Setup {
         let topics = outputs(&kafka).await;
         let mut rng = test_rng(test);
         let stream = Stream::start(&kafka, PER_SECOND, 400_000, 1_000, 0.05, rng.random());
@@ -544,5 +549,164 @@ async fn a_paused_instance_whose_partitions_moved_on_makes_nothing_of_its_open_t
     assert!(
         audit.aborted_records > 0,
         "{test}: A's open transaction held nothing when it was paused"
+    );
+}
+
+/// Two instances started with one `transactional_id` (a copy-pasted config, a second replica
+/// given the first one's id): the second one's start fences the first, which stops with exit
+/// status 1 and says why; nothing the first left open becomes visible, the second reads on.
+/// Then, idle once the producer stopped, the second commits no (empty) transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_with_the_same_transactional_id_fences_the_first_which_stops() {
+    let _serial = serial().await;
+    let test = "exactly-once x two instances with one transactional_id";
+    let Setup {
+        kafka,
+        topics: (out, dlq),
+        work,
+        group,
+        mut rng,
+        stream,
+    } = Setup::new(test, "eos-fence", 4).await;
+    let id = unique("eos-fence-lb");
+    let mut first = start(&kafka, &group, work.path(), "first", &id, (&out, &dlq), "");
+    assert!(
+        first.wait_consuming(Duration::from_secs(60)).await,
+        "{test}: the first never started consuming:\n{}",
+        first.log_text()
+    );
+    tokio::time::sleep(Duration::from_millis(rng.random_range(500..2_000))).await;
+    let second = start(&kafka, &group, work.path(), "second", &id, (&out, &dlq), "");
+    let mut status = None;
+    let stopped = wait_for(Duration::from_secs(60), || {
+        status = status.or_else(|| first.exit_status());
+        let stopped = status.is_some();
+        async move { stopped }
+    })
+    .await;
+    let log = first.log_text();
+    println!(
+        "{test}: the first instance's exit: {status:?}; fenced counted by the second: {}",
+        counted(&second, "logbridge_transactions_fenced_total").await
+    );
+    assert!(stopped, "{test}: the fenced instance never stopped:\n{log}");
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "{test}: the fenced instance's exit status"
+    );
+    assert!(
+        log.contains("the transactional producer cannot go on"),
+        "{test}: the fenced instance does not say why it stopped:\n{log}"
+    );
+    let mut children = [second];
+    // The producer stops; the second commits everything, then idles for 6 commit intervals.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let produced = stream.finish().await;
+    let end = kafka.end_offsets();
+    assert!(
+        kafka
+            .wait_committed_to(&group, &end, Duration::from_secs(120))
+            .await,
+        "{test}: commits did not reach the end: {:?} vs {end:?}; the second's log:\n{}",
+        kafka.committed(&group),
+        children[0].log_text()
+    );
+    let transactions = "logbridge_transactions_total{";
+    let busy = counted(&children[0], transactions).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = counted(&children[0], transactions).await - busy;
+    println!("{test}: the second's transactions: {busy} while reading, {idle} in 3 s idle");
+    let status = children[0].terminate(Duration::from_secs(15)).0;
+    let audit = Audit::of(&kafka, (&out, &dlq), &produced);
+    audit.print(test);
+    audit.assert_exactly_once(test);
+    assert!(busy > 0.0, "{test}: the second committed no transaction");
+    assert_eq!(
+        idle, 0.0,
+        "{test}: transactions ended while nothing was read"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "{test}: the second's exit status after SIGTERM"
+    );
+}
+
+/// The leader of an output partition SIGKILLed mid-transaction on the three-node cluster
+/// (replication 3, `min.insync.replicas` 2, the transaction log likewise). While the partition
+/// has no leader no transaction can finish: they are aborted (the drain runs out of time, or a
+/// send fails) and the records read again. Once another node leads it, transactions commit
+/// again, and a `read_committed` reader finds each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_output_leader_killed_mid_transaction_on_three_nodes_leaves_each_event_once() {
+    let _alone = alone_of_a_pair().await;
+    let test = "exactly-once x the output's leader killed";
+    let mut cluster = ApacheKafka::cluster();
+    println!(
+        "{test}: three-node cluster answering after {:?}",
+        cluster.started_in
+    );
+    let kafka = Kafka::apache(&cluster, "eos-leader", 4).await;
+    let Setup {
+        kafka,
+        topics: (out, dlq),
+        work,
+        group,
+        mut rng,
+        stream,
+    } = Setup::on(kafka, test, "eos-leader").await;
+    let mut child = start(
+        &kafka,
+        &group,
+        work.path(),
+        "run",
+        &unique("eos-leader-lb"),
+        (&out, &dlq),
+        "",
+    );
+    let committed = "logbridge_transactions_total{outcome=\"committed\"";
+    let going = wait_for(Duration::from_secs(60), || async {
+        counted(&child, committed).await >= 2.0
+    })
+    .await;
+    assert!(
+        going,
+        "{test}: no transaction committed before the kill:\n{}",
+        child.log_text()
+    );
+    tokio::time::sleep(Duration::from_millis(rng.random_range(0..500))).await;
+    let aborted_before = ended_badly(&child).await;
+    // Progress: the group's commits, which only a committed transaction moves (each one
+    // carries records for every output partition: 1 000 keys).
+    let (node, led_after, resumed_after) = cluster
+        .kill_leader(&out, 0, || kafka.committed_records(&group))
+        .await;
+    let aborted = ended_badly(&child).await - aborted_before;
+    let reasons = child
+        .metrics_page()
+        .await
+        .map(|page| {
+            page.lines()
+                .filter(|line| line.starts_with("logbridge_transactions_total{outcome=\"aborted\""))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    println!(
+        "{test}: node {node} (leader of {out}/0) killed; led again after {led_after:.1?}, \
+         transactions committed again after {resumed_after:.1?}; {aborted} aborted meanwhile: \
+         {reasons:?}"
+    );
+    cluster.start_node(node);
+    cluster.wait_ready(Duration::from_secs(90));
+    let produced = finish(&kafka, &group, std::slice::from_mut(&mut child), stream).await;
+    let audit = Audit::of(&kafka, (&out, &dlq), &produced);
+    audit.print(test);
+    audit.assert_exactly_once(test);
+    assert!(
+        aborted > 0.0,
+        "{test}: no transaction was aborted while the partition had no leader: the kill was \
+         not mid-transaction"
     );
 }

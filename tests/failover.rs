@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::apache::ApacheKafka;
 use common::*;
@@ -24,69 +24,6 @@ fn committed_gauge(metrics: &Metrics, topic: &str, partition: i32) -> i64 {
         .committed_offset
         .with_label_values(&[topic, &partition.to_string()])
         .get()
-}
-
-/// Waits until `node` is back in the in-sync replicas of every partition of `topics` (so that
-/// the next kill leaves two of three in sync).
-async fn wait_in_sync(cluster: &ApacheKafka, topics: &[&str], node: u32) -> bool {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let client: BaseConsumer = cluster.client().create().expect("metadata client");
-    wait_for(Duration::from_secs(90), || {
-        let client = &client;
-        async move {
-            topics.iter().all(|topic| {
-                client
-                    .fetch_metadata(Some(topic), Duration::from_secs(5))
-                    .is_ok_and(|metadata| {
-                        metadata.topics()[0]
-                            .partitions()
-                            .iter()
-                            .all(|partition| partition.isr().contains(&(node as i32)))
-                    })
-            })
-        }
-    })
-    .await
-}
-
-/// Kills the node leading `topic`'s `partition`; returns it, how long until another node led
-/// the partition, and how long until `progress` moved past where it was at the kill.
-async fn kill_leader<F>(
-    cluster: &mut ApacheKafka,
-    topic: &str,
-    partition: i32,
-    progress: F,
-) -> (u32, Duration, Duration)
-where
-    F: Fn() -> i64,
-{
-    let leader = retrying("partition leader", || {
-        cluster
-            .leader(topic, partition)
-            .ok_or(rdkafka::error::KafkaError::MetadataFetch(
-                rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable,
-            ))
-    });
-    let before = progress();
-    let killed_at = Instant::now();
-    cluster.kill(leader);
-    let moved = wait_for(Duration::from_secs(60), || async {
-        cluster
-            .leader(topic, partition)
-            .is_some_and(|now| now != leader)
-    })
-    .await;
-    assert!(moved, "no new leader for {topic}/{partition}");
-    let led_after = killed_at.elapsed();
-    let resumed = wait_for(Duration::from_secs(90), || async { progress() > before }).await;
-    assert!(
-        resumed,
-        "{topic}/{partition} made no progress after its leader (node {leader}) died: {before} \
-         then {}\n{}",
-        progress(),
-        cluster.log_tail(20)
-    );
-    (leader, led_after, killed_at.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,8 +72,8 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
     // The source: the leader of partition 0 dies; reading resumes from the new leader.
     let source_topic = kafka.topic.clone();
     let committed_at_first = kafka.committed_records(&group);
-    let (source_node, source_led, source_resumed) =
-        kill_leader(&mut cluster, &kafka.topic, 0, || {
+    let (source_node, source_led, source_resumed) = cluster
+        .kill_leader(&kafka.topic, 0, || {
             committed_gauge(&metrics, &source_topic, 0)
         })
         .await;
@@ -144,7 +81,9 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
     // Answering again (launched again if a port of its was taken while it was down).
     cluster.wait_ready(Duration::from_secs(90));
     assert!(
-        wait_in_sync(&cluster, &[&kafka.topic, &output], source_node).await,
+        cluster
+            .wait_in_sync(&[&kafka.topic, &output], source_node)
+            .await,
         "node {source_node} did not catch up"
     );
 
@@ -166,23 +105,24 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
     // either.
     let watermarks: std::cell::RefCell<Option<rdkafka::consumer::BaseConsumer>> =
         std::cell::RefCell::default();
-    let (sink_node, sink_led, sink_resumed) = kill_leader(&mut cluster, &output, 0, || {
-        use rdkafka::consumer::Consumer;
-        let mut client = watermarks.borrow_mut();
-        if client.is_none() {
-            *client = kafka.client().create().ok();
-        }
-        let high = client.as_ref().and_then(|client| {
-            client
-                .fetch_watermarks(&output, 0, Duration::from_secs(1))
-                .ok()
-        });
-        if high.is_none() {
-            *client = None;
-        }
-        high.map_or(i64::MIN, |(_, high)| high)
-    })
-    .await;
+    let (sink_node, sink_led, sink_resumed) = cluster
+        .kill_leader(&output, 0, || {
+            use rdkafka::consumer::Consumer;
+            let mut client = watermarks.borrow_mut();
+            if client.is_none() {
+                *client = kafka.client().create().ok();
+            }
+            let high = client.as_ref().and_then(|client| {
+                client
+                    .fetch_watermarks(&output, 0, Duration::from_secs(1))
+                    .ok()
+            });
+            if high.is_none() {
+                *client = None;
+            }
+            high.map_or(i64::MIN, |(_, high)| high)
+        })
+        .await;
     cluster.start_node(sink_node);
     cluster.wait_ready(Duration::from_secs(90));
 

@@ -731,6 +731,67 @@ impl ApacheKafka {
         }
     }
 
+    /// Waits until `node` is back in the in-sync replicas of every partition of `topics` (so that
+    /// the next kill leaves two of three in sync).
+    pub async fn wait_in_sync(&self, topics: &[&str], node: u32) -> bool {
+        let client: BaseConsumer = self.client().create().expect("metadata client");
+        super::wait_for(Duration::from_secs(90), || {
+            let client = &client;
+            async move {
+                topics.iter().all(|topic| {
+                    client
+                        .fetch_metadata(Some(topic), Duration::from_secs(5))
+                        .is_ok_and(|metadata| {
+                            metadata.topics()[0]
+                                .partitions()
+                                .iter()
+                                .all(|partition| partition.isr().contains(&(node as i32)))
+                        })
+                })
+            }
+        })
+        .await
+    }
+
+    /// Kills the node leading `topic`'s `partition`; returns it, how long until another node led
+    /// the partition, and how long until `progress` moved past where it was at the kill.
+    pub async fn kill_leader<F>(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        progress: F,
+    ) -> (u32, Duration, Duration)
+    where
+        F: Fn() -> i64,
+    {
+        let leader = super::retrying("partition leader", || {
+            self.leader(topic, partition)
+                .ok_or(rdkafka::error::KafkaError::MetadataFetch(
+                    rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable,
+                ))
+        });
+        let before = progress();
+        let killed_at = Instant::now();
+        self.kill(leader);
+        let moved = super::wait_for(Duration::from_secs(60), || async {
+            self.leader(topic, partition)
+                .is_some_and(|now| now != leader)
+        })
+        .await;
+        assert!(moved, "no new leader for {topic}/{partition}");
+        let led_after = killed_at.elapsed();
+        let resumed =
+            super::wait_for(Duration::from_secs(90), || async { progress() > before }).await;
+        assert!(
+            resumed,
+            "{topic}/{partition} made no progress after its leader (node {leader}) died: {before} \
+             then {}\n{}",
+            progress(),
+            self.log_tail(20)
+        );
+        (leader, led_after, killed_at.elapsed())
+    }
+
     /// Starts a node again on its log directory and ports; returns without waiting.
     pub fn start_node(&mut self, id: u32) {
         let index = self.index_of(id);

@@ -467,9 +467,16 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 /// joins, session timeouts, a failing destination's backoff) and use little of the two cores,
 /// so a pair side by side does not skew what either measures. Hold the guard for the whole test.
 pub async fn two_at_a_time() -> tokio::sync::SemaphorePermit<'static> {
-    static PAIR: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
     PAIR.acquire().await.expect("never closed")
 }
+
+/// For a test of a binary that runs its tests [`two_at_a_time`] which is heavy itself (a
+/// three-node cluster): it runs alone. Hold the guard for the whole test.
+pub async fn alone_of_a_pair() -> tokio::sync::SemaphorePermit<'static> {
+    PAIR.acquire_many(2).await.expect("never closed")
+}
+
+static PAIR: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// `serial` for tests that are not async (a binary uses one or the other).
 pub fn serial_blocking() -> std::sync::MutexGuard<'static, ()> {

@@ -210,6 +210,12 @@ impl Logbridge {
         (capacity > 0).then_some((waiting as usize, capacity as usize))
     }
 
+    /// The exit status once the process has exited (`None` while it runs, or once killed or
+    /// terminated through this handle).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child
