@@ -335,6 +335,16 @@ struct Tracked {
     unmoved_since: Instant,
     /// Held paused for its uncommitted records (see `Holds`).
     holding: bool,
+    /// Outcomes of records that finished ahead of an unfinished one, by offset: the breaker
+    /// counts them only when the position passes them, in the partition's order (see
+    /// [`Committer::finished`]).
+    outcomes: std::collections::BTreeMap<i64, (bool, Option<crate::record::Cause>)>,
+}
+
+/// Counts one finished record in the breaker's window over all records.
+fn count_outcome(breaker: &mut BreakerSwitch, failed: bool, cause: Option<&crate::record::Cause>) {
+    let (route, reason) = cause.map_or(("none", ""), |cause| (&*cause.route, cause.reason));
+    breaker.record(failed, route, reason);
 }
 
 impl Tracked {
@@ -347,6 +357,7 @@ impl Tracked {
             last_position: None,
             unmoved_since: Instant::now(),
             holding: false,
+            outcomes: std::collections::BTreeMap::new(),
         }
     }
 
@@ -573,15 +584,17 @@ impl CommitterActor {
         }
     }
 
+    /// Counts a finished record: its partition's position, and the breaker's window over all
+    /// records. The window is fed in each partition's offset order, as the position passes the
+    /// records, not in the order they finish: a record that fails in decoding finishes at once
+    /// while the valid records around it wait for their destination, so in a backlog the
+    /// order of finishing makes runs of failures the input does not have (5% malformed records
+    /// read again after a rewind tripped `max_consecutive` that way).
     fn finished(&mut self, ack: ProcessAck) {
         self.metrics.in_flight.dec();
-        let (route, reason) = match &ack.cause {
-            Some(cause) => (&*cause.route, cause.reason),
-            None => ("none", ""),
-        };
+        let reason = ack.cause.as_ref().map_or("", |cause| cause.reason);
         // A tombstone or an unrouted event parked on purpose is not a sign of bad input.
         let failed = ack.status.is_failure() && !crate::record::parked_on_purpose(reason);
-        self.breaker.record(failed, route, reason);
         let current = self
             .partitions
             .get_mut(&ack.source)
@@ -589,12 +602,35 @@ impl CommitterActor {
         let Some(tracked) = current else {
             // Revoked (or reassigned) since the record was read: the next owner may already be
             // ahead, so this ack must never move a commit.
+            count_outcome(&mut self.breaker, failed, ack.cause.as_ref());
             self.metrics.stale_acks.inc();
             debug!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, "stale ack dropped");
             return;
         };
         if let Err(err) = tracked.finish(ack.offset) {
+            count_outcome(&mut self.breaker, failed, ack.cause.as_ref());
             warn!(topic = %ack.source.topic, partition = ack.source.partition, offset = ack.offset, error = %err, "ack not tracked");
+        } else {
+            let passed = |offset: i64| {
+                tracked
+                    .offsets
+                    .oldest_unfinished()
+                    .is_none_or(|oldest| offset < oldest)
+            };
+            if tracked.outcomes.is_empty() && passed(ack.offset) {
+                count_outcome(&mut self.breaker, failed, ack.cause.as_ref());
+            } else {
+                tracked
+                    .outcomes
+                    .insert(ack.offset, (failed, ack.cause.clone()));
+                while let Some(entry) = tracked.outcomes.first_entry() {
+                    if !passed(*entry.key()) {
+                        break;
+                    }
+                    let (failed, cause) = entry.remove();
+                    count_outcome(&mut self.breaker, failed, cause.as_ref());
+                }
+            }
         }
         // Hysteresis: held at the bound, released at half of it.
         let waiting = tracked.offsets.finished_waiting();
@@ -1161,6 +1197,61 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         let second = age();
         assert!((5.0..=5.3).contains(&second), "from offset 1: {second}");
+    }
+
+    /// In a backlog, malformed records finish (dead-lettered) long before the valid records
+    /// around them are delivered. Counted as they finish, 5% malformed records made a run of
+    /// failures that tripped `max_consecutive`; counted in offset order, as the position passes
+    /// them, they are what they are: no run longer than one.
+    #[tokio::test]
+    async fn the_breaker_counts_in_offset_order_not_in_the_order_records_finish() {
+        let metrics = Arc::new(Metrics::new());
+        let breaker = BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 1.0,
+            window: 1000,
+            max_consecutive: 100,
+        };
+        let (acks, _control, _task) = start_with_breaker(metrics.clone(), settings(), breaker);
+        acks.dispatched(dispatched_range(0, 0..4_000, 1))
+            .await
+            .expect("alive");
+        // Every 20th record malformed: 200 of them, all finished before any valid one.
+        for offset in (0..4_000).step_by(20) {
+            acks.ack(failed(0, offset, "not_json"))
+                .await
+                .expect("alive");
+        }
+        settle().await;
+        assert_eq!(
+            metrics.breaker_tripped.get(),
+            0,
+            "failures ahead of the position are not counted yet"
+        );
+        for offset in (0..4_000).filter(|offset| offset % 20 != 0) {
+            acks.ack(ack(0, offset, 1)).await.expect("alive");
+        }
+        settle().await;
+        assert_eq!(
+            metrics.breaker_tripped.get(),
+            0,
+            "200 failures finished first, one in 20 in the partition's order"
+        );
+        // A real run in the partition's order still trips: 101 malformed in a row.
+        acks.dispatched(dispatched_range(0, 4_000..4_200, 1))
+            .await
+            .expect("alive");
+        for offset in 4_000..4_101 {
+            acks.ack(failed(0, offset, "not_json"))
+                .await
+                .expect("alive");
+        }
+        settle().await;
+        assert_eq!(
+            metrics.breaker_tripped.get(),
+            1,
+            "101 failures in a row > 100"
+        );
     }
 
     #[tokio::test(start_paused = true)]
