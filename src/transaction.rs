@@ -217,7 +217,7 @@ impl Transactions {
         let outcome = match (why, &shut) {
             (Why::Lost, _) => Err(Trouble::Abort("partitions_lost")),
             (_, None) => Err(Trouble::Abort("dispatch_not_held")),
-            (_, Some(_)) => self.commit(consumer, owned, why == Why::Shutdown),
+            (_, Some(_)) => self.commit(consumer, owned, why != Why::Interval),
         };
         let ended = match outcome {
             Ok(None) => {
@@ -297,13 +297,14 @@ impl Transactions {
     }
 
     /// Waits for the drain, then sends the offsets and commits. Dispatch is held. `None` when
-    /// the transaction is empty (no position moved, nothing sent) and `last` is not set: then
+    /// the transaction is empty (no position moved, nothing sent) and `always` is not set (only
+    /// the interval's end may be skipped; a revoke or the shutdown always commits): then
     /// nothing is done and it stays open.
     fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         owned: &dyn Fn(&CommitEntry) -> bool,
-        last: bool,
+        always: bool,
     ) -> Result<Option<Vec<CommitEntry>>, Trouble> {
         let deadline = Instant::now() + self.settings.drain_timeout;
         let positions = loop {
@@ -332,7 +333,7 @@ impl Transactions {
         let moved = entries.iter().any(|entry| {
             self.committed.get(&entry.source) != Some(&(entry.generation, entry.offset))
         });
-        if !last && !moved && self.settings.producer.batches_sent() == self.sent_at_begin {
+        if !always && !moved && self.settings.producer.batches_sent() == self.sent_at_begin {
             return Ok(None);
         }
         let client = self.settings.producer.transactional_client();

@@ -181,19 +181,7 @@ async fn finish(
     let mut stalled = String::new();
     if !done {
         for child in children.iter() {
-            let page = child.metrics_page().await.unwrap_or_default();
-            let log = child.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
-            stalled.push_str(&format!(
-                "\n--- a child's transactions and pauses:\n{}\n--- its last log lines:\n{}",
-                page.lines()
-                    .filter(|line| line.starts_with("logbridge_transactions")
-                        || line.starts_with("logbridge_partitions_paused")
-                        || line.starts_with("logbridge_assigned"))
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ));
+            stalled.push_str(&stalled_child(child).await);
         }
     }
     let mut statuses = Vec::new();
@@ -215,6 +203,34 @@ async fn finish(
         "exit statuses after SIGTERM: {statuses:?}"
     );
     produced
+}
+
+/// `child`'s transactions, assignment and breaker (metrics) and its last log lines: what a
+/// failure that found commits stalled prints.
+async fn stalled_child(child: &Logbridge) -> String {
+    let log = child.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+    format!(
+        "\n--- a child's transactions, assignment and breaker:\n{}\n--- its last log lines:\n{}",
+        transaction_lines(child).await.join("\n"),
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+/// `child`'s metric lines about transactions, its assignment and the breaker.
+async fn transaction_lines(child: &Logbridge) -> Vec<String> {
+    child
+        .metrics_page()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| {
+            line.starts_with("logbridge_transactions")
+                || line.starts_with("logbridge_assigned")
+                || line.starts_with("logbridge_breaker")
+        })
+        .map(str::to_string)
+        .collect()
 }
 
 /// The sum of the series of `child` that start with `series` (`name{labels...`), 0 if none.
@@ -430,6 +446,7 @@ async fn revoke_mid_transaction(protocol: &str, options: &str) {
         "logbridge_transactions_total{outcome=\"committed\",reason=\"revoke\"",
     )
     .await;
+    println!("{test}: A after B left: {:?}", transaction_lines(&a).await);
     let produced = finish(&kafka, &group, &mut [a], stream).await;
     let audit = Audit::of(&kafka, (&out, &dlq), &produced);
     audit.print(&test);
@@ -704,18 +721,17 @@ async fn the_output_leader_killed_mid_transaction_on_three_nodes_leaves_each_eve
     let (node, led_after, resumed_after) = cluster
         .kill_leader(&out, 0, || kafka.committed_records(&group))
         .await;
+    let resumed_after = match resumed_after {
+        Ok(after) => after,
+        Err(stalled) => panic!("{test}: {stalled}{}", stalled_child(&child).await),
+    };
     let aborted = ended_badly(&child).await - aborted_before;
     let long = long_transactions(&child).await - long_before;
-    let reasons = child
-        .metrics_page()
+    let reasons: Vec<String> = transaction_lines(&child)
         .await
-        .map(|page| {
-            page.lines()
-                .filter(|line| line.starts_with("logbridge_transactions_total{outcome=\"aborted\""))
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
-        .unwrap_or_default();
+        .into_iter()
+        .filter(|line| line.contains("outcome=\"aborted\""))
+        .collect();
     println!(
         "{test}: node {node} (leader of {out}/0) killed; led again after {led_after:.1?}, \
          transactions committed again after {resumed_after:.1?}; {long} transactions lasted \

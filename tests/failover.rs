@@ -77,6 +77,7 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
             committed_gauge(&metrics, &source_topic, 0)
         })
         .await;
+    let source_resumed = source_resumed.unwrap_or_else(|stalled| panic!("{stalled}"));
     cluster.start_node(source_node);
     // Answering again (launched again if a port of its was taken while it was down).
     cluster.wait_ready(Duration::from_secs(90));
@@ -123,6 +124,7 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
             high.map_or(i64::MIN, |(_, high)| high)
         })
         .await;
+    let sink_resumed = sink_resumed.unwrap_or_else(|stalled| panic!("{stalled}"));
     cluster.start_node(sink_node);
     cluster.wait_ready(Duration::from_secs(90));
 

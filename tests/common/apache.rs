@@ -754,13 +754,14 @@ impl ApacheKafka {
     }
 
     /// Kills the node leading `topic`'s `partition`; returns it, how long until another node led
-    /// the partition, and how long until `progress` moved past where it was at the kill.
+    /// the partition, and how long until `progress` moved past where it was at the kill (`Err`
+    /// saying so if it did not within 90 s).
     pub async fn kill_leader<F>(
         &mut self,
         topic: &str,
         partition: i32,
         progress: F,
-    ) -> (u32, Duration, Duration)
+    ) -> (u32, Duration, Result<Duration, String>)
     where
         F: Fn() -> i64,
     {
@@ -782,14 +783,16 @@ impl ApacheKafka {
         let led_after = killed_at.elapsed();
         let resumed =
             super::wait_for(Duration::from_secs(90), || async { progress() > before }).await;
-        assert!(
-            resumed,
-            "{topic}/{partition} made no progress after its leader (node {leader}) died: {before} \
-             then {}\n{}",
-            progress(),
-            self.log_tail(20)
-        );
-        (leader, led_after, killed_at.elapsed())
+        let resumed = match resumed {
+            true => Ok(killed_at.elapsed()),
+            false => Err(format!(
+                "{topic}/{partition} made no progress after its leader (node {leader}) died: \
+                 {before} then {}\n{}",
+                progress(),
+                self.log_tail(20)
+            )),
+        };
+        (leader, led_after, resumed)
     }
 
     /// Starts a node again on its log directory and ports; returns without waiting.
