@@ -45,8 +45,8 @@ const RELOAD_EVERY: Duration = Duration::from_secs(5);
 pub struct Rebuildable {
     client: &'static str,
     current: std::sync::RwLock<Current>,
-    /// The instance's transactional producer: never replaced (a fatal error, such as being
-    /// fenced, ends the instance; see `crate::transaction`).
+    /// The instance's transactional producer: replaced only by `crate::transaction`, after a
+    /// fatal error other than a fence ([`Producer::replace_transactional`]).
     transactional: bool,
 }
 
@@ -184,6 +184,34 @@ impl Producer {
             .context()
             .failed
             .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Replaces the transactional client after a fatal error (not a fence): what the old one
+    /// holds is purged (its transaction is lost, and aborted by the new client's
+    /// `init_transactions`), and every sender uses the new one from now on. The new one's
+    /// transactions are not initialised yet.
+    pub(crate) fn replace_transactional(&self) -> anyhow::Result<()> {
+        use rdkafka::producer::{Producer as _, PurgeConfig};
+        let cell = &self.0;
+        let mut current = cell.current.write().unwrap_or_else(PoisonError::into_inner);
+        current
+            .producer
+            .purge(PurgeConfig::default().queue().inflight());
+        let fresh = Rebuildable::make(&current.config, cell.client)
+            .context("cannot make a new transactional producer")?;
+        crate::metrics::kafka_producer_rebuilds()
+            .with_label_values(&[cell.client])
+            .inc();
+        // The old client lives on in the batches still waiting for its (purged) reports.
+        current.producer = fresh;
+        current.made = std::time::Instant::now();
+        Ok(())
+    }
+
+    /// The fatal error of the client in use, if it had one.
+    pub(crate) fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
+        use rdkafka::producer::Producer as _;
+        self.client().client().fatal_error()
     }
 
     /// How many batches were handed to this producer so far: a transaction in which it did not

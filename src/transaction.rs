@@ -126,6 +126,37 @@ enum Trouble {
     Abort(&'static str),
     /// Nothing can be done with this producer any more.
     Fatal(String),
+    /// The call did not return within its deadline (librdkafka's
+    /// `send_offsets_to_transaction` can block for good when the transaction coordinator
+    /// dies under it, whatever timeout it was given): the producer is given up.
+    Wedged(String),
+}
+
+/// Longest wait for `send_offsets_to_transaction`, whose own timeout librdkafka does not
+/// always keep.
+const SEND_OFFSETS_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Longest wait for a commit or an abort (each flushes what was sent first, which waits for
+/// partitions without a leader; a failover takes seconds).
+const END_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Runs a blocking transactional call on a thread of its own and waits for it at most
+/// `deadline`; `None` if it did not return by then (the thread is left to it, holding its
+/// client: the producer is replaced, and the new one's `init_transactions` fences this one, so
+/// nothing it might still do can commit).
+fn bounded(
+    deadline: Duration,
+    call: impl FnOnce() -> Result<(), KafkaError> + Send + 'static,
+) -> Option<Result<(), KafkaError>> {
+    let (answer, answered) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("logbridge-txn-call".into())
+        .spawn(move || {
+            // The waiter may have given up.
+            let _ = answer.send(call());
+        })
+        .ok()?;
+    answered.recv_timeout(deadline).ok()
 }
 
 /// The instance's transactions (one at a time, always one open between `start` and
@@ -255,16 +286,20 @@ impl Transactions {
             }
             Err(Trouble::Abort(reason)) => {
                 warn!(why = why.as_str(), reason, "transaction aborted: every partition reads again from its last committed position");
-                self.abort().map_err(|err| self.fail(err))?;
-                self.settings
-                    .metrics
-                    .transactions
-                    .with_label_values(&["aborted", reason])
-                    .inc();
-                rewind();
-                Ended::Aborted(reason)
+                match self.abort() {
+                    Ok(()) => {
+                        self.settings
+                            .metrics
+                            .transactions
+                            .with_label_values(&["aborted", reason])
+                            .inc();
+                        rewind();
+                        Ended::Aborted(reason)
+                    }
+                    Err(trouble) => self.recover(trouble, rewind)?,
+                }
             }
-            Err(Trouble::Fatal(message)) => return Err(self.fail(message)),
+            Err(trouble) => self.recover(trouble, rewind)?,
         };
         self.settings
             .metrics
@@ -281,6 +316,62 @@ impl Transactions {
         // Dispatch goes on (into the new transaction) once the gate is dropped here.
         drop(shut);
         Ok(ended)
+    }
+
+    /// After a fatal error of the producer, or a call that never returned: if it was fenced (a
+    /// newer producer has its `transactional.id`) or cannot be allowed (authorization, an
+    /// unsupported broker), the instance stops ([`Transactions::fail`]). Otherwise (librdkafka
+    /// gave up on its own state, e.g. a sequence desynchronisation after a leader failover, or a
+    /// call blocked past its deadline when the transaction coordinator died) a new producer
+    /// takes its place: its `init_transactions` fences the old one and aborts its open
+    /// transaction, every partition is rewound, and the pipeline goes on. Counted as aborted,
+    /// `producer_fatal` or `producer_wedged`.
+    fn recover(&mut self, trouble: Trouble, rewind: &mut dyn FnMut()) -> Result<Ended, Fatal> {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let (message, reason) = match trouble {
+            Trouble::Fatal(message) => (message, "producer_fatal"),
+            Trouble::Wedged(message) => (message, "producer_wedged"),
+            // An abort that asks for an abort: librdkafka's state is broken.
+            Trouble::Abort(reason) => return Err(self.fail(format!("abort failed: {reason}"))),
+        };
+        let code = self.settings.producer.fatal_error().map(|(code, _)| code);
+        let recoverable = reason == "producer_wedged"
+            || code.is_some_and(|code| {
+                !matches!(
+                    code,
+                    Code::Fenced
+                        | Code::ProducerFenced
+                        | Code::InvalidProducerEpoch
+                        | Code::TransactionalIdAuthorizationFailed
+                        | Code::ClusterAuthorizationFailed
+                        | Code::InvalidTransactionTimeout
+                        | Code::UnsupportedFeature
+                )
+            });
+        if !recoverable {
+            return Err(self.fail(message));
+        }
+        warn!(error = %message, reason, "the transactional producer cannot go on (not fenced): a new one takes its place, and every partition reads again from its last committed position");
+        self.settings
+            .producer
+            .replace_transactional()
+            .map_err(|err| self.fail(format!("{message}; then: {err:#}")))?;
+        self.settings
+            .producer
+            .transactional_client()
+            .init_transactions(INIT_WAIT)
+            .map_err(|err| {
+                self.fail(format!(
+                    "{message}; then the new producer's init_transactions: {err}"
+                ))
+            })?;
+        self.settings
+            .metrics
+            .transactions
+            .with_label_values(&["aborted", reason])
+            .inc();
+        rewind();
+        Ok(Ended::Aborted(reason))
     }
 
     /// Counts and keeps a fatal error; every later call returns it.
@@ -343,14 +434,20 @@ impl Transactions {
             let metadata = consumer
                 .group_metadata()
                 .ok_or(Trouble::Abort("no_group_metadata"))?;
-            let list = crate::consumer::commit_list(&entries);
+            let request = Arc::new((crate::consumer::commit_list(&entries), metadata));
             retrying("send the offsets to the transaction", || {
-                client.send_offsets_to_transaction(&list, &metadata, SEND_OFFSETS_WAIT)
+                let (client, request) = (client.clone(), request.clone());
+                bounded(SEND_OFFSETS_DEADLINE, move || {
+                    client.send_offsets_to_transaction(&request.0, &request.1, SEND_OFFSETS_WAIT)
+                })
             })?;
         }
         // `Timeout::Never`, as librdkafka advises: it flushes what was sent, then commits.
         retrying("commit the transaction", || {
-            client.commit_transaction(Timeout::Never)
+            let client = client.clone();
+            bounded(END_DEADLINE, move || {
+                client.commit_transaction(Timeout::Never)
+            })
         })?;
         for entry in &entries {
             self.committed
@@ -359,16 +456,14 @@ impl Transactions {
         Ok(Some(entries))
     }
 
-    fn abort(&self) -> Result<(), String> {
+    fn abort(&self) -> Result<(), Trouble> {
         let client = self.settings.producer.transactional_client();
-        match retrying("abort the transaction", || {
-            client.abort_transaction(Timeout::Never)
-        }) {
-            Ok(()) => Ok(()),
-            Err(Trouble::Fatal(message)) => Err(message),
-            // An abort that asks for an abort: librdkafka's state is broken.
-            Err(Trouble::Abort(reason)) => Err(format!("abort failed: {reason}")),
-        }
+        retrying("abort the transaction", || {
+            let client = client.clone();
+            bounded(END_DEADLINE, move || {
+                client.abort_transaction(Timeout::Never)
+            })
+        })
     }
 
     fn begin(&mut self) -> Result<(), String> {
@@ -385,14 +480,23 @@ impl Transactions {
 }
 
 /// Calls `call` until it succeeds, it fails other than retriably, or [`ATTEMPTS`] retriable
-/// failures; sorts the failure as librdkafka advises (abortable, retriable, else fatal).
-fn retrying(what: &str, mut call: impl FnMut() -> Result<(), KafkaError>) -> Result<(), Trouble> {
+/// failures; sorts the failure as librdkafka advises (abortable, retriable, else fatal). A call
+/// that answers `None` (no answer within its deadline, see [`bounded`]) is not tried again.
+fn retrying(
+    what: &str,
+    mut call: impl FnMut() -> Option<Result<(), KafkaError>>,
+) -> Result<(), Trouble> {
     let mut attempt = 0;
     loop {
         attempt += 1;
         let err = match call() {
-            Ok(()) => return Ok(()),
-            Err(err) => err,
+            Some(Ok(())) => return Ok(()),
+            Some(Err(err)) => err,
+            None => {
+                return Err(Trouble::Wedged(format!(
+                    "{what}: no answer from librdkafka within its deadline"
+                )))
+            }
         };
         match &err {
             KafkaError::Transaction(txn) if txn.is_fatal() => {
