@@ -10,7 +10,8 @@
 //!   transaction), send the offsets with the group's metadata, commit, begin the next. If that
 //!   cannot be done (a send failed, the drain ran out of time, the group moved on), the
 //!   transaction is aborted and the caller rewinds every partition to the last committed
-//!   position. A fenced producer (or any fatal error) ends the instance.
+//!   position. A fenced producer ends the instance; any other fatal error, or a call that does
+//!   not return within its deadline, replaces the producer and rewinds likewise.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -195,23 +196,25 @@ impl Transactions {
     /// Initialises the producer's transactions (aborting whatever the previous run with the
     /// same `transactional.id` left open) and begins the first. Blocking.
     pub(crate) fn start(settings: TransactionSettings) -> anyhow::Result<Transactions> {
-        let client = settings.producer.transactional_client();
-        client.init_transactions(INIT_WAIT).map_err(|err| {
-            anyhow::anyhow!("cannot initialise the transactional producer: {err}")
-        })?;
-        client
-            .begin_transaction()
-            .map_err(|err| anyhow::anyhow!("cannot begin the first transaction: {err}"))?;
-        settings.producer.clear_failed();
-        info!("transactional producer ready: delivery is exactly-once");
-        let sent_at_begin = settings.producer.batches_sent();
-        Ok(Transactions {
+        settings
+            .producer
+            .transactional_client()
+            .init_transactions(INIT_WAIT)
+            .map_err(|err| {
+                anyhow::anyhow!("cannot initialise the transactional producer: {err}")
+            })?;
+        let mut transactions = Transactions {
             settings,
             began: Instant::now(),
             fatal: None,
-            sent_at_begin,
+            sent_at_begin: 0,
             committed: HashMap::new(),
-        })
+        };
+        transactions
+            .begin()
+            .map_err(|err| anyhow::anyhow!("the first transaction: {err}"))?;
+        info!("transactional producer ready: delivery is exactly-once");
+        Ok(transactions)
     }
 
     /// Whether the open transaction has been open for a commit interval.
@@ -287,15 +290,7 @@ impl Transactions {
             Err(Trouble::Abort(reason)) => {
                 warn!(why = why.as_str(), reason, "transaction aborted: every partition reads again from its last committed position");
                 match self.abort() {
-                    Ok(()) => {
-                        self.settings
-                            .metrics
-                            .transactions
-                            .with_label_values(&["aborted", reason])
-                            .inc();
-                        rewind();
-                        Ended::Aborted(reason)
-                    }
+                    Ok(()) => self.aborted(reason, rewind),
                     Err(trouble) => self.recover(trouble, rewind)?,
                 }
             }
@@ -328,14 +323,14 @@ impl Transactions {
     /// `producer_fatal` or `producer_wedged`.
     fn recover(&mut self, trouble: Trouble, rewind: &mut dyn FnMut()) -> Result<Ended, Fatal> {
         use rdkafka::types::RDKafkaErrorCode as Code;
-        let (message, reason) = match trouble {
-            Trouble::Fatal(message) => (message, "producer_fatal"),
-            Trouble::Wedged(message) => (message, "producer_wedged"),
+        let (message, reason, wedged) = match trouble {
+            Trouble::Fatal(message) => (message, "producer_fatal", false),
+            Trouble::Wedged(message) => (message, "producer_wedged", true),
             // An abort that asks for an abort: librdkafka's state is broken.
             Trouble::Abort(reason) => return Err(self.fail(format!("abort failed: {reason}"))),
         };
         let code = self.settings.producer.fatal_error().map(|(code, _)| code);
-        let recoverable = reason == "producer_wedged"
+        let recoverable = wedged
             || code.is_some_and(|code| {
                 !matches!(
                     code,
@@ -365,13 +360,18 @@ impl Transactions {
                     "{message}; then the new producer's init_transactions: {err}"
                 ))
             })?;
+        Ok(self.aborted(reason, rewind))
+    }
+
+    /// The transaction was aborted (for `reason`): counts it, and rewinds every partition.
+    fn aborted(&self, reason: &'static str, rewind: &mut dyn FnMut()) -> Ended {
         self.settings
             .metrics
             .transactions
             .with_label_values(&["aborted", reason])
             .inc();
         rewind();
-        Ok(Ended::Aborted(reason))
+        Ended::Aborted(reason)
     }
 
     /// Counts and keeps a fatal error; every later call returns it.
@@ -434,20 +434,17 @@ impl Transactions {
             let metadata = consumer
                 .group_metadata()
                 .ok_or(Trouble::Abort("no_group_metadata"))?;
-            let request = Arc::new((crate::consumer::commit_list(&entries), metadata));
-            retrying("send the offsets to the transaction", || {
-                let (client, request) = (client.clone(), request.clone());
-                bounded(SEND_OFFSETS_DEADLINE, move || {
-                    client.send_offsets_to_transaction(&request.0, &request.1, SEND_OFFSETS_WAIT)
-                })
-            })?;
+            let list = crate::consumer::commit_list(&entries);
+            let client = client.clone();
+            retrying(
+                "send the offsets to the transaction",
+                SEND_OFFSETS_DEADLINE,
+                move || client.send_offsets_to_transaction(&list, &metadata, SEND_OFFSETS_WAIT),
+            )?;
         }
         // `Timeout::Never`, as librdkafka advises: it flushes what was sent, then commits.
-        retrying("commit the transaction", || {
-            let client = client.clone();
-            bounded(END_DEADLINE, move || {
-                client.commit_transaction(Timeout::Never)
-            })
+        retrying("commit the transaction", END_DEADLINE, move || {
+            client.commit_transaction(Timeout::Never)
         })?;
         for entry in &entries {
             self.committed
@@ -458,11 +455,8 @@ impl Transactions {
 
     fn abort(&self) -> Result<(), Trouble> {
         let client = self.settings.producer.transactional_client();
-        retrying("abort the transaction", || {
-            let client = client.clone();
-            bounded(END_DEADLINE, move || {
-                client.abort_transaction(Timeout::Never)
-            })
+        retrying("abort the transaction", END_DEADLINE, move || {
+            client.abort_transaction(Timeout::Never)
         })
     }
 
@@ -479,17 +473,21 @@ impl Transactions {
     }
 }
 
-/// Calls `call` until it succeeds, it fails other than retriably, or [`ATTEMPTS`] retriable
-/// failures; sorts the failure as librdkafka advises (abortable, retriable, else fatal). A call
-/// that answers `None` (no answer within its deadline, see [`bounded`]) is not tried again.
+/// Calls `call` (each attempt [`bounded`] by `deadline`) until it succeeds, it fails other
+/// than retriably, or [`ATTEMPTS`] retriable failures; sorts the failure as librdkafka advises
+/// (abortable, retriable, else fatal). A call that does not answer within `deadline` is not
+/// tried again: the producer is wedged.
 fn retrying(
     what: &str,
-    mut call: impl FnMut() -> Option<Result<(), KafkaError>>,
+    deadline: Duration,
+    call: impl Fn() -> Result<(), KafkaError> + Send + Sync + 'static,
 ) -> Result<(), Trouble> {
+    let call = Arc::new(call);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let err = match call() {
+        let attempt_call = call.clone();
+        let err = match bounded(deadline, move || attempt_call()) {
             Some(Ok(())) => return Ok(()),
             Some(Err(err)) => err,
             None => {
