@@ -480,6 +480,15 @@ async fn a_revoke_under_the_consumer_protocol_commits_the_open_transaction() {
     revoke_mid_transaction("consumer", "\"group.protocol\" = \"consumer\"\n").await;
 }
 
+/// `child`'s committed transactions and finished records: the second moving while the first
+/// stays put means records finished inside the open transaction.
+async fn progress_since_commit(child: &Logbridge) -> (f64, f64) {
+    (
+        counted(child, "logbridge_transactions_total{outcome=\"committed\"").await,
+        counted(child, "logbridge_events_finished_total").await,
+    )
+}
+
 /// Transactions `child` aborted, plus the times its producer was fenced.
 async fn ended_badly(child: &Logbridge) -> f64 {
     counted(child, "logbridge_transactions_total{outcome=\"aborted\"").await
@@ -551,8 +560,29 @@ async fn a_paused_instance_whose_partitions_moved_on_makes_nothing_of_its_open_t
         "{test}: the two instances never shared the partitions"
     );
     tokio::time::sleep(Duration::from_millis(rng.random_range(500..1_500))).await;
+    // Paused with records in its open transaction: A finished records since its last commit
+    // (bounded wait; the producer writes every 250 ms and a transaction spans 500 ms, so a
+    // pause right after a commit can find it empty, which run two at a time did once).
+    let mut last = progress_since_commit(&a).await;
+    let mut holding = false;
+    let waited = std::time::Instant::now();
+    while waited.elapsed() < Duration::from_secs(10) {
+        let now = progress_since_commit(&a).await;
+        if now.0 == last.0 && now.1 > last.1 {
+            holding = true;
+            break;
+        }
+        if now.0 != last.0 {
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let before = ended_badly(&a).await;
     signal(&a, "STOP");
+    assert!(
+        holding,
+        "{test}: A finished no record outside a committed transaction for 10 s"
+    );
     // B takes every partition once A's session (6 s) expires, and reads on.
     let moved = wait_for(Duration::from_secs(60), || async {
         b.metric("logbridge_assigned_partitions").await == Some(4.0)
