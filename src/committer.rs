@@ -590,8 +590,18 @@ impl CommitterActor {
     /// while the valid records around it wait for their destination, so in a backlog the
     /// order of finishing makes runs of failures the input does not have (5% malformed records
     /// read again after a rewind tripped `max_consecutive` that way).
-    fn finished(&mut self, ack: ProcessAck) {
+    fn finished(&mut self, mut ack: ProcessAck) {
         self.metrics.in_flight.dec();
+        if let Some(fan_out) = ack.fan_out.take() {
+            // One copy of a record sent to several routes: the record finishes with the last.
+            match fan_out.finish(ack.status, ack.cause.take()) {
+                Some((status, cause)) => {
+                    ack.status = status;
+                    ack.cause = cause;
+                }
+                None => return,
+            }
+        }
         let reason = ack.cause.as_ref().map_or("", |cause| cause.reason);
         // A tombstone or an unrouted event parked on purpose is not a sign of bad input.
         let failed = ack.status.is_failure() && !crate::record::parked_on_purpose(reason);
@@ -914,6 +924,7 @@ mod tests {
             generation,
             status: crate::record::AckStatus::Processed,
             cause: None,
+            fan_out: None,
         }
     }
 
@@ -1441,6 +1452,46 @@ mod tests {
         // No further progress: no further plan, however many intervals pass.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!plans.has_changed().expect("open"));
+    }
+
+    /// A record sent to three routes is finished by the last of its three copies' acks; until
+    /// then nothing is committed past it, and it counts once, not three times, in the breaker.
+    #[tokio::test(start_paused = true)]
+    async fn a_fanned_out_record_is_finished_by_its_last_copy() {
+        let metrics = Arc::new(Metrics::new());
+        let breaker = BreakerConfig {
+            enabled: true,
+            max_invalid_ratio: 1.0,
+            window: 1000,
+            max_consecutive: 1,
+        };
+        let (acks, control, _task) = start_with_breaker(metrics.clone(), settings(), breaker);
+        let mut plans = control.plans();
+        acks.dispatched(dispatched(0, 5, 1)).await.expect("alive");
+        let fan_out = crate::record::FanOut::new(3);
+        let copy = |ack: ProcessAck| ProcessAck {
+            fan_out: Some(fan_out.clone()),
+            ..ack
+        };
+        acks.ack(copy(failed(0, 5, "http_status")))
+            .await
+            .expect("alive");
+        acks.ack(copy(failed(0, 5, "http_status")))
+            .await
+            .expect("alive");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(
+            !plans.has_changed().expect("open"),
+            "two of three destinations finished: nothing may be committed"
+        );
+        acks.ack(copy(ack(0, 5, 1))).await.expect("alive");
+        plans.changed().await.expect("a plan");
+        assert_eq!(plans.borrow_and_update()[0].offset, 6);
+        assert_eq!(
+            metrics.breaker_tripped.get(),
+            0,
+            "one failed record, not two failures in a row"
+        );
     }
 
     /// The end of a transaction (exactly-once) waits until every dispatched record of every

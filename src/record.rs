@@ -130,6 +130,57 @@ pub struct Record {
     pub read_at: std::time::Instant,
     /// Its bytes, counted against `pipeline.max_in_flight_bytes` until it is dropped.
     pub charge: Charge,
+    /// Set when the record goes to more than one route: each route gets its own copy, all
+    /// copies share this, and the record is finished when the last copy is
+    /// ([`FanOut::finish`]).
+    pub fan_out: Option<Arc<FanOut>>,
+}
+
+/// The copies of one record sent to several routes (fan-out). Each copy is acked on its own;
+/// the committer counts the acks down and finishes the record with the last one, so its offset
+/// is committed only when every destination has finished with it.
+#[derive(Debug)]
+pub struct FanOut {
+    /// Copies not finished yet.
+    remaining: std::sync::atomic::AtomicUsize,
+    /// The worst outcome so far (and where and why it failed): what the record finishes with.
+    worst: std::sync::Mutex<Option<(AckStatus, Option<Cause>)>>,
+}
+
+impl FanOut {
+    /// Shared by `copies` copies of a record.
+    pub fn new(copies: usize) -> Arc<FanOut> {
+        Arc::new(FanOut {
+            remaining: std::sync::atomic::AtomicUsize::new(copies),
+            worst: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// One copy finished with `status`: `None` while others remain, else the outcome of the
+    /// whole record (the worst of its copies': a failure at one destination is a failure of
+    /// the record, for the breaker, even if the others delivered it).
+    pub fn finish(
+        &self,
+        status: AckStatus,
+        cause: Option<Cause>,
+    ) -> Option<(AckStatus, Option<Cause>)> {
+        let mut worst = self
+            .worst
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if worst
+            .as_ref()
+            .is_none_or(|(seen, _)| status.severity() > seen.severity())
+        {
+            *worst = Some((status, cause));
+        }
+        let before = self
+            .remaining
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        // More acks than copies cannot happen (each copy is acked once); if it did, the extra
+        // ack finishes nothing rather than finishing the record twice.
+        (before == 1).then(|| worst.take()).flatten()
+    }
 }
 
 /// Bytes held by records between the consumer and the committer, against
@@ -196,6 +247,14 @@ pub struct Charge {
 }
 
 impl Charge {
+    /// A charge of the same bytes against the same budget (for a copy of the record).
+    pub fn again(&self) -> Charge {
+        match &self.budget {
+            Some(budget) => budget.charge(self.bytes),
+            None => Charge::default(),
+        }
+    }
+
     /// The bytes charged.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -258,6 +317,16 @@ impl AckStatus {
         }
     }
 
+    /// Rank among outcomes of copies of one record: the worst decides the record's.
+    fn severity(self) -> u8 {
+        match self {
+            AckStatus::Ignored => 0,
+            AckStatus::Processed => 1,
+            AckStatus::DeadLettered => 2,
+            AckStatus::Failed => 3,
+        }
+    }
+
     /// Whether the record failed (counts against the dead-letter breaker).
     pub fn is_failure(self) -> bool {
         matches!(self, AckStatus::Failed | AckStatus::DeadLettered)
@@ -265,7 +334,7 @@ impl AckStatus {
 }
 
 /// Where and why a record failed, for the breaker's log line.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cause {
     /// Route that handled it (`none` before routing).
     pub route: Arc<str>,
@@ -286,10 +355,13 @@ pub struct ProcessAck {
     pub status: AckStatus,
     /// For failures: where and why.
     pub cause: Option<Cause>,
+    /// The record's copies, when it went to several routes: the committer finishes the record
+    /// with the last copy's ack.
+    pub fan_out: Option<Arc<FanOut>>,
 }
 
 /// A record's key and value, copied out of librdkafka's buffer into one allocation.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct KeyValue {
     /// The key's bytes, then the value's.
     bytes: Box<[u8]>,
@@ -367,6 +439,26 @@ impl Record {
             generation: self.generation,
             status,
             cause: None,
+            fan_out: self.fan_out.clone(),
+        }
+    }
+
+    /// A copy of this record for one more route, sharing `fan_out` (which this record must
+    /// carry too). Its bytes are its own, and counted against the in-flight bound on their own:
+    /// a record waiting on three destinations holds three copies.
+    pub fn copy_for_route(&self, fan_out: &Arc<FanOut>) -> Record {
+        Record {
+            source: self.source.clone(),
+            offset: self.offset,
+            generation: self.generation,
+            data: self.data.clone(),
+            headers: self.headers.clone(),
+            timestamp: self.timestamp,
+            decoded: self.decoded.clone(),
+            service: self.service.clone(),
+            read_at: self.read_at,
+            charge: self.charge.again(),
+            fan_out: Some(fan_out.clone()),
         }
     }
 
@@ -501,12 +593,51 @@ pub(crate) fn test_record(
         service: None,
         read_at: std::time::Instant::now(),
         charge: Charge::default(),
+        fan_out: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fanned_out_record_finishes_with_its_last_copy_and_its_worst_outcome() {
+        let fan_out = FanOut::new(3);
+        assert_eq!(fan_out.finish(AckStatus::Processed, None), None);
+        let cause = Cause {
+            route: Arc::from("archive"),
+            reason: "http_status",
+        };
+        assert_eq!(fan_out.finish(AckStatus::DeadLettered, Some(cause)), None);
+        let (status, cause) = fan_out
+            .finish(AckStatus::Ignored, None)
+            .expect("the third of three copies finishes the record");
+        assert_eq!(status, AckStatus::DeadLettered);
+        assert_eq!(cause.map(|cause| cause.route.to_string()).as_deref(), Some("archive"));
+        assert_eq!(
+            fan_out.finish(AckStatus::Processed, None),
+            None,
+            "an ack too many finishes nothing"
+        );
+    }
+
+    #[test]
+    fn a_copy_for_another_route_is_charged_on_its_own() {
+        let gauge = prometheus::IntGauge::new("bytes", "bytes").expect("gauge");
+        let budget = ByteBudget::new(1_000, gauge);
+        let mut record = test_record(0, 7, Some(b"k"), Some(br#"{"level":"info"}"#));
+        record.charge = budget.charge(100);
+        let fan_out = FanOut::new(2);
+        record.fan_out = Some(fan_out.clone());
+        let copy = record.copy_for_route(&fan_out);
+        assert_eq!(budget.used(), 200);
+        assert_eq!((copy.offset, copy.key(), copy.payload()), (7, record.key(), record.payload()));
+        drop(record);
+        assert_eq!(budget.used(), 100);
+        drop(copy);
+        assert_eq!(budget.used(), 0);
+    }
 
     #[test]
     fn charges_are_given_back_when_records_are_dropped() {

@@ -24,7 +24,9 @@ use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::event::{DecodeError, Decoder, Level};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
-use crate::record::{AckStatus, Fences, ProcessAck, Record, StageGone, Topic, TOMBSTONE, UNROUTED};
+use crate::record::{
+    AckStatus, FanOut, Fences, ProcessAck, Record, StageGone, Topic, TOMBSTONE, UNROUTED,
+};
 use crate::worker::WorkerHandle;
 
 /// Records the router takes from its channel at once (one dispatch message to the committer
@@ -54,14 +56,17 @@ pub struct RouteTable {
     pub rules: Rules,
 }
 
-/// Which route takes an event: the first, in configuration order, that takes its level and
-/// whose other conditions (topics, services, header) hold; else the default route, if any.
+/// Which routes take an event: in configuration order, every route that takes its level and
+/// whose other conditions (topics, services, header) hold, up to and including the first one
+/// that does not `continue`; if none, the default route, if any.
 #[derive(Default)]
 pub struct Rules {
     /// Normalised level → the lanes whose routes take it, in configuration order.
     by_level: FxHashMap<String, Vec<usize>>,
     /// Each lane's conditions beyond the level.
     conditions: Vec<Conditions>,
+    /// Whether each lane lets later routes take the events it took too (`continue`).
+    continues: Vec<bool>,
     /// The route that takes what no other took.
     default: Option<usize>,
     /// Whether a route matches on the service (only then is it copied out of each event).
@@ -97,6 +102,7 @@ impl Rules {
                     .map(|header| (header.name.clone(), header.value.clone().into_bytes())),
             });
             rules.need_service |= route.sink.uses_service();
+            rules.continues.push(route.continue_);
             if route.default {
                 rules.default = Some(lane);
                 continue;
@@ -116,6 +122,7 @@ impl Rules {
         for &(level, lane) in levels {
             if rules.conditions.len() <= lane {
                 rules.conditions.resize_with(lane + 1, Conditions::default);
+                rules.continues.resize(lane + 1, false);
             }
             rules.take(level, lane);
         }
@@ -130,18 +137,34 @@ impl Rules {
             .push(lane);
     }
 
-    /// The lane that takes `record` at `level`, if any.
+    /// The first lane that takes `record` at `level`, if any.
+    #[cfg(test)]
     fn lane(&self, level: &Level, record: &Record) -> Option<usize> {
-        self.by_level
-            .get(level.as_str())
-            .and_then(|lanes| {
-                lanes.iter().copied().find(|&lane| {
-                    self.conditions
-                        .get(lane)
-                        .is_some_and(|conditions| conditions.hold(record))
-                })
-            })
-            .or(self.default)
+        let mut lanes = Vec::new();
+        self.lanes(level, record, &mut lanes);
+        lanes.first().copied()
+    }
+
+    /// The lanes that take `record` at `level`, into `lanes` (cleared first): see [`Rules`].
+    fn lanes(&self, level: &Level, record: &Record, lanes: &mut Vec<usize>) {
+        lanes.clear();
+        if let Some(candidates) = self.by_level.get(level.as_str()) {
+            for &lane in candidates {
+                let holds = self
+                    .conditions
+                    .get(lane)
+                    .is_some_and(|conditions| conditions.hold(record));
+                if holds {
+                    lanes.push(lane);
+                    if !self.continues.get(lane).copied().unwrap_or(false) {
+                        break;
+                    }
+                }
+            }
+        }
+        if lanes.is_empty() {
+            lanes.extend(self.default);
+        }
     }
 }
 
@@ -268,7 +291,8 @@ struct RouterActor {
 
 /// What the router decided for a record.
 enum Decision {
-    Lane(usize),
+    /// To the lanes the router's list of targets names (one or more).
+    Lanes,
     /// Finished as ignored: no route takes its level, or it is a tombstone to skip.
     Ignore {
         tombstone: bool,
@@ -344,13 +368,11 @@ impl RouterActor {
         shares: &mut [Vec<Vec<Record>>],
     ) -> Result<(), StageGone> {
         let mut ignored: Vec<ProcessAck> = Vec::new();
+        let mut targets = Vec::with_capacity(self.lanes.len());
         for mut record in batch.drain(..) {
             let no_value = record.payload().is_none();
-            match self.decide(&mut record, no_value) {
-                Decision::Lane(index) => {
-                    let workers = &self.lanes[index].workers;
-                    shares[index][worker_index(&record, workers.len())].push(record);
-                }
+            match self.decide(&mut record, no_value, &mut targets) {
+                Decision::Lanes => self.share_out(record, &targets, shares),
                 Decision::Ignore { tombstone } => {
                     if tombstone {
                         self.links
@@ -400,6 +422,28 @@ impl RouterActor {
         Ok(())
     }
 
+    /// Puts `record` in the share of its worker in each of `targets` (in configuration order;
+    /// never empty). To several routes, each gets a copy, and the copies share one countdown:
+    /// the record is finished when the last of them is.
+    fn share_out(&self, mut record: Record, targets: &[usize], shares: &mut [Vec<Vec<Record>>]) {
+        let Some((&first, rest)) = targets.split_first() else {
+            return;
+        };
+        if !rest.is_empty() {
+            let fan_out = FanOut::new(targets.len());
+            record.fan_out = Some(fan_out.clone());
+            // Each copy is finished (or abandoned) on its own, and counted out on its own.
+            self.links.metrics.in_flight.add(rest.len() as i64);
+            for &lane in rest {
+                let copy = record.copy_for_route(&fan_out);
+                let workers = self.lanes[lane].workers.len();
+                shares[lane][worker_index(&copy, workers)].push(copy);
+            }
+        }
+        let workers = self.lanes[first].workers.len();
+        shares[first][worker_index(&record, workers)].push(record);
+    }
+
     /// Sends the acks of the records no route took, as one message.
     async fn finish_ignored(&self, ignored: &mut Vec<ProcessAck>) -> Result<(), StageGone> {
         if ignored.is_empty() {
@@ -413,8 +457,9 @@ impl RouterActor {
         self.links.committer.acks(std::mem::take(ignored)).await
     }
 
-    /// What becomes of a record (`no_value`: its value is null).
-    fn decide(&self, record: &mut Record, no_value: bool) -> Decision {
+    /// What becomes of a record (`no_value`: its value is null); the lanes it goes to, if any,
+    /// in `targets`.
+    fn decide(&self, record: &mut Record, no_value: bool, targets: &mut Vec<usize>) -> Decision {
         let level = match record.decode(&self.links.decoder, self.rules.need_service) {
             // A null value: a tombstone (compacted topics delete keys with them), not a
             // malformed event.
@@ -449,9 +494,10 @@ impl RouterActor {
             // short string for a level outside the known ones).
             Ok(level) => level.clone(),
         };
-        match self.rules.lane(&level, record) {
-            Some(lane) => Decision::Lane(lane),
-            None => match self.links.unrouted {
+        self.rules.lanes(&level, record, targets);
+        match targets.is_empty() {
+            false => Decision::Lanes,
+            true => match self.links.unrouted {
                 UnroutedPolicy::Ignore => Decision::Ignore { tombstone: false },
                 UnroutedPolicy::DeadLetter => Decision::Fail(DeadLetterCause {
                     reason: UNROUTED,
@@ -957,5 +1003,112 @@ mod tests {
         // Without a default route, what no route takes has no lane.
         let no_default = Rules::from_routes(&config.routes[..4]);
         assert_eq!(no_default.lane(&level("info"), &event("logs", None)), None);
+    }
+
+    /// `continue` lets the routes after a matching one take the event too, up to the first
+    /// matching route that does not continue; the default route takes only what none took.
+    #[test]
+    fn continuing_routes_fan_out_up_to_the_first_that_does_not_continue() {
+        let text = r#"
+            [kafka]
+            brokers = "localhost:9092"
+            group_id = "g"
+            topics = ["logs"]
+            [[routes]]
+            name = "archive"
+            levels = ["error", "warning", "info"]
+            continue = true
+            sink = { type = "null" }
+            [[routes]]
+            name = "errors"
+            levels = ["error"]
+            sink = { type = "null" }
+            [[routes]]
+            name = "audit"
+            levels = ["warning"]
+            continue = true
+            sink = { type = "null" }
+            [[routes]]
+            name = "warnings"
+            levels = ["warning"]
+            sink = { type = "null" }
+            [[routes]]
+            name = "rest"
+            default = true
+            sink = { type = "null" }
+        "#;
+        let config = crate::Config::from_toml_str(text).expect("valid");
+        let rules = Rules::from_routes(&config.routes);
+        let record = crate::record::test_record(0, 1, None, Some(b"{}"));
+        let lanes = |level: &str| {
+            let mut lanes = Vec::new();
+            rules.lanes(&Level::new(level), &record, &mut lanes);
+            lanes
+        };
+        assert_eq!(lanes("error"), [0, 1]);
+        assert_eq!(lanes("warning"), [0, 2, 3]);
+        assert_eq!(lanes("info"), [0], "archive took it: not the default route's");
+        assert_eq!(lanes("debug"), [4]);
+    }
+
+    /// A record for three lanes reaches a worker of each, as copies that share one countdown;
+    /// the in-flight gauge counts each copy.
+    #[tokio::test]
+    async fn a_record_for_three_lanes_reaches_each_as_a_copy() {
+        let metrics = Arc::new(Metrics::new());
+        let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
+        let mut inboxes = Vec::new();
+        let mut lanes = Vec::new();
+        for name in ["a", "b", "c"] {
+            let (worker, inbox) = WorkerHandle::for_test(64);
+            inboxes.push(inbox);
+            lanes.push(RouteLane {
+                name: Arc::from(name),
+                workers: vec![worker],
+            });
+        }
+        let mut rules = Rules::for_levels(&[("error", 0), ("error", 1), ("error", 2)]);
+        rules.continues = vec![true, true, false];
+        let (router, task) = RouterHandle::spawn(
+            64,
+            RouteTable { lanes, rules },
+            RouterLinks {
+                committer,
+                dead_letters,
+                fences: Fences::default(),
+                metrics: metrics.clone(),
+                liveness: Liveness::default(),
+                tombstones: TombstonePolicy::Skip,
+                decoder: Decoder::default(),
+                unrouted: UnroutedPolicy::Ignore,
+                gate: None,
+            },
+        );
+        let records = vec![with_level(0, "k", "error"), with_level(1, "k", "info")];
+        metrics.in_flight.add(2);
+        assert!(matches!(router.offer(records), Offer::Taken));
+        drop(router);
+        task.await.expect("router ran");
+        let mut copies = Vec::new();
+        for inbox in &mut inboxes {
+            let mut records = Vec::new();
+            while inbox.recv_many(&mut records, usize::MAX).await > 0 {}
+            assert_eq!(records.iter().map(|r| r.offset).collect::<Vec<_>>(), [0]);
+            copies.extend(records);
+        }
+        let shared = copies[0].fan_out.clone().expect("a countdown");
+        assert!(copies
+            .iter()
+            .all(|copy| copy.fan_out.as_ref().is_some_and(|f| Arc::ptr_eq(f, &shared))));
+        assert_eq!(copies[1].payload(), copies[0].payload());
+        // Two records read; record 0 is three copies now, record 1 was finished (ignored).
+        let mut ignored = 0;
+        while let Ok(message) = messages.try_recv() {
+            if let CommitterMsg::Acks(acks) = message {
+                ignored += acks.len();
+            }
+        }
+        assert_eq!(ignored, 1);
+        assert_eq!(metrics.in_flight.get(), 4, "3 copies + 1 record not yet counted out");
     }
 }

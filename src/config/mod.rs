@@ -570,10 +570,15 @@ pub struct RouteConfig {
     /// Also required of an event: a record header with this name and value.
     #[serde(default)]
     pub header: Option<HeaderMatch>,
-    /// Takes every event that no earlier route took (whatever its level); the last route, at
+    /// Takes every event that no other route took (whatever its level); the last route, at
     /// most one, with no levels or other conditions.
     #[serde(default)]
     pub default: bool,
+    /// After this route takes an event, the routes after it may take it too (fan-out): each
+    /// gets its own copy, and the record's offset is committed only once every route that
+    /// took it has finished with it. False (default): the first matching route takes it alone.
+    #[serde(default, rename = "continue")]
+    pub continue_: bool,
     /// Worker actors; records with the same key always go to the same worker.
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -1093,6 +1098,13 @@ impl Config {
                          levels, topics, services or header",
                     ));
                 }
+                if route.continue_ {
+                    return Err(invalid(
+                        key("continue"),
+                        "the default route is the last and takes only what no other route \
+                         took: there is nothing to continue to",
+                    ));
+                }
                 if index + 1 != self.routes.len() {
                     return Err(invalid(
                         key("default"),
@@ -1135,11 +1147,13 @@ impl Config {
                         key("levels"),
                         format!(
                             "level `{level}` is already taken by route `{other}`, which asks \
-                             nothing else of an event (the first matching route wins)"
+                             nothing else of an event and does not `continue` (the first \
+                             matching route wins; give `{other}` `continue = true` to send \
+                             its events on to later routes too)"
                         ),
                     ));
                 }
-                if !route.has_conditions() {
+                if !route.has_conditions() && !route.continue_ {
                     unconditional.push((level, route.name.as_str()));
                 }
             }

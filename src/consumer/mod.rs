@@ -736,6 +736,7 @@ impl ConsumerActor {
             decoded,
             service: None,
             charge: self.budget.charge(bytes),
+            fan_out: None,
         };
         match &mut state.flow {
             // Fetched before the pause took effect: keep order behind what is already held.
