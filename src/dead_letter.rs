@@ -33,6 +33,9 @@ pub enum Stage {
     Decode,
     /// No route could take it.
     Route,
+    /// One of the route's transforms failed on it, or its throttle dead-letters the excess,
+    /// or its destination template names a field it lacks.
+    Transform,
     /// The route's sink could not deliver it.
     Sink,
 }
@@ -43,6 +46,7 @@ impl Stage {
         match self {
             Stage::Decode => "decode",
             Stage::Route => "route",
+            Stage::Transform => "transform",
             Stage::Sink => "sink",
         }
     }

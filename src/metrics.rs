@@ -46,6 +46,8 @@ pub struct Metrics {
     pub consumed: IntCounterVec,
     /// Records finished, by route and status.
     pub finished: IntCounterVec,
+    /// What each route did with the events it took, by route and outcome ([`ROUTE_OUTCOMES`]).
+    pub route_events: IntCounterVec,
     /// Records that failed to decode, by reason.
     pub decode_errors: IntCounterVec,
     /// Records a sink failed to deliver, by route.
@@ -152,6 +154,15 @@ pub const PAUSE_REASONS: [&str; 5] = [
     "shutdown",
 ];
 
+/// What a route did with an event, as the `outcome` label of `logbridge_route_events_total`.
+pub const ROUTE_OUTCOMES: [&str; 5] = [
+    "matched",
+    "transformed",
+    "sampled_out",
+    "throttled",
+    "transform_failed",
+];
+
 /// Errors the Kafka clients report (librdkafka's error callback), by client (`consumer`,
 /// `sink producer`, `dead-letter producer`) and librdkafka error code. One family for the
 /// process: the clients are made where no pipeline's metrics reach (the sink factory), and
@@ -206,6 +217,14 @@ impl Metrics {
                     "Records finished, by route and status (processed, ignored, failed, dead_lettered).",
                 ),
                 &["route", "status"],
+            )
+            .expect(METRIC_OK),
+            route_events: IntCounterVec::new(
+                Opts::new(
+                    "logbridge_route_events_total",
+                    "Events each route took, by route and outcome: matched (the route took it; with fan-out, each route that took it counts it), transformed (its transforms changed it), sampled_out, throttled, transform_failed.",
+                ),
+                &["route", "outcome"],
             )
             .expect(METRIC_OK),
             decode_errors: IntCounterVec::new(
@@ -559,6 +578,7 @@ impl Metrics {
             Box::new(self.processing_latency.clone()),
             Box::new(self.broker_rtt.clone()),
             Box::new(self.backpressure_seconds.clone()),
+            Box::new(self.route_events.clone()),
             Box::new(self.sink_latency.clone()),
             Box::new(self.drain_seconds.clone()),
             Box::new(self.dead_letters.clone()),
@@ -620,6 +640,14 @@ impl Metrics {
             // `process_open_fds`, ...), which generic dashboards and alerts look for.
             let process = prometheus::process_collector::ProcessCollector::for_self();
             self.registry.register(Box::new(process)).expect(METRIC_OK);
+        }
+    }
+
+    /// Makes the series of `route` exist from the start, at 0 (so a rate over them is 0, not
+    /// absent, until something happens).
+    pub fn route_known(&self, route: &str) {
+        for outcome in ROUTE_OUTCOMES {
+            self.route_events.with_label_values(&[route, outcome]);
         }
     }
 

@@ -485,6 +485,7 @@ fn spawn_workers(
     let mut files = OpenFiles::default();
     for route in &config.routes {
         let name: Arc<str> = Arc::from(route.name.as_str());
+        metrics.route_known(&name);
         liveness.expect("worker", route.workers);
         let mut workers = Vec::with_capacity(route.workers);
         for worker in 0..route.workers {

@@ -369,10 +369,17 @@ impl RouterActor {
     ) -> Result<(), StageGone> {
         let mut ignored: Vec<ProcessAck> = Vec::new();
         let mut targets = Vec::with_capacity(self.lanes.len());
+        // Events each lane took from this batch (counted once per batch, not per event).
+        let mut matched = vec![0u64; self.lanes.len()];
         for mut record in batch.drain(..) {
             let no_value = record.payload().is_none();
             match self.decide(&mut record, no_value, &mut targets) {
-                Decision::Lanes => self.share_out(record, &targets, shares),
+                Decision::Lanes => {
+                    for &lane in &targets {
+                        matched[lane] += 1;
+                    }
+                    self.share_out(record, &targets, shares)
+                }
                 Decision::Ignore { tombstone } => {
                     if tombstone {
                         self.links
@@ -411,6 +418,15 @@ impl RouterActor {
             }
         }
         self.finish_ignored(&mut ignored).await?;
+        for (lane, &count) in self.lanes.iter().zip(&matched) {
+            if count > 0 {
+                self.links
+                    .metrics
+                    .route_events
+                    .with_label_values(&[&lane.name, "matched"])
+                    .inc_by(count);
+            }
+        }
         for (lane, workers) in self.lanes.iter().zip(shares.iter_mut()) {
             for (worker, share) in lane.workers.iter().zip(workers.iter_mut()) {
                 if !share.is_empty() {

@@ -198,6 +198,14 @@ async fn an_event_for_three_routes_is_committed_only_once_the_last_has_finished(
             EVENTS,
             "{route}: finished as processed"
         );
+        assert_eq!(
+            metrics
+                .route_events
+                .with_label_values(&[route, "matched"])
+                .get(),
+            EVENTS,
+            "{route}: matched"
+        );
     }
     assert!(metrics.retries.with_label_values(&["alerts"]).get() > 0);
     println!(
