@@ -358,6 +358,7 @@ impl DeadLetterActor {
                     value,
                     headers: letter.headers(),
                     timestamp: None,
+                    topic: None,
                 }
             });
             let outcomes = producer::send_all(&self.producer, &self.topic, with_headers).await;

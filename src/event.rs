@@ -319,6 +319,13 @@ pub fn json_body(payload: &[u8]) -> &[u8] {
     payload.strip_prefix(BOM).unwrap_or(payload)
 }
 
+/// The JSON text of a payload in either format: past a Schema Registry prefix (a zero byte and
+/// a 4-byte schema id; no JSON text starts with a zero byte, so a strict-format payload, which
+/// never has one, is unchanged) and a BOM.
+pub fn json_text(payload: &[u8]) -> &[u8] {
+    auto::auto_body(payload)
+}
+
 /// Maps serde_json's errors onto ours. Our visitors never fail on their own (field problems are
 /// carried in the visitor's value), so every error here comes from the parser itself.
 ///

@@ -26,10 +26,12 @@
 //! Stages:
 //! - [`consumer`]: polls librdkafka on its own thread, decodes each record once ([`event`]),
 //!   pauses partitions instead of buffering, serves rebalances, and performs the commits.
-//! - [`router`]: registers each record with the committer as dispatched, picks the route
-//!   (the first whose level and other conditions match, else the default route) and the worker
-//!   by key hash (per-key order).
-//! - [`worker`]: delivers batches to the route's [`sink`] (the Kafka sink through
+//! - [`router`]: registers each record with the committer as dispatched, picks the routes
+//!   (every route whose level and other conditions match, up to the first that does not
+//!   `continue`, else the default route; a copy for each) and the worker by key hash (per-key
+//!   order).
+//! - [`worker`]: shapes each record on the way ([`shape`]: transforms, a templated
+//!   destination), delivers batches to the route's [`sink`] (the Kafka sink through
 //!   [`producer`], the HTTP and Elasticsearch sinks in [`http_sink`]), retries with backoff
 //!   (never sooner than an HTTP `Retry-After`), and acks each record.
 //! - [`dead_letter`]: parks what cannot be decoded or delivered in the dead-letter topic.
@@ -62,6 +64,7 @@ pub mod pipeline;
 pub mod producer;
 pub mod record;
 pub mod router;
+pub mod shape;
 pub mod sink;
 pub mod tools;
 pub mod transaction;

@@ -494,6 +494,9 @@ fn spawn_workers(
             if let Some(file) = sink.file() {
                 files.add(file, &name);
             }
+            if let Some(set) = sink.file_set() {
+                files.add_set(set, &name);
+            }
             let settings = WorkerSettings {
                 route: name.clone(),
                 capacity: config.pipeline.worker_capacity,
@@ -536,9 +539,26 @@ fn spawn_workers(
 #[derive(Default)]
 struct OpenFiles {
     files: Vec<(Arc<SharedFile>, Vec<Arc<str>>)>,
+    /// The file sets of routes with a templated path (their files are those open now).
+    sets: Vec<(Arc<crate::sink::FileSet>, Arc<str>)>,
 }
 
 impl OpenFiles {
+    fn add_set(&mut self, set: Arc<crate::sink::FileSet>, route: &Arc<str>) {
+        if !self.sets.iter().any(|(known, _)| Arc::ptr_eq(known, &set)) {
+            self.sets.push((set, route.clone()));
+        }
+    }
+
+    /// Every file open now, with the routes writing it.
+    fn now_open(&self) -> Vec<(Arc<SharedFile>, Vec<Arc<str>>)> {
+        let mut open = self.files.clone();
+        for (set, route) in &self.sets {
+            open.extend(set.files().into_iter().map(|file| (file, vec![route.clone()])));
+        }
+        open
+    }
+
     fn add(&mut self, file: Arc<SharedFile>, route: &Arc<str>) {
         match self
             .files
@@ -562,6 +582,9 @@ async fn reopen_files_on_hangup(files: OpenFiles, metrics: Arc<Metrics>, stop: C
             metrics.file_reopens.with_label_values(&[route]);
         }
     }
+    for (_, route) in &files.sets {
+        metrics.file_reopens.with_label_values(&[route]);
+    }
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -578,15 +601,15 @@ async fn reopen_files_on_hangup(files: OpenFiles, metrics: Arc<Metrics>, stop: C
                 _ = stop.cancelled() => return,
                 received = hangup.recv() => if received.is_none() { return },
             }
+            let reopening = files.now_open();
             info!(
-                files = files.files.len(),
+                files = reopening.len(),
                 "SIGHUP received: reopening file sinks"
             );
-            let reopening = files.clone();
             let metrics = metrics.clone();
             // A reopen waits for the write in progress on its file, which may block.
             let _ = tokio::task::spawn_blocking(move || {
-                for (file, routes) in &reopening.files {
+                for (file, routes) in &reopening {
                     let routes: Vec<&str> = routes.iter().map(|route| &**route).collect();
                     match file.reopen() {
                         Ok(()) => {

@@ -573,6 +573,8 @@ pub struct Outgoing<'a> {
     pub headers: OwnedHeaders,
     /// The record's timestamp (milliseconds since the epoch); `None`: the producer's time.
     pub timestamp: Option<i64>,
+    /// Its own topic (a route's templated topic rendered for it); `None`: the batch's topic.
+    pub topic: Option<&'a str>,
 }
 
 /// Sends each record's original key with the given value and headers to `topic`, and returns
@@ -683,6 +685,7 @@ impl Reporting {
         outgoing: Outgoing<'a>,
     ) -> BaseRecord<'a, [u8], [u8], usize> {
         let opaque = ((self.batch << INDEX_BITS) as usize) | index;
+        let topic = outgoing.topic.unwrap_or(topic);
         let mut base = BaseRecord::with_opaque_to(topic, opaque).headers(outgoing.headers);
         if let Some(key) = outgoing.record.key() {
             base = base.key(key);
@@ -775,6 +778,7 @@ mod tests {
             value: Some(&b"{}"[..]),
             headers: OwnedHeaders::new(),
             timestamp: None,
+            topic: None,
         };
         let first = send_all(&producer, "out", std::iter::once(outgoing(&record))).await;
         assert_eq!(first, vec![Ok(())]);
@@ -876,6 +880,7 @@ mod tests {
                     value: Some(&b"{}"[..]),
                     headers: OwnedHeaders::new(),
                     timestamp: None,
+                    topic: None,
                 }),
             )
             .await;

@@ -130,6 +130,10 @@ pub struct Record {
     pub read_at: std::time::Instant,
     /// Its bytes, counted against `pipeline.max_in_flight_bytes` until it is dropped.
     pub charge: Charge,
+    /// Where the route's sink puts this record, when its destination is a template (a Kafka
+    /// topic, a file path, an Elasticsearch index) rendered for this record by its worker;
+    /// `None`: the sink's configured destination.
+    pub destination: Option<Box<str>>,
     /// Set when the record goes to more than one route: each route gets its own copy, all
     /// copies share this, and the record is finished when the last copy is
     /// ([`FanOut::finish`]).
@@ -458,6 +462,7 @@ impl Record {
             service: self.service.clone(),
             read_at: self.read_at,
             charge: self.charge.again(),
+            destination: None,
             fan_out: Some(fan_out.clone()),
         }
     }
@@ -593,6 +598,7 @@ pub(crate) fn test_record(
         service: None,
         read_at: std::time::Instant::now(),
         charge: Charge::default(),
+        destination: None,
         fan_out: None,
     }
 }

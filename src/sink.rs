@@ -50,6 +50,12 @@ pub trait Sink: Send {
     fn file(&self) -> Option<Arc<SharedFile>> {
         None
     }
+
+    /// The files this sink appends to when its path is a template: the pipeline reopens
+    /// those open at SIGHUP.
+    fn file_set(&self) -> Option<Arc<FileSet>> {
+        None
+    }
 }
 
 /// What the pipeline hands a sink factory besides the route.
@@ -68,6 +74,8 @@ pub type SinkFactory =
 /// same file share one append-mode handle.
 pub fn config_sink_factory() -> SinkFactory {
     let files: Shared<PathBuf, Arc<SharedFile>> = Shared::default();
+    // One set of files per route with a templated path.
+    let file_sets: Shared<String, Arc<FileSet>> = Shared::default();
     // One producer per route, shared by its workers (a producer is thread-safe and batches
     // better when shared).
     let producers: Shared<String, Producer> = Shared::default();
@@ -123,14 +131,23 @@ pub fn config_sink_factory() -> SinkFactory {
                     max_bytes,
                     max_files,
                 } => {
-                    let file = files.get_or_make(path, || {
-                        let rotation = max_bytes.map(|max_bytes| Rotation {
-                            max_bytes,
-                            max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
-                        });
-                        SharedFile::open(path, *fsync, rotation).map(Arc::new)
-                    })?;
-                    Box::new(LineSink::new(LineTarget::File(file)))
+                    let rotation = max_bytes.map(|max_bytes| Rotation {
+                        max_bytes,
+                        max_files: max_files.unwrap_or(DEFAULT_FILE_MAX_FILES),
+                    });
+                    if route.sink.destination_template().is_some() {
+                        // Each record's path is rendered by its worker; the route's workers
+                        // share the files.
+                        let set = file_sets.get_or_make(&route.name, || {
+                            Ok(Arc::new(FileSet::new(*fsync, rotation)))
+                        })?;
+                        Box::new(LineSink::new(LineTarget::Files(set)))
+                    } else {
+                        let file = files.get_or_make(path, || {
+                            SharedFile::open(path, *fsync, rotation).map(Arc::new)
+                        })?;
+                        Box::new(LineSink::new(LineTarget::File(file)))
+                    }
                 }
             };
             Ok(sink)
@@ -212,6 +229,7 @@ impl KafkaSink {
                 } else {
                     None
                 },
+                topic: record.destination.as_deref(),
             }
         })
     }
@@ -244,11 +262,87 @@ impl Sink for NullSink {
     }
 }
 
+/// The files of a route whose `path` is a template: one per path rendered from its records
+/// (by the route's workers, into [`Record::destination`]), each opened on first use and kept
+/// open. How many there can be is bounded where the paths are rendered (the route's
+/// `max_destinations`).
+pub struct FileSet {
+    fsync: bool,
+    rotation: Option<Rotation>,
+    open: Mutex<rustc_hash::FxHashMap<PathBuf, Arc<SharedFile>>>,
+}
+
+impl FileSet {
+    /// A set whose files sync each batch (`fsync`) and rotate as `rotation` says.
+    pub fn new(fsync: bool, rotation: Option<Rotation>) -> FileSet {
+        FileSet {
+            fsync,
+            rotation,
+            open: Mutex::default(),
+        }
+    }
+
+    /// The file at `path`, opened (with its directories) if it is not open yet.
+    fn file(&self, path: &Path) -> std::io::Result<Arc<SharedFile>> {
+        let mut open = lock(&self.open);
+        if let Some(file) = open.get(path) {
+            return Ok(file.clone());
+        }
+        let file = SharedFile::open(path, self.fsync, self.rotation)
+            .map(Arc::new)
+            .map_err(|err| std::io::Error::other(format!("{err:#}")))?;
+        open.insert(path.to_path_buf(), file.clone());
+        Ok(file)
+    }
+
+    /// The files open now.
+    pub fn files(&self) -> Vec<Arc<SharedFile>> {
+        lock(&self.open).values().cloned().collect()
+    }
+
+    /// Appends each record's line to the file its destination names; one outcome per record.
+    fn append(&self, route: &str, batch: &[Record]) -> Vec<Result<(), SinkError>> {
+        let mut by_path: Vec<(&str, Vec<u8>, Vec<usize>)> = Vec::new();
+        let mut outcomes = vec![Ok(()); batch.len()];
+        for (index, record) in batch.iter().enumerate() {
+            let Some(path) = record.destination.as_deref() else {
+                outcomes[index] = Err(SinkError::permanent(
+                    "no_destination",
+                    "the record's file path was not rendered",
+                ));
+                continue;
+            };
+            let at = match by_path.iter().position(|(known, _, _)| *known == path) {
+                Some(at) => at,
+                None => {
+                    by_path.push((path, Vec::new(), Vec::new()));
+                    by_path.len() - 1
+                }
+            };
+            let (_, lines, indexes) = &mut by_path[at];
+            write_line(lines, route, record);
+            indexes.push(index);
+        }
+        for (path, lines, indexes) in by_path {
+            let written = self
+                .file(Path::new(path))
+                .and_then(|file| file.append(&lines))
+                .map_err(|err| SinkError::retryable("io_error", err.to_string()));
+            for index in indexes {
+                outcomes[index] = written.clone();
+            }
+        }
+        outcomes
+    }
+}
+
 /// Where a [`LineSink`] writes.
 #[derive(Clone)]
 pub enum LineTarget {
     /// An append-mode file shared by a route's workers.
     File(Arc<SharedFile>),
+    /// The files a route's templated path names, shared by its workers.
+    Files(Arc<FileSet>),
     /// Standard output.
     Stdout(Arc<Mutex<WholeLines<std::io::Stdout>>>),
 }
@@ -269,6 +363,8 @@ impl LineTarget {
         match self {
             LineTarget::File(file) => file.append(lines),
             LineTarget::Stdout(out) => lock(out).write_lines(lines),
+            // Written per record, by `FileSet::append`.
+            LineTarget::Files(_) => Err(std::io::Error::other("a file set is written per record")),
         }
     }
 }
@@ -594,11 +690,30 @@ impl Sink for LineSink {
     fn file(&self) -> Option<Arc<SharedFile>> {
         match &self.target {
             LineTarget::File(file) => Some(file.clone()),
-            LineTarget::Stdout(_) => None,
+            LineTarget::Stdout(_) | LineTarget::Files(_) => None,
+        }
+    }
+
+    fn file_set(&self) -> Option<Arc<FileSet>> {
+        match &self.target {
+            LineTarget::Files(set) => Some(set.clone()),
+            LineTarget::File(_) | LineTarget::Stdout(_) => None,
         }
     }
 
     fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        if let LineTarget::Files(set) = &self.target {
+            let set = set.clone();
+            return Box::pin(async move {
+                // Opening and writing may block: off the async workers. The batch is borrowed,
+                // so the blocking section runs in place (`block_in_place` needs the
+                // multi-threaded runtime the pipeline runs on).
+                match tokio::runtime::Handle::current().runtime_flavor() {
+                    tokio::runtime::RuntimeFlavor::CurrentThread => set.append(route, batch),
+                    _ => tokio::task::block_in_place(|| set.append(route, batch)),
+                }
+            });
+        }
         Box::pin(async move {
             let mut lines = std::mem::take(&mut self.buffer);
             lines.clear();

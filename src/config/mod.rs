@@ -10,12 +10,14 @@
 mod http;
 mod references;
 mod security;
+pub mod shape;
 
 pub use http::{
     redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig,
 };
 pub use references::Reloading;
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
+pub use shape::{ConditionConfig, TransformConfig};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -579,6 +581,21 @@ pub struct RouteConfig {
     /// took it has finished with it. False (default): the first matching route takes it alone.
     #[serde(default, rename = "continue")]
     pub continue_: bool,
+    /// Also required of an event: a condition on its fields (`{ field = "http.status", gte =
+    /// 500 }`, with `equals`, `one_of`, `prefix`, `regex`, `exists`, `gt`, `gte`, `lt`, `lte`,
+    /// and `not`, `all`, `any` around others).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<ConditionConfig>,
+    /// What is done to each event before the sink, in order: `set`, `rename`, `remove`,
+    /// `redact`, `parse_json`, `add_metadata`, `sample`, `throttle`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transforms: Vec<TransformConfig>,
+    /// With a templated destination (a `{field}` or `%Y` in the topic, path or index): the most
+    /// distinct destinations the route writes to; a record that would make one more is
+    /// dead-lettered (`too_many_destinations`). Each is a file kept open or a topic the
+    /// producer keeps, for the life of the process.
+    #[serde(default = "default_max_destinations")]
+    pub max_destinations: usize,
     /// Worker actors; records with the same key always go to the same worker.
     #[serde(default = "default_workers")]
     pub workers: usize,
@@ -610,6 +627,28 @@ pub struct HeaderMatch {
 }
 
 impl SinkConfig {
+    /// The sink's destination when it is a template rendered per record (a `{field}`, a
+    /// `{level}`-style name or a `%Y`-style date in a Kafka `topic`, a file `path` or an
+    /// Elasticsearch `index`), with how its values are made safe for the destination.
+    pub fn destination_template(&self) -> Option<(&str, crate::shape::Sanitize)> {
+        let templated = |text: &str| text.contains('{') || text.contains('%');
+        match self {
+            SinkConfig::Kafka { topic, .. } if templated(topic) => {
+                Some((topic, crate::shape::Sanitize::KafkaTopic))
+            }
+            SinkConfig::File { path, .. } => path
+                .to_str()
+                .filter(|path| templated(path))
+                .map(|path| (path, crate::shape::Sanitize::PathSegment)),
+            SinkConfig::Elasticsearch(http) => http
+                .index
+                .as_deref()
+                .filter(|index| templated(index))
+                .map(|index| (index, crate::shape::Sanitize::IndexName)),
+            _ => None,
+        }
+    }
+
     /// Whether the sink reads the event's service (an Elasticsearch index naming it).
     pub fn uses_service(&self) -> bool {
         matches!(self, SinkConfig::Elasticsearch(http)
@@ -618,9 +657,13 @@ impl SinkConfig {
 }
 
 impl RouteConfig {
-    /// Whether the route asks more of an event than its level (a topic or a header).
+    /// Whether the route asks more of an event than its level (a topic, service, header or
+    /// field condition).
     pub fn has_conditions(&self) -> bool {
-        !self.topics.is_empty() || !self.services.is_empty() || self.header.is_some()
+        !self.topics.is_empty()
+            || !self.services.is_empty()
+            || self.header.is_some()
+            || self.when.is_some()
     }
 
     /// How long a worker waits for a fuller batch: an HTTP sink's `linger_ms`, up to its
@@ -661,6 +704,13 @@ fn default_retry_backoff_max_ms() -> u64 {
 
 fn default_workers() -> usize {
     1
+}
+
+/// Distinct destinations a templated route may write to, unless it says otherwise.
+pub const DEFAULT_MAX_DESTINATIONS: usize = 100;
+
+fn default_max_destinations() -> usize {
+    DEFAULT_MAX_DESTINATIONS
 }
 
 /// Destination of a route.

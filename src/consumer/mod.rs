@@ -736,6 +736,7 @@ impl ConsumerActor {
             decoded,
             service: None,
             charge: self.budget.charge(bytes),
+            destination: None,
             fan_out: None,
         };
         match &mut state.flow {

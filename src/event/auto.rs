@@ -183,7 +183,7 @@ impl From<InputFormat> for Decoder {
 
 /// The JSON text of a payload: past a Schema Registry prefix (magic byte 0 and a 4-byte schema
 /// id; no JSON text starts with a zero byte) and a BOM.
-fn auto_body(payload: &[u8]) -> &[u8] {
+pub(super) fn auto_body(payload: &[u8]) -> &[u8] {
     match payload {
         [0, _, _, _, _, rest @ ..] => json_body(rest),
         _ => json_body(payload),
