@@ -56,7 +56,9 @@ enum Layout {
     JsonArray,
     /// `_bulk`: a `create` action naming the index and the record's id, then the payload.
     Bulk {
-        index: IndexTemplate,
+        /// The index, unless the record carries its own (a templated index, rendered by the
+        /// route's worker into [`Record::destination`]).
+        index: String,
         /// Written before each document id (`id_prefix`).
         id_prefix: String,
     },
@@ -164,7 +166,7 @@ impl HttpEndpoint {
             (Some(index), true) => {
                 url = format!("{}/_bulk", url.trim_end_matches('/'));
                 Layout::Bulk {
-                    index: IndexTemplate::parse(index),
+                    index: index.clone(),
                     id_prefix: config.id_prefix.clone().unwrap_or_default(),
                 }
             }
@@ -302,7 +304,7 @@ impl HttpSink {
     async fn send(&mut self, target: &Target, records: &[Record]) -> Vec<Result<(), SinkError>> {
         let mut body = std::mem::take(&mut self.body);
         body.clear();
-        write_body(&mut body, &target.layout, records, SystemTime::now());
+        write_body(&mut body, &target.layout, records);
         // The plain body is handed over as it is (no copy); a gzip body is a new buffer, and
         // the plain one is kept for the next request.
         let payload = if target.gzip {
@@ -434,8 +436,8 @@ fn requests(batch: &[Record], max_records: usize, max_bytes: usize) -> Vec<Range
     ranges
 }
 
-/// Writes the request body for `records`; `now` dates a `{date}` index.
-fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record], now: SystemTime) {
+/// Writes the request body for `records`.
+fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
     if let Layout::JsonArray = layout {
         out.push(b'[');
     }
@@ -446,8 +448,8 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record], now: Syste
             Layout::JsonArray => {}
             Layout::Bulk { index, id_prefix } => {
                 out.extend_from_slice(b"{\"create\":{\"_index\":");
-                let name = index.render(record, now);
-                let _ = serde_json::to_writer(&mut *out, &name);
+                let name = record.destination.as_deref().unwrap_or(index);
+                let _ = serde_json::to_writer(&mut *out, name);
                 out.extend_from_slice(b",\"_id\":\"");
                 write_document_id(out, id_prefix, record);
                 out.extend_from_slice(b"\"}}\n");
@@ -684,122 +686,6 @@ fn bulk_outcomes(body: &[u8], count: usize) -> Vec<Result<(), SinkError>> {
             status_outcome(item.status, None, error.as_bytes())
         })
         .collect()
-}
-
-/// An index name with `{level}`, `{service}` and `{date}` to fill per record.
-#[derive(Debug, Clone)]
-struct IndexTemplate {
-    parts: Vec<IndexPart>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum IndexPart {
-    Text(String),
-    Level,
-    Service,
-    Date,
-}
-
-impl IndexTemplate {
-    fn parse(template: &str) -> IndexTemplate {
-        let mut parts = Vec::new();
-        let mut rest = template;
-        while !rest.is_empty() {
-            let next = ["{level}", "{service}", "{date}"]
-                .iter()
-                .filter_map(|name| rest.find(name).map(|at| (at, *name)))
-                .min();
-            match next {
-                Some((at, name)) => {
-                    if at > 0 {
-                        parts.push(IndexPart::Text(rest[..at].to_string()));
-                    }
-                    parts.push(match name {
-                        "{level}" => IndexPart::Level,
-                        "{service}" => IndexPart::Service,
-                        _ => IndexPart::Date,
-                    });
-                    rest = &rest[at + name.len()..];
-                }
-                None => {
-                    parts.push(IndexPart::Text(rest.to_string()));
-                    rest = "";
-                }
-            }
-        }
-        IndexTemplate { parts }
-    }
-
-    /// The index for `record`. What comes from the event (its level and service: whatever
-    /// its producer wrote) is made index-safe ([`index_safe`]), and at the start of the name
-    /// loses the `-`, `_` and `+` an index name cannot start with.
-    fn render(&self, record: &Record, now: SystemTime) -> String {
-        let mut name = String::new();
-        let push_value = |name: &mut String, value: Option<&str>| {
-            let safe = value.map(index_safe).unwrap_or_default();
-            let safe = if name.is_empty() {
-                safe.trim_start_matches(['-', '_', '+'])
-            } else {
-                &safe
-            };
-            name.push_str(if safe.is_empty() { "unknown" } else { safe });
-        };
-        for part in &self.parts {
-            match part {
-                IndexPart::Text(text) => name.push_str(text),
-                IndexPart::Level => match &record.decoded {
-                    Some(Ok(level)) => push_value(&mut name, Some(level.as_str())),
-                    _ => push_value(&mut name, None),
-                },
-                IndexPart::Service => push_value(&mut name, record.service.as_deref()),
-                IndexPart::Date => {
-                    // The record's own time (its Kafka timestamp), else when it is sent.
-                    let when = record
-                        .timestamp
-                        .and_then(|ms| u64::try_from(ms).ok())
-                        .map_or(now, |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
-                    name.push_str(&utc_date(when));
-                }
-            }
-        }
-        name
-    }
-}
-
-/// A level or service as an index name part: lowercase, and the characters Elasticsearch
-/// refuses in index names (`\ / * ? " < > | , # :` and space) replaced by `_`.
-fn index_safe(text: &str) -> String {
-    text.chars()
-        .map(|c| match c {
-            '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ',' | '#' | ':' | ' ' => '_',
-            other => other.to_ascii_lowercase(),
-        })
-        .collect()
-}
-
-/// `YYYY.MM.DD` of `time` in UTC.
-fn utc_date(time: SystemTime) -> String {
-    let days = time
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs() / 86_400) as i64;
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm). Not humantime's
-    // RFC 3339 formatting: it panics past the year 9999, and a record's timestamp is
-    // whatever its producer set.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!("{year:04}.{month:02}.{day:02}")
 }
 
 #[cfg(test)]
@@ -1238,30 +1124,45 @@ mod tests {
             record(1, "{\"a\": 1,\n \"b\": \"x y\"}"),
             record(2, "{\"c\":2}"),
         ];
-        let now = SystemTime::UNIX_EPOCH;
         let mut out = Vec::new();
-        write_body(&mut out, &Layout::Ndjson, &batch, now);
+        write_body(&mut out, &Layout::Ndjson, &batch);
         assert_eq!(out, b"{\"a\":1,\"b\":\"x y\"}\n{\"c\":2}\n");
         out.clear();
-        write_body(&mut out, &Layout::JsonArray, &batch, now);
+        write_body(&mut out, &Layout::JsonArray, &batch);
         assert_eq!(out, b"[{\"a\":1,\"b\":\"x y\"},{\"c\":2}]");
         let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(parsed.as_array().map(Vec::len), Some(2));
         out.clear();
-        let index = IndexTemplate::parse("logs-{level}-{service}-{date}");
+        let template = crate::shape::Template::parse(
+            "logs-{level}-{service}-{date}",
+            crate::shape::Sanitize::IndexName,
+            "index",
+        )
+        .expect("a template");
+        let rendered = |mut record: Record| {
+            let name = template
+                .render(None, &crate::shape::route::context(&record))
+                .expect("rendered");
+            record.destination = Some(name.into_boxed_str());
+            record
+        };
         let mut with_service = record(3, "{\"c\":3}");
         with_service.service = Some(Box::from("Cart Service"));
+        // 1970-01-01T00:00:01Z
+        with_service.timestamp = Some(1_000);
+        let with_service = rendered(with_service);
         let mut stamped = record(4, "{\"d\":4}");
         // 2026-11-28T12:00:00Z
         stamped.timestamp = Some(1_795_867_200_000);
+        let stamped = rendered(stamped);
         let layout = Layout::Bulk {
-            index,
+            index: "unused".to_string(),
             id_prefix: "eu-1:".to_string(),
         };
-        write_body(&mut out, &layout, &[with_service, stamped], now);
+        write_body(&mut out, &layout, &[with_service, stamped]);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"eu-1:logs-0-3\"}}\n{\"c\":3}\n\
+            "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"eu-1:logs-0-3-1000\"}}\n{\"c\":3}\n\
              {\"create\":{\"_index\":\"logs-error-unknown-2026.11.28\",\"_id\":\"eu-1:logs-0-4-1795867200000\"}}\n{\"d\":4}\n"
         );
     }
@@ -1269,7 +1170,7 @@ mod tests {
     /// The `_id` of each document of a `_bulk` body.
     fn bulk_ids(layout: &Layout, records: &[Record]) -> Vec<String> {
         let mut body = Vec::new();
-        write_body(&mut body, layout, records, SystemTime::UNIX_EPOCH);
+        write_body(&mut body, layout, records);
         body.split(|byte| *byte == b'\n')
             .filter(|line| line.starts_with(b"{\"create\""))
             .map(|line| {
@@ -1285,7 +1186,7 @@ mod tests {
     #[test]
     fn document_ids_differ_across_topic_incarnations_and_stay_for_a_replay() {
         let layout = Layout::Bulk {
-            index: IndexTemplate::parse("logs"),
+            index: "logs".to_string(),
             id_prefix: String::new(),
         };
         let stamped = |offset, ms| {
@@ -1302,45 +1203,11 @@ mod tests {
         assert_eq!(replayed[0], ids[0], "a replay keeps its id");
         // The same topic on two source clusters, told apart by `id_prefix`.
         let other_cluster = Layout::Bulk {
-            index: IndexTemplate::parse("logs"),
+            index: "logs".to_string(),
             id_prefix: "eu-2:".to_string(),
         };
         let elsewhere = bulk_ids(&other_cluster, &[stamped(3, 1_795_867_200_000)]);
         assert_eq!(elsewhere[0], "eu-2:logs-0-3-1795867200000");
-    }
-
-    /// Issue 34, item 11b: a level is whatever the event says; in an index name it must be
-    /// what Elasticsearch takes (lowercase, none of `\\ / * ? " < > | , # :` or space, not
-    /// starting with `-`, `_` or `+`).
-    #[test]
-    fn levels_in_index_names_are_made_index_safe() {
-        let with_level = |level: &str| {
-            let mut record = record(1, "{\"a\":1}");
-            record.decoded = Some(Ok(crate::event::Level::new(level)));
-            record
-        };
-        let now = SystemTime::UNIX_EPOCH;
-        let template = IndexTemplate::parse("logs-{level}");
-        assert_eq!(
-            template.render(&with_level("Sev 3/High*?\"<>|,#:\\"), now),
-            "logs-sev_3_high__________"
-        );
-        let leading = IndexTemplate::parse("{level}-logs");
-        assert_eq!(leading.render(&with_level("_debug"), now), "debug-logs");
-        assert_eq!(leading.render(&with_level("-+_"), now), "unknown-logs");
-        assert_eq!(leading.render(&with_level("ERROR"), now), "error-logs");
-    }
-
-    #[test]
-    fn utc_dates_are_civil_dates() {
-        let day = |days: u64| utc_date(SystemTime::UNIX_EPOCH + Duration::from_secs(days * 86_400));
-        assert_eq!(day(0), "1970.01.01");
-        assert_eq!(day(59), "1970.03.01");
-        assert_eq!(day(11_016), "2000.02.29");
-        assert_eq!(day(20_785), "2026.11.28");
-        // Past the year 9999 (a producer may stamp anything): a date, no panic. 20 cycles of
-        // 400 years (146 097 days each) after 2183-09-21, which is 78 060 days after the epoch.
-        assert_eq!(day(3_000_000), "10183.09.21");
     }
 
     #[test]

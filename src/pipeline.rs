@@ -22,6 +22,7 @@ use crate::http::{self, HttpState, StatusSource};
 use crate::metrics::{DepthProbe, Metrics, NO_ROUTE};
 use crate::record::Fences;
 use crate::router::{RouteLane, RouteTable, RouterHandle, RouterLinks, Rules, DISPATCH_BATCH};
+use crate::shape::route::RouteShape;
 use crate::sink::{config_sink_factory, SharedFile, SinkFactory, SinkLinks};
 use crate::transaction::DispatchGate;
 use crate::worker::{RetryPolicy, Retrying, WorkerHandle, WorkerSettings, MAX_BATCH};
@@ -483,9 +484,11 @@ fn spawn_workers(
     let mut lanes = Vec::with_capacity(config.routes.len());
     let mut tasks = Vec::new();
     let mut files = OpenFiles::default();
-    for route in &config.routes {
+    for (index, route) in config.routes.iter().enumerate() {
         let name: Arc<str> = Arc::from(route.name.as_str());
         metrics.route_known(&name);
+        // Checked at load already: an error here names the key all the same.
+        let shape = RouteShape::for_route(route, index, metrics)?;
         liveness.expect("worker", route.workers);
         let mut workers = Vec::with_capacity(route.workers);
         for worker in 0..route.workers {
@@ -511,6 +514,7 @@ fn spawn_workers(
                 retrying: retrying.clone(),
                 stop: stop.clone(),
                 breaker: breaker.route(name.clone()),
+                shape: shape.clone(),
             };
             let (handle, task) = WorkerHandle::spawn(
                 settings,
@@ -554,7 +558,11 @@ impl OpenFiles {
     fn now_open(&self) -> Vec<(Arc<SharedFile>, Vec<Arc<str>>)> {
         let mut open = self.files.clone();
         for (set, route) in &self.sets {
-            open.extend(set.files().into_iter().map(|file| (file, vec![route.clone()])));
+            open.extend(
+                set.files()
+                    .into_iter()
+                    .map(|file| (file, vec![route.clone()])),
+            );
         }
         open
     }

@@ -620,7 +620,10 @@ mod tests {
             .finish(AckStatus::Ignored, None)
             .expect("the third of three copies finishes the record");
         assert_eq!(status, AckStatus::DeadLettered);
-        assert_eq!(cause.map(|cause| cause.route.to_string()).as_deref(), Some("archive"));
+        assert_eq!(
+            cause.map(|cause| cause.route.to_string()).as_deref(),
+            Some("archive")
+        );
         assert_eq!(
             fan_out.finish(AckStatus::Processed, None),
             None,
@@ -638,7 +641,10 @@ mod tests {
         record.fan_out = Some(fan_out.clone());
         let copy = record.copy_for_route(&fan_out);
         assert_eq!(budget.used(), 200);
-        assert_eq!((copy.offset, copy.key(), copy.payload()), (7, record.key(), record.payload()));
+        assert_eq!(
+            (copy.offset, copy.key(), copy.payload()),
+            (7, record.key(), record.payload())
+        );
         drop(record);
         assert_eq!(budget.used(), 100);
         drop(copy);

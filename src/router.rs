@@ -82,6 +82,8 @@ struct Conditions {
     services: Vec<Box<str>>,
     /// A header name and value the record must carry.
     header: Option<(String, Vec<u8>)>,
+    /// A condition on the event's fields (compiled when the configuration was checked).
+    when: Option<crate::shape::Condition>,
 }
 
 impl Rules {
@@ -100,8 +102,14 @@ impl Rules {
                     .header
                     .as_ref()
                     .map(|header| (header.name.clone(), header.value.clone().into_bytes())),
+                // Validation compiled it once already; a condition that does not compile here
+                // cannot happen, and would match nothing rather than everything.
+                when: route.when.as_ref().map(|when| {
+                    crate::shape::Condition::compile(when, &format!("routes[{lane}].when"))
+                        .unwrap_or_else(|_| crate::shape::Condition::never())
+                }),
             });
-            rules.need_service |= route.sink.uses_service();
+            rules.need_service |= route.uses_service();
             rules.continues.push(route.continue_);
             if route.default {
                 rules.default = Some(lane);
@@ -148,12 +156,14 @@ impl Rules {
     /// The lanes that take `record` at `level`, into `lanes` (cleared first): see [`Rules`].
     fn lanes(&self, level: &Level, record: &Record, lanes: &mut Vec<usize>) {
         lanes.clear();
+        // Parsed once, by the first route that reads a field (most events never are).
+        let mut event = Event::Unread;
         if let Some(candidates) = self.by_level.get(level.as_str()) {
             for &lane in candidates {
                 let holds = self
                     .conditions
                     .get(lane)
-                    .is_some_and(|conditions| conditions.hold(record));
+                    .is_some_and(|conditions| conditions.hold(record, &mut event));
                 if holds {
                     lanes.push(lane);
                     if !self.continues.get(lane).copied().unwrap_or(false) {
@@ -168,8 +178,41 @@ impl Rules {
     }
 }
 
+/// A record's event as JSON, parsed only once a route's `when` asks for it.
+enum Event {
+    Unread,
+    Parsed(serde_json::Value),
+    /// Not readable as a JSON value (nested past serde_json's limit): no `when` holds.
+    Unreadable,
+}
+
+impl Event {
+    fn get(&mut self, record: &Record) -> Option<&serde_json::Value> {
+        if let Event::Unread = self {
+            let text = crate::event::json_text(record.payload().unwrap_or_default());
+            *self = match serde_json::from_slice(text) {
+                Ok(value) => Event::Parsed(value),
+                Err(_) => Event::Unreadable,
+            };
+        }
+        match self {
+            Event::Parsed(value) => Some(value),
+            Event::Unread | Event::Unreadable => None,
+        }
+    }
+}
+
 impl Conditions {
-    fn hold(&self, record: &Record) -> bool {
+    fn hold(&self, record: &Record, event: &mut Event) -> bool {
+        let others = self.hold_besides_fields(record);
+        others
+            && self
+                .when
+                .as_ref()
+                .is_none_or(|when| event.get(record).is_some_and(|event| when.holds(event)))
+    }
+
+    fn hold_besides_fields(&self, record: &Record) -> bool {
         (self.topics.is_empty() || self.topics.contains(&record.source.topic))
             && (self.services.is_empty()
                 || record
@@ -1063,7 +1106,11 @@ mod tests {
         };
         assert_eq!(lanes("error"), [0, 1]);
         assert_eq!(lanes("warning"), [0, 2, 3]);
-        assert_eq!(lanes("info"), [0], "archive took it: not the default route's");
+        assert_eq!(
+            lanes("info"),
+            [0],
+            "archive took it: not the default route's"
+        );
         assert_eq!(lanes("debug"), [4]);
     }
 
@@ -1113,9 +1160,10 @@ mod tests {
             copies.extend(records);
         }
         let shared = copies[0].fan_out.clone().expect("a countdown");
-        assert!(copies
-            .iter()
-            .all(|copy| copy.fan_out.as_ref().is_some_and(|f| Arc::ptr_eq(f, &shared))));
+        assert!(copies.iter().all(|copy| copy
+            .fan_out
+            .as_ref()
+            .is_some_and(|f| Arc::ptr_eq(f, &shared))));
         assert_eq!(copies[1].payload(), copies[0].payload());
         // Two records read; record 0 is three copies now, record 1 was finished (ignored).
         let mut ignored = 0;
@@ -1125,6 +1173,10 @@ mod tests {
             }
         }
         assert_eq!(ignored, 1);
-        assert_eq!(metrics.in_flight.get(), 4, "3 copies + 1 record not yet counted out");
+        assert_eq!(
+            metrics.in_flight.get(),
+            4,
+            "3 copies + 1 record not yet counted out"
+        );
     }
 }

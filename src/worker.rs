@@ -35,6 +35,7 @@ use crate::metrics::{DepthProbe, Metrics};
 use crate::producer::{DeliveryError, FailureKind};
 use crate::record::{AckStatus, Fences, Record, StageGone};
 use crate::router::order_key;
+use crate::shape::route::{RouteShape, Shaped, Shaper};
 use crate::sink::{Sink, Started};
 
 /// Longest wait a destination's `Retry-After` can impose on one retry: a bigger value (or a
@@ -172,6 +173,8 @@ pub struct WorkerSettings {
     /// The route's view of the dead-letter breaker: counts its outcomes, and holds its failing
     /// records while the breaker is tripped.
     pub breaker: RouteBreaker,
+    /// The route's transforms and destination template; `None`: records go as they came.
+    pub shape: Option<Arc<RouteShape>>,
 }
 
 /// A worker's wait for a fuller batch.
@@ -207,7 +210,9 @@ impl WorkerHandle {
             .delivered_bytes
             .with_label_values(&[&*settings.route]);
         let retry_slot = settings.retrying.register();
+        let shaper = settings.shape.as_ref().map(RouteShape::shaper);
         let actor = WorkerActor {
+            shaper,
             retrying: settings.retrying,
             retry_slot,
             retrying_since: None,
@@ -257,6 +262,9 @@ impl WorkerHandle {
 }
 
 struct WorkerActor {
+    /// Applies the route's transforms and destination template (with this worker's own
+    /// throttle state); `None`: the route has neither.
+    shaper: Option<Shaper>,
     /// Where this worker says what it retries, under `retry_slot`.
     retrying: Retrying,
     retry_slot: u64,
@@ -339,7 +347,12 @@ impl WorkerActor {
             if let Some(linger) = self.linger {
                 self.fill_up(&mut batch, linger).await;
             }
-            self.process(std::mem::take(&mut batch)).await?;
+            let mut records = std::mem::take(&mut batch);
+            self.shape(&mut records).await?;
+            if records.is_empty() {
+                continue;
+            }
+            self.process(records).await?;
         }
     }
 
@@ -397,6 +410,7 @@ impl WorkerActor {
                 Step::Received(_) => {
                     let mut records = std::mem::take(&mut batch);
                     self.drop_released(&mut records);
+                    self.shape(&mut records).await?;
                     if records.is_empty() {
                         continue;
                     }
@@ -460,6 +474,50 @@ impl WorkerActor {
         let outcomes = batch.outcomes.await;
         self.observe_sink(batch.started);
         self.settle(batch.records, outcomes, 1, behind).await
+    }
+
+    /// Applies the route's shaping to the records just taken: what it leaves out is finished
+    /// as ignored (one ack message), what it cannot handle is dead-lettered, the rest stays in
+    /// `records`, in order.
+    async fn shape(&mut self, records: &mut Vec<Record>) -> Result<(), StageGone> {
+        let Some(shaper) = &mut self.shaper else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut left_out = Vec::new();
+        let mut failed = Vec::new();
+        let mut kept = Vec::with_capacity(records.len());
+        for mut record in records.drain(..) {
+            match shaper.shape(&mut record, now) {
+                Shaped::Deliver => kept.push(record),
+                Shaped::Drop => left_out.push(record.ack(AckStatus::Ignored)),
+                Shaped::Fail { reason, message } => failed.push((record, reason, message)),
+            }
+        }
+        *records = kept;
+        for (record, reason, message) in failed {
+            self.failed += 1;
+            self.dead_letters
+                .fail(DeadLetter {
+                    record,
+                    stage: Stage::Transform,
+                    reason,
+                    message,
+                    route: self.route.clone(),
+                    attempts: 0,
+                    dropped_value: None,
+                    http_status: None,
+                })
+                .await?;
+        }
+        if !left_out.is_empty() {
+            self.metrics
+                .finished
+                .with_label_values(&[&self.route, AckStatus::Ignored.as_str()])
+                .inc_by(left_out.len() as u64);
+            self.committer.acks(left_out).await?;
+        }
+        Ok(())
     }
 
     /// Delivers a batch, retrying what failed transiently, and finishes every record.
@@ -990,6 +1048,7 @@ mod tests {
             retrying,
             stop,
             breaker,
+            shape: None,
         };
         let (handle, task) = WorkerHandle::spawn(
             settings,

@@ -649,14 +649,108 @@ impl SinkConfig {
         }
     }
 
-    /// Whether the sink reads the event's service (an Elasticsearch index naming it).
+    /// Whether the sink reads the event's service (a destination template naming it).
     pub fn uses_service(&self) -> bool {
-        matches!(self, SinkConfig::Elasticsearch(http)
-            if http.index.as_deref().is_some_and(|index| index.contains("{service}")))
+        self.destination_template()
+            .is_some_and(|(text, _)| text.contains("{service"))
     }
 }
 
 impl RouteConfig {
+    /// Compiles the route's field condition, transforms and destination template once, so
+    /// that a mistake in any of them is an error naming its key at start (and in
+    /// `check-config`), never a failure per event.
+    fn check_shape(&self, index: usize) -> Result<(), ConfigError> {
+        let shape_error = |err: crate::shape::ShapeError| invalid(err.key, err.message);
+        if let Some(when) = &self.when {
+            crate::shape::Condition::compile(when, &format!("routes[{index}].when"))
+                .map_err(shape_error)?;
+        }
+        crate::shape::Transforms::compile(&self.transforms, &format!("routes[{index}].transforms"))
+            .map_err(shape_error)?;
+        if let Some((text, sanitize)) = self.sink.destination_template() {
+            let key = match &self.sink {
+                SinkConfig::Kafka { .. } => "sink.topic",
+                SinkConfig::File { .. } => "sink.path",
+                _ => "sink.index",
+            };
+            crate::shape::Template::parse(text, sanitize, &format!("routes[{index}].{key}"))
+                .map_err(shape_error)?;
+        }
+        if self.max_destinations == 0 {
+            return Err(invalid(
+                format!("routes[{index}].max_destinations"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What the route does, as understood: its conditions, transforms and destination, one
+    /// line each (for `check-config`).
+    pub fn describe(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let mut takes = if self.default {
+            "whatever no other route took".to_string()
+        } else {
+            format!("levels {}", self.levels.join(", "))
+        };
+        if !self.topics.is_empty() {
+            takes.push_str(&format!(" from topics {}", self.topics.join(", ")));
+        }
+        if !self.services.is_empty() {
+            takes.push_str(&format!(" of services {}", self.services.join(", ")));
+        }
+        if let Some(header) = &self.header {
+            takes.push_str(&format!(
+                " with header {} = {:?}",
+                header.name, header.value
+            ));
+        }
+        if let Some(when) = &self.when {
+            if let Ok(condition) = crate::shape::Condition::compile(when, "when") {
+                takes.push_str(&format!(" when {}", condition.describe()));
+            }
+        }
+        lines.push(format!("takes {takes}"));
+        lines.push(if self.continue_ {
+            "then hands the event on to later routes too (continue)".to_string()
+        } else {
+            "later routes do not see what it takes".to_string()
+        });
+        if let Ok(transforms) = crate::shape::Transforms::compile(&self.transforms, "transforms") {
+            for (step, line) in transforms.describe().into_iter().enumerate() {
+                lines.push(format!("transform {}: {line}", step + 1));
+            }
+        }
+        match self.sink.destination_template() {
+            Some((text, sanitize)) => match crate::shape::Template::parse(text, sanitize, "sink") {
+                Ok(template) => lines.push(format!(
+                    "writes to {} {} (at most {} distinct)",
+                    self.sink.kind(),
+                    template.describe(),
+                    self.max_destinations
+                )),
+                Err(_) => lines.push(format!("writes to {} {text}", self.sink.kind())),
+            },
+            None => lines.push(format!("writes to {}", self.sink.kind())),
+        }
+        lines
+    }
+
+    /// Whether the route reads the event's service (its destination template or a `set`
+    /// template names `{service}`): only then does the router decode it.
+    pub fn uses_service(&self) -> bool {
+        self.sink.uses_service()
+            || self.transforms.iter().any(|transform| {
+                transform
+                    .value
+                    .as_ref()
+                    .and_then(serde_json::Value::as_str)
+                    .is_some_and(|text| text.contains("{service"))
+            })
+    }
+
     /// Whether the route asks more of an event than its level (a topic, service, header or
     /// field condition).
     pub fn has_conditions(&self) -> bool {
@@ -1176,6 +1270,7 @@ impl Config {
                     return Err(invalid(key("header.name"), "empty header name"));
                 }
             }
+            route.check_shape(index)?;
             for raw in &route.levels {
                 if raw.trim().is_empty() {
                     return Err(invalid(key("levels"), "empty level"));

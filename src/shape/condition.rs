@@ -64,6 +64,13 @@ const OPERATORS: &str = "equals, one_of, prefix, regex, exists, gt, gte, lt, lte
                          or not, all, any";
 
 impl Condition {
+    /// A condition no event meets (`any` of nothing).
+    pub fn never() -> Condition {
+        Condition {
+            kind: Kind::Any(Vec::new()),
+        }
+    }
+
     /// Compiles `config`, found at `key` (such as `routes[2].when`); errors name the key of the
     /// part at fault (`routes[2].when.all[1].regex`).
     pub fn compile(config: &ConditionConfig, key: &str) -> Result<Condition, ShapeError> {

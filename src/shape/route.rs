@@ -86,9 +86,7 @@ impl RouteShape {
             return Ok(None);
         }
         let needs_event = transforms.needs_event()
-            || destination
-                .as_ref()
-                .is_some_and(Template::references_event);
+            || destination.as_ref().is_some_and(Template::references_event);
         let counter = |outcome: &str| {
             metrics
                 .route_events
@@ -163,25 +161,10 @@ impl Shaper {
         } else {
             None
         };
-        let level = match &record.decoded {
-            Some(Ok(level)) => Some(level.as_str().to_string()),
-            _ => None,
-        };
-        let ctx = Context {
-            topic: &record.source.topic,
-            partition: record.source.partition,
-            offset: record.offset,
-            timestamp_ms: record.timestamp,
-            key: record.key(),
-            level: level.as_deref(),
-            service: record.service.as_deref(),
-        };
+        let ctx = context(record);
         let changed = match &mut event {
             Some(event) if !shape.transforms.is_empty() => {
-                match shape
-                    .transforms
-                    .apply(&mut self.state, event, &ctx, now)
-                {
+                match shape.transforms.apply(&mut self.state, event, &ctx, now) {
                     Ok(Outcome::Keep { changed }) => changed,
                     Ok(Outcome::SampledOut) => {
                         shape.counters.sampled_out.inc();
@@ -276,5 +259,21 @@ impl Shaper {
             }
         }
         Shaped::Deliver
+    }
+}
+
+/// What the record offers a transform or template besides its event.
+pub fn context(record: &Record) -> Context<'_> {
+    Context {
+        topic: &record.source.topic,
+        partition: record.source.partition,
+        offset: record.offset,
+        timestamp_ms: record.timestamp,
+        key: record.key(),
+        level: match &record.decoded {
+            Some(Ok(level)) => Some(level.as_str()),
+            _ => None,
+        },
+        service: record.service.as_deref(),
     }
 }
