@@ -2420,6 +2420,67 @@ mod tests {
         );
     }
 
+    /// Conditions, transforms and templates are compiled when the configuration loads: a
+    /// mistake is an error naming its key, never a failure per event.
+    #[test]
+    fn shaping_mistakes_name_their_key() {
+        let route = |extra: &str, sink: &str| {
+            format!(
+                "{}\n[[routes]]\nname = \"shaped\"\nlevels = [\"info\"]\n{extra}\nsink = {sink}\n",
+                MINIMAL
+            )
+        };
+        let null = "{ type = \"null\" }";
+        let valid = route(
+            "continue = true\nwhen = { any = [ { field = \"http.status\", gte = 500 }, { field = \"tags[0]\", equals = \"x\" } ] }\n\
+             transforms = [ { set = \"cluster\", value = \"eu-1\" }, { sample = 4 } ]",
+            "{ type = \"kafka\", topic = \"logs-{service|none}-%Y.%m\" }",
+        );
+        let config = load(&valid).expect("valid");
+        assert!(config.routes[1].continue_ && config.routes[1].has_conditions());
+        assert!(config.routes[1].uses_service());
+        let cases = [
+            (route("when = { field = \"m\", regex = \"(\" }", null), "`routes[1].when.regex`"),
+            (
+                route("when = { field = \"m\", contains = \"x\" }", null),
+                "unknown field: found `contains`",
+            ),
+            (
+                route("when = { all = [ { field = \"a\", exists = true, prefix = \"x\" } ] }", null),
+                "`routes[1].when.all[0]`",
+            ),
+            (
+                route("transforms = [ { redact = \"m\", pattern = \"[\" } ]", null),
+                "`routes[1].transforms[0].pattern`",
+            ),
+            (
+                route("transforms = [ { sample = 0 } ]", null),
+                "`routes[1].transforms[0].sample`",
+            ),
+            (
+                route("transforms = [ { sample = 2, to = \"x\" } ]", null),
+                "`routes[1].transforms[0].to`",
+            ),
+            (
+                route("", "{ type = \"kafka\", topic = \"logs-%Q\" }"),
+                "`routes[1].sink.topic`",
+            ),
+            (
+                route("", "{ type = \"file\", path = \"/tmp/{service\" }"),
+                "`routes[1].sink.path`",
+            ),
+            (route("max_destinations = 0", null), "`routes[1].max_destinations`"),
+            (
+                format!("{MINIMAL}\n[[routes]]\nname = \"rest\"\ndefault = true\ncontinue = true\nsink = {null}\n"),
+                "`routes[1].continue`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = load(&text).expect_err(expected);
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+    }
+
     #[test]
     fn routes_match_in_order_with_conditions_and_a_default_route_comes_last() {
         let route = |name: &str, extra: &str| {

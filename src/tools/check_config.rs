@@ -44,6 +44,14 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
         }
     };
     println!("{}", config.to_toml());
+    // Each route as understood: what it takes, whether it hands events on, its transforms
+    // and its destination.
+    for route in &config.routes {
+        eprintln!("route `{}`:", route.name);
+        for line in route.describe() {
+            eprintln!("  {line}");
+        }
+    }
     eprintln!("{}: ok", file.display());
     let Some(timeout) = connect else {
         return CheckOutcome::Valid;
