@@ -32,6 +32,8 @@ pub struct Collected {
     pub refused: usize,
     /// `_bulk`: the event id of each document, by `_id`.
     pub documents: HashMap<String, u64>,
+    /// `_bulk`: the index each event id was created in.
+    pub indices: HashMap<u64, String>,
     /// `_bulk`: items answered 409 (the `_id` was there already).
     pub conflicts: usize,
     /// What the handler could not read.
@@ -204,6 +206,9 @@ impl Shared {
                     errors = true;
                     serde_json::json!({"status": 409, "error": {"type": "version_conflict_engine_exception", "reason": "document already exists"}})
                 } else {
+                    if let Some(index) = pair[0]["create"]["_index"].as_str() {
+                        collected.indices.insert(event, index.to_string());
+                    }
                     collected.documents.insert(id.to_string(), event);
                     collected.accepted.push((run, now, event));
                     serde_json::json!({"status": 201, "result": "created"})
