@@ -31,6 +31,38 @@ fn check_config_accepts_the_shipped_files() {
     }
 }
 
+/// Every configuration in the README's cookbook is one `check-config` accepts, and it prints
+/// each route as it understood it.
+#[test]
+fn check_config_accepts_the_readme_cookbook() {
+    let readme = std::fs::read_to_string("README.md").expect("README.md");
+    let cookbook = readme
+        .split_once("### Cookbook")
+        .map(|(_, rest)| rest.split("\n## ").next().unwrap_or_default())
+        .expect("a cookbook section");
+    let blocks: Vec<&str> = cookbook
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|block| block.split_once("```").map(|(toml, _)| toml))
+        .collect();
+    assert_eq!(blocks.len(), 4, "the four recipes");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (n, block) in blocks.iter().enumerate() {
+        let path = dir.path().join(format!("recipe-{n}.toml"));
+        let text = format!(
+            "[kafka]\nbrokers = \"localhost:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n{block}"
+        );
+        std::fs::write(&path, &text).expect("write");
+        let output = Command::new(BIN)
+            .args(["check-config", path.to_str().expect("utf-8 path")])
+            .output()
+            .expect("run logbridge");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "recipe {n}: {stderr}\n{text}");
+        assert!(stderr.contains("route `"), "recipe {n} described: {stderr}");
+    }
+}
+
 /// Issue 34, item 7: `check-config` prints a sink URL without its user info and keys.
 #[test]
 fn check_config_shows_urls_without_their_secrets() {

@@ -25,6 +25,44 @@ const CHECK_EVERY: Duration = Duration::from_millis(5);
 /// How often a pipeline child logs its progress at debug level.
 const TRACE_EVERY: Duration = Duration::from_millis(250);
 
+/// The transforms of the `transforms` mode: what a typical route does (about the chain the
+/// README's cookbook shows).
+const TYPICAL_TRANSFORMS: &str = r#"transforms = [
+  { set = "cluster", value = "eu-1" },
+  { rename = "msg", to = "message" },
+  { remove = "password" },
+  { redact = "message", pattern = '[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}', replacement = "[email]" },
+  { add_metadata = "kafka" },
+]"#;
+
+/// The routes of a measurement: three by level (together every level the sample traffic
+/// has); for `fan-out` each event goes to all three, for `transforms` each route has a field
+/// condition (one that every sample event meets) and the typical transform chain.
+fn bench_routes(mode: Mode, sink: &str) -> String {
+    let routes = [
+        ("errors", "[\"error\", \"fatal\"]", 2),
+        ("warnings", "[\"warning\"]", 1),
+        ("info", "[\"info\", \"debug\"]", 2),
+    ];
+    let all = "[\"error\", \"fatal\", \"warning\", \"info\", \"debug\"]";
+    let mut text = String::new();
+    for (index, (name, levels, workers)) in routes.iter().enumerate() {
+        let (levels, extra) = match mode {
+            Mode::FanOut if index < 2 => (all, "continue = true\n".to_string()),
+            Mode::FanOut => (all, String::new()),
+            Mode::Transforms => (
+                *levels,
+                format!("when = {{ field = \"message\", exists = true }}\n{TYPICAL_TRANSFORMS}\n"),
+            ),
+            _ => (*levels, String::new()),
+        };
+        text.push_str(&format!(
+            "\n[[routes]]\nname = \"{name}\"\nlevels = {levels}\nworkers = {workers}\n{extra}sink = {sink}\n"
+        ));
+    }
+    text
+}
+
 /// The configuration every pipeline measurement runs: three routes by level that together take
 /// every level the sample traffic has, to null sinks or to `out_topic`.
 pub fn bench_config(options: &ChildOptions) -> anyhow::Result<Config> {
@@ -52,24 +90,8 @@ commit_interval_ms = {interval}
 [http]
 listen = "127.0.0.1:0"
 
-[[routes]]
-name = "errors"
-levels = ["error", "fatal"]
-workers = 2
-sink = {sink}
-
-[[routes]]
-name = "warnings"
-levels = ["warning"]
-workers = 1
-sink = {sink}
-
-[[routes]]
-name = "info"
-levels = ["info", "debug"]
-workers = 2
-sink = {sink}
-"#,
+{routes}"#,
+        routes = bench_routes(options.mode, &sink),
         brokers = options.brokers,
         group = options.group,
         topic = options.topic,

@@ -196,6 +196,8 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
             Mode::Kafka,
             Mode::KafkaEos,
             Mode::Http,
+            Mode::FanOut,
+            Mode::Transforms,
         ] {
             if mode != Mode::Raw && !options.modes.contains(&mode) {
                 continue;

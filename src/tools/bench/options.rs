@@ -49,11 +49,12 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 1_000)]
     pub commit_interval_ms: u64,
     /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka,
-    /// kafka-eos (exactly-once: transactions), http.
+    /// kafka-eos (exactly-once: transactions), http, fan-out (every event to three null
+    /// routes), transforms (a field condition and a typical transform chain).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "null,kafka,kafka-eos,http"
+        default_value = "null,kafka,kafka-eos,http,fan-out,transforms"
     )]
     pub modes: Vec<Mode>,
     /// librdkafka consumer property for every mode, `key=value` (repeatable).
@@ -136,17 +137,24 @@ pub enum Mode {
     Http,
     /// The pipeline to null sinks paced to a fixed rate (memory ceiling).
     Paced,
+    /// Every event to three routes (`continue = true`), all to null sinks.
+    FanOut,
+    /// The three routes of `null` with a field condition and a typical transform chain
+    /// (set, rename, remove, redact, add_metadata) before their null sinks.
+    Transforms,
 }
 
 impl Mode {
     /// Every mode.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Raw,
         Mode::Null,
         Mode::Kafka,
         Mode::KafkaEos,
         Mode::Paced,
         Mode::Http,
+        Mode::FanOut,
+        Mode::Transforms,
     ];
 
     /// Name on the command line and in the output.
@@ -158,6 +166,8 @@ impl Mode {
             Mode::KafkaEos => "kafka-eos",
             Mode::Paced => "paced",
             Mode::Http => "http",
+            Mode::FanOut => "fan-out",
+            Mode::Transforms => "transforms",
         }
     }
 }
@@ -170,7 +180,10 @@ impl std::str::FromStr for Mode {
             .into_iter()
             .find(|mode| mode.as_str() == text)
             .ok_or_else(|| {
-                format!("unknown mode `{text}`: raw, null, kafka, kafka-eos, http or paced")
+                format!(
+                    "unknown mode `{text}`: raw, null, kafka, kafka-eos, http, fan-out, \
+                     transforms or paced"
+                )
             })
     }
 }

@@ -57,6 +57,8 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         ("(c) pipeline, kafka sinks", Mode::Kafka),
         ("(d) pipeline, http sinks", Mode::Http),
         ("(e) kafka sinks, exactly-once", Mode::KafkaEos),
+        ("(f) fan-out to 3 null routes", Mode::FanOut),
+        ("(g) null sinks, transforms", Mode::Transforms),
     ] {
         let runs = figures(mode);
         if runs.is_empty() {
@@ -84,6 +86,16 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         rate(Mode::KafkaEos) / raw,
         rate(Mode::KafkaEos) / rate(Mode::Kafka)
     );
+    if !figures(Mode::FanOut).is_empty() || !figures(Mode::Transforms).is_empty() {
+        let cpu = |mode: Mode| median_of(figures(mode), Measurement::cpu_per_million);
+        println!(
+            "f/b = {:.2}   g/b = {:.2} (against one plain route per event)   cpu per event: f {:.2}x, g {:.2}x of b",
+            rate(Mode::FanOut) / rate(Mode::Null),
+            rate(Mode::Transforms) / rate(Mode::Null),
+            cpu(Mode::FanOut) / cpu(Mode::Null),
+            cpu(Mode::Transforms) / cpu(Mode::Null),
+        );
+    }
     let finished = |mode: Mode| median_of(figures(mode), |m| m.finished_rate().unwrap_or(f64::NAN));
     let finished_raw = finished(Mode::Raw);
     let finished = |mode: Mode| finished(mode) / finished_raw;
