@@ -5,11 +5,15 @@
 //!   (503) and then recovering; per-key order holds in each destination;
 //! - a SIGKILL while one destination has every event and the other none: the next run gives
 //!   the second every event (it never had them) and the first its copies again (duplicates
-//!   there, as the README says; nothing lost anywhere).
+//!   there, as the README says; nothing lost anywhere);
+//! - all of it at once: a steady stream with malformed records, small channels (backpressure),
+//!   a second instance joining (rebalance), the HTTP destination down for seconds, and the
+//!   first instance SIGKILLed and restarted: both routes end with every event, commits at the
+//!   end.
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::time::Duration;
 
 use common::collector::Collector;
 use common::process::Logbridge;
+use common::stream::{test_rng, Stream};
 use common::*;
 use logbridge::metrics::Metrics;
 use logbridge::pipeline::{HttpBind, RunOptions};
@@ -215,8 +220,19 @@ async fn an_event_for_three_routes_is_committed_only_once_the_last_has_finished(
 }
 
 fn start_child(kafka: &Kafka, group: &str, work: &Path, name: &str, routes: &str) -> Logbridge {
+    start_child_with(kafka, group, work, name, "", routes)
+}
+
+fn start_child_with(
+    kafka: &Kafka,
+    group: &str,
+    work: &Path,
+    name: &str,
+    pipeline: &str,
+    routes: &str,
+) -> Logbridge {
     let text = format!(
-        "{kafka}\n[pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 1000\n[http]\nlisten = \"127.0.0.1:0\"\n{routes}",
+        "{kafka}\n[pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 1000\n{pipeline}\n[http]\nlisten = \"127.0.0.1:0\"\n{routes}",
         kafka = kafka_section(
             &kafka.brokers,
             group,
@@ -287,5 +303,92 @@ async fn a_crash_between_deliveries_replays_to_the_route_that_had_not_finished()
         "crash between deliveries: alerts got {} ids once each after the restart; the archive holds {} of {EVENTS} twice (replayed, as at-least-once allows)",
         counts.len(),
         twice
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_through_backpressure_a_rebalance_a_failing_destination_and_a_sigkill() {
+    let _serial = serial().await;
+    use rand::Rng;
+    let kafka = Kafka::shared("fan-out-combo", 4).await;
+    let collector = Collector::start(Arc::new(|_: &[u64]| 200)).await;
+    let work = tempfile::tempdir().expect("workdir");
+    let group = unique("fan-out-combo");
+    let mut rng = test_rng("fan-out combination");
+    // Small channels, so the router waits on full workers and the consumer pauses.
+    let pipeline = "router_capacity = 128\nworker_capacity = 32";
+    let routes = |out: &Path| {
+        format!(
+            "[[routes]]\nname = \"archive\"\nlevels = [\"trace\", \"debug\", \"info\", \"warning\", \"error\", \"fatal\"]\n\
+             continue = true\nworkers = 2\nsink = {{ type = \"file\", path = \"{}\" }}\n\
+             [[routes]]\nname = \"alerts\"\nlevels = [\"error\", \"fatal\"]\nworkers = 2\n\
+             when = {{ field = \"code\", gte = 500 }}\ntransforms = [ {{ set = \"alerted\", value = true }} ]\n\
+             retry_backoff_ms = 50\nretry_backoff_max_ms = 300\n\
+             sink = {{ type = \"http\", url = \"{}/ingest\", max_records = 20 }}\n",
+            out.join("archive.jsonl").display(),
+            collector.url()
+        )
+    };
+    let instance = |name: &str| {
+        let out = work.path().join(name);
+        let child = start_child_with(&kafka, &group, work.path(), name, pipeline, &routes(&out));
+        (child, out)
+    };
+    let stream = Stream::start(&kafka, 1_500, 9_000, 200, 0.02, rng.random());
+    let (mut first, first_out) = instance("a-1");
+    tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..2_500))).await;
+    let (second, second_out) = instance("b");
+    // The destination goes down while the group rebalances.
+    collector.set_rule(Arc::new(|_: &[u64]| 503));
+    tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..3_000))).await;
+    first.kill();
+    let (restarted, restarted_out) = instance("a-2");
+    tokio::time::sleep(Duration::from_millis(rng.random_range(1_000..2_000))).await;
+    let refused = collector.with(|seen| seen.refused);
+    collector.set_rule(Arc::new(|_: &[u64]| 200));
+    let produced = stream.until_cap().await;
+    let end = kafka.end_offsets();
+    let committed = kafka
+        .wait_committed_to(&group, &end, Duration::from_secs(120))
+        .await;
+    drop((second, restarted));
+    assert!(committed, "commits did not reach {end:?}");
+    assert!(
+        refused > 0,
+        "the destination refused nothing while it was down"
+    );
+    collector.check();
+
+    let archived = read_lines(&[
+        first_out.join("archive.jsonl"),
+        second_out.join("archive.jsonl"),
+        restarted_out.join("archive.jsonl"),
+    ]);
+    let archive_counts = id_counts(&archived);
+    let (lost, archive_twice) = produced.lost_and_duplicates(&archive_counts);
+    assert_eq!(lost, 0, "events missing from the archive");
+    let errors: HashSet<u64> = archived
+        .iter()
+        .filter(|line| matches!(line["event"]["level"].as_str(), Some("error" | "fatal")))
+        .map(|line| line["event"]["id"].as_u64().expect("id"))
+        .collect();
+    let mut alerted: HashMap<u64, usize> = HashMap::new();
+    for id in collector.with(|seen| seen.ids_of(0)) {
+        *alerted.entry(id).or_default() += 1;
+    }
+    let missing: Vec<&u64> = errors
+        .iter()
+        .filter(|id| !alerted.contains_key(id))
+        .collect();
+    assert!(missing.is_empty(), "errors never alerted: {missing:?}");
+    assert!(
+        alerted.keys().all(|id| errors.contains(id)),
+        "only errors are alerted"
+    );
+    let alerts_twice: usize = alerted.values().map(|n| n - 1).sum();
+    println!(
+        "fan-out combination: {} events, {} errors; archive {archive_twice} written twice, alerts {alerts_twice} twice; {refused} requests refused",
+        produced.valid_ids.len(),
+        errors.len()
     );
 }
