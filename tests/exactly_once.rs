@@ -41,11 +41,38 @@ fn start(
     (out, dlq): (&str, &str),
     options: &str,
 ) -> Logbridge {
+    let routes = format!(
+        "[[routes]]\nname = \"all\"\ndefault = true\nworkers = 4\n\
+         sink = {{ type = \"kafka\", topic = \"{out}\" }}\n"
+    );
+    start_routes(
+        kafka,
+        group,
+        work,
+        name,
+        transactional_id,
+        &routes,
+        dlq,
+        options,
+    )
+}
+
+/// [`start`] with these `routes`.
+#[allow(clippy::too_many_arguments)]
+fn start_routes(
+    kafka: &Kafka,
+    group: &str,
+    work: &Path,
+    name: &str,
+    transactional_id: &str,
+    routes: &str,
+    dlq: &str,
+    options: &str,
+) -> Logbridge {
     let text = format!(
         "{kafka}\n[pipeline]\ndelivery = \"exactly-once\"\ntransactional_id = \"{transactional_id}\"\n\
          commit_interval_ms = 500\ndrain_timeout_ms = 2000\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [[routes]]\nname = \"all\"\ndefault = true\nworkers = 4\n\
-         sink = {{ type = \"kafka\", topic = \"{out}\" }}\n[dead_letter]\ntopic = \"{dlq}\"\n",
+         {routes}[dead_letter]\ntopic = \"{dlq}\"\n",
         kafka = kafka_section(
             &kafka.brokers,
             group,
@@ -290,6 +317,96 @@ async fn sigkill_at_random_points_leaves_each_event_once_for_read_committed_read
     assert!(
         audit.aborted_records > 0,
         "{test}: no kill left records in an open transaction: the kills were not mid-transaction"
+    );
+}
+
+/// Fan-out under exactly-once: every event to one topic, and (continuing) the errors also to
+/// a second, both in the transaction that commits their offsets. Three SIGKILLs at random
+/// points: each topic holds its events once for a `read_committed` reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_to_two_topics_under_sigkill_leaves_each_event_once_in_each() {
+    let _pair = two_at_a_time().await;
+    const KILLS: usize = 3;
+    let test = "exactly-once x fan-out x SIGKILL";
+    let Setup {
+        kafka,
+        topics: (out, dlq),
+        work,
+        group,
+        mut rng,
+        stream,
+    } = Setup::new(test, "eos-fan", 4).await;
+    let errors_topic = format!("{}-errors", kafka.topic);
+    kafka.create_external_topic(&errors_topic, 2).await;
+    let routes = format!(
+        "[[routes]]\nname = \"all\"\nlevels = [\"trace\", \"debug\", \"info\", \"warning\", \"error\", \"fatal\"]\n\
+         continue = true\nworkers = 2\nsink = {{ type = \"kafka\", topic = \"{out}\" }}\n\
+         [[routes]]\nname = \"errors\"\nlevels = [\"error\", \"fatal\"]\nworkers = 2\n\
+         transforms = [ {{ set = \"alerted\", value = true }} ]\n\
+         sink = {{ type = \"kafka\", topic = \"{errors_topic}\" }}\n"
+    );
+    let id = unique("eos-fan-lb");
+    for run in 0..KILLS {
+        let mut child = start_routes(
+            &kafka,
+            &group,
+            work.path(),
+            &format!("run-{run}"),
+            &id,
+            &routes,
+            &dlq,
+            "",
+        );
+        assert!(
+            child.wait_consuming(Duration::from_secs(60)).await,
+            "run {run} never started consuming:\n{}",
+            child.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(rng.random_range(500..4_000))).await;
+        child.kill();
+    }
+    let last = start_routes(&kafka, &group, work.path(), "last", &id, &routes, &dlq, "");
+    let produced = finish(&kafka, &group, &mut [last], stream).await;
+    let audit = Audit::of(&kafka, (&out, &dlq), &produced);
+    audit.print(test);
+    audit.assert_exactly_once(test);
+    // The errors topic: each error of the first topic once, changed by its transform.
+    let errors: std::collections::HashSet<u64> = kafka
+        .read_all(&out)
+        .iter()
+        .filter_map(|record| {
+            let event: serde_json::Value =
+                serde_json::from_slice(record.payload.as_deref()?).ok()?;
+            matches!(event["level"].as_str(), Some("error" | "fatal"))
+                .then(|| event["id"].as_u64())
+                .flatten()
+        })
+        .collect();
+    let mut alerted: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for record in kafka.read_all(&errors_topic) {
+        let event: serde_json::Value =
+            serde_json::from_slice(record.payload.as_deref().expect("a value")).expect("json");
+        assert_eq!(event["alerted"], true, "{event}");
+        *alerted
+            .entry(event["id"].as_u64().expect("id"))
+            .or_default() += 1;
+    }
+    let missing = errors.iter().filter(|id| !alerted.contains_key(id)).count();
+    let twice: usize = alerted.values().map(|n| n - 1).sum();
+    println!(
+        "{test}: {} errors; in the errors topic: missing {missing}, twice {twice}",
+        errors.len()
+    );
+    assert!(!errors.is_empty(), "{test}: no errors produced");
+    assert_eq!(missing, 0, "{test}: errors missing from the errors topic");
+    assert_eq!(twice, 0, "{test}: errors written twice to the errors topic");
+    assert!(
+        alerted.keys().all(|id| errors.contains(id)),
+        "{test}: the errors topic holds what is not an error"
+    );
+    assert!(
+        audit.aborted_records > 0,
+        "{test}: no kill left records in an open transaction"
     );
 }
 
