@@ -416,6 +416,9 @@ pub const RECORD_TOO_LARGE: &str = "record_too_large";
 /// record without a key so).
 pub const RECORD_INVALID: &str = "record_invalid";
 
+/// The reason of a record whose topic does not exist (and the cluster does not create it).
+pub const UNKNOWN_TOPIC: &str = "unknown_topic";
+
 /// Sorts a librdkafka error into retryable or permanent, where librdkafka tells.
 pub fn classify(err: &KafkaError) -> DeliveryError {
     use RDKafkaErrorCode as Code;
@@ -430,6 +433,11 @@ pub fn classify(err: &KafkaError) -> DeliveryError {
         Some(
             Code::TopicAuthorizationFailed | Code::ClusterAuthorizationFailed | Code::InvalidTopic,
         ) => DeliveryError::permanent("not_allowed", message),
+        // Retryable for a configured topic (an operator creates it, and the records wait in
+        // Kafka); a topic a template named is refused instead (see `KafkaSink`).
+        Some(Code::UnknownTopic | Code::UnknownTopicOrPartition) => {
+            DeliveryError::retryable(UNKNOWN_TOPIC, message)
+        }
         Some(Code::MessageTimedOut) => DeliveryError::retryable("timed_out", message),
         Some(Code::QueueFull) => DeliveryError::retryable("queue_full", message),
         // The producer is replaced at the next send: the record goes again on the new one.

@@ -237,20 +237,57 @@ impl KafkaSink {
 
 impl Sink for KafkaSink {
     fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
-        Box::pin(crate::producer::send_all(
-            &self.producer,
-            &self.topic,
-            Self::outgoing(route, batch, self.keep_timestamp, self.keep_headers),
-        ))
+        let templated = templated(batch);
+        Box::pin(async move {
+            let outcomes = crate::producer::send_all(
+                &self.producer,
+                &self.topic,
+                Self::outgoing(route, batch, self.keep_timestamp, self.keep_headers),
+            )
+            .await;
+            refuse_unknown_topics(outcomes, &templated)
+        })
     }
 
     fn start(&mut self, route: &str, batch: &[Record]) -> Option<Started> {
-        Some(Box::pin(crate::producer::send_now(
+        let templated = templated(batch);
+        let outcomes = crate::producer::send_now(
             &self.producer,
             &self.topic,
             Self::outgoing(route, batch, self.keep_timestamp, self.keep_headers),
-        )))
+        );
+        Some(Box::pin(async move {
+            refuse_unknown_topics(outcomes.await, &templated)
+        }))
     }
+}
+
+/// Which records of `batch` go to a topic a template named.
+fn templated(batch: &[Record]) -> Vec<bool> {
+    batch
+        .iter()
+        .map(|record| record.destination.is_some())
+        .collect()
+}
+
+/// A topic a template named from the record (`logs-{service}`) that does not exist will not
+/// come to exist by retrying, and retrying would hold the partition behind one odd value: such
+/// a record is refused (dead-lettered, reason `unknown_topic`). A configured topic that does
+/// not exist stays retryable: an operator creates it, and the records wait in Kafka.
+fn refuse_unknown_topics(
+    outcomes: Vec<Result<(), SinkError>>,
+    templated: &[bool],
+) -> Vec<Result<(), SinkError>> {
+    outcomes
+        .into_iter()
+        .zip(templated.iter().chain(std::iter::repeat(&false)))
+        .map(|(outcome, &templated)| match outcome {
+            Err(err) if templated && err.reason == crate::producer::UNKNOWN_TOPIC => Err(
+                SinkError::permanent(crate::producer::UNKNOWN_TOPIC, err.message),
+            ),
+            other => other,
+        })
+        .collect()
 }
 
 /// Discards records (for benchmarks).

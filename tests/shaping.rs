@@ -462,12 +462,13 @@ async fn templated_topics_paths_and_indices() {
     }
     let dlq = unique("shape-tpl-dlq");
     kafka.create_external_topic(&dlq, 1).await;
-    let service = |id: u64| match id % 5 {
+    let service = |id: u64| match id % 6 {
         0 => Some("cart"),
         1 => Some("billing"),
         2 => Some("search"),
         3 => None,
-        _ => Some("Bad/Name"),
+        4 => Some("Bad/Name"),
+        _ => Some("ads"),
     };
     let records: Vec<(Option<String>, Vec<u8>)> = (0..EVENTS)
         .map(|id| {
@@ -491,8 +492,8 @@ async fn templated_topics_paths_and_indices() {
 name = "topics"
 levels = ["info"]
 continue = true
-max_destinations = 3
-sink = {{ type = "kafka", topic = "{prefix}-{{team}}" }}
+max_destinations = 4
+sink = {{ type = "kafka", topic = "{prefix}-{{team}}", options = {{ "topic.metadata.propagation.max.ms" = 2000 }} }}
 [[routes]]
 name = "files"
 levels = ["info"]
@@ -516,8 +517,9 @@ topic = "{dlq}"
     let metrics = run_until_committed(&kafka, &group, config).await;
     collector.check();
 
-    // Kafka: a topic per team; no team (a field without a fallback): dead-lettered; a fourth
-    // name: over the cap.
+    // Kafka: a topic per team; no team (a field without a fallback): dead-lettered; the
+    // fourth name, made safe (`Bad_Name`), has no topic: dead-lettered, not retried for ever;
+    // a fifth name: over the cap.
     for name in ["cart", "billing", "search"] {
         let ids: Vec<u64> = kafka
             .copies_by_id(&format!("{prefix}-{name}"))
@@ -534,11 +536,15 @@ topic = "{dlq}"
         reasons.entry(reason.clone()).or_default().insert(*id);
     }
     let missing: HashSet<u64> = (0..EVENTS).filter(|&id| service(id).is_none()).collect();
-    let bad: HashSet<u64> = (0..EVENTS)
-        .filter(|&id| service(id) == Some("Bad/Name"))
-        .collect();
+    let of = |name: &str| -> HashSet<u64> {
+        (0..EVENTS)
+            .filter(|&id| service(id) == Some(name))
+            .collect()
+    };
+    let (bad, over) = (of("Bad/Name"), of("ads"));
     assert_eq!(reasons.get("template_field_missing"), Some(&missing));
-    assert_eq!(reasons.get("too_many_destinations"), Some(&bad));
+    assert_eq!(reasons.get("unknown_topic"), Some(&bad));
+    assert_eq!(reasons.get("too_many_destinations"), Some(&over));
 
     // Files: a directory per service (`{service}`, like `{level}`, is `unknown` where the
     // event has none; `/` made safe), under the record's year.
@@ -548,6 +554,7 @@ topic = "{dlq}"
         (Some("search"), "search"),
         (None, "unknown"),
         (Some("Bad/Name"), "Bad_Name"),
+        (Some("ads"), "ads"),
     ] {
         let path = dir.path().join(dir_name).join(&year).join("logs.jsonl");
         let mut ids: Vec<u64> = read_lines(std::slice::from_ref(&path))
@@ -572,9 +579,10 @@ topic = "{dlq}"
     }
     assert_eq!(route_events(&metrics, "indices", "matched"), EVENTS);
     println!(
-        "templates: 3 topics, 5 directories, {} indices; {} dead-lettered for a missing field, {} over max_destinations",
+        "templates: 3 topics, 6 directories, {} indices; dead-lettered: {} for a missing field, {} for a topic that does not exist, {} over max_destinations",
         indices.values().collect::<HashSet<_>>().len(),
         missing.len(),
-        bad.len()
+        bad.len(),
+        over.len()
     );
 }
