@@ -253,8 +253,14 @@ pub struct Charge {
 impl Charge {
     /// A charge of the same bytes against the same budget (for a copy of the record).
     pub fn again(&self) -> Charge {
+        self.resized(self.bytes)
+    }
+
+    /// A charge of `bytes` against the same budget, in place of this one (for a record whose
+    /// value was rewritten).
+    pub fn resized(&self, bytes: usize) -> Charge {
         match &self.budget {
-            Some(budget) => budget.charge(self.bytes),
+            Some(budget) => budget.charge(bytes),
             None => Charge::default(),
         }
     }

@@ -162,66 +162,37 @@ impl Shaper {
             None
         };
         let ctx = context(record);
-        let changed = match &mut event {
-            Some(event) if !shape.transforms.is_empty() => {
-                match shape.transforms.apply(&mut self.state, event, &ctx, now) {
-                    Ok(Outcome::Keep { changed }) => changed,
-                    Ok(Outcome::SampledOut) => {
-                        shape.counters.sampled_out.inc();
-                        return Shaped::Drop;
-                    }
-                    Ok(Outcome::Throttled { dead_letter }) => {
-                        shape.counters.throttled.inc();
-                        return match dead_letter {
-                            false => Shaped::Drop,
-                            true => Shaped::Fail {
-                                reason: THROTTLED,
-                                message: "over the route's throttle rate".to_string(),
-                            },
-                        };
-                    }
-                    Err(err) => {
-                        shape.counters.transform_failed.inc();
-                        return Shaped::Fail {
-                            reason: err.reason,
-                            message: err.message,
-                        };
-                    }
+        let changed = if shape.transforms.is_empty() {
+            false
+        } else {
+            // Transforms that read no event (a sample or throttle by key) run on an empty
+            // object, which they leave alone.
+            let mut nothing = Value::Object(Default::default());
+            let target = event.as_mut().unwrap_or(&mut nothing);
+            match shape.transforms.apply(&mut self.state, target, &ctx, now) {
+                Ok(Outcome::Keep { changed }) => changed,
+                Ok(Outcome::SampledOut) => {
+                    shape.counters.sampled_out.inc();
+                    return Shaped::Drop;
+                }
+                Ok(Outcome::Throttled { dead_letter }) => {
+                    shape.counters.throttled.inc();
+                    return match dead_letter {
+                        false => Shaped::Drop,
+                        true => Shaped::Fail {
+                            reason: THROTTLED,
+                            message: "over the route's throttle rate".to_string(),
+                        },
+                    };
+                }
+                Err(err) => {
+                    shape.counters.transform_failed.inc();
+                    return Shaped::Fail {
+                        reason: err.reason,
+                        message: err.message,
+                    };
                 }
             }
-            // Transforms that read no event (a sample or throttle by key): applied to an
-            // empty object, which they leave alone.
-            None if !shape.transforms.is_empty() => {
-                let mut nothing = Value::Object(Default::default());
-                match shape
-                    .transforms
-                    .apply(&mut self.state, &mut nothing, &ctx, now)
-                {
-                    Ok(Outcome::Keep { .. }) => false,
-                    Ok(Outcome::SampledOut) => {
-                        shape.counters.sampled_out.inc();
-                        return Shaped::Drop;
-                    }
-                    Ok(Outcome::Throttled { dead_letter }) => {
-                        shape.counters.throttled.inc();
-                        return match dead_letter {
-                            false => Shaped::Drop,
-                            true => Shaped::Fail {
-                                reason: THROTTLED,
-                                message: "over the route's throttle rate".to_string(),
-                            },
-                        };
-                    }
-                    Err(err) => {
-                        shape.counters.transform_failed.inc();
-                        return Shaped::Fail {
-                            reason: err.reason,
-                            message: err.message,
-                        };
-                    }
-                }
-            }
-            _ => false,
         };
         let destination = match &shape.destination {
             Some(template) => match template.render(event.as_ref(), &ctx) {
@@ -255,6 +226,9 @@ impl Shaper {
                 // Serialising a Value into a Vec cannot fail (its map keys are strings).
                 let json = serde_json::to_vec(event).unwrap_or_default();
                 record.data = KeyValue::new(record.key(), Some(&json));
+                // What the record holds now is what counts against the byte bound.
+                let bytes = json.len() + record.key().map_or(0, <[u8]>::len);
+                record.charge = record.charge.resized(bytes);
                 shape.counters.transformed.inc();
             }
         }
@@ -275,5 +249,116 @@ pub fn context(record: &Record) -> Context<'_> {
             _ => None,
         },
         service: record.service.as_deref(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{test_record, ByteBudget};
+
+    fn shaper(route: &str) -> (Shaper, Arc<Metrics>) {
+        let text = format!(
+            "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n[[routes]]\nname = \"r\"\nlevels = [\"info\"]\n{route}\n"
+        );
+        let config = crate::Config::from_toml_str(&text).expect("valid");
+        let metrics = Arc::new(Metrics::new());
+        let shape = RouteShape::for_route(&config.routes[0], 0, &metrics)
+            .expect("compiles")
+            .expect("something to do");
+        (shape.shaper(), metrics)
+    }
+
+    fn record(payload: &[u8]) -> Record {
+        test_record(0, 7, Some(b"k"), Some(payload))
+    }
+
+    #[test]
+    fn a_changed_record_is_the_new_json_charged_at_its_new_size() {
+        let (mut shaper, metrics) = shaper(
+            "transforms = [ { set = \"cluster\", value = \"eu-1\" } ]\nsink = { type = \"null\" }",
+        );
+        let gauge = prometheus::IntGauge::new("bytes", "bytes").expect("gauge");
+        let budget = ByteBudget::new(1_000, gauge);
+        let mut changed = record(br#"{"level": "info", "message": "m"}"#);
+        changed.charge = budget.charge(35);
+        assert!(matches!(
+            shaper.shape(&mut changed, Instant::now()),
+            Shaped::Deliver
+        ));
+        let json = br#"{"level":"info","message":"m","cluster":"eu-1"}"#;
+        assert_eq!(changed.payload(), Some(&json[..]));
+        assert_eq!(changed.key(), Some(&b"k"[..]));
+        assert_eq!(budget.used(), json.len() + 1);
+        assert_eq!(
+            metrics
+                .route_events
+                .with_label_values(&["r", "transformed"])
+                .get(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_untouched_record_keeps_its_bytes_and_a_template_names_its_destination() {
+        let (mut shaper, _) = shaper(
+            "transforms = [ { remove = \"absent\" } ]\nsink = { type = \"kafka\", topic = \"logs-{team}\" }",
+        );
+        let original: &[u8] = br#"{"level": "info", "team": "A/B"}"#;
+        let mut untouched = record(original);
+        assert!(matches!(
+            shaper.shape(&mut untouched, Instant::now()),
+            Shaped::Deliver
+        ));
+        assert_eq!(untouched.payload(), Some(original));
+        assert_eq!(untouched.destination.as_deref(), Some("logs-A_B"));
+        let mut missing = record(br#"{"level": "info"}"#);
+        assert!(matches!(
+            shaper.shape(&mut missing, Instant::now()),
+            Shaped::Fail {
+                reason: TEMPLATE_FIELD_MISSING,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn sampled_out_records_drop_and_failed_transforms_fail() {
+        let (mut sampler, metrics) =
+            shaper("transforms = [ { sample = 1000000 } ]\nsink = { type = \"null\" }");
+        let dropped = (0..100)
+            .filter(|_| {
+                matches!(
+                    sampler.shape(&mut record(br#"{"level":"info"}"#), Instant::now()),
+                    Shaped::Drop
+                )
+            })
+            .count();
+        // One key, one decision, the same every time.
+        assert!(dropped == 0 || dropped == 100, "{dropped}");
+        assert_eq!(
+            metrics
+                .route_events
+                .with_label_values(&["r", "sampled_out"])
+                .get(),
+            dropped as u64
+        );
+        let (mut parser, metrics) =
+            shaper("transforms = [ { parse_json = \"payload\" } ]\nsink = { type = \"null\" }");
+        let mut bad = record(br#"{"level":"info","payload":"not json"}"#);
+        assert!(matches!(
+            parser.shape(&mut bad, Instant::now()),
+            Shaped::Fail {
+                reason: "transform_failed",
+                ..
+            }
+        ));
+        assert_eq!(
+            metrics
+                .route_events
+                .with_label_values(&["r", "transform_failed"])
+                .get(),
+            1
+        );
     }
 }
