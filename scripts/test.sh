@@ -57,6 +57,9 @@ cargo fmt --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --quiet -- -D warnings
 
+log "the crate from what the Dockerfile copies"
+bash scripts/check-image-context.sh
+
 log "cargo test (all tiers)"
 # pipefail makes a failing cargo test fail the script; the copy helps reading a CI run.
 cargo test --all-targets -- --nocapture 2>&1 | tee target/test-output.log
