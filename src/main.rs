@@ -46,9 +46,12 @@ enum Command {
     /// redacted. Exit codes: 0 valid, 2 invalid; with --connect also 3 (a cluster cannot be
     /// reached or refuses the credentials) and 4 (a topic does not exist).
     CheckConfig {
-        /// Configuration file.
-        #[arg(env = CONFIG_VARIABLE)]
-        file: PathBuf,
+        /// Configuration file (or `--config FILE`, as `run` takes it).
+        #[arg(value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Configuration file, as `run` takes it.
+        #[arg(long, short, env = CONFIG_VARIABLE, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Also connect to every cluster named (with its security) and check that the source,
         /// sink and dead-letter topics exist.
         #[arg(long)]
@@ -107,9 +110,16 @@ fn main() -> ExitCode {
     match &command {
         Command::CheckConfig {
             file,
+            config,
             connect,
             timeout,
         } => {
+            let Some(file) = file.as_ref().or(config.as_ref()) else {
+                eprintln!(
+                    "check-config needs a configuration file: `logbridge check-config --config FILE` (or FILE, or {CONFIG_VARIABLE})"
+                );
+                return ExitCode::from(2);
+            };
             let connect = connect.then(|| std::time::Duration::from_secs(*timeout));
             return logbridge::tools::check_config(file, connect).into();
         }

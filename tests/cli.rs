@@ -131,6 +131,69 @@ fn check_config_names_the_bad_key_and_exits_2() {
     assert_eq!(missing.status.code(), Some(2));
 }
 
+/// Issue 33, item 4: `check-config --config FILE` as `run` takes it; overrides typed by their
+/// field (a numeric password, a SASL_SSL protocol, a route by index) load in the binary.
+#[test]
+fn check_config_takes_config_like_run_and_overrides_take_their_fields_type() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("secured.toml");
+    std::fs::write(
+        &path,
+        "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n\
+         [kafka.security]\nprotocol = \"SASL_SSL\"\nmechanism = \"scram-sha-512\"\nusername = \"u\"\npassword = \"${env:LB_CLI_TEST_PASSWORD:-unset}\"\n\
+         [[routes]]\nname = \"r\"\nlevels = [\"error\"]\nsink = { type = \"file\", path = \"/tmp/r.log\" }\n",
+    )
+    .expect("write");
+    for args in [
+        vec!["check-config", "--config"],
+        vec!["check-config", "-c"],
+        vec!["check-config"],
+    ] {
+        let output = Command::new(BIN)
+            .args(&args)
+            .arg(&path)
+            .env("LOGBRIDGE_KAFKA__SECURITY__USERNAME", "12345678")
+            .env("LOGBRIDGE_KAFKA__GROUP_ID", "4711")
+            .env("LOGBRIDGE_ROUTES__0__SINK__PATH", "/var/log/r-0.log")
+            .env("LOGBRIDGE_ROUTES__0__WORKERS", "3")
+            .output()
+            .expect("run logbridge");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {stderr}");
+        for shown in [
+            "group_id = \"4711\"",
+            "username = \"12345678\"",
+            "protocol = \"sasl_ssl\"",
+            "mechanism = \"SCRAM-SHA-512\"",
+            "path = \"/var/log/r-0.log\"",
+            "workers = 3",
+        ] {
+            assert!(
+                stdout.contains(shown),
+                "{args:?}: `{shown}` not in\n{stdout}"
+            );
+        }
+    }
+    let output = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("LOGBRIDGE_ROUTES__1__WORKERS", "3")
+        .output()
+        .expect("run logbridge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("LOGBRIDGE_ROUTES__1__WORKERS"), "{stderr}");
+    let output = Command::new(BIN)
+        .arg("check-config")
+        .env_remove("LOGBRIDGE_CONFIG")
+        .output()
+        .expect("run logbridge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--config FILE"), "{stderr}");
+}
+
 #[test]
 fn logbridge_config_names_the_file_and_version_names_librdkafka_and_its_features() {
     let output = Command::new(BIN)

@@ -8,6 +8,7 @@
 //! it is about, and secrets are redacted wherever the configuration is shown.
 
 mod http;
+mod overrides;
 mod references;
 mod security;
 pub mod shape;
@@ -23,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use figment::Figment;
 use rdkafka::config::ClientConfig;
 use serde::{Deserialize, Serialize};
@@ -896,16 +897,17 @@ impl Config {
                 format!("file {} does not exist", path.display()),
             ));
         }
-        Self::from_figment(Figment::new().merge(Toml::file_exact(path)).merge(env()))
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)))
     }
 
     /// Parses TOML text (with environment overrides) and validates it.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::new().merge(Toml::string(text)).merge(env()))
+        Self::from_figment(Figment::new().merge(Toml::string(text)))
     }
 
-    fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+    /// `file` with the environment's overrides on top, resolved and validated.
+    fn from_figment(file: Figment) -> Result<Config, ConfigError> {
+        let config: Config = overrides::extract(file)?;
         let config = config.with_references_resolved()?;
         config.validate()?;
         Ok(config)
@@ -1092,6 +1094,7 @@ impl Config {
                 return Err(invalid(format!("kafka.options.\"{name}\""), *why));
             }
         }
+        check_client_options("kafka.options", &kafka.options)?;
         let consumer_protocol = kafka
             .options
             .get("group.protocol")
@@ -1364,6 +1367,7 @@ impl Config {
                     if let Some(security) = security {
                         security.validate(&key("sink.security"))?;
                     }
+                    check_client_options(&key("sink.options"), options)?;
                     self.check_sink_order(&key("sink.options"), options)?;
                 }
                 _ => {}
@@ -1390,6 +1394,7 @@ impl Config {
             if let Some(security) = &dead_letter.security {
                 security.validate("dead_letter.security")?;
             }
+            check_client_options("dead_letter.options", &dead_letter.options)?;
         }
         if let Some(token) = self.http.admin_token.as_deref().filter(|t| !t.is_empty()) {
             if token.trim().len() < 16 {
@@ -1657,6 +1662,48 @@ pub fn scrub_secrets(secrets: &[String], text: &str) -> String {
     })
 }
 
+/// Each librdkafka property of `options` (found at `key`) as librdkafka itself takes it when a
+/// client's configuration is made, without connecting: a misspelt name or a value it refuses is
+/// an error naming the key (the value left out of the message where it may be a secret), where
+/// it would otherwise stop logbridge at start.
+fn check_client_options(
+    key: &str,
+    options: &BTreeMap<String, OptionValue>,
+) -> Result<(), ConfigError> {
+    for (name, value) in options {
+        let value = value.to_string();
+        let refused = rdkafka::config::ClientConfig::new()
+            .set(name, &value)
+            .create_native_config()
+            .err();
+        if let Some(err) = refused {
+            let why = match &err {
+                rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => {
+                    description.clone()
+                }
+                other => other.to_string(),
+            };
+            // librdkafka quotes a value it refuses, if it names it at all; a value too short
+            // to be told from the words around it is only replaced where quoted.
+            let why = if is_secret(name) {
+                let why = why.replace(&format!("\"{value}\""), &format!("\"{REDACTED}\""));
+                if value.len() >= 4 {
+                    why.replace(&value, REDACTED)
+                } else {
+                    why
+                }
+            } else {
+                why
+            };
+            return Err(invalid(
+                format!("{key}.\"{name}\""),
+                format!("librdkafka refuses it: {why}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether a librdkafka property may hold a secret: its name contains `password`, `secret`,
 /// `token` or `key` (`sasl.oauthbearer.config` holds client secrets too). Redacting a harmless
 /// one (`ssl.key.location`) costs nothing; showing a secret does.
@@ -1672,15 +1719,6 @@ fn toml_string(config: &Config) -> String {
     // Config holds only strings, numbers, booleans, lists and tables, which TOML can all
     // express; should that ever change, show the Debug form rather than fail.
     toml::to_string_pretty(config).unwrap_or_else(|err| format!("# not TOML: {err}\n{config:?}"))
-}
-
-fn env() -> Env {
-    // Every key lives in a section, so an override always has a `__`; other LOGBRIDGE_
-    // variables (the log filter LOGBRIDGE_LOG, test settings) are not configuration.
-    Env::prefixed("LOGBRIDGE_")
-        .filter(|key| key.as_str().contains("__"))
-        .map(|key| references::env_key(key.as_str()).into())
-        .split("__")
 }
 
 fn check_range<T>(key: &str, value: T, min: T, max: T) -> Result<(), ConfigError>
@@ -1893,6 +1931,64 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    /// Issue: `LOGBRIDGE_KAFKA__SECURITY__PASSWORD=12345678` failed ("found unsigned int,
+    /// expected a string"), as did `true` and numeric group ids, and any route override stopped
+    /// the config from loading.
+    #[test]
+    fn overrides_take_the_type_of_their_field_and_reach_routes_by_index() {
+        let text = MINIMAL.replace(
+            "topics = [\"logs\"]",
+            "topics = [\"logs\"]\n[kafka.security]\nprotocol = \"sasl_plaintext\"\nmechanism = \"PLAIN\"\nusername = \"u\"\npassword = \"p\"",
+        ) + "[[routes]]\nname = \"all\"\nlevels = [\"info\"]\nsink = { type = \"file\", path = \"/tmp/all.log\" }\n";
+        let config = load_jailed(
+            &text,
+            &[
+                ("LOGBRIDGE_KAFKA__SECURITY__PASSWORD", "12345678"),
+                ("LOGBRIDGE_KAFKA__SECURITY__USERNAME", "true"),
+                ("LOGBRIDGE_KAFKA__GROUP_ID", "4711"),
+                ("LOGBRIDGE_KAFKA__TOPICS", "logs,audit"),
+                ("LOGBRIDGE_KAFKA__OPTIONS__SASL_KERBEROS_PRINCIPAL", "0123"),
+                (
+                    "LOGBRIDGE_ROUTES__1__SINK__PATH",
+                    "/var/log/all-${env:LB_TEST_SUFFIX:-x}.log",
+                ),
+                ("LOGBRIDGE_ROUTES__0__LEVELS", "[error, fatal]"),
+                ("LOGBRIDGE_PIPELINE__ROUTER_CAPACITY", "4096"),
+            ],
+        )
+        .expect("loads");
+        let security = config.kafka.security.as_ref().expect("security");
+        assert_eq!(security.password.as_deref(), Some("12345678"));
+        assert_eq!(security.username.as_deref(), Some("true"));
+        assert_eq!(config.kafka.group_id, "4711");
+        assert_eq!(config.kafka.topics, ["logs", "audit"]);
+        assert_eq!(
+            option_lines(&config),
+            ["sasl.kerberos.principal=0123"],
+            "text that a number would change stays text"
+        );
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.routes[0].name, "errors");
+        assert_eq!(config.routes[0].levels, ["error", "fatal"]);
+        assert_eq!(config.routes[1].name, "all");
+        assert!(
+            matches!(&config.routes[1].sink, SinkConfig::File { path, .. } if path == Path::new("/var/log/all-x.log")),
+            "{:?}",
+            config.routes[1].sink
+        );
+        assert_eq!(config.pipeline.router_capacity, 4096);
+
+        let err = load_jailed(&text, &[("LOGBRIDGE_ROUTES__2__SINK__PATH", "/x")])
+            .expect_err("no third route");
+        assert!(
+            err.contains("LOGBRIDGE_ROUTES__2__SINK__PATH") && err.contains("2 item(s)"),
+            "{err}"
+        );
+        let err = load_jailed(&text, &[("LOGBRIDGE_PIPELINE__ROUTER_CAPACITY", "0x10")])
+            .expect_err("not a number");
+        assert!(err.contains("LOGBRIDGE_PIPELINE__ROUTER_CAPACITY"), "{err}");
     }
 
     #[test]
@@ -2124,11 +2220,65 @@ mod tests {
         assert!(load(&shared).is_ok());
     }
 
+    /// Issue 33, item 4: a misspelt librdkafka property passed the check and stopped logbridge
+    /// at start; librdkafka now judges every option as a client's configuration is made.
+    #[test]
+    fn librdkafka_refuses_misspelt_properties_and_bad_values_naming_the_key() {
+        let with = |section: &str, options: &str| {
+            MINIMAL.replace(
+                "topics = [\"logs\"]",
+                &format!("topics = [\"logs\"]\n[{section}]\n{options}"),
+            )
+        };
+        let cases = [
+            (
+                with("kafka.options", "\"sesion.timeout.ms\" = 6000"),
+                "`kafka.options.\"sesion.timeout.ms\"`: librdkafka refuses it: No such configuration property: \"sesion.timeout.ms\"",
+            ),
+            (
+                with("kafka.options", "\"session.timeout.ms\" = \"six seconds\""),
+                "`kafka.options.\"session.timeout.ms\"`: librdkafka refuses it: Invalid value for configuration property \"session.timeout.ms\"",
+            ),
+            (
+                format!(
+                    "{}[dead_letter]\ntopic = \"dlq\"\n[dead_letter.options]\n\"compresion.type\" = \"zstd\"\n",
+                    MINIMAL
+                ),
+                "`dead_letter.options.\"compresion.type\"`",
+            ),
+            (
+                MINIMAL.replace(
+                    "sink = { type = \"null\" }",
+                    "sink = { type = \"kafka\", topic = \"out\", options = { \"linger.ms\" = -5 } }",
+                ),
+                "`routes[0].sink.options.\"linger.ms\"`: librdkafka refuses it",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+        // A refused secret is not quoted back.
+        let err = error_of(&with(
+            "kafka.options",
+            "\"ssl.key.password\" = \"\"\n\"sasl.oauthbearer.client.secret\" = \"hunter2\"",
+        ));
+        assert!(
+            err.contains("sasl.oauthbearer.client.secret") && !err.contains("hunter2"),
+            "{err}"
+        );
+        assert!(load(&with(
+            "kafka.options",
+            "\"fetch.wait.max.ms\" = 50\n\"check.crcs\" = true"
+        ))
+        .is_ok());
+    }
+
     #[test]
     fn status_json_redacts_secrets_only() {
         let text = MINIMAL.replace(
             "topics = [\"logs\"]",
-            "topics = [\"logs\"]\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.password\" = \"k\"\n\"sasl.oauthbearer.client.secret\" = \"s\"\n\"ssl.key.pem\" = \"PEM\"\n\"sasl.username\" = \"alice\"\n\"auto.offset.reset\" = \"earliest\"\n\"sasl.oauthbearer.config\" = \"clientSecret=oc\"\n\"sasl.kerberos.keytab\" = \"/etc/kt\"",
+            "topics = [\"logs\"]\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.password\" = \"k\"\n\"ssl.keystore.password\" = \"s\"\n\"ssl.key.pem\" = \"PEM\"\n\"sasl.username\" = \"alice\"\n\"auto.offset.reset\" = \"earliest\"\n\"sasl.oauthbearer.config\" = \"clientSecret=oc\"\n\"sasl.kerberos.keytab\" = \"/etc/kt\"",
         );
         let config = load(&text).expect("valid");
         let json = config.redacted_json().to_string();

@@ -59,12 +59,19 @@ fn expand(text: &str, key: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
+        // `$${` is a literal `${`.
+        if rest[..start].ends_with('$') {
+            out.push_str(&rest[..start - 1]);
+            out.push_str("${");
+            rest = &rest[start + 2..];
+            continue;
+        }
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
             return Err(invalid(
                 key,
-                "`${` without a closing `}`: write ${env:NAME} or ${file:/path}",
+                "`${` without a closing `}`: write ${env:NAME}, ${env:NAME:-default} or ${file:/path} (`$${` is a literal `${`)",
             ));
         };
         out.push_str(&lookup(&after[..end], key)?);
@@ -76,6 +83,13 @@ fn expand(text: &str, key: &str) -> Result<String, ConfigError> {
 
 fn lookup(reference: &str, key: &str) -> Result<String, ConfigError> {
     if let Some(name) = reference.strip_prefix("env:") {
+        // `${env:NAME:-default}`: the default where NAME is unset or empty, as in the shell.
+        if let Some((name, default)) = name.split_once(":-") {
+            return Ok(match std::env::var(name) {
+                Ok(value) if !value.is_empty() => value,
+                _ => default.to_string(),
+            });
+        }
         return std::env::var(name).map_err(|err| {
             let why = match err {
                 std::env::VarError::NotPresent => "is not set",
@@ -96,7 +110,9 @@ fn lookup(reference: &str, key: &str) -> Result<String, ConfigError> {
     }
     Err(invalid(
         key,
-        format!("unknown reference `${{{reference}}}`: write ${{env:NAME}} or ${{file:/path}}"),
+        format!(
+            "unknown reference `${{{reference}}}`: write ${{env:NAME}}, ${{env:NAME:-default}} or ${{file:/path}} (`$${{` is a literal `${{`)"
+        ),
     ))
 }
 
@@ -251,6 +267,33 @@ mod tests {
         );
         assert_eq!(value["kafka"]["topics"][0], "a-alice");
         assert_eq!(value["kafka"]["brokers"], "plain:9092");
+    }
+
+    #[test]
+    fn a_default_stands_in_for_an_unset_or_empty_variable_and_a_doubled_dollar_is_literal() {
+        let mut value = serde_json::json!({
+            "set": "${env:LOGBRIDGE_TEST_REFERENCE_SET:-fallback}",
+            "unset": "${env:LOGBRIDGE_TEST_REFERENCE_UNSET:-fallback}",
+            "empty": "${env:LOGBRIDGE_TEST_REFERENCE_EMPTY:-fallback}",
+            "empty_default": "a${env:LOGBRIDGE_TEST_REFERENCE_UNSET:-}b",
+            "literal": "$${env:LOGBRIDGE_TEST_REFERENCE_SET} costs $$5 and $${",
+            "both": "$${x} ${env:LOGBRIDGE_TEST_REFERENCE_SET}",
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("LOGBRIDGE_TEST_REFERENCE_SET", "value");
+            jail.set_env("LOGBRIDGE_TEST_REFERENCE_EMPTY", "");
+            resolve(&mut value, "").map_err(|err| err.to_string())?;
+            Ok(())
+        });
+        assert_eq!(value["set"], "value");
+        assert_eq!(value["unset"], "fallback");
+        assert_eq!(value["empty"], "fallback");
+        assert_eq!(value["empty_default"], "ab");
+        assert_eq!(
+            value["literal"],
+            "${env:LOGBRIDGE_TEST_REFERENCE_SET} costs $$5 and ${"
+        );
+        assert_eq!(value["both"], "${x} value");
     }
 
     #[test]

@@ -47,9 +47,10 @@ fn yes() -> bool {
     true
 }
 
-/// librdkafka's `security.protocol`.
+/// librdkafka's `security.protocol`, read in any case (`SASL_SSL`, as Java and librdkafka
+/// property files spell it, or `sasl_ssl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum SecurityProtocol {
     /// No TLS, no authentication.
     Plaintext,
@@ -85,8 +86,10 @@ impl SecurityProtocol {
     }
 }
 
-/// librdkafka's `sasl.mechanisms`.
+/// librdkafka's `sasl.mechanisms`, read in any case and with `_` for `-` (`scram-sha-512`,
+/// `SCRAM_SHA_512`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String")]
 pub enum SaslMechanism {
     /// User name and password sent as they are (use it over TLS only).
     #[serde(rename = "PLAIN")]
@@ -114,6 +117,47 @@ impl SaslMechanism {
 
     fn takes_password(self) -> bool {
         !matches!(self, SaslMechanism::Gssapi)
+    }
+}
+
+impl TryFrom<String> for SecurityProtocol {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        let all = [
+            SecurityProtocol::Plaintext,
+            SecurityProtocol::Ssl,
+            SecurityProtocol::SaslPlaintext,
+            SecurityProtocol::SaslSsl,
+        ];
+        all.into_iter()
+            .find(|protocol| protocol.property().eq_ignore_ascii_case(name.trim()))
+            .ok_or_else(|| {
+                format!(
+                    "unknown security protocol `{name}`: use plaintext, ssl, sasl_plaintext or sasl_ssl (any case)"
+                )
+            })
+    }
+}
+
+impl TryFrom<String> for SaslMechanism {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        let all = [
+            SaslMechanism::Plain,
+            SaslMechanism::ScramSha256,
+            SaslMechanism::ScramSha512,
+            SaslMechanism::Gssapi,
+        ];
+        let spelled = name.trim().replace('_', "-");
+        all.into_iter()
+            .find(|mechanism| mechanism.property().eq_ignore_ascii_case(&spelled))
+            .ok_or_else(|| {
+                format!(
+                    "unknown SASL mechanism `{name}`: use PLAIN, SCRAM-SHA-256, SCRAM-SHA-512 or GSSAPI (any case)"
+                )
+            })
     }
 }
 
@@ -310,6 +354,36 @@ mod tests {
         let shown = security.redacted();
         assert_eq!(shown.password.as_deref(), Some("<redacted>"));
         assert_eq!(shown.username.as_deref(), Some("alice"));
+    }
+
+    #[test]
+    fn protocol_and_mechanism_names_are_read_in_any_case_and_spelling() {
+        for (protocol, mechanism) in [
+            ("SASL_SSL", "scram-sha-512"),
+            ("Sasl_Ssl", "SCRAM_SHA_512"),
+            ("sasl_ssl", "Scram-Sha-512"),
+        ] {
+            let security = section(&format!(
+                "protocol = \"{protocol}\"\nmechanism = \"{mechanism}\"\nusername = \"a\"\npassword = \"p\""
+            ))
+            .unwrap_or_else(|err| panic!("{protocol} {mechanism}: {err}"));
+            assert_eq!(security.protocol, SecurityProtocol::SaslSsl);
+            assert_eq!(security.mechanism, Some(SaslMechanism::ScramSha512));
+            let client = client_of(&security);
+            assert_eq!(client.get("security.protocol"), Some("sasl_ssl"));
+            assert_eq!(client.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        }
+        let err = section("protocol = \"tls\"").expect_err("unknown");
+        assert!(
+            err.contains("unknown security protocol `tls`") && err.contains("sasl_ssl"),
+            "{err}"
+        );
+        let err =
+            section("protocol = \"sasl_ssl\"\nmechanism = \"SCRAM-SHA-1\"").expect_err("unknown");
+        assert!(
+            err.contains("unknown SASL mechanism `SCRAM-SHA-1`") && err.contains("SCRAM-SHA-512"),
+            "{err}"
+        );
     }
 
     #[test]
