@@ -289,6 +289,10 @@ impl HttpSinkConfig {
             (true, Some(index)) if index.trim().is_empty() => {
                 Err(invalid(field("index"), "empty index name"))
             }
+            (true, Some(index)) if index_name_problem(index).is_some() => Err(invalid(
+                field("index"),
+                index_name_problem(index).unwrap_or_default(),
+            )),
             (true, Some(_)) if self.format != HttpFormat::Ndjson => Err(invalid(
                 field("format"),
                 "an elasticsearch sink always sends _bulk NDJSON: remove it",
@@ -349,6 +353,41 @@ impl HttpSinkConfig {
     }
 }
 
+/// Why Elasticsearch would refuse `index`, a fixed index name, as an index name (each request
+/// would fail with 400). A templated name (`{field}`, `%Y`) is made valid as it is rendered, and
+/// its literal text is checked when the template is compiled (`shape::Sanitize::IndexName`).
+fn index_name_problem(index: &str) -> Option<String> {
+    if index.contains(['{', '%']) {
+        return None;
+    }
+    if let Some(bad) = index.chars().find(|c| {
+        matches!(
+            c,
+            '\\' | '/' | '*' | '?' | '"' | '<' | '>' | '|' | ' ' | ',' | '#' | ':'
+        )
+    }) {
+        return Some(format!(
+            "`{bad}` is not allowed in an Elasticsearch index name (nor are \\ / * ? \" < > | , # : and spaces)"
+        ));
+    }
+    if index.chars().any(char::is_uppercase) {
+        return Some(format!(
+            "Elasticsearch index names are lower case: write \"{}\"",
+            index.to_lowercase()
+        ));
+    }
+    if index.starts_with(['-', '_', '+']) {
+        return Some("an Elasticsearch index name cannot start with -, _ or +".to_string());
+    }
+    if index == "." || index == ".." {
+        return Some("`.` and `..` are not index names".to_string());
+    }
+    if index.len() > 255 {
+        return Some("longer than Elasticsearch's 255 bytes".to_string());
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, HttpAuth, SinkConfig, REDACTED};
@@ -370,6 +409,48 @@ mod tests {
 
     fn load(sink: &str) -> Result<Config, String> {
         crate::config::load_jailed(&config(sink), &[("LB_TEST_TOKEN", "t0ken-from-env")])
+    }
+
+    /// Issue 33, item 4: an index name Elasticsearch refuses passed the check (every request
+    /// then failed with 400).
+    #[test]
+    fn index_names_elasticsearch_refuses_are_config_errors() {
+        for (index, expected) in [
+            ("Logs", "lower case: write \"logs\""),
+            ("Logs-{service}", ""),
+            ("logs#1", "`#` is not allowed"),
+            ("logs 1", "` ` is not allowed"),
+            ("logs,all", "`,` is not allowed"),
+            ("remote:logs", "`:` is not allowed"),
+            ("_logs", "cannot start with -, _ or +"),
+            ("..", "not index names"),
+        ] {
+            let sink = format!(
+                r#"{{ type = "elasticsearch", url = "http://h:9200", index = "{index}" }}"#
+            );
+            match load(&sink) {
+                Ok(_) => assert!(expected.is_empty(), "{index} accepted"),
+                Err(err) => {
+                    assert!(!expected.is_empty(), "{index}: {err}");
+                    assert!(
+                        err.contains("routes[0].sink.index") && err.contains(expected),
+                        "{index}: expected `{expected}` in {err}"
+                    );
+                }
+            }
+        }
+        for index in [
+            "logs",
+            "logs-{level}-%Y.%m.%d",
+            "{service}-logs",
+            ".ds-logs",
+            "logs_2026",
+        ] {
+            let sink = format!(
+                r#"{{ type = "elasticsearch", url = "http://h:9200", index = "{index}" }}"#
+            );
+            load(&sink).unwrap_or_else(|err| panic!("{index}: {err}"));
+        }
     }
 
     #[test]
