@@ -98,7 +98,7 @@ macro_rules! not_an_object {
 }
 
 mod auto;
-pub use auto::{Decoder, InputFormat, Mapping};
+pub use auto::{folded_alias, Decoder, InputFormat, Mapping};
 
 /// Payloads larger than this are rejected unless the caller picks another limit.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;

@@ -1287,6 +1287,23 @@ impl Config {
                         ),
                     ));
                 }
+                if self.input.format == crate::event::InputFormat::Auto {
+                    let mapped = self
+                        .input
+                        .level_map
+                        .values()
+                        .any(|level| Level::new(level) == Level::new(raw));
+                    if let Some(read_as) = crate::event::folded_alias(raw).filter(|_| !mapped) {
+                        return Err(invalid(
+                            key("levels"),
+                            format!(
+                                "`{raw}` would match no event: the auto decoder reads it as \
+                                 `{read_as}` (write `{read_as}`, or map your loggers' names to \
+                                 `{raw}` in input.level_map)"
+                            ),
+                        ));
+                    }
+                }
                 let level = Level::new(raw).as_str().to_string();
                 // First match wins: after a route that takes a level with no other condition,
                 // no later route can see that level.
@@ -2218,6 +2235,30 @@ mod tests {
             with_sink("type = \"file\", path = \"e\"")
         );
         assert!(load(&shared).is_ok());
+    }
+
+    /// Issue 33, item 4: a route level the auto decoder never produces (it folds the name
+    /// into another level) is refused, unless level_map produces it.
+    #[test]
+    fn a_level_the_auto_decoder_folds_away_is_refused_unless_mapped() {
+        let auto = |levels: &str, map: &str| {
+            format!(
+                "{}\n[input]\nformat = \"auto\"\n{map}\n",
+                MINIMAL.replace("levels = [\"error\"]", levels)
+            )
+        };
+        let err = error_of(&auto("levels = [\"error\", \"notice\"]", ""));
+        assert!(
+            err.contains("routes[0].levels") && err.contains("reads it as `info`"),
+            "{err}"
+        );
+        assert!(load(&auto(
+            "levels = [\"notice\"]",
+            "[input.level_map]\nNOTICE = \"notice\""
+        ))
+        .is_ok());
+        // The strict format keeps the level as written.
+        assert!(load(&MINIMAL.replace("levels = [\"error\"]", "levels = [\"notice\"]")).is_ok());
     }
 
     /// Issue 33, item 4: a misspelt librdkafka property passed the check and stopped logbridge

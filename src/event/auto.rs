@@ -368,6 +368,15 @@ const ALIASES: &[(&str, &str)] = &[
     ("dpanic", "fatal"),
 ];
 
+/// The level the auto decoder reads `name` as, when it folds `name` into another one
+/// (`notice` is read as `info`): a route asking for `name` itself would never see an event.
+pub fn folded_alias(name: &str) -> Option<&'static str> {
+    ALIASES
+        .iter()
+        .find(|(alias, _)| name.eq_ignore_ascii_case(alias))
+        .map(|&(_, level)| level)
+}
+
 fn normalise(name: &str) -> Level {
     for &(alias, level) in ALIASES {
         if name.eq_ignore_ascii_case(alias) {
