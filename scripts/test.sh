@@ -70,7 +70,7 @@ cargo test --all-targets --no-run --quiet
 # side, the
 # heavier broker-tier binaries in one and every other target in the other; a binary still runs
 # its heavy tests one at a time (tests/common: `serial`). A new test file joins the second lane.
-heavy=(crash churn exactly_once combinations secured failover)
+heavy=(crash churn exactly_once combinations secured)
 alone=(bench)
 light=(--lib --bins)
 for file in tests/*.rs; do

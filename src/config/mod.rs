@@ -8,6 +8,7 @@
 //! it is about, and secrets are redacted wherever the configuration is shown.
 
 mod http;
+mod load_error;
 mod overrides;
 mod references;
 mod security;
@@ -87,9 +88,10 @@ const CLASSIC_ONLY_OPTIONS: &[(&str, &str)] = &[
 /// A configuration that could not be loaded or is not valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file is missing, is not TOML, or a value has the wrong type (figment names the key).
+    /// The file is not TOML, or a key is unknown, missing or of the wrong type: the message
+    /// names the key as written, its line or environment variable, and a likely spelling.
     #[error("cannot load configuration: {0}")]
-    Load(#[from] Box<figment::Error>),
+    Load(String),
     /// The values parsed but do not make sense together.
     #[error("invalid configuration: `{key}`: {message}")]
     Invalid { key: String, message: String },
@@ -897,17 +899,26 @@ impl Config {
                 format!("file {} does not exist", path.display()),
             ));
         }
-        Self::from_figment(Figment::new().merge(Toml::file_exact(path)))
+        Self::from_figment(Figment::new().merge(Toml::file_exact(path)), || {
+            std::fs::read_to_string(path).ok()
+        })
     }
 
     /// Parses TOML text (with environment overrides) and validates it.
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
-        Self::from_figment(Figment::new().merge(Toml::string(text)))
+        Self::from_figment(Figment::new().merge(Toml::string(text)), || {
+            Some(text.to_string())
+        })
     }
 
     /// `file` with the environment's overrides on top, resolved and validated.
-    fn from_figment(file: Figment) -> Result<Config, ConfigError> {
-        let config: Config = overrides::extract(file)?;
+    /// `text` gives the file's TOML again, to name lines in an error.
+    fn from_figment(
+        file: Figment,
+        text: impl FnOnce() -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let config: Config = overrides::extract(file)
+            .map_err(|err| ConfigError::Load(load_error::describe(&err, text().as_deref())))?;
         let config = config.with_references_resolved()?;
         config.validate()?;
         Ok(config)
@@ -1868,10 +1879,13 @@ mod tests {
     fn unknown_key_is_rejected_by_name() {
         let text = MINIMAL.replace("group_id = \"g\"", "group_id = \"g\"\ngroup = \"x\"");
         let err = error_of(&text);
+        // Issue 33, item 4: the key as written, its line and a likely spelling (it read
+        // "unknown field: found `group`, expected `one of ...` for key \"default.kafka.group\"").
         assert!(
-            err.contains("unknown field: found `group`") && err.contains("kafka.group\""),
+            err.contains("`kafka.group` (line 5): unknown key: did you mean `group_id`?"),
             "{err}"
         );
+        assert!(!err.contains("default."), "{err}");
     }
 
     #[test]
@@ -2005,7 +2019,19 @@ mod tests {
         );
         let err = load_jailed(&text, &[("LOGBRIDGE_PIPELINE__ROUTER_CAPACITY", "0x10")])
             .expect_err("not a number");
-        assert!(err.contains("LOGBRIDGE_PIPELINE__ROUTER_CAPACITY"), "{err}");
+        assert!(
+            err.contains("`pipeline.router_capacity` (set by LOGBRIDGE_PIPELINE__ROUTER_CAPACITY): expected a whole number (0 or more), found string \"0x10\""),
+            "{err}"
+        );
+        let err = load_jailed(
+            &text.replace("name = \"all\"", "name = \"all\"\nworkerz = 2"),
+            &[],
+        )
+        .expect_err("misspelt");
+        assert!(
+            err.contains("`routes[1].workerz` (line 17): unknown key: did you mean `workers`?"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -2634,7 +2660,7 @@ mod tests {
             (route("when = { field = \"m\", regex = \"(\" }", null), "`routes[1].when.regex`"),
             (
                 route("when = { field = \"m\", contains = \"x\" }", null),
-                "unknown field: found `contains`",
+                "`routes[1].when.contains` (line 14): unknown key",
             ),
             (
                 route("when = { all = [ { field = \"a\", exists = true, prefix = \"x\" } ] }", null),
@@ -2724,7 +2750,7 @@ mod tests {
             ),
             (
                 format!("{MINIMAL}\n[input]\nunrouted = \"drop\"\n"),
-                "expected ``ignore` or `dead-letter`` for key \"default.input.unrouted\"",
+                "`input.unrouted` (line 12): unknown value `drop` (one of `ignore`, `dead-letter`)",
             ),
         ];
         for (text, expected) in cases {
@@ -2811,7 +2837,7 @@ mod tests {
             ),
             (
                 format!("{MINIMAL}\n[input]\ntombstones = \"drop\"\n"),
-                "found `drop`, expected ``skip` or `dead-letter`` for key \"default.input.tombstones\"",
+                "`input.tombstones` (line 12): unknown value `drop` (one of `skip`, `dead-letter`)",
             ),
         ];
         for (text, expected) in cases {
