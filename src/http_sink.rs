@@ -241,6 +241,43 @@ impl HttpEndpoint {
         })
     }
 
+    /// Whether the destination answers, for `check-config --connect`: an Elasticsearch sink
+    /// asks the cluster's root (`GET /`) and wants 200; an HTTP sink sends `HEAD` to its URL,
+    /// and any answer but 401, 403 or 407 means it is there (an endpoint that takes only POST
+    /// may answer 405). `Err` says why not, with credentials redacted.
+    pub async fn probe(&self) -> Result<String, String> {
+        let target = &self.target;
+        let (method, url) = match &target.layout {
+            Layout::Bulk { .. } => {
+                let mut root = target.url.clone();
+                root.set_path(target.url.path().trim_end_matches("_bulk"));
+                (reqwest::Method::GET, root)
+            }
+            Layout::Ndjson | Layout::JsonArray => (reqwest::Method::HEAD, target.url.clone()),
+        };
+        let mut request = self.client.request(method.clone(), url);
+        for (name, value) in &target.headers {
+            if name != reqwest::header::CONTENT_ENCODING && name != reqwest::header::CONTENT_TYPE {
+                request = request.header(name, value);
+            }
+        }
+        if let Some(credentials) = &self.credentials {
+            let (header, _) = credentials.current(CREDENTIALS_CHECK_EVERY);
+            request = request.header(reqwest::header::AUTHORIZATION, header);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|err| format!("cannot reach it: {}", request_error(&err).message))?;
+        let status = response.status().as_u16();
+        match (status, method == reqwest::Method::GET) {
+            (401 | 403 | 407, _) => Err(format!("it refused the credentials (HTTP {status})")),
+            (200..=299, _) => Ok(format!("answered {method} with {status}")),
+            (_, true) => Err(format!("the cluster answered GET / with HTTP {status}")),
+            (_, false) => Ok(format!("answered {method} with {status} (reachable)")),
+        }
+    }
+
     /// A worker's sink on this endpoint (sharing its connections).
     pub fn sink(&self) -> HttpSink {
         HttpSink {

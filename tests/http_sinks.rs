@@ -943,3 +943,107 @@ async fn shutdown_ends_a_worker_that_retries_forever() {
         "nothing given up on"
     );
 }
+
+/// Issue 33, item 4: `check-config --connect` asks HTTP and Elasticsearch destinations whether
+/// they are there (an endpoint that takes only POST answering HEAD with 405 is there; a cluster
+/// refusing the token, or nothing listening, exits 3 naming the route's key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_connect_asks_http_and_elasticsearch_destinations() {
+    let _serial = serial().await;
+    let kafka = Kafka::start("logs", 1);
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let handler: Arc<Handler> = {
+        let asked = asked.clone();
+        Arc::new(move |request, _body| {
+            let authorization = request
+                .headers()
+                .get("authorization")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            asked
+                .lock()
+                .unwrap()
+                .push(format!("{} {}", request.method(), request.uri().path()));
+            if authorization != "Bearer the-right-token-0123456789" {
+                return (401, Vec::new(), "{\"error\":\"unauthorized\"}".to_string());
+            }
+            match (request.method().as_str(), request.uri().path()) {
+                ("GET", "/") => (
+                    200,
+                    Vec::new(),
+                    "{\"version\":{\"number\":\"8.15.0\"}}".to_string(),
+                ),
+                ("HEAD", "/in") => (405, Vec::new(), String::new()),
+                other => (404, Vec::new(), format!("{other:?}")),
+            }
+        })
+    };
+    let server = Server::start(handler).await;
+    let nothing = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let check = |es_url: String, token: &'static str| {
+        let path = dir
+            .path()
+            .join(format!("check-{}-{}.toml", token.len(), es_url.len())); // not the token: the name is printed
+        let text = format!(
+            "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
+             [[routes]]\nname = \"web\"\nlevels = [\"error\"]\n\
+             sink = {{ type = \"http\", url = \"http://{server}/in\", auth = {{ type = \"bearer\", token = \"{token}\" }} }}\n\
+             [[routes]]\nname = \"search\"\nlevels = [\"info\"]\n\
+             sink = {{ type = \"elasticsearch\", url = \"{es_url}\", index = \"logs\", auth = {{ type = \"bearer\", token = \"{token}\" }} }}\n",
+            brokers = kafka.brokers,
+            server = server.address,
+        );
+        std::fs::write(&path, text).expect("write");
+        async move {
+            let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_logbridge"))
+                .args(["check-config", "--connect", "--timeout", "5", "--config"])
+                .arg(&path)
+                .output()
+                .await
+                .expect("run logbridge");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stderr).to_string(),
+            )
+        }
+    };
+    let right = "the-right-token-0123456789";
+    let (code, stderr) = check(format!("http://{}", server.address), right).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("`routes[0].sink.url`")
+            && stderr.contains("answered HEAD with 405 (reachable)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`routes[1].sink.url`") && stderr.contains("answered GET with 200"),
+        "{stderr}"
+    );
+    assert_eq!(
+        *asked.lock().unwrap(),
+        ["HEAD /in", "GET /"],
+        "one request each, with the route's token"
+    );
+
+    let (code, stderr) = check(
+        format!("http://{}", server.address),
+        "a-wrong-token-0123456789",
+    )
+    .await;
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("refused the credentials (HTTP 401)") && !stderr.contains("a-wrong-token"),
+        "{stderr}"
+    );
+
+    let (code, stderr) = check(format!("http://{nothing}"), right).await;
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stderr.contains("`routes[1].sink.url`") && stderr.contains("cannot reach it"),
+        "{stderr}"
+    );
+}

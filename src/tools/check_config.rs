@@ -1,13 +1,15 @@
 //! The `check-config` command: validates a configuration file and prints it with defaults
 //! filled in and secrets redacted; with `--connect`, also connects to every cluster it names
-//! (with its security) and checks that each topic exists.
+//! (with its security) and checks that each topic exists, and asks each HTTP and Elasticsearch
+//! destination whether it is there (as `vector validate` runs its sinks' health checks).
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cluster::{ClusterProblem, Probe};
-use crate::config::{Cluster, Config};
+use crate::config::{Cluster, Config, HttpSinkConfig, SinkConfig};
+use crate::http_sink::HttpEndpoint;
 
 /// How `check-config` ends; the exit codes are documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +115,60 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
             }
         }
     }
+    if !probe_http_destinations(&config, timeout) {
+        outcome = CheckOutcome::CannotConnect;
+    }
     outcome
+}
+
+/// Asks each HTTP and Elasticsearch destination whether it is there (see
+/// [`HttpEndpoint::probe`]), one line each on stderr; whether every one answered.
+fn probe_http_destinations(config: &Config, timeout: Duration) -> bool {
+    let destinations: Vec<(String, &HttpSinkConfig, bool)> = config
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, route)| match &route.sink {
+            SinkConfig::Http(http) => Some((format!("routes[{index}].sink.url"), http, false)),
+            SinkConfig::Elasticsearch(http) => {
+                Some((format!("routes[{index}].sink.url"), http, true))
+            }
+            _ => None,
+        })
+        .collect();
+    if destinations.is_empty() {
+        return true;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("cannot check the HTTP destinations: {err}");
+            return false;
+        }
+    };
+    let mut all = true;
+    for (key, http, elasticsearch) in destinations {
+        let shown = crate::config::redact_url(&http.url);
+        let answer = match HttpEndpoint::new(http, elasticsearch) {
+            Ok(endpoint) => runtime.block_on(async {
+                tokio::time::timeout(timeout, endpoint.probe())
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+            }),
+            Err(err) => Err(format!("{err:#}")),
+        };
+        match answer {
+            Ok(answer) => eprintln!("`{key}`: {shown}: {answer}"),
+            Err(why) => {
+                all = false;
+                eprintln!("`{key}`: {shown}: {}", config.scrub(&why));
+            }
+        }
+    }
+    all
 }
 
 fn same_cluster(a: &Cluster<'_>, b: &Cluster<'_>) -> bool {
