@@ -95,34 +95,39 @@ pub fn anchor(title: &str) -> String {
         .collect()
 }
 
-/// Why an admin request (`POST /resume`) is refused, if it is: from a loopback address it is
-/// always allowed; from elsewhere only with `Authorization: Bearer <http.admin_token>`.
+/// Why an admin request (`POST /resume`) is refused, if it is: it is taken with
+/// `Authorization: Bearer <http.admin_token>` from anywhere, and without it from a loopback
+/// address only with `http.trust_loopback` (behind a sidecar proxy every request comes from
+/// loopback).
 fn admin_refusal<B>(
     admin_token: Option<&str>,
+    trust_loopback: bool,
     request: &Request<B>,
     peer: std::net::SocketAddr,
 ) -> Option<(StatusCode, &'static str)> {
-    if peer.ip().is_loopback() {
-        return None;
-    }
-    let Some(token) = admin_token else {
-        return Some((
-            StatusCode::FORBIDDEN,
-            "admin requests only from loopback; set http.admin_token to allow others",
-        ));
-    };
     let given = request
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "));
-    match given {
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => None,
-        _ => Some((
-            StatusCode::UNAUTHORIZED,
-            "admin requests from other hosts need Authorization: Bearer <http.admin_token>",
-        )),
+    if let (Some(token), Some(given)) = (admin_token, given) {
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            return None;
+        }
     }
+    if trust_loopback && peer.ip().is_loopback() {
+        return None;
+    }
+    Some(match admin_token {
+        None => (
+            StatusCode::FORBIDDEN,
+            "admin requests need http.admin_token (sent as Authorization: Bearer <token>; logbridge resume does), or http.trust_loopback = true for loopback clients where no proxy shares the host",
+        ),
+        Some(_) => (
+            StatusCode::UNAUTHORIZED,
+            "admin requests need Authorization: Bearer <http.admin_token> (logbridge resume sends it)",
+        ),
+    })
 }
 
 /// Compares without stopping at the first difference, so the time taken says nothing about
@@ -154,9 +159,10 @@ pub struct HttpState {
     pub cluster: tokio::sync::watch::Receiver<Option<ClusterProblem>>,
     /// What `/status` shows besides metrics.
     pub status: Arc<StatusSource>,
-    /// `http.admin_token`: a `POST /resume` from another host must carry it as a bearer token;
-    /// without one, only loopback clients may resume.
+    /// `http.admin_token`: a `POST /resume` carrying it as a bearer token is taken.
     pub admin_token: Option<Arc<str>>,
+    /// `http.trust_loopback`: a `POST /resume` from loopback is taken without the token.
+    pub trust_loopback: bool,
 }
 
 impl HttpState {
@@ -342,9 +348,12 @@ fn respond(
             response
         }
         "/resume" => {
-            if let Some((status, reason)) =
-                admin_refusal(state.admin_token.as_deref(), request, peer)
-            {
+            if let Some((status, reason)) = admin_refusal(
+                state.admin_token.as_deref(),
+                state.trust_loopback,
+                request,
+                peer,
+            ) {
                 warn!(%peer, "POST /resume refused: {reason}");
                 return text(status, format!("{reason}\n"));
             }
@@ -465,45 +474,56 @@ mod tests {
         request.body(()).expect("request")
     }
 
+    /// Issue 33, item 5: behind a sidecar proxy every request comes from loopback, so loopback
+    /// alone lets nobody resume unless `http.trust_loopback` says so; the token works from
+    /// anywhere.
     #[test]
-    fn resume_is_for_loopback_or_the_admin_token() {
+    fn resume_takes_the_admin_token_and_loopback_only_when_trusted() {
         let local: std::net::SocketAddr = "127.0.0.1:5000".parse().unwrap();
         let local6: std::net::SocketAddr = "[::1]:5000".parse().unwrap();
         let remote: std::net::SocketAddr = "10.1.2.3:5000".parse().unwrap();
         let token = Some("a-long-admin-token-123");
-        assert_eq!(admin_refusal(None, &resume(None), local), None);
-        assert_eq!(admin_refusal(None, &resume(None), local6), None);
+        let right = Some("Bearer a-long-admin-token-123");
+        let status = |token, trust, authorization, peer| {
+            admin_refusal(token, trust, &resume(authorization), peer).map(|refusal| refusal.0)
+        };
+        // Not trusted: loopback is like any other address.
+        for peer in [local, local6, remote] {
+            assert_eq!(
+                status(None, false, None, peer),
+                Some(StatusCode::FORBIDDEN),
+                "{peer}"
+            );
+            assert_eq!(
+                status(token, false, None, peer),
+                Some(StatusCode::UNAUTHORIZED),
+                "{peer}"
+            );
+            assert_eq!(status(token, false, right, peer), None, "{peer}");
+        }
+        // Trusted: loopback without a token; others still need it.
+        assert_eq!(status(None, true, None, local), None);
+        assert_eq!(status(None, true, None, local6), None);
+        assert_eq!(status(token, true, None, local), None);
         assert_eq!(
-            admin_refusal(None, &resume(Some("Bearer x")), remote).map(|r| r.0),
+            status(None, true, None, remote),
+            Some(StatusCode::FORBIDDEN)
+        );
+        assert_eq!(
+            status(None, true, Some("Bearer x"), remote),
             Some(StatusCode::FORBIDDEN),
-            "no token configured: loopback only"
+            "no token configured: nothing to match"
         );
         assert_eq!(
-            admin_refusal(token, &resume(None), remote).map(|r| r.0),
+            status(token, true, Some("Bearer a-long-admin-token-124"), remote),
             Some(StatusCode::UNAUTHORIZED)
         );
         assert_eq!(
-            admin_refusal(
-                token,
-                &resume(Some("Bearer a-long-admin-token-124")),
-                remote
-            )
-            .map(|r| r.0),
-            Some(StatusCode::UNAUTHORIZED)
-        );
-        assert_eq!(
-            admin_refusal(token, &resume(Some("a-long-admin-token-123")), remote).map(|r| r.0),
+            status(token, true, Some("a-long-admin-token-123"), remote),
             Some(StatusCode::UNAUTHORIZED),
             "the Bearer scheme is required"
         );
-        assert_eq!(
-            admin_refusal(
-                token,
-                &resume(Some("Bearer a-long-admin-token-123")),
-                remote
-            ),
-            None
-        );
+        assert_eq!(status(token, true, right, remote), None);
     }
 
     /// Issue 34, item 11d: `/status` with many partitions. Each row's gauges are looked up

@@ -75,6 +75,9 @@ enum Command {
     /// Ask a running instance's /healthz (or /readyz with --ready): exit 0 if it answers 200,
     /// 1 otherwise (for container healthchecks; the image has no curl).
     Health(logbridge::tools::health::HealthOptions),
+    /// Reset a tripped breaker of a running instance: POST /resume to its `http.listen` with
+    /// its `http.admin_token` (read from its configuration). Exit 0 when it answers 200 or 202.
+    Resume(logbridge::tools::health::ResumeOptions),
 }
 
 /// Names the configuration file when `--config` does not.
@@ -122,6 +125,18 @@ fn main() -> ExitCode {
             };
             let connect = connect.then(|| std::time::Duration::from_secs(*timeout));
             return logbridge::tools::check_config(file, connect).into();
+        }
+        Command::Resume(options) => {
+            return match logbridge::tools::health::resume(options) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("{why}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         Command::Health(options) => {
             return match logbridge::tools::health::health(options) {
@@ -175,7 +190,10 @@ fn main() -> ExitCode {
                 result = bench::run_child(options) => result,
                 _ = shutdown.cancelled() => Err(anyhow::anyhow!("measurement interrupted")),
             },
-            Command::CheckConfig { .. } | Command::BenchBroker | Command::Health(_) => Ok(()),
+            Command::CheckConfig { .. }
+            | Command::BenchBroker
+            | Command::Health(_)
+            | Command::Resume(_) => Ok(()),
         }
     });
     // A sink write blocked for good (stdout on a full pipe, say) must not keep the process

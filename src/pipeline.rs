@@ -299,6 +299,7 @@ pub async fn run(
                 .as_deref()
                 .filter(|token| !token.is_empty())
                 .map(Arc::from),
+            trust_loopback: config.http.trust_loopback,
         },
         &http_stop,
     )

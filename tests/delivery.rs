@@ -150,7 +150,8 @@ async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
         "router_capacity = 64\nworker_capacity = 16",
         "[[routes]]\nname = \"info\"\nlevels = [\"info\"]\nsink = { type = \"null\" }\n\
          [dead_letter]\ntopic = \"logs.dlq\"\n\
-         [breaker]\nmax_consecutive = 50\nwindow = 1000\nmax_invalid_ratio = 0.5\n",
+         [breaker]\nmax_consecutive = 50\nwindow = 1000\nmax_invalid_ratio = 0.5\n\
+         [http]\nadmin_token = \"${env:LB_DELIVERY_TEST_TOKEN:-the-admin-token-0123456789}\"\n",
     );
     // `max_consecutive` failed and the one that trips, plus the README's record bound
     // ("Memory") from this test's literals, not from the code under test:
@@ -233,13 +234,39 @@ async fn invalid_burst_trips_the_breaker_which_stops_and_says_why() {
         "{dead_lettered} dead letters exceed the bound {bound}"
     );
 
-    // An operator resumes: consumption moves again.
-    let (resume_status, _) = http_request(
+    // Without the admin token nobody resumes, not even from loopback (issue 33, item 5: behind
+    // a sidecar proxy every request comes from loopback).
+    let (refused, _) = http_request(
         address,
         "POST /resume HTTP/1.0\r\nContent-Length: 0\r\n\r\n",
     )
     .await;
-    assert_eq!(resume_status, 202);
+    assert_eq!(refused, 401);
+    // An operator resumes with `logbridge resume`, which reads the address and the token from
+    // the instance's configuration: consumption moves again.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("instance.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n[[routes]]\nname = \"info\"\nlevels = [\"info\"]\nsink = {{ type = \"null\" }}\n\
+             [http]\nlisten = \"{address}\"\nadmin_token = \"the-admin-token-0123456789\"\n",
+            kafka_section(&kafka.brokers, &group, &kafka.topic, "")
+        ),
+    )
+    .expect("write");
+    let resumed = tokio::process::Command::new(env!("CARGO_BIN_EXE_logbridge"))
+        .args(["resume", "--config"])
+        .arg(&file)
+        .output()
+        .await
+        .expect("run logbridge resume");
+    let said = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success() && said.contains("POST /resume: breaker reset"),
+        "{said}{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
     let moved = wait_for(Duration::from_secs(30), || {
         let metrics = metrics.clone();
         async move { metrics.consumed.with_label_values(&["logs"]).get() > consumed }

@@ -538,18 +538,24 @@ pub struct HttpConfig {
     /// Connections served at once; more wait in the kernel's accept backlog until one ends.
     /// Idle or slow ones hold a slot for at most the 5 s header timeout.
     pub max_connections: usize,
-    /// Lets clients on other hosts use the admin endpoint (`POST /resume`) with
-    /// `Authorization: Bearer <token>`; without it only loopback clients may. Use a reference
-    /// (`${env:NAME}`, `${file:/path}`); it is redacted wherever the configuration is shown.
+    /// The admin endpoint (`POST /resume`) takes requests with `Authorization: Bearer
+    /// <token>`. Use a reference (`${env:NAME}`, `${file:/path}`); it is redacted wherever the
+    /// configuration is shown. `logbridge resume` sends it.
     pub admin_token: Option<String>,
+    /// Also take `POST /resume` without the token from a loopback address. Off by default: a
+    /// sidecar proxy (a service mesh's) hands every request over from loopback, so loopback
+    /// says nothing about who asks. Turn on where no proxy shares the host or pod.
+    pub trust_loopback: bool,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
-            listen: "127.0.0.1:9898".to_string(),
+            // Reachable from outside a container (probes, scrapes) without a change.
+            listen: "0.0.0.0:9898".to_string(),
             max_connections: 4096,
             admin_token: None,
+            trust_loopback: false,
         }
     }
 }
@@ -1843,7 +1849,8 @@ mod tests {
         let config = load(MINIMAL).expect("minimal config is valid");
         assert_eq!(config.pipeline.router_capacity, 1024);
         assert_eq!(config.pipeline.worker_capacity, 256);
-        assert_eq!(config.http.listen, "127.0.0.1:9898");
+        assert_eq!(config.http.listen, "0.0.0.0:9898");
+        assert!(!config.http.trust_loopback);
         assert_eq!(config.routes[0].workers, 1);
     }
 

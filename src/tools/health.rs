@@ -1,8 +1,9 @@
 //! `logbridge health`: asks a running instance's `/healthz` (or `/readyz`) and exits 0 when it
 //! answers 200, 1 otherwise. For container healthchecks, where the image has no curl.
+//! `logbridge resume`: `POST /resume` with the configuration's admin token.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs as _};
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// What `logbridge health` asks.
@@ -19,47 +20,118 @@ pub struct HealthOptions {
     pub timeout: u64,
 }
 
+/// What `logbridge resume` needs: the instance's configuration (its `http.listen` and
+/// `http.admin_token`, environment overrides and references applied as `run` applies them).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ResumeOptions {
+    /// Configuration file of the instance to resume.
+    #[arg(long, short, env = "LOGBRIDGE_CONFIG", default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Ask this `host:port` instead of the configuration's `http.listen`.
+    #[arg(long)]
+    pub address: Option<String>,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub timeout: u64,
+}
+
 /// Asks the endpoint; `Ok(line)` with the answer's first line of body when it says 200,
 /// `Err(why)` otherwise.
 pub fn health(options: &HealthOptions) -> Result<String, String> {
-    let address = resolve(&options.address)?;
-    let timeout = Duration::from_secs(options.timeout);
     let path = if options.ready { "/readyz" } else { "/healthz" };
-    let mut stream = TcpStream::connect_timeout(&address, timeout)
-        .map_err(|err| format!("cannot connect to {address}: {err}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|err| format!("cannot set timeouts: {err}"))?;
-    // One write: `write!` on the stream would send the request in pieces.
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|err| format!("cannot ask {address}{path}: {err}"))?;
-    let mut answer = Vec::new();
-    // An answer is a few hundred bytes; more is not read.
-    stream
-        .take(64 * 1024)
-        .read_to_end(&mut answer)
-        .map_err(|err| format!("no answer from {address}{path}: {err}"))?;
-    let answer = String::from_utf8_lossy(&answer);
-    let status = answer
-        .lines()
-        .next()
-        .and_then(|line| line.split_whitespace().nth(1))
-        .unwrap_or("none");
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, body)| body)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_string();
-    if status == "200" {
+    let (status, body) = ask(
+        reqwest::Method::GET,
+        &options.address,
+        path,
+        None,
+        Duration::from_secs(options.timeout),
+    )?;
+    if status == 200 {
         Ok(format!("{path}: {body}"))
     } else {
         Err(format!("{path} answered {status}: {body}"))
     }
+}
+
+/// Resets a tripped breaker of the instance `options.config` describes: `Ok(line)` when it
+/// answers 200 (nothing to resume) or 202 (resumed), `Err(why)` otherwise.
+pub fn resume(options: &ResumeOptions) -> Result<String, String> {
+    let config = crate::Config::load(&options.config)
+        .map_err(|err| format!("{}: {err}", options.config.display()))?;
+    let address = options
+        .address
+        .clone()
+        .unwrap_or_else(|| config.http.listen.clone());
+    let token = config
+        .http
+        .admin_token
+        .as_deref()
+        .filter(|token| !token.is_empty());
+    let (status, body) = ask(
+        reqwest::Method::POST,
+        &address,
+        "/resume",
+        token,
+        Duration::from_secs(options.timeout),
+    )?;
+    match status {
+        200 | 202 => Ok(format!("POST /resume: {body}")),
+        _ => Err(format!("POST /resume answered {status}: {body}")),
+    }
+}
+
+/// The status and the first line of the body of `method` on `path` at `address`.
+fn ask(
+    method: reqwest::Method,
+    address: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let address = resolve(address)?;
+    let url = format!("http://{address}{path}");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| format!("cannot start: {err}"))?;
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|err| format!("cannot make an HTTP client: {err}"))?;
+        let mut request = client.request(method, &url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|err| format!("cannot connect to {address}: {}", causes(&err)))?;
+        let status = response.status().as_u16();
+        // An answer is a few hundred bytes; a line is all that is shown.
+        let body = response.text().await.unwrap_or_default();
+        let line = body
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(1000)
+            .collect();
+        Ok((status, line))
+    })
+}
+
+/// An error with its causes (reqwest's own message leaves out "connection refused").
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
 }
 
 /// `host:port` to an address; a wildcard (`0.0.0.0`, `[::]`, as `http.listen` often is in
@@ -84,6 +156,7 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read as _, Write as _};
 
     #[test]
     fn a_wildcard_listen_address_is_asked_on_loopback() {
