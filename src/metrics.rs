@@ -417,8 +417,11 @@ impl Metrics {
                     "logbridge_sink_latency_seconds",
                     "Time for a sink to confirm a batch, by route.",
                 )
+                // Up to the timeouts a confirmation may take: an HTTP sink's 10 s by default,
+                // a Kafka sink's delivery timeout (librdkafka's message.timeout.ms, 300 s).
                 .buckets(vec![
-                    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
+                    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0, 60.0, 300.0,
                 ]),
                 &["route"],
             )
