@@ -70,7 +70,8 @@ fn config(
     let breaker = match paused_by {
         PausedBy::Backpressure => "[breaker]\nenabled = false\n",
         PausedBy::Breaker => {
-            "[breaker]\nmax_consecutive = 20\nwindow = 100000\nmax_invalid_ratio = 1.0\n"
+            "[breaker]\nmax_consecutive = 20\nwindow = 100000\nmax_invalid_ratio = 1.0\n\
+             [http]\nadmin_token = \"faults-admin-token-0123456789\"\n"
         }
     };
     let text = format!(
@@ -249,7 +250,11 @@ async fn paused_partitions_survive_rebalances(protocol: Protocol, paused_by: Pau
             "the breaker holds every partition across the rebalances: {} paused",
             metrics_a.paused_total()
         );
-        let (status, _) = http_request(address_a, "POST /resume HTTP/1.0\r\nHost: t\r\n\r\n").await;
+        let (status, _) = http_request(
+            address_a,
+            "POST /resume HTTP/1.0\r\nHost: t\r\nAuthorization: Bearer faults-admin-token-0123456789\r\n\r\n",
+        )
+        .await;
         assert_eq!(status, 202, "resume accepted");
     }
 
