@@ -91,7 +91,8 @@ lane() {
     local name=$1
     shift
     local started=$SECONDS status=0
-    cargo test "$@" -- --nocapture >"target/test-$name.log" 2>&1 || status=$?
+    # Every binary of the lane runs even after one fails, so one failure hides no other.
+    cargo test --no-fail-fast "$@" -- --nocapture >"target/test-$name.log" 2>&1 || status=$?
     {
         printf '\n== lane %s (%s s, exit %s)\n' "$name" $((SECONDS - started)) "$status"
         cat "target/test-$name.log"
