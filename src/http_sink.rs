@@ -581,6 +581,18 @@ fn halves_to_send_again(
 }
 
 /// A request that got no answer: always worth retrying.
+/// An error with its causes, `: `-separated.
+pub fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 fn request_error(err: &reqwest::Error) -> SinkError {
     let reason = if err.is_timeout() {
         "http_timeout"
@@ -590,13 +602,7 @@ fn request_error(err: &reqwest::Error) -> SinkError {
         "http_error"
     };
     // reqwest's Display leaves out the cause (refused, reset...), which is what an operator needs.
-    let mut message = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let mut message = with_causes(err);
     // reqwest shows the URL (without its user info, with its query): the message goes to the
     // retry log and the dead letter's headers, so its credentials are redacted.
     if let Some(url) = err.url() {

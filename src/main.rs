@@ -127,28 +127,10 @@ fn main() -> ExitCode {
             return logbridge::tools::check_config(file, connect).into();
         }
         Command::Resume(options) => {
-            return match logbridge::tools::health::resume(options) {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(why) => {
-                    eprintln!("{why}");
-                    ExitCode::FAILURE
-                }
-            };
+            return answered(logbridge::tools::health::resume(options));
         }
         Command::Health(options) => {
-            return match logbridge::tools::health::health(options) {
-                Ok(line) => {
-                    println!("{line}");
-                    ExitCode::SUCCESS
-                }
-                Err(why) => {
-                    eprintln!("{why}");
-                    ExitCode::FAILURE
-                }
-            };
+            return answered(logbridge::tools::health::health(options));
         }
         Command::BenchBroker => {
             if let Err(err) = bench::serve_broker() {
@@ -219,5 +201,19 @@ fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// The answer of `health` or `resume`: its line on stdout and exit 0, or why not on stderr and 1.
+fn answered(answer: Result<String, String>) -> ExitCode {
+    match answer {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("{why}");
+            ExitCode::FAILURE
+        }
     }
 }

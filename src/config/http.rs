@@ -281,6 +281,7 @@ impl HttpSinkConfig {
             // Elasticsearch takes ids of up to 512 bytes; topic names take up to 249.
             check_range(&field("id_prefix"), prefix.len(), 0, MAX_ID_PREFIX)?;
         }
+        let index_problem = self.index.as_deref().and_then(index_name_problem);
         match (elasticsearch, &self.index) {
             (true, None) => Err(invalid(
                 field("index"),
@@ -289,10 +290,9 @@ impl HttpSinkConfig {
             (true, Some(index)) if index.trim().is_empty() => {
                 Err(invalid(field("index"), "empty index name"))
             }
-            (true, Some(index)) if index_name_problem(index).is_some() => Err(invalid(
-                field("index"),
-                index_name_problem(index).unwrap_or_default(),
-            )),
+            (true, Some(_)) if index_problem.is_some() => {
+                Err(invalid(field("index"), index_problem.unwrap_or_default()))
+            }
             (true, Some(_)) if self.format != HttpFormat::Ndjson => Err(invalid(
                 field("format"),
                 "an elasticsearch sink always sends _bulk NDJSON: remove it",

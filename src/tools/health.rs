@@ -104,10 +104,12 @@ fn ask(
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        let response = request
-            .send()
-            .await
-            .map_err(|err| format!("cannot connect to {address}: {}", causes(&err)))?;
+        let response = request.send().await.map_err(|err| {
+            format!(
+                "cannot connect to {address}: {}",
+                crate::http_sink::with_causes(&err)
+            )
+        })?;
         let status = response.status().as_u16();
         // An answer is a few hundred bytes; a line is all that is shown.
         let body = response.text().await.unwrap_or_default();
@@ -120,18 +122,6 @@ fn ask(
             .collect();
         Ok((status, line))
     })
-}
-
-/// An error with its causes (reqwest's own message leaves out "connection refused").
-fn causes(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// `host:port` to an address; a wildcard (`0.0.0.0`, `[::]`, as `http.listen` often is in
