@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Installs what tests/kubernetes.rs checks the Helm chart (deploy/helm/logbridge) with, all from
+# the Go module proxy, into a cache folder:
+#   bin/helm          Helm, built from helm.sh/helm/v4
+#   bin/kubeconform   kubeconform, built from github.com/yannh/kubeconform
+#   schemas/          one strict JSON schema per kind, in kubeconform's layout, converted by
+#                     scripts/k8s/openapi2jsonschema.py from the Kubernetes OpenAPI document
+#                     (api/openapi-spec/swagger.json of the k8s.io/kubernetes module) and from
+#                     the CRDs of KEDA (ScaledObject) and the Prometheus operator
+#                     (ServiceMonitor, PodMonitor, PrometheusRule)
+# Validation then needs no network: kubeconform -schema-location
+#   "$dir/schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json".
+# A fresh machine pays once (about 2.5 min on 2 cores, most of it building Helm, and about
+# 160 MB from the proxy); later runs find the marker and return at once.
+# Prints the folder (bin/ and schemas/ below it). Needs Go 1.26+ and Python 3 with PyYAML.
+#   LOGBRIDGE_CACHE   cache root (default ~/.cache/logbridge)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+converter=$here/k8s/openapi2jsonschema.py
+
+helm_version=v4.3.2
+kubeconform_version=v0.8.0
+# The schemas are those of the oldest Kubernetes minor the proxy serves here: a field that only
+# newer clusters know fails the check rather than an older cluster's apply.
+kubernetes_version=v1.34.4
+keda_version=v2.21.0                    # v2.21.1 needs Go 1.27
+prometheus_operator_version=v0.85.0     # the newest version of the main module (its CRDs) served
+
+# A change of the converter makes new schemas: its checksum is part of the folder's name.
+converter_sum=$(sha256sum "$converter" | cut -c1-12)
+cache=${LOGBRIDGE_CACHE:-$HOME/.cache/logbridge}
+home=$cache/k8s-tools-helm-$helm_version-kubeconform-$kubeconform_version-k8s-$kubernetes_version-keda-$keda_version-promop-$prometheus_operator_version-$converter_sum
+
+# A finished install leaves this marker, written last: a run cut short is done again.
+if [ -f "$home/installed" ]; then
+    echo "$home"
+    exit 0
+fi
+for tool in go python3; do
+    command -v $tool >/dev/null || { echo "install-k8s-tools: $tool not found (Go 1.26+ and Python 3 are needed)" >&2; exit 1; }
+done
+python3 -c 'import yaml' 2>/dev/null || { echo "install-k8s-tools: Python 3 lacks PyYAML (apt-get install python3-yaml, or pip install pyyaml)" >&2; exit 1; }
+mkdir -p "$cache"
+# Two test binaries (or two checkouts) may install at once: one does, the other waits.
+exec 9>"$home.lock"
+flock 9
+if [ ! -f "$home/installed" ]; then
+    rm -rf "$home"
+    mkdir -p "$home/bin"
+    # No toolchain download (none is reachable): the Go on the PATH builds, or the build fails.
+    export GOTOOLCHAIN=local
+    echo "install-k8s-tools: building helm $helm_version and kubeconform $kubeconform_version into $home/bin" >&2
+    GOBIN=$home/bin go install "helm.sh/helm/v4/cmd/helm@$helm_version"
+    GOBIN=$home/bin go install "github.com/yannh/kubeconform/cmd/kubeconform@$kubeconform_version"
+
+    # The three modules are read for a few files only (the Kubernetes one unpacks to about
+    # 110 MB): they go to a module cache of their own, removed afterwards.
+    scratch=$(mktemp -d)
+    trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
+    module_dir() {
+        GOMODCACHE=$scratch/mod GOFLAGS=-modcacherw go mod download -json "$1" \
+            | python3 -c 'import json, sys; d = json.load(sys.stdin); sys.exit(d["Error"]) if d.get("Error") else print(d["Dir"])'
+    }
+    echo "install-k8s-tools: converting the OpenAPI document of k8s.io/kubernetes $kubernetes_version and the CRDs of KEDA $keda_version and prometheus-operator $prometheus_operator_version" >&2
+    kubernetes=$(module_dir "k8s.io/kubernetes@$kubernetes_version")
+    keda=$(module_dir "github.com/kedacore/keda/v2@$keda_version")
+    operator=$(module_dir "github.com/prometheus-operator/prometheus-operator@$prometheus_operator_version")
+    swagger=$kubernetes/api/openapi-spec/swagger.json
+    crds=$operator/example/prometheus-operator-crd
+    python3 "$converter" k8s "$swagger" "$home/schemas"
+    python3 "$converter" crd "$swagger" "$home/schemas" \
+        "$keda/config/crd/bases/keda.sh_scaledobjects.yaml" \
+        "$crds/monitoring.coreos.com_servicemonitors.yaml" \
+        "$crds/monitoring.coreos.com_podmonitors.yaml" \
+        "$crds/monitoring.coreos.com_prometheusrules.yaml"
+    for schema in deployment-apps-v1 scaledobject-keda-v1alpha1 prometheusrule-monitoring-v1; do
+        [ -s "$home/schemas/$schema.json" ] || { echo "install-k8s-tools: $schema.json was not written" >&2; exit 1; }
+    done
+    "$home/bin/helm" version >&2
+    printf 'helm %s\nkubeconform %s\nkubernetes %s\nkeda %s\nprometheus-operator %s\n' \
+        "$helm_version" "$kubeconform_version" "$kubernetes_version" "$keda_version" "$prometheus_operator_version" \
+        > "$home/installed"
+fi
+echo "$home"
