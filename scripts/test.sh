@@ -22,13 +22,15 @@ as_root() {
         echo "need root to run: $*" >&2; return 1; fi
 }
 
-# System packages: a C toolchain for the bundled librdkafka, promtool (Debian's prometheus package)
-# to validate the /metrics output, Java 17+ and Maven for the Apache Kafka broker.
+# System packages: a C toolchain for the bundled librdkafka, promtool and Alertmanager (Debian's
+# prometheus and prometheus-alertmanager packages) for the metrics, rules and alert routing,
+# Java 17+ and Maven for the Apache Kafka broker.
 missing=()
 command -v cc >/dev/null || missing+=(gcc g++)
 command -v make >/dev/null || missing+=(make)
 command -v perl >/dev/null || missing+=(perl)
 command -v promtool >/dev/null || missing+=(prometheus)
+command -v amtool >/dev/null || missing+=(prometheus-alertmanager)   # compose's Alertmanager
 command -v script >/dev/null || missing+=(bsdutils)   # a pty for the progress-bar test
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)

@@ -36,6 +36,7 @@ fn compose_file_is_consistent_with_the_repository() {
         "create-topics",
         "logbridge",
         "prometheus",
+        "alertmanager",
         "produce",
     ] {
         assert!(!services[name].is_badvalue(), "service `{name}` missing");
@@ -133,6 +134,52 @@ fn compose_file_is_consistent_with_the_repository() {
         "{}",
         String::from_utf8_lossy(&promtool.stderr)
     );
+}
+
+/// Prometheus sends what fires to the compose file's Alertmanager, whose mounted config
+/// `amtool check-config` accepts, and sets the base of every alert's runbook_url.
+#[test]
+fn compose_prometheus_alerts_through_its_alertmanager() {
+    let compose = load("docker-compose.yml");
+    let alertmanager = &compose["services"]["alertmanager"];
+    let mounted: Vec<String> = strings(&alertmanager["volumes"]);
+    let config = mounted
+        .iter()
+        .find_map(|volume| {
+            let (host, inside) = volume.split_once(':')?;
+            inside
+                .starts_with("/etc/alertmanager/alertmanager.yml")
+                .then(|| host.to_string())
+        })
+        .unwrap_or_else(|| panic!("alertmanager mounts its config: {mounted:?}"));
+    assert_eq!(config, "./config/alertmanager.yml");
+    let amtool = Command::new("amtool")
+        .args(["check-config", &config])
+        .output()
+        .expect("amtool is installed (scripts/test.sh installs Debian's prometheus-alertmanager)");
+    assert!(
+        amtool.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&amtool.stdout),
+        String::from_utf8_lossy(&amtool.stderr)
+    );
+    let port = strings(&alertmanager["ports"])
+        .first()
+        .and_then(|p| p.rsplit(':').next().map(String::from))
+        .expect("alertmanager publishes its port");
+    let prometheus = load("config/prometheus.yml");
+    let targets: Vec<String> = prometheus["alerting"]["alertmanagers"]
+        .as_vec()
+        .expect("alerting.alertmanagers")
+        .iter()
+        .flat_map(|am| am["static_configs"].as_vec().cloned().unwrap_or_default())
+        .flat_map(|config| strings(&config["targets"]))
+        .collect();
+    assert_eq!(targets, [format!("alertmanager:{port}")]);
+    let base = prometheus["global"]["external_labels"]["runbook_base_url"]
+        .as_str()
+        .expect("external label runbook_base_url");
+    assert!(base.starts_with("http"), "{base}");
 }
 
 /// Users run the Kafka the tests run: every `apache/kafka` image in docker-compose.yml is the
