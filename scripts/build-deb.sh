@@ -14,7 +14,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 usage() {
-    sed -n '4,5p' "$0" | sed 's/^# *//' >&2
+    echo "usage: scripts/build-deb.sh [--out DIR] [--compression xz|gzip|zstd|none] [--no-strip] [BINARY]" >&2
     exit 2
 }
 die() {
@@ -71,7 +71,8 @@ fi
 
 umask 022
 stage=$(mktemp -d "${TMPDIR:-/tmp}/logbridge-deb.XXXXXX")
-trap 'rm -rf "$stage"' EXIT INT TERM
+trap 'rm -rf "$stage"' EXIT
+trap 'exit 130' INT TERM
 root=$stage/root
 doc=$root/usr/share/doc/logbridge
 mkdir -p "$root/DEBIAN" "$root/usr/bin" "$root/lib/systemd/system" "$root/etc/default" \
@@ -110,8 +111,12 @@ if command -v dpkg-shlibdeps >/dev/null 2>&1; then
     # dpkg-shlibdeps reads debian/control of a source tree: give it a minimal one.
     mkdir -p "$stage/src/debian"
     printf 'Source: logbridge\n\nPackage: logbridge\nArchitecture: any\n' >"$stage/src/debian/control"
-    shlibs=$(cd "$stage/src" && dpkg-shlibdeps -O "$root/usr/bin/logbridge" 2>/dev/null) ||
+    # Its one expected warning (the binary is not under debian/) is left out of what it prints.
+    if ! shlibs=$(cd "$stage/src" && dpkg-shlibdeps -O "$root/usr/bin/logbridge" 2>"$stage/shlibdeps.err"); then
+        cat "$stage/shlibdeps.err" >&2
         die "dpkg-shlibdeps failed on the binary"
+    fi
+    grep -v "should already be installed in their package's directory" "$stage/shlibdeps.err" >&2 || true
     shlibs=${shlibs#shlibs:Depends=}
 else
     echo "build-deb: dpkg-shlibdeps (dpkg-dev) is missing: unversioned dependencies from ldd" >&2
@@ -124,6 +129,8 @@ depends="$shlibs, passwd, procps"
 
 installed_size=$(du -sk --exclude=DEBIAN "$root" | cut -f1)
 maintainer=${LOGBRIDGE_DEB_MAINTAINER:-logbridge maintainers <logbridge@localhost>}
+# Taken literally by sed's replacement: \, & and the | delimiter escaped.
+maintainer=$(printf '%s' "$maintainer" | sed 's/[\\&|]/\\&/g')
 sed -e "s|@VERSION@|$version|" -e "s|@ARCH@|$arch|" -e "s|@MAINTAINER@|$maintainer|" \
     -e "s|@INSTALLED_SIZE@|$installed_size|" -e "s|@DEPENDS@|$depends|" \
     "$src/control.in" >"$root/DEBIAN/control"
