@@ -500,6 +500,18 @@ fn installing_runs_as_a_system_user_removing_keeps_conffiles_and_purging_leaves_
          {STOP_MARGIN_MS} ms"
     );
 
+    // Installing again (what an upgrade runs: the postinst with the old version) keeps the
+    // edited environment file and leaves user, owners and modes as they were.
+    dpkg(&["--install", deb.to_str().expect("utf-8 path")]);
+    assert_eq!(
+        std::fs::read_to_string(ENV_FILE).expect("the environment file"),
+        env_file,
+        "an edited conffile survives a reinstallation"
+    );
+    assert_eq!(user("logbridge"), Some((uid, gid)), "the same user");
+    assert_eq!(owner_and_mode(CONFIG), (0, gid, 0o640));
+    assert_eq!(owner_and_mode(STATE_DIR), (uid, gid, 0o750));
+
     // remove: the program and the unit go; the configuration (as edited), the user and the
     // data stay.
     std::fs::write(Path::new(STATE_DIR).join("errors.jsonl"), "{}\n").expect("write output");
