@@ -38,45 +38,40 @@ use crate::worker::Retrying;
 static RUNBOOK_HTML: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| runbook_html(include_str!("../docs/runbook.md")));
 
-/// Headings become `<h1>`/`<h2>` with the lowercased heading as id (GitHub's anchors for
-/// these one-word headings); the rest is shown as written.
+/// CommonMark (with GitHub's tables) as HTML; each heading gets the id GitHub gives it (the
+/// alerts link `#logbridgepartitionstalled`). Raw HTML in the file is shown as text.
 fn runbook_html(markdown: &str) -> String {
-    let escape = |text: &str| {
-        text.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
+    use pulldown_cmark::{CowStr, Event, Options, Parser, Tag, TagEnd};
+    let mut events: Vec<Event<'_>> = Vec::new();
+    // Where the open heading's start event is, and its text so far.
+    let mut heading: Option<(usize, String)> = None;
+    for event in Parser::new_ext(markdown, Options::ENABLE_TABLES) {
+        let event = match event {
+            Event::Html(raw) | Event::InlineHtml(raw) => Event::Text(raw),
+            other => other,
+        };
+        match &event {
+            Event::Start(Tag::Heading { .. }) => heading = Some((events.len(), String::new())),
+            Event::Text(text) | Event::Code(text) => {
+                if let Some((_, title)) = heading.as_mut() {
+                    title.push_str(text);
+                }
+            }
+            Event::End(TagEnd::Heading(_)) => {
+                if let Some((at, title)) = heading.take() {
+                    if let Event::Start(Tag::Heading { id, .. }) = &mut events[at] {
+                        *id = Some(CowStr::from(anchor(&title)));
+                    }
+                }
+            }
+            _ => {}
+        }
+        events.push(event);
+    }
     let mut html = String::from(
         "<!doctype html><meta charset=\"utf-8\"><title>logbridge runbook</title><body style=\"max-width:50em;font-family:sans-serif\">\n",
     );
-    let mut paragraph = String::new();
-    let flush = |paragraph: &mut String, html: &mut String| {
-        if !paragraph.trim().is_empty() {
-            html.push_str("<p>");
-            html.push_str(&escape(paragraph.trim()));
-            html.push_str("</p>\n");
-        }
-        paragraph.clear();
-    };
-    for line in markdown.lines() {
-        let heading = line
-            .strip_prefix("## ")
-            .map(|title| ("h2", title))
-            .or_else(|| line.strip_prefix("# ").map(|title| ("h1", title)));
-        match heading {
-            Some((tag, title)) => {
-                flush(&mut paragraph, &mut html);
-                let id = anchor(title);
-                html.push_str(&format!("<{tag} id=\"{id}\">{}</{tag}>\n", escape(title)));
-            }
-            None if line.trim().is_empty() => flush(&mut paragraph, &mut html),
-            None => {
-                paragraph.push_str(line);
-                paragraph.push('\n');
-            }
-        }
-    }
-    flush(&mut paragraph, &mut html);
+    pulldown_cmark::html::push_html(&mut html, events.into_iter());
     html
 }
 
@@ -575,18 +570,35 @@ mod tests {
 
     #[test]
     fn the_runbook_page_has_an_anchor_per_heading() {
-        let html =
-            runbook_html("# Title\n\n## LogbridgeBreakerTripped\n\n**Means:** a <b> & c\nmore\n");
+        let html = runbook_html(
+            "# Title\n\n## LogbridgeBreakerTripped\n\n**Means:** a <b> & `c`\nmore\n\n\
+             - one\n- two\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n## The `/readyz` answer\n",
+        );
         assert!(html.contains("<h1 id=\"title\">Title</h1>"), "{html}");
         assert!(
-            html.contains("<h2 id=\"logbridgebreakertripped\">"),
+            html.contains("<h2 id=\"logbridgebreakertripped\">LogbridgeBreakerTripped</h2>"),
             "{html}"
         );
         assert!(
-            html.contains("<p>**Means:** a &lt;b&gt; &amp; c\nmore</p>"),
+            html.contains("<p><strong>Means:</strong> a &lt;b&gt; &amp; <code>c</code>\nmore</p>"),
+            "{html}"
+        );
+        assert!(html.contains("<li>one</li>"), "{html}");
+        assert!(html.contains("<td>1</td>"), "{html}");
+        assert!(
+            html.contains("<h2 id=\"the-readyz-answer\">The <code>/readyz</code> answer</h2>"),
             "{html}"
         );
         assert_eq!(anchor("Delivery guarantee"), "delivery-guarantee");
-        assert!(RUNBOOK_HTML.contains("id=\"logbridgeinstancedown\""));
+        let runbook = include_str!("../docs/runbook.md");
+        let sections: Vec<&str> = runbook
+            .lines()
+            .filter_map(|line| line.strip_prefix("## "))
+            .collect();
+        assert!(sections.len() >= 13, "{sections:?}");
+        for section in sections {
+            let id = format!("id=\"{}\"", anchor(section));
+            assert!(RUNBOOK_HTML.contains(&id), "{id} in the served runbook");
+        }
     }
 }
