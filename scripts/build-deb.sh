@@ -7,7 +7,8 @@
 # BINARY (or LOGBRIDGE_DEB_BINARY) defaults to target/release/logbridge, built with
 # `cargo build --release --locked` when it is missing. The package is written to
 # DIR/logbridge_<version>_<arch>.deb (DIR defaults to target/), its path printed on stdout;
-# everything else goes to stderr. The version is Cargo.toml's, the architecture dpkg's.
+# everything else goes to stderr. Relative paths are taken from the repository's root. The
+# version is Cargo.toml's, the architecture dpkg's.
 # Shared-library dependencies come from dpkg-shlibdeps (dpkg-dev) or, without it, from the
 # packages owning what `ldd` lists. LOGBRIDGE_DEB_MAINTAINER sets the Maintainer field.
 set -eu
