@@ -86,8 +86,8 @@ pub struct TransformConfig {
     pub set: Option<String>,
     /// `set` only: the value, any TOML value. A string holding `{` is a template: `{path}`
     /// inserts a field of the event, `{path|text}` with a fallback, `{level}`, `{service}`,
-    /// `{date}`, `{@topic}`, `{@partition}`, `{@key}`, and `%Y %m %d %H %M %S %j %y` the
-    /// record's time in UTC (`%%` and `{{ }}` for the characters themselves). A string without
+    /// `{date}`, `{@topic}`, `{@partition}`, `{@key}`, and strftime specifiers (`%Y %m %d %H`,
+    /// `%b`, `%V`, ...) the record's time in UTC (`%%` and `{{ }}` for the characters themselves). A string without
     /// `{` is set as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<serde_json::Value>,

@@ -197,12 +197,10 @@ impl Shaper {
         let destination = match &shape.destination {
             Some(template) => match template.render(event.as_ref(), &ctx) {
                 Ok(name) => Some(name),
-                Err(missing) => {
+                Err(err) => {
                     return Shaped::Fail {
-                        reason: TEMPLATE_FIELD_MISSING,
-                        message: format!(
-                            "the destination `{template}` needs {missing}, and gives no fallback"
-                        ),
+                        reason: err.reason(),
+                        message: format!("the destination `{template}`: {err}"),
                     };
                 }
             },

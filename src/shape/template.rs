@@ -13,14 +13,17 @@
 //!   field called `level`;
 //! - `{@topic}`, `{@partition}`, `{@key}` (the record key as UTF-8; a key that is absent or not
 //!   UTF-8 is missing);
-//! - `%Y %m %d %H %M %S %j %y`: the record's Kafka timestamp in UTC, or the current time when
-//!   the record has none.
+//! - strftime specifiers (`%Y %m %d %H`, `%b`, `%V`, `%-d`, ...: chrono's set): the record's
+//!   Kafka timestamp in UTC, or the current time when the record has none. A timestamp outside
+//!   the years chrono can write (about -262 000 to 262 000) is an error, not a made-up date.
 //!
 //! What an event supplies is made safe for the destination ([`Sanitize`]); the literal text is
 //! the user's own and is checked once, at parse time.
 
 use std::fmt;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use chrono::format::{Item, StrftimeItems};
+use chrono::{DateTime, Utc};
 
 use serde_json::Value;
 
@@ -60,7 +63,8 @@ pub struct Template {
 #[derive(Debug, Clone, PartialEq)]
 enum Part {
     Literal(String),
-    Time(TimeField),
+    /// One strftime specifier (`%Y`, `%-d`, `%.3f`), checked by chrono at parse time.
+    Time(Vec<Item<'static>>),
     Field {
         path: FieldPath,
         fallback: Option<String>,
@@ -70,18 +74,6 @@ enum Part {
     Topic,
     Partition,
     Key(Option<String>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TimeField {
-    Year,
-    Year2,
-    Month,
-    Day,
-    DayOfYear,
-    Hour,
-    Minute,
-    Second,
 }
 
 /// A value a template needs is not in the event or the record, and the template gives no
@@ -107,6 +99,49 @@ impl fmt::Display for MissingField {
 }
 
 impl std::error::Error for MissingField {}
+
+/// Why a template has no text for a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenderError {
+    /// A field it names is missing (dead-letter reason `template_field_missing`).
+    Missing(MissingField),
+    /// It writes the record's date, and the record's timestamp lies outside the years a date
+    /// can be written for (dead-letter reason `timestamp_out_of_range`).
+    TimeOutOfRange { timestamp_ms: i64 },
+}
+
+impl RenderError {
+    /// The dead-letter reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RenderError::Missing(_) => "template_field_missing",
+            RenderError::TimeOutOfRange { .. } => "timestamp_out_of_range",
+        }
+    }
+}
+
+impl fmt::Display for RenderError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RenderError::Missing(missing) => missing.fmt(formatter),
+            RenderError::TimeOutOfRange { timestamp_ms } => write!(
+                formatter,
+                "the record's timestamp {timestamp_ms} ms since 1970 is outside the years a date \
+                 can be written for ({} to {})",
+                DateTime::<Utc>::MIN_UTC.format("%Y"),
+                DateTime::<Utc>::MAX_UTC.format("%Y")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RenderError {}
+
+impl From<MissingField> for RenderError {
+    fn from(missing: MissingField) -> RenderError {
+        RenderError::Missing(missing)
+    }
+}
 
 /// Longest Kafka topic name.
 const MAX_TOPIC_BYTES: usize = 249;
@@ -137,20 +172,29 @@ impl Template {
 
     /// The text for one record. `event` is `None` when the caller did not parse the event
     /// (see [`Template::references_event`]); its fields then count as missing.
-    pub fn render(&self, event: Option<&Value>, ctx: &Context) -> Result<String, MissingField> {
+    pub fn render(&self, event: Option<&Value>, ctx: &Context) -> Result<String, RenderError> {
         if let Some(fixed) = &self.fixed {
             return Ok(fixed.clone());
         }
         let mut out = String::new();
-        let mut time: Option<CivilTime> = None;
+        let mut time: Option<DateTime<Utc>> = None;
         for part in &self.parts {
             match part {
                 Part::Literal(literal) => out.push_str(literal),
-                Part::Time(field) => {
-                    let time = *time.get_or_insert_with(|| {
-                        CivilTime::from_millis(ctx.timestamp_ms.unwrap_or_else(now_millis))
-                    });
-                    time.write(*field, &mut out);
+                Part::Time(items) => {
+                    let time = match time {
+                        Some(time) => time,
+                        None => {
+                            let at = match ctx.timestamp_ms {
+                                Some(ms) => DateTime::from_timestamp_millis(ms)
+                                    .ok_or(RenderError::TimeOutOfRange { timestamp_ms: ms })?,
+                                None => Utc::now(),
+                            };
+                            *time.insert(at)
+                        }
+                    };
+                    let text = time.format_with_items(items.iter()).to_string();
+                    self.push_value(&mut out, &text);
                 }
                 Part::Field { path, fallback } => {
                     let found = event.and_then(|event| path.get(event));
@@ -172,7 +216,8 @@ impl Template {
                                     Some(Value::Object(_)) => Some("an object"),
                                     _ => None,
                                 },
-                            })
+                            }
+                            .into())
                         }
                     }
                 }
@@ -194,7 +239,8 @@ impl Template {
                             return Err(MissingField {
                                 field: "@key".to_string(),
                                 found: None,
-                            })
+                            }
+                            .into())
                         }
                     }
                 }
@@ -381,49 +427,57 @@ fn parse_parts(text: &str) -> Result<Vec<Part>, String> {
             '{' => {
                 let reference = read_reference(&mut chars)?;
                 let part = reference_part(&reference)?;
-                if let Part::Time(_) = part {
-                    // `{date}` is three time parts around dots.
-                    flush(&mut literal, &mut parts);
-                    parts.push(Part::Time(TimeField::Year));
-                    parts.push(Part::Literal(".".into()));
-                    parts.push(Part::Time(TimeField::Month));
-                    parts.push(Part::Literal(".".into()));
-                    parts.push(Part::Time(TimeField::Day));
-                } else {
-                    flush(&mut literal, &mut parts);
-                    parts.push(part);
-                }
+                flush(&mut literal, &mut parts);
+                parts.push(part);
+            }
+            '%' if chars.peek() == Some(&'%') => {
+                chars.next();
+                literal.push('%');
             }
             '%' => {
-                let field = match chars.next() {
-                    Some('%') => {
-                        literal.push('%');
-                        continue;
-                    }
-                    Some('Y') => TimeField::Year,
-                    Some('y') => TimeField::Year2,
-                    Some('m') => TimeField::Month,
-                    Some('d') => TimeField::Day,
-                    Some('j') => TimeField::DayOfYear,
-                    Some('H') => TimeField::Hour,
-                    Some('M') => TimeField::Minute,
-                    Some('S') => TimeField::Second,
-                    Some(other) => {
-                        return Err(format!(
-                            "unknown time specifier `%{other}`: use %Y %m %d %H %M %S %j %y, \
-                             or %% for a percent sign"
-                        ))
-                    }
-                    None => return Err("a `%` at the end: write `%%` for a percent sign".into()),
-                };
+                let specifier = read_specifier(&mut chars)?;
                 flush(&mut literal, &mut parts);
-                parts.push(Part::Time(field));
+                parts.push(Part::Time(specifier));
             }
             other => literal.push(other),
         }
     }
     flush(&mut literal, &mut parts);
     Ok(parts)
+}
+
+/// A strftime specifier after its `%`: an optional padding flag (`-`, `_`, `0`), then `.`,
+/// `:`, `#` or digits as chrono's `%.3f`, `%:z` and `%#z` have them, then the letter (or `+`).
+/// chrono judges it; the message lists the usual ones.
+fn read_specifier(
+    chars: &mut std::iter::Peekable<std::str::Chars<'_>>,
+) -> Result<Vec<Item<'static>>, String> {
+    let mut specifier = String::from("%");
+    if let Some(&flag @ ('-' | '_' | '0')) = chars.peek() {
+        specifier.push(flag);
+        chars.next();
+    }
+    while let Some(&c @ ('.' | ':' | '#' | '1'..='9')) = chars.peek() {
+        specifier.push(c);
+        chars.next();
+    }
+    match chars.next() {
+        Some(c) => specifier.push(c),
+        None => return Err("a `%` at the end: write `%%` for a percent sign".into()),
+    }
+    let items: Vec<Item<'static>> = StrftimeItems::new(&specifier)
+        .map(|item| item.to_owned())
+        .collect();
+    // Composite ones (`%F`, `%c`) hold literal text between their fields.
+    let known = !items.is_empty() && !items.iter().any(|item| matches!(item, Item::Error));
+    if known {
+        Ok(items)
+    } else {
+        Err(format!(
+            "unknown time specifier `{specifier}`: use strftime's, such as %Y %m %d %H %M %S %j \
+             %b %a %V, or %% for a percent sign"
+        ))
+    }
 }
 
 /// What lies between `{` and `}`: a `}` or `|` inside a quoted key does not end it.
@@ -457,8 +511,7 @@ fn read_reference(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Resul
     ))
 }
 
-/// The part a reference stands for. `{date}` comes back as a single `Time` part that the
-/// caller expands.
+/// The part a reference stands for.
 fn reference_part(reference: &str) -> Result<Part, String> {
     let (name, fallback) = split_fallback(reference);
     let fallback = fallback.map(str::to_string);
@@ -474,7 +527,11 @@ fn reference_part(reference: &str) -> Result<Part, String> {
         }
         "level" => Ok(Part::Level(fallback)),
         "service" => Ok(Part::Service(fallback)),
-        "date" => refuse_fallback(Part::Time(TimeField::Year)),
+        "date" => refuse_fallback(Part::Time(
+            StrftimeItems::new("%Y.%m.%d")
+                .map(|item| item.to_owned())
+                .collect(),
+        )),
         "@topic" => refuse_fallback(Part::Topic),
         "@partition" => refuse_fallback(Part::Partition),
         "@key" => Ok(Part::Key(fallback)),
@@ -504,97 +561,17 @@ fn split_fallback(reference: &str) -> (&str, Option<&str>) {
     (reference, None)
 }
 
-fn now_millis() -> i64 {
-    match SystemTime::now().duration_since(UNIX_EPOCH) {
-        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
-        Err(before) => i64::try_from(before.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
-    }
-}
-
-/// A UTC date and time of day.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct CivilTime {
-    year: i64,
-    month: u32,
-    day: u32,
-    day_of_year: u32,
-    hour: u32,
-    minute: u32,
-    second: u32,
-}
-
-impl CivilTime {
-    /// The UTC time of `ms` milliseconds since the epoch, for every `i64` (years far before
-    /// and after the common era included: a record's timestamp is whatever its producer set).
-    fn from_millis(ms: i64) -> CivilTime {
-        let days = ms.div_euclid(86_400_000);
-        let second_of_day = ms.rem_euclid(86_400_000) / 1000;
-        let (year, month, day) = civil_from_days(days);
-        // At most 366: both days lie in the same year.
-        let day_of_year = (days - days_from_civil(year, 1, 1) + 1) as u32;
-        CivilTime {
-            year,
-            month,
-            day,
-            day_of_year,
-            hour: (second_of_day / 3600) as u32,
-            minute: (second_of_day / 60 % 60) as u32,
-            second: (second_of_day % 60) as u32,
-        }
-    }
-
-    fn write(&self, field: TimeField, out: &mut String) {
-        let text = match field {
-            TimeField::Year if self.year < 0 => format!("-{:04}", -self.year),
-            TimeField::Year => format!("{:04}", self.year),
-            TimeField::Year2 => format!("{:02}", self.year.rem_euclid(100)),
-            TimeField::Month => format!("{:02}", self.month),
-            TimeField::Day => format!("{:02}", self.day),
-            TimeField::DayOfYear => format!("{:03}", self.day_of_year),
-            TimeField::Hour => format!("{:02}", self.hour),
-            TimeField::Minute => format!("{:02}", self.minute),
-            TimeField::Second => format!("{:02}", self.second),
-        };
-        out.push_str(&text);
-    }
-}
-
-/// Year, month and day of `days` since 1970-01-01 (Howard Hinnant's `civil_from_days`, in
-/// the proleptic Gregorian calendar). No overflow for any day an `i64` of milliseconds reaches.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// Days since 1970-01-01 of a date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year.rem_euclid(400);
-    let month = i64::from(month);
-    let day_of_year =
-        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn missing_field(err: RenderError) -> MissingField {
+        match err {
+            RenderError::Missing(missing) => missing,
+            other => panic!("not a missing field: {other}"),
+        }
+    }
 
     /// 2024-05-01T12:34:56.789Z, day 122 of a leap year.
     const MAY_DAY: i64 = 1_714_566_896_789;
@@ -661,7 +638,11 @@ mod tests {
     #[test]
     fn missing_values_without_fallback_are_errors() {
         let event = json!({ "user": null, "tags": ["a"], "meta": {} });
-        let render = |text: &str| template(text, Sanitize::None).render(Some(&event), &ctx());
+        let render = |text: &str| {
+            template(text, Sanitize::None)
+                .render(Some(&event), &ctx())
+                .map_err(missing_field)
+        };
         let missing = render("x-{user.id}").expect_err("missing");
         assert_eq!(missing.field, "user.id");
         assert_eq!(missing.found, None);
@@ -676,7 +657,7 @@ mod tests {
         );
         // Without the event, fields are missing.
         let unparsed = template("{user}", Sanitize::None).render(None, &ctx());
-        assert_eq!(unparsed.expect_err("no event").field, "user");
+        assert_eq!(missing_field(unparsed.expect_err("no event")).field, "user");
     }
 
     #[test]
@@ -706,13 +687,13 @@ mod tests {
         assert_eq!(none("{level}-{service}"), Ok("unknown-unknown".into()));
         assert_eq!(none("{level|none}-{service|x}"), Ok("none-x".into()));
         assert_eq!(none("{@key|nokey}"), Ok("nokey".into()));
-        assert_eq!(none("{@key}").expect_err("no key").field, "@key");
+        assert_eq!(missing_field(none("{@key}").expect_err("no key")).field, "@key");
         let binary = Context {
             key: Some(&[0xff, 0xfe]),
             ..ctx()
         };
         let result = template("{@key}", Sanitize::None).render(None, &binary);
-        assert_eq!(result.expect_err("not UTF-8").field, "@key");
+        assert_eq!(missing_field(result.expect_err("not UTF-8")).field, "@key");
         assert!(!template("{level}-{@key}-{date}", Sanitize::None).references_event());
     }
 
@@ -752,48 +733,79 @@ mod tests {
     }
 
     #[test]
-    fn civil_dates_are_right_around_the_edges() {
-        let at = |ms: i64| CivilTime::from_millis(ms);
-        let date = |time: CivilTime| (time.year, time.month, time.day);
-        assert_eq!(date(at(-1)), (1969, 12, 31));
-        assert_eq!(at(-1).second, 59);
-        assert_eq!(at(-1).day_of_year, 365);
+    fn dates_are_right_around_the_edges() {
+        let at = |ms: i64| {
+            let ctx = Context {
+                timestamp_ms: Some(ms),
+                ..ctx()
+            };
+            template("%Y-%m-%d %j %H:%M:%S", Sanitize::None)
+                .render(None, &ctx)
+                .expect("renders")
+        };
+        assert_eq!(at(-1), "1969-12-31 365 23:59:59");
         // 2000-02-29 (a leap day of a century divisible by 400).
-        assert_eq!(date(at(951_782_400_000)), (2000, 2, 29));
-        assert_eq!(at(951_782_400_000).day_of_year, 60);
+        assert_eq!(at(951_782_400_000), "2000-02-29 060 00:00:00");
         // 1900-03-01: 1900 has no leap day.
-        assert_eq!(date(at(-2_203_891_200_000)), (1900, 3, 1));
-        // Every day of 1600..2400 round-trips.
-        for days in -135_140..157_000 {
-            let (year, month, day) = civil_from_days(days);
-            assert_eq!(days_from_civil(year, month, day), days);
-        }
+        assert_eq!(at(-2_203_891_200_000), "1900-03-01 060 00:00:00");
     }
 
     #[test]
-    fn extreme_timestamps_do_not_panic() {
-        for ms in [i64::MIN, i64::MIN + 1, -1, 0, i64::MAX - 1, i64::MAX] {
-            let time = CivilTime::from_millis(ms);
-            assert!((1..=12).contains(&time.month));
-            assert!((1..=31).contains(&time.day));
-            assert!((1..=366).contains(&time.day_of_year));
+    fn any_strftime_specifier_chrono_knows_is_taken_and_others_are_refused() {
+        let event = json!({});
+        // ISO week, month name, weekday, unpadded day, milliseconds, seconds since 1970.
+        assert_eq!(
+            render("%G-W%V %b %a %-d %.3f %s", &event),
+            "2024-W18 May Wed 1 .789 1714566896"
+        );
+        for bad in ["%Q", "%-", "%", "%.9", "x-%E"] {
+            let refused = Template::parse(bad, Sanitize::None, "path");
+            assert!(refused.is_err(), "{bad} is refused: {refused:?}");
+        }
+        let message = Template::parse("logs-%Q", Sanitize::None, "path")
+            .expect_err("refused")
+            .to_string();
+        assert!(message.contains("unknown time specifier `%Q`"), "{message}");
+        // What a specifier writes is made safe for the destination like a field's value.
+        let topic = template("logs-%b-%d", Sanitize::KafkaTopic)
+            .render(None, &ctx())
+            .expect("renders");
+        assert_eq!(topic, "logs-May-01");
+        let spaced = template("logs-%c", Sanitize::KafkaTopic)
+            .render(None, &ctx())
+            .expect("renders");
+        assert_eq!(spaced, "logs-Wed_May__1_12_34_56_2024");
+    }
+
+    #[test]
+    fn timestamps_past_the_writable_years_are_errors_not_made_up_dates() {
+        let writable = |ms: i64| {
             let extreme = Context {
                 timestamp_ms: Some(ms),
                 ..ctx()
             };
-            let text = template("{date} %j %y %H%M%S", Sanitize::None)
-                .render(None, &extreme)
-                .expect("renders");
-            assert!(!text.is_empty());
+            template("{date}/%H", Sanitize::PathSegment).render(None, &extreme)
+        };
+        // Microseconds taken for milliseconds: year 56 000, still a date.
+        assert_eq!(
+            writable(1_714_566_896_789_000).as_deref(),
+            Ok("+56302.06.19/06")
+        );
+        for ms in [i64::MIN, i64::MIN + 1, i64::MAX - 1, i64::MAX] {
+            let err = writable(ms).expect_err("out of range");
+            assert_eq!(err, RenderError::TimeOutOfRange { timestamp_ms: ms });
+            assert_eq!(err.reason(), "timestamp_out_of_range");
+            assert!(err.to_string().contains("outside the years"), "{err}");
         }
-        let past = Context {
-            timestamp_ms: Some(i64::MIN),
+        // A template without a date does not look at the timestamp.
+        let untimed = Context {
+            timestamp_ms: Some(i64::MAX),
             ..ctx()
         };
-        let year = template("%Y", Sanitize::None)
-            .render(None, &past)
-            .expect("renders");
-        assert_eq!(year, "-292275055");
+        assert_eq!(
+            template("{@topic}", Sanitize::None).render(None, &untimed),
+            Ok("app-logs".into())
+        );
     }
 
     #[test]
@@ -891,7 +903,7 @@ mod tests {
             ("{a{b}}", "cannot hold another"),
             ("{}", "empty reference"),
             ("{a..b}", "empty key"),
-            ("%Y-%q", "`%q`"),
+            ("%Y-%Q", "`%Q`"),
             ("100%", "`%` at the end"),
             ("{@offset}", "unknown record metadata"),
             ("{date|today}", "takes no fallback"),

@@ -1565,9 +1565,9 @@ mod tests {
                 "no closing",
             ),
             (
-                r#"{ set = "a", value = "{x} %q" }"#,
+                r#"{ set = "a", value = "{x} %Q" }"#,
                 "routes[0].transforms[0].value",
-                "`%q`",
+                "`%Q`",
             ),
         ];
         for (text, key, expected) in cases {
