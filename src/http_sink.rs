@@ -161,10 +161,22 @@ struct Target {
 impl HttpEndpoint {
     /// The endpoint of a route's `http` (or, `elasticsearch`, its `elasticsearch`) sink.
     pub fn new(config: &HttpSinkConfig, elasticsearch: bool) -> anyhow::Result<HttpEndpoint> {
-        let mut url = config.url.trim().to_string();
+        let written = config.url.trim();
+        let mut url = reqwest::Url::parse(written)
+            .with_context(|| format!("invalid URL `{}`", crate::config::redact_url(written)))?;
         let layout = match (&config.index, elasticsearch) {
             (Some(index), true) => {
-                url = format!("{}/_bulk", url.trim_end_matches('/'));
+                // `_bulk` is the last segment of the path (a query such as `?pipeline=p` stays
+                // the query).
+                url.path_segments_mut()
+                    .map_err(|()| {
+                        anyhow::anyhow!(
+                            "`{}` cannot have a path",
+                            crate::config::redact_url(written)
+                        )
+                    })?
+                    .pop_if_empty()
+                    .push("_bulk");
                 Layout::Bulk {
                     index: index.clone(),
                     id_prefix: config.id_prefix.clone().unwrap_or_default(),
@@ -175,8 +187,6 @@ impl HttpEndpoint {
                 HttpFormat::JsonArray => Layout::JsonArray,
             },
         };
-        let url = reqwest::Url::parse(&url)
-            .with_context(|| format!("invalid URL `{}`", crate::config::redact_url(&url)))?;
         let mut headers = HeaderMap::new();
         let content_type = match layout {
             Layout::JsonArray => "application/json",
@@ -248,11 +258,7 @@ impl HttpEndpoint {
     pub async fn probe(&self) -> Result<String, String> {
         let target = &self.target;
         let (method, url) = match &target.layout {
-            Layout::Bulk { .. } => {
-                let mut root = target.url.clone();
-                root.set_path(target.url.path().trim_end_matches("_bulk"));
-                (reqwest::Method::GET, root)
-            }
+            Layout::Bulk { .. } => (reqwest::Method::GET, cluster_root(&target.url)),
             Layout::Ndjson | Layout::JsonArray => (reqwest::Method::HEAD, target.url.clone()),
         };
         let mut request = self.client.request(method.clone(), url);
@@ -285,6 +291,17 @@ impl HttpEndpoint {
             body: Vec::new(),
         }
     }
+}
+
+/// The cluster's root for a `_bulk` URL: the URL as written, without the query (`GET /`).
+fn cluster_root(bulk: &reqwest::Url) -> reqwest::Url {
+    let mut root = bulk.clone();
+    root.set_query(None);
+    if let Ok(mut segments) = root.path_segments_mut() {
+        // `_bulk` off, and the path ends in `/` (`/prefix/`, or `/` alone).
+        segments.pop().push("");
+    }
+    root
 }
 
 /// A worker's HTTP sink: one request at a time, in batch order.
@@ -739,6 +756,41 @@ mod tests {
     fn endpoint(toml_text: &str, elasticsearch: bool) -> HttpEndpoint {
         let config: HttpSinkConfig = toml::from_str(toml_text).expect("an http sink section");
         HttpEndpoint::new(&config, elasticsearch).expect("an endpoint")
+    }
+
+    /// `_bulk` is a path segment of the URL as written, whatever its slashes and query; the
+    /// connection check asks the root the user wrote.
+    #[test]
+    fn the_bulk_url_and_the_cluster_root_come_from_the_url_as_written() {
+        for (written, bulk, root) in [
+            ("http://es:9200", "http://es:9200/_bulk", "http://es:9200/"),
+            ("http://es:9200/", "http://es:9200/_bulk", "http://es:9200/"),
+            (
+                "https://proxy/es",
+                "https://proxy/es/_bulk",
+                "https://proxy/es/",
+            ),
+            (
+                "https://proxy/es/",
+                "https://proxy/es/_bulk",
+                "https://proxy/es/",
+            ),
+            (
+                "http://es:9200/?pipeline=geoip&refresh=false",
+                "http://es:9200/_bulk?pipeline=geoip&refresh=false",
+                "http://es:9200/",
+            ),
+        ] {
+            let config = format!("url = \"{written}\"\nindex = \"logs\"");
+            let url = &endpoint(&config, true).target.url;
+            assert_eq!(url.as_str(), bulk, "{written}");
+            assert_eq!(cluster_root(url).as_str(), root, "{written}");
+        }
+        // An HTTP sink posts to the URL as written.
+        let url = &endpoint("url = \"http://in:8080/logs?x=1\"", false)
+            .target
+            .url;
+        assert_eq!(url.as_str(), "http://in:8080/logs?x=1");
     }
 
     /// A loopback port nothing listens on (bound, then released).

@@ -88,8 +88,7 @@ fn ask(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
-    let address = resolve(address)?;
-    let url = format!("http://{address}{path}");
+    let url = endpoint_url(resolve(address)?, path);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -100,7 +99,7 @@ fn ask(
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|err| format!("cannot make an HTTP client: {err}"))?;
-        let mut request = client.request(method, &url);
+        let mut request = client.request(method, url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -143,9 +142,31 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
     Ok(address)
 }
 
+/// `http://<address><path>`, built by the URL type (an IPv6 address gets its brackets).
+fn endpoint_url(address: SocketAddr, path: &str) -> reqwest::Url {
+    // A constant that parses; its host and port are replaced, which an http URL always allows
+    // (the two results are Err only for URLs that cannot have a host).
+    let mut url = reqwest::Url::parse("http://localhost/").expect("a valid constant URL");
+    let _ = url.set_ip_host(address.ip());
+    let _ = url.set_port(Some(address.port()));
+    url.set_path(path);
+    url
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_urls_are_built_for_ipv4_and_ipv6() {
+        let v4: SocketAddr = "127.0.0.1:9898".parse().expect("address");
+        assert_eq!(
+            endpoint_url(v4, "/healthz").as_str(),
+            "http://127.0.0.1:9898/healthz"
+        );
+        let v6: SocketAddr = "[::1]:80".parse().expect("address");
+        assert_eq!(endpoint_url(v6, "/readyz").as_str(), "http://[::1]/readyz");
+    }
     use std::io::{Read as _, Write as _};
 
     #[test]
