@@ -10,8 +10,9 @@
 #                     (ServiceMonitor, PodMonitor, PrometheusRule)
 # Validation then needs no network: kubeconform -schema-location
 #   "$dir/schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json".
-# A fresh machine pays once (about 2.5 min on 2 cores, most of it building Helm, and about
-# 160 MB from the proxy); later runs find the marker and return at once.
+# A fresh machine pays once: 2.5 to 4 minutes on 2 cores, nearly all of it building Helm, and
+# about 150 MB of modules from the proxy; it keeps about 140 MB (the two binaries and the
+# schemas). Later runs find the marker and return at once.
 # Prints the folder (bin/ and schemas/ below it). Needs Go 1.26+ and Python 3 with PyYAML.
 #   LOGBRIDGE_CACHE   cache root (default ~/.cache/logbridge)
 set -euo pipefail
@@ -26,9 +27,11 @@ kubernetes_version=v1.34.4
 keda_version=v2.21.0                    # v2.21.1 needs Go 1.27
 prometheus_operator_version=v0.85.0     # the newest version of the main module (its CRDs) served
 
-# A change of the converter makes new schemas: its checksum is part of the folder's name.
-converter_sum=$(sha256sum "$converter" | cut -c1-12)
 cache=${LOGBRIDGE_CACHE:-$HOME/.cache/logbridge}
+# The tools are built once per pair of versions; the schemas are made per set of sources and per
+# converter (its checksum is in the name), beside a link to the tools.
+bin=$cache/k8s-bin-helm-$helm_version-kubeconform-$kubeconform_version
+converter_sum=$(sha256sum "$converter" | cut -c1-12)
 home=$cache/k8s-tools-helm-$helm_version-kubeconform-$kubeconform_version-k8s-$kubernetes_version-keda-$keda_version-promop-$prometheus_operator_version-$converter_sum
 
 # A finished install leaves this marker, written last: a run cut short is done again.
@@ -42,23 +45,31 @@ done
 python3 -c 'import yaml' 2>/dev/null || { echo "install-k8s-tools: Python 3 lacks PyYAML (apt-get install python3-yaml, or pip install pyyaml)" >&2; exit 1; }
 mkdir -p "$cache"
 # Two test binaries (or two checkouts) may install at once: one does, the other waits.
-exec 9>"$home.lock"
+exec 9>"$cache/k8s-tools.lock"
 flock 9
 if [ ! -f "$home/installed" ]; then
-    rm -rf "$home"
-    mkdir -p "$home/bin"
-    # No toolchain download (none is reachable): the Go on the PATH builds, or the build fails.
-    export GOTOOLCHAIN=local
-    echo "install-k8s-tools: building helm $helm_version and kubeconform $kubeconform_version into $home/bin" >&2
-    GOBIN=$home/bin go install "helm.sh/helm/v4/cmd/helm@$helm_version"
-    GOBIN=$home/bin go install "github.com/yannh/kubeconform/cmd/kubeconform@$kubeconform_version"
-
-    # The three modules are read for a few files only (the Kubernetes one unpacks to about
-    # 110 MB): they go to a module cache of their own, removed afterwards.
+    # Modules and build objects go to a scratch folder, removed at the end: they come to about
+    # 500 MB and 1.2 GB, and only the two binaries and the schemas are kept.
     scratch=$(mktemp -d)
     trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
+    export GOMODCACHE=$scratch/mod GOCACHE=$scratch/build GOFLAGS=-modcacherw
+    # No toolchain download (none is reachable): the Go on the PATH builds, or the build fails.
+    export GOTOOLCHAIN=local
+    if [ ! -f "$bin/installed" ]; then
+        echo "install-k8s-tools: building helm $helm_version and kubeconform $kubeconform_version into $bin" >&2
+        rm -rf "$bin"
+        mkdir -p "$bin"
+        GOBIN=$bin go install "helm.sh/helm/v4/cmd/helm@$helm_version"
+        GOBIN=$bin go install "github.com/yannh/kubeconform/cmd/kubeconform@$kubeconform_version"
+        "$bin/helm" version >&2
+        printf 'helm %s\nkubeconform %s\n' "$helm_version" "$kubeconform_version" > "$bin/installed"
+    fi
+
+    rm -rf "$home"
+    mkdir -p "$home"
+    ln -s "$bin" "$home/bin"
     module_dir() {
-        GOMODCACHE=$scratch/mod GOFLAGS=-modcacherw go mod download -json "$1" \
+        go mod download -json "$1" \
             | python3 -c 'import json, sys; d = json.load(sys.stdin); sys.exit(d["Error"]) if d.get("Error") else print(d["Dir"])'
     }
     echo "install-k8s-tools: converting the OpenAPI document of k8s.io/kubernetes $kubernetes_version and the CRDs of KEDA $keda_version and prometheus-operator $prometheus_operator_version" >&2
@@ -76,7 +87,6 @@ if [ ! -f "$home/installed" ]; then
     for schema in deployment-apps-v1 scaledobject-keda-v1alpha1 prometheusrule-monitoring-v1; do
         [ -s "$home/schemas/$schema.json" ] || { echo "install-k8s-tools: $schema.json was not written" >&2; exit 1; }
     done
-    "$home/bin/helm" version >&2
     printf 'helm %s\nkubeconform %s\nkubernetes %s\nkeda %s\nprometheus-operator %s\n' \
         "$helm_version" "$kubeconform_version" "$kubernetes_version" "$keda_version" "$prometheus_operator_version" \
         > "$home/installed"

@@ -6,7 +6,7 @@
 //! passes the partition count, the PrometheusRule carries config/alerts.yml's groups.
 //!
 //! `scripts/install-k8s-tools.sh` builds the tools and schemas once into a cache folder
-//! (about 2.5 minutes on a fresh machine, then nothing); `LOGBRIDGE_K8S_TOOLS` names a folder
+//! (2.5 to 4 minutes on a fresh machine, then nothing); `LOGBRIDGE_K8S_TOOLS` names a folder
 //! it made, and skips it.
 
 use std::collections::BTreeSet;
