@@ -18,11 +18,13 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/*
-RUN useradd --system --home-dir /var/lib/logbridge --create-home logbridge \
-    && mkdir -p /var/lib/logbridge/out && chown logbridge /var/lib/logbridge/out
+# A fixed numeric id (the Helm chart's runAsUser), so Kubernetes can check runAsNonRoot.
+RUN groupadd --system --gid 65532 logbridge \
+    && useradd --system --uid 65532 --gid 65532 --home-dir /var/lib/logbridge --create-home logbridge \
+    && mkdir -p /var/lib/logbridge/out && chown logbridge:logbridge /var/lib/logbridge/out
 COPY --from=build /src/target/release/logbridge /usr/local/bin/logbridge
 COPY config/logbridge.toml /etc/logbridge/logbridge.toml
-USER logbridge
+USER 65532:65532
 WORKDIR /var/lib/logbridge
 EXPOSE 9898
 # The image has no curl: logbridge asks its own /healthz (`http.listen` on port 9898).

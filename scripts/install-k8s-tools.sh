@@ -42,7 +42,9 @@ fi
 for tool in go python3; do
     command -v $tool >/dev/null || { echo "install-k8s-tools: $tool not found (Go 1.26+ and Python 3 are needed)" >&2; exit 1; }
 done
-python3 -c 'import yaml' 2>/dev/null || { echo "install-k8s-tools: Python 3 lacks PyYAML (apt-get install python3-yaml, or pip install pyyaml)" >&2; exit 1; }
+# The schema converter reads the CRDs' YAML (PyYAML, from PyPI where this Python lacks it).
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml >&2
+python3 -c 'import yaml' || { echo "install-k8s-tools: Python 3 lacks PyYAML and pip could not install it" >&2; exit 1; }
 mkdir -p "$cache"
 # Two test binaries (or two checkouts) may install at once: one does, the other waits.
 exec 9>"$cache/k8s-tools.lock"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every logbridge test on a fresh machine: installs what the tests need (Debian packages,
-# Rust components, Apache Kafka's broker from Maven Central), checks formatting and lints, then
-# runs all test tiers:
+# Rust components, Apache Kafka's broker from Maven Central, helm and kubeconform from the Go
+# module proxy), checks formatting and lints, then runs all test tiers:
 #   1. unit and property tests (offset tracker, decoder, config, committer, router, sinks)
 #   2. pipeline tests against librdkafka's in-process mock broker (real Kafka protocol over TCP),
 #      kept for speed and for the faults only the mock can inject
@@ -10,6 +10,9 @@
 #      broker killed and restarted, the kill -9 crash audit, churn with every group protocol,
 #      rebalances under backpressure, leader failover on three nodes, transactional and compacted
 #      sources, TLS / mutual TLS / SASL SCRAM / ACLs on the broker itself
+#   5. what ships: the Debian package installed, checked and purged (tests/package.rs), the Helm
+#      chart rendered and checked against the Kubernetes schemas (tests/kubernetes.rs), compose,
+#      the alerting rules, and a real Prometheus alerting a real Alertmanager
 # Nothing is left running afterwards: every test stops the processes it starts (and a test
 # process that dies takes its brokers with it).
 set -euo pipefail
@@ -64,6 +67,13 @@ bash scripts/check-image-context.sh
 
 log "cargo test: build every test target"
 cargo test --all-targets --no-run --quiet
+
+# tests/kubernetes.rs renders the Helm chart and checks it against the Kubernetes schemas: helm
+# and kubeconform built from the Go module proxy, the schemas converted from the Kubernetes and
+# CRD modules, into the cache once (2.5 to 4 min on 2 cores; later runs find them).
+log "helm, kubeconform and the Kubernetes schemas"
+LOGBRIDGE_K8S_TOOLS=$(bash scripts/install-k8s-tools.sh)
+export LOGBRIDGE_K8S_TOOLS
 
 # The tests mostly wait (on group joins, session timeouts, a destination's backoff, brokers
 # starting): tests/faults.rs took 27 s of CPU in 243 s, tests/combinations.rs 22 s in 139 s
