@@ -687,7 +687,10 @@ mod tests {
         assert_eq!(none("{level}-{service}"), Ok("unknown-unknown".into()));
         assert_eq!(none("{level|none}-{service|x}"), Ok("none-x".into()));
         assert_eq!(none("{@key|nokey}"), Ok("nokey".into()));
-        assert_eq!(missing_field(none("{@key}").expect_err("no key")).field, "@key");
+        assert_eq!(
+            missing_field(none("{@key}").expect_err("no key")).field,
+            "@key"
+        );
         let binary = Context {
             key: Some(&[0xff, 0xfe]),
             ..ctx()
