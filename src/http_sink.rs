@@ -1,6 +1,7 @@
 //! HTTP destinations: `type = "http"` posts a worker's batch as NDJSON or a JSON array of the
 //! original payloads; `type = "elasticsearch"` indexes it with `_bulk` (Elasticsearch and
-//! OpenSearch answer alike).
+//! OpenSearch answer alike); `type = "loki"` pushes it to Loki as JSON streams, one per set
+//! of label values.
 //!
 //! A request's answer decides the outcome of every record in it: 2xx delivered; 408, 429 and
 //! 5xx, timeouts and connection errors retried (after at least `Retry-After`, when given); any
@@ -21,7 +22,9 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig, Reloading};
+use crate::config::{
+    Compression, HttpAuth, HttpFormat, HttpKind, HttpMethod, HttpSinkConfig, LokiLabel, Reloading,
+};
 use crate::producer::FailureKind;
 use crate::record::Record;
 use crate::sink::{write_compact_json, DeliveryFuture, Sink, SinkError};
@@ -62,6 +65,101 @@ enum Layout {
         /// Written before each document id (`id_prefix`).
         id_prefix: String,
     },
+    /// Loki's push API: `{"streams":[{"stream":{labels},"values":[[ns, line, {metadata}]]}]}`.
+    Loki(Arc<LokiStreams>),
+}
+
+/// How a record's stream and structured metadata are found.
+#[derive(Debug)]
+struct LokiStreams {
+    /// Label name and where its value comes from, in name order.
+    labels: Vec<(String, LabelSource)>,
+    /// Fields sent as structured metadata.
+    metadata: Vec<crate::shape::FieldPath>,
+    /// Whether a label or the metadata reads the event's fields (then each record is parsed).
+    reads_event: bool,
+}
+
+#[derive(Debug)]
+enum LabelSource {
+    Template(crate::shape::Template),
+    Field {
+        path: crate::shape::FieldPath,
+        values: std::collections::HashSet<String>,
+    },
+}
+
+/// The label value of a field label for a value outside its list (or none).
+const LOKI_OTHER: &str = "other";
+
+impl LokiStreams {
+    fn new(config: &HttpSinkConfig) -> anyhow::Result<LokiStreams> {
+        let default_labels = [
+            ("level".to_string(), LokiLabel::Template("{level}".into())),
+            (
+                "service".to_string(),
+                LokiLabel::Template("{service}".into()),
+            ),
+        ];
+        let labels: Vec<(String, LokiLabel)> = match &config.labels {
+            Some(labels) => labels.clone().into_iter().collect(),
+            None => default_labels.into_iter().collect(),
+        };
+        let mut reads_event = !config.metadata.is_empty();
+        let mut compiled = Vec::with_capacity(labels.len());
+        for (name, label) in labels {
+            let source = match label {
+                LokiLabel::Template(text) => LabelSource::Template(
+                    crate::shape::Template::parse(&text, crate::shape::Sanitize::None, &name)
+                        .map_err(|err| anyhow::anyhow!("label `{name}`: {}", err.message))?,
+                ),
+                LokiLabel::Field { field, values } => {
+                    reads_event = true;
+                    LabelSource::Field {
+                        path: crate::shape::FieldPath::parse(&field)
+                            .map_err(|message| anyhow::anyhow!("label `{name}`: {message}"))?,
+                        values: values.into_iter().collect(),
+                    }
+                }
+            };
+            compiled.push((name, source));
+        }
+        let metadata = config
+            .metadata
+            .iter()
+            .map(|path| crate::shape::FieldPath::parse(path).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?;
+        Ok(LokiStreams {
+            labels: compiled,
+            metadata,
+            reads_event,
+        })
+    }
+
+    /// The label values of `record` (in [`LokiStreams::labels`] order).
+    fn stream_of(&self, record: &Record, event: Option<&serde_json::Value>) -> Vec<String> {
+        let ctx = crate::shape::route::context(record);
+        self.labels
+            .iter()
+            .map(|(_, source)| match source {
+                // Bounded templates read no field, so they cannot miss one (config check).
+                LabelSource::Template(template) => template
+                    .render(None, &ctx)
+                    .unwrap_or_else(|_| LOKI_OTHER.to_string()),
+                LabelSource::Field { path, values } => {
+                    let value = event.and_then(|event| path.get(event));
+                    let text = match value {
+                        Some(serde_json::Value::String(text)) => Some(text.clone()),
+                        Some(serde_json::Value::Number(number)) => Some(number.to_string()),
+                        Some(serde_json::Value::Bool(flag)) => Some(flag.to_string()),
+                        _ => None,
+                    };
+                    text.filter(|text| values.contains(text))
+                        .unwrap_or_else(|| LOKI_OTHER.to_string())
+                }
+            })
+            .collect()
+    }
 }
 
 /// What one route's sinks share: the client (its connection pool), the request's shape and
@@ -159,28 +257,35 @@ struct Target {
 }
 
 impl HttpEndpoint {
-    /// The endpoint of a route's `http` (or, `elasticsearch`, its `elasticsearch`) sink.
-    pub fn new(config: &HttpSinkConfig, elasticsearch: bool) -> anyhow::Result<HttpEndpoint> {
+    /// The endpoint of a route's `http`, `elasticsearch` or `loki` sink.
+    pub fn new(config: &HttpSinkConfig, kind: HttpKind) -> anyhow::Result<HttpEndpoint> {
         let written = config.url.trim();
         let mut url = reqwest::Url::parse(written)
             .with_context(|| format!("invalid URL `{}`", crate::config::redact_url(written)))?;
-        let layout = match (&config.index, elasticsearch) {
-            (Some(index), true) => {
-                // `_bulk` is the last segment of the path (a query such as `?pipeline=p` stays
-                // the query).
-                url.path_segments_mut()
-                    .map_err(|()| {
-                        anyhow::anyhow!(
-                            "`{}` cannot have a path",
-                            crate::config::redact_url(written)
-                        )
-                    })?
-                    .pop_if_empty()
-                    .push("_bulk");
+        let mut push_to = |segments: &[&str]| -> anyhow::Result<()> {
+            // The last segments of the path (a query such as `?pipeline=p` stays the query).
+            url.path_segments_mut()
+                .map_err(|()| {
+                    anyhow::anyhow!(
+                        "`{}` cannot have a path",
+                        crate::config::redact_url(written)
+                    )
+                })?
+                .pop_if_empty()
+                .extend(segments);
+            Ok(())
+        };
+        let layout = match (kind, &config.index) {
+            (HttpKind::Elasticsearch, Some(index)) => {
+                push_to(&["_bulk"])?;
                 Layout::Bulk {
                     index: index.clone(),
                     id_prefix: config.id_prefix.clone().unwrap_or_default(),
                 }
+            }
+            (HttpKind::Loki, _) => {
+                push_to(&["loki", "api", "v1", "push"])?;
+                Layout::Loki(Arc::new(LokiStreams::new(config)?))
             }
             _ => match config.format {
                 HttpFormat::Ndjson => Layout::Ndjson,
@@ -189,7 +294,7 @@ impl HttpEndpoint {
         };
         let mut headers = HeaderMap::new();
         let content_type = match layout {
-            Layout::JsonArray => "application/json",
+            Layout::JsonArray | Layout::Loki(_) => "application/json",
             Layout::Ndjson | Layout::Bulk { .. } => "application/x-ndjson",
         };
         headers.insert(
@@ -200,6 +305,12 @@ impl HttpEndpoint {
             headers.insert(
                 reqwest::header::CONTENT_ENCODING,
                 HeaderValue::from_static("gzip"),
+            );
+        }
+        if let (HttpKind::Loki, Some(tenant)) = (kind, &config.tenant) {
+            headers.insert(
+                HeaderName::from_static("x-scope-orgid"),
+                HeaderValue::from_str(tenant).context("invalid tenant")?,
             );
         }
         let credentials = config
@@ -253,13 +364,15 @@ impl HttpEndpoint {
 
     /// Whether the destination answers, for `check-config --connect`: an Elasticsearch sink
     /// asks the cluster's root (`GET /`) and wants 200; an HTTP sink sends `HEAD` to its URL,
-    /// and any answer but 401, 403 or 407 means it is there (an endpoint that takes only POST
+    /// (a Loki sink its push URL), and any answer but 401, 403 or 407 means it is there (an endpoint that takes only POST
     /// may answer 405). `Err` says why not, with credentials redacted.
     pub async fn probe(&self) -> Result<String, String> {
         let target = &self.target;
         let (method, url) = match &target.layout {
             Layout::Bulk { .. } => (reqwest::Method::GET, cluster_root(&target.url)),
-            Layout::Ndjson | Layout::JsonArray => (reqwest::Method::HEAD, target.url.clone()),
+            Layout::Ndjson | Layout::JsonArray | Layout::Loki(_) => {
+                (reqwest::Method::HEAD, target.url.clone())
+            }
         };
         let mut request = self.client.request(method.clone(), url);
         for (name, value) in &target.headers {
@@ -492,6 +605,10 @@ fn requests(batch: &[Record], max_records: usize, max_bytes: usize) -> Vec<Range
 
 /// Writes the request body for `records`.
 fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
+    if let Layout::Loki(streams) = layout {
+        write_loki_body(out, streams, records, SystemTime::now());
+        return;
+    }
     if let Layout::JsonArray = layout {
         out.push(b'[');
     }
@@ -500,6 +617,7 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
             Layout::Ndjson => {}
             Layout::JsonArray if position > 0 => out.push(b','),
             Layout::JsonArray => {}
+            Layout::Loki(_) => {}
             Layout::Bulk { index, id_prefix } => {
                 out.extend_from_slice(b"{\"create\":{\"_index\":");
                 let name = record.destination.as_deref().unwrap_or(index);
@@ -523,6 +641,103 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
     if let Layout::JsonArray = layout {
         out.push(b']');
     }
+}
+
+/// A Loki push body: the records grouped into streams by their label values (streams in the
+/// order of their first record, records of a stream in batch order, so a key's records stay in
+/// order); each entry is the record's Kafka timestamp in nanoseconds (`now` without one), the
+/// original payload as the line, and the structured metadata the record has.
+fn write_loki_body(out: &mut Vec<u8>, streams: &LokiStreams, records: &[Record], now: SystemTime) {
+    let now_ns = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    let mut order: Vec<(Vec<String>, Vec<usize>)> = Vec::new();
+    let mut index: std::collections::HashMap<Vec<String>, usize> = std::collections::HashMap::new();
+    let mut events: Vec<Option<serde_json::Value>> = Vec::with_capacity(records.len());
+    for (position, record) in records.iter().enumerate() {
+        let event = match (streams.reads_event, record.payload(), &record.decoded) {
+            (true, Some(payload), Some(Ok(_))) => {
+                serde_json::from_slice(crate::event::json_body(payload)).ok()
+            }
+            _ => None,
+        };
+        let labels = streams.stream_of(record, event.as_ref());
+        events.push(event);
+        match index.get(&labels) {
+            Some(&at) => order[at].1.push(position),
+            None => {
+                index.insert(labels.clone(), order.len());
+                order.push((labels, vec![position]));
+            }
+        }
+    }
+    let mut line = Vec::new();
+    out.extend_from_slice(b"{\"streams\":[");
+    for (stream_position, (labels, positions)) in order.iter().enumerate() {
+        if stream_position > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"stream\":{");
+        for (label_position, ((name, _), value)) in streams.labels.iter().zip(labels).enumerate() {
+            if label_position > 0 {
+                out.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut *out, name);
+            out.push(b':');
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
+        out.extend_from_slice(b"},\"values\":[");
+        for (entry_position, &position) in positions.iter().enumerate() {
+            let record = &records[position];
+            if entry_position > 0 {
+                out.push(b',');
+            }
+            let nanos = record
+                .timestamp
+                .filter(|&ms| ms >= 0)
+                .map_or(now_ns, |ms| u128::from(ms.unsigned_abs()) * 1_000_000);
+            let _ = write!(out, "[\"{nanos}\",");
+            line.clear();
+            match (record.payload(), &record.decoded) {
+                // Only decoded records reach a sink: the payload is valid JSON, so UTF-8.
+                (Some(payload), Some(Ok(_))) => {
+                    write_compact_json(&mut line, crate::event::json_body(payload));
+                }
+                _ => line.extend_from_slice(b"null"),
+            }
+            let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(&line));
+            let metadata: Vec<(String, String)> = match &events[position] {
+                Some(event) => streams
+                    .metadata
+                    .iter()
+                    .filter_map(|path| {
+                        let text = match path.get(event)? {
+                            serde_json::Value::String(text) => text.clone(),
+                            serde_json::Value::Null => return None,
+                            other => other.to_string(),
+                        };
+                        Some((path.to_string(), text))
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            if !metadata.is_empty() {
+                out.extend_from_slice(b",{");
+                for (field_position, (name, value)) in metadata.iter().enumerate() {
+                    if field_position > 0 {
+                        out.push(b',');
+                    }
+                    let _ = serde_json::to_writer(&mut *out, name);
+                    out.push(b':');
+                    let _ = serde_json::to_writer(&mut *out, value);
+                }
+                out.push(b'}');
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b"]}");
+    }
+    out.extend_from_slice(b"]}");
 }
 
 /// The document id of `record` (inside a JSON string): `<id_prefix><topic>-<partition>-<offset>`
@@ -755,7 +970,66 @@ mod tests {
 
     fn endpoint(toml_text: &str, elasticsearch: bool) -> HttpEndpoint {
         let config: HttpSinkConfig = toml::from_str(toml_text).expect("an http sink section");
-        HttpEndpoint::new(&config, elasticsearch).expect("an endpoint")
+        let kind = if elasticsearch {
+            HttpKind::Elasticsearch
+        } else {
+            HttpKind::Http
+        };
+        HttpEndpoint::new(&config, kind).expect("an endpoint")
+    }
+
+    /// Issue 31: a Loki push groups a request's records into streams by their label values,
+    /// keeps batch order inside a stream, sends the original payload as the line with the
+    /// record's timestamp in nanoseconds, and the listed fields as structured metadata; a
+    /// field label outside its values is `other`.
+    #[test]
+    fn a_loki_push_groups_records_into_streams_in_batch_order() {
+        let config: HttpSinkConfig = toml::from_str(
+            "url = \"http://vl:9428/insert/\"\ntenant = \"7\"\nmetadata = [\"trace\"]\n\
+             labels = { level = \"{level}\", service = \"{service}\", env = { field = \"env\", values = [\"prod\"] } }",
+        )
+        .expect("a loki section");
+        let loki = HttpEndpoint::new(&config, HttpKind::Loki).expect("a loki endpoint");
+        assert_eq!(
+            loki.target.url.as_str(),
+            "http://vl:9428/insert/loki/api/v1/push"
+        );
+        assert_eq!(loki.target.headers["x-scope-orgid"], "7");
+        let record = |offset: i64, payload: &str, service: &str| {
+            let mut record = test_record(0, offset, None, Some(payload.as_bytes()));
+            record.service = Some(Box::from(service));
+            record.timestamp = Some(1_000 + offset);
+            record
+        };
+        let batch = [
+            record(
+                1,
+                r#"{"level":"error","message":"a","env":"prod","trace":"t1"}"#,
+                "cart",
+            ),
+            record(2, r#"{"level":"info","message":"b","env":"dev"}"#, "cart"),
+            record(
+                3,
+                "{\"level\": \"error\",\n \"message\": \"c\", \"env\": \"prod\", \"trace\": 7}",
+                "cart",
+            ),
+        ];
+        let mut body = Vec::new();
+        write_body(&mut body, &loki.target.layout, &batch);
+        let pushed: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(
+            pushed,
+            serde_json::json!({"streams": [
+                {"stream": {"env": "prod", "level": "error", "service": "cart"},
+                 "values": [
+                    ["1001000000", r#"{"level":"error","message":"a","env":"prod","trace":"t1"}"#, {"trace": "t1"}],
+                    // The line as the other sinks write it: compact, one line.
+                    ["1003000000", r#"{"level":"error","message":"c","env":"prod","trace":7}"#, {"trace": "7"}]
+                 ]},
+                {"stream": {"env": "other", "level": "info", "service": "cart"},
+                 "values": [["1002000000", r#"{"level":"info","message":"b","env":"dev"}"#]]}
+            ]})
+        );
     }
 
     /// `_bulk` is a path segment of the URL as written, whatever its slashes and query; the
@@ -845,7 +1119,9 @@ mod tests {
         let crate::config::SinkConfig::Http(http) = &config.routes[0].sink else {
             panic!("an http sink");
         };
-        let mut sink = HttpEndpoint::new(http, false).expect("endpoint").sink();
+        let mut sink = HttpEndpoint::new(http, HttpKind::Http)
+            .expect("endpoint")
+            .sink();
         let batch = [record(1, "{\"a\":1}")];
         let outcomes = sink.deliver("r", &batch).await;
         let err = outcomes[0]

@@ -116,10 +116,10 @@ pub fn config_sink_factory() -> SinkFactory {
                         keep_headers: *keep_headers,
                     })
                 }
-                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
+                SinkConfig::Http(_) | SinkConfig::Elasticsearch(_) | SinkConfig::Loki(_) => {
                     let endpoint = endpoints.get_or_make(&route.name, || {
-                        let elasticsearch = matches!(route.sink, SinkConfig::Elasticsearch(_));
-                        crate::http_sink::HttpEndpoint::new(http, elasticsearch)
+                        let (http, kind) = route.sink.http().context("an http sink")?;
+                        crate::http_sink::HttpEndpoint::new(http, kind)
                             .with_context(|| format!("route `{}`", route.name))
                     })?;
                     Box::new(endpoint.sink())

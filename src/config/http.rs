@@ -1,5 +1,5 @@
-//! The HTTP destinations' section of a route: `sink = { type = "http", ... }` and
-//! `sink = { type = "elasticsearch", ... }` share it.
+//! The HTTP destinations' section of a route: `sink = { type = "http", ... }`,
+//! `sink = { type = "elasticsearch", ... }` and `sink = { type = "loki", ... }` share it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -63,6 +63,85 @@ pub struct HttpSinkConfig {
     /// indexed again.
     #[serde(default)]
     pub id_prefix: Option<String>,
+    /// `loki` only: the stream labels, each from a value with few possible values (Loki keeps
+    /// an index per stream): `"{level}"`, `"{service}"`, `"{@topic}"`, `"{@partition}"` or
+    /// literal text in a template, or `{ field = "env", values = ["prod", "dev"] }` (a value
+    /// outside the list is labelled `other`). Default: `level` and `service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, LokiLabel>>,
+    /// `loki` only: fields of the event sent as structured metadata (queryable, not indexed):
+    /// where values with many possible values belong (`trace_id`, `user.id`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metadata: Vec<String>,
+    /// `loki` only: the tenant (`X-Scope-OrgID`) of a multi-tenant Loki.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+}
+
+/// Which destination an [`HttpSinkConfig`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpKind {
+    /// `type = "http"`.
+    Http,
+    /// `type = "elasticsearch"`.
+    Elasticsearch,
+    /// `type = "loki"`.
+    Loki,
+}
+
+/// Where a Loki stream label takes its value.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum LokiLabel {
+    /// A template of bounded parts: `{level}`, `{service}`, `{@topic}`, `{@partition}`,
+    /// literal text.
+    Template(String),
+    /// A field of the event, limited to the values listed; any other value (or none) is
+    /// labelled `other`.
+    Field {
+        /// The field ([`crate::shape::FieldPath`] syntax).
+        field: String,
+        /// The values kept as they are.
+        values: Vec<String>,
+    },
+}
+
+/// Most labels of a stream (Loki's `max_label_names_per_series` default).
+pub const LOKI_MAX_LABELS: usize = 15;
+/// Most listed values of a field label: past that a label is an index of its own, what Loki's
+/// labels are not for.
+pub const LOKI_MAX_LABEL_VALUES: usize = 100;
+
+impl LokiLabel {
+    /// Why this label's values are not bounded, if they are not.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            LokiLabel::Template(text) => {
+                let template =
+                    crate::shape::Template::parse(text, crate::shape::Sanitize::None, "label")
+                        .map_err(|err| err.message)?;
+                match template.unbounded_part() {
+                    Some(part) => Err(format!(
+                        "`{part}` has as many values as the events carry, and each value is a \
+                         stream Loki indexes: use {{ field = \"...\", values = [...] }} to keep \
+                         a few values, or `metadata` for the field"
+                    )),
+                    None => Ok(()),
+                }
+            }
+            LokiLabel::Field { field, values } => {
+                crate::shape::FieldPath::parse(field)?;
+                if values.is_empty() || values.len() > LOKI_MAX_LABEL_VALUES {
+                    return Err(format!(
+                        "{} values: list 1 to {LOKI_MAX_LABEL_VALUES} (the others are labelled \
+                         `other`); a field with more values belongs in `metadata`",
+                        values.len()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// HTTP method of the generic sink.
@@ -222,9 +301,9 @@ pub fn redact_url_in(text: &str, url: &str) -> String {
 }
 
 impl HttpSinkConfig {
-    /// Checks the section of route sink `key` (`routes[0].sink`); `elasticsearch` says which
-    /// type it is.
-    pub fn validate(&self, key: &str, elasticsearch: bool) -> Result<(), ConfigError> {
+    /// Checks the section of route sink `key` (`routes[0].sink`) of destination `kind`.
+    pub fn validate(&self, key: &str, kind: HttpKind) -> Result<(), ConfigError> {
+        let elasticsearch = kind == HttpKind::Elasticsearch;
         let field = |name: &str| format!("{key}.{name}");
         let url = self.url.trim();
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
@@ -281,6 +360,7 @@ impl HttpSinkConfig {
             // Elasticsearch takes ids of up to 512 bytes; topic names take up to 249.
             check_range(&field("id_prefix"), prefix.len(), 0, MAX_ID_PREFIX)?;
         }
+        self.validate_loki(key, kind)?;
         let index_problem = self.index.as_deref().and_then(index_name_problem);
         match (elasticsearch, &self.index) {
             (true, None) => Err(invalid(
@@ -307,6 +387,69 @@ impl HttpSinkConfig {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// The Loki settings: only on a `loki` sink, labels of bounded values only.
+    fn validate_loki(&self, key: &str, kind: HttpKind) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("{key}.{name}");
+        if kind != HttpKind::Loki {
+            let set = [
+                ("labels", self.labels.is_some()),
+                ("metadata", !self.metadata.is_empty()),
+                ("tenant", self.tenant.is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(invalid(field(name), "only a loki sink has it"));
+            }
+            return Ok(());
+        }
+        if self.format != HttpFormat::Ndjson || self.method != HttpMethod::Post {
+            let name = if self.format != HttpFormat::Ndjson {
+                "format"
+            } else {
+                "method"
+            };
+            return Err(invalid(
+                field(name),
+                "a loki sink always POSTs JSON streams to /loki/api/v1/push: remove it",
+            ));
+        }
+        let labels = self.labels.as_ref();
+        if let Some(labels) = labels {
+            if labels.is_empty() || labels.len() > LOKI_MAX_LABELS {
+                return Err(invalid(
+                    field("labels"),
+                    format!(
+                        "give 1 to {LOKI_MAX_LABELS} labels (a stream is one set of label values)"
+                    ),
+                ));
+            }
+            for (name, label) in labels {
+                let at = field(&format!("labels.{name}"));
+                let valid_name = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                if !valid_name || name.starts_with("__") {
+                    return Err(invalid(
+                        at,
+                        "a label name is [a-zA-Z_][a-zA-Z0-9_]* and does not start with `__`",
+                    ));
+                }
+                label.check().map_err(|message| invalid(at, message))?;
+            }
+        }
+        for (position, path) in self.metadata.iter().enumerate() {
+            crate::shape::FieldPath::parse(path)
+                .map_err(|message| invalid(field(&format!("metadata[{position}]")), message))?;
+        }
+        if let Some(tenant) = &self.tenant {
+            if tenant.is_empty() || hyper::header::HeaderValue::from_str(tenant).is_err() {
+                return Err(invalid(
+                    field("tenant"),
+                    "not a valid X-Scope-OrgID header value",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The secret values of this section (auth, authorization-like headers, the URL's
@@ -451,6 +594,60 @@ mod tests {
             );
             load(&sink).unwrap_or_else(|err| panic!("{index}: {err}"));
         }
+    }
+
+    /// Issue 31: a Loki label must have few values: a template reading a field, the key or a
+    /// date is refused naming the label, as is a field label listing too many values; the
+    /// Loki settings belong to a loki sink only.
+    #[test]
+    fn loki_labels_with_unbounded_values_are_refused_naming_the_label() {
+        let loki = |rest: &str| {
+            load(&format!(
+                r#"{{ type = "loki", url = "http://loki:3100"{rest} }}"#
+            ))
+        };
+        loki("").expect("default labels: level and service");
+        loki(r#", labels = { service = "{service}", topic = "{@topic}", p = "{@partition}", env = { field = "env", values = ["prod", "dev"] }, job = "logbridge" }, metadata = ["trace_id", "user.id"], tenant = "7""#)
+            .expect("bounded labels");
+        let many: Vec<String> = (0..101).map(|n| format!("\"v{n}\"")).collect();
+        let too_many = format!(
+            r#", labels = {{ user = {{ field = "user", values = [{}] }} }}"#,
+            many.join(",")
+        );
+        for (rest, key, expected) in [
+            (
+                r#", labels = { user = "{user_id}" }"#,
+                "labels.user",
+                "`{user_id}` has as many values",
+            ),
+            (r#", labels = { k = "{@key}" }"#, "labels.k", "`{@key}`"),
+            (
+                r#", labels = { day = "%Y-%m-%d" }"#,
+                "labels.day",
+                "the record's date",
+            ),
+            (too_many.as_str(), "labels.user", "101 values"),
+            (
+                r#", labels = { "bad-name" = "{level}" }"#,
+                "labels.bad-name",
+                "label name",
+            ),
+            (r#", labels = {}"#, "labels", "give 1 to 15 labels"),
+            (r#", format = "json_array""#, "format", "always POSTs"),
+            (r#", metadata = ["a..b"]"#, "metadata[0]", ""),
+        ] {
+            let err = loki(rest).expect_err(rest);
+            assert!(
+                err.contains(&format!("routes[0].sink.{key}")) && err.contains(expected),
+                "{rest}: expected `{key}` and `{expected}` in {err}"
+            );
+        }
+        let err = load(r#"{ type = "http", url = "http://h/in", tenant = "7" }"#)
+            .expect_err("tenant on http");
+        assert!(
+            err.contains("routes[0].sink.tenant") && err.contains("only a loki sink"),
+            "{err}"
+        );
     }
 
     #[test]

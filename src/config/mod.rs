@@ -15,7 +15,8 @@ mod security;
 pub mod shape;
 
 pub use http::{
-    redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig,
+    redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpKind, HttpMethod,
+    HttpSinkConfig, LokiLabel,
 };
 pub use references::Reloading;
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
@@ -636,6 +637,16 @@ pub struct HeaderMatch {
 }
 
 impl SinkConfig {
+    /// The HTTP section of an `http`, `elasticsearch` or `loki` sink, and which it is.
+    pub fn http(&self) -> Option<(&HttpSinkConfig, HttpKind)> {
+        match self {
+            SinkConfig::Http(http) => Some((http, HttpKind::Http)),
+            SinkConfig::Elasticsearch(http) => Some((http, HttpKind::Elasticsearch)),
+            SinkConfig::Loki(http) => Some((http, HttpKind::Loki)),
+            _ => None,
+        }
+    }
+
     /// The sink's destination when it is a template rendered per record (a `{field}`, a
     /// `{level}`-style name or a `%Y`-style date in a Kafka `topic`, a file `path` or an
     /// Elasticsearch `index`), with how its values are made safe for the destination.
@@ -773,7 +784,9 @@ impl RouteConfig {
     /// `max_records`.
     pub fn linger(&self) -> Option<crate::worker::Linger> {
         match &self.sink {
-            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) if http.linger_ms > 0 => {
+            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Loki(http)
+                if http.linger_ms > 0 =>
+            {
                 Some(crate::worker::Linger {
                     wait: std::time::Duration::from_millis(http.linger_ms),
                     fill: http.max_records,
@@ -846,6 +859,9 @@ pub enum SinkConfig {
     Http(HttpSinkConfig),
     /// Index into Elasticsearch or OpenSearch with `_bulk`.
     Elasticsearch(HttpSinkConfig),
+    /// Push to Grafana Loki (`/loki/api/v1/push`, JSON): streams by `labels`, the original
+    /// payload as the line.
+    Loki(HttpSinkConfig),
     /// Produce to a Kafka topic: original payload, key and headers, plus
     /// `logbridge.source.topic`, `.partition`, `.offset` and `logbridge.route` headers.
     Kafka {
@@ -879,6 +895,7 @@ impl SinkConfig {
             SinkConfig::Null => "null",
             SinkConfig::Http(_) => "http",
             SinkConfig::Elasticsearch(_) => "elasticsearch",
+            SinkConfig::Loki(_) => "loki",
             SinkConfig::Kafka { .. } => "kafka",
         }
     }
@@ -1067,7 +1084,7 @@ impl Config {
             take(&dead_letter.security, &dead_letter.options);
         }
         for route in &self.routes {
-            if let SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) = &route.sink {
+            if let Some((http, _)) = route.sink.http() {
                 secrets.extend(http.secrets().map(str::to_string));
             }
         }
@@ -1388,8 +1405,13 @@ impl Config {
                         }
                     }
                 }
-                SinkConfig::Http(http) => http.validate(&key("sink"), false)?,
-                SinkConfig::Elasticsearch(http) => http.validate(&key("sink"), true)?,
+                SinkConfig::Http(http)
+                | SinkConfig::Elasticsearch(http)
+                | SinkConfig::Loki(http) => {
+                    if let Some((_, kind)) = route.sink.http() {
+                        http.validate(&key("sink"), kind)?;
+                    }
+                }
                 SinkConfig::Kafka {
                     topic,
                     brokers,
@@ -1668,7 +1690,9 @@ impl Config {
                 SinkConfig::Kafka {
                     security, options, ..
                 } => hide(security, options),
-                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
+                SinkConfig::Http(http)
+                | SinkConfig::Elasticsearch(http)
+                | SinkConfig::Loki(http) => {
                     *http = http.redacted();
                 }
                 _ => {}

@@ -254,6 +254,22 @@ impl Template {
         self.fixed.as_deref()
     }
 
+    /// The first part whose values are not bounded (a field of the event, the record key or a
+    /// date), as written; `None` when every part has few possible values (`{level}`,
+    /// `{service}`, `{@topic}`, `{@partition}`, literal text): for Loki's stream labels.
+    pub fn unbounded_part(&self) -> Option<String> {
+        self.parts.iter().find_map(|part| match part {
+            Part::Field { path, .. } => Some(format!("{{{path}}}")),
+            Part::Key(_) => Some("{@key}".into()),
+            Part::Time(_) => Some("the record's date".into()),
+            Part::Literal(_)
+            | Part::Level(_)
+            | Part::Service(_)
+            | Part::Topic
+            | Part::Partition => None,
+        })
+    }
+
     /// Whether the template reads fields of the event (if not, the caller need not parse it).
     pub fn references_event(&self) -> bool {
         self.parts
