@@ -74,6 +74,10 @@ cargo test --all-targets --no-run --quiet
 log "helm, kubeconform and the Kubernetes schemas"
 LOGBRIDGE_K8S_TOOLS=$(bash scripts/install-k8s-tools.sh)
 export LOGBRIDGE_K8S_TOOLS
+# tests/loki.rs pushes to VictoriaLogs (Loki's push API), built from its Go module (about 20 s).
+log "VictoriaLogs"
+LOGBRIDGE_VICTORIALOGS=$(bash scripts/install-victorialogs.sh)
+export LOGBRIDGE_VICTORIALOGS
 
 # The tests mostly wait (on group joins, session timeouts, a destination's backoff, brokers
 # starting): tests/faults.rs took 27 s of CPU in 243 s, tests/combinations.rs 22 s in 139 s

@@ -645,8 +645,9 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
 
 /// A Loki push body: the records grouped into streams by their label values (streams in the
 /// order of their first record, records of a stream in batch order, so a key's records stay in
-/// order); each entry is the record's Kafka timestamp in nanoseconds (`now` without one), the
-/// original payload as the line, and the structured metadata the record has.
+/// order); each entry is the record's Kafka timestamp in nanoseconds (its offset within the
+/// millisecond; `now` without one), the original payload as the line, and the structured
+/// metadata the record has.
 fn write_loki_body(out: &mut Vec<u8>, streams: &LokiStreams, records: &[Record], now: SystemTime) {
     let now_ns = now
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -692,10 +693,13 @@ fn write_loki_body(out: &mut Vec<u8>, streams: &LokiStreams, records: &[Record],
             if entry_position > 0 {
                 out.push(b',');
             }
-            let nanos = record
-                .timestamp
-                .filter(|&ms| ms >= 0)
-                .map_or(now_ns, |ms| u128::from(ms.unsigned_abs()) * 1_000_000);
+            // The record's millisecond, and its offset (mod 10^6) as the nanoseconds within
+            // it: a partition's records of one millisecond keep their order in time, and a
+            // record sent again has the same timestamp (Loki drops an entry it already has).
+            let nanos = record.timestamp.filter(|&ms| ms >= 0).map_or(now_ns, |ms| {
+                u128::from(ms.unsigned_abs()) * 1_000_000
+                    + u128::from(record.offset.rem_euclid(1_000_000).unsigned_abs())
+            });
             let _ = write!(out, "[\"{nanos}\",");
             line.clear();
             match (record.payload(), &record.decoded) {
@@ -1022,12 +1026,12 @@ mod tests {
             serde_json::json!({"streams": [
                 {"stream": {"env": "prod", "level": "error", "service": "cart"},
                  "values": [
-                    ["1001000000", r#"{"level":"error","message":"a","env":"prod","trace":"t1"}"#, {"trace": "t1"}],
+                    ["1001000001", r#"{"level":"error","message":"a","env":"prod","trace":"t1"}"#, {"trace": "t1"}],
                     // The line as the other sinks write it: compact, one line.
-                    ["1003000000", r#"{"level":"error","message":"c","env":"prod","trace":7}"#, {"trace": "7"}]
+                    ["1003000003", r#"{"level":"error","message":"c","env":"prod","trace":7}"#, {"trace": "7"}]
                  ]},
                 {"stream": {"env": "other", "level": "info", "service": "cart"},
-                 "values": [["1002000000", r#"{"level":"info","message":"b","env":"dev"}"#]]}
+                 "values": [["1002000002", r#"{"level":"info","message":"b","env":"dev"}"#]]}
             ]})
         );
     }

@@ -671,8 +671,19 @@ impl SinkConfig {
 
     /// Whether the sink reads the event's service (a destination template naming it).
     pub fn uses_service(&self) -> bool {
-        self.destination_template()
-            .is_some_and(|(text, _)| text.contains("{service"))
+        let loki_label = match self {
+            // The default labels are `level` and `service`.
+            SinkConfig::Loki(http) => http.labels.as_ref().is_none_or(|labels| {
+                labels.values().any(
+                    |label| matches!(label, LokiLabel::Template(text) if text.contains("{service")),
+                )
+            }),
+            _ => false,
+        };
+        loki_label
+            || self
+                .destination_template()
+                .is_some_and(|(text, _)| text.contains("{service"))
     }
 }
 
