@@ -112,8 +112,14 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
     check_rows(
         &output,
         1,
-        &["raw", "null", "kafka", "kafka-eos", "http"],
+        &["raw", "null", "kafka", "kafka-eos", "http", "loki"],
         20_000,
+    );
+    assert!(output.contains("h/d = "), "the loki row's ratio: {output}");
+    let loki_entries = figure(&output, "loki endpoint:", "pushes,");
+    assert_eq!(
+        loki_entries, 20_000.0,
+        "every event read by the loki run reached the endpoint as a push entry"
     );
     // The ratios are the printed medians' ratios (to the printed rounding).
     let median = |label: &str| figure(&output, label, label);

@@ -1,5 +1,6 @@
-//! The local HTTP endpoint the `http` mode delivers to: it answers every request `200` at once
-//! and counts what it took (requests, body bytes, and events: the NDJSON lines), so the figure is the cost of logbridge's side of HTTP delivery
+//! The local HTTP endpoint the `http` and `loki` modes deliver to: it answers every request `200` at once
+//! and counts what it took (requests, body bytes, and events: the NDJSON lines, or the entries
+//! of a Loki push, counted apart), so the figure is the cost of logbridge's side of HTTP delivery
 //! (building bodies, one request per batch and worker, waiting for the answer), not a server's.
 //! The soak's endpoint is [`Flaky`]: it fails some requests and is down for a while now and then.
 
@@ -38,6 +39,9 @@ pub(super) struct Endpoint {
     bytes: Arc<AtomicU64>,
     events: Arc<AtomicU64>,
     failed: Arc<AtomicU64>,
+    /// Pushes to `/loki/api/v1/push` and the entries they held.
+    loki_pushes: Arc<AtomicU64>,
+    loki_events: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -61,11 +65,14 @@ impl Endpoint {
         let bytes = Arc::new(AtomicU64::new(0));
         let events = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let loki_pushes = Arc::new(AtomicU64::new(0));
+        let loki_events = Arc::new(AtomicU64::new(0));
         let counted = (
             requests.clone(),
             bytes.clone(),
             events.clone(),
             failed.clone(),
+            (loki_pushes.clone(), loki_events.clone()),
         );
         let started = Instant::now();
         let task = tokio::spawn(async move {
@@ -74,14 +81,23 @@ impl Endpoint {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: Request<hyper::body::Incoming>| {
-                            let (requests, bytes, events, failed) = counted.clone();
+                            let (requests, bytes, events, failed, (loki_pushes, loki_events)) =
+                                counted.clone();
                             async move {
+                                let loki = request.uri().path().ends_with("/loki/api/v1/push");
                                 let body = request
                                     .into_body()
                                     .collect()
                                     .await
                                     .map(|collected| collected.to_bytes())
                                     .unwrap_or_default();
+                                if loki {
+                                    loki_pushes.fetch_add(1, Ordering::Relaxed);
+                                    loki_events.fetch_add(loki_entries(&body), Ordering::Relaxed);
+                                    return Ok::<_, Infallible>(Response::new(Full::new(
+                                        Bytes::new(),
+                                    )));
+                                }
                                 let request = requests.fetch_add(1, Ordering::Relaxed);
                                 bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
                                 events.fetch_add(ndjson_lines(&body), Ordering::Relaxed);
@@ -109,6 +125,8 @@ impl Endpoint {
             bytes,
             events,
             failed,
+            loki_pushes,
+            loki_events,
             task,
         })
     }
@@ -121,6 +139,28 @@ impl Endpoint {
             events: self.events.load(Ordering::Relaxed),
         }
     }
+}
+
+impl Endpoint {
+    /// Loki pushes and the entries they held, so far.
+    pub fn loki_received(&self) -> (u64, u64) {
+        (
+            self.loki_pushes.load(Ordering::Relaxed),
+            self.loki_events.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Entries of a Loki push body (`streams[].values[]`); 0 for a body that is not one.
+fn loki_entries(body: &[u8]) -> u64 {
+    let push: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    push["streams"].as_array().map_or(0, |streams| {
+        streams
+            .iter()
+            .filter_map(|stream| stream["values"].as_array())
+            .map(|values| values.len() as u64)
+            .sum()
+    })
 }
 
 /// What the endpoint received.

@@ -12,7 +12,7 @@
 //!      null sinks, until the committed offsets reach the end of the topic;
 //!    * `kafka`: the same with every route producing to a Kafka topic;
 //!    * `http`: the same with every route posting NDJSON to a local endpoint that answers at
-//!      once ([`endpoint`]);
+//!      once ([`endpoint`]); `loki`: the same with Loki sinks (JSON streams) to it;
 //! 4. checks the memory ceiling: the pipeline against backlogs of different sizes with a sink
 //!    paced to 10 % of the raw consumption rate, reporting the peak RSS of each.
 //!
@@ -196,6 +196,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
             Mode::Kafka,
             Mode::KafkaEos,
             Mode::Http,
+            Mode::Loki,
             Mode::FanOut,
             Mode::Transforms,
         ] {
@@ -225,6 +226,15 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
             options.events * http_runs,
             received.bytes as f64 / (1 << 20) as f64,
             received.events as f64 / received.requests as f64
+        );
+    }
+    let loki_runs = results.get(&Mode::Loki).map_or(0, Vec::len) as u64;
+    let (pushes, entries) = endpoint.loki_received();
+    if loki_runs > 0 && pushes > 0 {
+        println!(
+            "loki endpoint: {pushes} pushes, {entries} entries ({} read by {loki_runs} loki runs), {:.0} entries per push",
+            options.events * loki_runs,
+            entries as f64 / pushes as f64
         );
     }
     let rate = |mode: Mode| {

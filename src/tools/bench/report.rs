@@ -59,6 +59,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         ("(e) kafka sinks, exactly-once", Mode::KafkaEos),
         ("(f) fan-out to 3 null routes", Mode::FanOut),
         ("(g) null sinks, transforms", Mode::Transforms),
+        ("(h) pipeline, loki sinks", Mode::Loki),
     ] {
         let runs = figures(mode);
         if runs.is_empty() {
@@ -86,6 +87,15 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         rate(Mode::KafkaEos) / raw,
         rate(Mode::KafkaEos) / rate(Mode::Kafka)
     );
+    if !figures(Mode::Loki).is_empty() {
+        let cpu = |mode: Mode| median_of(figures(mode), Measurement::cpu_per_million);
+        println!(
+            "h/a = {:.2}   h/d = {:.2} (loki against http)   cpu per event: h {:.2}x of d",
+            rate(Mode::Loki) / raw,
+            rate(Mode::Loki) / rate(Mode::Http),
+            cpu(Mode::Loki) / cpu(Mode::Http),
+        );
+    }
     if !figures(Mode::FanOut).is_empty() || !figures(Mode::Transforms).is_empty() {
         let cpu = |mode: Mode| median_of(figures(mode), Measurement::cpu_per_million);
         println!(
