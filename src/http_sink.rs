@@ -1,6 +1,7 @@
 //! HTTP destinations: `type = "http"` posts a worker's batch as NDJSON or a JSON array of the
 //! original payloads; `type = "elasticsearch"` indexes it with `_bulk` (Elasticsearch and
-//! OpenSearch answer alike).
+//! OpenSearch answer alike); `type = "otlp"` exports it as OTLP/HTTP logs (protobuf, the
+//! mapping in [`crate::otlp_sink`]).
 //!
 //! A request's answer decides the outcome of every record in it: 2xx delivered; 408, 429 and
 //! 5xx, timeouts and connection errors retried (after at least `Retry-After`, when given); any
@@ -10,7 +11,10 @@
 //! and fails with it: a later record of a key never lands before an earlier one is retried.
 //! A request refused with 413 is sent again in halves, down to a record alone; one refused
 //! with 400 or 422 likewise, so that only the records the endpoint refuses fail (within a
-//! budget of one extra request per record of the batch). Redirects are not followed (a redirected POST would arrive as a GET without its body).
+//! budget of one extra request per record of the batch). An OTLP answer is for the whole
+//! request; its partial success (records the collector rejected for good, without saying
+//! which) is counted in `logbridge_otlp_rejected_records_total` and logged, and the request is
+//! not sent again: OTLP forbids retrying them. Redirects are not followed (a redirected POST would arrive as a GET without its body).
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -21,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig, Reloading};
+use crate::config::{HttpAuth, HttpDestination, HttpFormat, HttpMethod, HttpSinkConfig, Reloading};
 use crate::producer::FailureKind;
 use crate::record::Record;
 use crate::sink::{write_compact_json, DeliveryFuture, Sink, SinkError};
@@ -62,6 +66,8 @@ enum Layout {
         /// Written before each document id (`id_prefix`).
         id_prefix: String,
     },
+    /// OTLP/HTTP logs: one protobuf `ExportLogsServiceRequest` of the records' events.
+    Otlp,
 }
 
 /// What one route's sinks share: the client (its connection pool), the request's shape and
@@ -159,12 +165,27 @@ struct Target {
 }
 
 impl HttpEndpoint {
-    /// The endpoint of a route's `http` (or, `elasticsearch`, its `elasticsearch`) sink.
-    pub fn new(config: &HttpSinkConfig, elasticsearch: bool) -> anyhow::Result<HttpEndpoint> {
+    /// The endpoint of a route's `destination` sink.
+    pub fn new(
+        config: &HttpSinkConfig,
+        destination: HttpDestination,
+    ) -> anyhow::Result<HttpEndpoint> {
+        let elasticsearch = destination == HttpDestination::Elasticsearch;
         let written = config.url.trim();
         let mut url = reqwest::Url::parse(written)
             .with_context(|| format!("invalid URL `{}`", crate::config::redact_url(written)))?;
         let layout = match (&config.index, elasticsearch) {
+            _ if destination == HttpDestination::Otlp => {
+                if !url.path().ends_with(crate::otlp_sink::LOGS_PATH) {
+                    let path = format!(
+                        "{}{}",
+                        url.path().trim_end_matches('/'),
+                        crate::otlp_sink::LOGS_PATH
+                    );
+                    url.set_path(&path);
+                }
+                Layout::Otlp
+            }
             (Some(index), true) => {
                 // `_bulk` is the last segment of the path (a query such as `?pipeline=p` stays
                 // the query).
@@ -191,12 +212,14 @@ impl HttpEndpoint {
         let content_type = match layout {
             Layout::JsonArray => "application/json",
             Layout::Ndjson | Layout::Bulk { .. } => "application/x-ndjson",
+            Layout::Otlp => "application/x-protobuf",
         };
         headers.insert(
             reqwest::header::CONTENT_TYPE,
             HeaderValue::from_static(content_type),
         );
-        if config.compression == Compression::Gzip {
+        let gzip = config.gzip(destination);
+        if gzip {
             headers.insert(
                 reqwest::header::CONTENT_ENCODING,
                 HeaderValue::from_static("gzip"),
@@ -244,7 +267,7 @@ impl HttpEndpoint {
                 },
                 headers,
                 layout,
-                gzip: config.compression == Compression::Gzip,
+                gzip,
                 max_records: config.max_records,
                 max_bytes: config.max_bytes,
             }),
@@ -259,7 +282,9 @@ impl HttpEndpoint {
         let target = &self.target;
         let (method, url) = match &target.layout {
             Layout::Bulk { .. } => (reqwest::Method::GET, cluster_root(&target.url)),
-            Layout::Ndjson | Layout::JsonArray => (reqwest::Method::HEAD, target.url.clone()),
+            Layout::Ndjson | Layout::JsonArray | Layout::Otlp => {
+                (reqwest::Method::HEAD, target.url.clone())
+            }
         };
         let mut request = self.client.request(method.clone(), url);
         for (name, value) in &target.headers {
@@ -312,7 +337,7 @@ pub struct HttpSink {
 }
 
 impl Sink for HttpSink {
-    fn deliver<'a>(&'a mut self, _route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
         Box::pin(async move {
             let target = self.endpoint.target.clone();
             let mut outcomes: Vec<Result<(), SinkError>> = Vec::with_capacity(batch.len());
@@ -335,7 +360,7 @@ impl Sink for HttpSink {
                     outcomes.extend(records.iter().map(|_| Err(earlier.clone())));
                     continue;
                 }
-                let answered = self.send(&target, records).await;
+                let answered = self.send(route, &target, records).await;
                 if let Some([first, second]) =
                     halves_to_send_again(&range, &answered, &mut refusal_budget)
                 {
@@ -355,10 +380,48 @@ impl Sink for HttpSink {
 
 impl HttpSink {
     /// Sends `records` in one request and returns their outcomes.
-    async fn send(&mut self, target: &Target, records: &[Record]) -> Vec<Result<(), SinkError>> {
+    async fn send(
+        &mut self,
+        route: &str,
+        target: &Target,
+        records: &[Record],
+    ) -> Vec<Result<(), SinkError>> {
         let mut body = std::mem::take(&mut self.body);
         body.clear();
-        write_body(&mut body, &target.layout, records);
+        if !matches!(target.layout, Layout::Otlp) {
+            write_body(&mut body, &target.layout, records);
+            return self.post(route, target, body, records.len()).await;
+        }
+        // OTLP: a record that cannot be mapped fails alone; the others are sent.
+        let refs: Vec<&Record> = records.iter().collect();
+        let unmapped =
+            crate::otlp_sink::encode(&refs, crate::otlp_sink::now_unix_nano(), &mut body);
+        let mapped = unmapped.iter().filter(|failure| failure.is_none()).count();
+        let mut answered = if mapped > 0 {
+            self.post(route, target, body, mapped).await
+        } else {
+            self.body = body;
+            Vec::new()
+        }
+        .into_iter();
+        unmapped
+            .into_iter()
+            .map(|failure| match failure {
+                Some(err) => Err(err),
+                // `post` answers one outcome per record sent: never short.
+                None => answered.next().unwrap_or(Ok(())),
+            })
+            .collect()
+    }
+
+    /// Posts `body`, the request of `count` records, and returns their outcomes.
+    async fn post(
+        &mut self,
+        route: &str,
+        target: &Target,
+        body: Vec<u8>,
+        count: usize,
+    ) -> Vec<Result<(), SinkError>> {
         // The plain body is handed over as it is (no copy); a gzip body is a new buffer, and
         // the plain one is kept for the next request.
         let payload = if target.gzip {
@@ -374,7 +437,7 @@ impl HttpSink {
                     Ok(done) => done,
                     Err(join) => {
                         let err = SinkError::retryable("gzip_failed", join.to_string());
-                        return vec![Err(err); records.len()];
+                        return vec![Err(err); count];
                     }
                 }
             };
@@ -383,7 +446,7 @@ impl HttpSink {
                 Ok(compressed) => compressed,
                 Err(err) => {
                     let err = SinkError::retryable("gzip_failed", err.to_string());
-                    return vec![Err(err); records.len()];
+                    return vec![Err(err); count];
                 }
             }
         } else {
@@ -401,7 +464,7 @@ impl HttpSink {
         let answer = request.body(payload).send().await;
         let response = match answer {
             Ok(response) => response,
-            Err(err) => return vec![Err(request_error(&err)); records.len()],
+            Err(err) => return vec![Err(request_error(&err)); count],
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -413,14 +476,14 @@ impl HttpSink {
         let bulk = matches!(target.layout, Layout::Bulk { .. }) && (200..300).contains(&status);
         let limit = if bulk {
             BULK_ANSWER_PER_RECORD
-                .saturating_mul(records.len())
+                .saturating_mul(count)
                 .max(BULK_ANSWER_MIN)
         } else {
             ANSWER_READ_MAX
         };
         let (text, whole) = match read_bounded(response, limit).await {
             Ok(read) => read,
-            Err(err) => return vec![Err(request_error(&err)); records.len()],
+            Err(err) => return vec![Err(request_error(&err)); count],
         };
         if bulk {
             if !whole {
@@ -428,10 +491,31 @@ impl HttpSink {
                     "bulk_answer_too_large",
                     format!("the _bulk answer is over {limit} bytes; not read further"),
                 );
-                return vec![Err(err); records.len()];
+                return vec![Err(err); count];
             }
-            return bulk_outcomes(&text, records.len());
+            return bulk_outcomes(&text, count);
         }
+        if matches!(target.layout, Layout::Otlp) && (200..300).contains(&status) {
+            if let Some((rejected, message)) = crate::otlp_sink::rejected(&text) {
+                // OTLP: rejected records must not be sent again, and the answer does not say
+                // which they are; the request counts as delivered.
+                crate::metrics::otlp_rejected_records()
+                    .with_label_values(&[route])
+                    .inc_by(u64::try_from(rejected).unwrap_or(0));
+                tracing::warn!(
+                    route,
+                    rejected,
+                    records = count,
+                    error = %message,
+                    "the otlp endpoint rejected records of a request (partial success); not retried"
+                );
+            }
+            return vec![Ok(()); count];
+        }
+        let text = match &target.layout {
+            Layout::Otlp => crate::otlp_sink::error_message(&text).map_or(text, String::into_bytes),
+            _ => text,
+        };
         let refused = matches!(status, 401 | 403);
         if let Some(credentials) = self.endpoint.credentials.as_ref().filter(|_| refused) {
             if credentials.current(CREDENTIALS_CHECK_REFUSED).1 {
@@ -441,12 +525,12 @@ impl HttpSink {
                     "credentials_changed",
                     format!("HTTP {status} with credentials whose file has changed since; sending again with the new ones"),
                 );
-                return vec![Err(err); records.len()];
+                return vec![Err(err); count];
             }
         }
         match status_outcome(status, retry_after, &text) {
-            Ok(()) => vec![Ok(()); records.len()],
-            Err(err) => vec![Err(err); records.len()],
+            Ok(()) => vec![Ok(()); count],
+            Err(err) => vec![Err(err); count],
         }
     }
 }
@@ -497,7 +581,8 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
     }
     for (position, record) in records.iter().enumerate() {
         match layout {
-            Layout::Ndjson => {}
+            // An OTLP body is written by `otlp_sink::encode`, never here.
+            Layout::Ndjson | Layout::Otlp => {}
             Layout::JsonArray if position > 0 => out.push(b','),
             Layout::JsonArray => {}
             Layout::Bulk { index, id_prefix } => {
@@ -755,7 +840,12 @@ mod tests {
 
     fn endpoint(toml_text: &str, elasticsearch: bool) -> HttpEndpoint {
         let config: HttpSinkConfig = toml::from_str(toml_text).expect("an http sink section");
-        HttpEndpoint::new(&config, elasticsearch).expect("an endpoint")
+        let destination = if elasticsearch {
+            HttpDestination::Elasticsearch
+        } else {
+            HttpDestination::Http
+        };
+        HttpEndpoint::new(&config, destination).expect("an endpoint")
     }
 
     /// `_bulk` is a path segment of the URL as written, whatever its slashes and query; the
@@ -845,7 +935,7 @@ mod tests {
         let crate::config::SinkConfig::Http(http) = &config.routes[0].sink else {
             panic!("an http sink");
         };
-        let mut sink = HttpEndpoint::new(http, false).expect("endpoint").sink();
+        let mut sink = HttpEndpoint::new(http, HttpDestination::Http).expect("endpoint").sink();
         let batch = [record(1, "{\"a\":1}")];
         let outcomes = sink.deliver("r", &batch).await;
         let err = outcomes[0]

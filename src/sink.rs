@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use tracing::warn;
 
-use crate::config::{Cluster, RouteConfig, SinkConfig, DEFAULT_FILE_MAX_FILES};
+use crate::config::{Cluster, HttpDestination, RouteConfig, SinkConfig, DEFAULT_FILE_MAX_FILES};
 use crate::event::json_body;
 use crate::producer::{headers, headers_for, own_headers, Outgoing, Producer};
 use crate::record::Record;
@@ -116,10 +116,16 @@ pub fn config_sink_factory() -> SinkFactory {
                         keep_headers: *keep_headers,
                     })
                 }
-                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
+                SinkConfig::Http(http)
+                | SinkConfig::Elasticsearch(http)
+                | SinkConfig::Otlp(http) => {
                     let endpoint = endpoints.get_or_make(&route.name, || {
-                        let elasticsearch = matches!(route.sink, SinkConfig::Elasticsearch(_));
-                        crate::http_sink::HttpEndpoint::new(http, elasticsearch)
+                        let destination = match route.sink {
+                            SinkConfig::Elasticsearch(_) => HttpDestination::Elasticsearch,
+                            SinkConfig::Otlp(_) => HttpDestination::Otlp,
+                            _ => HttpDestination::Http,
+                        };
+                        crate::http_sink::HttpEndpoint::new(http, destination)
                             .with_context(|| format!("route `{}`", route.name))
                     })?;
                     Box::new(endpoint.sink())

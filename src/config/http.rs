@@ -1,5 +1,5 @@
-//! The HTTP destinations' section of a route: `sink = { type = "http", ... }` and
-//! `sink = { type = "elasticsearch", ... }` share it.
+//! The HTTP destinations' section of a route: `sink = { type = "http", ... }`,
+//! `sink = { type = "elasticsearch", ... }` and `sink = { type = "otlp", ... }` share it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +13,9 @@ use super::{check_range, invalid, ConfigError, REDACTED};
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
     /// Endpoint (`http://` or `https://`). For `elasticsearch`, the cluster's base URL: batches
-    /// go to `<url>/_bulk`.
+    /// go to `<url>/_bulk`. For `otlp`, the collector's logs URL: a URL whose path does not
+    /// end in `/v1/logs` gets it appended (`http://collector:4318` posts to
+    /// `http://collector:4318/v1/logs`).
     pub url: String,
     /// `http` only: `POST` (default) or `PUT`.
     #[serde(default)]
@@ -24,9 +26,9 @@ pub struct HttpSinkConfig {
     /// `http` only: `ndjson` (one original payload per line, the default) or `json_array`.
     #[serde(default)]
     pub format: HttpFormat,
-    /// Request body compression: `none` (default) or `gzip`.
-    #[serde(default)]
-    pub compression: Compression,
+    /// Request body compression: `none` or `gzip`; default `none`, and `gzip` for `otlp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
     /// Basic or bearer authentication.
     #[serde(default)]
     pub auth: Option<HttpAuth>,
@@ -63,6 +65,17 @@ pub struct HttpSinkConfig {
     /// indexed again.
     #[serde(default)]
     pub id_prefix: Option<String>,
+}
+
+/// Which of the sinks that share [`HttpSinkConfig`] a section is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpDestination {
+    /// `type = "http"`.
+    Http,
+    /// `type = "elasticsearch"`.
+    Elasticsearch,
+    /// `type = "otlp"`.
+    Otlp,
 }
 
 /// HTTP method of the generic sink.
@@ -222,10 +235,33 @@ pub fn redact_url_in(text: &str, url: &str) -> String {
 }
 
 impl HttpSinkConfig {
-    /// Checks the section of route sink `key` (`routes[0].sink`); `elasticsearch` says which
-    /// type it is.
-    pub fn validate(&self, key: &str, elasticsearch: bool) -> Result<(), ConfigError> {
+    /// Whether bodies are gzipped: as configured, else only for `otlp` (collectors all take
+    /// gzip; an arbitrary HTTP endpoint may not).
+    pub fn gzip(&self, destination: HttpDestination) -> bool {
+        match self.compression {
+            Some(compression) => compression == Compression::Gzip,
+            None => destination == HttpDestination::Otlp,
+        }
+    }
+
+    /// Checks the section of route sink `key` (`routes[0].sink`) of a `destination` sink.
+    pub fn validate(&self, key: &str, destination: HttpDestination) -> Result<(), ConfigError> {
+        let elasticsearch = destination == HttpDestination::Elasticsearch;
         let field = |name: &str| format!("{key}.{name}");
+        if destination == HttpDestination::Otlp {
+            if self.format != HttpFormat::Ndjson {
+                return Err(invalid(
+                    field("format"),
+                    "an otlp sink always sends protobuf ExportLogsServiceRequest: remove it",
+                ));
+            }
+            if self.method != HttpMethod::Post {
+                return Err(invalid(
+                    field("method"),
+                    "an otlp sink always POSTs (OTLP/HTTP): remove it",
+                ));
+            }
+        }
         let url = self.url.trim();
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
             return Err(invalid(

@@ -15,7 +15,8 @@ mod security;
 pub mod shape;
 
 pub use http::{
-    redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpMethod, HttpSinkConfig,
+    redact_url, redact_url_in, Compression, HttpAuth, HttpDestination, HttpFormat, HttpMethod,
+    HttpSinkConfig,
 };
 pub use references::Reloading;
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
@@ -658,9 +659,12 @@ impl SinkConfig {
         }
     }
 
-    /// Whether the sink reads the event's service (a destination template naming it).
+    /// Whether the sink reads the event's service (a destination template naming it, or an
+    /// OTLP resource's `service.name`).
     pub fn uses_service(&self) -> bool {
-        self.destination_template()
+        matches!(self, SinkConfig::Otlp(_))
+            || self
+                .destination_template()
             .is_some_and(|(text, _)| text.contains("{service"))
     }
 }
@@ -773,7 +777,7 @@ impl RouteConfig {
     /// `max_records`.
     pub fn linger(&self) -> Option<crate::worker::Linger> {
         match &self.sink {
-            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) if http.linger_ms > 0 => {
+            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Otlp(http) if http.linger_ms > 0 => {
                 Some(crate::worker::Linger {
                     wait: std::time::Duration::from_millis(http.linger_ms),
                     fill: http.max_records,
@@ -846,6 +850,10 @@ pub enum SinkConfig {
     Http(HttpSinkConfig),
     /// Index into Elasticsearch or OpenSearch with `_bulk`.
     Elasticsearch(HttpSinkConfig),
+    /// Export to an OpenTelemetry collector (or any OTLP/HTTP logs endpoint): each event as an
+    /// OTLP LogRecord in a protobuf `ExportLogsServiceRequest`, gzipped unless
+    /// `compression = "none"` (see `otlp_sink`).
+    Otlp(HttpSinkConfig),
     /// Produce to a Kafka topic: original payload, key and headers, plus
     /// `logbridge.source.topic`, `.partition`, `.offset` and `logbridge.route` headers.
     Kafka {
@@ -879,6 +887,7 @@ impl SinkConfig {
             SinkConfig::Null => "null",
             SinkConfig::Http(_) => "http",
             SinkConfig::Elasticsearch(_) => "elasticsearch",
+            SinkConfig::Otlp(_) => "otlp",
             SinkConfig::Kafka { .. } => "kafka",
         }
     }
@@ -1067,7 +1076,7 @@ impl Config {
             take(&dead_letter.security, &dead_letter.options);
         }
         for route in &self.routes {
-            if let SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) = &route.sink {
+            if let SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Otlp(http) = &route.sink {
                 secrets.extend(http.secrets().map(str::to_string));
             }
         }
@@ -1388,8 +1397,11 @@ impl Config {
                         }
                     }
                 }
-                SinkConfig::Http(http) => http.validate(&key("sink"), false)?,
-                SinkConfig::Elasticsearch(http) => http.validate(&key("sink"), true)?,
+                SinkConfig::Http(http) => http.validate(&key("sink"), HttpDestination::Http)?,
+                SinkConfig::Elasticsearch(http) => {
+                    http.validate(&key("sink"), HttpDestination::Elasticsearch)?
+                }
+                SinkConfig::Otlp(http) => http.validate(&key("sink"), HttpDestination::Otlp)?,
                 SinkConfig::Kafka {
                     topic,
                     brokers,
@@ -1668,7 +1680,7 @@ impl Config {
                 SinkConfig::Kafka {
                     security, options, ..
                 } => hide(security, options),
-                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) => {
+                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Otlp(http) => {
                     *http = http.redacted();
                 }
                 _ => {}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cluster::{ClusterProblem, Probe};
-use crate::config::{Cluster, Config, HttpSinkConfig, SinkConfig};
+use crate::config::{Cluster, Config, HttpDestination, HttpSinkConfig, SinkConfig};
 use crate::http_sink::HttpEndpoint;
 
 /// How `check-config` ends; the exit codes are documented in the README.
@@ -124,16 +124,18 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
 /// Asks each HTTP and Elasticsearch destination whether it is there (see
 /// [`HttpEndpoint::probe`]), one line each on stderr; whether every one answered.
 fn probe_http_destinations(config: &Config, timeout: Duration) -> bool {
-    let destinations: Vec<(String, &HttpSinkConfig, bool)> = config
+    let destinations: Vec<(String, &HttpSinkConfig, HttpDestination)> = config
         .routes
         .iter()
         .enumerate()
-        .filter_map(|(index, route)| match &route.sink {
-            SinkConfig::Http(http) => Some((format!("routes[{index}].sink.url"), http, false)),
-            SinkConfig::Elasticsearch(http) => {
-                Some((format!("routes[{index}].sink.url"), http, true))
-            }
-            _ => None,
+        .filter_map(|(index, route)| {
+            let (http, destination) = match &route.sink {
+                SinkConfig::Http(http) => (http, HttpDestination::Http),
+                SinkConfig::Elasticsearch(http) => (http, HttpDestination::Elasticsearch),
+                SinkConfig::Otlp(http) => (http, HttpDestination::Otlp),
+                _ => return None,
+            };
+            Some((format!("routes[{index}].sink.url"), http, destination))
         })
         .collect();
     if destinations.is_empty() {
@@ -150,9 +152,9 @@ fn probe_http_destinations(config: &Config, timeout: Duration) -> bool {
         }
     };
     let mut all = true;
-    for (key, http, elasticsearch) in destinations {
+    for (key, http, destination) in destinations {
         let shown = crate::config::redact_url(&http.url);
-        let answer = match HttpEndpoint::new(http, elasticsearch) {
+        let answer = match HttpEndpoint::new(http, destination) {
             Ok(endpoint) => runtime.block_on(async {
                 tokio::time::timeout(timeout, endpoint.probe())
                     .await
