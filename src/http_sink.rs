@@ -883,6 +883,32 @@ mod tests {
         assert_eq!(url.as_str(), "http://in:8080/logs?x=1");
     }
 
+    /// An otlp URL is the logs URL as written when it ends in `/v1/logs`, else a base that
+    /// gets it; the body is protobuf, gzipped by default.
+    #[test]
+    fn otlp_urls_end_in_v1_logs() {
+        for (written, posted) in [
+            ("http://c:4318", "http://c:4318/v1/logs"),
+            ("http://c:4318/", "http://c:4318/v1/logs"),
+            ("https://gw/otlp", "https://gw/otlp/v1/logs"),
+            ("https://gw/otlp/v1/logs", "https://gw/otlp/v1/logs"),
+            (
+                "http://c:4318/v1/logs?tenant=a",
+                "http://c:4318/v1/logs?tenant=a",
+            ),
+        ] {
+            let config: HttpSinkConfig =
+                toml::from_str(&format!("url = \"{written}\"")).expect("a section");
+            let endpoint = HttpEndpoint::new(&config, HttpDestination::Otlp).expect("endpoint");
+            assert_eq!(endpoint.target.url.as_str(), posted, "{written}");
+            assert!(endpoint.target.gzip);
+            assert_eq!(
+                endpoint.target.headers[reqwest::header::CONTENT_TYPE],
+                "application/x-protobuf"
+            );
+        }
+    }
+
     /// A loopback port nothing listens on (bound, then released).
     fn closed_port() -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -935,7 +961,9 @@ mod tests {
         let crate::config::SinkConfig::Http(http) = &config.routes[0].sink else {
             panic!("an http sink");
         };
-        let mut sink = HttpEndpoint::new(http, HttpDestination::Http).expect("endpoint").sink();
+        let mut sink = HttpEndpoint::new(http, HttpDestination::Http)
+            .expect("endpoint")
+            .sink();
         let batch = [record(1, "{\"a\":1}")];
         let outcomes = sink.deliver("r", &batch).await;
         let err = outcomes[0]

@@ -52,7 +52,14 @@ const LEVEL_FIELDS: &[&str] = &[
 /// Fields that hold the message, first found wins (`fields` → `message` after `event`).
 const MESSAGE_FIELDS: &[&str] = &["message", "msg", "@m", "body", "event"];
 /// Fields that hold the event's time, first that reads as a time wins.
-const TIME_FIELDS: &[&str] = &["time", "timestamp", "ts", "@timestamp", "@t", "timeUnixNano"];
+const TIME_FIELDS: &[&str] = &[
+    "time",
+    "timestamp",
+    "ts",
+    "@timestamp",
+    "@t",
+    "timeUnixNano",
+];
 
 /// The OpenTelemetry severity number of a decoded level (the first of its range of four).
 pub fn severity_number(level: &str) -> i32 {
@@ -126,7 +133,9 @@ pub fn encode(
 pub fn now_unix_nano() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+        .map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        })
 }
 
 fn not_encodable(detail: impl Into<String>) -> SinkError {
@@ -145,11 +154,7 @@ fn log_record(record: &Record, observed_unix_nano: u64) -> Result<LogRecord, Sin
     let mut fields = match serde_json::from_slice::<Value>(crate::event::json_text(payload)) {
         Ok(Value::Object(fields)) => fields,
         Ok(_) => return Err(not_encodable("the payload is not a JSON object")),
-        Err(err) => {
-            return Err(not_encodable(format!(
-                "the payload is not JSON: {err}"
-            )))
-        }
+        Err(err) => return Err(not_encodable(format!("the payload is not JSON: {err}"))),
     };
 
     // OpenTelemetry-shaped events carry their own number; the text is the first level field.
@@ -303,10 +308,13 @@ fn unix_nano(value: &Value) -> Option<u64> {
 
 /// An integer epoch time of unknown unit, in nanoseconds.
 fn scale(n: u64) -> u64 {
+    const SECONDS_BELOW: u64 = 100_000_000_000;
+    const MILLIS_BELOW: u64 = 100_000_000_000_000;
+    const MICROS_BELOW: u64 = 100_000_000_000_000_000;
     match n {
-        ..100_000_000_000 => n * 1_000_000_000,
-        ..100_000_000_000_000 => n * 1_000_000,
-        ..100_000_000_000_000_000 => n * 1_000,
+        0..SECONDS_BELOW => n * 1_000_000_000,
+        SECONDS_BELOW..MILLIS_BELOW => n * 1_000_000,
+        MILLIS_BELOW..MICROS_BELOW => n * 1_000,
         _ => n,
     }
 }
@@ -423,8 +431,18 @@ mod tests {
                 "warning",
                 Some("cart"),
             ),
-            record(2, r#"{"level":30,"msg":"hi","time":1714557600000}"#, "info", None),
-            record(3, r#"{"severityNumber":18,"severityText":"ERROR2","body":"b","attributes":{"a":1},"service.name":"cart"}"#, "error", Some("cart")),
+            record(
+                2,
+                r#"{"level":30,"msg":"hi","time":1714557600000}"#,
+                "info",
+                None,
+            ),
+            record(
+                3,
+                r#"{"severityNumber":18,"severityText":"ERROR2","body":"b","attributes":{"a":1},"service.name":"cart"}"#,
+                "error",
+                Some("cart"),
+            ),
             record(4, "[1]", "info", None),
         ];
         let refs: Vec<&Record> = records.iter().collect();
@@ -497,7 +515,10 @@ mod tests {
     fn times_read_by_magnitude_and_fall_back_to_the_kafka_timestamp() {
         let at = 1_714_557_600_000_000_000u64;
         assert_eq!(unix_nano(&serde_json::json!(1_714_557_600)), Some(at));
-        assert_eq!(unix_nano(&serde_json::json!(1_714_557_600_000u64)), Some(at));
+        assert_eq!(
+            unix_nano(&serde_json::json!(1_714_557_600_000u64)),
+            Some(at)
+        );
         assert_eq!(
             unix_nano(&serde_json::json!(1_714_557_600_000_000u64)),
             Some(at)

@@ -371,7 +371,10 @@ fn shapes() -> Vec<Shape> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_logger_shape_reaches_the_collector_as_the_log_data_model_says() {
     let _serial = serial().await;
-    let _ = tracing_subscriber::fmt().with_env_filter("warn").with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let collector = Collector::start().await;
     let shapes = shapes();
     let source = Kafka::start("logs", 1);

@@ -426,7 +426,7 @@ fn index_name_problem(index: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, HttpAuth, SinkConfig, REDACTED};
+    use crate::config::{Config, HttpAuth, HttpDestination, HttpSinkConfig, SinkConfig, REDACTED};
 
     fn config(sink: &str) -> String {
         format!(
@@ -569,6 +569,23 @@ mod tests {
                 r#"{ type = "http", url = "http://h/x", id_prefix = "a:" }"#,
                 "routes[0].sink.id_prefix",
             ),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", format = "json_array" }"#,
+                "routes[0].sink.format",
+            ),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", method = "PUT" }"#,
+                "routes[0].sink.method",
+            ),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", index = "l" }"#,
+                "routes[0].sink.index",
+            ),
+            (r#"{ type = "otlp", url = "c:4318" }"#, "routes[0].sink.url"),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", max_records = 0 }"#,
+                "routes[0].sink.max_records",
+            ),
         ];
         for (sink, key) in cases {
             let err = load(sink).expect_err(sink);
@@ -580,6 +597,23 @@ mod tests {
         let err =
             load(r#"{ type = "http", url = "http://h/x", retries = 3 }"#).expect_err("unknown key");
         assert!(err.contains("retries"), "{err}");
+        let err = load(r#"{ type = "otlp", url = "http://c:4318", insecure = true }"#)
+            .expect_err("unknown key");
+        assert!(err.contains("insecure"), "{err}");
+    }
+
+    /// An otlp sink gzips unless told not to; the others send plain bodies unless told to.
+    #[test]
+    fn otlp_bodies_are_gzipped_by_default() {
+        let section = |text: &str| -> HttpSinkConfig { toml::from_str(text).expect("a section") };
+        let plain = section("url = \"http://c:4318\"");
+        assert!(plain.gzip(HttpDestination::Otlp));
+        assert!(!plain.gzip(HttpDestination::Http));
+        assert!(!plain.gzip(HttpDestination::Elasticsearch));
+        let off = section("url = \"http://c:4318\"\ncompression = \"none\"");
+        assert!(!off.gzip(HttpDestination::Otlp));
+        let on = section("url = \"http://h\"\ncompression = \"gzip\"");
+        assert!(on.gzip(HttpDestination::Http));
     }
 
     #[test]

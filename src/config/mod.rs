@@ -665,7 +665,7 @@ impl SinkConfig {
         matches!(self, SinkConfig::Otlp(_))
             || self
                 .destination_template()
-            .is_some_and(|(text, _)| text.contains("{service"))
+                .is_some_and(|(text, _)| text.contains("{service"))
     }
 }
 
@@ -777,7 +777,9 @@ impl RouteConfig {
     /// `max_records`.
     pub fn linger(&self) -> Option<crate::worker::Linger> {
         match &self.sink {
-            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Otlp(http) if http.linger_ms > 0 => {
+            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Otlp(http)
+                if http.linger_ms > 0 =>
+            {
                 Some(crate::worker::Linger {
                     wait: std::time::Duration::from_millis(http.linger_ms),
                     fill: http.max_records,
@@ -1076,7 +1078,10 @@ impl Config {
             take(&dead_letter.security, &dead_letter.options);
         }
         for route in &self.routes {
-            if let SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Otlp(http) = &route.sink {
+            if let SinkConfig::Http(http)
+            | SinkConfig::Elasticsearch(http)
+            | SinkConfig::Otlp(http) = &route.sink
+            {
                 secrets.extend(http.secrets().map(str::to_string));
             }
         }
@@ -1680,7 +1685,9 @@ impl Config {
                 SinkConfig::Kafka {
                     security, options, ..
                 } => hide(security, options),
-                SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Otlp(http) => {
+                SinkConfig::Http(http)
+                | SinkConfig::Elasticsearch(http)
+                | SinkConfig::Otlp(http) => {
                     *http = http.redacted();
                 }
                 _ => {}
