@@ -54,7 +54,7 @@ pub struct BenchOptions {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "null,kafka,kafka-eos,http,fan-out,transforms"
+        default_value = "null,kafka,kafka-eos,http,otlp,fan-out,transforms"
     )]
     pub modes: Vec<Mode>,
     /// librdkafka consumer property for every mode, `key=value` (repeatable).
@@ -135,6 +135,8 @@ pub enum Mode {
     KafkaEos,
     /// The pipeline to HTTP sinks posting to a local endpoint that answers at once.
     Http,
+    /// The pipeline to OTLP sinks (protobuf, gzip) posting to the same endpoint.
+    Otlp,
     /// The pipeline to null sinks paced to a fixed rate (memory ceiling).
     Paced,
     /// Every event to three routes (`continue = true`), all to null sinks.
@@ -146,13 +148,14 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode.
-    pub const ALL: [Mode; 8] = [
+    pub const ALL: [Mode; 9] = [
         Mode::Raw,
         Mode::Null,
         Mode::Kafka,
         Mode::KafkaEos,
         Mode::Paced,
         Mode::Http,
+        Mode::Otlp,
         Mode::FanOut,
         Mode::Transforms,
     ];
@@ -166,6 +169,7 @@ impl Mode {
             Mode::KafkaEos => "kafka-eos",
             Mode::Paced => "paced",
             Mode::Http => "http",
+            Mode::Otlp => "otlp",
             Mode::FanOut => "fan-out",
             Mode::Transforms => "transforms",
         }
@@ -181,7 +185,7 @@ impl std::str::FromStr for Mode {
             .find(|mode| mode.as_str() == text)
             .ok_or_else(|| {
                 format!(
-                    "unknown mode `{text}`: raw, null, kafka, kafka-eos, http, fan-out, \
+                    "unknown mode `{text}`: raw, null, kafka, kafka-eos, http, otlp, fan-out, \
                      transforms or paced"
                 )
             })
