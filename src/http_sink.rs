@@ -1,7 +1,8 @@
 //! HTTP destinations: `type = "http"` posts a worker's batch as NDJSON or a JSON array of the
 //! original payloads; `type = "elasticsearch"` indexes it with `_bulk` (Elasticsearch and
 //! OpenSearch answer alike); `type = "loki"` pushes it to Loki as JSON streams, one per set
-//! of label values.
+//! of label values; `type = "otlp"` exports it as OTLP/HTTP logs (protobuf, the mapping in
+//! [`crate::otlp_sink`]).
 //!
 //! A request's answer decides the outcome of every record in it: 2xx delivered; 408, 429 and
 //! 5xx, timeouts and connection errors retried (after at least `Retry-After`, when given); any
@@ -11,7 +12,10 @@
 //! and fails with it: a later record of a key never lands before an earlier one is retried.
 //! A request refused with 413 is sent again in halves, down to a record alone; one refused
 //! with 400 or 422 likewise, so that only the records the endpoint refuses fail (within a
-//! budget of one extra request per record of the batch). Redirects are not followed (a redirected POST would arrive as a GET without its body).
+//! budget of one extra request per record of the batch). An OTLP answer is for the whole
+//! request; its partial success (records the collector rejected for good, without saying
+//! which) is counted in `logbridge_otlp_rejected_records_total` and logged, and the request is
+//! not sent again: OTLP forbids retrying them. Redirects are not followed (a redirected POST would arrive as a GET without its body).
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -23,7 +27,7 @@ use anyhow::Context as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::{
-    Compression, HttpAuth, HttpFormat, HttpKind, HttpMethod, HttpSinkConfig, LokiLabel, Reloading,
+    HttpAuth, HttpDestination, HttpFormat, HttpMethod, HttpSinkConfig, LokiLabel, Reloading,
 };
 use crate::producer::FailureKind;
 use crate::record::Record;
@@ -67,6 +71,8 @@ enum Layout {
     },
     /// Loki's push API: `{"streams":[{"stream":{labels},"values":[[ns, line, {metadata}]]}]}`.
     Loki(Arc<LokiStreams>),
+    /// OTLP/HTTP logs: one protobuf `ExportLogsServiceRequest` of the records' events.
+    Otlp,
 }
 
 /// How a record's stream and structured metadata are found.
@@ -257,13 +263,16 @@ struct Target {
 }
 
 impl HttpEndpoint {
-    /// The endpoint of a route's `http`, `elasticsearch` or `loki` sink.
-    pub fn new(config: &HttpSinkConfig, kind: HttpKind) -> anyhow::Result<HttpEndpoint> {
+    /// The endpoint of a route's `destination` sink.
+    pub fn new(
+        config: &HttpSinkConfig,
+        destination: HttpDestination,
+    ) -> anyhow::Result<HttpEndpoint> {
         let written = config.url.trim();
         let mut url = reqwest::Url::parse(written)
             .with_context(|| format!("invalid URL `{}`", crate::config::redact_url(written)))?;
-        let mut push_to = |segments: &[&str]| -> anyhow::Result<()> {
-            // The last segments of the path (a query such as `?pipeline=p` stays the query).
+        // The last segments of the path (a query such as `?pipeline=p` stays the query).
+        let push_to = |url: &mut reqwest::Url, segments: &[&str]| -> anyhow::Result<()> {
             url.path_segments_mut()
                 .map_err(|()| {
                     anyhow::anyhow!(
@@ -275,16 +284,27 @@ impl HttpEndpoint {
                 .extend(segments);
             Ok(())
         };
-        let layout = match (kind, &config.index) {
-            (HttpKind::Elasticsearch, Some(index)) => {
-                push_to(&["_bulk"])?;
+        let layout = match (destination, &config.index) {
+            (HttpDestination::Otlp, _) => {
+                if !url.path().ends_with(crate::otlp_sink::LOGS_PATH) {
+                    let path = format!(
+                        "{}{}",
+                        url.path().trim_end_matches('/'),
+                        crate::otlp_sink::LOGS_PATH
+                    );
+                    url.set_path(&path);
+                }
+                Layout::Otlp
+            }
+            (HttpDestination::Elasticsearch, Some(index)) => {
+                push_to(&mut url, &["_bulk"])?;
                 Layout::Bulk {
                     index: index.clone(),
                     id_prefix: config.id_prefix.clone().unwrap_or_default(),
                 }
             }
-            (HttpKind::Loki, _) => {
-                push_to(&["loki", "api", "v1", "push"])?;
+            (HttpDestination::Loki, _) => {
+                push_to(&mut url, &["loki", "api", "v1", "push"])?;
                 Layout::Loki(Arc::new(LokiStreams::new(config)?))
             }
             _ => match config.format {
@@ -296,18 +316,20 @@ impl HttpEndpoint {
         let content_type = match layout {
             Layout::JsonArray | Layout::Loki(_) => "application/json",
             Layout::Ndjson | Layout::Bulk { .. } => "application/x-ndjson",
+            Layout::Otlp => "application/x-protobuf",
         };
         headers.insert(
             reqwest::header::CONTENT_TYPE,
             HeaderValue::from_static(content_type),
         );
-        if config.compression == Compression::Gzip {
+        let gzip = config.gzip(destination);
+        if gzip {
             headers.insert(
                 reqwest::header::CONTENT_ENCODING,
                 HeaderValue::from_static("gzip"),
             );
         }
-        if let (HttpKind::Loki, Some(tenant)) = (kind, &config.tenant) {
+        if let (HttpDestination::Loki, Some(tenant)) = (destination, &config.tenant) {
             headers.insert(
                 HeaderName::from_static("x-scope-orgid"),
                 HeaderValue::from_str(tenant).context("invalid tenant")?,
@@ -355,7 +377,7 @@ impl HttpEndpoint {
                 },
                 headers,
                 layout,
-                gzip: config.compression == Compression::Gzip,
+                gzip,
                 max_records: config.max_records,
                 max_bytes: config.max_bytes,
             }),
@@ -370,7 +392,7 @@ impl HttpEndpoint {
         let target = &self.target;
         let (method, url) = match &target.layout {
             Layout::Bulk { .. } => (reqwest::Method::GET, cluster_root(&target.url)),
-            Layout::Ndjson | Layout::JsonArray | Layout::Loki(_) => {
+            Layout::Ndjson | Layout::JsonArray | Layout::Loki(_) | Layout::Otlp => {
                 (reqwest::Method::HEAD, target.url.clone())
             }
         };
@@ -425,7 +447,7 @@ pub struct HttpSink {
 }
 
 impl Sink for HttpSink {
-    fn deliver<'a>(&'a mut self, _route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
         Box::pin(async move {
             let target = self.endpoint.target.clone();
             let mut outcomes: Vec<Result<(), SinkError>> = Vec::with_capacity(batch.len());
@@ -448,7 +470,7 @@ impl Sink for HttpSink {
                     outcomes.extend(records.iter().map(|_| Err(earlier.clone())));
                     continue;
                 }
-                let answered = self.send(&target, records).await;
+                let answered = self.send(route, &target, records).await;
                 if let Some([first, second]) =
                     halves_to_send_again(&range, &answered, &mut refusal_budget)
                 {
@@ -468,10 +490,48 @@ impl Sink for HttpSink {
 
 impl HttpSink {
     /// Sends `records` in one request and returns their outcomes.
-    async fn send(&mut self, target: &Target, records: &[Record]) -> Vec<Result<(), SinkError>> {
+    async fn send(
+        &mut self,
+        route: &str,
+        target: &Target,
+        records: &[Record],
+    ) -> Vec<Result<(), SinkError>> {
         let mut body = std::mem::take(&mut self.body);
         body.clear();
-        write_body(&mut body, &target.layout, records);
+        if !matches!(target.layout, Layout::Otlp) {
+            write_body(&mut body, &target.layout, records);
+            return self.post(route, target, body, records.len()).await;
+        }
+        // OTLP: a record that cannot be mapped fails alone; the others are sent.
+        let refs: Vec<&Record> = records.iter().collect();
+        let unmapped =
+            crate::otlp_sink::encode(&refs, crate::otlp_sink::now_unix_nano(), &mut body);
+        let mapped = unmapped.iter().filter(|failure| failure.is_none()).count();
+        let mut answered = if mapped > 0 {
+            self.post(route, target, body, mapped).await
+        } else {
+            self.body = body;
+            Vec::new()
+        }
+        .into_iter();
+        unmapped
+            .into_iter()
+            .map(|failure| match failure {
+                Some(err) => Err(err),
+                // `post` answers one outcome per record sent: never short.
+                None => answered.next().unwrap_or(Ok(())),
+            })
+            .collect()
+    }
+
+    /// Posts `body`, the request of `count` records, and returns their outcomes.
+    async fn post(
+        &mut self,
+        route: &str,
+        target: &Target,
+        body: Vec<u8>,
+        count: usize,
+    ) -> Vec<Result<(), SinkError>> {
         // The plain body is handed over as it is (no copy); a gzip body is a new buffer, and
         // the plain one is kept for the next request.
         let payload = if target.gzip {
@@ -487,7 +547,7 @@ impl HttpSink {
                     Ok(done) => done,
                     Err(join) => {
                         let err = SinkError::retryable("gzip_failed", join.to_string());
-                        return vec![Err(err); records.len()];
+                        return vec![Err(err); count];
                     }
                 }
             };
@@ -496,7 +556,7 @@ impl HttpSink {
                 Ok(compressed) => compressed,
                 Err(err) => {
                     let err = SinkError::retryable("gzip_failed", err.to_string());
-                    return vec![Err(err); records.len()];
+                    return vec![Err(err); count];
                 }
             }
         } else {
@@ -514,7 +574,7 @@ impl HttpSink {
         let answer = request.body(payload).send().await;
         let response = match answer {
             Ok(response) => response,
-            Err(err) => return vec![Err(request_error(&err)); records.len()],
+            Err(err) => return vec![Err(request_error(&err)); count],
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -526,14 +586,14 @@ impl HttpSink {
         let bulk = matches!(target.layout, Layout::Bulk { .. }) && (200..300).contains(&status);
         let limit = if bulk {
             BULK_ANSWER_PER_RECORD
-                .saturating_mul(records.len())
+                .saturating_mul(count)
                 .max(BULK_ANSWER_MIN)
         } else {
             ANSWER_READ_MAX
         };
         let (text, whole) = match read_bounded(response, limit).await {
             Ok(read) => read,
-            Err(err) => return vec![Err(request_error(&err)); records.len()],
+            Err(err) => return vec![Err(request_error(&err)); count],
         };
         if bulk {
             if !whole {
@@ -541,10 +601,31 @@ impl HttpSink {
                     "bulk_answer_too_large",
                     format!("the _bulk answer is over {limit} bytes; not read further"),
                 );
-                return vec![Err(err); records.len()];
+                return vec![Err(err); count];
             }
-            return bulk_outcomes(&text, records.len());
+            return bulk_outcomes(&text, count);
         }
+        if matches!(target.layout, Layout::Otlp) && (200..300).contains(&status) {
+            if let Some((rejected, message)) = crate::otlp_sink::rejected(&text) {
+                // OTLP: rejected records must not be sent again, and the answer does not say
+                // which they are; the request counts as delivered.
+                crate::metrics::otlp_rejected_records()
+                    .with_label_values(&[route])
+                    .inc_by(u64::try_from(rejected).unwrap_or(0));
+                tracing::warn!(
+                    route,
+                    rejected,
+                    records = count,
+                    error = %message,
+                    "the otlp endpoint rejected records of a request (partial success); not retried"
+                );
+            }
+            return vec![Ok(()); count];
+        }
+        let text = match &target.layout {
+            Layout::Otlp => crate::otlp_sink::error_message(&text).map_or(text, String::into_bytes),
+            _ => text,
+        };
         let refused = matches!(status, 401 | 403);
         if let Some(credentials) = self.endpoint.credentials.as_ref().filter(|_| refused) {
             if credentials.current(CREDENTIALS_CHECK_REFUSED).1 {
@@ -554,12 +635,12 @@ impl HttpSink {
                     "credentials_changed",
                     format!("HTTP {status} with credentials whose file has changed since; sending again with the new ones"),
                 );
-                return vec![Err(err); records.len()];
+                return vec![Err(err); count];
             }
         }
         match status_outcome(status, retry_after, &text) {
-            Ok(()) => vec![Ok(()); records.len()],
-            Err(err) => vec![Err(err); records.len()],
+            Ok(()) => vec![Ok(()); count],
+            Err(err) => vec![Err(err); count],
         }
     }
 }
@@ -614,7 +695,8 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
     }
     for (position, record) in records.iter().enumerate() {
         match layout {
-            Layout::Ndjson => {}
+            // An OTLP body is written by `otlp_sink::encode`, never here.
+            Layout::Ndjson | Layout::Otlp => {}
             Layout::JsonArray if position > 0 => out.push(b','),
             Layout::JsonArray => {}
             Layout::Loki(_) => {}
@@ -974,12 +1056,12 @@ mod tests {
 
     fn endpoint(toml_text: &str, elasticsearch: bool) -> HttpEndpoint {
         let config: HttpSinkConfig = toml::from_str(toml_text).expect("an http sink section");
-        let kind = if elasticsearch {
-            HttpKind::Elasticsearch
+        let destination = if elasticsearch {
+            HttpDestination::Elasticsearch
         } else {
-            HttpKind::Http
+            HttpDestination::Http
         };
-        HttpEndpoint::new(&config, kind).expect("an endpoint")
+        HttpEndpoint::new(&config, destination).expect("an endpoint")
     }
 
     /// Issue 31: a Loki push groups a request's records into streams by their label values,
@@ -993,7 +1075,7 @@ mod tests {
              labels = { level = \"{level}\", service = \"{service}\", env = { field = \"env\", values = [\"prod\"] } }",
         )
         .expect("a loki section");
-        let loki = HttpEndpoint::new(&config, HttpKind::Loki).expect("a loki endpoint");
+        let loki = HttpEndpoint::new(&config, HttpDestination::Loki).expect("a loki endpoint");
         assert_eq!(
             loki.target.url.as_str(),
             "http://vl:9428/insert/loki/api/v1/push"
@@ -1071,6 +1153,32 @@ mod tests {
         assert_eq!(url.as_str(), "http://in:8080/logs?x=1");
     }
 
+    /// An otlp URL is the logs URL as written when it ends in `/v1/logs`, else a base that
+    /// gets it; the body is protobuf, gzipped by default.
+    #[test]
+    fn otlp_urls_end_in_v1_logs() {
+        for (written, posted) in [
+            ("http://c:4318", "http://c:4318/v1/logs"),
+            ("http://c:4318/", "http://c:4318/v1/logs"),
+            ("https://gw/otlp", "https://gw/otlp/v1/logs"),
+            ("https://gw/otlp/v1/logs", "https://gw/otlp/v1/logs"),
+            (
+                "http://c:4318/v1/logs?tenant=a",
+                "http://c:4318/v1/logs?tenant=a",
+            ),
+        ] {
+            let config: HttpSinkConfig =
+                toml::from_str(&format!("url = \"{written}\"")).expect("a section");
+            let endpoint = HttpEndpoint::new(&config, HttpDestination::Otlp).expect("endpoint");
+            assert_eq!(endpoint.target.url.as_str(), posted, "{written}");
+            assert!(endpoint.target.gzip);
+            assert_eq!(
+                endpoint.target.headers[reqwest::header::CONTENT_TYPE],
+                "application/x-protobuf"
+            );
+        }
+    }
+
     /// A loopback port nothing listens on (bound, then released).
     fn closed_port() -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -1123,7 +1231,7 @@ mod tests {
         let crate::config::SinkConfig::Http(http) = &config.routes[0].sink else {
             panic!("an http sink");
         };
-        let mut sink = HttpEndpoint::new(http, HttpKind::Http)
+        let mut sink = HttpEndpoint::new(http, HttpDestination::Http)
             .expect("endpoint")
             .sink();
         let batch = [record(1, "{\"a\":1}")];

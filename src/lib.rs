@@ -32,7 +32,8 @@
 //!   order).
 //! - [`worker`]: shapes each record on the way ([`shape`]: transforms, a templated
 //!   destination), delivers batches to the route's [`sink`] (the Kafka sink through
-//!   [`producer`], the HTTP and Elasticsearch sinks in [`http_sink`]), retries with backoff
+//!   [`producer`], the HTTP, Elasticsearch and OTLP sinks in [`http_sink`], the OTLP log
+//!   data model in [`otlp_sink`]), retries with backoff
 //!   (never sooner than an HTTP `Retry-After`), and acks each record.
 //! - [`dead_letter`]: parks what cannot be decoded or delivered in the dead-letter topic.
 //! - [`committer`]: tracks dispatched and finished offsets ([`offsets`]) and decides what may be
@@ -60,6 +61,7 @@ pub mod http;
 pub mod http_sink;
 pub mod metrics;
 pub mod offsets;
+pub mod otlp_sink;
 pub mod pipeline;
 pub mod producer;
 pub mod record;

@@ -181,6 +181,22 @@ pub fn kafka_client_errors() -> &'static IntCounterVec {
     })
 }
 
+/// Log records an OTLP endpoint rejected for good in a partial-success answer, by route.
+/// Process-wide for the same reason as [`kafka_client_errors`] (made in the sink).
+pub fn otlp_rejected_records() -> &'static IntCounterVec {
+    static REJECTED: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    REJECTED.get_or_init(|| {
+        IntCounterVec::new(
+            Opts::new(
+                "logbridge_otlp_rejected_records_total",
+                "Log records an OTLP endpoint answered as rejected (partial success), by route: OTLP says not to send them again and does not say which records they were, so their request counts as delivered and its offsets are committed.",
+            ),
+            &["route"],
+        )
+        .expect(METRIC_OK)
+    })
+}
+
 /// Kafka producers replaced after a fatal librdkafka error (the idempotent producer's
 /// `rd_kafka_fatal_error`) or a change of a file a property is read from, by client (`sink producer`, `dead-letter producer`). Process-wide
 /// for the same reason as [`kafka_client_errors`].
@@ -603,6 +619,7 @@ impl Metrics {
             Box::new(self.transactions_fenced.clone()),
             Box::new(kafka_client_errors().clone()),
             Box::new(kafka_producer_rebuilds().clone()),
+            Box::new(otlp_rejected_records().clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

@@ -116,10 +116,13 @@ pub fn config_sink_factory() -> SinkFactory {
                         keep_headers: *keep_headers,
                     })
                 }
-                SinkConfig::Http(_) | SinkConfig::Elasticsearch(_) | SinkConfig::Loki(_) => {
+                SinkConfig::Http(_)
+                | SinkConfig::Elasticsearch(_)
+                | SinkConfig::Loki(_)
+                | SinkConfig::Otlp(_) => {
                     let endpoint = endpoints.get_or_make(&route.name, || {
-                        let (http, kind) = route.sink.http().context("an http sink")?;
-                        crate::http_sink::HttpEndpoint::new(http, kind)
+                        let (http, destination) = route.sink.http().context("an http sink")?;
+                        crate::http_sink::HttpEndpoint::new(http, destination)
                             .with_context(|| format!("route `{}`", route.name))
                     })?;
                     Box::new(endpoint.sink())

@@ -112,10 +112,10 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
     check_rows(
         &output,
         1,
-        &["raw", "null", "kafka", "kafka-eos", "http", "loki"],
+        &["raw", "null", "kafka", "kafka-eos", "http", "otlp", "loki"],
         20_000,
     );
-    assert!(output.contains("h/d = "), "the loki row's ratio: {output}");
+    assert!(output.contains("i/d = "), "the loki row's ratio: {output}");
     let loki_entries = figure(&output, "loki endpoint:", "pushes,");
     assert_eq!(
         loki_entries, 20_000.0,
@@ -161,6 +161,12 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
     assert!(
         (per_request - received / requests).abs() <= 0.5,
         "http endpoint: {per_request} events per request printed, {received} / {requests} counted"
+    );
+    // The otlp run's log records, as the endpoint decoded them from gzip protobuf bodies.
+    let records = figure(&output, "otlp endpoint:", "requests,");
+    assert!(
+        records == 20_000.0 && median("(h) pipeline, otlp sinks") > 0.0,
+        "otlp endpoint: received {records} log records, not the 20000 read\n{output}"
     );
     assert!(
         (b_a - null / raw).abs() <= 0.006,

@@ -63,6 +63,55 @@ fn check_config_accepts_the_readme_cookbook() {
     }
 }
 
+/// The OTLP sink's configuration in docs/outputs.md is one `check-config` accepts (its token
+/// file made here), shown with the token redacted; a key an otlp sink cannot have is named.
+#[test]
+fn check_config_accepts_the_documented_otlp_sink_and_names_its_bad_keys() {
+    let docs = std::fs::read_to_string("docs/outputs.md").expect("docs/outputs.md");
+    let section = docs
+        .split_once("### OpenTelemetry")
+        .map(|(_, rest)| rest)
+        .expect("an OpenTelemetry section");
+    let block = section
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(toml, _)| toml)
+        .expect("a TOML block");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token = dir.path().join("otlp-token");
+    std::fs::write(&token, "s3cret-otlp-token\n").expect("write");
+    let check = |name: &str, routes: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!("[kafka]\nbrokers = \"localhost:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n{routes}"),
+        )
+        .expect("write");
+        Command::new(BIN)
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .expect("run logbridge")
+    };
+    let documented = block.replace("/run/secrets/otlp-token", token.to_str().expect("utf-8"));
+    let output = check("otlp.toml", &documented);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}\n{documented}");
+    assert!(stdout.contains("type = \"otlp\""), "{stdout}");
+    assert!(
+        !stdout.contains("s3cret-otlp-token"),
+        "token shown:\n{stdout}"
+    );
+    let output = check(
+        "bad.toml",
+        "[[routes]]\nname = \"r\"\nlevels = [\"error\"]\nsink = { type = \"otlp\", url = \"http://c:4318\", method = \"PUT\" }\n",
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("routes[0].sink.method"), "{stderr}");
+}
+
 /// Issue 34, item 7: `check-config` prints a sink URL without its user info and keys.
 #[test]
 fn check_config_shows_urls_without_their_secrets() {

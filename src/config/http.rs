@@ -1,5 +1,6 @@
 //! The HTTP destinations' section of a route: `sink = { type = "http", ... }`,
-//! `sink = { type = "elasticsearch", ... }` and `sink = { type = "loki", ... }` share it.
+//! `sink = { type = "elasticsearch", ... }`, `sink = { type = "loki", ... }` and
+//! `sink = { type = "otlp", ... }` share it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +14,9 @@ use super::{check_range, invalid, ConfigError, REDACTED};
 #[serde(deny_unknown_fields)]
 pub struct HttpSinkConfig {
     /// Endpoint (`http://` or `https://`). For `elasticsearch`, the cluster's base URL: batches
-    /// go to `<url>/_bulk`.
+    /// go to `<url>/_bulk`. For `otlp`, the collector's logs URL: a URL whose path does not
+    /// end in `/v1/logs` gets it appended (`http://collector:4318` posts to
+    /// `http://collector:4318/v1/logs`).
     pub url: String,
     /// `http` only: `POST` (default) or `PUT`.
     #[serde(default)]
@@ -24,9 +27,9 @@ pub struct HttpSinkConfig {
     /// `http` only: `ndjson` (one original payload per line, the default) or `json_array`.
     #[serde(default)]
     pub format: HttpFormat,
-    /// Request body compression: `none` (default) or `gzip`.
-    #[serde(default)]
-    pub compression: Compression,
+    /// Request body compression: `none` or `gzip`; default `none`, and `gzip` for `otlp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
     /// Basic or bearer authentication.
     #[serde(default)]
     pub auth: Option<HttpAuth>,
@@ -76,17 +79,6 @@ pub struct HttpSinkConfig {
     /// `loki` only: the tenant (`X-Scope-OrgID`) of a multi-tenant Loki.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
-}
-
-/// Which destination an [`HttpSinkConfig`] is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HttpKind {
-    /// `type = "http"`.
-    Http,
-    /// `type = "elasticsearch"`.
-    Elasticsearch,
-    /// `type = "loki"`.
-    Loki,
 }
 
 /// Where a Loki stream label takes its value.
@@ -142,6 +134,19 @@ impl LokiLabel {
             }
         }
     }
+}
+
+/// Which of the sinks that share [`HttpSinkConfig`] a section is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpDestination {
+    /// `type = "http"`.
+    Http,
+    /// `type = "elasticsearch"`.
+    Elasticsearch,
+    /// `type = "otlp"`.
+    Otlp,
+    /// `type = "loki"`.
+    Loki,
 }
 
 /// HTTP method of the generic sink.
@@ -301,10 +306,33 @@ pub fn redact_url_in(text: &str, url: &str) -> String {
 }
 
 impl HttpSinkConfig {
-    /// Checks the section of route sink `key` (`routes[0].sink`) of destination `kind`.
-    pub fn validate(&self, key: &str, kind: HttpKind) -> Result<(), ConfigError> {
-        let elasticsearch = kind == HttpKind::Elasticsearch;
+    /// Whether bodies are gzipped: as configured, else only for `otlp` (collectors all take
+    /// gzip; an arbitrary HTTP endpoint may not).
+    pub fn gzip(&self, destination: HttpDestination) -> bool {
+        match self.compression {
+            Some(compression) => compression == Compression::Gzip,
+            None => destination == HttpDestination::Otlp,
+        }
+    }
+
+    /// Checks the section of route sink `key` (`routes[0].sink`) of a `destination` sink.
+    pub fn validate(&self, key: &str, destination: HttpDestination) -> Result<(), ConfigError> {
+        let elasticsearch = destination == HttpDestination::Elasticsearch;
         let field = |name: &str| format!("{key}.{name}");
+        if destination == HttpDestination::Otlp {
+            if self.format != HttpFormat::Ndjson {
+                return Err(invalid(
+                    field("format"),
+                    "an otlp sink always sends protobuf ExportLogsServiceRequest: remove it",
+                ));
+            }
+            if self.method != HttpMethod::Post {
+                return Err(invalid(
+                    field("method"),
+                    "an otlp sink always POSTs (OTLP/HTTP): remove it",
+                ));
+            }
+        }
         let url = self.url.trim();
         if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
             return Err(invalid(
@@ -360,7 +388,7 @@ impl HttpSinkConfig {
             // Elasticsearch takes ids of up to 512 bytes; topic names take up to 249.
             check_range(&field("id_prefix"), prefix.len(), 0, MAX_ID_PREFIX)?;
         }
-        self.validate_loki(key, kind)?;
+        self.validate_loki(key, destination)?;
         let index_problem = self.index.as_deref().and_then(index_name_problem);
         match (elasticsearch, &self.index) {
             (true, None) => Err(invalid(
@@ -390,9 +418,9 @@ impl HttpSinkConfig {
     }
 
     /// The Loki settings: only on a `loki` sink, labels of bounded values only.
-    fn validate_loki(&self, key: &str, kind: HttpKind) -> Result<(), ConfigError> {
+    fn validate_loki(&self, key: &str, destination: HttpDestination) -> Result<(), ConfigError> {
         let field = |name: &str| format!("{key}.{name}");
-        if kind != HttpKind::Loki {
+        if destination != HttpDestination::Loki {
             let set = [
                 ("labels", self.labels.is_some()),
                 ("metadata", !self.metadata.is_empty()),
@@ -533,7 +561,7 @@ fn index_name_problem(index: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::{Config, HttpAuth, SinkConfig, REDACTED};
+    use crate::config::{Config, HttpAuth, HttpDestination, HttpSinkConfig, SinkConfig, REDACTED};
 
     fn config(sink: &str) -> String {
         format!(
@@ -730,6 +758,23 @@ mod tests {
                 r#"{ type = "http", url = "http://h/x", id_prefix = "a:" }"#,
                 "routes[0].sink.id_prefix",
             ),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", format = "json_array" }"#,
+                "routes[0].sink.format",
+            ),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", method = "PUT" }"#,
+                "routes[0].sink.method",
+            ),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", index = "l" }"#,
+                "routes[0].sink.index",
+            ),
+            (r#"{ type = "otlp", url = "c:4318" }"#, "routes[0].sink.url"),
+            (
+                r#"{ type = "otlp", url = "http://c:4318", max_records = 0 }"#,
+                "routes[0].sink.max_records",
+            ),
         ];
         for (sink, key) in cases {
             let err = load(sink).expect_err(sink);
@@ -741,6 +786,23 @@ mod tests {
         let err =
             load(r#"{ type = "http", url = "http://h/x", retries = 3 }"#).expect_err("unknown key");
         assert!(err.contains("retries"), "{err}");
+        let err = load(r#"{ type = "otlp", url = "http://c:4318", insecure = true }"#)
+            .expect_err("unknown key");
+        assert!(err.contains("insecure"), "{err}");
+    }
+
+    /// An otlp sink gzips unless told not to; the others send plain bodies unless told to.
+    #[test]
+    fn otlp_bodies_are_gzipped_by_default() {
+        let section = |text: &str| -> HttpSinkConfig { toml::from_str(text).expect("a section") };
+        let plain = section("url = \"http://c:4318\"");
+        assert!(plain.gzip(HttpDestination::Otlp));
+        assert!(!plain.gzip(HttpDestination::Http));
+        assert!(!plain.gzip(HttpDestination::Elasticsearch));
+        let off = section("url = \"http://c:4318\"\ncompression = \"none\"");
+        assert!(!off.gzip(HttpDestination::Otlp));
+        let on = section("url = \"http://h\"\ncompression = \"gzip\"");
+        assert!(on.gzip(HttpDestination::Http));
     }
 
     #[test]

@@ -15,7 +15,7 @@ mod security;
 pub mod shape;
 
 pub use http::{
-    redact_url, redact_url_in, Compression, HttpAuth, HttpFormat, HttpKind, HttpMethod,
+    redact_url, redact_url_in, Compression, HttpAuth, HttpDestination, HttpFormat, HttpMethod,
     HttpSinkConfig, LokiLabel,
 };
 pub use references::Reloading;
@@ -637,12 +637,13 @@ pub struct HeaderMatch {
 }
 
 impl SinkConfig {
-    /// The HTTP section of an `http`, `elasticsearch` or `loki` sink, and which it is.
-    pub fn http(&self) -> Option<(&HttpSinkConfig, HttpKind)> {
+    /// The HTTP section of an `http`, `elasticsearch`, `loki` or `otlp` sink, and which it is.
+    pub fn http(&self) -> Option<(&HttpSinkConfig, HttpDestination)> {
         match self {
-            SinkConfig::Http(http) => Some((http, HttpKind::Http)),
-            SinkConfig::Elasticsearch(http) => Some((http, HttpKind::Elasticsearch)),
-            SinkConfig::Loki(http) => Some((http, HttpKind::Loki)),
+            SinkConfig::Http(http) => Some((http, HttpDestination::Http)),
+            SinkConfig::Elasticsearch(http) => Some((http, HttpDestination::Elasticsearch)),
+            SinkConfig::Loki(http) => Some((http, HttpDestination::Loki)),
+            SinkConfig::Otlp(http) => Some((http, HttpDestination::Otlp)),
             _ => None,
         }
     }
@@ -669,7 +670,8 @@ impl SinkConfig {
         }
     }
 
-    /// Whether the sink reads the event's service (a destination template naming it).
+    /// Whether the sink reads the event's service (a destination template naming it, or an
+    /// OTLP resource's `service.name`).
     pub fn uses_service(&self) -> bool {
         let loki_label = match self {
             // The default labels are `level` and `service`.
@@ -681,6 +683,7 @@ impl SinkConfig {
             _ => false,
         };
         loki_label
+            || matches!(self, SinkConfig::Otlp(_))
             || self
                 .destination_template()
                 .is_some_and(|(text, _)| text.contains("{service"))
@@ -795,7 +798,10 @@ impl RouteConfig {
     /// `max_records`.
     pub fn linger(&self) -> Option<crate::worker::Linger> {
         match &self.sink {
-            SinkConfig::Http(http) | SinkConfig::Elasticsearch(http) | SinkConfig::Loki(http)
+            SinkConfig::Http(http)
+            | SinkConfig::Elasticsearch(http)
+            | SinkConfig::Loki(http)
+            | SinkConfig::Otlp(http)
                 if http.linger_ms > 0 =>
             {
                 Some(crate::worker::Linger {
@@ -873,6 +879,10 @@ pub enum SinkConfig {
     /// Push to Grafana Loki (`/loki/api/v1/push`, JSON): streams by `labels`, the original
     /// payload as the line.
     Loki(HttpSinkConfig),
+    /// Export to an OpenTelemetry collector (or any OTLP/HTTP logs endpoint): each event as an
+    /// OTLP LogRecord in a protobuf `ExportLogsServiceRequest`, gzipped unless
+    /// `compression = "none"` (see `otlp_sink`).
+    Otlp(HttpSinkConfig),
     /// Produce to a Kafka topic: original payload, key and headers, plus
     /// `logbridge.source.topic`, `.partition`, `.offset` and `logbridge.route` headers.
     Kafka {
@@ -907,6 +917,7 @@ impl SinkConfig {
             SinkConfig::Http(_) => "http",
             SinkConfig::Elasticsearch(_) => "elasticsearch",
             SinkConfig::Loki(_) => "loki",
+            SinkConfig::Otlp(_) => "otlp",
             SinkConfig::Kafka { .. } => "kafka",
         }
     }
@@ -1418,9 +1429,10 @@ impl Config {
                 }
                 SinkConfig::Http(http)
                 | SinkConfig::Elasticsearch(http)
-                | SinkConfig::Loki(http) => {
-                    if let Some((_, kind)) = route.sink.http() {
-                        http.validate(&key("sink"), kind)?;
+                | SinkConfig::Loki(http)
+                | SinkConfig::Otlp(http) => {
+                    if let Some((_, destination)) = route.sink.http() {
+                        http.validate(&key("sink"), destination)?;
                     }
                 }
                 SinkConfig::Kafka {
@@ -1703,7 +1715,8 @@ impl Config {
                 } => hide(security, options),
                 SinkConfig::Http(http)
                 | SinkConfig::Elasticsearch(http)
-                | SinkConfig::Loki(http) => {
+                | SinkConfig::Loki(http)
+                | SinkConfig::Otlp(http) => {
                     *http = http.redacted();
                 }
                 _ => {}

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::cluster::{ClusterProblem, Probe};
-use crate::config::{Cluster, Config, HttpKind, HttpSinkConfig};
+use crate::config::{Cluster, Config, HttpDestination, HttpSinkConfig};
 use crate::http_sink::HttpEndpoint;
 
 /// How `check-config` ends; the exit codes are documented in the README.
@@ -124,13 +124,13 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
 /// Asks each HTTP and Elasticsearch destination whether it is there (see
 /// [`HttpEndpoint::probe`]), one line each on stderr; whether every one answered.
 fn probe_http_destinations(config: &Config, timeout: Duration) -> bool {
-    let destinations: Vec<(String, &HttpSinkConfig, HttpKind)> = config
+    let destinations: Vec<(String, &HttpSinkConfig, HttpDestination)> = config
         .routes
         .iter()
         .enumerate()
         .filter_map(|(index, route)| {
-            let (http, kind) = route.sink.http()?;
-            Some((format!("routes[{index}].sink.url"), http, kind))
+            let (http, destination) = route.sink.http()?;
+            Some((format!("routes[{index}].sink.url"), http, destination))
         })
         .collect();
     if destinations.is_empty() {
@@ -147,9 +147,9 @@ fn probe_http_destinations(config: &Config, timeout: Duration) -> bool {
         }
     };
     let mut all = true;
-    for (key, http, kind) in destinations {
+    for (key, http, destination) in destinations {
         let shown = crate::config::redact_url(&http.url);
-        let answer = match HttpEndpoint::new(http, kind) {
+        let answer = match HttpEndpoint::new(http, destination) {
             Ok(endpoint) => runtime.block_on(async {
                 tokio::time::timeout(timeout, endpoint.probe())
                     .await

@@ -71,6 +71,7 @@ pub fn bench_config(options: &ChildOptions) -> anyhow::Result<Config> {
             format!("{{ type = \"kafka\", topic = \"{}\" }}", options.out_topic)
         }
         Mode::Http => format!("{{ type = \"http\", url = \"{}\" }}", options.http_url),
+        Mode::Otlp => format!("{{ type = \"otlp\", url = \"{}\" }}", options.http_url),
         // The endpoint answers any path; the labels are the default ones, level and service.
         Mode::Loki => format!("{{ type = \"loki\", url = \"{}\" }}", options.http_url),
         _ => "{ type = \"null\" }".to_string(),

@@ -1,6 +1,7 @@
-//! The local HTTP endpoint the `http` and `loki` modes deliver to: it answers every request `200` at once
-//! and counts what it took (requests, body bytes, and events: the NDJSON lines, or the entries
-//! of a Loki push, counted apart), so the figure is the cost of logbridge's side of HTTP delivery
+//! The local HTTP endpoint the `http`, `otlp` and `loki` modes deliver to: it answers every
+//! request `200` at once and counts what it took (requests, body bytes, and events: the NDJSON
+//! lines, or the log records of an OTLP protobuf body, or the entries of a Loki push, each
+//! apart), so the figure is the cost of logbridge's side of HTTP delivery
 //! (building bodies, one request per batch and worker, waiting for the answer), not a server's.
 //! The soak's endpoint is [`Flaky`]: it fails some requests and is down for a while now and then.
 
@@ -42,6 +43,8 @@ pub(super) struct Endpoint {
     /// Pushes to `/loki/api/v1/push` and the entries they held.
     loki_pushes: Arc<AtomicU64>,
     loki_events: Arc<AtomicU64>,
+    /// OTLP requests, body bytes and log records.
+    otlp: Arc<[AtomicU64; 3]>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -67,12 +70,14 @@ impl Endpoint {
         let failed = Arc::new(AtomicU64::new(0));
         let loki_pushes = Arc::new(AtomicU64::new(0));
         let loki_events = Arc::new(AtomicU64::new(0));
+        let otlp: Arc<[AtomicU64; 3]> = Arc::default();
         let counted = (
             requests.clone(),
             bytes.clone(),
             events.clone(),
             failed.clone(),
             (loki_pushes.clone(), loki_events.clone()),
+            otlp.clone(),
         );
         let started = Instant::now();
         let task = tokio::spawn(async move {
@@ -81,10 +86,14 @@ impl Endpoint {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: Request<hyper::body::Incoming>| {
-                            let (requests, bytes, events, failed, (loki_pushes, loki_events)) =
+                            let (requests, bytes, events, failed, (loki_pushes, loki_events), otlp) =
                                 counted.clone();
                             async move {
                                 let loki = request.uri().path().ends_with("/loki/api/v1/push");
+                                let protobuf = request
+                                    .headers()
+                                    .get(hyper::header::CONTENT_TYPE)
+                                    .is_some_and(|value| value == "application/x-protobuf");
                                 let body = request
                                     .into_body()
                                     .collect()
@@ -98,9 +107,16 @@ impl Endpoint {
                                         Bytes::new(),
                                     )));
                                 }
-                                let request = requests.fetch_add(1, Ordering::Relaxed);
-                                bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-                                events.fetch_add(ndjson_lines(&body), Ordering::Relaxed);
+                                let request = if protobuf {
+                                    let [requests, bytes, records] = &*otlp;
+                                    bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                                    records.fetch_add(otlp_records(&body), Ordering::Relaxed);
+                                    requests.fetch_add(1, Ordering::Relaxed)
+                                } else {
+                                    bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                                    events.fetch_add(ndjson_lines(&body), Ordering::Relaxed);
+                                    requests.fetch_add(1, Ordering::Relaxed)
+                                };
                                 let mut response = Response::new(Full::new(Bytes::new()));
                                 if flaky
                                     .is_some_and(|flaky| flaky.fails(request, started.elapsed()))
@@ -127,17 +143,26 @@ impl Endpoint {
             failed,
             loki_pushes,
             loki_events,
+            otlp,
             task,
         })
     }
 
-    /// Requests, body bytes and events (NDJSON lines) received so far.
-    pub fn received(&self) -> Received {
-        Received {
-            requests: self.requests.load(Ordering::Relaxed),
-            bytes: self.bytes.load(Ordering::Relaxed),
-            events: self.events.load(Ordering::Relaxed),
-        }
+    /// Requests, body bytes and events received so far: NDJSON (lines), and OTLP (log records).
+    pub fn received(&self) -> (Received, Received) {
+        let [requests, bytes, records] = &*self.otlp;
+        (
+            Received {
+                requests: self.requests.load(Ordering::Relaxed),
+                bytes: self.bytes.load(Ordering::Relaxed),
+                events: self.events.load(Ordering::Relaxed),
+            },
+            Received {
+                requests: requests.load(Ordering::Relaxed),
+                bytes: bytes.load(Ordering::Relaxed),
+                events: records.load(Ordering::Relaxed),
+            },
+        )
     }
 }
 
@@ -169,6 +194,28 @@ pub(super) struct Received {
     pub requests: u64,
     pub bytes: u64,
     pub events: u64,
+}
+
+/// Log records in a gzipped OTLP `ExportLogsServiceRequest` (0 if it is not one).
+fn otlp_records(body: &[u8]) -> u64 {
+    use prost::Message as _;
+    use std::io::Read as _;
+    let mut plain = Vec::new();
+    if flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut plain)
+        .is_err()
+    {
+        return 0;
+    }
+    opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest::decode(&plain[..])
+        .map_or(0, |request| {
+            request
+                .resource_logs
+                .iter()
+                .flat_map(|resource| &resource.scope_logs)
+                .map(|scope| scope.log_records.len() as u64)
+                .sum()
+        })
 }
 
 /// Events in an NDJSON body: its non-empty lines.

@@ -196,6 +196,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
             Mode::Kafka,
             Mode::KafkaEos,
             Mode::Http,
+            Mode::Otlp,
             Mode::Loki,
             Mode::FanOut,
             Mode::Transforms,
@@ -217,7 +218,18 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     let http_runs = results.get(&Mode::Http).map_or(0, Vec::len) as u64;
     // What the endpoint counted, not what was sent: the events it received are checked against
     // the events the http runs read.
-    let received = endpoint.received();
+    let (received, otlp) = endpoint.received();
+    let otlp_runs = results.get(&Mode::Otlp).map_or(0, Vec::len) as u64;
+    if otlp_runs > 0 && otlp.requests > 0 {
+        println!(
+            "otlp endpoint: {} requests, {} log records ({} read by {otlp_runs} otlp runs), {:.1} MiB of gzip protobuf, {:.0} records per request",
+            otlp.requests,
+            otlp.events,
+            options.events * otlp_runs,
+            otlp.bytes as f64 / (1 << 20) as f64,
+            otlp.events as f64 / otlp.requests as f64
+        );
+    }
     if http_runs > 0 && received.requests > 0 {
         println!(
             "http endpoint: {} requests, {} events ({} read by {http_runs} http runs), {:.1} MiB of NDJSON, {:.0} events per request",

@@ -49,13 +49,13 @@ pub struct BenchOptions {
     #[arg(long, default_value_t = 1_000)]
     pub commit_interval_ms: u64,
     /// Pipeline modes to measure besides raw librdkafka (the reference): null, kafka,
-    /// kafka-eos (exactly-once: transactions), http, loki (Loki's push API, labels level and
-    /// service), fan-out (every event to three null routes), transforms (a field condition and
+    /// kafka-eos (exactly-once: transactions), http, otlp (OTLP/HTTP protobuf), loki (Loki's
+    /// push API, labels level and service), fan-out (every event to three null routes), transforms (a field condition and
     /// a typical transform chain).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "null,kafka,kafka-eos,http,loki,fan-out,transforms"
+        default_value = "null,kafka,kafka-eos,http,otlp,loki,fan-out,transforms"
     )]
     pub modes: Vec<Mode>,
     /// librdkafka consumer property for every mode, `key=value` (repeatable).
@@ -136,6 +136,8 @@ pub enum Mode {
     KafkaEos,
     /// The pipeline to HTTP sinks posting to a local endpoint that answers at once.
     Http,
+    /// The pipeline to OTLP sinks (protobuf, gzip) posting to the same endpoint.
+    Otlp,
     /// The pipeline to Loki sinks pushing JSON streams to the same endpoint.
     Loki,
     /// The pipeline to null sinks paced to a fixed rate (memory ceiling).
@@ -149,13 +151,14 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode.
-    pub const ALL: [Mode; 9] = [
+    pub const ALL: [Mode; 10] = [
         Mode::Raw,
         Mode::Null,
         Mode::Kafka,
         Mode::KafkaEos,
         Mode::Paced,
         Mode::Http,
+        Mode::Otlp,
         Mode::Loki,
         Mode::FanOut,
         Mode::Transforms,
@@ -170,6 +173,7 @@ impl Mode {
             Mode::KafkaEos => "kafka-eos",
             Mode::Paced => "paced",
             Mode::Http => "http",
+            Mode::Otlp => "otlp",
             Mode::Loki => "loki",
             Mode::FanOut => "fan-out",
             Mode::Transforms => "transforms",
@@ -186,7 +190,7 @@ impl std::str::FromStr for Mode {
             .find(|mode| mode.as_str() == text)
             .ok_or_else(|| {
                 format!(
-                    "unknown mode `{text}`: raw, null, kafka, kafka-eos, http, loki, fan-out, \
+                    "unknown mode `{text}`: raw, null, kafka, kafka-eos, http, otlp, loki, fan-out, \
                      transforms or paced"
                 )
             })

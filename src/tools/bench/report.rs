@@ -59,7 +59,8 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         ("(e) kafka sinks, exactly-once", Mode::KafkaEos),
         ("(f) fan-out to 3 null routes", Mode::FanOut),
         ("(g) null sinks, transforms", Mode::Transforms),
-        ("(h) pipeline, loki sinks", Mode::Loki),
+        ("(h) pipeline, otlp sinks", Mode::Otlp),
+        ("(i) pipeline, loki sinks", Mode::Loki),
     ] {
         let runs = figures(mode);
         if runs.is_empty() {
@@ -90,7 +91,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
     if !figures(Mode::Loki).is_empty() {
         let cpu = |mode: Mode| median_of(figures(mode), Measurement::cpu_per_million);
         println!(
-            "h/a = {:.2}   h/d = {:.2} (loki against http)   cpu per event: h {:.2}x of d",
+            "i/a = {:.2}   i/d = {:.2} (loki against http)   cpu per event: i {:.2}x of d",
             rate(Mode::Loki) / raw,
             rate(Mode::Loki) / rate(Mode::Http),
             cpu(Mode::Loki) / cpu(Mode::Http),
@@ -116,11 +117,26 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         finished(Mode::Http)
     );
     let interval = options.commit_interval_ms as f64 / 1000.0;
-    let per_interval = [Mode::Null, Mode::Kafka, Mode::KafkaEos, Mode::Http]
-        .iter()
-        .flat_map(|mode| figures(*mode))
-        .map(|m| m.commits as f64 / (m.seconds / interval).ceil().max(1.0))
-        .fold(0.0, f64::max);
+    if !figures(Mode::Otlp).is_empty() {
+        let cpu = |mode: Mode| median_of(figures(mode), Measurement::cpu_per_million);
+        println!(
+            "h/a = {:.2}   h/d = {:.2} (OTLP protobuf and gzip against NDJSON)   cpu per event: h {:.2}x of d",
+            rate(Mode::Otlp) / raw,
+            rate(Mode::Otlp) / rate(Mode::Http),
+            cpu(Mode::Otlp) / cpu(Mode::Http),
+        );
+    }
+    let per_interval = [
+        Mode::Null,
+        Mode::Kafka,
+        Mode::KafkaEos,
+        Mode::Http,
+        Mode::Otlp,
+    ]
+    .iter()
+    .flat_map(|mode| figures(*mode))
+    .map(|m| m.commits as f64 / (m.seconds / interval).ceil().max(1.0))
+    .fold(0.0, f64::max);
     println!(
         "commit requests per {} ms interval: at most {per_interval:.2} in any run (target <= 1)",
         options.commit_interval_ms

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Builds the OpenTelemetry Collector that tests/otlp.rs sends OTLP logs to: scripts/otelcol/
+# (the OTLP receiver and the contrib file exporter, collector release v0.161.0 / v1.67.0), from
+# the Go module proxy, into ${LOGBRIDGE_CACHE:-~/.cache/logbridge}/otelcol-<version>-<sum>/.
+# A fresh machine pays once (see docs/testing.md for the measured time); later runs find the
+# marker and return at once. Prints the path of the binary. Needs Go 1.26+.
+#   LOGBRIDGE_CACHE   cache root (default ~/.cache/logbridge)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+src=$here/otelcol
+
+version=v0.161.0
+# A change to the distribution (main.go, go.mod, go.sum) builds a new binary.
+sum=$(cat "$src/main.go" "$src/go.mod" "$src/go.sum" | sha256sum | cut -c1-12)
+cache=${LOGBRIDGE_CACHE:-$HOME/.cache/logbridge}
+home=$cache/otelcol-$version-$sum
+binary=$home/otelcol-logbridge
+
+# A finished install leaves this marker, written last: a run cut short is done again.
+if [ -f "$home/installed" ]; then
+    echo "$binary"
+    exit 0
+fi
+command -v go >/dev/null || { echo "install-otelcol: go not found (Go 1.26+ is needed)" >&2; exit 1; }
+mkdir -p "$cache"
+# Two test binaries (or two checkouts) may install at once: one does, the other waits.
+exec 9>"$cache/otelcol.lock"
+flock 9
+if [ ! -f "$home/installed" ]; then
+    # Modules and build objects go to a scratch folder, removed at the end; only the binary is kept.
+    scratch=$(mktemp -d)
+    trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
+    export GOMODCACHE=$scratch/mod GOCACHE=$scratch/build GOFLAGS=-modcacherw
+    # No toolchain download (none is reachable): the Go on the PATH builds, or the build fails.
+    export GOTOOLCHAIN=local
+    echo "install-otelcol: building the collector $version into $home" >&2
+    rm -rf "$home"
+    mkdir -p "$home"
+    # The source folder may be read-only (a CI clone): build from a copy.
+    cp "$src/main.go" "$src/go.mod" "$src/go.sum" "$scratch/"
+    (cd "$scratch" && go build -trimpath -ldflags=-s -o "$binary" .)
+    "$binary" --version >&2
+    echo "$version" > "$home/installed"
+fi
+echo "$binary"
