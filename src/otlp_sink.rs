@@ -9,9 +9,10 @@
 //! |---|---|
 //! | `severity_number` | the decoded level: trace 1, debug 5, info 9, warning 13, error 17, critical and fatal 21 (the event's own `severityNumber` where it has one of 1–24); another level: 0 (unspecified) |
 //! | `severity_text` | the level as the event wrote it (`WARN`, `Fatal`); a number (pino's `30`) or none (Serilog's default): the decoded name |
-//! | `body` | the first of `message`, `msg`, `@m`, `body`, `event`, `fields.message`, `@mt` (as a string where it is one) |
+//! | `body` | the first of `message`, `msg`, `@m`, `body`, `event`, `fields.message` (as a string where it is one), else Serilog's `@mt` rendered with the event's properties |
 //! | `time_unix_nano` | the first of `time`, `timestamp`, `ts`, `@timestamp`, `@t`, `timeUnixNano` that reads as a time (RFC 3339, or epoch seconds, milliseconds, microseconds or nanoseconds by magnitude); else the Kafka record's timestamp |
 //! | `observed_time_unix_nano` | when the request is built |
+//! | `trace_id`, `span_id` | `traceId`, `trace_id` or `trace.id`; `spanId`, `span_id` or `span.id` (32 and 16 hex digits; other values stay attributes) |
 //! | `attributes` | every other field (objects as `kvlist`, arrays as `array`, integers as `int`, other numbers as `double`); an OpenTelemetry-shaped event's own `attributes` object is merged in; plus `logbridge.source.topic`, `logbridge.source.partition` and `logbridge.source.offset` |
 //! | resource `service.name` | the decoded service (`service`, `service.name`, `serviceContext.service`); records are grouped into one `ResourceLogs` per service; none: no `service.name` |
 //! | scope | `logbridge`, with logbridge's version |
@@ -51,6 +52,9 @@ const LEVEL_FIELDS: &[&str] = &[
 ];
 /// Fields that hold the message, first found wins (`fields` → `message` after `event`).
 const MESSAGE_FIELDS: &[&str] = &["message", "msg", "@m", "body", "event"];
+/// Fields that hold the trace and span ids (hex), first that reads as one wins.
+const TRACE_ID_FIELDS: &[&str] = &["traceId", "trace_id", "trace.id"];
+const SPAN_ID_FIELDS: &[&str] = &["spanId", "span_id", "span.id"];
 /// Fields that hold the event's time, first that reads as a time wins.
 const TIME_FIELDS: &[&str] = &[
     "time",
@@ -207,8 +211,12 @@ fn log_record(record: &Record, observed_unix_nano: u64) -> Result<LogRecord, Sin
         }
     }
     if body.is_none() {
-        // Serilog's message template, when the rendered message is absent.
-        body = fields.shift_remove("@mt");
+        // Serilog's compact JSON without `@m`: the message template, rendered with the event's
+        // properties (which stay attributes).
+        body = fields.shift_remove("@mt").map(|template| match template {
+            Value::String(template) => Value::String(render_template(&template, &fields)),
+            other => other,
+        });
     }
 
     let mut time_unix_nano = None;
@@ -227,6 +235,9 @@ fn log_record(record: &Record, observed_unix_nano: u64) -> Result<LogRecord, Sin
                 .map(|ms| ms.saturating_mul(1_000_000))
         })
         .unwrap_or(0);
+
+    let trace_id = take_id(&mut fields, TRACE_ID_FIELDS, 16);
+    let span_id = take_id(&mut fields, SPAN_ID_FIELDS, 8);
 
     // The service is the resource's.
     if record.service.is_some() {
@@ -280,8 +291,77 @@ fn log_record(record: &Record, observed_unix_nano: u64) -> Result<LogRecord, Sin
         severity_text: severity_text.unwrap_or(level),
         body: body.map(any_value),
         attributes,
+        trace_id,
+        span_id,
         ..Default::default()
     })
+}
+
+/// The first of `names` whose value is `bytes` bytes in hex, not all zero (an invalid id in
+/// OTLP), removed from `fields` and decoded; empty (no id) if none is.
+fn take_id(fields: &mut Map<String, Value>, names: &[&str], bytes: usize) -> Vec<u8> {
+    for name in names {
+        let Some(Value::String(text)) = fields.get(*name) else {
+            continue;
+        };
+        let Some(id) = hex(text).filter(|id| id.len() == bytes && id.iter().any(|b| *b != 0))
+        else {
+            continue;
+        };
+        fields.shift_remove(*name);
+        return id;
+    }
+    Vec::new()
+}
+
+/// `text` as hex digits, two a byte.
+fn hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    let digit = |byte: u8| char::from(byte).to_digit(16);
+    text.as_bytes()
+        .chunks(2)
+        .map(|pair| u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok())
+        .collect()
+}
+
+/// A Serilog message template with each `{Name}` (also `{@Name}`, `{$Name}`, `{Name:format}`,
+/// `{Name,width}`) replaced by the property's value (a string as it is, anything else as JSON;
+/// the format and width are not applied), `{{` and `}}` as braces; a hole without a property is
+/// left as written.
+fn render_template(template: &str, properties: &Map<String, Value>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find(['{', '}']) {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            out.push_str(&tail[..1]);
+            rest = &tail[2..];
+            continue;
+        }
+        let hole = tail.starts_with('{').then(|| tail.find('}')).flatten();
+        let Some(end) = hole else {
+            out.push_str(&tail[..1]);
+            rest = &tail[1..];
+            continue;
+        };
+        let inner = &tail[1..end];
+        let name = inner
+            .trim_start_matches(['@', '$'])
+            .split([':', ','])
+            .next()
+            .unwrap_or_default();
+        match properties.get(name) {
+            Some(Value::String(text)) => out.push_str(text),
+            Some(value) => out.push_str(&value.to_string()),
+            None => out.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A time field's value in nanoseconds since the epoch: RFC 3339 text, or a number (or a string
@@ -439,7 +519,7 @@ mod tests {
             ),
             record(
                 3,
-                r#"{"severityNumber":18,"severityText":"ERROR2","body":"b","attributes":{"a":1},"service.name":"cart"}"#,
+                r#"{"severityNumber":18,"severityText":"ERROR2","body":"b","attributes":{"a":1},"service.name":"cart","traceId":"5B8EFFF798038103D269B633813FC60C","spanId":"eee19b7ec3c1b174","span.id":"00"}"#,
                 "error",
                 Some("cart"),
             ),
@@ -502,6 +582,20 @@ mod tests {
         assert_eq!(third.severity_text, "ERROR2");
         assert_eq!(attribute(third, "a"), Some(&any_value::Value::IntValue(1)));
         assert!(attribute(third, "service.name").is_none());
+        assert_eq!(
+            third.trace_id,
+            [
+                0x5b, 0x8e, 0xff, 0xf7, 0x98, 0x03, 0x81, 0x03, 0xd2, 0x69, 0xb6, 0x33, 0x81, 0x3f,
+                0xc6, 0x0c
+            ]
+        );
+        assert_eq!(
+            third.span_id,
+            [0xee, 0xe1, 0x9b, 0x7e, 0xc3, 0xc1, 0xb1, 0x74]
+        );
+        assert!(attribute(third, "traceId").is_none());
+        assert!(attribute(third, "span.id").is_some(), "not an id: kept");
+        assert!(first.trace_id.is_empty());
 
         let plain = &request.resource_logs[1];
         assert!(plain.resource.as_ref().unwrap().attributes.is_empty());
@@ -537,6 +631,44 @@ mod tests {
         assert_eq!(log.time_unix_nano, 1_000_000_000, "the Kafka timestamp");
         assert!(attribute(log, "time").is_some(), "kept when not a time");
         assert!(log.body.is_none());
+    }
+
+    #[test]
+    fn serilog_templates_are_rendered_with_the_properties() {
+        let properties = serde_json::json!({"User": "ann", "Amount": 9.5, "Items": [1, 2]});
+        let Value::Object(properties) = properties else {
+            unreachable!("an object literal")
+        };
+        for (template, rendered) in [
+            ("{User} paid {Amount:0.00}", "ann paid 9.5"),
+            ("{@Items} for {$User,10}", "[1,2] for ann"),
+            ("{{literal}} {Missing} }", "{literal} {Missing} }"),
+            ("no holes", "no holes"),
+            ("{unclosed", "{unclosed"),
+        ] {
+            assert_eq!(
+                render_template(template, &properties),
+                rendered,
+                "{template}"
+            );
+        }
+        let records = [record(
+            1,
+            r#"{"@mt":"{User} logged in","User":"ann"}"#,
+            "info",
+            None,
+        )];
+        let mut body = Vec::new();
+        encode(&[&records[0]], 0, &mut body);
+        let log = &decode(&body).resource_logs[0].scope_logs[0].log_records[0];
+        assert_eq!(
+            log.body.as_ref().and_then(|body| body.value.clone()),
+            Some(any_value::Value::StringValue("ann logged in".into()))
+        );
+        assert!(
+            attribute(log, "User").is_some(),
+            "properties stay attributes"
+        );
     }
 
     #[test]

@@ -289,7 +289,7 @@ fn shapes() -> Vec<Shape> {
         ),
         shape(
             "OpenTelemetry",
-            json!({"timeUnixNano": AT.to_string(), "severityNumber": 18, "severityText": "ERROR", "body": "M", "attributes": {"a": 1}}),
+            json!({"timeUnixNano": AT.to_string(), "severityNumber": 18, "severityText": "ERROR", "body": "M", "attributes": {"a": 1}, "traceId": "5b8efff798038103d269b633813fc60c", "spanId": "eee19b7ec3c1b174"}),
             18,
             "ERROR",
             None,
@@ -301,6 +301,8 @@ fn shapes() -> Vec<Shape> {
                 "body",
                 "attributes",
                 "timeUnixNano",
+                "traceId",
+                "spanId",
             ],
         ),
         shape(
@@ -465,6 +467,10 @@ async fn every_logger_shape_reaches_the_collector_as_the_log_data_model_says() {
             record["observedTimeUnixNano"].as_str().is_some(),
             "{logger}"
         );
+        if logger == "OpenTelemetry" {
+            assert_eq!(record["traceId"], "5b8efff798038103d269b633813fc60c");
+            assert_eq!(record["spanId"], "eee19b7ec3c1b174");
+        }
         assert_eq!(
             attribute(record, shape.kept.0),
             Some(&shape.kept.1),
