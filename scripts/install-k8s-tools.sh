@@ -39,24 +39,17 @@ if [ -f "$home/installed" ]; then
     echo "$home"
     exit 0
 fi
-for tool in go python3; do
-    command -v $tool >/dev/null || { echo "install-k8s-tools: $tool not found (Go 1.26+ and Python 3 are needed)" >&2; exit 1; }
-done
+command -v python3 >/dev/null || { echo "install-k8s-tools: python3 not found" >&2; exit 1; }
 # The schema converter reads the CRDs' YAML (PyYAML, from PyPI where this Python lacks it).
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check pyyaml >&2
 python3 -c 'import yaml' || { echo "install-k8s-tools: Python 3 lacks PyYAML and pip could not install it" >&2; exit 1; }
-mkdir -p "$cache"
-# Two test binaries (or two checkouts) may install at once: one does, the other waits.
-exec 9>"$cache/k8s-tools.lock"
-flock 9
+# shellcheck source=lib/go-tools.sh
+. "$here/lib/go-tools.sh"
+go_tools_lock k8s-tools
 if [ ! -f "$home/installed" ]; then
-    # Modules and build objects go to a scratch folder, removed at the end: they come to about
-    # 500 MB and 1.2 GB, and only the two binaries and the schemas are kept.
-    scratch=$(mktemp -d)
-    trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
-    export GOMODCACHE=$scratch/mod GOCACHE=$scratch/build GOFLAGS=-modcacherw
-    # No toolchain download (none is reachable): the Go on the PATH builds, or the build fails.
-    export GOTOOLCHAIN=local
+    # Modules and build objects (about 500 MB and 1.2 GB) go to a scratch folder; only the two
+    # binaries and the schemas are kept.
+    go_tools_scratch
     if [ ! -f "$bin/installed" ]; then
         echo "install-k8s-tools: building helm $helm_version and kubeconform $kubeconform_version into $bin" >&2
         rm -rf "$bin"

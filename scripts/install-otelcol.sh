@@ -21,18 +21,11 @@ if [ -f "$home/installed" ]; then
     echo "$binary"
     exit 0
 fi
-command -v go >/dev/null || { echo "install-otelcol: go not found (Go 1.26+ is needed)" >&2; exit 1; }
-mkdir -p "$cache"
-# Two test binaries (or two checkouts) may install at once: one does, the other waits.
-exec 9>"$cache/otelcol.lock"
-flock 9
+# shellcheck source=lib/go-tools.sh
+. "$here/lib/go-tools.sh"
+go_tools_lock otelcol
 if [ ! -f "$home/installed" ]; then
-    # Modules and build objects go to a scratch folder, removed at the end; only the binary is kept.
-    scratch=$(mktemp -d)
-    trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
-    export GOMODCACHE=$scratch/mod GOCACHE=$scratch/build GOFLAGS=-modcacherw
-    # No toolchain download (none is reachable): the Go on the PATH builds, or the build fails.
-    export GOTOOLCHAIN=local
+    go_tools_scratch
     echo "install-otelcol: building the collector $version into $home" >&2
     rm -rf "$home"
     mkdir -p "$home"

@@ -15,17 +15,12 @@ if [ -f "$home/installed" ]; then
     echo "$home/bin/victoria-logs"
     exit 0
 fi
-command -v go >/dev/null || { echo "install-victorialogs: go not found (Go 1.26+ is needed)" >&2; exit 1; }
-mkdir -p "$cache"
-# Two test binaries (or two checkouts) may install at once: one does, the other waits.
-exec 9>"$cache/victorialogs.lock"
-flock 9
+# shellcheck source=lib/go-tools.sh
+. "$(dirname "$0")/lib/go-tools.sh"
+go_tools_lock victorialogs
 if [ ! -f "$home/installed" ]; then
     echo "install-victorialogs: building VictoriaLogs $version into $home" >&2
-    # Modules and build objects go to a scratch folder, removed at the end.
-    scratch=$(mktemp -d)
-    trap 'chmod -R u+w "$scratch" 2>/dev/null; rm -rf "$scratch"' EXIT
-    export GOMODCACHE=$scratch/mod GOCACHE=$scratch/build GOFLAGS=-modcacherw GOTOOLCHAIN=local
+    go_tools_scratch
     rm -rf "$home"
     mkdir -p "$home/bin"
     GOBIN=$home/bin go install "github.com/VictoriaMetrics/VictoriaLogs/app/victoria-logs@$version"
