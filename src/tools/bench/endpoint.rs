@@ -33,18 +33,85 @@ impl Flaky {
     }
 }
 
+/// The kinds of body the endpoint tells apart, each counted on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Body {
+    /// NDJSON from `http` sinks: an event per line.
+    Ndjson,
+    /// A gzipped OTLP `ExportLogsServiceRequest`: an event per log record.
+    Otlp,
+    /// A Loki push (`/loki/api/v1/push`): an event per stream entry.
+    Loki,
+}
+
+impl Body {
+    fn of<B>(request: &Request<B>) -> Body {
+        let protobuf = request
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|value| value == "application/x-protobuf");
+        if request.uri().path().ends_with("/loki/api/v1/push") {
+            Body::Loki
+        } else if protobuf {
+            Body::Otlp
+        } else {
+            Body::Ndjson
+        }
+    }
+
+    /// The events in `body`.
+    fn events(self, body: &[u8]) -> u64 {
+        match self {
+            Body::Ndjson => ndjson_lines(body),
+            Body::Otlp => otlp_records(body),
+            Body::Loki => loki_entries(body),
+        }
+    }
+}
+
+/// Requests, body bytes and events of one kind of body.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+    events: AtomicU64,
+}
+
+impl Tally {
+    /// Counts a request of `bytes` holding `events`; returns its number (from 0).
+    fn add(&self, bytes: usize, events: u64) -> u64 {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn load(&self) -> Received {
+        Received {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the endpoint counted, one [`Tally`] per [`Body`] (in its order), and the requests it
+/// failed.
+#[derive(Default)]
+struct Counts {
+    tallies: [Tally; 3],
+    failed: AtomicU64,
+}
+
+impl Counts {
+    fn tally(&self, body: Body) -> &Tally {
+        &self.tallies[body as usize]
+    }
+}
+
 /// A running endpoint: its URL, and what it received.
 pub(super) struct Endpoint {
     pub url: String,
-    requests: Arc<AtomicU64>,
-    bytes: Arc<AtomicU64>,
-    events: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    /// Pushes to `/loki/api/v1/push` and the entries they held.
-    loki_pushes: Arc<AtomicU64>,
-    loki_events: Arc<AtomicU64>,
-    /// OTLP requests, body bytes and log records.
-    otlp: Arc<[AtomicU64; 3]>,
+    counts: Arc<Counts>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -64,21 +131,8 @@ impl Endpoint {
             .await
             .context("failed to bind the bench's HTTP endpoint")?;
         let url = format!("http://{}/ingest", listener.local_addr()?);
-        let requests = Arc::new(AtomicU64::new(0));
-        let bytes = Arc::new(AtomicU64::new(0));
-        let events = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let loki_pushes = Arc::new(AtomicU64::new(0));
-        let loki_events = Arc::new(AtomicU64::new(0));
-        let otlp: Arc<[AtomicU64; 3]> = Arc::default();
-        let counted = (
-            requests.clone(),
-            bytes.clone(),
-            events.clone(),
-            failed.clone(),
-            (loki_pushes.clone(), loki_events.clone()),
-            otlp.clone(),
-        );
+        let counts = Arc::new(Counts::default());
+        let counted = counts.clone();
         let started = Instant::now();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -86,42 +140,22 @@ impl Endpoint {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |request: Request<hyper::body::Incoming>| {
-                            let (requests, bytes, events, failed, (loki_pushes, loki_events), otlp) =
-                                counted.clone();
+                            let counts = counted.clone();
                             async move {
-                                let loki = request.uri().path().ends_with("/loki/api/v1/push");
-                                let protobuf = request
-                                    .headers()
-                                    .get(hyper::header::CONTENT_TYPE)
-                                    .is_some_and(|value| value == "application/x-protobuf");
+                                let kind = Body::of(&request);
                                 let body = request
                                     .into_body()
                                     .collect()
                                     .await
                                     .map(|collected| collected.to_bytes())
                                     .unwrap_or_default();
-                                if loki {
-                                    loki_pushes.fetch_add(1, Ordering::Relaxed);
-                                    loki_events.fetch_add(loki_entries(&body), Ordering::Relaxed);
-                                    return Ok::<_, Infallible>(Response::new(Full::new(
-                                        Bytes::new(),
-                                    )));
-                                }
-                                let request = if protobuf {
-                                    let [requests, bytes, records] = &*otlp;
-                                    bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-                                    records.fetch_add(otlp_records(&body), Ordering::Relaxed);
-                                    requests.fetch_add(1, Ordering::Relaxed)
-                                } else {
-                                    bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-                                    events.fetch_add(ndjson_lines(&body), Ordering::Relaxed);
-                                    requests.fetch_add(1, Ordering::Relaxed)
-                                };
+                                let request =
+                                    counts.tally(kind).add(body.len(), kind.events(&body));
                                 let mut response = Response::new(Full::new(Bytes::new()));
                                 if flaky
                                     .is_some_and(|flaky| flaky.fails(request, started.elapsed()))
                                 {
-                                    failed.fetch_add(1, Ordering::Relaxed);
+                                    counts.failed.fetch_add(1, Ordering::Relaxed);
                                     *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                                 }
                                 Ok::<_, Infallible>(response)
@@ -135,44 +169,12 @@ impl Endpoint {
                 });
             }
         });
-        Ok(Endpoint {
-            url,
-            requests,
-            bytes,
-            events,
-            failed,
-            loki_pushes,
-            loki_events,
-            otlp,
-            task,
-        })
+        Ok(Endpoint { url, counts, task })
     }
 
-    /// Requests, body bytes and events received so far: NDJSON (lines), and OTLP (log records).
-    pub fn received(&self) -> (Received, Received) {
-        let [requests, bytes, records] = &*self.otlp;
-        (
-            Received {
-                requests: self.requests.load(Ordering::Relaxed),
-                bytes: self.bytes.load(Ordering::Relaxed),
-                events: self.events.load(Ordering::Relaxed),
-            },
-            Received {
-                requests: requests.load(Ordering::Relaxed),
-                bytes: bytes.load(Ordering::Relaxed),
-                events: records.load(Ordering::Relaxed),
-            },
-        )
-    }
-}
-
-impl Endpoint {
-    /// Loki pushes and the entries they held, so far.
-    pub fn loki_received(&self) -> (u64, u64) {
-        (
-            self.loki_pushes.load(Ordering::Relaxed),
-            self.loki_events.load(Ordering::Relaxed),
-        )
+    /// Requests, body bytes and events of `body` received so far.
+    pub fn received(&self, body: Body) -> Received {
+        self.counts.tally(body).load()
     }
 }
 
@@ -226,11 +228,11 @@ fn ndjson_lines(body: &[u8]) -> u64 {
 }
 
 impl Endpoint {
-    /// Requests answered so far, and how many of them failed.
+    /// NDJSON requests answered so far, and how many requests failed.
     pub fn answered(&self) -> (u64, u64) {
         (
-            self.requests.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
+            self.received(Body::Ndjson).requests,
+            self.counts.failed.load(Ordering::Relaxed),
         )
     }
 }

@@ -49,6 +49,7 @@ pub use child::run_child;
 pub use options::{BenchOptions, ChildOptions, Counts, Mode};
 
 use broker::{preload, Broker};
+use endpoint::Body;
 use measurement::{median_of, Measurement};
 use report::{machine, row, HEADER};
 
@@ -215,39 +216,47 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
     }
 
     let raw = report::medians(&results, options);
-    let http_runs = results.get(&Mode::Http).map_or(0, Vec::len) as u64;
     // What the endpoint counted, not what was sent: the events it received are checked against
-    // the events the http runs read.
-    let (received, otlp) = endpoint.received();
-    let otlp_runs = results.get(&Mode::Otlp).map_or(0, Vec::len) as u64;
-    if otlp_runs > 0 && otlp.requests > 0 {
-        println!(
-            "otlp endpoint: {} requests, {} log records ({} read by {otlp_runs} otlp runs), {:.1} MiB of gzip protobuf, {:.0} records per request",
-            otlp.requests,
-            otlp.events,
-            options.events * otlp_runs,
-            otlp.bytes as f64 / (1 << 20) as f64,
-            otlp.events as f64 / otlp.requests as f64
-        );
-    }
-    if http_runs > 0 && received.requests > 0 {
-        println!(
-            "http endpoint: {} requests, {} events ({} read by {http_runs} http runs), {:.1} MiB of NDJSON, {:.0} events per request",
-            received.requests,
-            received.events,
-            options.events * http_runs,
-            received.bytes as f64 / (1 << 20) as f64,
-            received.events as f64 / received.requests as f64
-        );
-    }
-    let loki_runs = results.get(&Mode::Loki).map_or(0, Vec::len) as u64;
-    let (pushes, entries) = endpoint.loki_received();
-    if loki_runs > 0 && pushes > 0 {
-        println!(
-            "loki endpoint: {pushes} pushes, {entries} entries ({} read by {loki_runs} loki runs), {:.0} entries per push",
-            options.events * loki_runs,
-            entries as f64 / pushes as f64
-        );
+    // the events the runs of each mode read.
+    for (mode, body, requests, events, per, format) in [
+        (
+            Mode::Otlp,
+            Body::Otlp,
+            "requests",
+            "log records",
+            "records per request",
+            "gzip protobuf",
+        ),
+        (
+            Mode::Http,
+            Body::Ndjson,
+            "requests",
+            "events",
+            "events per request",
+            "NDJSON",
+        ),
+        (
+            Mode::Loki,
+            Body::Loki,
+            "pushes",
+            "entries",
+            "entries per push",
+            "JSON",
+        ),
+    ] {
+        let runs = results.get(&mode).map_or(0, Vec::len) as u64;
+        let received = endpoint.received(body);
+        if runs > 0 && received.requests > 0 {
+            let name = mode.as_str();
+            println!(
+                "{name} endpoint: {} {requests}, {} {events} ({} read by {runs} {name} runs), {:.1} MiB of {format}, {:.0} {per}",
+                received.requests,
+                received.events,
+                options.events * runs,
+                received.bytes as f64 / (1 << 20) as f64,
+                received.events as f64 / received.requests as f64
+            );
+        }
     }
     let rate = |mode: Mode| {
         median_of(
