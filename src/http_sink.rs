@@ -100,17 +100,7 @@ const LOKI_OTHER: &str = "other";
 
 impl LokiStreams {
     fn new(config: &HttpSinkConfig) -> anyhow::Result<LokiStreams> {
-        let default_labels = [
-            ("level".to_string(), LokiLabel::Template("{level}".into())),
-            (
-                "service".to_string(),
-                LokiLabel::Template("{service}".into()),
-            ),
-        ];
-        let labels: Vec<(String, LokiLabel)> = match &config.labels {
-            Some(labels) => labels.clone().into_iter().collect(),
-            None => default_labels.into_iter().collect(),
-        };
+        let labels = config.loki_labels();
         let mut reads_event = !config.metadata.is_empty();
         let mut compiled = Vec::with_capacity(labels.len());
         for (name, label) in labels {
@@ -152,17 +142,11 @@ impl LokiStreams {
                 LabelSource::Template(template) => template
                     .render(None, &ctx)
                     .unwrap_or_else(|_| LOKI_OTHER.to_string()),
-                LabelSource::Field { path, values } => {
-                    let value = event.and_then(|event| path.get(event));
-                    let text = match value {
-                        Some(serde_json::Value::String(text)) => Some(text.clone()),
-                        Some(serde_json::Value::Number(number)) => Some(number.to_string()),
-                        Some(serde_json::Value::Bool(flag)) => Some(flag.to_string()),
-                        _ => None,
-                    };
-                    text.filter(|text| values.contains(text))
-                        .unwrap_or_else(|| LOKI_OTHER.to_string())
-                }
+                LabelSource::Field { path, values } => event
+                    .and_then(|event| path.get(event))
+                    .and_then(crate::shape::scalar_text)
+                    .filter(|text| values.contains(text))
+                    .unwrap_or_else(|| LOKI_OTHER.to_string()),
             })
             .collect()
     }

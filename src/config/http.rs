@@ -417,6 +417,16 @@ impl HttpSinkConfig {
         }
     }
 
+    /// The labels of a `loki` sink: those configured, else `level` and `service`.
+    pub fn loki_labels(&self) -> std::collections::BTreeMap<String, LokiLabel> {
+        self.labels.clone().unwrap_or_else(|| {
+            [("level", "{level}"), ("service", "{service}")]
+                .into_iter()
+                .map(|(name, template)| (name.to_string(), LokiLabel::Template(template.into())))
+                .collect()
+        })
+    }
+
     /// The Loki settings: only on a `loki` sink, labels of bounded values only.
     fn validate_loki(&self, key: &str, destination: HttpDestination) -> Result<(), ConfigError> {
         let field = |name: &str| format!("{key}.{name}");

@@ -674,12 +674,9 @@ impl SinkConfig {
     /// OTLP resource's `service.name`).
     pub fn uses_service(&self) -> bool {
         let loki_label = match self {
-            // The default labels are `level` and `service`.
-            SinkConfig::Loki(http) => http.labels.as_ref().is_none_or(|labels| {
-                labels.values().any(
-                    |label| matches!(label, LokiLabel::Template(text) if text.contains("{service")),
-                )
-            }),
+            SinkConfig::Loki(http) => http.loki_labels().values().any(
+                |label| matches!(label, LokiLabel::Template(text) if text.contains("{service")),
+            ),
             _ => false,
         };
         loki_label

@@ -19,7 +19,7 @@ mod transform;
 
 pub use condition::Condition;
 pub use path::FieldPath;
-pub use template::{MissingField, Sanitize, Template};
+pub use template::{scalar_text, MissingField, Sanitize, Template};
 pub use transform::{Outcome, TransformError, TransformState, Transforms};
 
 /// What a transform or template may read besides the event itself.

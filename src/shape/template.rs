@@ -143,6 +143,17 @@ impl From<MissingField> for RenderError {
     }
 }
 
+/// The text a field's value puts in a name: a string's text, a number's or a boolean's JSON
+/// text; `None` for null, an object or an array (not scalars).
+pub fn scalar_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        Value::Null | Value::Array(_) | Value::Object(_) => None,
+    }
+}
+
 /// Longest Kafka topic name.
 const MAX_TOPIC_BYTES: usize = 249;
 /// Longest Elasticsearch index name.
@@ -198,13 +209,7 @@ impl Template {
                 }
                 Part::Field { path, fallback } => {
                     let found = event.and_then(|event| path.get(event));
-                    let text = match found {
-                        Some(Value::String(text)) => Some(text.clone()),
-                        Some(Value::Number(number)) => Some(number.to_string()),
-                        Some(Value::Bool(flag)) => Some(flag.to_string()),
-                        Some(Value::Null) | None => None,
-                        Some(Value::Array(_) | Value::Object(_)) => None,
-                    };
+                    let text = found.and_then(scalar_text);
                     match (text, fallback) {
                         (Some(text), _) => self.push_value(&mut out, &text),
                         (None, Some(fallback)) => self.push_value(&mut out, fallback),
