@@ -693,19 +693,22 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
                 out.extend_from_slice(b"\"}}\n");
             }
         }
-        match (record.payload(), &record.decoded) {
-            // Only decoded records reach a sink: the payload is valid JSON.
-            (Some(payload), Some(Ok(_))) => {
-                write_compact_json(out, crate::event::json_body(payload));
-            }
-            _ => out.extend_from_slice(b"null"),
-        }
+        write_payload(out, record);
         if !matches!(layout, Layout::JsonArray) {
             out.push(b'\n');
         }
     }
     if let Layout::JsonArray = layout {
         out.push(b']');
+    }
+}
+
+/// The record's payload as one line of compact JSON (`null` without one). Only decoded records
+/// reach a sink: the payload is valid JSON, so UTF-8.
+fn write_payload(out: &mut Vec<u8>, record: &Record) {
+    match (record.payload(), &record.decoded) {
+        (Some(payload), Some(Ok(_))) => write_compact_json(out, crate::event::json_body(payload)),
+        _ => out.extend_from_slice(b"null"),
     }
 }
 
@@ -768,13 +771,7 @@ fn write_loki_body(out: &mut Vec<u8>, streams: &LokiStreams, records: &[Record],
             });
             let _ = write!(out, "[\"{nanos}\",");
             line.clear();
-            match (record.payload(), &record.decoded) {
-                // Only decoded records reach a sink: the payload is valid JSON, so UTF-8.
-                (Some(payload), Some(Ok(_))) => {
-                    write_compact_json(&mut line, crate::event::json_body(payload));
-                }
-                _ => line.extend_from_slice(b"null"),
-            }
+            write_payload(&mut line, record);
             let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(&line));
             let metadata: Vec<(String, String)> = match &events[position] {
                 Some(event) => streams
