@@ -271,12 +271,7 @@ impl HttpEndpoint {
         let layout = match (destination, &config.index) {
             (HttpDestination::Otlp, _) => {
                 if !url.path().ends_with(crate::otlp_sink::LOGS_PATH) {
-                    let path = format!(
-                        "{}{}",
-                        url.path().trim_end_matches('/'),
-                        crate::otlp_sink::LOGS_PATH
-                    );
-                    url.set_path(&path);
+                    push_to(&mut url, &["v1", "logs"])?;
                 }
                 Layout::Otlp
             }
