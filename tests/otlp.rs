@@ -1,4 +1,4 @@
-//! The OTLP sink (`type = "otlp"`), with the pipeline reading an in-process mock Kafka cluster:
+//! The OTLP sink (`type = "otlp"`), with the pipeline reading Apache Kafka (this binary's shared broker):
 //!
 //! - against the real OpenTelemetry Collector (scripts/otelcol, built by
 //!   scripts/install-otelcol.sh, or the binary named by `LOGBRIDGE_OTELCOL`): an event in every
@@ -379,7 +379,7 @@ async fn every_logger_shape_reaches_the_collector_as_the_log_data_model_says() {
         .try_init();
     let collector = Collector::start().await;
     let shapes = shapes();
-    let source = Kafka::start("logs", 1);
+    let source = Kafka::shared("otlp", 1).await;
     let records: Vec<(Option<String>, Vec<u8>)> = shapes
         .iter()
         .map(|shape| (None, shape.event.to_string().into_bytes()))
@@ -485,7 +485,7 @@ async fn every_logger_shape_reaches_the_collector_as_the_log_data_model_says() {
         }
         assert_eq!(
             attribute(record, "logbridge.source.topic"),
-            Some(&json!({"stringValue": "logs"}))
+            Some(&json!({"stringValue": source.topic.as_str()}))
         );
         assert_eq!(
             attribute(record, "logbridge.source.partition"),
@@ -594,10 +594,16 @@ fn ids(request: &ExportLogsServiceRequest) -> Vec<u64> {
         .collect()
 }
 
+/// The dead-letter topic of `source`'s tests (the broker is shared by the binary's tests).
+fn dead_letters(source: &Kafka) -> String {
+    format!("{}.dlq", source.topic)
+}
+
 fn run_config(source: &Kafka, group: &str, url: &str, extra: &str) -> logbridge::Config {
     let routes = format!(
         "[[routes]]\nname = \"otel\"\nlevels = [\"error\"]\nworkers = 2\nmax_retries = 1000\nretry_backoff_ms = 50\n\
-         sink = {{ type = \"otlp\", url = \"{url}/\", max_records = 25 }}\n[dead_letter]\ntopic = \"logs.dlq\"\n{extra}"
+         sink = {{ type = \"otlp\", url = \"{url}/\", max_records = 25 }}\n[dead_letter]\ntopic = \"{}\"\n{extra}",
+        dead_letters(source)
     );
     source.config(group, "", &routes)
 }
@@ -606,8 +612,10 @@ fn run_config(source: &Kafka, group: &str, url: &str, extra: &str) -> logbridge:
 async fn an_endpoint_answering_503_then_recovering_gets_every_event() {
     let _serial = serial().await;
     const EVENTS: u64 = 200;
-    let source = Kafka::start("logs", 2);
-    source.create_topic("logs.dlq", 1);
+    let source = Kafka::shared("otlp", 2).await;
+    source
+        .create_external_topic(&dead_letters(&source), 1)
+        .await;
     let records: Vec<(Option<String>, Vec<u8>)> = (0..EVENTS)
         .map(|id| (Some(format!("k{}", id % 10)), event(id, "error")))
         .collect();
@@ -646,7 +654,7 @@ async fn an_endpoint_answering_503_then_recovering_gets_every_event() {
         "retried"
     );
     assert!(
-        source.read_all("logs.dlq").is_empty(),
+        source.read_all(&dead_letters(&source)).is_empty(),
         "nothing dead-lettered"
     );
 }
@@ -655,8 +663,10 @@ async fn an_endpoint_answering_503_then_recovering_gets_every_event() {
 async fn a_partial_success_is_counted_and_not_sent_again_and_a_400_is_dead_lettered() {
     let _serial = serial().await;
     const EVENTS: u64 = 100;
-    let source = Kafka::start("logs", 1);
-    source.create_topic("logs.dlq", 1);
+    let source = Kafka::shared("otlp", 1).await;
+    source
+        .create_external_topic(&dead_letters(&source), 1)
+        .await;
     // Events 10 and 60 are refused with 400 (a protobuf Status), so their requests are split
     // until they are alone; every other request is a partial success rejecting 1 record.
     let records: Vec<(Option<String>, Vec<u8>)> =
@@ -728,7 +738,7 @@ async fn a_partial_success_is_counted_and_not_sent_again_and_a_400_is_dead_lette
     );
 
     let letters: Vec<(u64, String, Option<String>, String)> = source
-        .read_all("logs.dlq")
+        .read_all(&dead_letters(&source))
         .into_iter()
         .map(|record| {
             let value: Value =
