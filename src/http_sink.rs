@@ -700,7 +700,7 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
 
 /// The record's payload as one line of compact JSON (`null` without one). Only decoded records
 /// reach a sink: the payload is valid JSON, so UTF-8.
-fn write_payload(out: &mut Vec<u8>, record: &Record) {
+pub(crate) fn write_payload(out: &mut Vec<u8>, record: &Record) {
     match (record.payload(), &record.decoded) {
         (Some(payload), Some(Ok(_))) => write_compact_json(out, crate::event::json_body(payload)),
         _ => out.extend_from_slice(b"null"),

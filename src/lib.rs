@@ -60,6 +60,7 @@ pub mod health;
 pub mod http;
 pub mod http_sink;
 pub mod metrics;
+pub mod object_sink;
 pub mod offsets;
 pub mod otlp_sink;
 pub mod pipeline;

@@ -197,6 +197,61 @@ pub fn otlp_rejected_records() -> &'static IntCounterVec {
     })
 }
 
+/// A process-wide counter family of the object-store sink (made in the sink, like
+/// [`otlp_rejected_records`]).
+fn object_store_counter(
+    cell: &'static std::sync::OnceLock<IntCounterVec>,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> &'static IntCounterVec {
+    cell.get_or_init(|| IntCounterVec::new(Opts::new(name, help), labels).expect(METRIC_OK))
+}
+
+/// Objects the object-store sink closed, by route and by what closed them.
+pub fn object_store_objects() -> &'static IntCounterVec {
+    static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    object_store_counter(
+        &CELL,
+        "logbridge_object_store_objects_total",
+        "Objects the object-store sink closed, by route and cut: records, bytes, directory or age (boundaries that depend only on the records), idle, revoke, flush or pressure (the clock, a rebalance, a shutdown, the in-flight bound).",
+        &["route", "cut"],
+    )
+}
+
+/// Records the object-store sink stored, or found stored already when replaying.
+pub fn object_store_records() -> &'static IntCounterVec {
+    static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    object_store_counter(
+        &CELL,
+        "logbridge_object_store_records_total",
+        "Records of the object-store sink by route and outcome: stored (in an object uploaded now) or already_stored (a replayed record an object stored before holds, not written again).",
+        &["route", "outcome"],
+    )
+}
+
+/// Compressed bytes of the objects uploaded.
+pub fn object_store_bytes() -> &'static IntCounterVec {
+    static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    object_store_counter(
+        &CELL,
+        "logbridge_object_store_bytes_total",
+        "Bytes (compressed) of the objects the object-store sink uploaded, by route.",
+        &["route"],
+    )
+}
+
+/// Failed requests to the object store, retried.
+pub fn object_store_failures() -> &'static IntCounterVec {
+    static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    object_store_counter(
+        &CELL,
+        "logbridge_object_store_failures_total",
+        "Requests to the object store that failed and are retried (their records wait, uncommitted), by route and operation (upload, list).",
+        &["route", "operation"],
+    )
+}
+
 /// Kafka producers replaced after a fatal librdkafka error (the idempotent producer's
 /// `rd_kafka_fatal_error`) or a change of a file a property is read from, by client (`sink producer`, `dead-letter producer`). Process-wide
 /// for the same reason as [`kafka_client_errors`].
@@ -620,6 +675,10 @@ impl Metrics {
             Box::new(kafka_client_errors().clone()),
             Box::new(kafka_producer_rebuilds().clone()),
             Box::new(otlp_rejected_records().clone()),
+            Box::new(object_store_objects().clone()),
+            Box::new(object_store_records().clone()),
+            Box::new(object_store_bytes().clone()),
+            Box::new(object_store_failures().clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

@@ -184,6 +184,11 @@ pub async fn run(
     let workers_stop = CancellationToken::new();
     let sink_links = SinkLinks {
         transactional: transactional.as_ref().map(|(producer, _)| producer.clone()),
+        fences: fences.clone(),
+        pressure: Some(crate::object_sink::Pressure {
+            gauge: metrics.in_flight_bytes.clone(),
+            limit: config.pipeline.max_in_flight_bytes,
+        }),
     };
     let (table, worker_tasks, files) = spawn_workers(
         &config,
@@ -528,7 +533,11 @@ fn spawn_workers(
             workers.push(handle);
             tasks.push(task);
         }
-        lanes.push(RouteLane { name, workers });
+        lanes.push(RouteLane {
+            name,
+            workers,
+            by_partition: matches!(route.sink, crate::config::SinkConfig::ObjectStore(_)),
+        });
     }
     Ok((
         RouteTable {

@@ -517,6 +517,15 @@ impl Fence {
         *fence = (*fence).max(generation);
     }
 
+    /// Whether `generation` of `source` is fenced.
+    fn covers_generation(&self, source: &PartitionKey, generation: u64) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(source)
+            .is_some_and(|fence| generation <= *fence)
+    }
+
     /// Whether `record` was read under a fenced generation.
     fn covers(&self, record: &Record) -> bool {
         covered(
@@ -565,6 +574,16 @@ impl Fences {
     /// any more); returns how many.
     pub fn remove_released(&self, records: &mut Vec<Record>) -> usize {
         self.released.remove_covered(records)
+    }
+
+    /// Whether the assignment `generation` of `source` is being (or was) revoked.
+    pub fn is_revoking(&self, source: &PartitionKey, generation: u64) -> bool {
+        self.revoked.covers_generation(source, generation)
+    }
+
+    /// Whether the revoke of assignment `generation` of `source` is over.
+    pub fn is_released_at(&self, source: &PartitionKey, generation: u64) -> bool {
+        self.released.covers_generation(source, generation)
     }
 
     /// Whether `record` was read under an assignment whose revoke is over.

@@ -46,6 +46,21 @@ pub struct RouteLane {
     pub name: Arc<str>,
     /// Its workers; never empty (config validation guarantees `workers >= 1`).
     pub workers: Vec<WorkerHandle>,
+    /// Whether a partition's records all go to one worker, whatever their keys (the object
+    /// store: a partition's objects are written by one writer in offset order).
+    pub by_partition: bool,
+}
+
+impl RouteLane {
+    /// Which of the lane's workers takes `record`.
+    fn worker_for(&self, record: &Record) -> usize {
+        let workers = self.workers.len();
+        if self.by_partition && workers > 1 {
+            record.source.partition as u32 as usize % workers
+        } else {
+            worker_index(record, workers)
+        }
+    }
 }
 
 /// The routes: their lanes and which lane takes each normalised level.
@@ -495,12 +510,12 @@ impl RouterActor {
             self.links.metrics.in_flight.add(rest.len() as i64);
             for &lane in rest {
                 let copy = record.copy_for_route(&fan_out);
-                let workers = self.lanes[lane].workers.len();
-                shares[lane][worker_index(&copy, workers)].push(copy);
+                let worker = self.lanes[lane].worker_for(&copy);
+                shares[lane][worker].push(copy);
             }
         }
-        let workers = self.lanes[first].workers.len();
-        shares[first][worker_index(&record, workers)].push(record);
+        let worker = self.lanes[first].worker_for(&record);
+        shares[first][worker].push(record);
     }
 
     /// Sends the acks of the records no route took, as one message.
@@ -706,6 +721,7 @@ mod tests {
             lanes: vec![RouteLane {
                 name: Arc::from("errors"),
                 workers: vec![worker_a, worker_b],
+                by_partition: false,
             }],
             rules: Rules::for_levels(&[("error", 0)]),
         };
@@ -1128,6 +1144,7 @@ mod tests {
             lanes.push(RouteLane {
                 name: Arc::from(name),
                 workers: vec![worker],
+                by_partition: false,
             });
         }
         let mut rules = Rules::for_levels(&[("error", 0), ("error", 1), ("error", 2)]);

@@ -45,6 +45,11 @@ pub trait Sink: Send {
         None
     }
 
+    /// The worker takes no more records for now (its input ended) or waits for everything it
+    /// started: a sink that holds records until more come (the object store's open objects)
+    /// finishes what it holds. Others have nothing to do.
+    fn flush(&mut self) {}
+
     /// The file this sink appends to, if it writes one: the pipeline reopens it on SIGHUP
     /// ([`SharedFile::reopen`]).
     fn file(&self) -> Option<Arc<SharedFile>> {
@@ -64,6 +69,12 @@ pub struct SinkLinks {
     /// The instance's transactional producer (`delivery = "exactly-once"`): every Kafka sink
     /// sends on it, so that its records are in the transaction that commits their offsets.
     pub transactional: Option<Producer>,
+    /// The pipeline's fences: the object-store sink closes the objects of a partition being
+    /// revoked and uploads nothing of one whose revoke is over.
+    pub fences: crate::record::Fences,
+    /// How full `pipeline.max_in_flight_bytes` is (the object-store sink closes its objects
+    /// before it is reached).
+    pub pressure: Option<crate::object_sink::Pressure>,
 }
 
 /// Builds the sink of worker `index` of a route. Tests and embedders can supply their own.
@@ -81,6 +92,8 @@ pub fn config_sink_factory() -> SinkFactory {
     let producers: Shared<String, Producer> = Shared::default();
     // One HTTP client (connection pool) per route, shared by its workers.
     let endpoints: Shared<String, crate::http_sink::HttpEndpoint> = Shared::default();
+    // One object-store client per route, shared by its workers.
+    let stores: Shared<String, Arc<crate::object_sink::ObjectDestination>> = Shared::default();
     Arc::new(
         move |route: &RouteConfig, _index: usize, links: &SinkLinks| {
             let sink: Box<dyn Sink> = match &route.sink {
@@ -126,6 +139,19 @@ pub fn config_sink_factory() -> SinkFactory {
                             .with_context(|| format!("route `{}`", route.name))
                     })?;
                     Box::new(endpoint.sink())
+                }
+                SinkConfig::ObjectStore(store) => {
+                    // The route's writers share the store's client.
+                    let destination = stores.get_or_make(&route.name, || {
+                        crate::object_sink::ObjectDestination::new(
+                            store,
+                            &route.name,
+                            links.fences.clone(),
+                            links.pressure.clone(),
+                        )
+                        .with_context(|| format!("route `{}`", route.name))
+                    })?;
+                    Box::new(destination.sink())
                 }
                 SinkConfig::Stdout => Box::new(LineSink::new(LineTarget::stdout())),
                 SinkConfig::File {

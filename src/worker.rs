@@ -377,7 +377,9 @@ impl WorkerActor {
     /// later record of such a key is delivered again after the earlier one), then the retries
     /// run one batch at a time as in [`WorkerActor::process`].
     async fn run_overlapped(&mut self) -> Result<(), StageGone> {
-        let mut window: VecDeque<InFlight> = VecDeque::with_capacity(self.batches_in_flight);
+        // The object-store sink has no bound of its own (usize::MAX): what the pipeline lets in.
+        let mut window: VecDeque<InFlight> =
+            VecDeque::with_capacity(self.batches_in_flight.min(64));
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut open = true;
         loop {
@@ -406,7 +408,11 @@ impl WorkerActor {
                     self.settle_window(oldest.records, oldest.started, outcomes, &mut window)
                         .await?;
                 }
-                Step::Received(0) => open = false,
+                Step::Received(0) => {
+                    open = false;
+                    // Nothing more comes: a sink holding records for more finishes them.
+                    self.sink.flush();
+                }
                 Step::Received(_) => {
                     let mut records = std::mem::take(&mut batch);
                     self.drop_released(&mut records);
@@ -457,6 +463,8 @@ impl WorkerActor {
         if retry.is_empty() {
             return Ok(());
         }
+        // Everything started is waited for now, and nothing new comes meanwhile.
+        self.sink.flush();
         while let Some(next) = window.pop_front() {
             retry.extend(self.settle_in_flight(next, &mut behind).await?);
         }

@@ -9,6 +9,7 @@
 
 mod http;
 mod load_error;
+mod object_store;
 mod overrides;
 mod references;
 mod security;
@@ -18,6 +19,7 @@ pub use http::{
     redact_url, redact_url_in, Compression, HttpAuth, HttpDestination, HttpFormat, HttpMethod,
     HttpSinkConfig, LokiLabel,
 };
+pub use object_store::{ObjectCompression, ObjectStoreSinkConfig, StoreKind};
 pub use references::Reloading;
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 pub use shape::{ConditionConfig, TransformConfig};
@@ -815,6 +817,11 @@ impl RouteConfig {
     pub fn batches_in_flight(&self, pipeline: &PipelineConfig) -> usize {
         match self.sink {
             SinkConfig::Kafka { .. } => pipeline.sink_batches_in_flight,
+            // The sink holds a batch's records until the objects holding them are stored, so
+            // the worker must go on handing it batches meanwhile: the pipeline's own bounds
+            // (in-flight bytes, uncommitted records) limit what is held, and the sink closes
+            // its objects when they are reached.
+            SinkConfig::ObjectStore(_) => usize::MAX,
             _ => 1,
         }
     }
@@ -880,6 +887,10 @@ pub enum SinkConfig {
     /// OTLP LogRecord in a protobuf `ExportLogsServiceRequest`, gzipped unless
     /// `compression = "none"` (see `otlp_sink`).
     Otlp(HttpSinkConfig),
+    /// Archive to object storage (S3 and S3-compatible stores, GCS, Azure Blob): compressed
+    /// NDJSON objects whose boundaries depend only on their records (see `object_sink`).
+    #[serde(rename = "object_store", alias = "s3")]
+    ObjectStore(ObjectStoreSinkConfig),
     /// Produce to a Kafka topic: original payload, key and headers, plus
     /// `logbridge.source.topic`, `.partition`, `.offset` and `logbridge.route` headers.
     Kafka {
@@ -915,6 +926,7 @@ impl SinkConfig {
             SinkConfig::Elasticsearch(_) => "elasticsearch",
             SinkConfig::Loki(_) => "loki",
             SinkConfig::Otlp(_) => "otlp",
+            SinkConfig::ObjectStore(_) => "object_store",
             SinkConfig::Kafka { .. } => "kafka",
         }
     }
@@ -1432,6 +1444,23 @@ impl Config {
                         http.validate(&key("sink"), destination)?;
                     }
                 }
+                SinkConfig::ObjectStore(store) => {
+                    store.validate(&key("sink"))?;
+                    // Two routes writing the same names would overwrite each other's objects.
+                    if let Some(other) = self.routes[..index].iter().position(|other| {
+                        matches!(&other.sink, SinkConfig::ObjectStore(o)
+                            if o.url.trim_end_matches('/') == store.url.trim_end_matches('/')
+                                && o.path == store.path)
+                    }) {
+                        return Err(invalid(
+                            key("sink.path"),
+                            format!(
+                                "routes[{other}] archives to the same url and path: their \
+                                 objects would have the same names; give one another `path`"
+                            ),
+                        ));
+                    }
+                }
                 SinkConfig::Kafka {
                     topic,
                     brokers,
@@ -1716,6 +1745,7 @@ impl Config {
                 | SinkConfig::Otlp(http) => {
                     *http = http.redacted();
                 }
+                SinkConfig::ObjectStore(store) => *store = store.redacted(),
                 _ => {}
             }
         }

@@ -275,6 +275,19 @@ impl Template {
         })
     }
 
+    /// The first part that reads more than the record's coordinates and time (a field of
+    /// the event, the key, the level or the service), as written; `None` when the template is
+    /// made of `{@topic}`, `{@partition}`, dates and literal text: for object directories.
+    pub fn reads_more_than_the_record(&self) -> Option<String> {
+        self.parts.iter().find_map(|part| match part {
+            Part::Field { path, .. } => Some(format!("{{{path}}}")),
+            Part::Key(_) => Some("{@key}".into()),
+            Part::Level(_) => Some("{level}".into()),
+            Part::Service(_) => Some("{service}".into()),
+            Part::Literal(_) | Part::Time(_) | Part::Topic | Part::Partition => None,
+        })
+    }
+
     /// Whether the template reads fields of the event (if not, the caller need not parse it).
     pub fn references_event(&self) -> bool {
         self.parts

@@ -1,0 +1,854 @@
+//! The object-store sink (`type = "object_store"`): a route's records archived as compressed
+//! NDJSON objects (the original payloads, one compact line each) in S3 or an S3-compatible
+//! store, GCS or Azure Blob, named
+//! `<prefix>/<path>/<topic>+<partition>+<first offset>+<last offset>.ndjson.gz`.
+//!
+//! Every record in exactly one object, without transactions:
+//! - The records of a partition reach one worker of the route (the router picks it by
+//!   partition) and so one writer, in offset order. A record's offset is committed only once
+//!   the object holding it is stored, and a partition's objects are uploaded one after the
+//!   other.
+//! - An object's boundaries depend only on its records: `max_records`, `max_bytes` (before
+//!   compression), a change of directory (the `path` rendered from the record's Kafka
+//!   timestamp: a new hour by default) and `max_age_ms` measured in record time. A replay after
+//!   a crash draws the same boundaries, so it writes the same names with the same contents.
+//! - Some cuts cannot depend on the records alone: a partition that went quiet
+//!   (`idle_flush_ms` on the clock), a revoke or shutdown (what is held is stored and
+//!   committed before the partition is let go), and the pipeline's in-flight bound (when
+//!   three quarters of `max_in_flight_bytes` is held the open objects are closed, or the
+//!   consumer would pause with every object waiting for records that cannot come). A replay of
+//!   such objects would draw other boundaries. So a writer that is given a partition lists the
+//!   objects of the partition in the directory of each record it replays, and a record inside
+//!   the range of an object already stored is finished at once as stored; writing starts at the
+//!   first record no object holds. Since a partition's objects are stored in order, nothing
+//!   later than that record is stored either.
+//!
+//! The one gap, as in Kafka Connect's S3 sink: an instance that lost a partition and whose
+//! upload was already under way may still complete it after the new owner listed the
+//! directory. A writer uploads nothing of a partition whose revoke is over and gives up retries
+//! for it, which keeps that window to the one request in flight.
+//!
+//! Uploads that fail are retried here (backoff up to 10 s), for as long as the partition is
+//! owned: the records wait, their offsets stay uncommitted, and
+//! `logbridge_object_store_upload_failures_total` counts the attempts.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use object_store::path::Path as StorePath;
+use object_store::ObjectStore;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::{ObjectCompression, ObjectStoreSinkConfig, StoreKind};
+use crate::record::{Fences, PartitionKey, Record};
+use crate::shape::{Context, Template};
+use crate::sink::{DeliveryFuture, Sink, SinkError, Started};
+
+/// Longest wait between two attempts of an upload (or a listing) that fails.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often a writer looks for idle objects, revokes and the in-flight bound.
+const TICK: Duration = Duration::from_millis(100);
+
+/// How full the pipeline's in-flight bytes are, for the sink to close its objects before the
+/// consumer pauses for them.
+#[derive(Clone)]
+pub struct Pressure {
+    /// `logbridge_in_flight_bytes`.
+    pub gauge: prometheus::IntGauge,
+    /// `pipeline.max_in_flight_bytes`.
+    pub limit: usize,
+}
+
+impl Pressure {
+    /// Whether three quarters of the bound is held.
+    fn high(&self) -> bool {
+        (self.gauge.get().max(0) as usize).saturating_mul(4) >= self.limit.saturating_mul(3)
+    }
+}
+
+/// What a route's writers share: the store, where in it, and the object settings.
+pub struct ObjectDestination {
+    store: Arc<dyn ObjectStore>,
+    /// The url's prefix inside the bucket ("" for none).
+    prefix: String,
+    path: Template,
+    settings: ObjectStoreSinkConfig,
+    route: Arc<str>,
+    fences: Fences,
+    pressure: Option<Pressure>,
+}
+
+impl ObjectDestination {
+    /// The store of `config` (credentials from `options`, else the standard environment).
+    pub fn new(
+        config: &ObjectStoreSinkConfig,
+        route: &str,
+        fences: Fences,
+        pressure: Option<Pressure>,
+    ) -> anyhow::Result<Arc<ObjectDestination>> {
+        let (kind, bucket, prefix) = config.location().map_err(anyhow::Error::msg)?;
+        let options = config
+            .options
+            .iter()
+            .map(|(name, value)| (name.clone(), value.to_string()));
+        let store: Arc<dyn ObjectStore> = match kind {
+            StoreKind::S3 => {
+                let mut builder =
+                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                for (name, value) in options {
+                    builder = builder.with_config(name.parse().context("an s3 option")?, value);
+                }
+                Arc::new(builder.build()?)
+            }
+            StoreKind::Gcs => {
+                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                    .with_bucket_name(&bucket);
+                for (name, value) in options {
+                    builder = builder.with_config(name.parse().context("a gcs option")?, value);
+                }
+                Arc::new(builder.build()?)
+            }
+            StoreKind::Azure => {
+                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
+                    .with_container_name(&bucket);
+                for (name, value) in options {
+                    builder = builder.with_config(name.parse().context("an azure option")?, value);
+                }
+                Arc::new(builder.build()?)
+            }
+        };
+        Ok(Arc::new(ObjectDestination {
+            store,
+            prefix,
+            path: config
+                .path_template("sink")
+                .map_err(|err| anyhow::anyhow!("{err}"))?,
+            settings: config.clone(),
+            route: route.into(),
+            fences,
+            pressure,
+        }))
+    }
+
+    /// A writer for one worker of the route (spawned on the current runtime).
+    pub fn sink(self: &Arc<Self>) -> ObjectSink {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (uploaded, uploads) = mpsc::unbounded_channel();
+        let writer = Writer {
+            destination: self.clone(),
+            commands: receiver,
+            uploaded,
+            uploads,
+            waiting: HashMap::new(),
+            next_batch: 0,
+            partitions: HashMap::new(),
+        };
+        tokio::spawn(writer.run());
+        ObjectSink { commands }
+    }
+
+    /// The directory of objects holding records of `source` timestamped `timestamp_ms`.
+    fn directory(&self, source: &PartitionKey, timestamp_ms: i64) -> Result<String, SinkError> {
+        let ctx = Context {
+            topic: source.topic.as_str(),
+            partition: source.partition,
+            offset: 0,
+            timestamp_ms: Some(timestamp_ms),
+            key: None,
+            level: None,
+            service: None,
+        };
+        let dir = self.path.render(None, &ctx).map_err(|err| {
+            SinkError::permanent(err.reason(), format!("object directory: {err}"))
+        })?;
+        let dir = dir.trim_matches('/');
+        Ok(match (self.prefix.is_empty(), dir.is_empty()) {
+            (true, _) => dir.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{dir}", self.prefix),
+        })
+    }
+
+    /// The name of the object of `source` holding offsets `first` to `last` in `dir`.
+    fn object_path(&self, dir: &str, source: &PartitionKey, first: i64, last: i64) -> StorePath {
+        let name = format!(
+            "{}{first:020}+{last:020}.{}",
+            name_prefix(source),
+            self.settings.compression.extension()
+        );
+        if dir.is_empty() {
+            StorePath::from(name)
+        } else {
+            StorePath::from(format!("{dir}/{name}"))
+        }
+    }
+}
+
+/// How every object name of `source` begins: `<topic>+<partition>+`. Kafka topic names have
+/// no `+`, so the name says which partition it belongs to.
+fn name_prefix(source: &PartitionKey) -> String {
+    format!("{}+{}+", source.topic.as_str(), source.partition)
+}
+
+/// The first and last offset an object name of `source` gives, if it is one.
+fn offsets_in_name(name: &str, source: &PartitionKey) -> Option<(i64, i64)> {
+    let rest = name.strip_prefix(&name_prefix(source))?;
+    let (first, rest) = rest.split_once('+')?;
+    let last = rest.split('.').next()?;
+    Some((first.parse().ok()?, last.parse().ok()?))
+}
+
+/// One worker's handle on its writer.
+pub struct ObjectSink {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+enum Command {
+    /// A batch's lines; the outcomes (one per line, in order) go back on `done`.
+    Batch {
+        lines: Vec<Line>,
+        done: oneshot::Sender<Vec<Result<(), SinkError>>>,
+    },
+    /// Close every open object (the worker's input ended, or it waits for all it started).
+    Flush,
+}
+
+/// What the writer needs of a record: the record itself stays with the worker.
+struct Line {
+    source: PartitionKey,
+    generation: u64,
+    offset: i64,
+    /// The Kafka timestamp; 0 (the epoch) for a record without one, so that its directory
+    /// never depends on when it was written.
+    timestamp: i64,
+    bytes: Vec<u8>,
+}
+
+impl Line {
+    fn of(record: &Record) -> Line {
+        let mut bytes = Vec::with_capacity(record.payload().map_or(4, <[u8]>::len) + 1);
+        crate::http_sink::write_payload(&mut bytes, record);
+        bytes.push(b'\n');
+        Line {
+            source: record.source.clone(),
+            generation: record.generation,
+            offset: record.offset,
+            timestamp: record.timestamp.unwrap_or(0),
+            bytes,
+        }
+    }
+}
+
+impl Sink for ObjectSink {
+    fn deliver<'a>(&'a mut self, route: &'a str, batch: &'a [Record]) -> DeliveryFuture<'a> {
+        let started = self.start(route, batch);
+        Box::pin(async move {
+            match started {
+                Some(outcomes) => outcomes.await,
+                None => Vec::new(),
+            }
+        })
+    }
+
+    fn start(&mut self, _route: &str, batch: &[Record]) -> Option<Started> {
+        let (done, outcomes) = oneshot::channel();
+        let lines = batch.iter().map(Line::of).collect();
+        let count = batch.len();
+        // The writer only stops when this handle is gone.
+        let _ = self.commands.send(Command::Batch { lines, done });
+        Some(Box::pin(async move {
+            outcomes.await.unwrap_or_else(|_| {
+                (0..count)
+                    .map(|_| Err(SinkError::retryable("writer_gone", "the object writer stopped")))
+                    .collect()
+            })
+        }))
+    }
+
+    fn flush(&mut self) {
+        let _ = self.commands.send(Command::Flush);
+    }
+}
+
+/// Where a line's outcome goes: batch and position.
+type Waiter = (u64, usize);
+
+/// A batch whose outcomes are not all known.
+struct Waiting {
+    outcomes: Vec<Option<Result<(), SinkError>>>,
+    left: usize,
+    done: oneshot::Sender<Vec<Result<(), SinkError>>>,
+}
+
+/// The object a partition is filling.
+struct Open {
+    dir: String,
+    first: i64,
+    last: i64,
+    first_timestamp: i64,
+    records: usize,
+    raw_bytes: usize,
+    body: Body,
+    waiters: Vec<Waiter>,
+    touched: Instant,
+}
+
+/// An object closed and waiting for (or in) its upload.
+struct Closed {
+    path: StorePath,
+    body: Vec<u8>,
+    records: usize,
+    waiters: Vec<Waiter>,
+    generation: u64,
+}
+
+/// A partition as one writer sees it.
+#[derive(Default)]
+struct PartitionState {
+    generation: u64,
+    /// While replaying after an assignment: the stored ranges of each directory listed so far.
+    /// `None` once a record was found that no object holds.
+    recovery: Option<HashMap<String, Vec<(i64, i64)>>>,
+    open: Option<Open>,
+    /// Closed objects in offset order; the first is being uploaded when `uploading`.
+    queue: VecDeque<Closed>,
+    uploading: bool,
+}
+
+/// An upload's end, reported to the writer.
+struct Uploaded {
+    source: PartitionKey,
+    result: Result<(), SinkError>,
+}
+
+/// The actor behind a worker's object sink: owns the open objects of the partitions it is
+/// given and uploads them.
+struct Writer {
+    destination: Arc<ObjectDestination>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    uploaded: mpsc::UnboundedSender<Uploaded>,
+    uploads: mpsc::UnboundedReceiver<Uploaded>,
+    waiting: HashMap<u64, Waiting>,
+    next_batch: u64,
+    partitions: HashMap<PartitionKey, PartitionState>,
+}
+
+impl Writer {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut open = true;
+        loop {
+            tokio::select! {
+                command = self.commands.recv(), if open => match command {
+                    Some(Command::Batch { lines, done }) => self.take(lines, done).await,
+                    Some(Command::Flush) => self.close_all("flush"),
+                    None => {
+                        // The worker is gone: what is open is stored all the same (its records
+                        // are read again after a restart, and find it there).
+                        open = false;
+                        self.close_all("flush");
+                    }
+                },
+                Some(uploaded) = self.uploads.recv() => self.finished(uploaded),
+                _ = tick.tick() => self.on_tick(),
+            }
+            if !open && self.partitions.values().all(|p| p.queue.is_empty()) {
+                return;
+            }
+        }
+    }
+
+    /// Files a batch's lines into their partitions' objects.
+    async fn take(&mut self, lines: Vec<Line>, done: oneshot::Sender<Vec<Result<(), SinkError>>>) {
+        let batch = self.next_batch;
+        self.next_batch += 1;
+        self.waiting.insert(
+            batch,
+            Waiting {
+                outcomes: (0..lines.len()).map(|_| None).collect(),
+                left: lines.len(),
+                done,
+            },
+        );
+        for (index, line) in lines.into_iter().enumerate() {
+            self.file(line, (batch, index)).await;
+        }
+        self.check_done(batch);
+        if self
+            .destination
+            .pressure
+            .as_ref()
+            .is_some_and(Pressure::high)
+        {
+            self.close_all("pressure");
+        }
+    }
+
+    /// Files one line: into the open object of its partition, or finished at once when an
+    /// object already stored holds it (a replay).
+    async fn file(&mut self, line: Line, waiter: Waiter) {
+        let state = self.partitions.entry(line.source.clone()).or_default();
+        if line.generation != state.generation {
+            if line.generation < state.generation {
+                // An older assignment's record reaching the writer late: not stored now.
+                self.resolve(
+                    &[waiter],
+                    Err(SinkError::retryable(
+                        "partition_revoked",
+                        "the partition was assigned again",
+                    )),
+                );
+                return;
+            }
+            // A new assignment: what the old one had open or queued and not started is
+            // dropped (its records are read again by this assignment, which finds stored what
+            // was stored).
+            let keep = usize::from(state.uploading);
+            let mut dropped: Vec<Waiter> = state
+                .queue
+                .drain(keep..)
+                .flat_map(|closed| closed.waiters)
+                .collect();
+            if let Some(open) = state.open.take() {
+                dropped.extend(open.waiters);
+            }
+            state.generation = line.generation;
+            state.recovery = Some(HashMap::new());
+            self.resolve(
+                &dropped,
+                Err(SinkError::retryable(
+                    "partition_revoked",
+                    "the partition was assigned again",
+                )),
+            );
+        }
+        // An older assignment's upload still under way: the listing below must see its
+        // object if it is stored, so wait for it (it gives up once that revoke is over).
+        while self.partitions.get(&line.source).is_some_and(|state| {
+            state.uploading && state.queue.front().is_some_and(|c| c.generation < line.generation)
+        }) {
+            match self.uploads.recv().await {
+                Some(uploaded) => self.finished(uploaded),
+                None => break,
+            }
+        }
+        let dir = match self.destination.directory(&line.source, line.timestamp) {
+            Ok(dir) => dir,
+            Err(err) => {
+                self.resolve(&[waiter], Err(err));
+                return;
+            }
+        };
+        if self.already_stored(&line, &dir).await {
+            crate::metrics::object_store_records()
+                .with_label_values(&[&self.destination.route, "already_stored"])
+                .inc();
+            self.resolve(&[waiter], Ok(()));
+            return;
+        }
+        self.append(line, dir, waiter);
+    }
+
+    /// While a partition replays: whether an object already stored holds `line` (listing the
+    /// directory the first time it is needed). Ends the replay at the first line none holds.
+    async fn already_stored(&mut self, line: &Line, dir: &str) -> bool {
+        let Some(listed) = self
+            .partitions
+            .get(&line.source)
+            .and_then(|state| state.recovery.as_ref())
+            .map(|recovery| recovery.get(dir).cloned())
+        else {
+            return false;
+        };
+        let ranges = match listed {
+            Some(ranges) => ranges,
+            None => {
+                let ranges = self.list(&line.source, line.generation, dir).await;
+                if let Some(recovery) = self
+                    .partitions
+                    .get_mut(&line.source)
+                    .and_then(|state| state.recovery.as_mut())
+                {
+                    recovery.insert(dir.to_string(), ranges.clone());
+                }
+                ranges
+            }
+        };
+        let stored = ranges
+            .iter()
+            .any(|(first, last)| *first <= line.offset && line.offset <= *last);
+        if !stored {
+            if let Some(state) = self.partitions.get_mut(&line.source) {
+                state.recovery = None;
+            }
+        }
+        stored
+    }
+
+    /// The offset ranges of the objects of `source` stored in `dir`, retried until the store
+    /// answers (or the partition is let go: then none, and its lines are dropped by the
+    /// worker as revoked).
+    async fn list(&self, source: &PartitionKey, generation: u64, dir: &str) -> Vec<(i64, i64)> {
+        let destination = &self.destination;
+        let at = (!dir.is_empty()).then(|| StorePath::from(dir));
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match destination.store.list_with_delimiter(at.as_ref()).await {
+                Ok(listing) => {
+                    let ranges: Vec<(i64, i64)> = listing
+                        .objects
+                        .iter()
+                        .filter_map(|object| {
+                            object
+                                .location
+                                .filename()
+                                .and_then(|name| offsets_in_name(name, source))
+                        })
+                        .collect();
+                    if !ranges.is_empty() {
+                        info!(
+                            route = %destination.route,
+                            partition = %source,
+                            directory = dir,
+                            objects = ranges.len(),
+                            "objects of this partition already stored: records they hold are not written again"
+                        );
+                    }
+                    return ranges;
+                }
+                Err(err) => {
+                    crate::metrics::object_store_failures()
+                        .with_label_values(&[&destination.route, "list"])
+                        .inc();
+                    warn!(route = %destination.route, directory = dir, error = %err, "cannot list the object store; retrying");
+                    if destination.fences.is_released_at(source, generation) {
+                        return Vec::new();
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Adds `line` to its partition's open object, closing that first where a boundary falls
+    /// before it, and after it where the object is full.
+    fn append(&mut self, line: Line, dir: String, waiter: Waiter) {
+        let destination = self.destination.clone();
+        let settings = &destination.settings;
+        let source = line.source.clone();
+        let state = self.partitions.get_mut(&source).expect("filed");
+        let generation = state.generation;
+        let cut = state.open.as_ref().and_then(|open| {
+            if open.dir != dir {
+                Some("directory")
+            } else if open.raw_bytes + line.bytes.len() > settings.max_bytes {
+                Some("bytes")
+            } else if line.timestamp.saturating_sub(open.first_timestamp)
+                >= settings.max_age_ms as i64
+            {
+                Some("age")
+            } else {
+                None
+            }
+        });
+        if let Some(cut) = cut {
+            let open = state.open.take().expect("an open object");
+            let closed = self.seal(&source, open, generation, cut);
+            self.enqueue(&source, closed);
+        }
+        let compression = settings.compression;
+        let (max_records, max_bytes) = (settings.max_records, settings.max_bytes);
+        let state = self.partitions.get_mut(&source).expect("filed");
+        let open = state.open.get_or_insert_with(|| Open {
+            dir,
+            first: line.offset,
+            last: line.offset,
+            first_timestamp: line.timestamp,
+            records: 0,
+            raw_bytes: 0,
+            body: Body::new(compression),
+            waiters: Vec::new(),
+            touched: Instant::now(),
+        });
+        open.body.write(&line.bytes);
+        open.last = line.offset;
+        open.records += 1;
+        open.raw_bytes += line.bytes.len();
+        open.waiters.push(waiter);
+        open.touched = Instant::now();
+        let full = if open.records >= max_records {
+            Some("records")
+        } else if open.raw_bytes >= max_bytes {
+            Some("bytes")
+        } else {
+            None
+        };
+        if let Some(cut) = full {
+            let open = state.open.take().expect("an open object");
+            let closed = self.seal(&source, open, generation, cut);
+            self.enqueue(&source, closed);
+        }
+    }
+
+    /// Finishes an open object's body and names it.
+    fn seal(&self, source: &PartitionKey, open: Open, generation: u64, cut: &str) -> Closed {
+        crate::metrics::object_store_objects()
+            .with_label_values(&[&self.destination.route, cut])
+            .inc();
+        Closed {
+            path: self
+                .destination
+                .object_path(&open.dir, source, open.first, open.last),
+            body: open.body.finish(),
+            records: open.records,
+            waiters: open.waiters,
+            generation,
+        }
+    }
+
+    /// Queues a closed object for upload, starting it if the partition has none under way.
+    fn enqueue(&mut self, source: &PartitionKey, closed: Closed) {
+        let state = self.partitions.get_mut(source).expect("filed");
+        state.queue.push_back(closed);
+        self.start_next(source);
+    }
+
+    /// Starts the upload of the partition's next object, if none is under way.
+    fn start_next(&mut self, source: &PartitionKey) {
+        let Some(state) = self.partitions.get_mut(source) else {
+            return;
+        };
+        if state.uploading {
+            return;
+        }
+        let Some(next) = state.queue.front() else {
+            return;
+        };
+        state.uploading = true;
+        let destination = self.destination.clone();
+        let uploaded = self.uploaded.clone();
+        let source = source.clone();
+        let (path, body, generation) = (next.path.clone(), next.body.clone(), next.generation);
+        tokio::spawn(async move {
+            let result = upload(&destination, &source, generation, &path, body).await;
+            let _ = uploaded.send(Uploaded { source, result });
+        });
+    }
+
+    /// An upload ended: its records' outcomes are known; the partition's next object starts.
+    fn finished(&mut self, uploaded: Uploaded) {
+        let Some(state) = self.partitions.get_mut(&uploaded.source) else {
+            return;
+        };
+        state.uploading = false;
+        let Some(closed) = state.queue.pop_front() else {
+            return;
+        };
+        if uploaded.result.is_ok() {
+            let route = &self.destination.route;
+            crate::metrics::object_store_records()
+                .with_label_values(&[route, "stored"])
+                .inc_by(closed.records as u64);
+            crate::metrics::object_store_bytes()
+                .with_label_values(&[route])
+                .inc_by(closed.body.len() as u64);
+        }
+        self.resolve(&closed.waiters, uploaded.result);
+        self.start_next(&uploaded.source);
+    }
+
+    /// Closes every open object (`cut` says why, for the metrics).
+    fn close_all(&mut self, cut: &str) {
+        let sources: Vec<PartitionKey> = self
+            .partitions
+            .iter()
+            .filter(|(_, state)| state.open.is_some())
+            .map(|(source, _)| source.clone())
+            .collect();
+        for source in sources {
+            self.close(&source, cut);
+        }
+    }
+
+    fn close(&mut self, source: &PartitionKey, cut: &str) {
+        let Some(state) = self.partitions.get_mut(source) else {
+            return;
+        };
+        let generation = state.generation;
+        if let Some(open) = state.open.take() {
+            let closed = self.seal(source, open, generation, cut);
+            self.enqueue(source, closed);
+        }
+    }
+
+    /// Closes objects idle past `idle_flush_ms` and those of partitions being revoked; all of
+    /// them at the in-flight bound.
+    fn on_tick(&mut self) {
+        if self
+            .destination
+            .pressure
+            .as_ref()
+            .is_some_and(Pressure::high)
+        {
+            self.close_all("pressure");
+            return;
+        }
+        let idle = Duration::from_millis(self.destination.settings.idle_flush_ms);
+        let fences = &self.destination.fences;
+        let due: Vec<(PartitionKey, &'static str)> = self
+            .partitions
+            .iter()
+            .filter_map(|(source, state)| {
+                let open = state.open.as_ref()?;
+                if fences.is_revoking(source, state.generation) {
+                    Some((source.clone(), "revoke"))
+                } else if open.touched.elapsed() >= idle {
+                    Some((source.clone(), "idle"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (source, cut) in due {
+            self.close(&source, cut);
+        }
+    }
+
+    /// Sets the outcome of each of `waiters`.
+    fn resolve(&mut self, waiters: &[Waiter], result: Result<(), SinkError>) {
+        let mut batches = Vec::new();
+        for &(batch, index) in waiters {
+            if let Some(waiting) = self.waiting.get_mut(&batch) {
+                if waiting.outcomes[index].is_none() {
+                    waiting.outcomes[index] = Some(result.clone());
+                    waiting.left -= 1;
+                }
+                if batches.last() != Some(&batch) {
+                    batches.push(batch);
+                }
+            }
+        }
+        for batch in batches {
+            self.check_done(batch);
+        }
+    }
+
+    /// Sends a batch's outcomes once all are known.
+    fn check_done(&mut self, batch: u64) {
+        if self.waiting.get(&batch).is_some_and(|w| w.left == 0) {
+            let waiting = self.waiting.remove(&batch).expect("present");
+            let outcomes = waiting
+                .outcomes
+                .into_iter()
+                .map(|outcome| outcome.expect("every outcome known"))
+                .collect();
+            let _ = waiting.done.send(outcomes);
+        }
+    }
+}
+
+/// Stores one object, retrying until it is stored or the partition is let go.
+async fn upload(
+    destination: &ObjectDestination,
+    source: &PartitionKey,
+    generation: u64,
+    path: &StorePath,
+    body: Vec<u8>,
+) -> Result<(), SinkError> {
+    let mut backoff = Duration::from_millis(100);
+    let body = bytes::Bytes::from(body);
+    loop {
+        if destination.fences.is_released_at(source, generation) {
+            return Err(SinkError::retryable(
+                "partition_revoked",
+                "the partition's revoke is over: its next owner writes this object",
+            ));
+        }
+        let attempt = if body.len() <= destination.settings.part_bytes {
+            destination
+                .store
+                .put(path, body.clone().into())
+                .await
+                .map(|_| ())
+        } else {
+            put_in_parts(destination, path, &body).await
+        };
+        match attempt {
+            Ok(()) => return Ok(()),
+            Err(err) => {
+                crate::metrics::object_store_failures()
+                    .with_label_values(&[&destination.route, "upload"])
+                    .inc();
+                warn!(route = %destination.route, object = %path, error = %err, "cannot store an object; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+/// A multipart upload in `part_bytes` parts (aborted if a part fails, so no parts are left).
+async fn put_in_parts(
+    destination: &ObjectDestination,
+    path: &StorePath,
+    body: &bytes::Bytes,
+) -> object_store::Result<()> {
+    let upload = destination.store.put_multipart(path).await?;
+    let mut writer =
+        object_store::WriteMultipart::new_with_chunk_size(upload, destination.settings.part_bytes);
+    writer.write(body);
+    match writer.finish().await {
+        Ok(_) => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// An object's body as it is written: compressed as it grows.
+enum Body {
+    Plain(Vec<u8>),
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),
+}
+
+impl Body {
+    fn new(compression: ObjectCompression) -> Body {
+        match compression {
+            ObjectCompression::None => Body::Plain(Vec::new()),
+            ObjectCompression::Gzip => Body::Gzip(flate2::write::GzEncoder::new(
+                Vec::new(),
+                flate2::Compression::default(),
+            )),
+            ObjectCompression::Zstd => match zstd::stream::write::Encoder::new(Vec::new(), 3) {
+                Ok(encoder) => Body::Zstd(encoder),
+                // Only an allocation failure inside zstd: store it uncompressed rather than not.
+                Err(_) => Body::Plain(Vec::new()),
+            },
+        }
+    }
+
+    /// Writing into memory cannot fail.
+    fn write(&mut self, bytes: &[u8]) {
+        let _ = match self {
+            Body::Plain(out) => {
+                out.extend_from_slice(bytes);
+                Ok(())
+            }
+            Body::Gzip(encoder) => encoder.write_all(bytes),
+            Body::Zstd(encoder) => encoder.write_all(bytes),
+        };
+    }
+
+    fn finish(self) -> Vec<u8> {
+        match self {
+            Body::Plain(out) => out,
+            Body::Gzip(encoder) => encoder.finish().unwrap_or_default(),
+            Body::Zstd(encoder) => encoder.finish().unwrap_or_default(),
+        }
+    }
+}
