@@ -95,10 +95,20 @@ impl ObjectDestination {
             .options
             .iter()
             .map(|(name, value)| (name.clone(), value.to_string()));
+        // The crate's own retries are few and short: this sink retries for as long as it owns
+        // the partition, and counts and logs each failure, which the crate's hidden retries
+        // (10, over up to 3 minutes, by default) would keep out of sight.
+        let retry = object_store::RetryConfig {
+            max_retries: 1,
+            retry_timeout: Duration::from_secs(10),
+            ..object_store::RetryConfig::default()
+        };
         let store: Arc<dyn ObjectStore> = match kind {
             StoreKind::S3 => {
                 let mut builder =
-                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket);
+                    object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(&bucket)
+                    .with_retry(retry);
                 for (name, value) in options {
                     builder = builder.with_config(name.parse().context("an s3 option")?, value);
                 }
@@ -106,7 +116,8 @@ impl ObjectDestination {
             }
             StoreKind::Gcs => {
                 let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(&bucket);
+                    .with_bucket_name(&bucket)
+                    .with_retry(retry);
                 for (name, value) in options {
                     builder = builder.with_config(name.parse().context("a gcs option")?, value);
                 }
@@ -114,7 +125,8 @@ impl ObjectDestination {
             }
             StoreKind::Azure => {
                 let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(&bucket);
+                    .with_container_name(&bucket)
+                    .with_retry(retry);
                 for (name, value) in options {
                     builder = builder.with_config(name.parse().context("an azure option")?, value);
                 }
