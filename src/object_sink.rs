@@ -133,6 +133,18 @@ impl ObjectDestination {
                 Arc::new(builder.build()?)
             }
         };
+        ObjectDestination::with_store(store, prefix, config, route, fences, pressure)
+    }
+
+    /// The destination on `store` (the crate's in-memory store in the unit tests).
+    fn with_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: String,
+        config: &ObjectStoreSinkConfig,
+        route: &str,
+        fences: Fences,
+        pressure: Option<Pressure>,
+    ) -> anyhow::Result<Arc<ObjectDestination>> {
         Ok(Arc::new(ObjectDestination {
             store,
             prefix,
@@ -862,5 +874,225 @@ impl Body {
             Body::Gzip(encoder) => encoder.finish().unwrap_or_default(),
             Body::Zstd(encoder) => encoder.finish().unwrap_or_default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::test_record;
+
+    /// Every record 10:00 UTC on 2026-12-03 plus `minutes`.
+    fn record(generation: u64, offset: i64, minutes: i64) -> Record {
+        let payload = format!(r#"{{"level":"error","message":"m","id":{offset}}}"#);
+        let mut record = test_record(0, offset, None, Some(payload.as_bytes()));
+        record.generation = generation;
+        record.timestamp = Some(1_796_292_000_000 + minutes * 60_000);
+        record
+    }
+
+    fn destination(
+        store: &Arc<object_store::memory::InMemory>,
+        settings: &str,
+        fences: &Fences,
+    ) -> Arc<ObjectDestination> {
+        let config: ObjectStoreSinkConfig =
+            toml::from_str(&format!("url = \"s3://bucket/archive\"\ncompression = \"none\"\n{settings}"))
+                .expect("settings");
+        ObjectDestination::with_store(
+            store.clone(),
+            "archive".into(),
+            &config,
+            "route",
+            fences.clone(),
+            None,
+        )
+        .expect("destination")
+    }
+
+    /// The names stored, sorted, and the ids of each object's lines.
+    async fn stored(store: &object_store::memory::InMemory) -> Vec<(String, Vec<i64>)> {
+        use futures_util_free::collect_list;
+        let mut objects = Vec::new();
+        for location in collect_list(store).await {
+            let body = store
+                .get(&location)
+                .await
+                .expect("get")
+                .bytes()
+                .await
+                .expect("bytes");
+            let ids = body
+                .split(|byte| *byte == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| {
+                    let value: serde_json::Value = serde_json::from_slice(line).expect("json");
+                    value["id"].as_i64().expect("id")
+                })
+                .collect();
+            objects.push((location.to_string(), ids));
+        }
+        objects.sort();
+        objects
+    }
+
+    mod futures_util_free {
+        use object_store::path::Path;
+        use object_store::ObjectStore;
+
+        /// Every object of the store (recursing through the listing by directory).
+        pub async fn collect_list(store: &object_store::memory::InMemory) -> Vec<Path> {
+            let mut found = Vec::new();
+            let mut dirs = vec![None];
+            while let Some(dir) = dirs.pop() {
+                let listing: object_store::ListResult =
+                    store.list_with_delimiter(dir.as_ref()).await.expect("list");
+                found.extend(listing.objects.into_iter().map(|object| object.location));
+                dirs.extend(listing.common_prefixes.into_iter().map(Some));
+            }
+            found
+        }
+    }
+
+    async fn settled(outcomes: Started) -> Vec<Result<(), SinkError>> {
+        tokio::time::timeout(Duration::from_secs(5), outcomes)
+            .await
+            .expect("outcomes within 5 s")
+    }
+
+    fn name(dir_hour: &str, first: i64, last: i64) -> String {
+        format!("archive/logs/dt=2026-12-03/hour={dir_hour}/logs+0+{first:020}+{last:020}.ndjson")
+    }
+
+    #[tokio::test]
+    async fn boundaries_fall_by_record_count_hour_and_record_age_and_acks_wait_for_the_upload() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let fences = Fences::default();
+        let destination = destination(
+            &store,
+            "max_records = 3\nmax_age_ms = 1200000\nidle_flush_ms = 600000",
+            &fences,
+        );
+        let mut sink = destination.sink();
+        // 10:00, 10:01: the object is open, nothing is acked.
+        let mut first = sink
+            .start("route", &[record(1, 0, 0), record(1, 1, 1)])
+            .expect("started");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            futures_poll_once(&mut first).await.is_none(),
+            "no ack before the object is stored"
+        );
+        assert!(stored(&store).await.is_empty());
+        // 10:02 fills it (3 records); 10:30 is past max_age of 10:03's object; 11:05 is a new
+        // hour; 11:06 and 11:07 fill that one.
+        let second = sink
+            .start(
+                "route",
+                &[
+                    record(1, 2, 2),
+                    record(1, 3, 3),
+                    record(1, 4, 30),
+                    record(1, 5, 65),
+                    record(1, 6, 66),
+                    record(1, 7, 67),
+                ],
+            )
+            .expect("started");
+        assert!(settled(Box::pin(first)).await.iter().all(Result::is_ok));
+        // Records 4 (10:30, alone in its object until another comes) and later: 5..7 stored,
+        // 4's object closed by the hour change.
+        assert!(settled(second).await.iter().all(Result::is_ok));
+        assert_eq!(
+            stored(&store).await,
+            vec![
+                (name("10", 0, 2), vec![0, 1, 2]),
+                (name("10", 3, 3), vec![3]),
+                (name("10", 4, 4), vec![4]),
+                (name("11", 5, 7), vec![5, 6, 7]),
+            ]
+        );
+    }
+
+    /// Polls a future once: its output if it is ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        match std::pin::Pin::new(future).poll(&mut cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replay_after_a_timing_cut_finds_what_was_stored_and_writes_each_record_once() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let fences = Fences::default();
+        let settings = "max_records = 4\nidle_flush_ms = 600000";
+        // Assignment 1: records 0..=5; 0..=3 fill an object, 4 and 5 are stored by a flush (a
+        // cut that depends on timing, as a shutdown, a revoke or the in-flight bound makes).
+        let mut sink = destination(&store, settings, &fences).sink();
+        let batch: Vec<Record> = (0..6).map(|offset| record(1, offset, 0)).collect();
+        let outcomes = sink.start("route", &batch).expect("started");
+        sink.flush();
+        assert!(settled(outcomes).await.iter().all(Result::is_ok));
+        // Its offsets were never committed (a crash): a new writer replays from 0 to 9.
+        let mut replay = destination(&store, settings, &fences).sink();
+        let batch: Vec<Record> = (0..10).map(|offset| record(2, offset, 0)).collect();
+        let outcomes = replay.start("route", &batch).expect("started");
+        assert!(settled(outcomes).await.iter().all(Result::is_ok));
+        // Boundaries drawn afresh would have been 0..=3 and 4..=7: 4 and 5 twice.
+        assert_eq!(
+            stored(&store).await,
+            vec![
+                (name("10", 0, 3), vec![0, 1, 2, 3]),
+                (name("10", 4, 5), vec![4, 5]),
+                (name("10", 6, 9), vec![6, 7, 8, 9]),
+            ]
+        );
+        assert_eq!(
+            crate::metrics::object_store_records()
+                .with_label_values(&["route", "already_stored"])
+                .get(),
+            6
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_uploaded_for_a_partition_whose_revoke_is_over() {
+        let store = Arc::new(object_store::memory::InMemory::new());
+        let fences = Fences::default();
+        let mut sink = destination(&store, "max_records = 100", &fences).sink();
+        let outcomes = sink
+            .start("route", &[record(1, 0, 0), record(1, 1, 0)])
+            .expect("started");
+        let source = record(1, 0, 0).source;
+        fences.revoke(&source, 1);
+        fences.release(&source, 1);
+        sink.flush();
+        let outcomes = settled(outcomes).await;
+        assert!(
+            outcomes
+                .iter()
+                .all(|outcome| outcome.as_ref().is_err_and(|err| err.reason == "partition_revoked")),
+            "{outcomes:?}"
+        );
+        assert!(stored(&store).await.is_empty());
+    }
+
+    #[test]
+    fn names_carry_the_partition_and_offsets_and_parse_back() {
+        let source = PartitionKey {
+            topic: crate::record::Topic::new("app-logs"),
+            partition: 7,
+        };
+        let name = "app-logs+7+00000000000000000100+00000000000000000199.ndjson.gz";
+        assert_eq!(offsets_in_name(name, &source), Some((100, 199)));
+        let other = PartitionKey {
+            topic: crate::record::Topic::new("app-logs"),
+            partition: 17,
+        };
+        assert_eq!(offsets_in_name(name, &other), None);
+        assert_eq!(offsets_in_name("app-logs+7+x+1.ndjson", &source), None);
     }
 }
