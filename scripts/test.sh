@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every logbridge test on a fresh machine: installs what the tests need (Debian packages,
-# Rust components, Apache Kafka's broker from Maven Central, helm and kubeconform from the Go
+# Rust components, Apache Kafka's broker from Maven Central, moto's S3 server from PyPI, helm and kubeconform from the Go
 # module proxy), checks formatting and lints, then runs all test tiers:
 #   1. unit and property tests (offset tracker, decoder, config, committer, router, sinks)
 #   2. pipeline tests against librdkafka's in-process mock broker (real Kafka protocol over TCP),
@@ -35,6 +35,7 @@ command -v perl >/dev/null || missing+=(perl)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v amtool >/dev/null || missing+=(prometheus-alertmanager)   # compose's Alertmanager
 command -v script >/dev/null || missing+=(bsdutils)   # a pty for the progress-bar test
+command -v jq >/dev/null || missing+=(jq)   # tests/object_store.rs reads objects with zcat | jq
 command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -84,6 +85,11 @@ export LOGBRIDGE_K8S_TOOLS
 log "VictoriaLogs"
 LOGBRIDGE_VICTORIALOGS=$(bash scripts/install-victorialogs.sh)
 export LOGBRIDGE_VICTORIALOGS
+# tests/object_store.rs archives to moto's S3 server (PyPI) and reads back with boto3, both in a
+# virtualenv in the cache (about 30 s once).
+log "moto (S3 server)"
+LOGBRIDGE_MOTO=$(bash scripts/install-moto.sh)
+export LOGBRIDGE_MOTO
 
 # The tests mostly wait (on group joins, session timeouts, a destination's backoff, brokers
 # starting): tests/faults.rs took 27 s of CPU in 243 s, tests/combinations.rs 22 s in 139 s

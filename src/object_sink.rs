@@ -105,8 +105,7 @@ impl ObjectDestination {
         };
         let store: Arc<dyn ObjectStore> = match kind {
             StoreKind::S3 => {
-                let mut builder =
-                    object_store::aws::AmazonS3Builder::from_env()
+                let mut builder = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(&bucket)
                     .with_retry(retry);
                 for (name, value) in options {
@@ -131,6 +130,13 @@ impl ObjectDestination {
                     builder = builder.with_config(name.parse().context("an azure option")?, value);
                 }
                 Arc::new(builder.build()?)
+            }
+            StoreKind::Local => {
+                std::fs::create_dir_all(&bucket)
+                    .with_context(|| format!("cannot create the directory {bucket}"))?;
+                Arc::new(object_store::local::LocalFileSystem::new_with_prefix(
+                    &bucket,
+                )?)
             }
         };
         ObjectDestination::with_store(store, prefix, config, route, fences, pressure)
@@ -287,7 +293,12 @@ impl Sink for ObjectSink {
         Some(Box::pin(async move {
             outcomes.await.unwrap_or_else(|_| {
                 (0..count)
-                    .map(|_| Err(SinkError::retryable("writer_gone", "the object writer stopped")))
+                    .map(|_| {
+                        Err(SinkError::retryable(
+                            "writer_gone",
+                            "the object writer stopped",
+                        ))
+                    })
                     .collect()
             })
         }))
@@ -454,7 +465,11 @@ impl Writer {
         // An older assignment's upload still under way: the listing below must see its
         // object if it is stored, so wait for it (it gives up once that revoke is over).
         while self.partitions.get(&line.source).is_some_and(|state| {
-            state.uploading && state.queue.front().is_some_and(|c| c.generation < line.generation)
+            state.uploading
+                && state
+                    .queue
+                    .front()
+                    .is_some_and(|c| c.generation < line.generation)
         }) {
             match self.uploads.recv().await {
                 Some(uploaded) => self.finished(uploaded),
@@ -896,9 +911,10 @@ mod tests {
         settings: &str,
         fences: &Fences,
     ) -> Arc<ObjectDestination> {
-        let config: ObjectStoreSinkConfig =
-            toml::from_str(&format!("url = \"s3://bucket/archive\"\ncompression = \"none\"\n{settings}"))
-                .expect("settings");
+        let config: ObjectStoreSinkConfig = toml::from_str(&format!(
+            "url = \"s3://bucket/archive\"\ncompression = \"none\"\n{settings}"
+        ))
+        .expect("settings");
         ObjectDestination::with_store(
             store.clone(),
             "archive".into(),
@@ -1015,7 +1031,9 @@ mod tests {
     }
 
     /// Polls a future once: its output if it is ready.
-    async fn futures_poll_once<F: std::future::Future + Unpin>(future: &mut F) -> Option<F::Output> {
+    async fn futures_poll_once<F: std::future::Future + Unpin>(
+        future: &mut F,
+    ) -> Option<F::Output> {
         let waker = std::task::Waker::noop();
         let mut cx = std::task::Context::from_waker(waker);
         match std::pin::Pin::new(future).poll(&mut cx) {
@@ -1072,9 +1090,9 @@ mod tests {
         sink.flush();
         let outcomes = settled(outcomes).await;
         assert!(
-            outcomes
-                .iter()
-                .all(|outcome| outcome.as_ref().is_err_and(|err| err.reason == "partition_revoked")),
+            outcomes.iter().all(|outcome| outcome
+                .as_ref()
+                .is_err_and(|err| err.reason == "partition_revoked")),
             "{outcomes:?}"
         );
         assert!(stored(&store).await.is_empty());

@@ -112,8 +112,26 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
     check_rows(
         &output,
         1,
-        &["raw", "null", "kafka", "kafka-eos", "http", "otlp", "loki"],
+        &[
+            "raw",
+            "null",
+            "kafka",
+            "kafka-eos",
+            "http",
+            "otlp",
+            "loki",
+            "object-store",
+        ],
         20_000,
+    );
+    assert!(
+        output.contains("j/d = "),
+        "the object store row's ratio: {output}"
+    );
+    assert_eq!(
+        figure(&output, "object-store objects:", "holding"),
+        20_000.0,
+        "the objects of the object-store run hold every event it read"
     );
     assert!(output.contains("i/d = "), "the loki row's ratio: {output}");
     let loki_entries = figure(&output, "loki endpoint:", "pushes,");

@@ -31,21 +31,29 @@ fn check_config_accepts_the_shipped_files() {
     }
 }
 
-/// Every configuration in the README's cookbook is one `check-config` accepts, and it prints
-/// each route as it understood it.
-#[test]
-fn check_config_accepts_the_readme_cookbook() {
+/// The TOML blocks of the README section that begins with `heading`.
+fn readme_blocks(heading: &str) -> Vec<String> {
     let readme = std::fs::read_to_string("README.md").expect("README.md");
-    let cookbook = readme
-        .split_once("### Cookbook")
-        .map(|(_, rest)| rest.split("\n## ").next().unwrap_or_default())
-        .expect("a cookbook section");
-    let blocks: Vec<&str> = cookbook
+    let section = readme
+        .split_once(heading)
+        .map(|(_, rest)| rest.split("\n## ").next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("a section {heading}"));
+    section
         .split("```toml\n")
         .skip(1)
-        .filter_map(|block| block.split_once("```").map(|(toml, _)| toml))
-        .collect();
+        .filter_map(|block| block.split_once("```").map(|(toml, _)| toml.to_string()))
+        .collect()
+}
+
+/// Every configuration in the README's cookbook and its outputs section is one `check-config`
+/// accepts, and it prints each route as it understood it.
+#[test]
+fn check_config_accepts_the_readme_cookbook() {
+    let mut blocks = readme_blocks("### Cookbook");
     assert_eq!(blocks.len(), 4, "the four recipes");
+    let outputs = readme_blocks("## Outputs");
+    assert_eq!(outputs.len(), 3, "object store, Loki and OTLP");
+    blocks.extend(outputs);
     let dir = tempfile::tempdir().expect("tempdir");
     for (n, block) in blocks.iter().enumerate() {
         let path = dir.path().join(format!("recipe-{n}.toml"));
@@ -63,7 +71,7 @@ fn check_config_accepts_the_readme_cookbook() {
     }
 }
 
-/// Every route example of docs/outputs.md (file, HTTP, Elasticsearch, OTLP, Loki) is one
+/// Every route example of docs/outputs.md (file, HTTP, Elasticsearch, OTLP, Loki, object store) is one
 /// `check-config` accepts, with the secret files and variables it names made here, and shows
 /// with its secrets redacted; keys a sink cannot have are named. (The HTTP and Elasticsearch
 /// examples were multi-line inline tables, which TOML 1.0 refuses: none of them loaded.)
@@ -100,6 +108,7 @@ fn check_config_accepts_every_documented_sink_and_names_bad_keys() {
             "/run/secrets/otlp-token",
             "/run/secrets/loki",
             "/etc/logbridge/es-ca.pem",
+            "/run/secrets/archive",
         ]
         .into_iter()
         .enumerate()
@@ -124,7 +133,14 @@ fn check_config_accepts_every_documented_sink_and_names_bad_keys() {
             .to_string();
         types.push(kind);
     }
-    for kind in ["file", "http", "elasticsearch", "otlp", "loki"] {
+    for kind in [
+        "file",
+        "http",
+        "elasticsearch",
+        "otlp",
+        "loki",
+        "object_store",
+    ] {
         assert!(
             types.contains(&format!("\"{kind}\"")),
             "an example of each sink: {types:?}"
@@ -142,6 +158,14 @@ fn check_config_accepts_every_documented_sink_and_names_bad_keys() {
         (
             r#"{ type = "http", url = "http://h/in", metadata = ["a"] }"#,
             "routes[0].sink.metadata",
+        ),
+        (
+            r#"{ type = "s3", url = "s3://archive/raw", path = "{service}/%Y" }"#,
+            "routes[0].sink.path",
+        ),
+        (
+            r#"{ type = "object_store", url = "s3://archive", options = { regoin = "x" } }"#,
+            "routes[0].sink.options.regoin",
         ),
     ] {
         let output = check(

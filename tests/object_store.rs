@@ -31,7 +31,10 @@ fn moto_bin() -> PathBuf {
         return PathBuf::from(path);
     }
     let output = Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install-moto.sh"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/install-moto.sh"
+        ))
         .stderr(Stdio::inherit())
         .output()
         .expect("run scripts/install-moto.sh");
@@ -279,7 +282,10 @@ async fn every_event_is_in_exactly_one_object_after_five_sigkills_and_a_store_ou
         kafka.committed(&group),
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    assert!(status.is_some_and(|s| s.success()), "the last run stops cleanly");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the last run stops cleanly"
+    );
 
     let objects = work.path().join("objects");
     let keys = moto.download(&objects);

@@ -18,7 +18,7 @@ use super::{check_range, invalid, ConfigError, OptionValue, REDACTED};
 #[serde(deny_unknown_fields)]
 pub struct ObjectStoreSinkConfig {
     /// The bucket and an optional prefix: `s3://bucket/prefix`, `gs://bucket/prefix`,
-    /// `az://container/prefix`.
+    /// `az://container/prefix`; or a local directory, `file:///var/lib/archive`.
     pub url: String,
     /// The directory of each object under the url's prefix, a template of `{@topic}`,
     /// `{@partition}`, strftime specifiers of the record's Kafka timestamp (UTC) and literal
@@ -123,6 +123,9 @@ pub enum StoreKind {
     Gcs,
     /// `az://`, `azure://`, `abfs://`
     Azure,
+    /// `file:///absolute/directory`: a local (or mounted) directory, each object written to a
+    /// temporary file and renamed into place.
+    Local,
 }
 
 impl ObjectStoreSinkConfig {
@@ -136,9 +139,15 @@ impl ObjectStoreSinkConfig {
             "s3" | "s3a" => StoreKind::S3,
             "gs" => StoreKind::Gcs,
             "az" | "azure" | "abfs" | "abfss" => StoreKind::Azure,
+            "file" => {
+                if !rest.starts_with('/') || rest.len() < 2 {
+                    return Err("a `file://` url names an absolute directory: `file:///var/lib/archive`".into());
+                }
+                return Ok((StoreKind::Local, rest.trim_end_matches('/').to_string(), String::new()));
+            }
             other => {
                 return Err(format!(
-                    "scheme `{other}://` is not an object store: use `s3://`, `gs://` or `az://`"
+                    "scheme `{other}://` is not an object store: use `s3://`, `gs://`, `az://` or `file://`"
                 ))
             }
         };
@@ -172,9 +181,19 @@ impl ObjectStoreSinkConfig {
                 ),
             ));
         }
-        check_range(&format!("{key}.max_records"), self.max_records, 1, 10_000_000)?;
+        check_range(
+            &format!("{key}.max_records"),
+            self.max_records,
+            1,
+            10_000_000,
+        )?;
         check_range(&format!("{key}.max_bytes"), self.max_bytes, 1024, 5 << 30)?;
-        check_range(&format!("{key}.max_age_ms"), self.max_age_ms, 1000, 7 * 86_400_000)?;
+        check_range(
+            &format!("{key}.max_age_ms"),
+            self.max_age_ms,
+            1000,
+            7 * 86_400_000,
+        )?;
         check_range(
             &format!("{key}.idle_flush_ms"),
             self.idle_flush_ms,
@@ -189,15 +208,10 @@ impl ObjectStoreSinkConfig {
         )?;
         for (name, value) in &self.options {
             let known = match kind {
-                StoreKind::S3 => name
-                    .parse::<object_store::aws::AmazonS3ConfigKey>()
-                    .is_ok(),
-                StoreKind::Gcs => name
-                    .parse::<object_store::gcp::GoogleConfigKey>()
-                    .is_ok(),
-                StoreKind::Azure => name
-                    .parse::<object_store::azure::AzureConfigKey>()
-                    .is_ok(),
+                StoreKind::S3 => name.parse::<object_store::aws::AmazonS3ConfigKey>().is_ok(),
+                StoreKind::Gcs => name.parse::<object_store::gcp::GoogleConfigKey>().is_ok(),
+                StoreKind::Azure => name.parse::<object_store::azure::AzureConfigKey>().is_ok(),
+                StoreKind::Local => false,
             } || name.parse::<object_store::ClientConfigKey>().is_ok();
             if !known {
                 return Err(invalid(
@@ -256,7 +270,9 @@ mod tests {
     fn config(extra: &str) -> Result<ObjectStoreSinkConfig, String> {
         let text = format!("url = \"s3://archive/logs\"\n{extra}");
         let config: ObjectStoreSinkConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
-        config.validate("routes[0].sink").map_err(|e| e.to_string())?;
+        config
+            .validate("routes[0].sink")
+            .map_err(|e| e.to_string())?;
         Ok(config)
     }
 
@@ -284,7 +300,10 @@ mod tests {
     #[test]
     fn bad_urls_options_and_sizes_name_their_key() {
         for (extra, key) in [
-            ("options = { regoin = \"x\" }", "routes[0].sink.options.regoin"),
+            (
+                "options = { regoin = \"x\" }",
+                "routes[0].sink.options.regoin",
+            ),
             ("part_bytes = 1024", "routes[0].sink.part_bytes"),
             ("max_records = 0", "routes[0].sink.max_records"),
         ] {
@@ -294,7 +313,10 @@ mod tests {
         for url in ["http://x/y", "s3://", "archive", "s3://b/p?x=1"] {
             let text = format!("url = {url:?}");
             let config: ObjectStoreSinkConfig = toml::from_str(&text).expect("parses");
-            let err = config.validate("routes[0].sink").expect_err(url).to_string();
+            let err = config
+                .validate("routes[0].sink")
+                .expect_err(url)
+                .to_string();
             assert!(err.contains("routes[0].sink.url"), "{url}: {err}");
         }
         config("options = { region = \"eu-west-1\", endpoint = \"http://127.0.0.1:9000\", allow_http = true }")

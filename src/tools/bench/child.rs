@@ -57,11 +57,15 @@ fn bench_routes(mode: Mode, sink: &str) -> String {
             _ => (*levels, String::new()),
         };
         text.push_str(&format!(
-            "\n[[routes]]\nname = \"{name}\"\nlevels = {levels}\nworkers = {workers}\n{extra}sink = {sink}\n"
+            "\n[[routes]]\nname = \"{name}\"\nlevels = {levels}\nworkers = {workers}\n{extra}sink = {}\n",
+            sink.replace(ROUTE, name)
         ));
     }
     text
 }
+
+/// Stands for the route's name in a sink (each object-store route its own directory).
+const ROUTE: &str = "@ROUTE@";
 
 /// The configuration every pipeline measurement runs: three routes by level that together take
 /// every level the sample traffic has, to null sinks or to `out_topic`.
@@ -74,6 +78,12 @@ pub fn bench_config(options: &ChildOptions) -> anyhow::Result<Config> {
         Mode::Otlp => format!("{{ type = \"otlp\", url = \"{}\" }}", options.http_url),
         // The endpoint answers any path; the labels are the default ones, level and service.
         Mode::Loki => format!("{{ type = \"loki\", url = \"{}\" }}", options.http_url),
+        // A directory of the run's own (the parent reads the objects' sizes there); the tail of
+        // each partition is closed after 1 s without records rather than the default 30 s.
+        Mode::ObjectStore => format!(
+            "{{ type = \"object_store\", url = \"file://{}/{ROUTE}\", idle_flush_ms = 1000 }}",
+            super::object_dir(&options.group).display()
+        ),
         _ => "{ type = \"null\" }".to_string(),
     };
     let text = format!(

@@ -53,6 +53,13 @@ use endpoint::Body;
 use measurement::{median_of, Measurement};
 use report::{machine, row, HEADER};
 
+/// Where the object-store mode's run for consumer group `group` writes its objects.
+fn object_dir(group: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join("logbridge-bench-objects")
+        .join(group)
+}
+
 /// Marks the child's result line on its standard output.
 const RESULT_PREFIX: &str = "BENCH-RESULT ";
 /// Longest a child may take to read its topic (every loop here is bounded).
@@ -199,6 +206,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
             Mode::Http,
             Mode::Otlp,
             Mode::Loki,
+            Mode::ObjectStore,
             Mode::FanOut,
             Mode::Transforms,
         ] {
@@ -258,6 +266,7 @@ async fn bench(exe: &Path, broker: &mut Broker, options: &BenchOptions) -> anyho
             );
         }
     }
+    report::objects(&topic, options.runs, options.events);
     let rate = |mode: Mode| {
         median_of(
             results.get(&mode).map(Vec::as_slice).unwrap_or_default(),

@@ -55,7 +55,7 @@ pub struct BenchOptions {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "null,kafka,kafka-eos,http,otlp,loki,fan-out,transforms"
+        default_value = "null,kafka,kafka-eos,http,otlp,loki,object-store,fan-out,transforms"
     )]
     pub modes: Vec<Mode>,
     /// librdkafka consumer property for every mode, `key=value` (repeatable).
@@ -140,6 +140,8 @@ pub enum Mode {
     Otlp,
     /// The pipeline to Loki sinks pushing JSON streams to the same endpoint.
     Loki,
+    /// The pipeline to object-store sinks (gzip NDJSON objects) in a local directory.
+    ObjectStore,
     /// The pipeline to null sinks paced to a fixed rate (memory ceiling).
     Paced,
     /// Every event to three routes (`continue = true`), all to null sinks.
@@ -151,7 +153,7 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode.
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 11] = [
         Mode::Raw,
         Mode::Null,
         Mode::Kafka,
@@ -160,6 +162,7 @@ impl Mode {
         Mode::Http,
         Mode::Otlp,
         Mode::Loki,
+        Mode::ObjectStore,
         Mode::FanOut,
         Mode::Transforms,
     ];
@@ -175,6 +178,7 @@ impl Mode {
             Mode::Http => "http",
             Mode::Otlp => "otlp",
             Mode::Loki => "loki",
+            Mode::ObjectStore => "object-store",
             Mode::FanOut => "fan-out",
             Mode::Transforms => "transforms",
         }
@@ -190,8 +194,8 @@ impl std::str::FromStr for Mode {
             .find(|mode| mode.as_str() == text)
             .ok_or_else(|| {
                 format!(
-                    "unknown mode `{text}`: raw, null, kafka, kafka-eos, http, otlp, loki, fan-out, \
-                     transforms or paced"
+                    "unknown mode `{text}`: raw, null, kafka, kafka-eos, http, otlp, loki, \
+                     object-store, fan-out, transforms or paced"
                 )
             })
     }

@@ -61,6 +61,7 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
         ("(g) null sinks, transforms", Mode::Transforms),
         ("(h) pipeline, otlp sinks", Mode::Otlp),
         ("(i) pipeline, loki sinks", Mode::Loki),
+        ("(j) object store, gzip", Mode::ObjectStore),
     ] {
         let runs = figures(mode);
         if runs.is_empty() {
@@ -95,6 +96,16 @@ pub(super) fn medians(results: &BTreeMap<Mode, Vec<Measurement>>, options: &Benc
             rate(Mode::Loki) / raw,
             rate(Mode::Loki) / rate(Mode::Http),
             cpu(Mode::Loki) / cpu(Mode::Http),
+        );
+    }
+    if !figures(Mode::ObjectStore).is_empty() {
+        let cpu = |mode: Mode| median_of(figures(mode), Measurement::cpu_per_million);
+        println!(
+            "j/a = {:.2}   j/d = {:.2} (object store against http)   cpu per event: j {:.2}x of d, {:.2}x of b",
+            rate(Mode::ObjectStore) / raw,
+            rate(Mode::ObjectStore) / rate(Mode::Http),
+            cpu(Mode::ObjectStore) / cpu(Mode::Http),
+            cpu(Mode::ObjectStore) / cpu(Mode::Null),
         );
     }
     if !figures(Mode::FanOut).is_empty() || !figures(Mode::Transforms).is_empty() {
@@ -155,4 +166,57 @@ pub(super) fn ceiling_change(ceiling: &[(u64, Measurement)]) {
             );
         }
     }
+}
+
+/// The objects the object-store runs wrote (each run's directory, removed after): how many, how
+/// many records they hold and their sizes, compressed and as NDJSON.
+pub(super) fn objects(topic: &str, runs: usize, events: u64) {
+    let mut sizes: Vec<u64> = Vec::new();
+    let mut lines = 0u64;
+    let mut raw_bytes = 0u64;
+    let mut runs_found = 0;
+    for round in 1..=runs {
+        let group = format!("{topic}-{}-{round}", Mode::ObjectStore.as_str());
+        let dir = super::object_dir(&group);
+        if !dir.exists() {
+            continue;
+        }
+        runs_found += 1;
+        let mut pending = vec![dir.clone()];
+        while let Some(next) = pending.pop() {
+            for entry in std::fs::read_dir(&next).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if path.extension().is_some_and(|ext| ext == "gz") {
+                    sizes.push(entry.metadata().map_or(0, |m| m.len()));
+                    // What the object holds, read back as a reader of the archive would.
+                    let mut text = Vec::new();
+                    if let Ok(file) = std::fs::File::open(&path) {
+                        use std::io::Read as _;
+                        let _ = flate2::read::GzDecoder::new(file).read_to_end(&mut text);
+                    }
+                    lines += text.iter().filter(|byte| **byte == b'\n').count() as u64;
+                    raw_bytes += text.len() as u64;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if sizes.is_empty() {
+        return;
+    }
+    sizes.sort_unstable();
+    let total: u64 = sizes.iter().sum();
+    let kib = |bytes: u64| bytes as f64 / 1024.0;
+    println!(
+        "object-store objects: {} in {runs_found} runs holding {lines} events ({} read by the runs, {:.0} per object), {:.1} KiB median, {:.1} KiB largest, {:.2} bytes per event compressed ({:.1}x smaller than the NDJSON)",
+        sizes.len(),
+        events * runs_found,
+        lines as f64 / sizes.len() as f64,
+        kib(sizes[sizes.len() / 2]),
+        kib(sizes[sizes.len() - 1]),
+        total as f64 / lines.max(1) as f64,
+        raw_bytes as f64 / total.max(1) as f64,
+    );
 }
