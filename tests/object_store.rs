@@ -3,12 +3,14 @@
 //! store's standard client, and `zcat | jq`.
 //!
 //! On Apache Kafka (this binary's shared broker), events produced at a steady pace to four
-//! partitions, archived by the real `logbridge` binary, which is killed with SIGKILL five times
-//! mid-stream and restarted with the same group; during one of the runs the store stops
-//! answering for 10 s (the server process is stopped with SIGSTOP, so requests hang and time
-//! out, then it goes on with its data). Afterwards: every valid event in exactly one object,
-//! the objects of a partition hold disjoint offset ranges, commits held while the store was
-//! away and at the end offsets after.
+//! partitions, archived by two `logbridge` processes of one group: one runs throughout, the
+//! other is killed with SIGKILL five times mid-stream and restarted (so partitions move between
+//! them at each kill and restart: revokes, and replays of what the killed one stored and did not
+//! commit). The in-flight bound is small (256 KiB, about 1 300 events), so objects are also
+//! closed by it. During one of the runs the store stops answering for 10 s (the server process
+//! is stopped with SIGSTOP, so requests hang and time out, then it goes on with its data).
+//! Afterwards: every valid event in exactly one object, the objects of a partition hold disjoint
+//! offset ranges, commits held while the store was away and at the end offsets after.
 
 mod common;
 
@@ -181,6 +183,7 @@ fn write_config(path: &Path, kafka: &Kafka, group: &str, endpoint: &str) {
 [pipeline]
 commit_interval_ms = 200
 drain_timeout_ms = 3000
+max_in_flight_bytes = 262144
 [http]
 listen = "127.0.0.1:0"
 [[routes]]
@@ -209,7 +212,8 @@ fn start(config: &Path, log: PathBuf) -> Logbridge {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_event_is_in_exactly_one_object_after_five_sigkills_and_a_store_outage() {
+async fn every_event_is_in_exactly_one_object_after_sigkills_rebalances_backpressure_and_an_outage()
+{
     let _serial = serial().await;
     const KILLS: usize = 5;
     let work = tempfile::tempdir().expect("workdir");
@@ -223,6 +227,12 @@ async fn every_event_is_in_exactly_one_object_after_five_sigkills_and_a_store_ou
     let config = work.path().join("logbridge.toml");
     write_config(&config, &kafka, &group, &moto.endpoint);
     let log = work.path().join("logbridge.log");
+    let mut steady = start(&config, work.path().join("steady.log"));
+    assert!(
+        steady.wait_consuming(Duration::from_secs(60)).await,
+        "the steady instance consumes: {}",
+        steady.log_text()
+    );
 
     let mut outage_shown = false;
     for kill in 0..KILLS {
@@ -270,12 +280,18 @@ async fn every_event_is_in_exactly_one_object_after_five_sigkills_and_a_store_ou
         std::future::ready(kafka.committed(&group) == ends)
     })
     .await;
-    let page = last.metrics_page().await.unwrap_or_default();
+    let mut page = last.metrics_page().await.unwrap_or_default();
+    page.push_str(&steady.metrics_page().await.unwrap_or_default());
     let counted: Vec<&str> = page
         .lines()
         .filter(|line| line.starts_with("logbridge_object_store_"))
         .collect();
     let (status, _) = last.terminate(Duration::from_secs(20));
+    let (steady_status, _) = steady.terminate(Duration::from_secs(20));
+    assert!(
+        steady_status.is_some_and(|s| s.success()),
+        "the steady instance stops cleanly"
+    );
     assert!(
         done,
         "commits reach the end offsets {ends:?}: {:?}\n{}",
@@ -320,7 +336,7 @@ async fn every_event_is_in_exactly_one_object_after_five_sigkills_and_a_store_ou
     let (lost, duplicates) = produced.lost_and_duplicates(&seen);
     println!(
         "{} valid events, {} objects, {KILLS} SIGKILLs mid-stream: lost {lost}, in two objects \
-         {duplicates}; the last run counted:\n{}",
+         {duplicates}; the last run and the steady instance counted:\n{}",
         produced.valid_ids.len(),
         keys.len(),
         counted.join("\n")
