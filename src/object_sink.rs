@@ -1098,6 +1098,75 @@ mod tests {
         assert!(stored(&store).await.is_empty());
     }
 
+    #[tokio::test]
+    async fn a_large_object_goes_up_in_parts_and_zstd_objects_read_back() {
+        for (compression, extension) in [("none", "ndjson"), ("zstd", "ndjson.zst")] {
+            let store = Arc::new(object_store::memory::InMemory::new());
+            let fences = Fences::default();
+            let config: ObjectStoreSinkConfig = toml::from_str(&format!(
+                "url = \"s3://bucket/archive\"\ncompression = \"{compression}\"\n\
+                 max_bytes = 16777216\nmax_records = 100000\npart_bytes = 5242880"
+            ))
+            .expect("settings");
+            let destination = ObjectDestination::with_store(
+                store.clone(),
+                "archive".into(),
+                &config,
+                "route",
+                fences,
+                None,
+            )
+            .expect("destination");
+            let mut sink = destination.sink();
+            // 6 000 records of about 1 KiB: 6 MiB of NDJSON, more than one 5 MiB part uncompressed.
+            let filler = "x".repeat(1000);
+            let batch: Vec<Record> = (0..6000)
+                .map(|offset| {
+                    let payload =
+                        format!(r#"{{"level":"error","message":"{filler}","id":{offset}}}"#);
+                    let mut record = test_record(0, offset, None, Some(payload.as_bytes()));
+                    record.timestamp = Some(1_796_292_000_000);
+                    record
+                })
+                .collect();
+            let outcomes = sink.start("route", &batch).expect("started");
+            sink.flush();
+            assert!(settled(outcomes).await.iter().all(Result::is_ok));
+            let path = StorePath::from(format!(
+                "archive/logs/dt=2026-12-03/hour=10/logs+0+{:020}+{:020}.{extension}",
+                0, 5999
+            ));
+            let body = store
+                .get(&path)
+                .await
+                .expect("the object")
+                .bytes()
+                .await
+                .expect("bytes");
+            if compression == "none" {
+                assert!(
+                    body.len() > 5 << 20,
+                    "a multipart upload: {} bytes",
+                    body.len()
+                );
+            }
+            let text = match compression {
+                "zstd" => zstd::decode_all(&body[..]).expect("zstd"),
+                _ => body.to_vec(),
+            };
+            let ids: Vec<i64> = text
+                .split(|byte| *byte == b'\n')
+                .filter(|line| !line.is_empty())
+                .map(|line| {
+                    serde_json::from_slice::<serde_json::Value>(line).expect("json")["id"]
+                        .as_i64()
+                        .expect("id")
+                })
+                .collect();
+            assert_eq!(ids, (0..6000).collect::<Vec<i64>>(), "{compression}");
+        }
+    }
+
     #[test]
     fn names_carry_the_partition_and_offsets_and_parse_back() {
         let source = PartitionKey {
