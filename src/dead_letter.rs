@@ -365,8 +365,16 @@ impl DeadLetterActor {
             let mut failed = Vec::new();
             let mut last_error = None;
             let mut for_good = None;
+            let mut fenced = 0;
             for (letter, outcome) in pending.into_iter().zip(outcomes) {
                 let err = match outcome {
+                    // The transactional producer did not send it: its record's assignment was
+                    // released after `drop_released` let it through. Dropped as that would
+                    // have: the record is read again.
+                    Err(err) if err.reason == producer::FENCED => {
+                        fenced += 1;
+                        continue;
+                    }
                     Ok(()) => {
                         let dead = letter.dead;
                         self.metrics
@@ -411,6 +419,7 @@ impl DeadLetterActor {
                 last_error = Some(err);
                 failed.push(letter);
             }
+            self.dropped_released(fenced);
             if failed.is_empty() {
                 self.set_trouble(None);
                 return Ok(());
@@ -456,7 +465,11 @@ impl DeadLetterActor {
         };
         let before = pending.len();
         pending.retain(|letter| !fences.is_released(&letter.dead.record));
-        let dropped = before - pending.len();
+        self.dropped_released(before - pending.len());
+    }
+
+    /// Counts out `dropped` letters of released assignments (never acked).
+    fn dropped_released(&self, dropped: usize) {
         if dropped > 0 {
             self.metrics.in_flight.sub(dropped as i64);
             debug!(

@@ -132,6 +132,9 @@ pub async fn run(
         watch_actor(committer_task, "committer").await
     });
 
+    // Revoked and rewound assignments, shared by the consumer (which fences), the router, the
+    // workers, the dead-letter actor and, exactly-once, the transactional producer.
+    let fences = Fences::default();
     // Exactly-once: one transactional producer for every Kafka output (validation made them
     // all Kafka topics on the source cluster with one set of properties), and the gate that
     // holds dispatch while a transaction ends.
@@ -143,13 +146,12 @@ pub async fn run(
             let (_, _, cluster) = outputs
                 .first()
                 .context("exactly-once delivery needs a Kafka output")?;
-            let producer = crate::producer::create_transactional(*cluster, &id)
+            let producer = crate::producer::create_transactional(*cluster, &id, fences.clone())
                 .context("failed to create the transactional producer")?;
             info!(transactional_id = %id, "delivery is exactly-once");
             Some((producer, DispatchGate::default()))
         }
     };
-    let fences = Fences::default();
     let dead_letter_topic = match &config.dead_letter {
         None => None,
         Some(dead_letter) => Some(DeadLetterTopic {

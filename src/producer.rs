@@ -1,6 +1,8 @@
 //! Kafka output shared by the Kafka sink and the dead-letter actor: an idempotent producer, a
 //! batch send that reports one outcome per record after its delivery report, and the
-//! classification of librdkafka errors into retryable and permanent.
+//! classification of librdkafka errors into retryable and permanent. The transactional
+//! producer of exactly-once delivery also refuses, at the send, every record of a fenced
+//! assignment (see `Reporting::send_in_order`).
 
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -48,6 +50,10 @@ pub struct Rebuildable {
     /// The instance's transactional producer: replaced only by `crate::transaction`, after a
     /// fatal error other than a fence ([`Producer::replace_transactional`]).
     transactional: bool,
+    /// The transactional producer's fences: a record read under an assignment that was
+    /// released (rewound after an aborted transaction, or revoked) is never handed to
+    /// librdkafka, checked at the send itself (`Reporting::send_in_order`).
+    fences: Option<Fences>,
 }
 
 /// The client in use, and how it was made.
@@ -351,7 +357,7 @@ impl ProducerContext for Reports {
 }
 
 use crate::config::Cluster;
-use crate::record::Record;
+use crate::record::{Fences, Record};
 
 /// How long librdkafka itself keeps trying to deliver a record before it reports a failure, unless
 /// the options say otherwise. Short, so that logbridge's own retries (counted, backed off,
@@ -419,6 +425,20 @@ pub const RECORD_INVALID: &str = "record_invalid";
 /// The reason of a record whose topic does not exist (and the cluster does not create it).
 pub const UNKNOWN_TOPIC: &str = "unknown_topic";
 
+/// The reason of a record the transactional producer did not send because it was read under
+/// an assignment that was released since (rewound after an aborted transaction, or revoked):
+/// its partition is read again, and that copy is the one written. The sender drops it.
+pub const FENCED: &str = "fenced";
+
+/// The outcome of a record refused as [`FENCED`]. Retryable, so that no sender counts it as
+/// a failure of its destination or dead-letters it; each sender drops it by its reason.
+fn fenced() -> DeliveryError {
+    DeliveryError::retryable(
+        FENCED,
+        "read under an assignment that was rewound or revoked since: not sent (its partition is read again)",
+    )
+}
+
 /// Sorts a librdkafka error into retryable or permanent, where librdkafka tells.
 pub fn classify(err: &KafkaError) -> DeliveryError {
     use RDKafkaErrorCode as Code;
@@ -454,15 +474,22 @@ pub fn create(cluster: Cluster<'_>, client: &'static str) -> anyhow::Result<Prod
 
 /// Creates the instance's transactional producer (`delivery = "exactly-once"`) with
 /// `transactional.id` = `id`: like [`create`], but never replaced. Its transactions are
-/// begun and ended by `crate::transaction`.
-pub fn create_transactional(cluster: Cluster<'_>, id: &str) -> anyhow::Result<Producer> {
-    make(cluster, "transactional producer", Some(id))
+/// begun and ended by `crate::transaction`. It refuses every record read under an assignment
+/// `fences` released (reported [`FENCED`], never sent): an aborted transaction's rewind
+/// releases the assignments before the next transaction begins, so nothing of the aborted one
+/// can be written in a later one, however late a worker or the dead-letter actor sends it.
+pub fn create_transactional(
+    cluster: Cluster<'_>,
+    id: &str,
+    fences: Fences,
+) -> anyhow::Result<Producer> {
+    make(cluster, "transactional producer", Some((id, fences)))
 }
 
 fn make(
     cluster: Cluster<'_>,
     client: &'static str,
-    transactional_id: Option<&str>,
+    transactional: Option<(&str, Fences)>,
 ) -> anyhow::Result<Producer> {
     let mut config = ClientConfig::new();
     config
@@ -470,9 +497,10 @@ fn make(
         .set("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT_MS)
         .set("linger.ms", "1");
     cluster.apply(&mut config);
-    if let Some(id) = transactional_id {
+    let fences = transactional.map(|(id, fences)| {
         config.set("transactional.id", id);
-    }
+        fences
+    });
     let first = Rebuildable::make(&config, client)
         .with_context(|| format!("failed to create a Kafka producer for {}", cluster.brokers))?;
     let reloading = config
@@ -485,7 +513,8 @@ fn make(
     let now = std::time::Instant::now();
     Ok(Producer(Arc::new(Rebuildable {
         client,
-        transactional: transactional_id.is_some(),
+        transactional: fences.is_some(),
+        fences,
         current: std::sync::RwLock::new(Current {
             producer: first,
             // A first client is never rebuilt within REBUILD_EVERY of its start either.
@@ -597,14 +626,16 @@ pub async fn send_all<'a>(
     while !records.is_empty() {
         let rest = records.split_off(records.len().min(MAX_REPORTED));
         let reporting = Reporting::register(producer, records.len());
-        for (index, outgoing) in records.into_iter().enumerate() {
-            // A full local queue empties as the broker takes records: wait briefly, try again.
-            // The wait is bounded by `message.timeout.ms` of the records ahead.
-            let mut attempt = reporting.record(topic, index, outgoing);
-            while let Some(back) = reporting.send(index, attempt) {
-                attempt = back;
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+        let mut ready = records
+            .into_iter()
+            .enumerate()
+            .map(|(index, outgoing)| reporting.ready(topic, index, outgoing));
+        let mut given_back = None;
+        // A full local queue empties as the broker takes records: wait briefly, try again.
+        // The wait is bounded by `message.timeout.ms` of the records ahead.
+        while let Some(back) = reporting.send_in_order(given_back.take(), &mut ready) {
+            given_back = Some(back);
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         outcomes.extend(reporting.outcomes().await);
         records = rest;
@@ -627,21 +658,28 @@ pub fn send_now<'a>(
     while records.peek().is_some() {
         let part: Vec<_> = records.by_ref().take(MAX_REPORTED).collect();
         let reporting = Reporting::register(producer, part.len());
-        for (index, outgoing) in part.into_iter().enumerate() {
-            if full
-                || reporting
-                    .send(index, reporting.record(topic, index, outgoing))
-                    .is_some()
-            {
+        let queue_full = || {
+            Err(DeliveryError::retryable(
+                "queue_full",
+                "the producer's local queue is full",
+            ))
+        };
+        if full {
+            for index in 0..part.len() {
+                reporting.report(index, queue_full());
+            }
+        } else {
+            let mut ready = part
+                .into_iter()
+                .enumerate()
+                .map(|(index, outgoing)| reporting.ready(topic, index, outgoing));
+            if let Some(back) = reporting.send_in_order(None, &mut ready) {
                 // Nothing after a refused record is sent: it would land ahead of it.
                 full = true;
-                reporting.report(
-                    index,
-                    Err(DeliveryError::retryable(
-                        "queue_full",
-                        "the producer's local queue is full",
-                    )),
-                );
+                reporting.report(back.index, queue_full());
+                for rest in ready {
+                    reporting.report(rest.index, queue_full());
+                }
             }
         }
         parts.push(reporting);
@@ -660,6 +698,17 @@ struct Reporting {
     producer: ThreadedProducer<Reports>,
     batch: u64,
     reports: Arc<BatchReports>,
+    /// The transactional producer's fences (see [`Rebuildable::fences`]).
+    fences: Option<Fences>,
+}
+
+/// A record of a batch ready to be handed to librdkafka.
+struct Ready<'a> {
+    /// Its place in the batch.
+    index: usize,
+    /// The source record: its assignment is checked against the fences at the send.
+    source: &'a Record,
+    record: BaseRecord<'a, [u8], [u8], usize>,
 }
 
 impl Reporting {
@@ -682,7 +731,59 @@ impl Reporting {
             producer: client.clone(),
             batch,
             reports,
+            fences: producer.0.fences.clone(),
         }
+    }
+
+    /// Record `index` of the batch, ready to send.
+    fn ready<'a>(&self, topic: &'a str, index: usize, outgoing: Outgoing<'a>) -> Ready<'a> {
+        let source = outgoing.record;
+        Ready {
+            index,
+            source,
+            record: self.record(topic, index, outgoing),
+        }
+    }
+
+    /// Hands `first`, then the records of `rest`, to librdkafka in order, until the local
+    /// queue is full: gives back the record it refused (the caller waits, or fails it and the
+    /// rest). A record read under a released assignment is reported [`FENCED`] instead of sent.
+    ///
+    /// The fences are held while the records are checked and sent: a release waits until they
+    /// are in librdkafka, and nothing it fences is sent after it. This is what keeps an aborted
+    /// transaction's records out of the next one: the rewind releases their assignments
+    /// before the next transaction begins, and while the transaction ends librdkafka refuses
+    /// sends, so a record is either refused then (and retried, then fenced here) or checked
+    /// here after the release. A check before the send, apart from it (the worker's), cannot
+    /// promise that: the transaction may end and the next begin between the two.
+    fn send_in_order<'a>(
+        &self,
+        first: Option<Ready<'a>>,
+        rest: &mut impl Iterator<Item = Ready<'a>>,
+    ) -> Option<Ready<'a>> {
+        let released = self.fences.as_ref().map(Fences::hold_released);
+        for ready in first.into_iter().chain(rest) {
+            if released
+                .as_ref()
+                .is_some_and(|released| released.covers(ready.source))
+            {
+                self.report(ready.index, Err(fenced()));
+                continue;
+            }
+            let Ready {
+                index,
+                source,
+                record,
+            } = ready;
+            if let Some(record) = self.send(index, record) {
+                return Some(Ready {
+                    index,
+                    source,
+                    record,
+                });
+            }
+        }
+        None
     }
 
     /// The librdkafka record of `index`, whose report comes back to this batch.
@@ -908,6 +1009,76 @@ mod tests {
             .with_label_values(&["reload test producer"])
             .get();
         assert_eq!(rebuilds, 1, "the client was replaced once, when idle");
+    }
+
+    #[tokio::test]
+    async fn the_transactional_producer_refuses_records_of_released_assignments() {
+        use rdkafka::producer::Producer as _;
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("out", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let options = std::collections::BTreeMap::new();
+        let cluster = Cluster {
+            brokers: &brokers,
+            security: None,
+            options: &options,
+        };
+        let fences = Fences::default();
+        let producer =
+            create_transactional(cluster, "fence-test", fences.clone()).expect("producer");
+        let client = producer.transactional_client();
+        client
+            .init_transactions(Duration::from_secs(30))
+            .expect("init_transactions");
+        client.begin_transaction().expect("begin");
+        // Partition 0's assignment was rewound (an aborted transaction); partition 1's stays.
+        let rewound = crate::record::test_record(0, 7, Some(b"k"), Some(b"{}"));
+        let kept = crate::record::test_record(1, 8, Some(b"k"), Some(b"{}"));
+        fences.revoke(&rewound.source, rewound.generation);
+        fences.release(&rewound.source, rewound.generation);
+        let outgoing = |record| Outgoing {
+            record,
+            value: Some(&b"{}"[..]),
+            headers: OwnedHeaders::new(),
+            timestamp: None,
+            topic: None,
+        };
+        let waited = send_all(
+            &producer,
+            "out",
+            [&rewound, &kept].into_iter().map(outgoing),
+        )
+        .await;
+        let started = send_now(
+            &producer,
+            "out",
+            [&rewound, &kept].into_iter().map(outgoing),
+        )
+        .await;
+        for outcomes in [waited, started] {
+            assert_eq!(outcomes.len(), 2);
+            assert_eq!(
+                outcomes[0].as_ref().map_err(|err| err.reason),
+                Err(FENCED),
+                "{outcomes:?}"
+            );
+            assert_eq!(outcomes[1], Ok(()));
+        }
+        let (_, written) = client
+            .client()
+            .fetch_watermarks("out", 0, Duration::from_secs(10))
+            .expect("watermarks");
+        assert_eq!(
+            written, 2,
+            "only the kept record was written, once per send"
+        );
+        assert!(
+            !producer.failed_since_cleared(),
+            "a record not sent does not make the transaction abortable"
+        );
+        client
+            .commit_transaction(Duration::from_secs(10))
+            .expect("commit");
     }
 
     trait OkOrRetryable {

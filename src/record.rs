@@ -590,6 +590,30 @@ impl Fences {
     pub fn is_released(&self, record: &Record) -> bool {
         self.released.covers(record)
     }
+
+    /// The released assignments as they are now, held so until the view is dropped: a
+    /// [`Fences::release`] waits meanwhile. A sender that finds a record not released and hands
+    /// it on while it holds the view has handed it on before any release that would have
+    /// fenced it (the transactional producer's sends, `crate::producer`). Held only for
+    /// synchronous work (it is a plain lock): never across an `await`.
+    pub fn hold_released(&self) -> Released<'_> {
+        Released(
+            self.released
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// The released assignments, held unchanged ([`Fences::hold_released`]).
+pub struct Released<'a>(std::sync::RwLockReadGuard<'a, rustc_hash::FxHashMap<PartitionKey, u64>>);
+
+impl Released<'_> {
+    /// Whether `record` was read under an assignment whose revoke is over.
+    pub fn covers(&self, record: &Record) -> bool {
+        covered(&self.0, record)
+    }
 }
 
 /// The next stage of the pipeline has stopped (it only does at shutdown, or when it failed):

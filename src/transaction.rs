@@ -364,6 +364,10 @@ impl Transactions {
     }
 
     /// The transaction was aborted (for `reason`): counts it, and rewinds every partition.
+    /// Before the next transaction begins: the rewind fences what was read under the old
+    /// generations, and from then on the producer refuses every such record, so none that a
+    /// worker or the dead-letter actor still retries is written in the next transaction beside
+    /// the copy read again (`producer::Reporting::send_in_order`).
     fn aborted(&self, reason: &'static str, rewind: &mut dyn FnMut()) -> Ended {
         self.settings
             .metrics

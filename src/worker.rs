@@ -32,7 +32,7 @@ use crate::committer::CommitterHandle;
 use crate::dead_letter::{DeadLetter, DeadLetterHandle, Stage};
 use crate::health::Liveness;
 use crate::metrics::{DepthProbe, Metrics};
-use crate::producer::{DeliveryError, FailureKind};
+use crate::producer::{DeliveryError, FailureKind, FENCED};
 use crate::record::{AckStatus, Fences, Record, StageGone};
 use crate::router::order_key;
 use crate::shape::route::{RouteShape, Shaped, Shaper};
@@ -609,6 +609,7 @@ impl WorkerActor {
     ) -> Result<Vec<(Record, DeliveryError)>, StageGone> {
         let mut retry = Vec::new();
         let mut delivered = Vec::with_capacity(pending.len());
+        let mut fenced = 0;
         // Deliveries already counted by the route's breaker (it sees outcomes in order).
         let mut counted = 0;
         let mut delivered_bytes = 0u64;
@@ -633,6 +634,10 @@ impl WorkerActor {
                 ));
             }
             match outcome {
+                // The transactional producer did not send it: its assignment was released
+                // after `drop_released` let it through (an aborted transaction's rewind, a
+                // revoke). Dropped as that would have: its partition is read again.
+                Err(err) if err.reason == FENCED => fenced += 1,
                 Ok(()) => {
                     self.delivered += 1;
                     delivered_bytes += record.payload().map_or(0, <[u8]>::len) as u64;
@@ -669,6 +674,7 @@ impl WorkerActor {
             }
         }
         self.latency.flush();
+        self.dropped_released(fenced);
         self.breaker.delivered(delivered.len() - counted);
         if !delivered.is_empty() {
             // One message for the batch's acks: one wakeup of the committer, not one each.
@@ -751,12 +757,17 @@ impl WorkerActor {
     /// committer counted them as abandoned at the revoke; they never finish here.
     fn drop_released(&self, pending: &mut Vec<Record>) {
         let dropped = self.fences.remove_released(pending);
+        self.dropped_released(dropped);
+    }
+
+    /// Counts out `dropped` records of released assignments (never finished here).
+    fn dropped_released(&self, dropped: usize) {
         if dropped > 0 {
             self.metrics.in_flight.sub(dropped as i64);
             tracing::debug!(
                 route = %self.route,
                 records = dropped,
-                "records of a revoked assignment not delivered: their partition has a new owner"
+                "records of a revoked or rewound assignment not delivered: their partition is read again"
             );
         }
     }
@@ -1598,6 +1609,130 @@ mod tests {
                 (1, AckStatus::Processed, None),
                 (2, AckStatus::Failed, Some("record_too_large"))
             ]
+        );
+    }
+
+    /// The end of an aborted transaction as the consumer thread runs it
+    /// (`Transactions::end`): abort, rewind (the rewound assignment's generation is revoked and
+    /// released), begin the next transaction.
+    fn abort_and_rewind(producer: &crate::producer::Producer, fences: &Fences, record: &Record) {
+        use rdkafka::producer::Producer as _;
+        let client = producer.transactional_client();
+        client
+            .abort_transaction(Duration::from_secs(10))
+            .expect("abort");
+        fences.revoke(&record.source, record.generation);
+        fences.release(&record.source, record.generation);
+        client
+            .begin_transaction()
+            .expect("begin the next transaction");
+    }
+
+    /// A Kafka route's sink on the transactional producer whose first delivery is failed by
+    /// an abort's purge, and whose retry meets the end of that transaction: the worker has
+    /// checked the retry against the fences already when the consumer thread aborts, rewinds
+    /// and begins the next transaction, before the retry's records reach librdkafka (a worker
+    /// thread preempted between the two, or a batch long enough to be sent while the consumer
+    /// thread ends the transaction).
+    struct RetryMeetsAbort {
+        producer: crate::producer::Producer,
+        fences: Fences,
+        deliveries: usize,
+    }
+
+    impl Sink for RetryMeetsAbort {
+        fn deliver<'a>(
+            &'a mut self,
+            route: &'a str,
+            batch: &'a [Record],
+        ) -> crate::sink::DeliveryFuture<'a> {
+            self.deliveries += 1;
+            if self.deliveries == 1 {
+                let purged = DeliveryError::retryable(
+                    "delivery_failed",
+                    "Local: Purged in queue (the transaction is being aborted)",
+                );
+                return Box::pin(std::future::ready(vec![Err(purged); batch.len()]));
+            }
+            if self.deliveries == 2 {
+                abort_and_rewind(&self.producer, &self.fences, &batch[0]);
+            }
+            let outgoing = batch.iter().map(move |record| crate::producer::Outgoing {
+                record,
+                value: record.payload(),
+                headers: crate::producer::own_headers(
+                    record,
+                    &[("logbridge.route", route.as_bytes())],
+                ),
+                timestamp: None,
+                topic: None,
+            });
+            Box::pin(crate::producer::send_all(&self.producer, "out", outgoing))
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retry_of_an_aborted_transactions_record_is_not_written_in_the_next_transaction() {
+        use rdkafka::producer::Producer as _;
+        let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("out", 1, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let options = std::collections::BTreeMap::new();
+        let cluster = crate::config::Cluster {
+            brokers: &brokers,
+            security: None,
+            options: &options,
+        };
+        let fences = Fences::default();
+        let producer =
+            crate::producer::create_transactional(cluster, "worker-retry-test", fences.clone())
+                .expect("producer");
+        let client = producer.transactional_client();
+        client
+            .init_transactions(Duration::from_secs(30))
+            .expect("init_transactions");
+        client.begin_transaction().expect("begin");
+        let sink = RetryMeetsAbort {
+            producer: producer.clone(),
+            fences: fences.clone(),
+            deliveries: 0,
+        };
+        let mut worker = spawn_with(
+            Box::new(sink),
+            fences,
+            None,
+            4,
+            None,
+            Retrying::default(),
+            CancellationToken::new(),
+        );
+        assert!(matches!(
+            worker.handle.offer(vec![keyed("a", 1), keyed("b", 2)]),
+            Offer::Taken
+        ));
+        let acks = worker.finish().await;
+        // The partition is read again from the last commit under a new generation, and those
+        // copies are written in the transaction that commits them: a copy written from here
+        // would be committed beside them.
+        let (_, written) = client
+            .client()
+            .fetch_watermarks("out", 0, Duration::from_secs(10))
+            .expect("watermarks");
+        client
+            .commit_transaction(Duration::from_secs(10))
+            .expect("commit");
+        assert_eq!(
+            written, 0,
+            "a record of the aborted transaction was written in the next one"
+        );
+        assert!(
+            acks.is_empty(),
+            "nothing of the rewound assignment is finished here: {acks:?}"
+        );
+        assert_eq!(
+            worker.metrics.in_flight.get(),
+            -2,
+            "the dropped records left the in-flight count (the consumer counted them in)"
         );
     }
 }

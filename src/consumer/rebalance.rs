@@ -144,7 +144,9 @@ impl Callbacks {
     /// After an aborted transaction: every owned partition reads again from where the last
     /// committed transaction left it (or where this generation began), under a new generation.
     /// What was read of it under the old one is dropped everywhere (router, workers, the
-    /// committer's bookkeeping); its outputs were aborted with the transaction.
+    /// dead-letter actor, the committer's bookkeeping) and refused by the transactional
+    /// producer, which checks each record as it sends it; its outputs were aborted with the
+    /// transaction. Runs before the next transaction begins.
     fn rewind(&self, consumer: &BaseConsumer<Callbacks>) {
         let mut old = Vec::new();
         let mut seeks = Vec::new();
