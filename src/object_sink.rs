@@ -256,7 +256,20 @@ struct Line {
     /// never depends on when it was written.
     timestamp: i64,
     bytes: Vec<u8>,
+    /// The record's bytes counted again against `pipeline.max_in_flight_bytes` while this copy
+    /// waits for the writer (given back once it is in an object's compressed body): a writer
+    /// slower than its worker makes the consumer pause instead of piling up copies.
+    _charge: crate::record::Charge,
+    /// What holding the record costs besides its payload and key (the record itself in the
+    /// worker, its place in an object's waiters), counted until its object is stored: the
+    /// in-flight bound counts payload bytes only, which for records that are held for long, as
+    /// here, would let memory reach several times the bound with small events.
+    held: crate::record::Charge,
 }
+
+/// Bytes of bookkeeping per record held until its object is stored: the record, its
+/// allocation and its waiter entry.
+const HELD_RECORD_BYTES: usize = std::mem::size_of::<Record>() + 64;
 
 impl Line {
     fn of(record: &Record) -> Line {
@@ -269,6 +282,8 @@ impl Line {
             offset: record.offset,
             timestamp: record.timestamp.unwrap_or(0),
             bytes,
+            _charge: record.charge.again(),
+            held: record.charge.resized(HELD_RECORD_BYTES),
         }
     }
 }
@@ -329,6 +344,8 @@ struct Open {
     raw_bytes: usize,
     body: Body,
     waiters: Vec<Waiter>,
+    /// The held records' bookkeeping charges, given back when the object's outcome is known.
+    held: Vec<crate::record::Charge>,
     touched: Instant,
 }
 
@@ -338,6 +355,8 @@ struct Closed {
     body: Vec<u8>,
     records: usize,
     waiters: Vec<Waiter>,
+    /// Given back when the object is dropped, its outcome known.
+    _held: Vec<crate::record::Charge>,
     generation: u64,
 }
 
@@ -613,12 +632,17 @@ impl Writer {
             raw_bytes: 0,
             body: Body::new(compression),
             waiters: Vec::new(),
+            held: Vec::new(),
             touched: Instant::now(),
         });
         open.body.write(&line.bytes);
         open.last = line.offset;
         open.records += 1;
         open.raw_bytes += line.bytes.len();
+        open.held.push(line.held);
+        // The copy is in the compressed body now: its bytes (and charge) go.
+        drop(line._charge);
+        drop(line.bytes);
         open.waiters.push(waiter);
         open.touched = Instant::now();
         let full = if open.records >= max_records {
@@ -647,6 +671,7 @@ impl Writer {
             body: open.body.finish(),
             records: open.records,
             waiters: open.waiters,
+            _held: open.held,
             generation,
         }
     }
