@@ -103,34 +103,30 @@ impl ObjectDestination {
             retry_timeout: Duration::from_secs(10),
             ..object_store::RetryConfig::default()
         };
-        let store: Arc<dyn ObjectStore> = match kind {
-            StoreKind::S3 => {
-                let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(&bucket)
-                    .with_retry(retry);
+        // Each store's builder: the standard environment, the bucket, the retries, then the
+        // options by the store's own names (checked when the configuration was loaded).
+        macro_rules! build {
+            ($builder:expr, $what:literal) => {{
+                let mut builder = $builder.with_retry(retry);
                 for (name, value) in options {
-                    builder = builder.with_config(name.parse().context("an s3 option")?, value);
+                    builder = builder.with_config(name.parse().context($what)?, value);
                 }
-                Arc::new(builder.build()?)
-            }
-            StoreKind::Gcs => {
-                let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                    .with_bucket_name(&bucket)
-                    .with_retry(retry);
-                for (name, value) in options {
-                    builder = builder.with_config(name.parse().context("a gcs option")?, value);
-                }
-                Arc::new(builder.build()?)
-            }
-            StoreKind::Azure => {
-                let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
-                    .with_container_name(&bucket)
-                    .with_retry(retry);
-                for (name, value) in options {
-                    builder = builder.with_config(name.parse().context("an azure option")?, value);
-                }
-                Arc::new(builder.build()?)
-            }
+                Arc::new(builder.build()?) as Arc<dyn ObjectStore>
+            }};
+        }
+        let store = match kind {
+            StoreKind::S3 => build!(
+                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket),
+                "an s3 option"
+            ),
+            StoreKind::Gcs => build!(
+                object_store::gcp::GoogleCloudStorageBuilder::from_env().with_bucket_name(&bucket),
+                "a gcs option"
+            ),
+            StoreKind::Azure => build!(
+                object_store::azure::MicrosoftAzureBuilder::from_env().with_container_name(&bucket),
+                "an azure option"
+            ),
             StoreKind::Local => {
                 std::fs::create_dir_all(&bucket)
                     .with_context(|| format!("cannot create the directory {bucket}"))?;

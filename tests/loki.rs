@@ -26,19 +26,7 @@ const LEVELS: [&str; 3] = ["error", "warning", "info"];
 
 /// The VictoriaLogs binary: `LOGBRIDGE_VICTORIALOGS`, or what the install script prints.
 fn victorialogs_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("LOGBRIDGE_VICTORIALOGS") {
-        return PathBuf::from(path);
-    }
-    let output = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/install-victorialogs.sh"
-        ))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/install-victorialogs.sh");
-    assert!(output.status.success(), "install-victorialogs.sh failed");
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    installed_tool("LOGBRIDGE_VICTORIALOGS", "install-victorialogs.sh")
 }
 
 /// A VictoriaLogs process on loopback, stopped (SIGTERM, which flushes what it took) when

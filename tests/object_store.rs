@@ -29,19 +29,7 @@ const BUCKET: &str = "archive";
 /// The virtualenv with `moto_server` and boto3: `LOGBRIDGE_MOTO`, or what the install script
 /// prints.
 fn moto_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("LOGBRIDGE_MOTO") {
-        return PathBuf::from(path);
-    }
-    let output = Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/scripts/install-moto.sh"
-        ))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/install-moto.sh");
-    assert!(output.status.success(), "install-moto.sh failed");
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    installed_tool("LOGBRIDGE_MOTO", "install-moto.sh")
 }
 
 /// A moto S3 server on a loopback port, killed when dropped.

@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,17 +30,7 @@ use serde_json::{json, Value};
 /// The collector binary: `LOGBRIDGE_OTELCOL`, else what scripts/install-otelcol.sh builds (and
 /// prints).
 fn otelcol() -> PathBuf {
-    if let Ok(path) = std::env::var("LOGBRIDGE_OTELCOL") {
-        return PathBuf::from(path);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-otelcol.sh");
-    let output = std::process::Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run scripts/install-otelcol.sh");
-    assert!(output.status.success(), "scripts/install-otelcol.sh failed");
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    installed_tool("LOGBRIDGE_OTELCOL", "install-otelcol.sh")
 }
 
 /// A loopback port nothing listens on (bound, then released).

@@ -1129,3 +1129,21 @@ impl Kafka {
         (committed, metrics)
     }
 }
+
+/// A test tool the test command installs into the cache: the path in `variable` (set by
+/// scripts/test.sh), else what `scripts/<script>` installs and prints.
+pub fn installed_tool(variable: &str, script: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(variable) {
+        return PathBuf::from(path);
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(script);
+    let output = std::process::Command::new("bash")
+        .arg(&path)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|err| panic!("run scripts/{script}: {err}"));
+    assert!(output.status.success(), "scripts/{script} failed");
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
