@@ -7,7 +7,9 @@
 //! - text lines (`format = "text"`, a level pattern and logfmt): records routed by their
 //!   level (and one route by a logfmt field), the Kafka sink forwarding the original bytes, the
 //!   file sink writing the event made of each line, lines that are not UTF-8, have no level or
-//!   are empty dead-lettered with their reason, an unknown level left unrouted.
+//!   are empty dead-lettered with their reason, an unknown level left unrouted;
+//! - `check-config --connect` listing the topics each pattern matches (exit 4 when one matches
+//!   none); the README's input examples doing what it says.
 
 mod common;
 
@@ -169,6 +171,59 @@ async fn a_topic_created_while_running_is_read_through_the_pattern() {
         vec![-1],
         "the group never read the topic outside the pattern"
     );
+}
+
+/// `check-config --connect` lists what each pattern matches, and a pattern that matches nothing
+/// fails the check as a missing topic does (exit 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_lists_what_each_pattern_matches() {
+    let _serial = serial().await;
+    let brokers = apache::shared().brokers();
+    let prefix = unique("listed");
+    Kafka::external(&brokers, &format!("{prefix}-a"), 2).await;
+    Kafka::external(&brokers, &format!("{prefix}-b"), 1).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let check = |topics: &str| {
+        let path = dir.path().join("check.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"g\"\ntopics = {topics}\n\
+                 [[routes]]\nname = \"all\"\ndefault = true\nsink = {{ type = \"null\" }}\n"
+            ),
+        )
+        .expect("write");
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_logbridge"))
+            .args(["check-config", "--connect", "--timeout", "10", "--config"])
+            .arg(&path)
+            .output()
+            .expect("run logbridge");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = check(&format!("[\"^{prefix}-.*\"]"));
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "`kafka.topics[0]`: pattern `^{prefix}-.*` matches 2 topics (partitions): `{prefix}-a` (2), `{prefix}-b` (1)"
+        )),
+        "{stderr}"
+    );
+    let (code, stderr) = check(&format!("[\"{prefix}-a\", \"^{prefix}-none-.*\"]"));
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "`kafka.topics[1]`: pattern `^{prefix}-none-.*` matches no topic at {brokers} yet"
+        )),
+        "{stderr}"
+    );
+    // A pattern librdkafka and the broker would read differently is refused at load (exit 2),
+    // naming the entry.
+    let (code, stderr) = check(r#"["logs", "^logs-\\d+"]"#);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("`kafka.topics[1]`"), "{stderr}");
 }
 
 /// The level of line `id`, as written, and where it must go.
@@ -340,4 +395,59 @@ async fn text_lines_are_routed_by_their_level() {
     assert_eq!(finished("ignored"), 1, "the AUDIT line");
     assert_eq!(finished("dead_lettered"), bad.len() as u64);
     assert_eq!(finished("processed"), LINES);
+}
+
+/// The README's input examples work as it says: each `[input]` block loads, and the text
+/// format's example line is an error of `checkout` whose `status` a `when` reads.
+#[test]
+fn the_readme_input_examples_do_what_it_says() {
+    let readme = std::fs::read_to_string("README.md").expect("README.md");
+    let section = readme
+        .split_once("## Event format")
+        .map(|(_, rest)| rest.split("\n## ").next().unwrap_or_default())
+        .expect("an event format section");
+    let blocks: Vec<&str> = section
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|block| block.split_once("```").map(|(toml, _)| toml))
+        .collect();
+    assert_eq!(blocks.len(), 2, "auto and text");
+    let load = |input: &str| {
+        let text = format!(
+            "[kafka]\nbrokers = \"localhost:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
+             [[routes]]\nname = \"errors\"\nlevels = [\"error\"]\nwhen = {{ field = \"status\", gte = 500 }}\n\
+             sink = {{ type = \"null\" }}\n{input}"
+        );
+        logbridge::Config::from_toml_str(&text).unwrap_or_else(|err| panic!("{err}\n{text}"))
+    };
+    let auto = load(blocks[0]);
+    let decoder = auto.input.decoder().expect("a decoder");
+    assert_eq!(
+        decoder
+            .decode_level(Some(br#"{"severity":"W","msg":"x"}"#), usize::MAX)
+            .map(|level| level.to_string()),
+        Ok("warning".to_string())
+    );
+    let text = load(blocks[1]);
+    let line = section
+        .split('`')
+        .find(|quoted| quoted.starts_with("2026-11-27T10:00:00Z ERROR"))
+        .expect("the example line");
+    let decoded = text
+        .input
+        .decoder()
+        .expect("a decoder")
+        .decode(Some(line.as_bytes()), usize::MAX, true)
+        .expect("the line decodes");
+    assert_eq!(decoded.level.as_str(), "error");
+    assert_eq!(decoded.service.as_deref(), Some("checkout"));
+    let event = decoded
+        .form
+        .event(line.as_bytes(), &decoded.level)
+        .expect("an event");
+    assert_eq!(event["status"], "503");
+    assert_eq!(event["message"], line);
+    let when = text.routes[0].when.as_ref().expect("a condition");
+    let condition = logbridge::shape::Condition::compile(when, "when").expect("compiles");
+    assert!(condition.holds(&event), "{event}");
 }
