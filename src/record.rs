@@ -9,7 +9,8 @@ use crate::event::{DecodeError, Level};
 /// A topic name, interned for the life of the process: copying one touches no shared
 /// reference count (a record's topic travels through every stage, on several threads), and
 /// equal names are one pointer, so comparing and hashing cost nothing. A process sees few
-/// names (its subscribed topics), so what is interned stays small.
+/// names (its subscribed topics, and those its patterns matched while it ran), so what is
+/// interned stays small.
 #[derive(Clone, Copy)]
 pub struct Topic(&'static str);
 
