@@ -350,24 +350,24 @@ impl<'de> Found<'de> {
         }
     }
 
-    fn routing(self, mapping: Option<&Mapping>) -> Outcome<(Level, Option<Cow<'de, str>>)> {
-        let (found, service) = self.service();
-        found.level(mapping).map(|level| (level, service))
+    fn routing(&mut self, mapping: Option<&Mapping>) -> Outcome<(Level, Option<Cow<'de, str>>)> {
+        let service = self.take_service();
+        self.level(mapping).map(|level| (level, service))
     }
 
-    /// The service, from the first of its fields found, and what is left.
-    fn service(mut self) -> (Found<'de>, Option<Cow<'de, str>>) {
-        let service = self.services.iter_mut().find_map(Option::take);
-        (self, service)
+    /// The service, from the first of its fields found.
+    fn take_service(&mut self) -> Option<Cow<'de, str>> {
+        self.services.iter_mut().find_map(Option::take)
     }
 
-    fn level(self, mapping: Option<&Mapping>) -> Outcome<Level> {
+    fn level(&mut self, mapping: Option<&Mapping>) -> Outcome<Level> {
         let Found {
-            mut values,
+            values,
             duplicate,
             serilog,
             ..
         } = self;
+        let serilog = *serilog;
         // With `input.level_field` only that field counts (named `level` in errors).
         let explicit = mapping.is_some_and(|mapping| mapping.path.is_some());
         let searched: &[Source] = if explicit {
@@ -583,13 +583,13 @@ impl<'de> Visitor<'de> for AutoVisitor<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
         let path = self.mapping.and_then(|mapping| mapping.path.as_deref());
-        let (found, variant) = collect(map, path, true)?;
+        let mut found = Found::default();
+        let variant = collect(map, path, true, &mut found)?;
         // The seed article's serde form, `{"Error":{"code":503,"message":"..."}}`: one key,
         // naming a level, around the event's object, whose fields give the service.
-        if let Some((name, Some(inner))) = variant {
+        if let Some((name, Some(mut inner))) = variant {
             if let Some(level) = variant_level(&name, self.mapping) {
-                let (_, service) = inner.service();
-                return Ok(Ok((level, service, true)));
+                return Ok(Ok((level, inner.take_service(), true)));
             }
         }
         Ok(found
@@ -601,17 +601,17 @@ impl<'de> Visitor<'de> for AutoVisitor<'_> {
     not_an_object!();
 }
 
-/// The level and service fields of an object, and (`top`: for the top-level object, and only
-/// when it has one key) its capitalised key with the fields of the object under it, if that
-/// value is one.
-type Collected<'de> = (Found<'de>, Option<(String, Option<Found<'de>>)>);
+/// A capitalised first key, and the fields of the object under it if that value is one.
+type Variant<'de> = (String, Option<Found<'de>>);
 
+/// Puts the level and service fields of an object into `found`; returns (`top`: for the
+/// top-level object, and only when it has one key) its [`Variant`].
 fn collect<'de, A: MapAccess<'de>>(
     mut map: A,
     path: Option<&[String]>,
     top: bool,
-) -> Result<Collected<'de>, A::Error> {
-    let mut found = Found::default();
+    found: &mut Found<'de>,
+) -> Result<Option<Variant<'de>>, A::Error> {
     let mut variant = None;
     let mut entries = 0usize;
     let explicit = path.and_then(<[String]>::first).map(String::as_str);
@@ -664,7 +664,7 @@ fn collect<'de, A: MapAccess<'de>>(
             Key::Other => map.next_value_seed(Skip)?,
         }
     }
-    Ok((found, variant.filter(|_| entries == 1)))
+    Ok(variant.filter(|_| entries == 1))
 }
 
 /// The value of a serde form's key: the fields of the object it is, or nothing for any other
@@ -689,7 +689,9 @@ impl<'de> Visitor<'de> for InnerVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-        collect(map, None, false).map(|(found, _)| Some(found))
+        let mut found = Found::default();
+        collect(map, None, false, &mut found)?;
+        Ok(Some(found))
     }
 
     other_values!(None);
