@@ -12,6 +12,11 @@
 //! * the older serde enum form, one capitalised key wrapping the body:
 //!   `{"Error":{"code":503,"message":"upstream timeout"}}`
 //!
+//! The other input formats are beside it, one file each: [`auto`] (the level wherever common
+//! loggers put it, `input.format = "auto"`) and [`text`] (lines of plain text, `"text"`);
+//! [`Decoder`] reads payloads in the configured one, and [`Form`] says how each decoded payload
+//! reads as a JSON event for the stages that read fields.
+//!
 //! Decoding is a single pass over the JSON text with hand-written visitors: strings are borrowed
 //! from the payload until the final [`LogEvent`] is built, and unknown fields are skipped
 //! without building values. Problems with the event's fields are only reported once the whole

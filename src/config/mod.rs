@@ -1374,6 +1374,20 @@ impl Config {
             if route.topics.iter().any(|topic| topic.is_empty()) {
                 return Err(invalid(key("topics"), "empty topic name"));
             }
+            if let Some(pattern) = route
+                .topics
+                .iter()
+                .find(|topic| crate::subscription::is_pattern(topic))
+            {
+                return Err(invalid(
+                    key("topics"),
+                    format!(
+                        "`{pattern}` is a pattern: a route's topics are names (of topics that \
+                         kafka.topics, names or patterns, brings in); for several, list them or \
+                         match on a header"
+                    ),
+                ));
+            }
             if route.services.iter().any(|service| service.is_empty()) {
                 return Err(invalid(key("services"), "empty service name"));
             }
@@ -2071,6 +2085,58 @@ mod tests {
             let err = error_of(&text);
             assert!(err.contains(key), "expected `{key}` in: {err}");
         }
+    }
+
+    /// Patterns in `kafka.topics` are checked where they are written, and an output a pattern
+    /// would read back is refused.
+    #[test]
+    fn topic_patterns_are_checked_and_no_output_may_feed_one() {
+        let with_topics = |topics: &str, rest: &str| {
+            format!(
+                "{}{rest}",
+                MINIMAL.replace("topics = [\"logs\"]", &format!("topics = {topics}"))
+            )
+        };
+        for (text, expected) in [
+            (
+                with_topics(r#"["logs", "^app-\\d+"]"#, ""),
+                "`kafka.topics[1]`: `^app-\\d+`: `\\d` is read differently",
+            ),
+            (
+                with_topics(r#"["^(app"]"#, ""),
+                "`kafka.topics[0]`: `^(app` is not a valid regular expression",
+            ),
+            (
+                with_topics(r#"["^.*"]"#, ""),
+                "`kafka.topics[0]`: `^.*` also matches Kafka's internal topic `__consumer_offsets`",
+            ),
+            (
+                with_topics(r#"["^logs.*"]"#, "\n[dead_letter]\ntopic = \"logs.dlq\"\n"),
+                "`dead_letter.topic`: `logs.dlq` matches the source pattern `^logs.*`",
+            ),
+            (
+                with_topics(
+                    r#"["^app-.*"]"#,
+                    "\n[[routes]]\nname = \"copy\"\nlevels = [\"info\"]\nsink = { type = \"kafka\", topic = \"app-{service}\" }\n",
+                ),
+                "`routes[1].sink.topic`: `app-{service}` matches the source pattern `^app-.*`",
+            ),
+        ] {
+            let err = error_of(&text);
+            assert!(err.contains(expected), "expected `{expected}` in: {err}\n{text}");
+        }
+        // On another cluster, or not matched: fine; names and patterns mix.
+        let fine = load(&with_topics(
+            r#"["audit", "^app-.*"]"#,
+            "\n[dead_letter]\ntopic = \"app-dlq\"\nbrokers = \"other:9092\"\n\
+             [[routes]]\nname = \"copy\"\nlevels = [\"info\"]\nsink = { type = \"kafka\", topic = \"copies\" }\n",
+        ))
+        .expect("valid");
+        assert_eq!(fine.kafka.topics, ["audit", "^app-.*"]);
+        assert_eq!(
+            fine.kafka.topic_matching(),
+            crate::subscription::Matching::Search
+        );
     }
 
     #[test]
@@ -2869,6 +2935,10 @@ mod tests {
             (
                 format!("{base}{}", route("t", "levels = [\"error\"]\ntopics = [\"\"]")),
                 "`routes[0].topics`: empty topic name",
+            ),
+            (
+                format!("{base}{}", route("t", "levels = [\"error\"]\ntopics = [\"^logs-.*\"]")),
+                "`routes[0].topics`: `^logs-.*` is a pattern: a route's topics are names",
             ),
             (
                 format!("{base}{}", route("h", "levels = [\"error\"]\nheader = { name = \"\", value = \"a\" }")),
