@@ -895,6 +895,23 @@ mod tests {
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
     }
 
+    /// JSON behind a Schema Registry prefix goes out as the JSON, without the prefix's bytes
+    /// (a zero byte and the schema id would make the line no JSON).
+    #[test]
+    fn json_behind_a_schema_registry_prefix_goes_out_without_it() {
+        let mut payload = vec![0, 0, 0, 0, 7];
+        payload.extend_from_slice(br#"{"severity":"ERROR","message":"m"}"#);
+        let record = crate::record::test_record_read(
+            &crate::event::Decoder::from(crate::event::InputFormat::Auto),
+            1,
+            &payload,
+        );
+        let mut out = Vec::new();
+        write_line(&mut out, "all", &record);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON line");
+        assert_eq!(line["event"]["severity"], "ERROR");
+    }
+
     #[test]
     fn multi_line_payload_stays_on_one_line_with_strings_intact() {
         let payload = b"{\n  \"level\": \"warn\",\n  \"message\": \"a \\\" b\\n c  d\"\n}\n";
