@@ -4,6 +4,7 @@
 //!   that matches at start is read, a topic created while it runs is read too (found at the
 //!   metadata refresh), a topic that does not match is not, `/status` lists what the pattern
 //!   matches, and the group's commits, read by a separate client, reach both topics' ends;
+//!   under the classic protocol (librdkafka matches) and KIP-848's (the broker matches);
 //! - text lines (`format = "text"`, a level pattern and logfmt): records routed by their
 //!   level (and one route by a logfmt field), the Kafka sink forwarding the original bytes, the
 //!   file sink writing the event made of each line, lines that are not UTF-8, have no level or
@@ -39,9 +40,24 @@ fn ids_by_topic(lines: &[serde_json::Value]) -> BTreeMap<String, BTreeSet<u64>> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_created_while_running_is_read_through_the_pattern() {
+    let _serial = serial().await;
+    read_through_a_pattern("\"session.timeout.ms\" = 6000\n\"heartbeat.interval.ms\" = 1000\n")
+        .await;
+}
+
+/// The same under KIP-848's consumer protocol, where the broker resolves the pattern (RE2/J,
+/// whole names) and librdkafka's metadata refresh plays no part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_while_running_is_read_through_the_pattern_under_the_consumer_protocol() {
+    let _serial = serial().await;
+    read_through_a_pattern("\"group.protocol\" = \"consumer\"\n").await;
+}
+
+/// One topic matching at start, one created while the binary runs, one outside the pattern;
+/// `protocol` is the group's `[kafka.options]` lines.
+async fn read_through_a_pattern(protocol: &str) {
     const FIRST: u64 = 300;
     const LATER: u64 = 400;
-    let _serial = serial().await;
     let broker = apache::shared();
     let brokers = broker.brokers();
     let prefix = unique("pattern");
@@ -61,8 +77,8 @@ async fn a_topic_created_while_running_is_read_through_the_pattern() {
         format!(
             "[kafka]\nbrokers = \"{brokers}\"\ngroup_id = \"{group}\"\ntopics = [\"{pattern}\"]\n\
              check_interval_ms = 500\n\
-             [kafka.options]\n\"auto.offset.reset\" = \"earliest\"\n\"session.timeout.ms\" = 6000\n\
-             \"heartbeat.interval.ms\" = 1000\n\"topic.metadata.refresh.interval.ms\" = 1000\n\
+             [kafka.options]\n\"auto.offset.reset\" = \"earliest\"\n{protocol}\
+             \"topic.metadata.refresh.interval.ms\" = 1000\n\
              [pipeline]\ncommit_interval_ms = 200\ndrain_timeout_ms = 3000\n\
              [http]\nlisten = \"{HTTP_LISTEN}\"\n\
              [[routes]]\nname = \"all\"\ndefault = true\nworkers = 2\n\
