@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Cluster;
+use crate::subscription::{Matching, Resolved};
 
 /// librdkafka's version and the features it was built with, e.g.
 /// `librdkafka 2.12.1 (gzip,snappy,ssl,sasl,...,zstd)`.
@@ -54,16 +55,39 @@ pub enum ClusterProblem {
 }
 
 fn missing_text(topics: &[String]) -> String {
-    let names: Vec<String> = topics.iter().map(|topic| format!("`{topic}`")).collect();
-    match names.as_slice() {
+    let (patterns, names): (Vec<&String>, Vec<&String>) = topics
+        .iter()
+        .partition(|topic| crate::subscription::is_pattern(topic));
+    let quoted = |list: &[&String]| {
+        list.iter()
+            .map(|topic| format!("`{topic}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let names = match names.as_slice() {
+        [] => None,
         // A cluster with ACLs leaves out of its answers what the principal may not describe:
         // "missing" may mean "hidden".
-        [one] => format!("topic {one} does not exist (or these credentials may not describe it)"),
-        _ => format!(
+        [_] => Some(format!(
+            "topic {} does not exist (or these credentials may not describe it)",
+            quoted(&names)
+        )),
+        _ => Some(format!(
             "topics {} do not exist (or these credentials may not describe them)",
-            names.join(", ")
-        ),
-    }
+            quoted(&names)
+        )),
+    };
+    let patterns = (!patterns.is_empty()).then(|| {
+        format!(
+            "no topic matches {} yet (or these credentials may not describe the topics that do)",
+            quoted(&patterns)
+        )
+    });
+    names
+        .into_iter()
+        .chain(patterns)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The errors librdkafka reported on the probe's handle since the check began: a metadata
@@ -137,14 +161,11 @@ impl Probe {
         })
     }
 
-    /// Partition counts of `topics` (absent: the topic does not exist), or why the cluster
-    /// could not be asked. Blocks for up to `timeout`. Asks for all topics' metadata, so that
-    /// the question never makes a broker with `auto.create.topics.enable` create one.
-    pub fn partitions(
-        &self,
-        topics: &[&str],
-        timeout: Duration,
-    ) -> Result<BTreeMap<String, Option<usize>>, ClusterProblem> {
+    /// Every topic of the cluster the credentials may describe, with its partition count, or
+    /// why the cluster could not be asked. Blocks for up to `timeout`. Asks for all topics'
+    /// metadata, so that the question never makes a broker with `auto.create.topics.enable`
+    /// create one.
+    pub fn topics(&self, timeout: Duration) -> Result<BTreeMap<String, usize>, ClusterProblem> {
         // What earlier checks left behind is not about this one.
         self.client.poll(Duration::ZERO);
         self.client.context().take_errors();
@@ -155,18 +176,38 @@ impl Probe {
             }
             Err(err) => return Err(self.problem(&err)),
         };
-        let mut found: BTreeMap<String, Option<usize>> = topics
+        Ok(metadata
+            .topics()
             .iter()
-            .map(|topic| (topic.to_string(), None))
-            .collect();
-        for topic in metadata.topics() {
-            if let Some(count) = found.get_mut(topic.name()) {
-                if topic.error().is_none() {
-                    *count = Some(topic.partitions().len());
-                }
-            }
-        }
-        Ok(found)
+            .filter(|topic| topic.error().is_none())
+            .map(|topic| (topic.name().to_string(), topic.partitions().len()))
+            .collect())
+    }
+
+    /// Partition counts of `topics` (absent: the topic does not exist), or why the cluster
+    /// could not be asked. Blocks for up to `timeout`.
+    pub fn partitions(
+        &self,
+        topics: &[&str],
+        timeout: Duration,
+    ) -> Result<BTreeMap<String, Option<usize>>, ClusterProblem> {
+        let cluster = self.topics(timeout)?;
+        Ok(topics
+            .iter()
+            .map(|topic| (topic.to_string(), cluster.get(*topic).copied()))
+            .collect())
+    }
+
+    /// What each entry of `kafka.topics` (names and patterns, matched as `matching` says)
+    /// stands for in the cluster, or why it could not be asked. Blocks for up to `timeout`.
+    pub fn subscription(
+        &self,
+        entries: &[String],
+        matching: Matching,
+        timeout: Duration,
+    ) -> Result<Vec<Resolved>, ClusterProblem> {
+        let cluster = self.topics(timeout)?;
+        Ok(crate::subscription::resolve(entries, &cluster, matching))
     }
 
     /// Checks `topics`: `Err` names the first thing wrong (cannot connect or authenticate,
@@ -260,35 +301,62 @@ fn is_authentication(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// Checks the source cluster and `topics` every `interval` until `shutdown`, publishing the
-/// problem (or `None`) for `/readyz`. Each change is logged once.
+/// What the cluster check publishes: what is wrong (for `/readyz`), and what each entry of
+/// `kafka.topics` stands for (for `/status`).
+pub struct ClusterWatch {
+    /// The problem the last check found, if any.
+    pub problem: watch::Receiver<Option<ClusterProblem>>,
+    /// The topics each entry stood for at the last check that reached the cluster.
+    pub subscription: watch::Receiver<Vec<Resolved>>,
+}
+
+/// Checks the source cluster and `entries` (topics and patterns, matched as `matching` says)
+/// every `interval` until `shutdown`, publishing the problem (or `None`; an entry that stands
+/// for no topic is one) and what each entry stands for. Each change of the problem is logged
+/// once, and each change of the topics a pattern matches.
 pub fn watch(
     probe: Probe,
-    topics: Vec<String>,
+    entries: Vec<String>,
+    matching: Matching,
     interval: Duration,
     shutdown: CancellationToken,
-) -> (
-    watch::Receiver<Option<ClusterProblem>>,
-    tokio::task::JoinHandle<()>,
-) {
+) -> (ClusterWatch, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(None);
+    let (subscription_tx, subscription_rx) = watch::channel(Vec::new());
     let probe = Arc::new(probe);
     // A check must end before the next is due, and within the time a broker takes to answer.
     let timeout = interval.min(Duration::from_secs(10));
     let task = tokio::spawn(async move {
         loop {
             let probe = probe.clone();
-            let topics = topics.clone();
-            let checked = tokio::task::spawn_blocking(move || {
-                let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-                probe.check(&names, timeout)
-            });
+            let asked = entries.clone();
+            let checked =
+                tokio::task::spawn_blocking(move || probe.subscription(&asked, matching, timeout));
             let outcome = tokio::select! {
                 outcome = checked => outcome,
                 () = shutdown.cancelled() => return,
             };
             let problem = match outcome {
-                Ok(result) => result.err(),
+                Ok(Ok(resolved)) => {
+                    let missing: Vec<String> = resolved
+                        .iter()
+                        .filter(|entry| entry.topics.is_empty())
+                        .map(|entry| entry.entry.clone())
+                        .collect();
+                    subscription_tx.send_if_modified(|current| {
+                        if *current == resolved {
+                            return false;
+                        }
+                        for entry in resolved.iter().filter(|entry| entry.pattern) {
+                            let topics: Vec<&String> = entry.topics.keys().collect();
+                            info!(pattern = %entry.entry, ?topics, "topics matching the pattern");
+                        }
+                        *current = resolved;
+                        true
+                    });
+                    (!missing.is_empty()).then_some(ClusterProblem::MissingTopics(missing))
+                }
+                Ok(Err(problem)) => Some(problem),
                 // The check panicked: say so rather than keep an old answer.
                 Err(err) => Some(ClusterProblem::Unreachable {
                     brokers: String::new(),
@@ -312,7 +380,13 @@ pub fn watch(
             }
         }
     });
-    (rx, task)
+    (
+        ClusterWatch {
+            problem: rx,
+            subscription: subscription_rx,
+        },
+        task,
+    )
 }
 
 #[cfg(test)]
@@ -443,13 +517,15 @@ mod tests {
         let brokers = mock.bootstrap_servers();
         let probe = Probe::new(cluster(&brokers), Vec::new()).expect("probe");
         let shutdown = CancellationToken::new();
-        let (mut rx, task) = watch(
+        let (mut watched, task) = watch(
             probe,
             vec!["logs".to_string(), "later".to_string()],
+            Matching::Search,
             Duration::from_millis(200),
             shutdown.clone(),
         );
         let missing = Some(ClusterProblem::MissingTopics(vec!["later".to_string()]));
+        let rx = &mut watched.problem;
         tokio::time::timeout(Duration::from_secs(20), rx.wait_for(|p| *p == missing))
             .await
             .expect("reported in time")
@@ -464,5 +540,81 @@ mod tests {
             .await
             .expect("stops on shutdown")
             .expect("no panic");
+    }
+
+    /// A pattern that matches nothing yet is a problem until a topic it matches is created;
+    /// the topics it matches are published for `/status`.
+    #[tokio::test]
+    async fn the_watch_lists_what_a_pattern_matches_and_waits_for_a_first_match() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        mock.create_topic("logs", 2, 1).expect("topic");
+        let brokers = mock.bootstrap_servers();
+        let probe = Probe::new(cluster(&brokers), Vec::new()).expect("probe");
+        let shutdown = CancellationToken::new();
+        let (mut watched, task) = watch(
+            probe,
+            vec!["logs".to_string(), "^app-.*".to_string()],
+            Matching::Search,
+            Duration::from_millis(200),
+            shutdown.clone(),
+        );
+        let missing = Some(ClusterProblem::MissingTopics(vec!["^app-.*".to_string()]));
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            watched.problem.wait_for(|p| *p == missing),
+        )
+        .await
+        .expect("reported in time")
+        .expect("watch alive");
+        assert_eq!(
+            missing.map(|problem| problem.to_string()).as_deref(),
+            Some(
+                "no topic matches `^app-.*` yet (or these credentials may not describe the \
+                 topics that do)"
+            )
+        );
+        mock.create_topic("app-a", 3, 1).expect("topic");
+        mock.create_topic("app-b", 1, 1).expect("topic");
+        let listed = tokio::time::timeout(
+            Duration::from_secs(20),
+            watched
+                .subscription
+                .wait_for(|resolved| resolved.get(1).is_some_and(|entry| entry.topics.len() == 2)),
+        )
+        .await
+        .expect("listed in time")
+        .expect("watch alive")
+        .clone();
+        assert_eq!(listed[0].topics.get("logs"), Some(&2));
+        assert!(listed[1].pattern);
+        assert_eq!(listed[1].topics.get("app-a"), Some(&3));
+        assert_eq!(listed[1].topics.get("app-b"), Some(&1));
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            watched.problem.wait_for(Option::is_none),
+        )
+        .await
+        .expect("cleared in time")
+        .expect("watch alive");
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("stops on shutdown")
+            .expect("no panic");
+    }
+
+    #[test]
+    fn missing_names_and_unmatched_patterns_are_told_apart() {
+        let problem = ClusterProblem::MissingTopics(vec![
+            "typo".to_string(),
+            "^a-.*".to_string(),
+            "gone".to_string(),
+        ]);
+        assert_eq!(
+            problem.to_string(),
+            "topics `typo`, `gone` do not exist (or these credentials may not describe them); \
+             no topic matches `^a-.*` yet (or these credentials may not describe the topics \
+             that do)"
+        );
     }
 }

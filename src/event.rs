@@ -12,6 +12,11 @@
 //! * the older serde enum form, one capitalised key wrapping the body:
 //!   `{"Error":{"code":503,"message":"upstream timeout"}}`
 //!
+//! The other input formats are beside it, one file each: [`auto`] (the level wherever common
+//! loggers put it, `input.format = "auto"`) and [`text`] (lines of plain text, `"text"`);
+//! [`Decoder`] reads payloads in the configured one, and [`Form`] says how each decoded payload
+//! reads as a JSON event for the stages that read fields.
+//!
 //! Decoding is a single pass over the JSON text with hand-written visitors: strings are borrowed
 //! from the payload until the final [`LogEvent`] is built, and unknown fields are skipped
 //! without building values. Problems with the event's fields are only reported once the whole
@@ -98,7 +103,9 @@ macro_rules! not_an_object {
 }
 
 mod auto;
+mod text;
 pub use auto::{folded_alias, Decoder, InputFormat, Mapping};
+pub use text::{TextFormat, TextSettings};
 
 /// Payloads larger than this are rejected unless the caller picks another limit.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -258,7 +265,7 @@ pub fn decode(payload: Option<&[u8]>, max_bytes: usize) -> Result<LogEvent, Deco
 /// the payload, and never copied, which saves the hot path an allocation per string field (the
 /// sinks forward the original payload, not a re-encoded event).
 pub fn decode_level(payload: Option<&[u8]>, max_bytes: usize) -> Result<Level, DecodeError> {
-    decode_as::<LevelOnly>(payload, max_bytes)
+    decode_as::<LevelOnly>(payload, max_bytes).map(|(level, _)| level)
 }
 
 /// What routing reads of an event: its level and, for routes that match on it, its service.
@@ -267,7 +274,101 @@ pub type Routing = (Level, Option<Box<str>>);
 /// [`decode_level`], keeping the `service` field too (copied: routes that match on the service
 /// ask for it, others do not pay for it).
 pub fn decode_routing(payload: Option<&[u8]>, max_bytes: usize) -> Result<Routing, DecodeError> {
-    decode_as::<LevelAndService>(payload, max_bytes)
+    decode_as::<LevelAndService>(payload, max_bytes).map(|(routing, _)| routing)
+}
+
+/// The strict format's [`Decoded`]: [`decode_level`] or, `with_service`, [`decode_routing`],
+/// and whether the payload is in the serde form.
+fn decode_strict(
+    payload: Option<&[u8]>,
+    max_bytes: usize,
+    with_service: bool,
+) -> Result<Decoded, DecodeError> {
+    let ((level, service), wrapped) = if with_service {
+        decode_as::<LevelAndService>(payload, max_bytes)?
+    } else {
+        decode_as::<LevelOnly>(payload, max_bytes)
+            .map(|(level, wrapped)| ((level, None), wrapped))?
+    };
+    Ok(Decoded {
+        level,
+        service,
+        form: if wrapped { Form::Wrapped } else { Form::Object },
+    })
+}
+
+/// What the pipeline keeps of a payload that decoded: what routing reads, and how the payload
+/// reads as an event.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The normalised level.
+    pub level: Level,
+    /// The service, when it was asked for and the event names one.
+    pub service: Option<Box<str>>,
+    /// How the payload reads as a JSON event.
+    pub form: Form,
+}
+
+/// How a decoded payload reads as one JSON event: what route conditions (`when`), transforms and
+/// templates see, and what the sinks that read an event's fields (OTLP, Loki's labels) read. The
+/// payload itself is what the Kafka sink and the dead-letter topic forward, whatever its form.
+#[derive(Debug, Clone, Default)]
+pub enum Form {
+    /// The payload is the event: one JSON object (past a Schema Registry prefix and a BOM).
+    #[default]
+    Object,
+    /// The payload is the seed article's serde form, `{"Error":{"code":503,"message":"..."}}`:
+    /// the event is the inner object, with the `level` its key names.
+    Wrapped,
+    /// The payload is a line of text (`input.format = "text"`): the event is the object
+    /// [`TextFormat`] makes of it (`level`, `message`, the pattern's groups, the logfmt pairs).
+    Text(std::sync::Arc<TextFormat>),
+}
+
+impl Form {
+    /// The event of `payload` (which decoded in this form, at `level`) as a JSON value; `Err`
+    /// says why it cannot be read as one (JSON nested past serde_json's 128 levels, which
+    /// decoding allows).
+    pub fn event(&self, payload: &[u8], level: &Level) -> Result<serde_json::Value, String> {
+        let parse = |text: &[u8]| {
+            serde_json::from_slice::<serde_json::Value>(text).map_err(|err| err.to_string())
+        };
+        match self {
+            Form::Object => parse(json_text(payload)),
+            Form::Wrapped => match parse(json_text(payload))? {
+                serde_json::Value::Object(outer) => {
+                    let inner = outer.into_iter().next().map(|(_, inner)| inner);
+                    let mut event = serde_json::Map::new();
+                    event.insert("level".into(), level.as_str().into());
+                    if let Some(serde_json::Value::Object(inner)) = inner {
+                        // The key names the level; an inner `level` is just another field to
+                        // the decoder, and here it would contradict the key.
+                        event.extend(inner.into_iter().filter(|(name, _)| name != "level"));
+                    }
+                    Ok(serde_json::Value::Object(event))
+                }
+                other => Ok(other),
+            },
+            Form::Text(format) => format
+                .event(payload, level)
+                .map(serde_json::Value::Object)
+                .ok_or_else(|| "the line is no longer readable".to_string()),
+        }
+    }
+
+    /// The JSON text the file, HTTP and Elasticsearch sinks write for `payload`: its own JSON
+    /// (the original bytes, past a Schema Registry prefix and a BOM; for the serde form too), or
+    /// for a line of text the event [`Form::event`] makes of it.
+    pub fn json<'p>(&self, payload: &'p [u8], level: &Level) -> Cow<'p, [u8]> {
+        match self {
+            Form::Object | Form::Wrapped => Cow::Borrowed(json_text(payload)),
+            Form::Text(format) => {
+                let event = format.event(payload, level).unwrap_or_default();
+                // Serialising a map of JSON values into a Vec cannot fail.
+                Cow::Owned(serde_json::to_vec(&event).unwrap_or_default())
+            }
+        }
+    }
 }
 
 fn decode_as<B: Build>(payload: Option<&[u8]>, max_bytes: usize) -> Result<B::Out, DecodeError> {
@@ -287,6 +388,21 @@ fn decode_text<'p, T>(
         &mut serde_json::Deserializer<serde_json::de::StrRead<'p>>,
     ) -> Result<Outcome<T>, serde_json::Error>,
 ) -> Result<T, DecodeError> {
+    let text = checked_text(payload, max_bytes, body)?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let outcome = parse(&mut de).map_err(from_json_error)?;
+    // Trailing garbage is a syntax problem, so it must outrank whatever the visitor found.
+    de.end().map_err(from_json_error)?;
+    outcome
+}
+
+/// The checks every format shares, in order: tombstone, size, zero bytes, then UTF-8 over the
+/// text that `body` leaves of the payload (a suffix of it), which is returned.
+fn checked_text<'p>(
+    payload: Option<&'p [u8]>,
+    max_bytes: usize,
+    body: fn(&'p [u8]) -> &'p [u8],
+) -> Result<&'p str, DecodeError> {
     let payload = payload.ok_or(DecodeError::Empty)?;
     if payload.len() > max_bytes {
         return Err(DecodeError::TooLarge {
@@ -303,15 +419,9 @@ fn decode_text<'p, T>(
     let skipped = payload.len() - body.len();
     // Validating up front gives one error for bad bytes wherever they are (serde_json would call
     // bad bytes outside strings a syntax error), and lets the parser borrow `&str` slices.
-    let text = std::str::from_utf8(body).map_err(|err| DecodeError::NotUtf8 {
+    std::str::from_utf8(body).map_err(|err| DecodeError::NotUtf8 {
         valid_up_to: skipped + err.valid_up_to(),
-    })?;
-
-    let mut de = serde_json::Deserializer::from_str(text);
-    let outcome = parse(&mut de).map_err(from_json_error)?;
-    // Trailing garbage is a syntax problem, so it must outrank whatever the visitor found.
-    de.end().map_err(from_json_error)?;
-    outcome
+    })
 }
 
 /// The JSON text of a payload that decoded: the payload with a leading BOM removed (for embedding the original event in JSON output).
@@ -361,7 +471,8 @@ type Outcome<T> = Result<T, DecodeError>;
 /// What decoding builds from a well-formed event.
 trait Build {
     type Out;
-    fn build(body: Body<'_>, level: Level) -> Outcome<Self::Out>;
+    /// `wrapped`: the body was the inner object of the serde form.
+    fn build(body: Body<'_>, level: Level, wrapped: bool) -> Outcome<Self::Out>;
 }
 
 /// The whole [`LogEvent`].
@@ -369,30 +480,30 @@ struct WholeEvent;
 
 impl Build for WholeEvent {
     type Out = LogEvent;
-    fn build(body: Body<'_>, level: Level) -> Outcome<LogEvent> {
+    fn build(body: Body<'_>, level: Level, _: bool) -> Outcome<LogEvent> {
         body.into_event(level)
     }
 }
 
-/// The level and the service, once the body is known to be valid.
+/// The level and the service, once the body is known to be valid, and whether it was wrapped.
 struct LevelAndService;
 
 impl Build for LevelAndService {
-    type Out = Routing;
-    fn build(body: Body<'_>, level: Level) -> Outcome<Routing> {
+    type Out = (Routing, bool);
+    fn build(body: Body<'_>, level: Level, wrapped: bool) -> Outcome<(Routing, bool)> {
         body.check()?;
-        Ok((level, body.service.value.map(Box::from)))
+        Ok(((level, body.service.value.map(Box::from)), wrapped))
     }
 }
 
-/// Only the level, once the body is known to be valid.
+/// Only the level, once the body is known to be valid, and whether it was wrapped.
 struct LevelOnly;
 
 impl Build for LevelOnly {
-    type Out = Level;
-    fn build(body: Body<'_>, level: Level) -> Outcome<Level> {
+    type Out = (Level, bool);
+    fn build(body: Body<'_>, level: Level, wrapped: bool) -> Outcome<(Level, bool)> {
         body.check()?;
-        Ok(level)
+        Ok((level, wrapped))
     }
 }
 
@@ -445,10 +556,12 @@ impl<'de, B: Build> Visitor<'de> for TopVisitor<B> {
             let Some(raw) = level.value else {
                 return Ok(Err(DecodeError::MissingField { field: "level" }));
             };
-            return Ok(B::build(body, Level::new(&raw)));
+            return Ok(B::build(body, Level::new(&raw), false));
         }
         match wrapped {
-            Some((name, Some(inner))) if entries == 1 => Ok(B::build(inner, Level::new(&name))),
+            Some((name, Some(inner))) if entries == 1 => {
+                Ok(B::build(inner, Level::new(&name), true))
+            }
             _ => Ok(Err(DecodeError::MissingField { field: "level" })),
         }
     }

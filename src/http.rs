@@ -151,6 +151,9 @@ pub struct HttpState {
     /// What the last cluster check found wrong (unreachable, credentials refused, subscribed
     /// topics missing), checked first on `/readyz`.
     pub cluster: tokio::sync::watch::Receiver<Option<ClusterProblem>>,
+    /// What each entry of `kafka.topics` stood for at the last cluster check (the topics a
+    /// pattern matches), shown by `/status`.
+    pub subscription: tokio::sync::watch::Receiver<Vec<crate::subscription::Resolved>>,
     /// What `/status` shows besides metrics.
     pub status: Arc<StatusSource>,
     /// `http.admin_token`: a `POST /resume` carrying it as a bearer token is taken.
@@ -263,6 +266,7 @@ fn status_json(state: &HttpState) -> serde_json::Value {
         "breaker": breaker,
         "stalls": stalls,
         "cluster": state.cluster.borrow().as_ref().map(ToString::to_string),
+        "topics": *state.subscription.borrow(),
         "in_flight": metrics.in_flight.get(),
         "in_flight_bytes": in_flight_bytes,
         "held_bytes": held_bytes,

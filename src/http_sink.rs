@@ -698,12 +698,27 @@ fn write_body(out: &mut Vec<u8>, layout: &Layout, records: &[Record]) {
     }
 }
 
-/// The record's payload as one line of compact JSON (`null` without one). Only decoded records
-/// reach a sink: the payload is valid JSON, so UTF-8.
+/// The record's payload as one line of compact JSON (`null` without one): its own JSON, or the
+/// event a line of text makes ([`Record::event_json`]). Only decoded records reach a sink: this
+/// is valid JSON, so UTF-8.
 pub(crate) fn write_payload(out: &mut Vec<u8>, record: &Record) {
-    match (record.payload(), &record.decoded) {
-        (Some(payload), Some(Ok(_))) => write_compact_json(out, crate::event::json_body(payload)),
-        _ => out.extend_from_slice(b"null"),
+    match record.event_json() {
+        Some(json) => write_compact_json(out, &json),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// A Loki entry's line: the payload as compact JSON, or a line of text as it is.
+fn write_loki_line(out: &mut Vec<u8>, record: &Record) {
+    let line = match (&record.form, record.payload(), &record.decoded) {
+        (crate::event::Form::Text(_), Some(payload), Some(Ok(_))) => {
+            crate::event::TextFormat::line_of(payload)
+        }
+        _ => None,
+    };
+    match line {
+        Some(line) => out.extend_from_slice(line.as_bytes()),
+        None => write_payload(out, record),
     }
 }
 
@@ -720,11 +735,9 @@ fn write_loki_body(out: &mut Vec<u8>, streams: &LokiStreams, records: &[Record],
     let mut index: std::collections::HashMap<Vec<String>, usize> = std::collections::HashMap::new();
     let mut events: Vec<Option<serde_json::Value>> = Vec::with_capacity(records.len());
     for (position, record) in records.iter().enumerate() {
-        let event = match (streams.reads_event, record.payload(), &record.decoded) {
-            (true, Some(payload), Some(Ok(_))) => {
-                serde_json::from_slice(crate::event::json_body(payload)).ok()
-            }
-            _ => None,
+        let event = match streams.reads_event {
+            true => record.event().ok(),
+            false => None,
         };
         let labels = streams.stream_of(record, event.as_ref());
         events.push(event);
@@ -766,7 +779,7 @@ fn write_loki_body(out: &mut Vec<u8>, streams: &LokiStreams, records: &[Record],
             });
             let _ = write!(out, "[\"{nanos}\",");
             line.clear();
-            write_payload(&mut line, record);
+            write_loki_line(&mut line, record);
             let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(&line));
             let metadata: Vec<(String, String)> = match &events[position] {
                 Some(event) => streams
@@ -1624,6 +1637,59 @@ mod tests {
             "{\"create\":{\"_index\":\"logs-error-cart_service-1970.01.01\",\"_id\":\"eu-1:logs-0-3-1000\"}}\n{\"c\":3}\n\
              {\"create\":{\"_index\":\"logs-error-unknown-2026.11.28\",\"_id\":\"eu-1:logs-0-4-1795867200000\"}}\n{\"d\":4}\n"
         );
+    }
+
+    /// Lines of text go to NDJSON and `_bulk` bodies as the events made of them (a document
+    /// must be an object), to Loki as the lines themselves.
+    #[test]
+    fn text_lines_go_out_as_their_events_and_to_loki_as_lines() {
+        let decoder = crate::record::test_text_decoder();
+        let batch = vec![
+            crate::record::test_record_read(&decoder, 1, b"api [ERROR] boom code=500\n"),
+            crate::record::test_record_read(&decoder, 2, b"api [INFO] ok"),
+        ];
+        let mut out = Vec::new();
+        write_body(&mut out, &Layout::Ndjson, &batch);
+        let documents: Vec<serde_json::Value> = out
+            .split(|byte| *byte == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| serde_json::from_slice(line).expect("a JSON document"))
+            .collect();
+        assert_eq!(
+            documents,
+            [
+                serde_json::json!({"level": "error", "message": "api [ERROR] boom code=500", "service": "api", "code": "500"}),
+                serde_json::json!({"level": "info", "message": "api [INFO] ok", "service": "api"}),
+            ]
+        );
+        let config: HttpSinkConfig = toml::from_str(
+            "url = \"http://127.0.0.1:1\"\nlabels = { level = \"{level}\", code = { field = \"code\", values = [\"500\"] } }",
+        )
+        .expect("a Loki sink");
+        let streams = LokiStreams::new(&config).expect("labels");
+        out.clear();
+        write_loki_body(&mut out, &streams, &batch, SystemTime::UNIX_EPOCH);
+        let body: serde_json::Value = serde_json::from_slice(&out).expect("a Loki body");
+        let lines: Vec<(&serde_json::Value, &str)> = body["streams"]
+            .as_array()
+            .expect("streams")
+            .iter()
+            .flat_map(|stream| {
+                stream["values"]
+                    .as_array()
+                    .expect("values")
+                    .iter()
+                    .map(move |entry| (&stream["stream"], entry[1].as_str().expect("a line")))
+            })
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0].1, "api [ERROR] boom code=500",
+            "the line, without its ending"
+        );
+        assert_eq!(lines[0].0["code"], "500", "a label from a logfmt field");
+        assert_eq!(lines[1].1, "api [INFO] ok");
+        assert_eq!(lines[1].0["code"], "other");
     }
 
     /// The `_id` of each document of a `_bulk` body.

@@ -42,7 +42,8 @@
 //!
 //! Around them: [`record`] (the messages between stages), [`pipeline`] (wiring, start and
 //! shutdown), [`config`] (with the security of each cluster and `${env:}`/`${file:}`
-//! references), [`cluster`] (the probe behind `/readyz` and `check-config --connect`: reachable,
+//! references), [`subscription`] (what `kafka.topics` names: topics and `^` patterns),
+//! [`cluster`] (the probe behind `/readyz` and `check-config --connect`: reachable,
 //! authenticated, topics present), [`client_log`] (librdkafka's errors, rate-limited),
 //! [`metrics`], [`http`] and [`health`]. The commands beside the pipeline (demo, load generator,
 //! benchmark, config check) are in [`tools`].
@@ -69,6 +70,7 @@ pub mod record;
 pub mod router;
 pub mod shape;
 pub mod sink;
+pub mod subscription;
 pub mod tools;
 pub mod transaction;
 pub mod worker;

@@ -152,10 +152,9 @@ fn log_record(record: &Record, observed_unix_nano: u64) -> Result<LogRecord, Sin
         Some(Ok(level)) => level.as_str().to_string(),
         _ => return Err(not_encodable("the record was not decoded as a log event")),
     };
-    let payload = record
-        .payload()
-        .ok_or_else(|| not_encodable("the record has no payload"))?;
-    let mut fields = match serde_json::from_slice::<Value>(crate::event::json_text(payload)) {
+    // The event: the payload's object, the serde form's inner one (with its level), or what a
+    // line of text makes of it (the line as `message`, its fields).
+    let mut fields = match record.event() {
         Ok(Value::Object(fields)) => fields,
         Ok(_) => return Err(not_encodable("the payload is not a JSON object")),
         Err(err) => return Err(not_encodable(format!("the payload is not JSON: {err}"))),
@@ -603,6 +602,68 @@ mod tests {
         assert_eq!(pino.severity_number, 9);
         assert_eq!(pino.severity_text, "info", "a number: the decoded name");
         assert_eq!(pino.time_unix_nano, 1_714_557_600_000_000_000);
+    }
+
+    /// A line of text: the line is the body, its fields attributes, its service the resource's;
+    /// a serde-form event: the object under its key.
+    #[test]
+    fn text_lines_and_the_serde_form_map_onto_the_log_data_model() {
+        let line = crate::record::test_record_read(
+            &crate::record::test_text_decoder(),
+            1,
+            b"cart [WARN] slow checkout ms=812\n",
+        );
+        let wrapped = crate::record::test_record_read(
+            &crate::event::Decoder::from(crate::event::InputFormat::Auto),
+            2,
+            br#"{"Error":{"code":503,"message":"upstream timeout","service":"billing"}}"#,
+        );
+        let mut body = Vec::new();
+        let failures = encode(&[&line, &wrapped], 0, &mut body);
+        assert!(failures.iter().all(Option::is_none), "{failures:?}");
+        let request = decode(&body);
+        let by_service = |name: &str| {
+            request
+                .resource_logs
+                .iter()
+                .find(|resource| {
+                    resource.resource.as_ref().is_some_and(|resource| {
+                        resource.attributes.iter().any(|kv| {
+                            kv.key == "service.name"
+                                && kv.value.as_ref().and_then(|v| v.value.as_ref())
+                                    == Some(&any_value::Value::StringValue(name.to_string()))
+                        })
+                    })
+                })
+                .map(|resource| resource.scope_logs[0].log_records[0].clone())
+                .unwrap_or_else(|| panic!("no resource of service {name}"))
+        };
+        let text = by_service("cart");
+        assert_eq!(text.severity_number, 13);
+        assert_eq!(
+            text.body.as_ref().and_then(|body| body.value.clone()),
+            Some(any_value::Value::StringValue(
+                "cart [WARN] slow checkout ms=812".to_string()
+            ))
+        );
+        assert_eq!(
+            attribute(&text, "ms"),
+            Some(&any_value::Value::StringValue("812".to_string()))
+        );
+        assert!(attribute(&text, "level").is_none());
+        let serde_form = by_service("billing");
+        assert_eq!(serde_form.severity_number, 17);
+        assert_eq!(
+            serde_form.body.as_ref().and_then(|body| body.value.clone()),
+            Some(any_value::Value::StringValue(
+                "upstream timeout".to_string()
+            ))
+        );
+        assert_eq!(
+            attribute(&serde_form, "code"),
+            Some(&any_value::Value::IntValue(503))
+        );
+        assert!(attribute(&serde_form, "Error").is_none());
     }
 
     #[test]

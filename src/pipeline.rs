@@ -238,7 +238,10 @@ pub async fn run(
             metrics: metrics.clone(),
             liveness: liveness.clone(),
             tombstones: config.input.tombstones,
-            decoder: config.input.decoder(),
+            decoder: config
+                .input
+                .decoder()
+                .context("invalid input configuration")?,
             unrouted: config.input.unrouted,
             gate: transactional.as_ref().map(|(_, gate)| gate.clone()),
         },
@@ -269,6 +272,7 @@ pub async fn run(
     let (cluster, cluster_task) = crate::cluster::watch(
         probe,
         config.kafka.topics.clone(),
+        config.kafka.topic_matching(),
         Duration::from_millis(config.kafka.check_interval_ms),
         http_stop.clone(),
     );
@@ -282,7 +286,8 @@ pub async fn run(
             stalls,
             dead_letters: dead_letter_trouble,
             retrying,
-            cluster,
+            cluster: cluster.problem,
+            subscription: cluster.subscription,
             status: Arc::new(StatusSource {
                 partitions: consumer.partitions(),
                 config: config.redacted_json(),

@@ -9,7 +9,8 @@ use crate::event::{DecodeError, Level};
 /// A topic name, interned for the life of the process: copying one touches no shared
 /// reference count (a record's topic travels through every stage, on several threads), and
 /// equal names are one pointer, so comparing and hashing cost nothing. A process sees few
-/// names (its subscribed topics), so what is interned stays small.
+/// names (its subscribed topics, and those its patterns matched while it ran), so what is
+/// interned stays small.
 #[derive(Clone, Copy)]
 pub struct Topic(&'static str);
 
@@ -126,6 +127,10 @@ pub struct Record {
     pub decoded: Option<Result<Level, DecodeError>>,
     /// The event's service, where routes match on it (filled by [`Record::decode`] when asked).
     pub service: Option<Box<str>>,
+    /// How the payload reads as a JSON event (filled by [`Record::decode`]): what conditions,
+    /// transforms and templates read, and what the sinks that write JSON write
+    /// ([`Record::event`], [`Record::event_json`]).
+    pub form: crate::event::Form,
     /// When the consumer took it from librdkafka (for the processing latency).
     pub read_at: std::time::Instant,
     /// Its bytes, counted against `pipeline.max_in_flight_bytes` until it is dropped.
@@ -428,17 +433,38 @@ impl Record {
     ) -> &Result<Level, DecodeError> {
         let decoded = match self.decoded.take() {
             Some(decoded) => decoded,
-            None if with_service => {
-                decoder
-                    .decode_routing(self.data.value(), usize::MAX)
-                    .map(|(level, service)| {
-                        self.service = service;
-                        level
-                    })
-            }
-            None => decoder.decode_level(self.data.value(), usize::MAX),
+            None => decoder
+                .decode(self.data.value(), usize::MAX, with_service)
+                .map(|decoded| {
+                    self.service = decoded.service;
+                    self.form = decoded.form;
+                    decoded.level
+                }),
         };
         self.decoded.insert(decoded)
+    }
+
+    /// The event as a JSON value ([`crate::event::Form::event`]); `Err` says why there is none
+    /// (no payload, not JSON, or JSON nested past serde_json's limit). A record not decoded
+    /// (which no route takes) is read as the JSON it may be.
+    pub fn event(&self) -> Result<serde_json::Value, String> {
+        let payload = self
+            .payload()
+            .ok_or_else(|| "the record has no payload".to_string())?;
+        match &self.decoded {
+            Some(Ok(level)) => self.form.event(payload, level),
+            _ => crate::event::Form::Object.event(payload, &Level::new("")),
+        }
+    }
+
+    /// The JSON text the sinks that write JSON write for this record
+    /// ([`crate::event::Form::json`]): the original JSON, or the event a line of text makes;
+    /// `None` if the record did not decode.
+    pub fn event_json(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        match (&self.decoded, self.payload()) {
+            (Some(Ok(level)), Some(payload)) => Some(self.form.json(payload, level)),
+            _ => None,
+        }
     }
 
     /// The ack that says this record is finished with `status`.
@@ -466,6 +492,7 @@ impl Record {
             timestamp: self.timestamp,
             decoded: self.decoded.clone(),
             service: self.service.clone(),
+            form: self.form.clone(),
             read_at: self.read_at,
             charge: self.charge.again(),
             destination: None,
@@ -630,6 +657,15 @@ pub(crate) fn test_record(
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
 ) -> Record {
+    let decoded = crate::event::Decoder::default().decode(
+        payload,
+        crate::event::DEFAULT_MAX_PAYLOAD_BYTES,
+        false,
+    );
+    let form = decoded
+        .as_ref()
+        .map(|decoded| decoded.form.clone())
+        .unwrap_or_default();
     Record {
         source: PartitionKey {
             topic: Topic::new("logs"),
@@ -640,11 +676,9 @@ pub(crate) fn test_record(
         data: KeyValue::new(key, payload),
         headers: None,
         timestamp: None,
-        decoded: Some(crate::event::decode_level(
-            payload,
-            crate::event::DEFAULT_MAX_PAYLOAD_BYTES,
-        )),
+        decoded: Some(decoded.map(|decoded| decoded.level)),
         service: None,
+        form,
         read_at: std::time::Instant::now(),
         charge: Charge::default(),
         destination: None,
@@ -652,9 +686,77 @@ pub(crate) fn test_record(
     }
 }
 
+/// [`test_record`] read with `decoder` (with its service) instead of the strict format.
+#[cfg(test)]
+pub(crate) fn test_record_read(
+    decoder: &crate::event::Decoder,
+    offset: i64,
+    payload: &[u8],
+) -> Record {
+    let mut record = test_record(0, offset, None, Some(payload));
+    record.decoded = None;
+    record.decode(decoder, true);
+    record
+}
+
+/// A decoder of text lines: the level in brackets (`[ERROR] ...`), a `service` group before
+/// it, logfmt pairs.
+#[cfg(test)]
+pub(crate) fn test_text_decoder() -> crate::event::Decoder {
+    let format = crate::event::TextFormat::new(&crate::event::TextSettings {
+        level_pattern: Some(r"^(?P<service>[a-z]+) \[(?P<level>[A-Z]+)\] "),
+        logfmt: true,
+        ..Default::default()
+    })
+    .expect("valid settings");
+    crate::event::Decoder::text(format)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a text line is to each stage: its level and service for routing, its event (the
+    /// line as the message, the groups and pairs as fields), the JSON the sinks write; the
+    /// payload itself stays the line.
+    #[test]
+    fn a_text_record_offers_its_event_and_keeps_its_bytes() {
+        let line = b"checkout [ERROR] payment failed status=503 user=\"Ada L\"\n";
+        let record = test_record_read(&test_text_decoder(), 3, line);
+        assert_eq!(record.decoded, Some(Ok(Level::new("error"))));
+        assert_eq!(record.service.as_deref(), Some("checkout"));
+        assert!(matches!(record.form, crate::event::Form::Text(_)));
+        let event = record.event().expect("an event");
+        assert_eq!(
+            event,
+            serde_json::json!({
+                "level": "error",
+                "message": "checkout [ERROR] payment failed status=503 user=\"Ada L\"",
+                "service": "checkout",
+                "status": "503",
+                "user": "Ada L",
+            })
+        );
+        let json = record.event_json().expect("decoded");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&json).expect("JSON"),
+            event
+        );
+        assert_eq!(record.payload(), Some(&line[..]), "the original bytes stay");
+        // A copy for another route reads the same.
+        let copy = record.copy_for_route(&FanOut::new(2));
+        assert_eq!(copy.event(), Ok(event));
+        // A record that did not decode has no event.
+        let bad = test_record_read(&test_text_decoder(), 4, b"\xff\xfe");
+        assert_eq!(
+            bad.decoded
+                .as_ref()
+                .map(|decoded| decoded.as_ref().map_err(DecodeError::reason)),
+            Some(Err("not_utf8"))
+        );
+        assert!(bad.event().is_err(), "not JSON either");
+        assert!(bad.event_json().is_none());
+    }
 
     #[test]
     fn a_fanned_out_record_finishes_with_its_last_copy_and_its_worst_outcome() {

@@ -193,7 +193,8 @@ impl Rules {
     }
 }
 
-/// A record's event as JSON, parsed only once a route's `when` asks for it.
+/// A record's event as JSON ([`Record::event`]: the payload's object, the serde form's inner
+/// one, or what a line of text makes), read only once a route's `when` asks for it.
 enum Event {
     Unread,
     Parsed(serde_json::Value),
@@ -204,8 +205,7 @@ enum Event {
 impl Event {
     fn get(&mut self, record: &Record) -> Option<&serde_json::Value> {
         if let Event::Unread = self {
-            let text = crate::event::json_text(record.payload().unwrap_or_default());
-            *self = match serde_json::from_slice(text) {
+            *self = match record.event() {
                 Ok(value) => Event::Parsed(value),
                 Err(_) => Event::Unreadable,
             };

@@ -18,7 +18,6 @@ use anyhow::Context as _;
 use tracing::warn;
 
 use crate::config::{Cluster, RouteConfig, SinkConfig, DEFAULT_FILE_MAX_FILES};
-use crate::event::json_body;
 use crate::producer::{headers, headers_for, own_headers, Outgoing, Producer};
 use crate::record::Record;
 
@@ -837,10 +836,10 @@ pub fn write_line(out: &mut Vec<u8>, route: &str, record: &Record) {
     out.extend_from_slice(b",\"route\":");
     write_json_string(out, route);
     out.extend_from_slice(b",\"event\":");
-    match (record.payload(), &record.decoded) {
-        // Only decoded payloads reach a sink, so the body is valid JSON.
-        (Some(payload), Some(Ok(_))) => write_compact_json(out, json_body(payload)),
-        _ => out.extend_from_slice(b"null"),
+    match record.event_json() {
+        // Only decoded payloads reach a sink, so this is valid JSON.
+        Some(json) => write_compact_json(out, &json),
+        None => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b"}\n");
 }
@@ -900,6 +899,43 @@ mod tests {
         assert_eq!(line["event"]["extra"]["a"][1], 2);
         assert!(out.ends_with(b"}\n"));
         assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+    }
+
+    /// A line of text is no JSON: its line carries the event made of it (the line is the
+    /// message), so the output stays one JSON line per record.
+    #[test]
+    fn a_text_line_goes_out_as_its_event() {
+        let record = crate::record::test_record_read(
+            &crate::record::test_text_decoder(),
+            9,
+            b"db [WARN] slow query ms=812\n",
+        );
+        let mut out = Vec::new();
+        write_line(&mut out, "slow", &record);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON line");
+        assert_eq!(line["offset"], 9);
+        assert_eq!(
+            line["event"],
+            serde_json::json!({"level": "warning", "message": "db [WARN] slow query ms=812", "service": "db", "ms": "812"})
+        );
+        assert_eq!(out.iter().filter(|b| **b == b'\n').count(), 1);
+    }
+
+    /// JSON behind a Schema Registry prefix goes out as the JSON, without the prefix's bytes
+    /// (a zero byte and the schema id would make the line no JSON).
+    #[test]
+    fn json_behind_a_schema_registry_prefix_goes_out_without_it() {
+        let mut payload = vec![0, 0, 0, 0, 7];
+        payload.extend_from_slice(br#"{"severity":"ERROR","message":"m"}"#);
+        let record = crate::record::test_record_read(
+            &crate::event::Decoder::from(crate::event::InputFormat::Auto),
+            1,
+            &payload,
+        );
+        let mut out = Vec::new();
+        write_line(&mut out, "all", &record);
+        let line: serde_json::Value = serde_json::from_slice(&out).expect("valid JSON line");
+        assert_eq!(line["event"]["severity"], "ERROR");
     }
 
     #[test]

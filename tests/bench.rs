@@ -241,12 +241,25 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
         "the window ({window} s) is too short for an unbounded pipeline to read the backlog \
          (librdkafka alone read {raw_read_all} events/s)"
     );
-    // The decoder cost of both input formats, and their ratio as printed.
+    // The decoder cost of every input format, and the ratios as printed.
     let strict = figure(&output, "logbridge format, logbridge events", "events");
     let auto = figure(&output, "auto format, logbridge events", "events");
     let pino = figure(&output, "auto format, pino events", "events");
+    let serde_form = figure(&output, "auto format, serde-form events", "events");
+    let lines = figure(&output, "text format, lines (level_pattern)", ")");
+    let logfmt = figure(&output, "text format, logfmt (level_field)", ")");
     let ratio = figure(&output, "auto / logbridge", "events =");
-    assert!(strict > 0.0 && auto > 0.0 && pino > 0.0, "{output}");
+    assert!(
+        [strict, auto, pino, serde_form, lines, logfmt]
+            .iter()
+            .all(|cost| *cost > 0.0),
+        "{output}"
+    );
+    let text_ratio = figure(&output, "text (pattern, logfmt) / logbridge", "=");
+    assert!(
+        (text_ratio - lines / strict).abs() <= 0.006,
+        "text/logbridge {text_ratio} vs {lines}/{strict}"
+    );
     assert!(
         (ratio - auto / strict).abs() <= 0.006,
         "auto/logbridge {ratio} vs {auto}/{strict}"

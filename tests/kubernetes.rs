@@ -402,6 +402,28 @@ fn scaling_never_passes_the_partition_count() {
     // The HorizontalPodAutoscaler owns the replica count.
     let deployment = object(&manifests, "Deployment");
     assert!(deployment["spec"]["replicas"].is_badvalue());
+
+    // KEDA's scaler takes names only: with a pattern among the topics, one trigger without a
+    // topic (the lag of every topic the group commits to).
+    let manifests = rendered(
+        &[FULL_VALUES],
+        &[
+            "partitions=6",
+            "keda.maxReplicas=6",
+            "config.kafka.topics={audit,^logs-.*}",
+        ],
+    );
+    assert_valid(&manifests);
+    let triggers = object(&manifests, "ScaledObject")["spec"]["triggers"]
+        .as_vec()
+        .expect("triggers")
+        .clone();
+    assert_eq!(triggers.len(), 1, "one trigger for a pattern");
+    assert!(triggers[0]["metadata"]["topic"].is_badvalue(), "no topic");
+    assert_eq!(
+        triggers[0]["metadata"]["consumerGroup"].as_str(),
+        Some("logbridge-prod")
+    );
 }
 
 /// The ConfigMap's TOML is a configuration logbridge accepts, rendered from a mapping (the

@@ -152,18 +152,31 @@ pub struct InputConfig {
     /// key): `skip` (finished as ignored and counted in `logbridge_tombstones_total`) or
     /// `dead-letter` (parked with reason `tombstone`). Neither counts against the breaker.
     pub tombstones: TombstonePolicy,
-    /// How payloads are read: `logbridge` (the strict event format, the default) or `auto`
-    /// (the level wherever common loggers put it; see the README's event format section).
+    /// How payloads are read: `logbridge` (the strict event format, the default), `auto` (the
+    /// level wherever common loggers put it) or `text` (each record one line of plain text;
+    /// see the README's event format section).
     pub format: crate::event::InputFormat,
     /// Events no route takes: `ignore` (finished as ignored and counted, the default) or
     /// `dead-letter` (parked with reason `unrouted`). Neither counts against the breaker.
     pub unrouted: UnroutedPolicy,
-    /// `auto` only: read the level from this field alone, a dotted path
-    /// (`"attributes.severity"`) or a list of keys (`["log.level"]`, for a key with a dot).
+    /// `auto`: read the level from this field alone, a dotted path (`"attributes.severity"`)
+    /// or a list of keys (`["log.level"]`, for a key with a dot). `text` with `logfmt`: the
+    /// logfmt key that holds the level (one key: `"level"`, or `["log.level"]`).
     pub level_field: Option<FieldPath>,
-    /// `auto` only: what your loggers call their levels, names or numbers, and the level each
-    /// means (`{ "W" = "warning", "5" = "error" }`), before the built-in names.
+    /// `auto` and `text`: what your loggers call their levels, names or numbers, and the level
+    /// each means (`{ "W" = "warning", "5" = "error" }`), before the built-in names.
     pub level_map: std::collections::BTreeMap<String, String>,
+    /// `text` only: a regular expression with a group named `level` that finds each line's
+    /// level (`'^\S+ (?P<level>[A-Z]+) '`); a group `service` gives the service, other named
+    /// groups become fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level_pattern: Option<String>,
+    /// `text` only: the level of every line (`"info"`), instead of a pattern.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// `text` only: read the line's `key=value` pairs (logfmt) as fields; a `service` key gives
+    /// the service.
+    pub logfmt: bool,
 }
 
 /// A field of a JSON object, possibly nested.
@@ -187,14 +200,27 @@ impl FieldPath {
 }
 
 impl InputConfig {
-    /// The level mapping is read by the `auto` format only, and must name something.
+    /// Each key is read by the formats it is for, and must name something; the text format's
+    /// settings must say how to find the level ([`crate::event::TextFormat::new`]).
     fn validate(&self) -> Result<(), ConfigError> {
-        let auto = self.format == crate::event::InputFormat::Auto;
+        use crate::event::InputFormat;
+        let auto = self.format == InputFormat::Auto;
+        let text = self.format == InputFormat::Text;
+        let text_only = [
+            ("input.level_pattern", self.level_pattern.is_some()),
+            ("input.level", self.level.is_some()),
+            ("input.logfmt", self.logfmt),
+        ];
+        for (key, given) in text_only {
+            if given && !text {
+                return Err(invalid(key, "is read with input.format = \"text\" only"));
+            }
+        }
         if let Some(field) = &self.level_field {
-            if !auto {
+            if !auto && !text {
                 return Err(invalid(
                     "input.level_field",
-                    "is read with input.format = \"auto\" only",
+                    "is read with input.format = \"auto\" or \"text\" only",
                 ));
             }
             let keys = field.keys();
@@ -205,10 +231,10 @@ impl InputConfig {
                 ));
             }
         }
-        if !self.level_map.is_empty() && !auto {
+        if !self.level_map.is_empty() && !auto && !text {
             return Err(invalid(
                 "input.level_map",
-                "is read with input.format = \"auto\" only",
+                "is read with input.format = \"auto\" or \"text\" only",
             ));
         }
         for (name, level) in &self.level_map {
@@ -219,20 +245,37 @@ impl InputConfig {
                 ));
             }
         }
-        Ok(())
+        self.decoder().map(|_| ())
     }
 
-    /// How the pipeline reads payloads.
-    pub fn decoder(&self) -> crate::event::Decoder {
+    /// How the pipeline reads payloads; for `text`, whether the settings say how (the error
+    /// names the key).
+    pub fn decoder(&self) -> Result<crate::event::Decoder, ConfigError> {
+        let names = || {
+            self.level_map
+                .iter()
+                .map(|(name, level)| (name.as_str(), level.as_str()))
+        };
+        if self.format == crate::event::InputFormat::Text {
+            let settings = crate::event::TextSettings {
+                level_pattern: self.level_pattern.as_deref(),
+                level: self.level.as_deref(),
+                level_field: self.level_field.as_ref().map(|field| match field {
+                    // A logfmt key is flat: `log.level` is one key, however it is written.
+                    FieldPath::Dotted(key) => vec![key.clone()],
+                    FieldPath::Keys(keys) => keys.clone(),
+                }),
+                logfmt: self.logfmt,
+                level_map: names().collect(),
+            };
+            return crate::event::TextFormat::new(&settings)
+                .map(crate::event::Decoder::text)
+                .map_err(|err| invalid(format!("input.{}", err.key), err.message));
+        }
         let mapping = (self.level_field.is_some() || !self.level_map.is_empty()).then(|| {
-            crate::event::Mapping::new(
-                self.level_field.as_ref().map(FieldPath::keys),
-                self.level_map
-                    .iter()
-                    .map(|(name, level)| (name.as_str(), level.as_str())),
-            )
+            crate::event::Mapping::new(self.level_field.as_ref().map(FieldPath::keys), names())
         });
-        crate::event::Decoder::new(self.format, mapping)
+        Ok(crate::event::Decoder::new(self.format, mapping))
     }
 }
 
@@ -332,6 +375,15 @@ pub struct KafkaConfig {
     /// `security`, so an option wins over the property the section maps to.
     #[serde(default, deserialize_with = "references::flat_options")]
     pub options: BTreeMap<String, OptionValue>,
+}
+
+impl KafkaConfig {
+    /// How the group's topic patterns are matched: by librdkafka under the classic protocol,
+    /// by the broker under `"group.protocol" = "consumer"` (see [`crate::subscription`]).
+    pub fn topic_matching(&self) -> crate::subscription::Matching {
+        let protocol = self.options.get("group.protocol").map(ToString::to_string);
+        crate::subscription::Matching::of_protocol(protocol.as_deref())
+    }
 }
 
 /// One cluster as a client sees it: where, how secured, and the user's librdkafka options.
@@ -1153,6 +1205,10 @@ impl Config {
                     "empty topic name",
                 ));
             }
+            if crate::subscription::is_pattern(topic) {
+                crate::subscription::TopicPattern::new(topic)
+                    .map_err(|why| invalid(format!("kafka.topics[{index}]"), why))?;
+            }
         }
         for (name, why) in OWNED_OPTIONS {
             if kafka.options.contains_key(*name) {
@@ -1330,6 +1386,20 @@ impl Config {
             if route.topics.iter().any(|topic| topic.is_empty()) {
                 return Err(invalid(key("topics"), "empty topic name"));
             }
+            if let Some(pattern) = route
+                .topics
+                .iter()
+                .find(|topic| crate::subscription::is_pattern(topic))
+            {
+                return Err(invalid(
+                    key("topics"),
+                    format!(
+                        "`{pattern}` is a pattern: a route's topics are names (of topics that \
+                         kafka.topics, names or patterns, brings in); for several, list them or \
+                         match on a header"
+                    ),
+                ));
+            }
             if route.services.iter().any(|service| service.is_empty()) {
                 return Err(invalid(key("services"), "empty service name"));
             }
@@ -1352,7 +1422,10 @@ impl Config {
                         ),
                     ));
                 }
-                if self.input.format == crate::event::InputFormat::Auto {
+                if matches!(
+                    self.input.format,
+                    crate::event::InputFormat::Auto | crate::event::InputFormat::Text
+                ) {
                     let mapped = self
                         .input
                         .level_map
@@ -1702,10 +1775,29 @@ impl Config {
             return Err(invalid(key, "empty topic name"));
         }
         let same_cluster = brokers.is_none_or(|b| same_brokers(b, &self.kafka.brokers));
-        if same_cluster && self.kafka.topics.iter().any(|source| source == topic) {
+        if !same_cluster {
+            return Ok(());
+        }
+        if self.kafka.topics.iter().any(|source| source == topic) {
             return Err(invalid(
                 key,
                 format!("`{topic}` is also a source topic: logbridge would consume its own output"),
+            ));
+        }
+        // A topic a source pattern matches is consumed too, once it exists. (A templated topic
+        // is checked as written: what it renders to is known only per record.)
+        let matched = self.kafka.topics.iter().find(|source| {
+            crate::subscription::is_pattern(source)
+                && crate::subscription::TopicPattern::new(source)
+                    .is_ok_and(|pattern| pattern.matches_either(topic))
+        });
+        if let Some(pattern) = matched {
+            return Err(invalid(
+                key,
+                format!(
+                    "`{topic}` matches the source pattern `{pattern}`: logbridge would consume \
+                     its own output (narrow the pattern, or name another topic)"
+                ),
             ));
         }
         Ok(())
@@ -2023,6 +2115,58 @@ mod tests {
             let err = error_of(&text);
             assert!(err.contains(key), "expected `{key}` in: {err}");
         }
+    }
+
+    /// Patterns in `kafka.topics` are checked where they are written, and an output a pattern
+    /// would read back is refused.
+    #[test]
+    fn topic_patterns_are_checked_and_no_output_may_feed_one() {
+        let with_topics = |topics: &str, rest: &str| {
+            format!(
+                "{}{rest}",
+                MINIMAL.replace("topics = [\"logs\"]", &format!("topics = {topics}"))
+            )
+        };
+        for (text, expected) in [
+            (
+                with_topics(r#"["logs", "^app-\\d+"]"#, ""),
+                "`kafka.topics[1]`: `^app-\\d+`: `\\d` is read differently",
+            ),
+            (
+                with_topics(r#"["^(app"]"#, ""),
+                "`kafka.topics[0]`: `^(app` is not a valid regular expression",
+            ),
+            (
+                with_topics(r#"["^.*"]"#, ""),
+                "`kafka.topics[0]`: `^.*` also matches Kafka's internal topic `__consumer_offsets`",
+            ),
+            (
+                with_topics(r#"["^logs.*"]"#, "\n[dead_letter]\ntopic = \"logs.dlq\"\n"),
+                "`dead_letter.topic`: `logs.dlq` matches the source pattern `^logs.*`",
+            ),
+            (
+                with_topics(
+                    r#"["^app-.*"]"#,
+                    "\n[[routes]]\nname = \"copy\"\nlevels = [\"info\"]\nsink = { type = \"kafka\", topic = \"app-{service}\" }\n",
+                ),
+                "`routes[1].sink.topic`: `app-{service}` matches the source pattern `^app-.*`",
+            ),
+        ] {
+            let err = error_of(&text);
+            assert!(err.contains(expected), "expected `{expected}` in: {err}\n{text}");
+        }
+        // On another cluster, or not matched: fine; names and patterns mix.
+        let fine = load(&with_topics(
+            r#"["audit", "^app-.*"]"#,
+            "\n[dead_letter]\ntopic = \"app-dlq\"\nbrokers = \"other:9092\"\n\
+             [[routes]]\nname = \"copy\"\nlevels = [\"info\"]\nsink = { type = \"kafka\", topic = \"copies\" }\n",
+        ))
+        .expect("valid");
+        assert_eq!(fine.kafka.topics, ["audit", "^app-.*"]);
+        assert_eq!(
+            fine.kafka.topic_matching(),
+            crate::subscription::Matching::Search
+        );
     }
 
     #[test]
@@ -2823,6 +2967,10 @@ mod tests {
                 "`routes[0].topics`: empty topic name",
             ),
             (
+                format!("{base}{}", route("t", "levels = [\"error\"]\ntopics = [\"^logs-.*\"]")),
+                "`routes[0].topics`: `^logs-.*` is a pattern: a route's topics are names",
+            ),
+            (
                 format!("{base}{}", route("h", "levels = [\"error\"]\nheader = { name = \"\", value = \"a\" }")),
                 "`routes[0].header.name`: empty header name",
             ),
@@ -2848,7 +2996,7 @@ mod tests {
         for (input, expected) in [
             (
                 "format = \"logbridge\"\nlevel_field = \"sev\"",
-                "`input.level_field`: is read with input.format = \"auto\" only",
+                "`input.level_field`: is read with input.format = \"auto\" or \"text\" only",
             ),
             (
                 "format = \"auto\"\nlevel_field = \"a..b\"",
@@ -2860,7 +3008,49 @@ mod tests {
             ),
             (
                 "level_map = { W = \"warning\" }",
-                "`input.level_map`: is read with input.format = \"auto\" only",
+                "`input.level_map`: is read with input.format = \"auto\" or \"text\" only",
+            ),
+            // The text format: each key for its format, one way to the level, a pattern with
+            // a group `level`.
+            (
+                "format = \"auto\"\nlevel_pattern = '(?P<level>x)'",
+                "`input.level_pattern`: is read with input.format = \"text\" only",
+            ),
+            (
+                "level = \"info\"",
+                "`input.level`: is read with input.format = \"text\" only",
+            ),
+            (
+                "format = \"auto\"\nlogfmt = true",
+                "`input.logfmt`: is read with input.format = \"text\" only",
+            ),
+            (
+                "format = \"text\"",
+                "`input.format`: the text format needs to know each line's level",
+            ),
+            (
+                "format = \"text\"\nlevel_pattern = '^\\S+ ([A-Z]+) '",
+                "`input.level_pattern`: `^\\S+ ([A-Z]+) ` has no group named `level`",
+            ),
+            (
+                "format = \"text\"\nlevel_pattern = '^(?P<level>[A-Z]+'",
+                "`input.level_pattern`: not a valid regular expression",
+            ),
+            (
+                "format = \"text\"\nlevel_pattern = '(?P<level>\\w+)'\nlevel = \"info\"",
+                "`input.level`: give one of `level_pattern`, `level` and `level_field`, not both `level_pattern` and `level`",
+            ),
+            (
+                "format = \"text\"\nlevel = \"\"",
+                "`input.level`: must not be empty",
+            ),
+            (
+                "format = \"text\"\nlevel_field = \"level\"",
+                "`input.level_field`: with format = \"text\" the level field is a logfmt key",
+            ),
+            (
+                "format = \"text\"\nlogfmt = true\nlevel_field = [\"log\", \"level\"]",
+                "`input.level_field`: a logfmt key is one key",
             ),
             (
                 "format = \"auto\"\nlevel_map = { W = \"\" }",
@@ -2882,9 +3072,36 @@ mod tests {
             mapped
                 .input
                 .decoder()
+                .expect("a decoder")
                 .decode_level(Some(br#"{"log.level":"W"}"#), usize::MAX),
             Ok(Level::new("warning"))
         );
+        // The text format as configured: a pattern, a fixed level, a logfmt key (dotted: one
+        // key), each through the level names.
+        for (input, line, level) in [
+            (
+                "level_pattern = '^\\S+ (?P<level>[A-Z0-9]+) '\nlevel_map = { SEV1 = \"fatal\" }",
+                "10:00:00 SEV1 down",
+                "fatal",
+            ),
+            ("level = \"warn\"", "anything", "warning"),
+            (
+                "logfmt = true\nlevel_field = \"log.level\"",
+                "log.level=ERR msg=x",
+                "error",
+            ),
+        ] {
+            let text = load(&format!("{MINIMAL}\n[input]\nformat = \"text\"\n{input}\n"))
+                .unwrap_or_else(|err| panic!("{input}: {err}"));
+            assert_eq!(
+                text.input
+                    .decoder()
+                    .expect("a decoder")
+                    .decode_level(Some(line.as_bytes()), usize::MAX),
+                Ok(Level::new(level)),
+                "{input}"
+            );
+        }
         assert_eq!(
             load(MINIMAL).expect("valid").input.unrouted,
             UnroutedPolicy::Ignore

@@ -62,6 +62,19 @@ pub fn client_config(config: &Config) -> ClientConfig {
         // (librdkafka's own default, `latest`, would skip everything written before.)
         .set("auto.offset.reset", DEFAULT_AUTO_OFFSET_RESET)
         .set_log_level(RDKafkaLogLevel::Warning);
+    if config
+        .kafka
+        .topics
+        .iter()
+        .any(|topic| crate::subscription::is_pattern(topic))
+    {
+        // New topics that a pattern matches are found at the next metadata refresh (classic
+        // protocol; see [`crate::subscription`]).
+        client.set(
+            "topic.metadata.refresh.interval.ms",
+            crate::subscription::DEFAULT_METADATA_REFRESH_MS,
+        );
+    }
     config.source().apply(&mut client);
     if config.kafka.options.contains_key("debug") {
         // librdkafka's debug contexts log at debug level; let them through.
@@ -121,5 +134,28 @@ sink = {{ type = "null" }}
         );
         assert_eq!(client.get("queued.max.messages.kbytes"), Some("8192"));
         assert!(matches!(client.log_level, RDKafkaLogLevel::Debug));
+    }
+
+    #[test]
+    fn a_pattern_refreshes_metadata_sooner_unless_told() {
+        assert_eq!(
+            client_config(&config("")).get("topic.metadata.refresh.interval.ms"),
+            None,
+            "names only: librdkafka's default"
+        );
+        let patterned = |options: &str| {
+            let mut text = config(options);
+            text.kafka.topics = vec!["logs".to_string(), "^app-.*".to_string()];
+            client_config(&text)
+        };
+        assert_eq!(
+            patterned("").get("topic.metadata.refresh.interval.ms"),
+            Some("30000")
+        );
+        assert_eq!(
+            patterned("\"topic.metadata.refresh.interval.ms\" = 1000")
+                .get("topic.metadata.refresh.interval.ms"),
+            Some("1000")
+        );
     }
 }

@@ -735,6 +735,7 @@ impl ConsumerActor {
             timestamp: message.timestamp().to_millis(),
             decoded,
             service: None,
+            form: crate::event::Form::default(),
             charge: self.budget.charge(bytes),
             destination: None,
             fan_out: None,

@@ -29,13 +29,14 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode_text, json_body, not_object, Level, Outcome, Routing, Scalar, ScalarSeed, Skip,
-    SkipVisitor,
+    decode_text, json_body, not_object, Decoded, Form, Level, Outcome, Routing, Scalar, ScalarSeed,
+    Skip, SkipVisitor, TextFormat,
 };
 use crate::event::DecodeError;
 
@@ -49,10 +50,14 @@ pub enum InputFormat {
     Logbridge,
     /// The level wherever common loggers put it (see the module docs).
     Auto,
+    /// A line of plain text, its level found by a pattern, a logfmt key or fixed (see
+    /// [`TextFormat`]).
+    Text,
 }
 
 impl InputFormat {
-    /// Decodes `payload`'s level in this format, with no configured mapping.
+    /// Decodes `payload`'s level in this format, with no configured mapping (text: every line
+    /// at level `info`).
     pub fn decode_level(
         self,
         payload: Option<&[u8]>,
@@ -71,12 +76,19 @@ impl InputFormat {
     }
 }
 
-/// How the pipeline reads payloads: the format and, for `auto`, the configured level field and
-/// level names (`input.level_field`, `input.level_map`).
+/// How the pipeline reads payloads: the format and what the configuration says about it (for
+/// `auto`, `input.level_field` and `input.level_map`; for `text`, how the level is found).
 #[derive(Debug, Clone, Default)]
 pub struct Decoder {
-    format: InputFormat,
-    mapping: Option<std::sync::Arc<Mapping>>,
+    reading: Reading,
+}
+
+#[derive(Debug, Clone, Default)]
+enum Reading {
+    #[default]
+    Strict,
+    Auto(Option<Arc<Mapping>>),
+    Text(Arc<TextFormat>),
 }
 
 /// What `input.level_field` and `input.level_map` say.
@@ -126,14 +138,34 @@ impl Mapping {
         }
         self.names.get(&n.to_string()).cloned()
     }
+
+    /// The level a level name stands for: what the configuration calls it, else the loggers'
+    /// own names folded (`notice` → info), else the name itself, lowercased (a level of its
+    /// own, which a route may name).
+    pub(super) fn level_of(&self, name: &str) -> Level {
+        self.named(name).unwrap_or_else(|| normalise(name))
+    }
 }
 
 impl Decoder {
-    /// Reads payloads in `format`; `mapping` applies to `auto` only.
+    /// Reads payloads in `format`; `mapping` applies to `auto` (and to `text`, whose lines then
+    /// all have level `info`: use [`Decoder::text`] for the text format as configured).
     pub fn new(format: InputFormat, mapping: Option<Mapping>) -> Decoder {
+        let reading = match format {
+            InputFormat::Logbridge => Reading::Strict,
+            InputFormat::Auto => Reading::Auto(mapping.map(Arc::new)),
+            InputFormat::Text => Reading::Text(Arc::new(TextFormat::every_line_at(
+                "info",
+                mapping.unwrap_or_default(),
+            ))),
+        };
+        Decoder { reading }
+    }
+
+    /// Reads payloads as lines of text, as `format` says.
+    pub fn text(format: TextFormat) -> Decoder {
         Decoder {
-            format,
-            mapping: mapping.map(std::sync::Arc::new),
+            reading: Reading::Text(Arc::new(format)),
         }
     }
 
@@ -143,9 +175,14 @@ impl Decoder {
         payload: Option<&[u8]>,
         max_bytes: usize,
     ) -> Result<Level, DecodeError> {
-        match self.format {
-            InputFormat::Logbridge => super::decode_level(payload, max_bytes),
-            InputFormat::Auto => self.auto(payload, max_bytes).map(|(level, _)| level),
+        match &self.reading {
+            Reading::Strict => super::decode_level(payload, max_bytes),
+            Reading::Auto(mapping) => {
+                auto(mapping.as_deref(), payload, max_bytes).map(|(level, _, _)| level)
+            }
+            Reading::Text(format) => format
+                .decode(payload, max_bytes, false)
+                .map(|(level, _)| level),
         }
     }
 
@@ -155,24 +192,52 @@ impl Decoder {
         payload: Option<&[u8]>,
         max_bytes: usize,
     ) -> Result<Routing, DecodeError> {
-        match self.format {
-            InputFormat::Logbridge => super::decode_routing(payload, max_bytes),
-            InputFormat::Auto => self
-                .auto(payload, max_bytes)
-                .map(|(level, service)| (level, service.map(|service| Box::from(&*service)))),
-        }
+        self.decode(payload, max_bytes, true)
+            .map(|decoded| (decoded.level, decoded.service))
     }
 
-    fn auto<'p>(
+    /// Decodes `payload`'s level, its service if `with_service` (else `None`: routes that match
+    /// on the service ask for it, others do not pay for it), and how it reads as an event.
+    pub fn decode(
         &self,
-        payload: Option<&'p [u8]>,
+        payload: Option<&[u8]>,
         max_bytes: usize,
-    ) -> Result<(Level, Option<Cow<'p, str>>), DecodeError> {
-        let mapping = self.mapping.as_deref();
-        decode_text(payload, max_bytes, auto_body, |de| {
-            de.deserialize_any(AutoVisitor { mapping })
-        })
+        with_service: bool,
+    ) -> Result<Decoded, DecodeError> {
+        match &self.reading {
+            Reading::Strict => super::decode_strict(payload, max_bytes, with_service),
+            Reading::Auto(mapping) => {
+                let (level, service, wrapped) = auto(mapping.as_deref(), payload, max_bytes)?;
+                Ok(Decoded {
+                    level,
+                    service: service
+                        .filter(|_| with_service)
+                        .map(|service| Box::from(&*service)),
+                    form: if wrapped { Form::Wrapped } else { Form::Object },
+                })
+            }
+            Reading::Text(format) => {
+                let (level, service) = format.decode(payload, max_bytes, with_service)?;
+                Ok(Decoded {
+                    level,
+                    service,
+                    form: Form::Text(format.clone()),
+                })
+            }
+        }
     }
+}
+
+/// The auto decoder's reading of `payload`: the level, the service, and whether the payload is
+/// in the serde form.
+fn auto<'p>(
+    mapping: Option<&Mapping>,
+    payload: Option<&'p [u8]>,
+    max_bytes: usize,
+) -> Result<(Level, Option<Cow<'p, str>>, bool), DecodeError> {
+    decode_text(payload, max_bytes, auto_body, |de| {
+        de.deserialize_any(AutoVisitor { mapping })
+    })
 }
 
 impl From<InputFormat> for Decoder {
@@ -285,18 +350,24 @@ impl<'de> Found<'de> {
         }
     }
 
-    fn routing(mut self, mapping: Option<&Mapping>) -> Outcome<(Level, Option<Cow<'de, str>>)> {
-        let service = self.services.iter_mut().find_map(Option::take);
+    fn routing(&mut self, mapping: Option<&Mapping>) -> Outcome<(Level, Option<Cow<'de, str>>)> {
+        let service = self.take_service();
         self.level(mapping).map(|level| (level, service))
     }
 
-    fn level(self, mapping: Option<&Mapping>) -> Outcome<Level> {
+    /// The service, from the first of its fields found.
+    fn take_service(&mut self) -> Option<Cow<'de, str>> {
+        self.services.iter_mut().find_map(Option::take)
+    }
+
+    fn level(&mut self, mapping: Option<&Mapping>) -> Outcome<Level> {
         let Found {
-            mut values,
+            values,
             duplicate,
             serilog,
             ..
         } = self;
+        let serilog = *serilog;
         // With `input.level_field` only that field counts (named `level` in errors).
         let explicit = mapping.is_some_and(|mapping| mapping.path.is_some());
         let searched: &[Source] = if explicit {
@@ -377,6 +448,20 @@ pub fn folded_alias(name: &str) -> Option<&'static str> {
         .map(|&(_, level)| level)
 }
 
+/// The level a key of the serde form names (`{"Error":{...}}`), if it names one: a name the
+/// configuration gives a level, a level of the strict format, or one of the loggers' names.
+/// Any other capitalised key wrapping an object is an event's field, not its level.
+fn variant_level(name: &str, mapping: Option<&Mapping>) -> Option<Level> {
+    if let Some(level) = mapping.and_then(|mapping| mapping.named(name)) {
+        return Some(level);
+    }
+    let known = super::KNOWN_LEVELS
+        .iter()
+        .chain(ALIASES)
+        .any(|(alias, _)| name.eq_ignore_ascii_case(alias));
+    known.then(|| normalise(name))
+}
+
 fn normalise(name: &str) -> Level {
     for &(alias, level) in ALIASES {
         if name.eq_ignore_ascii_case(alias) {
@@ -388,6 +473,9 @@ fn normalise(name: &str) -> Level {
 
 /// A top-level key, classified.
 enum Key {
+    /// The first key, capitalised: the level of the serde form (`{"Error":{...}}`) if it is the
+    /// only key and names a level.
+    Variant(String),
     Level(Source),
     /// ECS's `log` object, which may hold `level`.
     Log,
@@ -442,6 +530,9 @@ impl Key {
 
 struct KeySeed<'m> {
     explicit: Option<&'m str>,
+    /// Whether a capitalised key is a [`Key::Variant`] (the first key of the top-level object,
+    /// without `input.level_field`).
+    variant: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
@@ -450,12 +541,14 @@ impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Key, D::Error> {
         deserializer.deserialize_str(KeyVisitor {
             explicit: self.explicit,
+            variant: self.variant,
         })
     }
 }
 
 struct KeyVisitor<'m> {
     explicit: Option<&'m str>,
+    variant: bool,
 }
 
 impl Visitor<'_> for KeyVisitor<'_> {
@@ -466,6 +559,11 @@ impl Visitor<'_> for KeyVisitor<'_> {
     }
 
     fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
+        // No key the loggers put a level or service in is capitalised, so a capitalised first
+        // key loses nothing by being kept aside (copied: most events' first key is not).
+        if self.variant && name.as_bytes().first().is_some_and(u8::is_ascii_uppercase) {
+            return Ok(Key::Variant(name.to_owned()));
+        }
         Ok(Key::classify(name, self.explicit))
     }
 }
@@ -476,58 +574,127 @@ struct AutoVisitor<'m> {
 }
 
 impl<'de> Visitor<'de> for AutoVisitor<'_> {
-    type Value = Outcome<(Level, Option<Cow<'de, str>>)>;
+    /// The level, the service and whether the event is in the serde form.
+    type Value = Outcome<(Level, Option<Cow<'de, str>>, bool)>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut found = Found::default();
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
         let path = self.mapping.and_then(|mapping| mapping.path.as_deref());
-        let explicit = path.and_then(<[String]>::first).map(String::as_str);
-        while let Some(key) = map.next_key_seed(KeySeed { explicit })? {
-            match key {
-                Key::Explicit => {
-                    let rest = path.map_or(&[][..], |path| &path[1..]);
-                    if let Some(value) = map.next_value_seed(PathSeed { rest })? {
-                        found.put(Source::Explicit, value);
-                    }
-                }
-                Key::Level(source) => {
-                    let value = map.next_value_seed(ScalarSeed)?;
-                    found.put(source, value);
-                }
-                Key::Log => {
-                    // ECS's `log` object: its `level`.
-                    if let Some(value) = map.next_value_seed(PathSeed { rest: &["level"] })? {
-                        found.put(Source::NestedLogLevel, value);
-                    }
-                }
-                Key::SerilogMessage => {
-                    found.serilog = true;
-                    map.next_value_seed(Skip)?;
-                }
-                Key::Service(field) => {
-                    let inner = match field {
-                        ServiceField::Service => Some("name"),
-                        ServiceField::FlatName => None,
-                        ServiceField::Context => Some("service"),
-                    };
-                    let value = map.next_value_seed(ServiceSeed { inner })?;
-                    let slot = &mut found.services[field as usize];
-                    if slot.is_none() {
-                        *slot = value;
-                    }
-                }
-                Key::Other => map.next_value_seed(Skip)?,
+        let mut found = Found::default();
+        let variant = collect(map, path, true, &mut found)?;
+        // The seed article's serde form, `{"Error":{"code":503,"message":"..."}}`: one key,
+        // naming a level, around the event's object, whose fields give the service.
+        if let Some((name, Some(mut inner))) = variant {
+            if let Some(level) = variant_level(&name, self.mapping) {
+                return Ok(Ok((level, inner.take_service(), true)));
             }
         }
-        Ok(found.routing(self.mapping))
+        Ok(found
+            .routing(self.mapping)
+            .map(|(level, service)| (level, service, false)))
     }
 
     // Anything else is walked to its end (broken or too deep JSON inside is reported as such).
     not_an_object!();
+}
+
+/// A capitalised first key, and the fields of the object under it if that value is one.
+type Variant<'de> = (String, Option<Found<'de>>);
+
+/// Puts the level and service fields of an object into `found`; returns (`top`: for the
+/// top-level object, and only when it has one key) its [`Variant`].
+fn collect<'de, A: MapAccess<'de>>(
+    mut map: A,
+    path: Option<&[String]>,
+    top: bool,
+    found: &mut Found<'de>,
+) -> Result<Option<Variant<'de>>, A::Error> {
+    let mut variant = None;
+    let mut entries = 0usize;
+    let explicit = path.and_then(<[String]>::first).map(String::as_str);
+    loop {
+        let seed = KeySeed {
+            explicit,
+            variant: top && entries == 0 && explicit.is_none(),
+        };
+        let Some(key) = map.next_key_seed(seed)? else {
+            break;
+        };
+        entries += 1;
+        match key {
+            Key::Variant(name) => {
+                let inner = map.next_value_seed(InnerSeed)?;
+                variant = Some((name, inner));
+            }
+            Key::Explicit => {
+                let rest = path.map_or(&[][..], |path| &path[1..]);
+                if let Some(value) = map.next_value_seed(PathSeed { rest })? {
+                    found.put(Source::Explicit, value);
+                }
+            }
+            Key::Level(source) => {
+                let value = map.next_value_seed(ScalarSeed)?;
+                found.put(source, value);
+            }
+            Key::Log => {
+                // ECS's `log` object: its `level`.
+                if let Some(value) = map.next_value_seed(PathSeed { rest: &["level"] })? {
+                    found.put(Source::NestedLogLevel, value);
+                }
+            }
+            Key::SerilogMessage => {
+                found.serilog = true;
+                map.next_value_seed(Skip)?;
+            }
+            Key::Service(field) => {
+                let inner = match field {
+                    ServiceField::Service => Some("name"),
+                    ServiceField::FlatName => None,
+                    ServiceField::Context => Some("service"),
+                };
+                let value = map.next_value_seed(ServiceSeed { inner })?;
+                let slot = &mut found.services[field as usize];
+                if slot.is_none() {
+                    *slot = value;
+                }
+            }
+            Key::Other => map.next_value_seed(Skip)?,
+        }
+    }
+    Ok(variant.filter(|_| entries == 1))
+}
+
+/// The value of a serde form's key: the fields of the object it is, or nothing for any other
+/// value.
+struct InnerSeed;
+
+impl<'de> DeserializeSeed<'de> for InnerSeed {
+    type Value = Option<Found<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(InnerVisitor)
+    }
+}
+
+struct InnerVisitor;
+
+impl<'de> Visitor<'de> for InnerVisitor {
+    type Value = Option<Found<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        let mut found = Found::default();
+        collect(map, None, false, &mut found)?;
+        Ok(Some(found))
+    }
+
+    other_values!(None);
 }
 
 /// A service field: its string value, or (with `inner`) the string under that key when it is
@@ -1115,6 +1282,142 @@ mod tests {
         assert_eq!(level(&names, r#"{"level":20}"#), Ok("debug".into()));
     }
 
+    /// The seed article's serde form (`#[derive(Serialize)] enum LogEvent { Warning {..},
+    /// Error {..} }`): the level from the key, the service and the other fields from the object
+    /// under it.
+    #[test]
+    fn the_serde_form_is_read_by_its_key() {
+        let decoded = |text: &str| {
+            Decoder::from(InputFormat::Auto)
+                .decode(Some(text.as_bytes()), usize::MAX, true)
+                .map(|decoded| {
+                    (
+                        decoded.level.as_str().to_owned(),
+                        decoded.service.map(String::from),
+                        matches!(decoded.form, Form::Wrapped),
+                    )
+                })
+                .map_err(|err| err.reason())
+        };
+        let wrapped = |level: &str, service: Option<&str>| {
+            Ok((level.to_owned(), service.map(String::from), true))
+        };
+        for (text, level, service) in [
+            (
+                r#"{"Error":{"code":503,"message":"upstream timeout","service":"checkout"}}"#,
+                "error",
+                Some("checkout"),
+            ),
+            (
+                r#"{"Warning":{"message":"disk 91% full"}}"#,
+                "warning",
+                None,
+            ),
+            (r#"{"Info":{"message":"started"}}"#, "info", None),
+            (r#"{"Debug":{}}"#, "debug", None),
+            (r#"{"Trace":{"message":"x"}}"#, "trace", None),
+            (r#"{"Critical":{"message":"x"}}"#, "critical", None),
+            (r#"{"Fatal":{"message":"x"}}"#, "fatal", None),
+            // The loggers' names fold as everywhere else; any case of the first letter's word.
+            (r#"{"Warn":{"message":"x"}}"#, "warning", None),
+            (r#"{"Notice":{"message":"x"}}"#, "info", None),
+            (r#"{"ERROR":{"message":"x"}}"#, "error", None),
+            // The service wherever the loggers put it, inside the object.
+            (
+                r#"{"Error":{"service":{"name":"cart"},"message":"x"}}"#,
+                "error",
+                Some("cart"),
+            ),
+            (
+                r#"{"Error":{"serviceContext":{"service":"billing"}}}"#,
+                "error",
+                Some("billing"),
+            ),
+            // The key says the level: an inner `level` does not.
+            (r#"{"Error":{"level":"info","message":"x"}}"#, "error", None),
+        ] {
+            assert_eq!(decoded(text), wrapped(level, service), "{text}");
+        }
+        // Level names the configuration gives count too.
+        let mapped = Decoder::new(
+            InputFormat::Auto,
+            Some(Mapping::new(None, [("Sev1", "fatal")])),
+        );
+        assert_eq!(
+            mapped
+                .decode_level(Some(br#"{"Sev1":{"message":"x"}}"#), usize::MAX)
+                .map(|level| level.as_str().to_owned()),
+            Ok("fatal".to_owned())
+        );
+    }
+
+    #[test]
+    fn what_only_looks_like_the_serde_form_is_not_read_as_it() {
+        let reason = |text: &str| auto(text).err();
+        // A capitalised key that names no level is a field: no level anywhere.
+        assert_eq!(
+            reason(r#"{"Request":{"message":"x"}}"#),
+            Some("missing_field")
+        );
+        // Not the only key: the object's own level decides, or there is none.
+        assert_eq!(
+            auto(r#"{"Error":{"message":"x"},"level":"info"}"#),
+            Ok("info".to_owned())
+        );
+        assert_eq!(
+            reason(r#"{"Error":{"message":"x"},"other":1}"#),
+            Some("missing_field")
+        );
+        // The key's value is no object.
+        assert_eq!(reason(r#"{"Error":"boom"}"#), Some("missing_field"));
+        assert_eq!(reason(r#"{"Error":null}"#), Some("missing_field"));
+        // Lowercase keys are fields, as before.
+        assert_eq!(
+            reason(r#"{"error":{"message":"x"}}"#),
+            Some("missing_field")
+        );
+        // With `input.level_field`, only that field says the level.
+        let explicit = Decoder::new(
+            InputFormat::Auto,
+            Some(Mapping::new(Some(vec!["sev".to_owned()]), [])),
+        );
+        assert_eq!(
+            explicit
+                .decode_level(Some(br#"{"Error":{"message":"x"}}"#), usize::MAX)
+                .map_err(|err| err.reason()),
+            Err("missing_field")
+        );
+        // Broken JSON inside is still broken JSON.
+        assert_eq!(reason(r#"{"Error":{"message":}}"#), Some("not_json"));
+        // Ordinary events are read as ever, not wrapped.
+        let plain = Decoder::from(InputFormat::Auto)
+            .decode(Some(br#"{"Level":"x","level":"warn"}"#), usize::MAX, false)
+            .expect("decodes");
+        assert_eq!(plain.level.as_str(), "warning");
+        assert!(matches!(plain.form, Form::Object));
+    }
+
+    /// What conditions, transforms and the OTLP sink read of a serde-form event: the object
+    /// under the key, with the level the key names (strict and auto alike).
+    #[test]
+    fn the_event_of_the_serde_form_is_its_inner_object_with_the_level() {
+        let text = br#"{"Error":{"code":503,"message":"upstream timeout","level":"x","service":"checkout"}}"#;
+        for format in [InputFormat::Logbridge, InputFormat::Auto] {
+            let decoded = Decoder::from(format)
+                .decode(Some(text), usize::MAX, false)
+                .expect("decodes");
+            assert!(matches!(decoded.form, Form::Wrapped), "{format:?}");
+            let event = decoded.form.event(text, &decoded.level).expect("an event");
+            assert_eq!(
+                event,
+                serde_json::json!({"level": "error", "code": 503, "message": "upstream timeout", "service": "checkout"}),
+                "{format:?}"
+            );
+            // What the sinks that write JSON forward is still the original.
+            assert_eq!(&*decoded.form.json(text, &decoded.level), &text[..]);
+        }
+    }
+
     #[test]
     fn the_format_is_chosen_by_name_in_the_configuration() {
         #[derive(serde::Deserialize)]
@@ -1123,6 +1426,8 @@ mod tests {
         }
         let parsed: Input = toml::from_str("format = \"auto\"").expect("auto");
         assert_eq!(parsed.format, InputFormat::Auto);
+        let parsed: Input = toml::from_str("format = \"text\"").expect("text");
+        assert_eq!(parsed.format, InputFormat::Text);
         assert!(toml::from_str::<Input>("format = \"json\"").is_err());
         assert_eq!(InputFormat::default(), InputFormat::Logbridge);
     }
@@ -1138,6 +1443,33 @@ mod tests {
         #[test]
         fn never_panics_on_json_like_strings(text in "[{}\\[\\]\":,0-9a-zA-Z@. eE+\\-\\\\nul]{0,64}") {
             let _ = auto(&text);
+        }
+
+        /// Whatever the strict format reads in the serde form, `auto` reads at the same level,
+        /// with the same service.
+        #[test]
+        fn auto_reads_the_serde_form_as_the_strict_format_does(
+            variant in prop::sample::select(vec![
+                "Error", "Warning", "Info", "Debug", "Trace", "Critical", "Fatal", "Warn", "Err",
+            ]),
+            message in "[a-zA-Z0-9 ]{0,20}",
+            service in proptest::option::of("[a-z]{1,8}"),
+            code in proptest::option::of(0u32..1000),
+        ) {
+            let mut inner = serde_json::json!({"message": message});
+            if let Some(service) = &service {
+                inner["service"] = service.clone().into();
+            }
+            if let Some(code) = code {
+                inner["code"] = code.into();
+            }
+            let text = serde_json::json!({ variant: inner }).to_string();
+            let strict = super::super::decode_routing(Some(text.as_bytes()), usize::MAX)
+                .expect("the strict format reads the serde form");
+            let read = Decoder::from(InputFormat::Auto)
+                .decode_routing(Some(text.as_bytes()), usize::MAX)
+                .expect("auto reads it too");
+            prop_assert_eq!(read, strict);
         }
 
         /// Whatever the strict format accepts, `auto` routes by the same level.

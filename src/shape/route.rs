@@ -3,10 +3,11 @@
 //! destination template. Compiled once per route ([`RouteShape::for_route`]) and shared by the
 //! route's workers; each worker owns a [`Shaper`].
 //!
-//! The event is parsed (as JSON, past a Schema Registry prefix and a BOM) only when a transform
-//! or the template reads it. A record its transforms changed is forwarded as the new JSON (its
-//! Schema Registry prefix, if it had one, is not kept: the new bytes are plain JSON); a record
-//! they left as it was keeps its original bytes.
+//! The event ([`Record::event`]: the payload's JSON object past a Schema Registry prefix and a
+//! BOM, the serde form's inner object, or the object a line of text makes) is read only when a
+//! transform or the template reads it. A record its transforms changed is forwarded as the new
+//! JSON (its Schema Registry prefix, serde form or text line is not kept: the new bytes are a
+//! plain JSON object); a record they left as it was keeps its original bytes.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
@@ -145,8 +146,7 @@ impl Shaper {
     pub fn shape(&mut self, record: &mut Record, now: Instant) -> Shaped {
         let shape = &*self.shape;
         let mut event = if shape.needs_event {
-            let text = crate::event::json_text(record.payload().unwrap_or_default());
-            match serde_json::from_slice::<Value>(text) {
+            match record.event() {
                 Ok(event) => Some(event),
                 // The router decoded it, so it is JSON; a failure here is a limit of the
                 // parser (nesting past serde_json's 128 levels), which the decoder allows.
@@ -224,6 +224,7 @@ impl Shaper {
                 // Serialising a Value into a Vec cannot fail (its map keys are strings).
                 let json = serde_json::to_vec(event).unwrap_or_default();
                 record.data = KeyValue::new(record.key(), Some(&json));
+                record.form = crate::event::Form::Object;
                 // What the record holds now is what counts against the byte bound.
                 let bytes = json.len() + record.key().map_or(0, <[u8]>::len);
                 record.charge = record.charge.resized(bytes);

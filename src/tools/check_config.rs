@@ -1,6 +1,7 @@
 //! The `check-config` command: validates a configuration file and prints it with defaults
 //! filled in and secrets redacted; with `--connect`, also connects to every cluster it names
-//! (with its security) and checks that each topic exists, and asks each HTTP and Elasticsearch
+//! (with its security) and checks that each topic exists (and lists the topics each source
+//! pattern matches), and asks each HTTP and Elasticsearch
 //! destination whether it is there (as `vector validate` runs its sinks' health checks).
 
 use std::path::Path;
@@ -78,15 +79,15 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
         }
     }
     let secrets = config.secrets();
+    let matching = config.kafka.topic_matching();
     let mut outcome = CheckOutcome::Valid;
     for (cluster, topics) in checks {
-        let names: Vec<&str> = topics.iter().map(|(_, topic)| *topic).collect();
         let found = Probe::new(cluster, secrets.clone())
             .map_err(|err| ClusterProblem::Unreachable {
                 brokers: cluster.brokers.to_string(),
                 reason: config.scrub(&format!("{err:#}")),
             })
-            .and_then(|probe| probe.partitions(&names, timeout));
+            .and_then(|probe| probe.topics(timeout));
         let found = match found {
             Ok(found) => found,
             Err(problem) => {
@@ -97,7 +98,40 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
         };
         eprintln!("{}: connected", cluster.brokers);
         for (key, topic) in topics {
-            match found.get(topic).copied().flatten() {
+            if crate::subscription::is_pattern(topic) {
+                // Only source entries are patterns (outputs name topics).
+                let resolved = crate::subscription::resolve(&[topic.to_string()], &found, matching);
+                let matched = resolved
+                    .first()
+                    .map(|entry| &entry.topics)
+                    .filter(|topics| !topics.is_empty());
+                match matched {
+                    Some(matched) => {
+                        let list: Vec<String> = matched
+                            .iter()
+                            .map(|(name, count)| format!("`{name}` ({count})"))
+                            .collect();
+                        eprintln!(
+                            "`{key}`: pattern `{topic}` matches {} topic{} (partitions): {}",
+                            matched.len(),
+                            if matched.len() == 1 { "" } else { "s" },
+                            list.join(", ")
+                        );
+                    }
+                    None => {
+                        eprintln!(
+                            "`{key}`: pattern `{topic}` matches no topic at {} yet (or these \
+                             credentials may not describe the topics that do)",
+                            cluster.brokers
+                        );
+                        if outcome == CheckOutcome::Valid {
+                            outcome = CheckOutcome::MissingTopics;
+                        }
+                    }
+                }
+                continue;
+            }
+            match found.get(topic).copied() {
                 Some(count) => eprintln!(
                     "`{key}`: topic `{topic}`: {count} partition{}",
                     if count == 1 { "" } else { "s" }

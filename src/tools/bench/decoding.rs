@@ -1,32 +1,41 @@
 //! The decoder cost: CPU seconds per million events of each input format, on one thread, over
-//! the benchmark's own events (which both formats read) and, for `auto`, over the same events
-//! as pino writes them (a numeric `level`, `msg`, `time`).
+//! the benchmark's own events (which both JSON formats read) and, for `auto`, over the same
+//! events as pino writes them (a numeric `level`, `msg`, `time`) and in the seed article's serde
+//! form (`{"Error":{...}}`), and, for `text`, over the same events as plain lines (the level
+//! found by a pattern) and as logfmt (the level in a key).
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::measurement::{median, thread_cpu_seconds};
 use super::options::BenchOptions;
-use crate::event::InputFormat;
+use crate::event::{Decoder, InputFormat, TextFormat, TextSettings};
 use crate::tools::produce::{pad_event, sample_event};
 
 /// Events decoded per run of each format.
 const EVENTS: u64 = 200_000;
 
-/// Measures and prints the decoder cost of both formats (medians of `options.runs`).
+/// The pattern of the plain text lines: a timestamp, the level, the service in brackets.
+const LINE_PATTERN: &str = r"^\S+ (?P<level>[A-Z]+) \[(?P<service>[^\]]*)\] ";
+
+/// Measures and prints the decoder cost of every format (medians of `options.runs`).
 pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(7);
     let mut strict = Vec::with_capacity(EVENTS as usize);
     let mut pino = Vec::with_capacity(EVENTS as usize);
+    let mut wrapped = Vec::with_capacity(EVENTS as usize);
+    let mut lines = Vec::with_capacity(EVENTS as usize);
+    let mut logfmt = Vec::with_capacity(EVENTS as usize);
     for id in 0..EVENTS {
         let (_, mut payload, _) = sample_event(&mut rng, id, options.keys, 0.0);
         let event: serde_json::Value = serde_json::from_slice(&payload)?;
-        let level = match event["level"].as_str() {
-            Some("trace") => 10,
-            Some("debug") => 20,
-            Some("info") => 30,
-            Some("warning") => 40,
-            Some("error") => 50,
+        let name = event["level"].as_str().unwrap_or("info");
+        let level = match name {
+            "trace" => 10,
+            "debug" => 20,
+            "info" => 30,
+            "warning" => 40,
+            "error" => 50,
             _ => 60,
         };
         let mut logged = serde_json::json!({
@@ -35,24 +44,70 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
         })
         .to_string()
         .into_bytes();
+        let (message, service) = (
+            event["message"].as_str().unwrap_or_default(),
+            event["service"].as_str().unwrap_or_default(),
+        );
+        let mut line = format!(
+            "2026-11-27T10:00:00.000Z {} [{service}] {message} id={id}",
+            name.to_ascii_uppercase()
+        )
+        .into_bytes();
+        let mut pairs = format!(
+            "ts=2026-11-27T10:00:00.000Z level={name} service={service} id={id} msg=\"{message}\""
+        )
+        .into_bytes();
         pad_event(&mut payload, options.payload_bytes);
         pad_event(&mut logged, options.payload_bytes);
+        pad_line(&mut line, options.payload_bytes);
+        pad_line(&mut pairs, options.payload_bytes);
+        // The padded event, its level as the key (the serde form): a few bytes more than it.
+        let mut inner: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&payload)?;
+        inner.remove("level");
+        let variant = format!("{}{}", name[..1].to_ascii_uppercase(), &name[1..]);
+        wrapped.push(serde_json::to_vec(&serde_json::json!({ variant: inner }))?);
         strict.push(payload);
         pino.push(logged);
+        lines.push(line);
+        logfmt.push(pairs);
     }
-    let cases: [(&str, InputFormat, &[Vec<u8>]); 3] = [
+    let plain_text = TextFormat::new(&TextSettings {
+        level_pattern: Some(LINE_PATTERN),
+        ..TextSettings::default()
+    })
+    .map_err(|err| anyhow::anyhow!("{}: {}", err.key, err.message))?;
+    let logfmt_text = TextFormat::new(&TextSettings {
+        level_field: Some(vec!["level".to_string()]),
+        logfmt: true,
+        ..TextSettings::default()
+    })
+    .map_err(|err| anyhow::anyhow!("{}: {}", err.key, err.message))?;
+    let auto = Decoder::from(InputFormat::Auto);
+    let cases: [(&str, Decoder, &[Vec<u8>]); 6] = [
         (
             "logbridge format, logbridge events",
-            InputFormat::Logbridge,
+            Decoder::from(InputFormat::Logbridge),
             &strict,
         ),
-        ("auto format, logbridge events", InputFormat::Auto, &strict),
-        ("auto format, pino events", InputFormat::Auto, &pino),
+        ("auto format, logbridge events", auto.clone(), &strict),
+        ("auto format, pino events", auto.clone(), &pino),
+        ("auto format, serde-form events", auto, &wrapped),
+        (
+            "text format, lines (level_pattern)",
+            Decoder::text(plain_text),
+            &lines,
+        ),
+        (
+            "text format, logfmt (level_field)",
+            Decoder::text(logfmt_text),
+            &logfmt,
+        ),
     ];
     let mut costs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     for _ in 0..options.runs {
-        for ((_, format, payloads), costs) in cases.iter().zip(&mut costs) {
-            costs.push(cost(*format, payloads)?);
+        for ((name, decoder, payloads), costs) in cases.iter().zip(&mut costs) {
+            costs.push(cost(name, decoder, payloads)?);
         }
     }
     println!();
@@ -68,22 +123,63 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
         "auto / logbridge on the same events = {:.2} (target <= 1.20)",
         medians[1] / medians[0]
     );
+    println!(
+        "text (pattern, logfmt) / logbridge = {:.2}, {:.2}",
+        medians[4] / medians[0],
+        medians[5] / medians[0]
+    );
     Ok(())
 }
 
-/// CPU seconds per million events to decode every payload's level in `format`; fails if one
-/// does not decode (the benchmark's events are all valid).
-fn cost(format: InputFormat, payloads: &[Vec<u8>]) -> anyhow::Result<f64> {
+/// Pads a text line to `target` bytes with a logfmt pair at its end (` detail=xxx...`), as
+/// [`pad_event`] pads JSON with a field.
+fn pad_line(line: &mut Vec<u8>, target: usize) {
+    const PAIR: &[u8] = b" detail=";
+    if line.len() + PAIR.len() > target {
+        return;
+    }
+    let fill = target - line.len() - PAIR.len();
+    line.extend_from_slice(PAIR);
+    line.extend(std::iter::repeat_n(b'x', fill));
+}
+
+/// CPU seconds per million events to decode every payload's level with `decoder`; fails if
+/// one does not decode (the benchmark's events are all valid).
+fn cost(name: &str, decoder: &Decoder, payloads: &[Vec<u8>]) -> anyhow::Result<f64> {
     let started = thread_cpu_seconds();
     let mut refused = 0usize;
     for payload in payloads {
-        let level = format.decode_level(Some(std::hint::black_box(payload)), usize::MAX);
+        let level = decoder.decode_level(Some(std::hint::black_box(payload)), usize::MAX);
         refused += usize::from(std::hint::black_box(level).is_err());
     }
     let seconds = thread_cpu_seconds() - started;
-    anyhow::ensure!(
-        refused == 0,
-        "{format:?} refused {refused} benchmark events"
-    );
+    anyhow::ensure!(refused == 0, "{name}: refused {refused} benchmark events");
     Ok(seconds * 1e6 / payloads.len().max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_padded_line_has_the_target_length_and_keeps_its_level() {
+        let mut line = b"2026-11-27T10:00:00.000Z ERROR [db] down id=1".to_vec();
+        pad_line(&mut line, 100);
+        assert_eq!(line.len(), 100);
+        let format = TextFormat::new(&TextSettings {
+            level_pattern: Some(LINE_PATTERN),
+            ..TextSettings::default()
+        })
+        .expect("valid pattern");
+        assert_eq!(
+            Decoder::text(format)
+                .decode_routing(Some(&line), usize::MAX)
+                .map(|(level, service)| (level.to_string(), service.map(String::from))),
+            Ok(("error".to_string(), Some("db".to_string())))
+        );
+        // Too short a target: unchanged.
+        let mut short = b"x ERROR [a] b".to_vec();
+        pad_line(&mut short, 4);
+        assert_eq!(short, b"x ERROR [a] b");
+    }
 }
