@@ -116,7 +116,10 @@ impl ObjectDestination {
         }
         let store = match kind {
             StoreKind::S3 => build!(
-                object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket),
+                aws_profile(
+                    object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&bucket),
+                    &|name| std::env::var(name).ok(),
+                ),
                 "an s3 option"
             ),
             StoreKind::Gcs => build!(
@@ -212,6 +215,78 @@ impl ObjectDestination {
             StorePath::from(format!("{dir}/{name}"))
         }
     }
+}
+
+/// The shared AWS profile (`~/.aws/credentials` and `~/.aws/config`, or the files
+/// `AWS_SHARED_CREDENTIALS_FILE` and `AWS_CONFIG_FILE` name; profile `AWS_PROFILE`, else
+/// `default`) where the environment has no keys, as the AWS tools read it: the environment first,
+/// then the profile, then the instance's or container's role (the `object_store` crate's own
+/// chain, which has no profiles). The configuration's `options` apply after this and win.
+fn aws_profile(
+    builder: object_store::aws::AmazonS3Builder,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> object_store::aws::AmazonS3Builder {
+    use object_store::aws::AmazonS3ConfigKey as Key;
+    let home = env("HOME").unwrap_or_default();
+    let profile = env("AWS_PROFILE").unwrap_or_else(|| "default".to_string());
+    let read = |variable: &str, default: &str| {
+        let path = env(variable).unwrap_or_else(|| format!("{home}/.aws/{default}"));
+        std::fs::read_to_string(path).unwrap_or_default()
+    };
+    let mut builder = builder;
+    if env("AWS_ACCESS_KEY_ID").is_none() {
+        let credentials = ini_section(
+            &read("AWS_SHARED_CREDENTIALS_FILE", "credentials"),
+            &profile,
+        );
+        for (name, key) in [
+            ("aws_access_key_id", Key::AccessKeyId),
+            ("aws_secret_access_key", Key::SecretAccessKey),
+            ("aws_session_token", Key::Token),
+        ] {
+            if let Some(value) = credentials.get(name) {
+                builder = builder.with_config(key, value);
+            }
+        }
+    }
+    if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
+        // In the config file a profile other than the default is `[profile name]`.
+        let section = if profile == "default" {
+            profile.clone()
+        } else {
+            format!("profile {profile}")
+        };
+        if let Some(region) =
+            ini_section(&read("AWS_CONFIG_FILE", "config"), &section).get("region")
+        {
+            builder = builder.with_config(Key::Region, region);
+        }
+    }
+    builder
+}
+
+/// The `name = value` lines of section `[section]` of an INI text (comments `#` and `;`).
+fn ini_section(text: &str, section: &str) -> HashMap<String, String> {
+    let mut inside = false;
+    let mut values = HashMap::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line
+            .strip_prefix('[')
+            .and_then(|rest| rest.strip_suffix(']'))
+        {
+            inside = name.trim() == section;
+            continue;
+        }
+        if inside {
+            if let Some((name, value)) = line.split_once('=') {
+                values.insert(name.trim().to_string(), value.trim().to_string());
+            }
+        }
+    }
+    values
 }
 
 /// How every object name of `source` begins: `<topic>+<partition>+`. Kafka topic names have
@@ -1186,6 +1261,64 @@ mod tests {
                 .collect();
             assert_eq!(ids, (0..6000).collect::<Vec<i64>>(), "{compression}");
         }
+    }
+
+    #[test]
+    fn the_aws_profile_gives_keys_and_region_where_the_environment_has_none() {
+        use object_store::aws::AmazonS3ConfigKey as Key;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join("credentials"),
+            "[default]\naws_access_key_id = AKIADEFAULT\naws_secret_access_key = d\n\
+             # a comment\n[archive]\naws_access_key_id = AKIAARCHIVE\n\
+             aws_secret_access_key = s3cret\naws_session_token = tok\n",
+        )
+        .expect("write");
+        std::fs::write(
+            dir.path().join("config"),
+            "[default]\nregion = us-east-1\n[profile archive]\nregion = eu-west-3\n",
+        )
+        .expect("write");
+        let home = dir.path().to_str().expect("utf-8").to_string();
+        let files = std::collections::HashMap::from([
+            ("AWS_SHARED_CREDENTIALS_FILE", format!("{home}/credentials")),
+            ("AWS_CONFIG_FILE", format!("{home}/config")),
+        ]);
+        let with = |extra: &[(&'static str, &str)]| {
+            let mut env = files.clone();
+            for (name, value) in extra {
+                env.insert(name, value.to_string());
+            }
+            aws_profile(object_store::aws::AmazonS3Builder::new(), &move |name| {
+                env.get(name).cloned()
+            })
+        };
+        let named = with(&[("AWS_PROFILE", "archive")]);
+        assert_eq!(
+            named.get_config_value(&Key::AccessKeyId).as_deref(),
+            Some("AKIAARCHIVE")
+        );
+        assert_eq!(named.get_config_value(&Key::Token).as_deref(), Some("tok"));
+        assert_eq!(
+            named.get_config_value(&Key::Region).as_deref(),
+            Some("eu-west-3")
+        );
+        let default = with(&[]);
+        assert_eq!(
+            default.get_config_value(&Key::AccessKeyId).as_deref(),
+            Some("AKIADEFAULT")
+        );
+        assert_eq!(
+            default.get_config_value(&Key::Region).as_deref(),
+            Some("us-east-1")
+        );
+        // Keys in the environment win over the profile (the builder read them from there).
+        let from_env = with(&[
+            ("AWS_ACCESS_KEY_ID", "AKIAENV"),
+            ("AWS_REGION", "ap-south-1"),
+        ]);
+        assert_eq!(from_env.get_config_value(&Key::AccessKeyId), None);
+        assert_eq!(from_env.get_config_value(&Key::Region), None);
     }
 
     #[test]
