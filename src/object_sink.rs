@@ -163,6 +163,20 @@ impl ObjectDestination {
         }))
     }
 
+    /// Lists the top of the prefix (`check-config --connect`): what the store answered, or why
+    /// it did not.
+    pub async fn probe(&self) -> Result<String, String> {
+        let at = (!self.prefix.is_empty()).then(|| StorePath::from(self.prefix.as_str()));
+        match self.store.list_with_delimiter(at.as_ref()).await {
+            Ok(listing) => Ok(format!(
+                "reachable, listed {} objects and {} directories at the top of the prefix",
+                listing.objects.len(),
+                listing.common_prefixes.len()
+            )),
+            Err(err) => Err(format!("cannot list the prefix: {err}")),
+        }
+    }
+
     /// A writer for one worker of the route (spawned on the current runtime).
     pub fn sink(self: &Arc<Self>) -> ObjectSink {
         let (commands, receiver) = mpsc::unbounded_channel();

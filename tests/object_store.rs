@@ -336,3 +336,47 @@ async fn every_event_is_in_exactly_one_object_after_sigkills_rebalances_backpres
         "only produced events are archived"
     );
 }
+
+/// `check-config --connect` lists each object-store destination's prefix with its credentials:
+/// the bucket that exists answers, a missing one fails the check naming the route's key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_connect_reaches_the_store_and_names_a_missing_bucket() {
+    let work = tempfile::tempdir().expect("workdir");
+    let moto = Moto::start(&work.path().join("moto.log")).await;
+    let check = |bucket: &str| {
+        let path = work.path().join(format!("{bucket}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[kafka]\nbrokers = \"127.0.0.1:1\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
+                 [[routes]]\nname = \"archive\"\ndefault = true\n[routes.sink]\n\
+                 type = \"s3\"\nurl = \"s3://{bucket}/raw\"\n[routes.sink.options]\n\
+                 endpoint = \"{}\"\nallow_http = true\nregion = \"us-east-1\"\n\
+                 access_key_id = \"test\"\nsecret_access_key = \"test\"\n",
+                moto.endpoint
+            ),
+        )
+        .expect("write");
+        let output = Command::new(env!("CARGO_BIN_EXE_logbridge"))
+            .args(["check-config", "--connect"])
+            .arg(&path)
+            .output()
+            .expect("run check-config");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // Kafka is not there (port 1) in both: the store's line is what is looked at.
+    let (_, found) = check(BUCKET);
+    assert!(
+        found.contains("`routes[0].sink.url`: s3://archive/raw: reachable"),
+        "{found}"
+    );
+    let (code, missing) = check("no-such-bucket");
+    assert_eq!(code, Some(3), "cannot connect: {missing}");
+    assert!(
+        missing.contains("`routes[0].sink.url`: s3://no-such-bucket/raw: cannot list"),
+        "{missing}"
+    );
+}

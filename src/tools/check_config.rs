@@ -152,7 +152,71 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
     if !probe_http_destinations(&config, timeout) {
         outcome = CheckOutcome::CannotConnect;
     }
+    if !probe_object_stores(&config, timeout) {
+        outcome = CheckOutcome::CannotConnect;
+    }
     outcome
+}
+
+/// The runtime the destination probes run on; `None` (said on stderr) if it cannot be made.
+fn probe_runtime(what: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => Some(runtime),
+        Err(err) => {
+            eprintln!("cannot check the {what}: {err}");
+            None
+        }
+    }
+}
+
+/// Lists the prefix of each object-store destination with its credentials, one line each on
+/// stderr; whether every one answered.
+fn probe_object_stores(config: &Config, timeout: Duration) -> bool {
+    let stores: Vec<(String, &crate::config::ObjectStoreSinkConfig, &str)> = config
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(index, route)| match &route.sink {
+            crate::config::SinkConfig::ObjectStore(store) => Some((
+                format!("routes[{index}].sink.url"),
+                store,
+                route.name.as_str(),
+            )),
+            _ => None,
+        })
+        .collect();
+    if stores.is_empty() {
+        return true;
+    }
+    let Some(runtime) = probe_runtime("object stores") else {
+        return false;
+    };
+    let mut all = true;
+    for (key, store, route) in stores {
+        let answer = runtime.block_on(async {
+            let destination = crate::object_sink::ObjectDestination::new(
+                store,
+                route,
+                crate::record::Fences::default(),
+                None,
+            )
+            .map_err(|err| format!("{err:#}"))?;
+            tokio::time::timeout(timeout, destination.probe())
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+        });
+        match answer {
+            Ok(answer) => eprintln!("`{key}`: {}: {answer}", store.url),
+            Err(why) => {
+                all = false;
+                eprintln!("`{key}`: {}: {}", store.url, config.scrub(&why));
+            }
+        }
+    }
+    all
 }
 
 /// Asks each HTTP and Elasticsearch destination whether it is there (see
@@ -170,15 +234,8 @@ fn probe_http_destinations(config: &Config, timeout: Duration) -> bool {
     if destinations.is_empty() {
         return true;
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("cannot check the HTTP destinations: {err}");
-            return false;
-        }
+    let Some(runtime) = probe_runtime("HTTP destinations") else {
+        return false;
     };
     let mut all = true;
     for (key, http, destination) in destinations {
