@@ -429,6 +429,9 @@ impl RouterActor {
         let mut targets = Vec::with_capacity(self.lanes.len());
         // Events each lane took from this batch (counted once per batch, not per event).
         let mut matched = vec![0u64; self.lanes.len()];
+        if self.links.decoder.splits() {
+            self.split_batches(batch);
+        }
         for mut record in batch.drain(..) {
             let no_value = record.payload().is_none();
             match self.decide(&mut record, no_value, &mut targets) {
@@ -496,16 +499,63 @@ impl RouterActor {
         Ok(())
     }
 
+    /// Replaces each record whose payload holds a batch of events (OTLP) by one record per
+    /// event, in place and in order. The records of one batch keep its key and partition, so
+    /// they go to the same worker of a route, in the batch's order, and share one countdown:
+    /// the Kafka record is finished (and its offset committed) with the last of them, with the
+    /// worst of their outcomes. A payload that is not a batch at all stays one record, marked
+    /// with why, and is dead-lettered whole.
+    fn split_batches(&self, batch: &mut Vec<Record>) {
+        let records = std::mem::take(batch);
+        batch.reserve(records.len());
+        for mut record in records {
+            // Already decoded: too large to be copied by the consumer.
+            if record.decoded.is_some() {
+                batch.push(record);
+                continue;
+            }
+            match self.links.decoder.split(record.payload(), usize::MAX) {
+                None => batch.push(record),
+                Some(Err(err)) => {
+                    record.decoded = Some(Err(err));
+                    batch.push(record);
+                }
+                Some(Ok(parts)) => {
+                    let fan_out = (parts.len() > 1).then(|| FanOut::new(parts.len()));
+                    // Each event is finished (or abandoned) on its own, and counted out on its
+                    // own; `split` never gives an empty list.
+                    self.links
+                        .metrics
+                        .in_flight
+                        .add(parts.len().saturating_sub(1) as i64);
+                    for part in parts {
+                        batch.push(record.part(&part.payload, part.decoded, fan_out.as_ref()));
+                    }
+                }
+            }
+        }
+    }
+
     /// Puts `record` in the share of its worker in each of `targets` (in configuration order;
     /// never empty). To several routes, each gets a copy, and the copies share one countdown:
-    /// the record is finished when the last of them is.
+    /// the record is finished when the last of them is (one event of a batch already shares
+    /// its batch's countdown, which counts the copies too).
     fn share_out(&self, mut record: Record, targets: &[usize], shares: &mut [Vec<Vec<Record>>]) {
         let Some((&first, rest)) = targets.split_first() else {
             return;
         };
         if !rest.is_empty() {
-            let fan_out = FanOut::new(targets.len());
-            record.fan_out = Some(fan_out.clone());
+            let fan_out = match &record.fan_out {
+                Some(fan_out) => {
+                    fan_out.grow(rest.len());
+                    fan_out.clone()
+                }
+                None => {
+                    let fan_out = FanOut::new(targets.len());
+                    record.fan_out = Some(fan_out.clone());
+                    fan_out
+                }
+            };
             // Each copy is finished (or abandoned) on its own, and counted out on its own.
             self.links.metrics.in_flight.add(rest.len() as i64);
             for &lane in rest {

@@ -1424,7 +1424,10 @@ impl Config {
                 }
                 if matches!(
                     self.input.format,
-                    crate::event::InputFormat::Auto | crate::event::InputFormat::Text
+                    crate::event::InputFormat::Auto
+                        | crate::event::InputFormat::Text
+                        | crate::event::InputFormat::OtlpProto
+                        | crate::event::InputFormat::OtlpJson
                 ) {
                     let mapped = self
                         .input
