@@ -24,6 +24,9 @@ use prost::Message as _;
 /// Kafka records of good batches, and log records in each.
 const BATCHES: u64 = 60;
 const PER_BATCH: u64 = 5;
+/// Kafka keys of the good batches (batch `b` has key `key-{b % KEYS}`): enough that every
+/// partition gets records, so that every partition has an end offset to commit to.
+const KEYS: u64 = 12;
 
 fn kv(key: &str, value: any_value::Value) -> KeyValue {
     KeyValue {
@@ -127,7 +130,7 @@ fn file_ids(path: &std::path::Path, route: &str) -> BTreeSet<u64> {
         // The log records of a key arrive in the order they were produced.
         let key = match id {
             9_000.. => "mixed".to_string(),
-            _ => format!("key-{}", id / PER_BATCH % 4),
+            _ => format!("key-{}", id / PER_BATCH % KEYS),
         };
         if let Some(last) = last_by_key.insert(key.clone(), id) {
             assert!(last < id, "{route}: {key} had {last} before {id}");
@@ -156,7 +159,7 @@ async fn otlp_batches_are_routed_record_by_record_and_committed_whole() {
             })
             .collect();
         records.push((
-            Some(format!("key-{}", batch % 4)),
+            Some(format!("key-{}", batch % KEYS)),
             request(logs).encode_to_vec(),
         ));
     }
@@ -211,7 +214,7 @@ async fn otlp_batches_are_routed_record_by_record_and_committed_whole() {
         assert_eq!(event["level"], "warning");
         assert_eq!(
             record.key.as_deref(),
-            Some(format!("key-{}", id / PER_BATCH % 4).as_bytes())
+            Some(format!("key-{}", id / PER_BATCH % KEYS).as_bytes())
         );
     }
     assert_eq!(warnings, expected["warnings"]);
@@ -341,7 +344,7 @@ async fn otlp_json_batches_are_routed_record_by_record() {
             "scopeLogs": [{"scope": {"name": "checkout.http"}, "logRecords": logs}],
         }]});
         records.push((
-            Some(format!("key-{}", batch % 4)),
+            Some(format!("key-{}", batch % KEYS)),
             serde_json::to_vec(&request).expect("JSON"),
         ));
     }

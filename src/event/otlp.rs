@@ -1116,8 +1116,8 @@ mod tests {
                 .map_err(|e| e.reason()),
             Err("too_deep")
         );
-        // Within it: a body nested 40 deep is fine.
-        request.resource_logs[0].scope_logs[0].log_records[0].body = Some(nested(40));
+        // Within it: a body of 20 nested kvlists (three messages each) is fine.
+        request.resource_logs[0].scope_logs[0].log_records[0].body = Some(nested(20));
         assert!(split(Proto, Some(&request.encode_to_vec()), 1 << 20).is_ok());
         // Many tiny log records: more than one Kafka record may hold.
         let many = batch(vec![record(9, "", None); MAX_LOG_RECORDS + 1]).encode_to_vec();
