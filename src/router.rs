@@ -1246,4 +1246,146 @@ mod tests {
             "3 copies + 1 record not yet counted out"
         );
     }
+
+    /// An OTLP request is split into one record per log record, all at the Kafka record's
+    /// offset and sharing one countdown, which the copies of a log record sent to two routes
+    /// join; a bad log record fails alone, a payload that is no request fails whole; the Kafka
+    /// record finishes with the last of its records, with the worst outcome.
+    #[tokio::test]
+    async fn an_otlp_request_becomes_a_record_per_log_record_with_one_countdown() {
+        use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+        use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+        use prost::Message as _;
+
+        let metrics = Arc::new(Metrics::new());
+        let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
+        let mut inboxes = Vec::new();
+        let mut lanes = Vec::new();
+        for name in ["errors", "all"] {
+            let (worker, inbox) = WorkerHandle::for_test(64);
+            inboxes.push(inbox);
+            lanes.push(RouteLane {
+                name: Arc::from(name),
+                workers: vec![worker],
+                by_partition: false,
+            });
+        }
+        let mut rules = Rules::for_levels(&[("error", 0), ("error", 1), ("info", 1)]);
+        rules.continues = vec![true, false];
+        let (router, task) = RouterHandle::spawn(
+            64,
+            RouteTable { lanes, rules },
+            RouterLinks {
+                committer,
+                dead_letters,
+                fences: Fences::default(),
+                metrics: metrics.clone(),
+                liveness: Liveness::default(),
+                tombstones: TombstonePolicy::Skip,
+                decoder: Decoder::from(crate::event::InputFormat::OtlpProto),
+                unrouted: UnroutedPolicy::Ignore,
+                gate: None,
+            },
+        );
+        let log = |severity_number: i32| LogRecord {
+            severity_number,
+            ..Default::default()
+        };
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                scope_logs: vec![ScopeLogs {
+                    // error (to both routes), info (to `all`), no severity at all.
+                    log_records: vec![log(17), log(9), log(0)],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec();
+        let mut batch = test_record(0, 0, Some(b"k"), Some(&request));
+        batch.decoded = None;
+        let mut cut = test_record(0, 1, Some(b"k"), Some(&request[..request.len() - 1]));
+        cut.decoded = None;
+        metrics.in_flight.add(2);
+        assert!(matches!(router.offer(vec![batch, cut]), Offer::Taken));
+        drop(router);
+        task.await.expect("router ran");
+
+        let mut delivered = Vec::new();
+        for inbox in &mut inboxes {
+            let mut records = Vec::new();
+            while inbox.recv_many(&mut records, usize::MAX).await > 0 {}
+            delivered.push(records);
+        }
+        let levels = |records: &[Record]| -> Vec<(i64, String)> {
+            records
+                .iter()
+                .map(|r| {
+                    let level = r.decoded.clone().and_then(Result::ok).expect("decoded");
+                    (r.offset, level.to_string())
+                })
+                .collect()
+        };
+        assert_eq!(levels(&delivered[0]), [(0, "error".to_string())]);
+        assert_eq!(
+            levels(&delivered[1]),
+            [(0, "error".to_string()), (0, "info".to_string())]
+        );
+        let event: serde_json::Value =
+            serde_json::from_slice(delivered[1][1].payload().expect("a value")).expect("JSON");
+        assert_eq!(event["level"], "info");
+        assert_eq!(delivered[1][1].key(), Some(&b"k"[..]), "the batch's key");
+
+        let mut failed = Vec::new();
+        while let Ok(message) = messages.try_recv() {
+            match message {
+                CommitterMsg::Dispatched(dispatches) => assert_eq!(
+                    dispatches.iter().map(|d| d.offset).collect::<Vec<_>>(),
+                    [0, 1],
+                    "one dispatch per Kafka record"
+                ),
+                CommitterMsg::Ack(ack) => failed.push(ack),
+                CommitterMsg::Acks(acks) => failed.extend(acks),
+            }
+        }
+        let reasons: Vec<(i64, &str)> = failed
+            .iter()
+            .map(|ack| (ack.offset, ack.cause.as_ref().map_or("", |c| c.reason)))
+            .collect();
+        assert_eq!(reasons, [(0, "missing_field"), (1, "not_protobuf")]);
+        assert!(
+            failed[1].fan_out.is_none(),
+            "a payload that is no request is one record"
+        );
+        assert_eq!(
+            metrics.in_flight.get(),
+            2 + 2 + 1,
+            "two records read, two more log records, one more copy"
+        );
+        // The countdown: three log records and one copy; the last one finishes the record,
+        // with the worst outcome (the failed log record).
+        let countdown = failed[0].fan_out.clone().expect("a countdown");
+        for record in delivered.iter().flatten() {
+            let shared = record.fan_out.as_ref().expect("shared");
+            assert!(Arc::ptr_eq(shared, &countdown));
+        }
+        assert_eq!(
+            countdown.finish(failed[0].status, failed[0].cause.clone()),
+            None
+        );
+        assert_eq!(countdown.finish(AckStatus::Processed, None), None);
+        assert_eq!(countdown.finish(AckStatus::Processed, None), None);
+        let (status, cause) = countdown
+            .finish(AckStatus::Processed, None)
+            .expect("the fourth of four finishes the record");
+        assert_eq!(status, AckStatus::Failed);
+        assert_eq!(cause.map(|c| c.reason), Some("missing_field"));
+        assert_eq!(
+            metrics
+                .decode_errors
+                .with_label_values(&["missing_field"])
+                .get(),
+            1
+        );
+    }
 }
