@@ -163,7 +163,8 @@ fn otlp_requests(events: &[Vec<u8>], payload_bytes: usize) -> anyhow::Result<Vec
         let mut by_service: std::collections::BTreeMap<String, Vec<LogRecord>> = Default::default();
         for (id, payload) in chunk.iter().enumerate() {
             let event: serde_json::Value = serde_json::from_slice(payload)?;
-            let number = match event["level"].as_str().unwrap_or("info") {
+            let level = crate::event::Level::new(event["level"].as_str().unwrap_or("info"));
+            let number = match level.as_str() {
                 "trace" => 1,
                 "debug" => 5,
                 "info" => 9,
@@ -273,6 +274,35 @@ fn cost(name: &str, decoder: &Decoder, payloads: &[Vec<u8>]) -> anyhow::Result<f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The otlp_proto row's requests hold the benchmark's events, each decoding at its level.
+    #[test]
+    fn the_otlp_rows_requests_split_into_the_events() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let events: Vec<Vec<u8>> = (0..250)
+            .map(|id| sample_event(&mut rng, id, 10, 0.0).1)
+            .collect();
+        let requests = otlp_requests(&events, 200).expect("requests");
+        assert_eq!(requests.len(), 3, "100, 100 and 50 log records");
+        let decoder = Decoder::from(InputFormat::OtlpProto);
+        let mut levels = std::collections::BTreeMap::<String, usize>::new();
+        for request in &requests {
+            let parts = decoder.split(Some(request), usize::MAX).expect("splits");
+            for part in parts.expect("a request") {
+                let (level, service) = part.decoded.expect("an event");
+                assert!(service.is_some());
+                *levels.entry(level.to_string()).or_default() += 1;
+            }
+        }
+        let mut want = std::collections::BTreeMap::<String, usize>::new();
+        for event in &events {
+            let event: serde_json::Value = serde_json::from_slice(event).expect("JSON");
+            let level = crate::event::Level::new(event["level"].as_str().expect("a level"));
+            *want.entry(level.to_string()).or_default() += 1;
+        }
+        assert_eq!(levels, want);
+        assert!(otlp_cost(&requests).expect("all decode") > 0.0);
+    }
 
     #[test]
     fn a_padded_line_has_the_target_length_and_keeps_its_level() {
