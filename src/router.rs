@@ -5,6 +5,11 @@
 //! records with the same key are processed in order while different keys run in parallel.
 //! Records that failed to decode, and records no route takes, are finished right here.
 //!
+//! A record whose payload holds a batch of events (`input.format = "otlp_proto"` or
+//! `"otlp_json"`) is split here, after its dispatch, into one record per log record: they share
+//! its offset, key and partition (so one worker of a route takes them in order) and one
+//! [`FanOut`] countdown, so the offset is committed only when the last of them is finished.
+//!
 //! Its input is bounded (`pipeline.router_capacity`). The consumer never waits on it for long:
 //! it offers a record ([`RouterHandle::offer`]), and when the channel is full it waits at most
 //! `pause_after_ms` for half of it to be free ([`RouterHandle::wait_for_room`]), then pauses
