@@ -445,9 +445,14 @@ fn kind(value: &Value) -> &'static str {
 }
 
 fn wrong(field: &'static str, expected: &str, found: &Value) -> DecodeError {
+    wrong_found(field, expected, article(found))
+}
+
+/// `field` holds something other than `expected`: `found` (a kind of value, never its text).
+fn wrong_found(field: &'static str, expected: &str, found: &str) -> DecodeError {
     DecodeError::WrongType {
         field,
-        detail: format!("expected {expected}, found {}", article(found)),
+        detail: format!("expected {expected}, found {found}"),
     }
 }
 
@@ -513,27 +518,11 @@ fn unsigned(value: Option<&Value>, name: &'static str) -> Result<u64, DecodeErro
         None | Some(Value::Null) => Ok(0),
         Some(Value::String(text)) => text
             .parse::<u64>()
-            .map_err(|_| wrong(name, expected, &Value::String(String::new()))),
+            .map_err(|_| wrong_found(name, expected, "another string")),
         Some(Value::Number(number)) => number
             .as_u64()
-            .ok_or_else(|| wrong(name, expected, &Value::Null).with_found("another number")),
+            .ok_or_else(|| wrong_found(name, expected, "another number")),
         Some(other) => Err(wrong(name, expected, other)),
-    }
-}
-
-impl DecodeError {
-    /// The same wrong type, found something else (for a number of the wrong kind).
-    fn with_found(self, found: &str) -> DecodeError {
-        match self {
-            DecodeError::WrongType { field, detail } => DecodeError::WrongType {
-                field,
-                detail: match detail.rsplit_once(", found ") {
-                    Some((expected, _)) => format!("{expected}, found {found}"),
-                    None => detail,
-                },
-            },
-            other => other,
-        }
     }
 }
 
@@ -546,9 +535,10 @@ fn severity_number(value: Option<&Value>) -> Result<i32, DecodeError> {
         Some(Value::Number(number)) => number
             .as_i64()
             .and_then(|n| i32::try_from(n).ok())
-            .ok_or_else(|| wrong(FIELD, expected, &Value::Null).with_found("another number")),
-        Some(Value::String(name)) => severity_name(name)
-            .ok_or_else(|| wrong(FIELD, expected, &Value::Null).with_found("another string")),
+            .ok_or_else(|| wrong_found(FIELD, expected, "another number")),
+        Some(Value::String(name)) => {
+            severity_name(name).ok_or_else(|| wrong_found(FIELD, expected, "another string"))
+        }
         Some(other) => Err(wrong(FIELD, expected, other)),
     }
 }
