@@ -13,7 +13,8 @@
 //!   `{"Error":{"code":503,"message":"upstream timeout"}}`
 //!
 //! The other input formats are beside it, one file each: [`auto`] (the level wherever common
-//! loggers put it, `input.format = "auto"`) and [`text`] (lines of plain text, `"text"`);
+//! loggers put it, `input.format = "auto"`), [`text`] (lines of plain text, `"text"`) and
+//! [`otlp`] (OTLP logs requests, a batch of events per record, `"otlp_proto"`, `"otlp_json"`);
 //! [`Decoder`] reads payloads in the configured one, and [`Form`] says how each decoded payload
 //! reads as a JSON event for the stages that read fields.
 //!
@@ -103,8 +104,10 @@ macro_rules! not_an_object {
 }
 
 mod auto;
+mod otlp;
 mod text;
 pub use auto::{folded_alias, Decoder, InputFormat, Mapping};
+pub use otlp::{split as split_otlp, OtlpEncoding, Part, MAX_LOG_RECORDS};
 pub use text::{TextFormat, TextSettings};
 
 /// Payloads larger than this are rejected unless the caller picks another limit.
@@ -231,11 +234,27 @@ pub enum DecodeError {
         /// The field's name.
         field: &'static str,
     },
+    /// `otlp_proto`: the payload is not a protobuf `ExportLogsServiceRequest` (truncated,
+    /// garbled, or another message).
+    #[error("payload is not a protobuf OTLP logs request: {detail}")]
+    NotProtobuf {
+        /// prost's description, at most 120 characters.
+        detail: String,
+    },
+    /// `otlp_proto`, `otlp_json`: the request holds more log records than one Kafka record may.
+    #[error("payload holds too many log records ({count}, limit {limit})")]
+    TooManyRecords {
+        /// Log records in the request.
+        count: usize,
+        /// The limit in force.
+        limit: usize,
+    },
 }
 
 impl DecodeError {
     /// Short, low-cardinality reason for metrics labels and dead-letter headers:
-    /// "empty","too_large","not_utf8","not_json","too_deep","not_object","missing_field","wrong_type","duplicate_field"
+    /// "empty","too_large","not_utf8","not_json","too_deep","not_object","missing_field","wrong_type","duplicate_field",
+    /// "not_protobuf","too_many_records"
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::Empty => "empty",
@@ -247,6 +266,8 @@ impl DecodeError {
             DecodeError::MissingField { .. } => "missing_field",
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::DuplicateField { .. } => "duplicate_field",
+            DecodeError::NotProtobuf { .. } => "not_protobuf",
+            DecodeError::TooManyRecords { .. } => "too_many_records",
         }
     }
 }
@@ -1469,6 +1490,10 @@ mod tests {
                 detail: String::new(),
             },
             DecodeError::DuplicateField { field: "level" },
+            DecodeError::NotProtobuf {
+                detail: String::new(),
+            },
+            DecodeError::TooManyRecords { count: 2, limit: 1 },
         ];
         let reasons: std::collections::HashSet<_> =
             errors.iter().map(DecodeError::reason).collect();

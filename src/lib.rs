@@ -26,7 +26,9 @@
 //! Stages:
 //! - [`consumer`]: polls librdkafka on its own thread, decodes each record once ([`event`]),
 //!   pauses partitions instead of buffering, serves rebalances, and performs the commits.
-//! - [`router`]: registers each record with the committer as dispatched, picks the routes
+//! - [`router`]: registers each record with the committer as dispatched, splits a record
+//!   holding a batch (an OTLP logs request) into one record per log record sharing its offset
+//!   and countdown, picks the routes
 //!   (every route whose level and other conditions match, up to the first that does not
 //!   `continue`, else the default route; a copy for each) and the worker by key hash (per-key
 //!   order).

@@ -8,7 +8,7 @@
 //! | LogRecord | from |
 //! |---|---|
 //! | `severity_number` | the decoded level: trace 1, debug 5, info 9, warning 13, error 17, critical and fatal 21 (the event's own `severityNumber` where it has one of 1–24); another level: 0 (unspecified) |
-//! | `severity_text` | the level as the event wrote it (`WARN`, `Fatal`); a number (pino's `30`) or none (Serilog's default): the decoded name |
+//! | `severity_text` | the event's own `severityText`, else the level as the event wrote it (`WARN`, `Fatal`); a number (pino's `30`) or none (Serilog's default): the decoded name |
 //! | `body` | the first of `message`, `msg`, `@m`, `body`, `event`, `fields.message` (as a string where it is one), else Serilog's `@mt` rendered with the event's properties |
 //! | `time_unix_nano` | the first of `time`, `timestamp`, `ts`, `@timestamp`, `@t`, `timeUnixNano` that reads as a time (RFC 3339, or epoch seconds, milliseconds, microseconds or nanoseconds by magnitude); else the Kafka record's timestamp |
 //! | `observed_time_unix_nano` | when the request is built |
@@ -166,7 +166,13 @@ fn log_record(record: &Record, observed_unix_nano: u64) -> Result<LogRecord, Sin
         .and_then(Value::as_i64)
         .filter(|n| (1..=24).contains(n))
         .and_then(|n| i32::try_from(n).ok());
-    let mut severity_text = None;
+    // An OpenTelemetry-shaped event's own text wins over a `level` beside it (the otlp input
+    // formats write both: `level` normalised for routing, `severityText` as the producer wrote it).
+    let mut severity_text = fields
+        .get("severityText")
+        .and_then(Value::as_str)
+        .filter(|text| !text.is_empty())
+        .map(str::to_string);
     let mut otel_shaped = false;
     for name in LEVEL_FIELDS {
         if let Some(value) = fields.shift_remove(*name) {
@@ -499,6 +505,77 @@ mod tests {
             .iter()
             .find(|kv| kv.key == key)
             .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+    }
+
+    /// A log record read from an OTLP request (`input.format = "otlp_proto"`) is exported as
+    /// the same log record: severity, body, time, ids, service and attributes.
+    #[test]
+    fn otlp_input_is_exported_as_the_log_record_it_was() {
+        use opentelemetry_proto::tonic::logs::v1::{ResourceLogs, ScopeLogs};
+        let string = |text: &str| AnyValue {
+            value: Some(any_value::Value::StringValue(text.into())),
+        };
+        let original = LogRecord {
+            time_unix_nano: 1_700_000_000_123_456_789,
+            severity_number: 18,
+            severity_text: "ERROR2".into(),
+            body: Some(string("payment failed")),
+            attributes: vec![KeyValue {
+                key: "http.status_code".into(),
+                value: Some(int(503)),
+                ..Default::default()
+            }],
+            trace_id: (1..=16).collect(),
+            span_id: (1..=8).collect(),
+            ..Default::default()
+        };
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "service.name".into(),
+                        value: Some(string("checkout")),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                scope_logs: vec![ScopeLogs {
+                    log_records: vec![original.clone()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec();
+        let parts = crate::event::Decoder::from(crate::event::InputFormat::OtlpProto)
+            .split(Some(&request), usize::MAX)
+            .expect("splits")
+            .expect("a request");
+        let source = test_record(0, 9, None, Some(&request));
+        let part = &parts[0];
+        let record = source.part(&part.payload, part.decoded.clone(), None);
+        let mut body = Vec::new();
+        assert_eq!(encode(&[&record], 7, &mut body), vec![None]);
+        let exported = decode(&body);
+        let resource = &exported.resource_logs[0];
+        assert_eq!(
+            resource.resource.as_ref().expect("a resource").attributes[0].value,
+            Some(string("checkout"))
+        );
+        let log = &resource.scope_logs[0].log_records[0];
+        assert_eq!(log.time_unix_nano, original.time_unix_nano);
+        assert_eq!(log.severity_number, 18);
+        assert_eq!(log.severity_text, "ERROR2");
+        assert_eq!(log.body, original.body);
+        assert_eq!(
+            (&log.trace_id, &log.span_id),
+            (&original.trace_id, &original.span_id)
+        );
+        assert_eq!(
+            attribute(log, "http.status_code"),
+            Some(&any_value::Value::IntValue(503))
+        );
+        assert!(attribute(log, "level").is_none() && attribute(log, "message").is_none());
     }
 
     #[test]

@@ -190,6 +190,14 @@ impl FanOut {
         // ack finishes nothing rather than finishing the record twice.
         (before == 1).then(|| worst.take()).flatten()
     }
+
+    /// `more` copies join (a log record of a batch, already one of the copies, goes to several
+    /// routes). Only a holder of an unfinished copy calls this, so the count cannot have
+    /// reached zero: the record cannot finish before the new copies do.
+    pub fn grow(&self, more: usize) {
+        self.remaining
+            .fetch_add(more, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Bytes held by records between the consumer and the committer, against
@@ -497,6 +505,40 @@ impl Record {
             charge: self.charge.again(),
             destination: None,
             fan_out: Some(fan_out.clone()),
+        }
+    }
+
+    /// One log record of this record's batch (`input.format = "otlp_proto"`, `"otlp_json"`),
+    /// as a record of its own: the same source, offset, key, headers and timestamp, `payload`
+    /// as its value (the event's JSON, or for a bad log record the request holding it alone),
+    /// already decoded. Its bytes are charged on their own; `fan_out` (if the batch has more
+    /// than one log record) is shared by all of the batch's records.
+    pub fn part(
+        &self,
+        payload: &[u8],
+        decoded: Result<(Level, Option<Box<str>>), DecodeError>,
+        fan_out: Option<&Arc<FanOut>>,
+    ) -> Record {
+        let data = KeyValue::new(self.key(), Some(payload));
+        let charge = self.charge.resized(data.bytes.len());
+        let (decoded, service) = match decoded {
+            Ok((level, service)) => (Ok(level), service),
+            Err(err) => (Err(err), None),
+        };
+        Record {
+            source: self.source.clone(),
+            offset: self.offset,
+            generation: self.generation,
+            data,
+            headers: self.headers.clone(),
+            timestamp: self.timestamp,
+            decoded: Some(decoded),
+            service,
+            form: crate::event::Form::Object,
+            read_at: self.read_at,
+            charge,
+            destination: None,
+            fan_out: fan_out.cloned(),
         }
     }
 

@@ -5,6 +5,11 @@
 //! records with the same key are processed in order while different keys run in parallel.
 //! Records that failed to decode, and records no route takes, are finished right here.
 //!
+//! A record whose payload holds a batch of events (`input.format = "otlp_proto"` or
+//! `"otlp_json"`) is split here, after its dispatch, into one record per log record: they share
+//! its offset, key and partition (so one worker of a route takes them in order) and one
+//! [`FanOut`] countdown, so the offset is committed only when the last of them is finished.
+//!
 //! Its input is bounded (`pipeline.router_capacity`). The consumer never waits on it for long:
 //! it offers a record ([`RouterHandle::offer`]), and when the channel is full it waits at most
 //! `pause_after_ms` for half of it to be free ([`RouterHandle::wait_for_room`]), then pauses
@@ -429,6 +434,9 @@ impl RouterActor {
         let mut targets = Vec::with_capacity(self.lanes.len());
         // Events each lane took from this batch (counted once per batch, not per event).
         let mut matched = vec![0u64; self.lanes.len()];
+        if self.links.decoder.splits() {
+            self.split_batches(batch);
+        }
         for mut record in batch.drain(..) {
             let no_value = record.payload().is_none();
             match self.decide(&mut record, no_value, &mut targets) {
@@ -496,16 +504,63 @@ impl RouterActor {
         Ok(())
     }
 
+    /// Replaces each record whose payload holds a batch of events (OTLP) by one record per
+    /// event, in place and in order. The records of one batch keep its key and partition, so
+    /// they go to the same worker of a route, in the batch's order, and share one countdown:
+    /// the Kafka record is finished (and its offset committed) with the last of them, with the
+    /// worst of their outcomes. A payload that is not a batch at all stays one record, marked
+    /// with why, and is dead-lettered whole.
+    fn split_batches(&self, batch: &mut Vec<Record>) {
+        let records = std::mem::take(batch);
+        batch.reserve(records.len());
+        for mut record in records {
+            // Already decoded: too large to be copied by the consumer.
+            if record.decoded.is_some() {
+                batch.push(record);
+                continue;
+            }
+            match self.links.decoder.split(record.payload(), usize::MAX) {
+                None => batch.push(record),
+                Some(Err(err)) => {
+                    record.decoded = Some(Err(err));
+                    batch.push(record);
+                }
+                Some(Ok(parts)) => {
+                    let fan_out = (parts.len() > 1).then(|| FanOut::new(parts.len()));
+                    // Each event is finished (or abandoned) on its own, and counted out on its
+                    // own; `split` never gives an empty list.
+                    self.links
+                        .metrics
+                        .in_flight
+                        .add(parts.len().saturating_sub(1) as i64);
+                    for part in parts {
+                        batch.push(record.part(&part.payload, part.decoded, fan_out.as_ref()));
+                    }
+                }
+            }
+        }
+    }
+
     /// Puts `record` in the share of its worker in each of `targets` (in configuration order;
     /// never empty). To several routes, each gets a copy, and the copies share one countdown:
-    /// the record is finished when the last of them is.
+    /// the record is finished when the last of them is (one event of a batch already shares
+    /// its batch's countdown, which counts the copies too).
     fn share_out(&self, mut record: Record, targets: &[usize], shares: &mut [Vec<Vec<Record>>]) {
         let Some((&first, rest)) = targets.split_first() else {
             return;
         };
         if !rest.is_empty() {
-            let fan_out = FanOut::new(targets.len());
-            record.fan_out = Some(fan_out.clone());
+            let fan_out = match &record.fan_out {
+                Some(fan_out) => {
+                    fan_out.grow(rest.len());
+                    fan_out.clone()
+                }
+                None => {
+                    let fan_out = FanOut::new(targets.len());
+                    record.fan_out = Some(fan_out.clone());
+                    fan_out
+                }
+            };
             // Each copy is finished (or abandoned) on its own, and counted out on its own.
             self.links.metrics.in_flight.add(rest.len() as i64);
             for &lane in rest {
@@ -1194,6 +1249,148 @@ mod tests {
             metrics.in_flight.get(),
             4,
             "3 copies + 1 record not yet counted out"
+        );
+    }
+
+    /// An OTLP request is split into one record per log record, all at the Kafka record's
+    /// offset and sharing one countdown, which the copies of a log record sent to two routes
+    /// join; a bad log record fails alone, a payload that is no request fails whole; the Kafka
+    /// record finishes with the last of its records, with the worst outcome.
+    #[tokio::test]
+    async fn an_otlp_request_becomes_a_record_per_log_record_with_one_countdown() {
+        use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+        use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+        use prost::Message as _;
+
+        let metrics = Arc::new(Metrics::new());
+        let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
+        let mut inboxes = Vec::new();
+        let mut lanes = Vec::new();
+        for name in ["errors", "all"] {
+            let (worker, inbox) = WorkerHandle::for_test(64);
+            inboxes.push(inbox);
+            lanes.push(RouteLane {
+                name: Arc::from(name),
+                workers: vec![worker],
+                by_partition: false,
+            });
+        }
+        let mut rules = Rules::for_levels(&[("error", 0), ("error", 1), ("info", 1)]);
+        rules.continues = vec![true, false];
+        let (router, task) = RouterHandle::spawn(
+            64,
+            RouteTable { lanes, rules },
+            RouterLinks {
+                committer,
+                dead_letters,
+                fences: Fences::default(),
+                metrics: metrics.clone(),
+                liveness: Liveness::default(),
+                tombstones: TombstonePolicy::Skip,
+                decoder: Decoder::from(crate::event::InputFormat::OtlpProto),
+                unrouted: UnroutedPolicy::Ignore,
+                gate: None,
+            },
+        );
+        let log = |severity_number: i32| LogRecord {
+            severity_number,
+            ..Default::default()
+        };
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                scope_logs: vec![ScopeLogs {
+                    // error (to both routes), info (to `all`), no severity at all.
+                    log_records: vec![log(17), log(9), log(0)],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec();
+        let mut batch = test_record(0, 0, Some(b"k"), Some(&request));
+        batch.decoded = None;
+        let mut cut = test_record(0, 1, Some(b"k"), Some(&request[..request.len() - 1]));
+        cut.decoded = None;
+        metrics.in_flight.add(2);
+        assert!(matches!(router.offer(vec![batch, cut]), Offer::Taken));
+        drop(router);
+        task.await.expect("router ran");
+
+        let mut delivered = Vec::new();
+        for inbox in &mut inboxes {
+            let mut records = Vec::new();
+            while inbox.recv_many(&mut records, usize::MAX).await > 0 {}
+            delivered.push(records);
+        }
+        let levels = |records: &[Record]| -> Vec<(i64, String)> {
+            records
+                .iter()
+                .map(|r| {
+                    let level = r.decoded.clone().and_then(Result::ok).expect("decoded");
+                    (r.offset, level.to_string())
+                })
+                .collect()
+        };
+        assert_eq!(levels(&delivered[0]), [(0, "error".to_string())]);
+        assert_eq!(
+            levels(&delivered[1]),
+            [(0, "error".to_string()), (0, "info".to_string())]
+        );
+        let event: serde_json::Value =
+            serde_json::from_slice(delivered[1][1].payload().expect("a value")).expect("JSON");
+        assert_eq!(event["level"], "info");
+        assert_eq!(delivered[1][1].key(), Some(&b"k"[..]), "the batch's key");
+
+        let mut failed = Vec::new();
+        while let Ok(message) = messages.try_recv() {
+            match message {
+                CommitterMsg::Dispatched(dispatches) => assert_eq!(
+                    dispatches.iter().map(|d| d.offset).collect::<Vec<_>>(),
+                    [0, 1],
+                    "one dispatch per Kafka record"
+                ),
+                CommitterMsg::Ack(ack) => failed.push(ack),
+                CommitterMsg::Acks(acks) => failed.extend(acks),
+            }
+        }
+        let reasons: Vec<(i64, &str)> = failed
+            .iter()
+            .map(|ack| (ack.offset, ack.cause.as_ref().map_or("", |c| c.reason)))
+            .collect();
+        assert_eq!(reasons, [(0, "missing_field"), (1, "not_protobuf")]);
+        assert!(
+            failed[1].fan_out.is_none(),
+            "a payload that is no request is one record"
+        );
+        assert_eq!(
+            metrics.in_flight.get(),
+            2 + 2 + 1,
+            "two records read, two more log records, one more copy"
+        );
+        // The countdown: three log records and one copy; the last one finishes the record,
+        // with the worst outcome (the failed log record).
+        let countdown = failed[0].fan_out.clone().expect("a countdown");
+        for record in delivered.iter().flatten() {
+            let shared = record.fan_out.as_ref().expect("shared");
+            assert!(Arc::ptr_eq(shared, &countdown));
+        }
+        assert_eq!(
+            countdown.finish(failed[0].status, failed[0].cause.clone()),
+            None
+        );
+        assert_eq!(countdown.finish(AckStatus::Processed, None), None);
+        assert_eq!(countdown.finish(AckStatus::Processed, None), None);
+        let (status, cause) = countdown
+            .finish(AckStatus::Processed, None)
+            .expect("the fourth of four finishes the record");
+        assert_eq!(status, AckStatus::Failed);
+        assert_eq!(cause.map(|c| c.reason), Some("missing_field"));
+        assert_eq!(
+            metrics
+                .decode_errors
+                .with_label_values(&["missing_field"])
+                .get(),
+            1
         );
     }
 }

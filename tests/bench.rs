@@ -248,9 +248,10 @@ fn bench_runs_every_mode_against_the_embedded_broker() {
     let serde_form = figure(&output, "auto format, serde-form events", "events");
     let lines = figure(&output, "text format, lines (level_pattern)", ")");
     let logfmt = figure(&output, "text format, logfmt (level_field)", ")");
+    let otlp_proto = figure(&output, "otlp_proto format, 100 per request", "request");
     let ratio = figure(&output, "auto / logbridge", "events =");
     assert!(
-        [strict, auto, pino, serde_form, lines, logfmt]
+        [strict, auto, pino, serde_form, lines, logfmt, otlp_proto]
             .iter()
             .all(|cost| *cost > 0.0),
         "{output}"

@@ -427,7 +427,7 @@ fn the_readme_input_examples_do_what_it_says() {
         .skip(1)
         .filter_map(|block| block.split_once("```").map(|(toml, _)| toml))
         .collect();
-    assert_eq!(blocks.len(), 2, "auto and text");
+    assert_eq!(blocks.len(), 3, "auto, text and otlp_proto");
     let load = |input: &str| {
         let text = format!(
             "[kafka]\nbrokers = \"localhost:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
@@ -466,4 +466,63 @@ fn the_readme_input_examples_do_what_it_says() {
     let when = text.routes[0].when.as_ref().expect("a condition");
     let condition = logbridge::shape::Condition::compile(when, "when").expect("compiles");
     assert!(condition.holds(&event), "{event}");
+
+    // otlp_proto: a request of two log records is two events, the resource's service theirs.
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prost::Message as _;
+    let otlp = load(blocks[2]);
+    let log = |number: i32, status: i64| LogRecord {
+        severity_number: number,
+        attributes: vec![KeyValue {
+            key: "status".into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::IntValue(status)),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let request = ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: vec![KeyValue {
+                    key: "service.name".into(),
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::StringValue("checkout".into())),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                log_records: vec![log(17, 503), log(9, 200)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    let parts = otlp
+        .input
+        .decoder()
+        .expect("a decoder")
+        .split(Some(&request), usize::MAX)
+        .expect("otlp_proto splits")
+        .expect("a request");
+    let events: Vec<(String, serde_json::Value)> = parts
+        .iter()
+        .map(|part| {
+            let (level, service) = part.decoded.clone().expect("an event");
+            assert_eq!(service.as_deref(), Some("checkout"));
+            let event = serde_json::from_slice(&part.payload).expect("JSON");
+            (level.to_string(), event)
+        })
+        .collect();
+    assert_eq!(events[0].0, "error");
+    assert_eq!(events[1].0, "info");
+    assert!(condition.holds(&events[0].1), "{}", events[0].1);
+    assert!(!condition.holds(&events[1].1), "{}", events[1].1);
 }

@@ -1424,7 +1424,10 @@ impl Config {
                 }
                 if matches!(
                     self.input.format,
-                    crate::event::InputFormat::Auto | crate::event::InputFormat::Text
+                    crate::event::InputFormat::Auto
+                        | crate::event::InputFormat::Text
+                        | crate::event::InputFormat::OtlpProto
+                        | crate::event::InputFormat::OtlpJson
                 ) {
                     let mapped = self
                         .input
@@ -3056,9 +3059,31 @@ mod tests {
                 "format = \"auto\"\nlevel_map = { W = \"\" }",
                 "`input.level_map.W`: names and levels must not be empty",
             ),
+            // OTLP requests carry their severity: nothing to map or find.
+            (
+                "format = \"otlp_proto\"\nlevel_map = { W = \"warning\" }",
+                "`input.level_map`: is read with input.format = \"auto\" or \"text\" only",
+            ),
+            (
+                "format = \"otlp_json\"\nlevel_field = \"severity\"",
+                "`input.level_field`: is read with input.format = \"auto\" or \"text\" only",
+            ),
+            (
+                "format = \"otlp_proto\"\nlogfmt = true",
+                "`input.logfmt`: is read with input.format = \"text\" only",
+            ),
+            ("format = \"otlp\"", "input.format"),
         ] {
             let err = error_of(&format!("{MINIMAL}\n[input]\n{input}\n"));
             assert!(err.contains(expected), "expected `{expected}` in: {err}");
+        }
+        for (name, format) in [
+            ("otlp_proto", crate::event::InputFormat::OtlpProto),
+            ("otlp_json", crate::event::InputFormat::OtlpJson),
+        ] {
+            let otlp = load(&format!("{MINIMAL}\n[input]\nformat = \"{name}\"\n")).expect("valid");
+            assert_eq!(otlp.input.format, format);
+            assert!(otlp.input.decoder().expect("a decoder").splits());
         }
         let mapped = load(&format!(
             "{MINIMAL}\n[input]\nformat = \"auto\"\nlevel_field = [\"log.level\"]\nlevel_map = {{ W = \"warning\" }}\n"

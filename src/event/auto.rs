@@ -35,8 +35,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde::{Deserialize, Serialize};
 
 use super::{
-    decode_text, json_body, not_object, Decoded, Form, Level, Outcome, Routing, Scalar, ScalarSeed,
-    Skip, SkipVisitor, TextFormat,
+    decode_text, json_body, not_object, Decoded, Form, Level, OtlpEncoding, Outcome, Part, Routing,
+    Scalar, ScalarSeed, Skip, SkipVisitor, TextFormat,
 };
 use crate::event::DecodeError;
 
@@ -53,6 +53,12 @@ pub enum InputFormat {
     /// A line of plain text, its level found by a pattern, a logfmt key or fixed (see
     /// [`TextFormat`]).
     Text,
+    /// An OTLP logs export request in protobuf, a batch of events (see [`super::otlp`]).
+    #[serde(rename = "otlp_proto", alias = "otlp-proto")]
+    OtlpProto,
+    /// An OTLP logs export request in OTLP JSON, a batch of events (see [`super::otlp`]).
+    #[serde(rename = "otlp_json", alias = "otlp-json")]
+    OtlpJson,
 }
 
 impl InputFormat {
@@ -89,6 +95,7 @@ enum Reading {
     Strict,
     Auto(Option<Arc<Mapping>>),
     Text(Arc<TextFormat>),
+    Otlp(OtlpEncoding),
 }
 
 /// What `input.level_field` and `input.level_map` say.
@@ -158,6 +165,8 @@ impl Decoder {
                 "info",
                 mapping.unwrap_or_default(),
             ))),
+            InputFormat::OtlpProto => Reading::Otlp(OtlpEncoding::Proto),
+            InputFormat::OtlpJson => Reading::Otlp(OtlpEncoding::Json),
         };
         Decoder { reading }
     }
@@ -183,6 +192,27 @@ impl Decoder {
             Reading::Text(format) => format
                 .decode(payload, max_bytes, false)
                 .map(|(level, _)| level),
+            Reading::Otlp(_) => self
+                .decode(payload, max_bytes, false)
+                .map(|decoded| decoded.level),
+        }
+    }
+
+    /// Whether payloads hold a batch of events each ([`Decoder::split`]).
+    pub fn splits(&self) -> bool {
+        matches!(self.reading, Reading::Otlp(_))
+    }
+
+    /// For a format whose payloads hold a batch of events (OTLP), each event of `payload`
+    /// ([`super::otlp::split`]); `None` for a format of one event per payload.
+    pub fn split(
+        &self,
+        payload: Option<&[u8]>,
+        max_bytes: usize,
+    ) -> Option<Result<Vec<Part>, DecodeError>> {
+        match &self.reading {
+            Reading::Otlp(encoding) => Some(super::otlp::split(*encoding, payload, max_bytes)),
+            Reading::Strict | Reading::Auto(_) | Reading::Text(_) => None,
         }
     }
 
@@ -222,6 +252,20 @@ impl Decoder {
                     level,
                     service,
                     form: Form::Text(format.clone()),
+                })
+            }
+            // The router splits a batch before anything reads it (see `split`); read whole,
+            // a batch stands for its first log record (for tools), or its first problem.
+            Reading::Otlp(encoding) => {
+                let parts = super::otlp::split(*encoding, payload, max_bytes)?;
+                let first = parts.into_iter().next().map(|part| part.decoded);
+                let (level, service) = first.unwrap_or(Err(DecodeError::MissingField {
+                    field: "logRecords",
+                }))?;
+                Ok(Decoded {
+                    level,
+                    service: service.filter(|_| with_service),
+                    form: Form::Object,
                 })
             }
         }
@@ -462,7 +506,7 @@ fn variant_level(name: &str, mapping: Option<&Mapping>) -> Option<Level> {
     known.then(|| normalise(name))
 }
 
-fn normalise(name: &str) -> Level {
+pub(super) fn normalise(name: &str) -> Level {
     for &(alias, level) in ALIASES {
         if name.eq_ignore_ascii_case(alias) {
             return Level::new(level);

@@ -2,7 +2,9 @@
 //! the benchmark's own events (which both JSON formats read) and, for `auto`, over the same
 //! events as pino writes them (a numeric `level`, `msg`, `time`) and in the seed article's serde
 //! form (`{"Error":{...}}`), and, for `text`, over the same events as plain lines (the level
-//! found by a pattern) and as logfmt (the level in a key).
+//! found by a pattern) and as logfmt (the level in a key), and for `otlp_proto` over the same
+//! events as the OpenTelemetry Collector's Kafka exporter writes them (protobuf requests of
+//! [`OTLP_BATCH`] log records; the cost is per log record, splitting the request included).
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -17,6 +19,9 @@ const EVENTS: u64 = 200_000;
 
 /// The pattern of the plain text lines: a timestamp, the level, the service in brackets.
 const LINE_PATTERN: &str = r"^\S+ (?P<level>[A-Z]+) \[(?P<service>[^\]]*)\] ";
+
+/// Log records per OTLP request in the `otlp_proto` row.
+const OTLP_BATCH: usize = 100;
 
 /// Measures and prints the decoder cost of every format (medians of `options.runs`).
 pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
@@ -104,11 +109,14 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
             &logfmt,
         ),
     ];
+    let otlp = otlp_requests(&strict, options.payload_bytes)?;
     let mut costs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut otlp_costs = Vec::new();
     for _ in 0..options.runs {
         for ((name, decoder, payloads), costs) in cases.iter().zip(&mut costs) {
             costs.push(cost(name, decoder, payloads)?);
         }
+        otlp_costs.push(otlp_cost(&otlp)?);
     }
     println!();
     println!(
@@ -119,6 +127,11 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
     for ((name, _, _), median) in cases.iter().zip(&medians) {
         println!("{name:<36} {median:.3} cpu s/M ev");
     }
+    let otlp_median = median(otlp_costs);
+    println!(
+        "{:<36} {otlp_median:.3} cpu s/M ev",
+        format!("otlp_proto format, {OTLP_BATCH} per request")
+    );
     println!(
         "auto / logbridge on the same events = {:.2} (target <= 1.20)",
         medians[1] / medians[0]
@@ -129,6 +142,107 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
         medians[5] / medians[0]
     );
     Ok(())
+}
+
+/// The benchmark's events as OTLP protobuf requests of [`OTLP_BATCH`] log records each: the
+/// level as the severity, the message as the body (padded to `payload_bytes` as the JSON events
+/// are), the service as the resource's `service.name` (one resource per service, as the
+/// collector groups them), the id as an attribute.
+fn otlp_requests(events: &[Vec<u8>], payload_bytes: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prost::Message as _;
+
+    let text = |text: &str| AnyValue {
+        value: Some(any_value::Value::StringValue(text.to_string())),
+    };
+    let mut requests = Vec::new();
+    for chunk in events.chunks(OTLP_BATCH) {
+        let mut by_service: std::collections::BTreeMap<String, Vec<LogRecord>> = Default::default();
+        for (id, payload) in chunk.iter().enumerate() {
+            let event: serde_json::Value = serde_json::from_slice(payload)?;
+            let level = crate::event::Level::new(event["level"].as_str().unwrap_or("info"));
+            let number = match level.as_str() {
+                "trace" => 1,
+                "debug" => 5,
+                "info" => 9,
+                "warning" => 13,
+                "error" => 17,
+                _ => 21,
+            };
+            let mut message = event["message"].as_str().unwrap_or_default().to_string();
+            if message.len() < payload_bytes.saturating_sub(100) {
+                message.extend(std::iter::repeat_n(
+                    'x',
+                    payload_bytes - 100 - message.len(),
+                ));
+            }
+            by_service
+                .entry(event["service"].as_str().unwrap_or("none").to_string())
+                .or_default()
+                .push(LogRecord {
+                    time_unix_nano: 1_796_000_000_000_000_000 + id as u64,
+                    severity_number: number,
+                    body: Some(text(&message)),
+                    attributes: vec![KeyValue {
+                        key: "id".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::IntValue(id as i64)),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                });
+        }
+        let request = ExportLogsServiceRequest {
+            resource_logs: by_service
+                .into_iter()
+                .map(|(service, log_records)| ResourceLogs {
+                    resource: Some(Resource {
+                        attributes: vec![KeyValue {
+                            key: "service.name".into(),
+                            value: Some(text(&service)),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                    scope_logs: vec![ScopeLogs {
+                        log_records,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        requests.push(request.encode_to_vec());
+    }
+    Ok(requests)
+}
+
+/// CPU seconds per million log records to split every request and decode its log records;
+/// fails if one does not decode.
+fn otlp_cost(requests: &[Vec<u8>]) -> anyhow::Result<f64> {
+    let decoder = Decoder::from(InputFormat::OtlpProto);
+    let started = thread_cpu_seconds();
+    let (mut events, mut refused) = (0usize, 0usize);
+    for payload in requests {
+        match decoder.split(Some(std::hint::black_box(payload)), usize::MAX) {
+            Some(Ok(parts)) => {
+                events += parts.len();
+                refused += parts.iter().filter(|part| part.decoded.is_err()).count();
+                std::hint::black_box(parts);
+            }
+            _ => refused += OTLP_BATCH,
+        }
+    }
+    let seconds = thread_cpu_seconds() - started;
+    anyhow::ensure!(
+        refused == 0,
+        "otlp_proto: refused {refused} benchmark events"
+    );
+    Ok(seconds * 1e6 / events.max(1) as f64)
 }
 
 /// Pads a text line to `target` bytes with a logfmt pair at its end (` detail=xxx...`), as
@@ -160,6 +274,35 @@ fn cost(name: &str, decoder: &Decoder, payloads: &[Vec<u8>]) -> anyhow::Result<f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The otlp_proto row's requests hold the benchmark's events, each decoding at its level.
+    #[test]
+    fn the_otlp_rows_requests_split_into_the_events() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let events: Vec<Vec<u8>> = (0..250)
+            .map(|id| sample_event(&mut rng, id, 10, 0.0).1)
+            .collect();
+        let requests = otlp_requests(&events, 200).expect("requests");
+        assert_eq!(requests.len(), 3, "100, 100 and 50 log records");
+        let decoder = Decoder::from(InputFormat::OtlpProto);
+        let mut levels = std::collections::BTreeMap::<String, usize>::new();
+        for request in &requests {
+            let parts = decoder.split(Some(request), usize::MAX).expect("splits");
+            for part in parts.expect("a request") {
+                let (level, service) = part.decoded.expect("an event");
+                assert!(service.is_some());
+                *levels.entry(level.to_string()).or_default() += 1;
+            }
+        }
+        let mut want = std::collections::BTreeMap::<String, usize>::new();
+        for event in &events {
+            let event: serde_json::Value = serde_json::from_slice(event).expect("JSON");
+            let level = crate::event::Level::new(event["level"].as_str().expect("a level"));
+            *want.entry(level.to_string()).or_default() += 1;
+        }
+        assert_eq!(levels, want);
+        assert!(otlp_cost(&requests).expect("all decode") > 0.0);
+    }
 
     #[test]
     fn a_padded_line_has_the_target_length_and_keeps_its_level() {
