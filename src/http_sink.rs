@@ -834,6 +834,10 @@ fn write_document_id(out: &mut Vec<u8>, id_prefix: &str, record: &Record) {
     if let Some(timestamp) = record.timestamp {
         let _ = write!(out, "-{timestamp}");
     }
+    // The log records of one OTLP batch share its offset (and timestamp): each its own id.
+    if let Some(part) = record.part {
+        let _ = write!(out, "/{part}");
+    }
 }
 
 /// A topic name inside a JSON string (topic names are `[a-zA-Z0-9._-]`, but nothing breaks if
@@ -1733,6 +1737,32 @@ mod tests {
         };
         let elsewhere = bulk_ids(&other_cluster, &[stamped(3, 1_795_867_200_000)]);
         assert_eq!(elsewhere[0], "eu-2:logs-0-3-1795867200000");
+    }
+
+    /// The log records of one OTLP batch share its offset and timestamp: each must have an id
+    /// of its own, or every one after the first would be refused as "already there" (a 409
+    /// counts as delivered) and dropped in silence. A record that is not a part keeps its id.
+    #[test]
+    fn the_log_records_of_one_batch_have_ids_of_their_own() {
+        let layout = Layout::Bulk {
+            index: "logs".to_string(),
+            id_prefix: String::new(),
+        };
+        let part = |index| {
+            let mut record = record(3, "{\"a\":1}");
+            record.timestamp = Some(1_795_867_200_000);
+            record.part = index;
+            record
+        };
+        let ids = bulk_ids(&layout, &[part(Some(0)), part(Some(1)), part(None)]);
+        assert_eq!(
+            ids,
+            [
+                "logs-0-3-1795867200000/0",
+                "logs-0-3-1795867200000/1",
+                "logs-0-3-1795867200000"
+            ]
+        );
     }
 
     #[test]

@@ -553,7 +553,7 @@ mod tests {
             .expect("a request");
         let source = test_record(0, 9, None, Some(&request));
         let part = &parts[0];
-        let record = source.part(&part.payload, part.decoded.clone(), None);
+        let record = source.part(0, &part.payload, part.decoded.clone(), None);
         let mut body = Vec::new();
         assert_eq!(encode(&[&record], 7, &mut body), vec![None]);
         let exported = decode(&body);

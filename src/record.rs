@@ -143,6 +143,10 @@ pub struct Record {
     /// copies share this, and the record is finished when the last copy is
     /// ([`FanOut::finish`]).
     pub fan_out: Option<Arc<FanOut>>,
+    /// Which log record of its Kafka record's batch this is (`otlp_proto`, `otlp_json`: the
+    /// records of one batch share its offset); `None` for a record that is not a batch's part.
+    /// Destinations that name what they store by offset (Elasticsearch's document ids) add it.
+    pub part: Option<u32>,
 }
 
 /// The copies of one record sent to several routes (fan-out). Each copy is acked on its own;
@@ -505,6 +509,7 @@ impl Record {
             charge: self.charge.again(),
             destination: None,
             fan_out: Some(fan_out.clone()),
+            part: self.part,
         }
     }
 
@@ -515,6 +520,7 @@ impl Record {
     /// than one log record) is shared by all of the batch's records.
     pub fn part(
         &self,
+        index: u32,
         payload: &[u8],
         decoded: Result<(Level, Option<Box<str>>), DecodeError>,
         fan_out: Option<&Arc<FanOut>>,
@@ -539,6 +545,7 @@ impl Record {
             charge,
             destination: None,
             fan_out: fan_out.cloned(),
+            part: Some(index),
         }
     }
 
@@ -725,6 +732,7 @@ pub(crate) fn test_record(
         charge: Charge::default(),
         destination: None,
         fan_out: None,
+        part: None,
     }
 }
 

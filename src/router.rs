@@ -533,8 +533,13 @@ impl RouterActor {
                         .metrics
                         .in_flight
                         .add(parts.len().saturating_sub(1) as i64);
-                    for part in parts {
-                        batch.push(record.part(&part.payload, part.decoded, fan_out.as_ref()));
+                    for (index, part) in parts.into_iter().enumerate() {
+                        batch.push(record.part(
+                            index as u32,
+                            &part.payload,
+                            part.decoded,
+                            fan_out.as_ref(),
+                        ));
                     }
                 }
             }

@@ -1522,6 +1522,21 @@ impl Config {
                 }
                 SinkConfig::ObjectStore(store) => {
                     store.validate(&key("sink"))?;
+                    // An OTLP request becomes several records with one offset; an object's
+                    // name gives offsets, so a cut between two of them (a timing cut can fall
+                    // anywhere) would make a replay skip the half it did not store.
+                    if matches!(
+                        self.input.format,
+                        crate::event::InputFormat::OtlpProto | crate::event::InputFormat::OtlpJson
+                    ) {
+                        return Err(invalid(
+                            key("sink.type"),
+                            "an object store cannot archive `input.format = \"otlp_proto\"` or \
+                             `\"otlp_json\"` yet (the log records of one Kafka record share its \
+                             offset, which object names are built from, and a cut between them would \
+                             make a replay skip what was not stored): use another sink for it",
+                        ));
+                    }
                     // Two routes writing the same names would overwrite each other's objects.
                     if let Some(other) = self.routes[..index].iter().position(|other| {
                         matches!(&other.sink, SinkConfig::ObjectStore(o)
@@ -1975,6 +1990,19 @@ mod tests {
 
     fn load(text: &str) -> Result<Config, String> {
         load_jailed(text, &[])
+    }
+
+    #[test]
+    fn an_object_store_does_not_archive_otlp_input_and_says_so() {
+        let routes = "[[routes]]\nname = \"archive\"\ndefault = true\n\
+                      sink = { type = \"s3\", url = \"s3://b/p\" }\n";
+        let base = "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n";
+        for format in ["otlp_proto", "otlp_json"] {
+            let err =
+                load(&format!("{base}[input]\nformat = \"{format}\"\n{routes}")).expect_err(format);
+            assert!(err.contains("routes[0].sink.type"), "{err}");
+        }
+        load(&format!("{base}[input]\nformat = \"auto\"\n{routes}")).expect("auto archives");
     }
 
     /// The source options as `name=value` lines, in order.

@@ -739,6 +739,7 @@ impl ConsumerActor {
             charge: self.budget.charge(bytes),
             destination: None,
             fan_out: None,
+            part: None,
         };
         match &mut state.flow {
             // Fetched before the pause took effect: keep order behind what is already held.
