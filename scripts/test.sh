@@ -98,7 +98,7 @@ export LOGBRIDGE_MOTO
 # side, the
 # heavier broker-tier binaries in one and every other target in the other; a binary still runs
 # its heavy tests one at a time (tests/common: `serial`). A new test file joins the second lane.
-heavy=(crash churn exactly_once combinations secured)
+heavy=(crash churn exactly_once combinations secured object_store)
 alone=(bench)
 light=(--lib --bins)
 for file in tests/*.rs; do
