@@ -686,7 +686,6 @@ impl Writer {
         let settings = &destination.settings;
         let source = line.source.clone();
         let state = self.partitions.get_mut(&source).expect("filed");
-        let generation = state.generation;
         let cut = state.open.as_ref().and_then(|open| {
             if open.dir != dir {
                 Some("directory")
@@ -701,9 +700,7 @@ impl Writer {
             }
         });
         if let Some(cut) = cut {
-            let open = state.open.take().expect("an open object");
-            let closed = self.seal(&source, open, generation, cut);
-            self.enqueue(&source, closed);
+            self.close(&source, cut);
         }
         let compression = settings.compression;
         let (max_records, max_bytes) = (settings.max_records, settings.max_bytes);
@@ -738,9 +735,7 @@ impl Writer {
             None
         };
         if let Some(cut) = full {
-            let open = state.open.take().expect("an open object");
-            let closed = self.seal(&source, open, generation, cut);
-            self.enqueue(&source, closed);
+            self.close(&source, cut);
         }
     }
 
