@@ -417,13 +417,8 @@ fn decode_text<'p, T>(
     outcome
 }
 
-/// The checks every format shares, in order: tombstone, size, zero bytes, then UTF-8 over the
-/// text that `body` leaves of the payload (a suffix of it), which is returned.
-fn checked_text<'p>(
-    payload: Option<&'p [u8]>,
-    max_bytes: usize,
-    body: fn(&'p [u8]) -> &'p [u8],
-) -> Result<&'p str, DecodeError> {
+/// The checks every format makes first, text or binary, in order: tombstone, size, zero bytes.
+fn checked_payload(payload: Option<&[u8]>, max_bytes: usize) -> Result<&[u8], DecodeError> {
     let payload = payload.ok_or(DecodeError::Empty)?;
     if payload.len() > max_bytes {
         return Err(DecodeError::TooLarge {
@@ -434,6 +429,17 @@ fn checked_text<'p>(
     if payload.is_empty() {
         return Err(DecodeError::Empty);
     }
+    Ok(payload)
+}
+
+/// The checks every format shares, in order: tombstone, size, zero bytes, then UTF-8 over the
+/// text that `body` leaves of the payload (a suffix of it), which is returned.
+fn checked_text<'p>(
+    payload: Option<&'p [u8]>,
+    max_bytes: usize,
+    body: fn(&'p [u8]) -> &'p [u8],
+) -> Result<&'p str, DecodeError> {
+    let payload = checked_payload(payload, max_bytes)?;
     let body = body(payload);
     // Offsets are reported against the payload as it sits in Kafka, so a BOM or prefix counts.
     // `body` is a suffix of `payload`, so this cannot underflow.

@@ -518,14 +518,21 @@ impl Writer {
             self.file(line, (batch, index)).await;
         }
         self.check_done(batch);
-        if self
+        self.close_under_pressure();
+    }
+
+    /// Closes every open object when three quarters of the in-flight bound is held; whether
+    /// it did.
+    fn close_under_pressure(&mut self) -> bool {
+        let high = self
             .destination
             .pressure
             .as_ref()
-            .is_some_and(Pressure::high)
-        {
+            .is_some_and(Pressure::high);
+        if high {
             self.close_all("pressure");
         }
+        high
     }
 
     /// Files one line: into the open object of its partition, or finished at once when an
@@ -834,13 +841,7 @@ impl Writer {
     /// Closes objects idle past `idle_flush_ms` and those of partitions being revoked; all of
     /// them at the in-flight bound.
     fn on_tick(&mut self) {
-        if self
-            .destination
-            .pressure
-            .as_ref()
-            .is_some_and(Pressure::high)
-        {
-            self.close_all("pressure");
+        if self.close_under_pressure() {
             return;
         }
         let idle = Duration::from_millis(self.destination.settings.idle_flush_ms);

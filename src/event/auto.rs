@@ -357,18 +357,24 @@ impl Source {
                 50..60 => "error",
                 _ => "fatal",
             }),
-            // OpenTelemetry's SeverityNumber: ranges of four per level, 0 unspecified.
-            Source::SeverityNumber => match n {
-                1..=4 => Some("trace"),
-                5..=8 => Some("debug"),
-                9..=12 => Some("info"),
-                13..=16 => Some("warning"),
-                17..=20 => Some("error"),
-                21..=24 => Some("fatal"),
-                _ => None,
-            },
+            Source::SeverityNumber => i32::try_from(n).ok().and_then(severity_level),
             _ => None,
         }
+    }
+}
+
+/// The level of an OpenTelemetry `SeverityNumber`: ranges of four per level (1–4 trace, ...,
+/// 21–24 fatal); 0 (unspecified) and anything outside 1–24 have none. The `auto` decoder and the
+/// OTLP input formats read it.
+pub(crate) fn severity_level(number: i32) -> Option<&'static str> {
+    match number {
+        1..=4 => Some("trace"),
+        5..=8 => Some("debug"),
+        9..=12 => Some("info"),
+        13..=16 => Some("warning"),
+        17..=20 => Some("error"),
+        21..=24 => Some("fatal"),
+        _ => None,
     }
 }
 

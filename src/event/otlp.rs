@@ -45,8 +45,10 @@ use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use prost::Message as _;
 use serde_json::{Map, Value};
 
-use super::auto::normalise;
-use super::{checked_text, from_json_error, json_body, truncate_chars, DecodeError, Level};
+use super::auto::{normalise, severity_level};
+use super::{
+    checked_payload, checked_text, from_json_error, json_body, truncate_chars, DecodeError, Level,
+};
 
 /// Most log records one Kafka record may hold: each becomes a record of its own in the
 /// pipeline, so a small payload of many empty log records could otherwise take far more memory
@@ -86,16 +88,7 @@ pub fn split(
 }
 
 fn split_proto(payload: Option<&[u8]>, max_bytes: usize) -> Result<Vec<Part>, DecodeError> {
-    let payload = payload.ok_or(DecodeError::Empty)?;
-    if payload.len() > max_bytes {
-        return Err(DecodeError::TooLarge {
-            size: payload.len(),
-            limit: max_bytes,
-        });
-    }
-    if payload.is_empty() {
-        return Err(DecodeError::Empty);
-    }
+    let payload = checked_payload(payload, max_bytes)?;
     let request = ExportLogsServiceRequest::decode(payload).map_err(from_prost_error)?;
     let count = request
         .resource_logs
@@ -277,16 +270,7 @@ impl Around {
 
 /// The level of a severity: the number where it is one of 1–24, else the text.
 fn level_of(number: i32, text: &str) -> Result<Level, DecodeError> {
-    let by_number = match number {
-        1..=4 => Some("trace"),
-        5..=8 => Some("debug"),
-        9..=12 => Some("info"),
-        13..=16 => Some("warning"),
-        17..=20 => Some("error"),
-        21..=24 => Some("fatal"),
-        _ => None,
-    };
-    match (by_number, number) {
+    match (severity_level(number), number) {
         (Some(name), _) => Ok(Level::new(name)),
         (None, _) if !text.trim().is_empty() => Ok(normalise(text)),
         (None, 0) => Err(DecodeError::MissingField { field: "severity" }),
