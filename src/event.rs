@@ -241,6 +241,31 @@ pub enum DecodeError {
         /// prost's description, at most 120 characters.
         detail: String,
     },
+    /// `input.schema_registry`: the registry has no schema of the payload's id.
+    #[error("schema {id} is not in the schema registry: {detail}")]
+    UnknownSchema {
+        /// The payload's schema id.
+        id: u32,
+        /// The registry's answer.
+        detail: String,
+    },
+    /// `input.schema_registry`: the payload's schema cannot be used here (it does not
+    /// compile, a reference is missing, a type that is not Avro, Protobuf or JSON).
+    #[error("schema {id} cannot be read: {detail}")]
+    UnreadableSchema {
+        /// The payload's schema id.
+        id: u32,
+        /// Why.
+        detail: String,
+    },
+    /// `input.schema_registry`: the payload does not read with its schema.
+    #[error("payload does not match schema {id}: {detail}")]
+    SchemaMismatch {
+        /// The payload's schema id.
+        id: u32,
+        /// The decoder's description.
+        detail: String,
+    },
     /// `otlp_proto`, `otlp_json`: the request holds more log records than one Kafka record may.
     #[error("payload holds too many log records ({count}, limit {limit})")]
     TooManyRecords {
@@ -254,7 +279,7 @@ pub enum DecodeError {
 impl DecodeError {
     /// Short, low-cardinality reason for metrics labels and dead-letter headers:
     /// "empty","too_large","not_utf8","not_json","too_deep","not_object","missing_field","wrong_type","duplicate_field",
-    /// "not_protobuf","too_many_records"
+    /// "not_protobuf","too_many_records","unknown_schema","unreadable_schema","schema_mismatch"
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::Empty => "empty",
@@ -268,6 +293,9 @@ impl DecodeError {
             DecodeError::DuplicateField { .. } => "duplicate_field",
             DecodeError::NotProtobuf { .. } => "not_protobuf",
             DecodeError::TooManyRecords { .. } => "too_many_records",
+            DecodeError::UnknownSchema { .. } => "unknown_schema",
+            DecodeError::UnreadableSchema { .. } => "unreadable_schema",
+            DecodeError::SchemaMismatch { .. } => "schema_mismatch",
         }
     }
 }
@@ -344,6 +372,9 @@ pub enum Form {
     /// The payload is a line of text (`input.format = "text"`): the event is the object
     /// [`TextFormat`] makes of it (`level`, `message`, the pattern's groups, the logfmt pairs).
     Text(std::sync::Arc<TextFormat>),
+    /// The payload is in a Schema Registry's wire format (Avro or Protobuf): the event is the
+    /// JSON object it stands for, kept here (see `schema_registry`).
+    Registry(std::sync::Arc<[u8]>),
 }
 
 impl Form {
@@ -374,13 +405,14 @@ impl Form {
                 .event(payload, level)
                 .map(serde_json::Value::Object)
                 .ok_or_else(|| "the line is no longer readable".to_string()),
+            Form::Registry(json) => parse(json),
         }
     }
 
     /// The JSON text the file, HTTP and Elasticsearch sinks write for `payload`: its own JSON
     /// (the original bytes, past a Schema Registry prefix and a BOM; for the serde form too), or
     /// for a line of text the event [`Form::event`] makes of it.
-    pub fn json<'p>(&self, payload: &'p [u8], level: &Level) -> Cow<'p, [u8]> {
+    pub fn json<'p>(&'p self, payload: &'p [u8], level: &Level) -> Cow<'p, [u8]> {
         match self {
             Form::Object | Form::Wrapped => Cow::Borrowed(json_text(payload)),
             Form::Text(format) => {
@@ -388,6 +420,7 @@ impl Form {
                 // Serialising a map of JSON values into a Vec cannot fail.
                 Cow::Owned(serde_json::to_vec(&event).unwrap_or_default())
             }
+            Form::Registry(json) => Cow::Borrowed(json),
         }
     }
 }

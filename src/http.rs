@@ -148,6 +148,9 @@ pub struct HttpState {
     pub dead_letters: tokio::sync::watch::Receiver<Option<DeadLetterTrouble>>,
     /// The workers retrying a delivery (which route, since when, why), checked on `/readyz`.
     pub retrying: Retrying,
+    /// Why records wait for the schema registry (`input.schema_registry`), while they do;
+    /// checked on `/readyz`.
+    pub schema_registry: tokio::sync::watch::Receiver<Option<String>>,
     /// What the last cluster check found wrong (unreachable, credentials refused, subscribed
     /// topics missing), checked first on `/readyz`.
     pub cluster: tokio::sync::watch::Receiver<Option<ClusterProblem>>,
@@ -164,11 +167,12 @@ pub struct HttpState {
 
 impl HttpState {
     /// What holds the pipeline back, one line each (shown by `/readyz` and `/status`): the
-    /// dead-letter topic refusing writes, routes retrying a delivery, records in flight whose
+    /// dead-letter topic refusing writes, the schema registry failing, routes retrying a delivery, records in flight whose
     /// commit does not move (the committer sees them), and partitions behind that are not read
     /// at all (the consumer sees them).
     fn stall_descriptions(&self) -> Vec<String> {
         let dead_letters = self.dead_letters.borrow().as_ref().map(ToString::to_string);
+        let registry = self.schema_registry.borrow().clone();
         let retrying = self.retrying.snapshot();
         let unfinished: Vec<String> = self
             .stalls
@@ -179,6 +183,7 @@ impl HttpState {
         let unread = self.status.partitions.unread();
         dead_letters
             .into_iter()
+            .chain(registry)
             .chain(retrying.iter().map(ToString::to_string))
             .chain(unfinished)
             .chain(unread.iter().map(ToString::to_string))

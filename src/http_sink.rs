@@ -50,7 +50,7 @@ const BULK_ANSWER_MIN: usize = 1 << 20;
 /// other tasks.
 const GZIP_INLINE_MAX: usize = 64 << 10;
 /// How often a credential read through `${file:...}` is read again (a rotated token).
-const CREDENTIALS_CHECK_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const CREDENTIALS_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// After a 401 or 403: read again if this has passed since the last read.
 const CREDENTIALS_CHECK_REFUSED: Duration = Duration::from_secs(1);
 
@@ -164,7 +164,7 @@ pub struct HttpEndpoint {
 /// The `Authorization` header of a route, rebuilt when the token or password it was made from
 /// came from a `${file:...}` reference and the file was rewritten (a rotated token): the file
 /// is read again every [`CREDENTIALS_CHECK_EVERY`], and after a 401 or 403.
-struct Credentials {
+pub(crate) struct Credentials {
     auth: HttpAuth,
     state: std::sync::Mutex<CredentialState>,
 }
@@ -176,7 +176,7 @@ struct CredentialState {
 }
 
 impl Credentials {
-    fn new(auth: &HttpAuth) -> anyhow::Result<Credentials> {
+    pub(crate) fn new(auth: &HttpAuth) -> anyhow::Result<Credentials> {
         let secret = match auth {
             HttpAuth::Basic { password, .. } => password,
             HttpAuth::Bearer { token } => token,
@@ -192,7 +192,7 @@ impl Credentials {
 
     /// The header to send, after reading the secret's file again if `every` has passed;
     /// whether the secret changed.
-    fn current(&self, every: Duration) -> (HeaderValue, bool) {
+    pub(crate) fn current(&self, every: Duration) -> (HeaderValue, bool) {
         let mut state = self
             .state
             .lock()
@@ -216,6 +216,31 @@ impl Credentials {
         };
         (header.clone(), changed)
     }
+}
+
+/// A client that follows no redirect (a redirected POST would become a GET without the body
+/// and could answer 200: a redirect is an answer like any other 3xx, refused with its status),
+/// allows `timeout` for a request, connecting included, and trusts the system's roots and the
+/// certificates of `ca_file`.
+pub(crate) fn http_client(
+    timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<reqwest::Client> {
+    let mut client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .tls_built_in_native_certs(true);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("failed to read ca_file {}", path.display()))?;
+        for certificate in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("no PEM certificate in {}", path.display()))?
+        {
+            client = client.add_root_certificate(certificate);
+        }
+    }
+    client.build().context("failed to build the HTTP client")
 }
 
 /// The `Authorization` header of `auth` with `secret` as its token or password.
@@ -327,24 +352,10 @@ impl HttpEndpoint {
                 .with_context(|| format!("invalid value for header `{name}`"))?;
             headers.insert(name, value);
         }
-        let timeout = Duration::from_millis(config.timeout_ms);
-        let mut client = reqwest::Client::builder()
-            // A redirected POST would become a GET without the body and could answer 200:
-            // a redirect is an answer like any other 3xx (refused, with its status).
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .tls_built_in_native_certs(true);
-        if let Some(path) = &config.ca_file {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("failed to read ca_file {}", path.display()))?;
-            for certificate in reqwest::Certificate::from_pem_bundle(&pem)
-                .with_context(|| format!("no PEM certificate in {}", path.display()))?
-            {
-                client = client.add_root_certificate(certificate);
-            }
-        }
-        let client = client.build().context("failed to build the HTTP client")?;
+        let client = http_client(
+            Duration::from_millis(config.timeout_ms),
+            config.ca_file.as_deref(),
+        )?;
         Ok(HttpEndpoint {
             client,
             credentials,

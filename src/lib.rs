@@ -70,6 +70,7 @@ pub mod pipeline;
 pub mod producer;
 pub mod record;
 pub mod router;
+pub mod schema_registry;
 pub mod shape;
 pub mod sink;
 pub mod subscription;

@@ -197,9 +197,9 @@ pub fn otlp_rejected_records() -> &'static IntCounterVec {
     })
 }
 
-/// A process-wide counter family of the object-store sink (made in the sink, like
-/// [`otlp_rejected_records`]).
-fn object_store_counter(
+/// A process-wide counter family (of the object-store sink, the schema registry's client),
+/// made where it is counted, like [`otlp_rejected_records`].
+fn process_counter(
     cell: &'static std::sync::OnceLock<IntCounterVec>,
     name: &str,
     help: &str,
@@ -211,7 +211,7 @@ fn object_store_counter(
 /// Objects the object-store sink closed, by route and by what closed them.
 pub fn object_store_objects() -> &'static IntCounterVec {
     static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
-    object_store_counter(
+    process_counter(
         &CELL,
         "logbridge_object_store_objects_total",
         "Objects the object-store sink closed, by route and cut: records, bytes, directory or age (boundaries that depend only on the records), idle, revoke, flush or pressure (the clock, a rebalance, a shutdown, the in-flight bound).",
@@ -222,7 +222,7 @@ pub fn object_store_objects() -> &'static IntCounterVec {
 /// Records the object-store sink stored, or found stored already when replaying.
 pub fn object_store_records() -> &'static IntCounterVec {
     static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
-    object_store_counter(
+    process_counter(
         &CELL,
         "logbridge_object_store_records_total",
         "Records of the object-store sink by route and outcome: stored (in an object uploaded now) or already_stored (a replayed record an object stored before holds, not written again).",
@@ -233,7 +233,7 @@ pub fn object_store_records() -> &'static IntCounterVec {
 /// Compressed bytes of the objects uploaded.
 pub fn object_store_bytes() -> &'static IntCounterVec {
     static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
-    object_store_counter(
+    process_counter(
         &CELL,
         "logbridge_object_store_bytes_total",
         "Bytes (compressed) of the objects the object-store sink uploaded, by route.",
@@ -244,11 +244,22 @@ pub fn object_store_bytes() -> &'static IntCounterVec {
 /// Failed requests to the object store, retried.
 pub fn object_store_failures() -> &'static IntCounterVec {
     static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
-    object_store_counter(
+    process_counter(
         &CELL,
         "logbridge_object_store_failures_total",
         "Requests to the object store that failed and are retried (their records wait, uncommitted), by route and operation (upload, list).",
         &["route", "operation"],
+    )
+}
+
+/// Requests for schemas to the Schema Registry, by outcome.
+pub fn schema_registry_requests() -> &'static IntCounterVec {
+    static CELL: std::sync::OnceLock<IntCounterVec> = std::sync::OnceLock::new();
+    process_counter(
+        &CELL,
+        "logbridge_schema_registry_requests_total",
+        "Schema fetches from the Schema Registry (input.schema_registry) by outcome: answered (a schema, or the registry's \"no such schema\") or failed (unreachable, an error status: the records wait and the fetch is retried).",
+        &["outcome"],
     )
 }
 
@@ -679,6 +690,7 @@ impl Metrics {
             Box::new(object_store_records().clone()),
             Box::new(object_store_bytes().clone()),
             Box::new(object_store_failures().clone()),
+            Box::new(schema_registry_requests().clone()),
         ];
         for collector in collectors {
             // Names are unique literals above; a clash is a programming error caught by the

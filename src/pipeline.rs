@@ -227,6 +227,18 @@ pub async fn run(
         vec![committer.depth_probe()],
     ));
 
+    let registry = config
+        .input
+        .schema_registry
+        .as_ref()
+        .map(crate::schema_registry::SchemaRegistry::new)
+        .transpose()
+        .context("invalid input.schema_registry")?
+        .map(Arc::new);
+    let registry_trouble = match &registry {
+        Some(registry) => registry.trouble(),
+        None => tokio::sync::watch::channel(None).1,
+    };
     liveness.expect("router", 1);
     let (router, router_task) = RouterHandle::spawn(
         config.pipeline.router_capacity,
@@ -244,6 +256,8 @@ pub async fn run(
                 .context("invalid input configuration")?,
             unrouted: config.input.unrouted,
             gate: transactional.as_ref().map(|(_, gate)| gate.clone()),
+            registry,
+            stop: workers_stop.clone(),
         },
     );
     tasks.spawn(watch_actor(router_task, "router"));
@@ -286,6 +300,7 @@ pub async fn run(
             stalls,
             dead_letters: dead_letter_trouble,
             retrying,
+            schema_registry: registry_trouble,
             cluster: cluster.problem,
             subscription: cluster.subscription,
             status: Arc::new(StatusSource {

@@ -249,6 +249,11 @@ impl Conditions {
     }
 }
 
+/// The first wait before asking the schema registry again.
+const REGISTRY_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+/// The longest wait between requests to a failing schema registry.
+const REGISTRY_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the router links to.
 pub struct RouterLinks {
     /// Dispatches and the acks of records finished here.
@@ -270,6 +275,11 @@ pub struct RouterLinks {
     /// Held shut while a transaction ends (`delivery = "exactly-once"`): nothing is dispatched
     /// meanwhile. `None`: never held.
     pub gate: Option<crate::transaction::DispatchGate>,
+    /// `input.schema_registry`: where records in Confluent's wire format find their schemas.
+    pub registry: Option<Arc<crate::schema_registry::SchemaRegistry>>,
+    /// Cancelled after the final commit at shutdown: a batch still waiting for the schema
+    /// registry is given up (read again after a restart).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Sends records to the router (held by the consumer).
@@ -382,6 +392,11 @@ impl RouterActor {
             .collect();
         let gate = self.links.gate.clone();
         while self.receiver.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+            // Records in a Schema Registry's format wait here for their schemas, before they
+            // are dispatched: nothing is committed past them meanwhile.
+            if let Some(registry) = self.links.registry.clone() {
+                self.read_schemas(&registry, &mut batch).await;
+            }
             // While a transaction ends, nothing is dispatched; the batch waits here (its
             // partitions may be revoked or rewound meanwhile, so the fences are read after).
             let _pass = match &gate {
@@ -397,13 +412,7 @@ impl RouterActor {
                 },
                 None => None,
             };
-            // A record of a revoked assignment: its partition went to another owner, which
-            // reads it again; dispatching it would only make a duplicate.
-            let revoked = self.links.fences.remove_revoked(&mut batch);
-            if revoked > 0 {
-                self.links.metrics.in_flight.sub(revoked as i64);
-                self.links.metrics.abandoned.inc_by(revoked as u64);
-            }
+            self.drop_revoked(&mut batch);
             if batch.is_empty() {
                 continue;
             }
@@ -421,6 +430,74 @@ impl RouterActor {
                 return;
             }
         }
+    }
+
+    /// Drops the records of revoked assignments: their partitions went to other owners, which
+    /// read them again; dispatching them would only make duplicates.
+    fn drop_revoked(&self, batch: &mut Vec<Record>) {
+        let revoked = self.links.fences.remove_revoked(batch);
+        self.abandon(revoked);
+    }
+
+    /// Counts `count` records given up (read again by whoever owns their partitions next).
+    fn abandon(&self, count: usize) {
+        if count > 0 {
+            self.links.metrics.in_flight.sub(count as i64);
+            self.links.metrics.abandoned.inc_by(count as u64);
+        }
+    }
+
+    /// Reads the batch's records in a Schema Registry's wire format with their schemas
+    /// ([`crate::schema_registry`]), fetching those not known yet. While the registry fails,
+    /// the batch waits here and the fetch is retried (backoff from 100 ms to 5 s); `/readyz`
+    /// says why. Records whose partitions are revoked meanwhile are dropped; at shutdown the
+    /// batch is given up.
+    async fn read_schemas(
+        &self,
+        registry: &crate::schema_registry::SchemaRegistry,
+        batch: &mut Vec<Record>,
+    ) {
+        let mut lookup = registry.lookup(batch);
+        let mut failing_since: Option<std::time::Instant> = None;
+        let mut backoff = REGISTRY_BACKOFF_FIRST;
+        while let Some(&id) = lookup.wanted.first() {
+            let outcome = registry.fetch(id).await;
+            crate::metrics::schema_registry_requests()
+                .with_label_values(&[if outcome.is_ok() { "answered" } else { "failed" }])
+                .inc();
+            match outcome {
+                Ok(schema) => {
+                    lookup.insert(id, schema);
+                    if failing_since.take().is_some() {
+                        registry.set_trouble(None);
+                        tracing::info!(schema = id, "the schema registry answers again");
+                    }
+                    backoff = REGISTRY_BACKOFF_FIRST;
+                }
+                Err(why) => {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    warn!(schema = id, error = %why, "cannot fetch a schema; the records wait and are retried");
+                    registry.set_trouble(Some(format!(
+                        "the schema registry fails since {:.0} s ago ({} records wait for                          schema {id}, their offsets stay uncommitted): {why}",
+                        since.elapsed().as_secs_f64(),
+                        batch.len()
+                    )));
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.links.stop.cancelled() => {
+                            self.abandon(batch.len());
+                            batch.clear();
+                            return;
+                        }
+                    }
+                    backoff = (backoff * 2).min(REGISTRY_BACKOFF_MAX);
+                    self.drop_revoked(batch);
+                    let left = registry.lookup(batch).wanted;
+                    lookup.wanted.retain(|id| left.contains(id));
+                }
+            }
+        }
+        crate::schema_registry::SchemaRegistry::decode(&lookup, batch, &self.links.decoder);
     }
 
     /// Routes a batch: finishes what no route takes (one ack message for those), parks what
@@ -808,6 +885,8 @@ mod tests {
                 decoder: Decoder::default(),
                 unrouted: UnroutedPolicy::Ignore,
                 gate: None,
+                registry: None,
+                stop: Default::default(),
             },
         );
         assert!(matches!(router.offer(records), Offer::Taken));
@@ -1036,6 +1115,8 @@ mod tests {
                 decoder: Decoder::default(),
                 unrouted: UnroutedPolicy::Ignore,
                 gate: None,
+                registry: None,
+                stop: Default::default(),
             },
         );
         // Zero bytes (not a null value): malformed, not a tombstone.
@@ -1222,6 +1303,8 @@ mod tests {
                 decoder: Decoder::default(),
                 unrouted: UnroutedPolicy::Ignore,
                 gate: None,
+                registry: None,
+                stop: Default::default(),
             },
         );
         let records = vec![with_level(0, "k", "error"), with_level(1, "k", "info")];
@@ -1295,6 +1378,8 @@ mod tests {
                 decoder: Decoder::from(crate::event::InputFormat::OtlpProto),
                 unrouted: UnroutedPolicy::Ignore,
                 gate: None,
+                registry: None,
+                stop: Default::default(),
             },
         );
         let log = |severity_number: i32| LogRecord {

@@ -12,6 +12,7 @@ mod load_error;
 mod object_store;
 mod overrides;
 mod references;
+mod schema_registry;
 mod security;
 pub mod shape;
 
@@ -21,6 +22,7 @@ pub use http::{
 };
 pub use object_store::{ObjectCompression, ObjectStoreSinkConfig, StoreKind};
 pub use references::Reloading;
+pub use schema_registry::SchemaRegistryConfig;
 pub use security::{SaslMechanism, SecurityConfig, SecurityProtocol};
 pub use shape::{ConditionConfig, TransformConfig};
 
@@ -177,6 +179,11 @@ pub struct InputConfig {
     /// `text` only: read the line's `key=value` pairs (logfmt) as fields; a `service` key gives
     /// the service.
     pub logfmt: bool,
+    /// `auto` and `logbridge`: payloads in Confluent's wire format (Avro, Protobuf or JSON
+    /// behind a zero byte and a schema id) are decoded with their schemas from this registry,
+    /// and read as the JSON they stand for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema_registry: Option<SchemaRegistryConfig>,
 }
 
 /// A field of a JSON object, possibly nested.
@@ -230,6 +237,16 @@ impl InputConfig {
                     "an empty key: write keys separated by single dots, or a list of keys",
                 ));
             }
+        }
+        if let Some(registry) = &self.schema_registry {
+            if !matches!(self.format, InputFormat::Auto | InputFormat::Logbridge) {
+                return Err(invalid(
+                    "input.schema_registry",
+                    "is read with input.format = \"auto\" or \"logbridge\" only (the \
+                     decoded record is read as JSON)",
+                ));
+            }
+            registry.validate()?;
         }
         if !self.level_map.is_empty() && !auto && !text {
             return Err(invalid(
@@ -1838,6 +1855,9 @@ impl Config {
             }
         };
         hide(&mut config.kafka.security, &mut config.kafka.options);
+        if let Some(registry) = &mut config.input.schema_registry {
+            *registry = registry.redacted();
+        }
         if config.http.admin_token.is_some() {
             config.http.admin_token = Some(REDACTED.to_string());
         }

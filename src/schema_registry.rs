@@ -1,0 +1,730 @@
+//! Payloads in Confluent's wire format, read with their schemas from a Schema Registry
+//! (`[input.schema_registry]`).
+//!
+//! The format: a zero byte, the schema's id (4 bytes, big-endian), for Protobuf the message
+//! indexes (a count and the indexes, zigzag varints; a count of 0 stands for `[0]`, the file's
+//! first message), then the Avro binary datum, the Protobuf message or JSON text. The router
+//! hands each batch here before it decodes anything:
+//!
+//! * **Ids it does not know** are fetched (`GET <url>/schemas/ids/<id>`, references through
+//!   `GET <url>/subjects/<subject>/versions/<version>`) once, and kept (at most `max_schemas`;
+//!   past that the oldest is dropped and fetched again when needed).
+//! * **The registry down or failing** (unreachable, a timeout, a 5xx, credentials refused, a
+//!   404 that is not the registry's "schema not found"): the batch waits in the router and
+//!   the request is retried with backoff. Records wait behind it (the router's channel fills
+//!   and the consumer pauses its partitions), nothing is committed past them, and `/readyz`
+//!   says why. Never a dead letter for the registry's fault.
+//! * **An id the registry does not have** (its 404 with error code 40403): those records are
+//!   dead-lettered with reason `unknown_schema` (the answer is kept a minute, so a topic of
+//!   such records does not ask for each). A payload that does not read with its schema:
+//!   `schema_mismatch`; a schema that cannot be compiled here: `unreadable_schema`.
+//! * **What the rest of the pipeline sees.** An Avro or Protobuf record is read as the JSON
+//!   object it stands for (Avro unions as their value, bytes as base64, enums and Protobuf enums
+//!   by name, Protobuf fields by their names in the `.proto`, default values included); the
+//!   configured JSON format then finds its level, service and message there, as in any JSON
+//!   event. Sinks that forward bytes (Kafka, the dead-letter topic) forward the original
+//!   payload; sinks that write JSON write that object. A JSON Schema record is its JSON text.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rustc_hash::FxHashMap;
+use serde::Deserialize;
+
+use crate::config::SchemaRegistryConfig;
+use crate::event::{DecodeError, Decoder, Form};
+use crate::record::Record;
+
+/// How long the registry's "no such schema" is believed before asking again.
+const MISSING_KEPT: Duration = Duration::from_secs(60);
+/// Most schemas one schema may reference, directly or not.
+const MAX_REFERENCES: usize = 100;
+/// Most levels of references.
+const MAX_REFERENCE_DEPTH: usize = 10;
+/// Most message indexes of a Protobuf record (nesting of the message in its file).
+const MAX_MESSAGE_INDEXES: usize = 32;
+/// Deepest value an Avro record may nest (as serde_json allows for JSON).
+const MAX_DEPTH: usize = 128;
+/// Most bytes of the registry's answer kept for a message.
+const ANSWER_KEPT: usize = 300;
+
+/// The schema id of a payload in Confluent's wire format.
+pub fn wire_id(payload: &[u8]) -> Option<u32> {
+    match payload {
+        [0, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+/// A schema as the registry gave it, ready to read payloads.
+pub enum Schema {
+    /// An Avro schema and the named schemas it references.
+    Avro {
+        schema: apache_avro::Schema,
+        named: Vec<apache_avro::Schema>,
+    },
+    /// A Protobuf file (its imports compiled with it).
+    Protobuf {
+        file: prost_reflect::FileDescriptor,
+    },
+    /// A JSON Schema: the payload past the prefix is the JSON text.
+    Json,
+    /// The registry has no schema of this id (as of `since`).
+    Missing { why: String, since: Instant },
+    /// The registry gave a schema that cannot be used here.
+    Unreadable(String),
+}
+
+/// The schemas of one batch's records.
+#[derive(Default)]
+pub struct Lookup {
+    schemas: FxHashMap<u32, Arc<Schema>>,
+    /// Ids neither known nor fetched yet, in the order the batch has them.
+    pub wanted: Vec<u32>,
+}
+
+impl Lookup {
+    /// Records `schema` as the schema of `id`.
+    pub fn insert(&mut self, id: u32, schema: Arc<Schema>) {
+        self.schemas.insert(id, schema);
+        self.wanted.retain(|wanted| *wanted != id);
+    }
+}
+
+struct Cache {
+    schemas: FxHashMap<u32, Arc<Schema>>,
+    /// Ids in the order they were kept, oldest first.
+    order: VecDeque<u32>,
+    limit: usize,
+}
+
+/// A Schema Registry client and the schemas it fetched.
+pub struct SchemaRegistry {
+    client: reqwest::Client,
+    /// The base URL, without a trailing `/`.
+    base: String,
+    credentials: Option<crate::http_sink::Credentials>,
+    cache: Mutex<Cache>,
+    /// Why records wait for the registry, while they do (shown by `/readyz` and `/status`).
+    trouble: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// The registry's answer for a schema.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Answer {
+    schema: String,
+    #[serde(default)]
+    schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    name: String,
+    subject: String,
+    version: i64,
+}
+
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    error_code: i64,
+}
+
+/// Why a fetch did not give a schema: the record's fault (`Missing`) or the registry's.
+enum Failure {
+    Missing(String),
+    Registry(String),
+}
+
+impl SchemaRegistry {
+    /// A client of the registry `config` names.
+    pub fn new(config: &SchemaRegistryConfig) -> anyhow::Result<SchemaRegistry> {
+        let client = crate::http_sink::http_client(
+            Duration::from_millis(config.timeout_ms),
+            config.ca_file.as_deref(),
+        )?;
+        let credentials = config
+            .auth
+            .as_ref()
+            .map(crate::http_sink::Credentials::new)
+            .transpose()
+            .context("input.schema_registry.auth")?;
+        Ok(SchemaRegistry {
+            client,
+            base: config.url.trim_end_matches('/').to_string(),
+            credentials,
+            cache: Mutex::new(Cache {
+                schemas: FxHashMap::default(),
+                order: VecDeque::new(),
+                limit: config.max_schemas,
+            }),
+            trouble: tokio::sync::watch::channel(None).0,
+        })
+    }
+
+    /// Why records wait for the registry, while they do.
+    pub fn trouble(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.trouble.subscribe()
+    }
+
+    /// Says why records wait (`None`: they no longer do).
+    pub fn set_trouble(&self, why: Option<String>) {
+        self.trouble.send_if_modified(|now| {
+            let changed = *now != why;
+            *now = why;
+            changed
+        });
+    }
+
+    /// The schemas the batch's records in the wire format need that are known, and the ids
+    /// that are not (a "no such schema" older than [`MISSING_KEPT`] is asked again).
+    pub fn lookup(&self, batch: &[Record]) -> Lookup {
+        let mut lookup = Lookup::default();
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        for record in batch {
+            let Some(id) = pending_id(record) else {
+                continue;
+            };
+            if lookup.schemas.contains_key(&id) || lookup.wanted.contains(&id) {
+                continue;
+            }
+            match cache.schemas.get(&id) {
+                Some(schema) if !stale(schema) => {
+                    lookup.schemas.insert(id, schema.clone());
+                }
+                _ => lookup.wanted.push(id),
+            }
+        }
+        lookup
+    }
+
+    /// Fetches the schema of `id` (and what it references) and keeps it; `Err` says why the
+    /// registry did not answer with a schema or a "no such schema" (to retry).
+    pub async fn fetch(&self, id: u32) -> Result<Arc<Schema>, String> {
+        let schema = match self.get_answer(&format!("/schemas/ids/{id}")).await {
+            Ok(answer) => match self.compile(id, answer).await {
+                Ok(schema) => schema,
+                Err(Failure::Registry(why)) => return Err(why),
+                Err(Failure::Missing(why)) => Schema::Unreadable(why),
+            },
+            Err(Failure::Missing(why)) => Schema::Missing {
+                why,
+                since: Instant::now(),
+            },
+            Err(Failure::Registry(why)) => return Err(why),
+        };
+        let schema = Arc::new(schema);
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.schemas.insert(id, schema.clone()).is_none() {
+            cache.order.push_back(id);
+        }
+        while cache.order.len() > cache.limit {
+            if let Some(oldest) = cache.order.pop_front() {
+                cache.schemas.remove(&oldest);
+            }
+        }
+        Ok(schema)
+    }
+
+    /// Schemas kept now.
+    pub fn kept(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .schemas
+            .len()
+    }
+
+    /// Whether the registry answers (`GET <url>/subjects`), for `check-config --connect`.
+    pub async fn probe(&self) -> Result<String, String> {
+        let response = self.get("/subjects").await.map_err(|why| why.to_string())?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(format!("answered GET /subjects with {}", status.as_u16()))
+        } else {
+            let body = response.bytes().await.unwrap_or_default();
+            Err(format!(
+                "GET /subjects answered HTTP {}: {}",
+                status.as_u16(),
+                excerpt(&body)
+            ))
+        }
+    }
+
+    async fn get(&self, path: &str) -> Result<reqwest::Response, String> {
+        let mut request = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .header(
+                reqwest::header::ACCEPT,
+                "application/vnd.schemaregistry.v1+json, application/json",
+            );
+        if let Some(credentials) = &self.credentials {
+            let (header, _) = credentials.current(crate::http_sink::CREDENTIALS_CHECK_EVERY);
+            request = request.header(reqwest::header::AUTHORIZATION, header);
+        }
+        request.send().await.map_err(|err| {
+            let message = crate::http_sink::with_causes(&err);
+            let message = crate::config::redact_url_in(&message, &self.base);
+            format!("cannot reach the schema registry: {message}")
+        })
+    }
+
+    /// The registry's answer at `path`: a schema, its "not found" (error code 40403 for a
+    /// schema, 40401 and 40402 for a reference's subject and version), or a failure.
+    async fn get_answer(&self, path: &str) -> Result<Answer, Failure> {
+        let response = self.get(path).await.map_err(Failure::Registry)?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.map_err(|err| {
+            Failure::Registry(format!(
+                "the schema registry's answer to GET {path} broke off: {}",
+                crate::http_sink::with_causes(&err)
+            ))
+        })?;
+        if status == 200 {
+            return serde_json::from_slice::<Answer>(&body).map_err(|err| {
+                Failure::Registry(format!(
+                    "the schema registry's answer to GET {path} is not a schema ({err}): {}",
+                    excerpt(&body)
+                ))
+            });
+        }
+        let code = serde_json::from_slice::<ErrorAnswer>(&body).map(|answer| answer.error_code);
+        match (status, code) {
+            (404, Ok(40401..=40403)) => Err(Failure::Missing(format!(
+                "the schema registry has none at {path}: {}",
+                excerpt(&body)
+            ))),
+            (404, _) => Err(Failure::Registry(format!(
+                "GET {path} answered HTTP 404 without the registry's error code (is \
+                 input.schema_registry.url the API's base?): {}",
+                excerpt(&body)
+            ))),
+            _ => Err(Failure::Registry(format!(
+                "the schema registry answered GET {path} with HTTP {status}: {}",
+                excerpt(&body)
+            ))),
+        }
+    }
+
+    /// The usable schema of `answer`, with its references fetched; `Failure::Missing` for a
+    /// schema that cannot be used (a reference the registry lacks, a schema that does not
+    /// compile, a type not known here).
+    async fn compile(&self, id: u32, answer: Answer) -> Result<Schema, Failure> {
+        let kind = answer.schema_type.as_deref().unwrap_or("AVRO").to_ascii_uppercase();
+        let mut referenced: Vec<(String, String)> = Vec::new();
+        self.references(&answer.references, 0, &mut referenced)
+            .await?;
+        let unreadable = |why: String| Failure::Missing(format!("schema {id}: {why}"));
+        match kind.as_str() {
+            "AVRO" => {
+                let (schema, named) = apache_avro::Schema::parse_str_with_list(
+                    &answer.schema,
+                    referenced.iter().map(|(_, text)| text),
+                )
+                .map_err(|err| unreadable(format!("not an Avro schema: {err}")))?;
+                Ok(Schema::Avro { schema, named })
+            }
+            "PROTOBUF" => {
+                let name = format!("logbridge-schema-{id}.proto");
+                let file = compile_proto(&name, &answer.schema, referenced)
+                    .map_err(|err| unreadable(format!("not a Protobuf schema: {err}")))?;
+                Ok(Schema::Protobuf { file })
+            }
+            "JSON" => Ok(Schema::Json),
+            other => Err(unreadable(format!("schema type `{other}` is not read here"))),
+        }
+    }
+
+    /// Fetches `references` and theirs, depth first (a schema after those it references),
+    /// into `into` as (import name, text).
+    async fn references(
+        &self,
+        references: &[Reference],
+        depth: usize,
+        into: &mut Vec<(String, String)>,
+    ) -> Result<(), Failure> {
+        if references.is_empty() {
+            return Ok(());
+        }
+        if depth >= MAX_REFERENCE_DEPTH {
+            return Err(Failure::Missing(format!(
+                "references nest deeper than {MAX_REFERENCE_DEPTH} levels"
+            )));
+        }
+        for reference in references {
+            if into.iter().any(|(name, _)| *name == reference.name) {
+                continue;
+            }
+            if into.len() >= MAX_REFERENCES {
+                return Err(Failure::Missing(format!(
+                    "more than {MAX_REFERENCES} references"
+                )));
+            }
+            let subject: String = url_segment(&reference.subject);
+            let answer = self
+                .get_answer(&format!(
+                    "/subjects/{subject}/versions/{}",
+                    reference.version
+                ))
+                .await?;
+            Box::pin(self.references(&answer.references, depth + 1, into)).await?;
+            into.push((reference.name.clone(), answer.schema));
+        }
+        Ok(())
+    }
+
+    /// Reads each record of `batch` in the wire format whose schema `lookup` has, as the JSON
+    /// it stands for, and decodes that with `decoder`; a record whose schema is missing or
+    /// unusable, or that does not read with it, is marked with why (the router dead-letters
+    /// it). Records of JSON schemas, and those `lookup` lacks, are left to the decoder.
+    pub fn decode(lookup: &Lookup, batch: &mut [Record], decoder: &Decoder) {
+        for record in batch.iter_mut() {
+            let Some(id) = pending_id(record) else {
+                continue;
+            };
+            let Some(schema) = lookup.schemas.get(&id) else {
+                continue;
+            };
+            let Some(payload) = record.payload() else {
+                continue;
+            };
+            let body = &payload[5..];
+            let json = match &**schema {
+                Schema::Json => continue,
+                Schema::Missing { why, .. } => Err(DecodeError::UnknownSchema {
+                    id,
+                    detail: truncate(why),
+                }),
+                Schema::Unreadable(why) => Err(DecodeError::UnreadableSchema {
+                    id,
+                    detail: truncate(why),
+                }),
+                Schema::Avro { schema, named } => read_avro(schema, named, body),
+                Schema::Protobuf { file } => read_protobuf(file, body),
+            }
+            .and_then(|value| {
+                serde_json::to_vec(&value).map_err(|err| DecodeError::SchemaMismatch {
+                    id,
+                    detail: truncate(&err.to_string()),
+                })
+            })
+            .map_err(|err| match err {
+                DecodeError::SchemaMismatch { detail, .. } => {
+                    DecodeError::SchemaMismatch { id, detail }
+                }
+                other => other,
+            });
+            record.decoded = Some(json.and_then(|json| {
+                let decoded = decoder.decode(Some(&json), usize::MAX, true)?;
+                record.service = decoded.service;
+                record.form = Form::Registry(json.into());
+                Ok(decoded.level)
+            }));
+        }
+    }
+}
+
+/// The schema id of a record that is in the wire format and not decoded yet.
+fn pending_id(record: &Record) -> Option<u32> {
+    if record.decoded.is_some() {
+        return None;
+    }
+    record.payload().and_then(wire_id)
+}
+
+fn stale(schema: &Schema) -> bool {
+    matches!(schema, Schema::Missing { since, .. } if since.elapsed() > MISSING_KEPT)
+}
+
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(ANSWER_KEPT)]);
+    text.trim().to_string()
+}
+
+fn truncate(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((at, _)) => format!("{}...", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+/// A subject as one path segment (percent-encoded).
+fn url_segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+fn mismatch(detail: impl std::fmt::Display) -> DecodeError {
+    DecodeError::SchemaMismatch {
+        id: 0,
+        detail: truncate(&detail.to_string()),
+    }
+}
+
+/// The Avro datum `body` as JSON; it must be the whole body.
+fn read_avro(
+    schema: &apache_avro::Schema,
+    named: &[apache_avro::Schema],
+    body: &[u8],
+) -> Result<serde_json::Value, DecodeError> {
+    let mut reader = body;
+    let value = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+        .writer_schemata(named.iter().collect())
+        .map_err(mismatch)?
+        .build()
+        .map_err(mismatch)?
+        .read_value(&mut reader)
+        .map_err(mismatch)?;
+    if !reader.is_empty() {
+        return Err(mismatch(format!(
+            "{} bytes left over after the datum",
+            reader.len()
+        )));
+    }
+    avro_json(value, 0)
+}
+
+/// An Avro value as JSON: unions as their value, bytes and fixed as base64, enums by name,
+/// logical types as their underlying number (dates in days, times and timestamps in their
+/// unit), decimals as their unscaled integer's text, UUIDs as text.
+fn avro_json(value: apache_avro::types::Value, depth: usize) -> Result<serde_json::Value, DecodeError> {
+    use apache_avro::types::Value as Avro;
+    use base64::Engine as _;
+    use serde_json::Value as Json;
+    if depth > MAX_DEPTH {
+        return Err(DecodeError::TooDeep);
+    }
+    let base64 = |bytes: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    let float = |number: f64| {
+        serde_json::Number::from_f64(number)
+            .map(Json::Number)
+            .unwrap_or_else(|| Json::String(number.to_string()))
+    };
+    Ok(match value {
+        Avro::Null => Json::Null,
+        Avro::Boolean(b) => Json::Bool(b),
+        Avro::Int(n) | Avro::Date(n) | Avro::TimeMillis(n) => Json::from(n),
+        Avro::Long(n)
+        | Avro::TimeMicros(n)
+        | Avro::TimestampMillis(n)
+        | Avro::TimestampMicros(n)
+        | Avro::TimestampNanos(n)
+        | Avro::LocalTimestampMillis(n)
+        | Avro::LocalTimestampMicros(n)
+        | Avro::LocalTimestampNanos(n) => Json::from(n),
+        Avro::Float(f) => float(f64::from(f)),
+        Avro::Double(f) => float(f),
+        Avro::Bytes(bytes) | Avro::Fixed(_, bytes) => base64(&bytes),
+        Avro::String(text) | Avro::Enum(_, text) => Json::String(text),
+        Avro::Union(_, inner) => avro_json(*inner, depth)?,
+        Avro::Array(items) => Json::Array(
+            items
+                .into_iter()
+                .map(|item| avro_json(item, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        Avro::Map(entries) => {
+            let mut entries: Vec<_> = entries.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Json::Object(
+                entries
+                    .into_iter()
+                    .map(|(key, item)| Ok((key, avro_json(item, depth + 1)?)))
+                    .collect::<Result<_, DecodeError>>()?,
+            )
+        }
+        Avro::Record(fields) => Json::Object(
+            fields
+                .into_iter()
+                .map(|(key, item)| Ok((key, avro_json(item, depth + 1)?)))
+                .collect::<Result<_, DecodeError>>()?,
+        ),
+        Avro::Decimal(decimal) => {
+            let bytes: Vec<u8> = Vec::try_from(decimal).map_err(mismatch)?;
+            Json::String(signed_decimal_text(&bytes))
+        }
+        Avro::BigDecimal(decimal) => Json::String(decimal.to_string()),
+        Avro::Duration(duration) => serde_json::json!({
+            "months": u32::from(duration.months()),
+            "days": u32::from(duration.days()),
+            "millis": u32::from(duration.millis()),
+        }),
+        Avro::Uuid(uuid) => Json::String(uuid.to_string()),
+    })
+}
+
+/// The decimal text of a big-endian two's complement integer.
+fn signed_decimal_text(bytes: &[u8]) -> String {
+    let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+    // Magnitude, big-endian: the bytes themselves, or their two's complement negation.
+    let mut magnitude: Vec<u8> = if negative {
+        let mut inverted: Vec<u8> = bytes.iter().map(|b| !b).collect();
+        for byte in inverted.iter_mut().rev() {
+            let (sum, carry) = byte.overflowing_add(1);
+            *byte = sum;
+            if !carry {
+                break;
+            }
+        }
+        inverted
+    } else {
+        bytes.to_vec()
+    };
+    // Repeated division by 10 of the big-endian magnitude.
+    let mut digits = Vec::new();
+    while magnitude.iter().any(|b| *b != 0) {
+        let mut remainder = 0u32;
+        for byte in magnitude.iter_mut() {
+            let current = (remainder << 8) | u32::from(*byte);
+            *byte = (current / 10) as u8;
+            remainder = current % 10;
+        }
+        digits.push(b'0' + remainder as u8);
+    }
+    if digits.is_empty() {
+        digits.push(b'0');
+    }
+    if negative {
+        digits.push(b'-');
+    }
+    digits.reverse();
+    String::from_utf8(digits).unwrap_or_default()
+}
+
+/// Compiles the Protobuf file `text` (named `name`) with the files it imports: `references`
+/// (import name, text) and Google's well-known types.
+fn compile_proto(
+    name: &str,
+    text: &str,
+    references: Vec<(String, String)>,
+) -> Result<prost_reflect::FileDescriptor, String> {
+    struct Sources(FxHashMap<String, String>);
+    impl protox::file::FileResolver for Sources {
+        fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
+            match self.0.get(name) {
+                Some(text) => protox::file::File::from_source(name, text),
+                None => Err(protox::Error::file_not_found(name)),
+            }
+        }
+    }
+    let mut sources: FxHashMap<String, String> = references.into_iter().collect();
+    sources.insert(name.to_string(), text.to_string());
+    let mut resolver = protox::file::ChainFileResolver::new();
+    resolver.add(Sources(sources));
+    resolver.add(protox::file::GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(resolver);
+    compiler.include_imports(true);
+    compiler.open_file(name).map_err(|err| err.to_string())?;
+    compiler
+        .descriptor_pool()
+        .get_file_by_name(name)
+        .ok_or_else(|| "the compiled file is missing".to_string())
+}
+
+/// Reads one zigzag varint of `body` at `at`.
+fn zigzag(body: &[u8], at: &mut usize) -> Option<i64> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let byte = *body.get(*at)?;
+        *at += 1;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(((value >> 1) as i64) ^ -((value & 1) as i64));
+        }
+    }
+    None
+}
+
+/// The Protobuf record `body` (message indexes, then the message) as JSON.
+fn read_protobuf(
+    file: &prost_reflect::FileDescriptor,
+    body: &[u8],
+) -> Result<serde_json::Value, DecodeError> {
+    let mut at = 0;
+    let count = zigzag(body, &mut at).ok_or_else(|| mismatch("no message indexes"))?;
+    let indexes: Vec<i64> = match count {
+        0 => vec![0],
+        1..=32 => (0..count)
+            .map(|_| zigzag(body, &mut at).ok_or_else(|| mismatch("message indexes cut short")))
+            .collect::<Result<_, _>>()?,
+        _ => {
+            return Err(mismatch(format!(
+                "{count} message indexes (at most {MAX_MESSAGE_INDEXES})"
+            )))
+        }
+    };
+    let position = |index: i64| usize::try_from(index).ok();
+    let missing = |path: &[i64]| mismatch(format!("no message at indexes {path:?} in the schema"));
+    let first = position(indexes[0]).ok_or_else(|| missing(&indexes))?;
+    let mut message = file
+        .messages()
+        .nth(first)
+        .ok_or_else(|| missing(&indexes))?;
+    for &index in &indexes[1..] {
+        let index = position(index).ok_or_else(|| missing(&indexes))?;
+        let child = message
+            .child_messages()
+            .nth(index)
+            .ok_or_else(|| missing(&indexes))?;
+        message = child;
+    }
+    let message = prost_reflect::DynamicMessage::decode(message, &body[at..]).map_err(mismatch)?;
+    let options = prost_reflect::SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(false)
+        .stringify_64_bit_integers(false);
+    message
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(mismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_ids_are_read_big_endian_behind_a_zero_byte() {
+        assert_eq!(wire_id(&[0, 0, 0, 1, 2, 9]), Some(258));
+        assert_eq!(wire_id(&[0, 0, 0, 1]), None);
+        assert_eq!(wire_id(b"{\"level\":1}"), None);
+    }
+
+    #[test]
+    fn decimals_are_written_as_their_integer() {
+        assert_eq!(signed_decimal_text(&[0x01, 0x00]), "256");
+        assert_eq!(signed_decimal_text(&[0xff]), "-1");
+        assert_eq!(signed_decimal_text(&[0xff, 0x00]), "-256");
+        assert_eq!(signed_decimal_text(&[]), "0");
+        assert_eq!(
+            signed_decimal_text(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            "2361183241434822606847"
+        );
+    }
+
+    #[test]
+    fn zigzag_varints_as_confluent_writes_them() {
+        let mut at = 0;
+        assert_eq!(zigzag(&[0x00], &mut at), Some(0));
+        at = 0;
+        assert_eq!(zigzag(&[0x02], &mut at), Some(1));
+        at = 0;
+        assert_eq!(zigzag(&[0x01], &mut at), Some(-1));
+        at = 0;
+        assert_eq!(zigzag(&[0xac, 0x02], &mut at), Some(150));
+        assert_eq!(at, 2);
+        at = 0;
+        assert_eq!(zigzag(&[0x80], &mut at), None);
+    }
+}
