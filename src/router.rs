@@ -463,7 +463,11 @@ impl RouterActor {
         while let Some(&id) = lookup.wanted.first() {
             let outcome = registry.fetch(id).await;
             crate::metrics::schema_registry_requests()
-                .with_label_values(&[if outcome.is_ok() { "answered" } else { "failed" }])
+                .with_label_values(&[if outcome.is_ok() {
+                    "answered"
+                } else {
+                    "failed"
+                }])
                 .inc();
             match outcome {
                 Ok(schema) => {

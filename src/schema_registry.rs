@@ -66,9 +66,7 @@ pub enum Schema {
         named: Vec<apache_avro::Schema>,
     },
     /// A Protobuf file (its imports compiled with it).
-    Protobuf {
-        file: prost_reflect::FileDescriptor,
-    },
+    Protobuf { file: prost_reflect::FileDescriptor },
     /// A JSON Schema: the payload past the prefix is the JSON text.
     Json,
     /// The registry has no schema of this id (as of `since`).
@@ -256,13 +254,10 @@ impl SchemaRegistry {
     }
 
     async fn get(&self, path: &str) -> Result<reqwest::Response, String> {
-        let mut request = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .header(
-                reqwest::header::ACCEPT,
-                "application/vnd.schemaregistry.v1+json, application/json",
-            );
+        let mut request = self.client.get(format!("{}{path}", self.base)).header(
+            reqwest::header::ACCEPT,
+            "application/vnd.schemaregistry.v1+json, application/json",
+        );
         if let Some(credentials) = &self.credentials {
             let (header, _) = credentials.current(crate::http_sink::CREDENTIALS_CHECK_EVERY);
             request = request.header(reqwest::header::AUTHORIZATION, header);
@@ -315,7 +310,11 @@ impl SchemaRegistry {
     /// schema that cannot be used (a reference the registry lacks, a schema that does not
     /// compile, a type not known here).
     async fn compile(&self, id: u32, answer: Answer) -> Result<Schema, Failure> {
-        let kind = answer.schema_type.as_deref().unwrap_or("AVRO").to_ascii_uppercase();
+        let kind = answer
+            .schema_type
+            .as_deref()
+            .unwrap_or("AVRO")
+            .to_ascii_uppercase();
         let mut referenced: Vec<(String, String)> = Vec::new();
         self.references(&answer.references, 0, &mut referenced)
             .await?;
@@ -336,7 +335,9 @@ impl SchemaRegistry {
                 Ok(Schema::Protobuf { file })
             }
             "JSON" => Ok(Schema::Json),
-            other => Err(unreadable(format!("schema type `{other}` is not read here"))),
+            other => Err(unreadable(format!(
+                "schema type `{other}` is not read here"
+            ))),
         }
     }
 
@@ -499,14 +500,18 @@ fn read_avro(
 /// An Avro value as JSON: unions as their value, bytes and fixed as base64, enums by name,
 /// logical types as their underlying number (dates in days, times and timestamps in their
 /// unit), decimals as their unscaled integer's text, UUIDs as text.
-fn avro_json(value: apache_avro::types::Value, depth: usize) -> Result<serde_json::Value, DecodeError> {
+fn avro_json(
+    value: apache_avro::types::Value,
+    depth: usize,
+) -> Result<serde_json::Value, DecodeError> {
     use apache_avro::types::Value as Avro;
     use base64::Engine as _;
     use serde_json::Value as Json;
     if depth > MAX_DEPTH {
         return Err(DecodeError::TooDeep);
     }
-    let base64 = |bytes: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    let base64 =
+        |bytes: &[u8]| Json::String(base64::engine::general_purpose::STANDARD.encode(bytes));
     let float = |number: f64| {
         serde_json::Number::from_f64(number)
             .map(Json::Number)
@@ -693,6 +698,260 @@ fn read_protobuf(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::InputFormat;
+
+    const AVRO: &str = r#"{"type":"record","name":"Log","namespace":"app","fields":[
+        {"name":"level","type":{"type":"enum","name":"Level","symbols":["DEBUG","INFO","WARN","ERROR"]}},
+        {"name":"service","type":["null","string"],"default":null},
+        {"name":"message","type":"string"},
+        {"name":"code","type":"int"},
+        {"name":"trace","type":["null","bytes"],"default":null}]}"#;
+
+    const PROTO: &str = r#"
+        syntax = "proto3";
+        package app;
+        import "google/protobuf/timestamp.proto";
+        message Other { string x = 1; }
+        message Log {
+          enum Severity { INFO = 0; WARN = 1; ERROR = 2; }
+          message Origin { string service = 1; int64 pid = 2; }
+          Severity level = 1;
+          string message = 2;
+          Origin origin = 3;
+          google.protobuf.Timestamp at = 4;
+          int32 code = 5;
+        }"#;
+
+    fn wire(id: u32, rest: &[u8]) -> Vec<u8> {
+        let mut payload = vec![0];
+        payload.extend_from_slice(&id.to_be_bytes());
+        payload.extend_from_slice(rest);
+        payload
+    }
+
+    fn pending(payload: &[u8]) -> Record {
+        let mut record = crate::record::test_record(0, 1, None, Some(payload));
+        record.decoded = None;
+        record
+    }
+
+    fn lookup_of(entries: Vec<(u32, Schema)>) -> Lookup {
+        let mut lookup = Lookup::default();
+        for (id, schema) in entries {
+            lookup.insert(id, Arc::new(schema));
+        }
+        lookup
+    }
+
+    fn avro_datum(level: &str, service: Option<&str>, message: &str) -> Vec<u8> {
+        use apache_avro::types::Value;
+        let schema = apache_avro::Schema::parse_str(AVRO).expect("schema");
+        let value = Value::Record(vec![
+            (
+                "level".into(),
+                Value::Enum(
+                    ["DEBUG", "INFO", "WARN", "ERROR"]
+                        .iter()
+                        .position(|symbol| *symbol == level)
+                        .expect("a symbol") as u32,
+                    level.into(),
+                ),
+            ),
+            (
+                "service".into(),
+                match service {
+                    Some(service) => Value::Union(1, Box::new(Value::String(service.into()))),
+                    None => Value::Union(0, Box::new(Value::Null)),
+                },
+            ),
+            ("message".into(), Value::String(message.into())),
+            ("code".into(), Value::Int(503)),
+            (
+                "trace".into(),
+                Value::Union(1, Box::new(Value::Bytes(vec![1, 2, 3]))),
+            ),
+        ]);
+        apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .expect("writer")
+            .write_value_to_vec(value)
+            .expect("datum")
+    }
+
+    fn avro_schema() -> Schema {
+        Schema::Avro {
+            schema: apache_avro::Schema::parse_str(AVRO).expect("schema"),
+            named: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn an_avro_record_reads_as_the_json_it_stands_for_and_routes_by_its_level() {
+        let lookup = lookup_of(vec![(7, avro_schema())]);
+        let payload = wire(7, &avro_datum("ERROR", Some("checkout"), "card declined"));
+        let mut batch = vec![pending(&payload)];
+        let decoder = Decoder::from(InputFormat::Auto);
+        SchemaRegistry::decode(&lookup, &mut batch, &decoder);
+        let record = &batch[0];
+        let level = record.decoded.clone().expect("decoded").expect("an event");
+        assert_eq!(level.as_str(), "error");
+        assert_eq!(record.service.as_deref(), Some("checkout"));
+        assert_eq!(
+            record.event().expect("event"),
+            serde_json::json!({"level": "ERROR", "service": "checkout",
+                "message": "card declined", "code": 503, "trace": "AQID"})
+        );
+        // JSON sinks write the decoded object; the Kafka sink forwards the original bytes.
+        assert_eq!(
+            &*record.event_json().expect("json"),
+            br#"{"level":"ERROR","service":"checkout","message":"card declined","code":503,"trace":"AQID"}"#
+        );
+        assert_eq!(record.payload(), Some(&payload[..]));
+    }
+
+    #[test]
+    fn an_avro_payload_that_does_not_match_its_schema_is_marked_with_why() {
+        let lookup = lookup_of(vec![
+            (7, avro_schema()),
+            (
+                8,
+                Schema::Missing {
+                    why: "40403 Schema not found".into(),
+                    since: Instant::now(),
+                },
+            ),
+            (9, Schema::Unreadable("not an Avro schema".into())),
+        ]);
+        let datum = avro_datum("INFO", None, "hello");
+        let mut longer = datum.clone();
+        longer.push(0);
+        let cut = &datum[..datum.len() - 2];
+        let payloads = [
+            wire(7, cut),
+            wire(7, &longer),
+            wire(7, &[0x7f]),
+            wire(8, &datum),
+            wire(9, &datum),
+        ];
+        let mut batch: Vec<Record> = payloads.iter().map(|p| pending(p)).collect();
+        SchemaRegistry::decode(&lookup, &mut batch, &Decoder::from(InputFormat::Auto));
+        let reasons: Vec<(&str, u32)> = batch
+            .iter()
+            .map(|record| match record.decoded.as_ref().expect("decoded") {
+                Err(
+                    err @ (DecodeError::SchemaMismatch { id, .. }
+                    | DecodeError::UnknownSchema { id, .. }
+                    | DecodeError::UnreadableSchema { id, .. }),
+                ) => (err.reason(), *id),
+                other => panic!("not a schema failure: {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("schema_mismatch", 7),
+                ("schema_mismatch", 7),
+                ("schema_mismatch", 7),
+                ("unknown_schema", 8),
+                ("unreadable_schema", 9)
+            ]
+        );
+        let left_over = batch[1]
+            .decoded
+            .clone()
+            .expect("decoded")
+            .expect_err("mismatch");
+        assert!(
+            left_over.to_string().contains("1 bytes left over"),
+            "{left_over}"
+        );
+    }
+
+    #[test]
+    fn json_schema_records_and_records_without_a_known_schema_are_left_to_the_decoder() {
+        let lookup = lookup_of(vec![(3, Schema::Json)]);
+        let json = wire(3, br#"{"level":"warn","message":"x"}"#);
+        let unknown = wire(4, b"");
+        let mut batch = vec![pending(&json), pending(&unknown)];
+        SchemaRegistry::decode(&lookup, &mut batch, &Decoder::from(InputFormat::Auto));
+        assert!(batch.iter().all(|record| record.decoded.is_none()));
+        // The decoder reads the JSON past the prefix.
+        let level = batch[0]
+            .decode(&Decoder::from(InputFormat::Auto), false)
+            .clone()
+            .expect("an event");
+        assert_eq!(level.as_str(), "warning");
+    }
+
+    fn proto_message(file: &prost_reflect::FileDescriptor) -> Vec<u8> {
+        use prost::Message as _;
+        use prost_reflect::{DynamicMessage, Value};
+        let log = file.messages().nth(1).expect("Log");
+        let origin = log.child_messages().next().expect("Origin");
+        let mut origin_message = DynamicMessage::new(origin);
+        origin_message.set_field_by_name("service", Value::String("payments".into()));
+        origin_message.set_field_by_name("pid", Value::I64(42));
+        let mut message = DynamicMessage::new(log);
+        message.set_field_by_name("level", Value::EnumNumber(2));
+        message.set_field_by_name("message", Value::String("refused".into()));
+        message.set_field_by_name("origin", Value::Message(origin_message));
+        message.encode_to_vec()
+    }
+
+    #[test]
+    fn a_protobuf_record_is_read_at_its_message_indexes_with_default_values() {
+        let file = compile_proto("t.proto", PROTO, Vec::new()).expect("compiles");
+        let body = proto_message(&file);
+        let lookup = lookup_of(vec![(11, Schema::Protobuf { file: file.clone() })]);
+        // Indexes [1] (the file's second message): count 1, index 1, as zigzag varints. Scalars
+        // at their default are written (`code`), an unset message field is not (`at`).
+        let mut second = vec![0x02, 0x02];
+        second.extend_from_slice(&body);
+        let mut batch = vec![pending(&wire(11, &second))];
+        let decoder = Decoder::from(InputFormat::Auto);
+        SchemaRegistry::decode(&lookup, &mut batch, &decoder);
+        let record = &batch[0];
+        let level = record.decoded.clone().expect("decoded").expect("an event");
+        assert_eq!(level.as_str(), "error");
+        assert_eq!(
+            record.event().expect("event"),
+            serde_json::json!({"level": "ERROR", "message": "refused",
+                "origin": {"service": "payments", "pid": 42}, "code": 0})
+        );
+        // The first message ([0], written as a count of 0) has other fields: field 1 of `Other`
+        // is a string, so the enum's varint does not read as one.
+        let mut first = vec![0x00];
+        first.extend_from_slice(&body);
+        // Indexes past the file's messages.
+        let mut nowhere = vec![0x02, 0x0a];
+        nowhere.extend_from_slice(&body);
+        let mut batch = vec![pending(&wire(11, &first)), pending(&wire(11, &nowhere))];
+        SchemaRegistry::decode(&lookup, &mut batch, &decoder);
+        for record in &batch {
+            let err = record
+                .decoded
+                .clone()
+                .expect("decoded")
+                .expect_err("mismatch");
+            assert_eq!(err.reason(), "schema_mismatch", "{err}");
+        }
+    }
+
+    #[test]
+    fn a_protobuf_schema_imports_its_references_by_name() {
+        let common = "syntax = \"proto3\"; package common; message Origin { string service = 1; }";
+        let main = "syntax = \"proto3\"; package app; import \"common/origin.proto\"; \
+                    message Log { string level = 1; common.Origin origin = 2; }";
+        let file = compile_proto(
+            "main.proto",
+            main,
+            vec![("common/origin.proto".into(), common.into())],
+        )
+        .expect("compiles with its reference");
+        assert_eq!(file.messages().next().expect("Log").name(), "Log");
+        let missing = compile_proto("main.proto", main, Vec::new()).expect_err("no reference");
+        assert!(missing.contains("common/origin.proto"), "{missing}");
+    }
 
     #[test]
     fn wire_ids_are_read_big_endian_behind_a_zero_byte() {

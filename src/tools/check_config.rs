@@ -155,7 +155,43 @@ pub fn check_config(file: &Path, connect: Option<Duration>) -> CheckOutcome {
     if !probe_object_stores(&config, timeout) {
         outcome = CheckOutcome::CannotConnect;
     }
+    if !probe_schema_registry(&config, timeout) {
+        outcome = CheckOutcome::CannotConnect;
+    }
     outcome
+}
+
+/// Asks the schema registry for its subjects, one line on stderr; whether it answered (true
+/// without one).
+fn probe_schema_registry(config: &Config, timeout: Duration) -> bool {
+    let Some(registry) = &config.input.schema_registry else {
+        return true;
+    };
+    let Some(runtime) = probe_runtime("schema registry") else {
+        return false;
+    };
+    let shown = crate::config::redact_url(&registry.url);
+    let answer = match crate::schema_registry::SchemaRegistry::new(registry) {
+        Ok(client) => runtime.block_on(async {
+            tokio::time::timeout(timeout, client.probe())
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+        }),
+        Err(err) => Err(format!("{err:#}")),
+    };
+    match answer {
+        Ok(answer) => {
+            eprintln!("`input.schema_registry.url`: {shown}: {answer}");
+            true
+        }
+        Err(why) => {
+            eprintln!(
+                "`input.schema_registry.url`: {shown}: {}",
+                config.scrub(&why)
+            );
+            false
+        }
+    }
 }
 
 /// The runtime the destination probes run on; `None` (said on stderr) if it cannot be made.
