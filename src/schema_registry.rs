@@ -75,6 +75,63 @@ pub enum Schema {
     Unreadable(String),
 }
 
+impl Schema {
+    /// The schema of type `kind` (`AVRO`, `PROTOBUF`, `JSON`) written `text`, with the
+    /// schemas it references (import name, text; those referenced first); `Err` says why it
+    /// cannot be used.
+    pub fn parse(
+        kind: &str,
+        text: &str,
+        referenced: Vec<(String, String)>,
+    ) -> Result<Schema, String> {
+        match kind {
+            "AVRO" => {
+                let (schema, named) = apache_avro::Schema::parse_str_with_list(
+                    text,
+                    referenced.iter().map(|(_, text)| text),
+                )
+                .map_err(|err| format!("not an Avro schema: {err}"))?;
+                Ok(Schema::Avro { schema, named })
+            }
+            "PROTOBUF" => {
+                let file = compile_proto("logbridge-schema.proto", text, referenced)
+                    .map_err(|err| format!("not a Protobuf schema: {err}"))?;
+                Ok(Schema::Protobuf { file })
+            }
+            "JSON" => Ok(Schema::Json),
+            other => Err(format!("schema type `{other}` is not read here")),
+        }
+    }
+
+    /// The JSON text a payload's `body` (past the 5-byte prefix) in this schema stands for;
+    /// `None` for a JSON Schema (the body is JSON already).
+    pub fn json(&self, id: u32, body: &[u8]) -> Option<Result<Vec<u8>, DecodeError>> {
+        let value = match self {
+            Schema::Json => return None,
+            Schema::Missing { why, .. } => Err(DecodeError::UnknownSchema {
+                id,
+                detail: truncate(why),
+            }),
+            Schema::Unreadable(why) => Err(DecodeError::UnreadableSchema {
+                id,
+                detail: truncate(why),
+            }),
+            Schema::Avro { schema, named } => read_avro(schema, named, body),
+            Schema::Protobuf { file } => read_protobuf(file, body),
+        };
+        Some(
+            value
+                .and_then(|value| serde_json::to_vec(&value).map_err(mismatch))
+                .map_err(|err| match err {
+                    DecodeError::SchemaMismatch { detail, .. } => {
+                        DecodeError::SchemaMismatch { id, detail }
+                    }
+                    other => other,
+                }),
+        )
+    }
+}
+
 /// The schemas of one batch's records.
 #[derive(Default)]
 pub struct Lookup {
@@ -318,27 +375,8 @@ impl SchemaRegistry {
         let mut referenced: Vec<(String, String)> = Vec::new();
         self.references(&answer.references, 0, &mut referenced)
             .await?;
-        let unreadable = |why: String| Failure::Missing(format!("schema {id}: {why}"));
-        match kind.as_str() {
-            "AVRO" => {
-                let (schema, named) = apache_avro::Schema::parse_str_with_list(
-                    &answer.schema,
-                    referenced.iter().map(|(_, text)| text),
-                )
-                .map_err(|err| unreadable(format!("not an Avro schema: {err}")))?;
-                Ok(Schema::Avro { schema, named })
-            }
-            "PROTOBUF" => {
-                let name = format!("logbridge-schema-{id}.proto");
-                let file = compile_proto(&name, &answer.schema, referenced)
-                    .map_err(|err| unreadable(format!("not a Protobuf schema: {err}")))?;
-                Ok(Schema::Protobuf { file })
-            }
-            "JSON" => Ok(Schema::Json),
-            other => Err(unreadable(format!(
-                "schema type `{other}` is not read here"
-            ))),
-        }
+        Schema::parse(&kind, &answer.schema, referenced)
+            .map_err(|why| Failure::Missing(format!("schema {id}: {why}")))
     }
 
     /// Fetches `references` and theirs, depth first (a schema after those it references),
@@ -394,32 +432,9 @@ impl SchemaRegistry {
             let Some(payload) = record.payload() else {
                 continue;
             };
-            let body = &payload[5..];
-            let json = match &**schema {
-                Schema::Json => continue,
-                Schema::Missing { why, .. } => Err(DecodeError::UnknownSchema {
-                    id,
-                    detail: truncate(why),
-                }),
-                Schema::Unreadable(why) => Err(DecodeError::UnreadableSchema {
-                    id,
-                    detail: truncate(why),
-                }),
-                Schema::Avro { schema, named } => read_avro(schema, named, body),
-                Schema::Protobuf { file } => read_protobuf(file, body),
-            }
-            .and_then(|value| {
-                serde_json::to_vec(&value).map_err(|err| DecodeError::SchemaMismatch {
-                    id,
-                    detail: truncate(&err.to_string()),
-                })
-            })
-            .map_err(|err| match err {
-                DecodeError::SchemaMismatch { detail, .. } => {
-                    DecodeError::SchemaMismatch { id, detail }
-                }
-                other => other,
-            });
+            let Some(json) = schema.json(id, &payload[5..]) else {
+                continue;
+            };
             record.decoded = Some(json.and_then(|json| {
                 let decoded = decoder.decode(Some(&json), usize::MAX, true)?;
                 record.service = decoded.service;

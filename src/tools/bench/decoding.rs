@@ -4,7 +4,9 @@
 //! form (`{"Error":{...}}`), and, for `text`, over the same events as plain lines (the level
 //! found by a pattern) and as logfmt (the level in a key), and for `otlp_proto` over the same
 //! events as the OpenTelemetry Collector's Kafka exporter writes them (protobuf requests of
-//! [`OTLP_BATCH`] log records; the cost is per log record, splitting the request included).
+//! [`OTLP_BATCH`] log records; the cost is per log record, splitting the request included),
+//! and for a Schema Registry's Avro and Protobuf over the same events in Confluent's wire
+//! format (reading with the schema, then the `auto` format over the JSON that makes).
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -110,13 +112,18 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
         ),
     ];
     let otlp = otlp_requests(&strict, options.payload_bytes)?;
+    let registered = registry_payloads(&strict)?;
     let mut costs: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut otlp_costs = Vec::new();
+    let mut registry_costs: Vec<Vec<f64>> = vec![Vec::new(); registered.len()];
     for _ in 0..options.runs {
         for ((name, decoder, payloads), costs) in cases.iter().zip(&mut costs) {
             costs.push(cost(name, decoder, payloads)?);
         }
         otlp_costs.push(otlp_cost(&otlp)?);
+        for ((name, schema, payloads), costs) in registered.iter().zip(&mut registry_costs) {
+            costs.push(registry_cost(name, schema, payloads)?);
+        }
     }
     println!();
     println!(
@@ -132,6 +139,10 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
         "{:<36} {otlp_median:.3} cpu s/M ev",
         format!("otlp_proto format, {OTLP_BATCH} per request")
     );
+    let registry_medians: Vec<f64> = registry_costs.into_iter().map(median).collect();
+    for ((name, _, _), median) in registered.iter().zip(&registry_medians) {
+        println!("{name:<36} {median:.3} cpu s/M ev");
+    }
     println!(
         "auto / logbridge on the same events = {:.2} (target <= 1.20)",
         medians[1] / medians[0]
@@ -141,7 +152,111 @@ pub(super) fn decoder_cost(options: &BenchOptions) -> anyhow::Result<()> {
         medians[4] / medians[0],
         medians[5] / medians[0]
     );
+    println!(
+        "schema registry (avro, protobuf) / auto = {:.2}, {:.2}",
+        registry_medians[0] / medians[1],
+        registry_medians[1] / medians[1]
+    );
     Ok(())
+}
+
+/// The Avro schema of the benchmark's events (as `produce` writes them, padded).
+const AVRO_EVENT: &str = r#"{"type":"record","name":"Event","fields":[
+    {"name":"id","type":"long"},{"name":"level","type":"string"},
+    {"name":"code","type":["null","int"],"default":null},{"name":"message","type":"string"},
+    {"name":"service","type":"string"},{"name":"ts","type":"string"},
+    {"name":"detail","type":["null","string"],"default":null}]}"#;
+
+/// The Protobuf schema of the same events.
+const PROTO_EVENT: &str = "syntax = \"proto3\"; message Event { int64 id = 1; string level = 2; \
+    optional int32 code = 3; string message = 4; string service = 5; string ts = 6; \
+    optional string detail = 7; }";
+
+/// The benchmark's events in Confluent's wire format, Avro and Protobuf, each row's schema
+/// (the registry is not asked: the cost is reading a record with a schema already kept, and
+/// the configured JSON format reading its level from the JSON that makes).
+fn registry_payloads(
+    events: &[Vec<u8>],
+) -> anyhow::Result<Vec<(&'static str, crate::schema_registry::Schema, Vec<Vec<u8>>)>> {
+    use crate::schema_registry::Schema;
+    use apache_avro::types::Value;
+    use prost::Message as _;
+    let avro = apache_avro::Schema::parse_str(AVRO_EVENT)?;
+    let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&avro).build()?;
+    let proto = Schema::parse("PROTOBUF", PROTO_EVENT, Vec::new()).map_err(anyhow::Error::msg)?;
+    let Schema::Protobuf { file } = &proto else {
+        anyhow::bail!("the Protobuf schema did not compile as one");
+    };
+    let message = file
+        .messages()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no message in the Protobuf schema"))?;
+    let wire = |id: u8, indexes: &[u8], body: Vec<u8>| {
+        let mut payload = vec![0, 0, 0, 0, id];
+        payload.extend_from_slice(indexes);
+        payload.extend(body);
+        payload
+    };
+    let (mut avro_payloads, mut proto_payloads) = (Vec::new(), Vec::new());
+    for event in events {
+        let json: serde_json::Value = serde_json::from_slice(event)?;
+        let text = |name: &str| Value::String(json[name].as_str().unwrap_or_default().into());
+        let optional = |value: Option<Value>| match value {
+            Some(value) => Value::Union(1, Box::new(value)),
+            None => Value::Union(0, Box::new(Value::Null)),
+        };
+        let record = Value::Record(vec![
+            ("id".into(), Value::Long(json["id"].as_i64().unwrap_or(0))),
+            ("level".into(), text("level")),
+            (
+                "code".into(),
+                optional(json["code"].as_i64().map(|code| Value::Int(code as i32))),
+            ),
+            ("message".into(), text("message")),
+            ("service".into(), text("service")),
+            ("ts".into(), text("ts")),
+            (
+                "detail".into(),
+                optional(json["detail"].as_str().map(|d| Value::String(d.into()))),
+            ),
+        ]);
+        avro_payloads.push(wire(1, &[], writer.write_value_to_vec(record)?));
+        let dynamic = prost_reflect::DynamicMessage::deserialize(
+            message.clone(),
+            &mut serde_json::Deserializer::from_slice(event),
+        )?;
+        proto_payloads.push(wire(2, &[0], dynamic.encode_to_vec()));
+    }
+    Ok(vec![
+        (
+            "avro via schema registry, auto",
+            Schema::parse("AVRO", AVRO_EVENT, Vec::new()).map_err(anyhow::Error::msg)?,
+            avro_payloads,
+        ),
+        ("protobuf via schema registry, auto", proto, proto_payloads),
+    ])
+}
+
+/// CPU seconds per million events to read every payload with `schema` as JSON and decode its
+/// level with the `auto` format; fails if one does not decode.
+fn registry_cost(
+    name: &str,
+    schema: &crate::schema_registry::Schema,
+    payloads: &[Vec<u8>],
+) -> anyhow::Result<f64> {
+    let decoder = Decoder::from(InputFormat::Auto);
+    let started = thread_cpu_seconds();
+    let mut refused = 0usize;
+    for payload in payloads {
+        let level = match schema.json(1, &std::hint::black_box(payload)[5..]) {
+            Some(Ok(json)) => decoder.decode_level(Some(&json), usize::MAX).is_ok(),
+            _ => false,
+        };
+        refused += usize::from(!std::hint::black_box(level));
+    }
+    let seconds = thread_cpu_seconds() - started;
+    anyhow::ensure!(refused == 0, "{name}: refused {refused} benchmark events");
+    Ok(seconds * 1e6 / payloads.len().max(1) as f64)
 }
 
 /// The benchmark's events as OTLP protobuf requests of [`OTLP_BATCH`] log records each: the
@@ -302,6 +417,33 @@ mod tests {
         }
         assert_eq!(levels, want);
         assert!(otlp_cost(&requests).expect("all decode") > 0.0);
+    }
+
+    /// The registry rows' payloads read back as the benchmark's events, at their levels.
+    #[test]
+    fn the_registry_rows_payloads_read_back_as_the_events() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let events: Vec<Vec<u8>> = (0..50)
+            .map(|id| {
+                let mut payload = sample_event(&mut rng, id, 10, 0.0).1;
+                pad_event(&mut payload, 300);
+                payload
+            })
+            .collect();
+        for (name, schema, payloads) in registry_payloads(&events).expect("payloads") {
+            for (event, payload) in events.iter().zip(&payloads) {
+                let json = schema
+                    .json(1, &payload[5..])
+                    .expect("not JSON")
+                    .expect(name);
+                let read: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+                let event: serde_json::Value = serde_json::from_slice(event).expect("JSON");
+                for field in ["id", "level", "message", "service", "detail"] {
+                    assert_eq!(read[field], event[field], "{name}: {field}");
+                }
+            }
+            assert!(registry_cost(name, &schema, &payloads).expect("all decode") > 0.0);
+        }
     }
 
     #[test]
