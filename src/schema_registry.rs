@@ -624,7 +624,10 @@ fn signed_decimal_text(bytes: &[u8]) -> String {
 }
 
 /// Compiles the Protobuf file `text` (named `name`) with the files it imports: `references`
-/// (import name, text) and Google's well-known types.
+/// (import name, text) and Google's well-known types. Each text is `.proto` source, or a
+/// serialized `FileDescriptorProto` in base64, as Confluent's serializers register schemas
+/// (the Python client's `ProtobufSerializer` does; Confluent's registry turns them into source,
+/// Apicurio's keeps them as they came); a descriptor is known by its own name.
 fn compile_proto(
     name: &str,
     text: &str,
@@ -634,23 +637,42 @@ fn compile_proto(
     impl protox::file::FileResolver for Sources {
         fn open_file(&self, name: &str) -> Result<protox::file::File, protox::Error> {
             match self.0.get(name) {
-                Some(text) => protox::file::File::from_source(name, text),
+                Some(text) => match descriptor(text) {
+                    Some(file) => Ok(file),
+                    None => protox::file::File::from_source(name, text),
+                },
                 None => Err(protox::Error::file_not_found(name)),
             }
         }
     }
-    let mut sources: FxHashMap<String, String> = references.into_iter().collect();
-    sources.insert(name.to_string(), text.to_string());
+    let mut sources: FxHashMap<String, String> = FxHashMap::default();
+    for (import, text) in references {
+        let import = descriptor(&text).map_or(import, |file| file.name().to_string());
+        sources.insert(import, text);
+    }
+    let name = descriptor(text).map_or(name.to_string(), |file| file.name().to_string());
+    sources.insert(name.clone(), text.to_string());
     let mut resolver = protox::file::ChainFileResolver::new();
     resolver.add(Sources(sources));
     resolver.add(protox::file::GoogleFileResolver::new());
     let mut compiler = protox::Compiler::with_file_resolver(resolver);
     compiler.include_imports(true);
-    compiler.open_file(name).map_err(|err| err.to_string())?;
+    compiler.open_file(&name).map_err(|err| err.to_string())?;
     compiler
         .descriptor_pool()
-        .get_file_by_name(name)
+        .get_file_by_name(&name)
         .ok_or_else(|| "the compiled file is missing".to_string())
+}
+
+/// The file a schema text holds as a base64 `FileDescriptorProto`, if it is one (`.proto`
+/// source is never base64: it has spaces, quotes and semicolons).
+fn descriptor(text: &str) -> Option<protox::file::File> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text.trim())
+        .ok()?;
+    let file = protox::file::File::decode_file_descriptor_proto(&bytes[..]).ok()?;
+    (!file.name().is_empty()).then_some(file)
 }
 
 /// Reads one zigzag varint of `body` at `at`.
@@ -966,6 +988,36 @@ mod tests {
         assert_eq!(file.messages().next().expect("Log").name(), "Log");
         let missing = compile_proto("main.proto", main, Vec::new()).expect_err("no reference");
         assert!(missing.contains("common/origin.proto"), "{missing}");
+    }
+
+    /// A schema registered as Confluent's serializers register it, a base64
+    /// `FileDescriptorProto` (here the compiled file's own), reads as the source does.
+    #[test]
+    fn a_protobuf_schema_in_base64_descriptor_form_reads_as_its_source() {
+        use base64::Engine as _;
+        use prost::Message as _;
+        let from_source = compile_proto("t.proto", PROTO, Vec::new()).expect("compiles");
+        let mut proto = from_source.file_descriptor_proto().clone();
+        proto.name = Some("app/log.proto".into());
+        let text = base64::engine::general_purpose::STANDARD.encode(proto.encode_to_vec());
+        let Ok(Schema::Protobuf { file }) = Schema::parse("PROTOBUF", &text, Vec::new()) else {
+            panic!("the descriptor does not compile");
+        };
+        assert_eq!(file.name(), "app/log.proto");
+        let mut body = vec![0x02, 0x02];
+        body.extend_from_slice(&proto_message(&from_source));
+        let read = Schema::Protobuf { file }
+            .json(5, &body)
+            .expect("not JSON")
+            .expect("reads");
+        let read: serde_json::Value = serde_json::from_slice(&read).expect("JSON");
+        assert_eq!(read["level"], "ERROR");
+        assert_eq!(read["origin"]["service"], "payments");
+        // Neither source nor a descriptor.
+        let Err(why) = Schema::parse("PROTOBUF", "bm90IGEgZGVzY3JpcHRvcg==", Vec::new()) else {
+            panic!("garbage compiled");
+        };
+        assert!(why.starts_with("not a Protobuf schema"), "{why}");
     }
 
     #[test]
