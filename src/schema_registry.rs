@@ -509,6 +509,14 @@ fn read_avro(
             reader.len()
         )));
     }
+    // The crate reads a string cut short by the end of the payload as a null: a datum that is
+    // not a value of its schema ends early.
+    let mut all = vec![schema];
+    all.extend(named);
+    let resolved = apache_avro::schema::ResolvedSchema::new_with_schemata(all).map_err(mismatch)?;
+    if !value.validate_with_names(schema, resolved.get_names()) {
+        return Err(mismatch("the datum ends before its schema does"));
+    }
     avro_json(value, 0)
 }
 
@@ -860,6 +868,9 @@ mod tests {
             (9, Schema::Unreadable("not an Avro schema".into())),
         ]);
         let datum = avro_datum("INFO", None, "hello");
+        let mut in_a_string = avro_datum("INFO", None, "hello");
+        // Without the optional `trace` (its union index 0) and two bytes of the message.
+        in_a_string.truncate(in_a_string.len() - 4 - 1);
         let mut longer = datum.clone();
         longer.push(0);
         let cut = &datum[..datum.len() - 2];
@@ -902,6 +913,33 @@ mod tests {
             left_over.to_string().contains("1 bytes left over"),
             "{left_over}"
         );
+
+        // Cut inside a string that ends the record (the crate reads it as a null).
+        let text = r#"{"type":"record","name":"M","fields":[
+            {"name":"level","type":"string"},{"name":"message","type":"string"}]}"#;
+        let schema = apache_avro::Schema::parse_str(text).expect("schema");
+        let mut datum = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+            .build()
+            .expect("writer")
+            .write_value_to_vec(apache_avro::types::Value::Record(vec![
+                (
+                    "level".into(),
+                    apache_avro::types::Value::String("INFO".into()),
+                ),
+                (
+                    "message".into(),
+                    apache_avro::types::Value::String("hello".into()),
+                ),
+            ]))
+            .expect("datum");
+        datum.truncate(datum.len() - 2);
+        let cut = Schema::parse("AVRO", text, Vec::new())
+            .expect("schema")
+            .json(4, &datum)
+            .expect("not JSON")
+            .expect_err("a mismatch");
+        assert_eq!(cut.reason(), "schema_mismatch");
+        assert!(cut.to_string().contains("ends before its schema"), "{cut}");
     }
 
     #[test]

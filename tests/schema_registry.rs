@@ -370,7 +370,11 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     assert!(told, "/readyz during the outage: {said}");
     // Held: nothing committed past what was there, nothing dead-lettered, for a while.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(source.committed(&group), before, "commits moved during the outage");
+    assert_eq!(
+        source.committed(&group),
+        before,
+        "commits moved during the outage"
+    );
     let failed = logbridge::metrics::schema_registry_requests()
         .with_label_values(&["failed"])
         .get();
@@ -387,7 +391,11 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     .await;
     let said = http_get(address, "/readyz").await.1;
     assert!(told, "/readyz after a restart during the outage: {said}");
-    assert_eq!(source.committed(&group), before, "commits moved during the outage");
+    assert_eq!(
+        source.committed(&group),
+        before,
+        "commits moved during the outage"
+    );
 
     // The registry back: everything flows.
     registry.launch().await;
@@ -405,7 +413,10 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
 
     // Every event once, on its level's route, as the JSON its fields make.
     let mut expected: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
-    for id in (0..AVRO).chain(10_000..10_000 + PROTOBUF).chain(20_000..20_000 + DURING) {
+    for id in (0..AVRO)
+        .chain(10_000..10_000 + PROTOBUF)
+        .chain(20_000..20_000 + DURING)
+    {
         expected.entry(level_of(id)).or_default().insert(id);
     }
     let errors = file_events(&file("errors"));
