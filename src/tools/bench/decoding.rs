@@ -172,12 +172,13 @@ const PROTO_EVENT: &str = "syntax = \"proto3\"; message Event { int64 id = 1; st
     optional int32 code = 3; string message = 4; string service = 5; string ts = 6; \
     optional string detail = 7; }";
 
+/// A decoder-cost row of the Schema Registry: its name, its schema, its payloads.
+type RegistryRow = (&'static str, crate::schema_registry::Schema, Vec<Vec<u8>>);
+
 /// The benchmark's events in Confluent's wire format, Avro and Protobuf, each row's schema
 /// (the registry is not asked: the cost is reading a record with a schema already kept, and
 /// the configured JSON format reading its level from the JSON that makes).
-fn registry_payloads(
-    events: &[Vec<u8>],
-) -> anyhow::Result<Vec<(&'static str, crate::schema_registry::Schema, Vec<Vec<u8>>)>> {
+fn registry_payloads(events: &[Vec<u8>]) -> anyhow::Result<Vec<RegistryRow>> {
     use crate::schema_registry::Schema;
     use apache_avro::types::Value;
     use prost::Message as _;
