@@ -432,12 +432,16 @@ impl SchemaRegistry {
             let Some(payload) = record.payload() else {
                 continue;
             };
+            let size = payload.len();
             let Some(json) = schema.json(id, &payload[5..]) else {
                 continue;
             };
             record.decoded = Some(json.and_then(|json| {
                 let decoded = decoder.decode(Some(&json), usize::MAX, true)?;
                 record.service = decoded.service;
+                // The decoded JSON is held beside the payload until the record is finished:
+                // it counts against `max_in_flight_bytes` as the payload does.
+                record.charge = record.charge.resized(size + json.len());
                 record.form = Form::Registry(json.into());
                 Ok(decoded.level)
             }));
@@ -835,9 +839,15 @@ mod tests {
         let lookup = lookup_of(vec![(7, avro_schema())]);
         let payload = wire(7, &avro_datum("ERROR", Some("checkout"), "card declined"));
         let mut batch = vec![pending(&payload)];
+        let gauge = prometheus::IntGauge::new("in_flight_bytes", "test").expect("gauge");
+        let budget = crate::record::ByteBudget::new(1 << 20, gauge);
+        batch[0].charge = budget.charge(payload.len());
         let decoder = Decoder::from(InputFormat::Auto);
         SchemaRegistry::decode(&lookup, &mut batch, &decoder);
         let record = &batch[0];
+        // The decoded JSON is charged beside the payload.
+        let json_len = record.event_json().expect("json").len();
+        assert_eq!(budget.used(), payload.len() + json_len);
         let level = record.decoded.clone().expect("decoded").expect("an event");
         assert_eq!(level.as_str(), "error");
         assert_eq!(record.service.as_deref(), Some("checkout"));
