@@ -152,14 +152,7 @@ async fn leaders_of_the_source_and_the_sink_topic_fail_over_without_loss_or_reor
             .or_else(|| value["id"].as_u64())
             .unwrap_or_else(|| panic!("output without an id: {value}"));
         *seen.entry(id).or_insert(0) += 1;
-        let partition: i32 = record
-            .header("logbridge.source.partition")
-            .and_then(|p| p.parse().ok())
-            .expect("source partition header");
-        let offset: i64 = record
-            .header("logbridge.source.offset")
-            .and_then(|o| o.parse().ok())
-            .expect("source offset header");
+        let (partition, offset) = record.source();
         by_key
             .entry(record.key.clone().unwrap_or_default())
             .or_default()

@@ -853,16 +853,7 @@ async fn failing_destination(rebalance: Option<Protocol>) {
     let mut copies: std::collections::HashMap<String, Vec<i64>> = Default::default();
     let mut seen_ids = HashSet::new();
     for record in &delivered {
-        let partition: i32 = record
-            .header("logbridge.source.partition")
-            .expect("header")
-            .parse()
-            .expect("number");
-        let offset: i64 = record
-            .header("logbridge.source.offset")
-            .expect("header")
-            .parse()
-            .expect("number");
+        let (partition, offset) = record.source();
         seen_ids.insert(offset_of[&(partition, offset)]);
         let key = String::from_utf8(record.key.clone().expect("key")).expect("utf-8");
         copies.entry(key).or_default().push(offset);

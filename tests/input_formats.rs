@@ -382,16 +382,7 @@ async fn text_lines_are_routed_by_their_level() {
         .map(|(place, bad)| (*place, bad))
         .collect();
     for letter in &letters {
-        let place = (
-            letter
-                .header("logbridge.source.partition")
-                .and_then(|p| p.parse().ok())
-                .expect("a partition"),
-            letter
-                .header("logbridge.source.offset")
-                .and_then(|o| o.parse().ok())
-                .expect("an offset"),
-        );
+        let place = letter.source();
         let (payload, reason) = bad_places
             .get(&place)
             .unwrap_or_else(|| panic!("a letter for {place:?}, which was no bad line"));

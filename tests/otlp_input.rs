@@ -222,18 +222,7 @@ async fn otlp_batches_are_routed_record_by_record_and_committed_whole() {
     // The bad log record alone, and the payload that is no request, whole.
     let letters = source.read_all(&dead);
     assert_eq!(letters.len(), 2, "{letters:?}");
-    let place = |letter: &ReadRecord| -> (i32, i64) {
-        (
-            letter
-                .header("logbridge.source.partition")
-                .and_then(|p| p.parse().ok())
-                .expect("a partition"),
-            letter
-                .header("logbridge.source.offset")
-                .and_then(|o| o.parse().ok())
-                .expect("an offset"),
-        )
-    };
+    let place = ReadRecord::source;
     let mixed_place = placed[BATCHES as usize];
     let truncated_place = placed[BATCHES as usize + 1];
     let record_letter = letters

@@ -246,6 +246,22 @@ fn serialize(
         .collect()
 }
 
+/// Waits until `/readyz` at `address` answers 503 naming the schema registry; panics with
+/// its last answer (`what`) if it does not within `deadline`.
+async fn says_it_waits_for_the_registry(
+    address: std::net::SocketAddr,
+    deadline: Duration,
+    what: &str,
+) {
+    let told = wait_for(deadline, || async move {
+        let (status, body) = http_get(address, "/readyz").await;
+        status == 503 && body.contains("schema registry")
+    })
+    .await;
+    let said = http_get(address, "/readyz").await.1;
+    assert!(told, "{what}: {said}");
+}
+
 fn level_of(id: u64) -> &'static str {
     ["error", "warning", "info"][(id % 3) as usize]
 }
@@ -368,13 +384,12 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     tokio::task::block_in_place(|| registry.stop());
     let before = source.committed(&group);
     source.produce(&during[..DURING as usize / 2]).await;
-    let told = wait_for(Duration::from_secs(20), || async move {
-        let (status, body) = http_get(address, "/readyz").await;
-        status == 503 && body.contains("schema registry")
-    })
+    says_it_waits_for_the_registry(
+        address,
+        Duration::from_secs(20),
+        "/readyz during the outage",
+    )
     .await;
-    let said = http_get(address, "/readyz").await.1;
-    assert!(told, "/readyz during the outage: {said}");
     // Held: nothing committed past what was there, nothing dead-lettered, for a while.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
@@ -391,13 +406,12 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     let abandoned = pipeline.stop_abandoning().await;
     source.produce(&during[DURING as usize / 2..]).await;
     let (pipeline, address) = Running::start_serving(config(), options()).await;
-    let told = wait_for(Duration::from_secs(30), || async move {
-        let (status, body) = http_get(address, "/readyz").await;
-        status == 503 && body.contains("schema registry")
-    })
+    says_it_waits_for_the_registry(
+        address,
+        Duration::from_secs(30),
+        "/readyz after a restart during the outage",
+    )
     .await;
-    let said = http_get(address, "/readyz").await.1;
-    assert!(told, "/readyz after a restart during the outage: {said}");
     assert_eq!(
         source.committed(&group),
         before,
@@ -415,16 +429,12 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
         },
     )
     .await;
-    let told = wait_for(Duration::from_secs(60), || async move {
-        let (status, body) = http_get(other_address, "/readyz").await;
-        status == 503 && body.contains("schema registry")
-    })
+    says_it_waits_for_the_registry(
+        other_address,
+        Duration::from_secs(60),
+        "/readyz of the second instance during the outage",
+    )
     .await;
-    let said = http_get(other_address, "/readyz").await.1;
-    assert!(
-        told,
-        "/readyz of the second instance during the outage: {said}"
-    );
     assert_eq!(
         source.committed(&group),
         before,
@@ -538,16 +548,7 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     let mut reasons: Vec<((i32, i64), String)> = letters
         .iter()
         .map(|letter| {
-            let place = (
-                letter
-                    .header("logbridge.source.partition")
-                    .and_then(|p| p.parse().ok())
-                    .expect("a partition"),
-                letter
-                    .header("logbridge.source.offset")
-                    .and_then(|o| o.parse().ok())
-                    .expect("an offset"),
-            );
+            let place = letter.source();
             (
                 place,
                 letter.header("logbridge.error.reason").unwrap_or_default(),

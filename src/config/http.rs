@@ -182,6 +182,15 @@ pub enum Compression {
     Gzip,
 }
 
+/// Replaces the password or token of `auth` by `<redacted>`.
+pub(super) fn redact_auth(auth: &mut Option<HttpAuth>) {
+    match auth {
+        Some(HttpAuth::Basic { password, .. }) => *password = REDACTED.to_string(),
+        Some(HttpAuth::Bearer { token }) => *token = REDACTED.to_string(),
+        None => {}
+    }
+}
+
 /// Credentials sent with every request.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -520,11 +529,7 @@ impl HttpSinkConfig {
     pub fn redacted(&self) -> HttpSinkConfig {
         let mut copy = self.clone();
         copy.url = redact_url(&self.url);
-        match &mut copy.auth {
-            Some(HttpAuth::Basic { password, .. }) => *password = REDACTED.to_string(),
-            Some(HttpAuth::Bearer { token }) => *token = REDACTED.to_string(),
-            None => {}
-        }
+        redact_auth(&mut copy.auth);
         for (name, value) in copy.headers.iter_mut() {
             if is_secret_header(name) {
                 *value = REDACTED.to_string();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::http::{redact_url, HttpAuth};
-use super::{check_range, invalid, ConfigError, REDACTED};
+use super::{check_range, invalid, ConfigError};
 
 /// A Schema Registry speaking Confluent's REST API (Confluent's own, Karapace, Apicurio's
 /// `ccompat` API, Redpanda's).
@@ -81,11 +81,7 @@ impl SchemaRegistryConfig {
     pub fn redacted(&self) -> SchemaRegistryConfig {
         let mut copy = self.clone();
         copy.url = redact_url(&self.url);
-        match &mut copy.auth {
-            Some(HttpAuth::Basic { password, .. }) => *password = REDACTED.to_string(),
-            Some(HttpAuth::Bearer { token }) => *token = REDACTED.to_string(),
-            None => {}
-        }
+        super::http::redact_auth(&mut copy.auth);
         copy
     }
 }

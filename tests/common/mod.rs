@@ -912,6 +912,23 @@ impl ReadRecord {
             .get(name)
             .map(|value| String::from_utf8_lossy(value).into_owned())
     }
+
+    /// The source partition and offset a dead letter or forwarded record carries in its
+    /// `logbridge.source.*` headers; panics without them.
+    pub fn source(&self) -> (i32, i64) {
+        let header = |name: &str| {
+            self.header(name)
+                .unwrap_or_else(|| panic!("a record without {name}: {self:?}"))
+        };
+        (
+            header("logbridge.source.partition")
+                .parse()
+                .expect("a partition"),
+            header("logbridge.source.offset")
+                .parse()
+                .expect("an offset"),
+        )
+    }
 }
 
 impl Kafka {
@@ -955,20 +972,7 @@ impl Kafka {
     pub fn letter_places(&self, topic: &str) -> HashMap<(i32, i64), usize> {
         let mut places = HashMap::new();
         for record in self.read_all(topic) {
-            let header = |name: &str| {
-                record
-                    .header(name)
-                    .unwrap_or_else(|| panic!("a dead letter without {name}"))
-            };
-            let place = (
-                header("logbridge.source.partition")
-                    .parse()
-                    .expect("a partition"),
-                header("logbridge.source.offset")
-                    .parse()
-                    .expect("an offset"),
-            );
-            *places.entry(place).or_insert(0) += 1;
+            *places.entry(record.source()).or_insert(0) += 1;
         }
         places
     }
