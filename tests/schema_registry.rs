@@ -4,8 +4,9 @@
 //! confluent-kafka's Python serializers (`tests/data/sr_serialize.py`), both installed by
 //! `scripts/install-schema-registry.sh`.
 //!
-//! - Avro records (schema registered through the REST API) and Protobuf records (registered by
-//!   the Python serializer, as a base64 descriptor) in one topic are routed by the level their
+//! - Avro records (schema registered through the REST API), Protobuf records (registered by
+//!   the Python serializer, as a base64 descriptor) and Protobuf records of a schema registered
+//!   as source with a reference to another subject's file, in one topic, are routed by the level their
 //!   decoded fields hold; file routes write the decoded event as JSON, the Kafka route forwards
 //!   the original bytes; an unknown schema id and a payload that does not match its schema are
 //!   dead-lettered with their reasons;
@@ -38,6 +39,54 @@ const AVRO_REGION_SCHEMA: &str = r#"{"type":"record","name":"LogEvent","namespac
   "fields":[{"name":"id","type":"long"},{"name":"level","type":"string"},
   {"name":"service","type":["null","string"],"default":null},{"name":"message","type":"string"},
   {"name":"region","type":"string","default":"none"}]}"#;
+
+/// Records of the Protobuf schema registered as source with a reference.
+const AUDIT: u64 = 30;
+
+const COMMON_PROTO: &str = "syntax = \"proto3\";\npackage logbridge.common;\n\
+    message Origin { string service = 1; string region = 2; }\n";
+
+const AUDIT_PROTO: &str = "syntax = \"proto3\";\npackage logbridge.test;\n\
+    import \"logbridge/common.proto\";\n\
+    message Other { string x = 1; }\n\
+    message Audit { string level = 1; int64 id = 2; string message = 3; \
+    logbridge.common.Origin origin = 4; }\n";
+
+/// Records of `Audit` (the file's second message: indexes [1]) under schema `id`, ids 30 000
+/// on, encoded with the schemas compiled here (protox, prost-reflect).
+fn audit_records(id: u32) -> Vec<(Option<String>, Vec<u8>)> {
+    use prost::Message as _;
+    use prost_reflect::{DynamicMessage, Value};
+    let dir = tempfile::tempdir().expect("proto dir");
+    std::fs::create_dir_all(dir.path().join("logbridge")).expect("dir");
+    std::fs::write(dir.path().join("logbridge/common.proto"), COMMON_PROTO).expect("write");
+    std::fs::write(dir.path().join("audit.proto"), AUDIT_PROTO).expect("write");
+    let files = protox::compile(["audit.proto"], [dir.path()]).expect("compiles");
+    let pool = prost_reflect::DescriptorPool::from_file_descriptor_set(files).expect("a pool");
+    let audit = pool
+        .get_message_by_name("logbridge.test.Audit")
+        .expect("Audit");
+    let origin = pool
+        .get_message_by_name("logbridge.common.Origin")
+        .expect("Origin");
+    (30_000..30_000 + AUDIT)
+        .map(|n| {
+            let mut from = DynamicMessage::new(origin.clone());
+            from.set_field_by_name("service", Value::String("ledger".into()));
+            from.set_field_by_name("region", Value::String("eu-2".into()));
+            let mut message = DynamicMessage::new(audit.clone());
+            message.set_field_by_name("level", Value::String(level_of(n).into()));
+            message.set_field_by_name("id", Value::I64(n as i64));
+            message.set_field_by_name("message", Value::String(format!("audit {n}")));
+            message.set_field_by_name("origin", Value::Message(from));
+            let mut value = vec![0];
+            value.extend_from_slice(&id.to_be_bytes());
+            value.extend_from_slice(&[0x02, 0x02]);
+            value.extend(message.encode_to_vec());
+            (Some(format!("key-{}", n % 7)), value)
+        })
+        .collect()
+}
 
 /// The registry's jar and the Python client's bin folder (scripts/test.sh exports them; else
 /// the install script is run).
@@ -168,10 +217,17 @@ impl Registry {
 
     /// Registers `schema` (Avro) under `subject` through the REST API; its id.
     async fn register(&self, subject: &str, schema: &str) -> u64 {
+        self.register_with(subject, serde_json::json!({ "schema": schema }))
+            .await
+    }
+
+    /// Registers the schema `body` describes (`schema`, `schemaType`, `references`) under
+    /// `subject`; its id.
+    async fn register_with(&self, subject: &str, body: serde_json::Value) -> u64 {
         let answer = reqwest::Client::new()
             .post(format!("{}/subjects/{subject}/versions", self.url()))
             .header("Content-Type", "application/vnd.schemaregistry.v1+json")
-            .body(serde_json::json!({ "schema": schema }).to_string())
+            .body(body.to_string())
             .send()
             .await
             .expect("register")
@@ -308,6 +364,24 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
         .register(&format!("{region_subject}-value"), AVRO_REGION_SCHEMA)
         .await;
     assert_ne!(avro_id, region_id);
+    // A Protobuf schema as .proto source with a reference (an import of another subject's
+    // file), both through the REST API; its records are encoded here.
+    let common_subject = unique("sr-common");
+    registry
+        .register_with(
+            &common_subject,
+            serde_json::json!({"schemaType": "PROTOBUF", "schema": COMMON_PROTO}),
+        )
+        .await;
+    let audit_id = registry
+        .register_with(
+            &format!("{}-value", unique("sr-audit")),
+            serde_json::json!({"schemaType": "PROTOBUF", "schema": AUDIT_PROTO,
+                "references": [{"name": "logbridge/common.proto",
+                    "subject": common_subject, "version": 1}]}),
+        )
+        .await;
+    let audit = audit_records(audit_id as u32);
     let avro = serialize(&bin, &registry, &avro_subject, "avro", 0, AVRO);
     let protobuf = serialize(
         &bin,
@@ -366,6 +440,7 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
         first.push(a.clone());
         first.push(p.clone());
     }
+    first.extend(audit.iter().cloned());
     first.extend(bad.iter().cloned());
     let placed = source.produce(&first).await;
     let bad_places: Vec<(i32, i64)> = placed[placed.len() - 2..].to_vec();
@@ -477,6 +552,7 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     for id in (0..AVRO)
         .chain(10_000..10_000 + PROTOBUF)
         .chain(20_000..20_000 + DURING)
+        .chain(30_000..30_000 + AUDIT)
     {
         expected.entry(level_of(id)).or_default().insert(id);
     }
@@ -525,12 +601,19 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
             "origin": {"service": "payments", "pid": 4242}, "at": at})
     );
     assert_eq!(errors[&10_002]["level"], "ERROR");
+    // The referenced file's message, inside the second message of the file ([1]).
+    assert_eq!(
+        errors[&30_000],
+        serde_json::json!({"level": "error", "id": 30_000, "message": "audit 30000",
+            "origin": {"service": "ledger", "region": "eu-2"}})
+    );
     // The Kafka route forwards the original bytes, prefix and all.
     let originals: BTreeMap<Vec<u8>, u64> = avro
         .iter()
         .zip(0..)
         .chain(protobuf.iter().zip(10_000..))
         .chain(during.iter().zip(20_000..))
+        .chain(audit.iter().zip(30_000..))
         .map(|((_, value), id)| (value.clone(), id))
         .collect();
     let mut warnings = BTreeSet::new();
