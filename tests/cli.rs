@@ -91,11 +91,16 @@ fn check_config_accepts_the_readme_input_formats() {
             .output()
             .expect("run logbridge");
         let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(output.status.success(), "input {n}: {stderr}\n{text}");
         assert!(
-            !stderr.contains("s3cret-registry"),
-            "the password shown: {stderr}"
+            !stderr.contains("s3cret-registry") && !stdout.contains("s3cret-registry"),
+            "the password shown: {stdout}{stderr}"
         );
+        if block.contains("schema_registry") {
+            assert!(stdout.contains("[input.schema_registry]"), "{stdout}");
+            assert!(stdout.contains("<redacted>"), "{stdout}");
+        }
     }
     // A registry with another input format is refused, naming the key.
     let path = dir.path().join("text-registry.toml");
