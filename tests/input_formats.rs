@@ -418,7 +418,7 @@ fn the_readme_input_examples_do_what_it_says() {
         .skip(1)
         .filter_map(|block| block.split_once("```").map(|(toml, _)| toml))
         .collect();
-    assert_eq!(blocks.len(), 3, "auto, text and otlp_proto");
+    assert_eq!(blocks.len(), 4, "auto, text, otlp_proto, schema registry");
     let load = |input: &str| {
         let text = format!(
             "[kafka]\nbrokers = \"localhost:9092\"\ngroup_id = \"g\"\ntopics = [\"logs\"]\n\
@@ -516,4 +516,39 @@ fn the_readme_input_examples_do_what_it_says() {
     assert_eq!(events[1].0, "info");
     assert!(condition.holds(&events[0].1), "{}", events[0].1);
     assert!(!condition.holds(&events[1].1), "{}", events[1].1);
+
+    // The schema registry: an Avro record reads as the JSON it stands for, its level and a
+    // field a `when` reads included.
+    let registry = load(&blocks[3].replace("${env:SR_PASSWORD}", "pw"));
+    let section = registry.input.schema_registry.as_ref().expect("a registry");
+    assert_eq!(section.url, "http://schema-registry:8081");
+    logbridge::schema_registry::SchemaRegistry::new(section).expect("a client");
+    let text = r#"{"type":"record","name":"Log","fields":[{"name":"level","type":"string"},
+        {"name":"status","type":"int"}]}"#;
+    let schema = apache_avro::Schema::parse_str(text).expect("schema");
+    let body = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+        .build()
+        .expect("writer")
+        .write_value_to_vec(apache_avro::types::Value::Record(vec![
+            (
+                "level".into(),
+                apache_avro::types::Value::String("ERROR".into()),
+            ),
+            ("status".into(), apache_avro::types::Value::Int(503)),
+        ]))
+        .expect("datum");
+    let json = logbridge::schema_registry::Schema::parse("AVRO", text, Vec::new())
+        .expect("parses")
+        .json(1, &body)
+        .expect("not JSON Schema")
+        .expect("reads");
+    let decoded = registry
+        .input
+        .decoder()
+        .expect("a decoder")
+        .decode(Some(&json), usize::MAX, true)
+        .expect("an event");
+    assert_eq!(decoded.level.as_str(), "error");
+    let event: serde_json::Value = serde_json::from_slice(&json).expect("JSON");
+    assert!(condition.holds(&event), "{event}");
 }
