@@ -21,7 +21,7 @@ use crate::producer::{self, headers, headers_for, Producer};
 use crate::record::{AckStatus, Record, StageGone};
 
 /// Most dead letters produced in one go.
-const BATCH: usize = 64;
+pub(crate) const BATCH: usize = 64;
 /// Backoff between attempts to park a dead letter, doubled up to the maximum.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(10);

@@ -70,7 +70,9 @@ impl Default for RunOptions {
 /// worker's channel and the batches in its sink (each at most what its channel held; several
 /// for a Kafka route, [`crate::config::RouteConfig::batches_in_flight`]), and the acks
 /// waiting in the committer channel (messages of at most one worker batch each; dispatch
-/// messages there hold no record). The batch the consumer fills or holds for paused partitions
+/// messages there hold no record), and with a dead-letter topic the dead-letter actor's
+/// channel (`worker_capacity` letters) and the batch in its hands (at most what its channel
+/// held, and at most its batch of 64). The batch the consumer fills or holds for paused partitions
 /// ([`crate::router::consumer_batch`]) and librdkafka's prefetch (`queued.max.messages.kbytes`)
 /// come on top.
 pub fn in_flight_bound(config: &Config) -> usize {
@@ -83,10 +85,17 @@ pub fn in_flight_bound(config: &Config) -> usize {
             route.workers * (pipeline.worker_capacity + route.batches_in_flight(pipeline) * batch)
         })
         .sum();
+    let dead_letters = match config.dead_letter {
+        Some(_) => {
+            pipeline.worker_capacity + pipeline.worker_capacity.min(crate::dead_letter::BATCH)
+        }
+        None => 0,
+    };
     pipeline.router_capacity
         + pipeline.router_capacity.min(DISPATCH_BATCH)
         + workers
         + committer_capacity(config) * batch
+        + dead_letters
 }
 
 /// Messages the committer channel holds: one per 64 records of the router channel. Dispatches
@@ -777,5 +786,15 @@ mod tests {
             (in_flight_bound(&files), in_flight_bound(&kafka)),
             (7936, 11776)
         );
+        // A dead-letter topic adds its actor's channel and the batch in its hands.
+        let mut parked = five_workers("{ type = \"file\", path = \"/tmp/x.jsonl\" }");
+        parked.dead_letter = Config::from_toml_str(
+            "[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"g\"\ntopics = [\"t\"]\n\
+             [[routes]]\nname = \"r\"\nlevels = [\"error\"]\nsink = { type = \"null\" }\n\
+             [dead_letter]\ntopic = \"dlq\"\n",
+        )
+        .expect("config")
+        .dead_letter;
+        assert_eq!(in_flight_bound(&parked), 7936 + 256 + 64);
     }
 }
