@@ -429,7 +429,7 @@ fn kind(value: &Value) -> &'static str {
 }
 
 fn wrong(field: &'static str, expected: &str, found: &Value) -> DecodeError {
-    wrong_found(field, expected, article(found))
+    wrong_found(field, expected, crate::shape::describe_type(found))
 }
 
 /// `field` holds something other than `expected`: `found` (a kind of value, never its text).
@@ -437,17 +437,6 @@ fn wrong_found(field: &'static str, expected: &str, found: &str) -> DecodeError 
     DecodeError::WrongType {
         field,
         detail: format!("expected {expected}, found {found}"),
-    }
-}
-
-fn article(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

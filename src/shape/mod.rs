@@ -18,7 +18,7 @@ mod template;
 mod transform;
 
 pub use condition::Condition;
-pub use path::FieldPath;
+pub use path::{describe_type, FieldPath};
 pub use template::{scalar_text, MissingField, Sanitize, Template};
 pub use transform::{Outcome, TransformError, TransformState, Transforms};
 

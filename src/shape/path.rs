@@ -223,7 +223,7 @@ impl fmt::Display for FieldPath {
 }
 
 /// `"an object"`, `"a string"`, ... for messages.
-fn describe_type(value: &Value) -> &'static str {
+pub fn describe_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
