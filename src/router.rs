@@ -843,6 +843,45 @@ mod tests {
     use crate::record::test_record;
     use std::time::Duration;
 
+    /// A test router's links: these handles and metrics, `decoder`, nothing fenced, tombstones
+    /// skipped, unrouted events ignored, no transaction gate, no schema registry.
+    fn test_links(
+        committer: CommitterHandle,
+        dead_letters: DeadLetterHandle,
+        metrics: &Arc<Metrics>,
+        decoder: Decoder,
+    ) -> RouterLinks {
+        RouterLinks {
+            committer,
+            dead_letters,
+            fences: Fences::default(),
+            metrics: metrics.clone(),
+            liveness: Liveness::default(),
+            tombstones: TombstonePolicy::Skip,
+            decoder,
+            unrouted: UnroutedPolicy::Ignore,
+            gate: None,
+            registry: None,
+            stop: Default::default(),
+        }
+    }
+
+    /// One lane of one worker per name, and each worker's inbox.
+    fn one_worker_lanes(names: &[&str]) -> (Vec<RouteLane>, Vec<BatchReceiver<Record>>) {
+        names
+            .iter()
+            .map(|name| {
+                let (worker, inbox) = WorkerHandle::for_test(64);
+                let lane = RouteLane {
+                    name: Arc::from(*name),
+                    workers: vec![worker],
+                    by_partition: false,
+                };
+                (lane, inbox)
+            })
+            .unzip()
+    }
+
     struct Routed {
         /// What each worker of the one route received, by worker.
         workers: Vec<Vec<i64>>,
@@ -880,17 +919,9 @@ mod tests {
             64,
             table,
             RouterLinks {
-                committer,
-                dead_letters,
                 fences,
-                metrics: metrics.clone(),
-                liveness: Liveness::default(),
                 tombstones,
-                decoder: Decoder::default(),
-                unrouted: UnroutedPolicy::Ignore,
-                gate: None,
-                registry: None,
-                stop: Default::default(),
+                ..test_links(committer, dead_letters, &metrics, Decoder::default())
             },
         );
         assert!(matches!(router.offer(records), Offer::Taken));
@@ -1109,19 +1140,7 @@ mod tests {
                 lanes: Vec::new(),
                 rules: Rules::default(),
             },
-            RouterLinks {
-                committer,
-                dead_letters,
-                fences: Fences::default(),
-                metrics: metrics.clone(),
-                liveness: Liveness::default(),
-                tombstones: TombstonePolicy::Skip,
-                decoder: Decoder::default(),
-                unrouted: UnroutedPolicy::Ignore,
-                gate: None,
-                registry: None,
-                stop: Default::default(),
-            },
+            test_links(committer, dead_letters, &metrics, Decoder::default()),
         );
         // Zero bytes (not a null value): malformed, not a tombstone.
         let empty = test_record(0, 0, Some(b"k"), Some(b""));
@@ -1281,35 +1300,13 @@ mod tests {
     async fn a_record_for_three_lanes_reaches_each_as_a_copy() {
         let metrics = Arc::new(Metrics::new());
         let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
-        let mut inboxes = Vec::new();
-        let mut lanes = Vec::new();
-        for name in ["a", "b", "c"] {
-            let (worker, inbox) = WorkerHandle::for_test(64);
-            inboxes.push(inbox);
-            lanes.push(RouteLane {
-                name: Arc::from(name),
-                workers: vec![worker],
-                by_partition: false,
-            });
-        }
+        let (lanes, mut inboxes) = one_worker_lanes(&["a", "b", "c"]);
         let mut rules = Rules::for_levels(&[("error", 0), ("error", 1), ("error", 2)]);
         rules.continues = vec![true, true, false];
         let (router, task) = RouterHandle::spawn(
             64,
             RouteTable { lanes, rules },
-            RouterLinks {
-                committer,
-                dead_letters,
-                fences: Fences::default(),
-                metrics: metrics.clone(),
-                liveness: Liveness::default(),
-                tombstones: TombstonePolicy::Skip,
-                decoder: Decoder::default(),
-                unrouted: UnroutedPolicy::Ignore,
-                gate: None,
-                registry: None,
-                stop: Default::default(),
-            },
+            test_links(committer, dead_letters, &metrics, Decoder::default()),
         );
         let records = vec![with_level(0, "k", "error"), with_level(1, "k", "info")];
         metrics.in_flight.add(2);
@@ -1356,35 +1353,18 @@ mod tests {
 
         let metrics = Arc::new(Metrics::new());
         let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
-        let mut inboxes = Vec::new();
-        let mut lanes = Vec::new();
-        for name in ["errors", "all"] {
-            let (worker, inbox) = WorkerHandle::for_test(64);
-            inboxes.push(inbox);
-            lanes.push(RouteLane {
-                name: Arc::from(name),
-                workers: vec![worker],
-                by_partition: false,
-            });
-        }
+        let (lanes, mut inboxes) = one_worker_lanes(&["errors", "all"]);
         let mut rules = Rules::for_levels(&[("error", 0), ("error", 1), ("info", 1)]);
         rules.continues = vec![true, false];
         let (router, task) = RouterHandle::spawn(
             64,
             RouteTable { lanes, rules },
-            RouterLinks {
+            test_links(
                 committer,
                 dead_letters,
-                fences: Fences::default(),
-                metrics: metrics.clone(),
-                liveness: Liveness::default(),
-                tombstones: TombstonePolicy::Skip,
-                decoder: Decoder::from(crate::event::InputFormat::OtlpProto),
-                unrouted: UnroutedPolicy::Ignore,
-                gate: None,
-                registry: None,
-                stop: Default::default(),
-            },
+                &metrics,
+                Decoder::from(crate::event::InputFormat::OtlpProto),
+            ),
         );
         let log = |severity_number: i32| LogRecord {
             severity_number,
