@@ -182,6 +182,32 @@ pub enum Compression {
     Gzip,
 }
 
+/// Checks that `url` (the value of `key`) is an http:// or https:// URL the HTTP client
+/// parses, so a URL that passes here also works there.
+pub(super) fn check_http_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let trimmed = url.trim();
+    if !(trimmed.starts_with("http://") || trimmed.starts_with("https://")) || trimmed.len() < 9 {
+        return Err(invalid(
+            key,
+            format!("`{}` is not an http:// or https:// URL", redact_url(url)),
+        ));
+    }
+    if reqwest::Url::parse(trimmed).is_err() {
+        return Err(invalid(
+            key,
+            format!("`{}` is not a valid URL", redact_url(url)),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that the CA file `path` (the value of `key`) can be read.
+pub(super) fn check_ca_file(key: &str, path: &std::path::Path) -> Result<(), ConfigError> {
+    std::fs::read(path)
+        .map(|_| ())
+        .map_err(|err| invalid(key, format!("cannot read {}: {err}", path.display())))
+}
+
 /// Replaces the password or token of `auth` by `<redacted>`.
 pub(super) fn redact_auth(auth: &mut Option<HttpAuth>) {
     match auth {
@@ -209,7 +235,8 @@ pub enum HttpAuth {
     },
 }
 
-fn default_timeout_ms() -> u64 {
+/// A request's default time allowance, connecting included.
+pub(super) fn default_timeout_ms() -> u64 {
     10_000
 }
 
@@ -342,23 +369,7 @@ impl HttpSinkConfig {
                 ));
             }
         }
-        let url = self.url.trim();
-        if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
-            return Err(invalid(
-                field("url"),
-                format!(
-                    "`{}` is not an http:// or https:// URL",
-                    redact_url(&self.url)
-                ),
-            ));
-        }
-        // The parser the sink itself uses, so a URL that passes here also works there.
-        if reqwest::Url::parse(url).is_err() {
-            return Err(invalid(
-                field("url"),
-                format!("`{}` is not a valid URL", redact_url(&self.url)),
-            ));
-        }
+        check_http_url(&field("url"), &self.url)?;
         check_range(&field("timeout_ms"), self.timeout_ms, 1, 600_000)?;
         check_range(&field("max_records"), self.max_records, 1, 100_000)?;
         check_range(&field("max_bytes"), self.max_bytes, 1, 1 << 30)?;
@@ -380,12 +391,7 @@ impl HttpSinkConfig {
             }
         }
         if let Some(path) = &self.ca_file {
-            if let Err(err) = std::fs::read(path) {
-                return Err(invalid(
-                    field("ca_file"),
-                    format!("cannot read {}: {err}", path.display()),
-                ));
-            }
+            check_ca_file(&field("ca_file"), path)?;
         }
         if let Some(prefix) = &self.id_prefix {
             if !elasticsearch {

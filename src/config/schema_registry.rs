@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::http::{redact_url, HttpAuth};
-use super::{check_range, invalid, ConfigError};
+use super::http::{check_ca_file, check_http_url, redact_url, HttpAuth};
+use super::{check_range, ConfigError};
 
 /// A Schema Registry speaking Confluent's REST API (Confluent's own, Karapace, Apicurio's
 /// `ccompat` API, Redpanda's).
@@ -26,16 +26,12 @@ pub struct SchemaRegistryConfig {
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// Time allowed for one request, connecting included; past it the request is retried.
-    #[serde(default = "default_timeout_ms")]
+    #[serde(default = "super::http::default_timeout_ms")]
     pub timeout_ms: u64,
     /// Most schemas kept in memory (each fetched once per id); past it the oldest is dropped
     /// and fetched again when a record needs it.
     #[serde(default = "default_max_schemas")]
     pub max_schemas: usize,
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
 }
 
 fn default_max_schemas() -> usize {
@@ -46,31 +42,9 @@ impl SchemaRegistryConfig {
     /// Checks the url, the CA file and the ranges (keys named under `input.schema_registry`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let key = |name: &str| format!("input.schema_registry.{name}");
-        match reqwest::Url::parse(&self.url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-            Ok(_) => {
-                return Err(invalid(
-                    key("url"),
-                    format!(
-                        "`{}` is not an http:// or https:// URL with a host",
-                        redact_url(&self.url)
-                    ),
-                ))
-            }
-            Err(err) => {
-                return Err(invalid(
-                    key("url"),
-                    format!("`{}` is not a URL: {err}", redact_url(&self.url)),
-                ))
-            }
-        }
+        check_http_url(&key("url"), &self.url)?;
         if let Some(path) = &self.ca_file {
-            if let Err(err) = std::fs::metadata(path) {
-                return Err(invalid(
-                    key("ca_file"),
-                    format!("cannot read {}: {err}", path.display()),
-                ));
-            }
+            check_ca_file(&key("ca_file"), path)?;
         }
         check_range(&key("timeout_ms"), self.timeout_ms, 100, 600_000)?;
         check_range(&key("max_schemas"), self.max_schemas, 1, 1_000_000)?;
