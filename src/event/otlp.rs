@@ -597,6 +597,10 @@ fn key_values(value: Option<&Value>, name: &'static str) -> Result<Vec<KeyValue>
 fn json_any(value: &Value, name: &'static str) -> Result<AnyValue, DecodeError> {
     let fields = object(value, name)?;
     let found = |camel: &str, snake: &str| field(fields, camel, snake);
+    let mistyped = |detail: &str| DecodeError::WrongType {
+        field: name,
+        detail: detail.into(),
+    };
     let value = if let Some(text) = found("stringValue", "string_value") {
         match text {
             Value::String(text) => Some(any_value::Value::StringValue(text.clone())),
@@ -613,15 +617,9 @@ fn json_any(value: &Value, name: &'static str) -> Result<AnyValue, DecodeError> 
             Value::Number(number) => number.as_i64(),
             _ => None,
         };
-        match n {
-            Some(n) => Some(any_value::Value::IntValue(n)),
-            None => {
-                return Err(DecodeError::WrongType {
-                    field: name,
-                    detail: "expected a 64-bit integer in intValue".into(),
-                })
-            }
-        }
+        Some(any_value::Value::IntValue(n.ok_or_else(|| {
+            mistyped("expected a 64-bit integer in intValue")
+        })?))
     } else if let Some(x) = found("doubleValue", "double_value") {
         let x = match x {
             Value::Number(number) => number.as_f64(),
@@ -633,15 +631,9 @@ fn json_any(value: &Value, name: &'static str) -> Result<AnyValue, DecodeError> 
             },
             _ => None,
         };
-        match x {
-            Some(x) => Some(any_value::Value::DoubleValue(x)),
-            None => {
-                return Err(DecodeError::WrongType {
-                    field: name,
-                    detail: "expected a number in doubleValue".into(),
-                })
-            }
-        }
+        Some(any_value::Value::DoubleValue(x.ok_or_else(|| {
+            mistyped("expected a number in doubleValue")
+        })?))
     } else if let Some(array) = found("arrayValue", "array_value") {
         let array = object(array, name)?;
         let values = match field(array, "values", "values") {
@@ -662,15 +654,9 @@ fn json_any(value: &Value, name: &'static str) -> Result<AnyValue, DecodeError> 
             Value::String(text) => base64::engine::general_purpose::STANDARD.decode(text).ok(),
             _ => None,
         };
-        match decoded {
-            Some(bytes) => Some(any_value::Value::BytesValue(bytes)),
-            None => {
-                return Err(DecodeError::WrongType {
-                    field: name,
-                    detail: "expected base64 in bytesValue".into(),
-                })
-            }
-        }
+        Some(any_value::Value::BytesValue(
+            decoded.ok_or_else(|| mistyped("expected base64 in bytesValue"))?,
+        ))
     } else {
         None
     };
