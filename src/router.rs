@@ -404,8 +404,7 @@ impl RouterActor {
                     Some(pass) => Some(pass),
                     None => {
                         // The last transaction ended (shutdown): read again after a restart.
-                        self.links.metrics.in_flight.sub(batch.len() as i64);
-                        self.links.metrics.abandoned.inc_by(batch.len() as u64);
+                        self.abandon(batch.len());
                         batch.clear();
                         continue;
                     }
@@ -482,7 +481,7 @@ impl RouterActor {
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                     warn!(schema = id, error = %why, "cannot fetch a schema; the records wait and are retried");
                     registry.set_trouble(Some(format!(
-                        "the schema registry fails since {:.0} s ago ({} records wait for                          schema {id}, their offsets stay uncommitted): {why}",
+                        "the schema registry fails since {:.0} s ago ({} records wait for schema {id}, their offsets stay uncommitted): {why}",
                         since.elapsed().as_secs_f64(),
                         batch.len()
                     )));
