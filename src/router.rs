@@ -459,6 +459,7 @@ impl RouterActor {
         let mut lookup = registry.lookup(batch);
         let mut failing_since: Option<std::time::Instant> = None;
         let mut backoff = REGISTRY_BACKOFF_FIRST;
+        let mut waited = false;
         while let Some(&id) = lookup.wanted.first() {
             let outcome = registry.fetch(id).await;
             crate::metrics::schema_registry_requests()
@@ -472,12 +473,12 @@ impl RouterActor {
                 Ok(schema) => {
                     lookup.insert(id, schema);
                     if failing_since.take().is_some() {
-                        registry.set_trouble(None);
                         tracing::info!(schema = id, "the schema registry answers again");
                     }
                     backoff = REGISTRY_BACKOFF_FIRST;
                 }
                 Err(why) => {
+                    waited = true;
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                     warn!(schema = id, error = %why, "cannot fetch a schema; the records wait and are retried");
                     registry.set_trouble(Some(format!(
@@ -499,6 +500,10 @@ impl RouterActor {
                     lookup.wanted.retain(|id| left.contains(id));
                 }
             }
+        }
+        if waited {
+            // Nothing waits any more: its schemas came, or its partitions were revoked.
+            registry.set_trouble(None);
         }
         crate::schema_registry::SchemaRegistry::decode(&lookup, batch, &self.links.decoder);
     }
@@ -1027,6 +1032,77 @@ mod tests {
         let delivered: Vec<i64> = routed.workers.concat();
         assert_eq!(delivered, vec![0], "only partition 1's record");
         assert_eq!(routed.metrics.abandoned.get(), 1);
+    }
+
+    /// A batch waiting for a schema registry that does not answer: `/readyz`'s reason is set,
+    /// nothing is dispatched; once its partition is revoked the record is dropped (counted as
+    /// abandoned) and the reason is cleared, though the registry still does not answer.
+    #[tokio::test]
+    async fn a_batch_waiting_for_the_registry_drops_revoked_records_and_stops_saying_it_waits() {
+        // A port bound, then closed: connections to it are refused.
+        let address = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|socket| socket.local_addr())
+            .expect("a free port");
+        let registry = Arc::new(
+            crate::schema_registry::SchemaRegistry::new(&crate::config::SchemaRegistryConfig {
+                url: format!("http://{address}"),
+                auth: None,
+                ca_file: None,
+                timeout_ms: 500,
+                max_schemas: 10,
+            })
+            .expect("a client"),
+        );
+        let mut trouble = registry.trouble();
+        let metrics = Arc::new(Metrics::new());
+        let (committer, mut messages, dead_letters) = DeadLetterHandle::for_test(&metrics);
+        let (lanes, _inboxes) = one_worker_lanes(&["errors"]);
+        let fences = Fences::default();
+        let (router, task) = RouterHandle::spawn(
+            64,
+            RouteTable {
+                lanes,
+                rules: Rules::for_levels(&[("error", 0)]),
+            },
+            RouterLinks {
+                fences: fences.clone(),
+                registry: Some(registry.clone()),
+                ..test_links(committer, dead_letters, &metrics, Decoder::default())
+            },
+        );
+        metrics.in_flight.add(1);
+        let wire = [0, 0, 0, 0, 7, 2, 4];
+        let mut record = test_record(0, 3, Some(b"k"), Some(&wire));
+        // Not decoded yet, as the consumer hands it over.
+        record.decoded = None;
+        assert!(matches!(router.offer(vec![record]), Offer::Taken));
+        tokio::time::timeout(Duration::from_secs(10), trouble.wait_for(Option::is_some))
+            .await
+            .expect("the reason is set")
+            .expect("the registry's watch");
+        assert!(
+            messages.try_recv().is_err(),
+            "nothing dispatched while it waits"
+        );
+        fences.revoke(
+            &crate::record::PartitionKey {
+                topic: crate::record::Topic::new("logs"),
+                partition: 0,
+            },
+            1,
+        );
+        tokio::time::timeout(Duration::from_secs(10), trouble.wait_for(Option::is_none))
+            .await
+            .expect("the reason is cleared")
+            .expect("the registry's watch");
+        drop(router);
+        task.await.expect("router ran");
+        assert!(
+            messages.try_recv().is_err(),
+            "the revoked record was not dispatched"
+        );
+        assert_eq!(metrics.abandoned.get(), 1);
+        assert_eq!(metrics.in_flight.get(), 0);
     }
 
     #[tokio::test]
