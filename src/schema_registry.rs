@@ -499,14 +499,10 @@ fn read_avro(
     named: &[apache_avro::Schema],
     body: &[u8],
 ) -> Result<serde_json::Value, DecodeError> {
-    // The names of the schema and of those it references, resolved once for both the reading
-    // and the check below.
-    let mut all = vec![schema];
-    all.extend(named);
-    let resolved = apache_avro::schema::ResolvedSchema::new_with_schemata(all).map_err(mismatch)?;
     let mut reader = body;
     let value = apache_avro::reader::datum::GenericDatumReader::builder(schema)
-        .resolved_writer_schemata(resolved.clone())
+        .writer_schemata(named.iter().collect())
+        .map_err(mismatch)?
         .build()
         .map_err(mismatch)?
         .read_value(&mut reader)
@@ -519,6 +515,9 @@ fn read_avro(
     }
     // The crate reads a string cut short by the end of the payload as a null: a datum that is
     // not a value of its schema ends early.
+    let mut all = vec![schema];
+    all.extend(named);
+    let resolved = apache_avro::schema::ResolvedSchema::new_with_schemata(all).map_err(mismatch)?;
     if !value.validate_with_names(schema, resolved.get_names()) {
         return Err(mismatch("the datum ends before its schema does"));
     }
