@@ -197,21 +197,10 @@ impl Registry {
         );
     }
 
-    /// SIGTERM, and wait for it to end.
+    /// SIGTERM, and wait for it to end (SIGKILL after 30 s).
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(30) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.child.take() {
+            common::process::terminate(child, Duration::from_secs(30));
         }
     }
 

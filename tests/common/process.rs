@@ -52,7 +52,7 @@ fn signal(pid: u32, name: &str) {
 }
 
 /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status.
-fn terminate(mut child: Child, grace: Duration) -> Option<ExitStatus> {
+pub fn terminate(mut child: Child, grace: Duration) -> Option<ExitStatus> {
     signal(child.id(), "TERM");
     let started = Instant::now();
     while started.elapsed() < grace {
