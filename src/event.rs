@@ -374,7 +374,7 @@ pub enum Form {
     Text(std::sync::Arc<TextFormat>),
     /// The payload is in a Schema Registry's wire format (Avro or Protobuf): the event is the
     /// JSON object it stands for, kept here (see `schema_registry`).
-    Registry(std::sync::Arc<[u8]>),
+    Registry(bytes::Bytes),
 }
 
 impl Form {

@@ -442,7 +442,7 @@ impl SchemaRegistry {
                 // The decoded JSON is held beside the payload until the record is finished:
                 // it counts against `max_in_flight_bytes` as the payload does.
                 record.charge = record.charge.resized(size + json.len());
-                record.form = Form::Registry(json.into());
+                record.form = Form::Registry(bytes::Bytes::from(json));
                 Ok(decoded.level)
             }));
         }
