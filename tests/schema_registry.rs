@@ -12,7 +12,8 @@
 //!   dead-lettered with their reasons;
 //! - the registry stopped mid-run, records of a schema id not fetched yet produced then: they
 //!   wait, nothing is committed past them, `/readyz` says why, nothing is dead-lettered; the
-//!   pipeline restarted while the registry is still down (no schema kept) waits the same way,
+//!   pipeline restarted while the registry is still down (no schema kept) waits the same way
+//!   and, its small channels full, pauses its partitions (backpressure),
 //!   and a second instance joining the group (a rebalance while both wait) too; the registry
 //!   started again: every record is delivered once, by one of the two, and committed.
 
@@ -421,7 +422,10 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
         metrics: metrics.clone(),
         ..logbridge::RunOptions::default()
     };
-    let config = || source.config(&group, "", &routes(dir.path()));
+    // Small channels: the records waiting for the registry fill them, and the consumer pauses
+    // its partitions (backpressure) while the group rebalances around it.
+    let small = "router_capacity = 32\nworker_capacity = 8";
+    let config = || source.config(&group, small, &routes(dir.path()));
     let (pipeline, address) = Running::start_serving(config(), options()).await;
 
     let mut first: Vec<(Option<String>, Vec<u8>)> = Vec::new();
@@ -467,6 +471,8 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     assert!(failed > 0, "no failed request counted");
 
     // Restarted while the registry is still down: no schema kept, the same wait.
+    let backpressure = || metrics.pauses.with_label_values(&["backpressure"]).get();
+    let pauses_before = backpressure();
     let abandoned = pipeline.stop_abandoning().await;
     source.produce(&during[DURING as usize / 2..]).await;
     let (pipeline, address) = Running::start_serving(config(), options()).await;
@@ -476,6 +482,14 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
         "/readyz after a restart during the outage",
     )
     .await;
+    let paused = wait_for(Duration::from_secs(30), || async move {
+        backpressure() > pauses_before
+    })
+    .await;
+    assert!(
+        paused,
+        "the consumer never paused behind the waiting router"
+    );
     assert_eq!(
         source.committed(&group),
         before,
@@ -486,7 +500,7 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     // both wait (a batch waiting for the registry drops its revoked records).
     let other_metrics = std::sync::Arc::new(logbridge::metrics::Metrics::new());
     let (other, other_address) = Running::start_serving(
-        source.config(&group, "", &routes(other_dir.path())),
+        source.config(&group, small, &routes(other_dir.path())),
         logbridge::RunOptions {
             metrics: other_metrics.clone(),
             ..logbridge::RunOptions::default()
@@ -637,7 +651,8 @@ async fn avro_and_protobuf_are_routed_by_their_fields_and_wait_out_a_registry_ou
     eprintln!(
         "schema registry: {} events delivered ({by_other} by the instance that joined during \
          the outage), 2 dead-lettered, {failed}+ failed requests during the outage, {abandoned} \
-         records given up at the restart",
-        expected.values().map(BTreeSet::len).sum::<usize>()
+         records given up at the restart, {} backpressure pauses ({pauses_before} before it)",
+        expected.values().map(BTreeSet::len).sum::<usize>(),
+        backpressure()
     );
 }
